@@ -1,0 +1,433 @@
+//! Backup ids, manifests, and the layout of backups in the store.
+//!
+//! Layout under the store's prefix:
+//! ```text
+//! backups/<id>/<artifact>        one or more artifacts (e.g. dump.pgdump.zst)
+//! backups/<id>/manifest.json     written LAST, only after every artifact is complete
+//! ```
+//! A backup exists if and only if its manifest exists: list, describe, verify and restore read only
+//! manifests, so a crash at any point before the manifest leaves nothing that looks valid. Delete
+//! removes the manifest first for the same reason. WAL archives for point-in-time recovery will
+//! live beside `backups/` (e.g. `wal/<timeline>/`), referenced from base-backup manifests.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    pipeline::Digest256,
+    store::{PendingUpload, Store, StoreError},
+};
+
+/// Folder of all backups, relative to the store prefix.
+pub const BACKUPS_DIR: &str = "backups";
+/// Name of the manifest object inside a backup's folder.
+pub const MANIFEST: &str = "manifest.json";
+/// Manifest format version this agent writes and reads.
+pub const MANIFEST_VERSION: u32 = 1;
+/// Largest manifest we accept, so a bogus object cannot exhaust memory.
+const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// Catalog errors.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// The id cannot be a backup id (and could otherwise escape the prefix).
+    #[error(
+        "invalid backup id {0:?}: expected an id like 20261124T120000Z-pg-appdb-7f3a (see `kubectl soma list`) or \"latest\""
+    )]
+    InvalidId(String),
+    /// No complete backup with that id.
+    #[error(
+        "backup {0} not found (no manifest in the store); run `kubectl soma list` to see the backups"
+    )]
+    NotFound(String),
+    /// "latest" was asked for but there is no backup.
+    #[error("there is no complete backup in the store yet; take one with `kubectl soma backup`")]
+    NoBackups,
+    /// A manifest that cannot be read.
+    #[error("manifest of backup {id} is unreadable: {reason}")]
+    BadManifest {
+        /// Backup id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A validated backup id: `<UTC yyyymmddThhmmssZ>-<engine>-<target>-<4 hex>`.
+///
+/// Ids sort by time as plain strings; the target part is a lower-case, shortened form of the real
+/// target (which the manifest records exactly).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct BackupId(String);
+
+impl BackupId {
+    /// Makes a fresh id for a backup of `engine` (short code, e.g. "pg") and `target`.
+    pub fn new(at: DateTime<Utc>, engine_code: &str, target: &str) -> Self {
+        let mut slug: String = target
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        while slug.contains("--") {
+            slug = slug.replace("--", "-");
+        }
+        slug = slug.trim_matches('-').to_string();
+        slug.truncate(40);
+        let slug = slug.trim_end_matches('-');
+        let slug = if slug.is_empty() { "x" } else { slug };
+        let rand: u16 = rand::random();
+        Self(format!(
+            "{}-{engine_code}-{slug}-{rand:04x}",
+            at.format("%Y%m%dT%H%M%SZ")
+        ))
+    }
+
+    /// Parses and validates an id given by a user.
+    pub fn parse(s: &str) -> Result<Self, CatalogError> {
+        let bad = || CatalogError::InvalidId(s.to_string());
+        if s.len() < 20 || s.len() > 100 {
+            return Err(bad());
+        }
+        let (ts, rest) = s.split_at(16);
+        let ts_ok = ts.bytes().enumerate().all(|(i, b)| match i {
+            8 => b == b'T',
+            15 => b == b'Z',
+            _ => b.is_ascii_digit(),
+        });
+        let rest_ok = rest.starts_with('-')
+            && rest[1..]
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !rest.ends_with('-');
+        if ts_ok && rest_ok {
+            Ok(Self(s.to_string()))
+        } else {
+            Err(bad())
+        }
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Engine code inside the id (e.g. "pg").
+    pub fn engine_code(&self) -> &str {
+        self.0[17..].split('-').next().unwrap_or("")
+    }
+
+    /// Folder of this backup, relative to the store prefix.
+    pub fn dir(&self) -> String {
+        format!("{BACKUPS_DIR}/{}", self.0)
+    }
+
+    /// Key of an artifact of this backup.
+    pub fn key(&self, name: &str) -> String {
+        format!("{BACKUPS_DIR}/{}/{name}", self.0)
+    }
+}
+
+impl std::fmt::Display for BackupId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for BackupId {
+    type Error = CatalogError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s)
+    }
+}
+
+impl From<BackupId> for String {
+    fn from(id: BackupId) -> Self {
+        id.0
+    }
+}
+
+/// How an artifact was compressed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Compression {
+    /// Always "zstd" for now.
+    pub algorithm: String,
+    /// zstd level.
+    pub level: i32,
+    /// zstd worker threads used.
+    pub threads: u32,
+}
+
+/// One stored object of a backup.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Artifact {
+    /// Name inside the backup folder, e.g. "dump.pgdump.zst".
+    pub name: String,
+    /// What the uncompressed bytes are, e.g. "pg_dump/custom".
+    pub format: String,
+    /// Uncompressed size.
+    pub raw_bytes: u64,
+    /// Stored size.
+    pub stored_bytes: u64,
+    /// Hex sha256 of the uncompressed bytes.
+    pub raw_sha256: String,
+    /// Hex sha256 of the stored object.
+    pub stored_sha256: String,
+    /// Compression settings.
+    pub compression: Compression,
+    /// Size of the first parts of the multipart upload.
+    pub part_size: u64,
+    /// Largest part actually uploaded.
+    pub max_part_size: u64,
+    /// Number of parts.
+    pub parts: u32,
+}
+
+impl Artifact {
+    /// Expected sizes and digests, for verification.
+    pub fn digest(&self) -> Digest256 {
+        Digest256 {
+            raw_bytes: self.raw_bytes,
+            stored_bytes: self.stored_bytes,
+            raw_sha256: self.raw_sha256.clone(),
+            stored_sha256: self.stored_sha256.clone(),
+        }
+    }
+}
+
+/// What was backed up.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Target {
+    /// Database (PostgreSQL) or collection (Qdrant) name.
+    pub name: String,
+    /// Server the target lives on, without credentials.
+    pub server: String,
+    /// Server version as reported by the server.
+    pub server_version: String,
+}
+
+/// The tool that produced the artifact.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Tool {
+    /// e.g. "pg_dump".
+    pub name: String,
+    /// e.g. "15.18".
+    pub version: String,
+}
+
+/// The versioned record of one complete backup, stored as `backups/<id>/manifest.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Manifest {
+    /// Format version ([`MANIFEST_VERSION`]).
+    pub manifest_version: u32,
+    /// Backup id.
+    pub id: BackupId,
+    /// "postgres" or "qdrant".
+    pub engine: String,
+    /// e.g. "logical" for pg_dump.
+    pub kind: String,
+    /// What was backed up.
+    pub target: Target,
+    /// The tool that produced the data.
+    pub tool: Tool,
+    /// Version of the agent that wrote the backup.
+    pub agent_version: String,
+    /// When the backup started.
+    pub started_at: DateTime<Utc>,
+    /// When the last artifact was complete.
+    pub completed_at: DateTime<Utc>,
+    /// Sum of the artifacts' raw sizes.
+    pub raw_bytes: u64,
+    /// Sum of the artifacts' stored sizes.
+    pub stored_bytes: u64,
+    /// The stored objects.
+    pub artifacts: Vec<Artifact>,
+}
+
+/// Reads and writes manifests and ids in a store.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    store: Arc<dyn Store>,
+}
+
+impl Catalog {
+    /// A catalog over `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Publishes a backup: writes its manifest, the last step of every backup.
+    pub async fn commit(&self, manifest: &Manifest) -> Result<(), CatalogError> {
+        let json = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
+        self.store
+            .put(&manifest.id.key(MANIFEST), Bytes::from(json))
+            .await?;
+        Ok(())
+    }
+
+    /// Every complete backup, newest first.
+    pub async fn list(&self) -> Result<Vec<Manifest>, CatalogError> {
+        let objects = self.store.list(&format!("{BACKUPS_DIR}/")).await?;
+        let mut out = Vec::new();
+        for obj in objects {
+            let Some(rest) = obj.key.strip_prefix(&format!("{BACKUPS_DIR}/")) else {
+                continue;
+            };
+            let Some((id, MANIFEST)) = rest.split_once('/') else {
+                continue;
+            };
+            let Ok(id) = BackupId::parse(id) else {
+                continue;
+            };
+            match self.get(&id).await {
+                Ok(m) => out.push(m),
+                // Deleted between list and get.
+                Err(CatalogError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| b.id.cmp(&a.id));
+        Ok(out)
+    }
+
+    /// One backup's manifest.
+    pub async fn get(&self, id: &BackupId) -> Result<Manifest, CatalogError> {
+        let key = id.key(MANIFEST);
+        let mut stream = match self.store.get(&key).await {
+            Ok(s) => s,
+            Err(StoreError::NotFound { .. }) => return Err(CatalogError::NotFound(id.to_string())),
+            Err(e) => return Err(e.into()),
+        };
+        let mut raw = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            raw.extend_from_slice(&chunk?);
+            if raw.len() > MAX_MANIFEST_BYTES {
+                return Err(CatalogError::BadManifest {
+                    id: id.to_string(),
+                    reason: "larger than 4 MiB".into(),
+                });
+            }
+        }
+        let manifest: Manifest =
+            serde_json::from_slice(&raw).map_err(|e| CatalogError::BadManifest {
+                id: id.to_string(),
+                reason: e.to_string(),
+            })?;
+        if manifest.manifest_version > MANIFEST_VERSION {
+            return Err(CatalogError::BadManifest {
+                id: id.to_string(),
+                reason: format!(
+                    "manifest version {} is newer than this agent understands ({MANIFEST_VERSION}); upgrade the agent",
+                    manifest.manifest_version
+                ),
+            });
+        }
+        if manifest.id != *id {
+            return Err(CatalogError::BadManifest {
+                id: id.to_string(),
+                reason: format!("it names backup {}", manifest.id),
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// Resolves "latest" (optionally restricted to one engine) or a literal id.
+    pub async fn resolve(&self, id_or_latest: &str) -> Result<Manifest, CatalogError> {
+        if id_or_latest == "latest" {
+            self.list()
+                .await?
+                .into_iter()
+                .next()
+                .ok_or(CatalogError::NoBackups)
+        } else {
+            let id = BackupId::parse(id_or_latest)?;
+            self.get(&id).await
+        }
+    }
+
+    /// Deletes a backup: manifest first (it stops existing at once), then every object left in its
+    /// folder, including leftovers of a failed attempt. Returns the number of objects deleted.
+    pub async fn delete(&self, id: &BackupId) -> Result<u64, CatalogError> {
+        let manifest_key = id.key(MANIFEST);
+        if self.store.head(&manifest_key).await?.is_none() {
+            return Err(CatalogError::NotFound(id.to_string()));
+        }
+        self.store.delete(&manifest_key).await?;
+        let mut deleted = 1;
+        for obj in self.store.list(&format!("{}/", id.dir())).await? {
+            self.store.delete(&obj.key).await?;
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+
+    /// Aborts incomplete uploads of backups by the given engines, which only a crashed or killed
+    /// agent leaves behind. Run at start-up, before any job of this agent can have begun one.
+    pub async fn sweep_incomplete(
+        &self,
+        engine_codes: &[&str],
+    ) -> Result<Vec<PendingUpload>, CatalogError> {
+        let mut aborted = Vec::new();
+        for upload in self.store.list_uploads(&format!("{BACKUPS_DIR}/")).await? {
+            let id = upload
+                .key
+                .strip_prefix(&format!("{BACKUPS_DIR}/"))
+                .and_then(|rest| rest.split('/').next())
+                .and_then(|id| BackupId::parse(id).ok());
+            let ours = match &id {
+                Some(id) => engine_codes.contains(&id.engine_code()),
+                // A torn record with no readable key (local store only) belongs to no one else.
+                None => upload.key.is_empty(),
+            };
+            if ours {
+                self.store.abort_upload(&upload).await?;
+                aborted.push(upload);
+            }
+        }
+        Ok(aborted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_time_sortable_and_safe() {
+        let at = DateTime::parse_from_rfc3339("2026-11-24T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let id = BackupId::new(at, "pg", "App_DB/../etc");
+        assert!(id.as_str().starts_with("20261124T120000Z-pg-app-db-etc-"));
+        assert_eq!(BackupId::parse(id.as_str()).unwrap(), id);
+        assert_eq!(id.engine_code(), "pg");
+        for bad in [
+            "../x",
+            "latest",
+            "20261124T120000Z-pg-../x",
+            "20261124T120000Z-pg-appdb-7f3a/",
+            "2026112XT120000Z-pg-appdb-7f3a",
+            "20261124T120000Z-",
+        ] {
+            assert!(BackupId::parse(bad).is_err(), "{bad:?} must be refused");
+        }
+        assert!(BackupId::parse("20261124T120000Z-pg-appdb-7f3a").is_ok());
+    }
+}

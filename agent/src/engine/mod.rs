@@ -1,0 +1,3 @@
+//! Where backup bytes come from and go to: one module per database engine.
+
+pub mod postgres;

@@ -1,0 +1,526 @@
+//! PostgreSQL logical backups: `pg_dump --format=custom` out, `pg_restore --single-transaction` in.
+//!
+//! The agent talks to the server only through the PostgreSQL client tools (psql, pg_dump,
+//! pg_restore), so connection behaviour (TLS, passfile, service files, `PG*` variables) is exactly
+//! libpq's. The connection URL never carries a password: libpq reads `PGPASSWORD` or the passfile
+//! from the agent's environment, so no secret ever appears in a process argument list.
+
+use std::{path::PathBuf, process::Stdio};
+
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, ChildStdin, ChildStdout, Command},
+    task::JoinHandle,
+};
+use url::Url;
+
+/// Lines of a tool's stderr kept for error messages.
+const STDERR_TAIL_LINES: usize = 20;
+
+/// PostgreSQL engine errors.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    /// The connection URL is unusable.
+    #[error("invalid PostgreSQL URL: {0}")]
+    InvalidUrl(String),
+    /// A client tool is not installed.
+    #[error(
+        "{tool} not found at {path}: install the PostgreSQL client tools of the server's major version in the agent image, or point --pg-bin-dir at them"
+    )]
+    ToolMissing {
+        /// Tool name.
+        tool: &'static str,
+        /// Where we looked.
+        path: String,
+    },
+    /// pg_dump cannot dump a newer server.
+    #[error(
+        "{tool} {tool_version} is older than the PostgreSQL server ({server_version}); it cannot dump a newer server. Install the PostgreSQL {server_major} client tools in the agent image, or point --pg-bin-dir at them"
+    )]
+    ToolTooOld {
+        /// Tool name.
+        tool: &'static str,
+        /// Tool version.
+        tool_version: String,
+        /// Server version.
+        server_version: String,
+        /// Server major version.
+        server_major: u32,
+    },
+    /// The server could not be reached or refused us.
+    #[error("cannot connect to PostgreSQL at {target}: {detail}")]
+    Connect {
+        /// URL without credentials.
+        target: String,
+        /// What libpq said.
+        detail: String,
+    },
+    /// A tool exited with an error.
+    #[error("{tool} failed ({status}): {stderr}")]
+    ToolFailed {
+        /// Tool name.
+        tool: &'static str,
+        /// Exit status.
+        status: String,
+        /// Last lines of its stderr.
+        stderr: String,
+    },
+    /// The restore target holds objects.
+    #[error(
+        "database {database} is not empty ({objects} user objects); restore into a new database with --database NAME, or pass --clean to drop and replace the objects the backup contains (in one transaction)"
+    )]
+    NotEmpty {
+        /// Database name.
+        database: String,
+        /// How many objects it holds.
+        objects: u64,
+    },
+    /// Spawning or talking to a tool failed.
+    #[error("running {tool}: {source}")]
+    Io {
+        /// Tool name.
+        tool: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// A PostgreSQL server reached through the client tools.
+#[derive(Debug, Clone)]
+pub struct Postgres {
+    url: Url,
+    bin_dir: Option<PathBuf>,
+}
+
+/// A running client tool whose stderr is collected for error messages.
+#[derive(Debug)]
+pub struct ToolProcess {
+    tool: &'static str,
+    child: Child,
+    stderr: Option<JoinHandle<String>>,
+}
+
+impl ToolProcess {
+    /// The tool's stdout (taken once).
+    pub fn stdout(&mut self) -> ChildStdout {
+        self.child
+            .stdout
+            .take()
+            .expect("stdout piped and taken once")
+    }
+
+    /// The tool's stdin (taken once).
+    pub fn stdin(&mut self) -> ChildStdin {
+        self.child.stdin.take().expect("stdin piped and taken once")
+    }
+
+    /// Waits for the tool; a non-zero exit becomes [`PgError::ToolFailed`] with its stderr.
+    pub async fn wait(mut self) -> Result<(), PgError> {
+        let status = self.child.wait().await.map_err(|source| PgError::Io {
+            tool: self.tool,
+            source,
+        })?;
+        let stderr = match self.stderr.take() {
+            Some(h) => h.await.unwrap_or_default(),
+            None => String::new(),
+        };
+        if status.success() {
+            Ok(())
+        } else {
+            Err(PgError::ToolFailed {
+                tool: self.tool,
+                status: status.to_string(),
+                stderr: if stderr.is_empty() {
+                    "no error output".into()
+                } else {
+                    stderr
+                },
+            })
+        }
+    }
+
+    /// Kills the tool (used to make pg_restore roll back) and reaps it.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// Major version from `server_version_num` (e.g. 150018 → 15).
+fn major_of_num(num: u32) -> u32 {
+    num / 10000
+}
+
+/// Parses the version printed by `pg_dump --version`, e.g. "pg_dump (PostgreSQL) 15.18 (Debian …)".
+fn parse_tool_version(out: &str) -> Option<(u32, String)> {
+    let version = out
+        .split_whitespace()
+        .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))?;
+    let major = version
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    Some((major, version.to_string()))
+}
+
+impl Postgres {
+    /// Validates the connection URL: `postgres://` or `postgresql://`, and no password in it.
+    pub fn new(url: &str, bin_dir: Option<PathBuf>) -> Result<Self, PgError> {
+        let parsed = Url::parse(url).map_err(|e| {
+            PgError::InvalidUrl(format!(
+                "{e}; expected e.g. postgresql://soma@127.0.0.1:5432/appdb"
+            ))
+        })?;
+        if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+            return Err(PgError::InvalidUrl(format!(
+                "scheme {:?}; expected postgresql://USER@HOST:PORT/DATABASE",
+                parsed.scheme()
+            )));
+        }
+        if parsed.password().is_some() {
+            return Err(PgError::InvalidUrl(
+                "the URL contains a password; remove it and supply the password through PGPASSWORD or a passfile (PGPASSFILE), so it never appears in process arguments or logs".into(),
+            ));
+        }
+        for (k, _) in parsed.query_pairs() {
+            if k == "password" {
+                return Err(PgError::InvalidUrl(
+                    "the URL has a password parameter; use PGPASSWORD or a passfile (PGPASSFILE) instead".into(),
+                ));
+            }
+        }
+        Ok(Self {
+            url: parsed,
+            bin_dir,
+        })
+    }
+
+    /// The server's URL without a database, for manifests and logs (it holds no secret).
+    pub fn server(&self) -> String {
+        let mut u = self.url.clone();
+        u.set_path("");
+        u.set_query(None);
+        u.to_string()
+    }
+
+    /// The database named in the URL (libpq's default, the user name, when there is none).
+    pub fn default_database(&self) -> String {
+        let path = self.url.path().trim_start_matches('/');
+        if !path.is_empty() {
+            return percent_decode(path);
+        }
+        if !self.url.username().is_empty() {
+            return percent_decode(self.url.username());
+        }
+        std::env::var("PGDATABASE")
+            .or_else(|_| std::env::var("PGUSER"))
+            .unwrap_or_else(|_| "postgres".into())
+    }
+
+    /// The connection URL for `database`.
+    fn url_for(&self, database: &str) -> String {
+        let mut u = self.url.clone();
+        u.path_segments_mut()
+            .map(|mut p| {
+                p.clear().push(database);
+            })
+            .ok();
+        u.to_string()
+    }
+
+    fn tool_path(&self, tool: &str) -> PathBuf {
+        match &self.bin_dir {
+            Some(dir) => dir.join(tool),
+            None => PathBuf::from(tool),
+        }
+    }
+
+    fn command(&self, tool: &'static str) -> Command {
+        let mut cmd = Command::new(self.tool_path(tool));
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    fn spawn(&self, tool: &'static str, mut cmd: Command) -> Result<ToolProcess, PgError> {
+        let mut child = cmd.spawn().map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                PgError::ToolMissing {
+                    tool,
+                    path: self.tool_path(tool).display().to_string(),
+                }
+            } else {
+                PgError::Io { tool, source }
+            }
+        })?;
+        let stderr = child.stderr.take().map(|err| {
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(err).lines();
+                let mut tail = std::collections::VecDeque::new();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::debug!(tool, "{line}");
+                    if tail.len() == STDERR_TAIL_LINES {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line);
+                }
+                tail.into_iter().collect::<Vec<_>>().join("\n")
+            })
+        });
+        Ok(ToolProcess {
+            tool,
+            child,
+            stderr,
+        })
+    }
+
+    /// Runs one SQL statement with psql and returns its unaligned output.
+    async fn query(&self, database: &str, sql: &str) -> Result<String, PgError> {
+        let mut cmd = self.command("psql");
+        cmd.args(["-X", "-w", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+            .arg(self.url_for(database))
+            .arg("-c")
+            .arg(sql);
+        let out = cmd.output().await.map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                PgError::ToolMissing {
+                    tool: "psql",
+                    path: self.tool_path("psql").display().to_string(),
+                }
+            } else {
+                PgError::Io {
+                    tool: "psql",
+                    source,
+                }
+            }
+        })?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            if stderr.contains("connection to server") || stderr.contains("could not connect") {
+                Err(PgError::Connect {
+                    target: self.server(),
+                    detail: stderr,
+                })
+            } else {
+                Err(PgError::ToolFailed {
+                    tool: "psql",
+                    status: out.status.to_string(),
+                    stderr,
+                })
+            }
+        }
+    }
+
+    /// The server's version: (`server_version_num`, `server_version`).
+    pub async fn server_version(&self, database: &str) -> Result<(u32, String), PgError> {
+        let out = self
+            .query(
+                database,
+                "select current_setting('server_version_num') || ' ' || current_setting('server_version')",
+            )
+            .await?;
+        let (num, text) = out.split_once(' ').unwrap_or((&out, ""));
+        let num = num.parse().map_err(|_| PgError::ToolFailed {
+            tool: "psql",
+            status: "unexpected output".into(),
+            stderr: out.clone(),
+        })?;
+        let text = text.split_whitespace().next().unwrap_or(text).to_string();
+        Ok((num, text))
+    }
+
+    /// A client tool's version: (major, full version).
+    pub async fn tool_version(&self, tool: &'static str) -> Result<(u32, String), PgError> {
+        let mut cmd = self.command(tool);
+        cmd.arg("--version");
+        let out = cmd.output().await.map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                PgError::ToolMissing {
+                    tool,
+                    path: self.tool_path(tool).display().to_string(),
+                }
+            } else {
+                PgError::Io { tool, source }
+            }
+        })?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        parse_tool_version(&text).ok_or_else(|| PgError::ToolFailed {
+            tool,
+            status: out.status.to_string(),
+            stderr: format!("unexpected --version output: {}", text.trim()),
+        })
+    }
+
+    /// Checks that `tool` can handle this server: its major version must be at least the server's.
+    pub async fn check_tool(
+        &self,
+        tool: &'static str,
+        database: &str,
+    ) -> Result<(String, String), PgError> {
+        let (tool_major, tool_version) = self.tool_version(tool).await?;
+        let (server_num, server_version) = self.server_version(database).await?;
+        let server_major = major_of_num(server_num);
+        if tool_major < server_major {
+            return Err(PgError::ToolTooOld {
+                tool,
+                tool_version,
+                server_version,
+                server_major,
+            });
+        }
+        Ok((tool_version, server_version))
+    }
+
+    /// Starts `pg_dump --format=custom` of `database` without its own compression (the pipeline
+    /// compresses), writing to stdout.
+    pub fn start_dump(&self, database: &str) -> Result<ToolProcess, PgError> {
+        let mut cmd = self.command("pg_dump");
+        cmd.args([
+            "--format=custom",
+            "--compress=0",
+            "--no-password",
+            "--dbname",
+        ])
+        .arg(self.url_for(database));
+        self.spawn("pg_dump", cmd)
+    }
+
+    /// Whether `database` exists on the server.
+    pub async fn database_exists(&self, database: &str) -> Result<bool, PgError> {
+        let out = self
+            .query(
+                "postgres",
+                &format!(
+                    "select count(*) from pg_database where datname = {}",
+                    quote_literal(database)
+                ),
+            )
+            .await?;
+        Ok(out.trim() != "0")
+    }
+
+    /// Number of user objects (relations, functions, schemas besides public, large objects,
+    /// extensions besides plpgsql) in `database`.
+    pub async fn user_objects(&self, database: &str) -> Result<u64, PgError> {
+        const USER_NS: &str = "n.nspname not in ('pg_catalog', 'information_schema') \
+             and n.nspname not like 'pg_toast%' and n.nspname not like 'pg_temp%'";
+        let sql = format!(
+            "select \
+               (select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace where {USER_NS}) \
+             + (select count(*) from pg_proc p join pg_namespace n on n.oid = p.pronamespace where {USER_NS}) \
+             + (select count(*) from pg_type t join pg_namespace n on n.oid = t.typnamespace where {USER_NS} and t.typtype in ('e', 'd', 'r', 'm')) \
+             + (select count(*) from pg_namespace n where {USER_NS} and n.nspname <> 'public') \
+             + (select count(*) from pg_largeobject_metadata) \
+             + (select count(*) from pg_extension where extname <> 'plpgsql')"
+        );
+        let out = self.query(database, &sql).await?;
+        out.trim().parse().map_err(|_| PgError::ToolFailed {
+            tool: "psql",
+            status: "unexpected output".into(),
+            stderr: out,
+        })
+    }
+
+    /// Creates an empty database.
+    pub async fn create_database(&self, database: &str) -> Result<(), PgError> {
+        self.query(
+            "postgres",
+            &format!("create database {}", quote_ident(database)),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Drops a database this agent created for a restore that then failed.
+    pub async fn drop_database(&self, database: &str) -> Result<(), PgError> {
+        self.query(
+            "postgres",
+            &format!("drop database if exists {}", quote_ident(database)),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Starts `pg_restore` into `database` as ONE transaction reading the archive from stdin: it
+    /// commits only after reading the whole archive, and killing it rolls everything back.
+    pub fn start_restore(&self, database: &str, clean: bool) -> Result<ToolProcess, PgError> {
+        let mut cmd = self.command("pg_restore");
+        cmd.stdin(Stdio::piped()).args([
+            "--single-transaction",
+            "--exit-on-error",
+            "--no-password",
+            "--dbname",
+        ]);
+        cmd.arg(self.url_for(database));
+        if clean {
+            cmd.args(["--clean", "--if-exists"]);
+        }
+        self.spawn("pg_restore", cmd)
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_passwords_in_the_url() {
+        let err = Postgres::new("postgresql://u:secret@127.0.0.1/db", None).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("PGPASSWORD") && !msg.contains("secret"),
+            "{msg}"
+        );
+        assert!(Postgres::new("postgresql://u@127.0.0.1/db?password=x", None).is_err());
+        assert!(Postgres::new("mysql://u@127.0.0.1/db", None).is_err());
+    }
+
+    #[test]
+    fn builds_urls_per_database() {
+        let pg = Postgres::new(
+            "postgresql://soma@127.0.0.1:5432/appdb?sslmode=disable",
+            None,
+        )
+        .unwrap();
+        assert_eq!(pg.default_database(), "appdb");
+        assert_eq!(
+            pg.url_for("other db"),
+            "postgresql://soma@127.0.0.1:5432/other%20db?sslmode=disable"
+        );
+        assert_eq!(pg.server(), "postgresql://soma@127.0.0.1:5432");
+    }
+
+    #[test]
+    fn parses_tool_versions() {
+        assert_eq!(
+            parse_tool_version("pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)\n"),
+            Some((15, "15.18".into()))
+        );
+        assert_eq!(
+            parse_tool_version("pg_dump (PostgreSQL) 17devel"),
+            Some((17, "17devel".into()))
+        );
+        assert_eq!(major_of_num(150018), 15);
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

@@ -1,0 +1,538 @@
+//! The one place backup bytes are transformed: compressed and hashed on the way to the store,
+//! hashed, decompressed and checked on the way back.
+//!
+//! Backup: engine stdout → (sha256 of raw bytes) → zstd → (sha256 of stored bytes) → parts →
+//! multipart upload. Three stages run concurrently, joined by bounded channels, so a slow store
+//! slows the engine instead of filling memory: at most `RAW_QUEUE` raw chunks, one part being
+//! filled, one part queued and the store's in-flight parts exist at any time.
+//!
+//! Restore and verify: store → (sha256 of stored bytes) → zstd decode → (sha256 of raw bytes) →
+//! sink, where the last `holdback` bytes are released to the sink only after both digests and sizes
+//! match the manifest. A consumer that commits only at end of input (pg_restore
+//! `--single-transaction`) therefore never commits a corrupted or truncated backup.
+
+use std::{
+    io::{self, Read, Write},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    sync::mpsc,
+};
+
+use crate::store::{MAX_PART_SIZE, MIN_PART_SIZE, ObjectMeta, Store, StoreError, Upload};
+
+/// Raw chunks read from the engine per read call.
+const READ_CHUNK: usize = 256 * 1024;
+/// Raw chunks queued between reader and compressor (and decoder and sink on restore).
+const RAW_QUEUE: usize = 4;
+/// Parts queued between the compressor and the uploader.
+const PART_QUEUE: usize = 1;
+/// Parts uploaded at one size before the part size doubles; see [`part_size_for`].
+const PARTS_PER_STEP: u32 = 1000;
+
+/// How the pipeline compresses and splits a stream.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// zstd level (1..=19; 3 is zstd's and our default).
+    pub compression_level: i32,
+    /// zstd worker threads; 0 compresses on the pipeline's own thread.
+    pub compression_threads: u32,
+    /// Size of the first parts; see [`part_size_for`] for how it grows.
+    pub part_size: usize,
+}
+
+/// Live byte counters of one operation, read by the progress reporter.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Uncompressed bytes read from the engine (backup) or written to it (restore).
+    pub raw: AtomicU64,
+    /// Compressed bytes produced for (backup) or read from (restore) the store.
+    pub stored: AtomicU64,
+}
+
+/// What the pipeline measured over one artifact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digest256 {
+    /// Uncompressed size.
+    pub raw_bytes: u64,
+    /// Stored (compressed) size.
+    pub stored_bytes: u64,
+    /// Hex sha256 of the uncompressed stream.
+    pub raw_sha256: String,
+    /// Hex sha256 of the stored object.
+    pub stored_sha256: String,
+}
+
+/// What was uploaded, beyond the digests.
+#[derive(Debug, Clone)]
+pub struct UploadSummary {
+    /// Sizes and digests.
+    pub digest: Digest256,
+    /// Number of parts.
+    pub parts: u32,
+    /// Largest part size used (the first parts use [`Settings::part_size`]).
+    pub max_part_size: usize,
+}
+
+/// Pipeline errors; each says which side failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Reading the engine's output failed.
+    #[error("reading the engine's output failed: {0}")]
+    Source(io::Error),
+    /// zstd failed while compressing (never expected; a bug or out of memory).
+    #[error("compression failed: {0}")]
+    Compress(io::Error),
+    /// The consumer (e.g. pg_restore) stopped reading.
+    #[error("the restore target stopped reading its input: {0}")]
+    Sink(io::Error),
+    /// A digest did not match the manifest.
+    #[error(
+        "checksum mismatch for {key}: the manifest records {what} sha256 {expected}, the store returned data hashing to {actual}; the stored backup is corrupted, nothing was restored from it — use another backup"
+    )]
+    ChecksumMismatch {
+        /// The object.
+        key: String,
+        /// "stored" or "raw".
+        what: &'static str,
+        /// Digest in the manifest.
+        expected: String,
+        /// Digest of what was read.
+        actual: String,
+    },
+    /// A size did not match the manifest (typically a truncated object).
+    #[error(
+        "checksum mismatch for {key}: the manifest records {expected} {what} bytes, the store returned {actual} (truncated or corrupted); nothing was restored from it — use another backup"
+    )]
+    SizeMismatch {
+        /// The object.
+        key: String,
+        /// "stored" or "raw".
+        what: &'static str,
+        /// Size in the manifest.
+        expected: u64,
+        /// Size read.
+        actual: u64,
+    },
+    /// The stored bytes hash correctly but do not decompress: the backup was written wrongly.
+    #[error("{key} cannot be decompressed although its checksum matches: {source}")]
+    Decode {
+        /// The object.
+        key: String,
+        /// What zstd said.
+        source: io::Error,
+    },
+}
+
+impl PipelineError {
+    /// True when the stored data failed an integrity check.
+    pub fn is_data_loss(&self) -> bool {
+        matches!(
+            self,
+            PipelineError::ChecksumMismatch { .. }
+                | PipelineError::SizeMismatch { .. }
+                | PipelineError::Decode { .. }
+        )
+    }
+}
+
+/// Size of part `index` (0-based) for a stream of unknown length.
+///
+/// The first [`PARTS_PER_STEP`] parts use `base`, then the size doubles every
+/// [`PARTS_PER_STEP`] parts (capped at S3's 5 GiB), so memory stays at `base` per part for every
+/// ordinary database while a 5 TiB stream still fits in S3's 10 000 parts: with the 16 MiB default,
+/// 9 000 parts hold about 8 TiB.
+pub fn part_size_for(base: usize, index: u32) -> usize {
+    let step = (index / PARTS_PER_STEP).min(16);
+    base.max(MIN_PART_SIZE)
+        .saturating_mul(1usize << step)
+        .min(MAX_PART_SIZE)
+}
+
+/// An artifact whose bytes are all in the store but not yet visible: `commit` publishes it,
+/// `abort` discards it. Dropping it without either aborts in the background.
+pub struct Staged {
+    upload: Option<Box<dyn Upload>>,
+    /// What was uploaded.
+    pub summary: UploadSummary,
+}
+
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staged")
+            .field("summary", &self.summary)
+            .finish()
+    }
+}
+
+impl Staged {
+    /// Makes the object visible.
+    pub async fn commit(mut self) -> Result<ObjectMeta, StoreError> {
+        self.upload.take().expect("upload present").complete().await
+    }
+
+    /// Discards the object's parts.
+    pub async fn abort(mut self) -> Result<(), StoreError> {
+        self.upload.take().expect("upload present").abort().await
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(upload) = self.upload.take()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(async move {
+                if let Err(e) = upload.abort().await {
+                    tracing::warn!(error = %e, "aborting an abandoned upload failed; the agent removes it at its next start");
+                }
+            });
+        }
+    }
+}
+
+/// Compressed output of the zstd encoder, cut into parts and sent to the uploader.
+struct PartSink {
+    buf: BytesMut,
+    base: usize,
+    index: u32,
+    max_part: usize,
+    tx: mpsc::Sender<Bytes>,
+    hasher: Sha256,
+    stored: u64,
+    counters: Arc<Counters>,
+}
+
+impl PartSink {
+    fn target(&self) -> usize {
+        part_size_for(self.base, self.index)
+    }
+
+    fn emit(&mut self) -> io::Result<()> {
+        let next = part_size_for(self.base, self.index + 1);
+        let part = std::mem::replace(&mut self.buf, BytesMut::with_capacity(next)).freeze();
+        self.max_part = self.max_part.max(part.len());
+        self.index += 1;
+        self.tx
+            .blocking_send(part)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "uploader stopped"))
+    }
+}
+
+impl Write for PartSink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = self.target() - self.buf.len();
+        let n = data.len().min(room);
+        self.buf.extend_from_slice(&data[..n]);
+        self.hasher.update(&data[..n]);
+        self.stored += n as u64;
+        self.counters.stored.fetch_add(n as u64, Ordering::Relaxed);
+        if self.buf.len() == self.target() {
+            self.emit()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Streams `source` through zstd into `upload`, returning a [`Staged`] artifact once every byte is
+/// in the store. On any error the upload is aborted before returning.
+pub async fn upload<R>(
+    mut source: R,
+    mut upload: Box<dyn Upload>,
+    settings: &Settings,
+    counters: Arc<Counters>,
+) -> Result<Staged, PipelineError>
+where
+    R: AsyncRead + Unpin + Send,
+{
+    let (raw_tx, mut raw_rx) = mpsc::channel::<Bytes>(RAW_QUEUE);
+    let (part_tx, mut part_rx) = mpsc::channel::<Bytes>(PART_QUEUE);
+    let base = settings.part_size.max(MIN_PART_SIZE);
+    let (level, threads) = (settings.compression_level, settings.compression_threads);
+    let sink_counters = counters.clone();
+
+    let compressor =
+        tokio::task::spawn_blocking(move || -> io::Result<(String, u64, u32, usize)> {
+            let sink = PartSink {
+                buf: BytesMut::with_capacity(base),
+                base,
+                index: 0,
+                max_part: 0,
+                tx: part_tx,
+                hasher: Sha256::new(),
+                stored: 0,
+                counters: sink_counters,
+            };
+            let mut enc = zstd::stream::write::Encoder::new(sink, level)?;
+            if threads > 0 {
+                enc.multithread(threads)?;
+            }
+            enc.include_checksum(true)?;
+            while let Some(chunk) = raw_rx.blocking_recv() {
+                enc.write_all(&chunk)?;
+            }
+            let mut sink = enc.finish()?;
+            if !sink.buf.is_empty() || sink.index == 0 {
+                sink.emit()?;
+            }
+            Ok((
+                hex::encode(sink.hasher.finalize()),
+                sink.stored,
+                sink.index,
+                sink.max_part,
+            ))
+        });
+
+    let read = async {
+        let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        loop {
+            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            let n = source
+                .read_buf(&mut buf)
+                .await
+                .map_err(PipelineError::Source)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf);
+            total += n as u64;
+            counters.raw.fetch_add(n as u64, Ordering::Relaxed);
+            if raw_tx.send(buf.freeze()).await.is_err() {
+                // The compressor stopped; its own error explains why.
+                break;
+            }
+        }
+        drop(raw_tx);
+        Ok::<_, PipelineError>((hex::encode(hasher.finalize()), total))
+    };
+
+    let send = async {
+        while let Some(part) = part_rx.recv().await {
+            upload.put_part(part).await?;
+        }
+        Ok::<_, PipelineError>(())
+    };
+
+    let (read_res, send_res) = tokio::join!(read, send);
+    // Once the uploader has returned, dropping its receiver unblocks a compressor still sending.
+    drop(part_rx);
+    let compress_res = compressor.await.expect("compressor thread panicked");
+
+    let outcome = (|| {
+        send_res?;
+        let (raw_sha256, raw_bytes) = read_res?;
+        let (stored_sha256, stored_bytes, parts, max_part_size) =
+            compress_res.map_err(PipelineError::Compress)?;
+        Ok::<_, PipelineError>(UploadSummary {
+            digest: Digest256 {
+                raw_bytes,
+                stored_bytes,
+                raw_sha256,
+                stored_sha256,
+            },
+            parts,
+            max_part_size,
+        })
+    })();
+    match outcome {
+        Ok(summary) => Ok(Staged {
+            upload: Some(upload),
+            summary,
+        }),
+        Err(e) => {
+            if let Err(abort_err) = upload.abort().await {
+                tracing::warn!(error = %abort_err, "aborting the failed upload failed; the agent removes it at its next start");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// A `Read` over chunks arriving on a channel, for the zstd decoder's thread.
+struct ChannelReader {
+    rx: mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.current.len());
+        out[..n].copy_from_slice(&self.current[..n]);
+        let _ = self.current.split_to(n);
+        Ok(n)
+    }
+}
+
+/// Streams the object at `key` back through zstd into `sink`, checking sizes and digests against
+/// `expected`. The last `holdback` raw bytes reach the sink only after every check passed; on a
+/// mismatch the sink is left without them (and not shut down), and an error names the mismatch.
+pub async fn download<W>(
+    store: &dyn Store,
+    key: &str,
+    expected: &Digest256,
+    mut sink: W,
+    holdback: usize,
+    counters: Arc<Counters>,
+) -> Result<(), PipelineError>
+where
+    W: AsyncWrite + Unpin + Send,
+{
+    let mut stream = store.get(key).await?;
+    let (stored_tx, stored_rx) = mpsc::channel::<Bytes>(RAW_QUEUE);
+    let (raw_tx, mut raw_rx) = mpsc::channel::<Bytes>(RAW_QUEUE);
+
+    let decoder = tokio::task::spawn_blocking(move || -> io::Result<()> {
+        let reader = ChannelReader {
+            rx: stored_rx,
+            current: Bytes::new(),
+        };
+        let mut dec = zstd::stream::read::Decoder::new(reader)?;
+        loop {
+            let mut buf = vec![0u8; READ_CHUNK];
+            let n = dec.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.truncate(n);
+            if raw_tx.blocking_send(Bytes::from(buf)).is_err() {
+                return Ok(());
+            }
+        }
+    });
+
+    let fetch = async {
+        let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        let mut tx = Some(stored_tx);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            hasher.update(&chunk);
+            total += chunk.len() as u64;
+            counters
+                .stored
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            // Keep hashing after the decoder gave up, so a corrupted object is reported by its
+            // digest rather than by whatever zstd tripped over first.
+            if let Some(t) = &tx
+                && t.send(chunk).await.is_err()
+            {
+                tx = None;
+            }
+        }
+        drop(tx);
+        Ok::<_, PipelineError>((hex::encode(hasher.finalize()), total))
+    };
+
+    let mut held = BytesMut::new();
+    let write = async {
+        let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        while let Some(chunk) = raw_rx.recv().await {
+            hasher.update(&chunk);
+            total += chunk.len() as u64;
+            held.extend_from_slice(&chunk);
+            if held.len() > holdback {
+                let release = held.split_to(held.len() - holdback);
+                sink.write_all(&release)
+                    .await
+                    .map_err(PipelineError::Sink)?;
+                counters
+                    .raw
+                    .fetch_add(release.len() as u64, Ordering::Relaxed);
+            }
+        }
+        Ok::<_, PipelineError>((hex::encode(hasher.finalize()), total))
+    };
+
+    let (fetch_res, write_res) = tokio::join!(fetch, write);
+    let decode_res = decoder.await.expect("decoder thread panicked");
+
+    let (stored_sha256, stored_bytes) = fetch_res?;
+    if stored_bytes != expected.stored_bytes {
+        return Err(PipelineError::SizeMismatch {
+            key: key.to_string(),
+            what: "stored",
+            expected: expected.stored_bytes,
+            actual: stored_bytes,
+        });
+    }
+    if stored_sha256 != expected.stored_sha256 {
+        return Err(PipelineError::ChecksumMismatch {
+            key: key.to_string(),
+            what: "stored",
+            expected: expected.stored_sha256.clone(),
+            actual: stored_sha256,
+        });
+    }
+    if let Err(source) = decode_res {
+        return Err(PipelineError::Decode {
+            key: key.to_string(),
+            source,
+        });
+    }
+    let (raw_sha256, raw_bytes) = write_res?;
+    if raw_bytes != expected.raw_bytes {
+        return Err(PipelineError::SizeMismatch {
+            key: key.to_string(),
+            what: "raw",
+            expected: expected.raw_bytes,
+            actual: raw_bytes,
+        });
+    }
+    if raw_sha256 != expected.raw_sha256 {
+        return Err(PipelineError::ChecksumMismatch {
+            key: key.to_string(),
+            what: "raw",
+            expected: expected.raw_sha256.clone(),
+            actual: raw_sha256,
+        });
+    }
+    // Every check passed: release the tail.
+    sink.write_all(&held).await.map_err(PipelineError::Sink)?;
+    counters.raw.fetch_add(held.len() as u64, Ordering::Relaxed);
+    sink.flush().await.map_err(PipelineError::Sink)?;
+    sink.shutdown().await.map_err(PipelineError::Sink)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_sizes_let_five_tebibytes_fit_in_ten_thousand_parts() {
+        let base = 16 * 1024 * 1024;
+        assert_eq!(part_size_for(base, 0), base);
+        assert_eq!(part_size_for(base, 999), base);
+        assert_eq!(part_size_for(base, 1000), 2 * base);
+        let total: u128 = (0..crate::store::MAX_PARTS)
+            .map(|i| part_size_for(base, i) as u128)
+            .sum();
+        assert!(total >= 5u128 << 40, "10 000 parts hold only {total} bytes");
+        assert!((0..20_000).all(|i| part_size_for(base, i) <= MAX_PART_SIZE));
+        // A part size below S3's minimum is raised to it.
+        assert_eq!(part_size_for(1024, 0), MIN_PART_SIZE);
+    }
+}

@@ -1,0 +1,248 @@
+//! Where backup bytes live: object storage (S3) or a local directory that behaves like it.
+//!
+//! Every caller sees the same semantics whichever backend is configured:
+//! - an object becomes visible only when it is complete (`put`, or `complete` of a multipart upload);
+//!   a crash before that leaves at most an *incomplete upload*, which `list` never shows and
+//!   `list_uploads` / `abort_upload` can find and remove;
+//! - keys are relative to the store's prefix and use `/` as separator; `..`, empty and absolute
+//!   components are refused so no key can escape the prefix.
+
+pub mod local;
+pub mod s3;
+
+use std::{fmt, path::PathBuf, pin::Pin, sync::Arc, time::SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::Stream;
+
+/// Largest number of parts one multipart upload may have (the S3 limit).
+pub const MAX_PARTS: u32 = 10_000;
+/// Smallest part size S3 accepts for every part but the last.
+pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
+/// Largest part size S3 accepts.
+pub const MAX_PART_SIZE: usize = 5 * 1024 * 1024 * 1024;
+
+/// A stream of an object's bytes, in order.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, StoreError>> + Send>>;
+
+/// One stored object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Key relative to the store's prefix.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A multipart upload that was started and neither completed nor aborted (e.g. its writer crashed).
+#[derive(Debug, Clone)]
+pub struct PendingUpload {
+    /// Key the upload would have created, relative to the store's prefix.
+    pub key: String,
+    /// Backend-specific upload id.
+    pub upload_id: String,
+    /// When the upload was started, if the backend records it.
+    pub initiated: Option<SystemTime>,
+}
+
+/// Errors from a store. Each names the key or location it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The object does not exist.
+    #[error("object {key} not found in the store")]
+    NotFound {
+        /// The missing key.
+        key: String,
+    },
+    /// The store refused our credentials or permissions.
+    #[error(
+        "access denied by the store for {key}: {message}; check the store credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, IRSA role) and the bucket policy"
+    )]
+    AccessDenied {
+        /// The key (or bucket) the request was about.
+        key: String,
+        /// What the store said.
+        message: String,
+    },
+    /// The store rejected data whose checksum did not match what we sent.
+    #[error("the store rejected {key}: checksum mismatch in transit ({message})")]
+    ChecksumRejected {
+        /// The key being written.
+        key: String,
+        /// What the store said.
+        message: String,
+    },
+    /// The bucket does not exist.
+    #[error("bucket {bucket} does not exist; create it or fix --store")]
+    NoSuchBucket {
+        /// The bucket name.
+        bucket: String,
+    },
+    /// A request failed for another reason.
+    #[error("store request for {key} failed: {message}")]
+    Request {
+        /// The key the request was about.
+        key: String,
+        /// What went wrong.
+        message: String,
+        /// Whether trying again may succeed (network errors, throttling, 5xx).
+        retryable: bool,
+    },
+    /// Local filesystem error (local store).
+    #[error("local store I/O error at {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A key that could escape the store's prefix or is otherwise unusable.
+    #[error("invalid object key {key:?}: {reason}")]
+    InvalidKey {
+        /// The key.
+        key: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+    /// The `--store` location cannot be used.
+    #[error("invalid store location {location:?}: {reason}")]
+    InvalidLocation {
+        /// The location as given.
+        location: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+impl StoreError {
+    /// Whether the same request may succeed if tried again later.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Request { retryable, .. } => *retryable,
+            StoreError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Result type of store operations.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Object storage as the rest of the agent sees it.
+///
+/// Cancellation: dropping any returned future leaves the store as it was before the call, or, for a
+/// multipart upload, with an incomplete upload that `list_uploads` reports and `abort_upload` removes.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug {
+    /// Where this store is, for humans (`s3://bucket/prefix`, `file:///path`); never credentials.
+    fn location(&self) -> String;
+
+    /// Writes a whole small object atomically (readers see the old object, or none, or the new one).
+    async fn put(&self, key: &str, data: Bytes) -> Result<()>;
+
+    /// Starts a multipart upload to `key`. Nothing is visible at `key` until `complete` succeeds.
+    async fn start_upload(&self, key: &str) -> Result<Box<dyn Upload>>;
+
+    /// Streams an object's bytes.
+    async fn get(&self, key: &str) -> Result<ByteStream>;
+
+    /// Size of an object, or `None` when it does not exist.
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>>;
+
+    /// Complete objects whose key starts with `prefix`, sorted by key.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
+
+    /// Deletes an object; deleting a missing object succeeds.
+    async fn delete(&self, key: &str) -> Result<()>;
+
+    /// Incomplete multipart uploads whose key starts with `prefix`.
+    async fn list_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>>;
+
+    /// Aborts an incomplete upload, freeing its parts.
+    async fn abort_upload(&self, upload: &PendingUpload) -> Result<()>;
+}
+
+/// One multipart upload in progress.
+///
+/// Parts are numbered in the order `put_part` is called. Every part but the last must be at least
+/// [`MIN_PART_SIZE`]. A backend may upload several parts concurrently; `put_part` returns once the
+/// part is handed over, and waits first when the backend's in-flight limit is reached, which is what
+/// bounds memory. Dropping an upload without `complete` or `abort` leaves an incomplete upload.
+#[async_trait]
+pub trait Upload: Send {
+    /// Adds the next part.
+    async fn put_part(&mut self, data: Bytes) -> Result<()>;
+    /// Waits for every part and makes the object visible atomically.
+    async fn complete(self: Box<Self>) -> Result<ObjectMeta>;
+    /// Discards every part; the key is left as it was.
+    async fn abort(self: Box<Self>) -> Result<()>;
+}
+
+/// Opens the store named by `--store`: `file:///path` or `s3://bucket[/prefix]`.
+pub async fn open(location: &str, parts_in_flight: usize) -> Result<Arc<dyn Store>> {
+    let invalid = |reason: &str| StoreError::InvalidLocation {
+        location: location.to_string(),
+        reason: reason.to_string(),
+    };
+    if let Some(rest) = location.strip_prefix("file://") {
+        if !rest.starts_with('/') {
+            return Err(invalid(
+                "a file:// store needs an absolute path, e.g. file:///var/lib/soma",
+            ));
+        }
+        Ok(Arc::new(
+            local::LocalStore::open(PathBuf::from(rest)).await?,
+        ))
+    } else if let Some(rest) = location.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(invalid("missing bucket name, e.g. s3://my-bucket/soma"));
+        }
+        Ok(Arc::new(
+            s3::S3Store::connect(bucket, prefix.trim_matches('/'), parts_in_flight).await,
+        ))
+    } else {
+        Err(invalid(
+            "expected s3://bucket/prefix or file:///absolute/path",
+        ))
+    }
+}
+
+/// Checks that a key stays inside the store's prefix.
+pub(crate) fn check_key(key: &str) -> Result<()> {
+    let bad = |reason| {
+        Err(StoreError::InvalidKey {
+            key: key.to_string(),
+            reason,
+        })
+    };
+    if key.is_empty() {
+        return bad("empty key");
+    }
+    if key.starts_with('/') {
+        return bad("absolute key");
+    }
+    for part in key.split('/') {
+        if part.is_empty() || part == "." || part == ".." {
+            return bad("empty, '.' or '..' path component");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_cannot_escape_the_prefix() {
+        assert!(check_key("backups/x/manifest.json").is_ok());
+        for bad in ["", "/etc/passwd", "backups/../x", "a//b", "./a", "a/"] {
+            assert!(check_key(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! The command line: `kubectl soma <command>`.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Output format of results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Human-readable table (default).
+    Table,
+    /// JSON, for scripts (`backup`, `list` and `describe` print manifests).
+    Json,
+    /// YAML.
+    Yaml,
+}
+
+/// Back up and restore the databases of a Soma platform through its soma-agent sidecars.
+#[derive(Debug, Parser)]
+#[command(name = "kubectl-soma", bin_name = "kubectl soma", version, about, long_about = None)]
+pub struct Cli {
+    /// Talk to an agent directly at HOST:PORT (e.g. 127.0.0.1:50051).
+    #[arg(long, global = true, env = "SOMA_AGENT", value_name = "HOST:PORT")]
+    pub agent: Option<String>,
+
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Take a backup now.
+    Backup(BackupArgs),
+    /// Restore a backup.
+    Restore(RestoreArgs),
+    /// List complete backups, newest first.
+    List,
+    /// Show one backup's manifest.
+    Describe(IdArg),
+    /// Re-read a backup from the store and check every size and sha256 digest.
+    Verify(IdArg),
+    /// Delete a backup from the store.
+    Delete(DeleteArgs),
+    /// Show the agent: version, engines, store, running jobs.
+    Status,
+}
+
+/// `backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// What to back up.
+    #[command(subcommand)]
+    pub engine: BackupEngine,
+}
+
+/// Engines that can be backed up.
+#[derive(Debug, Subcommand)]
+pub enum BackupEngine {
+    /// A logical backup (pg_dump) of one PostgreSQL database.
+    Postgres {
+        /// Database to back up (default: the one in the agent's --postgres-url).
+        #[arg(long, short = 'd')]
+        database: Option<String>,
+    },
+}
+
+/// `restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Backup id, or `latest`.
+    pub id: String,
+    /// Database to restore into (created when missing; default: the backup's own database).
+    #[arg(long, short = 'd')]
+    pub database: Option<String>,
+    /// Replace the objects of a non-empty target (dropped and recreated in the restore transaction).
+    #[arg(long)]
+    pub clean: bool,
+}
+
+/// Commands that take one backup id.
+#[derive(Debug, Args)]
+pub struct IdArg {
+    /// Backup id, or `latest`.
+    pub id: String,
+}
+
+/// `delete`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// Backup id (an explicit id; `latest` is refused).
+    pub id: String,
+    /// Delete without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_valid() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,44 @@
+//! `kubectl soma backup postgres [--database NAME]`.
+
+use soma_proto::v1;
+
+use crate::{
+    cli::{BackupArgs, BackupEngine, OutputFormat},
+    connect::Agent,
+    error::CliError,
+    output, progress,
+};
+
+/// Starts a backup, follows it, prints the manifest (json/yaml) or a summary (table).
+pub async fn run(mut agent: Agent, out: OutputFormat, args: BackupArgs) -> Result<(), CliError> {
+    let BackupEngine::Postgres { database } = args.engine;
+    let request = v1::BackupRequest {
+        engine: v1::Engine::Postgres as i32,
+        database: database.unwrap_or_default(),
+    };
+    let stream = agent
+        .client
+        .backup(request)
+        .await
+        .map_err(|s| CliError::from_status(s, &agent.addr, "request"))?
+        .into_inner();
+    let result = progress::follow(stream, "backup", &agent.addr).await?;
+    let info = result
+        .backup
+        .ok_or_else(|| CliError::Other("the agent reported no backup".into()))?;
+    match out {
+        OutputFormat::Table => {
+            println!("{}", result.summary);
+            println!(
+                "id: {}\nsize: {} raw, {} stored ({:.1}x), {:.1}s",
+                info.id,
+                output::bytes(result.raw_bytes),
+                output::bytes(result.stored_bytes),
+                result.raw_bytes as f64 / result.stored_bytes.max(1) as f64,
+                result.seconds
+            );
+            Ok(())
+        }
+        format => output::print_structured(format, &output::manifest(&info)?),
+    }
+}

@@ -1,0 +1,37 @@
+//! One module per subcommand.
+
+pub mod backup;
+pub mod delete;
+pub mod describe;
+pub mod list;
+pub mod restore;
+pub mod status;
+pub mod verify;
+
+use crate::error::CliError;
+
+/// Refuses ids that cannot be backup ids before asking the agent (which checks again), so a typo
+/// such as `../x` is a usage error with exit code 2.
+pub fn check_id(id: &str, allow_latest: bool) -> Result<(), CliError> {
+    if id == "latest" {
+        return if allow_latest {
+            Ok(())
+        } else {
+            Err(CliError::Usage(
+                "\"latest\" is not accepted here: name the backup id explicitly (see `kubectl soma list`)".into(),
+            ))
+        };
+    }
+    let ok = id.len() >= 20
+        && id.len() <= 100
+        && id.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'T' || b == b'Z'
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(CliError::Usage(format!(
+            "invalid backup id {id:?}: expected an id like 20261124T120000Z-pg-appdb-7f3a (see `kubectl soma list`) or \"latest\""
+        )))
+    }
+}

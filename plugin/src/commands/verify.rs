@@ -1,0 +1,40 @@
+//! `kubectl soma verify ID|latest`.
+
+use serde_json::json;
+use soma_proto::v1;
+
+use crate::{
+    cli::{IdArg, OutputFormat},
+    connect::Agent,
+    error::CliError,
+    progress,
+};
+
+/// Asks the agent to re-read the backup and check it; exit 1 on any mismatch.
+pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(), CliError> {
+    super::check_id(&args.id, true)?;
+    let stream = agent
+        .client
+        .verify(v1::VerifyRequest { backup_id: args.id })
+        .await
+        .map_err(|s| CliError::from_status(s, &agent.addr, "request"))?
+        .into_inner();
+    let result = progress::follow(stream, "verify", &agent.addr).await?;
+    match out {
+        OutputFormat::Table => {
+            println!("{}", result.summary);
+            Ok(())
+        }
+        format => crate::output::print_structured(
+            format,
+            &json!({
+                "backup_id": result.backup.as_ref().map(|b| b.id.clone()),
+                "verified": true,
+                "summary": result.summary,
+                "raw_bytes": result.raw_bytes,
+                "stored_bytes": result.stored_bytes,
+                "seconds": result.seconds,
+            }),
+        ),
+    }
+}
