@@ -13,6 +13,7 @@ use error::CliError;
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
+    commands::validate(&cli.command)?;
     let agent = connect::connect(cli.agent.as_deref()).await?;
     let out = cli.output;
     match cli.command {

@@ -13,7 +13,6 @@ use crate::{
 
 /// Deletes a backup after confirmation (typing the id on a terminal, or `--yes`).
 pub async fn run(mut agent: Agent, out: OutputFormat, args: DeleteArgs) -> Result<(), CliError> {
-    super::check_id(&args.id, false)?;
     if !args.yes {
         if !std::io::stdin().is_terminal() {
             return Err(CliError::Usage(format!(

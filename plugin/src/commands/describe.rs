@@ -11,7 +11,6 @@ use crate::{
 
 /// Shows one backup; json/yaml print its manifest.
 pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(), CliError> {
-    super::check_id(&args.id, true)?;
     let info = agent
         .client
         .describe_backup(v1::DescribeBackupRequest { backup_id: args.id })

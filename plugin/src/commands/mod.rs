@@ -8,7 +8,17 @@ pub mod restore;
 pub mod status;
 pub mod verify;
 
-use crate::error::CliError;
+use crate::{cli::Command, error::CliError};
+
+/// Checks what can be checked without the agent, so bad input fails fast with exit code 2.
+pub fn validate(command: &Command) -> Result<(), CliError> {
+    match command {
+        Command::Restore(a) => check_id(&a.id, true),
+        Command::Describe(a) | Command::Verify(a) => check_id(&a.id, true),
+        Command::Delete(a) => check_id(&a.id, false),
+        Command::Backup(_) | Command::List | Command::Status => Ok(()),
+    }
+}
 
 /// Refuses ids that cannot be backup ids before asking the agent (which checks again), so a typo
 /// such as `../x` is a usage error with exit code 2.

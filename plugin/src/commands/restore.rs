@@ -12,7 +12,6 @@ use crate::{
 
 /// Starts a restore and follows it to the end.
 pub async fn run(mut agent: Agent, out: OutputFormat, args: RestoreArgs) -> Result<(), CliError> {
-    super::check_id(&args.id, true)?;
     let request = v1::RestoreRequest {
         backup_id: args.id,
         database: args.database.unwrap_or_default(),

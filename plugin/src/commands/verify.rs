@@ -12,7 +12,6 @@ use crate::{
 
 /// Asks the agent to re-read the backup and check it; exit 1 on any mismatch.
 pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(), CliError> {
-    super::check_id(&args.id, true)?;
     let stream = agent
         .client
         .verify(v1::VerifyRequest { backup_id: args.id })
