@@ -57,7 +57,7 @@ pub struct Config {
     #[arg(long, env = "SOMA_PART_SIZE", default_value = "16MiB", value_parser = parse_size)]
     pub part_size: u64,
 
-    /// Parts uploaded concurrently. Memory on the data path is about (this + 2) × part size.
+    /// Parts uploaded concurrently. Part buffers on the data path: at most (this + 1) × part size.
     #[arg(long, env = "SOMA_PARTS_IN_FLIGHT", default_value_t = 2,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub parts_in_flight: u16,

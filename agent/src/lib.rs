@@ -62,6 +62,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         compression_level: config.compression_level,
         compression_threads: config.compression_threads,
         part_size: config.part_size as usize,
+        parts_in_flight: config.parts_in_flight as usize,
     };
     let service = AgentService::new(Context {
         catalog,

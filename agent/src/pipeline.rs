@@ -3,8 +3,9 @@
 //!
 //! Backup: engine stdout → (sha256 of raw bytes) → zstd → (sha256 of stored bytes) → parts →
 //! multipart upload. Three stages run concurrently, joined by bounded channels, so a slow store
-//! slows the engine instead of filling memory: at most `RAW_QUEUE` raw chunks, one part being
-//! filled, one part queued and the store's in-flight parts exist at any time.
+//! slows the engine instead of filling memory. Every part buffer holds a permit of one semaphore
+//! until the last reference to its bytes is dropped (after the store has uploaded it), so at most
+//! `parts_in_flight + 1` parts exist at any time, whether being filled, queued or uploading.
 //!
 //! Restore and verify: store → (sha256 of stored bytes) → zstd decode → (sha256 of raw bytes) →
 //! sink, where the last `holdback` bytes are released to the sink only after both digests and sizes
@@ -24,7 +25,7 @@ use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    sync::mpsc,
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
 };
 
 use crate::store::{MAX_PART_SIZE, MIN_PART_SIZE, ObjectMeta, Store, StoreError, Upload};
@@ -47,6 +48,8 @@ pub struct Settings {
     pub compression_threads: u32,
     /// Size of the first parts; see [`part_size_for`] for how it grows.
     pub part_size: usize,
+    /// Parts the store may upload concurrently; one more is being filled.
+    pub parts_in_flight: usize,
 }
 
 /// Live byte counters of one operation, read by the progress reporter.
@@ -202,9 +205,24 @@ impl Drop for Staged {
     }
 }
 
+/// A part's bytes plus the permit that accounts for them; released when the bytes are dropped.
+struct PartBuf {
+    data: Bytes,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for PartBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
 /// Compressed output of the zstd encoder, cut into parts and sent to the uploader.
 struct PartSink {
     buf: BytesMut,
+    permit: Option<OwnedSemaphorePermit>,
+    permits: Arc<Semaphore>,
+    runtime: tokio::runtime::Handle,
     base: usize,
     index: u32,
     max_part: usize,
@@ -219,11 +237,29 @@ impl PartSink {
         part_size_for(self.base, self.index)
     }
 
+    /// Waits (on this blocking thread) until a part buffer may exist, then allocates it.
+    fn start_part(&mut self) -> io::Result<()> {
+        let permit = self
+            .runtime
+            .block_on(self.permits.clone().acquire_owned())
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "uploader stopped"))?;
+        self.permit = Some(permit);
+        self.buf = BytesMut::with_capacity(self.target());
+        Ok(())
+    }
+
     fn emit(&mut self) -> io::Result<()> {
-        let next = part_size_for(self.base, self.index + 1);
-        let part = std::mem::replace(&mut self.buf, BytesMut::with_capacity(next)).freeze();
-        self.max_part = self.max_part.max(part.len());
+        let data = std::mem::take(&mut self.buf).freeze();
+        let permit = self
+            .permit
+            .take()
+            .expect("a part being filled holds a permit");
+        self.max_part = self.max_part.max(data.len());
         self.index += 1;
+        let part = Bytes::from_owner(PartBuf {
+            data,
+            _permit: permit,
+        });
         self.tx
             .blocking_send(part)
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "uploader stopped"))
@@ -232,6 +268,9 @@ impl PartSink {
 
 impl Write for PartSink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.permit.is_none() {
+            self.start_part()?;
+        }
         let room = self.target() - self.buf.len();
         let n = data.len().min(room);
         self.buf.extend_from_slice(&data[..n]);
@@ -265,11 +304,16 @@ where
     let base = settings.part_size.max(MIN_PART_SIZE);
     let (level, threads) = (settings.compression_level, settings.compression_threads);
     let sink_counters = counters.clone();
+    let permits = Arc::new(Semaphore::new(settings.parts_in_flight.max(1) + 1));
+    let runtime = tokio::runtime::Handle::current();
 
     let compressor =
         tokio::task::spawn_blocking(move || -> io::Result<(String, u64, u32, usize)> {
             let sink = PartSink {
-                buf: BytesMut::with_capacity(base),
+                buf: BytesMut::new(),
+                permit: None,
+                permits,
+                runtime,
                 base,
                 index: 0,
                 max_part: 0,
@@ -287,7 +331,11 @@ where
                 enc.write_all(&chunk)?;
             }
             let mut sink = enc.finish()?;
-            if !sink.buf.is_empty() || sink.index == 0 {
+            if sink.permit.is_none() && sink.index == 0 {
+                // An object needs at least one part, even an empty one.
+                sink.start_part()?;
+            }
+            if sink.permit.is_some() {
                 sink.emit()?;
             }
             Ok((
@@ -322,16 +370,19 @@ where
         Ok::<_, PipelineError>((hex::encode(hasher.finalize()), total))
     };
 
-    let send = async {
-        while let Some(part) = part_rx.recv().await {
-            upload.put_part(part).await?;
+    let send = {
+        let upload = &mut upload;
+        // Owning the receiver means a failed uploader drops it on return, which stops the
+        // compressor, which stops the reader: no stage can wait forever on a dead neighbour.
+        async move {
+            while let Some(part) = part_rx.recv().await {
+                upload.put_part(part).await?;
+            }
+            Ok::<_, PipelineError>(())
         }
-        Ok::<_, PipelineError>(())
     };
 
     let (read_res, send_res) = tokio::join!(read, send);
-    // Once the uploader has returned, dropping its receiver unblocks a compressor still sending.
-    drop(part_rx);
     let compress_res = compressor.await.expect("compressor thread panicked");
 
     let outcome = (|| {
@@ -401,7 +452,7 @@ where
 {
     let mut stream = store.get(key).await?;
     let (stored_tx, stored_rx) = mpsc::channel::<Bytes>(RAW_QUEUE);
-    let (raw_tx, mut raw_rx) = mpsc::channel::<Bytes>(RAW_QUEUE);
+    let (raw_tx, raw_rx) = mpsc::channel::<Bytes>(RAW_QUEUE);
 
     let decoder = tokio::task::spawn_blocking(move || -> io::Result<()> {
         let reader = ChannelReader {
@@ -447,6 +498,8 @@ where
 
     let mut held = BytesMut::new();
     let write = async {
+        // Owned, so a failed sink drops it and the decoder stops instead of waiting forever.
+        let mut raw_rx = raw_rx;
         let mut hasher = Sha256::new();
         let mut total = 0u64;
         while let Some(chunk) = raw_rx.recv().await {
@@ -520,6 +573,179 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{Store, local::LocalStore};
+    use async_trait::async_trait;
+    use std::time::Duration;
+
+    const MIB: usize = 1024 * 1024;
+
+    fn settings() -> Settings {
+        Settings {
+            compression_level: 3,
+            compression_threads: 0,
+            part_size: 5 * MIB,
+            parts_in_flight: 2,
+        }
+    }
+
+    /// 24 MiB that zstd cannot shrink much, so the stream spans several 5 MiB parts.
+    fn payload() -> Vec<u8> {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        (0..24 * MIB)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    async fn store() -> (tempfile::TempDir, LocalStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path().to_path_buf()).await.unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn round_trip_is_byte_exact_across_parts() {
+        let (_dir, store) = store().await;
+        let data = payload();
+        let upload = store.start_upload("a/obj.zst").await.unwrap();
+        let staged = super::upload(&data[..], upload, &settings(), Arc::default())
+            .await
+            .unwrap();
+        let summary = staged.summary.clone();
+        staged.commit().await.unwrap();
+        assert!(
+            summary.parts > 1,
+            "expected several parts, got {}",
+            summary.parts
+        );
+        assert_eq!(summary.digest.raw_bytes, data.len() as u64);
+        assert_eq!(
+            summary.digest.raw_sha256,
+            hex::encode(Sha256::digest(&data))
+        );
+
+        let mut out = Vec::new();
+        download(
+            &store,
+            "a/obj.zst",
+            &summary.digest,
+            &mut out,
+            MIB,
+            Arc::default(),
+        )
+        .await
+        .unwrap();
+        assert!(out == data, "restored bytes differ");
+    }
+
+    /// An upload that fails on its third part, like a store that goes away mid-backup.
+    struct FailingUpload {
+        inner: Box<dyn Upload>,
+        parts: u32,
+    }
+
+    #[async_trait]
+    impl Upload for FailingUpload {
+        async fn put_part(&mut self, data: Bytes) -> Result<(), StoreError> {
+            self.parts += 1;
+            if self.parts == 3 {
+                return Err(StoreError::Request {
+                    key: "a/obj.zst".into(),
+                    message: "injected failure".into(),
+                    retryable: true,
+                });
+            }
+            self.inner.put_part(data).await
+        }
+        async fn complete(self: Box<Self>) -> Result<ObjectMeta, StoreError> {
+            self.inner.complete().await
+        }
+        async fn abort(self: Box<Self>) -> Result<(), StoreError> {
+            self.inner.abort().await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_store_stops_the_pipeline_and_leaves_nothing() {
+        let (_dir, store) = store().await;
+        let data = payload();
+        let upload = Box::new(FailingUpload {
+            inner: store.start_upload("a/obj.zst").await.unwrap(),
+            parts: 0,
+        });
+        let result = tokio::time::timeout(
+            Duration::from_secs(60),
+            super::upload(&data[..], upload, &settings(), Arc::default()),
+        )
+        .await
+        .expect("the pipeline must stop, not hang, when the store fails");
+        let err = result.unwrap_err();
+        assert!(err.to_string().contains("injected failure"), "{err}");
+        assert!(
+            store.list("").await.unwrap().is_empty(),
+            "no object may appear"
+        );
+        assert!(
+            store.list_uploads("").await.unwrap().is_empty(),
+            "the upload must be aborted"
+        );
+    }
+
+    async fn stored(store: &LocalStore, dir: &std::path::Path) -> (Digest256, std::path::PathBuf) {
+        let data = payload();
+        let upload = store.start_upload("a/obj.zst").await.unwrap();
+        let staged = super::upload(&data[..], upload, &settings(), Arc::default())
+            .await
+            .unwrap();
+        let digest = staged.summary.digest.clone();
+        staged.commit().await.unwrap();
+        (digest, dir.join("a/obj.zst"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flipped_byte_is_refused_and_the_tail_is_never_released() {
+        let (dir, store) = store().await;
+        let (digest, path) = stored(&store, dir.path()).await;
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x01;
+        std::fs::write(&path, bytes).unwrap();
+
+        let mut out = Vec::new();
+        let err = download(&store, "a/obj.zst", &digest, &mut out, MIB, Arc::default())
+            .await
+            .unwrap_err();
+        assert!(err.is_data_loss(), "{err}");
+        assert!(err.to_string().contains("checksum mismatch"), "{err}");
+        assert!(
+            (out.len() as u64) + (MIB as u64) <= digest.raw_bytes,
+            "the consumer must never see the end of a bad stream ({} of {} bytes released)",
+            out.len(),
+            digest.raw_bytes
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_truncated_object_is_refused() {
+        let (dir, store) = store().await;
+        let (digest, path) = stored(&store, dir.path()).await;
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+
+        let mut out = Vec::new();
+        let err = download(&store, "a/obj.zst", &digest, &mut out, MIB, Arc::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, PipelineError::SizeMismatch { what: "stored", .. }),
+            "{err}"
+        );
+        assert!((out.len() as u64) < digest.raw_bytes);
+    }
 
     #[test]
     fn part_sizes_let_five_tebibytes_fit_in_ten_thousand_parts() {
