@@ -303,7 +303,8 @@ impl Catalog {
                 Err(e) => return Err(e),
             }
         }
-        out.sort_by(|a, b| b.id.cmp(&a.id));
+        // Ids have one-second resolution; the start time orders backups taken within a second.
+        out.sort_by(|a, b| (b.started_at, &b.id).cmp(&(a.started_at, &a.id)));
         Ok(out)
     }
 

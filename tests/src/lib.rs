@@ -1,0 +1,27 @@
+//! Test harness for Soma Backup.
+//!
+//! Everything here is real: a throwaway PostgreSQL 15 cluster per test ([`PgCluster`]), a
+//! single-node Garage S3 server per test ([`Garage`]), and the `soma-agent` / `kubectl-soma`
+//! binaries built by `cargo build --workspace --bins` ([`Agent`], [`soma`]). Every server binds
+//! only to 127.0.0.1 on ports picked per test, in its own temporary directory, so tests run in
+//! parallel. A missing server or binary makes the test panic with the command that installs it.
+//!
+//! Waiting is always "poll a real observable condition until a deadline" ([`poll_until`]), never a
+//! sleep standing in for synchronisation.
+
+pub mod agent;
+pub mod cli;
+pub mod db;
+pub mod fixtures;
+pub mod garage;
+pub mod pg;
+pub mod store;
+mod util;
+
+pub use agent::{Agent, AgentExit};
+pub use cli::{CmdOutput, SomaChild, soma, soma_spawn};
+pub use db::{DbFingerprint, assert_same_database};
+pub use garage::Garage;
+pub use pg::PgCluster;
+pub use store::TestStore;
+pub use util::{bin_dir, bin_path, free_port, poll_until, random_hex};
