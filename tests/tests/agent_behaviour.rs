@@ -1,0 +1,139 @@
+//! Proves how the agent behaves around its operations, with the real binaries and a real
+//! PostgreSQL 15:
+//! - a backup keeps running to completion when the client that started it goes away;
+//! - a missing pg_dump, or one older than the server, is refused with what to install.
+//!
+//! The "old pg_dump" case uses a test double: a script that answers `--version` exactly as
+//! pg_dump 14 does (`pg_dump (PostgreSQL) 14.11`), since only PostgreSQL 15 is installed here. The
+//! agent reaches it through `--pg-bin-dir`, the same flag a real deployment uses.
+
+use std::{os::unix::fs::PermissionsExt, time::Duration};
+
+use soma_tests::store::MIB;
+use soma_tests::{Agent, PgCluster, TestStore, fixtures, poll_until, soma, soma_spawn};
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+#[test]
+fn a_backup_finishes_after_its_client_disconnects() {
+    let pg = PgCluster::start();
+    pg.createdb("appdb");
+    fixtures::create_big_table(&pg, "appdb", "blob", 200);
+    let store = TestStore::local();
+    let agent = Agent::start(
+        &store.url(),
+        &pg.url("appdb"),
+        &["--part-size", "5MiB"],
+        &store.env(),
+    );
+
+    let mut client = soma_spawn(agent.addr(), &["backup", "postgres", "--database", "appdb"]);
+    poll_until(
+        Duration::from_secs(180),
+        "the backup to store a mebibyte",
+        || {
+            if store.pending_upload_bytes() >= MIB {
+                return Some(());
+            }
+            assert!(
+                !client.has_exited(),
+                "the backup ended before it stored any data; stderr:\n{}",
+                client.stderr_so_far()
+            );
+            None
+        },
+    );
+    assert!(
+        store.manifests().is_empty(),
+        "the backup must still be running when its client goes away"
+    );
+    // Dropping the background command kills it: the client is gone mid-backup.
+    drop(client);
+
+    let ids = poll_until(
+        Duration::from_secs(300),
+        "the backup to complete without its client",
+        || {
+            let out = soma(agent.addr(), &["list", "-o", "json"]);
+            out.assert_success("list -o json");
+            let ids: Vec<String> = out
+                .json()
+                .as_array()
+                .expect("list -o json is an array")
+                .iter()
+                .filter_map(|m| m["id"].as_str().map(str::to_owned))
+                .collect();
+            (!ids.is_empty()).then_some(ids)
+        },
+    );
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    soma(agent.addr(), &["verify", &ids[0]]).assert_success("verify the detached backup");
+    assert!(
+        store.pending_uploads().is_empty(),
+        "nothing may be left half-uploaded: {:?}",
+        store.pending_uploads()
+    );
+}
+
+fn small_cluster() -> PgCluster {
+    let pg = PgCluster::start();
+    pg.createdb("appdb");
+    pg.psql(
+        "appdb",
+        "create table t (id int primary key); insert into t values (1);",
+    );
+    pg
+}
+
+#[test]
+fn a_missing_pg_dump_is_reported_with_what_to_install() {
+    let pg = small_cluster();
+    let store = TestStore::local();
+    let empty = tempfile::tempdir().unwrap();
+    let bin_dir = empty.path().to_str().unwrap();
+    let agent = Agent::start(
+        &store.url(),
+        &pg.url("appdb"),
+        &["--pg-bin-dir", bin_dir],
+        &store.env(),
+    );
+    soma(agent.addr(), &["backup", "postgres"])
+        .assert_code(1, "backup without pg_dump")
+        .assert_stderr_contains("pg_dump not found", "backup without pg_dump")
+        .assert_stderr_contains("--pg-bin-dir", "backup without pg_dump");
+    assert!(store.manifests().is_empty());
+}
+
+#[test]
+fn a_pg_dump_older_than_the_server_is_refused() {
+    let pg = small_cluster();
+    let store = TestStore::local();
+    let bin = tempfile::tempdir().unwrap();
+    for tool in ["psql", "pg_restore"] {
+        std::os::unix::fs::symlink(format!("{PG_BIN}/{tool}"), bin.path().join(tool)).unwrap();
+    }
+    let fake = bin.path().join("pg_dump");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\n\
+         if [ \"$1\" = --version ]; then echo 'pg_dump (PostgreSQL) 14.11'; exit 0; fi\n\
+         echo 'pg_dump: error: aborting because of server version mismatch' >&2; exit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let agent = Agent::start(
+        &store.url(),
+        &pg.url("appdb"),
+        &["--pg-bin-dir", bin.path().to_str().unwrap()],
+        &store.env(),
+    );
+    soma(agent.addr(), &["backup", "postgres"])
+        .assert_code(1, "backup with an old pg_dump")
+        .assert_stderr_contains(
+            "pg_dump 14.11 is older than the PostgreSQL server",
+            "backup with an old pg_dump",
+        )
+        .assert_stderr_contains("PostgreSQL 15 client tools", "backup with an old pg_dump");
+    assert!(store.manifests().is_empty());
+    assert!(store.pending_uploads().is_empty());
+}
