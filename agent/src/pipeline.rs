@@ -36,6 +36,8 @@ const READ_CHUNK: usize = 256 * 1024;
 const RAW_QUEUE: usize = 4;
 /// Parts queued between the compressor and the uploader.
 const PART_QUEUE: usize = 1;
+/// zstd job size when compressing with worker threads.
+const MT_JOB_SIZE: u32 = 1 << 20;
 /// Parts uploaded at one size before the part size doubles; see [`part_size_for`].
 const PARTS_PER_STEP: u32 = 1000;
 
@@ -325,6 +327,9 @@ where
             let mut enc = zstd::stream::write::Encoder::new(sink, level)?;
             if threads > 0 {
                 enc.multithread(threads)?;
+                // zstd's default job is several windows long and each worker buffers a few jobs;
+                // small jobs keep multithreaded compression within the memory budget.
+                enc.set_parameter(zstd::stream::raw::CParameter::JobSize(MT_JOB_SIZE))?;
             }
             enc.include_checksum(true)?;
             while let Some(chunk) = raw_rx.blocking_recv() {
