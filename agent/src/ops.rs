@@ -75,21 +75,37 @@ pub async fn backup_postgres(
     let pg = ctx.postgres()?;
     let started_at = Utc::now();
     reporter.set_operation_id(id.as_str());
-    reporter.phase(
-        "preparing",
-        format!("checking pg_dump against database {database}"),
-    );
-    let (tool_version, server_version) = pg.check_tool("pg_dump", &database).await?;
 
     let store = ctx.catalog.store().clone();
     let key = id.key(PG_DUMP_ARTIFACT);
     let upload = store.start_upload(&key).await?;
-    let mut dump = pg.start_dump(&database)?;
+    let mut dump = match pg.start_dump(&database) {
+        Ok(dump) => dump,
+        Err(e) => {
+            abort_quietly(upload).await;
+            return Err(e.into());
+        }
+    };
     reporter.phase(
         "dumping",
-        format!("pg_dump {tool_version} → zstd → {}", store.location()),
+        format!("pg_dump {database} → zstd → {}", store.location()),
     );
-    let staged = pipeline::upload(dump.stdout(), upload, &ctx.settings, reporter.counters()).await;
+    // The version check runs beside the dump rather than before it (it costs a connection and
+    // two process starts); a dump is only ever committed after the check passed.
+    let (check, staged) = tokio::join!(
+        pg.check_tool("pg_dump", &database),
+        pipeline::upload(dump.stdout(), upload, &ctx.settings, reporter.counters())
+    );
+    let (tool_version, server_version) = match check {
+        Ok(versions) => versions,
+        Err(e) => {
+            dump.kill().await;
+            if let Ok(staged) = staged {
+                abort_quietly_staged(staged).await;
+            }
+            return Err(e.into());
+        }
+    };
     let staged = match staged {
         Ok(staged) => staged,
         Err(e) => {
@@ -99,9 +115,7 @@ pub async fn backup_postgres(
     };
     // The dump is complete only if pg_dump says so; otherwise its bytes never become visible.
     if let Err(e) = dump.wait().await {
-        if let Err(abort) = staged.abort().await {
-            tracing::warn!(error = %abort, "aborting the upload of a failed dump failed");
-        }
+        abort_quietly_staged(staged).await;
         return Err(e.into());
     }
     reporter.phase("committing", "completing the upload");
@@ -167,6 +181,19 @@ pub async fn backup_postgres(
         stored_bytes: stored,
         seconds: reporter.elapsed(),
     })
+}
+
+/// Aborts an upload nobody will complete; a failure only leaves what the next start-up sweeps.
+async fn abort_quietly(upload: Box<dyn crate::store::Upload>) {
+    if let Err(e) = upload.abort().await {
+        tracing::warn!(error = %e, "aborting an unused upload failed; the agent removes it at its next start");
+    }
+}
+
+async fn abort_quietly_staged(staged: pipeline::Staged) {
+    if let Err(e) = staged.abort().await {
+        tracing::warn!(error = %e, "aborting an unused upload failed; the agent removes it at its next start");
+    }
 }
 
 fn artifact<'a>(m: &'a Manifest, name: &str) -> Result<&'a Artifact, OpError> {
