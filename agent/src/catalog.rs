@@ -193,6 +193,12 @@ pub struct Artifact {
     pub max_part_size: u64,
     /// Number of parts.
     pub parts: u32,
+    /// Qdrant: the collection this artifact holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collection: Option<String>,
+    /// Qdrant: the shard this artifact holds (shard-stream backups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<u32>,
 }
 
 impl Artifact {
@@ -254,6 +260,12 @@ pub struct Manifest {
     pub stored_bytes: u64,
     /// The stored objects.
     pub artifacts: Vec<Artifact>,
+    /// For a backup set: its member backups, each complete with its own manifest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<BackupId>,
+    /// Engine-specific facts needed to restore (e.g. Qdrant version, collection configs, aliases).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub details: serde_json::Value,
 }
 
 /// Reads and writes manifests and ids in a store.
@@ -377,6 +389,15 @@ impl Catalog {
             deleted += 1;
         }
         Ok(deleted)
+    }
+
+    /// Removes whatever a failed attempt at backup `id` stored (it has no manifest, so nothing
+    /// refers to it).
+    pub async fn discard(&self, id: &BackupId) -> Result<(), CatalogError> {
+        for obj in self.store.list(&format!("{}/", id.dir())).await? {
+            self.store.delete(&obj.key).await?;
+        }
+        Ok(())
     }
 
     /// Aborts incomplete uploads of backups by the given engines, which only a crashed or killed

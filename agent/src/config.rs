@@ -39,6 +39,21 @@ pub struct Config {
     #[arg(long, env = "SOMA_POSTGRES_URL")]
     pub postgres_url: Option<String>,
 
+    /// URL of the Qdrant REST API, e.g. `http://127.0.0.1:6333`. The API key comes from
+    /// SOMA_QDRANT_API_KEY (never a flag).
+    #[arg(long, env = "SOMA_QDRANT_URL")]
+    pub qdrant_url: Option<String>,
+
+    /// PEM file with the CA that signed Qdrant's TLS certificate (for https:// with a private CA).
+    #[arg(long, env = "SOMA_QDRANT_CA_CERT")]
+    pub qdrant_ca_cert: Option<PathBuf>,
+
+    /// Default Qdrant snapshot mode: `collection` (snapshot on the node, stream, delete),
+    /// `shard-stream` (no file on the node; Qdrant >= 1.17) or `full-storage` (single node).
+    #[arg(long, env = "SOMA_QDRANT_MODE", default_value = "collection",
+          value_parser = crate::ops::qdrant::parse_mode)]
+    pub qdrant_mode: soma_proto::v1::QdrantMode,
+
     /// Directory holding pg_dump, pg_restore and psql (default: found on PATH).
     #[arg(long, env = "SOMA_PG_BIN_DIR")]
     pub pg_bin_dir: Option<PathBuf>,

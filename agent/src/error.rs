@@ -7,7 +7,10 @@
 use tonic::{Code, Status};
 
 use crate::{
-    catalog::CatalogError, engine::postgres::PgError, pipeline::PipelineError, store::StoreError,
+    catalog::CatalogError,
+    engine::{postgres::PgError, qdrant::QdrantError},
+    pipeline::PipelineError,
+    store::StoreError,
 };
 
 /// Why an operation failed.
@@ -25,6 +28,17 @@ pub enum OpError {
     /// PostgreSQL and its tools.
     #[error(transparent)]
     Postgres(#[from] PgError),
+    /// Qdrant's API.
+    #[error(transparent)]
+    Qdrant(#[from] QdrantError),
+    /// A member of a backup set failed; the message names the set and the members kept.
+    #[error("{message}")]
+    SetMember {
+        /// Full explanation.
+        message: String,
+        /// The member's error, which decides the code.
+        source: Box<OpError>,
+    },
     /// Another operation holds the target.
     #[error("{0}")]
     Busy(String),
@@ -81,6 +95,19 @@ impl OpError {
                 PgError::Connect { .. } => Code::Unavailable,
                 PgError::ToolFailed { .. } | PgError::Io { .. } => Code::Aborted,
             },
+            OpError::Qdrant(e) => match e {
+                QdrantError::InvalidUrl(_) | QdrantError::Tls { .. } => Code::InvalidArgument,
+                QdrantError::Unreachable { .. } => Code::Unavailable,
+                QdrantError::Unauthorized { .. } => Code::PermissionDenied,
+                QdrantError::NotFound { .. } => Code::NotFound,
+                QdrantError::Api { status, .. } if *status >= 500 => Code::Unavailable,
+                QdrantError::Api { .. } | QdrantError::Protocol { .. } => Code::Aborted,
+                QdrantError::SnapshotChecksum { .. } => Code::DataLoss,
+                QdrantError::VersionMismatch { .. }
+                | QdrantError::Exists(_)
+                | QdrantError::Unsupported { .. } => Code::FailedPrecondition,
+            },
+            OpError::SetMember { source, .. } => source.code(),
             OpError::Busy(_) | OpError::FailedPrecondition(_) => Code::FailedPrecondition,
             OpError::InvalidArgument(_) => Code::InvalidArgument,
             OpError::DataLoss(_) => Code::DataLoss,

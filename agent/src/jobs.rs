@@ -80,6 +80,11 @@ impl Jobs {
         })
     }
 
+    /// Claims every target of `infos` or none of them.
+    pub fn begin_all(self: &Arc<Self>, infos: Vec<JobInfo>) -> Result<Vec<JobGuard>, OpError> {
+        infos.into_iter().map(|info| self.begin(info)).collect()
+    }
+
     /// Jobs running now.
     pub fn running(&self) -> Vec<JobInfo> {
         let mut jobs: Vec<_> = self

@@ -37,16 +37,37 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .map(|url| Postgres::new(url, config.pg_bin_dir.clone()))
         .transpose()
         .context("--postgres-url / SOMA_POSTGRES_URL")?;
+    // Read from the environment only, so it never shows in a process list.
+    let qdrant = config
+        .qdrant_url
+        .as_deref()
+        .map(|url| {
+            engine::qdrant::Qdrant::new(
+                url,
+                std::env::var("SOMA_QDRANT_API_KEY").ok(),
+                config.qdrant_ca_cert.as_deref(),
+            )
+        })
+        .transpose()
+        .context("--qdrant-url / SOMA_QDRANT_URL")?;
     let store = store::open(&config.store, config.parts_in_flight as usize)
         .await
         .context("--store / SOMA_STORE")?;
     let catalog = Catalog::new(store.clone());
-    tracing::info!(store = %store.location(), postgres = ?postgres.as_ref().map(|p| p.server()), "starting");
+    tracing::info!(
+        store = %store.location(),
+        postgres = ?postgres.as_ref().map(|p| p.server()),
+        qdrant = ?qdrant.as_ref().map(|q| q.url()),
+        "starting"
+    );
 
     // Only a crash of this agent leaves uploads of its engines behind; nothing of ours runs yet.
     let mut engines = Vec::new();
     if postgres.is_some() {
         engines.push("pg");
+    }
+    if qdrant.is_some() {
+        engines.push("qd");
     }
     match tokio::time::timeout(SWEEP_TIMEOUT, catalog.sweep_incomplete(&engines)).await {
         Ok(Ok(aborted)) => {
@@ -67,6 +88,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let service = AgentService::new(Context {
         catalog,
         postgres,
+        qdrant,
+        qdrant_mode: config.qdrant_mode,
         settings,
     });
 

@@ -40,6 +40,15 @@ impl AgentService {
         (Reporter::start(tx), Box::pin(ReceiverStream::new(rx)))
     }
 
+    fn claim(&self, id: &BackupId, operation: &'static str, target: String) -> JobInfo {
+        JobInfo {
+            id: id.to_string(),
+            operation,
+            target,
+            started_at: Utc::now(),
+        }
+    }
+
     async fn resolve(&self, id: &str) -> Result<crate::catalog::Manifest, Status> {
         if id.is_empty() {
             return Err(Status::invalid_argument(
@@ -61,41 +70,91 @@ impl SomaAgent for AgentService {
         request: Request<v1::BackupRequest>,
     ) -> Result<Response<Self::BackupStream>, Status> {
         let req = request.into_inner();
-        match v1::Engine::try_from(req.engine).unwrap_or(v1::Engine::Unspecified) {
-            v1::Engine::Postgres => {}
-            v1::Engine::Qdrant => {
-                return Err(Status::unimplemented(
-                    "Qdrant backups are not available in this agent version",
+        let now = Utc::now();
+        let (reporter, stream) = Self::channel();
+        if req.all {
+            let mut members = Vec::new();
+            let mut claims = Vec::new();
+            if let Some(pg) = &self.ctx.postgres {
+                let db = pg.default_database();
+                let id = BackupId::new(now, "pg", &db);
+                claims.push(self.claim(&id, "backup", format!("postgres/{db}")));
+                members.push(("postgres".to_string(), id));
+            }
+            if self.ctx.qdrant.is_some() {
+                let id = BackupId::new(now, "qd", "all");
+                claims.push(self.claim(&id, "backup", "qdrant".into()));
+                members.push(("qdrant".to_string(), id));
+            }
+            if members.is_empty() {
+                return Err(Status::failed_precondition(
+                    "this agent has no engine configured (--postgres-url, --qdrant-url)",
                 ));
             }
-            v1::Engine::Unspecified => {
+            let set_id = BackupId::new(now, "set", "all");
+            let guards = self.jobs.begin_all(claims)?;
+            let span =
+                tracing::info_span!("backup", backup_id = %set_id, engine = "set", target = "all");
+            ops::spawn_job(
+                span,
+                reporter.clone(),
+                guards,
+                ops::set::backup_set(self.ctx.clone(), set_id, members, reporter),
+            );
+            return Ok(Response::new(stream));
+        }
+        match v1::Engine::try_from(req.engine).unwrap_or(v1::Engine::Unspecified) {
+            v1::Engine::Postgres => {
+                let pg = self.ctx.postgres()?;
+                let database = if req.database.is_empty() {
+                    pg.default_database()
+                } else {
+                    req.database
+                };
+                let id = BackupId::new(now, "pg", &database);
+                let guard =
+                    self.jobs
+                        .begin(self.claim(&id, "backup", format!("postgres/{database}")))?;
+                let span = tracing::info_span!("backup", backup_id = %id, engine = "postgres", target = %database);
+                ops::spawn_job(
+                    span,
+                    reporter.clone(),
+                    vec![guard],
+                    ops::backup_postgres(self.ctx.clone(), id, database, reporter),
+                );
+            }
+            v1::Engine::Qdrant => {
+                self.ctx.qdrant()?;
+                let slug = match req.collections.as_slice() {
+                    [] => "all".to_string(),
+                    [one] => one.clone(),
+                    many => format!("{}-collections", many.len()),
+                };
+                let id = BackupId::new(now, "qd", &slug);
+                let guard = self
+                    .jobs
+                    .begin(self.claim(&id, "backup", "qdrant".into()))?;
+                let mode = v1::QdrantMode::try_from(req.qdrant_mode).unwrap_or_default();
+                let span = tracing::info_span!("backup", backup_id = %id, engine = "qdrant", target = %slug);
+                ops::spawn_job(
+                    span,
+                    reporter.clone(),
+                    vec![guard],
+                    ops::qdrant::backup_qdrant(
+                        self.ctx.clone(),
+                        id,
+                        req.collections,
+                        mode,
+                        reporter,
+                    ),
+                );
+            }
+            v1::Engine::Set | v1::Engine::Unspecified => {
                 return Err(Status::invalid_argument(
-                    "missing engine: ask for a postgres backup",
+                    "missing engine: ask for a postgres or qdrant backup, or all",
                 ));
             }
         }
-        let pg = self.ctx.postgres()?;
-        let database = if req.database.is_empty() {
-            pg.default_database()
-        } else {
-            req.database
-        };
-        let id = BackupId::new(Utc::now(), "pg", &database);
-        let guard = self.jobs.begin(JobInfo {
-            id: id.to_string(),
-            operation: "backup",
-            target: format!("postgres/{database}"),
-            started_at: Utc::now(),
-        })?;
-        let (reporter, stream) = Self::channel();
-        let span =
-            tracing::info_span!("backup", backup_id = %id, engine = "postgres", target = %database);
-        ops::spawn_job(
-            span,
-            reporter.clone(),
-            guard,
-            ops::backup_postgres(self.ctx.clone(), id, database, reporter),
-        );
         Ok(Response::new(stream))
     }
 
@@ -105,32 +164,93 @@ impl SomaAgent for AgentService {
     ) -> Result<Response<Self::RestoreStream>, Status> {
         let req = request.into_inner();
         let manifest = self.resolve(&req.backup_id).await?;
-        if manifest.engine != "postgres" {
-            return Err(Status::unimplemented(format!(
-                "restoring {} backups is not available in this agent version",
-                manifest.engine
-            )));
-        }
-        self.ctx.postgres()?;
-        let database = if req.database.is_empty() {
-            manifest.target.name.clone()
-        } else {
-            req.database
-        };
-        let guard = self.jobs.begin(JobInfo {
-            id: format!("restore-{}", manifest.id),
-            operation: "restore",
-            target: format!("postgres/{database}"),
-            started_at: Utc::now(),
-        })?;
         let (reporter, stream) = Self::channel();
-        let span = tracing::info_span!("restore", backup_id = %manifest.id, engine = "postgres", target = %database);
-        ops::spawn_job(
-            span,
-            reporter.clone(),
-            guard,
-            ops::restore_postgres(self.ctx.clone(), manifest, database, req.clean, reporter),
-        );
+        let span =
+            tracing::info_span!("restore", backup_id = %manifest.id, engine = %manifest.engine);
+        match manifest.engine.as_str() {
+            "postgres" => {
+                self.ctx.postgres()?;
+                let database = if req.database.is_empty() {
+                    manifest.target.name.clone()
+                } else {
+                    req.database
+                };
+                let guard = self.jobs.begin(self.claim(
+                    &manifest.id,
+                    "restore",
+                    format!("postgres/{database}"),
+                ))?;
+                ops::spawn_job(
+                    span,
+                    reporter.clone(),
+                    vec![guard],
+                    ops::restore_postgres(
+                        self.ctx.clone(),
+                        manifest,
+                        database,
+                        req.clean,
+                        reporter,
+                    ),
+                );
+            }
+            "qdrant" => {
+                self.ctx.qdrant()?;
+                let guard =
+                    self.jobs
+                        .begin(self.claim(&manifest.id, "restore", "qdrant".into()))?;
+                ops::spawn_job(
+                    span,
+                    reporter.clone(),
+                    vec![guard],
+                    ops::qdrant::restore_qdrant(
+                        self.ctx.clone(),
+                        manifest,
+                        req.collections,
+                        req.rename_to,
+                        req.force,
+                        reporter,
+                    ),
+                );
+            }
+            "set" => {
+                let mut claims = Vec::new();
+                for id in &manifest.members {
+                    match id.engine_code() {
+                        "pg" => {
+                            self.ctx.postgres()?;
+                            let member = self.ctx.catalog.get(id).await.map_err(OpError::from)?;
+                            claims.push(self.claim(
+                                &manifest.id,
+                                "restore",
+                                format!("postgres/{}", member.target.name),
+                            ));
+                        }
+                        _ => {
+                            self.ctx.qdrant()?;
+                            claims.push(self.claim(&manifest.id, "restore", "qdrant".into()));
+                        }
+                    }
+                }
+                let guards = self.jobs.begin_all(claims)?;
+                ops::spawn_job(
+                    span,
+                    reporter.clone(),
+                    guards,
+                    ops::set::restore_set(
+                        self.ctx.clone(),
+                        manifest,
+                        req.clean,
+                        req.force,
+                        reporter,
+                    ),
+                );
+            }
+            other => {
+                return Err(Status::unimplemented(format!(
+                    "restoring {other} backups is not available in this agent version"
+                )));
+            }
+        }
         Ok(Response::new(stream))
     }
 
@@ -139,19 +259,18 @@ impl SomaAgent for AgentService {
         request: Request<v1::VerifyRequest>,
     ) -> Result<Response<Self::VerifyStream>, Status> {
         let manifest = self.resolve(&request.into_inner().backup_id).await?;
-        let guard = self.jobs.begin(JobInfo {
-            id: format!("verify-{}", manifest.id),
-            operation: "verify",
-            target: format!("backup/{}", manifest.id),
-            started_at: Utc::now(),
-        })?;
+        let guard = self.jobs.begin(self.claim(
+            &manifest.id,
+            "verify",
+            format!("backup/{}", manifest.id),
+        ))?;
         let (reporter, stream) = Self::channel();
         let span =
             tracing::info_span!("verify", backup_id = %manifest.id, engine = %manifest.engine);
         ops::spawn_job(
             span,
             reporter.clone(),
-            guard,
+            vec![guard],
             ops::verify(self.ctx.clone(), manifest, reporter),
         );
         Ok(Response::new(stream))
@@ -187,13 +306,23 @@ impl SomaAgent for AgentService {
         }
         let id = BackupId::parse(&raw).map_err(OpError::from)?;
         let span = tracing::info_span!("delete", backup_id = %id);
-        let deleted = self
-            .ctx
-            .catalog
-            .delete(&id)
-            .instrument(span.clone())
-            .await
-            .map_err(OpError::from)?;
+        let catalog = &self.ctx.catalog;
+        let deleted = async {
+            let manifest = catalog.get(&id).await?;
+            // The set first, so it stops existing before its members go.
+            let mut deleted = catalog.delete(&id).await?;
+            for member in &manifest.members {
+                match catalog.delete(member).await {
+                    Ok(n) => deleted += n,
+                    Err(crate::catalog::CatalogError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(deleted)
+        }
+        .instrument(span.clone())
+        .await
+        .map_err(OpError::from)?;
         span.in_scope(|| tracing::info!(objects = deleted, "backup deleted"));
         Ok(Response::new(v1::DeleteBackupResponse {
             backup_id: id.to_string(),
@@ -210,6 +339,12 @@ impl SomaAgent for AgentService {
             engines.push(v1::EngineInfo {
                 engine: v1::Engine::Postgres as i32,
                 target: format!("{}/{}", pg.server(), pg.default_database()),
+            });
+        }
+        if let Some(q) = &self.ctx.qdrant {
+            engines.push(v1::EngineInfo {
+                engine: v1::Engine::Qdrant as i32,
+                target: q.url(),
             });
         }
         Ok(Response::new(v1::AgentInfo {

@@ -66,6 +66,20 @@ pub enum BackupEngine {
         #[arg(long, short = 'd')]
         database: Option<String>,
     },
+    /// Snapshots of Qdrant collections, streamed to the store (default: every collection).
+    Qdrant {
+        /// Collection to back up (repeat for several).
+        #[arg(long = "collection", short = 'c', value_name = "NAME")]
+        collections: Vec<String>,
+        /// Stream shard snapshots without writing a file on the Qdrant node (Qdrant >= 1.17).
+        #[arg(long, conflicts_with = "full_storage")]
+        stream_shards: bool,
+        /// One snapshot of the whole Qdrant storage (single-node deployments).
+        #[arg(long, conflicts_with = "collections")]
+        full_storage: bool,
+    },
+    /// Every engine the agent serves, as one backup set.
+    All,
 }
 
 /// `restore`.
@@ -79,6 +93,15 @@ pub struct RestoreArgs {
     /// Replace the objects of a non-empty target (dropped and recreated in the restore transaction).
     #[arg(long)]
     pub clean: bool,
+    /// Qdrant: restore only this collection (repeat for several; default: all in the backup).
+    #[arg(long = "collection", short = 'c', value_name = "NAME")]
+    pub collections: Vec<String>,
+    /// Qdrant: restore the chosen collection under this name (its aliases stay where they are).
+    #[arg(long = "as", value_name = "NEW_NAME", requires = "collections")]
+    pub rename_to: Option<String>,
+    /// Qdrant: overwrite existing collections and repoint existing aliases.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Commands that take one backup id.

@@ -21,6 +21,7 @@ impl v1::Engine {
         match self {
             v1::Engine::Postgres => "postgres",
             v1::Engine::Qdrant => "qdrant",
+            v1::Engine::Set => "set",
             v1::Engine::Unspecified => "unspecified",
         }
     }

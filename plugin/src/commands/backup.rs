@@ -11,10 +11,32 @@ use crate::{
 
 /// Starts a backup, follows it, prints the manifest (json/yaml) or a summary (table).
 pub async fn run(mut agent: Agent, out: OutputFormat, args: BackupArgs) -> Result<(), CliError> {
-    let BackupEngine::Postgres { database } = args.engine;
-    let request = v1::BackupRequest {
-        engine: v1::Engine::Postgres as i32,
-        database: database.unwrap_or_default(),
+    let request = match args.engine {
+        BackupEngine::Postgres { database } => v1::BackupRequest {
+            engine: v1::Engine::Postgres as i32,
+            database: database.unwrap_or_default(),
+            ..Default::default()
+        },
+        BackupEngine::Qdrant {
+            collections,
+            stream_shards,
+            full_storage,
+        } => v1::BackupRequest {
+            engine: v1::Engine::Qdrant as i32,
+            collections,
+            qdrant_mode: if stream_shards {
+                v1::QdrantMode::ShardStream
+            } else if full_storage {
+                v1::QdrantMode::FullStorage
+            } else {
+                v1::QdrantMode::Unspecified
+            } as i32,
+            ..Default::default()
+        },
+        BackupEngine::All => v1::BackupRequest {
+            all: true,
+            ..Default::default()
+        },
     };
     let stream = agent
         .client

@@ -16,6 +16,9 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: RestoreArgs) -> Resu
         backup_id: args.id,
         database: args.database.unwrap_or_default(),
         clean: args.clean,
+        collections: args.collections,
+        rename_to: args.rename_to.unwrap_or_default(),
+        force: args.force,
     };
     let stream = agent
         .client

@@ -1,19 +1,20 @@
-//! The operations themselves: backup, restore and verify, composed from engine, pipeline, store and
-//! catalog. Each runs inside a job (see [`crate::jobs`]) and reports through a [`Reporter`].
+//! PostgreSQL logical backups: pg_dump → pipeline → store, and back through pg_restore.
 
 use std::sync::Arc;
 
 use chrono::Utc;
 use soma_proto::v1;
-use tracing::Instrument;
 
+use super::{
+    Context, abort_quietly, abort_quietly_staged, artifact, artifact_of, backup_info,
+    missing_is_data_loss,
+};
 use crate::{
-    catalog::{Artifact, BackupId, Catalog, Compression, MANIFEST_VERSION, Manifest, Target, Tool},
-    engine::postgres::Postgres,
+    catalog::{BackupId, MANIFEST_VERSION, Manifest, Target, Tool},
+    engine::postgres::PgError,
     error::OpError,
     jobs::Reporter,
-    pipeline::{self, PipelineError, Settings},
-    store::StoreError,
+    pipeline::{self, PipelineError},
 };
 
 /// Name of the pg_dump artifact inside a backup.
@@ -22,48 +23,7 @@ pub const PG_DUMP_ARTIFACT: &str = "dump.pgdump.zst";
 pub const PG_DUMP_FORMAT: &str = "pg_dump/custom";
 /// Raw bytes held back from pg_restore until every digest matched: pg_restore cannot reach its
 /// COMMIT without the archive's last bytes, so a mismatch found at the end rolls it all back.
-const RESTORE_HOLDBACK: usize = 1 << 20;
-
-/// Everything an operation needs from the agent.
-#[derive(Debug, Clone)]
-pub struct Context {
-    /// Manifests and the store.
-    pub catalog: Catalog,
-    /// The PostgreSQL server, when configured.
-    pub postgres: Option<Postgres>,
-    /// Compression and part settings.
-    pub settings: Settings,
-}
-
-impl Context {
-    /// The PostgreSQL engine, or an error saying how to configure it.
-    pub fn postgres(&self) -> Result<&Postgres, OpError> {
-        self.postgres.as_ref().ok_or_else(|| {
-            OpError::FailedPrecondition(
-                "this agent has no PostgreSQL configured; start it with --postgres-url (SOMA_POSTGRES_URL)".into(),
-            )
-        })
-    }
-}
-
-/// The wire form of a manifest.
-pub fn backup_info(m: &Manifest) -> v1::BackupInfo {
-    let engine = match m.engine.as_str() {
-        "postgres" => v1::Engine::Postgres,
-        "qdrant" => v1::Engine::Qdrant,
-        _ => v1::Engine::Unspecified,
-    };
-    v1::BackupInfo {
-        id: m.id.to_string(),
-        engine: engine as i32,
-        target: m.target.name.clone(),
-        started_at: m.started_at.to_rfc3339(),
-        completed_at: m.completed_at.to_rfc3339(),
-        raw_bytes: m.raw_bytes,
-        stored_bytes: m.stored_bytes,
-        manifest_json: serde_json::to_string_pretty(m).expect("manifest serialises"),
-    }
-}
+pub(super) const RESTORE_HOLDBACK: usize = 1 << 20;
 
 /// Takes a logical backup of one PostgreSQL database: pg_dump → pipeline → store → manifest.
 pub async fn backup_postgres(
@@ -134,22 +94,13 @@ pub async fn backup_postgres(
             )));
         }
     }
-    let artifact = Artifact {
-        name: PG_DUMP_ARTIFACT.into(),
-        format: PG_DUMP_FORMAT.into(),
-        raw_bytes: summary.digest.raw_bytes,
-        stored_bytes: object.size,
-        raw_sha256: summary.digest.raw_sha256.clone(),
-        stored_sha256: summary.digest.stored_sha256.clone(),
-        compression: Compression {
-            algorithm: "zstd".into(),
-            level: ctx.settings.compression_level,
-            threads: ctx.settings.compression_threads,
-        },
-        part_size: ctx.settings.part_size as u64,
-        max_part_size: summary.max_part_size as u64,
-        parts: summary.parts,
-    };
+    let artifact = artifact_of(
+        &ctx.settings,
+        PG_DUMP_ARTIFACT,
+        PG_DUMP_FORMAT,
+        &summary,
+        object.size,
+    );
     let manifest = Manifest {
         manifest_version: MANIFEST_VERSION,
         id: id.clone(),
@@ -170,6 +121,8 @@ pub async fn backup_postgres(
         raw_bytes: artifact.raw_bytes,
         stored_bytes: artifact.stored_bytes,
         artifacts: vec![artifact],
+        members: Vec::new(),
+        details: serde_json::Value::Null,
     };
     reporter.phase("committing", "writing the manifest");
     ctx.catalog.commit(&manifest).await?;
@@ -181,40 +134,6 @@ pub async fn backup_postgres(
         stored_bytes: stored,
         seconds: reporter.elapsed(),
     })
-}
-
-/// Aborts an upload nobody will complete; a failure only leaves what the next start-up sweeps.
-async fn abort_quietly(upload: Box<dyn crate::store::Upload>) {
-    if let Err(e) = upload.abort().await {
-        tracing::warn!(error = %e, "aborting an unused upload failed; the agent removes it at its next start");
-    }
-}
-
-async fn abort_quietly_staged(staged: pipeline::Staged) {
-    if let Err(e) = staged.abort().await {
-        tracing::warn!(error = %e, "aborting an unused upload failed; the agent removes it at its next start");
-    }
-}
-
-fn artifact<'a>(m: &'a Manifest, name: &str) -> Result<&'a Artifact, OpError> {
-    m.artifacts.iter().find(|a| a.name == name).ok_or_else(|| {
-        OpError::DataLoss(format!(
-            "backup {} has no artifact {name}; its manifest lists {:?}",
-            m.id,
-            m.artifacts.iter().map(|a| &a.name).collect::<Vec<_>>()
-        ))
-    })
-}
-
-/// Maps a missing artifact object to data loss: its manifest promised it.
-fn missing_is_data_loss(m: &Manifest, e: PipelineError) -> OpError {
-    match e {
-        PipelineError::Store(StoreError::NotFound { key }) => OpError::DataLoss(format!(
-            "backup {} is damaged: its manifest lists {key} but the store does not have it",
-            m.id
-        )),
-        other => other.into(),
-    }
 }
 
 /// Restores a PostgreSQL logical backup into `database` in one transaction, committed only after
@@ -236,7 +155,7 @@ pub async fn restore_postgres(
     let created = if pg.database_exists(&database).await? {
         let objects = pg.user_objects(&database).await?;
         if objects > 0 && !clean {
-            return Err(crate::engine::postgres::PgError::NotEmpty { database, objects }.into());
+            return Err(PgError::NotEmpty { database, objects }.into());
         }
         false
     } else {
@@ -288,63 +207,4 @@ pub async fn restore_postgres(
         seconds: reporter.elapsed(),
         backup: Some(backup_info(&manifest)),
     })
-}
-
-/// Reads every artifact of a backup back from the store and checks sizes and digests.
-pub async fn verify(
-    ctx: Arc<Context>,
-    manifest: Manifest,
-    reporter: Reporter,
-) -> Result<v1::OperationResult, OpError> {
-    reporter.set_operation_id(manifest.id.as_str());
-    reporter.set_expected_raw(manifest.raw_bytes);
-    for art in &manifest.artifacts {
-        reporter.phase("verifying", format!("reading {}", art.name));
-        pipeline::download(
-            ctx.catalog.store().as_ref(),
-            &manifest.id.key(&art.name),
-            &art.digest(),
-            tokio::io::sink(),
-            0,
-            reporter.counters(),
-        )
-        .await
-        .map_err(|e| missing_is_data_loss(&manifest, e))?;
-    }
-    Ok(v1::OperationResult {
-        summary: format!(
-            "backup {} verified: {} artifact(s), sizes and sha256 digests match the manifest",
-            manifest.id,
-            manifest.artifacts.len()
-        ),
-        raw_bytes: manifest.raw_bytes,
-        stored_bytes: manifest.stored_bytes,
-        seconds: reporter.elapsed(),
-        backup: Some(backup_info(&manifest)),
-    })
-}
-
-/// Runs an operation as a detached job with a span carrying its id, then reports its end.
-pub fn spawn_job<F>(span: tracing::Span, reporter: Reporter, guard: crate::jobs::JobGuard, op: F)
-where
-    F: std::future::Future<Output = Result<v1::OperationResult, OpError>> + Send + 'static,
-{
-    tokio::spawn(
-        async move {
-            let result = op.await;
-            if let Ok(r) = &result {
-                tracing::info!(
-                    seconds = r.seconds,
-                    raw_bytes = r.raw_bytes,
-                    stored_bytes = r.stored_bytes,
-                    "{}",
-                    r.summary
-                );
-            }
-            // Release the target before telling the client, so an immediate retry is accepted.
-            drop(guard);
-            reporter.finish(result).await;
-        }
-        .instrument(span),
-    );
 }

@@ -1,0 +1,656 @@
+//! Qdrant through its REST API (followed: Qdrant 1.18, `docs/redoc/master/openapi.json`).
+//!
+//! Snapshots are streamed, never staged by the agent: a collection snapshot is created on the node
+//! (`POST /collections/{c}/snapshots?wait=true`), downloaded as a stream and deleted from the node
+//! at once; a shard snapshot (`GET /collections/{c}/shards/{id}/snapshot`, Qdrant ≥ 1.17) streams
+//! without any file on the node. Restores upload the snapshot as a streamed multipart body with the
+//! snapshot's sha256, which Qdrant checks before it recovers anything. The API key travels only in
+//! the `api-key` header and is never logged.
+
+use std::{path::Path, time::Duration};
+
+use bytes::Bytes;
+use futures::{Stream, TryStreamExt};
+use reqwest::{Method, StatusCode, header};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::Value;
+use tokio::io::AsyncRead;
+use tokio_util::io::StreamReader;
+use url::Url;
+
+/// How long a plain API call may take (snapshot creation and transfers have no overall limit).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// First Qdrant version that streams shard snapshots without writing a file.
+pub const SHARD_STREAM_SINCE: (u32, u32) = (1, 17);
+
+/// Qdrant errors; each names the endpoint or collection.
+#[derive(Debug, thiserror::Error)]
+pub enum QdrantError {
+    /// The URL is unusable.
+    #[error("invalid Qdrant URL: {0}")]
+    InvalidUrl(String),
+    /// The CA certificate cannot be used.
+    #[error("cannot use the Qdrant CA certificate {path}: {reason}")]
+    Tls {
+        /// File given.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Connection refused, DNS, TLS handshake, timeout…
+    #[error("cannot reach Qdrant at {url}: {detail}")]
+    Unreachable {
+        /// Base URL.
+        url: String,
+        /// What failed.
+        detail: String,
+    },
+    /// 401/403.
+    #[error(
+        "Qdrant refused the request to {endpoint} ({status}); check the API key in SOMA_QDRANT_API_KEY"
+    )]
+    Unauthorized {
+        /// Endpoint.
+        endpoint: String,
+        /// HTTP status.
+        status: u16,
+    },
+    /// 404 on a collection or snapshot.
+    #[error("Qdrant: {what} not found ({message})")]
+    NotFound {
+        /// What was missing.
+        what: String,
+        /// Qdrant's message.
+        message: String,
+    },
+    /// Any other error answer.
+    #[error("Qdrant answered {status} to {endpoint}: {message}")]
+    Api {
+        /// Endpoint.
+        endpoint: String,
+        /// HTTP status.
+        status: u16,
+        /// Qdrant's `status.error` text.
+        message: String,
+    },
+    /// A response that does not follow the API.
+    #[error("unexpected answer from Qdrant to {endpoint}: {detail}")]
+    Protocol {
+        /// Endpoint.
+        endpoint: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// Qdrant's own checksum of a snapshot does not match the bytes we received.
+    #[error(
+        "checksum mismatch for the Qdrant snapshot {snapshot} of collection {collection}: Qdrant reports sha256 {expected}, the {bytes} bytes received hash to {actual}; the snapshot was not stored"
+    )]
+    SnapshotChecksum {
+        /// Collection.
+        collection: String,
+        /// Snapshot name.
+        snapshot: String,
+        /// Qdrant's checksum.
+        expected: String,
+        /// What we computed.
+        actual: String,
+        /// Bytes received.
+        bytes: u64,
+    },
+    /// Restoring across Qdrant minor versions is not supported by Qdrant.
+    #[error(
+        "the backup was taken from Qdrant {backup}, this server runs {server}: Qdrant restores a snapshot only into the same minor version ({backup_minor}.x); restore into a Qdrant {backup_minor} server, then upgrade it"
+    )]
+    VersionMismatch {
+        /// Version in the manifest.
+        backup: String,
+        /// Minor of that version.
+        backup_minor: String,
+        /// Version of the server.
+        server: String,
+    },
+    /// The restore target exists.
+    #[error(
+        "collection {0} already exists in Qdrant; restore with --as NEW_NAME, or pass --force to overwrite it"
+    )]
+    Exists(String),
+    /// The server is too old for a requested feature.
+    #[error("{feature} needs Qdrant {needs} or newer; this server runs {server}")]
+    Unsupported {
+        /// The feature.
+        feature: &'static str,
+        /// Minimum version.
+        needs: String,
+        /// Server version.
+        server: String,
+    },
+}
+
+/// What Qdrant says about a snapshot (`SnapshotDescription`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotDescription {
+    /// File name on the node.
+    pub name: String,
+    /// Creation time as Qdrant formats it.
+    #[serde(default)]
+    pub creation_time: Option<String>,
+    /// Size in bytes.
+    pub size: u64,
+    /// sha256 hex of the file, when Qdrant computed it.
+    #[serde(default)]
+    pub checksum: Option<String>,
+}
+
+/// One alias (`AliasDescription`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Alias {
+    /// The alias.
+    pub alias_name: String,
+    /// The collection it names.
+    pub collection_name: String,
+}
+
+#[derive(Deserialize)]
+struct Envelope<T> {
+    result: T,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    status: ErrorStatus,
+}
+
+#[derive(Deserialize)]
+struct ErrorStatus {
+    error: String,
+}
+
+/// A Qdrant server.
+#[derive(Clone)]
+pub struct Qdrant {
+    base: Url,
+    client: reqwest::Client,
+    api_key: Option<String>,
+}
+
+impl std::fmt::Debug for Qdrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the API key.
+        f.debug_struct("Qdrant")
+            .field("url", &self.base.as_str())
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// Major and minor of a version string such as "1.18.3".
+pub fn minor_of(version: &str) -> Option<(u32, u32)> {
+    let mut parts = version.trim_start_matches('v').split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts
+        .next()?
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .ok()?;
+    Some((major, minor))
+}
+
+impl Qdrant {
+    /// A client for the server at `url`; `ca_cert` adds a PEM CA for TLS with a private CA.
+    pub fn new(
+        url: &str,
+        api_key: Option<String>,
+        ca_cert: Option<&Path>,
+    ) -> Result<Self, QdrantError> {
+        let mut base = Url::parse(url).map_err(|e| {
+            QdrantError::InvalidUrl(format!("{url:?}: {e}; expected e.g. http://127.0.0.1:6333"))
+        })?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(QdrantError::InvalidUrl(format!(
+                "{url:?}: use http:// or https://"
+            )));
+        }
+        if base.password().is_some() || !base.username().is_empty() {
+            return Err(QdrantError::InvalidUrl(
+                "credentials in the URL; put the API key in SOMA_QDRANT_API_KEY".into(),
+            ));
+        }
+        if !base.path().ends_with('/') {
+            let path = format!("{}/", base.path());
+            base.set_path(&path);
+        }
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true);
+        if let Some(path) = ca_cert {
+            let pem = std::fs::read(path).map_err(|e| QdrantError::Tls {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| QdrantError::Tls {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| QdrantError::InvalidUrl(e.to_string()))?;
+        Ok(Self {
+            base,
+            client,
+            api_key: api_key.filter(|k| !k.is_empty()),
+        })
+    }
+
+    /// The server URL, for manifests and logs (it holds no secret).
+    pub fn url(&self) -> String {
+        self.base.as_str().trim_end_matches('/').to_string()
+    }
+
+    fn endpoint(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("http URLs have paths")
+            .pop_if_empty()
+            .extend(segments);
+        url
+    }
+
+    fn request(&self, method: Method, url: Url) -> reqwest::RequestBuilder {
+        let mut req = self.client.request(method, url);
+        if let Some(key) = &self.api_key {
+            req = req.header("api-key", key);
+        }
+        req
+    }
+
+    fn unreachable(&self, e: reqwest::Error) -> QdrantError {
+        let mut detail = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            detail = format!("{detail}: {s}");
+            source = s.source();
+        }
+        QdrantError::Unreachable {
+            url: self.url(),
+            detail,
+        }
+    }
+
+    /// Sends a request and turns error answers into [`QdrantError`]s.
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        what: impl FnOnce() -> String,
+    ) -> Result<reqwest::Response, QdrantError> {
+        let resp = req.send().await.map_err(|e| self.unreachable(e))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let endpoint = resp.url().path().to_string();
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ErrorBody>(&text)
+            .map(|b| b.status.error)
+            .unwrap_or_else(|_| text.chars().take(300).collect());
+        Err(match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => QdrantError::Unauthorized {
+                endpoint,
+                status: status.as_u16(),
+            },
+            StatusCode::NOT_FOUND => QdrantError::NotFound {
+                what: what(),
+                message,
+            },
+            _ => QdrantError::Api {
+                endpoint,
+                status: status.as_u16(),
+                message,
+            },
+        })
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+        what: impl FnOnce() -> String,
+    ) -> Result<T, QdrantError> {
+        let url = self.endpoint(segments);
+        let mut req = self
+            .request(method, url.clone())
+            .query(query)
+            .timeout(CALL_TIMEOUT);
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = self.send(req, what).await?;
+        let text = resp.text().await.map_err(|e| self.unreachable(e))?;
+        serde_json::from_str::<Envelope<T>>(&text)
+            .map(|e| e.result)
+            .map_err(|e| QdrantError::Protocol {
+                endpoint: url.path().to_string(),
+                detail: e.to_string(),
+            })
+    }
+
+    /// Server version (`GET /`).
+    pub async fn version(&self) -> Result<String, QdrantError> {
+        #[derive(Deserialize)]
+        struct VersionInfo {
+            version: String,
+        }
+        let url = self.endpoint(&[]);
+        let resp = self
+            .send(
+                self.request(Method::GET, url.clone()).timeout(CALL_TIMEOUT),
+                || "server root".into(),
+            )
+            .await?;
+        let info: VersionInfo = resp.json().await.map_err(|e| QdrantError::Protocol {
+            endpoint: "/".into(),
+            detail: e.to_string(),
+        })?;
+        Ok(info.version)
+    }
+
+    /// Names of all collections.
+    pub async fn collections(&self) -> Result<Vec<String>, QdrantError> {
+        #[derive(Deserialize)]
+        struct Collections {
+            collections: Vec<Named>,
+        }
+        #[derive(Deserialize)]
+        struct Named {
+            name: String,
+        }
+        let c: Collections = self
+            .call(Method::GET, &["collections"], &[], None, || {
+                "collections".into()
+            })
+            .await?;
+        let mut names: Vec<String> = c.collections.into_iter().map(|n| n.name).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// `CollectionInfo` of one collection, kept as JSON for the manifest.
+    pub async fn collection_info(&self, collection: &str) -> Result<Value, QdrantError> {
+        self.call(Method::GET, &["collections", collection], &[], None, || {
+            format!("collection {collection}")
+        })
+        .await
+    }
+
+    /// Every alias on the server.
+    pub async fn aliases(&self) -> Result<Vec<Alias>, QdrantError> {
+        #[derive(Deserialize)]
+        struct Aliases {
+            aliases: Vec<Alias>,
+        }
+        let a: Aliases = self
+            .call(Method::GET, &["aliases"], &[], None, || "aliases".into())
+            .await?;
+        Ok(a.aliases)
+    }
+
+    /// Points `alias` at `collection`, replacing an alias of that name if there is one (atomic).
+    pub async fn set_alias(
+        &self,
+        alias: &str,
+        collection: &str,
+        replace: bool,
+    ) -> Result<(), QdrantError> {
+        let mut actions = Vec::new();
+        if replace {
+            actions.push(serde_json::json!({"delete_alias": {"alias_name": alias}}));
+        }
+        actions.push(serde_json::json!({
+            "create_alias": {"collection_name": collection, "alias_name": alias}
+        }));
+        let _: Value = self
+            .call(
+                Method::POST,
+                &["collections", "aliases"],
+                &[],
+                Some(&serde_json::json!({ "actions": actions })),
+                || format!("alias {alias}"),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Creates a snapshot of `collection` on the node and waits for it.
+    pub async fn create_snapshot(
+        &self,
+        collection: &str,
+    ) -> Result<SnapshotDescription, QdrantError> {
+        let url = self.endpoint(&["collections", collection, "snapshots"]);
+        // Snapshot creation of a large collection takes as long as it takes: no call timeout.
+        let resp = self
+            .send(
+                self.request(Method::POST, url.clone())
+                    .query(&[("wait", "true")]),
+                || format!("collection {collection}"),
+            )
+            .await?;
+        let text = resp.text().await.map_err(|e| self.unreachable(e))?;
+        serde_json::from_str::<Envelope<SnapshotDescription>>(&text)
+            .map(|e| e.result)
+            .map_err(|e| QdrantError::Protocol {
+                endpoint: url.path().to_string(),
+                detail: e.to_string(),
+            })
+    }
+
+    /// Creates a snapshot of the whole storage (single-node deployments).
+    pub async fn create_full_snapshot(&self) -> Result<SnapshotDescription, QdrantError> {
+        let url = self.endpoint(&["snapshots"]);
+        let resp = self
+            .send(
+                self.request(Method::POST, url.clone())
+                    .query(&[("wait", "true")]),
+                || "storage snapshots".into(),
+            )
+            .await?;
+        let text = resp.text().await.map_err(|e| self.unreachable(e))?;
+        serde_json::from_str::<Envelope<SnapshotDescription>>(&text)
+            .map(|e| e.result)
+            .map_err(|e| QdrantError::Protocol {
+                endpoint: url.path().to_string(),
+                detail: e.to_string(),
+            })
+    }
+
+    fn body_reader(resp: reqwest::Response) -> impl AsyncRead + Send + Unpin + use<> {
+        let stream = resp.bytes_stream().map_err(std::io::Error::other);
+        StreamReader::new(Box::pin(stream))
+    }
+
+    /// Streams a collection snapshot file.
+    pub async fn download_snapshot(
+        &self,
+        collection: &str,
+        name: &str,
+    ) -> Result<impl AsyncRead + Send + Unpin + use<>, QdrantError> {
+        let url = self.endpoint(&["collections", collection, "snapshots", name]);
+        let resp = self
+            .send(self.request(Method::GET, url), || {
+                format!("snapshot {name} of collection {collection}")
+            })
+            .await?;
+        Ok(Self::body_reader(resp))
+    }
+
+    /// Streams a storage snapshot file.
+    pub async fn download_full_snapshot(
+        &self,
+        name: &str,
+    ) -> Result<impl AsyncRead + Send + Unpin + use<>, QdrantError> {
+        let url = self.endpoint(&["snapshots", name]);
+        let resp = self
+            .send(self.request(Method::GET, url), || {
+                format!("storage snapshot {name}")
+            })
+            .await?;
+        Ok(Self::body_reader(resp))
+    }
+
+    /// Streams a snapshot of one shard, generated on the fly (no file on the node).
+    pub async fn stream_shard(
+        &self,
+        collection: &str,
+        shard: u32,
+    ) -> Result<impl AsyncRead + Send + Unpin + use<>, QdrantError> {
+        let shard_id = shard.to_string();
+        let url = self.endpoint(&["collections", collection, "shards", &shard_id, "snapshot"]);
+        let resp = self
+            .send(self.request(Method::GET, url), || {
+                format!("shard {shard} of collection {collection}")
+            })
+            .await?;
+        Ok(Self::body_reader(resp))
+    }
+
+    /// Deletes a collection snapshot from the node.
+    pub async fn delete_snapshot(&self, collection: &str, name: &str) -> Result<(), QdrantError> {
+        let _: Value = self
+            .call(
+                Method::DELETE,
+                &["collections", collection, "snapshots", name],
+                &[("wait", "true")],
+                None,
+                || format!("snapshot {name} of collection {collection}"),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes a storage snapshot from the node.
+    pub async fn delete_full_snapshot(&self, name: &str) -> Result<(), QdrantError> {
+        let _: Value = self
+            .call(
+                Method::DELETE,
+                &["snapshots", name],
+                &[("wait", "true")],
+                None,
+                || format!("storage snapshot {name}"),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Uploads a snapshot into `collection` (created or overwritten) as a streamed multipart body.
+    /// Qdrant checks `sha256` over the uploaded file before recovering anything.
+    pub async fn upload_snapshot<S>(
+        &self,
+        collection: &str,
+        shard: Option<u32>,
+        body: S,
+        length: u64,
+        sha256: &str,
+    ) -> Result<(), QdrantError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
+    {
+        let shard_id = shard.map(|s| s.to_string());
+        let url = match &shard_id {
+            Some(id) => self.endpoint(&[
+                "collections",
+                collection,
+                "shards",
+                id,
+                "snapshots",
+                "upload",
+            ]),
+            None => self.endpoint(&["collections", collection, "snapshots", "upload"]),
+        };
+        let part =
+            reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(body), length)
+                .file_name(format!("{collection}.snapshot"))
+                .mime_str("application/octet-stream")
+                .expect("valid mime type");
+        let form = reqwest::multipart::Form::new().part("snapshot", part);
+        let resp = self
+            .send(
+                self.request(Method::POST, url.clone())
+                    .query(&[
+                        ("wait", "true"),
+                        ("priority", "snapshot"),
+                        ("checksum", sha256),
+                    ])
+                    .header(header::ACCEPT, "application/json")
+                    .multipart(form),
+                || format!("collection {collection}"),
+            )
+            .await?;
+        let text = resp.text().await.map_err(|e| self.unreachable(e))?;
+        match serde_json::from_str::<Envelope<Value>>(&text) {
+            Ok(e) if e.result == Value::Bool(true) => Ok(()),
+            Ok(e) => Err(QdrantError::Protocol {
+                endpoint: url.path().to_string(),
+                detail: format!("recovery answered {}", e.result),
+            }),
+            Err(e) => Err(QdrantError::Protocol {
+                endpoint: url.path().to_string(),
+                detail: e.to_string(),
+            }),
+        }
+    }
+
+    /// Creates a collection with the `config.params` recorded at backup time (used before
+    /// uploading shard snapshots, which need the collection to exist).
+    pub async fn create_collection(
+        &self,
+        collection: &str,
+        params: &Value,
+    ) -> Result<(), QdrantError> {
+        let _: Value = self
+            .call(
+                Method::PUT,
+                &["collections", collection],
+                &[],
+                Some(params),
+                || format!("collection {collection}"),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_and_urls() {
+        assert_eq!(minor_of("1.18.3"), Some((1, 18)));
+        assert_eq!(minor_of("v1.17.0-rc1"), Some((1, 17)));
+        assert_eq!(minor_of("dev"), None);
+        let q = Qdrant::new("http://127.0.0.1:6333", Some("k".into()), None).unwrap();
+        assert_eq!(
+            q.endpoint(&["collections", "a b", "snapshots"]).as_str(),
+            "http://127.0.0.1:6333/collections/a%20b/snapshots"
+        );
+        let q = Qdrant::new("https://q.example/prefix", None, None).unwrap();
+        assert_eq!(
+            q.endpoint(&["aliases"]).as_str(),
+            "https://q.example/prefix/aliases"
+        );
+        assert!(Qdrant::new("http://user:pw@host:6333", None, None).is_err());
+        assert!(Qdrant::new("ftp://host", None, None).is_err());
+    }
+
+    #[test]
+    fn debug_never_shows_the_api_key() {
+        let q = Qdrant::new("http://127.0.0.1:6333", Some("s3cr3t-key".into()), None).unwrap();
+        let shown = format!("{q:?}");
+        assert!(!shown.contains("s3cr3t-key"), "{shown}");
+        assert!(shown.contains("<set>"));
+    }
+}
