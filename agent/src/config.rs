@@ -49,7 +49,7 @@ pub struct Config {
     pub qdrant_ca_cert: Option<PathBuf>,
 
     /// Default Qdrant snapshot mode: `collection` (snapshot on the node, stream, delete),
-    /// `shard-stream` (no file on the node; Qdrant >= 1.17) or `full-storage` (single node).
+    /// `shard-stream` (no file on the node; Qdrant ≥ 1.12) or `full-storage` (single node).
     #[arg(long, env = "SOMA_QDRANT_MODE", default_value = "collection",
           value_parser = crate::ops::qdrant::parse_mode)]
     pub qdrant_mode: soma_proto::v1::QdrantMode,

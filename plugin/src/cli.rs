@@ -71,7 +71,7 @@ pub enum BackupEngine {
         /// Collection to back up (repeat for several).
         #[arg(long = "collection", short = 'c', value_name = "NAME")]
         collections: Vec<String>,
-        /// Stream shard snapshots without writing a file on the Qdrant node (Qdrant >= 1.17).
+        /// Stream shard snapshots without writing a file on the Qdrant node (Qdrant ≥ 1.12).
         #[arg(long, conflicts_with = "full_storage")]
         stream_shards: bool,
         /// One snapshot of the whole Qdrant storage (single-node deployments).

@@ -54,7 +54,7 @@ impl Agent {
         })
     }
 
-    /// Starts `soma-agent --listen 127.0.0.1:0 --store STORE --postgres-url URL EXTRA_ARGS` with
+    /// Starts `soma-agent --listen 127.0.0.1:0 --store STORE [--postgres-url URL] EXTRA_ARGS` with
     /// `env` added to a cleaned environment (no inherited `AWS_*`, `SOMA_*`, `PG*`), and waits
     /// for the "listening" line. Returns how it exited when it exits first.
     pub fn try_start(
@@ -77,21 +77,18 @@ impl Agent {
                 cmd.env_remove(&key);
             }
         }
-        cmd.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--store",
-            store,
-            "--postgres-url",
-            postgres_url,
-        ])
-        .args(extra_args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .env("RUST_BACKTRACE", "1")
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr);
+        cmd.args(["--listen", "127.0.0.1:0", "--store", store]);
+        // An empty URL starts an agent without PostgreSQL (e.g. one beside Qdrant only).
+        if !postgres_url.is_empty() {
+            cmd.args(["--postgres-url", postgres_url]);
+        }
+        cmd.args(extra_args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("RUST_BACKTRACE", "1")
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));

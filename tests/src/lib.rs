@@ -1,10 +1,13 @@
 //! Test harness for Soma Backup.
 //!
-//! Everything here is real: a throwaway PostgreSQL 15 cluster per test ([`PgCluster`]), a
+//! Everything here is real, except Qdrant (below): a throwaway PostgreSQL 15 cluster per test ([`PgCluster`]), a
 //! single-node Garage S3 server per test ([`Garage`]), and the `soma-agent` / `kubectl-soma`
 //! binaries built by `cargo build --workspace --bins` ([`Agent`], [`soma`]). Every server binds
 //! only to 127.0.0.1 on ports picked per test, in its own temporary directory, so tests run in
 //! parallel. A missing server or binary makes the test panic with the command that installs it.
+//!
+//! Qdrant cannot be installed here, so [`QdrantDouble`] stands in for it: a test double of the
+//! Qdrant 1.18 REST API that documents which real behaviour each part follows.
 //!
 //! Waiting is always "poll a real observable condition until a deadline" ([`poll_until`]), never a
 //! sleep standing in for synchronisation.
@@ -15,6 +18,7 @@ pub mod db;
 pub mod fixtures;
 pub mod garage;
 pub mod pg;
+pub mod qdrant;
 pub mod store;
 mod util;
 
@@ -23,5 +27,6 @@ pub use cli::{CmdOutput, SomaChild, soma, soma_spawn};
 pub use db::{DbFingerprint, assert_same_database};
 pub use garage::Garage;
 pub use pg::PgCluster;
+pub use qdrant::QdrantDouble;
 pub use store::TestStore;
 pub use util::{bin_dir, bin_path, free_port, poll_until, random_hex};

@@ -2,7 +2,7 @@
 //!
 //! Snapshots are streamed, never staged by the agent: a collection snapshot is created on the node
 //! (`POST /collections/{c}/snapshots?wait=true`), downloaded as a stream and deleted from the node
-//! at once; a shard snapshot (`GET /collections/{c}/shards/{id}/snapshot`, Qdrant ≥ 1.17) streams
+//! at once; a shard snapshot (`GET /collections/{c}/shards/{id}/snapshot`, Qdrant ≥ 1.12) streams
 //! without any file on the node. Restores upload the snapshot as a streamed multipart body with the
 //! snapshot's sha256, which Qdrant checks before it recovers anything. The API key travels only in
 //! the `api-key` header and is never logged.
@@ -20,8 +20,10 @@ use url::Url;
 
 /// How long a plain API call may take (snapshot creation and transfers have no overall limit).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// First Qdrant version that streams shard snapshots without writing a file.
-pub const SHARD_STREAM_SINCE: (u32, u32) = (1, 17);
+/// First Qdrant version that streams shard snapshots without writing a file: the route is served
+/// since 1.12.0 (`stream_shard_snapshot` in src/actix/api/snapshot_api.rs) and documented in the
+/// OpenAPI document since 1.17.
+pub const SHARD_STREAM_SINCE: (u32, u32) = (1, 12);
 
 /// Qdrant errors; each names the endpoint or collection.
 #[derive(Debug, thiserror::Error)]
@@ -547,10 +549,15 @@ impl Qdrant {
 
     /// Uploads a snapshot into `collection` (created or overwritten) as a streamed multipart body.
     /// Qdrant checks `sha256` over the uploaded file before recovering anything.
+    ///
+    /// `file_name` is what Qdrant names the file: it keeps an uploaded collection snapshot in the
+    /// collection's snapshot directory after recovering from it (`MaybeTempPath::Persistent` in
+    /// lib/storage/src/content_manager/snapshots/download.rs), so callers delete it afterwards.
     pub async fn upload_snapshot<S>(
         &self,
         collection: &str,
         shard: Option<u32>,
+        file_name: &str,
         body: S,
         length: u64,
         sha256: &str,
@@ -572,7 +579,7 @@ impl Qdrant {
         };
         let part =
             reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(body), length)
-                .file_name(format!("{collection}.snapshot"))
+                .file_name(file_name.to_string())
                 .mime_str("application/octet-stream")
                 .expect("valid mime type");
         let form = reqwest::multipart::Form::new().part("snapshot", part);
@@ -591,7 +598,9 @@ impl Qdrant {
             .await?;
         let text = resp.text().await.map_err(|e| self.unreachable(e))?;
         match serde_json::from_str::<Envelope<Value>>(&text) {
-            Ok(e) if e.result == Value::Bool(true) => Ok(()),
+            // Collection recovery answers `true`; shard recovery answers `null` (its handler
+            // returns `()`, see upload_shard_snapshot in src/actix/api/snapshot_api.rs).
+            Ok(e) if e.result == Value::Bool(true) || e.result.is_null() => Ok(()),
             Ok(e) => Err(QdrantError::Protocol {
                 endpoint: url.path().to_string(),
                 detail: format!("recovery answered {}", e.result),

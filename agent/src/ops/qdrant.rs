@@ -598,7 +598,15 @@ async fn upload_artifact(
     let cancel = CancellationToken::new();
     let key = manifest.id.key(&art.name);
     let body = ReaderStream::with_capacity(reader, 256 * 1024);
-    let upload = q.upload_snapshot(target, art.shard, body, art.raw_bytes, &art.raw_sha256);
+    let file_name = format!("soma-restore-{}.snapshot", manifest.id);
+    let upload = q.upload_snapshot(
+        target,
+        art.shard,
+        &file_name,
+        body,
+        art.raw_bytes,
+        &art.raw_sha256,
+    );
     let download = async {
         let r = pipeline::download(
             ctx.catalog.store().as_ref(),
@@ -622,7 +630,18 @@ async fn upload_artifact(
     };
     let (down, up) = tokio::join!(download, upload);
     match (down, up) {
-        (Ok(()), Some(Ok(()))) => Ok(()),
+        (Ok(()), Some(Ok(()))) => {
+            // Qdrant keeps an uploaded collection snapshot on the node; no copy may stay there.
+            if art.shard.is_none() {
+                match q.delete_snapshot(target, &file_name).await {
+                    Ok(()) | Err(QdrantError::NotFound { .. }) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, collection = target, snapshot = %file_name, "could not delete the uploaded snapshot from the Qdrant node; delete it by hand to free its disk")
+                    }
+                }
+            }
+            Ok(())
+        }
         (_, Some(Err(qe))) => Err(qe.into()),
         (Err(e), _) if !matches!(e, PipelineError::Sink(_)) => {
             Err(missing_is_data_loss(manifest, e))

@@ -78,9 +78,14 @@ pub async fn backup_set(
         target: Target {
             name: manifests
                 .iter()
-                .map(|m| format!("{}:{}", m.id, m.target))
+                .map(|m| {
+                    let engine = soma_proto::v1::Engine::try_from(m.engine)
+                        .unwrap_or_default()
+                        .short_name();
+                    format!("{engine} {}", m.target)
+                })
                 .collect::<Vec<_>>()
-                .join(" "),
+                .join(" + "),
             server: String::new(),
             server_version: String::new(),
         },

@@ -19,19 +19,35 @@ pub async fn run(mut agent: Agent, out: OutputFormat) -> Result<(), CliError> {
                 eprintln!("no backups yet; take one with `kubectl soma backup postgres`");
                 return Ok(());
             }
-            let rows: Vec<Vec<String>> = backups
+            // Members of a set are listed under it, indented; other backups stand alone.
+            let in_set: std::collections::HashSet<&str> = backups
                 .iter()
-                .map(|b| {
-                    vec![
-                        b.id.clone(),
-                        output::engine_name(b).to_string(),
-                        b.target.clone(),
-                        output::short_time(&b.completed_at),
-                        output::bytes(b.raw_bytes),
-                        output::bytes(b.stored_bytes),
-                    ]
-                })
+                .flat_map(|b| b.members.iter().map(String::as_str))
                 .collect();
+            let row = |b: &v1::BackupInfo, indent: &str| {
+                let target = if b.members.is_empty() {
+                    b.target.clone()
+                } else {
+                    format!("{} members", b.members.len())
+                };
+                vec![
+                    format!("{indent}{}", b.id),
+                    output::engine_name(b).to_string(),
+                    target,
+                    output::short_time(&b.completed_at),
+                    output::bytes(b.raw_bytes),
+                    output::bytes(b.stored_bytes),
+                ]
+            };
+            let mut rows = Vec::new();
+            for b in backups.iter().filter(|b| !in_set.contains(b.id.as_str())) {
+                rows.push(row(b, ""));
+                for member in &b.members {
+                    if let Some(m) = backups.iter().find(|x| &x.id == member) {
+                        rows.push(row(m, "└ "));
+                    }
+                }
+            }
             output::table(
                 &[
                     "ID",
