@@ -81,7 +81,11 @@
 //! # Where the double is simpler than Qdrant
 //! One node, one shard, one unnamed dense vector per collection, no points API, no read-only
 //! keys or JWT. Multipart errors, JSON body errors and the exact `Debug` rendering of vector
-//! params in messages are approximations. The archive layout inside a snapshot is the double's
+//! params in messages are approximations. An upload rejected for its path or query parameters
+//! is read to its end before the error is sent (Qdrant answers at once, and a client still
+//! sending may then see a connection reset instead); one rejected for its API key is not, as in
+//! Qdrant. Recovering a shard archive whose vector params differ from the collection's is
+//! refused with 400 (the double's own check). The archive layout inside a snapshot is the double's
 //! own (described in `qdrant/data.rs`): only the double reads it back.
 //!
 //! # Memory
@@ -90,6 +94,7 @@
 //! chunks in flight. Nothing grows with the data size.
 
 mod data;
+mod multipart;
 mod server;
 mod state;
 

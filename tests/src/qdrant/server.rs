@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use super::data::{self, ArchiveKind, DataSource, HashingWriter, SegmentMeta, StoredFile};
+use super::multipart;
 use super::state::{Collection, Shared, fire};
 use super::{ApiKeyUse, DOWNLOAD_CHUNK, RequestRecord, SHARD_STREAM_SINCE, parse_version};
 
@@ -1323,39 +1324,39 @@ async fn spool_upload(shared: &Shared, req: Request<Incoming>) -> Result<Spooled
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let boundary = multer::parse_boundary(&content_type)
-        .map_err(|e| reject(StatusCode::BAD_REQUEST, format!("Multipart error: {e}")))?;
-    let mut multipart = multer::Multipart::new(req.into_body().into_data_stream(), boundary);
+        .unwrap_or_default();
+    let Some(boundary) = multipart::boundary(content_type) else {
+        return Err(reject(
+            StatusCode::BAD_REQUEST,
+            "Multipart error: content type is not multipart/form-data with a boundary",
+        ));
+    };
+    let mut form = multipart::Multipart::new(req.into_body(), &boundary);
+    let fail = |e: multipart::MultipartError| {
+        reject(StatusCode::BAD_REQUEST, format!("Multipart error: {e}"))
+    };
+    let internal = |e: io::Error| reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     let mut spooled = None;
-    let fail = |e: multer::Error| reject(StatusCode::BAD_REQUEST, format!("Multipart error: {e}"));
-    while let Some(mut field) = multipart.next_field().await.map_err(fail)? {
-        if field.name() != Some("snapshot") || spooled.is_some() {
-            while field.chunk().await.map_err(fail)?.is_some() {}
+    while let Some(part) = form.next_part().await.map_err(fail)? {
+        if part.name.as_deref() != Some("snapshot") || spooled.is_some() {
             continue;
         }
-        let file_name = field.file_name().map(str::to_string);
         let (file, temp_path) = tempfile::Builder::new()
             .prefix("upload-")
             .tempfile_in(&shared.dirs.tmp)
-            .map_err(|e| reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(internal)?
             .into_parts();
         let mut out = tokio::io::BufWriter::with_capacity(IO_BUF, tokio::fs::File::from_std(file));
         let mut hasher = Sha256::new();
-        while let Some(chunk) = field.chunk().await.map_err(fail)? {
+        while let Some(chunk) = form.chunk().await.map_err(fail)? {
             hasher.update(&chunk);
-            out.write_all(&chunk)
-                .await
-                .map_err(|e| reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            out.write_all(&chunk).await.map_err(internal)?;
         }
-        out.flush()
-            .await
-            .map_err(|e| reject(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        out.flush().await.map_err(internal)?;
         spooled = Some(Spooled {
             file: temp_path,
             sha256: hex::encode(hasher.finalize()),
-            file_name,
+            file_name: part.file_name,
         });
     }
     spooled.ok_or_else(|| {
@@ -1430,12 +1431,10 @@ async fn upload_collection_snapshot(
         Ok(params) => params,
         Err(response) => return drain_then(req, *response).await,
     };
-    let t0 = Instant::now();
     let spooled = match spool_upload(&shared, req).await {
         Ok(spooled) => spooled,
         Err(response) => return *response,
     };
-    eprintln!("spool {:?}", t0.elapsed());
     time_or_accept(started, params.wait, async move {
         check_checksum(&spooled, params.checksum.as_deref())?;
         let file_name = spooled
