@@ -365,3 +365,42 @@ fn a_backup_set_takes_and_restores_postgres_and_qdrant_together() {
     soma(agent.addr(), &["delete", &set_id, "--yes"]).assert_success("delete the set");
     assert!(ids(&agent).is_empty(), "{:?}", ids(&agent));
 }
+
+#[test]
+fn a_full_storage_snapshot_is_streamed_and_explained_on_restore() {
+    let q = QdrantDouble::start(Some(API_KEY));
+    three_collections(&q);
+    let store = TestStore::local();
+    let agent = qdrant_agent(&store, &q, "", &[]);
+    let out = soma(
+        agent.addr(),
+        &["-o", "json", "backup", "qdrant", "--full-storage"],
+    );
+    out.assert_success("backup --full-storage");
+    let manifest = out.json();
+    assert_eq!(manifest["kind"], "full-storage-snapshots");
+    assert_eq!(manifest["artifacts"].as_array().unwrap().len(), 1);
+    let id = manifest["id"].as_str().unwrap().to_string();
+    // The stored artifact is exactly the storage snapshot Qdrant produced: every collection's
+    // content is inside it.
+    let raw = store.read(&format!("backups/{id}/storage.snapshot.zst"));
+    let archive = zstd_decode(&raw);
+    let inside = soma_tests::qdrant::full_snapshot_fingerprints(&archive[..]).unwrap();
+    for c in ["docs", "memory", "tiny"] {
+        assert_eq!(inside.get(c), Some(&q.fingerprint(c)), "collection {c}");
+    }
+    let left: Vec<_> = q
+        .snapshot_files_on_node()
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "snapshot"))
+        .collect();
+    assert!(left.is_empty(), "snapshots left on the node: {left:?}");
+    soma(agent.addr(), &["verify", &id]).assert_success("verify a storage snapshot");
+    soma(agent.addr(), &["restore", &id, "--force"])
+        .assert_code(1, "restore of a storage snapshot")
+        .assert_stderr_contains("--storage-snapshot", "restore of a storage snapshot");
+}
+
+fn zstd_decode(bytes: &[u8]) -> Vec<u8> {
+    zstd::decode_all(bytes).expect("the stored artifact is a valid zstd stream")
+}
