@@ -404,3 +404,26 @@ fn a_full_storage_snapshot_is_streamed_and_explained_on_restore() {
 fn zstd_decode(bytes: &[u8]) -> Vec<u8> {
     zstd::decode_all(bytes).expect("the stored artifact is a valid zstd stream")
 }
+
+#[test]
+fn a_slow_qdrant_still_completes_and_progress_is_reported() {
+    let q = QdrantDouble::start(Some(API_KEY));
+    q.add_collection("docs", 8, 2_000, 3 * MIB, 1);
+    // 48 chunks of 64 KiB at 100 ms each: about five seconds of streaming, while the plugin
+    // prints a plain progress line at least every two seconds when stderr is not a terminal.
+    q.set_download_chunk_delay(std::time::Duration::from_millis(100));
+    let store = TestStore::local();
+    let agent = qdrant_agent(&store, &q, "", &[]);
+    let out = soma(agent.addr(), &["backup", "qdrant"]);
+    out.assert_success("backup from a slow Qdrant");
+    let streaming: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains(": streaming — raw ") && !l.contains("raw 0 B"))
+        .collect();
+    assert!(
+        !streaming.is_empty(),
+        "no progress with bytes while streaming:\n{}",
+        out.stderr
+    );
+}
