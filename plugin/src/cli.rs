@@ -17,9 +17,14 @@ pub enum OutputFormat {
 #[derive(Debug, Parser)]
 #[command(name = "kubectl-soma", bin_name = "kubectl soma", version, about, long_about = None)]
 pub struct Cli {
-    /// Talk to an agent directly at HOST:PORT (e.g. 127.0.0.1:50051).
+    /// Talk to an agent directly at HOST:PORT (e.g. 127.0.0.1:50051) instead of finding it
+    /// through the Kubernetes API.
     #[arg(long, global = true, env = "SOMA_AGENT", value_name = "HOST:PORT")]
     pub agent: Option<String>,
+
+    /// Kubernetes connection and agent selection.
+    #[command(flatten)]
+    pub kube: KubeArgs,
 
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = OutputFormat::Table)]
@@ -28,6 +33,49 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How to reach agents through Kubernetes, as kubectl does it.
+#[derive(Debug, Clone, Default, Args)]
+pub struct KubeArgs {
+    /// Path to the kubeconfig file (default: KUBECONFIG, then ~/.kube/config, then in-cluster).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+
+    /// The kubeconfig context to use (default: the current context).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub context: Option<String>,
+
+    /// Namespace of the agents (default: the context's namespace).
+    #[arg(short = 'n', long, global = true, value_name = "NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Use this agent pod when several match.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub pod: Option<String>,
+
+    /// Use the agent of this engine when several match.
+    #[arg(long, global = true, value_enum, value_name = "ENGINE")]
+    pub target: Option<TargetEngine>,
+}
+
+/// Engines an agent pod can serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TargetEngine {
+    /// The PostgreSQL sidecar.
+    Postgres,
+    /// The Qdrant sidecar.
+    Qdrant,
+}
+
+impl TargetEngine {
+    /// The value of the `soma.dev/engine` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            TargetEngine::Postgres => "postgres",
+            TargetEngine::Qdrant => "qdrant",
+        }
+    }
 }
 
 /// Subcommands.
@@ -45,7 +93,7 @@ pub enum Command {
     Verify(IdArg),
     /// Delete a backup from the store.
     Delete(DeleteArgs),
-    /// Show the agent: version, engines, store, running jobs.
+    /// Show the agents: pod, engine, version, store, last backup and its age, health.
     Status,
 }
 

@@ -1,23 +1,49 @@
-//! Reaching an agent. Today: directly at `--agent HOST:PORT`; port-forward through the Kubernetes
-//! API comes with discovery.
+//! Reaching agents: directly at `--agent HOST:PORT`, or through the Kubernetes API server with a
+//! port-forward to the agent's pod (the pods/portforward subresource over WebSocket), so no
+//! Service or exposed port is needed and the agent keeps listening on 127.0.0.1 in its pod.
 
 use std::time::Duration;
 
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client, Config,
+    config::{KubeConfigOptions, Kubeconfig},
+};
 use soma_proto::v1::soma_agent_client::SomaAgentClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::error::CliError;
+use crate::{
+    cli::KubeArgs,
+    discovery::{self, AgentPod},
+    error::CliError,
+};
 
 /// How long to wait for the TCP/HTTP2 connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A connected client plus the address, for messages.
+/// A connected client plus where it leads, for messages.
 #[derive(Debug, Clone)]
 pub struct Agent {
     /// gRPC client.
     pub client: SomaAgentClient<Channel>,
-    /// Where it is, for messages.
+    /// `HOST:PORT`, or `pod NAMESPACE/NAME` for a port-forward.
     pub addr: String,
+    /// The pod, when reached through Kubernetes.
+    pub pod: Option<AgentPod>,
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut detail = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !detail.contains(&text) {
+            detail = format!("{detail}: {text}");
+        }
+        source = s.source();
+    }
+    detail
 }
 
 /// Connects to the agent at `addr` (HOST:PORT).
@@ -31,30 +57,114 @@ pub async fn direct(addr: &str) -> Result<Agent, CliError> {
         .map_err(|e| CliError::Usage(format!("--agent {addr:?}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
-    let channel = endpoint.connect().await.map_err(|e| {
-        let mut detail = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            detail = format!("{detail}: {s}");
-            source = s.source();
-        }
-        CliError::Unreachable {
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| CliError::Unreachable {
             addr: addr.to_string(),
-            detail,
-        }
-    })?;
+            detail: chain(&e),
+        })?;
     Ok(Agent {
         client: SomaAgentClient::new(channel),
         addr: addr.to_string(),
+        pod: None,
     })
 }
 
-/// Resolves how to reach the agent from the command line.
-pub async fn connect(agent: Option<&str>) -> Result<Agent, CliError> {
-    match agent {
-        Some(addr) => direct(addr).await,
-        None => Err(CliError::Usage(
-            "no agent given: pass --agent HOST:PORT (or set SOMA_AGENT)".into(),
-        )),
+/// A Kubernetes client and the namespace to work in, configured as kubectl would be: an explicit
+/// `--kubeconfig`, else `KUBECONFIG` or `~/.kube/config`, else the in-cluster service account.
+pub async fn kube(args: &KubeArgs) -> Result<(Client, String), CliError> {
+    let options = KubeConfigOptions {
+        context: args.context.clone(),
+        ..Default::default()
+    };
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path).map_err(|e| {
+                CliError::Kubernetes(format!("cannot read --kubeconfig {}: {}", path.display(), chain(&e)))
+            })?;
+            Config::from_custom_kubeconfig(kubeconfig, &options)
+                .await
+                .map_err(|e| CliError::Kubernetes(format!("kubeconfig {}: {}", path.display(), chain(&e))))?
+        }
+        None if args.context.is_some() => Config::from_kubeconfig(&options)
+            .await
+            .map_err(|e| CliError::Kubernetes(format!("kubeconfig: {}", chain(&e))))?,
+        None => Config::infer().await.map_err(|e| {
+            CliError::Kubernetes(format!(
+                "no Kubernetes configuration found ({}); pass --kubeconfig, set KUBECONFIG, or use --agent HOST:PORT",
+                chain(&e)
+            ))
+        })?,
+    };
+    let namespace = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| config.default_namespace.clone());
+    let client = Client::try_from(config)
+        .map_err(|e| CliError::Kubernetes(format!("Kubernetes client: {}", chain(&e))))?;
+    Ok((client, namespace))
+}
+
+/// Connects to an agent pod through a port-forward opened by the API server. Every gRPC
+/// connection opens its own forward; the forward's error channel is reported if it speaks.
+pub async fn port_forward(client: &Client, pod: &AgentPod) -> Result<Agent, CliError> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
+    let (name, namespace, port) = (pod.name.clone(), pod.namespace.clone(), pod.port);
+    let addr = format!("pod {namespace}/{name}");
+    let connector = tower::service_fn(move |_: Uri| {
+        let (pods, name, namespace) = (pods.clone(), name.clone(), namespace.clone());
+        async move {
+            let mut forwarder = pods.portforward(&name, &[port]).await.map_err(|e| {
+                let message = discovery::api_error(e, &namespace, "create pods/portforward");
+                std::io::Error::other(message.to_string())
+            })?;
+            let stream = forwarder.take_stream(port).ok_or_else(|| {
+                std::io::Error::other(format!(
+                    "the port-forward to {name} has no stream for port {port}"
+                ))
+            })?;
+            if let Some(error) = forwarder.take_error(port) {
+                let name = name.clone();
+                tokio::spawn(async move {
+                    if let Some(message) = error.await {
+                        eprintln!("port-forward to pod {name} port {port}: {message}");
+                    }
+                });
+            }
+            tokio::spawn(async move {
+                let _ = forwarder.join().await;
+            });
+            Ok::<_, std::io::Error>(TokioIo::new(stream))
+        }
+    });
+    let channel = Endpoint::from_static("http://soma-agent.pod")
+        .connect_timeout(CONNECT_TIMEOUT)
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| CliError::Unreachable {
+            addr: addr.clone(),
+            detail: chain(&e),
+        })?;
+    Ok(Agent {
+        client: SomaAgentClient::new(channel),
+        addr,
+        pod: Some(pod.clone()),
+    })
+}
+
+/// The agent for one command: `--agent`, or the pod discovery picks for `engine`.
+pub async fn connect(
+    agent: Option<&str>,
+    args: &KubeArgs,
+    engine: Option<&str>,
+) -> Result<Agent, CliError> {
+    if let Some(addr) = agent {
+        return direct(addr).await;
     }
+    let (client, namespace) = kube(args).await?;
+    let found = discovery::agents(&client, &namespace).await?;
+    let engine = args.target.map(|t| t.label()).or(engine);
+    let pod = discovery::choose(&found, &namespace, engine, args.pod.as_deref())?;
+    port_forward(&client, &pod).await
 }

@@ -36,6 +36,9 @@ pub enum CliError {
         /// What the transport said.
         detail: String,
     },
+    /// Kubernetes configuration, discovery or API errors (the message says what to do).
+    #[error("{0}")]
+    Kubernetes(String),
     /// Bad command-line input.
     #[error("{0}")]
     Usage(String),

@@ -4,15 +4,26 @@ use soma_proto::v1;
 
 use crate::{cli::OutputFormat, connect::Agent, error::CliError, output};
 
-/// Lists complete backups, newest first; json/yaml print an array of manifests.
-pub async fn run(mut agent: Agent, out: OutputFormat) -> Result<(), CliError> {
-    let backups = agent
-        .client
-        .list_backups(v1::ListBackupsRequest {})
-        .await
-        .map_err(|s| CliError::from_status(s, &agent.addr, "request"))?
-        .into_inner()
-        .backups;
+/// Lists the complete backups of every given agent (deduplicated when they share a store),
+/// newest first; json/yaml print an array of manifests.
+pub async fn run_many(agents: Vec<Agent>, out: OutputFormat) -> Result<(), CliError> {
+    let mut backups: Vec<v1::BackupInfo> = Vec::new();
+    for mut agent in agents {
+        let listed = agent
+            .client
+            .list_backups(v1::ListBackupsRequest {})
+            .await
+            .map_err(|s| CliError::from_status(s, &agent.addr, "request"))?
+            .into_inner()
+            .backups;
+        for b in listed {
+            if !backups.iter().any(|x| x.id == b.id) {
+                backups.push(b);
+            }
+        }
+    }
+    // Newest first, as each agent orders its own.
+    backups.sort_by(|a, b| (&b.started_at, &b.id).cmp(&(&a.started_at, &a.id)));
     match out {
         OutputFormat::Table => {
             if backups.is_empty() {

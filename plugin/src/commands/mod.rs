@@ -20,6 +20,28 @@ pub fn validate(command: &Command) -> Result<(), CliError> {
     }
 }
 
+/// The engine whose agent a command needs, when the command says (a backup of an engine, or an
+/// id whose engine code names it); `None` lets any agent answer.
+pub fn engine_of(command: &Command) -> Option<&'static str> {
+    use crate::cli::BackupEngine;
+    let from_id = |id: &str| match id.get(17..).and_then(|rest| rest.split('-').next()) {
+        Some("pg") => Some("postgres"),
+        Some("qd") => Some("qdrant"),
+        _ => None,
+    };
+    match command {
+        Command::Backup(b) => match b.engine {
+            BackupEngine::Postgres { .. } => Some("postgres"),
+            BackupEngine::Qdrant { .. } => Some("qdrant"),
+            BackupEngine::All => None,
+        },
+        Command::Restore(a) => from_id(&a.id),
+        Command::Describe(a) | Command::Verify(a) => from_id(&a.id),
+        Command::Delete(a) => from_id(&a.id),
+        Command::List | Command::Status => None,
+    }
+}
+
 /// Refuses ids that cannot be backup ids before asking the agent (which checks again), so a typo
 /// such as `../x` is a usage error with exit code 2.
 pub fn check_id(id: &str, allow_latest: bool) -> Result<(), CliError> {

@@ -1,67 +1,145 @@
-//! `kubectl soma status`: what the agent is and does.
+//! `kubectl soma status`: every agent found, with version, store, last backup and health.
 
-use serde_json::json;
+use serde_json::{Value, json};
 use soma_proto::v1;
 
-use crate::{cli::OutputFormat, connect::Agent, error::CliError};
+use crate::{
+    cli::{KubeArgs, OutputFormat},
+    connect::{self, Agent},
+    discovery,
+    error::CliError,
+    output,
+};
 
-/// Shows the agent's version, engines, store and running jobs.
-pub async fn run(mut agent: Agent, out: OutputFormat) -> Result<(), CliError> {
-    let info = agent
-        .client
-        .get_info(v1::GetInfoRequest {})
-        .await
-        .map_err(|s| CliError::from_status(s, &agent.addr, "request"))?
-        .into_inner();
-    let engines: Vec<_> = info
-        .engines
-        .iter()
-        .map(|e| {
-            json!({
-                "engine": v1::Engine::try_from(e.engine).unwrap_or(v1::Engine::Unspecified).short_name(),
-                "target": e.target,
-            })
-        })
-        .collect();
-    let jobs: Vec<_> = info
-        .running_jobs
-        .iter()
-        .map(|j| json!({"id": j.id, "operation": j.operation, "target": j.target, "started_at": j.started_at}))
-        .collect();
-    match out {
-        OutputFormat::Table => {
-            println!("Agent:    {} (version {})", agent.addr, info.agent_version);
-            println!("Store:    {}", info.store);
-            for e in &engines {
-                println!(
-                    "Engine:   {} {}",
-                    e["engine"].as_str().unwrap_or(""),
-                    e["target"].as_str().unwrap_or("")
-                );
-            }
-            if jobs.is_empty() {
-                println!("Jobs:     none running");
-            }
-            for j in &jobs {
-                println!(
-                    "Job:      {} {} ({}) since {}",
-                    j["operation"].as_str().unwrap_or(""),
-                    j["target"].as_str().unwrap_or(""),
-                    j["id"].as_str().unwrap_or(""),
-                    j["started_at"].as_str().unwrap_or("")
-                );
-            }
-            Ok(())
+/// One agent's row; unreachable or unready agents are rows too, with the reason as health.
+async fn probe(agent: Result<Agent, CliError>, namespace: &str, pod: &str, engine: &str) -> Value {
+    let mut agent = match agent {
+        Ok(a) => a,
+        Err(e) => {
+            return json!({"namespace": namespace, "pod": pod, "engine": engine, "health": e.to_string()});
         }
-        format => crate::output::print_structured(
-            format,
-            &json!({
-                "agent": agent.addr,
+    };
+    let info = agent.client.get_info(v1::GetInfoRequest {}).await;
+    let backups = agent.client.list_backups(v1::ListBackupsRequest {}).await;
+    match (info, backups) {
+        (Ok(info), Ok(backups)) => {
+            let info = info.into_inner();
+            let engines: Vec<&str> = info
+                .engines
+                .iter()
+                .map(|e| {
+                    v1::Engine::try_from(e.engine)
+                        .unwrap_or_default()
+                        .short_name()
+                })
+                .collect();
+            let last = backups.into_inner().backups.into_iter().next();
+            let age = last.as_ref().and_then(|b| {
+                chrono::DateTime::parse_from_rfc3339(&b.completed_at)
+                    .ok()
+                    .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds())
+            });
+            json!({
+                "namespace": namespace,
+                "pod": pod,
+                "engine": if engine.is_empty() { engines.join(",") } else { engine.to_string() },
                 "agent_version": info.agent_version,
                 "store": info.store,
-                "engines": engines,
-                "running_jobs": jobs,
-            }),
-        ),
+                "last_backup": last.as_ref().map(|b| b.id.clone()),
+                "last_backup_age_seconds": age,
+                "running_jobs": info.running_jobs.len(),
+                "health": "ok",
+            })
+        }
+        (Err(s), _) | (_, Err(s)) => json!({
+            "namespace": namespace, "pod": pod, "engine": engine,
+            "health": CliError::from_status(s, &agent.addr, "request").to_string(),
+        }),
+    }
+}
+
+fn age(seconds: Option<i64>) -> String {
+    match seconds {
+        None => "-".into(),
+        Some(s) if s < 120 => format!("{s}s"),
+        Some(s) if s < 7200 => format!("{}m", s / 60),
+        Some(s) if s < 172_800 => format!("{}h", s / 3600),
+        Some(s) => format!("{}d", s / 86400),
+    }
+}
+
+/// Shows every agent (all agent pods of the namespace, or the one at `--agent`).
+pub async fn run(agent: Option<&str>, kube: &KubeArgs, out: OutputFormat) -> Result<(), CliError> {
+    let rows = match agent {
+        Some(addr) => vec![probe(connect::direct(addr).await, "", addr, "").await],
+        None => {
+            let (client, namespace) = connect::kube(kube).await?;
+            let found = discovery::agents(&client, &namespace).await?;
+            if found.is_empty() {
+                return Err(CliError::Kubernetes(format!(
+                    "no soma agent in namespace {namespace} (looked for pods labelled {}=true); is the sidecar injected, or is the namespace wrong (-n)?",
+                    discovery::AGENT_LABEL
+                )));
+            }
+            let mut rows = Vec::new();
+            for pod in &found {
+                let connected = if pod.ready {
+                    connect::port_forward(&client, pod).await
+                } else {
+                    Err(CliError::Kubernetes(format!(
+                        "pod not ready ({})",
+                        pod.state
+                    )))
+                };
+                rows.push(probe(connected, &pod.namespace, &pod.name, &pod.engine).await);
+            }
+            rows
+        }
+    };
+    let healthy = rows.iter().all(|r| r["health"] == "ok");
+    match out {
+        OutputFormat::Table => {
+            let s = |v: &Value| match v {
+                Value::String(s) => s.clone(),
+                Value::Null => "-".into(),
+                other => other.to_string(),
+            };
+            let table: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        s(&r["namespace"]),
+                        s(&r["pod"]),
+                        s(&r["engine"]),
+                        s(&r["agent_version"]),
+                        s(&r["store"]),
+                        s(&r["last_backup"]),
+                        age(r["last_backup_age_seconds"].as_i64()),
+                        s(&r["health"]),
+                    ]
+                })
+                .collect();
+            output::table(
+                &[
+                    "NAMESPACE",
+                    "POD",
+                    "ENGINE",
+                    "VERSION",
+                    "STORE",
+                    "LAST BACKUP",
+                    "AGE",
+                    "HEALTH",
+                ],
+                &table,
+            );
+        }
+        format => output::print_structured(format, &rows)?,
+    }
+    if healthy {
+        Ok(())
+    } else {
+        Err(CliError::Other(
+            "some agents are not healthy (see HEALTH)".into(),
+        ))
     }
 }
