@@ -252,17 +252,22 @@ impl Postgres {
         cmd
     }
 
-    fn spawn(&self, tool: &'static str, mut cmd: Command) -> Result<ToolProcess, PgError> {
-        let mut child = cmd.spawn().map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                PgError::ToolMissing {
-                    tool,
-                    path: self.tool_path(tool).display().to_string(),
-                }
-            } else {
-                PgError::Io { tool, source }
+    /// A tool that cannot be started is missing (with where we looked) or failed to start.
+    fn spawn_error(&self, tool: &'static str, source: std::io::Error) -> PgError {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            PgError::ToolMissing {
+                tool,
+                path: self.tool_path(tool).display().to_string(),
             }
-        })?;
+        } else {
+            PgError::Io { tool, source }
+        }
+    }
+
+    fn spawn(&self, tool: &'static str, mut cmd: Command) -> Result<ToolProcess, PgError> {
+        let mut child = cmd
+            .spawn()
+            .map_err(|source| self.spawn_error(tool, source))?;
         let stderr = child.stderr.take().map(|err| {
             tokio::spawn(async move {
                 let mut lines = BufReader::new(err).lines();
@@ -291,19 +296,10 @@ impl Postgres {
             .arg(self.url_for(database))
             .arg("-c")
             .arg(sql);
-        let out = cmd.output().await.map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                PgError::ToolMissing {
-                    tool: "psql",
-                    path: self.tool_path("psql").display().to_string(),
-                }
-            } else {
-                PgError::Io {
-                    tool: "psql",
-                    source,
-                }
-            }
-        })?;
+        let out = cmd
+            .output()
+            .await
+            .map_err(|source| self.spawn_error("psql", source))?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
         } else {
@@ -345,16 +341,10 @@ impl Postgres {
     pub async fn tool_version(&self, tool: &'static str) -> Result<(u32, String), PgError> {
         let mut cmd = self.command(tool);
         cmd.arg("--version");
-        let out = cmd.output().await.map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                PgError::ToolMissing {
-                    tool,
-                    path: self.tool_path(tool).display().to_string(),
-                }
-            } else {
-                PgError::Io { tool, source }
-            }
-        })?;
+        let out = cmd
+            .output()
+            .await
+            .map_err(|source| self.spawn_error(tool, source))?;
         let text = String::from_utf8_lossy(&out.stdout);
         parse_tool_version(&text).ok_or_else(|| PgError::ToolFailed {
             tool,

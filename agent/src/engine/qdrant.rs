@@ -432,13 +432,31 @@ impl Qdrant {
         &self,
         collection: &str,
     ) -> Result<SnapshotDescription, QdrantError> {
-        let url = self.endpoint(&["collections", collection, "snapshots"]);
-        // Snapshot creation of a large collection takes as long as it takes: no call timeout.
+        self.post_snapshot(&["collections", collection, "snapshots"], || {
+            format!("collection {collection}")
+        })
+        .await
+    }
+
+    /// Creates a snapshot of the whole storage (single-node deployments).
+    pub async fn create_full_snapshot(&self) -> Result<SnapshotDescription, QdrantError> {
+        self.post_snapshot(&["snapshots"], || "storage snapshots".into())
+            .await
+    }
+
+    /// `POST …/snapshots?wait=true`, with no call timeout: a large snapshot takes as long as it
+    /// takes to write on the node.
+    async fn post_snapshot(
+        &self,
+        segments: &[&str],
+        what: impl FnOnce() -> String,
+    ) -> Result<SnapshotDescription, QdrantError> {
+        let url = self.endpoint(segments);
         let resp = self
             .send(
                 self.request(Method::POST, url.clone())
                     .query(&[("wait", "true")]),
-                || format!("collection {collection}"),
+                what,
             )
             .await?;
         let text = resp.text().await.map_err(|e| self.unreachable(e))?;
@@ -450,23 +468,16 @@ impl Qdrant {
             })
     }
 
-    /// Creates a snapshot of the whole storage (single-node deployments).
-    pub async fn create_full_snapshot(&self) -> Result<SnapshotDescription, QdrantError> {
-        let url = self.endpoint(&["snapshots"]);
+    /// `GET` of a snapshot (file or stream) as an `AsyncRead`.
+    async fn get_stream(
+        &self,
+        segments: &[&str],
+        what: String,
+    ) -> Result<impl AsyncRead + Send + Unpin + use<>, QdrantError> {
         let resp = self
-            .send(
-                self.request(Method::POST, url.clone())
-                    .query(&[("wait", "true")]),
-                || "storage snapshots".into(),
-            )
+            .send(self.request(Method::GET, self.endpoint(segments)), || what)
             .await?;
-        let text = resp.text().await.map_err(|e| self.unreachable(e))?;
-        serde_json::from_str::<Envelope<SnapshotDescription>>(&text)
-            .map(|e| e.result)
-            .map_err(|e| QdrantError::Protocol {
-                endpoint: url.path().to_string(),
-                detail: e.to_string(),
-            })
+        Ok(Self::body_reader(resp))
     }
 
     fn body_reader(resp: reqwest::Response) -> impl AsyncRead + Send + Unpin + use<> {
@@ -480,13 +491,11 @@ impl Qdrant {
         collection: &str,
         name: &str,
     ) -> Result<impl AsyncRead + Send + Unpin + use<>, QdrantError> {
-        let url = self.endpoint(&["collections", collection, "snapshots", name]);
-        let resp = self
-            .send(self.request(Method::GET, url), || {
-                format!("snapshot {name} of collection {collection}")
-            })
-            .await?;
-        Ok(Self::body_reader(resp))
+        self.get_stream(
+            &["collections", collection, "snapshots", name],
+            format!("snapshot {name} of collection {collection}"),
+        )
+        .await
     }
 
     /// Streams a storage snapshot file.
@@ -494,13 +503,8 @@ impl Qdrant {
         &self,
         name: &str,
     ) -> Result<impl AsyncRead + Send + Unpin + use<>, QdrantError> {
-        let url = self.endpoint(&["snapshots", name]);
-        let resp = self
-            .send(self.request(Method::GET, url), || {
-                format!("storage snapshot {name}")
-            })
-            .await?;
-        Ok(Self::body_reader(resp))
+        self.get_stream(&["snapshots", name], format!("storage snapshot {name}"))
+            .await
     }
 
     /// Streams a snapshot of one shard, generated on the fly (no file on the node).
@@ -510,13 +514,11 @@ impl Qdrant {
         shard: u32,
     ) -> Result<impl AsyncRead + Send + Unpin + use<>, QdrantError> {
         let shard_id = shard.to_string();
-        let url = self.endpoint(&["collections", collection, "shards", &shard_id, "snapshot"]);
-        let resp = self
-            .send(self.request(Method::GET, url), || {
-                format!("shard {shard} of collection {collection}")
-            })
-            .await?;
-        Ok(Self::body_reader(resp))
+        self.get_stream(
+            &["collections", collection, "shards", &shard_id, "snapshot"],
+            format!("shard {shard} of collection {collection}"),
+        )
+        .await
     }
 
     /// Deletes a collection snapshot from the node.

@@ -236,8 +236,8 @@ async fn take_snapshots(
                     );
                     reporter.phase("streaming", format!("{c} shard {shard} → zstd → store"));
                     let reader = q.stream_shard(c, shard).await?;
-                    let (art, _) =
-                        store_artifact(ctx, id, &name, SHARD_FORMAT, reader, reporter).await?;
+                    let art = store_artifact(ctx, id, &name, SHARD_FORMAT, reader, reporter, None)
+                        .await?;
                     artifacts.push(Artifact {
                         collection: Some(c.clone()),
                         shard: Some(shard),
@@ -263,18 +263,19 @@ async fn take_snapshots(
         let desc = q.create_full_snapshot().await?;
         let outcome = async {
             let reader = q.download_full_snapshot(&desc.name).await?;
-            let (art, _) = store_artifact_checked(
+            store_artifact(
                 ctx,
                 id,
                 "storage.snapshot.zst",
                 STORAGE_FORMAT,
                 reader,
                 reporter,
-                "storage",
-                &desc,
+                Some(Announced {
+                    collection: "storage",
+                    snapshot: &desc,
+                }),
             )
-            .await?;
-            Ok::<_, OpError>(art)
+            .await
         }
         .await;
         if let Err(e) = q.delete_full_snapshot(&desc.name).await {
@@ -285,7 +286,15 @@ async fn take_snapshots(
     Ok((artifacts, records))
 }
 
-/// Streams `reader` into artifact `name` of backup `id` and publishes it.
+/// What Qdrant announced about a snapshot, which the streamed bytes must match.
+struct Announced<'a> {
+    collection: &'a str,
+    snapshot: &'a SnapshotDescription,
+}
+
+/// Streams `reader` into artifact `name` of backup `id` and publishes it — only if it matches
+/// what Qdrant `announced` (size and sha256), when Qdrant announced anything.
+#[allow(clippy::too_many_arguments)]
 async fn store_artifact<R>(
     ctx: &Context,
     id: &BackupId,
@@ -293,61 +302,46 @@ async fn store_artifact<R>(
     format: &str,
     reader: R,
     reporter: &Reporter,
-) -> Result<(Artifact, pipeline::Digest256), OpError>
+    announced: Option<Announced<'_>>,
+) -> Result<Artifact, OpError>
 where
     R: tokio::io::AsyncRead + Unpin + Send,
 {
     let upload = ctx.catalog.store().start_upload(&id.key(name)).await?;
     let staged = pipeline::upload(reader, upload, &ctx.settings, reporter.counters()).await?;
     let summary = staged.summary.clone();
-    let meta = staged.commit().await?;
-    Ok((
-        artifact_of(&ctx.settings, name, format, &summary, meta.size),
-        summary.digest,
-    ))
-}
-
-/// Like [`store_artifact`], but publishes only bytes that match Qdrant's own size and checksum.
-#[allow(clippy::too_many_arguments)]
-async fn store_artifact_checked<R>(
-    ctx: &Context,
-    id: &BackupId,
-    name: &str,
-    format: &str,
-    reader: R,
-    reporter: &Reporter,
-    collection: &str,
-    desc: &SnapshotDescription,
-) -> Result<(Artifact, pipeline::Digest256), OpError>
-where
-    R: tokio::io::AsyncRead + Unpin + Send,
-{
-    let upload = ctx.catalog.store().start_upload(&id.key(name)).await?;
-    let staged = pipeline::upload(reader, upload, &ctx.settings, reporter.counters()).await?;
-    let digest = staged.summary.digest.clone();
-    let checksum_ok = desc
-        .checksum
-        .as_ref()
-        .is_none_or(|c| c.eq_ignore_ascii_case(&digest.raw_sha256));
-    if digest.raw_bytes != desc.size || !checksum_ok {
-        abort_quietly_staged(staged).await;
-        return Err(QdrantError::SnapshotChecksum {
-            collection: collection.to_string(),
-            snapshot: desc.name.clone(),
-            expected: desc
-                .checksum
-                .clone()
-                .unwrap_or_else(|| format!("(none; {} bytes announced)", desc.size)),
-            actual: digest.raw_sha256.clone(),
-            bytes: digest.raw_bytes,
+    if let Some(Announced {
+        collection,
+        snapshot,
+    }) = announced
+    {
+        let digest = &summary.digest;
+        let checksum_ok = snapshot
+            .checksum
+            .as_ref()
+            .is_none_or(|c| c.eq_ignore_ascii_case(&digest.raw_sha256));
+        if digest.raw_bytes != snapshot.size || !checksum_ok {
+            abort_quietly_staged(staged).await;
+            return Err(QdrantError::SnapshotChecksum {
+                collection: collection.to_string(),
+                snapshot: snapshot.name.clone(),
+                expected: snapshot
+                    .checksum
+                    .clone()
+                    .unwrap_or_else(|| format!("(none; {} bytes announced)", snapshot.size)),
+                actual: digest.raw_sha256.clone(),
+                bytes: digest.raw_bytes,
+            }
+            .into());
         }
-        .into());
     }
-    let summary = staged.summary.clone();
     let meta = staged.commit().await?;
-    Ok((
-        artifact_of(&ctx.settings, name, format, &summary, meta.size),
-        digest,
+    Ok(artifact_of(
+        &ctx.settings,
+        name,
+        format,
+        &summary,
+        meta.size,
     ))
 }
 
@@ -371,15 +365,17 @@ async fn snapshot_collection(
             format!("{collection}: {} → zstd → store", desc.name),
         );
         let reader = q.download_snapshot(collection, &desc.name).await?;
-        store_artifact_checked(
+        store_artifact(
             ctx,
             id,
             name,
             COLLECTION_FORMAT,
             reader,
             reporter,
-            collection,
-            &desc,
+            Some(Announced {
+                collection,
+                snapshot: &desc,
+            }),
         )
         .await
     }
@@ -388,7 +384,7 @@ async fn snapshot_collection(
     if let Err(e) = q.delete_snapshot(collection, &desc.name).await {
         tracing::warn!(error = %e, collection, snapshot = %desc.name, "could not delete the snapshot from the Qdrant node; delete it by hand to free its disk");
     }
-    let (art, _) = outcome?;
+    let art = outcome?;
     Ok((
         Artifact {
             collection: Some(collection.to_string()),

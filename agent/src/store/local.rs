@@ -18,8 +18,7 @@ use tokio::{fs, io::AsyncWriteExt};
 use tokio_util::io::ReaderStream;
 
 use super::{
-    ByteStream, MIN_PART_SIZE, ObjectMeta, PendingUpload, Result, Store, StoreError, Upload,
-    check_key,
+    ByteStream, ObjectMeta, PartRule, PendingUpload, Result, Store, StoreError, Upload, check_key,
 };
 
 const UPLOADS_DIR: &str = ".uploads";
@@ -144,7 +143,7 @@ impl Store for LocalStore {
             file,
             data_path,
             size: 0,
-            short_part_seen: false,
+            parts: PartRule::default(),
         }))
     }
 
@@ -285,21 +284,13 @@ struct LocalUpload {
     file: fs::File,
     data_path: PathBuf,
     size: u64,
-    short_part_seen: bool,
+    parts: PartRule,
 }
 
 #[async_trait]
 impl Upload for LocalUpload {
     async fn put_part(&mut self, data: Bytes) -> Result<()> {
-        // Same rule as S3, so a caller that works here works there.
-        if self.short_part_seen {
-            return Err(StoreError::Request {
-                key: self.key.clone(),
-                message: format!("only the last part may be smaller than {MIN_PART_SIZE} bytes"),
-                retryable: false,
-            });
-        }
-        self.short_part_seen = data.len() < MIN_PART_SIZE;
+        self.parts.check(&self.key, data.len())?;
         self.file
             .write_all(&data)
             .await

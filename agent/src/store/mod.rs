@@ -182,6 +182,28 @@ pub trait Upload: Send {
     async fn abort(self: Box<Self>) -> Result<()>;
 }
 
+/// S3's rule that only the last part may be smaller than [`MIN_PART_SIZE`], enforced by every
+/// backend alike (not every S3-compatible server enforces it).
+#[derive(Debug, Default)]
+pub(crate) struct PartRule {
+    short_part_seen: bool,
+}
+
+impl PartRule {
+    /// Accepts the next part's size, or refuses it because a short part came before it.
+    pub(crate) fn check(&mut self, key: &str, len: usize) -> Result<()> {
+        if self.short_part_seen {
+            return Err(StoreError::Request {
+                key: key.to_string(),
+                message: format!("only the last part may be smaller than {MIN_PART_SIZE} bytes"),
+                retryable: false,
+            });
+        }
+        self.short_part_seen = len < MIN_PART_SIZE;
+        Ok(())
+    }
+}
+
 /// Opens the store named by `--store`: `file:///path` or `s3://bucket[/prefix]`.
 pub async fn open(location: &str, parts_in_flight: usize) -> Result<Arc<dyn Store>> {
     let invalid = |reason: &str| StoreError::InvalidLocation {

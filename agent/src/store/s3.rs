@@ -20,8 +20,8 @@ use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
 
 use super::{
-    ByteStream, MAX_PARTS, MIN_PART_SIZE, ObjectMeta, PendingUpload, Result, Store, StoreError,
-    Upload, check_key,
+    ByteStream, MAX_PARTS, ObjectMeta, PartRule, PendingUpload, Result, Store, StoreError, Upload,
+    check_key,
 };
 
 /// An S3 bucket, optionally under a key prefix.
@@ -268,7 +268,7 @@ impl Store for S3Store {
             size: 0,
             in_flight: JoinSet::new(),
             done: Vec::new(),
-            short_part_seen: false,
+            parts: PartRule::default(),
         }))
     }
 
@@ -422,7 +422,7 @@ struct S3Upload {
     size: u64,
     in_flight: JoinSet<Result<CompletedPart>>,
     done: Vec<CompletedPart>,
-    short_part_seen: bool,
+    parts: PartRule,
 }
 
 impl S3Upload {
@@ -454,16 +454,7 @@ impl S3Upload {
 #[async_trait]
 impl Upload for S3Upload {
     async fn put_part(&mut self, data: Bytes) -> Result<()> {
-        // Not every S3-compatible server enforces S3's minimum part size; refusing here keeps
-        // every backend (and the local store) to the same rule.
-        if self.short_part_seen {
-            return Err(StoreError::Request {
-                key: self.key.clone(),
-                message: format!("only the last part may be smaller than {MIN_PART_SIZE} bytes"),
-                retryable: false,
-            });
-        }
-        self.short_part_seen = data.len() < MIN_PART_SIZE;
+        self.parts.check(&self.key, data.len())?;
         if self.next_part as u32 > MAX_PARTS {
             return Err(StoreError::Request {
                 key: self.key.clone(),
