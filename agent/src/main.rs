@@ -8,6 +8,9 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // aws-sdk-s3 and reqwest pull in different rustls crypto backends; name one so a TLS
+    // connection (S3 over https, Qdrant over https) never has to guess.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let config = Config::parse();
     let filter = EnvFilter::try_from_env("SOMA_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
