@@ -24,6 +24,15 @@ pub struct CmdOutput {
 }
 
 impl CmdOutput {
+    /// Captures a finished process's exit code and output.
+    pub fn from_output(out: &std::process::Output) -> CmdOutput {
+        CmdOutput {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
     /// Panics (showing the output) unless the exit code is `code`.
     pub fn assert_code(&self, code: i32, what: &str) -> &Self {
         assert_eq!(
@@ -96,6 +105,18 @@ pub fn soma_spawn(agent_addr: &str, args: &[&str]) -> SomaChild {
         args: args.iter().map(|s| (*s).to_owned()).collect(),
         done: false,
     }
+}
+
+/// The ids `kubectl-soma list -o json` prints, in its order (newest first).
+pub fn listed_ids(agent_addr: &str) -> Vec<String> {
+    let out = soma(agent_addr, &["list", "-o", "json"]);
+    out.assert_success("list -o json");
+    out.json()
+        .as_array()
+        .unwrap_or_else(|| panic!("list -o json is not an array:\n{out}"))
+        .iter()
+        .filter_map(|m| m["id"].as_str().map(str::to_owned))
+        .collect()
 }
 
 /// A `kubectl-soma` running in the background; killed on drop if still running.

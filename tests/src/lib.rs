@@ -1,10 +1,14 @@
 //! Test harness for Soma Backup.
 //!
-//! Everything here is real, except Qdrant (below): a throwaway PostgreSQL 15 cluster per test ([`PgCluster`]), a
-//! single-node Garage S3 server per test ([`Garage`]), and the `soma-agent` / `kubectl-soma`
-//! binaries built by `cargo build --workspace --bins` ([`Agent`], [`soma`]). Every server binds
-//! only to 127.0.0.1 on ports picked per test, in its own temporary directory, so tests run in
-//! parallel. A missing server or binary makes the test panic with the command that installs it.
+//! Everything here is real, except Kubernetes and Qdrant (below): a throwaway PostgreSQL 15
+//! cluster per test ([`PgCluster`]), a single-node Garage S3 server per test ([`Garage`]), and
+//! the `soma-agent` / `kubectl-soma` binaries built by `cargo build --workspace --bins`
+//! ([`Agent`], [`soma`]). Every server binds only to 127.0.0.1 on ports picked per test, in its
+//! own temporary directory, so tests run in parallel. A missing server or binary makes the test
+//! panic with the command that installs it.
+//!
+//! Kubernetes cannot run here either, so [`KubeDouble`] stands in for its API server (with the
+//! kubelet's port-forward behind it), speaking the real wire protocol to `kubectl` and kube-rs.
 //!
 //! Qdrant cannot be installed here, so [`QdrantDouble`] stands in for it: a test double of the
 //! Qdrant 1.18 REST API that documents which real behaviour each part follows.
@@ -17,15 +21,17 @@ pub mod cli;
 pub mod db;
 pub mod fixtures;
 pub mod garage;
+pub mod kube;
 pub mod pg;
 pub mod qdrant;
 pub mod store;
 mod util;
 
 pub use agent::{Agent, AgentExit};
-pub use cli::{CmdOutput, SomaChild, soma, soma_spawn};
+pub use cli::{CmdOutput, SomaChild, listed_ids, soma, soma_spawn};
 pub use db::{DbFingerprint, assert_same_database};
 pub use garage::Garage;
+pub use kube::{KubeDouble, PodPhase, PodSpec};
 pub use pg::PgCluster;
 pub use qdrant::QdrantDouble;
 pub use store::TestStore;

@@ -10,7 +10,7 @@
 use std::{os::unix::fs::PermissionsExt, time::Duration};
 
 use soma_tests::store::MIB;
-use soma_tests::{Agent, PgCluster, TestStore, fixtures, poll_until, soma, soma_spawn};
+use soma_tests::{Agent, PgCluster, TestStore, fixtures, listed_ids, poll_until, soma, soma_spawn};
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
@@ -54,15 +54,7 @@ fn a_backup_finishes_after_its_client_disconnects() {
         Duration::from_secs(300),
         "the backup to complete without its client",
         || {
-            let out = soma(agent.addr(), &["list", "-o", "json"]);
-            out.assert_success("list -o json");
-            let ids: Vec<String> = out
-                .json()
-                .as_array()
-                .expect("list -o json is an array")
-                .iter()
-                .filter_map(|m| m["id"].as_str().map(str::to_owned))
-                .collect();
+            let ids = listed_ids(agent.addr());
             (!ids.is_empty()).then_some(ids)
         },
     );

@@ -2,7 +2,7 @@
 //! job or a script does: right after each backup, `describe latest` names the backup just taken and
 //! `list` shows every backup newest first — including backups that start within the same second.
 
-use soma_tests::{Agent, PgCluster, TestStore, soma};
+use soma_tests::{Agent, PgCluster, TestStore, listed_ids, soma};
 
 /// Enough back-to-back backups that several start within the same second.
 const BACKUPS: usize = 10;
@@ -37,15 +37,7 @@ fn latest_is_the_backup_just_taken() {
         taken.push(id);
     }
 
-    let out = soma(a, &["list", "-o", "json"]);
-    out.assert_success("list -o json");
-    let listed: Vec<String> = out
-        .json()
-        .as_array()
-        .expect("list -o json is an array")
-        .iter()
-        .filter_map(|m| m["id"].as_str().map(str::to_owned))
-        .collect();
+    let listed = listed_ids(a);
     taken.reverse();
     assert_eq!(listed, taken, "list is not newest first");
 }

@@ -50,14 +50,7 @@ impl Setup {
     }
 
     fn listed_ids(&self) -> Vec<String> {
-        let out = soma(self.addr(), &["list", "-o", "json"]);
-        out.assert_success("list -o json");
-        out.json()
-            .as_array()
-            .unwrap_or_else(|| panic!("list -o json is not an array:\n{out}"))
-            .iter()
-            .filter_map(|m| m["id"].as_str().map(str::to_owned))
-            .collect()
+        soma_tests::listed_ids(self.addr())
     }
 }
 

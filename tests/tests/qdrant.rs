@@ -14,7 +14,7 @@
 //! The API key reaches the double on every request and never appears in the agent's logs.
 
 use soma_tests::qdrant::{QdrantDouble, Times};
-use soma_tests::{Agent, PgCluster, TestStore, soma};
+use soma_tests::{Agent, PgCluster, TestStore, listed_ids, soma};
 
 const API_KEY: &str = "test-qdrant-key-5f2c";
 const MIB: u64 = 1024 * 1024;
@@ -37,14 +37,7 @@ fn three_collections(q: &QdrantDouble) {
 }
 
 fn ids(agent: &Agent) -> Vec<String> {
-    let out = soma(agent.addr(), &["list", "-o", "json"]);
-    out.assert_success("list -o json");
-    out.json()
-        .as_array()
-        .expect("array")
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_string())
-        .collect()
+    listed_ids(agent.addr())
 }
 
 fn round_trip(store: TestStore) {

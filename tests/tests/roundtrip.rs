@@ -6,7 +6,7 @@
 //! relies on around it: `list`, `describe`, `verify` and `restore latest`.
 
 use serde_json::Value;
-use soma_tests::{Agent, PgCluster, TestStore, assert_same_database, fixtures, soma};
+use soma_tests::{Agent, PgCluster, TestStore, assert_same_database, fixtures, listed_ids, soma};
 
 #[test]
 fn roundtrip_local_store() {
@@ -86,15 +86,7 @@ fn roundtrip(store: &TestStore) {
         .expect("second backup id")
         .to_owned();
     assert_ne!(second, id);
-    let out = soma(a, &["list", "-o", "json"]);
-    out.assert_success("list -o json");
-    let ids: Vec<String> = out
-        .json()
-        .as_array()
-        .expect("list -o json is an array")
-        .iter()
-        .filter_map(|m| m["id"].as_str().map(str::to_owned))
-        .collect();
+    let ids = listed_ids(a);
     assert_eq!(
         ids,
         vec![second.clone(), id.clone()],

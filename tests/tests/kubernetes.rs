@@ -1,0 +1,222 @@
+//! Proves `kubectl soma` works the Kubernetes way, with no `--agent`: it reads a real kubeconfig,
+//! finds agent pods through the API (labels `soma.dev/agent`, `soma.dev/engine`, the bitnami
+//! `app.kubernetes.io/component=primary`), and reaches the agent through the pods/portforward
+//! subresource. The API server is `soma_tests::kube::KubeDouble`, which speaks the real wire
+//! protocol (Pod/PodList/Status JSON, bearer tokens over TLS, RBAC 403s in the API server's format,
+//! port-forward over WebSocket with `v4.channel.k8s.io` as the kubelet serves it) and relays each
+//! port-forward to the real agent on 127.0.0.1 — so a real backup and restore run through it.
+//! The real `kubectl` also runs the plugin (`kubectl soma ...`) against the same kubeconfig.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use soma_tests::{
+    Agent, CmdOutput, KubeDouble, PgCluster, PodSpec, TestStore, assert_same_database, bin_dir,
+    bin_path,
+};
+
+const NS: &str = "soma-agent-hub";
+
+/// Runs the plugin with a kubeconfig and no `--agent`.
+fn kubectl_soma(kubeconfig: &PathBuf, args: &[&str]) -> CmdOutput {
+    let out = Command::new(bin_path("kubectl-soma"))
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("SOMA_AGENT")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kubectl-soma");
+    CmdOutput::from_output(&out)
+}
+
+fn agent_pod(name: &str, engine: &str, agent: &Agent) -> PodSpec {
+    let addr: SocketAddr = agent.addr().parse().unwrap();
+    PodSpec::new(NS, name)
+        .label("soma.dev/agent", "true")
+        .label("soma.dev/engine", engine)
+        .annotation("soma.dev/agent-port", "50051")
+        .forward(50051, addr)
+}
+
+struct Cluster {
+    // Drop order: the agent before its database and store.
+    agent: Agent,
+    pg: PgCluster,
+    _store: TestStore,
+    kube: KubeDouble,
+    _dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+fn cluster() -> Cluster {
+    let pg = PgCluster::start();
+    pg.createdb("appdb");
+    pg.psql(
+        "appdb",
+        "create table users (id int primary key, name text);
+         insert into users select i, 'user ' || i from generate_series(1, 1000) i;",
+    );
+    let store = TestStore::local();
+    let agent = Agent::start(&store.url(), &pg.url("appdb"), &[], &store.env());
+    let kube = KubeDouble::start();
+    kube.add_pod(
+        agent_pod("postgresql-0", "postgres", &agent)
+            .label("app.kubernetes.io/component", "primary"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    // The context's namespace is the default, as with kubectl.
+    kube.write_kubeconfig(&kubeconfig, NS);
+    Cluster {
+        agent,
+        pg,
+        _store: store,
+        kube,
+        _dir: dir,
+        kubeconfig,
+    }
+}
+
+#[test]
+fn backup_and_restore_run_through_a_port_forward() {
+    let c = cluster();
+    let out = kubectl_soma(
+        &c.kubeconfig,
+        &["-o", "json", "backup", "postgres", "--database", "appdb"],
+    );
+    out.assert_success("backup through the Kubernetes API");
+    let id = out.json()["id"].as_str().unwrap().to_string();
+    assert!(
+        c.kube.port_forward_count() >= 1,
+        "no port-forward was opened"
+    );
+
+    let out = kubectl_soma(&c.kubeconfig, &["-n", NS, "list", "-o", "json"]);
+    out.assert_success("list");
+    assert_eq!(out.json()[0]["id"], id.as_str());
+    kubectl_soma(
+        &c.kubeconfig,
+        &["restore", &id, "--database", "appdb_restored"],
+    )
+    .assert_success("restore through the Kubernetes API");
+    assert_same_database(&c.pg, "appdb", "appdb_restored");
+    // Nothing bypassed the API server: the agent was never given a Service or a host port.
+    assert!(
+        c.kube
+            .requests()
+            .iter()
+            .any(|r| r.path.ends_with("/pods/postgresql-0/portforward"))
+    );
+    drop(c.agent);
+}
+
+#[test]
+fn the_real_kubectl_runs_the_plugin() {
+    let c = cluster();
+    let path = format!(
+        "{}:{}",
+        bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("kubectl")
+        .args(["soma", "--kubeconfig"])
+        .arg(&c.kubeconfig)
+        .args(["-n", NS, "backup", "postgres", "--database", "appdb"])
+        .env("PATH", &path)
+        .env_remove("SOMA_AGENT")
+        .stdin(Stdio::null())
+        .output()
+        .expect("kubectl is installed");
+    let out = CmdOutput::from_output(&out);
+    out.assert_success("kubectl soma backup postgres");
+    assert!(out.stdout.contains("complete"), "{out}");
+}
+
+#[test]
+fn status_shows_every_agent_and_its_health() {
+    let c = cluster();
+    kubectl_soma(&c.kubeconfig, &["backup", "postgres"]).assert_success("backup");
+    let out = kubectl_soma(&c.kubeconfig, &["status", "-o", "json"]);
+    out.assert_success("status");
+    let rows = out.json();
+    let row = &rows[0];
+    assert_eq!(row["pod"], "postgresql-0");
+    assert_eq!(row["namespace"], NS);
+    assert_eq!(row["engine"], "postgres");
+    assert_eq!(row["health"], "ok");
+    assert_eq!(row["agent_version"], env!("CARGO_PKG_VERSION"));
+    assert!(
+        row["store"].as_str().unwrap().starts_with("file://"),
+        "{row}"
+    );
+    assert!(
+        row["last_backup"].as_str().unwrap().contains("-pg-appdb-"),
+        "{row}"
+    );
+    assert!(row["last_backup_age_seconds"].as_i64().unwrap() >= 0);
+
+    // A second agent pod that is not ready shows up as such, and status fails.
+    c.kube
+        .add_pod(agent_pod("qdrant-0", "qdrant", &c.agent).ready(false));
+    let out = kubectl_soma(&c.kubeconfig, &["status"]);
+    out.assert_code(1, "status with an unready agent");
+    assert!(
+        out.stdout.contains("qdrant-0") && out.stdout.contains("not ready"),
+        "{out}"
+    );
+    assert!(out.stdout.contains("postgresql-0"), "{out}");
+}
+
+#[test]
+fn discovery_errors_say_what_to_do() {
+    let c = cluster();
+    // No agent in the namespace.
+    kubectl_soma(&c.kubeconfig, &["-n", "elsewhere", "list"])
+        .assert_code(1, "no agent in the namespace")
+        .assert_stderr_contains("no soma agent in namespace elsewhere", "no agent")
+        .assert_stderr_contains("soma.dev/agent=true", "no agent");
+
+    // Two ready PostgreSQL agents, neither labelled primary: ambiguous.
+    c.kube
+        .add_pod(agent_pod("pg-replica-a", "postgres", &c.agent));
+    c.kube
+        .add_pod(agent_pod("pg-replica-b", "postgres", &c.agent));
+    c.kube.add_pod(agent_pod("qdrant-0", "qdrant", &c.agent));
+    // The primary label still decides for PostgreSQL…
+    kubectl_soma(&c.kubeconfig, &["backup", "postgres"]).assert_success("backup picks the primary");
+    // …but an id of no particular engine is ambiguous, and the candidates are named.
+    kubectl_soma(&c.kubeconfig, &["describe", "latest"])
+        .assert_code(1, "several candidates")
+        .assert_stderr_contains("several soma agents", "several candidates")
+        .assert_stderr_contains("pg-replica-a", "several candidates")
+        .assert_stderr_contains("--pod", "several candidates");
+    kubectl_soma(
+        &c.kubeconfig,
+        &["--pod", "postgresql-0", "describe", "latest"],
+    )
+    .assert_success("--pod resolves it");
+
+    // The chosen pod is not ready.
+    c.kube.set_ready("postgresql-0", false);
+    kubectl_soma(&c.kubeconfig, &["--pod", "postgresql-0", "list"])
+        .assert_code(1, "pod not ready")
+        .assert_stderr_contains("is not ready", "pod not ready");
+}
+
+#[test]
+fn rbac_denials_name_the_missing_rights() {
+    let c = cluster();
+    c.kube.deny(NS, "list", "pods");
+    kubectl_soma(&c.kubeconfig, &["list"])
+        .assert_code(1, "list pods denied")
+        .assert_stderr_contains("refused to list pods", "list pods denied")
+        .assert_stderr_contains("cannot list resource \"pods\"", "list pods denied");
+
+    c.kube.allow_all();
+    c.kube.deny(NS, "create", "pods/portforward");
+    kubectl_soma(&c.kubeconfig, &["list"])
+        .assert_code(1, "port-forward denied")
+        .assert_stderr_contains("pods/portforward", "port-forward denied");
+}
