@@ -1,0 +1,42 @@
+# The soma-agent image: the soma-agent sidecar and kubectl-soma (which the Helm chart's restore,
+# pre-upgrade backup and scheduled backup Jobs run), with the PostgreSQL client tools of one major.
+#
+#   docker build -t soma-backup:0.1.0 .                                   # pg_dump 15 (Debian's)
+#   docker build --build-arg PG_MAJOR=17 -t soma-backup:0.1.0-pg17 .     # pg_dump 17 (PGDG)
+#
+# pg_dump must be at least the server's major version (the agent checks and says so), so build
+# with PG_MAJOR = your server's major.
+ARG PG_MAJOR=15
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+# protox compiles the protos in Rust: no protoc needed.
+RUN cargo build --release --locked -p soma-agent -p kubectl-soma \
+ && install -D -m 0755 -t /out target/release/soma-agent target/release/kubectl-soma
+
+FROM debian:bookworm-slim
+ARG PG_MAJOR
+# bookworm ships PostgreSQL 15; any other major comes from the PostgreSQL project's apt
+# repository (PGDG), set up with the script and signing key that Debian's postgresql-common
+# package ships. Only the client package is installed: pg_dump, pg_restore, psql.
+RUN set -eux; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends ca-certificates; \
+    if [ "$PG_MAJOR" != "15" ]; then \
+      apt-get install -y --no-install-recommends postgresql-common; \
+      /usr/share/postgresql-common/pgdg/apt.postgresql.org.sh -y; \
+      apt-get update; \
+    fi; \
+    apt-get install -y --no-install-recommends "postgresql-client-$PG_MAJOR"; \
+    rm -rf /var/lib/apt/lists/*; \
+    groupadd --system --gid 65532 soma; \
+    useradd --system --uid 65532 --gid 65532 --home-dir /nonexistent --no-create-home \
+      --shell /usr/sbin/nologin soma
+COPY --from=build /out/soma-agent /out/kubectl-soma /usr/local/bin/
+# Debian installs each major's tools under /usr/lib/postgresql/<major>/bin.
+ENV SOMA_PG_BIN_DIR=/usr/lib/postgresql/${PG_MAJOR}/bin
+# The agent listens on 127.0.0.1:50051 by default: nothing to expose, kubectl-soma port-forwards.
+# A numeric user, so Kubernetes can check runAsNonRoot without reading /etc/passwd.
+USER 65532:65532
+ENTRYPOINT ["soma-agent"]
