@@ -168,3 +168,107 @@ pub async fn connect(
     let pod = discovery::choose(&found, &namespace, engine, args.pod.as_deref())?;
     port_forward(&client, &pod).await
 }
+
+/// Every ready agent of the namespace, connected (discovery explains when there is none).
+pub async fn ready_agents(args: &KubeArgs) -> Result<Vec<Agent>, CliError> {
+    let (client, namespace) = kube(args).await?;
+    let found = discovery::agents(&client, &namespace).await?;
+    let ready: Vec<&AgentPod> = found.iter().filter(|p| p.ready).collect();
+    if ready.is_empty() {
+        // Says why: no agent at all, or none ready.
+        discovery::choose(&found, &namespace, None, None)?;
+    }
+    let mut agents = Vec::new();
+    for pod in ready {
+        agents.push(port_forward(&client, pod).await?);
+    }
+    Ok(agents)
+}
+
+/// The agent that can act on backup `id` (or "latest"): the one serving its engine — for a set,
+/// the engine of its members.
+pub async fn agent_for_backup(agents: Vec<Agent>, id: &str) -> Result<Agent, CliError> {
+    use soma_proto::v1;
+    let mut found = None;
+    for agent in &agents {
+        let mut client = agent.client.clone();
+        match client
+            .describe_backup(v1::DescribeBackupRequest {
+                backup_id: id.to_string(),
+            })
+            .await
+        {
+            Ok(info) => {
+                let info = info.into_inner();
+                // "latest" may differ per agent: keep the newest.
+                if found
+                    .as_ref()
+                    .is_none_or(|f: &v1::BackupInfo| info.started_at > f.started_at)
+                {
+                    found = Some(info);
+                }
+                if id != "latest" {
+                    break;
+                }
+            }
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Err(s) => return Err(CliError::from_status(s, &agent.addr, "request")),
+        }
+    }
+    let info = found.ok_or_else(|| CliError::Agent {
+        code: tonic::Code::NotFound,
+        message: format!(
+            "backup {id} not found by any agent in the namespace; run `kubectl soma list`"
+        ),
+    })?;
+    let engine_of_id = |id: &str| match id.get(17..).and_then(|r| r.split('-').next()) {
+        Some("pg") => "postgres",
+        Some("qd") => "qdrant",
+        _ => "",
+    };
+    let mut needed: Vec<&str> = if info.members.is_empty() {
+        vec![engine_of_id(&info.id)]
+    } else {
+        info.members.iter().map(|m| engine_of_id(m)).collect()
+    };
+    needed.sort();
+    needed.dedup();
+    let serving: Vec<Agent> = agents
+        .into_iter()
+        .filter(|a| {
+            a.pod
+                .as_ref()
+                .is_some_and(|p| needed.contains(&p.engine.as_str()))
+        })
+        .collect();
+    // As in discovery: among PostgreSQL agents, the primary's.
+    let primaries: Vec<usize> = serving
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| a.pod.as_ref().is_some_and(|p| p.primary))
+        .map(|(i, _)| i)
+        .collect();
+    if serving.len() > 1 && primaries.len() == 1 {
+        return Ok(serving
+            .into_iter()
+            .nth(primaries[0])
+            .expect("index in range"));
+    }
+    match serving.len() {
+        1 => Ok(serving.into_iter().next().expect("one")),
+        0 => Err(CliError::Kubernetes(format!(
+            "backup {} needs an agent serving {}; none of the ready agents in the namespace does",
+            info.id,
+            needed.join(" and ")
+        ))),
+        _ => Err(CliError::Kubernetes(format!(
+            "backup {} can be handled by several agents ({}); choose one with --pod NAME",
+            info.id,
+            serving
+                .iter()
+                .filter_map(|a| a.pod.as_ref().map(|p| p.name.clone()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}

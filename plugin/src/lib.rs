@@ -19,28 +19,42 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     if let Command::Status = cli.command {
         return commands::status::run(cli.agent.as_deref(), &cli.kube, out).await;
     }
-    if let Command::List = cli.command
-        && cli.agent.is_none()
-        && cli.kube.pod.is_none()
-        && cli.kube.target.is_none()
-    {
-        // Every agent may keep its backups under its own prefix: list them all.
-        let (client, namespace) = connect::kube(&cli.kube).await?;
-        let found = discovery::agents(&client, &namespace).await?;
-        let ready: Vec<_> = found.iter().filter(|p| p.ready).collect();
-        if ready.is_empty() {
-            // Let discovery explain why (none at all, or none ready).
-            discovery::choose(&found, &namespace, None, None)?;
+    let engine = commands::engine_of(&cli.command);
+    let explicit = cli.agent.is_some() || cli.kube.pod.is_some() || cli.kube.target.is_some();
+    if !explicit && engine.is_none() {
+        // A command any agent could answer, or one that spans engines, with several agents in
+        // the namespace: decide from what the agents themselves say.
+        let agents = connect::ready_agents(&cli.kube).await?;
+        if agents.len() > 1 {
+            return match cli.command {
+                Command::List => commands::list::run_many(agents, out).await,
+                // Each sidecar backs up the engines it serves, as one set each.
+                Command::Backup(args) => commands::backup::run_each(agents, out, args).await,
+                command => {
+                    let id = commands::backup_id(&command).expect("the other commands name an id");
+                    let agent = connect::agent_for_backup(agents, id).await?;
+                    dispatch(command, agent, out).await
+                }
+            };
         }
-        let mut agents = Vec::new();
-        for pod in ready {
-            agents.push(connect::port_forward(&client, pod).await?);
-        }
-        return commands::list::run_many(agents, out).await;
+        let agent = agents
+            .into_iter()
+            .next()
+            .expect("ready_agents returns at least one");
+        return dispatch(cli.command, agent, out).await;
     }
     let engine = commands::engine_of(&cli.command);
     let agent = connect::connect(cli.agent.as_deref(), &cli.kube, engine).await?;
-    match cli.command {
+    dispatch(cli.command, agent, out).await
+}
+
+/// Runs a command against one agent.
+async fn dispatch(
+    command: Command,
+    agent: connect::Agent,
+    out: cli::OutputFormat,
+) -> Result<(), CliError> {
+    match command {
         Command::Backup(args) => commands::backup::run(agent, out, args).await,
         Command::Restore(args) => commands::restore::run(agent, out, args).await,
         Command::List => commands::list::run_many(vec![agent], out).await,

@@ -178,25 +178,32 @@ fn discovery_errors_say_what_to_do() {
         .assert_stderr_contains("no soma agent in namespace elsewhere", "no agent")
         .assert_stderr_contains("soma.dev/agent=true", "no agent");
 
-    // Two ready PostgreSQL agents, neither labelled primary: ambiguous.
+    // More agents: the primary label decides for PostgreSQL, the engine of a backup decides
+    // which agent acts on it.
     c.kube
         .add_pod(agent_pod("pg-replica-a", "postgres", &c.agent));
     c.kube
         .add_pod(agent_pod("pg-replica-b", "postgres", &c.agent));
     c.kube.add_pod(agent_pod("qdrant-0", "qdrant", &c.agent));
-    // The primary label still decides for PostgreSQL…
     kubectl_soma(&c.kubeconfig, &["backup", "postgres"]).assert_success("backup picks the primary");
-    // …but an id of no particular engine is ambiguous, and the candidates are named.
-    kubectl_soma(&c.kubeconfig, &["describe", "latest"])
+    kubectl_soma(&c.kubeconfig, &["describe", "latest"]).assert_success("describe finds its agent");
+
+    // Without a primary, two ready PostgreSQL agents are ambiguous, and the candidates are named.
+    assert!(c.kube.remove_pod(NS, "postgresql-0"));
+    kubectl_soma(&c.kubeconfig, &["backup", "postgres"])
         .assert_code(1, "several candidates")
-        .assert_stderr_contains("several soma agents", "several candidates")
+        .assert_stderr_contains("several soma agents for postgres", "several candidates")
         .assert_stderr_contains("pg-replica-a", "several candidates")
         .assert_stderr_contains("--pod", "several candidates");
     kubectl_soma(
         &c.kubeconfig,
-        &["--pod", "postgresql-0", "describe", "latest"],
+        &["--pod", "pg-replica-b", "backup", "postgres"],
     )
     .assert_success("--pod resolves it");
+    c.kube.add_pod(
+        agent_pod("postgresql-0", "postgres", &c.agent)
+            .label("app.kubernetes.io/component", "primary"),
+    );
 
     // The chosen pod is not ready.
     c.kube.set_ready("postgresql-0", false);
@@ -219,4 +226,49 @@ fn rbac_denials_name_the_missing_rights() {
     kubectl_soma(&c.kubeconfig, &["list"])
         .assert_code(1, "port-forward denied")
         .assert_stderr_contains("pods/portforward", "port-forward denied");
+}
+
+/// One sidecar per engine, as the chart deploys them: `backup all` (the pre-upgrade hook's
+/// command) backs up each engine through its own agent, and a restore goes to the agent serving
+/// the backup's engine.
+#[test]
+fn backup_all_spans_one_sidecar_per_engine() {
+    let c = cluster();
+    let q = soma_tests::QdrantDouble::start(None);
+    q.add_collection("memory", 8, 100, 64 * 1024, 1);
+    let original = q.fingerprint("memory");
+    let store = TestStore::local();
+    let url = q.url();
+    let qdrant_agent = Agent::start(&store.url(), "", &["--qdrant-url", &url], &store.env());
+    c.kube
+        .add_pod(agent_pod("qdrant-0", "qdrant", &qdrant_agent));
+
+    let out = kubectl_soma(&c.kubeconfig, &["-o", "json", "backup", "all"]);
+    out.assert_success("backup all across two sidecars");
+    let sets = out.json();
+    let sets = sets.as_array().expect("one manifest per agent");
+    assert_eq!(sets.len(), 2, "{sets:?}");
+    let engines: Vec<String> = sets
+        .iter()
+        .map(|s| s["members"][0].as_str().unwrap().to_string())
+        .collect();
+    assert!(engines.iter().any(|m| m.contains("-pg-")), "{engines:?}");
+    assert!(engines.iter().any(|m| m.contains("-qd-")), "{engines:?}");
+
+    let qdrant_set = sets
+        .iter()
+        .find(|s| s["members"][0].as_str().unwrap().contains("-qd-"))
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    q.add_collection("memory", 8, 100, 64 * 1024, 2);
+    let before = q.fingerprint("memory");
+    kubectl_soma(&c.kubeconfig, &["restore", &qdrant_set, "--force"])
+        .assert_success("restore goes to the Qdrant sidecar");
+    assert_ne!(
+        q.fingerprint("memory"),
+        before,
+        "the restore did not reach Qdrant"
+    );
 }

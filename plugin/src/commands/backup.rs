@@ -9,12 +9,60 @@ use crate::{
     output, progress,
 };
 
+/// `backup all` with several agents (one sidecar per engine): each backs up what it serves, one
+/// after the other; json/yaml print the array of their manifests.
+pub async fn run_each(
+    agents: Vec<Agent>,
+    out: OutputFormat,
+    args: BackupArgs,
+) -> Result<(), CliError> {
+    let mut manifests = Vec::new();
+    for agent in agents {
+        let info = take(agent, &args).await?;
+        match out {
+            OutputFormat::Table => print_summary(&info),
+            _ => manifests.push(output::manifest(&info.0)?),
+        }
+    }
+    match out {
+        OutputFormat::Table => Ok(()),
+        format => output::print_structured(format, &manifests),
+    }
+}
+
 /// Starts a backup, follows it, prints the manifest (json/yaml) or a summary (table).
-pub async fn run(mut agent: Agent, out: OutputFormat, args: BackupArgs) -> Result<(), CliError> {
-    let request = match args.engine {
+pub async fn run(agent: Agent, out: OutputFormat, args: BackupArgs) -> Result<(), CliError> {
+    let info = take(agent, &args).await?;
+    match out {
+        OutputFormat::Table => {
+            print_summary(&info);
+            Ok(())
+        }
+        format => output::print_structured(format, &output::manifest(&info.0)?),
+    }
+}
+
+fn print_summary((info, result): &(v1::BackupInfo, v1::OperationResult)) {
+    println!("{}", result.summary);
+    println!(
+        "id: {}\nsize: {} raw, {} stored ({:.1}x), {:.1}s",
+        info.id,
+        output::bytes(result.raw_bytes),
+        output::bytes(result.stored_bytes),
+        result.raw_bytes as f64 / result.stored_bytes.max(1) as f64,
+        result.seconds
+    );
+}
+
+/// Runs one backup to its end.
+async fn take(
+    mut agent: Agent,
+    args: &BackupArgs,
+) -> Result<(v1::BackupInfo, v1::OperationResult), CliError> {
+    let request = match &args.engine {
         BackupEngine::Postgres { database } => v1::BackupRequest {
             engine: v1::Engine::Postgres as i32,
-            database: database.unwrap_or_default(),
+            database: database.clone().unwrap_or_default(),
             ..Default::default()
         },
         BackupEngine::Qdrant {
@@ -23,10 +71,10 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: BackupArgs) -> Resul
             full_storage,
         } => v1::BackupRequest {
             engine: v1::Engine::Qdrant as i32,
-            collections,
-            qdrant_mode: if stream_shards {
+            collections: collections.clone(),
+            qdrant_mode: if *stream_shards {
                 v1::QdrantMode::ShardStream
-            } else if full_storage {
+            } else if *full_storage {
                 v1::QdrantMode::FullStorage
             } else {
                 v1::QdrantMode::Unspecified
@@ -47,20 +95,7 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: BackupArgs) -> Resul
     let result = progress::follow(stream, "backup", &agent.addr).await?;
     let info = result
         .backup
+        .clone()
         .ok_or_else(|| CliError::Other("the agent reported no backup".into()))?;
-    match out {
-        OutputFormat::Table => {
-            println!("{}", result.summary);
-            println!(
-                "id: {}\nsize: {} raw, {} stored ({:.1}x), {:.1}s",
-                info.id,
-                output::bytes(result.raw_bytes),
-                output::bytes(result.stored_bytes),
-                result.raw_bytes as f64 / result.stored_bytes.max(1) as f64,
-                result.seconds
-            );
-            Ok(())
-        }
-        format => output::print_structured(format, &output::manifest(&info)?),
-    }
+    Ok((info, result))
 }

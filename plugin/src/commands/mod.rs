@@ -42,6 +42,16 @@ pub fn engine_of(command: &Command) -> Option<&'static str> {
     }
 }
 
+/// The backup id a command names, if any.
+pub fn backup_id(command: &Command) -> Option<&str> {
+    match command {
+        Command::Restore(a) => Some(&a.id),
+        Command::Describe(a) | Command::Verify(a) => Some(&a.id),
+        Command::Delete(a) => Some(&a.id),
+        _ => None,
+    }
+}
+
 /// Refuses ids that cannot be backup ids before asking the agent (which checks again), so a typo
 /// such as `../x` is a usage error with exit code 2.
 pub fn check_id(id: &str, allow_latest: bool) -> Result<(), CliError> {
