@@ -263,12 +263,12 @@ fn backup_all_spans_one_sidecar_per_engine() {
         .unwrap()
         .to_string();
     q.add_collection("memory", 8, 100, 64 * 1024, 2);
-    let before = q.fingerprint("memory");
+    assert_ne!(q.fingerprint("memory"), original);
     kubectl_soma(&c.kubeconfig, &["restore", &qdrant_set, "--force"])
         .assert_success("restore goes to the Qdrant sidecar");
-    assert_ne!(
+    assert_eq!(
         q.fingerprint("memory"),
-        before,
-        "the restore did not reach Qdrant"
+        original,
+        "the restore did not bring the backed-up collection back"
     );
 }
