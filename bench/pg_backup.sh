@@ -35,10 +35,6 @@ export LC_ALL=C
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SCALE=${SCALE:-100}
 REPEAT=${REPEAT:-3}
-PART_SIZE=${PART_SIZE:-}
-PARTS_IN_FLIGHT=${PARTS_IN_FLIGHT:-}
-COMPRESSION_THREADS=${COMPRESSION_THREADS:-}
-COMPRESSION_LEVEL=${COMPRESSION_LEVEL:-}
 PG_RESTORE_COMPARE=${PG_RESTORE_COMPARE:-1}
 DB=bench
 RESTORED_DB=bench_restored
@@ -58,67 +54,18 @@ unset PGHOST PGHOSTADDR PGPORT PGUSER PGDATABASE PGSERVICE PGSERVICEFILE PGOPTIO
 [[ "$SCALE" =~ ^[1-9][0-9]*$ ]] || { echo "SCALE must be a positive integer" >&2; exit 2; }
 [[ "$REPEAT" =~ ^[1-9][0-9]*$ ]] || { echo "REPEAT must be a positive integer" >&2; exit 2; }
 
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() {
-  printf '[%s] ERROR: %s\n' "$(date +%H:%M:%S)" "$*" >&2
-  exit 1
-}
+# shellcheck source=bench/lib.sh
+. "$REPO_ROOT/bench/lib.sh"
 
 # ---------------------------------------------------------------------------------------------
-# Clean-up on every exit
+# Clean-up on every exit (bench/lib.sh): agent, Garage and PostgreSQL are stopped, TMP_DIR removed
 
-TMP_DIR=''
 PG_DATA=''
-PG_STARTED=0
-AGENT_PID=''
-GARAGE_PID=''
 as_postgres() { "$@"; } # redefined when running as root
-
 # shellcheck disable=SC2317 # called from the EXIT trap
-stop_pid() {
-  local pid=$1
-  [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null
-  for _ in $(seq 1 100); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -KILL "$pid" 2>/dev/null
-  wait "$pid" 2>/dev/null
-  return 0
-}
-
-# shellcheck disable=SC2317 # the EXIT trap
-cleanup() {
-  local rc=$?
-  set +e
-  trap '' INT TERM # a second Ctrl-C must not cut the clean-up short
-  if [[ $rc -ne 0 && -n "$TMP_DIR" ]]; then
-    for f in agent.log garage.log pg/postgres.log; do
-      if [[ -s "$TMP_DIR/$f" ]]; then
-        printf -- '--- last lines of %s ---\n' "$f" >&2
-        tail -n 20 "$TMP_DIR/$f" >&2
-      fi
-    done
-    log "FAILED (exit code $rc)"
-  fi
-  stop_pid "$AGENT_PID"
-  stop_pid "$GARAGE_PID"
-  if [[ $PG_STARTED -eq 1 ]]; then
-    (cd / && as_postgres "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 120 stop >/dev/null 2>&1)
-  fi
-  if [[ -n "$TMP_DIR" && -d "$TMP_DIR" ]]; then
-    if [[ -n "${KEEP_TMP:-}" ]]; then
-      log "kept $TMP_DIR"
-    else
-      rm -rf "$TMP_DIR"
-    fi
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+stop_postgres() { (cd / && as_postgres "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 120 stop >/dev/null 2>&1); }
+FAILURE_LOGS=(agent.log garage.log pg/postgres.log)
+install_cleanup
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -134,66 +81,11 @@ find_pg_bin() {
   printf '%s\n' "$dir"
 }
 
-free_port() {
-  local port
-  for _ in $(seq 1 100); do
-    port=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      printf '%s\n' "$port"
-      return 0
-    fi
-  done
-  return 1
-}
-
-random_hex() { od -An -tx1 -N"$1" /dev/urandom | tr -d ' \n'; }
-
 sql() {
   local db=$1
   shift
   "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -At -F ' ' -h 127.0.0.1 -p "$PG_PORT" -U postgres -d "$db" "$@"
 }
-
-# timed VAR command...: runs the command and stores its wall time in seconds in VAR.
-timed() {
-  local __var=$1 t0 t1
-  shift
-  t0=$(date +%s.%N)
-  "$@" || return $?
-  t1=$(date +%s.%N)
-  printf -v "$__var" '%.2f' "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')"
-}
-
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) printf "%.2f", v[(NR + 1) / 2]; else printf "%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
-mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
-mib_per_s() { awk -v b="$1" -v s="$2" 'BEGIN { if (s > 0) printf "%.0f", b / 1048576 / s; else print "n/a" }'; }
-join_by() {
-  local sep=$1 out=''
-  shift
-  for v in "$@"; do out+="${out:+$sep}$v"; done
-  printf '%s' "$out"
-}
-
-# A top-level field of a JSON document (the manifest printed by `kubectl-soma -o json`).
-json_field() {
-  local file=$1 key=$2
-  if command -v jq >/dev/null 2>&1; then
-    jq -er --arg k "$key" '.[$k] | if type == "string" then . else tojson end' "$file"
-  else
-    python3 -c 'import json, sys
-v = json.load(open(sys.argv[1]))[sys.argv[2]]
-print(v)' "$file" "$key"
-  fi
-}
-
-# Agent memory, from /proc/PID/status (kB values).
-proc_kib() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$AGENT_PID/status"; }
-# Resets VmHWM to the current RSS (Linux >= 4.0), so the next reading is one operation's peak.
-PEAK_IS_PER_OPERATION=1
-reset_peak() { { echo 5 >"/proc/$AGENT_PID/clear_refs"; } 2>/dev/null || PEAK_IS_PER_OPERATION=0; }
-
-soma() { "$BIN_DIR/kubectl-soma" --agent "$AGENT_ADDR" "$@"; }
 
 # ---------------------------------------------------------------------------------------------
 log "Soma Backup benchmark: SCALE=$SCALE REPEAT=$REPEAT"
@@ -202,33 +94,17 @@ PG_BIN=$(find_pg_bin)
 for tool in initdb pg_ctl postgres psql pg_dump pg_restore pgbench; do
   [[ -x "$PG_BIN/$tool" ]] || die "PostgreSQL tool $tool not found in '${PG_BIN}' (set PG_BIN)"
 done
-GARAGE_BIN=${GARAGE_BIN:-$(command -v garage || echo "$HOME/.cargo/bin/garage")}
-[[ -x "$GARAGE_BIN" ]] || die "garage not found (cargo install garage@2.5.0 --locked, or set GARAGE_BIN)"
-command -v curl >/dev/null 2>&1 || die "curl is needed to wait for the S3 bucket"
-command -v jq >/dev/null 2>&1 || command -v python3 >/dev/null 2>&1 || die "jq or python3 is needed to read the manifest"
+find_garage
 if [[ $(id -u) -eq 0 ]]; then
   id postgres >/dev/null 2>&1 || die "running as root: PostgreSQL needs an unprivileged 'postgres' user"
   as_postgres() { runuser -u postgres -- "$@"; }
 fi
 export PATH="$PG_BIN:$PATH" # the agent's pg_dump / pg_restore match the server
 
-BIN_DIR=${SOMA_BIN_DIR:-${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release}
-if [[ -z "${SOMA_SKIP_BUILD:-}" ]]; then
-  log "building release binaries: cargo build --release --bins -p soma-agent -p kubectl-soma"
-  (cd "$REPO_ROOT" && cargo build --release --bins -p soma-agent -p kubectl-soma) >&2
-fi
-for bin in soma-agent kubectl-soma; do
-  [[ -x "$BIN_DIR/$bin" ]] || die "$BIN_DIR/$bin is missing"
-done
+build_soma
 
 # --- temp dir and disk space -------------------------------------------------------------------
-BASE_TMP=${BENCH_TMPDIR:-${TMPDIR:-/tmp}}
-TMP_DIR=$(mktemp -d "$BASE_TMP/soma-bench.XXXXXX")
-chmod 755 "$TMP_DIR"
-need_kib=$((SCALE * 100 * 1024))
-have_kib=$(df -Pk "$TMP_DIR" | awk 'NR == 2 { print $4 }')
-((have_kib > need_kib)) || log "WARNING: $((have_kib / 1024)) MiB free in $BASE_TMP, the run may need ~$((need_kib / 1024)) MiB"
-log "working directory $TMP_DIR"
+make_tmp_dir "$((SCALE * 100 * 1024))"
 
 # --- PostgreSQL --------------------------------------------------------------------------------
 mkdir "$TMP_DIR/pg"
@@ -243,7 +119,7 @@ PG_PORT=$(free_port) || die "no free port"
   printf '%s\n' "${PG_SETTINGS[@]}"
 } >>"$PG_DATA/postgresql.conf"
 (cd / && as_postgres "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$TMP_DIR/pg/postgres.log" -w -t 120 start) >/dev/null
-PG_STARTED=1
+at_exit stop_postgres
 PG_SERVER_VERSION=$(sql postgres -c "SHOW server_version")
 log "PostgreSQL $PG_SERVER_VERSION on 127.0.0.1:$PG_PORT"
 
@@ -259,71 +135,11 @@ DB_PRETTY=$(sql "$DB" -c "SELECT pg_size_pretty(pg_database_size('$DB'))")
 log "database $DB: $DB_PRETTY ($DB_BYTES bytes)"
 
 # --- Garage S3 ---------------------------------------------------------------------------------
-S3_PORT=$(free_port) || die "no free port"
-RPC_PORT=$(free_port) || die "no free port"
-AWS_KEY="GK$(random_hex 12)"
-AWS_SECRET=$(random_hex 32)
-mkdir -p "$TMP_DIR/garage"
-cat >"$TMP_DIR/garage/garage.toml" <<EOF
-metadata_dir = "$TMP_DIR/garage/meta"
-data_dir = "$TMP_DIR/garage/data"
-db_engine = "sqlite"
-replication_factor = 1
-compression_level = "none"
-rpc_bind_addr = "127.0.0.1:$RPC_PORT"
-rpc_public_addr = "127.0.0.1:$RPC_PORT"
-rpc_secret = "$(random_hex 32)"
-
-[s3_api]
-s3_region = "us-east-1"
-api_bind_addr = "127.0.0.1:$S3_PORT"
-root_domain = ".s3.garage.localhost"
-EOF
-GARAGE_VERSION=$("$GARAGE_BIN" --version 2>/dev/null | head -n 1 | sed 's/ *\[.*//' || true)
-GARAGE_VERSION=${GARAGE_VERSION:-garage (version unknown)}
-GARAGE_DEFAULT_ACCESS_KEY=$AWS_KEY GARAGE_DEFAULT_SECRET_KEY=$AWS_SECRET GARAGE_DEFAULT_BUCKET=$BUCKET \
-  "$GARAGE_BIN" -c "$TMP_DIR/garage/garage.toml" server --single-node --default-bucket \
-  >"$TMP_DIR/garage.log" 2>&1 &
-GARAGE_PID=$!
-# Garage listens before the key and bucket exist: wait for an authenticated HeadBucket.
-bucket_ready=0
-EMPTY_SHA256=e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
-for _ in $(seq 1 300); do
-  kill -0 "$GARAGE_PID" 2>/dev/null || die "garage exited"
-  code=$(curl -s -o /dev/null -w '%{http_code}' -I --aws-sigv4 "aws:amz:us-east-1:s3" \
-    -H "x-amz-content-sha256: $EMPTY_SHA256" --user "$AWS_KEY:$AWS_SECRET" "http://127.0.0.1:$S3_PORT/$BUCKET" || true)
-  if [[ "$code" == 200 ]]; then
-    bucket_ready=1
-    break
-  fi
-  sleep 0.2
-done
-[[ $bucket_ready -eq 1 ]] || die "Garage bucket $BUCKET not ready after 60 s (last HTTP status $code)"
-log "$GARAGE_VERSION: S3 on 127.0.0.1:$S3_PORT, bucket $BUCKET"
+start_garage
 
 # --- soma-agent ---------------------------------------------------------------------------------
-STORE_URL="s3://$BUCKET/$PREFIX"
 PG_URL="postgresql://postgres@127.0.0.1:$PG_PORT/$DB"
-AGENT_ARGS=(--listen 127.0.0.1:0 --store "$STORE_URL" --postgres-url "$PG_URL")
-[[ -z "$PART_SIZE" ]] || AGENT_ARGS+=(--part-size "$PART_SIZE")
-[[ -z "$PARTS_IN_FLIGHT" ]] || AGENT_ARGS+=(--parts-in-flight "$PARTS_IN_FLIGHT")
-[[ -z "$COMPRESSION_LEVEL" ]] || AGENT_ARGS+=(--compression-level "$COMPRESSION_LEVEL")
-[[ -z "$COMPRESSION_THREADS" ]] || AGENT_ARGS+=(--compression-threads "$COMPRESSION_THREADS")
-AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" AWS_ACCESS_KEY_ID=$AWS_KEY AWS_SECRET_ACCESS_KEY=$AWS_SECRET \
-  AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true \
-  "$BIN_DIR/soma-agent" "${AGENT_ARGS[@]}" >"$TMP_DIR/agent.log" 2>&1 &
-AGENT_PID=$!
-AGENT_ADDR=''
-for _ in $(seq 1 300); do
-  AGENT_ADDR=$(sed -n 's/.*soma-agent listening on \(127\.0\.0\.1:[0-9][0-9]*\).*/\1/p' "$TMP_DIR/agent.log" | head -n 1)
-  [[ -n "$AGENT_ADDR" ]] && break
-  kill -0 "$AGENT_PID" 2>/dev/null || die "soma-agent exited before it was ready"
-  sleep 0.1
-done
-[[ -n "$AGENT_ADDR" ]] || die "soma-agent did not print 'soma-agent listening on ...' within 30 s"
-IDLE_RSS_KIB=$(proc_kib VmRSS)
-AGENT_VERSION=$("$BIN_DIR/soma-agent" --version 2>/dev/null | head -n 1 || true)
-log "soma-agent ${AGENT_VERSION:+($AGENT_VERSION) }on $AGENT_ADDR, pid $AGENT_PID, idle RSS $(mib "$((IDLE_RSS_KIB * 1024))") MiB"
+start_agent --postgres-url "$PG_URL"
 
 # --- measurements ------------------------------------------------------------------------------
 RESTORE_S='' VERIFY_S='' t=''
@@ -402,21 +218,8 @@ DUMP_MED=$(median "${DUMP_TIMES[@]}")
 BACKUP_MED=$(median "${BACKUP_TIMES[@]}")
 RATIO=$(ratio "$BACKUP_MED" "$DUMP_MED")
 BACKUP_PEAK_KIB=$(printf '%s\n' "${BACKUP_PEAKS_KIB[@]}" | sort -n | tail -n 1)
-CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
-MEM_TOTAL=$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
-OS_NAME=$(sed -n 's/^PRETTY_NAME="\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' /etc/os-release 2>/dev/null || true)
-GIT_REV=$(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo "no commit")
-[[ -z "$(git -C "$REPO_ROOT" status --porcelain 2>/dev/null | head -n 1)" ]] || GIT_REV+=" + uncommitted changes"
-RUSTC_VERSION=$(rustc --version 2>/dev/null || echo "rustc unknown")
-KNOBS="SCALE=$SCALE REPEAT=$REPEAT"
-for k in PART_SIZE PARTS_IN_FLIGHT COMPRESSION_LEVEL COMPRESSION_THREADS; do
-  [[ -z "${!k}" ]] || KNOBS+=" $k=${!k}"
-done
-if [[ $PEAK_IS_PER_OPERATION -eq 1 ]]; then
-  PEAK_NOTE="VmHWM reset (clear_refs 5) before each operation, read right after it"
-else
-  PEAK_NOTE="VmHWM could not be reset: each value is the peak since the agent started"
-fi
+collect_run_info
+KNOBS="SCALE=$SCALE REPEAT=$REPEAT$(agent_knobs)"
 ROWS="| (a) raw dump | \`pg_dump -Fc -Z0 -d $DB > /dev/null\` | $(join_by ', ' "${DUMP_TIMES[@]}") | $DUMP_MED | $(mib_per_s "$RAW_BYTES" "$DUMP_MED") | |
 | (b) soma backup → S3 | \`kubectl-soma backup postgres --database $DB\` | $(join_by ', ' "${BACKUP_TIMES[@]}") | $BACKUP_MED | $(mib_per_s "$RAW_BYTES" "$BACKUP_MED") | $(mib "$((BACKUP_PEAK_KIB * 1024))") MiB |
 | (c) soma restore ← S3 | \`kubectl-soma restore <id> --database $RESTORED_DB\` | $RESTORE_S | $RESTORE_S | $(mib_per_s "$RAW_BYTES" "$RESTORE_S") | $(mib "$((RESTORE_PEAK_KIB * 1024))") MiB |"
@@ -432,8 +235,8 @@ cat <<EOF
 
 ### PostgreSQL backup to S3 vs pg_dump — $(date -u '+%Y-%m-%d %H:%M UTC')
 
-- **Machine**: $(nproc) CPUs ($CPU_MODEL), $MEM_TOTAL RAM, $OS_NAME, Linux $(uname -r)
-- **Load average** (1/5/15 min) when the measurements started: $LOAD_BEFORE; when they ended: $LOAD_AFTER
+$(machine_line)
+$(load_line "$LOAD_BEFORE" "$LOAD_AFTER")
 - **Versions**: PostgreSQL $PG_SERVER_VERSION, $GARAGE_VERSION (single node, 127.0.0.1, \`compression_level = "none"\`), ${AGENT_VERSION:-soma-agent (no --version)} at $GIT_REV, $RUSTC_VERSION
 - **Command**: \`$KNOBS bench/pg_backup.sh\`
 - **Agent**: \`soma-agent ${AGENT_ARGS[*]}\` (release build; S3 via \`AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT\`, \`AWS_REGION=us-east-1\`)
