@@ -201,3 +201,26 @@ fn walk_files(root: &Path, dir: &Path, out: &mut Vec<(String, u64)>) {
         }
     }
 }
+
+/// Starts `kubectl-soma backup postgres --database DB` in the background and returns once the
+/// backup has demonstrably moved data (a mebibyte sits in an unfinished upload in `store`), so a
+/// test can act on a backup that is surely still running. Panics if it ends before that.
+pub fn backup_in_flight(agent_addr: &str, store: &TestStore, database: &str) -> crate::SomaChild {
+    let mut child = crate::soma_spawn(agent_addr, &["backup", "postgres", "--database", database]);
+    crate::poll_until(
+        std::time::Duration::from_secs(180),
+        "the backup to store a mebibyte",
+        || {
+            if store.pending_upload_bytes() >= MIB {
+                return Some(());
+            }
+            assert!(
+                !child.has_exited(),
+                "the backup ended before it stored any data; stderr:\n{}",
+                child.stderr_so_far()
+            );
+            None
+        },
+    );
+    child
+}

@@ -9,8 +9,7 @@
 
 use std::{os::unix::fs::PermissionsExt, time::Duration};
 
-use soma_tests::store::MIB;
-use soma_tests::{Agent, PgCluster, TestStore, fixtures, listed_ids, poll_until, soma, soma_spawn};
+use soma_tests::{Agent, PgCluster, TestStore, fixtures, listed_ids, poll_until, soma};
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
@@ -27,22 +26,7 @@ fn a_backup_finishes_after_its_client_disconnects() {
         &store.env(),
     );
 
-    let mut client = soma_spawn(agent.addr(), &["backup", "postgres", "--database", "appdb"]);
-    poll_until(
-        Duration::from_secs(180),
-        "the backup to store a mebibyte",
-        || {
-            if store.pending_upload_bytes() >= MIB {
-                return Some(());
-            }
-            assert!(
-                !client.has_exited(),
-                "the backup ended before it stored any data; stderr:\n{}",
-                client.stderr_so_far()
-            );
-            None
-        },
-    );
+    let client = soma_tests::store::backup_in_flight(agent.addr(), &store, "appdb");
     assert!(
         store.manifests().is_empty(),
         "the backup must still be running when its client goes away"

@@ -6,13 +6,7 @@
 //! database does not start (nor disturb the first) while one is running. Everything runs against
 //! the real binaries, a real PostgreSQL and, for credentials, a real Garage server.
 
-use std::time::Duration;
-
-use soma_tests::store::MIB;
-use soma_tests::{
-    Agent, DbFingerprint, Garage, PgCluster, TestStore, fixtures, free_port, poll_until, soma,
-    soma_spawn,
-};
+use soma_tests::{Agent, DbFingerprint, Garage, PgCluster, TestStore, fixtures, free_port, soma};
 
 /// A cluster with a small `appdb` and an agent on a local store.
 struct Setup {
@@ -213,23 +207,7 @@ fn second_backup_of_a_database_is_refused_while_one_runs() {
         &store.env(),
     );
 
-    let mut first = soma_spawn(agent.addr(), &["backup", "postgres", "--database", "appdb"]);
-    // The first backup has demonstrably started moving data.
-    poll_until(
-        Duration::from_secs(180),
-        "the first backup to store a mebibyte",
-        || {
-            if store.pending_upload_bytes() >= MIB {
-                return Some(());
-            }
-            assert!(
-                !first.has_exited(),
-                "the first backup ended before it stored any data; stderr:\n{}",
-                first.stderr_so_far()
-            );
-            None
-        },
-    );
+    let first = soma_tests::store::backup_in_flight(agent.addr(), &store, "appdb");
     let second = soma(agent.addr(), &["backup", "postgres", "--database", "appdb"]);
     let first = first.wait();
     second
