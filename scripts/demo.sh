@@ -19,6 +19,8 @@
 set -Eeuo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/common.sh
+. "$REPO_ROOT/scripts/common.sh"
 SOURCE_DB=appdb
 RESTORED_DB=appdb_restored
 TOTAL_STEPS=8
@@ -118,34 +120,7 @@ trap 'exit 143' TERM
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
-find_pg_bin() {
-  if [[ -n "${PG_BIN:-}" ]]; then
-    printf '%s\n' "$PG_BIN"
-    return
-  fi
-  local dir
-  dir=$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -type d -name bin 2>/dev/null | sort -V | tail -n 1)
-  if [[ -z "$dir" ]] && command -v pg_config >/dev/null 2>&1; then
-    dir=$(pg_config --bindir)
-  fi
-  if [[ -z "$dir" ]] && command -v initdb >/dev/null 2>&1; then
-    dir=$(dirname "$(command -v initdb)")
-  fi
-  printf '%s\n' "$dir"
-}
 
-# A TCP port on 127.0.0.1 that nothing listens on right now.
-free_port() {
-  local port
-  for _ in $(seq 1 100); do
-    port=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      printf '%s\n' "$port"
-      return 0
-    fi
-  done
-  return 1
-}
 
 # psql against the demo server, failing on the first error.
 sql() {
