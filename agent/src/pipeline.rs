@@ -3,9 +3,11 @@
 //!
 //! Backup: engine stdout → (sha256 of raw bytes) → zstd → (sha256 of stored bytes) → parts →
 //! multipart upload. Three stages run concurrently, joined by bounded channels, so a slow store
-//! slows the engine instead of filling memory. Every part buffer holds a permit of one semaphore
-//! until the last reference to its bytes is dropped (after the store has uploaded it), so at most
-//! `parts_in_flight + 1` parts exist at any time, whether being filled, queued or uploading.
+//! slows the engine instead of filling memory. Part buffers come from a pool of
+//! `parts_in_flight + 1` buffers and go back to it when the last reference to their bytes is
+//! dropped (after the store has uploaded them), so at most that many parts exist at any time,
+//! whether being filled, queued or uploading — and the same buffers are reused for the whole
+//! stream, so the allocator never holds freed part-sized blocks on top of them.
 //!
 //! Restore and verify: store → (sha256 of stored bytes) → zstd decode → (sha256 of raw bytes) →
 //! sink, where the last `holdback` bytes are released to the sink only after both digests and sizes
@@ -25,7 +27,7 @@ use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    sync::mpsc,
 };
 
 use crate::store::{MAX_PART_SIZE, MIN_PART_SIZE, ObjectMeta, Store, StoreError, Upload};
@@ -207,10 +209,10 @@ impl Drop for Staged {
     }
 }
 
-/// A part's bytes plus the permit that accounts for them; released when the bytes are dropped.
+/// A part's bytes; the buffer goes back to the pool when the last reference is dropped.
 struct PartBuf {
-    data: Bytes,
-    _permit: OwnedSemaphorePermit,
+    data: Vec<u8>,
+    home: std::sync::mpsc::Sender<Vec<u8>>,
 }
 
 impl AsRef<[u8]> for PartBuf {
@@ -219,12 +221,19 @@ impl AsRef<[u8]> for PartBuf {
     }
 }
 
+impl Drop for PartBuf {
+    fn drop(&mut self) {
+        // The pool is gone only when the pipeline is; then the buffer is simply freed.
+        let _ = self.home.send(std::mem::take(&mut self.data));
+    }
+}
+
 /// Compressed output of the zstd encoder, cut into parts and sent to the uploader.
 struct PartSink {
-    buf: BytesMut,
-    permit: Option<OwnedSemaphorePermit>,
-    permits: Arc<Semaphore>,
-    runtime: tokio::runtime::Handle,
+    buf: Vec<u8>,
+    filling: bool,
+    pool: std::sync::mpsc::Receiver<Vec<u8>>,
+    home: std::sync::mpsc::Sender<Vec<u8>>,
     base: usize,
     index: u32,
     max_part: usize,
@@ -239,28 +248,27 @@ impl PartSink {
         part_size_for(self.base, self.index)
     }
 
-    /// Waits (on this blocking thread) until a part buffer may exist, then allocates it.
+    /// Waits (on this blocking thread) for a free buffer from the pool.
     fn start_part(&mut self) -> io::Result<()> {
-        let permit = self
-            .runtime
-            .block_on(self.permits.clone().acquire_owned())
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "uploader stopped"))?;
-        self.permit = Some(permit);
-        self.buf = BytesMut::with_capacity(self.target());
+        let mut buf = self
+            .pool
+            .recv()
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "part buffer pool closed"))?;
+        buf.clear();
+        buf.reserve(self.target());
+        self.buf = buf;
+        self.filling = true;
         Ok(())
     }
 
     fn emit(&mut self) -> io::Result<()> {
-        let data = std::mem::take(&mut self.buf).freeze();
-        let permit = self
-            .permit
-            .take()
-            .expect("a part being filled holds a permit");
+        let data = std::mem::take(&mut self.buf);
+        self.filling = false;
         self.max_part = self.max_part.max(data.len());
         self.index += 1;
         let part = Bytes::from_owner(PartBuf {
             data,
-            _permit: permit,
+            home: self.home.clone(),
         });
         self.tx
             .blocking_send(part)
@@ -270,7 +278,7 @@ impl PartSink {
 
 impl Write for PartSink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if self.permit.is_none() {
+        if !self.filling {
             self.start_part()?;
         }
         let room = self.target() - self.buf.len();
@@ -306,16 +314,18 @@ where
     let base = settings.part_size.max(MIN_PART_SIZE);
     let (level, threads) = (settings.compression_level, settings.compression_threads);
     let sink_counters = counters.clone();
-    let permits = Arc::new(Semaphore::new(settings.parts_in_flight.max(1) + 1));
-    let runtime = tokio::runtime::Handle::current();
+    let (home, pool) = std::sync::mpsc::channel();
+    for _ in 0..settings.parts_in_flight.max(1) + 1 {
+        home.send(Vec::new()).expect("the pool's receiver is alive");
+    }
 
     let compressor =
         tokio::task::spawn_blocking(move || -> io::Result<(String, u64, u32, usize)> {
             let sink = PartSink {
-                buf: BytesMut::new(),
-                permit: None,
-                permits,
-                runtime,
+                buf: Vec::new(),
+                filling: false,
+                pool,
+                home,
                 base,
                 index: 0,
                 max_part: 0,
@@ -336,11 +346,11 @@ where
                 enc.write_all(&chunk)?;
             }
             let mut sink = enc.finish()?;
-            if sink.permit.is_none() && sink.index == 0 {
+            if !sink.filling && sink.index == 0 {
                 // An object needs at least one part, even an empty one.
                 sink.start_part()?;
             }
-            if sink.permit.is_some() {
+            if sink.filling {
                 sink.emit()?;
             }
             Ok((
