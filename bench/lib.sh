@@ -1,5 +1,7 @@
 # shellcheck shell=bash
 # Shared by the benchmark scripts in bench/: sourced, never run on its own.
+# shellcheck source=scripts/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh"
 #
 # Gives: logging (log, die), clean-up on every exit (install_cleanup, at_exit, stop_pid,
 # FAILURE_LOGS, TMP_DIR, make_tmp_dir), small helpers (free_port, random_hex, timed, median, ratio,
@@ -106,17 +108,6 @@ make_tmp_dir() {
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
-free_port() {
-  local port
-  for _ in $(seq 1 100); do
-    port=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      printf '%s\n' "$port"
-      return 0
-    fi
-  done
-  return 1
-}
 
 # wait_for_line VAR FILE SED_SCRIPT PID WHAT EXPECTED: waits up to 30 s until `sed -n SED_SCRIPT
 # FILE` prints something (a server's "listening on" line) and stores its first line in VAR; dies

@@ -70,16 +70,6 @@ install_cleanup
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
-find_pg_bin() {
-  if [[ -n "${PG_BIN:-}" ]]; then
-    printf '%s\n' "$PG_BIN"
-    return
-  fi
-  local dir
-  dir=$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -type d -name bin 2>/dev/null | sort -V | tail -n 1)
-  if [[ -z "$dir" ]] && command -v pg_config >/dev/null 2>&1; then dir=$(pg_config --bindir); fi
-  printf '%s\n' "$dir"
-}
 
 sql() {
   local db=$1

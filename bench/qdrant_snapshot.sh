@@ -85,11 +85,20 @@ install_cleanup
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
+# After a failed request: if the double is gone, say how it ended instead of what failed.
+double_check() {
+  local status=0
+  [[ -n "$QDRANT_PID" ]] && ! kill -0 "$QDRANT_PID" 2>/dev/null || return 0
+  wait "$QDRANT_PID" || status=$?
+  QDRANT_PID=''
+  die "the Qdrant double is gone (exit status $status$( ((status <= 128)) || echo ", signal $((status - 128))"))"
+}
+
 # q METHOD PATH [curl args...]: one request to the double, answer body on stdout.
 q() {
   local method=$1 path=$2
   shift 2
-  curl -sS --fail-with-body -X "$method" "$@" "$QDRANT_URL$path"
+  curl -sS --fail-with-body -X "$method" "$@" "$QDRANT_URL$path" || { double_check; return 1; }
 }
 
 # Round (d): create a snapshot, download it to /dev/null, delete it; sets the three times and
@@ -123,7 +132,7 @@ agent_step() {
   sync
   reset_peak
   timed t soma "$@" >"$TMP_DIR/$out" 2>"$TMP_DIR/$out.err" ||
-    { cat "$TMP_DIR/$out.err" >&2; die "kubectl-soma $* failed"; }
+    { cat "$TMP_DIR/$out.err" >&2; double_check; die "kubectl-soma $* failed"; }
   PEAK_KIB=$(proc_kib VmHWM)
 }
 
