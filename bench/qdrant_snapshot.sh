@@ -141,6 +141,21 @@ manifest_id() {
   json_field "$TMP_DIR/$1" id || die "no \"id\" in the manifest: $(head -c 600 "$TMP_DIR/$1")"
 }
 
+# CPU accounting, in clock ticks: how busy the whole machine was, and how much of that was this
+# benchmark (this shell and every child it has reaped, plus the live agent, Garage and double).
+# The difference is other sessions' work competing for the same CPUs.
+machine_busy_ticks() { awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
+own_ticks() {
+  local total pid
+  total=$(awk '{ print $14 + $15 + $16 + $17 }' "/proc/$$/stat")
+  for pid in "$AGENT_PID" "$GARAGE_PID" "$QDRANT_PID"; do
+    [[ -n "$pid" ]] || continue
+    total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+  done
+  printf '%s\n' "$total"
+}
+ticks_s() { awk -v t="$1" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.0f", t / hz }'; }
+
 add() { awk -v a="$1" -v b="$2" -v c="${3:-0}" 'BEGIN { printf "%.2f", a + b + c }'; }
 max_kib() { printf '%s\n' "$@" | sort -n | tail -n 1; }
 peaks_mib() { for k in "$@"; do printf '%s ' "$(kib_mib "$k")"; done; }
@@ -184,6 +199,7 @@ start_agent --qdrant-url "$QDRANT_URL"
 # --- measurements ------------------------------------------------------------------------------
 RAW_CREATE_S='' RAW_GET_S='' RAW_DELETE_S='' RAW_GOT='' RAW_SHARD_GOT='' t='' PEAK_KIB=''
 LOAD_BEFORE=$(cut -d ' ' -f 1-3 /proc/loadavg)
+BUSY_BEFORE=$(machine_busy_ticks) OWN_BEFORE=$(own_ticks) WALL_BEFORE=$(date +%s)
 RAW_TIMES=() RAW_CREATE_TIMES=() RAW_GET_TIMES=() RAW_DELETE_TIMES=()
 SHARD_RAW_TIMES=()
 COL_TIMES=() COL_PEAKS_KIB=() COL_IDS=()
@@ -221,6 +237,10 @@ for i in $(seq 1 "$REPEAT"); do
 done
 FINAL_HWM_KIB=$(proc_kib VmHWM)
 LOAD_AFTER=$(cut -d ' ' -f 1-3 /proc/loadavg)
+BUSY_S=$(ticks_s "$(($(machine_busy_ticks) - BUSY_BEFORE))")
+OWN_S=$(ticks_s "$(($(own_ticks) - OWN_BEFORE))")
+WALL_S=$(($(date +%s) - WALL_BEFORE))
+OTHERS_S=$((BUSY_S > OWN_S ? BUSY_S - OWN_S : 0))
 
 # --- checks --------------------------------------------------------------------------------------
 COL_MANIFEST="$TMP_DIR/backup-col-$REPEAT.json"
@@ -275,6 +295,7 @@ cat <<EOF
 
 $(machine_line)
 $(load_line "$LOAD_BEFORE" "$LOAD_AFTER")
+- **CPU while measuring**: ${WALL_S} s wall × $(nproc) CPUs; busy $BUSY_S CPU-s, of which this benchmark's processes (agent, Garage, double, curl, kubectl-soma) $OWN_S and **other processes $OTHERS_S** (kernel threads writing back this benchmark's files count as other)
 - **Versions**: Qdrant REST **test double** reporting $QDRANT_VERSION (\`soma-tests\` example \`qdrant-double\`), $GARAGE_VERSION (single node, 127.0.0.1, \`compression_level = "none"\`), ${AGENT_VERSION:-soma-agent (no --version)} at $GIT_REV, $RUSTC_VERSION, $(curl --version | head -n 1 | cut -d ' ' -f 1-2)
 - **Command**: \`$KNOBS bench/qdrant_snapshot.sh\`
 - **Agent**: \`soma-agent ${AGENT_ARGS[*]}\` (release build; S3 via \`AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT\`, \`AWS_REGION=us-east-1\`)
