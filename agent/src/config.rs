@@ -17,9 +17,16 @@ pub enum LogFormat {
 }
 
 /// `soma-agent`: the Soma Backup sidecar.
+///
+/// Without a subcommand it serves the gRPC API (the sidecar). `restore-pgdata` and `wal-fetch` run
+/// once and exit: a physical restore from an init container, and PostgreSQL's restore_command.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "soma-agent", version, about, long_about = None)]
 pub struct Config {
+    /// One-shot commands; none runs the sidecar.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address of the gRPC server. Inside a pod keep 127.0.0.1: `kubectl soma` reaches it through a
     /// port-forward.
     #[arg(long, env = "SOMA_LISTEN", default_value = "127.0.0.1:50051")]
@@ -30,7 +37,8 @@ pub struct Config {
     #[arg(
         long,
         env = "SOMA_STORE",
-        default_value = "file:///var/lib/soma-backup"
+        default_value = "file:///var/lib/soma-backup",
+        global = true
     )]
     pub store: String,
 
@@ -78,8 +86,87 @@ pub struct Config {
     pub parts_in_flight: u16,
 
     /// Log format.
-    #[arg(long, env = "SOMA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = "SOMA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+
+    /// Stream WAL continuously to the store (point-in-time recovery): pg_receivewal through a
+    /// physical replication slot, complete segments shipped at once, the segment in progress every
+    /// --wal-partial-interval. Needs a user with REPLICATION (see --replication-url).
+    #[arg(long, env = "SOMA_WAL_STREAM")]
+    pub wal_stream: bool,
+
+    /// Directory pg_receivewal writes into before segments are shipped. Keep it across container
+    /// restarts (an emptyDir): the agent resumes from it.
+    #[arg(
+        long,
+        env = "SOMA_WAL_SPOOL",
+        default_value = "/var/lib/soma-backup/wal-spool"
+    )]
+    pub wal_spool: PathBuf,
+
+    /// Physical replication slot holding WAL on the server until the agent has it. Bound what it
+    /// may hold with the server's max_slot_wal_keep_size.
+    #[arg(long, env = "SOMA_WAL_SLOT", default_value = "soma_wal_archive")]
+    pub wal_slot: String,
+
+    /// How often the WAL segment in progress is shipped: the recovery point objective.
+    #[arg(long, env = "SOMA_WAL_PARTIAL_INTERVAL", default_value = "5s",
+          value_parser = humantime::parse_duration)]
+    pub wal_partial_interval: std::time::Duration,
+
+    /// libpq URL for base backups and WAL streaming, as a user with the REPLICATION attribute
+    /// (default: --postgres-url). No password here: use PGPASSWORD or a passfile.
+    #[arg(long, env = "SOMA_REPLICATION_URL")]
+    pub replication_url: Option<String>,
+}
+
+/// One-shot subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Lay a physical base backup into an empty data directory and configure point-in-time
+    /// recovery; PostgreSQL replays WAL from the store to the target when it starts there.
+    RestorePgdata(RestorePgdataArgs),
+    /// PostgreSQL's restore_command: fetch one WAL file from the store, checking its digest.
+    /// Exits 1 when the archive has no such file (its end), and with status 255 — which stops
+    /// recovery — when the file is corrupted, missing in the middle of the archive, or the store
+    /// cannot be read.
+    WalFetch(WalFetchArgs),
+}
+
+/// Arguments of `restore-pgdata`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RestorePgdataArgs {
+    /// Base backup id, or `latest` for the newest base backup that can reach the target.
+    #[arg(long, default_value = "latest")]
+    pub backup: String,
+    /// Data directory to create; it must be missing or empty.
+    #[arg(long, env = "PGDATA")]
+    pub pgdata: PathBuf,
+    /// Recover every transaction committed at or before this time (RFC 3339).
+    #[arg(long, conflicts_with_all = ["target_lsn", "target"])]
+    pub target_time: Option<String>,
+    /// Recover up to this WAL position, e.g. 16/B374D848.
+    #[arg(long, conflicts_with = "target")]
+    pub target_lsn: Option<String>,
+    /// `latest`: recover everything in the archive (the default).
+    #[arg(long, value_parser = ["latest"])]
+    pub target: Option<String>,
+    /// Path of soma-agent as the PostgreSQL server will run it in restore_command (default: this
+    /// binary). In Kubernetes: where the init container copied it in a shared volume.
+    #[arg(long)]
+    pub agent_binary: Option<PathBuf>,
+}
+
+/// Arguments of `wal-fetch` (as written into restore_command by restore-pgdata).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WalFetchArgs {
+    /// System identifier of the cluster whose archive to read.
+    #[arg(long)]
+    pub system_id: String,
+    /// WAL file name PostgreSQL asks for (%f).
+    pub file: String,
+    /// Where PostgreSQL wants it (%p).
+    pub destination: PathBuf,
 }
 
 fn default_threads() -> u32 {

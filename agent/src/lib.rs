@@ -13,6 +13,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod server;
 pub mod store;
+pub mod wal;
 
 use std::time::Duration;
 
@@ -21,22 +22,116 @@ use soma_proto::v1::soma_agent_server::SomaAgentServer;
 use tokio::io::AsyncWriteExt;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use tracing::Instrument;
+
 use crate::{
-    catalog::Catalog, config::Config, engine::postgres::Postgres, ops::Context, pipeline::Settings,
+    catalog::Catalog,
+    config::{Config, RestorePgdataArgs, WalFetchArgs},
+    engine::postgres::Postgres,
+    ops::Context,
+    pipeline::Settings,
     server::AgentService,
 };
 
 /// How long the start-up sweep of crashed uploads may take before the agent starts anyway.
 const SWEEP_TIMEOUT: Duration = Duration::from_secs(60);
 
+fn settings(config: &Config) -> Settings {
+    Settings {
+        compression_level: config.compression_level,
+        compression_threads: config.compression_threads,
+        part_size: config.part_size as usize,
+        parts_in_flight: config.parts_in_flight as usize,
+    }
+}
+
+/// `soma-agent restore-pgdata`: lays a base backup into an empty data directory and configures
+/// point-in-time recovery. Prints the summary on stdout.
+pub async fn restore_pgdata(config: &Config, args: &RestorePgdataArgs) -> anyhow::Result<()> {
+    let store = store::open(&config.store, config.parts_in_flight as usize)
+        .await
+        .context("--store / SOMA_STORE")?;
+    let catalog = Catalog::new(store);
+    let target = ops::physical::RecoveryTarget::from_options(
+        args.target_time.as_deref(),
+        args.target_lsn.as_deref(),
+        args.target.is_some(),
+    )?;
+    let agent_binary = match &args.agent_binary {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("locating the soma-agent binary")?,
+    };
+    let req = ops::physical::PgdataRestore {
+        backup: args.backup.clone(),
+        pgdata: args.pgdata.clone(),
+        target,
+        agent_binary,
+    };
+    let span =
+        tracing::info_span!("restore_pgdata", backup = %req.backup, pgdata = %req.pgdata.display());
+    let restored = ops::physical::restore_pgdata(&catalog, &req, Default::default())
+        .instrument(span)
+        .await?;
+    println!("{}", restored.summary);
+    Ok(())
+}
+
+/// What `wal-fetch` tells PostgreSQL through its exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalFetchOutcome {
+    /// The file is in place.
+    Restored,
+    /// The archive has no such file: the end of the archive (exit 1).
+    NotFound,
+    /// Recovery must stop: an exit status above 125, which PostgreSQL treats as fatal rather than
+    /// as the end of the archive.
+    Fatal,
+}
+
+/// `soma-agent wal-fetch`: PostgreSQL's restore_command.
+pub async fn wal_fetch(config: &Config, args: &WalFetchArgs) -> WalFetchOutcome {
+    let fail = |what: String| {
+        eprintln!("soma-agent wal-fetch: FATAL: {what}; recovery stops here rather than end early");
+        WalFetchOutcome::Fatal
+    };
+    let Some(file) = wal::WalFile::parse(&args.file) else {
+        // PostgreSQL also asks for files we never archive (e.g. backup history); not ours.
+        return WalFetchOutcome::NotFound;
+    };
+    let store = match store::open(&config.store, config.parts_in_flight as usize).await {
+        Ok(s) => s,
+        Err(e) => return fail(format!("--store {}: {e}", config.store)),
+    };
+    let archive = wal::WalArchive::new(store, &args.system_id);
+    match archive.fetch(&file, &args.destination).await {
+        Ok(wal::Fetched::Restored(_)) => WalFetchOutcome::Restored,
+        Ok(wal::Fetched::NotFound) => WalFetchOutcome::NotFound,
+        Err(e) => fail(e.to_string()),
+    }
+}
+
 /// Runs the agent until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let postgres = config
+    let mut postgres = config
         .postgres_url
         .as_deref()
         .map(|url| Postgres::new(url, config.pg_bin_dir.clone()))
         .transpose()
         .context("--postgres-url / SOMA_POSTGRES_URL")?;
+    if let Some(url) = &config.replication_url {
+        let pg = postgres
+            .take()
+            .context("--replication-url needs --postgres-url (SOMA_POSTGRES_URL) as well")?;
+        postgres = Some(
+            pg.with_replication_url(url)
+                .context("--replication-url / SOMA_REPLICATION_URL")?,
+        );
+    }
+    if config.wal_stream && postgres.is_none() {
+        anyhow::bail!(
+            "--wal-stream (SOMA_WAL_STREAM) needs the PostgreSQL server: set --postgres-url"
+        );
+    }
     // Read from the environment only, so it never shows in a process list.
     let qdrant = config
         .qdrant_url
@@ -79,11 +174,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("sweeping incomplete uploads timed out; continuing"),
     }
 
-    let settings = Settings {
-        compression_level: config.compression_level,
-        compression_threads: config.compression_threads,
-        part_size: config.part_size as usize,
-        parts_in_flight: config.parts_in_flight as usize,
+    let settings = settings(&config);
+    let wal_stream = match (&postgres, config.wal_stream) {
+        (Some(pg), true) => {
+            let stream_config = wal::stream::StreamConfig {
+                spool: config.wal_spool.clone(),
+                slot: config.wal_slot.clone(),
+                partial_interval: config.wal_partial_interval,
+            };
+            let status = wal::stream::spawn(
+                stream_config.clone(),
+                pg.clone(),
+                store.clone(),
+                settings.clone(),
+            );
+            Some(ops::WalStreamInfo {
+                config: stream_config,
+                status,
+            })
+        }
+        _ => None,
     };
     let service = AgentService::new(Context {
         catalog,
@@ -91,6 +201,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         qdrant,
         qdrant_mode: config.qdrant_mode,
         settings,
+        wal_stream,
     });
 
     let (health_reporter, health) = tonic_health::server::health_reporter();

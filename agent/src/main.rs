@@ -3,7 +3,10 @@
 use std::io::IsTerminal;
 
 use clap::Parser;
-use soma_agent::config::{Config, LogFormat};
+use soma_agent::{
+    WalFetchOutcome,
+    config::{Command, Config, LogFormat},
+};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -12,7 +15,13 @@ async fn main() -> std::process::ExitCode {
     // connection (S3 over https, Qdrant over https) never has to guess.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = Config::parse();
-    let filter = EnvFilter::try_from_env("SOMA_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // restore_command's output lands in the PostgreSQL log: only problems belong there.
+    let default_level = match config.command {
+        Some(Command::WalFetch(_)) => "warn",
+        _ => "info",
+    };
+    let filter =
+        EnvFilter::try_from_env("SOMA_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -21,7 +30,18 @@ async fn main() -> std::process::ExitCode {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
-    match soma_agent::run(config).await {
+    let result = match &config.command {
+        None => soma_agent::run(config.clone()).await,
+        Some(Command::RestorePgdata(args)) => soma_agent::restore_pgdata(&config, args).await,
+        Some(Command::WalFetch(args)) => {
+            return match soma_agent::wal_fetch(&config, args).await {
+                WalFetchOutcome::Restored => std::process::ExitCode::SUCCESS,
+                WalFetchOutcome::NotFound => std::process::ExitCode::from(1),
+                WalFetchOutcome::Fatal => std::process::ExitCode::from(255),
+            };
+        }
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("soma-agent: error: {e:#}");

@@ -59,6 +59,55 @@ impl AgentService {
     }
 }
 
+impl AgentService {
+    /// A physical restore into a data directory on the agent's host.
+    fn restore_pgdata(&self, req: v1::RestoreRequest) -> Result<Response<EventStream>, Status> {
+        let target = ops::physical::RecoveryTarget::from_options(
+            Some(req.target_time.as_str()).filter(|t| !t.is_empty()),
+            Some(req.target_lsn.as_str()).filter(|t| !t.is_empty()),
+            false,
+        )?;
+        let backup = if req.backup_id.is_empty() {
+            "latest".to_string()
+        } else {
+            req.backup_id
+        };
+        let agent_binary = std::env::current_exe()
+            .map_err(|e| Status::internal(format!("locating the soma-agent binary: {e}")))?;
+        let pgdata = std::path::PathBuf::from(&req.pgdata);
+        if !pgdata.is_absolute() {
+            return Err(Status::invalid_argument(format!(
+                "--pgdata {:?} must be an absolute path on the agent's host",
+                req.pgdata
+            )));
+        }
+        let guard = self.jobs.begin(JobInfo {
+            id: backup.clone(),
+            operation: "restore",
+            target: format!("pgdata/{}", pgdata.display()),
+            started_at: Utc::now(),
+        })?;
+        let (reporter, stream) = Self::channel();
+        let span = tracing::info_span!("restore", backup_id = %backup, engine = "postgres", pgdata = %pgdata.display());
+        ops::spawn_job(
+            span,
+            reporter.clone(),
+            vec![guard],
+            ops::physical::restore_pgdata_job(
+                self.ctx.clone(),
+                ops::physical::PgdataRestore {
+                    backup,
+                    pgdata,
+                    target,
+                    agent_binary,
+                },
+                reporter,
+            ),
+        );
+        Ok(Response::new(stream))
+    }
+}
+
 #[tonic::async_trait]
 impl SomaAgent for AgentService {
     type BackupStream = EventStream;
@@ -76,10 +125,16 @@ impl SomaAgent for AgentService {
             let mut members = Vec::new();
             let mut claims = Vec::new();
             if let Some(pg) = &self.ctx.postgres {
-                let db = pg.default_database();
-                let id = BackupId::new(now, "pg", &db);
-                claims.push(self.claim(&id, "backup", format!("postgres/{db}")));
-                members.push(("postgres".to_string(), id));
+                if req.physical {
+                    let id = BackupId::new(now, "pg", "cluster");
+                    claims.push(self.claim(&id, "backup", "postgres/cluster".into()));
+                    members.push(("postgres-physical".to_string(), id));
+                } else {
+                    let db = pg.default_database();
+                    let id = BackupId::new(now, "pg", &db);
+                    claims.push(self.claim(&id, "backup", format!("postgres/{db}")));
+                    members.push(("postgres".to_string(), id));
+                }
             }
             if self.ctx.qdrant.is_some() {
                 let id = BackupId::new(now, "qd", "all");
@@ -104,6 +159,20 @@ impl SomaAgent for AgentService {
             return Ok(Response::new(stream));
         }
         match v1::Engine::try_from(req.engine).unwrap_or(v1::Engine::Unspecified) {
+            v1::Engine::Postgres if req.physical => {
+                self.ctx.postgres()?;
+                let id = BackupId::new(now, "pg", "cluster");
+                let guard =
+                    self.jobs
+                        .begin(self.claim(&id, "backup", "postgres/cluster".into()))?;
+                let span = tracing::info_span!("backup", backup_id = %id, engine = "postgres", target = "cluster");
+                ops::spawn_job(
+                    span,
+                    reporter.clone(),
+                    vec![guard],
+                    ops::physical::backup_physical(self.ctx.clone(), id, reporter),
+                );
+            }
             v1::Engine::Postgres => {
                 let pg = self.ctx.postgres()?;
                 let database = if req.database.is_empty() {
@@ -163,11 +232,20 @@ impl SomaAgent for AgentService {
         request: Request<v1::RestoreRequest>,
     ) -> Result<Response<Self::RestoreStream>, Status> {
         let req = request.into_inner();
+        if !req.pgdata.is_empty() {
+            return self.restore_pgdata(req);
+        }
         let manifest = self.resolve(&req.backup_id).await?;
         let (reporter, stream) = Self::channel();
         let span =
             tracing::info_span!("restore", backup_id = %manifest.id, engine = %manifest.engine);
         match manifest.engine.as_str() {
+            "postgres" if manifest.kind == ops::physical::PHYSICAL => {
+                return Err(Status::invalid_argument(format!(
+                    "backup {} is a physical base backup: restore it into an empty data directory with --pgdata DIR (and --target-time / --target-lsn), or run `soma-agent restore-pgdata` where PostgreSQL's data lives",
+                    manifest.id
+                )));
+            }
             "postgres" => {
                 self.ctx.postgres()?;
                 let database = if req.database.is_empty() {
@@ -281,9 +359,14 @@ impl SomaAgent for AgentService {
         _request: Request<v1::ListBackupsRequest>,
     ) -> Result<Response<v1::ListBackupsResponse>, Status> {
         let manifests = self.ctx.catalog.list().await.map_err(OpError::from)?;
-        Ok(Response::new(v1::ListBackupsResponse {
-            backups: manifests.iter().map(ops::backup_info).collect(),
-        }))
+        let mut windows = ops::physical::Windows::new(&self.ctx.catalog);
+        let mut backups = Vec::with_capacity(manifests.len());
+        for m in &manifests {
+            let mut info = ops::backup_info(m);
+            info.recovery_window = windows.of(m).await;
+            backups.push(info);
+        }
+        Ok(Response::new(v1::ListBackupsResponse { backups }))
     }
 
     async fn describe_backup(
@@ -291,7 +374,11 @@ impl SomaAgent for AgentService {
         request: Request<v1::DescribeBackupRequest>,
     ) -> Result<Response<v1::BackupInfo>, Status> {
         let manifest = self.resolve(&request.into_inner().backup_id).await?;
-        Ok(Response::new(ops::backup_info(&manifest)))
+        let mut info = ops::backup_info(&manifest);
+        info.recovery_window = ops::physical::Windows::new(&self.ctx.catalog)
+            .of(&manifest)
+            .await;
+        Ok(Response::new(info))
     }
 
     async fn delete_backup(
@@ -347,7 +434,12 @@ impl SomaAgent for AgentService {
                 target: q.url(),
             });
         }
+        let wal_archive = match (&self.ctx.wal_stream, &self.ctx.postgres) {
+            (Some(wal), Some(pg)) => Some(ops::physical::wal_archive_status(wal, pg).await),
+            _ => None,
+        };
         Ok(Response::new(v1::AgentInfo {
+            wal_archive,
             agent_version: env!("CARGO_PKG_VERSION").into(),
             engines,
             store: self.ctx.catalog.store().location(),

@@ -108,11 +108,16 @@ pub struct BackupArgs {
 /// Engines that can be backed up.
 #[derive(Debug, Subcommand)]
 pub enum BackupEngine {
-    /// A logical backup (pg_dump) of one PostgreSQL database.
+    /// A logical backup (pg_dump) of one PostgreSQL database, or with --physical a base backup of
+    /// the whole cluster for point-in-time recovery.
     Postgres {
         /// Database to back up (default: the one in the agent's --postgres-url).
-        #[arg(long, short = 'd')]
+        #[arg(long, short = 'd', conflicts_with = "physical")]
         database: Option<String>,
+        /// A physical base backup of the whole cluster (pg_basebackup): with the agent's WAL
+        /// archive (--wal-stream) it restores to any point in time after it.
+        #[arg(long)]
+        physical: bool,
     },
     /// Snapshots of Qdrant collections, streamed to the store (default: every collection).
     Qdrant {
@@ -127,7 +132,11 @@ pub enum BackupEngine {
         full_storage: bool,
     },
     /// Every engine the agent serves, as one backup set.
-    All,
+    All {
+        /// Take the PostgreSQL member as a physical base backup.
+        #[arg(long)]
+        physical: bool,
+    },
 }
 
 /// `restore`.
@@ -150,6 +159,21 @@ pub struct RestoreArgs {
     /// Qdrant: overwrite existing collections and repoint existing aliases.
     #[arg(long)]
     pub force: bool,
+    /// PostgreSQL point-in-time restore: lay the base backup (`latest`: the newest that reaches
+    /// the target) into this empty data directory on the agent's host, configured to replay WAL to
+    /// the target when PostgreSQL starts there. In Kubernetes use the chart's init container
+    /// (`soma-agent restore-pgdata`) instead.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["database", "clean", "collections", "force"])]
+    pub pgdata: Option<String>,
+    /// With --pgdata: recover every transaction committed at or before this time (RFC 3339).
+    #[arg(long, requires = "pgdata", conflicts_with_all = ["target_lsn", "target"])]
+    pub target_time: Option<String>,
+    /// With --pgdata: recover up to this WAL position, e.g. 16/B374D848.
+    #[arg(long, requires = "pgdata", conflicts_with = "target")]
+    pub target_lsn: Option<String>,
+    /// With --pgdata: `latest`, everything in the archive (the default).
+    #[arg(long, requires = "pgdata", value_parser = ["latest"])]
+    pub target: Option<String>,
 }
 
 /// Commands that take one backup id.

@@ -38,13 +38,33 @@ pub fn print_structured<T: Serialize>(format: OutputFormat, value: &T) -> Result
     Ok(())
 }
 
-/// The manifest of a backup as a JSON value (it always carries `id`).
+/// The manifest of a backup as a JSON value (it always carries `id`); a physical base backup's
+/// recoverable window, computed by the agent from the WAL in the store, is added as
+/// `recovery_window`.
 pub fn manifest(info: &v1::BackupInfo) -> Result<serde_json::Value, CliError> {
-    serde_json::from_str(&info.manifest_json).map_err(|e| {
+    let mut value: serde_json::Value = serde_json::from_str(&info.manifest_json).map_err(|e| {
         CliError::Other(format!(
             "the agent sent an unreadable manifest for {}: {e}",
             info.id
         ))
+    })?;
+    if let (Some(w), Some(obj)) = (&info.recovery_window, value.as_object_mut()) {
+        obj.insert("recovery_window".into(), window_json(w));
+    }
+    Ok(value)
+}
+
+/// A recoverable window as JSON.
+pub fn window_json(w: &v1::RecoveryWindow) -> serde_json::Value {
+    serde_json::json!({
+        "system_id": w.system_id,
+        "earliest_time": w.earliest_time,
+        "earliest_lsn": w.earliest_lsn,
+        "latest_time": w.latest_time,
+        "latest_lsn": w.latest_lsn,
+        "timeline": w.timeline,
+        "gaps": w.gaps,
+        "error": w.error,
     })
 }
 

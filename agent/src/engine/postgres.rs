@@ -89,7 +89,54 @@ pub enum PgError {
 #[derive(Debug, Clone)]
 pub struct Postgres {
     url: Url,
+    /// Connection for physical backups and WAL streaming (a user with REPLICATION); defaults to
+    /// `url`.
+    replication_url: Option<Url>,
     bin_dir: Option<PathBuf>,
+}
+
+/// What `IDENTIFY_SYSTEM` reports over a replication connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemIdentity {
+    /// The cluster's system identifier (kept by physical copies and point-in-time restores).
+    pub system_id: String,
+    /// Current timeline.
+    pub timeline: u32,
+    /// Current WAL flush position.
+    pub xlogpos: u64,
+}
+
+/// WAL positions pg_basebackup reports on stderr with `--verbose`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseBackupPositions {
+    /// Where replay of the backup starts.
+    pub start_lsn: u64,
+    /// Timeline the backup was taken on.
+    pub timeline: u32,
+    /// Where the backup becomes consistent.
+    pub stop_lsn: u64,
+}
+
+/// Parses `write-ahead log start point: 0/2000028 on timeline 1` and `... end point: 0/2000100`.
+pub fn parse_basebackup_positions(stderr: &str) -> Option<BaseBackupPositions> {
+    let mut start = None;
+    let mut stop = None;
+    for line in stderr.lines() {
+        if let Some(rest) = line.split("write-ahead log start point: ").nth(1) {
+            let mut words = rest.split_whitespace();
+            let lsn = crate::wal::parse_lsn(words.next()?)?;
+            let tli = words.nth(2)?.parse().ok()?;
+            start = Some((lsn, tli));
+        } else if let Some(rest) = line.split("write-ahead log end point: ").nth(1) {
+            stop = crate::wal::parse_lsn(rest.split_whitespace().next()?);
+        }
+    }
+    let (start_lsn, timeline) = start?;
+    Some(BaseBackupPositions {
+        start_lsn,
+        timeline,
+        stop_lsn: stop?,
+    })
 }
 
 /// A running client tool whose stderr is collected for error messages.
@@ -115,7 +162,12 @@ impl ToolProcess {
     }
 
     /// Waits for the tool; a non-zero exit becomes [`PgError::ToolFailed`] with its stderr.
-    pub async fn wait(mut self) -> Result<(), PgError> {
+    pub async fn wait(self) -> Result<(), PgError> {
+        self.wait_output().await.map(|_| ())
+    }
+
+    /// Waits for the tool and returns the last lines of its stderr.
+    pub async fn wait_output(mut self) -> Result<String, PgError> {
         let status = self.child.wait().await.map_err(|source| PgError::Io {
             tool: self.tool,
             source,
@@ -125,7 +177,7 @@ impl ToolProcess {
             None => String::new(),
         };
         if status.success() {
-            Ok(())
+            Ok(stderr)
         } else {
             Err(PgError::ToolFailed {
                 tool: self.tool,
@@ -136,6 +188,24 @@ impl ToolProcess {
                     stderr
                 },
             })
+        }
+    }
+
+    /// Process id, while it runs.
+    pub fn id(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Waits for the tool without consuming it (for `select!`); returns how it ended.
+    pub async fn exited(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// The last lines of stderr once the tool has exited.
+    pub async fn stderr_tail(&mut self) -> String {
+        match self.stderr.take() {
+            Some(h) => h.await.unwrap_or_default(),
+            None => String::new(),
         }
     }
 
@@ -174,6 +244,20 @@ fn parse_tool_version(out: &str) -> Option<(u32, String)> {
 impl Postgres {
     /// Validates the connection URL: `postgres://` or `postgresql://`, and no password in it.
     pub fn new(url: &str, bin_dir: Option<PathBuf>) -> Result<Self, PgError> {
+        Ok(Self {
+            url: Self::parse_url(url)?,
+            replication_url: None,
+            bin_dir,
+        })
+    }
+
+    /// Uses `url` (a user with the REPLICATION attribute) for base backups and WAL streaming.
+    pub fn with_replication_url(mut self, url: &str) -> Result<Self, PgError> {
+        self.replication_url = Some(Self::parse_url(url)?);
+        Ok(self)
+    }
+
+    fn parse_url(url: &str) -> Result<Url, PgError> {
         let parsed = Url::parse(url).map_err(|e| {
             PgError::InvalidUrl(format!(
                 "{e}; expected e.g. postgresql://soma@127.0.0.1:5432/appdb"
@@ -197,10 +281,7 @@ impl Postgres {
                 ));
             }
         }
-        Ok(Self {
-            url: parsed,
-            bin_dir,
-        })
+        Ok(parsed)
     }
 
     /// The server's URL without a database, for manifests and logs (it holds no secret).
@@ -387,6 +468,151 @@ impl Postgres {
         self.spawn("pg_dump", cmd)
     }
 
+    /// The replication connection URL (`replication=true` is added by the tools that need it).
+    fn replication_url(&self) -> String {
+        self.replication_url
+            .as_ref()
+            .unwrap_or(&self.url)
+            .to_string()
+    }
+
+    /// The server the replication connection reaches, without credentials.
+    pub fn replication_server(&self) -> String {
+        let mut u = self
+            .replication_url
+            .clone()
+            .unwrap_or_else(|| self.url.clone());
+        u.set_path("");
+        u.set_query(None);
+        u.to_string()
+    }
+
+    /// Runs a replication command (e.g. `IDENTIFY_SYSTEM`) over a replication connection.
+    async fn replication_query(&self, command: &str) -> Result<String, PgError> {
+        let mut url = self
+            .replication_url
+            .clone()
+            .unwrap_or_else(|| self.url.clone());
+        url.query_pairs_mut().append_pair("replication", "true");
+        let mut cmd = self.command("psql");
+        cmd.args(["-X", "-w", "-A", "-t", "-q", "-F", "|", "-d"])
+            .arg(url.as_str())
+            .arg("-c")
+            .arg(command);
+        let out = cmd
+            .output()
+            .await
+            .map_err(|source| self.spawn_error("psql", source))?;
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else if stderr.contains("connection to server") || stderr.contains("could not connect") {
+            Err(PgError::Connect {
+                target: self.replication_server(),
+                detail: stderr,
+            })
+        } else {
+            Err(PgError::ToolFailed {
+                tool: "psql",
+                status: out.status.to_string(),
+                stderr,
+            })
+        }
+    }
+
+    /// The cluster's system identifier, timeline and WAL position, over a replication connection
+    /// (so a replication-only user suffices).
+    pub async fn identify_system(&self) -> Result<SystemIdentity, PgError> {
+        let out = self.replication_query("IDENTIFY_SYSTEM").await?;
+        let bad = || PgError::ToolFailed {
+            tool: "psql",
+            status: "unexpected IDENTIFY_SYSTEM output".into(),
+            stderr: out.clone(),
+        };
+        let mut fields = out.split('|');
+        let system_id = fields.next().filter(|s| !s.is_empty()).ok_or_else(bad)?;
+        let timeline = fields.next().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
+        let xlogpos = fields
+            .next()
+            .and_then(crate::wal::parse_lsn)
+            .ok_or_else(bad)?;
+        Ok(SystemIdentity {
+            system_id: system_id.to_string(),
+            timeline,
+            xlogpos,
+        })
+    }
+
+    /// The server's WAL segment size in bytes (`SHOW wal_segment_size` over replication).
+    pub async fn wal_segment_size(&self) -> Result<u64, PgError> {
+        let out = self.replication_query("SHOW wal_segment_size").await?;
+        parse_pg_size(&out).ok_or_else(|| PgError::ToolFailed {
+            tool: "psql",
+            status: "unexpected wal_segment_size".into(),
+            stderr: out,
+        })
+    }
+
+    /// Starts `pg_basebackup` of the whole cluster as one tar stream on stdout, with the WAL needed
+    /// for consistency inside it (`-X fetch`) and a fast checkpoint; `--verbose` makes it report
+    /// the start and end positions on stderr.
+    pub fn start_basebackup(&self) -> Result<ToolProcess, PgError> {
+        let mut cmd = self.command("pg_basebackup");
+        cmd.args([
+            "--pgdata=-",
+            "--format=tar",
+            "--wal-method=fetch",
+            "--checkpoint=fast",
+            "--verbose",
+            "--no-password",
+            "--dbname",
+        ])
+        .arg(self.replication_url());
+        self.spawn("pg_basebackup", cmd)
+    }
+
+    /// Creates the physical replication slot `slot` unless it exists.
+    pub async fn create_slot(&self, slot: &str) -> Result<(), PgError> {
+        let mut cmd = self.command("pg_receivewal");
+        cmd.args([
+            "--create-slot",
+            "--if-not-exists",
+            "--no-password",
+            "--slot",
+        ])
+        .arg(slot)
+        .arg("--dbname")
+        .arg(self.replication_url());
+        self.spawn("pg_receivewal", cmd)?.wait().await
+    }
+
+    /// Starts `pg_receivewal` into `dir` through `slot`. It exits when the connection ends
+    /// (`--no-loop`): the agent decides when to try again.
+    pub fn start_receivewal(
+        &self,
+        dir: &std::path::Path,
+        slot: &str,
+    ) -> Result<ToolProcess, PgError> {
+        let mut cmd = self.command("pg_receivewal");
+        cmd.arg("--directory")
+            .arg(dir)
+            .args([
+                "--no-loop",
+                "--no-password",
+                "--status-interval=1",
+                "--slot",
+            ])
+            .arg(slot)
+            .arg("--dbname")
+            .arg(self.replication_url());
+        self.spawn("pg_receivewal", cmd)
+    }
+
+    /// The server's current WAL write position (for the archive lag).
+    pub async fn current_wal_lsn(&self) -> Result<u64, PgError> {
+        Ok(self.identify_system().await?.xlogpos)
+    }
+
     /// Whether `database` exists on the server.
     pub async fn database_exists(&self, database: &str) -> Result<bool, PgError> {
         let out = self
@@ -461,6 +687,22 @@ impl Postgres {
     }
 }
 
+/// Parses a size as PostgreSQL shows it (`16MB`, `1GB`, `8192`).
+fn parse_pg_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "kB" => 1 << 10,
+        "MB" => 1 << 20,
+        "GB" => 1 << 30,
+        _ => return None,
+    };
+    Some(n * mult)
+}
+
 fn percent_decode(s: &str) -> String {
     url::form_urlencoded::parse(format!("x={s}").as_bytes())
         .next()
@@ -497,6 +739,25 @@ mod tests {
             "postgresql://soma@127.0.0.1:5432/other%20db?sslmode=disable"
         );
         assert_eq!(pg.server(), "postgresql://soma@127.0.0.1:5432");
+    }
+
+    #[test]
+    fn parses_basebackup_output() {
+        let stderr = "pg_basebackup: initiating base backup, waiting for checkpoint to complete\n\
+            pg_basebackup: checkpoint completed\n\
+            pg_basebackup: write-ahead log start point: 0/2000028 on timeline 1\n\
+            pg_basebackup: write-ahead log end point: 0/2000100\n\
+            pg_basebackup: base backup completed";
+        assert_eq!(
+            parse_basebackup_positions(stderr),
+            Some(BaseBackupPositions {
+                start_lsn: 0x2000028,
+                timeline: 1,
+                stop_lsn: 0x2000100
+            })
+        );
+        assert_eq!(parse_pg_size("16MB"), Some(16 << 20));
+        assert_eq!(parse_pg_size("1GB"), Some(1 << 30));
     }
 
     #[test]

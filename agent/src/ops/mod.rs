@@ -1,6 +1,7 @@
 //! The operations themselves: backup, restore and verify, composed from engine, pipeline, store and
 //! catalog. Each runs inside a job (see [`crate::jobs`]) and reports through a [`Reporter`].
 
+pub mod physical;
 pub mod postgres;
 pub mod qdrant;
 pub mod set;
@@ -34,6 +35,17 @@ pub struct Context {
     pub qdrant_mode: v1::QdrantMode,
     /// Compression and part settings.
     pub settings: Settings,
+    /// The continuous WAL archive, when streaming is on.
+    pub wal_stream: Option<WalStreamInfo>,
+}
+
+/// The WAL stream as the rest of the agent sees it.
+#[derive(Debug, Clone)]
+pub struct WalStreamInfo {
+    /// Its settings.
+    pub config: crate::wal::stream::StreamConfig,
+    /// Its live status.
+    pub status: crate::wal::stream::SharedStatus,
 }
 
 impl Context {
@@ -103,6 +115,29 @@ pub fn backup_info(m: &Manifest) -> v1::BackupInfo {
         stored_bytes: m.stored_bytes,
         manifest_json: serde_json::to_string_pretty(m).expect("manifest serialises"),
         members: m.members.iter().map(ToString::to_string).collect(),
+        kind: m.kind.clone(),
+        recovery_window: None,
+    }
+}
+
+/// Publishes a staged artifact and checks that the store holds exactly the bytes sent (the store
+/// verified every part's sha256; this catches a server that published something else).
+pub(crate) async fn commit_verified(
+    store: &dyn crate::store::Store,
+    key: &str,
+    staged: pipeline::Staged,
+) -> Result<(pipeline::UploadSummary, crate::store::ObjectMeta), OpError> {
+    let summary = staged.summary.clone();
+    let object = staged.commit().await?;
+    match store.head(key).await? {
+        Some(meta) if meta.size == summary.digest.stored_bytes => Ok((summary, object)),
+        other => Err(OpError::DataLoss(format!(
+            "{key}: the store reports {} bytes after upload, {} were sent; the backup was not recorded",
+            other
+                .map(|m| m.size.to_string())
+                .unwrap_or_else(|| "no object".into()),
+            summary.digest.stored_bytes
+        ))),
     }
 }
 

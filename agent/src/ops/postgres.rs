@@ -79,21 +79,7 @@ pub async fn backup_postgres(
         return Err(e.into());
     }
     reporter.phase("committing", "completing the upload");
-    let summary = staged.summary.clone();
-    let object = staged.commit().await?;
-    // The store verified every part's sha256; make sure what it published is what we sent.
-    match store.head(&key).await? {
-        Some(meta) if meta.size == summary.digest.stored_bytes => {}
-        other => {
-            return Err(OpError::DataLoss(format!(
-                "{key}: the store reports {} bytes after upload, {} were sent; the backup was not recorded",
-                other
-                    .map(|m| m.size.to_string())
-                    .unwrap_or_else(|| "no object".into()),
-                summary.digest.stored_bytes
-            )));
-        }
-    }
+    let (summary, object) = super::commit_verified(store.as_ref(), &key, staged).await?;
     let artifact = artifact_of(
         &ctx.settings,
         PG_DUMP_ARTIFACT,

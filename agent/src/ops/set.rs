@@ -49,6 +49,9 @@ pub async fn backup_set(
                 let database = ctx.postgres()?.default_database();
                 backup_postgres(ctx.clone(), id.clone(), database, reporter.clone()).await
             }
+            "postgres-physical" => {
+                super::physical::backup_physical(ctx.clone(), id.clone(), reporter.clone()).await
+            }
             _ => {
                 qdrant::backup_qdrant(
                     ctx.clone(),
@@ -139,6 +142,12 @@ pub async fn restore_set(
                 set.id
             ))
         })?);
+    }
+    if let Some(physical) = members.iter().find(|m| m.kind == super::physical::PHYSICAL) {
+        return Err(OpError::FailedPrecondition(format!(
+            "backup set {} holds a physical PostgreSQL base backup ({}), which is restored into an empty data directory: run `soma-agent restore-pgdata --backup {}` where PostgreSQL's data lives (or `kubectl soma restore {} --pgdata DIR`), and restore the other members one by one",
+            set.id, physical.id, physical.id, physical.id
+        )));
     }
     for m in members {
         let result = match m.engine.as_str() {

@@ -60,9 +60,10 @@ async fn take(
     args: &BackupArgs,
 ) -> Result<(v1::BackupInfo, v1::OperationResult), CliError> {
     let request = match &args.engine {
-        BackupEngine::Postgres { database } => v1::BackupRequest {
+        BackupEngine::Postgres { database, physical } => v1::BackupRequest {
             engine: v1::Engine::Postgres as i32,
             database: database.clone().unwrap_or_default(),
+            physical: *physical,
             ..Default::default()
         },
         BackupEngine::Qdrant {
@@ -81,8 +82,9 @@ async fn take(
             } as i32,
             ..Default::default()
         },
-        BackupEngine::All => v1::BackupRequest {
+        BackupEngine::All { physical } => v1::BackupRequest {
             all: true,
+            physical: *physical,
             ..Default::default()
         },
     };

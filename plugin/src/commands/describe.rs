@@ -46,6 +46,28 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(),
                 output::bytes(info.stored_bytes)
             );
             println!("Agent:       {}", s(&manifest["agent_version"]));
+            if let Some(w) = &info.recovery_window {
+                if w.error.is_empty() {
+                    println!(
+                        "Recoverable: {} (LSN {}) … {} (LSN {}), timeline {}",
+                        output::short_time(&w.earliest_time),
+                        w.earliest_lsn,
+                        output::short_time(&w.latest_time),
+                        w.latest_lsn,
+                        w.timeline
+                    );
+                    if w.gaps.is_empty() {
+                        println!("WAL gaps:    none");
+                    } else {
+                        println!(
+                            "WAL gaps:    {} — WAL after a gap cannot be replayed",
+                            w.gaps.join(", ")
+                        );
+                    }
+                } else {
+                    println!("Recoverable: unknown ({})", w.error);
+                }
+            }
             println!("Artifacts:");
             for a in manifest["artifacts"].as_array().into_iter().flatten() {
                 println!(

@@ -41,13 +41,26 @@ pub async fn run_many(agents: Vec<Agent>, out: OutputFormat) -> Result<(), CliEr
                 } else {
                     format!("{} members", b.members.len())
                 };
+                let engine = match b.kind.as_str() {
+                    "physical" => format!("{} (physical)", output::engine_name(b)),
+                    _ => output::engine_name(b).to_string(),
+                };
+                let recoverable = match &b.recovery_window {
+                    Some(w) if !w.error.is_empty() => "unknown".to_string(),
+                    Some(w) if !w.gaps.is_empty() => {
+                        format!("until {} (gap after)", output::short_time(&w.latest_time))
+                    }
+                    Some(w) => format!("until {}", output::short_time(&w.latest_time)),
+                    None => "-".to_string(),
+                };
                 vec![
                     format!("{indent}{}", b.id),
-                    output::engine_name(b).to_string(),
+                    engine,
                     target,
                     output::short_time(&b.completed_at),
                     output::bytes(b.raw_bytes),
                     output::bytes(b.stored_bytes),
+                    recoverable,
                 ]
             };
             let mut rows = Vec::new();
@@ -67,6 +80,7 @@ pub async fn run_many(agents: Vec<Agent>, out: OutputFormat) -> Result<(), CliEr
                     "COMPLETED (UTC)",
                     "SIZE",
                     "STORED",
+                    "RECOVERABLE",
                 ],
                 &rows,
             );

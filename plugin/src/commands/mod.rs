@@ -33,8 +33,9 @@ pub fn engine_of(command: &Command) -> Option<&'static str> {
         Command::Backup(b) => match b.engine {
             BackupEngine::Postgres { .. } => Some("postgres"),
             BackupEngine::Qdrant { .. } => Some("qdrant"),
-            BackupEngine::All => None,
+            BackupEngine::All { .. } => None,
         },
+        Command::Restore(a) if a.pgdata.is_some() => Some("postgres"),
         Command::Restore(a) => from_id(&a.id),
         Command::Describe(a) | Command::Verify(a) => from_id(&a.id),
         Command::Delete(a) => from_id(&a.id),

@@ -19,6 +19,9 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: RestoreArgs) -> Resu
         collections: args.collections,
         rename_to: args.rename_to.unwrap_or_default(),
         force: args.force,
+        pgdata: args.pgdata.unwrap_or_default(),
+        target_time: args.target_time.unwrap_or_default(),
+        target_lsn: args.target_lsn.unwrap_or_default(),
     };
     let stream = agent
         .client

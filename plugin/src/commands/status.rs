@@ -48,6 +48,21 @@ async fn probe(agent: Result<Agent, CliError>, namespace: &str, pod: &str, engin
                 "last_backup": last.as_ref().map(|b| b.id.clone()),
                 "last_backup_age_seconds": age,
                 "running_jobs": info.running_jobs.len(),
+                "wal_archive": info.wal_archive.as_ref().map(|w| json!({
+                    "receiving": w.receiving,
+                    "system_id": w.system_id,
+                    "timeline": w.timeline,
+                    "slot": w.slot,
+                    "archived_lsn": w.archived_lsn,
+                    "server_lsn": w.server_lsn,
+                    "lag_bytes": w.lag_bytes,
+                    "last_shipped_at": w.last_shipped_at,
+                    "last_file": w.last_file,
+                    "segments_shipped": w.segments_shipped,
+                    "partials_shipped": w.partials_shipped,
+                    "partial_interval_seconds": w.partial_interval_seconds,
+                    "last_error": w.last_error,
+                })),
                 "health": "ok",
             })
         }
@@ -56,6 +71,28 @@ async fn probe(agent: Result<Agent, CliError>, namespace: &str, pod: &str, engin
             "health": CliError::from_status(s, &agent.addr, "request").to_string(),
         }),
     }
+}
+
+/// The WAL archive's state in one cell: streaming or not, and how far behind the server it is.
+fn wal_cell(w: &Value) -> String {
+    if w.is_null() {
+        return "off".into();
+    }
+    let lag = output::bytes(w["lag_bytes"].as_u64().unwrap_or(0));
+    let shipped = w["last_shipped_at"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds());
+    let state = if w["receiving"].as_bool() == Some(true) {
+        "streaming"
+    } else {
+        "NOT streaming"
+    };
+    let mut cell = format!("{state}, lag {lag}, shipped {} ago", age(shipped));
+    if let Some(e) = w["last_error"].as_str().filter(|e| !e.is_empty()) {
+        cell.push_str(&format!(" (last error: {e})"));
+    }
+    cell
 }
 
 fn age(seconds: Option<i64>) -> String {
@@ -115,6 +152,7 @@ pub async fn run(agent: Option<&str>, kube: &KubeArgs, out: OutputFormat) -> Res
                         s(&r["store"]),
                         s(&r["last_backup"]),
                         age(r["last_backup_age_seconds"].as_i64()),
+                        wal_cell(&r["wal_archive"]),
                         s(&r["health"]),
                     ]
                 })
@@ -128,6 +166,7 @@ pub async fn run(agent: Option<&str>, kube: &KubeArgs, out: OutputFormat) -> Res
                     "STORE",
                     "LAST BACKUP",
                     "AGE",
+                    "WAL ARCHIVE",
                     "HEALTH",
                 ],
                 &table,
