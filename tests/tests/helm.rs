@@ -859,3 +859,803 @@ fn long_names_stay_within_kubernetes_limits() {
     // of the CronJob's standing one.
     assert_eq!(service_accounts.len(), 2, "{service_accounts:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Continuous WAL archiving (postgres.walStream) and the physical restore (restore.physical).
+// ---------------------------------------------------------------------------------------------
+
+/// The soma-backup values behind helm/examples/postgresql-bitnami-wal.yaml and
+/// postgresql-bitnami-pitr.yaml, on top of helm/examples/soma-backup.yaml (their header comments
+/// repeat them).
+fn pitr_example_values() -> Value {
+    json!({
+        "postgres": {"walStream": {
+            "enabled": true,
+            "replicationUrl": "postgresql://soma_replication@127.0.0.1:5432/postgres",
+            "replicationPasswordSecret": {"name": "soma-replication", "key": "password"},
+        }},
+        "restore": {"physical": {"enabled": true, "targetTime": "2026-11-24T11:55:00Z"}},
+    })
+}
+
+/// A PostgreSQL StatefulSet as a chart that depends on soma-backup writes it (the chart README's
+/// "Your own chart"): every named template included where it belongs. Laid out like bitnami's:
+/// the volume claim "data" at /bitnami/postgresql, PGDATA below it.
+const POD_TEMPLATE: &str = r#"{{- $soma := index .Values "soma-backup" }}
+{{- $pg := dict "engine" "postgres" "Values" $soma }}
+{{- $restore := dict "Values" $soma }}
+apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: pg
+spec:
+  serviceName: pg
+  selector:
+    matchLabels:
+      app: pg
+  template:
+    metadata:
+      labels:
+        app: pg
+        {{- include "soma-backup.agentPodLabels" $pg | nindent 8 }}
+      annotations:
+        {{- include "soma-backup.agentPodAnnotations" $pg | nindent 8 }}
+    spec:
+      initContainers:
+        {{- include "soma-backup.physicalRestoreInitContainers" $restore | nindent 8 }}
+      containers:
+        - name: postgresql
+          image: bitnami/postgresql:16
+          env:
+            - name: PGDATA
+              value: /bitnami/postgresql/data
+            {{- include "soma-backup.physicalRestoreEnv" $restore | nindent 12 }}
+          volumeMounts:
+            - name: data
+              mountPath: /bitnami/postgresql
+            {{- include "soma-backup.physicalRestoreVolumeMounts" $restore | nindent 12 }}
+        {{- include "soma-backup.agentContainer" $pg | nindent 8 }}
+      volumes:
+        {{- include "soma-backup.agentVolumes" $pg | nindent 8 }}
+        {{- include "soma-backup.physicalRestoreVolumes" $restore | nindent 8 }}
+  volumeClaimTemplates:
+    - metadata:
+        name: data
+      spec:
+        accessModes: ["ReadWriteOnce"]
+        resources:
+          requests:
+            storage: 1Gi
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: rendered-templates
+data:
+  container.json: {{ include "soma-backup.agentContainer" $pg | fromYamlArray | toJson | quote }}
+  volumes.json: {{ include "soma-backup.agentVolumes" $pg | fromYamlArray | toJson | quote }}
+  initContainers.json: {{ include "soma-backup.physicalRestoreInitContainers" $restore | fromYamlArray | toJson | quote }}
+  restoreVolumes.json: {{ include "soma-backup.physicalRestoreVolumes" $restore | fromYamlArray | toJson | quote }}
+  restoreVolumeMounts.json: {{ include "soma-backup.physicalRestoreVolumeMounts" $restore | fromYamlArray | toJson | quote }}
+  restoreEnv.json: {{ include "soma-backup.physicalRestoreEnv" $restore | fromYamlArray | toJson | quote }}
+  {{- range $path, $_ := .Files.Glob "examples/*.yaml" }}
+  file.{{ base $path }}: {{ $.Files.Get $path | fromYaml | toJson | quote }}
+  {{- end }}
+"#;
+
+/// What the scratch chart of [`POD_TEMPLATE`] rendered: the pod template's spec, each named
+/// template on its own (`container`, `volumes`, `initContainers`, `restoreVolumes`,
+/// `restoreVolumeMounts`, `restoreEnv`), and helm/examples/*.yaml as Helm parses them.
+struct Rendered {
+    pod: Value,
+    parts: Value,
+    files: Value,
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Installs a scratch parent chart of soma-backup whose values are helm/examples/soma-backup.yaml
+/// with `overlay` set over them (`--set-json`), and whose template is [`POD_TEMPLATE`].
+fn render_pod(overlay: &Value) -> Rendered {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("umbrella");
+    copy_dir(&chart(), &root.join("charts/soma-backup"));
+    copy_dir(&examples_dir(), &root.join("examples"));
+    std::fs::create_dir_all(root.join("templates")).unwrap();
+    std::fs::write(root.join("templates/postgresql.yaml"), POD_TEMPLATE).unwrap();
+    std::fs::write(
+        root.join("Chart.yaml"),
+        "apiVersion: v2\nname: umbrella\nversion: 0.1.0\n\
+         dependencies:\n  - name: soma-backup\n    version: \">=0.0.0-0\"\n",
+    )
+    .unwrap();
+    let example = std::fs::read_to_string(examples_dir().join("soma-backup.yaml")).unwrap();
+    let nested: String = example
+        .lines()
+        .map(|l| format!("  {l}\n"))
+        .collect::<String>();
+    std::fs::write(root.join("values.yaml"), format!("soma-backup:\n{nested}")).unwrap();
+
+    let values = json!({"soma-backup": overlay}).to_string();
+    let out = engine(&["install", path_str(&root), "--set-json", &values]);
+    step_ok(
+        &out["install"],
+        &format!("rendering the named templates with {overlay}"),
+    );
+    let objs = created(&out["install"]);
+    let pod = find(&objs, "StatefulSet", "pg")["spec"]["template"]["spec"].clone();
+    let data = &find(&objs, "ConfigMap", "rendered-templates")["data"];
+    let mut parts = serde_json::Map::new();
+    let mut files = serde_json::Map::new();
+    for (key, text) in data.as_object().expect("data") {
+        let parsed: Value = serde_json::from_str(text.as_str().unwrap()).expect("JSON");
+        if let Some(file) = key.strip_prefix("file.") {
+            files.insert(file.to_owned(), parsed);
+        } else {
+            // An empty template renders null: no items.
+            let parsed = if parsed.is_null() { json!([]) } else { parsed };
+            parts.insert(key.trim_end_matches(".json").to_owned(), parsed);
+        }
+    }
+    Rendered {
+        pod,
+        parts: Value::Object(parts),
+        files: Value::Object(files),
+    }
+}
+
+fn named<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .find(|item| item["name"] == name)
+}
+
+fn container<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    named(&pod["containers"], name)
+        .or_else(|| named(&pod["initContainers"], name))
+        .unwrap_or_else(|| panic!("no container {name} in {pod}"))
+}
+
+/// Every secret of every container comes from a secretKeyRef, never as a literal value, and no
+/// URL carries a password.
+fn assert_secrets_only_by_reference(pod: &Value) {
+    let containers = pod["containers"]
+        .as_array()
+        .into_iter()
+        .chain(pod["initContainers"].as_array())
+        .flatten();
+    for c in containers {
+        let cname = c["name"].as_str().unwrap_or("?");
+        for var in c["env"].as_array().into_iter().flatten() {
+            let name = var["name"].as_str().unwrap();
+            let looks_secret = ["PASSWORD", "SECRET", "API_KEY", "TOKEN", "ACCESS_KEY"]
+                .iter()
+                .any(|s| name.contains(s));
+            if looks_secret {
+                assert!(
+                    var.get("value").is_none(),
+                    "{cname}: {name} has a literal value"
+                );
+                let r = &var["valueFrom"]["secretKeyRef"];
+                assert!(
+                    r["name"].is_string() && r["key"].is_string(),
+                    "{cname}: {name} must come from a secretKeyRef: {var}"
+                );
+            }
+            if let Some(value) = var["value"].as_str()
+                && let Some((_, rest)) = value.split_once("://")
+            {
+                let authority = rest.split('/').next().unwrap();
+                let userinfo = authority.rsplit_once('@').map(|(u, _)| u).unwrap_or("");
+                assert!(
+                    !userinfo.contains(':') && !value.to_lowercase().contains("password"),
+                    "{cname}: {name} carries a password: {value}"
+                );
+            }
+        }
+        // Arguments are visible in `ps` and in the pod spec: never a secret there either.
+        for word in c["args"].as_array().into_iter().flatten() {
+            let word = word.as_str().unwrap().to_lowercase();
+            assert!(
+                !word.contains("password") && !word.contains("secret"),
+                "{cname}: argument {word}"
+            );
+        }
+    }
+}
+
+/// Every volumeMount names a volume of the pod (or a volume claim template); no volume twice.
+fn assert_mounts_resolve(pod: &Value, claims: &[&str]) {
+    let mut volumes: Vec<&str> = pod["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    let unique: BTreeSet<&str> = volumes.iter().copied().collect();
+    assert_eq!(
+        unique.len(),
+        volumes.len(),
+        "duplicate volumes: {volumes:?}"
+    );
+    volumes.extend_from_slice(claims);
+    let containers = pod["containers"]
+        .as_array()
+        .into_iter()
+        .chain(pod["initContainers"].as_array())
+        .flatten();
+    for c in containers {
+        for m in c["volumeMounts"].as_array().into_iter().flatten() {
+            let name = m["name"].as_str().unwrap();
+            assert!(
+                volumes.contains(&name),
+                "{}: mounts {name}, which is not a volume of the pod ({volumes:?})",
+                c["name"]
+            );
+        }
+    }
+}
+
+fn env_value<'a>(container: &'a Value, name: &str) -> &'a str {
+    env_var(container, name).unwrap_or_else(|| panic!("{}: no {name}", container["name"]))["value"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{}: {name} has no literal value", container["name"]))
+}
+
+#[test]
+fn lint_is_clean_with_wal_streaming_and_a_physical_restore() {
+    let chart = chart();
+    let store = json!({
+        "bucket": "soma-backups", "prefix": "prod",
+        "credentials": {"source": "secret", "existingSecret": "soma-backup-s3"},
+    });
+    let runs = [
+        (
+            "postgres.walStream",
+            json!({"store": store, "postgres": pitr_example_values()["postgres"]}),
+        ),
+        (
+            "restore.physical with targetTime",
+            json!({"store": store, "restore": pitr_example_values()["restore"]}),
+        ),
+        (
+            "restore.physical with targetLsn, a backup id and another prefix",
+            json!({"store": store, "restore": {"physical": {
+                "enabled": true, "backup": "20261124T120000Z-pg-physical-7f3a",
+                "targetLsn": "16/B374D848", "storePrefix": "prod-old",
+            }}}),
+        ),
+        (
+            "both, with IRSA, a PVC spool and the official image's layout",
+            json!({
+                "store": {"bucket": "soma-backups", "credentials": {"source": "serviceAccount"}},
+                "postgres": {"walStream": {"enabled": true,
+                    "spool": {"volume": {"persistentVolumeClaim": {"claimName": "wal-spool"}}}}},
+                "restore": {"physical": {"enabled": true,
+                    "pgdataPath": "/var/lib/postgresql/data/pgdata",
+                    "dataVolume": {"name": "pgdata", "mountPath": "/var/lib/postgresql/data"},
+                    "runAsUser": 999, "runAsGroup": 999, "postgresEnv": []}},
+            }),
+        ),
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (what, values) in runs {
+        // JSON is YAML: the file helm_engine.py nests under the chart's name.
+        let file = dir.path().join("values.yaml");
+        std::fs::write(&file, values.to_string()).unwrap();
+        let result = engine(&["lint", path_str(&chart), "--values", path_str(&file)]);
+        let bad: Vec<&Value> = result["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .filter(|m| m["severity"].as_i64().unwrap_or(3) >= 2)
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "helm lint with {what}: warnings or errors at {bad:?}"
+        );
+        // The chart renders no object of its own for either: they go into the PostgreSQL pod.
+        let out = install(&values, &[]);
+        step_ok(&out["install"], &format!("helm install with {what}"));
+        assert!(
+            created(&out["install"]).is_empty(),
+            "{what} created objects"
+        );
+    }
+}
+
+/// The chart refuses what the agent would refuse later, in the pod, at 3 a.m.
+#[test]
+fn wal_streaming_and_physical_restore_values_are_checked() {
+    let base = json!({"store": {"bucket": "soma-backups"}});
+    let with = |extra: Value| {
+        let mut v = base.clone();
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    };
+    for (values, expect) in [
+        (
+            with(json!({"restore": {"physical": {"enabled": true,
+                "targetTime": "2026-11-24T11:55:00Z", "targetLsn": "16/B374D848"}}})),
+            "/restore/physical",
+        ),
+        (
+            with(json!({"restore": {"physical": {"enabled": true, "targetTime": "yesterday"}}})),
+            "/restore/physical/targetTime",
+        ),
+        (
+            with(json!({"restore": {"physical": {"enabled": true, "targetLsn": "0x16B3"}}})),
+            "/restore/physical/targetLsn",
+        ),
+        (
+            with(json!({"restore": {"physical": {"enabled": true,
+                "pgdataPath": "/bitnami/postgresql"}}})),
+            "must be a directory below restore.physical.dataVolume.mountPath",
+        ),
+        (
+            with(json!({"postgres": {"walStream": {"enabled": true,
+                "replicationUrl": "postgresql://soma_replication:hunter2@127.0.0.1:5432/postgres"}}})),
+            "/postgres/walStream/replicationUrl",
+        ),
+        (
+            with(json!({"postgres": {"walStream": {"enabled": true,
+                "replicationUrl": "postgresql://soma_replication@127.0.0.1/postgres?password=x"}}})),
+            "/postgres/walStream/replicationUrl",
+        ),
+        (
+            with(json!({"postgres": {"walStream": {"enabled": true, "slot": "Soma-Archive"}}})),
+            "/postgres/walStream/slot",
+        ),
+        (
+            json!({"postgres": {"walStream": {"enabled": true}}}),
+            "store.bucket is required",
+        ),
+        (
+            json!({"restore": {"physical": {"enabled": true}}}),
+            "store.bucket is required",
+        ),
+    ] {
+        let out = install(&values, &[]);
+        let inst = &out["install"];
+        assert_eq!(inst["ok"], json!(false), "{values} was accepted");
+        let error = inst["error"].as_str().unwrap();
+        assert!(error.contains(expect), "{values}: {error}");
+    }
+}
+
+#[test]
+fn wal_streaming_sidecar_ships_through_a_spool_volume() {
+    // Off (the default): the sidecar is exactly as before, no WAL settings, no spool.
+    let r = render_pod(&json!({}));
+    let agent = container(&r.pod, "soma-agent");
+    for var in agent["env"].as_array().unwrap() {
+        let name = var["name"].as_str().unwrap();
+        assert!(
+            !name.starts_with("SOMA_WAL_") && !name.starts_with("SOMA_REPLICATION_"),
+            "{name} without walStream"
+        );
+    }
+    assert!(named(&r.pod["volumes"], "soma-agent-wal-spool").is_none());
+    assert!(r.parts["initContainers"].as_array().unwrap().is_empty());
+
+    // On, with a replication role.
+    let r = render_pod(&pitr_example_values());
+    let agent = container(&r.pod, "soma-agent");
+    assert_hardened(agent);
+    assert_eq!(env_value(agent, "SOMA_WAL_STREAM"), "true");
+    assert_eq!(
+        env_value(agent, "SOMA_WAL_SPOOL"),
+        "/var/lib/soma-backup/wal-spool"
+    );
+    assert_eq!(env_value(agent, "SOMA_WAL_SLOT"), "soma_wal_archive");
+    assert_eq!(env_value(agent, "SOMA_WAL_PARTIAL_INTERVAL"), "5s");
+    assert_eq!(
+        env_value(agent, "SOMA_REPLICATION_URL"),
+        "postgresql://soma_replication@127.0.0.1:5432/postgres"
+    );
+    assert_eq!(
+        env_var(agent, "SOMA_REPLICATION_PASSWORD").unwrap()["valueFrom"],
+        json!({"secretKeyRef": {"name": "soma-replication", "key": "password"}})
+    );
+    // The spool is a volume (the root filesystem is read-only, and it must outlive the container).
+    assert_eq!(
+        agent["volumeMounts"],
+        json!([
+            {"name": "soma-agent-tmp", "mountPath": "/tmp"},
+            {"name": "soma-agent-wal-spool", "mountPath": "/var/lib/soma-backup/wal-spool"},
+        ])
+    );
+    assert_eq!(
+        named(&r.pod["volumes"], "soma-agent-wal-spool").unwrap(),
+        &json!({"name": "soma-agent-wal-spool", "emptyDir": {"sizeLimit": "4Gi"}})
+    );
+    assert_secrets_only_by_reference(&r.pod);
+    assert_mounts_resolve(&r.pod, &["data"]);
+
+    // Another spool path and volume, no replication role of its own (PGPASSWORD serves both).
+    let r = render_pod(&json!({"postgres": {"walStream": {
+        "enabled": true, "slot": "archive_2", "partialInterval": "500ms",
+        "spool": {"path": "/spool", "sizeLimit": "",
+                  "volume": {"persistentVolumeClaim": {"claimName": "wal-spool"}}},
+    }}}));
+    let agent = container(&r.pod, "soma-agent");
+    assert_eq!(env_value(agent, "SOMA_WAL_SPOOL"), "/spool");
+    assert_eq!(env_value(agent, "SOMA_WAL_SLOT"), "archive_2");
+    assert_eq!(env_value(agent, "SOMA_WAL_PARTIAL_INTERVAL"), "500ms");
+    assert!(env_var(agent, "SOMA_REPLICATION_URL").is_none());
+    assert!(env_var(agent, "SOMA_REPLICATION_PASSWORD").is_none());
+    assert!(env_var(agent, "PGPASSWORD").unwrap()["valueFrom"]["secretKeyRef"].is_object());
+    assert_eq!(
+        named(&r.pod["volumes"], "soma-agent-wal-spool").unwrap(),
+        &json!({"name": "soma-agent-wal-spool",
+                "persistentVolumeClaim": {"claimName": "wal-spool"}})
+    );
+    assert_mounts_resolve(&r.pod, &["data"]);
+}
+
+#[test]
+fn physical_restore_init_container_lays_the_backup_down_before_postgresql() {
+    let r = render_pod(&pitr_example_values());
+    let inits = r.pod["initContainers"].as_array().expect("initContainers");
+    assert_eq!(inits.len(), 1, "{inits:?}");
+    let init = &inits[0];
+    assert_eq!(init["name"], json!("soma-restore-pgdata"));
+    assert_eq!(
+        init["image"],
+        json!(format!("soma-backup:{}", app_version()))
+    );
+    assert_hardened(init);
+    // PostgreSQL's own user, so the restored files are PostgreSQL's (bitnami: 1001).
+    assert_eq!(init["securityContext"]["runAsUser"], json!(1001));
+    assert_eq!(init["securityContext"]["runAsGroup"], json!(1001));
+
+    // sh -c GUARD soma-restore-pgdata ARGS...: the guard ends in `soma-agent "$@"`, so the agent
+    // gets exactly these arguments.
+    let command = strings(&init["command"]);
+    assert_eq!(command.len(), 4, "{command:?}");
+    assert_eq!(command[..2], ["/bin/sh", "-c"]);
+    assert_eq!(command[3], "soma-restore-pgdata");
+    let script = &command[2];
+    assert_eq!(
+        strings(&init["args"]),
+        [
+            "restore-pgdata",
+            "--backup",
+            "latest",
+            "--pgdata",
+            "/bitnami/postgresql/data",
+            "--target-time",
+            "2026-11-24T11:55:00Z",
+            "--agent-binary",
+            "/soma-bin/soma-agent",
+        ]
+    );
+    assert!(
+        script.lines().any(|l| l.trim() == r#"soma-agent "$@""#),
+        "the guard must run the agent with the container's arguments:\n{script}"
+    );
+    // The skip-if-restored guard, and what it says.
+    assert!(
+        script.contains(r#"elif [ -e "$PGDATA/PG_VERSION" ]; then"#),
+        "no PG_VERSION guard:\n{script}"
+    );
+    assert!(script.contains("skipping the restore"), "{script}");
+    assert!(
+        script.contains(r#"cp "$(command -v soma-agent)" /soma-bin/soma-agent"#),
+        "{script}"
+    );
+    assert_eq!(env_value(init, "PGDATA"), "/bitnami/postgresql/data");
+    assert_eq!(env_value(init, "SOMA_STORE"), "s3://soma-backups/prod");
+    assert_eq!(env_value(init, "AWS_REGION"), "eu-west-1");
+    assert_eq!(
+        init["volumeMounts"],
+        json!([
+            {"name": "data", "mountPath": "/bitnami/postgresql"},
+            {"name": "soma-agent-bin", "mountPath": "/soma-bin"},
+            {"name": "soma-restore-tmp", "mountPath": "/tmp"},
+        ])
+    );
+
+    // PostgreSQL runs restore_command = '/soma-bin/soma-agent wal-fetch ...': it needs the binary
+    // (read-only) and the store's credentials, the same Secret as the sidecar's.
+    let pg = container(&r.pod, "postgresql");
+    assert!(
+        pg["volumeMounts"].as_array().unwrap().contains(
+            &json!({"name": "soma-agent-bin", "mountPath": "/soma-bin", "readOnly": true})
+        ),
+        "{}",
+        pg["volumeMounts"]
+    );
+    let agent = container(&r.pod, "soma-agent");
+    for name in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+        let from_pg = env_var(pg, name).unwrap_or_else(|| panic!("postgresql: no {name}"));
+        assert_eq!(
+            from_pg["valueFrom"],
+            env_var(agent, name).unwrap()["valueFrom"],
+            "{name}"
+        );
+        assert_eq!(
+            env_var(init, name).unwrap()["valueFrom"],
+            from_pg["valueFrom"],
+            "{name}"
+        );
+    }
+    assert_eq!(env_value(pg, "AWS_REGION"), "eu-west-1");
+    // bitnami's entrypoint would delete recovery.signal without it.
+    assert_eq!(env_value(pg, "POSTGRESQL_PERFORM_RESTORE"), "yes");
+    assert_eq!(
+        named(&r.pod["volumes"], "soma-agent-bin").unwrap(),
+        &json!({"name": "soma-agent-bin", "emptyDir": {"sizeLimit": "256Mi"}})
+    );
+    assert_secrets_only_by_reference(&r.pod);
+    assert_mounts_resolve(&r.pod, &["data"]);
+
+    // The other targets, a named backup, another prefix, another image's layout.
+    for (physical, target, store) in [
+        (
+            json!({"targetLsn": "16/B374D848", "backup": "20261124T120000Z-pg-physical-7f3a"}),
+            vec!["--target-lsn", "16/B374D848"],
+            "s3://soma-backups/prod",
+        ),
+        (
+            json!({"storePrefix": "/prod-old/"}),
+            vec!["--target", "latest"],
+            "s3://soma-backups/prod-old",
+        ),
+    ] {
+        let mut physical = physical;
+        physical["enabled"] = json!(true);
+        let r = render_pod(&json!({"restore": {"physical": physical.clone()}}));
+        let init = container(&r.pod, "soma-restore-pgdata");
+        let args = strings(&init["args"]);
+        let backup = physical["backup"].as_str().unwrap_or("latest");
+        assert_eq!(args[..3], ["restore-pgdata", "--backup", backup]);
+        assert_eq!(args[5..args.len() - 2], target, "{args:?}");
+        assert_eq!(env_value(init, "SOMA_STORE"), store);
+        // The sidecar keeps archiving to its own prefix.
+        assert_eq!(
+            env_value(container(&r.pod, "soma-agent"), "SOMA_STORE"),
+            "s3://soma-backups/prod"
+        );
+    }
+    let r = render_pod(&json!({"restore": {"physical": {
+        "enabled": true, "pgdataPath": "/var/lib/postgresql/data/pgdata/",
+        "dataVolume": {"name": "data", "mountPath": "/var/lib/postgresql/data", "subPath": "pg"},
+        "runAsUser": 999, "runAsGroup": null, "postgresEnv": [],
+    }}}));
+    let init = container(&r.pod, "soma-restore-pgdata");
+    assert_eq!(env_value(init, "PGDATA"), "/var/lib/postgresql/data/pgdata");
+    assert_eq!(
+        init["volumeMounts"][0],
+        json!({"name": "data", "mountPath": "/var/lib/postgresql/data", "subPath": "pg"})
+    );
+    assert_eq!(init["securityContext"]["runAsUser"], json!(999));
+    // No group of its own: the agent's securityContext's.
+    assert_eq!(init["securityContext"]["runAsGroup"], json!(65532));
+    assert!(
+        env_var(
+            container(&r.pod, "postgresql"),
+            "POSTGRESQL_PERFORM_RESTORE"
+        )
+        .is_none()
+    );
+}
+
+/// The init container's shell guard, run for real with a stub soma-agent: a restored (or
+/// initialised) data directory is skipped, an interrupted restore is redone from scratch, and a
+/// directory of unknown files is refused.
+#[test]
+fn physical_restore_guard_skips_restored_data_and_redoes_interrupted_restores() {
+    let r = render_pod(&pitr_example_values());
+    let init = container(&r.pod, "soma-restore-pgdata");
+    let command = strings(&init["command"]);
+    let args = strings(&init["args"]);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = dir.path().join("soma-bin");
+    let stub_dir = dir.path().join("stub");
+    let volume = dir.path().join("volume");
+    for d in [&bin, &stub_dir, &volume] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let pgdata = volume.join("data");
+    let marker = volume.join("data.soma-restore-incomplete");
+    let calls = dir.path().join("calls");
+    assert_eq!(
+        command[2].matches("/soma-bin/").count(),
+        1,
+        "{}",
+        command[2]
+    );
+    let script = command[2].replace("/soma-bin/", &format!("{}/", bin.display()));
+    // The stub writes PG_VERSION first, as a real base backup may; STUB_DIE=1 stops it there.
+    std::fs::write(
+        stub_dir.join("soma-agent"),
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$*\" >> '{}'\nmkdir -p \"$PGDATA/base\"\n\
+             echo 16 > \"$PGDATA/PG_VERSION\"\n[ -z \"$STUB_DIE\" ] || exit 137\n\
+             touch \"$PGDATA/base/done\"\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    let status = Command::new("chmod")
+        .arg("+x")
+        .arg(stub_dir.join("soma-agent"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let run = |die: bool| {
+        let _ = std::fs::remove_file(&calls);
+        let out = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&script)
+            .arg(&command[3])
+            .args(&args)
+            .env("PGDATA", &pgdata)
+            .env("STUB_DIE", if die { "1" } else { "" })
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    stub_dir.display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .output()
+            .expect("run the guard");
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let called = std::fs::read_to_string(&calls).unwrap_or_default();
+        (out.status.code(), log, called)
+    };
+    let agent_args = format!("{}\n", args.join(" "));
+
+    // 1. A missing data directory: restored, the binary copied for PostgreSQL, no marker left.
+    let (code, log, called) = run(false);
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(called, agent_args);
+    assert!(
+        pgdata.join("base/done").exists() && !marker.exists(),
+        "{log}"
+    );
+    assert!(bin.join("soma-agent").exists(), "the binary was not copied");
+
+    // 2. The pod restarts: PG_VERSION is there, so no second restore; the binary is copied again
+    //    (a new pod's emptyDir is empty, and recovery may still be running).
+    std::fs::remove_file(bin.join("soma-agent")).unwrap();
+    let (code, log, called) = run(false);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(called.is_empty(), "restored twice: {called}");
+    assert!(
+        log.contains("PG_VERSION exists") && log.contains("skipping the restore"),
+        "the log must say why: {log}"
+    );
+    assert!(bin.join("soma-agent").exists());
+    assert!(pgdata.join("base/done").exists());
+
+    // 3. A restore killed halfway leaves PG_VERSION behind, and the marker...
+    std::fs::remove_dir_all(&pgdata).unwrap();
+    let (code, log, _) = run(true);
+    assert_ne!(code, Some(0), "{log}");
+    assert!(pgdata.join("PG_VERSION").exists() && marker.exists());
+    std::fs::write(pgdata.join("base/half-written"), "x").unwrap();
+    // ...so the next start does not take it for a restored cluster: it starts over.
+    let (code, log, called) = run(false);
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(called, agent_args, "{log}");
+    assert!(log.contains("interrupted"), "{log}");
+    assert!(!pgdata.join("base/half-written").exists(), "leftovers kept");
+    assert!(pgdata.join("base/done").exists() && !marker.exists());
+
+    // 4. Files that no restore wrote (no PG_VERSION, no marker): refused, untouched.
+    std::fs::remove_dir_all(&pgdata).unwrap();
+    std::fs::create_dir(&pgdata).unwrap();
+    std::fs::write(pgdata.join("notes.txt"), "mine").unwrap();
+    let (code, log, called) = run(false);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(called.is_empty(), "{called}");
+    assert!(pgdata.join("notes.txt").exists() && !marker.exists());
+    assert!(log.contains("not empty"), "{log}");
+}
+
+/// helm/examples/postgresql-bitnami-wal.yaml and postgresql-bitnami-pitr.yaml are exactly what the
+/// named templates render, and the PostgreSQL settings they carry match the sidecar's.
+#[test]
+fn pitr_examples_equal_the_named_templates() {
+    let r = render_pod(&pitr_example_values());
+    let parts = &r.parts;
+    let wal = &r.files["postgresql-bitnami-wal.yaml"]["primary"];
+    assert_eq!(
+        wal["sidecars"], parts["container"],
+        "postgresql-bitnami-wal.yaml primary.sidecars"
+    );
+    assert_eq!(
+        wal["extraVolumes"], parts["volumes"],
+        "postgresql-bitnami-wal.yaml primary.extraVolumes"
+    );
+
+    let pitr = &r.files["postgresql-bitnami-pitr.yaml"]["primary"];
+    assert_eq!(
+        pitr["initContainers"], parts["initContainers"],
+        "postgresql-bitnami-pitr.yaml primary.initContainers"
+    );
+    let mut volumes = parts["volumes"].as_array().unwrap().clone();
+    volumes.extend(parts["restoreVolumes"].as_array().unwrap().iter().cloned());
+    assert_eq!(
+        pitr["extraVolumes"],
+        Value::Array(volumes),
+        "postgresql-bitnami-pitr.yaml primary.extraVolumes: the sidecar's, then the restore's"
+    );
+    assert_eq!(
+        pitr["extraVolumeMounts"], parts["restoreVolumeMounts"],
+        "postgresql-bitnami-pitr.yaml primary.extraVolumeMounts"
+    );
+    assert_eq!(
+        pitr["extraEnvVars"], parts["restoreEnv"],
+        "postgresql-bitnami-pitr.yaml primary.extraEnvVars"
+    );
+    // The PITR file is layered on the others: it must not replace what it does not repeat.
+    for key in ["sidecars", "podLabels", "podAnnotations"] {
+        assert!(
+            pitr.get(key).is_none(),
+            "postgresql-bitnami-pitr.yaml sets {key}"
+        );
+    }
+
+    // The server side of WAL streaming: the settings, and a replication entry for the very role
+    // the sidecar connects as, from inside the pod.
+    let conf = wal["extendedConfiguration"]
+        .as_str()
+        .expect("extendedConfiguration");
+    for setting in [
+        "wal_level = replica",
+        "max_wal_senders = ",
+        "max_replication_slots = ",
+        "max_slot_wal_keep_size = 10GB",
+    ] {
+        assert!(conf.contains(setting), "no {setting:?} in:\n{conf}");
+    }
+    let hba = wal["pgHbaConfiguration"]
+        .as_str()
+        .expect("pgHbaConfiguration");
+    let agent = &parts["container"][0];
+    let url = env_value(agent, "SOMA_REPLICATION_URL");
+    let role = url
+        .trim_start_matches("postgresql://")
+        .split('@')
+        .next()
+        .unwrap();
+    assert!(
+        hba.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 5
+                && f[0] == "host"
+                && f[1] == "replication"
+                && f[2] == role
+                && f[3] == "127.0.0.1/32"
+        }),
+        "no `host replication {role} 127.0.0.1/32` entry in:\n{hba}"
+    );
+    // The base sidecar example is unchanged: it never streams WAL.
+    let base = &r.files["postgresql-bitnami.yaml"]["primary"]["sidecars"][0];
+    assert!(env_var(base, "SOMA_WAL_STREAM").is_none());
+}

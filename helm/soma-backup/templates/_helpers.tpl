@@ -164,6 +164,41 @@ soma.dev/agent-port: {{ .Values.agent.port | toString | quote }}
 {{- end }}
 
 {{/*
+The store URL, SOMA_STORE: s3://<bucket>/<prefix>. Takes (dict "bucket" BUCKET "prefix" PREFIX).
+*/}}
+{{- define "soma-backup.storeUrl" -}}
+{{- printf "s3://%s/%s" .bucket (trimAll "/" (toString .prefix)) | trimSuffix "/" -}}
+{{- end }}
+
+{{/*
+The S3 client's environment (AWS_REGION, AWS_ENDPOINT_URL, and the access keys through
+secretKeyRef only), as env list items. Takes the soma-backup values' "store". Shared by the
+sidecar, the physical restore's init container and the PostgreSQL container that runs
+restore_command, so all three reach the store with the same identity.
+*/}}
+{{- define "soma-backup.awsEnv" -}}
+- name: AWS_REGION
+  value: {{ .region | quote }}
+{{- with .endpoint }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- if eq .credentials.source "secret" }}
+{{- $secret := required "store.credentials.existingSecret is required with store.credentials.source=secret" .credentials.existingSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret | quote }}
+      key: {{ .credentials.accessKeyIdKey | quote }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret | quote }}
+      key: {{ .credentials.secretAccessKeyKey | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
 The agent sidecar container, to include in a PostgreSQL or a Qdrant pod:
 
   containers:
@@ -173,8 +208,10 @@ The agent sidecar container, to include in a PostgreSQL or a Qdrant pod:
 Add the pod labels/annotations ("soma-backup.agentPodLabels" / "soma-backup.agentPodAnnotations")
 and the volumes ("soma-backup.agentVolumes") beside it. The result is one list item.
 
-Secrets reach the container only through secretKeyRef: PGPASSWORD, SOMA_QDRANT_API_KEY and the
-S3 keys; the PostgreSQL URL never carries a password. The agent listens on 127.0.0.1 only.
+Secrets reach the container only through secretKeyRef: PGPASSWORD, SOMA_REPLICATION_PASSWORD,
+SOMA_QDRANT_API_KEY and the S3 keys; no URL ever carries a password. The agent listens on
+127.0.0.1 only. With postgres.walStream.enabled the PostgreSQL sidecar also streams WAL
+(SOMA_WAL_*) into a spool volume, which "soma-backup.agentVolumes" then includes.
 */}}
 {{- define "soma-backup.agentContainer" -}}
 {{- $engine := include "soma-backup.checkEngine" . -}}
@@ -188,26 +225,8 @@ S3 keys; the PostgreSQL URL never carries a password. The agent listens on 127.0
     - name: SOMA_LISTEN
       value: {{ printf "127.0.0.1:%v" $v.agent.port | quote }}
     - name: SOMA_STORE
-      value: {{ printf "s3://%s/%s" $bucket (trimAll "/" (toString $store.prefix)) | trimSuffix "/" | quote }}
-    - name: AWS_REGION
-      value: {{ $store.region | quote }}
-    {{- with $store.endpoint }}
-    - name: AWS_ENDPOINT_URL
-      value: {{ . | quote }}
-    {{- end }}
-    {{- if eq $store.credentials.source "secret" }}
-    {{- $secret := required "store.credentials.existingSecret is required with store.credentials.source=secret" $store.credentials.existingSecret }}
-    - name: AWS_ACCESS_KEY_ID
-      valueFrom:
-        secretKeyRef:
-          name: {{ $secret | quote }}
-          key: {{ $store.credentials.accessKeyIdKey | quote }}
-    - name: AWS_SECRET_ACCESS_KEY
-      valueFrom:
-        secretKeyRef:
-          name: {{ $secret | quote }}
-          key: {{ $store.credentials.secretAccessKeyKey | quote }}
-    {{- end }}
+      value: {{ include "soma-backup.storeUrl" (dict "bucket" $bucket "prefix" $store.prefix) | quote }}
+    {{- include "soma-backup.awsEnv" $store | nindent 4 }}
     - name: SOMA_LOG_FORMAT
       value: {{ $v.agent.logFormat | quote }}
     {{- if not (kindIs "invalid" $v.agent.compressionLevel) }}
@@ -239,6 +258,31 @@ S3 keys; the PostgreSQL URL never carries a password. The agent listens on 127.0
     - name: SOMA_PG_BIN_DIR
       value: {{ . | quote }}
     {{- end }}
+    {{- $wal := $pg.walStream }}
+    {{- if $wal.enabled }}
+    - name: SOMA_WAL_STREAM
+      value: "true"
+    - name: SOMA_WAL_SPOOL
+      value: {{ required "postgres.walStream.spool.path is required" $wal.spool.path | quote }}
+    - name: SOMA_WAL_SLOT
+      value: {{ required "postgres.walStream.slot is required" $wal.slot | quote }}
+    - name: SOMA_WAL_PARTIAL_INTERVAL
+      value: {{ required "postgres.walStream.partialInterval is required" $wal.partialInterval | toString | quote }}
+    {{- with $wal.replicationUrl }}
+    {{- if or (regexMatch "(?i)password" .) (regexMatch "^[a-z]+://[^/@]*:[^/@]*@" .) }}
+    {{- fail "postgres.walStream.replicationUrl must not carry a password: put it in the Secret named by postgres.walStream.replicationPasswordSecret" }}
+    {{- end }}
+    - name: SOMA_REPLICATION_URL
+      value: {{ . | quote }}
+    {{- end }}
+    {{- if $wal.replicationPasswordSecret.name }}
+    - name: SOMA_REPLICATION_PASSWORD
+      valueFrom:
+        secretKeyRef:
+          name: {{ $wal.replicationPasswordSecret.name | quote }}
+          key: {{ required "postgres.walStream.replicationPasswordSecret.key is required" $wal.replicationPasswordSecret.key | quote }}
+    {{- end }}
+    {{- end }}
     {{- else }}
     {{- $q := $v.qdrant }}
     - name: SOMA_QDRANT_URL
@@ -269,6 +313,10 @@ S3 keys; the PostgreSQL URL never carries a password. The agent listens on 127.0
   volumeMounts:
     - name: soma-agent-tmp
       mountPath: /tmp
+    {{- if and (eq $engine "postgres") $v.postgres.walStream.enabled }}
+    - name: soma-agent-wal-spool
+      mountPath: {{ $v.postgres.walStream.spool.path }}
+    {{- end }}
     {{- if and (eq $engine "qdrant") $v.qdrant.caCertSecret.name }}
     - name: soma-agent-qdrant-ca
       mountPath: /etc/soma-agent/qdrant-ca
@@ -277,7 +325,8 @@ S3 keys; the PostgreSQL URL never carries a password. The agent listens on 127.0
 {{- end }}
 
 {{/*
-The volumes the sidecar mounts, as list items for the pod's volumes.
+The volumes the sidecar mounts, as list items for the pod's volumes: its /tmp, the WAL spool
+(PostgreSQL with postgres.walStream.enabled) and the Qdrant CA (qdrant.caCertSecret).
 Takes (dict "engine" "postgres"|"qdrant" "Values" <soma-backup values>).
 */}}
 {{- define "soma-backup.agentVolumes" -}}
@@ -285,6 +334,19 @@ Takes (dict "engine" "postgres"|"qdrant" "Values" <soma-backup values>).
 - name: soma-agent-tmp
   emptyDir:
     sizeLimit: {{ .Values.agent.tmpSizeLimit }}
+{{- if and (eq $engine "postgres") .Values.postgres.walStream.enabled }}
+{{- $spool := .Values.postgres.walStream.spool }}
+- name: soma-agent-wal-spool
+  {{- if $spool.volume }}
+  {{- toYaml $spool.volume | nindent 2 }}
+  {{- else }}
+  emptyDir:
+    {{- if $spool.sizeLimit }}
+    sizeLimit: {{ $spool.sizeLimit }}
+    {{- else }} {}
+    {{- end }}
+  {{- end }}
+{{- end }}
 {{- if and (eq $engine "qdrant") .Values.qdrant.caCertSecret.name }}
 - name: soma-agent-qdrant-ca
   secret:
@@ -292,5 +354,175 @@ Takes (dict "engine" "postgres"|"qdrant" "Values" <soma-backup values>).
     items:
       - key: {{ .Values.qdrant.caCertSecret.key }}
         path: ca.crt
+{{- end }}
+{{- end }}
+
+{{/*
+Physical (point-in-time) restore of PostgreSQL: an init container for the PostgreSQL pod that lays
+a base backup into the empty data volume before PostgreSQL starts, and what the PostgreSQL
+container then needs to replay WAL from the store. Four templates, each rendering nothing unless
+restore.physical.enabled, all taking (dict "Values" <soma-backup values>):
+
+  initContainers:
+    {{- include "soma-backup.physicalRestoreInitContainers" (dict "Values" $soma) | nindent 4 }}
+  containers:
+    - name: postgresql
+      env:
+        {{- include "soma-backup.physicalRestoreEnv" (dict "Values" $soma) | nindent 8 }}
+      volumeMounts:
+        {{- include "soma-backup.physicalRestoreVolumeMounts" (dict "Values" $soma) | nindent 8 }}
+  volumes:
+    {{- include "soma-backup.physicalRestoreVolumes" (dict "Values" $soma) | nindent 4 }}
+
+The init container (image: the agent's; user: restore.physical.runAsUser, PostgreSQL's own):
+  1. copies soma-agent into the emptyDir soma-agent-bin, which the PostgreSQL container mounts at
+     /soma-bin: restore-pgdata writes restore_command = '/soma-bin/soma-agent wal-fetch ...' into
+     postgresql.auto.conf, and PostgreSQL runs it, as itself, for every WAL file it replays. This
+     happens on every start of the pod, because recovery may outlive one pod;
+  2. skips the restore, saying so, when <pgdata>/PG_VERSION exists: a restart after a successful
+     restore (or a cluster that was never restored) starts PostgreSQL on its data as it is;
+  3. otherwise runs `soma-agent restore-pgdata --backup ID --pgdata DIR --target... --agent-binary
+     /soma-bin/soma-agent`. A marker beside DIR (<pgdata>.soma-restore-incomplete, on the data
+     volume) exists exactly while that runs: the base backup writes PG_VERSION long before it is
+     complete, so a restore killed halfway (node lost, OOM) must not look finished. Finding the
+     marker, the next start removes what the interrupted restore wrote and restores again. A
+     non-empty DIR without PG_VERSION and without the marker is someone else's: it is refused.
+The PostgreSQL container gets the S3 environment of "soma-backup.awsEnv" (the store location
+itself is part of restore_command) plus restore.physical.postgresEnv (bitnami's entrypoint deletes
+recovery.signal at start unless POSTGRESQL_PERFORM_RESTORE=yes, which would silently turn the
+point-in-time recovery into a plain start on the base backup), and the read-only soma-agent-bin
+mount. The soma-agent binary
+is built on Debian bookworm (glibc): the PostgreSQL image must be glibc-based (bitnami and the
+official Debian images are; Alpine images are not).
+*/}}
+{{- define "soma-backup.physicalRestoreBinDir" -}}/soma-bin{{- end }}
+
+{{- define "soma-backup.physicalRestorePgdata" -}}
+{{- $p := .restore.physical -}}
+{{- $pgdata := clean (required "restore.physical.pgdataPath is required" $p.pgdataPath) -}}
+{{- $mount := clean (required "restore.physical.dataVolume.mountPath is required" $p.dataVolume.mountPath) -}}
+{{- if not (hasPrefix (printf "%s/" (trimSuffix "/" $mount)) $pgdata) -}}
+{{- fail (printf "restore.physical.pgdataPath (%s) must be a directory below restore.physical.dataVolume.mountPath (%s): the restore keeps its progress marker beside the data directory, on the same volume" $pgdata $mount) -}}
+{{- end -}}
+{{- $pgdata -}}
+{{- end }}
+
+{{- define "soma-backup.physicalRestoreInitContainers" -}}
+{{- $v := required "soma-backup.physicalRestoreInitContainers: pass \"Values\" (the soma-backup values)" .Values -}}
+{{- $p := $v.restore.physical -}}
+{{- if $p.enabled -}}
+{{- $store := $v.store -}}
+{{- $bucket := required "store.bucket is required for the physical restore" $store.bucket -}}
+{{- $prefix := ternary $p.storePrefix $store.prefix (ne (toString $p.storePrefix) "") -}}
+{{- $pgdata := include "soma-backup.physicalRestorePgdata" $v -}}
+{{- $bin := include "soma-backup.physicalRestoreBinDir" . -}}
+{{- if and $p.targetTime $p.targetLsn }}
+{{- fail "restore.physical: set targetTime or targetLsn, not both (neither: replay all the WAL in the store)" }}
+{{- end -}}
+- name: soma-restore-pgdata
+  image: {{ include "soma-backup.image" $v | quote }}
+  imagePullPolicy: {{ $v.agent.image.pullPolicy }}
+  command:
+    - /bin/sh
+    - -c
+    - |
+      set -eu
+      cp "$(command -v soma-agent)" {{ $bin }}/soma-agent
+      marker="${PGDATA}.soma-restore-incomplete"
+      if [ -e "$marker" ]; then
+        echo "soma-restore-pgdata: an earlier restore into $PGDATA was interrupted ($marker exists): removing what it wrote and restoring again"
+        if [ -d "$PGDATA" ]; then find "$PGDATA" -mindepth 1 -maxdepth 1 -exec rm -rf -- {} +; fi
+      elif [ -e "$PGDATA/PG_VERSION" ]; then
+        echo "soma-restore-pgdata: $PGDATA/PG_VERSION exists, so this data directory is already restored (or was initialised by PostgreSQL): skipping the restore; PostgreSQL starts on the data as it is"
+        exit 0
+      elif [ -d "$PGDATA" ] && [ -n "$(ls -A "$PGDATA")" ]; then
+        echo "soma-restore-pgdata: $PGDATA is not empty but has no PG_VERSION: refusing to restore over files this restore did not write; empty the directory (or use a new volume) and delete the pod" >&2
+        exit 1
+      fi
+      touch "$marker"
+      echo "soma-restore-pgdata: restoring into $PGDATA: soma-agent $*"
+      soma-agent "$@"
+      rm -f "$marker"
+      echo "soma-restore-pgdata: restore complete; PostgreSQL replays the WAL up to the target and promotes when it starts"
+    - soma-restore-pgdata
+  args:
+    - restore-pgdata
+    - --backup
+    - {{ $p.backup | toString | quote }}
+    - --pgdata
+    - {{ $pgdata | quote }}
+    {{- if $p.targetTime }}
+    - --target-time
+    - {{ $p.targetTime | toString | quote }}
+    {{- else if $p.targetLsn }}
+    - --target-lsn
+    - {{ $p.targetLsn | toString | quote }}
+    {{- else }}
+    - --target
+    - latest
+    {{- end }}
+    - --agent-binary
+    - {{ printf "%s/soma-agent" $bin | quote }}
+  env:
+    - name: SOMA_STORE
+      value: {{ include "soma-backup.storeUrl" (dict "bucket" $bucket "prefix" $prefix) | quote }}
+    {{- include "soma-backup.awsEnv" $store | nindent 4 }}
+    - name: SOMA_LOG_FORMAT
+      value: {{ $v.agent.logFormat | quote }}
+    - name: PGDATA
+      value: {{ $pgdata | quote }}
+  # The restore's last lines (its error, if any) also become the container's termination message.
+  terminationMessagePolicy: FallbackToLogsOnError
+  {{- with $p.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- $user := dict "runAsUser" (required "restore.physical.runAsUser is required (PostgreSQL's uid)" $p.runAsUser) }}
+    {{- if not (kindIs "invalid" $p.runAsGroup) }}
+    {{- $_ := set $user "runAsGroup" $p.runAsGroup }}
+    {{- end }}
+    {{- toYaml (mergeOverwrite (deepCopy $v.agent.securityContext) $user) | nindent 4 }}
+  volumeMounts:
+    - name: {{ required "restore.physical.dataVolume.name is required" $p.dataVolume.name }}
+      mountPath: {{ clean $p.dataVolume.mountPath }}
+      {{- with $p.dataVolume.subPath }}
+      subPath: {{ . }}
+      {{- end }}
+    - name: soma-agent-bin
+      mountPath: {{ $bin }}
+    - name: soma-restore-tmp
+      mountPath: /tmp
+{{- end }}
+{{- end }}
+
+{{- define "soma-backup.physicalRestoreVolumes" -}}
+{{- $v := required "soma-backup.physicalRestoreVolumes: pass \"Values\" (the soma-backup values)" .Values -}}
+{{- if $v.restore.physical.enabled -}}
+- name: soma-agent-bin
+  emptyDir:
+    sizeLimit: {{ $v.restore.physical.binSizeLimit }}
+- name: soma-restore-tmp
+  emptyDir:
+    sizeLimit: {{ $v.agent.tmpSizeLimit }}
+{{- end }}
+{{- end }}
+
+{{- define "soma-backup.physicalRestoreVolumeMounts" -}}
+{{- $v := required "soma-backup.physicalRestoreVolumeMounts: pass \"Values\" (the soma-backup values)" .Values -}}
+{{- if $v.restore.physical.enabled -}}
+- name: soma-agent-bin
+  mountPath: {{ include "soma-backup.physicalRestoreBinDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "soma-backup.physicalRestoreEnv" -}}
+{{- $v := required "soma-backup.physicalRestoreEnv: pass \"Values\" (the soma-backup values)" .Values -}}
+{{- if $v.restore.physical.enabled }}
+{{- include "soma-backup.awsEnv" $v.store }}
+{{- with $v.restore.physical.postgresEnv }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 {{- end }}
