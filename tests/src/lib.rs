@@ -23,6 +23,7 @@ pub mod fixtures;
 pub mod garage;
 pub mod kube;
 pub mod pg;
+pub mod pitr;
 pub mod qdrant;
 pub mod store;
 mod util;

@@ -31,20 +31,13 @@ pub struct PgCluster {
 impl PgCluster {
     /// Runs initdb and starts the server on a free port; panics with the server log on failure.
     pub fn start() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("soma-pg-")
-            .tempdir()
-            .expect("cannot create a temporary directory for PostgreSQL");
-        let owner = server_user();
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(dir.path(), Some(uid.as_raw()), Some(gid.as_raw()))
-                .expect("cannot chown the PostgreSQL temporary directory to user postgres");
-        }
-        let mut cluster = PgCluster {
-            dir,
-            port: 0,
-            owner,
-        };
+        Self::start_with("")
+    }
+
+    /// Like [`start`](Self::start), with extra server options (`-c name=value ...`) that override
+    /// the defaults, e.g. `-c synchronous_commit=on` where a test measures what a crash loses.
+    pub fn start_with(extra_options: &str) -> Self {
+        let mut cluster = Self::empty();
         let data = cluster.data_dir();
         let out = cluster
             .server_command("initdb")
@@ -62,35 +55,137 @@ impl PgCluster {
             .output()
             .expect("cannot run initdb");
         assert!(out.status.success(), "initdb failed:\n{}", show(&out));
+        if let Err(e) = cluster.try_start(extra_options, &[]) {
+            panic!("PostgreSQL did not start:\n{e}");
+        }
+        cluster
+    }
 
+    /// A temporary directory for a cluster, owned by the server's user, with no data directory
+    /// yet ([`data_path`](Self::data_path) does not exist): the target of a physical restore.
+    pub fn empty() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("soma-pg-")
+            .tempdir()
+            .expect("cannot create a temporary directory for PostgreSQL");
+        let owner = server_user();
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(dir.path(), Some(uid.as_raw()), Some(gid.as_raw()))
+                .expect("cannot chown the PostgreSQL temporary directory to user postgres");
+        }
+        PgCluster {
+            dir,
+            port: 0,
+            owner,
+        }
+    }
+
+    /// Starts the server on the existing data directory (e.g. one a physical restore laid down)
+    /// with `env` added to its environment (restore_command inherits it: the store's
+    /// credentials). Returns pg_ctl's output and the server log when it does not start.
+    pub fn start_existing(&mut self, env: &[(String, String)]) -> Result<(), String> {
+        self.try_start("", env)
+    }
+
+    fn try_start(&mut self, extra_options: &str, env: &[(String, String)]) -> Result<(), String> {
+        let data = self.data_dir();
         // The port was free when picked but another test may take it before the server binds it:
         // try a few ports.
         let mut last_failure = String::new();
         for _ in 0..5 {
-            cluster.port = free_port();
+            self.port = free_port();
             // fsync and friends are off because these clusters are disposable; nothing under test
             // depends on PostgreSQL's own crash durability.
             let options = format!(
                 "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-                 -c synchronous_commit=off -c full_page_writes=off -c max_wal_size=4GB",
-                cluster.port,
-                cluster.dir.path().display()
+                 -c synchronous_commit=off -c full_page_writes=off -c max_wal_size=4GB {extra_options}",
+                self.port,
+                self.dir.path().display()
             );
-            let out = cluster
+            let out = self
                 .server_command("pg_ctl")
                 .arg("-D")
                 .arg(&data)
                 .arg("-l")
-                .arg(cluster.log_path())
-                .args(["-w", "-t", "60", "-o", &options, "start"])
+                .arg(self.log_path())
+                .args(["-w", "-t", "120", "-o", &options, "start"])
+                .envs(env.iter().map(|(k, v)| (k, v)))
                 .output()
                 .expect("cannot run pg_ctl");
             if out.status.success() {
-                return cluster;
+                return Ok(());
             }
-            last_failure = format!("{}\n--- server log ---\n{}", show(&out), cluster.log());
+            last_failure = format!("{}\n--- server log ---\n{}", show(&out), self.log());
+            // Only a port taken meanwhile is worth another try; anything else (e.g. a recovery
+            // that failed) would fail again.
+            if !self.log().contains("Address already in use") {
+                break;
+            }
         }
-        panic!("PostgreSQL did not start:\n{last_failure}");
+        self.port = 0;
+        Err(last_failure)
+    }
+
+    /// The data directory (missing for a cluster made by [`empty`](Self::empty) until a restore
+    /// creates it).
+    pub fn data_path(&self) -> PathBuf {
+        self.data_dir()
+    }
+
+    /// A command run as the cluster's owner (the `postgres` user when the test runs as root), in
+    /// the cluster's directory: what an init container running as PostgreSQL's user does.
+    pub fn owner_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.current_dir(self.dir.path()).stdin(Stdio::null());
+        if let Some((uid, gid)) = self.owner {
+            cmd.uid(uid.as_raw()).gid(gid.as_raw());
+        }
+        cmd
+    }
+
+    /// Kills the postmaster with SIGKILL (a crash: no shutdown checkpoint, nothing flushed).
+    pub fn kill_9(&mut self) {
+        let pid_file = std::fs::read_to_string(self.data_dir().join("postmaster.pid"))
+            .expect("cannot read postmaster.pid");
+        let pid: i32 = pid_file
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("postmaster.pid starts with the pid");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("cannot SIGKILL the postmaster");
+        crate::util::poll_until(
+            std::time::Duration::from_secs(30),
+            "the killed postmaster to be gone",
+            || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err().then_some(()),
+        );
+    }
+
+    /// Whether a server is running on the data directory (`pg_ctl status`).
+    pub fn is_running(&self) -> bool {
+        self.server_command("pg_ctl")
+            .arg("-D")
+            .arg(self.data_dir())
+            .arg("status")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    /// Polls until the server has left recovery (a restored server promoted) or stopped; returns
+    /// true when it promoted.
+    pub fn wait_promoted_or_stopped(&self, timeout: std::time::Duration) -> bool {
+        crate::util::poll_until(timeout, "the restored server to promote or stop", || {
+            match self.try_psql("postgres", "select pg_is_in_recovery()") {
+                Ok(r) if r == "f" => Some(true),
+                Ok(_) => None,
+                Err(_) if !self.is_running() => Some(false),
+                Err(_) => None,
+            }
+        })
     }
 
     /// The TCP port the server listens on (127.0.0.1).

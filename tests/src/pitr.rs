@@ -1,0 +1,116 @@
+//! Point-in-time recovery helpers: an agent streaming WAL, physical base backups, and restores
+//! into fresh data directories with the real `soma-agent restore-pgdata`.
+
+use std::time::Duration;
+
+use crate::{Agent, CmdOutput, PgCluster, TestStore, poll_until, soma, util::bin_path};
+
+/// How long a restored server may take to replay and promote.
+pub const PROMOTE_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Starts an agent beside `pg` that streams WAL to `store` (`--wal-stream`), spooling into
+/// `spool`, shipping the segment in progress every `interval` (e.g. "1s").
+pub fn wal_agent(
+    pg: &PgCluster,
+    store: &TestStore,
+    spool: &std::path::Path,
+    interval: &str,
+) -> Agent {
+    let spool = spool.display().to_string();
+    Agent::start(
+        &store.url(),
+        &pg.url("postgres"),
+        &[
+            "--wal-stream",
+            "--wal-spool",
+            &spool,
+            "--wal-partial-interval",
+            interval,
+        ],
+        &store.env(),
+    )
+}
+
+/// Takes a physical base backup through the plugin and returns its id.
+pub fn physical_backup(agent_addr: &str) -> String {
+    let out = soma(
+        agent_addr,
+        &["-o", "json", "backup", "postgres", "--physical"],
+    );
+    out.assert_success("backup postgres --physical");
+    out.json()["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in the backup's JSON:\n{out}"))
+        .to_owned()
+}
+
+/// Parses an LSN as PostgreSQL prints it (`0/3000060`).
+pub fn lsn(text: &str) -> u64 {
+    let (hi, lo) = text
+        .trim()
+        .split_once('/')
+        .unwrap_or_else(|| panic!("not an LSN: {text:?}"));
+    (u64::from_str_radix(hi, 16).expect("LSN high part") << 32)
+        | u64::from_str_radix(lo, 16).expect("LSN low part")
+}
+
+/// The agent's WAL archive status (`kubectl soma status -o json`, first row's `wal_archive`).
+pub fn wal_status(agent_addr: &str) -> serde_json::Value {
+    let out = soma(agent_addr, &["-o", "json", "status"]);
+    out.assert_success("status -o json");
+    out.json()[0]["wal_archive"].clone()
+}
+
+/// Waits until the agent's archive holds every WAL record the server had written when this was
+/// called (what `status` reports as the archived position); returns that position.
+pub fn wait_archived(agent_addr: &str, pg: &PgCluster) -> u64 {
+    let server = lsn(&pg.psql("postgres", "select pg_current_wal_lsn()"));
+    poll_until(
+        Duration::from_secs(120),
+        "the WAL archive to reach the server's position",
+        || {
+            let status = wal_status(agent_addr);
+            let archived = status["archived_lsn"].as_str().filter(|s| !s.is_empty())?;
+            (lsn(archived) >= server).then_some(server)
+        },
+    )
+}
+
+/// Runs `soma-agent restore-pgdata --store STORE --pgdata <target's data dir> ARGS...` as the
+/// target cluster's owner (as an init container runs as PostgreSQL's user).
+pub fn restore_pgdata(target: &PgCluster, store: &TestStore, args: &[&str]) -> CmdOutput {
+    let mut cmd = target.owner_command(bin_path("soma-agent"));
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("AWS_") || k.starts_with("SOMA_") || k.starts_with("PG") {
+            cmd.env_remove(&key);
+        }
+    }
+    let out = cmd
+        .arg("restore-pgdata")
+        .arg("--store")
+        .arg(store.url())
+        .arg("--pgdata")
+        .arg(target.data_path())
+        .args(args)
+        .envs(store.env())
+        .output()
+        .expect("cannot run soma-agent restore-pgdata");
+    CmdOutput::from_output(&out)
+}
+
+/// Restores into a fresh cluster directory, starts PostgreSQL there and waits until it promoted;
+/// panics with the server log when it does not.
+pub fn restore_and_start(store: &TestStore, args: &[&str]) -> PgCluster {
+    let mut target = PgCluster::empty();
+    restore_pgdata(&target, store, args).assert_success("restore-pgdata");
+    if let Err(e) = target.start_existing(&store.env()) {
+        panic!("the restored server did not start:\n{e}");
+    }
+    assert!(
+        target.wait_promoted_or_stopped(PROMOTE_TIMEOUT),
+        "the restored server stopped instead of promoting:\n{}",
+        target.log()
+    );
+    target
+}
