@@ -115,7 +115,8 @@ pub struct Config {
     pub wal_partial_interval: std::time::Duration,
 
     /// libpq URL for base backups and WAL streaming, as a user with the REPLICATION attribute
-    /// (default: --postgres-url). No password here: use PGPASSWORD or a passfile.
+    /// (default: --postgres-url). No password here: the replication user's password comes from
+    /// SOMA_REPLICATION_PASSWORD (environment only), else PGPASSWORD or a passfile.
     #[arg(long, env = "SOMA_REPLICATION_URL")]
     pub replication_url: Option<String>,
 }

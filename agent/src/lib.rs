@@ -127,6 +127,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .context("--replication-url / SOMA_REPLICATION_URL")?,
         );
     }
+    // Read from the environment only, so it never shows in a process list.
+    postgres = postgres
+        .map(|pg| pg.with_replication_password(std::env::var("SOMA_REPLICATION_PASSWORD").ok()));
     if config.wal_stream && postgres.is_none() {
         anyhow::bail!(
             "--wal-stream (SOMA_WAL_STREAM) needs the PostgreSQL server: set --postgres-url"

@@ -92,6 +92,9 @@ pub struct Postgres {
     /// Connection for physical backups and WAL streaming (a user with REPLICATION); defaults to
     /// `url`.
     replication_url: Option<Url>,
+    /// Password of the replication user, when it differs from the main user's (which libpq takes
+    /// from PGPASSWORD or the passfile). Only ever passed through a child's environment.
+    replication_password: Option<String>,
     bin_dir: Option<PathBuf>,
 }
 
@@ -247,6 +250,7 @@ impl Postgres {
         Ok(Self {
             url: Self::parse_url(url)?,
             replication_url: None,
+            replication_password: None,
             bin_dir,
         })
     }
@@ -255,6 +259,22 @@ impl Postgres {
     pub fn with_replication_url(mut self, url: &str) -> Result<Self, PgError> {
         self.replication_url = Some(Self::parse_url(url)?);
         Ok(self)
+    }
+
+    /// Uses `password` for the replication connection (from SOMA_REPLICATION_PASSWORD).
+    pub fn with_replication_password(mut self, password: Option<String>) -> Self {
+        self.replication_password = password.filter(|p| !p.is_empty());
+        self
+    }
+
+    /// A tool command on the replication connection: the replication user's password, if it has
+    /// its own, goes into the child's environment, never into its arguments.
+    fn replication_command(&self, tool: &'static str) -> Command {
+        let mut cmd = self.command(tool);
+        if let Some(pw) = &self.replication_password {
+            cmd.env("PGPASSWORD", pw);
+        }
+        cmd
     }
 
     fn parse_url(url: &str) -> Result<Url, PgError> {
@@ -494,7 +514,7 @@ impl Postgres {
             .clone()
             .unwrap_or_else(|| self.url.clone());
         url.query_pairs_mut().append_pair("replication", "true");
-        let mut cmd = self.command("psql");
+        let mut cmd = self.replication_command("psql");
         cmd.args(["-X", "-w", "-A", "-t", "-q", "-F", "|", "-d"])
             .arg(url.as_str())
             .arg("-c")
@@ -557,7 +577,7 @@ impl Postgres {
     /// for consistency inside it (`-X fetch`) and a fast checkpoint; `--verbose` makes it report
     /// the start and end positions on stderr.
     pub fn start_basebackup(&self) -> Result<ToolProcess, PgError> {
-        let mut cmd = self.command("pg_basebackup");
+        let mut cmd = self.replication_command("pg_basebackup");
         cmd.args([
             "--pgdata=-",
             "--format=tar",
@@ -573,7 +593,7 @@ impl Postgres {
 
     /// Creates the physical replication slot `slot` unless it exists.
     pub async fn create_slot(&self, slot: &str) -> Result<(), PgError> {
-        let mut cmd = self.command("pg_receivewal");
+        let mut cmd = self.replication_command("pg_receivewal");
         cmd.args([
             "--create-slot",
             "--if-not-exists",
@@ -593,7 +613,7 @@ impl Postgres {
         dir: &std::path::Path,
         slot: &str,
     ) -> Result<ToolProcess, PgError> {
-        let mut cmd = self.command("pg_receivewal");
+        let mut cmd = self.replication_command("pg_receivewal");
         cmd.arg("--directory")
             .arg(dir)
             .args([

@@ -1,0 +1,486 @@
+//! PostgreSQL point-in-time recovery end to end: a real PostgreSQL 15 whose WAL the real agent
+//! streams (pg_receivewal through a replication slot) into a real S3 server (Garage), physical base
+//! backups through the plugin, and restores with `soma-agent restore-pgdata` into fresh data
+//! directories that a real PostgreSQL then replays through `soma-agent wal-fetch`.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use soma_tests::pg::PG_BIN_DIR;
+use soma_tests::pitr::{physical_backup, restore_and_start, wait_archived, wal_agent, wal_status};
+use soma_tests::{PgCluster, TestStore, poll_until, soma};
+
+/// The server's clock now, as RFC 3339 UTC with microseconds (what --target-time takes).
+fn server_now(pg: &PgCluster) -> String {
+    pg.psql(
+        "postgres",
+        "select to_char(clock_timestamp() at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    )
+}
+
+/// Starts pgbench against `pg` in the background with `args` (output captured, killed on drop).
+fn pgbench(pg: &PgCluster, args: &[&str]) -> std::process::Child {
+    pg.client_command(Path::new(PG_BIN_DIR).join("pgbench"))
+        .args(args)
+        .arg("postgres")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot run pgbench")
+}
+
+fn count(pg: &PgCluster, sql: &str) -> u64 {
+    pg.psql("postgres", sql)
+        .parse()
+        .unwrap_or_else(|e| panic!("{sql}: not a number ({e})"))
+}
+
+/// Restoring to a time T returns exactly the transactions committed at or before T: rows are
+/// inserted in a steady stream (their commit times tracked by PostgreSQL itself with
+/// track_commit_timestamp), T is taken in the middle, the stream goes on, and the restored
+/// cluster must hold exactly the rows whose commit time is ≤ T — no more, no fewer.
+#[test]
+fn restore_to_a_time_returns_exactly_the_rows_committed_by_then() {
+    let store = TestStore::garage();
+    let pg = PgCluster::start_with("-c track_commit_timestamp=on");
+    let spool = tempfile::tempdir().expect("spool dir");
+    let agent = wal_agent(&pg, &store, spool.path(), "1s");
+    pg.psql(
+        "postgres",
+        "create table stamped(id bigserial primary key, at timestamptz not null default clock_timestamp())",
+    );
+    let backup = physical_backup(agent.addr());
+
+    let script = tempfile::NamedTempFile::new().expect("pgbench script");
+    std::fs::write(script.path(), "insert into stamped default values;\n").unwrap();
+    std::fs::set_permissions(
+        script.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let script_path = script.path().display().to_string();
+    // 150 transactions a second for 8 seconds, one row each.
+    let load = pgbench(
+        &pg,
+        &["-n", "-c", "1", "-R", "150", "-T", "8", "-f", &script_path],
+    );
+    poll_until(Duration::from_secs(30), "400 rows before T", || {
+        (count(&pg, "select count(*) from stamped") >= 400).then_some(())
+    });
+    let t = server_now(&pg);
+    let out = load.wait_with_output().expect("pgbench");
+    assert!(
+        out.status.success(),
+        "pgbench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let committed_by_t = format!(
+        "select coalesce(string_agg(id::text, ',' order by id), '') from stamped \
+         where pg_xact_commit_timestamp(xmin) <= '{t}'::timestamptz"
+    );
+    let expected = pg.psql("postgres", &committed_by_t);
+    let after_t = count(
+        &pg,
+        &format!(
+            "select count(*) from stamped where pg_xact_commit_timestamp(xmin) > '{t}'::timestamptz"
+        ),
+    );
+    assert!(
+        after_t >= 100,
+        "the stream must go on after T (only {after_t} rows after it)"
+    );
+    assert!(expected.split(',').count() >= 400);
+    wait_archived(agent.addr(), &pg);
+
+    let restored = restore_and_start(&store, &["--backup", &backup, "--target-time", &t]);
+    let got = restored.psql(
+        "postgres",
+        "select coalesce(string_agg(id::text, ',' order by id), '') from stamped",
+    );
+    assert_eq!(
+        got,
+        expected,
+        "the restored rows differ from those committed at or before {t}; server log:\n{}",
+        restored.log()
+    );
+    assert!(
+        restored.log().contains("recovery stopping before commit"),
+        "recovery must stop at the target, not at the end of the WAL:\n{}",
+        restored.log()
+    );
+    // `latest` picks the same base backup (the only one) and reaches the same point.
+    let again = restore_and_start(&store, &["--backup", "latest", "--target-time", &t]);
+    assert_eq!(
+        again.psql(
+            "postgres",
+            "select coalesce(string_agg(id::text, ',' order by id), '') from stamped"
+        ),
+        expected
+    );
+}
+
+/// Rows a client saw committed: (id, commit-side timestamp as epoch seconds).
+type Acked = Arc<Mutex<Vec<(i64, f64)>>>;
+
+/// A client inserting one row per transaction as fast as the server acknowledges them, recording
+/// each acknowledged row: what a crash may not lose beyond the recovery point objective.
+fn acknowledged_inserts(pg: &PgCluster) -> (std::process::Child, Acked) {
+    let mut child = pg
+        .client_command("/usr/bin/psql")
+        .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", "postgres"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot run psql");
+    let mut stdin = child.stdin.take().expect("psql stdin");
+    std::thread::spawn(move || {
+        // The pipe's backpressure paces the writer; the loop ends when psql exits (crash).
+        let line = b"insert into stamped default values returning id, extract(epoch from at);\n";
+        for _ in 0..2_000_000 {
+            if stdin.write_all(line).is_err() {
+                break;
+            }
+        }
+    });
+    let acked: Acked = Arc::default();
+    let sink = acked.clone();
+    let stdout = child.stdout.take().expect("psql stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some((id, at)) = line.split_once('|')
+                && let (Ok(id), Ok(at)) = (id.parse(), at.parse())
+            {
+                sink.lock().unwrap().push((id, at));
+            }
+        }
+    });
+    (child, acked)
+}
+
+/// The disaster: under a pgbench load plus a client committing rows one by one, the whole pod dies
+/// at once (agent and server killed with SIGKILL) and the data directory is deleted. Restoring
+/// `latest` brings back every acknowledged transaction except those of the last partial-shipping
+/// interval: the measured loss (RPO) must be within the interval (5 s, the default) plus a few
+/// seconds; the restore time (RTO) for this database is measured and printed.
+#[test]
+fn disaster_restore_latest_loses_at_most_the_partial_interval() {
+    const INTERVAL_S: f64 = 5.0;
+    let store = TestStore::garage();
+    // Every acknowledged commit is flushed, as in production (the harness default is off).
+    let mut pg = PgCluster::start_with("-c synchronous_commit=on");
+    let spool = tempfile::tempdir().expect("spool dir");
+    let mut agent = wal_agent(&pg, &store, spool.path(), "5s");
+    let init = pg
+        .client_command(Path::new(PG_BIN_DIR).join("pgbench"))
+        .args(["-i", "-q", "-s", "2", "postgres"])
+        .output()
+        .expect("pgbench -i");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    pg.psql(
+        "postgres",
+        "create table stamped(id bigserial primary key, at timestamptz not null default clock_timestamp())",
+    );
+    physical_backup(agent.addr());
+
+    let mut load = pgbench(&pg, &["-n", "-c", "2", "-T", "120"]);
+    let (mut inserter, acked) = acknowledged_inserts(&pg);
+    // Run long enough for complete segments and several partial shipments.
+    let started = Instant::now();
+    poll_until(
+        Duration::from_secs(90),
+        "12 s of load with WAL shipped",
+        || {
+            let status = wal_status(agent.addr());
+            (started.elapsed() >= Duration::from_secs(12)
+                && status["segments_shipped"].as_u64() >= Some(1)
+                && status["partials_shipped"].as_u64() >= Some(1))
+            .then_some(())
+        },
+    );
+
+    // The pod dies: the sidecar and the server together, then the volume is lost.
+    agent.kill_9();
+    pg.kill_9();
+    let crashed_at = Instant::now();
+    let _ = inserter.wait();
+    let _ = load.kill();
+    let _ = load.wait();
+    std::fs::remove_dir_all(pg.data_path()).expect("delete the data directory");
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 1000, "only {} rows acknowledged", acked.len());
+    let &(last_id, last_at) = acked.last().unwrap();
+
+    let rto = Instant::now();
+    let restored = restore_and_start(&store, &["--backup", "latest", "--target", "latest"]);
+    let rto = rto.elapsed();
+    let (max_id, max_at): (i64, f64) = {
+        let row = restored.psql(
+            "postgres",
+            "select max(id), extract(epoch from max(at)) from stamped",
+        );
+        let (a, b) = row.split_once('|').expect("two columns");
+        (a.parse().unwrap(), b.parse().unwrap())
+    };
+    // No acknowledged row before the recovery point may be missing.
+    let present: BTreeSet<i64> = restored
+        .psql(
+            "postgres",
+            "select coalesce(string_agg(id::text, ','), '') from stamped",
+        )
+        .split(',')
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let holes: Vec<i64> = acked
+        .iter()
+        .map(|a| a.0)
+        .filter(|id| *id <= max_id && !present.contains(id))
+        .collect();
+    assert!(
+        holes.is_empty(),
+        "acknowledged rows missing before the recovery point: {holes:?}"
+    );
+    let lost: Vec<&(i64, f64)> = acked.iter().filter(|a| a.0 > max_id).collect();
+    let window = (last_at - max_at).max(0.0);
+    eprintln!(
+        "disaster: {} acknowledged commits, last id {last_id}; restored up to id {max_id}; \
+         lost {} committed transactions spanning {window:.2} s (RPO); \
+         restore-pgdata + replay + promote took {:.1} s (RTO), {:.1} s after the crash; \
+         pgbench tables: {} accounts",
+        acked.len(),
+        lost.len(),
+        rto.as_secs_f64(),
+        crashed_at.elapsed().as_secs_f64(),
+        restored.psql("postgres", "select count(*) from pgbench_accounts"),
+    );
+    assert!(
+        window <= INTERVAL_S + 3.0,
+        "lost {} transactions spanning {window:.2} s, more than the {INTERVAL_S} s interval plus 3 s",
+        lost.len()
+    );
+    assert_eq!(
+        count(&restored, "select count(*) from pgbench_accounts"),
+        200_000,
+        "the pgbench tables came back whole"
+    );
+}
+
+/// Killing the agent mid-stream (SIGKILL, while pg_receivewal keeps running as an orphan and the
+/// server keeps writing) and starting it again on the same spool loses no WAL — the replication
+/// slot held it — and stores no second, different copy of any segment: the archive has no gap, and
+/// a restore to `latest` equals the live server row for row.
+#[test]
+fn an_agent_restart_mid_stream_loses_no_wal() {
+    let store = TestStore::garage();
+    let pg = PgCluster::start();
+    let spool = tempfile::tempdir().expect("spool dir");
+    let mut agent = wal_agent(&pg, &store, spool.path(), "1s");
+    let init = pg
+        .client_command(Path::new(PG_BIN_DIR).join("pgbench"))
+        .args(["-i", "-q", "-s", "1", "postgres"])
+        .output()
+        .expect("pgbench -i");
+    assert!(init.status.success());
+    let backup = physical_backup(agent.addr());
+
+    pg.psql("postgres", "create table filler(n int, pad text)");
+    // About 20 MiB of WAL per call: more than a segment, whatever pgbench manages meanwhile.
+    let fill = || {
+        pg.psql(
+            "postgres",
+            "insert into filler select g, repeat(md5(g::text), 16) from generate_series(1, 40000) g",
+        )
+    };
+    let load = pgbench(&pg, &["-n", "-c", "2", "-T", "10"]);
+    fill();
+    poll_until(Duration::from_secs(60), "a segment shipped", || {
+        (wal_status(agent.addr())["segments_shipped"].as_u64() >= Some(1)).then_some(())
+    });
+    agent.kill_9();
+    // The server goes on writing while no agent runs (its orphaned pg_receivewal may still be
+    // receiving); then the agent comes back on its spool and must take the slot over.
+    fill();
+    fill();
+    let agent = wal_agent(&pg, &store, spool.path(), "1s");
+    fill();
+    let out = load.wait_with_output().expect("pgbench");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    pg.psql("postgres", "create table marker as select 1 as done");
+    // The new agent took the slot over from the orphaned pg_receivewal and caught up.
+    wait_archived(agent.addr(), &pg);
+    assert!(
+        agent
+            .logs()
+            .contains("stopping the pg_receivewal a previous agent left running"),
+        "the killed agent's pg_receivewal must be stopped by its successor:\n{}",
+        agent.logs()
+    );
+
+    // At most one complete object per segment: nothing stored twice with different content.
+    let garage = store.garage_server().expect("S3 store");
+    let keys = garage.list_keys("some/prefix/wal/");
+    let mut complete: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for key in &keys {
+        let name = key.rsplit('/').next().unwrap();
+        let mut parts = name.split('.');
+        let (file, kind) = (parts.next().unwrap(), parts.next().unwrap());
+        if kind == "seg" {
+            complete
+                .entry(file.to_owned())
+                .or_default()
+                .push(key.clone());
+        }
+    }
+    assert!(complete.len() >= 3, "too few segments archived: {keys:#?}");
+    for (file, objects) in &complete {
+        assert_eq!(
+            objects.len(),
+            1,
+            "segment {file} stored more than once: {objects:#?}"
+        );
+    }
+    let described = soma(agent.addr(), &["-o", "json", "describe", &backup]);
+    described.assert_success("describe");
+    let window = &described.json()["recovery_window"];
+    assert_eq!(
+        window["gaps"].as_array().map(Vec::len),
+        Some(0),
+        "the archive must have no gap: {window:#}"
+    );
+
+    let restored = restore_and_start(&store, &["--backup", "latest", "--target", "latest"]);
+    for sql in [
+        "select count(*) from pgbench_history",
+        "select sum(abalance) from pgbench_accounts",
+        "select count(*) from marker",
+        "select count(*), sum(n) from filler",
+    ] {
+        assert_eq!(
+            restored.psql("postgres", sql),
+            pg.psql("postgres", sql),
+            "{sql}"
+        );
+    }
+}
+
+/// The base backup's manifest and the live archive are visible to the user: `describe` shows the
+/// recoverable window growing as WAL is shipped, and `status` the archive lag.
+#[test]
+fn describe_shows_the_recoverable_window_and_status_the_archive() {
+    let store = TestStore::garage();
+    let pg = PgCluster::start();
+    let spool = tempfile::tempdir().expect("spool dir");
+    let agent = wal_agent(&pg, &store, spool.path(), "1s");
+    let backup = physical_backup(agent.addr());
+    let manifest = soma(agent.addr(), &["-o", "json", "describe", &backup]);
+    manifest.assert_success("describe");
+    let m = manifest.json();
+    assert_eq!(m["kind"], "physical");
+    assert_eq!(m["artifacts"][0]["name"], "base.tar.zst");
+    let system_id = pg.psql(
+        "postgres",
+        "select system_identifier from pg_control_system()",
+    );
+    assert_eq!(m["details"]["system_id"], system_id.as_str());
+    let stop = soma_tests::pitr::lsn(m["details"]["stop_lsn"].as_str().unwrap());
+
+    pg.psql(
+        "postgres",
+        "create table t as select generate_series(1, 100000) as n",
+    );
+    let server = wait_archived(agent.addr(), &pg);
+    let described = soma(agent.addr(), &["-o", "json", "describe", &backup]).json();
+    let w = &described["recovery_window"];
+    assert!(soma_tests::pitr::lsn(w["latest_lsn"].as_str().unwrap()) >= server);
+    assert!(soma_tests::pitr::lsn(w["earliest_lsn"].as_str().unwrap()) == stop);
+    assert_eq!(w["gaps"].as_array().map(Vec::len), Some(0));
+    let table = soma(agent.addr(), &["describe", &backup]);
+    table.assert_success("describe");
+    assert!(
+        table.stdout.contains("Recoverable:") && table.stdout.contains("WAL gaps:    none"),
+        "{table}"
+    );
+
+    let status = wal_status(agent.addr());
+    assert_eq!(status["receiving"], true, "{status:#}");
+    assert_eq!(status["system_id"], system_id.as_str());
+    assert_eq!(
+        status["lag_bytes"].as_u64().map(|l| l < (16 << 20)),
+        Some(true)
+    );
+    let list = soma(agent.addr(), &["list"]);
+    assert!(list.stdout.contains("postgres (physical)"), "{list}");
+
+    // A logical restore of a physical backup is refused with the way to do it.
+    let wrong = soma(agent.addr(), &["restore", &backup]);
+    assert_ne!(wrong.code, 0);
+    assert!(wrong.stderr.contains("--pgdata"), "{wrong}");
+}
+
+/// Command-line mistakes of a physical restore are refused before anything is written.
+#[test]
+fn restore_pgdata_refuses_bad_requests_without_writing() {
+    let store = TestStore::garage();
+    let pg = PgCluster::start();
+    let spool = tempfile::tempdir().expect("spool dir");
+    let agent = wal_agent(&pg, &store, spool.path(), "1s");
+    let logical = soma(agent.addr(), &["-o", "json", "backup", "postgres"]);
+    logical.assert_success("logical backup");
+    let logical_id = logical.json()["id"].as_str().unwrap().to_owned();
+
+    let target = PgCluster::empty();
+    // No physical backup yet.
+    let out = soma_tests::pitr::restore_pgdata(&target, &store, &["--target", "latest"]);
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("--physical"), "{out}");
+    // A logical backup named explicitly.
+    let out = soma_tests::pitr::restore_pgdata(&target, &store, &["--backup", &logical_id]);
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("not a physical base backup"), "{out}");
+    let backup = physical_backup(agent.addr());
+    // A target before the base backup was consistent.
+    let out = soma_tests::pitr::restore_pgdata(
+        &target,
+        &store,
+        &["--backup", &backup, "--target-time", "2020-01-01T00:00:00Z"],
+    );
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("after the target"), "{out}");
+    // A target in the future, beyond the archive.
+    let out = soma_tests::pitr::restore_pgdata(
+        &target,
+        &store,
+        &["--target-time", "2099-01-01T00:00:00Z"],
+    );
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("later than the newest WAL"), "{out}");
+    assert!(
+        !target.data_path().exists(),
+        "nothing may be written for a refused restore"
+    );
+    // A non-empty data directory.
+    std::fs::create_dir_all(target.data_path()).unwrap();
+    std::fs::write(target.data_path().join("PG_VERSION"), "15\n").unwrap();
+    let out = soma_tests::pitr::restore_pgdata(&target, &store, &["--target", "latest"]);
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("not empty"), "{out}");
+    assert_eq!(
+        std::fs::read_dir(target.data_path()).unwrap().count(),
+        1,
+        "the existing directory is left alone"
+    );
+}
