@@ -160,7 +160,11 @@ impl PgCluster {
         crate::util::poll_until(
             std::time::Duration::from_secs(30),
             "the killed postmaster to be gone",
-            || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err().then_some(()),
+            || {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                    .is_err()
+                    .then_some(())
+            },
         );
     }
 
@@ -178,14 +182,16 @@ impl PgCluster {
     /// Polls until the server has left recovery (a restored server promoted) or stopped; returns
     /// true when it promoted.
     pub fn wait_promoted_or_stopped(&self, timeout: std::time::Duration) -> bool {
-        crate::util::poll_until(timeout, "the restored server to promote or stop", || {
-            match self.try_psql("postgres", "select pg_is_in_recovery()") {
+        crate::util::poll_until(
+            timeout,
+            "the restored server to promote or stop",
+            || match self.try_psql("postgres", "select pg_is_in_recovery()") {
                 Ok(r) if r == "f" => Some(true),
                 Ok(_) => None,
                 Err(_) if !self.is_running() => Some(false),
                 Err(_) => None,
-            }
-        })
+            },
+        )
     }
 
     /// The TCP port the server listens on (127.0.0.1).
