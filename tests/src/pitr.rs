@@ -64,7 +64,7 @@ pub fn wal_status(agent_addr: &str) -> serde_json::Value {
 /// Waits until the agent's archive holds every WAL record the server had written when this was
 /// called (what `status` reports as the archived position); returns that position.
 pub fn wait_archived(agent_addr: &str, pg: &PgCluster) -> u64 {
-    let server = lsn(&pg.psql("postgres", "select pg_current_wal_lsn()"));
+    let server = lsn(&pg.psql("postgres", "select pg_current_wal_insert_lsn()"));
     poll_until(
         Duration::from_secs(120),
         "the WAL archive to reach the server's position",

@@ -484,3 +484,69 @@ fn restore_pgdata_refuses_bad_requests_without_writing() {
         "the existing directory is left alone"
     );
 }
+
+/// Direct use without Kubernetes: `kubectl soma backup all --physical` takes the PostgreSQL member
+/// as a base backup, and `kubectl soma restore latest --pgdata DIR --target-lsn L` has the agent lay
+/// it into a directory on its host, owned by the directory's owner so PostgreSQL can start there.
+#[test]
+fn the_plugin_drives_physical_backups_and_restores_through_the_agent() {
+    let store = TestStore::garage();
+    let pg = PgCluster::start();
+    let spool = tempfile::tempdir().expect("spool dir");
+    let agent = wal_agent(&pg, &store, spool.path(), "1s");
+    let set = soma(agent.addr(), &["-o", "json", "backup", "all", "--physical"]);
+    set.assert_success("backup all --physical");
+    let member = set.json()["members"][0]
+        .as_str()
+        .expect("the set names its member")
+        .to_owned();
+    let described = soma(agent.addr(), &["-o", "json", "describe", &member]);
+    described.assert_success("describe member");
+    assert_eq!(described.json()["kind"], "physical");
+
+    pg.psql(
+        "postgres",
+        "create table kept as select generate_series(1, 1000) as n",
+    );
+    let target_lsn = pg.psql("postgres", "select pg_current_wal_insert_lsn()");
+    pg.psql("postgres", "create table dropped_later as select 1 as n");
+    wait_archived(agent.addr(), &pg);
+
+    let mut target = PgCluster::empty();
+    let data = target.data_path().display().to_string();
+    let out = soma(
+        agent.addr(),
+        &[
+            "restore",
+            "latest",
+            "--pgdata",
+            &data,
+            "--target-lsn",
+            &target_lsn,
+        ],
+    );
+    out.assert_success("restore --pgdata");
+    assert!(out.stdout.contains(&member), "{out}");
+    target
+        .start_existing(&store.env())
+        .unwrap_or_else(|e| panic!("the restored server did not start:\n{e}"));
+    assert!(
+        target.wait_promoted_or_stopped(soma_tests::pitr::PROMOTE_TIMEOUT),
+        "{}",
+        target.log()
+    );
+    assert_eq!(target.psql("postgres", "select sum(n) from kept"), "500500");
+    assert_eq!(
+        target.psql(
+            "postgres",
+            "select count(*) from pg_tables where tablename = 'dropped_later'"
+        ),
+        "0",
+        "recovery stops at the target LSN"
+    );
+    // The set itself is not restored in place: its physical member needs a data directory.
+    let set_id = set.json()["id"].as_str().unwrap().to_owned();
+    let refused = soma(agent.addr(), &["restore", &set_id]);
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("restore-pgdata"), "{refused}");
+}
