@@ -140,6 +140,18 @@ async fn session(
         s.seg_size = seg_size;
     }
     let archive = WalArchive::new(store.clone(), &identity.system_id);
+    // Multipart uploads a killed agent left half-done. Only this task ships this cluster's WAL,
+    // one file at a time, and it is not shipping now.
+    match store.list_uploads(&archive.prefix()).await {
+        Ok(pending) => {
+            for upload in pending {
+                if let Err(e) = store.abort_upload(&upload).await {
+                    tracing::warn!(key = %upload.key, error = %e, "could not abort an interrupted WAL upload");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not list interrupted WAL uploads"),
+    }
     let mut shipper = Shipper {
         archive,
         spool: config.spool.clone(),
