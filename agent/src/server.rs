@@ -394,11 +394,16 @@ impl SomaAgent for AgentService {
         let id = BackupId::parse(&raw).map_err(OpError::from)?;
         let span = tracing::info_span!("delete", backup_id = %id);
         let catalog = &self.ctx.catalog;
-        let deleted = async {
+        let mut physical = Vec::new();
+        let mut deleted = async {
             let manifest = catalog.get(&id).await?;
+            physical.push(manifest.clone());
             // The set first, so it stops existing before its members go.
             let mut deleted = catalog.delete(&id).await?;
             for member in &manifest.members {
+                if let Ok(m) = catalog.get(member).await {
+                    physical.push(m);
+                }
                 match catalog.delete(member).await {
                     Ok(n) => deleted += n,
                     Err(crate::catalog::CatalogError::NotFound(_)) => {}
@@ -410,6 +415,21 @@ impl SomaAgent for AgentService {
         .instrument(span.clone())
         .await
         .map_err(OpError::from)?;
+        // WAL that only the deleted base backups needed goes with them.
+        for m in physical
+            .iter()
+            .filter(|m| m.kind == ops::physical::PHYSICAL)
+        {
+            match ops::physical::prune_wal(catalog, m)
+                .instrument(span.clone())
+                .await
+            {
+                Ok(n) => deleted += n,
+                Err(e) => span.in_scope(|| {
+                    tracing::warn!(error = %e, "could not prune WAL the deleted base backup needed; it stays in the store")
+                }),
+            }
+        }
         span.in_scope(|| tracing::info!(objects = deleted, "backup deleted"));
         Ok(Response::new(v1::DeleteBackupResponse {
             backup_id: id.to_string(),

@@ -550,3 +550,86 @@ fn the_plugin_drives_physical_backups_and_restores_through_the_agent() {
     assert_ne!(refused.code, 0);
     assert!(refused.stderr.contains("restore-pgdata"), "{refused}");
 }
+
+/// Retention: deleting a base backup also deletes the WAL segments that no remaining base backup
+/// needs (those before the oldest remaining one's start), and nothing else — the remaining backup
+/// still restores, with no gap. Deleting the last base backup keeps the archive whole.
+#[test]
+fn deleting_a_base_backup_prunes_only_the_wal_no_other_backup_needs() {
+    let store = TestStore::garage();
+    let pg = PgCluster::start();
+    let spool = tempfile::tempdir().expect("spool dir");
+    let agent = wal_agent(&pg, &store, spool.path(), "1s");
+    pg.psql("postgres", "create table t(n int)");
+    let first = physical_backup(agent.addr());
+    for i in 0..3 {
+        pg.psql(
+            "postgres",
+            &format!("insert into t values ({i}); select pg_switch_wal();"),
+        );
+    }
+    let second = physical_backup(agent.addr());
+    pg.psql(
+        "postgres",
+        "insert into t values (100); select pg_switch_wal(); insert into t values (101);",
+    );
+    wait_archived(agent.addr(), &pg);
+
+    let garage = store.garage_server().expect("S3 store");
+    let described = soma(agent.addr(), &["-o", "json", "describe", &second]).json();
+    let details = &described["details"];
+    let seg_size = details["wal_segment_size"].as_u64().unwrap();
+    let second_start = soma_tests::pitr::lsn(details["start_lsn"].as_str().unwrap()) / seg_size;
+    // Segment number from a WAL object's key (history files have none).
+    let segno = |key: &str| -> Option<u64> {
+        let name = key.rsplit('/').next()?.split('.').next()?;
+        (name.len() == 24).then(|| {
+            let log = u64::from_str_radix(&name[8..16], 16).unwrap();
+            let seg = u64::from_str_radix(&name[16..24], 16).unwrap();
+            log * (0x1_0000_0000 / seg_size) + seg
+        })
+    };
+    let older = |keys: &[String]| {
+        keys.iter()
+            .filter(|k| segno(k).is_some_and(|s| s < second_start))
+            .count()
+    };
+    let before = garage.list_keys("some/prefix/wal/");
+    assert!(
+        older(&before) >= 3,
+        "WAL before the second backup: {before:#?}"
+    );
+
+    let out = soma(agent.addr(), &["-o", "json", "delete", &first, "--yes"]);
+    out.assert_success("delete the first base backup");
+    let after = garage.list_keys("some/prefix/wal/");
+    assert_eq!(
+        older(&after),
+        0,
+        "WAL only the deleted backup needed: {after:#?}"
+    );
+    // Every complete segment the remaining backup needs is still there (partials of the segment
+    // in progress may have been superseded meanwhile: the server keeps writing).
+    for key in before
+        .iter()
+        .filter(|k| k.contains(".seg.") && segno(k).is_some_and(|s| s >= second_start))
+    {
+        assert!(after.contains(key), "{key} was deleted: {after:#?}");
+    }
+    let window = soma(agent.addr(), &["-o", "json", "describe", &second]).json();
+    assert_eq!(
+        window["recovery_window"]["gaps"].as_array().map(Vec::len),
+        Some(0)
+    );
+    let restored = restore_and_start(&store, &["--backup", "latest", "--target", "latest"]);
+    assert_eq!(restored.psql("postgres", "select count(*) from t"), "5");
+
+    soma(agent.addr(), &["delete", &second, "--yes"]).assert_success("delete the last base backup");
+    let kept = garage.list_keys("some/prefix/wal/");
+    for key in after.iter().filter(|k| k.contains(".seg.")) {
+        assert!(
+            kept.contains(key),
+            "with no base backup left the archive is kept whole, but {key} is gone"
+        );
+    }
+}

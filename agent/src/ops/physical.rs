@@ -637,6 +637,51 @@ pub async fn restore_pgdata_job(
     })
 }
 
+/// Deletes the WAL that no remaining base backup of `deleted`'s cluster needs: segments before the
+/// oldest remaining base backup's start, on every timeline (history files stay; they are tiny and
+/// PostgreSQL asks for them when choosing a timeline). With no base backup left the archive is
+/// kept whole: it costs storage, but deleting a cluster's entire WAL is never a side effect.
+/// Returns the number of objects deleted.
+pub async fn prune_wal(catalog: &Catalog, deleted: &Manifest) -> Result<u64, OpError> {
+    let details = PhysicalDetails::of(deleted)?;
+    let seg_size = details.wal_segment_size;
+    let mut oldest_start = None::<u64>;
+    for m in catalog.list().await? {
+        if m.kind != PHYSICAL {
+            continue;
+        }
+        let Ok(d) = PhysicalDetails::of(&m) else {
+            continue;
+        };
+        if d.system_id != details.system_id {
+            continue;
+        }
+        let start = crate::wal::parse_lsn(&d.start_lsn).unwrap_or(0) / d.wal_segment_size.max(1);
+        oldest_start = Some(oldest_start.map_or(start, |o| o.min(start)));
+    }
+    let Some(oldest_start) = oldest_start else {
+        return Ok(0);
+    };
+    let archive = WalArchive::new(catalog.store().clone(), &details.system_id);
+    let mut pruned = 0;
+    for object in archive.list().await.map_err(wal_error)? {
+        if object
+            .file
+            .segno(seg_size)
+            .is_some_and(|s| s < oldest_start)
+        {
+            catalog.store().delete(&object.key).await?;
+            pruned += 1;
+        }
+    }
+    tracing::info!(
+        pruned,
+        kept_from = %crate::wal::WalFile::from_segno(details.timeline, oldest_start, seg_size).name(),
+        "pruned WAL that only deleted base backups needed"
+    );
+    Ok(pruned)
+}
+
 /// Recoverable windows of base backups, reading each cluster's archive once per request.
 #[derive(Debug)]
 pub struct Windows<'a> {
