@@ -401,23 +401,7 @@ impl Postgres {
             .output()
             .await
             .map_err(|source| self.spawn_error("psql", source))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-            if stderr.contains("connection to server") || stderr.contains("could not connect") {
-                Err(PgError::Connect {
-                    target: self.server(),
-                    detail: stderr,
-                })
-            } else {
-                Err(PgError::ToolFailed {
-                    tool: "psql",
-                    status: out.status.to_string(),
-                    stderr,
-                })
-            }
-        }
+        psql_result(&out, || self.server())
     }
 
     /// The server's version: (`server_version_num`, `server_version`).
@@ -523,21 +507,7 @@ impl Postgres {
             .output()
             .await
             .map_err(|source| self.spawn_error("psql", source))?;
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else if stderr.contains("connection to server") || stderr.contains("could not connect") {
-            Err(PgError::Connect {
-                target: self.replication_server(),
-                detail: stderr,
-            })
-        } else {
-            Err(PgError::ToolFailed {
-                tool: "psql",
-                status: out.status.to_string(),
-                stderr,
-            })
-        }
+        psql_result(&out, || self.replication_server())
     }
 
     /// The cluster's system identifier, timeline and WAL position, over a replication connection
@@ -704,6 +674,29 @@ impl Postgres {
             cmd.args(["--clean", "--if-exists"]);
         }
         self.spawn("pg_restore", cmd)
+    }
+}
+
+/// psql's output, or its error: a connection failure (naming `target`) or a failed statement.
+fn psql_result(
+    out: &std::process::Output,
+    target: impl FnOnce() -> String,
+) -> Result<String, PgError> {
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if stderr.contains("connection to server") || stderr.contains("could not connect") {
+        Err(PgError::Connect {
+            target: target(),
+            detail: stderr,
+        })
+    } else {
+        Err(PgError::ToolFailed {
+            tool: "psql",
+            status: out.status.to_string(),
+            stderr,
+        })
     }
 }
 

@@ -425,9 +425,19 @@ impl WalArchive {
         kind: Kind,
         settings: &Settings,
     ) -> Result<Shipped, WalError> {
-        let digest = digest_file(path).await?;
+        let mut digest = digest_file(path).await?;
+        if kind != Kind::Partial {
+            // A complete file is valid to its end, zeros included (a segment ended early by a
+            // WAL switch is zero-filled by PostgreSQL itself).
+            digest.end = digest.size;
+        }
         let existing = self.objects_of(&file).await?;
-        if let Some(same) = existing.iter().find(|o| o.sha256 == digest.sha256) {
+        // The same bytes stored as a partial do not make a complete segment: a partial shipped
+        // just before pg_receivewal renamed the finished file has its final content.
+        if let Some(same) = existing
+            .iter()
+            .find(|o| o.sha256 == digest.sha256 && (o.kind == kind || o.kind == Kind::Seg))
+        {
             return Ok(Shipped::AlreadyThere(same.clone()));
         }
         if kind == Kind::Partial

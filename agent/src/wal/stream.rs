@@ -159,6 +159,7 @@ async fn session(
         seg_size,
         status: status.clone(),
         last_partial: None,
+        shipped: Default::default(),
     };
     // Whatever a previous run left in the spool goes first.
     shipper.ship_complete().await?;
@@ -221,6 +222,9 @@ struct Shipper {
     status: SharedStatus,
     /// (file, digest) of the last partial shipped, so an unchanged one is not read again.
     last_partial: Option<(String, u64)>,
+    /// Complete files shipped in this session (the newest stays in the spool; it is not read
+    /// again every scan).
+    shipped: std::collections::HashSet<WalFile>,
 }
 
 impl Shipper {
@@ -301,7 +305,10 @@ impl Shipper {
                     continue;
                 }
                 Kind::Seg | Kind::History => {
-                    self.ship_one(&path, file, kind).await?;
+                    if !self.shipped.contains(&file) {
+                        self.ship_one(&path, file, kind).await?;
+                        self.shipped.insert(file);
+                    }
                     // pg_receivewal resumes after the newest file it finds, so that one stays.
                     let keep = kind == Kind::History
                         || (Some(file) == newest_segment
@@ -315,9 +322,18 @@ impl Shipper {
         Ok(())
     }
 
-    /// Ships the segment being received, when it grew since the last time.
+    /// Ships the segment being received, when it grew since the last time — after every complete
+    /// file before it, so the archived position never runs ahead of what the store holds.
     async fn ship_partial(&mut self) -> Result<(), String> {
+        self.ship_complete().await?;
         let files = self.spool_files().await?;
+        if files
+            .iter()
+            .any(|f| f.1 != Kind::Partial && !self.shipped.contains(&f.0))
+        {
+            // A segment completed since: the next scan ships it, then the partial after it.
+            return Ok(());
+        }
         let Some((file, _, path)) = files.into_iter().rfind(|f| f.1 == Kind::Partial) else {
             return Ok(());
         };
