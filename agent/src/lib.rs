@@ -130,6 +130,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Read from the environment only, so it never shows in a process list.
     postgres = postgres
         .map(|pg| pg.with_replication_password(std::env::var("SOMA_REPLICATION_PASSWORD").ok()));
+    if config.wal_stream {
+        engine::postgres::check_slot_name(&config.wal_slot)
+            .context("--wal-slot / SOMA_WAL_SLOT")?;
+    }
     if config.wal_stream && postgres.is_none() {
         anyhow::bail!(
             "--wal-stream (SOMA_WAL_STREAM) needs the PostgreSQL server: set --postgres-url"

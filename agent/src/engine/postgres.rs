@@ -561,19 +561,21 @@ impl Postgres {
         self.spawn("pg_basebackup", cmd)
     }
 
-    /// Creates the physical replication slot `slot` unless it exists.
+    /// Creates the physical replication slot `slot` unless it exists, reserving WAL from the
+    /// moment it is created (pg_receivewal's own `--create-slot` reserves nothing until its first
+    /// feedback, a window in which the server could remove WAL the archive still needs).
     pub async fn create_slot(&self, slot: &str) -> Result<(), PgError> {
-        let mut cmd = self.replication_command("pg_receivewal");
-        cmd.args([
-            "--create-slot",
-            "--if-not-exists",
-            "--no-password",
-            "--slot",
-        ])
-        .arg(slot)
-        .arg("--dbname")
-        .arg(self.replication_url());
-        self.spawn("pg_receivewal", cmd)?.wait().await
+        check_slot_name(slot)?;
+        match self
+            .replication_query(&format!(
+                "CREATE_REPLICATION_SLOT {slot} PHYSICAL RESERVE_WAL"
+            ))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(PgError::ToolFailed { stderr, .. }) if stderr.contains("already exists") => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Starts `pg_receivewal` into `dir` through `slot`. It exits when the connection ends
@@ -674,6 +676,23 @@ impl Postgres {
             cmd.args(["--clean", "--if-exists"]);
         }
         self.spawn("pg_restore", cmd)
+    }
+}
+
+/// Checks a replication slot name as PostgreSQL does (it is also spliced into a replication
+/// command, so nothing else may pass).
+pub fn check_slot_name(slot: &str) -> Result<(), PgError> {
+    let ok = !slot.is_empty()
+        && slot.len() <= 63
+        && slot
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(PgError::InvalidUrl(format!(
+            "replication slot name {slot:?}: use lower-case letters, digits and underscores (at most 63)"
+        )))
     }
 }
 

@@ -39,9 +39,8 @@ use crate::{
 
 /// Folder of all WAL archives, relative to the store prefix.
 pub const WAL_DIR: &str = "wal";
-/// WAL page size: PostgreSQL writes whole pages, so the valid part of a partial segment ends at a
-/// page boundary.
-const WAL_PAGE: usize = 8192;
+/// PostgreSQL aligns every WAL record to this many bytes (MAXALIGN), padding with zeros.
+const WAL_ALIGN: u64 = 8;
 /// Largest history file we read into memory (they hold one line per timeline switch).
 const MAX_HISTORY_BYTES: usize = 1 << 20;
 
@@ -292,7 +291,9 @@ pub struct FileDigest {
     pub sha256: String,
     /// File size.
     pub size: u64,
-    /// Offset after the last page that is not all zeros.
+    /// Where the WAL in it ends: after its last non-zero byte, aligned as records are. The rest of
+    /// a segment being written is zeros, so this is the end of its last record (or a few bytes
+    /// short of it, never beyond it).
     pub end: u64,
 }
 
@@ -308,7 +309,6 @@ pub async fn digest_file(path: &Path) -> Result<FileDigest, WalError> {
     let (mut size, mut end) = (0u64, 0u64);
     loop {
         let mut filled = 0;
-        // Fill whole pages so the zero check sees page boundaries.
         while filled < buf.len() {
             let n = file.read(&mut buf[filled..]).await.map_err(io)?;
             if n == 0 {
@@ -320,10 +320,8 @@ pub async fn digest_file(path: &Path) -> Result<FileDigest, WalError> {
             break;
         }
         hasher.update(&buf[..filled]);
-        for (i, page) in buf[..filled].chunks(WAL_PAGE).enumerate() {
-            if page.iter().any(|&b| b != 0) {
-                end = size + (i * WAL_PAGE + page.len()) as u64;
-            }
+        if let Some(last) = buf[..filled].iter().rposition(|&b| b != 0) {
+            end = (size + last as u64 + 1).div_ceil(WAL_ALIGN) * WAL_ALIGN;
         }
         size += filled as u64;
         if filled < buf.len() {
@@ -711,10 +709,12 @@ impl WalIndex {
                 .map_or(timeline, |p| p.0)
         };
         let last_tli = path.last().map_or(timeline, |p| p.0);
+        // Only WAL on the recovery path counts: an older timeline that went on after the switch
+        // is not part of it (and its later segments are no gap in the newer one).
         let max_segno = self
             .segments
             .keys()
-            .filter(|(t, _)| path.iter().any(|p| p.0 == *t))
+            .filter(|&&(t, s)| tli_for(s) == t && s >= stop_lsn / self.seg_size)
             .map(|&(_, s)| s)
             .max();
         let mut window = RecoveryWindow {
@@ -865,6 +865,16 @@ mod tests {
         assert_eq!(w.timeline, 2);
         assert_eq!(w.latest_lsn, 5 * SEG + 0x2000);
         assert!(w.gaps.is_empty(), "{:?}", w.gaps);
+        // Timeline 1 going on after the branch (the old server kept running) is no gap in 2.
+        let mut idx = idx;
+        for segno in 5..9 {
+            let o = obj(1, segno, Kind::Seg, SEG, 5000);
+            idx.segments.insert((1, segno), o);
+        }
+        let w = idx.window(1, 3 * SEG + 10);
+        assert_eq!(w.timeline, 2);
+        assert!(w.gaps.is_empty(), "{:?}", w.gaps);
+        assert_eq!(w.latest_lsn, 5 * SEG + 0x2000);
         // A backup taken after the branch point does not follow timeline 2.
         let w = idx.window(1, 4 * SEG + 0x7000);
         assert_eq!(w.timeline, 1);
