@@ -114,6 +114,12 @@ pub struct Config {
           value_parser = humantime::parse_duration)]
     pub wal_partial_interval: std::time::Duration,
 
+    /// Complete WAL segments that may wait in the spool while the store refuses them; then
+    /// receiving pauses (the slot keeps the WAL on the server) so the spool cannot fill its volume.
+    #[arg(long, env = "SOMA_WAL_SPOOL_MAX_SEGMENTS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub wal_spool_max_segments: u32,
+
     /// libpq URL for base backups and WAL streaming, as a user with the REPLICATION attribute
     /// (default: --postgres-url). No password here: the replication user's password comes from
     /// SOMA_REPLICATION_PASSWORD (environment only), else PGPASSWORD or a passfile.

@@ -188,6 +188,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 spool: config.wal_spool.clone(),
                 slot: config.wal_slot.clone(),
                 partial_interval: config.wal_partial_interval,
+                max_unshipped: config.wal_spool_max_segments as usize,
             };
             let status = wal::stream::spawn(
                 stream_config.clone(),

@@ -317,6 +317,14 @@ root_domain = ".s3.garage.localhost"
     }
 }
 
+impl Garage {
+    /// Kills the server: the store becomes unreachable (connections refused).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Garage {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -78,6 +78,14 @@ impl TestStore {
         }
     }
 
+    /// The Garage server behind an S3 store, mutably (to stop it).
+    pub fn garage_server_mut(&mut self) -> Option<&mut Garage> {
+        match self {
+            TestStore::Local { .. } => None,
+            TestStore::S3 { garage } => Some(garage),
+        }
+    }
+
     /// Content of the object at `rel` (relative to the store root, e.g.
     /// `backups/<id>/dump.pgdump.zst`).
     pub fn read(&self, rel: &str) -> Vec<u8> {

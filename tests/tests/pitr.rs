@@ -633,3 +633,67 @@ fn deleting_a_base_backup_prunes_only_the_wal_no_other_backup_needs() {
         );
     }
 }
+
+/// The store going away does not fill the agent's volume: once the configured number of complete
+/// segments waits in the spool, the agent stops receiving (the replication slot keeps the WAL on
+/// the server instead) and says why in `status`.
+#[test]
+fn receiving_pauses_when_the_store_is_gone_and_the_spool_fills() {
+    let mut store = TestStore::garage();
+    let pg = PgCluster::start();
+    let spool = tempfile::tempdir().expect("spool dir");
+    let spool_path = spool.path().display().to_string();
+    let agent = soma_tests::Agent::start(
+        &store.url(),
+        &pg.url("postgres"),
+        &[
+            "--wal-stream",
+            "--wal-spool",
+            &spool_path,
+            "--wal-partial-interval",
+            "1s",
+            "--wal-spool-max-segments",
+            "2",
+        ],
+        &store.env(),
+    );
+    wait_archived(agent.addr(), &pg);
+    store.garage_server_mut().expect("S3 store").stop();
+    pg.psql("postgres", "create table t(n int)");
+    for i in 0..4 {
+        pg.psql(
+            "postgres",
+            &format!("insert into t values ({i}); select pg_switch_wal();"),
+        );
+    }
+    let status = poll_until(
+        Duration::from_secs(120),
+        "receiving to pause with the store gone",
+        || {
+            // `status` exits 1 here (listing backups fails without the store) but still reports.
+            let out = soma(agent.addr(), &["-o", "json", "status"]);
+            let s = serde_json::from_str::<serde_json::Value>(&out.stdout).ok()?[0]["wal_archive"]
+                .clone();
+            (s["receiving"] == false
+                && s["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("receiving is paused")))
+            .then_some(s)
+        },
+    );
+    let waiting = std::fs::read_dir(spool.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().len() == 24)
+        .count();
+    assert!(
+        (2..=4).contains(&waiting),
+        "the spool holds the unshipped segments and no more: {waiting}; {status:#}"
+    );
+    // The slot keeps the WAL on the server meanwhile.
+    let restart = pg.psql(
+        "postgres",
+        "select restart_lsn is not null from pg_replication_slots where slot_name = 'soma_wal_archive'",
+    );
+    assert_eq!(restart, "t");
+}

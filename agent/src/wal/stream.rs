@@ -42,6 +42,9 @@ pub struct StreamConfig {
     pub slot: String,
     /// How often the in-progress segment is shipped.
     pub partial_interval: Duration,
+    /// Complete segments that may wait in the spool (the store refusing them) before receiving
+    /// pauses, so the spool volume cannot fill up.
+    pub max_unshipped: usize,
 }
 
 /// What the stream is doing, for `status` and the archive lag.
@@ -161,8 +164,11 @@ async fn session(
         last_partial: None,
         shipped: Default::default(),
     };
-    // Whatever a previous run left in the spool goes first.
-    shipper.ship_complete().await?;
+    // Whatever a previous run left in the spool goes first; until it is shipped, receiving stays
+    // paused (the slot keeps the WAL on the server).
+    shipper.ship_complete().await.map_err(|e| {
+        format!("receiving is paused until the WAL waiting in the spool can be shipped: {e}")
+    })?;
     pg.create_slot(&config.slot)
         .await
         .map_err(|e| format!("creating replication slot {}: {e}", config.slot))?;
@@ -189,11 +195,17 @@ async fn session(
     partial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let outcome = loop {
         tokio::select! {
-            exit = receiver.exited() => break exit,
+            exit = receiver.exited() => break Ok(exit),
             _ = scan.tick() => {
                 if let Err(e) = shipper.ship_complete().await {
                     tracing::warn!(error = %e, "shipping WAL failed; retrying");
-                    set_error(status, e);
+                    set_error(status, e.clone());
+                    let waiting = shipper.unshipped().await;
+                    if waiting >= config.max_unshipped {
+                        break Err(format!(
+                            "{waiting} complete WAL segments wait in the spool and cannot be shipped ({e}); receiving is paused so the spool stops growing — the replication slot holds the WAL on the server (up to max_slot_wal_keep_size) until the store takes it again"
+                        ));
+                    }
                 }
             }
             _ = partial.tick() => {
@@ -202,6 +214,14 @@ async fn session(
                     set_error(status, e);
                 }
             }
+        }
+    };
+    let outcome = match outcome {
+        Ok(exit) => exit,
+        Err(paused) => {
+            receiver.kill().await;
+            let _ = tokio::fs::remove_file(config.spool.join(PID_FILE)).await;
+            return Err(paused);
         }
     };
     let _ = tokio::fs::remove_file(config.spool.join(PID_FILE)).await;
@@ -283,6 +303,16 @@ impl Shipper {
             }
         }
         Ok(())
+    }
+
+    /// Complete segments in the spool not shipped yet.
+    async fn unshipped(&self) -> usize {
+        self.spool_files().await.map_or(0, |files| {
+            files
+                .iter()
+                .filter(|f| f.1 == Kind::Seg && !self.shipped.contains(&f.0))
+                .count()
+        })
     }
 
     /// Ships complete segments and history files; deletes all but the newest segment afterwards.

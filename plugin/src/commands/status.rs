@@ -19,58 +19,67 @@ async fn probe(agent: Result<Agent, CliError>, namespace: &str, pod: &str, engin
             return json!({"namespace": namespace, "pod": pod, "engine": engine, "health": e.to_string()});
         }
     };
-    let info = agent.client.get_info(v1::GetInfoRequest {}).await;
-    let backups = agent.client.list_backups(v1::ListBackupsRequest {}).await;
-    match (info, backups) {
-        (Ok(info), Ok(backups)) => {
-            let info = info.into_inner();
-            let engines: Vec<&str> = info
-                .engines
-                .iter()
-                .map(|e| {
-                    v1::Engine::try_from(e.engine)
-                        .unwrap_or_default()
-                        .short_name()
-                })
-                .collect();
-            let last = backups.into_inner().backups.into_iter().next();
-            let age = last.as_ref().and_then(|b| {
-                chrono::DateTime::parse_from_rfc3339(&b.completed_at)
-                    .ok()
-                    .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds())
+    let info = match agent.client.get_info(v1::GetInfoRequest {}).await {
+        Ok(info) => info.into_inner(),
+        Err(s) => {
+            return json!({
+                "namespace": namespace, "pod": pod, "engine": engine,
+                "health": CliError::from_status(s, &agent.addr, "request").to_string(),
             });
-            json!({
-                "namespace": namespace,
-                "pod": pod,
-                "engine": if engine.is_empty() { engines.join(",") } else { engine.to_string() },
-                "agent_version": info.agent_version,
-                "store": info.store,
-                "last_backup": last.as_ref().map(|b| b.id.clone()),
-                "last_backup_age_seconds": age,
-                "running_jobs": info.running_jobs.len(),
-                "wal_archive": info.wal_archive.as_ref().map(|w| json!({
-                    "receiving": w.receiving,
-                    "system_id": w.system_id,
-                    "timeline": w.timeline,
-                    "slot": w.slot,
-                    "archived_lsn": w.archived_lsn,
-                    "server_lsn": w.server_lsn,
-                    "lag_bytes": w.lag_bytes,
-                    "last_shipped_at": w.last_shipped_at,
-                    "last_file": w.last_file,
-                    "segments_shipped": w.segments_shipped,
-                    "partials_shipped": w.partials_shipped,
-                    "partial_interval_seconds": w.partial_interval_seconds,
-                    "last_error": w.last_error,
-                })),
-                "health": "ok",
-            })
         }
-        (Err(s), _) | (_, Err(s)) => json!({
-            "namespace": namespace, "pod": pod, "engine": engine,
-            "health": CliError::from_status(s, &agent.addr, "request").to_string(),
-        }),
-    }
+    };
+    // An agent whose store fails still reports itself (and its WAL stream, which is when that
+    // matters most); the failure is its health.
+    let (last, health) = match agent.client.list_backups(v1::ListBackupsRequest {}).await {
+        Ok(backups) => (
+            backups.into_inner().backups.into_iter().next(),
+            "ok".to_string(),
+        ),
+        Err(s) => (
+            None,
+            CliError::from_status(s, &agent.addr, "request").to_string(),
+        ),
+    };
+    let engines: Vec<&str> = info
+        .engines
+        .iter()
+        .map(|e| {
+            v1::Engine::try_from(e.engine)
+                .unwrap_or_default()
+                .short_name()
+        })
+        .collect();
+    let age = last.as_ref().and_then(|b| {
+        chrono::DateTime::parse_from_rfc3339(&b.completed_at)
+            .ok()
+            .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds())
+    });
+    json!({
+        "namespace": namespace,
+        "pod": pod,
+        "engine": if engine.is_empty() { engines.join(",") } else { engine.to_string() },
+        "agent_version": info.agent_version,
+        "store": info.store,
+        "last_backup": last.as_ref().map(|b| b.id.clone()),
+        "last_backup_age_seconds": age,
+        "running_jobs": info.running_jobs.len(),
+        "wal_archive": info.wal_archive.as_ref().map(|w| json!({
+            "receiving": w.receiving,
+            "system_id": w.system_id,
+            "timeline": w.timeline,
+            "slot": w.slot,
+            "archived_lsn": w.archived_lsn,
+            "server_lsn": w.server_lsn,
+            "lag_bytes": w.lag_bytes,
+            "last_shipped_at": w.last_shipped_at,
+            "last_file": w.last_file,
+            "segments_shipped": w.segments_shipped,
+            "partials_shipped": w.partials_shipped,
+            "partial_interval_seconds": w.partial_interval_seconds,
+            "last_error": w.last_error,
+        })),
+        "health": health,
+    })
 }
 
 /// The WAL archive's state in one cell: streaming or not, and how far behind the server it is.
