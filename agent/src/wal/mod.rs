@@ -811,6 +811,80 @@ mod tests {
         }
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shipping_is_idempotent_and_never_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::local::LocalStore::open(dir.path().join("store"))
+                .await
+                .unwrap(),
+        );
+        let settings = Settings {
+            compression_level: 3,
+            compression_threads: 0,
+            part_size: 5 << 20,
+            parts_in_flight: 1,
+        };
+        let archive = WalArchive::new(store, "42");
+        let file = WalFile::parse("000000010000000000000003").unwrap();
+        let path = dir.path().join("seg");
+        let mut bytes = vec![0u8; 1 << 20];
+        bytes[..100].fill(7);
+        std::fs::write(&path, &bytes).unwrap();
+
+        // The partial shipped with the segment's final bytes does not stand in for it.
+        let partial = archive
+            .ship(&path, file, Kind::Partial, &settings)
+            .await
+            .unwrap();
+        assert!(matches!(partial, Shipped::Stored(ref o) if o.end == 104));
+        let Shipped::Stored(seg) = archive
+            .ship(&path, file, Kind::Seg, &settings)
+            .await
+            .unwrap()
+        else {
+            panic!("the complete segment must be stored");
+        };
+        assert_eq!(seg.end, 1 << 20);
+        // The complete segment superseded the partial; shipping it again stores nothing.
+        assert_eq!(archive.objects_of(&file).await.unwrap(), vec![seg.clone()]);
+        assert_eq!(
+            archive
+                .ship(&path, file, Kind::Seg, &settings)
+                .await
+                .unwrap(),
+            Shipped::AlreadyThere(seg.clone())
+        );
+        // Different content under the same name is refused, and the stored one stays.
+        bytes[500] = 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = archive
+            .ship(&path, file, Kind::Seg, &settings)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WalError::Conflict { .. }), "{err}");
+        assert_eq!(archive.objects_of(&file).await.unwrap(), vec![seg.clone()]);
+
+        // Fetch checks the digest; a name past the end is "not found", one before a later
+        // segment is a gap.
+        let out = dir.path().join("out");
+        assert!(matches!(
+            archive.fetch(&file, &out).await.unwrap(),
+            Fetched::Restored(_)
+        ));
+        assert_eq!(std::fs::read(&out).unwrap().len(), 1 << 20);
+        let later = WalFile::parse("000000010000000000000009").unwrap();
+        assert_eq!(
+            archive.fetch(&later, &out).await.unwrap(),
+            Fetched::NotFound
+        );
+        let earlier = WalFile::parse("000000010000000000000002").unwrap();
+        assert!(matches!(
+            archive.fetch(&earlier, &out).await.unwrap_err(),
+            WalError::Gap { .. }
+        ));
+    }
+
     #[test]
     fn keys_round_trip() {
         let o = obj(1, 3, Kind::Partial, 0x2000, 1_700_000_000_000);

@@ -274,12 +274,8 @@ impl Shipper {
         Ok(out)
     }
 
-    async fn ship_one(&mut self, path: &Path, file: WalFile, kind: Kind) -> Result<(), String> {
-        let shipped = self
-            .archive
-            .ship(path, file, kind, &self.settings)
-            .await
-            .map_err(|e: WalError| format!("{}: {e}", file.name()))?;
+    async fn ship_one(&mut self, path: &Path, file: WalFile, kind: Kind) -> Result<(), WalError> {
+        let shipped = self.archive.ship(path, file, kind, &self.settings).await?;
         let object = match &shipped {
             Shipped::Stored(o) | Shipped::AlreadyThere(o) => o.clone(),
         };
@@ -336,7 +332,19 @@ impl Shipper {
                 }
                 Kind::Seg | Kind::History => {
                     if !self.shipped.contains(&file) {
-                        self.ship_one(&path, file, kind).await?;
+                        match self.ship_one(&path, file, kind).await {
+                            Ok(()) => {}
+                            // Another version is stored: keeping on trying would stop all WAL
+                            // after it from being archived. Say so, keep the local file for the
+                            // operator, and go on.
+                            Err(e @ WalError::Conflict { .. }) => {
+                                tracing::error!(error = %e, "WAL file not archived");
+                                set_error(&self.status, e.to_string());
+                                self.shipped.insert(file);
+                                continue;
+                            }
+                            Err(e) => return Err(format!("{}: {e}", file.name())),
+                        }
                         self.shipped.insert(file);
                     }
                     // pg_receivewal resumes after the newest file it finds, so that one stays.
@@ -395,7 +403,7 @@ impl Shipper {
         }
         let shipped = self.ship_one(&snapshot, file, Kind::Partial).await;
         let _ = tokio::fs::remove_file(&snapshot).await;
-        shipped?;
+        shipped.map_err(|e| format!("{}: {e}", file.name()))?;
         self.last_partial = Some((file.name(), modified));
         Ok(())
     }
