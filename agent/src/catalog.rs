@@ -268,6 +268,50 @@ pub struct Manifest {
     pub details: serde_json::Value,
 }
 
+impl Manifest {
+    /// The manifest of a backup this agent completes now; artifacts and details are added with
+    /// [`with_artifacts`](Self::with_artifacts) and [`with_details`](Self::with_details).
+    pub fn completed(
+        id: BackupId,
+        engine: &str,
+        kind: &str,
+        target: Target,
+        tool: Tool,
+        started_at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            manifest_version: MANIFEST_VERSION,
+            id,
+            engine: engine.into(),
+            kind: kind.into(),
+            target,
+            tool,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            started_at,
+            completed_at: Utc::now(),
+            raw_bytes: 0,
+            stored_bytes: 0,
+            artifacts: Vec::new(),
+            members: Vec::new(),
+            details: serde_json::Value::Null,
+        }
+    }
+
+    /// Records the artifacts, and their sizes as the backup's.
+    pub fn with_artifacts(mut self, artifacts: Vec<Artifact>) -> Self {
+        self.raw_bytes = artifacts.iter().map(|a| a.raw_bytes).sum();
+        self.stored_bytes = artifacts.iter().map(|a| a.stored_bytes).sum();
+        self.artifacts = artifacts;
+        self
+    }
+
+    /// Records engine-specific facts needed to restore.
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = details;
+        self
+    }
+}
+
 /// Reads and writes manifests and ids in a store.
 #[derive(Debug, Clone)]
 pub struct Catalog {

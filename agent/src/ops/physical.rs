@@ -17,7 +17,7 @@ use soma_proto::v1;
 
 use super::{Context, abort_quietly, abort_quietly_staged, artifact, artifact_of, backup_info};
 use crate::{
-    catalog::{BackupId, Catalog, MANIFEST_VERSION, Manifest, Target, Tool},
+    catalog::{BackupId, Catalog, Manifest, Target, Tool},
     engine::postgres::parse_basebackup_positions,
     error::OpError,
     jobs::Reporter,
@@ -145,29 +145,23 @@ pub async fn backup_physical(
         stop_time,
         wal_segment_size: seg_size,
     };
-    let manifest = Manifest {
-        manifest_version: MANIFEST_VERSION,
-        id: id.clone(),
-        engine: "postgres".into(),
-        kind: PHYSICAL.into(),
-        target: Target {
+    let manifest = Manifest::completed(
+        id.clone(),
+        "postgres",
+        PHYSICAL,
+        Target {
             name: "cluster".into(),
             server: pg.replication_server(),
             server_version,
         },
-        tool: Tool {
+        Tool {
             name: "pg_basebackup".into(),
             version: tool_version,
         },
-        agent_version: env!("CARGO_PKG_VERSION").into(),
         started_at,
-        completed_at: Utc::now(),
-        raw_bytes: artifact.raw_bytes,
-        stored_bytes: artifact.stored_bytes,
-        artifacts: vec![artifact],
-        members: Vec::new(),
-        details: serde_json::to_value(&details).expect("details serialise"),
-    };
+    )
+    .with_artifacts(vec![artifact])
+    .with_details(serde_json::to_value(&details).expect("details serialise"));
     reporter.phase("committing", "writing the manifest");
     ctx.catalog.commit(&manifest).await?;
     Ok(v1::OperationResult {

@@ -10,7 +10,7 @@ use super::{
     missing_is_data_loss,
 };
 use crate::{
-    catalog::{BackupId, MANIFEST_VERSION, Manifest, Target, Tool},
+    catalog::{BackupId, Manifest, Target, Tool},
     engine::postgres::PgError,
     error::OpError,
     jobs::Reporter,
@@ -87,29 +87,22 @@ pub async fn backup_postgres(
         &summary,
         object.size,
     );
-    let manifest = Manifest {
-        manifest_version: MANIFEST_VERSION,
-        id: id.clone(),
-        engine: "postgres".into(),
-        kind: "logical".into(),
-        target: Target {
+    let manifest = Manifest::completed(
+        id.clone(),
+        "postgres",
+        "logical",
+        Target {
             name: database.clone(),
             server: pg.server(),
             server_version,
         },
-        tool: Tool {
+        Tool {
             name: "pg_dump".into(),
             version: tool_version,
         },
-        agent_version: env!("CARGO_PKG_VERSION").into(),
         started_at,
-        completed_at: Utc::now(),
-        raw_bytes: artifact.raw_bytes,
-        stored_bytes: artifact.stored_bytes,
-        artifacts: vec![artifact],
-        members: Vec::new(),
-        details: serde_json::Value::Null,
-    };
+    )
+    .with_artifacts(vec![artifact]);
     reporter.phase("committing", "writing the manifest");
     ctx.catalog.commit(&manifest).await?;
     let (raw, stored) = (manifest.raw_bytes, manifest.stored_bytes);

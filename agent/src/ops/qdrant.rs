@@ -14,7 +14,7 @@ use super::{
     postgres::RESTORE_HOLDBACK,
 };
 use crate::{
-    catalog::{Artifact, BackupId, CatalogError, MANIFEST_VERSION, Manifest, Target, Tool},
+    catalog::{Artifact, BackupId, CatalogError, Manifest, Target, Tool},
     engine::qdrant::{
         Alias, Qdrant, QdrantError, SHARD_STREAM_SINCE, SnapshotDescription, minor_of,
     },
@@ -159,12 +159,11 @@ pub async fn backup_qdrant(
             return Err(e);
         }
     };
-    let manifest = Manifest {
-        manifest_version: MANIFEST_VERSION,
-        id: id.clone(),
-        engine: "qdrant".into(),
-        kind: format!("{}-snapshots", mode_name(mode)),
-        target: Target {
+    let manifest = Manifest::completed(
+        id.clone(),
+        "qdrant",
+        &format!("{}-snapshots", mode_name(mode)),
+        Target {
             name: if collections.is_empty() {
                 "storage".into()
             } else {
@@ -173,25 +172,22 @@ pub async fn backup_qdrant(
             server: q.url(),
             server_version: version.clone(),
         },
-        tool: Tool {
+        Tool {
             name: "qdrant".into(),
             version: version.clone(),
         },
-        agent_version: env!("CARGO_PKG_VERSION").into(),
         started_at,
-        completed_at: Utc::now(),
-        raw_bytes: artifacts.iter().map(|a| a.raw_bytes).sum(),
-        stored_bytes: artifacts.iter().map(|a| a.stored_bytes).sum(),
-        artifacts,
-        members: Vec::new(),
-        details: serde_json::to_value(QdrantDetails {
+    )
+    .with_artifacts(artifacts)
+    .with_details(
+        serde_json::to_value(QdrantDetails {
             qdrant_version: version,
             mode: mode_name(mode).into(),
             aliases,
             collections: records,
         })
         .expect("details serialise"),
-    };
+    );
     reporter.phase("committing", "writing the manifest");
     ctx.catalog.commit(&manifest).await?;
     Ok(v1::OperationResult {
