@@ -368,7 +368,25 @@ fn a_corrupted_wal_segment_stops_recovery_loudly_naming_it() {
         .expect("segments after the backup")
         .clone();
     let previous = segment_name(c.timeline, victim.segno(c.seg_size) - 1, c.seg_size);
+    // `verify` proves the whole chain beforehand: the base backup and every WAL file after it.
+    let verified = soma(c.agent.addr(), &["verify", &c.id]);
+    verified.assert_success("verify before the damage");
+    assert!(
+        verified.stdout.contains("WAL file(s)") && verified.stdout.contains("verified"),
+        "{verified}"
+    );
     let original = c.flip_a_byte(&victim.key);
+    // ... and finds the damage before any restore is attempted.
+    let refused = soma(c.agent.addr(), &["verify", &c.id]);
+    assert_eq!(
+        refused.code, 1,
+        "verify of a damaged WAL chain must fail:\n{refused}"
+    );
+    assert!(
+        refused.stderr.contains(&victim.file) && refused.stderr.contains("damaged"),
+        "verify must name the damaged WAL file {}:\n{refused}",
+        victim.file
+    );
 
     let mut target = PgCluster::empty();
     restore_pgdata(

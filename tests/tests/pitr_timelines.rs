@@ -140,6 +140,13 @@ fn restore_write_and_restore_again_to_a_time_on_the_new_timeline() {
         serde_json::json!([]),
         "the recoverable window has gaps:\n{out}"
     );
+    // `verify` re-reads that whole chain, across the switch, including timeline 2's history.
+    let verified = soma(a1.addr(), &["verify", &backup]);
+    verified.assert_success("verify BASE");
+    assert!(
+        verified.stdout.contains("on timeline 2"),
+        "verify must follow the chain onto timeline 2:\n{verified}"
+    );
 
     // 5. Restore the same base backup to T2: timeline 1 up to the switch, then timeline 2.
     let c3 = restore_and_start(

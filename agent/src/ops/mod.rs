@@ -216,9 +216,18 @@ pub async fn verify(
             artifacts += 1;
         }
     }
+    // A base backup is only as good as the WAL that rolls it forward: re-read that too.
+    let mut wal_report = String::new();
+    for backup in backups.iter().filter(|b| b.kind == physical::PHYSICAL) {
+        reporter.phase(
+            "verifying",
+            format!("reading the WAL that rolls {} forward", backup.id),
+        );
+        wal_report.push_str(&physical::verify_wal(&ctx.catalog, backup, &reporter).await?);
+    }
     Ok(v1::OperationResult {
         summary: format!(
-            "backup {} verified: {artifacts} artifact(s), sizes and sha256 digests match the manifest",
+            "backup {} verified: {artifacts} artifact(s), sizes and sha256 digests match the manifest{wal_report}",
             manifest.id,
         ),
         raw_bytes: manifest.raw_bytes,

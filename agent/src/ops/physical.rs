@@ -676,6 +676,59 @@ pub async fn prune_wal(catalog: &Catalog, deleted: &Manifest) -> Result<u64, OpE
     Ok(pruned)
 }
 
+/// Re-reads every WAL file a restore of `m` would replay (from its start to the end of its
+/// window) and checks each against the digest in its name. A corrupted or vanished file fails
+/// with data loss naming it; gaps end the window and are reported in the returned summary.
+pub async fn verify_wal(
+    catalog: &Catalog,
+    m: &Manifest,
+    reporter: &Reporter,
+) -> Result<String, OpError> {
+    let details = PhysicalDetails::of(m)?;
+    let archive = WalArchive::new(catalog.store().clone(), &details.system_id);
+    let index = archive
+        .index(details.wal_segment_size)
+        .await
+        .map_err(wal_error)?;
+    let start = crate::wal::parse_lsn(&details.start_lsn).unwrap_or(details.stop());
+    let chain = index.chain(details.timeline, start, details.stop());
+    let window = index.window(details.timeline, details.stop());
+    for object in &chain {
+        pipeline::download(
+            catalog.store().as_ref(),
+            &object.key,
+            &crate::pipeline::Digest256::raw_only(&object.sha256),
+            tokio::io::sink(),
+            0,
+            reporter.counters(),
+        )
+        .await
+        .map_err(|e| {
+            OpError::DataLoss(format!(
+                "WAL file {} that base backup {} needs is damaged in the store ({}): {e}; the backup restores only to points before it",
+                object.file.name(),
+                m.id,
+                object.key
+            ))
+        })?;
+    }
+    let gaps = if window.gaps.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; WAL GAPS after that point: {} (WAL after a gap cannot be replayed)",
+            window.gaps.join(", ")
+        )
+    };
+    Ok(format!(
+        "; {} WAL file(s) of {} verified, recoverable to LSN {} on timeline {}{gaps}",
+        chain.len(),
+        m.id,
+        format_lsn(window.latest_lsn),
+        window.timeline
+    ))
+}
+
 /// Recoverable windows of base backups, reading each cluster's archive once per request.
 #[derive(Debug)]
 pub struct Windows<'a> {

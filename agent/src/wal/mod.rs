@@ -621,8 +621,10 @@ impl WalArchive {
     pub async fn index(&self, seg_size: u64) -> Result<WalIndex, WalError> {
         let objects = self.list().await?;
         let mut histories = HashMap::new();
+        let mut history_objects = HashMap::new();
         for o in objects.iter().filter(|o| o.kind == Kind::History) {
             histories.insert(o.file.timeline(), self.history(o).await?);
+            history_objects.insert(o.file.timeline(), o.clone());
         }
         let mut segments: BTreeMap<(u32, u64), WalObject> = BTreeMap::new();
         for o in objects {
@@ -645,6 +647,7 @@ impl WalArchive {
             seg_size,
             segments,
             histories,
+            history_objects,
         })
     }
 }
@@ -657,6 +660,8 @@ pub struct WalIndex {
     segments: BTreeMap<(u32, u64), WalObject>,
     /// Timeline → its history (parent timeline, switch LSN), oldest first.
     histories: HashMap<u32, Vec<(u32, u64)>>,
+    /// Timeline → the object holding its history file.
+    history_objects: HashMap<u32, WalObject>,
 }
 
 /// How far a base backup can be rolled forward with the WAL in the archive.
@@ -760,6 +765,31 @@ impl WalIndex {
         window
     }
 
+    /// The WAL objects a restore of a base backup (replay from `start_lsn`, consistent at
+    /// `stop_lsn` on `timeline`) reads to reach the end of its window, in replay order: what
+    /// `verify` re-reads to prove the chain restorable.
+    pub fn chain(&self, timeline: u32, start_lsn: u64, stop_lsn: u64) -> Vec<WalObject> {
+        let path = self.path(timeline, stop_lsn);
+        let end = self.window(timeline, stop_lsn).latest_lsn;
+        let mut out: Vec<WalObject> = self
+            .histories
+            .keys()
+            .filter(|t| path.iter().any(|p| p.0 == **t))
+            .filter_map(|t| self.history_objects.get(t).cloned())
+            .collect();
+        for segno in start_lsn / self.seg_size..=end.saturating_sub(1) / self.seg_size {
+            let tli = path
+                .iter()
+                .rev()
+                .find(|&&(_, begin)| begin / self.seg_size <= segno)
+                .map_or(timeline, |p| p.0);
+            if let Some(o) = self.segments.get(&(tli, segno)) {
+                out.push(o.clone());
+            }
+        }
+        out
+    }
+
     /// Segment size the index was built with.
     pub fn seg_size(&self) -> u64 {
         self.seg_size
@@ -808,6 +838,7 @@ mod tests {
             seg_size: SEG,
             segments,
             histories: histories.into_iter().collect(),
+            history_objects: HashMap::new(),
         }
     }
 
@@ -917,6 +948,19 @@ mod tests {
         );
         let w = gap.window(1, 2 * SEG + 100);
         assert_eq!(w.latest_lsn, 3 * SEG);
+        // The chain a restore reads stops where the window does.
+        let chain: Vec<u64> = gap
+            .chain(1, 2 * SEG, 2 * SEG + 100)
+            .iter()
+            .map(|o| o.file.segno(SEG).unwrap())
+            .collect();
+        assert_eq!(chain, vec![2]);
+        let chain: Vec<u64> = idx
+            .chain(1, 2 * SEG, 2 * SEG + 100)
+            .iter()
+            .map(|o| o.file.segno(SEG).unwrap())
+            .collect();
+        assert_eq!(chain, vec![2, 3, 4]);
         assert_eq!(
             w.gaps,
             vec!["000000010000000000000003 … 000000010000000000000004"]
