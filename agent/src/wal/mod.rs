@@ -374,11 +374,6 @@ impl WalArchive {
         format!("{WAL_DIR}/{}/", self.system_id)
     }
 
-    /// The store it lives in.
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
-    }
-
     fn key(&self, file: &WalFile, kind: Kind, digest: &FileDigest, at: DateTime<Utc>) -> String {
         format!(
             "{}{}.{}.{:08x}.{}.{}.zst",
@@ -788,11 +783,6 @@ impl WalIndex {
             }
         }
         out
-    }
-
-    /// Segment size the index was built with.
-    pub fn seg_size(&self) -> u64 {
-        self.seg_size
     }
 }
 
