@@ -54,6 +54,29 @@ pub fn lsn(text: &str) -> u64 {
         | u64::from_str_radix(lo, 16).expect("LSN low part")
 }
 
+/// Formats an LSN as PostgreSQL prints it.
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+/// Segment number of a 24-hex-digit segment file name.
+pub fn segno_of(file: &str, seg_size: u64) -> u64 {
+    assert_eq!(file.len(), 24, "not a WAL segment name: {file}");
+    let log = u64::from_str_radix(&file[8..16], 16).expect("log part of a segment name");
+    let seg = u64::from_str_radix(&file[16..24], 16).expect("seg part of a segment name");
+    log * (0x1_0000_0000 / seg_size) + seg
+}
+
+/// PostgreSQL's name of segment `segno` on `timeline`.
+pub fn segment_name(timeline: u32, segno: u64, seg_size: u64) -> String {
+    let per_log = 0x1_0000_0000 / seg_size;
+    format!(
+        "{timeline:08X}{:08X}{:08X}",
+        segno / per_log,
+        segno % per_log
+    )
+}
+
 /// The agent's WAL archive status (`kubectl soma status -o json`, first row's `wal_archive`).
 pub fn wal_status(agent_addr: &str) -> serde_json::Value {
     let out = soma(agent_addr, &["-o", "json", "status"]);
@@ -103,7 +126,13 @@ pub fn restore_pgdata(target: &PgCluster, store: &TestStore, args: &[&str]) -> C
 /// panics with the server log when it does not.
 pub fn restore_and_start(store: &TestStore, args: &[&str]) -> PgCluster {
     let mut target = PgCluster::empty();
-    restore_pgdata(&target, store, args).assert_success("restore-pgdata");
+    let out = restore_pgdata(&target, store, args);
+    // Which WAL objects are there (complete or partial) is what explains a refused restore.
+    assert!(
+        out.code == 0,
+        "restore-pgdata {args:?} failed:\n{out}\n--- WAL archive ---\n{:#?}",
+        store.list("wal/")
+    );
     if let Err(e) = target.start_existing(&store.env()) {
         panic!("the restored server did not start:\n{e}");
     }

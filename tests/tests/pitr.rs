@@ -583,11 +583,7 @@ fn deleting_a_base_backup_prunes_only_the_wal_no_other_backup_needs() {
     // Segment number from a WAL object's key (history files have none).
     let segno = |key: &str| -> Option<u64> {
         let name = key.rsplit('/').next()?.split('.').next()?;
-        (name.len() == 24).then(|| {
-            let log = u64::from_str_radix(&name[8..16], 16).unwrap();
-            let seg = u64::from_str_radix(&name[16..24], 16).unwrap();
-            log * (0x1_0000_0000 / seg_size) + seg
-        })
+        (name.len() == 24).then(|| soma_tests::pitr::segno_of(name, seg_size))
     };
     let older = |keys: &[String]| {
         keys.iter()

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use soma_tests::pitr::{
-    PROMOTE_TIMEOUT, lsn, physical_backup, restore_and_start, restore_pgdata, wait_archived,
-    wal_agent, wal_status,
+    PROMOTE_TIMEOUT, format_lsn, lsn, physical_backup, restore_and_start, restore_pgdata,
+    segment_name, segno_of, wait_archived, wal_agent, wal_status,
 };
 use soma_tests::store::S3_PREFIX;
 use soma_tests::{Agent, CmdOutput, PgCluster, TestStore, bin_path, poll_until, soma};
@@ -69,29 +69,6 @@ impl WalKey {
     fn segno(&self, seg_size: u64) -> u64 {
         segno_of(&self.file, seg_size)
     }
-}
-
-/// Segment number of a 24-hex-digit segment file name.
-fn segno_of(file: &str, seg_size: u64) -> u64 {
-    assert_eq!(file.len(), 24, "not a WAL segment name: {file}");
-    let log = u64::from_str_radix(&file[8..16], 16).expect("log part of a segment name");
-    let seg = u64::from_str_radix(&file[16..24], 16).expect("seg part of a segment name");
-    log * (0x1_0000_0000 / seg_size) + seg
-}
-
-/// An LSN as PostgreSQL prints it.
-fn format_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
-}
-
-/// PostgreSQL's name of segment `segno` on `timeline`.
-fn segment_name(timeline: u32, segno: u64, seg_size: u64) -> String {
-    let per_log = 0x1_0000_0000 / seg_size;
-    format!(
-        "{timeline:08X}{:08X}{:08X}",
-        segno / per_log,
-        segno % per_log
-    )
 }
 
 /// A PostgreSQL server whose WAL the agent streams into Garage, a physical base backup of it, and

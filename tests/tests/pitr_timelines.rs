@@ -6,9 +6,7 @@
 
 use std::time::Duration;
 
-use soma_tests::pitr::{
-    PROMOTE_TIMEOUT, lsn, physical_backup, restore_pgdata, wal_agent, wal_status,
-};
+use soma_tests::pitr::{physical_backup, restore_and_start, wait_archived, wal_agent, wal_status};
 use soma_tests::store::S3_PREFIX;
 use soma_tests::{PgCluster, TestStore, poll_until, soma};
 
@@ -53,16 +51,12 @@ fn restore_write_and_restore_again_to_a_time_on_the_new_timeline() {
     insert_tagged(&c1, TL1_BEFORE, 3);
     let t1 = server_time(&c1);
     insert_tagged(&c1, TL1_AFTER, 3);
-    wait_archived_commits(a1.addr(), &c1);
+    wait_archived(a1.addr(), &c1);
     let c1_before = rows(&c1, &format!("where tag = '{TL1_BEFORE}'"));
     assert_eq!(c1_before.len(), 3, "rows on the original cluster");
 
     // 3. Restore to T1: a new cluster on timeline 2 with exactly the rows before T1.
-    let c2 = restore_and_start(
-        &store,
-        &system_id,
-        &["--backup", &backup, "--target-time", &t1],
-    );
+    let c2 = restore_and_start(&store, &["--backup", &backup, "--target-time", &t1]);
     // Its agent starts at once: pg_receivewal begins at the start of the server's current WAL
     // segment, which must still be the one holding the switch to timeline 2.
     let a2 = wal_agent(&c2, &store, spool2.path(), "1s");
@@ -103,7 +97,7 @@ fn restore_write_and_restore_again_to_a_time_on_the_new_timeline() {
     insert_tagged(&c2, TL2_BEFORE, 3);
     let t2 = server_time(&c2);
     insert_tagged(&c2, TL2_AFTER, 3);
-    wait_archived_commits(a2.addr(), &c2);
+    wait_archived(a2.addr(), &c2);
     let c2_upto_t2 = rows(&c2, &format!("where tag <> '{TL2_AFTER}'"));
     assert_eq!(
         c2_upto_t2.len(),
@@ -149,19 +143,11 @@ fn restore_write_and_restore_again_to_a_time_on_the_new_timeline() {
     );
 
     // 5. Restore the same base backup to T2: timeline 1 up to the switch, then timeline 2.
-    let c3 = restore_and_start(
-        &store,
-        &system_id,
-        &["--backup", &backup, "--target-time", &t2],
-    );
+    let c3 = restore_and_start(&store, &["--backup", &backup, "--target-time", &t2]);
     check_second_restore(&c3, &c2_upto_t2, &t2);
 
     // `--backup latest` picks the base backup itself and gets the same result.
-    let c4 = restore_and_start(
-        &store,
-        &system_id,
-        &["--backup", "latest", "--target-time", &t2],
-    );
+    let c4 = restore_and_start(&store, &["--backup", "latest", "--target-time", &t2]);
     check_second_restore(&c4, &c2_upto_t2, &t2);
 }
 
@@ -187,49 +173,6 @@ fn check_second_restore(restored: &PgCluster, expected: &[String], t2: &str) {
         timeline(restored),
         3,
         "the restore to T2 is not on timeline 3; server log:\n{log}"
-    );
-}
-
-/// Like `soma_tests::pitr::restore_and_start` (restore-pgdata into a fresh directory, start,
-/// wait for promotion), but a refused restore also shows the WAL archive's objects: which files
-/// are there, and whether each is a complete segment or a partial one, is what explains it.
-fn restore_and_start(store: &TestStore, system_id: &str, args: &[&str]) -> PgCluster {
-    let mut target = PgCluster::empty();
-    let out = restore_pgdata(&target, store, args);
-    assert!(
-        out.code == 0,
-        "restore-pgdata {args:?} failed:\n{out}\n--- WAL archive ---\n{:#?}",
-        store.list(&format!("wal/{system_id}/"))
-    );
-    if let Err(e) = target.start_existing(&store.env()) {
-        panic!("the restored server did not start:\n{e}");
-    }
-    assert!(
-        target.wait_promoted_or_stopped(PROMOTE_TIMEOUT),
-        "the restored server stopped instead of promoting:\n{}",
-        target.log()
-    );
-    target
-}
-
-/// Waits until the agent's `status` reports an archived position at or past every WAL record the
-/// server has inserted so far, i.e. past every transaction committed before this call.
-///
-/// `soma_tests::pitr::wait_archived` compares with `pg_current_wal_lsn()`, the position written
-/// to disk; the harness runs PostgreSQL with `synchronous_commit=off`, so the commits just made
-/// may not be written yet and that position can lie before them. The insert position cannot.
-/// Like it, this trusts what `status` promises of `archived_lsn`: everything before it is in the
-/// store.
-fn wait_archived_commits(agent_addr: &str, pg: &PgCluster) {
-    let inserted = lsn(&pg.psql("postgres", "select pg_current_wal_insert_lsn()"));
-    poll_until(
-        Duration::from_secs(120),
-        "the WAL archive to reach the server's insert position",
-        || {
-            let status = wal_status(agent_addr);
-            let archived = status["archived_lsn"].as_str().filter(|s| !s.is_empty())?;
-            (lsn(archived) >= inserted).then_some(())
-        },
     );
 }
 
