@@ -169,6 +169,7 @@ async fn session(
     shipper.ship_complete().await.map_err(|e| {
         format!("receiving is paused until the WAL waiting in the spool can be shipped: {e}")
     })?;
+    complete_torn_preallocation(&config.spool, seg_size).await?;
     pg.create_slot(&config.slot)
         .await
         .map_err(|e| format!("creating replication slot {}: {e}", config.slot))?;
@@ -409,6 +410,41 @@ impl Shipper {
     }
 }
 
+/// pg_receivewal zero-fills a new `.partial` file to the segment size before writing WAL into it,
+/// and refuses to resume from one of any other size. Killed during that fill (with the agent, or
+/// by the node going down) it leaves a short file that would stop it for good: its bytes are a
+/// valid prefix (zeros, or WAL followed by zeros), so finishing the fill is what pg_receivewal
+/// itself would have done.
+async fn complete_torn_preallocation(spool: &Path, seg_size: u64) -> Result<(), String> {
+    let mut dir = tokio::fs::read_dir(spool)
+        .await
+        .map_err(|e| format!("reading the WAL spool {}: {e}", spool.display()))?;
+    while let Ok(Some(entry)) = dir.next_entry().await {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(base) = name.strip_suffix(".partial") else {
+            continue;
+        };
+        if !matches!(WalFile::parse(base), Some(WalFile::Segment { .. })) {
+            continue;
+        }
+        let size = entry.metadata().await.map(|m| m.len()).unwrap_or(0);
+        if size == 0 || size >= seg_size {
+            continue;
+        }
+        tracing::warn!(file = %name, size, "completing the zero-fill of a partial segment an interrupted pg_receivewal left short");
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .open(entry.path())
+            .await
+            .map_err(|e| format!("{name}: {e}"))?;
+        file.set_len(seg_size)
+            .await
+            .map_err(|e| format!("{name}: {e}"))?;
+        file.sync_all().await.map_err(|e| format!("{name}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Stops a pg_receivewal that a killed agent left running (it would hold the slot).
 async fn stop_leftover_receiver(spool: &Path) {
     let Ok(pid) = tokio::fs::read_to_string(spool.join(PID_FILE)).await else {
@@ -417,24 +453,59 @@ async fn stop_leftover_receiver(spool: &Path) {
     let Ok(pid) = pid.trim().parse::<i32>() else {
         return;
     };
-    let cmdline = tokio::fs::read(format!("/proc/{pid}/cmdline"))
-        .await
-        .unwrap_or_default();
-    if !String::from_utf8_lossy(&cmdline).contains("pg_receivewal") {
+    // A live pg_receivewal: a process that exited but was not reaped yet (a zombie) has an
+    // empty command line, and counts as gone.
+    let running = || async move {
+        let cmdline = tokio::fs::read(format!("/proc/{pid}/cmdline"))
+            .await
+            .unwrap_or_default();
+        String::from_utf8_lossy(&cmdline).contains("pg_receivewal")
+    };
+    if !running().await {
         return;
     }
     tracing::warn!(
         pid,
         "stopping the pg_receivewal a previous agent left running"
     );
-    let pid = nix::unistd::Pid::from_raw(pid);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let target = nix::unistd::Pid::from_raw(pid);
+    let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGTERM);
     for _ in 0..100 {
-        if nix::sys::signal::kill(pid, None).is_err() {
+        if !running().await {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    if running().await {
+        let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
+    }
     let _ = tokio::fs::remove_file(spool.join(PID_FILE)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_short_partial_is_zero_filled_to_the_segment_size_keeping_its_bytes() {
+        let spool = tempfile::tempdir().unwrap();
+        let seg = 1 << 20;
+        let torn = spool.path().join("000000010000000000000008.partial");
+        std::fs::write(&torn, [7u8; 4096]).unwrap();
+        let whole = spool.path().join("000000010000000000000007.partial");
+        std::fs::write(&whole, vec![1u8; seg as usize]).unwrap();
+        let other = spool.path().join("notes.partial");
+        std::fs::write(&other, b"x").unwrap();
+
+        complete_torn_preallocation(spool.path(), seg)
+            .await
+            .unwrap();
+
+        let bytes = std::fs::read(&torn).unwrap();
+        assert_eq!(bytes.len() as u64, seg);
+        assert!(bytes[..4096].iter().all(|&b| b == 7));
+        assert!(bytes[4096..].iter().all(|&b| b == 0));
+        assert_eq!(std::fs::read(&whole).unwrap(), vec![1u8; seg as usize]);
+        assert_eq!(std::fs::read(&other).unwrap(), b"x");
+    }
 }
