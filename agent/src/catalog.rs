@@ -17,6 +17,8 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
+pub use soma_proto::{BackupId, IdEngine, InvalidBackupId};
+
 use crate::{
     pipeline::Digest256,
     store::{PendingUpload, Store, StoreError},
@@ -35,10 +37,8 @@ const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     /// The id cannot be a backup id (and could otherwise escape the prefix).
-    #[error(
-        "invalid backup id {0:?}: expected an id like 20261124T120000Z-pg-appdb-7f3a (see `kubectl soma list`) or \"latest\""
-    )]
-    InvalidId(String),
+    #[error(transparent)]
+    InvalidId(#[from] InvalidBackupId),
     /// No complete backup with that id.
     #[error(
         "backup {0} not found (no manifest in the store); run `kubectl soma list` to see the backups"
@@ -60,102 +60,22 @@ pub enum CatalogError {
     Store(#[from] StoreError),
 }
 
-/// A validated backup id: `<UTC yyyymmddThhmmssZ>-<engine>-<target>-<4 hex>`.
-///
-/// Ids sort by time as plain strings; the target part is a lower-case, shortened form of the real
-/// target (which the manifest records exactly).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct BackupId(String);
-
-impl BackupId {
-    /// Makes a fresh id for a backup of `engine` (short code, e.g. "pg") and `target`.
-    pub fn new(at: DateTime<Utc>, engine_code: &str, target: &str) -> Self {
-        let mut slug: String = target
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        while slug.contains("--") {
-            slug = slug.replace("--", "-");
-        }
-        slug = slug.trim_matches('-').to_string();
-        slug.truncate(40);
-        let slug = slug.trim_end_matches('-');
-        let slug = if slug.is_empty() { "x" } else { slug };
-        let rand: u16 = rand::random();
-        Self(format!(
-            "{}-{engine_code}-{slug}-{rand:04x}",
-            at.format("%Y%m%dT%H%M%SZ")
-        ))
-    }
-
-    /// Parses and validates an id given by a user.
-    pub fn parse(s: &str) -> Result<Self, CatalogError> {
-        let bad = || CatalogError::InvalidId(s.to_string());
-        if s.len() < 20 || s.len() > 100 {
-            return Err(bad());
-        }
-        let (ts, rest) = s.split_at(16);
-        let ts_ok = ts.bytes().enumerate().all(|(i, b)| match i {
-            8 => b == b'T',
-            15 => b == b'Z',
-            _ => b.is_ascii_digit(),
-        });
-        let rest_ok = rest.starts_with('-')
-            && rest[1..]
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !rest.ends_with('-');
-        if ts_ok && rest_ok {
-            Ok(Self(s.to_string()))
-        } else {
-            Err(bad())
-        }
-    }
-
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// Engine code inside the id (e.g. "pg").
-    pub fn engine_code(&self) -> &str {
-        self.0[17..].split('-').next().unwrap_or("")
-    }
-
+/// Where a backup's objects live in the store (ids are safe as one key component: see
+/// [`BackupId`]).
+pub trait BackupKeys {
     /// Folder of this backup, relative to the store prefix.
-    pub fn dir(&self) -> String {
-        format!("{BACKUPS_DIR}/{}", self.0)
-    }
-
-    /// Key of an artifact of this backup.
-    pub fn key(&self, name: &str) -> String {
-        format!("{BACKUPS_DIR}/{}/{name}", self.0)
-    }
+    fn dir(&self) -> String;
+    /// Key of an artifact (or the manifest) of this backup.
+    fn key(&self, name: &str) -> String;
 }
 
-impl std::fmt::Display for BackupId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+impl BackupKeys for BackupId {
+    fn dir(&self) -> String {
+        format!("{BACKUPS_DIR}/{}", self.as_str())
     }
-}
 
-impl TryFrom<String> for BackupId {
-    type Error = CatalogError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::parse(&s)
-    }
-}
-
-impl From<BackupId> for String {
-    fn from(id: BackupId) -> Self {
-        id.0
+    fn key(&self, name: &str) -> String {
+        format!("{BACKUPS_DIR}/{}/{name}", self.as_str())
     }
 }
 
@@ -448,7 +368,7 @@ impl Catalog {
     /// agent leaves behind. Run at start-up, before any job of this agent can have begun one.
     pub async fn sweep_incomplete(
         &self,
-        engine_codes: &[&str],
+        engines: &[IdEngine],
     ) -> Result<Vec<PendingUpload>, CatalogError> {
         let mut aborted = Vec::new();
         for upload in self.store.list_uploads(&format!("{BACKUPS_DIR}/")).await? {
@@ -458,7 +378,7 @@ impl Catalog {
                 .and_then(|rest| rest.split('/').next())
                 .and_then(|id| BackupId::parse(id).ok());
             let ours = match &id {
-                Some(id) => engine_codes.contains(&id.engine_code()),
+                Some(id) => id.engine().is_some_and(|e| engines.contains(&e)),
                 // A torn record with no readable key (local store only) belongs to no one else.
                 None => upload.key.is_empty(),
             };
@@ -468,32 +388,5 @@ impl Catalog {
             }
         }
         Ok(aborted)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_are_time_sortable_and_safe() {
-        let at = DateTime::parse_from_rfc3339("2026-11-24T12:00:00Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        let id = BackupId::new(at, "pg", "App_DB/../etc");
-        assert!(id.as_str().starts_with("20261124T120000Z-pg-app-db-etc-"));
-        assert_eq!(BackupId::parse(id.as_str()).unwrap(), id);
-        assert_eq!(id.engine_code(), "pg");
-        for bad in [
-            "../x",
-            "latest",
-            "20261124T120000Z-pg-../x",
-            "20261124T120000Z-pg-appdb-7f3a/",
-            "2026112XT120000Z-pg-appdb-7f3a",
-            "20261124T120000Z-",
-        ] {
-            assert!(BackupId::parse(bad).is_err(), "{bad:?} must be refused");
-        }
-        assert!(BackupId::parse("20261124T120000Z-pg-appdb-7f3a").is_ok());
     }
 }

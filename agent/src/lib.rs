@@ -9,6 +9,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod jobs;
+pub mod lsn;
 pub mod ops;
 pub mod pipeline;
 pub mod server;
@@ -166,10 +167,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Only a crash of this agent leaves uploads of its engines behind; nothing of ours runs yet.
     let mut engines = Vec::new();
     if postgres.is_some() {
-        engines.push("pg");
+        engines.push(catalog::IdEngine::Postgres);
     }
     if qdrant.is_some() {
-        engines.push("qd");
+        engines.push(catalog::IdEngine::Qdrant);
     }
     match tokio::time::timeout(SWEEP_TIMEOUT, catalog.sweep_incomplete(&engines)).await {
         Ok(Ok(aborted)) => {

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::{
-    catalog::BackupId,
+    catalog::{BackupId, IdEngine},
     error::OpError,
     jobs::{EVENT_QUEUE, JobInfo, Jobs, Reporter},
     ops::{self, Context},
@@ -126,18 +126,18 @@ impl SomaAgent for AgentService {
             let mut claims = Vec::new();
             if let Some(pg) = &self.ctx.postgres {
                 if req.physical {
-                    let id = BackupId::new(now, "pg", "cluster");
+                    let id = BackupId::new(now, IdEngine::Postgres, "cluster");
                     claims.push(self.claim(&id, "backup", "postgres/cluster".into()));
                     members.push(("postgres-physical".to_string(), id));
                 } else {
                     let db = pg.default_database();
-                    let id = BackupId::new(now, "pg", &db);
+                    let id = BackupId::new(now, IdEngine::Postgres, &db);
                     claims.push(self.claim(&id, "backup", format!("postgres/{db}")));
                     members.push(("postgres".to_string(), id));
                 }
             }
             if self.ctx.qdrant.is_some() {
-                let id = BackupId::new(now, "qd", "all");
+                let id = BackupId::new(now, IdEngine::Qdrant, "all");
                 claims.push(self.claim(&id, "backup", "qdrant".into()));
                 members.push(("qdrant".to_string(), id));
             }
@@ -146,7 +146,7 @@ impl SomaAgent for AgentService {
                     "this agent has no engine configured (--postgres-url, --qdrant-url)",
                 ));
             }
-            let set_id = BackupId::new(now, "set", "all");
+            let set_id = BackupId::new(now, IdEngine::Set, "all");
             let guards = self.jobs.begin_all(claims)?;
             let span =
                 tracing::info_span!("backup", backup_id = %set_id, engine = "set", target = "all");
@@ -161,7 +161,7 @@ impl SomaAgent for AgentService {
         match v1::Engine::try_from(req.engine).unwrap_or(v1::Engine::Unspecified) {
             v1::Engine::Postgres if req.physical => {
                 self.ctx.postgres()?;
-                let id = BackupId::new(now, "pg", "cluster");
+                let id = BackupId::new(now, IdEngine::Postgres, "cluster");
                 let guard =
                     self.jobs
                         .begin(self.claim(&id, "backup", "postgres/cluster".into()))?;
@@ -180,7 +180,7 @@ impl SomaAgent for AgentService {
                 } else {
                     req.database
                 };
-                let id = BackupId::new(now, "pg", &database);
+                let id = BackupId::new(now, IdEngine::Postgres, &database);
                 let guard =
                     self.jobs
                         .begin(self.claim(&id, "backup", format!("postgres/{database}")))?;
@@ -199,7 +199,7 @@ impl SomaAgent for AgentService {
                     [one] => one.clone(),
                     many => format!("{}-collections", many.len()),
                 };
-                let id = BackupId::new(now, "qd", &slug);
+                let id = BackupId::new(now, IdEngine::Qdrant, &slug);
                 let guard = self
                     .jobs
                     .begin(self.claim(&id, "backup", "qdrant".into()))?;
@@ -293,8 +293,8 @@ impl SomaAgent for AgentService {
             "set" => {
                 let mut claims = Vec::new();
                 for id in &manifest.members {
-                    match id.engine_code() {
-                        "pg" => {
+                    match id.engine() {
+                        Some(IdEngine::Postgres) => {
                             self.ctx.postgres()?;
                             let member = self.ctx.catalog.get(id).await.map_err(OpError::from)?;
                             claims.push(self.claim(
@@ -391,7 +391,8 @@ impl SomaAgent for AgentService {
                 "delete needs an explicit backup id, not \"latest\"; see `kubectl soma list`",
             ));
         }
-        let id = BackupId::parse(&raw).map_err(OpError::from)?;
+        let id = BackupId::parse(&raw)
+            .map_err(|e| OpError::from(crate::catalog::CatalogError::from(e)))?;
         let span = tracing::info_span!("delete", backup_id = %id);
         let catalog = &self.ctx.catalog;
         let mut physical = Vec::new();

@@ -2,6 +2,7 @@
 //! port-forward to the agent's pod (the pods/portforward subresource over WebSocket), so no
 //! Service or exposed port is needed and the agent keeps listening on 127.0.0.1 in its pod.
 
+use soma_proto::{BackupId, IdEngine};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -221,9 +222,9 @@ pub async fn agent_for_backup(agents: Vec<Agent>, id: &str) -> Result<Agent, Cli
             "backup {id} not found by any agent in the namespace; run `kubectl soma list`"
         ),
     })?;
-    let engine_of_id = |id: &str| match id.get(17..).and_then(|r| r.split('-').next()) {
-        Some("pg") => "postgres",
-        Some("qd") => "qdrant",
+    let engine_of_id = |id: &str| match BackupId::parse(id).ok().and_then(|id| id.engine()) {
+        Some(IdEngine::Postgres) => "postgres",
+        Some(IdEngine::Qdrant) => "qdrant",
         _ => "",
     };
     let mut needed: Vec<&str> = if info.members.is_empty() {

@@ -13,6 +13,10 @@ pub mod v1 {
     tonic::include_proto!("soma.v1");
 }
 
+pub mod id;
+
+pub use id::{BackupId, IdEngine, InvalidBackupId};
+
 /// Encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/soma_v1_descriptor.bin"));

@@ -14,6 +14,8 @@ use tokio::{
 };
 use url::Url;
 
+use crate::lsn::Lsn;
+
 /// Lines of a tool's stderr kept for error messages.
 const STDERR_TAIL_LINES: usize = 20;
 
@@ -106,18 +108,18 @@ pub struct SystemIdentity {
     /// Current timeline.
     pub timeline: u32,
     /// Current WAL flush position.
-    pub xlogpos: u64,
+    pub xlogpos: Lsn,
 }
 
 /// WAL positions pg_basebackup reports on stderr with `--verbose`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseBackupPositions {
     /// Where replay of the backup starts.
-    pub start_lsn: u64,
+    pub start_lsn: Lsn,
     /// Timeline the backup was taken on.
     pub timeline: u32,
     /// Where the backup becomes consistent.
-    pub stop_lsn: u64,
+    pub stop_lsn: Lsn,
 }
 
 /// Parses `write-ahead log start point: 0/2000028 on timeline 1` and `... end point: 0/2000100`.
@@ -127,11 +129,11 @@ pub fn parse_basebackup_positions(stderr: &str) -> Option<BaseBackupPositions> {
     for line in stderr.lines() {
         if let Some(rest) = line.split("write-ahead log start point: ").nth(1) {
             let mut words = rest.split_whitespace();
-            let lsn = crate::wal::parse_lsn(words.next()?)?;
+            let lsn: Lsn = words.next()?.parse().ok()?;
             let tli = words.nth(2)?.parse().ok()?;
             start = Some((lsn, tli));
         } else if let Some(rest) = line.split("write-ahead log end point: ").nth(1) {
-            stop = crate::wal::parse_lsn(rest.split_whitespace().next()?);
+            stop = rest.split_whitespace().next()?.parse::<Lsn>().ok();
         }
     }
     let (start_lsn, timeline) = start?;
@@ -524,7 +526,7 @@ impl Postgres {
         let timeline = fields.next().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
         let xlogpos = fields
             .next()
-            .and_then(crate::wal::parse_lsn)
+            .and_then(|l| l.parse::<Lsn>().ok())
             .ok_or_else(bad)?;
         Ok(SystemIdentity {
             system_id: system_id.to_string(),
@@ -601,7 +603,7 @@ impl Postgres {
     }
 
     /// The server's current WAL write position (for the archive lag).
-    pub async fn current_wal_lsn(&self) -> Result<u64, PgError> {
+    pub async fn current_wal_lsn(&self) -> Result<Lsn, PgError> {
         Ok(self.identify_system().await?.xlogpos)
     }
 
@@ -783,9 +785,9 @@ mod tests {
         assert_eq!(
             parse_basebackup_positions(stderr),
             Some(BaseBackupPositions {
-                start_lsn: 0x2000028,
+                start_lsn: Lsn(0x2000028),
                 timeline: 1,
-                stop_lsn: 0x2000100
+                stop_lsn: Lsn(0x2000100)
             })
         );
         assert_eq!(parse_pg_size("16MB"), Some(16 << 20));

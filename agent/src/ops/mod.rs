@@ -14,7 +14,7 @@ use soma_proto::v1;
 use tracing::Instrument;
 
 use crate::{
-    catalog::{Artifact, Catalog, Compression, Manifest},
+    catalog::{Artifact, BackupKeys, Catalog, Compression, Manifest},
     engine::{postgres::Postgres, qdrant::Qdrant},
     error::OpError,
     jobs::Reporter,

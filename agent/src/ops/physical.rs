@@ -17,12 +17,13 @@ use soma_proto::v1;
 
 use super::{Context, abort_quietly, abort_quietly_staged, artifact, artifact_of, backup_info};
 use crate::{
-    catalog::{BackupId, Catalog, Manifest, Target, Tool},
+    catalog::{BackupId, BackupKeys, Catalog, Manifest, Target, Tool},
     engine::postgres::parse_basebackup_positions,
     error::OpError,
     jobs::Reporter,
+    lsn::Lsn,
     pipeline::{self, Counters, PipelineError},
-    wal::{RecoveryWindow, WalArchive, format_lsn},
+    wal::{RecoveryWindow, WalArchive},
 };
 
 /// Name of the base backup artifact.
@@ -40,9 +41,9 @@ pub struct PhysicalDetails {
     /// Timeline the backup was taken on.
     pub timeline: u32,
     /// Where replay starts (`START WAL LOCATION`).
-    pub start_lsn: String,
+    pub start_lsn: Lsn,
     /// Where the backup is consistent: the earliest point it can be restored to.
-    pub stop_lsn: String,
+    pub stop_lsn: Lsn,
     /// When pg_basebackup finished (at or after `stop_lsn` was written).
     pub stop_time: DateTime<Utc>,
     /// WAL segment size of the cluster.
@@ -67,7 +68,7 @@ impl PhysicalDetails {
     }
 
     fn stop(&self) -> u64 {
-        crate::wal::parse_lsn(&self.stop_lsn).unwrap_or(u64::MAX)
+        self.stop_lsn.0
     }
 }
 
@@ -140,8 +141,8 @@ pub async fn backup_physical(
     let details = PhysicalDetails {
         system_id: identity.system_id.clone(),
         timeline: positions.timeline,
-        start_lsn: format_lsn(positions.start_lsn),
-        stop_lsn: format_lsn(positions.stop_lsn),
+        start_lsn: positions.start_lsn,
+        stop_lsn: positions.stop_lsn,
         stop_time,
         wal_segment_size: seg_size,
     };
@@ -184,7 +185,7 @@ pub enum RecoveryTarget {
     /// Every transaction committed at or before this time.
     Time(DateTime<FixedOffset>),
     /// Every record up to this LSN.
-    Lsn(u64),
+    Lsn(Lsn),
 }
 
 impl RecoveryTarget {
@@ -202,9 +203,10 @@ impl RecoveryTarget {
                         "--target-time {t:?} is not an RFC 3339 time ({e}); use e.g. 2026-11-25T14:03:07Z or 2026-11-25T15:03:07.250+01:00"
                     ))
                 }),
-            (None, Some(l), false) => crate::wal::parse_lsn(l)
+            (None, Some(l), false) => l
+                .parse::<Lsn>()
                 .map(RecoveryTarget::Lsn)
-                .ok_or_else(|| {
+                .map_err(|_| {
                     OpError::InvalidArgument(format!(
                         "--target-lsn {l:?} is not an LSN; use PostgreSQL's form, e.g. 16/B374D848"
                     ))
@@ -220,7 +222,7 @@ impl RecoveryTarget {
         match self {
             RecoveryTarget::Latest => "the end of the WAL archive".into(),
             RecoveryTarget::Time(t) => format!("time {}", t.to_rfc3339()),
-            RecoveryTarget::Lsn(l) => format!("LSN {}", format_lsn(*l)),
+            RecoveryTarget::Lsn(l) => format!("LSN {l}"),
         }
     }
 }
@@ -260,7 +262,7 @@ async fn choose_backup(
     let reaches = |d: &PhysicalDetails| match target {
         RecoveryTarget::Latest => true,
         RecoveryTarget::Time(t) => d.stop_time <= *t,
-        RecoveryTarget::Lsn(l) => d.stop() <= *l,
+        RecoveryTarget::Lsn(l) => d.stop_lsn <= *l,
     };
     if backup != "latest" {
         let manifest = catalog.resolve(backup).await?;
@@ -323,7 +325,7 @@ fn check_window(
     let reach = format!(
         "WAL from base backup {} reaches LSN {} on timeline {}{} in {prefix}.{gaps}",
         m.id,
-        format_lsn(window.latest_lsn),
+        Lsn(window.latest_lsn).to_string(),
         window.timeline,
         window
             .latest_time
@@ -340,10 +342,10 @@ fn check_window(
                 t.to_rfc3339()
             )))
         }
-        RecoveryTarget::Lsn(l) if window.latest_lsn < *l => {
+        RecoveryTarget::Lsn(l) if window.latest_lsn < l.0 => {
             Err(OpError::FailedPrecondition(format!(
                 "the target LSN {} is beyond the archive: {reach} Pick an earlier LSN, or --target latest",
-                format_lsn(*l)
+                l
             )))
         }
         _ => Ok(()),
@@ -386,7 +388,7 @@ pub async fn restore_pgdata(
         req.pgdata.display(),
         archive.prefix(),
         req.target.describe(),
-        format_lsn(window.latest_lsn),
+        Lsn(window.latest_lsn).to_string(),
         window.timeline,
         window
             .latest_time
@@ -535,7 +537,7 @@ async fn write_recovery_config(
         RecoveryTarget::Lsn(l) => {
             conf.push_str(&format!(
                 "recovery_target_lsn = {}\nrecovery_target_inclusive = on\nrecovery_target_action = 'promote'\n",
-                conf_quote(&format_lsn(*l))
+                conf_quote(&l.to_string())
             ));
         }
     }
@@ -650,7 +652,7 @@ pub async fn prune_wal(catalog: &Catalog, deleted: &Manifest) -> Result<u64, OpE
         if d.system_id != details.system_id {
             continue;
         }
-        let start = crate::wal::parse_lsn(&d.start_lsn).unwrap_or(0) / d.wal_segment_size.max(1);
+        let start = d.start_lsn.0 / d.wal_segment_size.max(1);
         oldest_start = Some(oldest_start.map_or(start, |o| o.min(start)));
     }
     let Some(oldest_start) = oldest_start else {
@@ -690,7 +692,7 @@ pub async fn verify_wal(
         .index(details.wal_segment_size)
         .await
         .map_err(wal_error)?;
-    let start = crate::wal::parse_lsn(&details.start_lsn).unwrap_or(details.stop());
+    let start = details.start_lsn.0;
     let chain = index.chain(details.timeline, start, details.stop());
     let window = index.window(details.timeline, details.stop());
     for object in &chain {
@@ -724,7 +726,7 @@ pub async fn verify_wal(
         "; {} WAL file(s) of {} verified, recoverable to LSN {} on timeline {}{gaps}",
         chain.len(),
         m.id,
-        format_lsn(window.latest_lsn),
+        Lsn(window.latest_lsn).to_string(),
         window.timeline
     ))
 }
@@ -771,14 +773,14 @@ impl<'a> Windows<'a> {
         let mut out = v1::RecoveryWindow {
             system_id: details.system_id.clone(),
             earliest_time: details.stop_time.to_rfc3339(),
-            earliest_lsn: details.stop_lsn.clone(),
+            earliest_lsn: details.stop_lsn.to_string(),
             timeline: details.timeline,
             ..Default::default()
         };
         match &self.indexes[&key] {
             Ok(index) => {
                 let w = index.window(details.timeline, details.stop());
-                out.latest_lsn = format_lsn(w.latest_lsn);
+                out.latest_lsn = Lsn(w.latest_lsn).to_string();
                 // Without archived WAL the backup restores to its own end only.
                 out.latest_time = w
                     .latest_time
@@ -807,12 +809,12 @@ pub async fn wal_archive_status(
         timeline: s.timeline,
         slot: wal.config.slot.clone(),
         archived_lsn: if s.archived_lsn > 0 {
-            format_lsn(s.archived_lsn)
+            Lsn(s.archived_lsn).to_string()
         } else {
             String::new()
         },
-        server_lsn: server.map(format_lsn).unwrap_or_default(),
-        lag_bytes: server.map_or(0, |l| l.saturating_sub(s.archived_lsn)),
+        server_lsn: server.map(|l| l.to_string()).unwrap_or_default(),
+        lag_bytes: server.map_or(0, |l| l.0.saturating_sub(s.archived_lsn)),
         last_shipped_at: s
             .last_shipped_at
             .map(|t| t.to_rfc3339())
@@ -841,7 +843,7 @@ mod tests {
         );
         assert_eq!(
             RecoveryTarget::from_options(None, Some("1/2"), false).unwrap(),
-            RecoveryTarget::Lsn((1 << 32) | 2)
+            RecoveryTarget::Lsn(Lsn((1 << 32) | 2))
         );
         assert_eq!(shell_quote("/usr/bin/soma-agent"), "/usr/bin/soma-agent");
         assert_eq!(shell_quote("s3://b/p x"), "'s3://b/p x'");

@@ -10,7 +10,7 @@ use super::{
     missing_is_data_loss,
 };
 use crate::{
-    catalog::{BackupId, Manifest, Target, Tool},
+    catalog::{BackupId, BackupKeys, Manifest, Target, Tool},
     engine::postgres::PgError,
     error::OpError,
     jobs::Reporter,

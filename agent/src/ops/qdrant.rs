@@ -14,7 +14,7 @@ use super::{
     postgres::RESTORE_HOLDBACK,
 };
 use crate::{
-    catalog::{Artifact, BackupId, CatalogError, Manifest, Target, Tool},
+    catalog::{Artifact, BackupId, BackupKeys, CatalogError, Manifest, Target, Tool},
     engine::qdrant::{
         Alias, Qdrant, QdrantError, SHARD_STREAM_SINCE, SnapshotDescription, minor_of,
     },

@@ -33,6 +33,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
 use crate::{
+    lsn::Lsn,
     pipeline::{self, Counters, Digest256, PipelineError, Settings},
     store::{Store, StoreError},
 };
@@ -269,19 +270,6 @@ impl WalObject {
     pub fn end_lsn(&self, seg_size: u64) -> Option<u64> {
         Some(self.file.segno(seg_size)? * seg_size + self.end)
     }
-}
-
-/// Formats an LSN as PostgreSQL does (`16/B374D848`).
-pub fn format_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
-}
-
-/// Parses an LSN written as PostgreSQL does.
-pub fn parse_lsn(s: &str) -> Option<u64> {
-    let (hi, lo) = s.trim().split_once('/')?;
-    let hi = u64::from_str_radix(hi, 16).ok()?;
-    let lo = u64::from_str_radix(lo, 16).ok()?;
-    (hi <= 0xffff_ffff && lo <= 0xffff_ffff).then_some((hi << 32) | lo)
 }
 
 /// A local file's digest and the number of its bytes that hold WAL.
@@ -600,7 +588,7 @@ impl WalArchive {
             let mut fields = line.split_whitespace();
             let parsed = (|| {
                 let tli: u32 = fields.next()?.parse().ok()?;
-                let lsn = parse_lsn(fields.next()?)?;
+                let lsn = fields.next()?.parse::<Lsn>().ok()?.0;
                 Some((tli, lsn))
             })();
             out.push(parsed.ok_or_else(|| WalError::BadHistory {
@@ -804,8 +792,6 @@ mod tests {
         );
         assert!(WalFile::parse("0000000100000000000000ZZ").is_none());
         assert!(WalFile::parse("000000010000000000000001.partial").is_none());
-        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
-        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
     }
 
     fn obj(tli: u32, segno: u64, kind: Kind, end: u64, ms: i64) -> WalObject {

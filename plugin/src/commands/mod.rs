@@ -8,6 +8,8 @@ pub mod restore;
 pub mod status;
 pub mod verify;
 
+use soma_proto::{BackupId, IdEngine};
+
 use crate::{cli::Command, error::CliError};
 
 /// Checks what can be checked without the agent, so bad input fails fast with exit code 2.
@@ -24,10 +26,10 @@ pub fn validate(command: &Command) -> Result<(), CliError> {
 /// id whose engine code names it); `None` lets any agent answer.
 pub fn engine_of(command: &Command) -> Option<&'static str> {
     use crate::cli::BackupEngine;
-    let from_id = |id: &str| match id.get(17..).and_then(|rest| rest.split('-').next()) {
-        Some("pg") => Some("postgres"),
-        Some("qd") => Some("qdrant"),
-        _ => None,
+    let from_id = |id: &str| match BackupId::parse(id).ok()?.engine()? {
+        IdEngine::Postgres => Some("postgres"),
+        IdEngine::Qdrant => Some("qdrant"),
+        IdEngine::Set => None,
     };
     match command {
         Command::Backup(b) => match b.engine {
@@ -65,16 +67,7 @@ pub fn check_id(id: &str, allow_latest: bool) -> Result<(), CliError> {
             ))
         };
     }
-    let ok = id.len() >= 20
-        && id.len() <= 100
-        && id.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'T' || b == b'Z'
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(CliError::Usage(format!(
-            "invalid backup id {id:?}: expected an id like 20261124T120000Z-pg-appdb-7f3a (see `kubectl soma list`) or \"latest\""
-        )))
-    }
+    BackupId::parse(id)
+        .map(drop)
+        .map_err(|e| CliError::Usage(e.to_string()))
 }
