@@ -7,8 +7,9 @@
 //! ```
 //! A backup exists if and only if its manifest exists: list, describe, verify and restore read only
 //! manifests, so a crash at any point before the manifest leaves nothing that looks valid. Delete
-//! removes the manifest first for the same reason. WAL archives for point-in-time recovery will
-//! live beside `backups/` (e.g. `wal/<timeline>/`), referenced from base-backup manifests.
+//! removes the manifest first for the same reason. The WAL archive for point-in-time recovery
+//! lives beside `backups/`, under `wal/<system id>/` (see [`crate::wal`]); a base backup's
+//! manifest names its cluster's system id.
 
 use std::sync::Arc;
 
@@ -133,6 +134,96 @@ impl Artifact {
     }
 }
 
+/// Which engine a backup is of. Serialised as the lower-case names manifests have always used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// PostgreSQL (logical dumps and physical base backups).
+    Postgres,
+    /// Qdrant snapshots.
+    Qdrant,
+    /// A backup set: one backup of each engine, listed as members.
+    Set,
+}
+
+impl Engine {
+    /// The name in manifests, logs and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Postgres => "postgres",
+            Engine::Qdrant => "qdrant",
+            Engine::Set => "set",
+        }
+    }
+
+    /// The engine of the gRPC contract.
+    pub fn to_proto(self) -> soma_proto::v1::Engine {
+        match self {
+            Engine::Postgres => soma_proto::v1::Engine::Postgres,
+            Engine::Qdrant => soma_proto::v1::Engine::Qdrant,
+            Engine::Set => soma_proto::v1::Engine::Set,
+        }
+    }
+
+    /// The code backup ids of this engine carry.
+    pub fn id_engine(self) -> IdEngine {
+        match self {
+            Engine::Postgres => IdEngine::Postgres,
+            Engine::Qdrant => IdEngine::Qdrant,
+            Engine::Set => IdEngine::Set,
+        }
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What kind of backup, which decides how it is restored. Serialised as manifests always wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    /// A `pg_dump` of one database.
+    #[serde(rename = "logical")]
+    Logical,
+    /// A `pg_basebackup` of the whole cluster, rolled forward with the WAL archive.
+    #[serde(rename = "physical")]
+    Physical,
+    /// Qdrant collection snapshots taken on the node and streamed.
+    #[serde(rename = "collection-snapshots")]
+    QdrantCollections,
+    /// Qdrant shard snapshots streamed without a file on the node.
+    #[serde(rename = "shard-stream-snapshots")]
+    QdrantShards,
+    /// A Qdrant storage snapshot (restored only at Qdrant's start-up).
+    #[serde(rename = "full-storage-snapshots")]
+    QdrantStorage,
+    /// A backup set.
+    #[serde(rename = "set")]
+    Set,
+}
+
+impl Kind {
+    /// The name in manifests and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Logical => "logical",
+            Kind::Physical => "physical",
+            Kind::QdrantCollections => "collection-snapshots",
+            Kind::QdrantShards => "shard-stream-snapshots",
+            Kind::QdrantStorage => "full-storage-snapshots",
+            Kind::Set => "set",
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What was backed up.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Target {
@@ -160,10 +251,10 @@ pub struct Manifest {
     pub manifest_version: u32,
     /// Backup id.
     pub id: BackupId,
-    /// "postgres" or "qdrant".
-    pub engine: String,
-    /// e.g. "logical" for pg_dump.
-    pub kind: String,
+    /// Which engine.
+    pub engine: Engine,
+    /// How it was taken, which decides how it is restored.
+    pub kind: Kind,
     /// What was backed up.
     pub target: Target,
     /// The tool that produced the data.
@@ -193,8 +284,8 @@ impl Manifest {
     /// [`with_artifacts`](Self::with_artifacts) and [`with_details`](Self::with_details).
     pub fn completed(
         id: BackupId,
-        engine: &str,
-        kind: &str,
+        engine: Engine,
+        kind: Kind,
         target: Target,
         tool: Tool,
         started_at: DateTime<Utc>,
@@ -202,8 +293,8 @@ impl Manifest {
         Self {
             manifest_version: MANIFEST_VERSION,
             id,
-            engine: engine.into(),
-            kind: kind.into(),
+            engine,
+            kind,
             target,
             tool,
             agent_version: env!("CARGO_PKG_VERSION").into(),
@@ -222,6 +313,14 @@ impl Manifest {
         self.raw_bytes = artifacts.iter().map(|a| a.raw_bytes).sum();
         self.stored_bytes = artifacts.iter().map(|a| a.stored_bytes).sum();
         self.artifacts = artifacts;
+        self
+    }
+
+    /// Records the members of a set, and their sizes as the set's.
+    pub fn with_members(mut self, members: &[Manifest]) -> Self {
+        self.raw_bytes = members.iter().map(|m| m.raw_bytes).sum();
+        self.stored_bytes = members.iter().map(|m| m.stored_bytes).sum();
+        self.members = members.iter().map(|m| m.id.clone()).collect();
         self
     }
 
@@ -325,7 +424,7 @@ impl Catalog {
         Ok(manifest)
     }
 
-    /// Resolves "latest" (optionally restricted to one engine) or a literal id.
+    /// Resolves "latest" (the newest complete backup) or a literal id.
     pub async fn resolve(&self, id_or_latest: &str) -> Result<Manifest, CatalogError> {
         if id_or_latest == "latest" {
             self.list()
@@ -362,6 +461,19 @@ impl Catalog {
             self.store.delete(&obj.key).await?;
         }
         Ok(())
+    }
+
+    /// Aborts the incomplete uploads of backup `id` and removes whatever it completed: what an
+    /// interrupted backup leaves. A backup whose manifest was written before the interruption is
+    /// complete and stays.
+    pub async fn abandon(&self, id: &BackupId) -> Result<(), CatalogError> {
+        if self.store.head(&id.key(MANIFEST)).await?.is_some() {
+            return Ok(());
+        }
+        for upload in self.store.list_uploads(&format!("{}/", id.dir())).await? {
+            self.store.abort_upload(&upload).await?;
+        }
+        self.discard(id).await
     }
 
     /// Aborts incomplete uploads of backups by the given engines, which only a crashed or killed

@@ -7,8 +7,10 @@
 use tonic::{Code, Status};
 
 use crate::{
-    catalog::CatalogError,
+    catalog::{BackupId, CatalogError, Engine},
     engine::{postgres::PgError, qdrant::QdrantError},
+    jobs::Busy,
+    ops::{physical::PhysicalError, plan::RequestError, qdrant::QdrantOpError},
     pipeline::PipelineError,
     store::StoreError,
 };
@@ -31,29 +33,126 @@ pub enum OpError {
     /// Qdrant's API.
     #[error(transparent)]
     Qdrant(#[from] QdrantError),
+    /// A Qdrant backup or restore refused.
+    #[error(transparent)]
+    QdrantOp(#[from] QdrantOpError),
+    /// A physical backup or point-in-time restore.
+    #[error(transparent)]
+    Physical(#[from] PhysicalError),
+    /// A request that cannot be served as asked.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// Another operation holds what this one needs.
+    #[error(transparent)]
+    Busy(#[from] Busy),
+    /// The engine the request needs is not configured on this agent.
+    #[error(
+        "this agent has no {engine} configured; start it with {flag}",
+        flag = match engine {
+            Engine::Postgres => "--postgres-url (SOMA_POSTGRES_URL)",
+            Engine::Qdrant => "--qdrant-url (SOMA_QDRANT_URL)",
+            Engine::Set => "--postgres-url or --qdrant-url",
+        }
+    )]
+    NotConfigured {
+        /// The engine.
+        engine: Engine,
+    },
     /// A member of a backup set failed; the message names the set and the members kept.
-    #[error("{message}")]
+    #[error(
+        "backup set {set} is incomplete: its {engine} member failed: {source}.{}",
+        kept_note(kept)
+    )]
     SetMember {
-        /// Full explanation.
-        message: String,
+        /// The set.
+        set: BackupId,
+        /// The failed member's engine.
+        engine: Engine,
+        /// Members that completed and stay as standalone backups.
+        kept: Vec<BackupId>,
         /// The member's error, which decides the code.
         source: Box<OpError>,
     },
-    /// Another operation holds the target.
-    #[error("{0}")]
-    Busy(String),
-    /// The request is malformed.
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// The request cannot be served in the agent's current configuration or state.
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// A backup's manifest names data the store does not have.
-    #[error("{0}")]
-    DataLoss(String),
+    /// A set whose member manifest is missing or unreadable.
+    #[error("backup set {set} is damaged: member {member}: {source}")]
+    SetDamaged {
+        /// The set.
+        set: BackupId,
+        /// The member.
+        member: BackupId,
+        /// Why it cannot be read.
+        source: CatalogError,
+    },
+    /// A set listing another set (never written by an agent).
+    #[error(
+        "backup set {set} lists another set ({member}) as a member; it was not written by this agent"
+    )]
+    NestedSet {
+        /// The set.
+        set: BackupId,
+        /// The member.
+        member: BackupId,
+    },
+    /// The store holds something else than what was uploaded.
+    #[error(
+        "{key}: the store reports {} after upload, {sent} bytes were sent; the backup was not recorded",
+        found.map_or_else(|| "no object".to_string(), |n| format!("{n} bytes"))
+    )]
+    StoreMismatch {
+        /// The object.
+        key: String,
+        /// Its size as the store reports it.
+        found: Option<u64>,
+        /// Bytes sent.
+        sent: u64,
+    },
+    /// A manifest without an artifact it must have.
+    #[error("backup {id} has no artifact {name}; its manifest lists {listed:?}")]
+    MissingArtifact {
+        /// The backup.
+        id: BackupId,
+        /// The artifact expected.
+        name: String,
+        /// What the manifest lists.
+        listed: Vec<String>,
+    },
+    /// An artifact object the manifest lists is gone from the store.
+    #[error("backup {id} is damaged: its manifest lists {key} but the store does not have it")]
+    ObjectMissing {
+        /// The backup.
+        id: BackupId,
+        /// The missing object.
+        key: String,
+    },
+    /// The consumer of a restore was stopped because its input failed a check.
+    #[error("the restore was stopped before it could commit")]
+    Cancelled,
+    /// The agent is shutting down.
+    #[error(
+        "the agent is shutting down; the operation was interrupted and what it had written was removed — run it again once the agent is back"
+    )]
+    ShuttingDown,
+    /// A failure inside the agent (a task that panicked, no path to its own binary).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
-fn store_code(e: &StoreError) -> Code {
+fn kept_note(kept: &[BackupId]) -> String {
+    if kept.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " Completed members stay available as standalone backups: {}.",
+            kept.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
+/// The gRPC code of a store error.
+pub fn store_code(e: &StoreError) -> Code {
     match e {
         StoreError::NotFound { .. } => Code::NotFound,
         StoreError::AccessDenied { .. } => Code::PermissionDenied,
@@ -107,10 +206,28 @@ impl OpError {
                 | QdrantError::Exists(_)
                 | QdrantError::Unsupported { .. } => Code::FailedPrecondition,
             },
+            OpError::QdrantOp(e) => e.code(),
+            OpError::Physical(e) => e.code(),
+            OpError::Request(e) => match e {
+                RequestError::NoEngine | RequestError::SetWithPhysicalMember { .. } => {
+                    Code::FailedPrecondition
+                }
+                RequestError::MissingId
+                | RequestError::MissingEngine
+                | RequestError::LatestNotAllowed
+                | RequestError::PgdataNotAbsolute(_)
+                | RequestError::PhysicalNeedsPgdata(_) => Code::InvalidArgument,
+            },
             OpError::SetMember { source, .. } => source.code(),
-            OpError::Busy(_) | OpError::FailedPrecondition(_) => Code::FailedPrecondition,
-            OpError::InvalidArgument(_) => Code::InvalidArgument,
-            OpError::DataLoss(_) => Code::DataLoss,
+            OpError::Busy(_) | OpError::NotConfigured { .. } => Code::FailedPrecondition,
+            OpError::SetDamaged { .. }
+            | OpError::NestedSet { .. }
+            | OpError::StoreMismatch { .. }
+            | OpError::MissingArtifact { .. }
+            | OpError::ObjectMissing { .. } => Code::DataLoss,
+            OpError::Cancelled => Code::Aborted,
+            OpError::ShuttingDown => Code::Unavailable,
+            OpError::Internal(_) => Code::Internal,
         }
     }
 

@@ -1,8 +1,10 @@
 //! Operations run as jobs: at most one per target, detached from the client that started them.
 //!
-//! A job is a spawned task, so a client that disconnects (a closed laptop, a killed port-forward)
-//! does not stop a backup halfway; the client merely stops seeing progress. The registry refuses a
-//! second job on a target that already has one, naming the running job.
+//! A job is a task of the registry's join set, so a client that disconnects (a closed laptop, a
+//! killed port-forward) does not stop a backup halfway; the client merely stops seeing progress.
+//! The registry refuses a second job on a target that already has one, and a delete of a backup
+//! another job reads, naming the running job. On shutdown every job is interrupted and cleans up
+//! after itself, and the agent waits for that before it exits.
 
 use std::{
     collections::HashMap,
@@ -15,7 +17,10 @@ use soma_proto::v1::{self, OperationEvent, operation_event::Event};
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::{error::OpError, pipeline::Counters};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{catalog::BackupId, error::OpError, pipeline::Counters};
 
 /// How often progress is sent to the client.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
@@ -23,30 +28,135 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// while the client is connected).
 pub const EVENT_QUEUE: usize = 16;
 
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Writes a new backup.
+    Backup,
+    /// Restores a backup into a target.
+    Restore,
+    /// Re-reads a backup.
+    Verify,
+    /// Deletes a backup (and WAL only it needed).
+    Delete,
+}
+
+impl Operation {
+    /// The word used in messages and `GetInfo`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Backup => "backup",
+            Operation::Restore => "restore",
+            Operation::Verify => "verify",
+            Operation::Delete => "delete",
+        }
+    }
+}
+
+/// What a job holds exclusively: two jobs on one target never run at once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum JobTarget {
+    /// One PostgreSQL database (logical backup or restore).
+    Database(String),
+    /// The whole PostgreSQL cluster (base backup).
+    Cluster,
+    /// The Qdrant server.
+    Qdrant,
+    /// A data directory a physical restore writes.
+    Pgdata(std::path::PathBuf),
+    /// One backup (verify and delete).
+    Backup(BackupId),
+}
+
+impl std::fmt::Display for JobTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobTarget::Database(db) => write!(f, "postgres/{db}"),
+            JobTarget::Cluster => f.write_str("postgres/cluster"),
+            JobTarget::Qdrant => f.write_str("qdrant"),
+            JobTarget::Pgdata(dir) => write!(f, "pgdata/{}", dir.display()),
+            JobTarget::Backup(id) => write!(f, "backup/{id}"),
+        }
+    }
+}
+
 /// A running job, as `GetInfo` reports it.
 #[derive(Debug, Clone)]
 pub struct JobInfo {
     /// Operation id (the backup id for backups).
     pub id: String,
-    /// "backup", "restore" or "verify".
-    pub operation: &'static str,
-    /// The target it holds, e.g. "postgres/appdb".
-    pub target: String,
+    /// What it does.
+    pub operation: Operation,
+    /// The targets it holds.
+    pub targets: Vec<JobTarget>,
+    /// Backups it reads (restore, verify) or deletes (delete): a delete never runs while another
+    /// job uses one of its backups, and no job starts on a backup being deleted.
+    pub uses: Vec<BackupId>,
     /// When it started.
     pub started_at: DateTime<Utc>,
 }
 
-/// The registry of running jobs.
-#[derive(Debug, Default)]
-pub struct Jobs {
-    running: Mutex<HashMap<String, JobInfo>>,
+impl JobInfo {
+    /// A job starting now.
+    pub fn new(
+        id: impl Into<String>,
+        operation: Operation,
+        targets: Vec<JobTarget>,
+        uses: Vec<BackupId>,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            operation,
+            targets,
+            uses,
+            started_at: Utc::now(),
+        }
+    }
+
+    /// Why `self` cannot start while `running` runs, if it cannot.
+    fn conflict(&self, running: &JobInfo) -> Option<String> {
+        if let Some(t) = self.targets.iter().find(|t| running.targets.contains(t)) {
+            return Some(t.to_string());
+        }
+        if (self.operation == Operation::Delete || running.operation == Operation::Delete)
+            && let Some(id) = self.uses.iter().find(|id| running.uses.contains(id))
+        {
+            return Some(format!("backup {id}"));
+        }
+        None
+    }
 }
 
-/// Holds a target until dropped.
+/// Another job holds what a new one needs.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{what} is busy: a {operation} is already running (job {job}, started {started}); wait for it to finish, then try again"
+)]
+pub struct Busy {
+    /// The target or backup both need.
+    pub what: String,
+    /// The running job's operation.
+    pub operation: &'static str,
+    /// The running job's id.
+    pub job: String,
+    /// When it started.
+    pub started: String,
+}
+
+/// The registry of running jobs, and the tasks running them.
+#[derive(Debug, Default)]
+pub struct Jobs {
+    running: Mutex<HashMap<u64, JobInfo>>,
+    next: std::sync::atomic::AtomicU64,
+    tasks: Mutex<tokio::task::JoinSet<()>>,
+    shutdown: CancellationToken,
+}
+
+/// Holds a job's claims until dropped.
 #[derive(Debug)]
 pub struct JobGuard {
     jobs: Arc<Jobs>,
-    target: String,
+    key: u64,
 }
 
 impl Drop for JobGuard {
@@ -55,34 +165,42 @@ impl Drop for JobGuard {
             .running
             .lock()
             .expect("jobs lock")
-            .remove(&self.target);
+            .remove(&self.key);
     }
 }
 
 impl Jobs {
-    /// Claims `info.target`, or explains which job holds it.
-    pub fn begin(self: &Arc<Self>, info: JobInfo) -> Result<JobGuard, OpError> {
-        let mut running = self.running.lock().expect("jobs lock");
-        if let Some(current) = running.get(&info.target) {
-            return Err(OpError::Busy(format!(
-                "a {} of {} is already running (job {}, started {}); wait for it to finish, then try again",
-                current.operation,
-                current.target,
-                current.id,
-                current.started_at.format("%Y-%m-%d %H:%M:%S UTC"),
-            )));
+    /// A registry whose jobs stop when `shutdown` is cancelled.
+    pub fn new(shutdown: CancellationToken) -> Self {
+        Self {
+            shutdown,
+            ..Default::default()
         }
-        let target = info.target.clone();
-        running.insert(target.clone(), info);
-        Ok(JobGuard {
-            jobs: self.clone(),
-            target,
-        })
     }
 
-    /// Claims every target of `infos` or none of them.
-    pub fn begin_all(self: &Arc<Self>, infos: Vec<JobInfo>) -> Result<Vec<JobGuard>, OpError> {
-        infos.into_iter().map(|info| self.begin(info)).collect()
+    /// Claims everything `info` needs, or explains which job holds it.
+    pub fn begin(self: &Arc<Self>, info: JobInfo) -> Result<JobGuard, Busy> {
+        let mut running = self.running.lock().expect("jobs lock");
+        if let Some((what, current)) = running
+            .values()
+            .find_map(|r| info.conflict(r).map(|what| (what, r)))
+        {
+            return Err(Busy {
+                what,
+                operation: current.operation.as_str(),
+                job: current.id.clone(),
+                started: current
+                    .started_at
+                    .format("%Y-%m-%d %H:%M:%S UTC")
+                    .to_string(),
+            });
+        }
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        running.insert(key, info);
+        Ok(JobGuard {
+            jobs: self.clone(),
+            key,
+        })
     }
 
     /// Jobs running now.
@@ -96,6 +214,38 @@ impl Jobs {
             .collect();
         jobs.sort_by_key(|j| j.started_at);
         jobs
+    }
+
+    /// Runs `op` as a task of this registry: detached from the client (a disconnect does not stop
+    /// it) but not from the agent — on shutdown `op` is dropped (its tools are killed on drop) and
+    /// `interrupted` runs instead, to abort what it left half-written and tell the client.
+    pub fn spawn<F, C>(&self, span: tracing::Span, op: F, interrupted: C)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+        C: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let shutdown = self.shutdown.clone();
+        let mut tasks = self.tasks.lock().expect("tasks lock");
+        // Reap finished tasks so the set does not grow with the agent's lifetime.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(
+            async move {
+                tokio::select! {
+                    () = op => {}
+                    () = shutdown.cancelled() => {
+                        tracing::warn!("the agent is shutting down: operation interrupted");
+                        interrupted.await;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Waits for every job task to end (after shutdown was signalled, they end promptly).
+    pub async fn drain(&self) {
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().expect("tasks lock"));
+        while tasks.join_next().await.is_some() {}
     }
 }
 
@@ -211,21 +361,78 @@ impl Reporter {
 mod tests {
     use super::*;
 
+    fn id(s: &str) -> BackupId {
+        BackupId::parse(s).unwrap()
+    }
+
     #[test]
     fn one_job_per_target() {
         let jobs = Arc::new(Jobs::default());
-        let info = |id: &str, target: &str| JobInfo {
-            id: id.into(),
-            operation: "backup",
-            target: target.into(),
-            started_at: Utc::now(),
-        };
-        let first = jobs.begin(info("a", "postgres/appdb")).unwrap();
-        let err = jobs.begin(info("b", "postgres/appdb")).unwrap_err();
-        assert!(err.to_string().contains("already running (job a"), "{err}");
-        let _other = jobs.begin(info("c", "postgres/other")).unwrap();
+        let db = |name: &str| vec![JobTarget::Database(name.into())];
+        let first = jobs
+            .begin(JobInfo::new("a", Operation::Backup, db("appdb"), vec![]))
+            .unwrap();
+        let err = jobs
+            .begin(JobInfo::new("b", Operation::Restore, db("appdb"), vec![]))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("a backup is already running (job a"),
+            "{err}"
+        );
+        let _other = jobs
+            .begin(JobInfo::new("c", Operation::Backup, db("other"), vec![]))
+            .unwrap();
         assert_eq!(jobs.running().len(), 2);
         drop(first);
-        assert!(jobs.begin(info("d", "postgres/appdb")).is_ok());
+        assert!(
+            jobs.begin(JobInfo::new("d", Operation::Backup, db("appdb"), vec![]))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_backup_in_use_cannot_be_deleted_and_a_deleted_one_cannot_be_used() {
+        let jobs = Arc::new(Jobs::default());
+        let b = id("20261124T120000Z-pg-appdb-7f3a");
+        let other = id("20261124T120000Z-pg-appdb-0000");
+        let restore = jobs
+            .begin(JobInfo::new(
+                b.as_str(),
+                Operation::Restore,
+                vec![JobTarget::Database("appdb".into())],
+                vec![b.clone()],
+            ))
+            .unwrap();
+        let delete = |i: &BackupId| {
+            JobInfo::new(
+                i.as_str(),
+                Operation::Delete,
+                vec![JobTarget::Backup(i.clone())],
+                vec![i.clone()],
+            )
+        };
+        let err = jobs.begin(delete(&b)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("backup {b} is busy: a restore")),
+            "{err}"
+        );
+        let deleting_other = jobs.begin(delete(&other)).unwrap();
+        drop(restore);
+        let deleting = jobs.begin(delete(&b)).unwrap();
+        let err = jobs
+            .begin(JobInfo::new(
+                b.as_str(),
+                Operation::Restore,
+                vec![JobTarget::Database("x".into())],
+                vec![b.clone()],
+            ))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("a delete is already running"),
+            "{err}"
+        );
+        drop((deleting, deleting_other));
     }
 }

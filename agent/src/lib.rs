@@ -62,12 +62,12 @@ pub async fn restore_pgdata(config: &Config, args: &RestorePgdataArgs) -> anyhow
         Some(p) => p.clone(),
         None => std::env::current_exe().context("locating the soma-agent binary")?,
     };
-    let req = ops::physical::PgdataRestore {
-        backup: args.backup.clone(),
-        pgdata: args.pgdata.clone(),
+    let req = ops::physical::PgdataRestore::new(
+        args.backup.clone(),
+        args.pgdata.clone(),
         target,
         agent_binary,
-    };
+    );
     let span =
         tracing::info_span!("restore_pgdata", backup = %req.backup, pgdata = %req.pgdata.display());
     let restored = ops::physical::restore_pgdata(&catalog, &req, Default::default())
@@ -204,14 +204,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let service = AgentService::new(Context {
-        catalog,
-        postgres,
-        qdrant,
-        qdrant_mode: config.qdrant_mode,
-        settings,
-        wal_stream,
-    });
+    let shutdown_token = tokio_util::sync::CancellationToken::new();
+    let service = AgentService::new(
+        Context {
+            catalog,
+            postgres,
+            qdrant,
+            qdrant_mode: config.qdrant_mode,
+            settings,
+            wal_stream,
+        },
+        shutdown_token.child_token(),
+    );
+    let jobs = service.jobs();
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -239,9 +244,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .add_service(health)
         .add_service(reflection)
         .add_service(SomaAgentServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            shutdown().await;
+            // Stop accepting requests first, then interrupt what runs and wait for it to clean up.
+            shutdown_token.cancel();
+        })
         .await
         .context("gRPC server")?;
+    jobs.drain().await;
     tracing::info!("stopped");
     Ok(())
 }

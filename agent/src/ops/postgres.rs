@@ -2,95 +2,104 @@
 
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use chrono::Utc;
-use soma_proto::v1;
+use tokio::process::ChildStdout;
+use tokio_util::sync::CancellationToken;
 
 use super::{
-    Context, abort_quietly, abort_quietly_staged, artifact, artifact_of, backup_info,
-    missing_is_data_loss,
+    Context, Outcome,
+    artifact::{ArtifactName, Source, artifact, read_artifact, write_artifact},
 };
 use crate::{
-    catalog::{BackupId, BackupKeys, Manifest, Target, Tool},
-    engine::postgres::PgError,
+    catalog::{BackupId, Engine, Kind, Manifest, Target, Tool},
+    engine::postgres::{PgError, Postgres, ToolProcess},
     error::OpError,
     jobs::Reporter,
-    pipeline::{self, PipelineError},
+    pipeline::UploadSummary,
 };
 
-/// Name of the pg_dump artifact inside a backup.
-pub const PG_DUMP_ARTIFACT: &str = "dump.pgdump.zst";
-/// Format of the pg_dump artifact's uncompressed bytes.
-pub const PG_DUMP_FORMAT: &str = "pg_dump/custom";
-/// Raw bytes held back from pg_restore until every digest matched: pg_restore cannot reach its
+/// The pg_dump artifact inside a logical backup.
+pub const PG_DUMP: ArtifactName<'static> = ArtifactName {
+    name: "dump.pgdump.zst",
+    format: "pg_dump/custom",
+};
+/// Raw bytes held back from a consumer until every digest matched: pg_restore cannot reach its
 /// COMMIT without the archive's last bytes, so a mismatch found at the end rolls it all back.
 pub(super) const RESTORE_HOLDBACK: usize = 1 << 20;
 
+/// pg_dump as an artifact source: complete only if the tool version check passed and pg_dump
+/// exited cleanly.
+struct PgDump {
+    dump: ToolProcess,
+    /// The version check runs beside the dump rather than before it (it costs a connection and
+    /// two process starts); a dump is only ever committed after the check passed.
+    check: tokio::task::JoinHandle<Result<(String, String), PgError>>,
+}
+
+#[async_trait]
+impl Source for PgDump {
+    type Reader = ChildStdout;
+    type Verdict = (String, String);
+
+    fn reader(&mut self) -> ChildStdout {
+        self.dump.stdout()
+    }
+
+    async fn verdict(self, _: &UploadSummary) -> Result<(String, String), OpError> {
+        let versions = match self.check.await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                self.dump.kill().await;
+                return Err(e.into());
+            }
+            Err(join) => {
+                self.dump.kill().await;
+                return Err(OpError::Internal(format!(
+                    "the version check failed: {join}"
+                )));
+            }
+        };
+        self.dump.wait().await?;
+        Ok(versions)
+    }
+
+    async fn stop(self) {
+        self.check.abort();
+        self.dump.kill().await;
+    }
+}
+
 /// Takes a logical backup of one PostgreSQL database: pg_dump → pipeline → store → manifest.
-pub async fn backup_postgres(
+pub(crate) async fn backup_postgres(
     ctx: Arc<Context>,
     id: BackupId,
     database: String,
     reporter: Reporter,
-) -> Result<v1::OperationResult, OpError> {
+) -> Result<Outcome, OpError> {
     let pg = ctx.postgres()?;
     let started_at = Utc::now();
     reporter.set_operation_id(id.as_str());
-
-    let store = ctx.catalog.store().clone();
-    let key = id.key(PG_DUMP_ARTIFACT);
-    let upload = store.start_upload(&key).await?;
-    let mut dump = match pg.start_dump(&database) {
-        Ok(dump) => dump,
-        Err(e) => {
-            abort_quietly(upload).await;
-            return Err(e.into());
-        }
+    let source = PgDump {
+        dump: pg.start_dump(&database)?,
+        check: tokio::spawn({
+            let (pg, database) = (pg.clone(), database.clone());
+            async move { pg.check_tool("pg_dump", &database).await }
+        }),
     };
     reporter.phase(
         "dumping",
-        format!("pg_dump {database} → zstd → {}", store.location()),
+        format!(
+            "pg_dump {database} → zstd → {}",
+            ctx.catalog.store().location()
+        ),
     );
-    // The version check runs beside the dump rather than before it (it costs a connection and
-    // two process starts); a dump is only ever committed after the check passed.
-    let (check, staged) = tokio::join!(
-        pg.check_tool("pg_dump", &database),
-        pipeline::upload(dump.stdout(), upload, &ctx.settings, reporter.counters())
-    );
-    let (tool_version, server_version) = match check {
-        Ok(versions) => versions,
-        Err(e) => {
-            dump.kill().await;
-            if let Ok(staged) = staged {
-                abort_quietly_staged(staged).await;
-            }
-            return Err(e.into());
-        }
-    };
-    let staged = match staged {
-        Ok(staged) => staged,
-        Err(e) => {
-            dump.kill().await;
-            return Err(e.into());
-        }
-    };
-    // The dump is complete only if pg_dump says so; otherwise its bytes never become visible.
-    if let Err(e) = dump.wait().await {
-        abort_quietly_staged(staged).await;
-        return Err(e.into());
-    }
-    reporter.phase("committing", "completing the upload");
-    let (summary, object) = super::commit_verified(store.as_ref(), &key, staged).await?;
-    let artifact = artifact_of(
-        &ctx.settings,
-        PG_DUMP_ARTIFACT,
-        PG_DUMP_FORMAT,
-        &summary,
-        object.size,
-    );
+    let (artifact, (tool_version, server_version)) =
+        write_artifact(&ctx, &id, PG_DUMP, source, &reporter).await?;
     let manifest = Manifest::completed(
         id.clone(),
-        "postgres",
-        "logical",
+        Engine::Postgres,
+        Kind::Logical,
         Target {
             name: database.clone(),
             server: pg.server(),
@@ -105,27 +114,24 @@ pub async fn backup_postgres(
     .with_artifacts(vec![artifact]);
     reporter.phase("committing", "writing the manifest");
     ctx.catalog.commit(&manifest).await?;
-    let (raw, stored) = (manifest.raw_bytes, manifest.stored_bytes);
-    Ok(v1::OperationResult {
-        summary: format!("backup {id} of database {database} complete"),
-        backup: Some(backup_info(&manifest)),
-        raw_bytes: raw,
-        stored_bytes: stored,
-        seconds: reporter.elapsed(),
-    })
+    Ok(Outcome::new(
+        format!("backup {id} of database {database} complete"),
+        manifest,
+    ))
 }
 
 /// Restores a PostgreSQL logical backup into `database` in one transaction, committed only after
-/// the whole archive matched its checksums.
-pub async fn restore_postgres(
+/// the whole archive matched its checksums. A database the restore created is dropped again when
+/// the restore fails.
+pub(crate) async fn restore_postgres(
     ctx: Arc<Context>,
     manifest: Manifest,
     database: String,
     clean: bool,
     reporter: Reporter,
-) -> Result<v1::OperationResult, OpError> {
+) -> Result<Outcome, OpError> {
     let pg = ctx.postgres()?;
-    let art = artifact(&manifest, PG_DUMP_ARTIFACT)?.clone();
+    let art = artifact(&manifest, PG_DUMP.name)?.clone();
     reporter.set_operation_id(manifest.id.as_str());
     reporter.set_expected_raw(art.raw_bytes);
     reporter.phase("preparing", format!("checking restore target {database}"));
@@ -142,48 +148,56 @@ pub async fn restore_postgres(
         true
     };
 
-    let mut restore = pg.start_restore(&database, clean)?;
     reporter.phase(
         "restoring",
         format!("{} → zstd → pg_restore into {database}", manifest.id),
     );
-    let key = manifest.id.key(&art.name);
-    let streamed = pipeline::download(
-        ctx.catalog.store().as_ref(),
-        &key,
-        &art.digest(),
-        restore.stdin(),
-        RESTORE_HOLDBACK,
-        reporter.counters(),
-    )
-    .await;
-
-    let outcome = match streamed {
-        Ok(()) => restore.wait().await.map_err(OpError::from),
-        Err(e) if matches!(e, PipelineError::Sink(_)) => {
-            // pg_restore stopped reading: its own error says why.
-            match restore.wait().await {
-                Err(tool) => Err(tool.into()),
-                Ok(()) => Err(e.into()),
-            }
-        }
-        Err(e) => {
-            // Never let pg_restore see the end of a bad archive: killing it rolls back.
-            restore.kill().await;
-            Err(missing_is_data_loss(&manifest, e))
-        }
-    };
-    if let Err(e) = outcome {
+    let restored = pg_restore(&ctx, pg, &manifest, &art, &database, clean, &reporter).await;
+    if let Err(e) = restored {
         if created && let Err(drop_err) = pg.drop_database(&database).await {
             tracing::warn!(error = %drop_err, database, "could not drop the database created for the failed restore");
         }
         return Err(e);
     }
-    Ok(v1::OperationResult {
-        summary: format!("restored backup {} into database {database}", manifest.id),
-        raw_bytes: art.raw_bytes,
-        stored_bytes: art.stored_bytes,
-        seconds: reporter.elapsed(),
-        backup: Some(backup_info(&manifest)),
-    })
+    Ok(Outcome::new(
+        format!("restored backup {} into database {database}", manifest.id),
+        manifest,
+    ))
+}
+
+/// Streams the dump into `pg_restore --single-transaction`; a bad archive kills it before its
+/// COMMIT, which rolls everything back.
+async fn pg_restore(
+    ctx: &Context,
+    pg: &Postgres,
+    manifest: &Manifest,
+    art: &crate::catalog::Artifact,
+    database: &str,
+    clean: bool,
+    reporter: &Reporter,
+) -> Result<(), OpError> {
+    let mut restore = pg.start_restore(database, clean)?;
+    let stdin = restore.stdin();
+    let consumer = |cancel: CancellationToken| async move {
+        let exited = tokio::select! {
+            _ = restore.exited() => true,
+            () = cancel.cancelled() => false,
+        };
+        if exited {
+            restore.wait().await.map_err(OpError::from)
+        } else {
+            restore.kill().await;
+            Err(OpError::Cancelled)
+        }
+    };
+    read_artifact(
+        ctx.catalog.store().as_ref(),
+        manifest,
+        art,
+        stdin,
+        RESTORE_HOLDBACK,
+        reporter.counters(),
+        consumer,
+    )
+    .await
 }

@@ -1,0 +1,293 @@
+//! Physical restores: choose the base backup for a target, check that the archive reaches it
+//! without a gap, then lay it down and configure recovery (see [`super::pgdata`]).
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use chrono::{DateTime, FixedOffset};
+
+use super::{BASE, PhysicalDetails, PhysicalError, pgdata};
+use crate::{
+    catalog::{Catalog, Kind, Manifest},
+    error::OpError,
+    jobs::Reporter,
+    lsn::Lsn,
+    ops::{Context, Outcome, artifact::artifact},
+    pipeline::Counters,
+    wal::{RecoveryWindow, WalArchive},
+};
+
+/// Where recovery stops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecoveryTarget {
+    /// The end of the archive.
+    Latest,
+    /// Every transaction committed at or before this time.
+    Time(DateTime<FixedOffset>),
+    /// Every record up to this LSN.
+    Lsn(Lsn),
+}
+
+impl RecoveryTarget {
+    /// Builds the target from the three mutually exclusive options (none given: latest).
+    pub fn from_options(
+        time: Option<&str>,
+        lsn: Option<&str>,
+        latest: bool,
+    ) -> Result<Self, PhysicalError> {
+        match (time, lsn, latest) {
+            (Some(t), None, false) => DateTime::parse_from_rfc3339(t)
+                .map(RecoveryTarget::Time)
+                .map_err(|e| PhysicalError::BadTime {
+                    value: t.to_string(),
+                    reason: e.to_string(),
+                }),
+            (None, Some(l), false) => Ok(RecoveryTarget::Lsn(l.parse()?)),
+            (None, None, _) => Ok(RecoveryTarget::Latest),
+            _ => Err(PhysicalError::TwoTargets),
+        }
+    }
+
+    pub(super) fn describe(&self) -> String {
+        match self {
+            RecoveryTarget::Latest => "the end of the WAL archive".into(),
+            RecoveryTarget::Time(t) => format!("time {}", t.to_rfc3339()),
+            RecoveryTarget::Lsn(l) => format!("LSN {l}"),
+        }
+    }
+
+    /// Whether a base backup consistent per `d` can be rolled forward to this target.
+    fn reachable_from(&self, d: &PhysicalDetails) -> bool {
+        match self {
+            RecoveryTarget::Latest => true,
+            RecoveryTarget::Time(t) => d.stop_time <= *t,
+            RecoveryTarget::Lsn(l) => d.stop_lsn <= *l,
+        }
+    }
+}
+
+/// A physical restore request.
+#[derive(Debug, Clone)]
+pub struct PgdataRestore {
+    /// Backup id, or "latest" (the newest base backup that can reach the target).
+    pub backup: String,
+    /// Data directory to create; must be missing or empty.
+    pub pgdata: PathBuf,
+    /// Where recovery stops.
+    pub target: RecoveryTarget,
+    /// The agent binary as the PostgreSQL server will find it (written into restore_command).
+    pub agent_binary: PathBuf,
+    /// Set once the directory was found empty (or created) by this restore: only then may an
+    /// interrupted restore empty it again.
+    pub prepared: Arc<AtomicBool>,
+}
+
+impl PgdataRestore {
+    /// A restore of `backup` ("latest" or an id) into `pgdata`.
+    pub fn new(
+        backup: String,
+        pgdata: PathBuf,
+        target: RecoveryTarget,
+        agent_binary: PathBuf,
+    ) -> Self {
+        Self {
+            backup,
+            pgdata,
+            target,
+            agent_binary,
+            prepared: Arc::default(),
+        }
+    }
+}
+
+/// What a physical restore laid down.
+#[derive(Debug, Clone)]
+pub struct PgdataRestored {
+    /// The base backup used.
+    pub manifest: Manifest,
+    /// Its details.
+    pub details: PhysicalDetails,
+    /// How far the archive reaches from it.
+    pub window: RecoveryWindow,
+    /// Human-readable summary with the next step.
+    pub summary: String,
+}
+
+/// Picks the base backup for a target: the one named, or the newest that ends before the target.
+async fn choose_backup(
+    catalog: &Catalog,
+    backup: &str,
+    target: &RecoveryTarget,
+) -> Result<(Manifest, PhysicalDetails), OpError> {
+    if backup != "latest" {
+        let manifest = catalog.resolve(backup).await?;
+        let details = PhysicalDetails::of(&manifest)?;
+        if !target.reachable_from(&details) {
+            return Err(PhysicalError::AfterTarget {
+                id: manifest.id,
+                consistent_at: details.stop_time,
+                stop_lsn: details.stop_lsn,
+                target: target.describe(),
+            }
+            .into());
+        }
+        return Ok((manifest, details));
+    }
+    let mut physical = Vec::new();
+    for m in catalog.list().await? {
+        if m.kind == Kind::Physical {
+            let d = PhysicalDetails::of(&m)?;
+            physical.push((m, d));
+        }
+    }
+    let Some(earliest) = physical.iter().map(|(_, d)| d.stop_time).min() else {
+        return Err(PhysicalError::NoBaseBackup.into());
+    };
+    physical
+        .into_iter()
+        .find(|(_, d)| target.reachable_from(d))
+        .ok_or_else(|| {
+            PhysicalError::NothingBeforeTarget {
+                target: target.describe(),
+                earliest,
+            }
+            .into()
+        })
+}
+
+/// Checks that the archive reaches the target from the chosen backup, without a gap.
+fn check_window(
+    m: &Manifest,
+    window: &RecoveryWindow,
+    target: &RecoveryTarget,
+    prefix: &str,
+) -> Result<(), PhysicalError> {
+    let gaps = if window.gaps.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " The archive has a gap after it: {}.",
+            window.gaps.join(", ")
+        )
+    };
+    let latest_lsn = Lsn::from(window.latest_lsn);
+    let reach = format!(
+        "WAL from base backup {} reaches LSN {latest_lsn} on timeline {}{} in {prefix}.{gaps}",
+        m.id,
+        window.timeline,
+        window
+            .latest_time
+            .map(|t| format!(" (captured {})", t.to_rfc3339()))
+            .unwrap_or_default(),
+    );
+    let beyond = match target {
+        RecoveryTarget::Latest if !window.gaps.is_empty() => {
+            return Err(PhysicalError::GapBeforeLatest { reach });
+        }
+        RecoveryTarget::Latest => false,
+        RecoveryTarget::Time(t) => window.latest_time.is_none_or(|l| l < *t),
+        RecoveryTarget::Lsn(l) => latest_lsn < *l,
+    };
+    if beyond {
+        return Err(PhysicalError::BeyondArchive {
+            target: target.describe(),
+            reach,
+        });
+    }
+    Ok(())
+}
+
+/// Lays a base backup into an empty data directory and configures recovery to the target.
+///
+/// Nothing is left half-done: the directory is checked empty first, and if the download, a
+/// checksum or the unpacking fails, everything written into it is removed again.
+pub async fn restore_pgdata(
+    catalog: &Catalog,
+    req: &PgdataRestore,
+    counters: Arc<Counters>,
+) -> Result<PgdataRestored, OpError> {
+    let (manifest, details) = choose_backup(catalog, &req.backup, &req.target).await?;
+    let archive = WalArchive::new(catalog.store().clone(), &details.system_id);
+    let index = archive
+        .index(details.wal_segment_size)
+        .await
+        .map_err(PhysicalError::from)?;
+    let window = index.window(details.timeline, details.stop_lsn.into());
+    check_window(&manifest, &window, &req.target, &archive.prefix())?;
+    pgdata::prepare(&req.pgdata).await?;
+    req.prepared.store(true, Ordering::SeqCst);
+
+    let art = artifact(&manifest, BASE.name)?.clone();
+    let laid = pgdata::lay_down(catalog, &manifest, &art, &req.pgdata, counters).await;
+    let configured = match laid {
+        Ok(()) => pgdata::write_recovery_config(req, &manifest, &details, catalog)
+            .await
+            .map_err(OpError::from),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = configured {
+        pgdata::clear(&req.pgdata).await;
+        return Err(e);
+    }
+    pgdata::adopt_owner(&req.pgdata).await?;
+    let summary = format!(
+        "base backup {} laid down in {}; PostgreSQL will replay WAL from {} to {} and promote when it starts (the archive reaches LSN {} on timeline {}{})",
+        manifest.id,
+        req.pgdata.display(),
+        archive.prefix(),
+        req.target.describe(),
+        Lsn::from(window.latest_lsn),
+        window.timeline,
+        window
+            .latest_time
+            .map(|t| format!(", captured {}", t.to_rfc3339()))
+            .unwrap_or_default()
+    );
+    Ok(PgdataRestored {
+        manifest,
+        details,
+        window,
+        summary,
+    })
+}
+
+/// Runs a physical restore as an agent job (the plugin's `restore --pgdata`).
+pub async fn restore_pgdata_job(
+    ctx: Arc<Context>,
+    req: PgdataRestore,
+    reporter: Reporter,
+) -> Result<Outcome, OpError> {
+    reporter.phase(
+        "restoring",
+        format!("laying a base backup into {}", req.pgdata.display()),
+    );
+    let restored = restore_pgdata(&ctx.catalog, &req, reporter.counters()).await?;
+    reporter.set_operation_id(restored.manifest.id.as_str());
+    Ok(Outcome::new(restored.summary, restored.manifest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(
+            RecoveryTarget::from_options(None, None, true).unwrap(),
+            RecoveryTarget::Latest
+        );
+        assert!(RecoveryTarget::from_options(Some("yesterday"), None, false).is_err());
+        assert!(
+            RecoveryTarget::from_options(Some("2026-11-25T10:00:00Z"), Some("0/1"), false).is_err()
+        );
+        assert_eq!(
+            RecoveryTarget::from_options(None, Some("1/2"), false).unwrap(),
+            RecoveryTarget::Lsn(Lsn((1 << 32) | 2))
+        );
+    }
+}

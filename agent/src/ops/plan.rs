@@ -1,0 +1,473 @@
+//! Plans: a request turned into what will run, what it holds and which backups it touches, before
+//! anything starts. The server validates a request into a plan, claims the plan's targets, and runs
+//! it as a job; a backup set is a plan of plans.
+
+use std::{future::Future, pin::Pin, sync::Arc};
+
+use chrono::{DateTime, Utc};
+use soma_proto::v1;
+
+use super::{Context, Outcome, physical, postgres, qdrant, set, verify};
+use crate::{
+    catalog::{BackupId, Engine, IdEngine, Kind, Manifest},
+    error::OpError,
+    jobs::{JobTarget, Reporter},
+};
+
+/// A request that cannot be served as asked; each says what to ask instead.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// No backup id given.
+    #[error("missing backup id: name one (see `kubectl soma list`) or use \"latest\"")]
+    MissingId,
+    /// A backup request naming no engine.
+    #[error("missing engine: ask for a postgres or qdrant backup, or all")]
+    MissingEngine,
+    /// `backup all` on an agent with no engine.
+    #[error("this agent has no engine configured (--postgres-url, --qdrant-url)")]
+    NoEngine,
+    /// "latest" where only an explicit id is safe.
+    #[error("delete needs an explicit backup id, not \"latest\"; see `kubectl soma list`")]
+    LatestNotAllowed,
+    /// A relative data directory.
+    #[error("--pgdata {0:?} must be an absolute path on the agent's host")]
+    PgdataNotAbsolute(String),
+    /// A base backup asked to be restored like a dump.
+    #[error(
+        "backup {0} is a physical base backup: restore it into an empty data directory with --pgdata DIR (and --target-time / --target-lsn), or run `soma-agent restore-pgdata` where PostgreSQL's data lives"
+    )]
+    PhysicalNeedsPgdata(BackupId),
+    /// A set holding a base backup, which cannot be restored into a running server.
+    #[error(
+        "backup set {set} holds a physical PostgreSQL base backup ({member}), which is restored into an empty data directory: run `soma-agent restore-pgdata --backup {member}` where PostgreSQL's data lives (or `kubectl soma restore {member} --pgdata DIR`), and restore the other members one by one"
+    )]
+    SetWithPhysicalMember {
+        /// The set.
+        set: BackupId,
+        /// Its base backup.
+        member: BackupId,
+    },
+}
+
+/// A backup about to run.
+#[derive(Debug, Clone)]
+pub enum BackupPlan {
+    /// pg_dump of one database.
+    Logical {
+        /// The new backup's id.
+        id: BackupId,
+        /// The database.
+        database: String,
+    },
+    /// pg_basebackup of the cluster.
+    Physical {
+        /// The new backup's id.
+        id: BackupId,
+    },
+    /// Snapshots of Qdrant collections.
+    Qdrant {
+        /// The new backup's id.
+        id: BackupId,
+        /// Collections (empty: all).
+        collections: Vec<String>,
+        /// How snapshots are taken.
+        mode: v1::QdrantMode,
+    },
+    /// One backup of every configured engine under one set id.
+    Set {
+        /// The set's id.
+        id: BackupId,
+        /// Its members, run in order.
+        members: Vec<BackupPlan>,
+    },
+}
+
+/// A boxed operation future (plans nest, so their futures must be boxed).
+pub type OpFuture = Pin<Box<dyn Future<Output = Result<Outcome, OpError>> + Send>>;
+
+impl BackupPlan {
+    /// Validates a backup request against what this agent serves.
+    pub fn from_request(
+        ctx: &Context,
+        req: v1::BackupRequest,
+        now: DateTime<Utc>,
+    ) -> Result<Self, OpError> {
+        if req.all {
+            let mut members = Vec::new();
+            if let Some(pg) = &ctx.postgres {
+                members.push(if req.physical {
+                    Self::physical(now)
+                } else {
+                    let database = pg.default_database();
+                    Self::logical(now, database)
+                });
+            }
+            if ctx.qdrant.is_some() {
+                members.push(Self::qdrant(now, Vec::new(), v1::QdrantMode::Unspecified));
+            }
+            if members.is_empty() {
+                return Err(RequestError::NoEngine.into());
+            }
+            let id = BackupId::new(now, IdEngine::Set, "all");
+            return Ok(BackupPlan::Set { id, members });
+        }
+        match v1::Engine::try_from(req.engine).unwrap_or(v1::Engine::Unspecified) {
+            v1::Engine::Postgres => {
+                let pg = ctx.postgres()?;
+                Ok(if req.physical {
+                    Self::physical(now)
+                } else if req.database.is_empty() {
+                    Self::logical(now, pg.default_database())
+                } else {
+                    Self::logical(now, req.database)
+                })
+            }
+            v1::Engine::Qdrant => {
+                ctx.qdrant()?;
+                let mode = v1::QdrantMode::try_from(req.qdrant_mode).unwrap_or_default();
+                Ok(Self::qdrant(now, req.collections, mode))
+            }
+            v1::Engine::Set | v1::Engine::Unspecified => Err(RequestError::MissingEngine.into()),
+        }
+    }
+
+    fn logical(now: DateTime<Utc>, database: String) -> Self {
+        let id = BackupId::new(now, IdEngine::Postgres, &database);
+        BackupPlan::Logical { id, database }
+    }
+
+    fn physical(now: DateTime<Utc>) -> Self {
+        BackupPlan::Physical {
+            id: BackupId::new(now, IdEngine::Postgres, "cluster"),
+        }
+    }
+
+    fn qdrant(now: DateTime<Utc>, collections: Vec<String>, mode: v1::QdrantMode) -> Self {
+        let slug = match collections.as_slice() {
+            [] => "all".to_string(),
+            [one] => one.clone(),
+            many => format!("{}-collections", many.len()),
+        };
+        BackupPlan::Qdrant {
+            id: BackupId::new(now, IdEngine::Qdrant, &slug),
+            collections,
+            mode,
+        }
+    }
+
+    /// The id of the backup this plan writes.
+    pub fn id(&self) -> &BackupId {
+        match self {
+            BackupPlan::Logical { id, .. }
+            | BackupPlan::Physical { id }
+            | BackupPlan::Qdrant { id, .. }
+            | BackupPlan::Set { id, .. } => id,
+        }
+    }
+
+    /// Every backup id this plan writes (a set's and its members').
+    pub fn ids(&self) -> Vec<BackupId> {
+        let mut ids = vec![self.id().clone()];
+        if let BackupPlan::Set { members, .. } = self {
+            ids.extend(members.iter().flat_map(BackupPlan::ids));
+        }
+        ids
+    }
+
+    /// The engine written.
+    pub fn engine(&self) -> Engine {
+        match self {
+            BackupPlan::Logical { .. } | BackupPlan::Physical { .. } => Engine::Postgres,
+            BackupPlan::Qdrant { .. } => Engine::Qdrant,
+            BackupPlan::Set { .. } => Engine::Set,
+        }
+    }
+
+    /// What this plan holds while it runs.
+    pub fn targets(&self) -> Vec<JobTarget> {
+        match self {
+            BackupPlan::Logical { database, .. } => vec![JobTarget::Database(database.clone())],
+            BackupPlan::Physical { .. } => vec![JobTarget::Cluster],
+            BackupPlan::Qdrant { .. } => vec![JobTarget::Qdrant],
+            BackupPlan::Set { members, .. } => members.iter().flat_map(|m| m.targets()).collect(),
+        }
+    }
+
+    /// A short name of what is backed up, for logs.
+    pub fn target_name(&self) -> String {
+        match self {
+            BackupPlan::Logical { database, .. } => database.clone(),
+            BackupPlan::Physical { .. } => "cluster".into(),
+            BackupPlan::Qdrant { collections, .. } if collections.is_empty() => "all".into(),
+            BackupPlan::Qdrant { collections, .. } => collections.join(","),
+            BackupPlan::Set { .. } => "all".into(),
+        }
+    }
+
+    /// Runs the backup.
+    pub fn run(self, ctx: Arc<Context>, reporter: Reporter) -> OpFuture {
+        match self {
+            BackupPlan::Logical { id, database } => {
+                Box::pin(postgres::backup_postgres(ctx, id, database, reporter))
+            }
+            BackupPlan::Physical { id } => Box::pin(physical::backup_physical(ctx, id, reporter)),
+            BackupPlan::Qdrant {
+                id,
+                collections,
+                mode,
+            } => Box::pin(qdrant::backup_qdrant(ctx, id, collections, mode, reporter)),
+            BackupPlan::Set { id, members } => {
+                Box::pin(set::backup_set(ctx, id, members, reporter))
+            }
+        }
+    }
+}
+
+/// A restore about to run.
+#[derive(Debug, Clone)]
+pub enum RestorePlan {
+    /// pg_restore of a dump into a database.
+    Logical {
+        /// The backup.
+        manifest: Manifest,
+        /// Target database.
+        database: String,
+        /// Drop and recreate existing objects.
+        clean: bool,
+    },
+    /// Qdrant snapshots into collections.
+    Qdrant {
+        /// The backup.
+        manifest: Manifest,
+        /// Collections to restore (empty: all).
+        collections: Vec<String>,
+        /// Restore the one selected collection under this name.
+        rename_to: String,
+        /// Overwrite existing collections and aliases.
+        force: bool,
+    },
+    /// Every member of a set, in order.
+    Set {
+        /// The set.
+        manifest: Manifest,
+        /// One plan per member.
+        members: Vec<RestorePlan>,
+    },
+    /// A base backup laid into an empty data directory.
+    Pgdata(physical::PgdataRestore),
+}
+
+impl RestorePlan {
+    /// Validates a restore request and resolves the backup it names.
+    pub async fn from_request(ctx: &Context, req: v1::RestoreRequest) -> Result<Self, OpError> {
+        if !req.pgdata.is_empty() {
+            return Self::pgdata(req);
+        }
+        let manifest = resolve(ctx, &req.backup_id).await?;
+        match (manifest.engine, manifest.kind) {
+            (Engine::Postgres, Kind::Physical) => {
+                Err(RequestError::PhysicalNeedsPgdata(manifest.id).into())
+            }
+            (Engine::Postgres, _) => {
+                ctx.postgres()?;
+                let database = if req.database.is_empty() {
+                    manifest.target.name.clone()
+                } else {
+                    req.database
+                };
+                Ok(RestorePlan::Logical {
+                    manifest,
+                    database,
+                    clean: req.clean,
+                })
+            }
+            (Engine::Qdrant, _) => {
+                ctx.qdrant()?;
+                Ok(RestorePlan::Qdrant {
+                    manifest,
+                    collections: req.collections,
+                    rename_to: req.rename_to,
+                    force: req.force,
+                })
+            }
+            (Engine::Set, _) => {
+                let mut members = Vec::new();
+                for m in set::members_of(&ctx.catalog, &manifest).await? {
+                    members.push(match (m.engine, m.kind) {
+                        (Engine::Postgres, Kind::Physical) => {
+                            return Err(RequestError::SetWithPhysicalMember {
+                                set: manifest.id.clone(),
+                                member: m.id,
+                            }
+                            .into());
+                        }
+                        (Engine::Postgres, _) => {
+                            ctx.postgres()?;
+                            let database = m.target.name.clone();
+                            RestorePlan::Logical {
+                                manifest: m,
+                                database,
+                                clean: req.clean,
+                            }
+                        }
+                        (Engine::Qdrant, _) => {
+                            ctx.qdrant()?;
+                            RestorePlan::Qdrant {
+                                manifest: m,
+                                collections: Vec::new(),
+                                rename_to: String::new(),
+                                force: req.force,
+                            }
+                        }
+                        (Engine::Set, _) => {
+                            return Err(OpError::NestedSet {
+                                set: manifest.id.clone(),
+                                member: m.id,
+                            });
+                        }
+                    });
+                }
+                Ok(RestorePlan::Set { manifest, members })
+            }
+        }
+    }
+
+    fn pgdata(req: v1::RestoreRequest) -> Result<Self, OpError> {
+        let target = physical::RecoveryTarget::from_options(
+            Some(req.target_time.as_str()).filter(|t| !t.is_empty()),
+            Some(req.target_lsn.as_str()).filter(|t| !t.is_empty()),
+            false,
+        )?;
+        let backup = if req.backup_id.is_empty() {
+            "latest".to_string()
+        } else {
+            req.backup_id
+        };
+        let pgdata = std::path::PathBuf::from(&req.pgdata);
+        if !pgdata.is_absolute() {
+            return Err(RequestError::PgdataNotAbsolute(req.pgdata).into());
+        }
+        let agent_binary = std::env::current_exe()
+            .map_err(|e| OpError::Internal(format!("locating the soma-agent binary: {e}")))?;
+        Ok(RestorePlan::Pgdata(physical::PgdataRestore::new(
+            backup,
+            pgdata,
+            target,
+            agent_binary,
+        )))
+    }
+
+    /// The backup restored, as named in logs ("latest" for a physical restore that picks one).
+    pub fn backup(&self) -> String {
+        match self {
+            RestorePlan::Logical { manifest, .. }
+            | RestorePlan::Qdrant { manifest, .. }
+            | RestorePlan::Set { manifest, .. } => manifest.id.to_string(),
+            RestorePlan::Pgdata(req) => req.backup.clone(),
+        }
+    }
+
+    /// The engine restored.
+    pub fn engine(&self) -> Engine {
+        match self {
+            RestorePlan::Logical { .. } | RestorePlan::Pgdata(_) => Engine::Postgres,
+            RestorePlan::Qdrant { .. } => Engine::Qdrant,
+            RestorePlan::Set { .. } => Engine::Set,
+        }
+    }
+
+    /// What this plan holds while it runs.
+    pub fn targets(&self) -> Vec<JobTarget> {
+        match self {
+            RestorePlan::Logical { database, .. } => vec![JobTarget::Database(database.clone())],
+            RestorePlan::Qdrant { .. } => vec![JobTarget::Qdrant],
+            RestorePlan::Set { members, .. } => members.iter().flat_map(|m| m.targets()).collect(),
+            RestorePlan::Pgdata(req) => vec![JobTarget::Pgdata(req.pgdata.clone())],
+        }
+    }
+
+    /// The backups this plan reads, so none of them is deleted under it. A physical restore of
+    /// "latest" chooses its base backup when it runs; an explicit id is claimed.
+    pub fn uses(&self) -> Vec<BackupId> {
+        match self {
+            RestorePlan::Logical { manifest, .. } | RestorePlan::Qdrant { manifest, .. } => {
+                vec![manifest.id.clone()]
+            }
+            RestorePlan::Set { manifest, members } => std::iter::once(manifest.id.clone())
+                .chain(members.iter().flat_map(|m| m.uses()))
+                .collect(),
+            RestorePlan::Pgdata(req) => BackupId::parse(&req.backup).into_iter().collect(),
+        }
+    }
+
+    /// Runs the restore.
+    pub fn run(self, ctx: Arc<Context>, reporter: Reporter) -> OpFuture {
+        match self {
+            RestorePlan::Logical {
+                manifest,
+                database,
+                clean,
+            } => Box::pin(postgres::restore_postgres(
+                ctx, manifest, database, clean, reporter,
+            )),
+            RestorePlan::Qdrant {
+                manifest,
+                collections,
+                rename_to,
+                force,
+            } => Box::pin(qdrant::restore_qdrant(
+                ctx,
+                manifest,
+                collections,
+                rename_to,
+                force,
+                reporter,
+            )),
+            RestorePlan::Set { manifest, members } => {
+                Box::pin(set::restore_set(ctx, manifest, members, reporter))
+            }
+            RestorePlan::Pgdata(req) => Box::pin(physical::restore_pgdata_job(ctx, req, reporter)),
+        }
+    }
+}
+
+/// A verify about to run.
+#[derive(Debug, Clone)]
+pub struct VerifyPlan {
+    /// The backup.
+    pub manifest: Manifest,
+}
+
+impl VerifyPlan {
+    /// Resolves the backup a verify request names.
+    pub async fn from_request(ctx: &Context, req: v1::VerifyRequest) -> Result<Self, OpError> {
+        Ok(Self {
+            manifest: resolve(ctx, &req.backup_id).await?,
+        })
+    }
+
+    /// What it holds: the backup itself (one verify of a backup at a time).
+    pub fn targets(&self) -> Vec<JobTarget> {
+        vec![JobTarget::Backup(self.manifest.id.clone())]
+    }
+
+    /// The backups it reads.
+    pub fn uses(&self) -> Vec<BackupId> {
+        std::iter::once(self.manifest.id.clone())
+            .chain(self.manifest.members.iter().cloned())
+            .collect()
+    }
+
+    /// Runs the verify.
+    pub fn run(self, ctx: Arc<Context>, reporter: Reporter) -> OpFuture {
+        Box::pin(verify::verify(ctx, self.manifest, reporter))
+    }
+}
+
+/// Resolves "latest" or an id named in a request.
+pub async fn resolve(ctx: &Context, id: &str) -> Result<Manifest, OpError> {
+    if id.is_empty() {
+        return Err(RequestError::MissingId.into());
+    }
+    Ok(ctx.catalog.resolve(id).await?)
+}

@@ -1,0 +1,207 @@
+//! Qdrant backups: snapshots streamed from the node through the pipeline into the store
+//! ([`backup`]), and streamed back into Qdrant's snapshot upload with the aliases a snapshot does
+//! not carry ([`restore`]).
+
+mod backup;
+mod restore;
+
+pub use backup::backup_qdrant;
+pub use restore::restore_qdrant;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use soma_proto::v1;
+
+use crate::{
+    catalog::{BackupId, Kind},
+    engine::qdrant::{Alias, SnapshotDescription},
+};
+
+/// Format of a collection snapshot artifact's uncompressed bytes.
+pub const COLLECTION_FORMAT: &str = "qdrant/collection-snapshot";
+/// Format of a shard snapshot artifact.
+pub const SHARD_FORMAT: &str = "qdrant/shard-snapshot";
+/// Format of a storage snapshot artifact.
+pub const STORAGE_FORMAT: &str = "qdrant/storage-snapshot";
+
+/// How the snapshots of a backup were taken; recorded in its details as manifests always wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotMode {
+    /// A snapshot of each collection, created on the node and streamed.
+    Collection,
+    /// Each shard streamed without a file on the node.
+    ShardStream,
+    /// One snapshot of the whole storage.
+    FullStorage,
+}
+
+impl SnapshotMode {
+    /// The mode a request asks for (`Unspecified` must be resolved to the agent's default first).
+    pub fn from_proto(mode: v1::QdrantMode) -> Self {
+        match mode {
+            v1::QdrantMode::ShardStream => SnapshotMode::ShardStream,
+            v1::QdrantMode::FullStorage => SnapshotMode::FullStorage,
+            v1::QdrantMode::Collection | v1::QdrantMode::Unspecified => SnapshotMode::Collection,
+        }
+    }
+
+    /// The manifest kind of a backup taken this way.
+    pub fn kind(self) -> Kind {
+        match self {
+            SnapshotMode::Collection => Kind::QdrantCollections,
+            SnapshotMode::ShardStream => Kind::QdrantShards,
+            SnapshotMode::FullStorage => Kind::QdrantStorage,
+        }
+    }
+}
+
+/// Parses `--qdrant-mode` values.
+pub fn parse_mode(s: &str) -> Result<v1::QdrantMode, String> {
+    match s {
+        "collection" => Ok(v1::QdrantMode::Collection),
+        "shard-stream" => Ok(v1::QdrantMode::ShardStream),
+        "full-storage" => Ok(v1::QdrantMode::FullStorage),
+        other => Err(format!(
+            "unknown Qdrant mode {other:?}: use collection, shard-stream or full-storage"
+        )),
+    }
+}
+
+/// What a Qdrant backup records beyond its artifacts (the manifest's `details`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QdrantDetails {
+    /// `GET /` version of the server backed up.
+    pub qdrant_version: String,
+    /// How the snapshots were taken.
+    pub mode: SnapshotMode,
+    /// Aliases of the backed-up collections (snapshots do not include them).
+    pub aliases: Vec<Alias>,
+    /// Per collection: configuration and size at backup time.
+    pub collections: BTreeMap<String, CollectionRecord>,
+}
+
+/// One collection as it was when backed up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CollectionRecord {
+    /// Approximate points count (`CollectionInfo.points_count`).
+    pub points_count: Option<u64>,
+    /// `CollectionInfo.config`.
+    pub config: Value,
+    /// Qdrant's description of the snapshot taken (collection mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotDescription>,
+}
+
+/// Why a Qdrant backup or restore was refused; each says what to do instead.
+#[derive(Debug, thiserror::Error)]
+pub enum QdrantOpError {
+    /// Nothing to back up.
+    #[error("Qdrant has no collections: nothing to back up")]
+    NoCollections,
+    /// A storage snapshot asked to be restored through the API.
+    #[error(
+        "backup {0} is a storage snapshot: Qdrant recovers those only at start-up (qdrant --storage-snapshot FILE), not through its API; restore a collection backup instead"
+    )]
+    StorageSnapshot(BackupId),
+    /// A collection the backup does not hold.
+    #[error("collection {collection} is not in backup {id} (it holds: {holds})")]
+    NotInBackup {
+        /// As asked.
+        collection: String,
+        /// The backup.
+        id: BackupId,
+        /// What it holds, comma-separated.
+        holds: String,
+    },
+    /// `--as` with several collections.
+    #[error("--as renames one collection: choose it with --collection NAME")]
+    RenameNeedsOne,
+    /// An alias that points elsewhere.
+    #[error(
+        "alias {alias} exists and points to collection {current}; pass --force to repoint it to {wanted}"
+    )]
+    AliasTaken {
+        /// The alias.
+        alias: String,
+        /// Where it points now.
+        current: String,
+        /// Where the backup had it.
+        wanted: String,
+    },
+    /// A manifest listing a collection without its snapshot.
+    #[error("backup {id} lists collection {collection} but has no snapshot of it")]
+    MissingSnapshot {
+        /// The backup.
+        id: BackupId,
+        /// The collection.
+        collection: String,
+    },
+    /// The manifest's Qdrant details do not parse.
+    #[error("backup {id}: its manifest's Qdrant details are unreadable: {reason}")]
+    BadDetails {
+        /// The backup.
+        id: BackupId,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl QdrantOpError {
+    /// The gRPC code a client can act on.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            QdrantOpError::NotInBackup { .. } | QdrantOpError::RenameNeedsOne => {
+                Code::InvalidArgument
+            }
+            QdrantOpError::MissingSnapshot { .. } | QdrantOpError::BadDetails { .. } => {
+                Code::DataLoss
+            }
+            QdrantOpError::NoCollections
+            | QdrantOpError::StorageSnapshot(_)
+            | QdrantOpError::AliasTaken { .. } => Code::FailedPrecondition,
+        }
+    }
+}
+
+/// A store key segment for a collection: its position plus a safe slug (the manifest keeps the
+/// real name, which may hold characters no key should).
+pub(super) fn collection_slug(index: usize, name: &str) -> String {
+    let slug: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(60)
+        .collect();
+    format!("{index:03}-{slug}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collection_keys_are_safe() {
+        assert_eq!(collection_slug(3, "docs/../x y"), "003-docs----x-y");
+    }
+
+    #[test]
+    fn modes_read_as_manifests_wrote_them() {
+        for (text, mode) in [
+            ("\"collection\"", SnapshotMode::Collection),
+            ("\"shard-stream\"", SnapshotMode::ShardStream),
+            ("\"full-storage\"", SnapshotMode::FullStorage),
+        ] {
+            assert_eq!(serde_json::from_str::<SnapshotMode>(text).unwrap(), mode);
+            assert_eq!(serde_json::to_string(&mode).unwrap(), text);
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! Qdrant restores: everything is checked (version, existing collections, aliases) before
+//! anything is uploaded; then each snapshot is streamed back and the aliases recreated.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio_util::{io::ReaderStream, sync::CancellationToken};
+
+use super::{QdrantDetails, QdrantOpError, SnapshotMode};
+use crate::{
+    catalog::{Artifact, Manifest},
+    engine::qdrant::{Qdrant, QdrantError, minor_of},
+    error::OpError,
+    jobs::Reporter,
+    ops::{Context, Outcome, artifact::read_artifact, postgres::RESTORE_HOLDBACK},
+};
+
+/// Restores collections of a Qdrant backup; everything is checked before anything is uploaded.
+pub async fn restore_qdrant(
+    ctx: Arc<Context>,
+    manifest: Manifest,
+    selected: Vec<String>,
+    rename_to: String,
+    force: bool,
+    reporter: Reporter,
+) -> Result<Outcome, OpError> {
+    let q = ctx.qdrant()?;
+    reporter.set_operation_id(manifest.id.as_str());
+    let details: QdrantDetails = serde_json::from_value(manifest.details.clone()).map_err(|e| {
+        QdrantOpError::BadDetails {
+            id: manifest.id.clone(),
+            reason: e.to_string(),
+        }
+    })?;
+    if details.mode == SnapshotMode::FullStorage {
+        return Err(QdrantOpError::StorageSnapshot(manifest.id.clone()).into());
+    }
+    let in_backup: Vec<String> = details.collections.keys().cloned().collect();
+    let chosen = if selected.is_empty() {
+        in_backup.clone()
+    } else {
+        for c in &selected {
+            if !in_backup.contains(c) {
+                return Err(QdrantOpError::NotInBackup {
+                    collection: c.clone(),
+                    id: manifest.id.clone(),
+                    holds: in_backup.join(", "),
+                }
+                .into());
+            }
+        }
+        selected
+    };
+    if !rename_to.is_empty() && chosen.len() != 1 {
+        return Err(QdrantOpError::RenameNeedsOne.into());
+    }
+    let target_of = |c: &str| {
+        if rename_to.is_empty() {
+            c.to_string()
+        } else {
+            rename_to.clone()
+        }
+    };
+
+    reporter.phase(
+        "preparing",
+        format!("checking {} before restoring", q.url()),
+    );
+    let server_version = q.version().await?;
+    if minor_of(&server_version) != minor_of(&details.qdrant_version) {
+        let backup_minor = minor_of(&details.qdrant_version)
+            .map(|(a, b)| format!("{a}.{b}"))
+            .unwrap_or_else(|| details.qdrant_version.clone());
+        return Err(QdrantError::VersionMismatch {
+            backup: details.qdrant_version.clone(),
+            backup_minor,
+            server: server_version,
+        }
+        .into());
+    }
+    let existing = q.collections().await?;
+    if !force
+        && let Some(c) = chosen
+            .iter()
+            .map(|c| target_of(c))
+            .find(|t| existing.contains(t))
+    {
+        return Err(QdrantError::Exists(c).into());
+    }
+    // Aliases follow a restore in place only; a copy under another name must not steal them.
+    let current_aliases = q.aliases().await?;
+    let mut alias_plan = Vec::new();
+    if rename_to.is_empty() {
+        for alias in details
+            .aliases
+            .iter()
+            .filter(|a| chosen.contains(&a.collection_name))
+        {
+            match current_aliases
+                .iter()
+                .find(|c| c.alias_name == alias.alias_name)
+            {
+                Some(cur) if cur.collection_name == alias.collection_name => {}
+                Some(cur) if !force => {
+                    return Err(QdrantOpError::AliasTaken {
+                        alias: alias.alias_name.clone(),
+                        current: cur.collection_name.clone(),
+                        wanted: alias.collection_name.clone(),
+                    }
+                    .into());
+                }
+                Some(_) => alias_plan.push((alias.clone(), true)),
+                None => alias_plan.push((alias.clone(), false)),
+            }
+        }
+    }
+
+    let mut restored = Vec::new();
+    for c in &chosen {
+        let target = target_of(c);
+        let mut arts: Vec<&Artifact> = manifest
+            .artifacts
+            .iter()
+            .filter(|a| a.collection.as_deref() == Some(c.as_str()))
+            .collect();
+        arts.sort_by_key(|a| a.shard);
+        if arts.is_empty() {
+            return Err(QdrantOpError::MissingSnapshot {
+                id: manifest.id.clone(),
+                collection: c.clone(),
+            }
+            .into());
+        }
+        if details.mode == SnapshotMode::ShardStream && !existing.contains(&target) {
+            let Some(record) = details.collections.get(c) else {
+                continue;
+            };
+            q.create_collection(&target, &create_body(&record.config))
+                .await?;
+        }
+        for art in arts {
+            reporter.set_expected_raw(art.raw_bytes);
+            reporter.phase(
+                "restoring",
+                format!("{} → zstd → Qdrant collection {target}", art.name),
+            );
+            upload_artifact(&ctx, q, &manifest, art, &target, &reporter).await?;
+        }
+        restored.push(if target == *c {
+            c.clone()
+        } else {
+            format!("{c} as {target}")
+        });
+    }
+    for (alias, replace) in &alias_plan {
+        q.set_alias(&alias.alias_name, &alias.collection_name, *replace)
+            .await?;
+    }
+    let alias_note = if alias_plan.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; aliases {}",
+            alias_plan
+                .iter()
+                .map(|(a, _)| format!("{} → {}", a.alias_name, a.collection_name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    Ok(Outcome::new(
+        format!(
+            "restored {} from backup {}{alias_note}",
+            restored.join(", "),
+            manifest.id
+        ),
+        manifest,
+    ))
+}
+
+/// `PUT /collections/{c}` body from a recorded `CollectionInfo.config`.
+fn create_body(config: &Value) -> Value {
+    let mut body = config["params"].clone();
+    if !body.is_object() {
+        body = Value::Object(Default::default());
+    }
+    let map = body.as_object_mut().expect("object");
+    for (from, to) in [
+        ("hnsw_config", "hnsw_config"),
+        ("optimizer_config", "optimizers_config"),
+        ("wal_config", "wal_config"),
+        ("quantization_config", "quantization_config"),
+    ] {
+        if let Some(v) = config.get(from).filter(|v| !v.is_null()) {
+            map.insert(to.into(), v.clone());
+        }
+    }
+    body
+}
+
+/// Streams one stored snapshot into Qdrant's upload endpoint. The last bytes reach Qdrant only
+/// after the stored object matched the manifest; on a mismatch the upload is cut off, and Qdrant's
+/// own check of the snapshot's sha256 refuses anything incomplete.
+async fn upload_artifact(
+    ctx: &Context,
+    q: &Qdrant,
+    manifest: &Manifest,
+    art: &Artifact,
+    target: &str,
+    reporter: &Reporter,
+) -> Result<(), OpError> {
+    let (writer, reader) = tokio::io::duplex(1 << 20);
+    let body = ReaderStream::with_capacity(reader, 256 * 1024);
+    let file_name = format!("soma-restore-{}.snapshot", manifest.id);
+    let upload = q.upload_snapshot(
+        target,
+        art.shard,
+        &file_name,
+        body,
+        art.raw_bytes,
+        &art.raw_sha256,
+    );
+    let consumer = |cancel: CancellationToken| async move {
+        tokio::select! {
+            r = upload => r.map_err(OpError::from),
+            () = cancel.cancelled() => Err(OpError::Cancelled),
+        }
+    };
+    read_artifact(
+        ctx.catalog.store().as_ref(),
+        manifest,
+        art,
+        writer,
+        RESTORE_HOLDBACK,
+        reporter.counters(),
+        consumer,
+    )
+    .await?;
+    // Qdrant keeps an uploaded collection snapshot on the node; no copy may stay there.
+    if art.shard.is_none() {
+        match q.delete_snapshot(target, &file_name).await {
+            Ok(()) | Err(QdrantError::NotFound { .. }) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, collection = target, snapshot = %file_name, "could not delete the uploaded snapshot from the Qdrant node; delete it by hand to free its disk")
+            }
+        }
+    }
+    Ok(())
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_body_renames_optimizer_config() {
+        let config = serde_json::json!({
+            "params": {"vectors": {"size": 4, "distance": "Dot"}, "shard_number": 2},
+            "hnsw_config": {"m": 16},
+            "optimizer_config": {"indexing_threshold": 20000},
+            "wal_config": {"wal_capacity_mb": 32},
+            "quantization_config": null
+        });
+        let body = create_body(&config);
+        assert_eq!(body["vectors"]["size"], 4);
+        assert_eq!(body["shard_number"], 2);
+        assert_eq!(body["optimizers_config"]["indexing_threshold"], 20000);
+        assert!(body.get("quantization_config").is_none());
+    }
+}

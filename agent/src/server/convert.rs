@@ -1,0 +1,120 @@
+//! Domain values in their wire form: the only place the agent builds proto messages from
+//! manifests, windows and the WAL stream's status.
+
+use soma_proto::v1;
+
+use crate::{
+    catalog::Manifest,
+    jobs::JobInfo,
+    lsn::Lsn,
+    ops::{self, Outcome, physical::BaseWindow},
+};
+
+/// A manifest as `list`, `describe` and operation results show it.
+pub fn backup_info(m: &Manifest) -> v1::BackupInfo {
+    v1::BackupInfo {
+        id: m.id.to_string(),
+        engine: m.engine.to_proto() as i32,
+        target: m.target.name.clone(),
+        started_at: m.started_at.to_rfc3339(),
+        completed_at: m.completed_at.to_rfc3339(),
+        raw_bytes: m.raw_bytes,
+        stored_bytes: m.stored_bytes,
+        manifest_json: serde_json::to_string_pretty(m).expect("manifest serialises"),
+        members: m.members.iter().map(ToString::to_string).collect(),
+        kind: m.kind.as_str().into(),
+        recovery_window: None,
+    }
+}
+
+/// A finished operation's result.
+pub fn operation_result(outcome: Outcome, seconds: f64) -> v1::OperationResult {
+    v1::OperationResult {
+        summary: outcome.summary,
+        raw_bytes: outcome.manifest.raw_bytes,
+        stored_bytes: outcome.manifest.stored_bytes,
+        seconds,
+        backup: Some(backup_info(&outcome.manifest)),
+    }
+}
+
+/// A base backup's recoverable window (or why it cannot be computed).
+pub fn recovery_window(w: Result<BaseWindow, ops::physical::PhysicalError>) -> v1::RecoveryWindow {
+    let BaseWindow { details, window } = match w {
+        Ok(w) => w,
+        Err(e) => {
+            return v1::RecoveryWindow {
+                error: e.to_string(),
+                ..Default::default()
+            };
+        }
+    };
+    let mut out = v1::RecoveryWindow {
+        system_id: details.system_id.clone(),
+        earliest_time: details.stop_time.to_rfc3339(),
+        earliest_lsn: details.stop_lsn.to_string(),
+        timeline: details.timeline,
+        ..Default::default()
+    };
+    match window {
+        Ok(w) => {
+            out.latest_lsn = Lsn::from(w.latest_lsn).to_string();
+            // Without archived WAL the backup restores to its own end only.
+            out.latest_time = w
+                .latest_time
+                .unwrap_or(details.stop_time)
+                .max(details.stop_time)
+                .to_rfc3339();
+            out.timeline = w.timeline;
+            out.gaps = w.gaps;
+        }
+        Err(e) => out.error = e,
+    }
+    out
+}
+
+/// The WAL stream's state for `status`, with the archive lag measured against `server_lsn`.
+pub fn wal_archive_status(
+    wal: &ops::WalStreamInfo,
+    server_lsn: Option<Lsn>,
+) -> v1::WalArchiveStatus {
+    let s = wal.status.lock().expect("status lock").clone();
+    let archived = Lsn::from(s.archived_lsn);
+    v1::WalArchiveStatus {
+        receiving: s.receiving,
+        system_id: s.system_id,
+        timeline: s.timeline,
+        slot: wal.config.slot.clone(),
+        archived_lsn: if archived > Lsn(0) {
+            archived.to_string()
+        } else {
+            String::new()
+        },
+        server_lsn: server_lsn.map(|l| l.to_string()).unwrap_or_default(),
+        lag_bytes: server_lsn.map_or(0, |l| l.0.saturating_sub(archived.0)),
+        last_shipped_at: s
+            .last_shipped_at
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default(),
+        last_file: s.last_file,
+        segments_shipped: s.segments_shipped,
+        partials_shipped: s.partials_shipped,
+        partial_interval_seconds: wal.config.partial_interval.as_secs_f64(),
+        last_error: s.last_error.unwrap_or_default(),
+    }
+}
+
+/// A running job as `status` shows it.
+pub fn job_info(j: JobInfo) -> v1::JobInfo {
+    v1::JobInfo {
+        id: j.id,
+        operation: j.operation.as_str().into(),
+        target: j
+            .targets
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" + "),
+        started_at: j.started_at.to_rfc3339(),
+    }
+}
