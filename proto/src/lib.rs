@@ -4,8 +4,6 @@
 //! call. The descriptor set is exported for gRPC server reflection, so `grpcurl` works against an
 //! agent without a local copy of the `.proto` file.
 
-#![allow(clippy::doc_markdown, missing_docs)]
-
 /// Generated messages and service stubs for package `soma.v1`.
 // A result event carries a whole BackupInfo; events are few, so boxing would buy nothing.
 #[allow(clippy::large_enum_variant)]

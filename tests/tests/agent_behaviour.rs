@@ -113,3 +113,73 @@ fn a_pg_dump_older_than_the_server_is_refused() {
     assert!(store.manifests().is_empty());
     assert!(store.pending_uploads().is_empty());
 }
+
+/// A delete of a backup that a restore is reading is refused, naming the restore, and the
+/// restore completes. The restore is held mid-way deterministically: it restores with `--clean`
+/// into a database where another session holds a lock on a table pg_restore must drop, so it
+/// waits (as PostgreSQL makes any DDL wait) until that session commits.
+#[test]
+fn a_backup_being_restored_cannot_be_deleted() {
+    let pg = small_cluster();
+    let store = TestStore::local();
+    let agent = Agent::start(&store.url(), &pg.url("appdb"), &[], &store.env());
+    let out = soma(agent.addr(), &["-o", "json", "backup", "postgres"]);
+    out.assert_success("backup");
+    let id = out.json()["id"].as_str().expect("backup id").to_owned();
+
+    // The target database holds table t, locked by an open transaction.
+    pg.createdb("target");
+    pg.psql("target", "create table t (id int primary key);");
+    let mut blocker = pg
+        .client_command("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "target"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("psql");
+    let mut blocker_in = blocker.stdin.take().expect("stdin");
+    use std::io::Write as _;
+    writeln!(blocker_in, "begin; lock table t in access share mode;").unwrap();
+    blocker_in.flush().unwrap();
+    poll_until(Duration::from_secs(30), "the blocking lock", || {
+        let held = pg.psql(
+            "target",
+            "select count(*) from pg_locks l join pg_class c on c.oid = l.relation where c.relname = 't' and l.granted and l.pid <> pg_backend_pid()",
+        );
+        (held.trim() != "0").then_some(())
+    });
+
+    let restore = soma_tests::soma_spawn(
+        agent.addr(),
+        &["restore", &id, "--database", "target", "--clean"],
+    );
+    // pg_restore is waiting for the lock: the restore is surely running.
+    poll_until(
+        Duration::from_secs(60),
+        "the restore to wait for the lock",
+        || {
+            let waiting = pg.psql(
+                "postgres",
+                "select count(*) from pg_locks where not granted",
+            );
+            (waiting.trim() != "0").then_some(())
+        },
+    );
+
+    let deleted = soma(agent.addr(), &["delete", &id, "--yes"]);
+    assert_ne!(deleted.code, 0, "the delete must be refused: {deleted}");
+    deleted.assert_stderr_contains("restore", "the refusal names the running restore");
+    deleted.assert_stderr_contains(&id, "the refusal names the backup");
+    assert!(
+        listed_ids(agent.addr()).contains(&id),
+        "the backup must still exist"
+    );
+
+    writeln!(blocker_in, "commit;").unwrap();
+    drop(blocker_in);
+    blocker.wait().expect("psql exits");
+    restore.wait().assert_success("the restore completes");
+    assert_eq!(pg.psql("target", "select id from t").trim(), "1");
+    // Once the restore is done the backup can be deleted.
+    soma(agent.addr(), &["delete", &id, "--yes"]).assert_success("delete after the restore");
+}

@@ -1,8 +1,10 @@
-//! PostgreSQL logical backups: `pg_dump --format=custom` out, `pg_restore --single-transaction` in.
+//! PostgreSQL through its client tools: `pg_dump --format=custom` out and `pg_restore
+//! --single-transaction` in for logical backups; `pg_basebackup` (tar on stdout) for base backups;
+//! `pg_receivewal` on a physical replication slot for the WAL archive; `psql` for queries and
+//! replication commands.
 //!
-//! The agent talks to the server only through the PostgreSQL client tools (psql, pg_dump,
-//! pg_restore), so connection behaviour (TLS, passfile, service files, `PG*` variables) is exactly
-//! libpq's. The connection URL never carries a password: libpq reads `PGPASSWORD` or the passfile
+//! The agent talks to the server only through these tools, so connection behaviour (TLS,
+//! passfile, service files, `PG*` variables) is exactly libpq's. The connection URL never carries a password: libpq reads `PGPASSWORD` or the passfile
 //! from the agent's environment, so no secret ever appears in a process argument list.
 
 use std::{path::PathBuf, process::Stdio};
