@@ -20,6 +20,7 @@ const READY_LINE: &str = "soma-agent listening on ";
 
 /// A running `soma-agent --listen 127.0.0.1:0 ...`, killed on drop. Its stdout and stderr are
 /// captured and printed when the test panics.
+#[derive(Debug)]
 pub struct Agent {
     dir: TempDir,
     child: Child,

@@ -120,6 +120,7 @@ pub fn listed_ids(agent_addr: &str) -> Vec<String> {
 }
 
 /// A `kubectl-soma` running in the background; killed on drop if still running.
+#[derive(Debug)]
 pub struct SomaChild {
     child: Child,
     stdout: Arc<Mutex<Vec<u8>>>,

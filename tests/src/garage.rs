@@ -24,6 +24,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 ///
 /// Holds a small tokio runtime so tests can stay synchronous: the helper methods block on it, and
 /// [`s3_client`](Self::s3_client) futures can be driven with [`block_on`](Self::block_on).
+#[derive(Debug)]
 pub struct Garage {
     dir: TempDir,
     child: Child,

@@ -289,6 +289,7 @@ pub struct RequestRecord {
 }
 
 /// A Kubernetes API server double on 127.0.0.1; stops (dropping every connection) on drop.
+#[derive(Debug)]
 pub struct KubeDouble {
     shared: Arc<Shared>,
     addr: SocketAddr,

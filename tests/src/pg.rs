@@ -22,6 +22,7 @@ pub const SYSTEM_SCHEMAS: &str = "('pg_catalog', 'information_schema', 'pg_toast
 ///
 /// The server refuses to run as root, so when the test runs as root (as CI does) the data
 /// directory is owned by, and the server runs as, the unprivileged `postgres` user.
+#[derive(Debug)]
 pub struct PgCluster {
     dir: TempDir,
     port: u16,

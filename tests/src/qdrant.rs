@@ -169,6 +169,7 @@ pub struct CollectionState {
 }
 
 /// A Qdrant 1.18 REST server double on 127.0.0.1; stops and deletes its disk on drop.
+#[derive(Debug)]
 pub struct QdrantDouble {
     shared: Arc<Shared>,
     url: String,

@@ -15,6 +15,7 @@ pub const MIB: u64 = 1 << 20;
 pub const S3_PREFIX: &str = "some/prefix";
 
 /// A store the agent is pointed at, plus direct access to what it wrote there.
+#[derive(Debug)]
 pub enum TestStore {
     /// `file://<dir>`.
     Local {

@@ -130,6 +130,7 @@ pub fn dictionary() -> &'static [u8] {
 }
 
 /// Inflates header blocks: one zlib stream for the connection, dictionary set when asked.
+#[derive(Debug)]
 pub struct HeaderDecoder {
     z: Decompress,
 }
@@ -183,6 +184,7 @@ impl HeaderDecoder {
 }
 
 /// Deflates header blocks: one zlib stream for the connection, primed with the dictionary.
+#[derive(Debug)]
 pub struct HeaderEncoder {
     z: Compress,
 }
