@@ -80,16 +80,16 @@ impl CliError {
     }
 
     /// Classifies a status from a unary call or a stream's end.
+    ///
+    /// A status the agent sent is decoded from the response and carries no source error; one made
+    /// by this client's own transport (connection refused, reset, an HTTP/2 failure) carries the
+    /// transport error as its source. That, not the message text, tells "the agent said so" from
+    /// "the agent could not be reached".
     pub fn from_status(status: tonic::Status, addr: &str, operation: &'static str) -> Self {
         let message = status.message().to_string();
+        let transport = std::error::Error::source(&status).is_some();
         match status.code() {
-            // Transport failures surface as Unavailable/Unknown with a transport message.
-            Code::Unavailable | Code::Unknown | Code::Cancelled
-                if message.contains("transport")
-                    || message.contains("connection")
-                    || message.contains("h2 protocol")
-                    || message.contains("broken pipe") =>
-            {
+            Code::Unavailable | Code::Unknown | Code::Cancelled if transport => {
                 if operation == "request" {
                     CliError::Unreachable {
                         addr: addr.to_string(),

@@ -181,6 +181,14 @@ impl Agent {
         self.reaped = true;
     }
 
+    /// Sends SIGTERM (an orderly stop, as Kubernetes sends) and waits up to `timeout` for the
+    /// agent to exit; panics with its logs when it does not.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let pid = Pid::from_raw(i32::try_from(self.pid()).expect("pid fits in i32"));
+        kill(pid, Signal::SIGTERM).expect("cannot SIGTERM soma-agent");
+        self.wait_exit(Instant::now() + timeout)
+    }
+
     /// Everything the agent wrote so far (stdout, then stderr).
     pub fn logs(&self) -> String {
         let stdout = self.stdout.lock().expect("stdout log lock").clone();
@@ -200,7 +208,7 @@ impl Agent {
             }
             assert!(
                 Instant::now() < deadline,
-                "soma-agent closed stdout but did not exit:\n{}",
+                "soma-agent did not exit in time:\n{}",
                 self.logs()
             );
             std::thread::sleep(Duration::from_millis(20));

@@ -183,3 +183,48 @@ fn a_backup_being_restored_cannot_be_deleted() {
     // Once the restore is done the backup can be deleted.
     soma(agent.addr(), &["delete", &id, "--yes"]).assert_success("delete after the restore");
 }
+
+/// SIGTERM in the middle of a backup to S3 (Garage): the agent stops accepting requests,
+/// interrupts the backup, aborts its multipart upload and exits 0; the client is told why; the
+/// bucket holds nothing of it — no object, no manifest, no incomplete upload — so nothing looks
+/// like a backup and nothing is left for the next start-up to sweep.
+#[test]
+fn sigterm_interrupts_a_backup_and_leaves_nothing_in_the_bucket() {
+    let pg = PgCluster::start();
+    pg.createdb("appdb");
+    fixtures::create_big_table(&pg, "appdb", "blob", 200);
+    let store = TestStore::garage();
+    let mut agent = Agent::start(
+        &store.url(),
+        &pg.url("appdb"),
+        &["--part-size", "5MiB"],
+        &store.env(),
+    );
+    let client = soma_tests::store::backup_in_flight(agent.addr(), &store, "appdb");
+    assert!(
+        store.manifests().is_empty(),
+        "the backup must still be running at the signal"
+    );
+
+    let status = agent.terminate(Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "the agent must exit 0 on SIGTERM: {status}"
+    );
+    let out = client.wait();
+    assert_ne!(
+        out.code, 0,
+        "the interrupted backup must not report success: {out}"
+    );
+    out.assert_stderr_contains("shutting down", "the client is told why");
+    assert!(
+        store.pending_uploads().is_empty(),
+        "the interrupted upload must be aborted: {:?}",
+        store.pending_uploads()
+    );
+    assert!(
+        store.list("backups/").is_empty(),
+        "nothing of the interrupted backup may remain: {:?}",
+        store.list("backups/")
+    );
+}

@@ -700,7 +700,13 @@ pub fn check_slot_name(slot: &str) -> Result<(), PgError> {
     }
 }
 
+/// psql's exit status when the connection to the server failed or went bad.
+const PSQL_CONNECTION_FAILED: i32 = 2;
+
 /// psql's output, or its error: a connection failure (naming `target`) or a failed statement.
+///
+/// psql tells the two apart by its exit status — 2 when the connection to the server failed or
+/// went bad, 1 or 3 for errors of its own or of a statement — so no message text is parsed.
 fn psql_result(
     out: &std::process::Output,
     target: impl FnOnce() -> String,
@@ -709,7 +715,7 @@ fn psql_result(
         return Ok(String::from_utf8_lossy(&out.stdout).trim().to_string());
     }
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    if stderr.contains("connection to server") || stderr.contains("could not connect") {
+    if out.status.code() == Some(PSQL_CONNECTION_FAILED) {
         Err(PgError::Connect {
             target: target(),
             detail: stderr,
