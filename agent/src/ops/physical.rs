@@ -67,8 +67,8 @@ impl PhysicalDetails {
         })
     }
 
-    fn stop(&self) -> u64 {
-        self.stop_lsn.0
+    fn stop(&self) -> Lsn {
+        self.stop_lsn
     }
 }
 
@@ -325,7 +325,7 @@ fn check_window(
     let reach = format!(
         "WAL from base backup {} reaches LSN {} on timeline {}{} in {prefix}.{gaps}",
         m.id,
-        Lsn(window.latest_lsn).to_string(),
+        window.latest_lsn,
         window.timeline,
         window
             .latest_time
@@ -342,7 +342,7 @@ fn check_window(
                 t.to_rfc3339()
             )))
         }
-        RecoveryTarget::Lsn(l) if window.latest_lsn < l.0 => {
+        RecoveryTarget::Lsn(l) if window.latest_lsn < *l => {
             Err(OpError::FailedPrecondition(format!(
                 "the target LSN {} is beyond the archive: {reach} Pick an earlier LSN, or --target latest",
                 l
@@ -388,7 +388,7 @@ pub async fn restore_pgdata(
         req.pgdata.display(),
         archive.prefix(),
         req.target.describe(),
-        Lsn(window.latest_lsn).to_string(),
+        window.latest_lsn,
         window.timeline,
         window
             .latest_time
@@ -692,7 +692,7 @@ pub async fn verify_wal(
         .index(details.wal_segment_size)
         .await
         .map_err(wal_error)?;
-    let start = details.start_lsn.0;
+    let start = details.start_lsn;
     let chain = index.chain(details.timeline, start, details.stop());
     let window = index.window(details.timeline, details.stop());
     for object in &chain {
@@ -726,7 +726,7 @@ pub async fn verify_wal(
         "; {} WAL file(s) of {} verified, recoverable to LSN {} on timeline {}{gaps}",
         chain.len(),
         m.id,
-        Lsn(window.latest_lsn).to_string(),
+        window.latest_lsn,
         window.timeline
     ))
 }
@@ -780,7 +780,7 @@ impl<'a> Windows<'a> {
         match &self.indexes[&key] {
             Ok(index) => {
                 let w = index.window(details.timeline, details.stop());
-                out.latest_lsn = Lsn(w.latest_lsn).to_string();
+                out.latest_lsn = w.latest_lsn.to_string();
                 // Without archived WAL the backup restores to its own end only.
                 out.latest_time = w
                     .latest_time

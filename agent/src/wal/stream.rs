@@ -284,7 +284,7 @@ impl Shipper {
             tracing::debug!(key = %o.key, "shipped");
         }
         let mut s = self.status.lock().expect("status lock");
-        if let Some(end) = object.end_lsn(self.seg_size)
+        if let Some(end) = object.end_lsn(self.seg_size).map(u64::from)
             && object.kind != Kind::History
             && end > s.archived_lsn
         {
