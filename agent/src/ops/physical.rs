@@ -808,13 +808,13 @@ pub async fn wal_archive_status(
         system_id: s.system_id,
         timeline: s.timeline,
         slot: wal.config.slot.clone(),
-        archived_lsn: if s.archived_lsn > 0 {
-            Lsn(s.archived_lsn).to_string()
+        archived_lsn: if s.archived_lsn.0 > 0 {
+            s.archived_lsn.to_string()
         } else {
             String::new()
         },
         server_lsn: server.map(|l| l.to_string()).unwrap_or_default(),
-        lag_bytes: server.map_or(0, |l| l.0.saturating_sub(s.archived_lsn)),
+        lag_bytes: server.map_or(0, |l| l.0.saturating_sub(s.archived_lsn.0)),
         last_shipped_at: s
             .last_shipped_at
             .map(|t| t.to_rfc3339())

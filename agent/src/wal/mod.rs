@@ -20,8 +20,10 @@
 //! is stored.
 
 pub mod archive;
+mod drain;
 pub mod index;
 pub mod naming;
+mod spool;
 pub mod stream;
 
 pub use archive::{Fetched, FileDigest, Shipped, WalArchive, digest_file};
