@@ -162,3 +162,41 @@ fn sigterm_drains_every_acknowledged_transaction_into_the_archive() {
         present.len()
     );
 }
+
+/// A stream that is not receiving has nothing to drain: with the server gone (killed, so
+/// pg_receivewal exited and the agent is retrying with back-off), SIGTERM stops the agent at once
+/// and it exits 0 — the back-off sleep and the next attempt's connection do not hold it up.
+#[test]
+fn sigterm_with_the_server_down_stops_at_once() {
+    let store = TestStore::garage();
+    let mut pg = PgCluster::start();
+    let spool = tempfile::tempdir().expect("spool dir");
+    let mut agent = wal_agent(&pg, &store, spool.path(), "1s");
+    poll_until(Duration::from_secs(60), "the stream to receive", || {
+        (wal_status(agent.addr())["receiving"] == true).then_some(())
+    });
+    pg.kill_9();
+    poll_until(
+        Duration::from_secs(60),
+        "the stream to notice the server is gone",
+        || {
+            let status = wal_status(agent.addr());
+            (status["receiving"] == false && status["last_error"] != "").then_some(status)
+        },
+    );
+    let signalled = Instant::now();
+    let exit = agent.terminate(Duration::from_secs(10));
+    let took = signalled.elapsed();
+    let logs = agent.logs();
+    let exit = exit.unwrap_or_else(|| panic!("the agent did not exit within 10 s:\n{logs}"));
+    assert!(exit.success(), "{exit}:\n{logs}");
+    assert!(
+        took < Duration::from_secs(5),
+        "stopping took {took:?} with nothing to drain:\n{logs}"
+    );
+    assert!(logs.contains("WAL stream stopped"), "{logs}");
+    eprintln!(
+        "shutdown with the server down: exited {exit} {:.2} s after SIGTERM",
+        took.as_secs_f64()
+    );
+}

@@ -113,6 +113,10 @@ pub(super) async fn drain(
             ?waited, ?took, receiver = %how,
             "drained: the archive reaches the server's WAL flush position at shutdown"
         ),
+        (None, None) => tracing::warn!(
+            %archived, stored, wal_bytes, ?took, receiver = %how,
+            "drained without a target: the server did not say its WAL flush position, so whether the archive holds all of it is unknown; everything pg_receivewal had received is shipped"
+        ),
         (target, shipped_error) => {
             let gap = target.map(|t| t.0.saturating_sub(archived.0));
             if let Some(e) = &shipped_error {
