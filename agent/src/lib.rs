@@ -152,8 +152,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     postgres = postgres
         .map(|pg| pg.with_replication_password(std::env::var("SOMA_REPLICATION_PASSWORD").ok()));
     if config.wal_stream {
-        engine::postgres::check_slot_name(&config.wal_slot)
-            .context("--wal-slot / SOMA_WAL_SLOT")?;
+        // Its error names the flag.
+        engine::postgres::check_slot_name(&config.wal_slot)?;
     }
     if config.wal_stream && postgres.is_none() {
         anyhow::bail!(

@@ -280,7 +280,8 @@ pub(super) async fn stop_leftover_receiver(spool: &Path) {
     let Ok(pid) = tokio::fs::read_to_string(spool.join(PID_FILE)).await else {
         return;
     };
-    let Ok(pid) = pid.trim().parse::<i32>() else {
+    // Only a single positive pid: 0 and negative numbers would signal whole process groups.
+    let Some(pid) = pid.trim().parse::<i32>().ok().filter(|p| *p > 0) else {
         return;
     };
     // A live pg_receivewal: a process that exited but was not reaped yet (a zombie) has an
