@@ -120,6 +120,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub wal_spool_max_segments: u32,
 
+    /// On SIGTERM, how long the WAL stream waits for pg_receivewal to receive the WAL the server
+    /// had flushed at that moment, before it ships what it has and stops. Shipping afterwards
+    /// takes up to 30 s more: keep the pod's terminationGracePeriodSeconds above both.
+    #[arg(long, env = "SOMA_WAL_DRAIN_TIMEOUT", default_value = "10s",
+          value_parser = humantime::parse_duration)]
+    pub wal_drain_timeout: std::time::Duration,
+
     /// libpq URL for base backups and WAL streaming, as a user with the REPLICATION attribute
     /// (default: --postgres-url). No password here: the replication user's password comes from
     /// SOMA_REPLICATION_PASSWORD (environment only), else PGPASSWORD or a passfile.

@@ -187,7 +187,7 @@ impl OpError {
                 _ => Code::Aborted,
             },
             OpError::Postgres(e) => match e {
-                PgError::InvalidUrl(_) => Code::InvalidArgument,
+                PgError::InvalidUrl(_) | PgError::InvalidSlotName { .. } => Code::InvalidArgument,
                 PgError::ToolMissing { .. }
                 | PgError::ToolTooOld { .. }
                 | PgError::NotEmpty { .. } => Code::FailedPrecondition,

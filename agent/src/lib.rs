@@ -22,7 +22,7 @@ use anyhow::Context as _;
 use soma_proto::v1::soma_agent_server::SomaAgentServer;
 use tokio::io::AsyncWriteExt;
 use tokio_stream::wrappers::TcpListenerStream;
-
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
@@ -34,8 +34,13 @@ use crate::{
     server::AgentService,
 };
 
+/// How long interrupted operations may take to clean up on shutdown.
+const JOBS_GRACE: Duration = Duration::from_secs(20);
 /// How long the start-up sweep of crashed uploads may take before the agent starts anyway.
 const SWEEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long requests in flight (e.g. a client following progress) may keep the gRPC server open
+/// after a shutdown signal.
+const SERVER_GRACE: Duration = Duration::from_secs(10);
 
 fn settings(config: &Config) -> Settings {
     Settings {
@@ -111,8 +116,25 @@ pub async fn wal_fetch(config: &Config, args: &WalFetchArgs) -> WalFetchOutcome 
     }
 }
 
-/// Runs the agent until SIGTERM or Ctrl-C.
+/// Runs the agent until SIGTERM or Ctrl-C, then stops in order: the gRPC server stops accepting
+/// (requests in flight get [`SERVER_GRACE`]), and the WAL stream drains — what the server had
+/// flushed when the signal came is shipped — before this returns.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Installed first, so a signal during start-up already counts.
+    let shutdown = CancellationToken::new();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                // A handler that cannot be installed must not count as a signal.
+                Ok(()) = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
+            }
+            shutdown.cancel();
+        });
+    }
     let mut postgres = config
         .postgres_url
         .as_deref()
@@ -132,8 +154,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     postgres = postgres
         .map(|pg| pg.with_replication_password(std::env::var("SOMA_REPLICATION_PASSWORD").ok()));
     if config.wal_stream {
-        engine::postgres::check_slot_name(&config.wal_slot)
-            .context("--wal-slot / SOMA_WAL_SLOT")?;
+        // Its error names the flag.
+        engine::postgres::check_slot_name(&config.wal_slot)?;
     }
     if config.wal_stream && postgres.is_none() {
         anyhow::bail!(
@@ -190,21 +212,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 slot: config.wal_slot.clone(),
                 partial_interval: config.wal_partial_interval,
                 max_unshipped: config.wal_spool_max_segments as usize,
+                drain_timeout: config.wal_drain_timeout,
             };
-            let status = wal::stream::spawn(
+            let handle = wal::stream::spawn(
                 stream_config.clone(),
                 pg.clone(),
                 store.clone(),
                 settings.clone(),
+                shutdown.child_token(),
             );
-            Some(ops::WalStreamInfo {
-                config: stream_config,
-                status,
-            })
+            Some((stream_config, handle))
         }
         _ => None,
     };
-    let shutdown_token = tokio_util::sync::CancellationToken::new();
+    let wal_info = wal_stream
+        .as_ref()
+        .map(|(config, handle)| ops::WalStreamInfo {
+            config: config.clone(),
+            status: handle.status.clone(),
+        });
     let service = AgentService::new(
         Context {
             catalog,
@@ -212,9 +238,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             qdrant,
             qdrant_mode: config.qdrant_mode,
             settings,
-            wal_stream,
+            wal_stream: wal_info,
         },
-        shutdown_token.child_token(),
+        shutdown.child_token(),
     );
     let jobs = service.jobs();
 
@@ -240,28 +266,51 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await?;
     stdout.flush().await?;
 
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
         .add_service(SomaAgentServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            shutdown().await;
-            // Stop accepting requests first, then interrupt what runs and wait for it to clean up.
-            shutdown_token.cancel();
-        })
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    let served = tokio::select! {
+        served = server => served.context("gRPC server"),
+        _ = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SERVER_GRACE).await;
+        } => {
+            tracing::warn!(grace = ?SERVER_GRACE, "requests still in flight after the shutdown grace period; closing them");
+            Ok(())
+        }
+    };
+    // The server may also have stopped on an error: jobs and the WAL stream stop all the same.
+    shutdown.cancel();
+    // Interrupted jobs remove what they half-wrote; bounded, so a frozen store cannot hold the pod.
+    if tokio::time::timeout(JOBS_GRACE, jobs.drain())
         .await
-        .context("gRPC server")?;
-    jobs.drain().await;
+        .is_err()
+    {
+        tracing::warn!(grace = ?JOBS_GRACE, "interrupted operations did not finish cleaning up; the next start-up sweeps their uploads");
+    }
+    if let Some((stream_config, handle)) = wal_stream {
+        let bound = stream_config.stop_bound();
+        match tokio::time::timeout(bound, handle.task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                served?;
+                anyhow::bail!("the WAL stream task failed while stopping: {e}");
+            }
+            Err(_) => {
+                served?;
+                anyhow::bail!(
+                    "the WAL stream did not stop within {bound:?}; WAL it had not shipped stays in the spool ({}) and the replication slot, and the next start ships it",
+                    stream_config.spool.display()
+                );
+            }
+        }
+    }
+    served?;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn shutdown() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    tracing::info!("shutting down");
 }

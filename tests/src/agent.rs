@@ -181,12 +181,25 @@ impl Agent {
         self.reaped = true;
     }
 
-    /// Sends SIGTERM (an orderly stop, as Kubernetes sends) and waits up to `timeout` for the
-    /// agent to exit; panics with its logs when it does not.
-    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+    /// Sends SIGTERM (how Kubernetes stops a container) and waits up to `timeout` for the agent
+    /// to exit; returns how it exited, or `None` when it still runs then (it is killed on drop).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.reaped {
+            return None;
+        }
         let pid = Pid::from_raw(i32::try_from(self.pid()).expect("pid fits in i32"));
         kill(pid, Signal::SIGTERM).expect("cannot SIGTERM soma-agent");
-        self.wait_exit(Instant::now() + timeout)
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("cannot wait for soma-agent") {
+                self.reaped = true;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Everything the agent wrote so far (stdout, then stderr).

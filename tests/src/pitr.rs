@@ -1,6 +1,9 @@
 //! Point-in-time recovery helpers: an agent streaming WAL, physical base backups, and restores
 //! into fresh data directories with the real `soma-agent restore-pgdata`.
 
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::{Agent, CmdOutput, PgCluster, TestStore, poll_until, soma, util::bin_path};
@@ -142,4 +145,72 @@ pub fn restore_and_start(store: &TestStore, args: &[&str]) -> PgCluster {
         target.log()
     );
     target
+}
+
+/// A client committing one row per transaction (`insert into TABLE default values returning id`)
+/// as fast as the server acknowledges them, recording the id of every acknowledged row: psql
+/// prints a row only after the server reported its transaction committed. Killed on drop.
+#[derive(Debug)]
+pub struct AckedInserts {
+    child: Child,
+    acked: Arc<Mutex<Vec<i64>>>,
+}
+
+impl AckedInserts {
+    /// Starts the client against database `postgres` of `pg`; `table` must have a `bigserial`
+    /// (or otherwise defaulted) `id` and defaults for every other column.
+    pub fn start(pg: &PgCluster, table: &str) -> Self {
+        let mut child = pg
+            .client_command("/usr/bin/psql")
+            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", "postgres"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot run psql");
+        let mut stdin = child.stdin.take().expect("psql stdin");
+        let line = format!("insert into {table} default values returning id;\n");
+        std::thread::spawn(move || {
+            // The pipe's backpressure paces the writer; it ends when psql exits.
+            for _ in 0..5_000_000 {
+                if stdin.write_all(line.as_bytes()).is_err() {
+                    break;
+                }
+            }
+        });
+        let acked: Arc<Mutex<Vec<i64>>> = Arc::default();
+        let sink = acked.clone();
+        let stdout = child.stdout.take().expect("psql stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(id) = line.trim().parse() {
+                    sink.lock().expect("acked ids lock").push(id);
+                }
+            }
+        });
+        AckedInserts { child, acked }
+    }
+
+    /// The ids acknowledged so far, in acknowledgement order.
+    pub fn acked(&self) -> Vec<i64> {
+        self.acked.lock().expect("acked ids lock").clone()
+    }
+
+    /// How many rows were acknowledged so far.
+    pub fn count(&self) -> usize {
+        self.acked.lock().expect("acked ids lock").len()
+    }
+
+    /// Stops the client (SIGKILL: an acknowledgement in flight is simply not recorded).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AckedInserts {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

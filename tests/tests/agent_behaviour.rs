@@ -206,7 +206,9 @@ fn sigterm_interrupts_a_backup_and_leaves_nothing_in_the_bucket() {
         "the backup must still be running at the signal"
     );
 
-    let status = agent.terminate(Duration::from_secs(60));
+    let status = agent
+        .terminate(Duration::from_secs(60))
+        .expect("the agent must stop within a minute of SIGTERM");
     assert!(
         status.success(),
         "the agent must exit 0 on SIGTERM: {status}"

@@ -87,6 +87,15 @@ pub enum PgError {
         /// The error.
         source: std::io::Error,
     },
+    /// A replication slot name PostgreSQL would refuse (it is also spliced into replication
+    /// commands, so nothing else may pass).
+    #[error(
+        "replication slot name {slot:?} is invalid: use 1 to 63 lower-case letters, digits and underscores (--wal-slot / SOMA_WAL_SLOT)"
+    )]
+    InvalidSlotName {
+        /// The name given.
+        slot: String,
+    },
 }
 
 /// A PostgreSQL server reached through the client tools.
@@ -584,6 +593,12 @@ impl Postgres {
 
     /// Starts `pg_receivewal` into `dir` through `slot`. It exits when the connection ends
     /// (`--no-loop`): the agent decides when to try again.
+    ///
+    /// `--synchronous` makes it fsync what it received and report that position to the server
+    /// at once (instead of at the end of each segment, and every `--status-interval`): the
+    /// slot's `restart_lsn` then says how far the spool durably holds the WAL, which is what
+    /// [`slot_flushed_lsn`](Self::slot_flushed_lsn) reads when the agent drains on shutdown.
+    /// It fsyncs once per batch of messages, not per message.
     pub fn start_receivewal(
         &self,
         dir: &std::path::Path,
@@ -595,6 +610,7 @@ impl Postgres {
             .args([
                 "--no-loop",
                 "--no-password",
+                "--synchronous",
                 "--status-interval=1",
                 "--slot",
             ])
@@ -604,9 +620,48 @@ impl Postgres {
         self.spawn("pg_receivewal", cmd)
     }
 
-    /// The server's current WAL write position (for the archive lag).
+    /// The server's current WAL flush position (for the archive lag, and what a drain on
+    /// shutdown waits for).
     pub async fn current_wal_lsn(&self) -> Result<Lsn, PgError> {
         Ok(self.identify_system().await?.xlogpos)
+    }
+
+    /// How far the receiver on physical slot `slot` has confirmed that it flushed WAL: the slot's
+    /// `restart_lsn`, which the server moves to the flush position each status report of the
+    /// receiver carries. `None` when the slot does not exist or has reserved nothing yet.
+    ///
+    /// Read with `READ_REPLICATION_SLOT` over the replication connection (PostgreSQL 15 and
+    /// later, so a replication-only user suffices), else from `pg_replication_slots` over the
+    /// main connection.
+    pub async fn slot_flushed_lsn(&self, slot: &str) -> Result<Option<Lsn>, PgError> {
+        check_slot_name(slot)?;
+        let lsn = match self
+            .replication_query(&format!("READ_REPLICATION_SLOT {slot}"))
+            .await
+        {
+            // slot_type|restart_lsn|restart_tli, all empty (NULL) without such a slot.
+            Ok(out) => out.split('|').nth(1).unwrap_or_default().to_string(),
+            Err(PgError::ToolFailed { stderr, .. }) if stderr.contains("syntax error") => {
+                self.query(
+                    &self.default_database(),
+                    &format!(
+                        "select restart_lsn from pg_replication_slots where slot_name = {}",
+                        quote_literal(slot)
+                    ),
+                )
+                .await?
+            }
+            Err(e) => return Err(e),
+        };
+        let lsn = lsn.trim();
+        if lsn.is_empty() {
+            return Ok(None);
+        }
+        lsn.parse().map(Some).map_err(|_| PgError::ToolFailed {
+            tool: "psql",
+            status: "unexpected restart_lsn of the replication slot".into(),
+            stderr: lsn.to_string(),
+        })
     }
 
     /// Whether `database` exists on the server.
@@ -694,9 +749,9 @@ pub fn check_slot_name(slot: &str) -> Result<(), PgError> {
     if ok {
         Ok(())
     } else {
-        Err(PgError::InvalidUrl(format!(
-            "replication slot name {slot:?}: use lower-case letters, digits and underscores (at most 63)"
-        )))
+        Err(PgError::InvalidSlotName {
+            slot: slot.to_string(),
+        })
     }
 }
 

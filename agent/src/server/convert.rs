@@ -58,7 +58,7 @@ pub fn recovery_window(w: Result<BaseWindow, ops::physical::PhysicalError>) -> v
     };
     match window {
         Ok(w) => {
-            out.latest_lsn = Lsn::from(w.latest_lsn).to_string();
+            out.latest_lsn = w.latest_lsn.to_string();
             // Without archived WAL the backup restores to its own end only.
             out.latest_time = w
                 .latest_time
@@ -79,7 +79,7 @@ pub fn wal_archive_status(
     server_lsn: Option<Lsn>,
 ) -> v1::WalArchiveStatus {
     let s = wal.status.lock().expect("status lock").clone();
-    let archived = Lsn::from(s.archived_lsn);
+    let archived = s.archived_lsn;
     v1::WalArchiveStatus {
         receiving: s.receiving,
         system_id: s.system_id,

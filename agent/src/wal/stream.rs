@@ -12,26 +12,117 @@
 //! spool after a restart (the agent's or its own), and the slot holds everything after it, so a
 //! restart loses no WAL. Re-shipping a file after a restart uploads nothing: objects are named by
 //! their content's digest.
+//!
+//! **Shutdown.** The stream runs until its cancellation token fires (the agent got SIGTERM). It
+//! then *drains*: it asks the server for its WAL flush position at that moment, lets pg_receivewal
+//! run until it has flushed the WAL up to there (at most `drain_timeout`), stops it, and ships
+//! every complete segment and the partial one. Everything the server had made durable when the
+//! agent was told to stop is then in the archive, unless the timeout hit — then a warning names
+//! the gap. A stream that is not receiving (server down, store refusing) just stops: its spool and
+//! the slot keep what it has not shipped, and the next start ships it.
 
 use std::{
-    path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use tokio::{task::JoinHandle, time::Instant};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{Kind, Shipped, WalArchive, WalError, WalFile};
-use crate::{engine::postgres::Postgres, pipeline::Settings, store::Store};
+use super::{WalArchive, WalError, drain, spool};
+use crate::{
+    engine::postgres::{PgError, Postgres, ToolProcess},
+    lsn::Lsn,
+    pipeline::Settings,
+    store::Store,
+};
 
 /// How often the spool is scanned for complete segments.
 const SCAN_EVERY: Duration = Duration::from_millis(500);
 /// Longest wait before pg_receivewal is started again.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The file where the agent records pg_receivewal's pid, to stop one a killed agent left behind.
-const PID_FILE: &str = "soma-pg_receivewal.pid";
+pub(super) const PID_FILE: &str = "soma-pg_receivewal.pid";
+
+/// Why a WAL streaming session ended; each says what happens next or what to do. The stream
+/// itself retries every one of them with back-off, so these reach the status and the log.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The spool directory (or a file in it) cannot be used.
+    #[error(
+        "WAL spool {}: {source}; give --wal-spool (SOMA_WAL_SPOOL) a writable directory on a volume that outlives the container",
+        path.display()
+    )]
+    Spool {
+        /// The directory or file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The server could not tell which cluster it is (typically: it is down or restarting).
+    #[error(
+        "cannot identify the PostgreSQL cluster whose WAL to archive: {source}; streaming starts again when the server answers"
+    )]
+    Identify {
+        /// The error.
+        source: PgError,
+    },
+    /// The replication slot could not be created.
+    #[error(
+        "creating replication slot {slot}: {source}; the replication user needs the REPLICATION attribute (see --replication-url) and the server max_replication_slots > 0"
+    )]
+    Slot {
+        /// The slot.
+        slot: String,
+        /// The error.
+        source: PgError,
+    },
+    /// pg_receivewal could not be started.
+    #[error("starting pg_receivewal: {source}")]
+    StartReceiver {
+        /// The error.
+        source: PgError,
+    },
+    /// pg_receivewal exited on its own: the connection ended (server stopped or restarted) or it
+    /// failed; its last words are included.
+    #[error(
+        "pg_receivewal exited ({status}): {stderr}; streaming starts again with back-off, and the slot keeps the WAL on the server meanwhile"
+    )]
+    ReceiverExited {
+        /// Its exit status.
+        status: String,
+        /// The last lines of its stderr.
+        stderr: String,
+    },
+    /// A WAL file could not be shipped.
+    #[error("shipping WAL file {file}: {source}")]
+    Ship {
+        /// The spool file.
+        file: String,
+        /// The error.
+        source: WalError,
+    },
+    /// WAL a previous session left in the spool could not be shipped: receiving waits for it.
+    #[error("receiving is paused until the WAL waiting in the spool can be shipped: {source}")]
+    Leftover {
+        /// Why shipping failed.
+        source: Box<StreamError>,
+    },
+    /// Too many complete segments wait in the spool because the store refuses them.
+    #[error(
+        "{waiting} complete WAL segments wait in the spool and cannot be shipped ({source}); receiving is paused so the spool stops growing — the replication slot holds the WAL on the server (up to max_slot_wal_keep_size) until the store takes it again"
+    )]
+    SpoolFull {
+        /// Complete segments not shipped.
+        waiting: usize,
+        /// The last shipping error.
+        source: Box<StreamError>,
+    },
+}
 
 /// Settings of the WAL stream.
 #[derive(Debug, Clone)]
@@ -45,6 +136,16 @@ pub struct StreamConfig {
     /// Complete segments that may wait in the spool (the store refusing them) before receiving
     /// pauses, so the spool volume cannot fill up.
     pub max_unshipped: usize,
+    /// How long a drain on shutdown waits for pg_receivewal to reach the server's flush position.
+    pub drain_timeout: Duration,
+}
+
+impl StreamConfig {
+    /// The longest a stream takes to stop once cancelled: waiting for the WAL, stopping
+    /// pg_receivewal and shipping, each bounded, plus a second for everything else.
+    pub fn stop_bound(&self) -> Duration {
+        self.drain_timeout + drain::RECEIVER_STOP + drain::DRAIN_SHIP + Duration::from_secs(1)
+    }
 }
 
 /// What the stream is doing, for `status` and the archive lag.
@@ -59,7 +160,7 @@ pub struct StreamStatus {
     /// WAL segment size.
     pub seg_size: u64,
     /// Archive position: everything before it is in the store.
-    pub archived_lsn: u64,
+    pub archived_lsn: Lsn,
     /// The last file shipped.
     pub last_file: String,
     /// When the last file was shipped.
@@ -75,69 +176,186 @@ pub struct StreamStatus {
 /// Shared view of the stream's status.
 pub type SharedStatus = Arc<Mutex<StreamStatus>>;
 
-/// Starts the stream in the background; it runs until the agent stops.
+/// The status, even if a thread panicked while holding it (it holds plain counters).
+pub(super) fn lock(status: &SharedStatus) -> MutexGuard<'_, StreamStatus> {
+    status
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A running stream: its live status, and its task, which ends after the drain once the token
+/// given to [`spawn`] is cancelled.
+#[derive(Debug)]
+pub struct StreamHandle {
+    /// Live status.
+    pub status: SharedStatus,
+    /// The task; await it (bounded by [`StreamConfig::stop_bound`]) after cancelling.
+    pub task: JoinHandle<()>,
+}
+
+/// Starts the stream in the background; it runs until `cancel` fires, then drains and ends.
 pub fn spawn(
     config: StreamConfig,
     postgres: Postgres,
     store: Arc<dyn Store>,
     settings: Settings,
-) -> SharedStatus {
+    cancel: CancellationToken,
+) -> StreamHandle {
     let status: SharedStatus = Arc::default();
     let shared = status.clone();
     let span = tracing::info_span!("wal_stream", slot = %config.slot);
-    tokio::spawn(run(config, postgres, store, settings, shared).instrument(span));
-    status
+    let task =
+        tokio::spawn(run(config, postgres, store, settings, shared, cancel).instrument(span));
+    StreamHandle { status, task }
 }
 
+/// The supervisor: sessions of pg_receivewal, with back-off between them, until cancelled.
 async fn run(
     config: StreamConfig,
     pg: Postgres,
     store: Arc<dyn Store>,
     settings: Settings,
     status: SharedStatus,
+    cancel: CancellationToken,
 ) {
-    let mut backoff = Duration::from_secs(1);
-    if let Err(e) = tokio::fs::create_dir_all(&config.spool).await {
-        set_error(
-            &status,
-            format!(
-                "cannot create the WAL spool {}: {e}",
-                config.spool.display()
-            ),
-        );
+    if let Err(source) = tokio::fs::create_dir_all(&config.spool).await {
+        let e = StreamError::Spool {
+            path: config.spool.clone(),
+            source,
+        };
+        tracing::error!(error = %e, "WAL streaming cannot start");
+        lock(&status).last_error = Some(e.to_string());
         return;
     }
-    stop_leftover_receiver(&config.spool).await;
-    loop {
-        match session(&config, &pg, &store, &settings, &status).await {
-            Ok(()) => backoff = Duration::from_secs(1),
+    spool::stop_leftover_receiver(&config.spool).await;
+    let mut backoff = Duration::from_secs(1);
+    while !cancel.is_cancelled() {
+        let started = Instant::now();
+        match session(&config, &pg, &store, &settings, &status, &cancel).await {
+            Ok(()) => break,
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "WAL streaming interrupted");
-                set_error(&status, e);
+                lock(&status).last_error = Some(e.to_string());
             }
         }
-        status.lock().expect("status lock").receiving = false;
-        tokio::time::sleep(backoff).await;
+        lock(&status).receiving = false;
+        // A session that ran for a while was healthy: its end is a new incident.
+        if started.elapsed() > MAX_BACKOFF {
+            backoff = Duration::from_secs(1);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(backoff) => {}
+        }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+    lock(&status).receiving = false;
+    tracing::info!("WAL stream stopped");
 }
 
-fn set_error(status: &SharedStatus, e: String) {
-    status.lock().expect("status lock").last_error = Some(e);
+/// What ended the receiving loop of a session.
+enum Ended {
+    /// The token fired: drain.
+    Cancelled,
+    /// pg_receivewal exited on its own.
+    Exited(std::io::Result<std::process::ExitStatus>),
+    /// The spool is full of segments the store refuses.
+    Paused(StreamError),
 }
 
-/// One pg_receivewal run: identify, ensure the slot, receive and ship until it exits.
+/// One pg_receivewal run: identify, ensure the slot, receive and ship until it exits (an error,
+/// retried) or the token fires (drained, `Ok`).
 async fn session(
     config: &StreamConfig,
     pg: &Postgres,
     store: &Arc<dyn Store>,
     settings: &Settings,
     status: &SharedStatus,
-) -> Result<(), String> {
-    let identity = pg.identify_system().await.map_err(|e| e.to_string())?;
-    let seg_size = pg.wal_segment_size().await.map_err(|e| e.to_string())?;
+    cancel: &CancellationToken,
+) -> Result<(), StreamError> {
+    // Nothing is receiving yet, so a cancellation here has nothing to drain: the spool and the
+    // slot keep whatever is not shipped. An upload cut short is aborted by the next start.
+    let prepared = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => return Ok(()),
+        prepared = prepare(config, pg, store, settings, status) => prepared?,
+    };
+    let (mut shipper, mut receiver) = prepared;
+    if let Some(pid) = receiver.id() {
+        let _ = tokio::fs::write(config.spool.join(PID_FILE), pid.to_string()).await;
+    }
     {
-        let mut s = status.lock().expect("status lock");
+        let mut s = lock(status);
+        s.receiving = true;
+        s.last_error = None;
+    }
+    let mut scan = tokio::time::interval(SCAN_EVERY);
+    scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut partial = tokio::time::interval(config.partial_interval);
+    partial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A shipment under way finishes before the token is looked at: it is never cut in half.
+    let ended = loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break Ended::Cancelled,
+            exit = receiver.exited() => break Ended::Exited(exit),
+            _ = scan.tick() => {
+                if let Err(e) = shipper.ship_complete().await {
+                    tracing::warn!(error = %e, "shipping WAL failed; retrying");
+                    lock(status).last_error = Some(e.to_string());
+                    let waiting = shipper.unshipped().await;
+                    if waiting >= config.max_unshipped {
+                        break Ended::Paused(StreamError::SpoolFull { waiting, source: Box::new(e) });
+                    }
+                }
+            }
+            _ = partial.tick() => {
+                if let Err(e) = shipper.ship_partial(false).await {
+                    tracing::warn!(error = %e, "shipping the partial WAL segment failed; retrying");
+                    lock(status).last_error = Some(e.to_string());
+                }
+            }
+        }
+    };
+    match ended {
+        Ended::Cancelled => {
+            drain::drain(config, pg, receiver, &mut shipper, status).await;
+            Ok(())
+        }
+        Ended::Paused(e) => {
+            receiver.kill().await;
+            let _ = tokio::fs::remove_file(config.spool.join(PID_FILE)).await;
+            Err(e)
+        }
+        Ended::Exited(exit) => {
+            let _ = tokio::fs::remove_file(config.spool.join(PID_FILE)).await;
+            lock(status).receiving = false;
+            // The receiver is gone (typically the server): ship everything it wrote, now.
+            let stderr = receiver.stderr_tail().await;
+            shipper.ship_complete().await?;
+            shipper.ship_partial(true).await?;
+            Err(StreamError::ReceiverExited {
+                status: exit.map_or_else(|e| e.to_string(), |s| s.to_string()),
+                stderr: stderr.trim().to_string(),
+            })
+        }
+    }
+}
+
+/// Identifies the cluster, ships what a previous session left in the spool, ensures the slot
+/// and starts pg_receivewal.
+async fn prepare(
+    config: &StreamConfig,
+    pg: &Postgres,
+    store: &Arc<dyn Store>,
+    settings: &Settings,
+    status: &SharedStatus,
+) -> Result<(spool::Shipper, ToolProcess), StreamError> {
+    let identify = |source| StreamError::Identify { source };
+    let identity = pg.identify_system().await.map_err(identify)?;
+    let seg_size = pg.wal_segment_size().await.map_err(identify)?;
+    {
+        let mut s = lock(status);
         s.system_id = identity.system_id.clone();
         s.timeline = identity.timeline;
         s.seg_size = seg_size;
@@ -155,357 +373,36 @@ async fn session(
         }
         Err(e) => tracing::warn!(error = %e, "could not list interrupted WAL uploads"),
     }
-    let mut shipper = Shipper {
+    let mut shipper = spool::Shipper::new(
         archive,
-        spool: config.spool.clone(),
-        settings: settings.clone(),
+        config.spool.clone(),
+        settings.clone(),
         seg_size,
-        status: status.clone(),
-        last_partial: None,
-        shipped: Default::default(),
-    };
+        status.clone(),
+    );
     // Whatever a previous run left in the spool goes first; until it is shipped, receiving stays
     // paused (the slot keeps the WAL on the server).
-    shipper.ship_complete().await.map_err(|e| {
-        format!("receiving is paused until the WAL waiting in the spool can be shipped: {e}")
-    })?;
-    complete_torn_preallocation(&config.spool, seg_size).await?;
+    shipper
+        .ship_complete()
+        .await
+        .map_err(|e| StreamError::Leftover {
+            source: Box::new(e),
+        })?;
+    spool::complete_torn_preallocation(&config.spool, seg_size).await?;
     pg.create_slot(&config.slot)
         .await
-        .map_err(|e| format!("creating replication slot {}: {e}", config.slot))?;
-    let mut receiver = pg
+        .map_err(|source| StreamError::Slot {
+            slot: config.slot.clone(),
+            source,
+        })?;
+    let receiver = pg
         .start_receivewal(&config.spool, &config.slot)
-        .map_err(|e| e.to_string())?;
-    if let Some(pid) = receiver.id() {
-        let _ = tokio::fs::write(config.spool.join(PID_FILE), pid.to_string()).await;
-    }
+        .map_err(|source| StreamError::StartReceiver { source })?;
     tracing::info!(
         system_id = %identity.system_id,
         timeline = identity.timeline,
         spool = %config.spool.display(),
         "streaming WAL"
     );
-    {
-        let mut s = status.lock().expect("status lock");
-        s.receiving = true;
-        s.last_error = None;
-    }
-    let mut scan = tokio::time::interval(SCAN_EVERY);
-    scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut partial = tokio::time::interval(config.partial_interval);
-    partial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let outcome = loop {
-        tokio::select! {
-            exit = receiver.exited() => break Ok(exit),
-            _ = scan.tick() => {
-                if let Err(e) = shipper.ship_complete().await {
-                    tracing::warn!(error = %e, "shipping WAL failed; retrying");
-                    set_error(status, e.clone());
-                    let waiting = shipper.unshipped().await;
-                    if waiting >= config.max_unshipped {
-                        break Err(format!(
-                            "{waiting} complete WAL segments wait in the spool and cannot be shipped ({e}); receiving is paused so the spool stops growing — the replication slot holds the WAL on the server (up to max_slot_wal_keep_size) until the store takes it again"
-                        ));
-                    }
-                }
-            }
-            _ = partial.tick() => {
-                if let Err(e) = shipper.ship_partial().await {
-                    tracing::warn!(error = %e, "shipping the partial WAL segment failed; retrying");
-                    set_error(status, e);
-                }
-            }
-        }
-    };
-    let outcome = match outcome {
-        Ok(exit) => exit,
-        Err(paused) => {
-            receiver.kill().await;
-            let _ = tokio::fs::remove_file(config.spool.join(PID_FILE)).await;
-            return Err(paused);
-        }
-    };
-    let _ = tokio::fs::remove_file(config.spool.join(PID_FILE)).await;
-    // The receiver is gone (typically the server): ship everything it wrote, now.
-    let stderr = receiver.stderr_tail().await;
-    shipper.ship_complete().await?;
-    shipper.ship_partial().await?;
-    let how = outcome.map_or_else(|e| e.to_string(), |s| s.to_string());
-    Err(format!("pg_receivewal exited ({how}): {}", stderr.trim()))
-}
-
-/// Ships the spool's files and keeps the status current.
-struct Shipper {
-    archive: WalArchive,
-    spool: PathBuf,
-    settings: Settings,
-    seg_size: u64,
-    status: SharedStatus,
-    /// (file, digest) of the last partial shipped, so an unchanged one is not read again.
-    last_partial: Option<(String, u64)>,
-    /// Complete files shipped in this session (the newest stays in the spool; it is not read
-    /// again every scan).
-    shipped: std::collections::HashSet<WalFile>,
-}
-
-impl Shipper {
-    /// Local WAL files of `kind` in the spool, oldest first.
-    async fn spool_files(&self) -> Result<Vec<(WalFile, Kind, PathBuf)>, String> {
-        let mut out = Vec::new();
-        let mut dir = tokio::fs::read_dir(&self.spool)
-            .await
-            .map_err(|e| format!("reading the WAL spool {}: {e}", self.spool.display()))?;
-        while let Ok(Some(entry)) = dir.next_entry().await {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let (base, kind) = match name.strip_suffix(".partial") {
-                Some(base) => (base.to_string(), Kind::Partial),
-                None => (name.clone(), Kind::Seg),
-            };
-            let Some(file) = WalFile::parse(&base) else {
-                continue;
-            };
-            let kind = match (file, kind) {
-                (WalFile::History { .. }, Kind::Seg) => Kind::History,
-                (WalFile::History { .. }, _) => continue,
-                (_, k) => k,
-            };
-            out.push((file, kind, entry.path()));
-        }
-        out.sort_by_key(|f| (f.0, f.1 as u8));
-        Ok(out)
-    }
-
-    async fn ship_one(&mut self, path: &Path, file: WalFile, kind: Kind) -> Result<(), WalError> {
-        let shipped = self.archive.ship(path, file, kind, &self.settings).await?;
-        let object = match &shipped {
-            Shipped::Stored(o) | Shipped::AlreadyThere(o) => o.clone(),
-        };
-        if let Shipped::Stored(o) = &shipped {
-            tracing::debug!(key = %o.key, "shipped");
-        }
-        let mut s = self.status.lock().expect("status lock");
-        if let Some(end) = object.end_lsn(self.seg_size)
-            && object.kind != Kind::History
-            && end > s.archived_lsn
-        {
-            s.archived_lsn = end;
-        }
-        s.last_file = object.file.name();
-        s.last_shipped_at = Some(Utc::now());
-        if matches!(shipped, Shipped::Stored(_)) {
-            match kind {
-                Kind::Seg => s.segments_shipped += 1,
-                Kind::Partial => s.partials_shipped += 1,
-                Kind::History => {}
-            }
-        }
-        Ok(())
-    }
-
-    /// Complete segments in the spool not shipped yet.
-    async fn unshipped(&self) -> usize {
-        self.spool_files().await.map_or(0, |files| {
-            files
-                .iter()
-                .filter(|f| f.1 == Kind::Seg && !self.shipped.contains(&f.0))
-                .count()
-        })
-    }
-
-    /// Ships complete segments and history files; deletes all but the newest segment afterwards.
-    async fn ship_complete(&mut self) -> Result<(), String> {
-        let files = self.spool_files().await?;
-        let newest_segment = files.iter().filter(|f| f.1 == Kind::Seg).map(|f| f.0).max();
-        let newest_partial = files
-            .iter()
-            .filter(|f| f.1 == Kind::Partial)
-            .map(|f| f.0)
-            .max();
-        for (file, kind, path) in files {
-            match kind {
-                Kind::Partial => {
-                    // A partial older than a complete copy of itself is a leftover: the complete
-                    // segment supersedes it.
-                    if Some(file) != newest_partial {
-                        let _ = tokio::fs::remove_file(&path).await;
-                    }
-                    continue;
-                }
-                Kind::Seg | Kind::History => {
-                    if !self.shipped.contains(&file) {
-                        match self.ship_one(&path, file, kind).await {
-                            Ok(()) => {}
-                            // Another version is stored: keeping on trying would stop all WAL
-                            // after it from being archived. Say so, keep the local file for the
-                            // operator, and go on.
-                            Err(e @ WalError::Conflict { .. }) => {
-                                tracing::error!(error = %e, "WAL file not archived");
-                                set_error(&self.status, e.to_string());
-                                self.shipped.insert(file);
-                                continue;
-                            }
-                            Err(e) => return Err(format!("{}: {e}", file.name())),
-                        }
-                        self.shipped.insert(file);
-                    }
-                    // pg_receivewal resumes after the newest file it finds, so that one stays.
-                    let keep = kind == Kind::History
-                        || (Some(file) == newest_segment
-                            && newest_partial.is_none_or(|p| p < file));
-                    if !keep {
-                        let _ = tokio::fs::remove_file(&path).await;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Ships the segment being received, when it grew since the last time — after every complete
-    /// file before it, so the archived position never runs ahead of what the store holds.
-    async fn ship_partial(&mut self) -> Result<(), String> {
-        self.ship_complete().await?;
-        let files = self.spool_files().await?;
-        if files
-            .iter()
-            .any(|f| f.1 != Kind::Partial && !self.shipped.contains(&f.0))
-        {
-            // A segment completed since: the next scan ships it, then the partial after it.
-            return Ok(());
-        }
-        let Some((file, _, path)) = files.into_iter().rfind(|f| f.1 == Kind::Partial) else {
-            return Ok(());
-        };
-        let len = match tokio::fs::metadata(&path).await {
-            Ok(m) => m.len(),
-            // Renamed to complete between listing and now: the next scan ships it.
-            Err(_) => return Ok(()),
-        };
-        // pg_receivewal pre-allocates the file, so the size says nothing; the modification time
-        // and the digest do. Cheap enough to hash 16 MiB every few seconds.
-        let modified = tokio::fs::metadata(&path)
-            .await
-            .ok()
-            .and_then(|m| m.modified().ok())
-            .map(|t| {
-                t.duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_nanos() as u64
-            })
-            .unwrap_or(len);
-        if self.last_partial.as_ref() == Some(&(file.name(), modified)) {
-            return Ok(());
-        }
-        // Ship a copy: pg_receivewal keeps writing the original, and the object's name must be
-        // the digest of exactly what is uploaded.
-        let snapshot = self.spool.join(format!(".soma-{}.snapshot", file.name()));
-        if tokio::fs::copy(&path, &snapshot).await.is_err() {
-            return Ok(()); // renamed meanwhile
-        }
-        let shipped = self.ship_one(&snapshot, file, Kind::Partial).await;
-        let _ = tokio::fs::remove_file(&snapshot).await;
-        shipped.map_err(|e| format!("{}: {e}", file.name()))?;
-        self.last_partial = Some((file.name(), modified));
-        Ok(())
-    }
-}
-
-/// pg_receivewal zero-fills a new `.partial` file to the segment size before writing WAL into it,
-/// and refuses to resume from one of any other size. Killed during that fill (with the agent, or
-/// by the node going down) it leaves a short file that would stop it for good: its bytes are a
-/// valid prefix (zeros, or WAL followed by zeros), so finishing the fill is what pg_receivewal
-/// itself would have done.
-async fn complete_torn_preallocation(spool: &Path, seg_size: u64) -> Result<(), String> {
-    let mut dir = tokio::fs::read_dir(spool)
-        .await
-        .map_err(|e| format!("reading the WAL spool {}: {e}", spool.display()))?;
-    while let Ok(Some(entry)) = dir.next_entry().await {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(base) = name.strip_suffix(".partial") else {
-            continue;
-        };
-        if !matches!(WalFile::parse(base), Some(WalFile::Segment { .. })) {
-            continue;
-        }
-        let size = entry.metadata().await.map(|m| m.len()).unwrap_or(0);
-        if size == 0 || size >= seg_size {
-            continue;
-        }
-        tracing::warn!(file = %name, size, "completing the zero-fill of a partial segment an interrupted pg_receivewal left short");
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .open(entry.path())
-            .await
-            .map_err(|e| format!("{name}: {e}"))?;
-        file.set_len(seg_size)
-            .await
-            .map_err(|e| format!("{name}: {e}"))?;
-        file.sync_all().await.map_err(|e| format!("{name}: {e}"))?;
-    }
-    Ok(())
-}
-
-/// Stops a pg_receivewal that a killed agent left running (it would hold the slot).
-async fn stop_leftover_receiver(spool: &Path) {
-    let Ok(pid) = tokio::fs::read_to_string(spool.join(PID_FILE)).await else {
-        return;
-    };
-    let Ok(pid) = pid.trim().parse::<i32>() else {
-        return;
-    };
-    // A live pg_receivewal: a process that exited but was not reaped yet (a zombie) has an
-    // empty command line, and counts as gone.
-    let running = || async move {
-        let cmdline = tokio::fs::read(format!("/proc/{pid}/cmdline"))
-            .await
-            .unwrap_or_default();
-        String::from_utf8_lossy(&cmdline).contains("pg_receivewal")
-    };
-    if !running().await {
-        return;
-    }
-    tracing::warn!(
-        pid,
-        "stopping the pg_receivewal a previous agent left running"
-    );
-    let target = nix::unistd::Pid::from_raw(pid);
-    let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGTERM);
-    for _ in 0..100 {
-        if !running().await {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    if running().await {
-        let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
-    }
-    let _ = tokio::fs::remove_file(spool.join(PID_FILE)).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_short_partial_is_zero_filled_to_the_segment_size_keeping_its_bytes() {
-        let spool = tempfile::tempdir().unwrap();
-        let seg = 1 << 20;
-        let torn = spool.path().join("000000010000000000000008.partial");
-        std::fs::write(&torn, [7u8; 4096]).unwrap();
-        let whole = spool.path().join("000000010000000000000007.partial");
-        std::fs::write(&whole, vec![1u8; seg as usize]).unwrap();
-        let other = spool.path().join("notes.partial");
-        std::fs::write(&other, b"x").unwrap();
-
-        complete_torn_preallocation(spool.path(), seg)
-            .await
-            .unwrap();
-
-        let bytes = std::fs::read(&torn).unwrap();
-        assert_eq!(bytes.len() as u64, seg);
-        assert!(bytes[..4096].iter().all(|&b| b == 7));
-        assert!(bytes[4096..].iter().all(|&b| b == 0));
-        assert_eq!(std::fs::read(&whole).unwrap(), vec![1u8; seg as usize]);
-        assert_eq!(std::fs::read(&other).unwrap(), b"x");
-    }
+    Ok((shipper, receiver))
 }

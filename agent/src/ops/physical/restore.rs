@@ -175,7 +175,7 @@ fn check_window(
             window.gaps.join(", ")
         )
     };
-    let latest_lsn = Lsn::from(window.latest_lsn);
+    let latest_lsn = window.latest_lsn;
     let reach = format!(
         "WAL from base backup {} reaches LSN {latest_lsn} on timeline {}{} in {prefix}.{gaps}",
         m.id,
@@ -217,7 +217,7 @@ pub async fn restore_pgdata(
         .index(details.wal_segment_size)
         .await
         .map_err(PhysicalError::from)?;
-    let window = index.window(details.timeline, details.stop_lsn.into());
+    let window = index.window(details.timeline, details.stop_lsn);
     check_window(&manifest, &window, &req.target, &archive.prefix())?;
     pgdata::prepare(&req.pgdata).await?;
     req.prepared.store(true, Ordering::SeqCst);
@@ -241,7 +241,7 @@ pub async fn restore_pgdata(
         req.pgdata.display(),
         archive.prefix(),
         req.target.describe(),
-        Lsn::from(window.latest_lsn),
+        window.latest_lsn,
         window.timeline,
         window
             .latest_time

@@ -9,7 +9,6 @@ use crate::{
     catalog::{Catalog, Kind, Manifest},
     error::OpError,
     jobs::Reporter,
-    lsn::Lsn,
     pipeline::{self, Digest256},
     wal::{RecoveryWindow, WalArchive, WalFile, WalIndex},
 };
@@ -76,12 +75,8 @@ pub async fn verify_wal(
         .index(details.wal_segment_size)
         .await
         .map_err(PhysicalError::from)?;
-    let chain = index.chain(
-        details.timeline,
-        details.start_lsn.into(),
-        details.stop_lsn.into(),
-    );
-    let window = index.window(details.timeline, details.stop_lsn.into());
+    let chain = index.chain(details.timeline, details.start_lsn, details.stop_lsn);
+    let window = index.window(details.timeline, details.stop_lsn);
     for object in &chain {
         pipeline::download(
             catalog.store().as_ref(),
@@ -111,7 +106,7 @@ pub async fn verify_wal(
         "; {} WAL file(s) of {} verified, recoverable to LSN {} on timeline {}{gaps}",
         chain.len(),
         m.id,
-        Lsn::from(window.latest_lsn),
+        window.latest_lsn,
         window.timeline
     ))
 }
@@ -161,7 +156,7 @@ impl<'a> Windows<'a> {
             self.indexes.insert(key.clone(), index);
         }
         let window = match &self.indexes[&key] {
-            Ok(index) => Ok(index.window(details.timeline, details.stop_lsn.into())),
+            Ok(index) => Ok(index.window(details.timeline, details.stop_lsn)),
             Err(e) => Err(format!("reading the WAL archive: {e}")),
         };
         Some(Ok(BaseWindow { details, window }))
