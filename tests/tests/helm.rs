@@ -1263,6 +1263,7 @@ fn wal_streaming_sidecar_ships_through_a_spool_volume() {
     );
     assert_eq!(env_value(agent, "SOMA_WAL_SLOT"), "soma_wal_archive");
     assert_eq!(env_value(agent, "SOMA_WAL_PARTIAL_INTERVAL"), "5s");
+    assert_eq!(env_value(agent, "SOMA_WAL_DRAIN_TIMEOUT"), "10s");
     assert_eq!(
         env_value(agent, "SOMA_REPLICATION_URL"),
         "postgresql://soma_replication@127.0.0.1:5432/postgres"

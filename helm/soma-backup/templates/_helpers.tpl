@@ -268,6 +268,8 @@ SOMA_QDRANT_API_KEY and the S3 keys; no URL ever carries a password. The agent l
       value: {{ required "postgres.walStream.slot is required" $wal.slot | quote }}
     - name: SOMA_WAL_PARTIAL_INTERVAL
       value: {{ required "postgres.walStream.partialInterval is required" $wal.partialInterval | toString | quote }}
+    - name: SOMA_WAL_DRAIN_TIMEOUT
+      value: {{ required "postgres.walStream.drainTimeout is required" $wal.drainTimeout | toString | quote }}
     {{- with $wal.replicationUrl }}
     {{- if or (regexMatch "(?i)password" .) (regexMatch "^[a-z]+://[^/@]*:[^/@]*@" .) }}
     {{- fail "postgres.walStream.replicationUrl must not carry a password: put it in the Secret named by postgres.walStream.replicationPasswordSecret" }}

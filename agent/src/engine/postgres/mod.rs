@@ -4,19 +4,26 @@
 //! replication commands.
 //!
 //! The agent talks to the server only through these tools, so connection behaviour (TLS,
-//! passfile, service files, `PG*` variables) is exactly libpq's. The connection URL never carries a password: libpq reads `PGPASSWORD` or the passfile
-//! from the agent's environment, so no secret ever appears in a process argument list.
+//! passfile, service files, `PG*` variables) is exactly libpq's. The connection URL never carries
+//! a password: libpq reads `PGPASSWORD` or the passfile from the agent's environment, so no secret
+//! ever appears in a process argument list. [`replication`] holds the replication side (base
+//! backups, the WAL stream's slot and receiver), [`process`] a running tool.
 
 use std::{path::PathBuf, process::Stdio};
 
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
-    process::{Child, ChildStdin, ChildStdout, Command},
-    task::JoinHandle,
+    process::Command,
 };
 use url::Url;
 
-use crate::lsn::Lsn;
+mod process;
+mod replication;
+
+pub use process::ToolProcess;
+pub use replication::{
+    BaseBackupPositions, SystemIdentity, check_slot_name, parse_basebackup_positions,
+};
 
 /// Lines of a tool's stderr kept for error messages.
 const STDERR_TAIL_LINES: usize = 20;
@@ -111,126 +118,6 @@ pub struct Postgres {
     bin_dir: Option<PathBuf>,
 }
 
-/// What `IDENTIFY_SYSTEM` reports over a replication connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SystemIdentity {
-    /// The cluster's system identifier (kept by physical copies and point-in-time restores).
-    pub system_id: String,
-    /// Current timeline.
-    pub timeline: u32,
-    /// Current WAL flush position.
-    pub xlogpos: Lsn,
-}
-
-/// WAL positions pg_basebackup reports on stderr with `--verbose`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BaseBackupPositions {
-    /// Where replay of the backup starts.
-    pub start_lsn: Lsn,
-    /// Timeline the backup was taken on.
-    pub timeline: u32,
-    /// Where the backup becomes consistent.
-    pub stop_lsn: Lsn,
-}
-
-/// Parses `write-ahead log start point: 0/2000028 on timeline 1` and `... end point: 0/2000100`.
-pub fn parse_basebackup_positions(stderr: &str) -> Option<BaseBackupPositions> {
-    let mut start = None;
-    let mut stop = None;
-    for line in stderr.lines() {
-        if let Some(rest) = line.split("write-ahead log start point: ").nth(1) {
-            let mut words = rest.split_whitespace();
-            let lsn: Lsn = words.next()?.parse().ok()?;
-            let tli = words.nth(2)?.parse().ok()?;
-            start = Some((lsn, tli));
-        } else if let Some(rest) = line.split("write-ahead log end point: ").nth(1) {
-            stop = rest.split_whitespace().next()?.parse::<Lsn>().ok();
-        }
-    }
-    let (start_lsn, timeline) = start?;
-    Some(BaseBackupPositions {
-        start_lsn,
-        timeline,
-        stop_lsn: stop?,
-    })
-}
-
-/// A running client tool whose stderr is collected for error messages.
-#[derive(Debug)]
-pub struct ToolProcess {
-    tool: &'static str,
-    child: Child,
-    stderr: Option<JoinHandle<String>>,
-}
-
-impl ToolProcess {
-    /// The tool's stdout (taken once).
-    pub fn stdout(&mut self) -> ChildStdout {
-        self.child
-            .stdout
-            .take()
-            .expect("stdout piped and taken once")
-    }
-
-    /// The tool's stdin (taken once).
-    pub fn stdin(&mut self) -> ChildStdin {
-        self.child.stdin.take().expect("stdin piped and taken once")
-    }
-
-    /// Waits for the tool; a non-zero exit becomes [`PgError::ToolFailed`] with its stderr.
-    pub async fn wait(self) -> Result<(), PgError> {
-        self.wait_output().await.map(|_| ())
-    }
-
-    /// Waits for the tool and returns the last lines of its stderr.
-    pub async fn wait_output(mut self) -> Result<String, PgError> {
-        let status = self.child.wait().await.map_err(|source| PgError::Io {
-            tool: self.tool,
-            source,
-        })?;
-        let stderr = match self.stderr.take() {
-            Some(h) => h.await.unwrap_or_default(),
-            None => String::new(),
-        };
-        if status.success() {
-            Ok(stderr)
-        } else {
-            Err(PgError::ToolFailed {
-                tool: self.tool,
-                status: status.to_string(),
-                stderr: if stderr.is_empty() {
-                    "no error output".into()
-                } else {
-                    stderr
-                },
-            })
-        }
-    }
-
-    /// Process id, while it runs.
-    pub fn id(&self) -> Option<u32> {
-        self.child.id()
-    }
-
-    /// Waits for the tool without consuming it (for `select!`); returns how it ended.
-    pub async fn exited(&mut self) -> std::io::Result<std::process::ExitStatus> {
-        self.child.wait().await
-    }
-
-    /// The last lines of stderr once the tool has exited.
-    pub async fn stderr_tail(&mut self) -> String {
-        match self.stderr.take() {
-            Some(h) => h.await.unwrap_or_default(),
-            None => String::new(),
-        }
-    }
-
-    /// Kills the tool (used to make pg_restore roll back) and reaps it.
-    pub async fn kill(mut self) {
-        let _ = self.child.kill().await;
-    }
-}
-
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
@@ -278,16 +165,6 @@ impl Postgres {
     pub fn with_replication_password(mut self, password: Option<String>) -> Self {
         self.replication_password = password.filter(|p| !p.is_empty());
         self
-    }
-
-    /// A tool command on the replication connection: the replication user's password, if it has
-    /// its own, goes into the child's environment, never into its arguments.
-    fn replication_command(&self, tool: &'static str) -> Command {
-        let mut cmd = self.command(tool);
-        if let Some(pw) = &self.replication_password {
-            cmd.env("PGPASSWORD", pw);
-        }
-        cmd
     }
 
     fn parse_url(url: &str) -> Result<Url, PgError> {
@@ -485,185 +362,6 @@ impl Postgres {
         self.spawn("pg_dump", cmd)
     }
 
-    /// The replication connection URL (`replication=true` is added by the tools that need it).
-    fn replication_url(&self) -> String {
-        self.replication_url
-            .as_ref()
-            .unwrap_or(&self.url)
-            .to_string()
-    }
-
-    /// The server the replication connection reaches, without credentials.
-    pub fn replication_server(&self) -> String {
-        let mut u = self
-            .replication_url
-            .clone()
-            .unwrap_or_else(|| self.url.clone());
-        u.set_path("");
-        u.set_query(None);
-        u.to_string()
-    }
-
-    /// Runs a replication command (e.g. `IDENTIFY_SYSTEM`) over a replication connection.
-    async fn replication_query(&self, command: &str) -> Result<String, PgError> {
-        let mut url = self
-            .replication_url
-            .clone()
-            .unwrap_or_else(|| self.url.clone());
-        url.query_pairs_mut().append_pair("replication", "true");
-        let mut cmd = self.replication_command("psql");
-        cmd.args(["-X", "-w", "-A", "-t", "-q", "-F", "|", "-d"])
-            .arg(url.as_str())
-            .arg("-c")
-            .arg(command);
-        let out = cmd
-            .output()
-            .await
-            .map_err(|source| self.spawn_error("psql", source))?;
-        psql_result(&out, || self.replication_server())
-    }
-
-    /// The cluster's system identifier, timeline and WAL position, over a replication connection
-    /// (so a replication-only user suffices).
-    pub async fn identify_system(&self) -> Result<SystemIdentity, PgError> {
-        let out = self.replication_query("IDENTIFY_SYSTEM").await?;
-        let bad = || PgError::ToolFailed {
-            tool: "psql",
-            status: "unexpected IDENTIFY_SYSTEM output".into(),
-            stderr: out.clone(),
-        };
-        let mut fields = out.split('|');
-        let system_id = fields.next().filter(|s| !s.is_empty()).ok_or_else(bad)?;
-        let timeline = fields.next().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
-        let xlogpos = fields
-            .next()
-            .and_then(|l| l.parse::<Lsn>().ok())
-            .ok_or_else(bad)?;
-        Ok(SystemIdentity {
-            system_id: system_id.to_string(),
-            timeline,
-            xlogpos,
-        })
-    }
-
-    /// The server's WAL segment size in bytes (`SHOW wal_segment_size` over replication).
-    pub async fn wal_segment_size(&self) -> Result<u64, PgError> {
-        let out = self.replication_query("SHOW wal_segment_size").await?;
-        parse_pg_size(&out).ok_or_else(|| PgError::ToolFailed {
-            tool: "psql",
-            status: "unexpected wal_segment_size".into(),
-            stderr: out,
-        })
-    }
-
-    /// Starts `pg_basebackup` of the whole cluster as one tar stream on stdout, with the WAL needed
-    /// for consistency inside it (`-X fetch`) and a fast checkpoint; `--verbose` makes it report
-    /// the start and end positions on stderr.
-    pub fn start_basebackup(&self) -> Result<ToolProcess, PgError> {
-        let mut cmd = self.replication_command("pg_basebackup");
-        cmd.args([
-            "--pgdata=-",
-            "--format=tar",
-            "--wal-method=fetch",
-            "--checkpoint=fast",
-            "--verbose",
-            "--no-password",
-            "--dbname",
-        ])
-        .arg(self.replication_url());
-        self.spawn("pg_basebackup", cmd)
-    }
-
-    /// Creates the physical replication slot `slot` unless it exists, reserving WAL from the
-    /// moment it is created (pg_receivewal's own `--create-slot` reserves nothing until its first
-    /// feedback, a window in which the server could remove WAL the archive still needs).
-    pub async fn create_slot(&self, slot: &str) -> Result<(), PgError> {
-        check_slot_name(slot)?;
-        match self
-            .replication_query(&format!(
-                "CREATE_REPLICATION_SLOT {slot} PHYSICAL RESERVE_WAL"
-            ))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(PgError::ToolFailed { stderr, .. }) if stderr.contains("already exists") => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Starts `pg_receivewal` into `dir` through `slot`. It exits when the connection ends
-    /// (`--no-loop`): the agent decides when to try again.
-    ///
-    /// `--synchronous` makes it fsync what it received and report that position to the server
-    /// at once (instead of at the end of each segment, and every `--status-interval`): the
-    /// slot's `restart_lsn` then says how far the spool durably holds the WAL, which is what
-    /// [`slot_flushed_lsn`](Self::slot_flushed_lsn) reads when the agent drains on shutdown.
-    /// It fsyncs once per batch of messages, not per message.
-    pub fn start_receivewal(
-        &self,
-        dir: &std::path::Path,
-        slot: &str,
-    ) -> Result<ToolProcess, PgError> {
-        let mut cmd = self.replication_command("pg_receivewal");
-        cmd.arg("--directory")
-            .arg(dir)
-            .args([
-                "--no-loop",
-                "--no-password",
-                "--synchronous",
-                "--status-interval=1",
-                "--slot",
-            ])
-            .arg(slot)
-            .arg("--dbname")
-            .arg(self.replication_url());
-        self.spawn("pg_receivewal", cmd)
-    }
-
-    /// The server's current WAL flush position (for the archive lag, and what a drain on
-    /// shutdown waits for).
-    pub async fn current_wal_lsn(&self) -> Result<Lsn, PgError> {
-        Ok(self.identify_system().await?.xlogpos)
-    }
-
-    /// How far the receiver on physical slot `slot` has confirmed that it flushed WAL: the slot's
-    /// `restart_lsn`, which the server moves to the flush position each status report of the
-    /// receiver carries. `None` when the slot does not exist or has reserved nothing yet.
-    ///
-    /// Read with `READ_REPLICATION_SLOT` over the replication connection (PostgreSQL 15 and
-    /// later, so a replication-only user suffices), else from `pg_replication_slots` over the
-    /// main connection.
-    pub async fn slot_flushed_lsn(&self, slot: &str) -> Result<Option<Lsn>, PgError> {
-        check_slot_name(slot)?;
-        let lsn = match self
-            .replication_query(&format!("READ_REPLICATION_SLOT {slot}"))
-            .await
-        {
-            // slot_type|restart_lsn|restart_tli, all empty (NULL) without such a slot.
-            Ok(out) => out.split('|').nth(1).unwrap_or_default().to_string(),
-            Err(PgError::ToolFailed { stderr, .. }) if stderr.contains("syntax error") => {
-                self.query(
-                    &self.default_database(),
-                    &format!(
-                        "select restart_lsn from pg_replication_slots where slot_name = {}",
-                        quote_literal(slot)
-                    ),
-                )
-                .await?
-            }
-            Err(e) => return Err(e),
-        };
-        let lsn = lsn.trim();
-        if lsn.is_empty() {
-            return Ok(None);
-        }
-        lsn.parse().map(Some).map_err(|_| PgError::ToolFailed {
-            tool: "psql",
-            status: "unexpected restart_lsn of the replication slot".into(),
-            stderr: lsn.to_string(),
-        })
-    }
-
     /// Whether `database` exists on the server.
     pub async fn database_exists(&self, database: &str) -> Result<bool, PgError> {
         let out = self
@@ -738,23 +436,6 @@ impl Postgres {
     }
 }
 
-/// Checks a replication slot name as PostgreSQL does (it is also spliced into a replication
-/// command, so nothing else may pass).
-pub fn check_slot_name(slot: &str) -> Result<(), PgError> {
-    let ok = !slot.is_empty()
-        && slot.len() <= 63
-        && slot
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(PgError::InvalidSlotName {
-            slot: slot.to_string(),
-        })
-    }
-}
-
 /// psql's exit status when the connection to the server failed or went bad.
 const PSQL_CONNECTION_FAILED: i32 = 2;
 
@@ -782,22 +463,6 @@ fn psql_result(
             stderr,
         })
     }
-}
-
-/// Parses a size as PostgreSQL shows it (`16MB`, `1GB`, `8192`).
-fn parse_pg_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let mult = match unit.trim() {
-        "" | "B" => 1,
-        "kB" => 1 << 10,
-        "MB" => 1 << 20,
-        "GB" => 1 << 30,
-        _ => return None,
-    };
-    Some(n * mult)
 }
 
 fn percent_decode(s: &str) -> String {
@@ -836,25 +501,6 @@ mod tests {
             "postgresql://soma@127.0.0.1:5432/other%20db?sslmode=disable"
         );
         assert_eq!(pg.server(), "postgresql://soma@127.0.0.1:5432");
-    }
-
-    #[test]
-    fn parses_basebackup_output() {
-        let stderr = "pg_basebackup: initiating base backup, waiting for checkpoint to complete\n\
-            pg_basebackup: checkpoint completed\n\
-            pg_basebackup: write-ahead log start point: 0/2000028 on timeline 1\n\
-            pg_basebackup: write-ahead log end point: 0/2000100\n\
-            pg_basebackup: base backup completed";
-        assert_eq!(
-            parse_basebackup_positions(stderr),
-            Some(BaseBackupPositions {
-                start_lsn: Lsn(0x2000028),
-                timeline: 1,
-                stop_lsn: Lsn(0x2000100)
-            })
-        );
-        assert_eq!(parse_pg_size("16MB"), Some(16 << 20));
-        assert_eq!(parse_pg_size("1GB"), Some(1 << 30));
     }
 
     #[test]
