@@ -25,6 +25,7 @@
 #   PART_SIZE, PARTS_IN_FLIGHT, COMPRESSION_LEVEL, COMPRESSION_THREADS   agent flags (unset: defaults)
 #   BENCH_TMPDIR, PG_BIN, GARAGE_BIN, SOMA_SKIP_BUILD, SOMA_BIN_DIR, QDRANT_DOUBLE_BIN, KEEP_TMP
 #                          as in pg_backup.sh / qdrant_snapshot.sh
+#   SOMA_BUILT_AT=REV      with SOMA_SKIP_BUILD: the commit the prebuilt binaries come from (printed)
 set -Eeuo pipefail
 export LC_ALL=C
 
@@ -246,6 +247,8 @@ LOAD_AFTER=$(cut -d ' ' -f 1-3 /proc/loadavg)
 
 # --- results -----------------------------------------------------------------------------------
 collect_run_info
+# Prebuilt binaries from another commit (SOMA_SKIP_BUILD) say so, instead of the work tree's commit.
+GIT_REV=${SOMA_BUILT_AT:-$GIT_REV}
 # per-round ratios, for the spread of each ratio
 round_ratios() { # round_ratios NUMS... -- DENS...
   local -a num=() den=()
@@ -267,10 +270,10 @@ pair() { # pair NAME RAW_CMD RAW_TIMES... -- SOMA_TIMES... -- PEAKS...
   rm=$(median "${raw[@]}")
   sm=$(median "${soma[@]}")
   mapfile -t rr < <(round_ratios "${soma[@]}" -- "${raw[@]}")
-  printf '| %s | %s | %s | %s (%s) | %s | %s (%s) | **%s×** (rounds %s) | %s MiB |\n' \
+  printf '| %s | %s | %s | %s (%s) | %s | %s (%s) | **%s×** (rounds %s) | %s |\n' \
     "$name" "$rawcmd" "$(join_by ', ' "${raw[@]}")" "$rm" "$(spread "${raw[@]}")" \
     "$(join_by ', ' "${soma[@]}")" "$sm" "$(spread "${soma[@]}")" "$(ratio "$sm" "$rm")" "$(join_by ' ' "${rr[@]}")" \
-    "$(kib_mib "$(max_kib "${peaks[@]}")") (runs: $(peaks_mib "${peaks[@]}" | sed 's/ $//')"
+    "$(kib_mib "$(max_kib "${peaks[@]}")") MiB (runs: $(peaks_mib "${peaks[@]}" | sed 's/ $//'))"
 }
 log "done; results follow on stdout"
 cat <<EOF

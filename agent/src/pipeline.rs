@@ -23,16 +23,20 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{StreamExt, stream::FuturesUnordered};
 use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     sync::mpsc,
 };
 
-use crate::store::{MAX_PART_SIZE, MIN_PART_SIZE, ObjectMeta, Store, StoreError, Upload};
+use crate::store::{
+    MAX_PART_SIZE, MIN_PART_SIZE, ObjectMeta, PartReceipt, Store, StoreError, Upload,
+};
 
-/// Raw chunks read from the engine per read call.
+/// Size of the raw chunks handed from the reader to the compressor (and from the decoder to the
+/// sink). A pipe delivers at most 64 KiB per read; the reader fills a whole chunk from several
+/// reads before handing it on, so the compressor thread is woken four times less often.
 const READ_CHUNK: usize = 256 * 1024;
 /// Raw chunks queued between reader and compressor (and decoder and sink on restore).
 const RAW_QUEUE: usize = 4;
@@ -48,7 +52,10 @@ const PARTS_PER_STEP: u32 = 1000;
 pub struct Settings {
     /// zstd level (1..=19; 3 is zstd's and our default).
     pub compression_level: i32,
-    /// zstd worker threads; 0 compresses on the pipeline's own thread.
+    /// zstd worker threads; 0 compresses on the pipeline's own thread. 1 is treated as 0: the
+    /// pipeline already compresses on a thread of its own, and one zstd worker only moves the work
+    /// to another thread while copying every byte into job buffers and re-hashing each job's
+    /// overlap (measured: ~20% more CPU and 3 MiB more memory for the same wall time).
     pub compression_threads: u32,
     /// Size of the first parts; see [`part_size_for`] for how it grows.
     pub part_size: usize,
@@ -187,6 +194,7 @@ pub fn part_size_for(base: usize, index: u32) -> usize {
 /// `abort` discards it. Dropping it without either aborts in the background.
 pub struct Staged {
     upload: Option<Box<dyn Upload>>,
+    receipts: Vec<PartReceipt>,
     /// What was uploaded.
     pub summary: UploadSummary,
 }
@@ -202,7 +210,12 @@ impl std::fmt::Debug for Staged {
 impl Staged {
     /// Makes the object visible.
     pub async fn commit(mut self) -> Result<ObjectMeta, StoreError> {
-        self.upload.take().expect("upload present").complete().await
+        let receipts = std::mem::take(&mut self.receipts);
+        self.upload
+            .take()
+            .expect("upload present")
+            .complete(receipts)
+            .await
     }
 
     /// Discards the object's parts.
@@ -351,7 +364,7 @@ where
                 counters: sink_counters,
             };
             let mut enc = zstd::stream::write::Encoder::new(sink, level)?;
-            if threads > 0 {
+            if threads > 1 {
                 enc.multithread(threads)?;
                 // zstd's default job is several windows long and each worker buffers a few jobs;
                 // small jobs keep multithreaded compression within the memory budget.
@@ -380,15 +393,23 @@ where
     let read = async {
         let mut hasher = Sha256::new();
         let mut total = 0u64;
-        loop {
+        let mut eof = false;
+        while !eof {
             let mut buf = BytesMut::with_capacity(READ_CHUNK);
-            let n = source
-                .read_buf(&mut buf)
-                .await
-                .map_err(PipelineError::Source)?;
-            if n == 0 {
+            while buf.len() < READ_CHUNK {
+                let n = source
+                    .read_buf(&mut buf)
+                    .await
+                    .map_err(PipelineError::Source)?;
+                if n == 0 {
+                    eof = true;
+                    break;
+                }
+            }
+            if buf.is_empty() {
                 break;
             }
+            let n = buf.len();
             hasher.update(&buf);
             total += n as u64;
             counters.raw.fetch_add(n as u64, Ordering::Relaxed);
@@ -401,15 +422,32 @@ where
         Ok::<_, PipelineError>((hex::encode(hasher.finalize()), total))
     };
 
+    let in_flight_cap = settings.parts_in_flight.max(1);
     let send = {
         let upload = &mut upload;
         // Owning the receiver means a failed uploader drops it on return, which stops the
         // compressor, which stops the reader: no stage can wait forever on a dead neighbour.
+        // Returning early also drops the part uploads still running, which cancels them.
         async move {
-            while let Some(part) = part_rx.recv().await {
-                upload.put_part(part).await?;
+            let mut running = FuturesUnordered::new();
+            let mut receipts = Vec::new();
+            let mut more = true;
+            while more || !running.is_empty() {
+                tokio::select! {
+                    // Finished parts first: their buffers go back to the pool sooner.
+                    biased;
+                    Some(done) = running.next(), if !running.is_empty() => {
+                        receipts.push(done?);
+                    }
+                    part = part_rx.recv(), if more && running.len() < in_flight_cap => {
+                        match part {
+                            Some(part) => running.push(upload.put_part(part)),
+                            None => more = false,
+                        }
+                    }
+                }
             }
-            Ok::<_, PipelineError>(())
+            Ok::<_, PipelineError>(receipts)
         }
     };
 
@@ -417,11 +455,11 @@ where
     let compress_res = compressor.await.expect("compressor thread panicked");
 
     let outcome = (|| {
-        send_res?;
+        let receipts = send_res?;
         let (raw_sha256, raw_bytes) = read_res?;
         let (stored_sha256, stored_bytes, parts, max_part_size) =
             compress_res.map_err(PipelineError::Compress)?;
-        Ok::<_, PipelineError>(UploadSummary {
+        let summary = UploadSummary {
             digest: Digest256 {
                 raw_bytes,
                 stored_bytes,
@@ -430,11 +468,13 @@ where
             },
             parts,
             max_part_size,
-        })
+        };
+        Ok::<_, PipelineError>((summary, receipts))
     })();
     match outcome {
-        Ok(summary) => Ok(Staged {
+        Ok((summary, receipts)) => Ok(Staged {
             upload: Some(upload),
+            receipts,
             summary,
         }),
         Err(e) => {
@@ -492,13 +532,21 @@ where
         };
         let mut dec = zstd::stream::read::Decoder::new(reader)?;
         loop {
-            let mut buf = vec![0u8; READ_CHUNK];
-            let n = dec.read(&mut buf)?;
-            if n == 0 {
+            // Fill a whole chunk (zstd returns at most one block per call), so the sink gets
+            // few large writes.
+            let mut buf = BytesMut::zeroed(READ_CHUNK);
+            let mut len = 0;
+            while len < READ_CHUNK {
+                match dec.read(&mut buf[len..])? {
+                    0 => break,
+                    n => len += n,
+                }
+            }
+            if len == 0 {
                 return Ok(());
             }
-            buf.truncate(n);
-            if raw_tx.blocking_send(Bytes::from(buf)).is_err() {
+            buf.truncate(len);
+            if raw_tx.blocking_send(buf.freeze()).is_err() {
                 return Ok(());
             }
         }
@@ -527,7 +575,10 @@ where
         Ok::<_, PipelineError>((hex::encode(hasher.finalize()), total))
     };
 
-    let mut held = BytesMut::new();
+    // The tail held back until every check passed: whole chunks, never copied; a chunk is released
+    // once the chunks after it hold at least `holdback` bytes.
+    let mut held = std::collections::VecDeque::<Bytes>::new();
+    let mut held_len = 0usize;
     let write = async {
         // Owned, so a failed sink drops it and the decoder stops instead of waiting forever.
         let mut raw_rx = raw_rx;
@@ -536,9 +587,13 @@ where
         while let Some(chunk) = raw_rx.recv().await {
             hasher.update(&chunk);
             total += chunk.len() as u64;
-            held.extend_from_slice(&chunk);
-            if held.len() > holdback {
-                let release = held.split_to(held.len() - holdback);
+            held_len += chunk.len();
+            held.push_back(chunk);
+            while let Some(front) = held.front()
+                && held_len - front.len() >= holdback
+            {
+                let release = held.pop_front().expect("front exists");
+                held_len -= release.len();
                 sink.write_all(&release)
                     .await
                     .map_err(PipelineError::Sink)?;
@@ -594,8 +649,12 @@ where
         });
     }
     // Every check passed: release the tail.
-    sink.write_all(&held).await.map_err(PipelineError::Sink)?;
-    counters.raw.fetch_add(held.len() as u64, Ordering::Relaxed);
+    for chunk in held {
+        sink.write_all(&chunk).await.map_err(PipelineError::Sink)?;
+        counters
+            .raw
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    }
     sink.flush().await.map_err(PipelineError::Sink)?;
     sink.shutdown().await.map_err(PipelineError::Sink)?;
     Ok(())
@@ -681,19 +740,22 @@ mod tests {
 
     #[async_trait]
     impl Upload for FailingUpload {
-        async fn put_part(&mut self, data: Bytes) -> Result<(), StoreError> {
+        fn put_part(&mut self, data: Bytes) -> crate::store::PartUpload {
             self.parts += 1;
             if self.parts == 3 {
-                return Err(StoreError::Request {
+                return Box::pin(futures::future::ready(Err(StoreError::Request {
                     key: "a/obj.zst".into(),
                     message: "injected failure".into(),
                     retryable: true,
-                });
+                })));
             }
-            self.inner.put_part(data).await
+            self.inner.put_part(data)
         }
-        async fn complete(self: Box<Self>) -> Result<ObjectMeta, StoreError> {
-            self.inner.complete().await
+        async fn complete(
+            self: Box<Self>,
+            parts: Vec<PartReceipt>,
+        ) -> Result<ObjectMeta, StoreError> {
+            self.inner.complete(parts).await
         }
         async fn abort(self: Box<Self>) -> Result<(), StoreError> {
             self.inner.abort().await
