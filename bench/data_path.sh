@@ -7,6 +7,9 @@
 # incompressible MiB, and a release soma-agent with `--store s3://…` against all three. Then:
 #   (a) pg_dump -Fc -Z0 > /dev/null                        vs (b) kubectl-soma backup postgres
 #   (c) pg_basebackup -Ft -X none -c fast -D - > /dev/null vs (d) kubectl-soma backup postgres --physical
+#       plus two floors for (d), same rounds: the same pg_basebackup into a pipe read by `cat`
+#       (what any consumer of its output pays), and into `zstd -T1 -LEVEL | sha256sum` (the CLI
+#       doing the agent's compression; sha256sum hashes only the small compressed output)
 #   (e) pg_restore --single-transaction of a local file    vs (f) kubectl-soma restore <id of (b)>
 #   (g) kubectl-soma backup qdrant --collection big         (peak RSS of the snapshot path to S3)
 # Each pair runs REPEAT times, alternating which side goes first; a CHECKPOINT and a `sync` come
@@ -165,7 +168,7 @@ LOAD_BEFORE=$(cut -d ' ' -f 1-3 /proc/loadavg)
 T0=$(date +%s.%N)
 BUSY0=$(machine_busy_ticks)
 OWN0=$(own_ticks)
-DUMP_T=() LOGICAL_T=() LOGICAL_KIB=() BASE_T=() PHYS_T=() PHYS_KIB=()
+DUMP_T=() LOGICAL_T=() LOGICAL_KIB=() BASE_T=() PHYS_T=() PHYS_KIB=() CAT_T=() ZSTD_T=()
 PGRESTORE_T=() RESTORE_T=() RESTORE_KIB=() QDRANT_T=() QDRANT_KIB=()
 t='' k=''
 
@@ -180,6 +183,16 @@ raw_base() {
     { cat "$TMP_DIR/basebackup.err" >&2; die "pg_basebackup failed"; }
   BASE_T+=("$t")
 }
+floor_cat() {
+  settle
+  timed t bash -c "$(printf '%q ' "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$PG_PORT" -U postgres -Ft -X none -c fast -D -) 2>/dev/null | cat > /dev/null"
+  CAT_T+=("$t")
+}
+floor_zstd() {
+  settle
+  timed t bash -c "$(printf '%q ' "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$PG_PORT" -U postgres -Ft -X none -c fast -D -) 2>/dev/null | zstd -q -T1 -${COMPRESSION_LEVEL:-3} -c | sha256sum > /dev/null"
+  ZSTD_T+=("$t")
+}
 soma_physical() {
   settle
   agent_step t k "physical-$1.json" -o json backup postgres --physical
@@ -189,7 +202,9 @@ for i in $(seq 1 "$REPEAT"); do
   if ((i % 2)); then raw_dump; soma_logical "$i"; else soma_logical "$i"; raw_dump; fi
   log "round $i/$REPEAT logical: pg_dump ${DUMP_T[-1]}s, soma ${LOGICAL_T[-1]}s ($(kib_mib "${LOGICAL_KIB[-1]}") MiB)"
   if ((i % 2)); then raw_base; soma_physical "$i"; else soma_physical "$i"; raw_base; fi
-  log "round $i/$REPEAT physical: pg_basebackup ${BASE_T[-1]}s, soma ${PHYS_T[-1]}s ($(kib_mib "${PHYS_KIB[-1]}") MiB)"
+  floor_cat
+  floor_zstd
+  log "round $i/$REPEAT physical: pg_basebackup ${BASE_T[-1]}s, soma ${PHYS_T[-1]}s ($(kib_mib "${PHYS_KIB[-1]}") MiB); floors: | cat ${CAT_T[-1]}s, | zstd | sha256sum ${ZSTD_T[-1]}s"
 done
 LOGICAL_ID=$(json_field "$TMP_DIR/logical-$REPEAT.json" id) || die "no id in the logical backup's manifest"
 RAW_BYTES=$(json_field "$TMP_DIR/logical-$REPEAT.json" raw_bytes) || die "no raw_bytes"
@@ -294,6 +309,8 @@ $(load_line "$LOAD_BEFORE" "$LOAD_AFTER")
 $(pair "logical backup → S3" "\`pg_dump -Fc -Z0 > /dev/null\`" "${DUMP_T[@]}" -- "${LOGICAL_T[@]}" -- "${LOGICAL_KIB[@]}")
 $(pair "physical base backup → S3" "\`pg_basebackup -Ft -X none -c fast -D - > /dev/null\`" "${BASE_T[@]}" -- "${PHYS_T[@]}" -- "${PHYS_KIB[@]}")
 $(pair "logical restore ← S3" "\`pg_restore --single-transaction --exit-on-error\` of the local file" "${PGRESTORE_T[@]}" -- "${RESTORE_T[@]}" -- "${RESTORE_KIB[@]}")
+| floor: base backup into a pipe | \`pg_basebackup … \| cat > /dev/null\` | | | $(join_by ', ' "${CAT_T[@]}") | $(median "${CAT_T[@]}") ($(spread "${CAT_T[@]}")) | $(ratio "$(median "${CAT_T[@]}")" "$(median "${BASE_T[@]}")")× | |
+| floor: base backup through zstd (sha256 of its output) | \`pg_basebackup … \| zstd -q -T1 -${COMPRESSION_LEVEL:-3} -c \| sha256sum > /dev/null\` | | | $(join_by ', ' "${ZSTD_T[@]}") | $(median "${ZSTD_T[@]}") ($(spread "${ZSTD_T[@]}")) | $(ratio "$(median "${ZSTD_T[@]}")" "$(median "${BASE_T[@]}")")× | |
 | Qdrant collection backup → S3 | (peak RSS only) | | | $(join_by ', ' "${QDRANT_T[@]}") | $(median "${QDRANT_T[@]}") ($(spread "${QDRANT_T[@]}")) | | $(kib_mib "$(max_kib "${QDRANT_KIB[@]}")") MiB (runs: $(peaks_mib "${QDRANT_KIB[@]}" | sed 's/ $//')) |
 
 - Agent idle RSS $(kib_mib "$IDLE_RSS_KIB") MiB; peaks are VmHWM ($PEAK_NOTE; \`clear_refs\` resets it to the RSS at that moment, so a peak never reads below the RSS the agent already held)
