@@ -84,6 +84,7 @@ pg() { "$PG_BIN/$1" -h 127.0.0.1 -p "$PG_PORT" -U postgres "${@:2}"; }
 agent_step() {
   local __t=$1 __p=$2 out=$3 tt
   shift 3
+  START_RSS_KIB+=("$(proc_kib VmRSS)")
   reset_peak
   timed tt soma "$@" >"$TMP_DIR/$out" 2>"$TMP_DIR/$out.err" ||
     { cat "$TMP_DIR/$out.err" >&2; die "kubectl-soma $* failed"; }
@@ -171,6 +172,7 @@ OWN0=$(own_ticks)
 DUMP_T=() LOGICAL_T=() LOGICAL_KIB=() BASE_T=() PHYS_T=() PHYS_KIB=() CAT_T=() ZSTD_T=()
 PGRESTORE_T=() RESTORE_T=() RESTORE_KIB=() QDRANT_T=() QDRANT_KIB=()
 t='' k=''
+START_RSS_KIB=() # the agent's RSS when each operation started: the floor of its peak
 
 raw_dump() { timed t pg pg_dump -Fc -Z0 -d "$DB" >/dev/null || die "pg_dump failed"; DUMP_T+=("$t"); }
 soma_logical() {
@@ -313,6 +315,6 @@ $(pair "logical restore ← S3" "\`pg_restore --single-transaction --exit-on-err
 | floor: base backup through zstd (sha256 of its output) | \`pg_basebackup … \| zstd -q -T1 -${COMPRESSION_LEVEL:-3} -c \| sha256sum > /dev/null\` | | | $(join_by ', ' "${ZSTD_T[@]}") | $(median "${ZSTD_T[@]}") ($(spread "${ZSTD_T[@]}")) | $(ratio "$(median "${ZSTD_T[@]}")" "$(median "${BASE_T[@]}")")× | |
 | Qdrant collection backup → S3 | (peak RSS only) | | | $(join_by ', ' "${QDRANT_T[@]}") | $(median "${QDRANT_T[@]}") ($(spread "${QDRANT_T[@]}")) | | $(kib_mib "$(max_kib "${QDRANT_KIB[@]}")") MiB (runs: $(peaks_mib "${QDRANT_KIB[@]}" | sed 's/ $//')) |
 
-- Agent idle RSS $(kib_mib "$IDLE_RSS_KIB") MiB; peaks are VmHWM ($PEAK_NOTE; \`clear_refs\` resets it to the RSS at that moment, so a peak never reads below the RSS the agent already held)
+- Agent idle RSS $(kib_mib "$IDLE_RSS_KIB") MiB at start; RSS when each operation started, in run order (logical/physical per round, then restores, then Qdrant): $(peaks_mib "${START_RSS_KIB[@]}")MiB; peaks are VmHWM ($PEAK_NOTE; \`clear_refs\` resets it to the RSS at that moment, so a peak never reads below the RSS the agent already held)
 - The soma side of each ratio is the whole \`kubectl-soma\` command (gRPC, manifest, commit included); the raw side is the tool alone writing to /dev/null (restore: reading a local file)
 EOF
