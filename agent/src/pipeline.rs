@@ -22,17 +22,21 @@ use std::{
     },
 };
 
-use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use bytes::Bytes;
+use futures::{StreamExt, stream::FuturesUnordered};
 use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     sync::mpsc,
 };
 
-use crate::store::{MAX_PART_SIZE, MIN_PART_SIZE, ObjectMeta, Store, StoreError, Upload};
+use crate::store::{
+    MAX_PART_SIZE, MIN_PART_SIZE, ObjectMeta, PartReceipt, Store, StoreError, Upload,
+};
 
-/// Raw chunks read from the engine per read call.
+/// Size of the raw chunks handed from the reader to the compressor (and from the decoder to the
+/// sink). A pipe delivers at most 64 KiB per read; the reader fills a whole chunk from several
+/// reads before handing it on, so the compressor thread is woken four times less often.
 const READ_CHUNK: usize = 256 * 1024;
 /// Raw chunks queued between reader and compressor (and decoder and sink on restore).
 const RAW_QUEUE: usize = 4;
@@ -187,6 +191,7 @@ pub fn part_size_for(base: usize, index: u32) -> usize {
 /// `abort` discards it. Dropping it without either aborts in the background.
 pub struct Staged {
     upload: Option<Box<dyn Upload>>,
+    receipts: Vec<PartReceipt>,
     /// What was uploaded.
     pub summary: UploadSummary,
 }
@@ -202,7 +207,12 @@ impl std::fmt::Debug for Staged {
 impl Staged {
     /// Makes the object visible.
     pub async fn commit(mut self) -> Result<ObjectMeta, StoreError> {
-        self.upload.take().expect("upload present").complete().await
+        let receipts = std::mem::take(&mut self.receipts);
+        self.upload
+            .take()
+            .expect("upload present")
+            .complete(receipts)
+            .await
     }
 
     /// Discards the object's parts.
@@ -225,31 +235,43 @@ impl Drop for Staged {
     }
 }
 
-/// A part's bytes; the buffer goes back to the pool when the last reference is dropped.
+/// A part buffer: an anonymous memory mapping of its own, not a heap allocation. glibc serves
+/// a 16 MiB `Vec` from a thread's arena once it has freed one such block (its mmap threshold
+/// rises to the freed size), and keeps that memory after the pipeline ends; the next operation,
+/// compressing on another thread, then fills other arenas. Measured: 123–129 MiB peak RSS on a
+/// second backup against 67–78 MiB on the first. A mapping is returned to the kernel when it
+/// is dropped, so resident part memory is exactly the parts alive now.
+type PartMap = memmap2::MmapMut;
+
+/// A part's bytes; the mapping goes back to the pool when the last reference is dropped.
 struct PartBuf {
-    data: Vec<u8>,
-    home: std::sync::mpsc::Sender<Vec<u8>>,
+    map: Option<PartMap>,
+    len: usize,
+    home: std::sync::mpsc::SyncSender<Option<PartMap>>,
 }
 
 impl AsRef<[u8]> for PartBuf {
     fn as_ref(&self) -> &[u8] {
-        &self.data
+        &self.map.as_ref().expect("present until dropped")[..self.len]
     }
 }
 
 impl Drop for PartBuf {
     fn drop(&mut self) {
-        // The pool is gone only when the pipeline is; then the buffer is simply freed.
-        let _ = self.home.send(std::mem::take(&mut self.data));
+        // The pool has room for every buffer; it is gone only when the pipeline is, and then
+        // the mapping is simply unmapped.
+        let _ = self.home.try_send(self.map.take());
     }
 }
 
 /// Compressed output of the zstd encoder, cut into parts and sent to the uploader.
 struct PartSink {
-    buf: Vec<u8>,
-    filling: bool,
-    pool: std::sync::mpsc::Receiver<Vec<u8>>,
-    home: std::sync::mpsc::Sender<Vec<u8>>,
+    /// The part being filled (`Some` while filling) and how much of it is filled.
+    map: Option<PartMap>,
+    len: usize,
+    /// Free part buffers; `None` is a buffer not mapped yet (short streams never map them all).
+    pool: std::sync::mpsc::Receiver<Option<PartMap>>,
+    home: std::sync::mpsc::SyncSender<Option<PartMap>>,
     base: usize,
     index: u32,
     max_part: usize,
@@ -264,26 +286,30 @@ impl PartSink {
         part_size_for(self.base, self.index)
     }
 
-    /// Waits (on this blocking thread) for a free buffer from the pool.
+    /// Waits (on this blocking thread) for a free buffer from the pool; maps it on first use, or
+    /// anew when the part size has grown past it.
     fn start_part(&mut self) -> io::Result<()> {
-        let mut buf = self
+        let free = self
             .pool
             .recv()
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "part buffer pool closed"))?;
-        buf.clear();
-        buf.reserve(self.target());
-        self.buf = buf;
-        self.filling = true;
+        let target = self.target();
+        let map = match free {
+            Some(map) if map.len() >= target => map,
+            _ => memmap2::MmapOptions::new().len(target).map_anon()?,
+        };
+        self.map = Some(map);
+        self.len = 0;
         Ok(())
     }
 
     fn emit(&mut self) -> io::Result<()> {
-        let data = std::mem::take(&mut self.buf);
-        self.filling = false;
-        self.max_part = self.max_part.max(data.len());
+        let map = self.map.take();
+        self.max_part = self.max_part.max(self.len);
         self.index += 1;
         let part = Bytes::from_owner(PartBuf {
-            data,
+            map,
+            len: self.len,
             home: self.home.clone(),
         });
         self.tx
@@ -294,16 +320,18 @@ impl PartSink {
 
 impl Write for PartSink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if !self.filling {
+        if self.map.is_none() {
             self.start_part()?;
         }
-        let room = self.target() - self.buf.len();
-        let n = data.len().min(room);
-        self.buf.extend_from_slice(&data[..n]);
+        let target = self.target();
+        let n = data.len().min(target - self.len);
+        let map = self.map.as_mut().expect("started above");
+        map[self.len..self.len + n].copy_from_slice(&data[..n]);
+        self.len += n;
         self.hasher.update(&data[..n]);
         self.stored += n as u64;
         self.counters.stored.fetch_add(n as u64, Ordering::Relaxed);
-        if self.buf.len() == self.target() {
+        if self.len == target {
             self.emit()?;
         }
         Ok(n)
@@ -311,6 +339,59 @@ impl Write for PartSink {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// A chunk buffer lent by a [`ChunkPool`]; it goes back when the last reference is dropped.
+struct PooledChunk {
+    data: Vec<u8>,
+    home: std::sync::mpsc::SyncSender<Vec<u8>>,
+}
+
+impl AsRef<[u8]> for PooledChunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for PooledChunk {
+    fn drop(&mut self) {
+        // A full pool (or none) means the buffer is not needed again: it is freed.
+        let _ = self.home.try_send(std::mem::take(&mut self.data));
+    }
+}
+
+/// Reused [`READ_CHUNK`] buffers for the raw chunks between stages, so a stream costs a few
+/// allocations instead of one 256 KiB allocation (mapped, faulted in and unmapped by glibc)
+/// per chunk. Bounded: it keeps at most `cap` buffers, and the stages never hold more than
+/// their channel plus one each.
+struct ChunkPool {
+    free: std::sync::mpsc::Receiver<Vec<u8>>,
+    home: std::sync::mpsc::SyncSender<Vec<u8>>,
+}
+
+impl ChunkPool {
+    fn new(cap: usize) -> Self {
+        let (home, free) = std::sync::mpsc::sync_channel(cap);
+        Self { free, home }
+    }
+
+    /// An empty buffer with room for a chunk: a returned one, or a new one.
+    fn take(&self) -> Vec<u8> {
+        let mut buf = self
+            .free
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(READ_CHUNK));
+        buf.clear();
+        buf
+    }
+
+    /// Lends `data` out as `Bytes`; it comes back here when the last reference is dropped.
+    fn lend(&self, data: Vec<u8>) -> Bytes {
+        Bytes::from_owner(PooledChunk {
+            data,
+            home: self.home.clone(),
+        })
     }
 }
 
@@ -330,16 +411,17 @@ where
     let base = settings.part_size.max(MIN_PART_SIZE);
     let (level, threads) = (settings.compression_level, settings.compression_threads);
     let sink_counters = counters.clone();
-    let (home, pool) = std::sync::mpsc::channel();
-    for _ in 0..settings.parts_in_flight.max(1) + 1 {
-        home.send(Vec::new()).expect("the pool's receiver is alive");
+    let buffers = settings.parts_in_flight.max(1) + 1;
+    let (home, pool) = std::sync::mpsc::sync_channel(buffers);
+    for _ in 0..buffers {
+        home.send(None).expect("the pool has room for every buffer");
     }
 
     let compressor =
         tokio::task::spawn_blocking(move || -> io::Result<(String, u64, u32, usize)> {
             let sink = PartSink {
-                buf: Vec::new(),
-                filling: false,
+                map: None,
+                len: 0,
                 pool,
                 home,
                 base,
@@ -362,11 +444,11 @@ where
                 enc.write_all(&chunk)?;
             }
             let mut sink = enc.finish()?;
-            if !sink.filling && sink.index == 0 {
+            if sink.map.is_none() && sink.index == 0 {
                 // An object needs at least one part, even an empty one.
                 sink.start_part()?;
             }
-            if sink.filling {
+            if sink.map.is_some() {
                 sink.emit()?;
             }
             Ok((
@@ -380,19 +462,28 @@ where
     let read = async {
         let mut hasher = Sha256::new();
         let mut total = 0u64;
-        loop {
-            let mut buf = BytesMut::with_capacity(READ_CHUNK);
-            let n = source
-                .read_buf(&mut buf)
-                .await
-                .map_err(PipelineError::Source)?;
-            if n == 0 {
+        let chunks = ChunkPool::new(RAW_QUEUE + 2);
+        let mut eof = false;
+        while !eof {
+            let mut buf = chunks.take();
+            while buf.len() < READ_CHUNK {
+                let n = source
+                    .read_buf(&mut buf)
+                    .await
+                    .map_err(PipelineError::Source)?;
+                if n == 0 {
+                    eof = true;
+                    break;
+                }
+            }
+            if buf.is_empty() {
                 break;
             }
+            let n = buf.len();
             hasher.update(&buf);
             total += n as u64;
             counters.raw.fetch_add(n as u64, Ordering::Relaxed);
-            if raw_tx.send(buf.freeze()).await.is_err() {
+            if raw_tx.send(chunks.lend(buf)).await.is_err() {
                 // The compressor stopped; its own error explains why.
                 break;
             }
@@ -401,15 +492,32 @@ where
         Ok::<_, PipelineError>((hex::encode(hasher.finalize()), total))
     };
 
+    let in_flight_cap = settings.parts_in_flight.max(1);
     let send = {
         let upload = &mut upload;
         // Owning the receiver means a failed uploader drops it on return, which stops the
         // compressor, which stops the reader: no stage can wait forever on a dead neighbour.
+        // Returning early also drops the part uploads still running, which cancels them.
         async move {
-            while let Some(part) = part_rx.recv().await {
-                upload.put_part(part).await?;
+            let mut running = FuturesUnordered::new();
+            let mut receipts = Vec::new();
+            let mut more = true;
+            while more || !running.is_empty() {
+                tokio::select! {
+                    // Finished parts first: their buffers go back to the pool sooner.
+                    biased;
+                    Some(done) = running.next(), if !running.is_empty() => {
+                        receipts.push(done?);
+                    }
+                    part = part_rx.recv(), if more && running.len() < in_flight_cap => {
+                        match part {
+                            Some(part) => running.push(upload.put_part(part)),
+                            None => more = false,
+                        }
+                    }
+                }
             }
-            Ok::<_, PipelineError>(())
+            Ok::<_, PipelineError>(receipts)
         }
     };
 
@@ -417,11 +525,11 @@ where
     let compress_res = compressor.await.expect("compressor thread panicked");
 
     let outcome = (|| {
-        send_res?;
+        let receipts = send_res?;
         let (raw_sha256, raw_bytes) = read_res?;
         let (stored_sha256, stored_bytes, parts, max_part_size) =
             compress_res.map_err(PipelineError::Compress)?;
-        Ok::<_, PipelineError>(UploadSummary {
+        let summary = UploadSummary {
             digest: Digest256 {
                 raw_bytes,
                 stored_bytes,
@@ -430,11 +538,13 @@ where
             },
             parts,
             max_part_size,
-        })
+        };
+        Ok::<_, PipelineError>((summary, receipts))
     })();
     match outcome {
-        Ok(summary) => Ok(Staged {
+        Ok((summary, receipts)) => Ok(Staged {
             upload: Some(upload),
+            receipts,
             summary,
         }),
         Err(e) => {
@@ -491,14 +601,25 @@ where
             current: Bytes::new(),
         };
         let mut dec = zstd::stream::read::Decoder::new(reader)?;
+        // Chunks wait in the channel and in the held-back tail: the pool keeps as many for reuse.
+        let chunks = ChunkPool::new(RAW_QUEUE + holdback / READ_CHUNK + 3);
         loop {
-            let mut buf = vec![0u8; READ_CHUNK];
-            let n = dec.read(&mut buf)?;
-            if n == 0 {
+            // Fill a whole chunk (zstd returns at most one block per call), so the sink gets
+            // few large writes.
+            let mut buf = chunks.take();
+            buf.resize(READ_CHUNK, 0);
+            let mut len = 0;
+            while len < READ_CHUNK {
+                match dec.read(&mut buf[len..])? {
+                    0 => break,
+                    n => len += n,
+                }
+            }
+            if len == 0 {
                 return Ok(());
             }
-            buf.truncate(n);
-            if raw_tx.blocking_send(Bytes::from(buf)).is_err() {
+            buf.truncate(len);
+            if raw_tx.blocking_send(chunks.lend(buf)).is_err() {
                 return Ok(());
             }
         }
@@ -527,7 +648,10 @@ where
         Ok::<_, PipelineError>((hex::encode(hasher.finalize()), total))
     };
 
-    let mut held = BytesMut::new();
+    // The tail held back until every check passed: whole chunks, never copied; a chunk is released
+    // once the chunks after it hold at least `holdback` bytes.
+    let mut held = std::collections::VecDeque::<Bytes>::new();
+    let mut held_len = 0usize;
     let write = async {
         // Owned, so a failed sink drops it and the decoder stops instead of waiting forever.
         let mut raw_rx = raw_rx;
@@ -536,9 +660,13 @@ where
         while let Some(chunk) = raw_rx.recv().await {
             hasher.update(&chunk);
             total += chunk.len() as u64;
-            held.extend_from_slice(&chunk);
-            if held.len() > holdback {
-                let release = held.split_to(held.len() - holdback);
+            held_len += chunk.len();
+            held.push_back(chunk);
+            while let Some(front) = held.front()
+                && held_len - front.len() >= holdback
+            {
+                let release = held.pop_front().expect("front exists");
+                held_len -= release.len();
                 sink.write_all(&release)
                     .await
                     .map_err(PipelineError::Sink)?;
@@ -594,8 +722,12 @@ where
         });
     }
     // Every check passed: release the tail.
-    sink.write_all(&held).await.map_err(PipelineError::Sink)?;
-    counters.raw.fetch_add(held.len() as u64, Ordering::Relaxed);
+    for chunk in held {
+        sink.write_all(&chunk).await.map_err(PipelineError::Sink)?;
+        counters
+            .raw
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    }
     sink.flush().await.map_err(PipelineError::Sink)?;
     sink.shutdown().await.map_err(PipelineError::Sink)?;
     Ok(())
@@ -681,19 +813,22 @@ mod tests {
 
     #[async_trait]
     impl Upload for FailingUpload {
-        async fn put_part(&mut self, data: Bytes) -> Result<(), StoreError> {
+        fn put_part(&mut self, data: Bytes) -> crate::store::PartUpload {
             self.parts += 1;
             if self.parts == 3 {
-                return Err(StoreError::Request {
+                return Box::pin(futures::future::ready(Err(StoreError::Request {
                     key: "a/obj.zst".into(),
                     message: "injected failure".into(),
                     retryable: true,
-                });
+                })));
             }
-            self.inner.put_part(data).await
+            self.inner.put_part(data)
         }
-        async fn complete(self: Box<Self>) -> Result<ObjectMeta, StoreError> {
-            self.inner.complete().await
+        async fn complete(
+            self: Box<Self>,
+            parts: Vec<PartReceipt>,
+        ) -> Result<ObjectMeta, StoreError> {
+            self.inner.complete(parts).await
         }
         async fn abort(self: Box<Self>) -> Result<(), StoreError> {
             self.inner.abort().await

@@ -4,6 +4,8 @@
 //! - objects appear whole and atomically; an upload in progress is invisible to `list`/`get`/`head`;
 //! - an upload that is neither completed nor aborted (a crash) is reported by `list_uploads` and
 //!   removed by `abort_upload`; `abort` removes its parts and leaves the key as it was;
+//! - parts form the object in the order `put_part` was called, whatever order their uploads run
+//!   and finish in (the pipeline runs several at once); `complete` needs a receipt for every part;
 //! - every part but the last must be at least 5 MiB (S3's rule), or the object never appears;
 //! - keys cannot escape the prefix; missing objects are `NotFound`; deletes are idempotent.
 
@@ -50,11 +52,18 @@ async fn conformance(store: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(read_all(s, "backups/a/manifest.json").await, b"{\"v\":2}");
 
-    // Multipart: invisible until complete, then exactly the concatenation of its parts.
+    // Multipart: invisible until complete, then exactly the concatenation of its parts in the
+    // order they were put, even when their uploads run at once and the last one starts first.
     let mut up = s.start_upload("backups/b/dump.zst").await.unwrap();
-    up.put_part(part(1, MIN_PART_SIZE)).await.unwrap();
-    up.put_part(part(2, MIN_PART_SIZE)).await.unwrap();
-    up.put_part(part(3, 1000)).await.unwrap();
+    let p1 = up.put_part(part(1, MIN_PART_SIZE));
+    let p2 = up.put_part(part(2, MIN_PART_SIZE));
+    let p3 = up.put_part(part(3, 1000));
+    let (r3, r2, r1) = tokio::join!(p3, p2, p1);
+    let receipts = vec![r3.unwrap(), r1.unwrap(), r2.unwrap()];
+    assert_eq!(
+        receipts.iter().map(|r| r.number()).collect::<Vec<_>>(),
+        [3, 1, 2]
+    );
     assert!(s.head("backups/b/dump.zst").await.unwrap().is_none());
     let listed: Vec<String> = s
         .list("backups/")
@@ -67,7 +76,7 @@ async fn conformance(store: Arc<dyn Store>) {
     let pending = s.list_uploads("backups/").await.unwrap();
     assert_eq!(pending.len(), 1, "{pending:?}");
     assert_eq!(pending[0].key, "backups/b/dump.zst");
-    let meta = up.complete().await.unwrap();
+    let meta = up.complete(receipts).await.unwrap();
     assert_eq!(meta.size, (2 * MIN_PART_SIZE + 1000) as u64);
     let body = read_all(s, "backups/b/dump.zst").await;
     assert_eq!(body.len(), 2 * MIN_PART_SIZE + 1000);
@@ -90,6 +99,17 @@ async fn conformance(store: Arc<dyn Store>) {
     );
     assert!(s.list_uploads("backups/").await.unwrap().is_empty());
 
+    // Completing without a receipt for every part fails, publishes nothing and cleans up.
+    let mut up = s.start_upload("backups/b/dump.zst").await.unwrap();
+    let r1 = up.put_part(part(5, MIN_PART_SIZE)).await.unwrap();
+    up.put_part(part(6, 1000)).await.unwrap();
+    assert!(up.complete(vec![r1]).await.is_err());
+    assert_eq!(
+        read_all(s, "backups/b/dump.zst").await.len(),
+        2 * MIN_PART_SIZE + 1000
+    );
+    assert!(s.list_uploads("backups/").await.unwrap().is_empty());
+
     // A writer that vanishes (crash) leaves an incomplete upload that can be found and aborted.
     let mut up = s.start_upload("backups/c/dump.zst").await.unwrap();
     up.put_part(part(7, MIN_PART_SIZE)).await.unwrap();
@@ -105,12 +125,16 @@ async fn conformance(store: Arc<dyn Store>) {
 
     // S3's part-size rule holds everywhere: a short part that is not last means no object.
     let mut up = s.start_upload("backups/d/dump.zst").await.unwrap();
-    let mut result = up.put_part(part(1, 1000)).await;
+    let mut receipts = Vec::new();
+    let mut result = up.put_part(part(1, 1000)).await.map(|r| receipts.push(r));
     if result.is_ok() {
-        result = up.put_part(part(2, MIN_PART_SIZE)).await;
+        result = up
+            .put_part(part(2, MIN_PART_SIZE))
+            .await
+            .map(|r| receipts.push(r));
     }
     let result = match result {
-        Ok(()) => up.complete().await.map(|_| ()),
+        Ok(()) => up.complete(receipts).await.map(|_| ()),
         Err(e) => {
             up.abort().await.unwrap();
             Err(e)
@@ -174,7 +198,7 @@ fn s3_store_on_garage_conforms() {
             .force_path_style(true)
             .build();
         let client = aws_sdk_s3::Client::from_conf(config);
-        let store = S3Store::from_client(client, garage.bucket(), "conformance/run", 2);
+        let store = S3Store::from_client(client, garage.bucket(), "conformance/run");
         conformance(Arc::new(store)).await;
     });
 }

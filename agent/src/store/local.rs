@@ -6,7 +6,9 @@
 //! an fsync, so an object appears whole or not at all, exactly like an S3 multipart upload.
 
 use std::{
+    os::unix::fs::FileExt,
     path::{Path, PathBuf},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -18,7 +20,8 @@ use tokio::{fs, io::AsyncWriteExt};
 use tokio_util::io::ReaderStream;
 
 use super::{
-    ByteStream, ObjectMeta, PartRule, PendingUpload, Result, Store, StoreError, Upload, check_key,
+    ByteStream, ObjectMeta, PartReceipt, PartRule, PartUpload, PendingUpload, Result, Store,
+    StoreError, Upload, check_key, check_receipts, refused,
 };
 
 const UPLOADS_DIR: &str = ".uploads";
@@ -140,9 +143,10 @@ impl Store for LocalStore {
             store: self.clone(),
             key: key.to_string(),
             id,
-            file,
+            file: Arc::new(file.into_std().await),
             data_path,
             size: 0,
+            started: 0,
             parts: PartRule::default(),
         }))
     }
@@ -281,29 +285,58 @@ struct LocalUpload {
     store: LocalStore,
     key: String,
     id: String,
-    file: fs::File,
+    /// Shared with the part writes in flight, each of which writes at its own offset.
+    file: Arc<std::fs::File>,
     data_path: PathBuf,
+    /// Bytes of the parts numbered so far: where the next part goes.
     size: u64,
+    started: u32,
     parts: PartRule,
 }
 
 #[async_trait]
 impl Upload for LocalUpload {
-    async fn put_part(&mut self, data: Bytes) -> Result<()> {
-        self.parts.check(&self.key, data.len())?;
-        self.file
-            .write_all(&data)
-            .await
-            .map_err(io_err(&self.data_path))?;
-        self.size += data.len() as u64;
-        Ok(())
+    /// The part's place in the file is fixed now, by call order, so parts can be written
+    /// concurrently and in any order, like S3 parts, and still form the object in call order.
+    fn put_part(&mut self, data: Bytes) -> PartUpload {
+        if let Err(e) = self.parts.check(&self.key, data.len(), self.started) {
+            return refused(e);
+        }
+        self.started += 1;
+        let (number, offset, size) = (self.started, self.size, data.len() as u64);
+        self.size += size;
+        let file = self.file.clone();
+        let path = self.data_path.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
+                .await
+                .map_err(|e| StoreError::Io {
+                    path: path.clone(),
+                    source: std::io::Error::other(e),
+                })?
+                .map_err(io_err(&path))?;
+            Ok(PartReceipt {
+                number,
+                size,
+                etag: None,
+                checksum_sha256: None,
+            })
+        })
     }
 
-    async fn complete(mut self: Box<Self>) -> Result<ObjectMeta> {
-        self.file.flush().await.map_err(io_err(&self.data_path))?;
-        self.file
-            .sync_all()
+    async fn complete(self: Box<Self>, parts: Vec<PartReceipt>) -> Result<ObjectMeta> {
+        if let Err(e) = check_receipts(&self.key, parts, self.started) {
+            let _ = self.store.remove_upload(&self.id).await;
+            return Err(e);
+        }
+        let file = self.file.clone();
+        // Every part is in (checked above), so the file has no gap: make it durable, then publish.
+        tokio::task::spawn_blocking(move || file.sync_all())
             .await
+            .map_err(|e| StoreError::Io {
+                path: self.data_path.clone(),
+                source: std::io::Error::other(e),
+            })?
             .map_err(io_err(&self.data_path))?;
         self.store.publish(&self.data_path, &self.key).await?;
         self.store.remove_upload(&self.id).await?;
@@ -314,7 +347,6 @@ impl Upload for LocalUpload {
     }
 
     async fn abort(self: Box<Self>) -> Result<()> {
-        drop(self.file);
         self.store.remove_upload(&self.id).await
     }
 }

@@ -166,20 +166,84 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn abort_upload(&self, upload: &PendingUpload) -> Result<()>;
 }
 
+/// The upload of one part, started by [`Upload::put_part`]. It owns everything it needs
+/// (`'static`), so the caller can keep several running at once and decides how many: the pipeline
+/// is the one place that bounds parts in flight, and with them memory.
+pub type PartUpload = futures::future::BoxFuture<'static, Result<PartReceipt>>;
+
+/// Proof that one part is stored, handed back to [`Upload::complete`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartReceipt {
+    number: u32,
+    size: u64,
+    /// What S3 needs to list the part in CompleteMultipartUpload; `None` for the local store.
+    etag: Option<String>,
+    /// Base64 SHA-256 of the part, as sent with it and as listed on completion.
+    checksum_sha256: Option<String>,
+}
+
+impl PartReceipt {
+    /// The part's number (1-based: the order `put_part` was called in).
+    pub fn number(&self) -> u32 {
+        self.number
+    }
+
+    /// The part's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
 /// One multipart upload in progress.
 ///
-/// Parts are numbered in the order `put_part` is called. Every part but the last must be at least
-/// [`MIN_PART_SIZE`]. A backend may upload several parts concurrently; `put_part` returns once the
-/// part is handed over, and waits first when the backend's in-flight limit is reached, which is what
-/// bounds memory. Dropping an upload without `complete` or `abort` leaves an incomplete upload.
+/// Parts are numbered, and laid out in the object, in the order `put_part` is called; the returned
+/// futures may run concurrently and finish in any order. Every part but the last must be at least
+/// [`MIN_PART_SIZE`]. The upload itself never buffers or queues a part: at most as many parts exist
+/// as the caller keeps futures for. Dropping a part's future cancels that part (the upload then
+/// cannot complete without it); dropping the upload without `complete` or `abort` leaves an
+/// incomplete upload that [`Store::list_uploads`] reports.
 #[async_trait]
 pub trait Upload: Send {
-    /// Adds the next part.
-    async fn put_part(&mut self, data: Bytes) -> Result<()>;
-    /// Waits for every part and makes the object visible atomically.
-    async fn complete(self: Box<Self>) -> Result<ObjectMeta>;
-    /// Discards every part; the key is left as it was.
+    /// Numbers the next part and returns the future that stores it. Rule violations (a short part
+    /// that is not the last, too many parts) are returned by the future without storing anything.
+    fn put_part(&mut self, data: Bytes) -> PartUpload;
+    /// Makes the object visible atomically, made of exactly the parts of `parts` (one receipt for
+    /// each number from 1 to the last, in any order). Fails, and aborts, when one is missing.
+    async fn complete(self: Box<Self>, parts: Vec<PartReceipt>) -> Result<ObjectMeta>;
+    /// Discards every part; the key is left as it was. Part futures still running may fail.
     async fn abort(self: Box<Self>) -> Result<()>;
+}
+
+/// Sorts `parts` by number and checks that they are exactly parts 1..=`expected`: what `complete`
+/// accepts, on every backend alike.
+pub(crate) fn check_receipts(
+    key: &str,
+    mut parts: Vec<PartReceipt>,
+    expected: u32,
+) -> Result<Vec<PartReceipt>> {
+    parts.sort_by_key(|p| p.number);
+    let complete = parts.len() == expected as usize
+        && parts
+            .iter()
+            .enumerate()
+            .all(|(i, p)| p.number as usize == i + 1);
+    if complete {
+        Ok(parts)
+    } else {
+        Err(StoreError::Request {
+            key: key.to_string(),
+            message: format!(
+                "completing with {} part receipts, but {expected} parts were started: every part must be stored, once, before complete",
+                parts.len()
+            ),
+            retryable: false,
+        })
+    }
+}
+
+/// A part future that fails at once (a part refused before anything was sent).
+pub(crate) fn refused(err: StoreError) -> PartUpload {
+    Box::pin(futures::future::ready(Err(err)))
 }
 
 /// S3's rule that only the last part may be smaller than [`MIN_PART_SIZE`], enforced by every
@@ -190,8 +254,16 @@ pub(crate) struct PartRule {
 }
 
 impl PartRule {
-    /// Accepts the next part's size, or refuses it because a short part came before it.
-    pub(crate) fn check(&mut self, key: &str, len: usize) -> Result<()> {
+    /// Accepts the next part's size, or refuses it because a short part came before it or the
+    /// upload already has [`MAX_PARTS`] parts (`started` counts the parts before this one).
+    pub(crate) fn check(&mut self, key: &str, len: usize, started: u32) -> Result<()> {
+        if started >= MAX_PARTS {
+            return Err(StoreError::Request {
+                key: key.to_string(),
+                message: format!("more than {MAX_PARTS} parts; raise the part size"),
+                retryable: false,
+            });
+        }
         if self.short_part_seen {
             return Err(StoreError::Request {
                 key: key.to_string(),
@@ -205,7 +277,10 @@ impl PartRule {
 }
 
 /// Opens the store named by `--store`: `file:///path` or `s3://bucket[/prefix]`.
-pub async fn open(location: &str, parts_in_flight: usize) -> Result<Arc<dyn Store>> {
+///
+/// `_parts_in_flight` is no longer used (the pipeline bounds parts in flight for every backend);
+/// it stays until the callers drop it.
+pub async fn open(location: &str, _parts_in_flight: usize) -> Result<Arc<dyn Store>> {
     let invalid = |reason: &str| StoreError::InvalidLocation {
         location: location.to_string(),
         reason: reason.to_string(),
@@ -225,7 +300,7 @@ pub async fn open(location: &str, parts_in_flight: usize) -> Result<Arc<dyn Stor
             return Err(invalid("missing bucket name, e.g. s3://my-bucket/soma"));
         }
         Ok(Arc::new(
-            s3::S3Store::connect(bucket, prefix.trim_matches('/'), parts_in_flight).await,
+            s3::S3Store::connect(bucket, prefix.trim_matches('/')).await,
         ))
     } else {
         Err(invalid(
