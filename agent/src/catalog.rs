@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 pub use soma_proto::{BackupId, IdEngine, InvalidBackupId};
 
 use crate::{
-    pipeline::Digest256,
+    pipeline::Expected,
     store::{PendingUpload, Store, StoreError},
 };
 
@@ -123,13 +123,13 @@ pub struct Artifact {
 }
 
 impl Artifact {
-    /// Expected sizes and digests, for verification.
-    pub fn digest(&self) -> Digest256 {
-        Digest256 {
-            raw_bytes: self.raw_bytes,
-            stored_bytes: self.stored_bytes,
+    /// The sizes and digests a download of this artifact must match.
+    pub fn expected(&self) -> Expected {
+        Expected {
             raw_sha256: self.raw_sha256.clone(),
-            stored_sha256: self.stored_sha256.clone(),
+            raw_bytes: Some(self.raw_bytes),
+            stored_bytes: Some(self.stored_bytes),
+            stored_sha256: Some(self.stored_sha256.clone()),
         }
     }
 }

@@ -54,7 +54,7 @@ fn settings(config: &Config) -> Settings {
 /// `soma-agent restore-pgdata`: lays a base backup into an empty data directory and configures
 /// point-in-time recovery. Prints the summary on stdout.
 pub async fn restore_pgdata(config: &Config, args: &RestorePgdataArgs) -> anyhow::Result<()> {
-    let store = store::open(&config.store, config.parts_in_flight as usize)
+    let store = store::open(&config.store)
         .await
         .context("--store / SOMA_STORE")?;
     let catalog = Catalog::new(store);
@@ -104,7 +104,7 @@ pub async fn wal_fetch(config: &Config, args: &WalFetchArgs) -> WalFetchOutcome 
         // PostgreSQL also asks for files we never archive (e.g. backup history); not ours.
         return WalFetchOutcome::NotFound;
     };
-    let store = match store::open(&config.store, config.parts_in_flight as usize).await {
+    let store = match store::open(&config.store).await {
         Ok(s) => s,
         Err(e) => return fail(format!("--store {}: {e}", config.store)),
     };
@@ -175,7 +175,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })
         .transpose()
         .context("--qdrant-url / SOMA_QDRANT_URL")?;
-    let store = store::open(&config.store, config.parts_in_flight as usize)
+    let store = store::open(&config.store)
         .await
         .context("--store / SOMA_STORE")?;
     let catalog = Catalog::new(store.clone());

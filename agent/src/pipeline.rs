@@ -50,7 +50,7 @@ const PARTS_PER_STEP: u32 = 1000;
 /// How the pipeline compresses and splits a stream.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// zstd level (1..=19; 3 is zstd's and our default).
+    /// zstd level (1..=22, as `--compression-level` accepts; 3 is zstd's and our default).
     pub compression_level: i32,
     /// zstd worker threads; 0 compresses on the pipeline's own thread.
     pub compression_threads: u32,
@@ -83,20 +83,42 @@ pub struct Digest256 {
 }
 
 impl Digest256 {
-    /// Expectations for an object known only by the digest of its raw bytes (WAL files are named
-    /// by it): the digest covers size and content, so nothing else needs checking.
-    pub fn raw_only(raw_sha256: &str) -> Self {
-        Self {
-            raw_bytes: UNCHECKED,
-            stored_bytes: UNCHECKED,
-            raw_sha256: raw_sha256.to_string(),
-            stored_sha256: String::new(),
+    /// Every size and digest of this measurement, as what a download must match.
+    pub fn expected(&self) -> Expected {
+        Expected {
+            raw_sha256: self.raw_sha256.clone(),
+            raw_bytes: Some(self.raw_bytes),
+            stored_bytes: Some(self.stored_bytes),
+            stored_sha256: Some(self.stored_sha256.clone()),
         }
     }
 }
 
-/// A size in a [`Digest256`] that is not known and not checked.
-pub const UNCHECKED: u64 = u64::MAX;
+/// What a download must match. The raw digest is always checked; the rest only when known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    /// Hex sha256 of the uncompressed stream.
+    pub raw_sha256: String,
+    /// Uncompressed size, when known.
+    pub raw_bytes: Option<u64>,
+    /// Stored size, when known.
+    pub stored_bytes: Option<u64>,
+    /// Hex sha256 of the stored object, when known.
+    pub stored_sha256: Option<String>,
+}
+
+impl Expected {
+    /// Expectations for an object known only by the digest of its raw bytes (WAL files are named
+    /// by it): the digest covers size and content, so nothing else needs checking.
+    pub fn raw_only(raw_sha256: &str) -> Self {
+        Self {
+            raw_sha256: raw_sha256.to_string(),
+            raw_bytes: None,
+            stored_bytes: None,
+            stored_sha256: None,
+        }
+    }
+}
 
 /// What was uploaded, beyond the digests.
 #[derive(Debug, Clone)]
@@ -583,7 +605,7 @@ impl Read for ChannelReader {
 pub async fn download<W>(
     store: &dyn Store,
     key: &str,
-    expected: &Digest256,
+    expected: &Expected,
     mut sink: W,
     holdback: usize,
     counters: Arc<Counters>,
@@ -682,19 +704,23 @@ where
     let decode_res = decoder.await.expect("decoder thread panicked");
 
     let (stored_sha256, stored_bytes) = fetch_res?;
-    if expected.stored_bytes != UNCHECKED && stored_bytes != expected.stored_bytes {
+    if let Some(want) = expected.stored_bytes
+        && stored_bytes != want
+    {
         return Err(PipelineError::SizeMismatch {
             key: key.to_string(),
             what: "stored",
-            expected: expected.stored_bytes,
+            expected: want,
             actual: stored_bytes,
         });
     }
-    if !expected.stored_sha256.is_empty() && stored_sha256 != expected.stored_sha256 {
+    if let Some(want) = &expected.stored_sha256
+        && stored_sha256 != *want
+    {
         return Err(PipelineError::ChecksumMismatch {
             key: key.to_string(),
             what: "stored",
-            expected: expected.stored_sha256.clone(),
+            expected: want.clone(),
             actual: stored_sha256,
         });
     }
@@ -705,11 +731,13 @@ where
         });
     }
     let (raw_sha256, raw_bytes) = write_res?;
-    if expected.raw_bytes != UNCHECKED && raw_bytes != expected.raw_bytes {
+    if let Some(want) = expected.raw_bytes
+        && raw_bytes != want
+    {
         return Err(PipelineError::SizeMismatch {
             key: key.to_string(),
             what: "raw",
-            expected: expected.raw_bytes,
+            expected: want,
             actual: raw_bytes,
         });
     }
@@ -795,7 +823,7 @@ mod tests {
         download(
             &store,
             "a/obj.zst",
-            &summary.digest,
+            &summary.digest.expected(),
             &mut out,
             MIB,
             Arc::default(),
@@ -882,9 +910,16 @@ mod tests {
         std::fs::write(&path, bytes).unwrap();
 
         let mut out = Vec::new();
-        let err = download(&store, "a/obj.zst", &digest, &mut out, MIB, Arc::default())
-            .await
-            .unwrap_err();
+        let err = download(
+            &store,
+            "a/obj.zst",
+            &digest.expected(),
+            &mut out,
+            MIB,
+            Arc::default(),
+        )
+        .await
+        .unwrap_err();
         assert!(err.is_data_loss(), "{err}");
         assert!(err.to_string().contains("checksum mismatch"), "{err}");
         assert!(
@@ -903,9 +938,16 @@ mod tests {
         std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
 
         let mut out = Vec::new();
-        let err = download(&store, "a/obj.zst", &digest, &mut out, MIB, Arc::default())
-            .await
-            .unwrap_err();
+        let err = download(
+            &store,
+            "a/obj.zst",
+            &digest.expected(),
+            &mut out,
+            MIB,
+            Arc::default(),
+        )
+        .await
+        .unwrap_err();
         assert!(
             matches!(err, PipelineError::SizeMismatch { what: "stored", .. }),
             "{err}"

@@ -157,7 +157,7 @@ where
     let consumer = consumer(cancel.clone());
     let key = manifest.id.key(&art.name);
     let download = async {
-        let r = pipeline::download(store, &key, &art.digest(), writer, holdback, counters).await;
+        let r = pipeline::download(store, &key, &art.expected(), writer, holdback, counters).await;
         if matches!(&r, Err(e) if !matches!(e, PipelineError::Sink(_))) {
             cancel.cancel();
         }

@@ -280,7 +280,7 @@ impl PartRule {
 ///
 /// `_parts_in_flight` is no longer used (the pipeline bounds parts in flight for every backend);
 /// it stays until the callers drop it.
-pub async fn open(location: &str, _parts_in_flight: usize) -> Result<Arc<dyn Store>> {
+pub async fn open(location: &str) -> Result<Arc<dyn Store>> {
     let invalid = |reason: &str| StoreError::InvalidLocation {
         location: location.to_string(),
         reason: reason.to_string(),

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     lsn::Lsn,
-    pipeline::{self, Counters, Digest256, PipelineError, Settings},
+    pipeline::{self, Counters, Expected, PipelineError, Settings},
     store::Store,
 };
 
@@ -268,7 +268,7 @@ impl WalArchive {
             source,
         };
         let sink = tokio::fs::File::create(&tmp).await.map_err(io)?;
-        let expected = Digest256::raw_only(&object.sha256);
+        let expected = Expected::raw_only(&object.sha256);
         let fetched = pipeline::download(
             self.store.as_ref(),
             &object.key,
@@ -310,7 +310,7 @@ impl WalArchive {
             ),
         };
         let (tx, rx) = tokio::io::duplex(64 * 1024);
-        let expected = Digest256::raw_only(&object.sha256);
+        let expected = Expected::raw_only(&object.sha256);
         let key = object.key.clone();
         // The reader owns its end of the pipe: when it stops early, the download's writes fail
         // instead of blocking on a pipe nobody reads.

@@ -9,7 +9,7 @@ use crate::{
     catalog::{Catalog, Kind, Manifest},
     error::OpError,
     jobs::Reporter,
-    pipeline::{self, Digest256},
+    pipeline::{self, Expected},
     wal::{RecoveryWindow, WalArchive, WalFile, WalIndex},
 };
 
@@ -81,7 +81,7 @@ pub async fn verify_wal(
         pipeline::download(
             catalog.store().as_ref(),
             &object.key,
-            &Digest256::raw_only(&object.sha256),
+            &Expected::raw_only(&object.sha256),
             tokio::io::sink(),
             0,
             reporter.counters(),
