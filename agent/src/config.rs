@@ -76,8 +76,10 @@ pub struct Config {
     pub compression_threads: u32,
 
     /// Size of multipart upload parts (at least 5MiB). It doubles every 1000 parts, so any stream
-    /// up to 5 TiB fits in S3's 10 000 parts.
-    #[arg(long, env = "SOMA_PART_SIZE", default_value = "16MiB", value_parser = parse_size)]
+    /// up to 5 TiB fits in S3's 10 000 parts. 8MiB (the AWS CLI's default) keeps the part buffers
+    /// at 24 MiB with the default parts in flight: measured, every data path then peaks ≤ 64 MiB
+    /// (bench/RESULTS.md) at the same speed as 16MiB parts.
+    #[arg(long, env = "SOMA_PART_SIZE", default_value = "8MiB", value_parser = parse_size)]
     pub part_size: u64,
 
     /// Parts uploaded concurrently. Part buffers on the data path: at most (this + 1) × part size.

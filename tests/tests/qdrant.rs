@@ -285,9 +285,10 @@ fn a_multi_gigabyte_snapshot_streams_with_bounded_memory() {
     assert!(raw > 2 * 1024 * MIB, "raw bytes {raw}");
     let peak_mib = vm_hwm_kib(agent.pid()) / 1024;
     eprintln!("agent VmHWM after streaming {raw} bytes: {peak_mib} MiB");
-    // Part buffers: (2 in flight + 1 filling) x 16 MiB, plus zstd and the runtime.
+    // Part buffers: (2 in flight + 1 filling) x 8 MiB, plus zstd, the code and the runtime:
+    // measured 63 MiB here; 16 MiB parts (or buffers kept per thread) would pass 80.
     assert!(
-        peak_mib < 128,
+        peak_mib < 80,
         "agent peak RSS {peak_mib} MiB while streaming a {raw}-byte snapshot"
     );
     assert!(q.snapshot_files_on_node().is_empty());

@@ -200,8 +200,8 @@ impl PipelineError {
 ///
 /// The first [`PARTS_PER_STEP`] parts use `base`, then the size doubles every
 /// [`PARTS_PER_STEP`] parts (capped at S3's 5 GiB), so memory stays at `base` per part for every
-/// ordinary database while a 5 TiB stream still fits in S3's 10 000 parts: with the 16 MiB default,
-/// 9 000 parts hold about 8 TiB.
+/// ordinary database while a 5 TiB stream still fits in S3's 10 000 parts: with the 8 MiB default,
+/// 10 000 parts hold about 8 TiB.
 pub fn part_size_for(base: usize, index: u32) -> usize {
     let step = (index / PARTS_PER_STEP).min(16);
     base.max(MIN_PART_SIZE)
@@ -464,15 +464,17 @@ mod tests {
 
     #[test]
     fn part_sizes_let_five_tebibytes_fit_in_ten_thousand_parts() {
-        let base = 16 * 1024 * 1024;
-        assert_eq!(part_size_for(base, 0), base);
-        assert_eq!(part_size_for(base, 999), base);
-        assert_eq!(part_size_for(base, 1000), 2 * base);
-        let total: u128 = (0..crate::store::MAX_PARTS)
-            .map(|i| part_size_for(base, i) as u128)
-            .sum();
-        assert!(total >= 5u128 << 40, "10 000 parts hold only {total} bytes");
-        assert!((0..20_000).all(|i| part_size_for(base, i) <= MAX_PART_SIZE));
+        // The default (8 MiB) and a larger base alike.
+        for base in [8 * 1024 * 1024, 16 * 1024 * 1024] {
+            assert_eq!(part_size_for(base, 0), base);
+            assert_eq!(part_size_for(base, 999), base);
+            assert_eq!(part_size_for(base, 1000), 2 * base);
+            let total: u128 = (0..crate::store::MAX_PARTS)
+                .map(|i| part_size_for(base, i) as u128)
+                .sum();
+            assert!(total >= 5u128 << 40, "10 000 parts hold only {total} bytes");
+            assert!((0..20_000).all(|i| part_size_for(base, i) <= MAX_PART_SIZE));
+        }
         // A part size below S3's minimum is raised to it.
         assert_eq!(part_size_for(1024, 0), MIN_PART_SIZE);
     }
