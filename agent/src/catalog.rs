@@ -331,6 +331,21 @@ impl Manifest {
     }
 }
 
+/// The backup "latest" names among `manifests` (complete backups in any order): the newest
+/// top-level one, that is a backup set or a backup that belongs to no set. A set records its start
+/// before its members start, so the newest by start time alone would be a member of the newest
+/// set, and restoring it would restore only part of what `backup all` took.
+pub fn latest(manifests: Vec<Manifest>) -> Option<Manifest> {
+    let members: std::collections::HashSet<BackupId> = manifests
+        .iter()
+        .flat_map(|m| m.members.iter().cloned())
+        .collect();
+    manifests
+        .into_iter()
+        .filter(|m| !members.contains(&m.id))
+        .max_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)))
+}
+
 /// Reads and writes manifests and ids in a store.
 #[derive(Debug, Clone)]
 pub struct Catalog {
@@ -424,14 +439,10 @@ impl Catalog {
         Ok(manifest)
     }
 
-    /// Resolves "latest" (the newest complete backup) or a literal id.
+    /// Resolves "latest" (the newest complete top-level backup: see [`latest`]) or a literal id.
     pub async fn resolve(&self, id_or_latest: &str) -> Result<Manifest, CatalogError> {
         if id_or_latest == "latest" {
-            self.list()
-                .await?
-                .into_iter()
-                .next()
-                .ok_or(CatalogError::NoBackups)
+            latest(self.list().await?).ok_or(CatalogError::NoBackups)
         } else {
             let id = BackupId::parse(id_or_latest)?;
             self.get(&id).await
@@ -500,5 +511,65 @@ impl Catalog {
             }
         }
         Ok(aborted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    fn manifest(engine: Engine, kind: Kind, name: &str, started_second: u32) -> Manifest {
+        let at = Utc
+            .with_ymd_and_hms(2026, 11, 29, 14, 0, started_second)
+            .unwrap();
+        let mut m = Manifest::completed(
+            BackupId::new(at, engine.id_engine(), name),
+            engine,
+            kind,
+            Target {
+                name: name.into(),
+                server: "localhost".into(),
+                server_version: "1".into(),
+            },
+            Tool {
+                name: "tool".into(),
+                version: "1".into(),
+            },
+            at,
+        );
+        m.completed_at = at + chrono::Duration::seconds(1);
+        m
+    }
+
+    #[test]
+    fn latest_is_the_set_not_its_members_that_started_later() {
+        let older = manifest(Engine::Postgres, Kind::Logical, "older", 0);
+        let pg = manifest(Engine::Postgres, Kind::Logical, "app", 11);
+        let qd = manifest(Engine::Qdrant, Kind::QdrantCollections, "all", 12);
+        let set =
+            manifest(Engine::Set, Kind::Set, "all", 10).with_members(&[pg.clone(), qd.clone()]);
+        // Newest first, as `Catalog::list` returns them: both members are newer than the set.
+        let chosen = latest(vec![qd, pg, set.clone(), older]).unwrap();
+        assert_eq!(chosen.id, set.id);
+    }
+
+    #[test]
+    fn latest_is_a_standalone_backup_newer_than_the_last_set() {
+        let pg = manifest(Engine::Postgres, Kind::Logical, "app", 1);
+        let set =
+            manifest(Engine::Set, Kind::Set, "all", 0).with_members(std::slice::from_ref(&pg));
+        let standalone = manifest(Engine::Qdrant, Kind::QdrantCollections, "docs", 5);
+        let chosen = latest(vec![pg, standalone.clone(), set]).unwrap();
+        assert_eq!(chosen.id, standalone.id);
+    }
+
+    #[test]
+    fn latest_of_nothing_is_none_and_a_member_without_its_set_counts() {
+        assert!(latest(Vec::new()).is_none());
+        // Members whose set was deleted are top-level again.
+        let pg = manifest(Engine::Postgres, Kind::Logical, "app", 1);
+        assert_eq!(latest(vec![pg.clone()]).unwrap().id, pg.id);
     }
 }

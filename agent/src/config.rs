@@ -158,7 +158,8 @@ pub struct RestorePgdataArgs {
     /// Data directory to create; it must be missing or empty.
     #[arg(long, env = "PGDATA")]
     pub pgdata: PathBuf,
-    /// Recover every transaction committed at or before this time (RFC 3339).
+    /// Recover every transaction committed at or before this time (RFC 3339, or as PostgreSQL
+    /// prints it: `2026-11-29 14:35:01.8+00`).
     #[arg(long, conflicts_with_all = ["target_lsn", "target"])]
     pub target_time: Option<String>,
     /// Recover up to this WAL position, e.g. 16/B374D848.

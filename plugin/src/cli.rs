@@ -165,7 +165,8 @@ pub struct RestoreArgs {
     /// (`soma-agent restore-pgdata`) instead.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["database", "clean", "collections", "force"])]
     pub pgdata: Option<String>,
-    /// With --pgdata: recover every transaction committed at or before this time (RFC 3339).
+    /// With --pgdata: recover every transaction committed at or before this time (RFC 3339, or as
+    /// PostgreSQL prints it: `2026-11-29 14:35:01.8+00`).
     #[arg(long, requires = "pgdata", conflicts_with_all = ["target_lsn", "target"])]
     pub target_time: Option<String>,
     /// With --pgdata: recover up to this WAL position, e.g. 16/B374D848.

@@ -14,12 +14,10 @@ use soma_tests::pg::PG_BIN_DIR;
 use soma_tests::pitr::{physical_backup, restore_and_start, wait_archived, wal_agent, wal_status};
 use soma_tests::{PgCluster, TestStore, poll_until, soma};
 
-/// The server's clock now, as RFC 3339 UTC with microseconds (what --target-time takes).
+/// The server's clock now, as psql prints a timestamptz (`2026-11-29 14:35:01.800778+00`): what a
+/// user copies into --target-time.
 fn server_now(pg: &PgCluster) -> String {
-    pg.psql(
-        "postgres",
-        "select to_char(clock_timestamp() at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-    )
+    pg.psql("postgres", "select clock_timestamp()")
 }
 
 /// Starts pgbench against `pg` in the background with `args` (output captured, killed on drop).

@@ -9,7 +9,9 @@
 //!   another minor version, and `--as` restores a copy without moving the aliases;
 //! - shard streaming takes a backup without any snapshot file on the node;
 //! - a multi-GB snapshot streams with bounded agent memory (VmHWM);
-//! - `backup all` takes PostgreSQL and Qdrant as one set, and `restore SET` brings both back.
+//! - `backup all` takes PostgreSQL and Qdrant as one set, and `restore SET` brings both back;
+//!   after it, `latest` names the set (not a member, which starts later), so `restore latest`
+//!   brings back every member.
 //!
 //! The API key reaches the double on every request and never appears in the agent's logs.
 
@@ -358,6 +360,74 @@ fn a_backup_set_takes_and_restores_postgres_and_qdrant_together() {
     // Deleting the set deletes its members.
     soma(agent.addr(), &["delete", &set_id, "--yes"]).assert_success("delete the set");
     assert!(ids(&agent).is_empty(), "{:?}", ids(&agent));
+}
+
+#[test]
+fn latest_after_backup_all_is_the_set_and_restores_every_member() {
+    let pg = PgCluster::start();
+    pg.createdb("appdb");
+    pg.psql(
+        "appdb",
+        "create table policy (id int primary key, rule text);
+         insert into policy select i, 'rule ' || i from generate_series(1, 50) i;",
+    );
+    let q = QdrantDouble::start(Some(API_KEY));
+    q.add_collection("docs", 4, 20, 1000, 1);
+    q.add_collection("tiny", 4, 3, 1000, 3);
+    let store = TestStore::local();
+    let agent = qdrant_agent(&store, &q, &pg.url("appdb"), &[]);
+    let a = agent.addr();
+
+    let out = soma(a, &["-o", "json", "backup", "all"]);
+    out.assert_success("backup all");
+    let set_id = out.json()["id"].as_str().expect("set id").to_string();
+
+    let out = soma(a, &["describe", "latest", "-o", "json"]);
+    out.assert_success("describe latest -o json");
+    let described = out.json();
+    assert_eq!(
+        described["id"].as_str(),
+        Some(set_id.as_str()),
+        "right after backup all, latest names another backup than the set:\n{out}"
+    );
+    assert_eq!(described["engine"], "set", "{out}");
+    let out = soma(a, &["describe", "latest"]);
+    out.assert_success("describe latest");
+    assert!(
+        out.stdout
+            .lines()
+            .next()
+            .is_some_and(|l| l.starts_with(&format!("latest resolved to {set_id} (set of 2"))),
+        "{out}"
+    );
+
+    let rules = "select md5(string_agg(rule, ',' order by id)) from policy";
+    let before = pg.psql("appdb", rules);
+    let (docs, tiny) = (q.fingerprint("docs"), q.fingerprint("tiny"));
+    pg.psql("appdb", "delete from policy where id > 10");
+    q.add_collection("docs", 4, 20, 1000, 42);
+    q.add_collection("tiny", 4, 3, 1000, 43);
+    assert_ne!(
+        q.fingerprint("docs"),
+        docs,
+        "the change must be visible to be undone"
+    );
+    soma(a, &["restore", "latest", "--clean", "--force"]).assert_success("restore latest");
+    assert_eq!(
+        pg.psql("appdb", rules),
+        before,
+        "PostgreSQL member not restored"
+    );
+    assert_eq!(
+        q.fingerprint("docs"),
+        docs,
+        "Qdrant collection docs not restored"
+    );
+    assert_eq!(
+        q.fingerprint("tiny"),
+        tiny,
+        "Qdrant collection tiny not restored"
+    );
 }
 
 #[test]

@@ -11,6 +11,7 @@ use crate::{
 
 /// Shows one backup; json/yaml print its manifest.
 pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(), CliError> {
+    let asked_latest = args.id == "latest";
     let info = agent
         .client
         .describe_backup(v1::DescribeBackupRequest { backup_id: args.id })
@@ -21,6 +22,9 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(),
     match out {
         OutputFormat::Table => {
             let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+            if asked_latest {
+                println!("{}", resolved_line(&info, &s(&manifest["kind"])));
+            }
             println!("ID:          {}", info.id);
             println!(
                 "Engine:      {} ({})",
@@ -84,5 +88,53 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(),
             Ok(())
         }
         format => output::print_structured(format, &manifest),
+    }
+}
+
+/// The line that tells a user which backup "latest" named, so a restore of "latest" holds no
+/// surprise.
+fn resolved_line(info: &v1::BackupInfo, kind: &str) -> String {
+    let what = if info.members.is_empty() {
+        format!("{} {kind}", output::engine_name(info))
+    } else {
+        format!("set of {} backups", info.members.len())
+    };
+    format!(
+        "latest resolved to {} ({what}, completed {})",
+        info.id,
+        output::short_time(&info.completed_at)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latest_names_the_backup_it_resolved_to() {
+        let set = v1::BackupInfo {
+            id: "20261129T143501Z-set-all-1a2b".into(),
+            engine: v1::Engine::Set as i32,
+            completed_at: "2026-11-29T14:35:09.5+00:00".into(),
+            members: vec![
+                "20261129T143502Z-pg-app-3c4d".into(),
+                "20261129T143503Z-qd-all-5e6f".into(),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            resolved_line(&set, "set"),
+            "latest resolved to 20261129T143501Z-set-all-1a2b (set of 2 backups, completed 2026-11-29 14:35:09)"
+        );
+        let pg = v1::BackupInfo {
+            id: "20261129T143502Z-pg-app-3c4d".into(),
+            engine: v1::Engine::Postgres as i32,
+            completed_at: "2026-11-29T14:35:04+00:00".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            resolved_line(&pg, "logical"),
+            "latest resolved to 20261129T143502Z-pg-app-3c4d (postgres logical, completed 2026-11-29 14:35:04)"
+        );
     }
 }

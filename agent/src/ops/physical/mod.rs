@@ -114,7 +114,7 @@ pub enum PhysicalError {
     },
     /// `--target-time` that is not a time.
     #[error(
-        "--target-time {value:?} is not an RFC 3339 time ({reason}); use e.g. 2026-11-25T14:03:07Z or 2026-11-25T15:03:07.250+01:00"
+        "--target-time {value:?} is not a time ({reason}); give it in RFC 3339, e.g. 2026-11-25T14:03:07Z or 2026-11-25T15:03:07.250+01:00, or as PostgreSQL prints it, e.g. 2026-11-25 15:03:07.25+01"
     )]
     BadTime {
         /// As given.

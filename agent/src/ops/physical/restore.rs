@@ -41,12 +41,14 @@ impl RecoveryTarget {
         latest: bool,
     ) -> Result<Self, PhysicalError> {
         match (time, lsn, latest) {
-            (Some(t), None, false) => DateTime::parse_from_rfc3339(t)
-                .map(RecoveryTarget::Time)
-                .map_err(|e| PhysicalError::BadTime {
-                    value: t.to_string(),
-                    reason: e.to_string(),
-                }),
+            (Some(t), None, false) => {
+                parse_time(t)
+                    .map(RecoveryTarget::Time)
+                    .map_err(|e| PhysicalError::BadTime {
+                        value: t.to_string(),
+                        reason: e.to_string(),
+                    })
+            }
             (None, Some(l), false) => Ok(RecoveryTarget::Lsn(l.parse()?)),
             (None, None, _) => Ok(RecoveryTarget::Latest),
             _ => Err(PhysicalError::TwoTargets),
@@ -69,6 +71,17 @@ impl RecoveryTarget {
             RecoveryTarget::Lsn(l) => d.stop_lsn <= *l,
         }
     }
+}
+
+/// A recovery target time in RFC 3339 (`2026-11-29T14:35:01.8Z`) or as PostgreSQL prints a
+/// `timestamptz` (`2026-11-29 14:35:01.800778+00`, `+05:30`, with or without a fraction), so a
+/// time copied from `now()` or a log line works as it is.
+fn parse_time(t: &str) -> Result<DateTime<FixedOffset>, chrono::ParseError> {
+    DateTime::parse_from_rfc3339(t).or_else(|rfc| {
+        DateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f%#z")
+            // Report what the form the value resembles found wrong.
+            .map_err(|pg| if t.contains('T') { rfc } else { pg })
+    })
 }
 
 /// A physical restore request.
@@ -282,6 +295,7 @@ mod tests {
             RecoveryTarget::Latest
         );
         assert!(RecoveryTarget::from_options(Some("yesterday"), None, false).is_err());
+        assert!(RecoveryTarget::from_options(Some("2026-11-29 14:35:01"), None, false).is_err());
         assert!(
             RecoveryTarget::from_options(Some("2026-11-25T10:00:00Z"), Some("0/1"), false).is_err()
         );
@@ -289,5 +303,29 @@ mod tests {
             RecoveryTarget::from_options(None, Some("1/2"), false).unwrap(),
             RecoveryTarget::Lsn(Lsn((1 << 32) | 2))
         );
+    }
+
+    #[test]
+    fn target_time_as_rfc3339_or_as_postgresql_prints_it() {
+        let at = |s: &str| match RecoveryTarget::from_options(Some(s), None, false) {
+            Ok(RecoveryTarget::Time(t)) => t,
+            other => panic!("{s}: {other:?}"),
+        };
+        let utc = DateTime::parse_from_rfc3339("2026-11-29T14:35:01.800778Z").unwrap();
+        assert_eq!(at("2026-11-29T14:35:01.800778Z"), utc);
+        assert_eq!(at("2026-11-29 14:35:01.800778+00"), utc);
+        assert_eq!(at("2026-11-29 20:05:01.800778+05:30"), utc);
+        assert_eq!(
+            at("2026-11-29 14:35:01+00"),
+            DateTime::parse_from_rfc3339("2026-11-29T14:35:01Z").unwrap()
+        );
+        assert_eq!(
+            at("2026-11-29 06:35:01-08"),
+            DateTime::parse_from_rfc3339("2026-11-29T14:35:01Z").unwrap()
+        );
+        let err = RecoveryTarget::from_options(Some("2026-11-29 14:35"), None, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("2026-11-25 15:03:07.25+01"), "{err}");
     }
 }
