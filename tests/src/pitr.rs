@@ -147,19 +147,32 @@ pub fn restore_and_start(store: &TestStore, args: &[&str]) -> PgCluster {
     target
 }
 
-/// A client committing one row per transaction (`insert into TABLE default values returning id`)
-/// as fast as the server acknowledges them, recording the id of every acknowledged row: psql
-/// prints a row only after the server reported its transaction committed. Killed on drop.
+/// A client committing one row per transaction (`insert into TABLE default values returning …`)
+/// as fast as the server acknowledges them, recording every acknowledged row: psql prints a row
+/// only after the server reported its transaction committed. Killed on drop.
 #[derive(Debug)]
-pub struct AckedInserts {
+pub struct AckedInserts<T = i64> {
     child: Child,
-    acked: Arc<Mutex<Vec<i64>>>,
+    acked: Arc<Mutex<Vec<T>>>,
 }
 
-impl AckedInserts {
-    /// Starts the client against database `postgres` of `pg`; `table` must have a `bigserial`
-    /// (or otherwise defaulted) `id` and defaults for every other column.
+impl AckedInserts<i64> {
+    /// Starts the client against database `postgres` of `pg`, recording acknowledged ids; `table`
+    /// must have a `bigserial` (or otherwise defaulted) `id` and defaults for every other column.
     pub fn start(pg: &PgCluster, table: &str) -> Self {
+        Self::start_returning(pg, table, "id", |line| line.trim().parse().ok())
+    }
+}
+
+impl<T: Clone + Send + 'static> AckedInserts<T> {
+    /// Starts the client, recording `parse` of each acknowledged row's `returning` columns (psql
+    /// unaligned output: columns separated by `|`).
+    pub fn start_returning(
+        pg: &PgCluster,
+        table: &str,
+        returning: &str,
+        parse: fn(&str) -> Option<T>,
+    ) -> Self {
         let mut child = pg
             .client_command("/usr/bin/psql")
             .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", "postgres"])
@@ -169,7 +182,7 @@ impl AckedInserts {
             .spawn()
             .expect("cannot run psql");
         let mut stdin = child.stdin.take().expect("psql stdin");
-        let line = format!("insert into {table} default values returning id;\n");
+        let line = format!("insert into {table} default values returning {returning};\n");
         std::thread::spawn(move || {
             // The pipe's backpressure paces the writer; it ends when psql exits.
             for _ in 0..5_000_000 {
@@ -178,28 +191,33 @@ impl AckedInserts {
                 }
             }
         });
-        let acked: Arc<Mutex<Vec<i64>>> = Arc::default();
+        let acked: Arc<Mutex<Vec<T>>> = Arc::default();
         let sink = acked.clone();
         let stdout = child.stdout.take().expect("psql stdout");
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Ok(id) = line.trim().parse() {
-                    sink.lock().expect("acked ids lock").push(id);
+                if let Some(row) = parse(&line) {
+                    sink.lock().expect("acked rows lock").push(row);
                 }
             }
         });
         AckedInserts { child, acked }
     }
 
-    /// The ids acknowledged so far, in acknowledgement order.
-    pub fn acked(&self) -> Vec<i64> {
-        self.acked.lock().expect("acked ids lock").clone()
+    /// The rows acknowledged so far, in acknowledgement order.
+    pub fn acked(&self) -> Vec<T> {
+        self.acked.lock().expect("acked rows lock").clone()
     }
 
     /// How many rows were acknowledged so far.
     pub fn count(&self) -> usize {
-        self.acked.lock().expect("acked ids lock").len()
+        self.acked.lock().expect("acked rows lock").len()
+    }
+
+    /// Waits for psql to exit on its own (after its server went away).
+    pub fn wait_exit(&mut self) {
+        let _ = self.child.wait();
     }
 
     /// Stops the client (SIGKILL: an acknowledgement in flight is simply not recorded).
@@ -209,8 +227,9 @@ impl AckedInserts {
     }
 }
 
-impl Drop for AckedInserts {
+impl<T> Drop for AckedInserts<T> {
     fn drop(&mut self) {
-        self.stop();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

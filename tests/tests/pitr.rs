@@ -4,14 +4,14 @@
 //! directories that a real PostgreSQL then replays through `soma-agent wal-fetch`.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use soma_tests::pg::PG_BIN_DIR;
-use soma_tests::pitr::{physical_backup, restore_and_start, wait_archived, wal_agent, wal_status};
+use soma_tests::pitr::{
+    AckedInserts, physical_backup, restore_and_start, wait_archived, wal_agent, wal_status,
+};
 use soma_tests::{PgCluster, TestStore, poll_until, soma};
 
 /// The server's clock now, as psql prints a timestamptz (`2026-11-29 14:35:01.800778+00`): what a
@@ -122,44 +122,10 @@ fn restore_to_a_time_returns_exactly_the_rows_committed_by_then() {
     );
 }
 
-/// Rows a client saw committed: (id, commit-side timestamp as epoch seconds).
-type Acked = Arc<Mutex<Vec<(i64, f64)>>>;
-
-/// A client inserting one row per transaction as fast as the server acknowledges them, recording
-/// each acknowledged row: what a crash may not lose beyond the recovery point objective.
-fn acknowledged_inserts(pg: &PgCluster) -> (std::process::Child, Acked) {
-    let mut child = pg
-        .client_command("/usr/bin/psql")
-        .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", "postgres"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("cannot run psql");
-    let mut stdin = child.stdin.take().expect("psql stdin");
-    std::thread::spawn(move || {
-        // The pipe's backpressure paces the writer; the loop ends when psql exits (crash).
-        let line = b"insert into stamped default values returning id, extract(epoch from at);\n";
-        for _ in 0..2_000_000 {
-            if stdin.write_all(line).is_err() {
-                break;
-            }
-        }
-    });
-    let acked: Acked = Arc::default();
-    let sink = acked.clone();
-    let stdout = child.stdout.take().expect("psql stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some((id, at)) = line.split_once('|')
-                && let (Ok(id), Ok(at)) = (id.parse(), at.parse())
-            {
-                sink.lock().unwrap().push((id, at));
-            }
-        }
-    });
-    (child, acked)
+/// A row a client saw committed: (id, commit-side timestamp as epoch seconds).
+fn id_and_time(line: &str) -> Option<(i64, f64)> {
+    let (id, at) = line.split_once('|')?;
+    Some((id.parse().ok()?, at.parse().ok()?))
 }
 
 /// The disaster: under a pgbench load plus a client committing rows one by one, the whole pod dies
@@ -192,7 +158,8 @@ fn disaster_restore_latest_loses_at_most_the_partial_interval() {
     physical_backup(agent.addr());
 
     let mut load = pgbench(&pg, &["-n", "-c", "2", "-T", "120"]);
-    let (mut inserter, acked) = acknowledged_inserts(&pg);
+    let mut inserter =
+        AckedInserts::start_returning(&pg, "stamped", "id, extract(epoch from at)", id_and_time);
     // Run long enough for complete segments and several partial shipments.
     let started = Instant::now();
     poll_until(
@@ -211,11 +178,11 @@ fn disaster_restore_latest_loses_at_most_the_partial_interval() {
     agent.kill_9();
     pg.kill_9();
     let crashed_at = Instant::now();
-    let _ = inserter.wait();
+    inserter.wait_exit();
     let _ = load.kill();
     let _ = load.wait();
     std::fs::remove_dir_all(pg.data_path()).expect("delete the data directory");
-    let acked = acked.lock().unwrap().clone();
+    let acked = inserter.acked();
     assert!(acked.len() > 1000, "only {} rows acknowledged", acked.len());
     let &(last_id, last_at) = acked.last().unwrap();
 
