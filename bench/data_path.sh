@@ -63,11 +63,6 @@ STDIN_HOLDER_PID=''
 as_postgres() { "$@"; } # redefined when running as root
 # shellcheck disable=SC2317 # called from the EXIT trap
 stop_postgres() { (cd / && as_postgres "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 120 stop >/dev/null 2>&1); }
-# shellcheck disable=SC2317 # called from the EXIT trap
-stop_double() {
-  stop_pid "$STDIN_HOLDER_PID"
-  stop_pid "$QDRANT_PID"
-}
 FAILURE_LOGS=(agent.log garage.log qdrant.log pg/postgres.log)
 install_cleanup
 
@@ -123,9 +118,7 @@ if [[ $(id -u) -eq 0 ]]; then
   as_postgres() { runuser -u postgres -- "$@"; }
 fi
 export PATH="$PG_BIN:$PATH"
-build_soma -p soma-tests --example qdrant-double
-QDRANT_DOUBLE_BIN=${QDRANT_DOUBLE_BIN:-$BIN_DIR/examples/qdrant-double}
-[[ -x "$QDRANT_DOUBLE_BIN" ]] || die "$QDRANT_DOUBLE_BIN is missing (cargo build --release -p soma-tests --example qdrant-double)"
+find_qdrant_double
 make_tmp_dir "$(((SCALE * 70 + 4 * QDRANT_MIB + 1024) * 1024))"
 
 # --- PostgreSQL --------------------------------------------------------------------------------
@@ -152,16 +145,7 @@ log "PostgreSQL $PG_SERVER_VERSION on 127.0.0.1:$PG_PORT, $DB = $DB_PRETTY (load
 
 # --- Garage, the Qdrant double, the agent ------------------------------------------------------
 start_garage
-mkdir "$TMP_DIR/qdrant"
-mkfifo "$TMP_DIR/qdrant.stdin"
-TMPDIR="$TMP_DIR/qdrant" "$QDRANT_DOUBLE_BIN" "$COLLECTION:$QDRANT_MIB" <"$TMP_DIR/qdrant.stdin" >"$TMP_DIR/qdrant.log" 2>&1 &
-QDRANT_PID=$!
-sleep infinity >"$TMP_DIR/qdrant.stdin" &
-STDIN_HOLDER_PID=$!
-at_exit stop_double
-QDRANT_URL=''
-wait_for_line QDRANT_URL "$TMP_DIR/qdrant.log" 's|^qdrant double listening on \(http://127\.0\.0\.1:[0-9][0-9]*\)$|\1|p' \
-  "$QDRANT_PID" "the Qdrant double" 'qdrant double listening on ...'
+start_qdrant_double "$COLLECTION:$QDRANT_MIB"
 start_agent --postgres-url "postgresql://postgres@127.0.0.1:$PG_PORT/$DB" --qdrant-url "$QDRANT_URL"
 
 # --- measurements ------------------------------------------------------------------------------

@@ -319,3 +319,41 @@ collect_run_info() {
 
 machine_line() { printf -- '- **Machine**: %s CPUs (%s), %s RAM, %s, Linux %s\n' "$(nproc)" "$CPU_MODEL" "$MEM_TOTAL" "$OS_NAME" "$(uname -r)"; }
 load_line() { printf -- '- **Load average** (1/5/15 min) when the measurements started: %s; when they ended: %s\n' "$1" "$2"; }
+
+# --- the Qdrant double (tests/examples/qdrant-double) ------------------------------------------
+# Builds (unless SOMA_SKIP_BUILD) and finds the double: QDRANT_DOUBLE_BIN.
+find_qdrant_double() {
+  build_soma -p soma-tests --example qdrant-double
+  QDRANT_DOUBLE_BIN=${QDRANT_DOUBLE_BIN:-$BIN_DIR/examples/qdrant-double}
+  [[ -x "$QDRANT_DOUBLE_BIN" ]] || die "$QDRANT_DOUBLE_BIN is missing (cargo build --release -p soma-tests --example qdrant-double)"
+}
+
+# Starts the double serving COLLECTION:MIB and sets QDRANT_URL. The double serves until its stdin
+# closes: a `sleep` holds the FIFO open (a descriptor kept in this shell would be inherited by the
+# agent and keep it open), killing it closes it.
+start_qdrant_double() {
+  mkdir "$TMP_DIR/qdrant"
+  mkfifo "$TMP_DIR/qdrant.stdin"
+  TMPDIR="$TMP_DIR/qdrant" "$QDRANT_DOUBLE_BIN" "$1" <"$TMP_DIR/qdrant.stdin" >"$TMP_DIR/qdrant.log" 2>&1 &
+  QDRANT_PID=$!
+  sleep infinity >"$TMP_DIR/qdrant.stdin" &
+  STDIN_HOLDER_PID=$!
+  at_exit stop_double
+  QDRANT_URL=''
+  wait_for_line QDRANT_URL "$TMP_DIR/qdrant.log" 's|^qdrant double listening on \(http://127\.0\.0\.1:[0-9][0-9]*\)$|\1|p' \
+    "$QDRANT_PID" "the Qdrant double" 'qdrant double listening on ...'
+}
+
+# Closes the double's stdin, gives it 30 s to exit on its own, then stops it.
+# shellcheck disable=SC2317 # called from the EXIT trap and at the end
+stop_double() {
+  stop_pid "$STDIN_HOLDER_PID"
+  STDIN_HOLDER_PID=''
+  [[ -n "$QDRANT_PID" ]] || return 0
+  for _ in $(seq 1 300); do
+    kill -0 "$QDRANT_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  stop_pid "$QDRANT_PID"
+  QDRANT_PID=''
+}

@@ -65,20 +65,6 @@ unset SOMA_QDRANT_API_KEY SOMA_QDRANT_MODE SOMA_QDRANT_CA_CERT SOMA_QDRANT_URL
 
 QDRANT_PID=''
 STDIN_HOLDER_PID=''
-# The double serves until its stdin closes: a `sleep` holds the FIFO open (a descriptor kept in
-# this shell would be inherited by the agent and keep it open), killing it closes it.
-# shellcheck disable=SC2317 # called from the EXIT trap and at the end
-stop_double() {
-  stop_pid "$STDIN_HOLDER_PID"
-  STDIN_HOLDER_PID=''
-  [[ -n "$QDRANT_PID" ]] || return 0
-  for _ in $(seq 1 300); do
-    kill -0 "$QDRANT_PID" 2>/dev/null || break
-    sleep 0.1
-  done
-  stop_pid "$QDRANT_PID"
-  QDRANT_PID=''
-}
 FAILURE_LOGS=(agent.log garage.log qdrant.log)
 install_cleanup
 
@@ -165,9 +151,7 @@ log "Soma Backup Qdrant benchmark: SIZE_MIB=$SIZE_MIB REPEAT=$REPEAT"
 
 find_garage
 curl --help all 2>/dev/null | grep -q -- '--fail-with-body' || die "curl >= 7.76 (--fail-with-body) is needed"
-build_soma -p soma-tests --example qdrant-double
-QDRANT_DOUBLE_BIN=${QDRANT_DOUBLE_BIN:-$BIN_DIR/examples/qdrant-double}
-[[ -x "$QDRANT_DOUBLE_BIN" ]] || die "$QDRANT_DOUBLE_BIN is missing (cargo build --release -p soma-tests --example qdrant-double)"
+find_qdrant_double
 
 # --- temp dir and disk space -------------------------------------------------------------------
 make_tmp_dir "$(((4 * SIZE_MIB + 1024) * 1024))" die
@@ -176,16 +160,7 @@ make_tmp_dir "$(((4 * SIZE_MIB + 1024) * 1024))" die
 start_garage
 
 # --- the Qdrant double ---------------------------------------------------------------------------
-mkdir "$TMP_DIR/qdrant"
-mkfifo "$TMP_DIR/qdrant.stdin"
-TMPDIR="$TMP_DIR/qdrant" "$QDRANT_DOUBLE_BIN" "$COLLECTION:$SIZE_MIB" <"$TMP_DIR/qdrant.stdin" >"$TMP_DIR/qdrant.log" 2>&1 &
-QDRANT_PID=$!
-sleep infinity >"$TMP_DIR/qdrant.stdin" &
-STDIN_HOLDER_PID=$!
-at_exit stop_double
-QDRANT_URL=''
-wait_for_line QDRANT_URL "$TMP_DIR/qdrant.log" 's|^qdrant double listening on \(http://127\.0\.0\.1:[0-9][0-9]*\)$|\1|p' \
-  "$QDRANT_PID" "the Qdrant double" 'qdrant double listening on ...'
+start_qdrant_double "$COLLECTION:$SIZE_MIB"
 q GET / >"$TMP_DIR/qdrant-version.json" || die "GET / failed"
 QDRANT_VERSION=$(json_field "$TMP_DIR/qdrant-version.json" version) || die "no version in GET /"
 q GET "/collections/$COLLECTION" >"$TMP_DIR/collection.json" || die "GET /collections/$COLLECTION failed"
