@@ -125,12 +125,12 @@ pub struct Artifact {
 impl Artifact {
     /// The sizes and digests a download of this artifact must match.
     pub fn expected(&self) -> Expected {
-        Expected {
-            raw_sha256: self.raw_sha256.clone(),
-            raw_bytes: Some(self.raw_bytes),
-            stored_bytes: Some(self.stored_bytes),
-            stored_sha256: Some(self.stored_sha256.clone()),
-        }
+        Expected::all(
+            &self.raw_sha256,
+            self.raw_bytes,
+            &self.stored_sha256,
+            self.stored_bytes,
+        )
     }
 }
 

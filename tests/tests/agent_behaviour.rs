@@ -15,18 +15,8 @@ const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 #[test]
 fn a_backup_finishes_after_its_client_disconnects() {
-    let pg = PgCluster::start();
-    pg.createdb("appdb");
-    fixtures::create_big_table(&pg, "appdb", "blob", 200);
     let store = TestStore::local();
-    let agent = Agent::start(
-        &store.url(),
-        &pg.url("appdb"),
-        &["--part-size", "5MiB"],
-        &store.env(),
-    );
-
-    let client = soma_tests::store::backup_in_flight(agent.addr(), &store, "appdb");
+    let (_pg, agent, client) = big_backup_in_flight(&store);
     assert!(
         store.manifests().is_empty(),
         "the backup must still be running when its client goes away"
@@ -49,6 +39,22 @@ fn a_backup_finishes_after_its_client_disconnects() {
         "nothing may be left half-uploaded: {:?}",
         store.pending_uploads()
     );
+}
+
+/// A cluster whose `appdb` holds a 200 MiB table, an agent on `store` with 5 MiB parts, and a
+/// backup of `appdb` that has already stored a mebibyte: surely still running.
+fn big_backup_in_flight(store: &TestStore) -> (PgCluster, Agent, soma_tests::SomaChild) {
+    let pg = PgCluster::start();
+    pg.createdb("appdb");
+    fixtures::create_big_table(&pg, "appdb", "blob", 200);
+    let agent = Agent::start(
+        &store.url(),
+        &pg.url("appdb"),
+        &["--part-size", "5MiB"],
+        &store.env(),
+    );
+    let client = soma_tests::store::backup_in_flight(agent.addr(), store, "appdb");
+    (pg, agent, client)
 }
 
 fn small_cluster() -> PgCluster {
@@ -190,17 +196,8 @@ fn a_backup_being_restored_cannot_be_deleted() {
 /// like a backup and nothing is left for the next start-up to sweep.
 #[test]
 fn sigterm_interrupts_a_backup_and_leaves_nothing_in_the_bucket() {
-    let pg = PgCluster::start();
-    pg.createdb("appdb");
-    fixtures::create_big_table(&pg, "appdb", "blob", 200);
     let store = TestStore::garage();
-    let mut agent = Agent::start(
-        &store.url(),
-        &pg.url("appdb"),
-        &["--part-size", "5MiB"],
-        &store.env(),
-    );
-    let client = soma_tests::store::backup_in_flight(agent.addr(), &store, "appdb");
+    let (_pg, mut agent, client) = big_backup_in_flight(&store);
     assert!(
         store.manifests().is_empty(),
         "the backup must still be running at the signal"

@@ -85,12 +85,12 @@ pub struct Digest256 {
 impl Digest256 {
     /// Every size and digest of this measurement, as what a download must match.
     pub fn expected(&self) -> Expected {
-        Expected {
-            raw_sha256: self.raw_sha256.clone(),
-            raw_bytes: Some(self.raw_bytes),
-            stored_bytes: Some(self.stored_bytes),
-            stored_sha256: Some(self.stored_sha256.clone()),
-        }
+        Expected::all(
+            &self.raw_sha256,
+            self.raw_bytes,
+            &self.stored_sha256,
+            self.stored_bytes,
+        )
     }
 }
 
@@ -108,6 +108,16 @@ pub struct Expected {
 }
 
 impl Expected {
+    /// Expectations for an object whose sizes and both digests are known (a manifest's artifact).
+    pub fn all(raw_sha256: &str, raw_bytes: u64, stored_sha256: &str, stored_bytes: u64) -> Self {
+        Self {
+            raw_sha256: raw_sha256.to_string(),
+            raw_bytes: Some(raw_bytes),
+            stored_bytes: Some(stored_bytes),
+            stored_sha256: Some(stored_sha256.to_string()),
+        }
+    }
+
     /// Expectations for an object known only by the digest of its raw bytes (WAL files are named
     /// by it): the digest covers size and content, so nothing else needs checking.
     pub fn raw_only(raw_sha256: &str) -> Self {
