@@ -26,6 +26,11 @@ use crate::{
     store::{Store, StoreError},
 };
 
+/// Raw bytes held back from a restore's consumer until every digest matched: pg_restore cannot
+/// reach its COMMIT, nor Qdrant's upload its checksum, without the last bytes, so a mismatch found
+/// at the end leaves nothing committed.
+pub(crate) const RESTORE_HOLDBACK: usize = 1 << 20;
+
 /// A producer of an artifact's raw bytes that has its own say on whether they are complete.
 #[async_trait]
 pub(crate) trait Source: Send {

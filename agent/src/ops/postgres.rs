@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Context, Outcome,
-    artifact::{ArtifactName, Source, artifact, read_artifact, write_artifact},
+    artifact::{ArtifactName, RESTORE_HOLDBACK, Source, artifact, read_artifact, write_artifact},
 };
 use crate::{
     catalog::{BackupId, Engine, Kind, Manifest, Target, Tool},
@@ -24,9 +24,6 @@ pub const PG_DUMP: ArtifactName<'static> = ArtifactName {
     name: "dump.pgdump.zst",
     format: "pg_dump/custom",
 };
-/// Raw bytes held back from a consumer until every digest matched: pg_restore cannot reach its
-/// COMMIT without the archive's last bytes, so a mismatch found at the end rolls it all back.
-pub(super) const RESTORE_HOLDBACK: usize = 1 << 20;
 
 /// pg_dump as an artifact source: complete only if the tool version check passed and pg_dump
 /// exited cleanly.

@@ -12,7 +12,10 @@ use crate::{
     engine::qdrant::{Qdrant, QdrantError, minor_of},
     error::OpError,
     jobs::Reporter,
-    ops::{Context, Outcome, artifact::read_artifact, postgres::RESTORE_HOLDBACK},
+    ops::{
+        Context, Outcome,
+        artifact::{RESTORE_HOLDBACK, read_artifact},
+    },
 };
 
 /// Restores collections of a Qdrant backup; everything is checked before anything is uploaded.
