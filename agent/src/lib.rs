@@ -233,6 +233,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     let service = AgentService::new(
         Context {
+            source: catalog.clone(),
             catalog,
             postgres,
             qdrant,

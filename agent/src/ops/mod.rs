@@ -23,8 +23,11 @@ use crate::{
 /// Everything an operation needs from the agent.
 #[derive(Debug, Clone)]
 pub struct Context {
-    /// Manifests and the store.
+    /// Where this agent writes: new backups, deletes and the WAL archive.
     pub catalog: Catalog,
+    /// Where restores, verifies, list and describe read from: the same store as `catalog`, or a
+    /// read-only one (`--restore-from`) that this agent never writes to.
+    pub source: Catalog,
     /// The PostgreSQL server, when configured.
     pub postgres: Option<Postgres>,
     /// The Qdrant server, when configured.

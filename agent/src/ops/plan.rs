@@ -292,7 +292,7 @@ impl RestorePlan {
             }
             (Engine::Set, _) => {
                 let mut members = Vec::new();
-                for m in set::members_of(&ctx.catalog, &manifest).await? {
+                for m in set::members_of(&ctx.source, &manifest).await? {
                     members.push(match (m.engine, m.kind) {
                         (Engine::Postgres, Kind::Physical) => {
                             return Err(RequestError::SetWithPhysicalMember {
@@ -469,5 +469,5 @@ pub async fn resolve(ctx: &Context, id: &str) -> Result<Manifest, OpError> {
     if id.is_empty() {
         return Err(RequestError::MissingId.into());
     }
-    Ok(ctx.catalog.resolve(id).await?)
+    Ok(ctx.source.resolve(id).await?)
 }

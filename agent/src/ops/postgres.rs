@@ -188,7 +188,7 @@ async fn pg_restore(
         }
     };
     read_artifact(
-        ctx.catalog.store().as_ref(),
+        ctx.source.store().as_ref(),
         manifest,
         art,
         stdin,

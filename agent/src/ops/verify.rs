@@ -20,10 +20,10 @@ pub(crate) async fn verify(
     let backups = if manifest.members.is_empty() {
         vec![manifest.clone()]
     } else {
-        members_of(&ctx.catalog, &manifest).await?
+        members_of(&ctx.source, &manifest).await?
     };
     reporter.set_expected_raw(backups.iter().map(|b| b.raw_bytes).sum());
-    let store = ctx.catalog.store().as_ref();
+    let store = ctx.source.store().as_ref();
     let mut artifacts = 0;
     for backup in &backups {
         for art in &backup.artifacts {
@@ -42,7 +42,7 @@ pub(crate) async fn verify(
             "verifying",
             format!("reading the WAL that rolls {} forward", backup.id),
         );
-        wal_report.push_str(&physical::verify_wal(&ctx.catalog, backup, &reporter).await?);
+        wal_report.push_str(&physical::verify_wal(&ctx.source, backup, &reporter).await?);
     }
     Ok(Outcome::new(
         format!(

@@ -174,8 +174,8 @@ impl SomaAgent for AgentService {
         &self,
         _request: Request<v1::ListBackupsRequest>,
     ) -> Result<Response<v1::ListBackupsResponse>, Status> {
-        let manifests = self.ctx.catalog.list().await.map_err(OpError::from)?;
-        let mut windows = ops::physical::Windows::new(&self.ctx.catalog);
+        let manifests = self.ctx.source.list().await.map_err(OpError::from)?;
+        let mut windows = ops::physical::Windows::new(&self.ctx.source);
         let mut backups = Vec::with_capacity(manifests.len());
         for m in &manifests {
             let mut info = convert::backup_info(m);
@@ -191,7 +191,7 @@ impl SomaAgent for AgentService {
     ) -> Result<Response<v1::BackupInfo>, Status> {
         let manifest = ops::plan::resolve(&self.ctx, &request.into_inner().backup_id).await?;
         let mut info = convert::backup_info(&manifest);
-        info.recovery_window = ops::physical::Windows::new(&self.ctx.catalog)
+        info.recovery_window = ops::physical::Windows::new(&self.ctx.source)
             .of(&manifest)
             .await
             .map(convert::recovery_window);

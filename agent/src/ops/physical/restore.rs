@@ -279,7 +279,7 @@ pub async fn restore_pgdata_job(
         "restoring",
         format!("laying a base backup into {}", req.pgdata.display()),
     );
-    let restored = restore_pgdata(&ctx.catalog, &req, reporter.counters()).await?;
+    let restored = restore_pgdata(&ctx.source, &req, reporter.counters()).await?;
     reporter.set_operation_id(restored.manifest.id.as_str());
     Ok(Outcome::new(restored.summary, restored.manifest))
 }

@@ -230,7 +230,7 @@ async fn upload_artifact(
         }
     };
     read_artifact(
-        ctx.catalog.store().as_ref(),
+        ctx.source.store().as_ref(),
         manifest,
         art,
         writer,
