@@ -357,3 +357,25 @@ stop_double() {
   stop_pid "$QDRANT_PID"
   QDRANT_PID=''
 }
+
+# start_qdrant_double_named NAME [COLLECTION:MIB ...]: start_qdrant_double for a benchmark that
+# runs several doubles one after another (an old platform, then empty new ones): the disk, log and
+# stdin FIFO are named after NAME ($TMP_DIR/NAME, NAME.log, NAME.stdin) and any number of
+# collections is served, none for an empty Qdrant. Sets QDRANT_URL, QDRANT_PID and
+# STDIN_HOLDER_PID like start_qdrant_double; the previous double must be stopped (stop_double).
+# shellcheck disable=SC2034 # QDRANT_URL is read by the scripts that source this file
+start_qdrant_double_named() {
+  local name=$1
+  shift
+  [[ -z "${QDRANT_PID:-}" ]] || die "a Qdrant double is still running (pid $QDRANT_PID): stop_double first"
+  mkdir "$TMP_DIR/$name"
+  mkfifo "$TMP_DIR/$name.stdin"
+  TMPDIR="$TMP_DIR/$name" "$QDRANT_DOUBLE_BIN" "$@" <"$TMP_DIR/$name.stdin" >"$TMP_DIR/$name.log" 2>&1 &
+  QDRANT_PID=$!
+  sleep infinity >"$TMP_DIR/$name.stdin" &
+  STDIN_HOLDER_PID=$!
+  at_exit stop_double
+  QDRANT_URL=''
+  wait_for_line QDRANT_URL "$TMP_DIR/$name.log" 's|^qdrant double listening on \(http://127\.0\.0\.1:[0-9][0-9]*\)$|\1|p' \
+    "$QDRANT_PID" "the Qdrant double $name" 'qdrant double listening on ...'
+}
