@@ -48,6 +48,11 @@ pub enum CatalogError {
     /// "latest" was asked for but there is no backup.
     #[error("there is no complete backup in the store yet; take one with `kubectl soma backup`")]
     NoBackups,
+    /// "latest --engine E" was asked for but there is no backup of E.
+    #[error(
+        "there is no complete {0} backup in the store yet; take one with `kubectl soma backup {0}`"
+    )]
+    NoBackupsOf(Engine),
     /// A manifest that cannot be read.
     #[error("manifest of backup {id} is unreadable: {reason}")]
     BadManifest {
@@ -346,6 +351,16 @@ pub fn latest(manifests: Vec<Manifest>) -> Option<Manifest> {
         .max_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)))
 }
 
+/// The backup "latest" of one engine names (`latest --engine postgres`): the newest complete
+/// backup of that engine, whether it stands alone or is a member of a set, since the newest data
+/// of that engine is what is asked for.
+pub fn latest_of(manifests: Vec<Manifest>, engine: Engine) -> Option<Manifest> {
+    manifests
+        .into_iter()
+        .filter(|m| m.engine == engine)
+        .max_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)))
+}
+
 /// Reads and writes manifests and ids in a store.
 #[derive(Debug, Clone)]
 pub struct Catalog {
@@ -441,8 +456,22 @@ impl Catalog {
 
     /// Resolves "latest" (the newest complete top-level backup: see [`latest`]) or a literal id.
     pub async fn resolve(&self, id_or_latest: &str) -> Result<Manifest, CatalogError> {
+        self.resolve_of(id_or_latest, None).await
+    }
+
+    /// Like [`resolve`](Self::resolve); with an engine, "latest" is narrowed to it (see
+    /// [`latest_of`]), and an explicit id must be of that engine.
+    pub async fn resolve_of(
+        &self,
+        id_or_latest: &str,
+        engine: Option<Engine>,
+    ) -> Result<Manifest, CatalogError> {
         if id_or_latest == "latest" {
-            latest(self.list().await?).ok_or(CatalogError::NoBackups)
+            let all = self.list().await?;
+            match engine {
+                None => latest(all).ok_or(CatalogError::NoBackups),
+                Some(engine) => latest_of(all, engine).ok_or(CatalogError::NoBackupsOf(engine)),
+            }
         } else {
             let id = BackupId::parse(id_or_latest)?;
             self.get(&id).await
@@ -563,6 +592,25 @@ mod tests {
         let standalone = manifest(Engine::Qdrant, Kind::QdrantCollections, "docs", 5);
         let chosen = latest(vec![pg, standalone.clone(), set]).unwrap();
         assert_eq!(chosen.id, standalone.id);
+    }
+
+    #[test]
+    fn latest_of_an_engine_includes_set_members() {
+        let pg = manifest(Engine::Postgres, Kind::Logical, "app", 1);
+        let q_old = manifest(Engine::Qdrant, Kind::QdrantCollections, "all", 0);
+        let q_member = manifest(Engine::Qdrant, Kind::QdrantCollections, "all", 3);
+        let set = manifest(Engine::Set, Kind::Set, "all", 2)
+            .with_members(std::slice::from_ref(&q_member));
+        let all = vec![pg.clone(), q_old, q_member.clone(), set];
+        assert_eq!(
+            latest_of(all.clone(), Engine::Qdrant).map(|m| m.id),
+            Some(q_member.id)
+        );
+        assert_eq!(
+            latest_of(all, Engine::Postgres).map(|m| m.id),
+            Some(pg.id.clone())
+        );
+        assert!(latest_of(vec![pg], Engine::Qdrant).is_none());
     }
 
     #[test]
