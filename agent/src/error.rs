@@ -160,7 +160,7 @@ pub fn store_code(e: &StoreError) -> Code {
         StoreError::NotFound { .. } => Code::NotFound,
         StoreError::AccessDenied { .. } => Code::PermissionDenied,
         StoreError::ChecksumRejected { .. } => Code::DataLoss,
-        StoreError::NoSuchBucket { .. } => Code::FailedPrecondition,
+        StoreError::NoSuchBucket { .. } | StoreError::ReadOnly { .. } => Code::FailedPrecondition,
         StoreError::Request { retryable, .. } => {
             if *retryable {
                 Code::Unavailable
