@@ -53,6 +53,17 @@ pub enum SetError {
         /// What the catalog said.
         source: Box<CatalogError>,
     },
+    /// A member that already belongs to another set: deleting either set would take it from the
+    /// other.
+    #[error(
+        "backup {member} already belongs to backup set {other}; a backup is a member of one set"
+    )]
+    AlreadyMember {
+        /// The member.
+        member: BackupId,
+        /// The set it belongs to.
+        other: BackupId,
+    },
     /// A member that is itself a set.
     #[error("backup set {set} cannot list another set ({member}) as a member")]
     NestedMember {
@@ -71,6 +82,7 @@ impl SetError {
             | SetError::NoMembers(_)
             | SetError::DuplicateMember { .. }
             | SetError::NestedMember { .. } => Code::InvalidArgument,
+            SetError::AlreadyMember { .. } => Code::FailedPrecondition,
             SetError::Exists(_) => Code::AlreadyExists,
             SetError::MemberMissing { .. } => Code::FailedPrecondition,
         }
@@ -167,6 +179,29 @@ pub(crate) async fn commit_set(
         }
         members.push(manifest);
     }
+    let existing = ctx.catalog.list().await?;
+    for set in existing.iter().filter(|m| m.engine == Engine::Set) {
+        if let Some(member) = members.iter().find(|m| set.members.contains(&m.id)) {
+            return Err(SetError::AlreadyMember {
+                member: member.id.clone(),
+                other: set.id.clone(),
+            }
+            .into());
+        }
+    }
+    // The set started when its first member did: a client's clock (or a hostile value) must not
+    // make it the newest backup for ever, nor older than what it holds.
+    let earliest = members
+        .iter()
+        .map(|m| m.started_at)
+        .min()
+        .unwrap_or(started_at);
+    let started_at = if started_at <= earliest && earliest - started_at < chrono::Duration::hours(1)
+    {
+        started_at
+    } else {
+        earliest
+    };
     // Restores run PostgreSQL before Qdrant whatever order the agents answered in.
     members.sort_by_key(|m| (m.engine != Engine::Postgres, m.id.clone()));
     let manifest = set_manifest(set_id, started_at, &members);
