@@ -334,7 +334,7 @@ log "load after the physical set: pgbench -c $LOAD_CLIENTS -T $LOAD_SECONDS benc
 LSN_BEFORE_LOAD=$(sql postgres -c "SELECT pg_current_wal_insert_lsn()")
 "$PG_BIN/pgbench" -n -c "$LOAD_CLIENTS" -j 2 -T "$LOAD_SECONDS" -h 127.0.0.1 -p "$OLD_PORT" -U postgres bench \
   >"$TMP_DIR/pgbench-load.log" 2>&1 || { tail -n 20 "$TMP_DIR/pgbench-load.log" >&2; die "pgbench load failed"; }
-LOAD_TPS=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$TMP_DIR/pgbench-load.log" | head -n 1)
+LOAD_TPS=$(sed -n 's/^tps = \([0-9]*\).*/\1/p' "$TMP_DIR/pgbench-load.log" | head -n 1)
 pg_fingerprint "$OLD_PORT" >"$TMP_DIR/expected-pitr.txt"
 TARGET_TIME=$(sql postgres -c "SELECT now()") # as psql prints it, the form users copy
 TARGET_LSN=$(sql postgres -c "SELECT pg_current_wal_insert_lsn()")
@@ -365,10 +365,10 @@ T0=$EPOCHREALTIME
 stamped "$TMP_DIR/restore-set.json" "$TMP_DIR/restore-set.progress" soma -o json restore "$SET_L" ||
   { tail -n 20 "$TMP_DIR/restore-set.progress" >&2; die "kubectl-soma restore $SET_L failed"; }
 RESTORE_L_S=$(secs "$T0" "$EPOCHREALTIME")
-RESTORE_L_REPORTED=$(jq -r '.seconds' "$TMP_DIR/restore-set.json")
+RESTORE_L_REPORTED=$(jq -r '.seconds * 100 | round / 100' "$TMP_DIR/restore-set.json")
 MEMBER_ROWS=$(jq -r '.restored[] | "| \(.engine) | `\(.backup_id)` | \(.raw_bytes) (\(.raw_bytes / 1048576 * 10 | floor / 10) MiB) | \(.seconds * 100 | round / 100) | \(.summary | gsub("\\|"; "/")) |"' "$TMP_DIR/restore-set.json")
-PG_MEMBER_S=$(jq -r '[.restored[] | select(.engine == "postgres") | .seconds] | add // 0' "$TMP_DIR/restore-set.json")
-Q_MEMBER_S=$(jq -r '[.restored[] | select(.engine == "qdrant") | .seconds] | add // 0' "$TMP_DIR/restore-set.json")
+PG_MEMBER_S=$(jq -r '[.restored[] | select(.engine == "postgres") | .seconds] | add // 0 | . * 100 | round / 100' "$TMP_DIR/restore-set.json")
+Q_MEMBER_S=$(jq -r '[.restored[] | select(.engine == "qdrant") | .seconds] | add // 0 | . * 100 | round / 100' "$TMP_DIR/restore-set.json")
 TIMELINE=$(timeline "$TMP_DIR/restore-set.progress" "$T0")
 log "restore $SET_L: ${RESTORE_L_S}s (PostgreSQL member ${PG_MEMBER_S}s, Qdrant member ${Q_MEMBER_S}s)"
 pg_fingerprint "$NEW_L_PORT" >"$TMP_DIR/got-logical.txt"
