@@ -1,4 +1,4 @@
-//! `kubectl soma restore ID|latest [--database NAME] [--clean]`.
+//! `kubectl soma restore ID|latest [--database NAME] [--clean] [--update-roles]`.
 
 use serde_json::json;
 use soma_proto::v1;
@@ -22,6 +22,7 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: RestoreArgs) -> Resu
         pgdata: args.pgdata.unwrap_or_default(),
         target_time: args.target_time.unwrap_or_default(),
         target_lsn: args.target_lsn.unwrap_or_default(),
+        update_roles: args.update_roles,
     };
     let stream = agent
         .client
