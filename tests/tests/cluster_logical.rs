@@ -8,14 +8,14 @@
 use serde_json::Value;
 use soma_tests::{Agent, DbFingerprint, PgCluster, TestStore, db::assert_fingerprints_equal, soma};
 
-/// Databases the old cluster holds besides `postgres`.
-const DATABASES: [&str; 3] = ["appdb", "temporal", "temporal_visibility"];
+/// Databases the old cluster holds besides `postgres` (one with a name that needs quoting).
+const DATABASES: [&str; 4] = ["appdb", "odd \"name\"", "temporal", "temporal_visibility"];
 /// Roles the old cluster holds besides `postgres`.
 const ROLES: &str = "('app_owner', 'app_reader', 'temporal', 'we\"ird')";
 
 /// The cluster a team would back up: an application database owned by a login role with a
-/// read-only group role, two Temporal databases using an extension, and a role whose name needs
-/// quoting.
+/// read-only group role and per-role settings, two Temporal databases using an extension, and a
+/// role and a database whose names need quoting.
 fn old_cluster() -> PgCluster {
     let pg = PgCluster::start();
     pg.psql(
@@ -27,7 +27,15 @@ fn old_cluster() -> PgCluster {
          create role \"we\"\"ird\" login password 'x\\y''z';
          create database appdb owner app_owner;
          create database temporal owner temporal;
-         create database temporal_visibility owner temporal;",
+         create database temporal_visibility owner temporal;
+         create database \"odd \"\"name\"\"\" owner \"we\"\"ird\";
+         alter role app_owner set statement_timeout = '5min';
+         alter role app_owner in database appdb set search_path = \"$user\", public, \"Odd, Schema\";
+         alter database appdb set work_mem = '8MB';",
+    );
+    pg.psql(
+        "odd \"name\"",
+        "create table \"t'x\" (v text); insert into \"t'x\" values ('it''s here');",
     );
     pg.psql(
         "appdb",
@@ -78,6 +86,16 @@ fn memberships(pg: &PgCluster) -> String {
     )
 }
 
+/// Per-role and per-database settings.
+fn settings(pg: &PgCluster) -> String {
+    pg.psql(
+        "postgres",
+        "select coalesce(r.rolname, '-'), coalesce(d.datname, '-'), s.setconfig \
+         from pg_db_role_setting s left join pg_roles r on r.oid = s.setrole \
+         left join pg_database d on d.oid = s.setdatabase order by 1, 2",
+    )
+}
+
 /// Databases and their owners.
 fn database_owners(pg: &PgCluster) -> String {
     pg.psql(
@@ -95,6 +113,11 @@ fn assert_cluster_restored(old: &PgCluster, new: &PgCluster, databases: &[&str])
     assert!(old_roles.contains("SCRAM-SHA-256$"), "{old_roles}");
     assert_eq!(roles(new), old_roles, "roles (attributes, password hashes)");
     assert_eq!(memberships(new), memberships(old), "memberships");
+    if databases.contains(&"appdb") {
+        let old_settings = settings(old);
+        assert_eq!(old_settings.lines().count(), 3, "{old_settings}");
+        assert_eq!(settings(new), old_settings, "role and database settings");
+    }
     for db in databases {
         assert!(new.database_exists(db), "database {db} was not restored");
         let (a, b) = (DbFingerprint::of(old, db), DbFingerprint::of(new, db));
@@ -182,19 +205,20 @@ fn whole_cluster(store: &TestStore) {
         [
             ("globals.json.zst", ""),
             ("db-0001.pgdump.zst", "appdb"),
-            ("db-0002.pgdump.zst", "postgres"),
-            ("db-0003.pgdump.zst", "temporal"),
-            ("db-0004.pgdump.zst", "temporal_visibility"),
+            ("db-0002.pgdump.zst", "odd \"name\""),
+            ("db-0003.pgdump.zst", "postgres"),
+            ("db-0004.pgdump.zst", "temporal"),
+            ("db-0005.pgdump.zst", "temporal_visibility"),
         ],
         "{out}"
     );
     let keys = store.list(&format!("backups/{id}/"));
     assert!(
-        keys.contains(&format!("backups/{id}/db-0004.pgdump.zst")),
+        keys.contains(&format!("backups/{id}/db-0005.pgdump.zst")),
         "{keys:?}"
     );
     // What each database needs is recorded for the restore's preflight.
-    let temporal = &manifest["details"]["databases"][2];
+    let temporal = &manifest["details"]["databases"][3];
     assert_eq!(temporal["name"], Value::from("temporal"));
     assert_eq!(temporal["owner"], Value::from("temporal"));
     assert!(
@@ -217,7 +241,7 @@ fn whole_cluster(store: &TestStore) {
 
     let out = soma(agent.addr(), &["verify", &id]);
     out.assert_success("verify a whole-cluster backup");
-    assert!(out.stdout.contains("5 artifact(s)"), "{out}");
+    assert!(out.stdout.contains("6 artifact(s)"), "{out}");
     let out = soma(agent.addr(), &["describe", &id, "-o", "json"]);
     out.assert_success("describe");
     assert_eq!(out.json()["kind"], Value::from("logical-cluster"));
