@@ -14,7 +14,7 @@ use super::{
 use crate::{
     catalog::{Artifact, BackupId, Engine, Kind, Manifest, Target, Tool},
     engine::postgres::{
-        PgError, Postgres, ToolProcess,
+        Postgres, ToolProcess,
         globals::{self, DatabaseNeeds, Globals},
     },
     error::OpError,
@@ -26,51 +26,26 @@ use crate::{
     pipeline::UploadSummary,
 };
 
-/// pg_dump as an artifact source: complete only if the tool version check (when it runs beside
-/// the dump) passed and pg_dump exited cleanly.
-struct PgDump {
-    dump: ToolProcess,
-    /// The version check runs beside a single database's dump rather than before it (it costs a
-    /// connection and two process starts); a dump is only ever committed after the check passed.
-    /// A whole-cluster backup checks once before its first dump.
-    check: Option<tokio::task::JoinHandle<Result<(String, String), PgError>>>,
-}
+/// pg_dump as an artifact source: complete only if pg_dump exited cleanly. Its version was
+/// checked before anything was read, so a backup fails on a missing or too old pg_dump before
+/// it writes.
+struct PgDump(ToolProcess);
 
 #[async_trait]
 impl Source for PgDump {
     type Reader = ChildStdout;
-    type Verdict = Option<(String, String)>;
+    type Verdict = ();
 
     fn reader(&mut self) -> ChildStdout {
-        self.dump.stdout()
+        self.0.stdout()
     }
 
-    async fn verdict(self, _: &UploadSummary) -> Result<Option<(String, String)>, OpError> {
-        let versions = match self.check {
-            None => None,
-            Some(check) => match check.await {
-                Ok(Ok(v)) => Some(v),
-                Ok(Err(e)) => {
-                    self.dump.kill().await;
-                    return Err(e.into());
-                }
-                Err(join) => {
-                    self.dump.kill().await;
-                    return Err(OpError::Internal(format!(
-                        "the version check failed: {join}"
-                    )));
-                }
-            },
-        };
-        self.dump.wait().await?;
-        Ok(versions)
+    async fn verdict(self, _: &UploadSummary) -> Result<(), OpError> {
+        Ok(self.0.wait().await?)
     }
 
     async fn stop(self) {
-        if let Some(check) = self.check {
-            check.abort();
-        }
-        self.dump.kill().await;
+        self.0.kill().await;
     }
 }
 
@@ -149,18 +124,9 @@ async fn dump_database(
     id: &BackupId,
     database: &str,
     what: ArtifactName<'_>,
-    check_beside: bool,
     reporter: &Reporter,
-) -> Result<(Artifact, Option<(String, String)>), OpError> {
-    let source = PgDump {
-        dump: pg.start_dump(database)?,
-        check: check_beside.then(|| {
-            tokio::spawn({
-                let (pg, database) = (pg.clone(), database.to_string());
-                async move { pg.check_tool("pg_dump", &database).await }
-            })
-        }),
-    };
+) -> Result<Artifact, OpError> {
+    let source = PgDump(pg.start_dump(database)?);
     reporter.phase(
         "dumping",
         format!(
@@ -168,7 +134,8 @@ async fn dump_database(
             ctx.catalog.store().location()
         ),
     );
-    write_artifact(ctx, id, what, source, reporter).await
+    let (art, ()) = write_artifact(ctx, id, what, source, reporter).await?;
+    Ok(art)
 }
 
 /// The sentence a backup summary adds when no password hash could be read.
@@ -204,14 +171,14 @@ pub(crate) async fn backup_postgres(
     let pg = ctx.postgres()?;
     let started_at = Utc::now();
     reporter.set_operation_id(id.as_str());
+    reporter.phase("preparing", "checking pg_dump");
+    let versions = pg.check_tool("pg_dump", &database).await?;
     reporter.phase("globals", format!("reading the roles {database} needs"));
     let needs = needs_of(pg, &database).await?;
     let needed: BTreeSet<String> = needs.roles.iter().cloned().collect();
     let globals = capture_globals(pg, &database).await?.only(&needed);
     let globals_art = write_globals(&ctx, &id, &globals, &reporter).await?;
-    let (dump_art, versions) =
-        dump_database(&ctx, pg, &id, &database, PG_DUMP, true, &reporter).await?;
-    let (tool_version, server_version) = versions.unwrap_or_default();
+    let dump_art = dump_database(&ctx, pg, &id, &database, PG_DUMP, &reporter).await?;
     let details = LogicalDetails {
         globals: globals_record(&globals),
         databases: vec![DatabaseRecord {
@@ -224,7 +191,7 @@ pub(crate) async fn backup_postgres(
         id.clone(),
         Kind::Logical,
         database.clone(),
-        (tool_version, server_version),
+        versions,
         started_at,
     )
     .with_artifacts(vec![globals_art, dump_art])
@@ -272,7 +239,7 @@ pub(crate) async fn backup_cluster(
             name: &name,
             format: PG_DUMP.format,
         };
-        let (art, _) = dump_database(&ctx, pg, &id, &needs.name, what, false, &reporter).await?;
+        let art = dump_database(&ctx, pg, &id, &needs.name, what, &reporter).await?;
         artifacts.push(Artifact {
             database: Some(needs.name.clone()),
             ..art
