@@ -4,6 +4,8 @@
 //! ```text
 //! backups/<id>/<artifact>        one or more artifacts (e.g. dump.pgdump.zst)
 //! backups/<id>/manifest.json     written LAST, only after every artifact is complete
+//! backups/<id>/owner             the owner id of the agent that took it, written before its
+//!                                first upload (see [`Catalog::record_owner`])
 //! ```
 //! A backup exists if and only if its manifest exists: list, describe, verify and restore read only
 //! manifests, so a crash at any point before the manifest leaves nothing that looks valid. Delete
@@ -11,7 +13,7 @@
 //! lives beside `backups/`, under `wal/<system id>/` (see [`crate::wal`]); a base backup's
 //! manifest names its cluster's system id.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -21,6 +23,7 @@ use serde::{Deserialize, Serialize};
 pub use soma_proto::{BackupId, IdEngine, InvalidBackupId};
 
 use crate::{
+    owner::{MAX_OWNER_ID_BYTES, OwnerId},
     pipeline::Expected,
     store::{PendingUpload, Store, StoreError},
 };
@@ -33,6 +36,8 @@ pub const MANIFEST: &str = "manifest.json";
 pub const MANIFEST_VERSION: u32 = 1;
 /// Largest manifest we accept, so a bogus object cannot exhaust memory.
 const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+/// Name of the owner marker inside a backup's folder: the owner id of the agent that took it.
+pub const OWNER_MARKER: &str = "owner";
 
 /// Catalog errors.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +53,11 @@ pub enum CatalogError {
     /// "latest" was asked for but there is no backup.
     #[error("there is no complete backup in the store yet; take one with `kubectl soma backup`")]
     NoBackups,
+    /// "latest --engine E" was asked for but there is no backup of E.
+    #[error(
+        "there is no complete {0} backup in the store yet; take one with `kubectl soma backup {0}`"
+    )]
+    NoBackupsOf(Engine),
     /// A manifest that cannot be read.
     #[error("manifest of backup {id} is unreadable: {reason}")]
     BadManifest {
@@ -355,16 +365,35 @@ pub fn latest(manifests: Vec<Manifest>) -> Option<Manifest> {
         .max_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)))
 }
 
+/// The backup "latest" of one engine names (`latest --engine postgres`): the newest complete
+/// backup of that engine, whether it stands alone or is a member of a set, since the newest data
+/// of that engine is what is asked for.
+pub fn latest_of(manifests: Vec<Manifest>, engine: Engine) -> Option<Manifest> {
+    manifests
+        .into_iter()
+        .filter(|m| m.engine == engine)
+        .max_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)))
+}
+
 /// Reads and writes manifests and ids in a store.
 #[derive(Debug, Clone)]
 pub struct Catalog {
     store: Arc<dyn Store>,
+    /// Recorded with every backup this catalog starts (see [`Catalog::record_owner`]).
+    owner: Option<OwnerId>,
 }
 
 impl Catalog {
-    /// A catalog over `store`.
+    /// A catalog over `store` that records no owner with the backups it starts.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+        Self { store, owner: None }
+    }
+
+    /// The same catalog, recording `owner` with every backup it starts, so that only a sweep by
+    /// the same owner ever aborts their uploads.
+    pub fn with_owner(mut self, owner: OwnerId) -> Self {
+        self.owner = Some(owner);
+        self
     }
 
     /// The underlying store.
@@ -450,8 +479,22 @@ impl Catalog {
 
     /// Resolves "latest" (the newest complete top-level backup: see [`latest`]) or a literal id.
     pub async fn resolve(&self, id_or_latest: &str) -> Result<Manifest, CatalogError> {
+        self.resolve_of(id_or_latest, None).await
+    }
+
+    /// Like [`resolve`](Self::resolve); with an engine, "latest" is narrowed to it (see
+    /// [`latest_of`]), and an explicit id must be of that engine.
+    pub async fn resolve_of(
+        &self,
+        id_or_latest: &str,
+        engine: Option<Engine>,
+    ) -> Result<Manifest, CatalogError> {
         if id_or_latest == "latest" {
-            latest(self.list().await?).ok_or(CatalogError::NoBackups)
+            let all = self.list().await?;
+            match engine {
+                None => latest(all).ok_or(CatalogError::NoBackups),
+                Some(engine) => latest_of(all, engine).ok_or(CatalogError::NoBackupsOf(engine)),
+            }
         } else {
             let id = BackupId::parse(id_or_latest)?;
             self.get(&id).await
@@ -496,30 +539,116 @@ impl Catalog {
         self.discard(id).await
     }
 
-    /// Aborts incomplete uploads of backups by the given engines, which only a crashed or killed
-    /// agent leaves behind. Run at start-up, before any job of this agent can have begun one.
+    /// Records this catalog's owner for backup `id`: called before the backup's first upload
+    /// starts, so every incomplete upload a crash can leave has its owner in the store. The marker
+    /// is not a manifest, so a crash still leaves nothing that looks like a backup; `discard`,
+    /// `abandon` and `delete` remove it with the rest of the backup's folder. Without an owner
+    /// (a catalog that only reads) nothing is written.
+    pub async fn record_owner(&self, id: &BackupId) -> Result<(), CatalogError> {
+        if let Some(owner) = &self.owner {
+            self.store
+                .put(
+                    &id.key(OWNER_MARKER),
+                    Bytes::from(owner.as_str().to_owned()),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The owner recorded for backup `id` (see [`record_owner`](Self::record_owner)), `None`
+    /// when it has no marker. At most a few hundred bytes are read whatever the object holds; a
+    /// longer marker comes back cut, so it never equals a valid owner id.
+    pub async fn recorded_owner(&self, id: &BackupId) -> Result<Option<String>, StoreError> {
+        const LIMIT: usize = MAX_OWNER_ID_BYTES + 1;
+        let mut stream = match self.store.get(&id.key(OWNER_MARKER)).await {
+            Ok(s) => s,
+            Err(StoreError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut raw = Vec::with_capacity(LIMIT);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            let room = LIMIT - raw.len();
+            raw.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if raw.len() == LIMIT {
+                break;
+            }
+        }
+        Ok(Some(String::from_utf8_lossy(&raw).into_owned()))
+    }
+
+    /// Aborts the incomplete uploads that a crashed or killed run of `owner` left: uploads of
+    /// backups by the given engines whose recorded owner is `owner`, then removes the rest of each
+    /// such unfinished backup (its marker, artifacts it completed). Run at start-up, before any
+    /// job of this agent can have begun one.
+    ///
+    /// Uploads of other owners are left alone: another agent may be writing them right now (a
+    /// disaster-recovery drill started against the production bucket must not break production's
+    /// backup). So is an upload whose backup records no owner (written by an agent older than the
+    /// marker, or one killed between its marker and its upload) and one whose marker cannot be
+    /// read: each is logged with its key, for an operator to judge.
     pub async fn sweep_incomplete(
         &self,
         engines: &[IdEngine],
+        owner: &OwnerId,
     ) -> Result<Vec<PendingUpload>, CatalogError> {
         let mut aborted = Vec::new();
+        // One marker read per backup, however many uploads it left.
+        let mut owned: HashMap<BackupId, bool> = HashMap::new();
         for upload in self.store.list_uploads(&format!("{BACKUPS_DIR}/")).await? {
-            let id = upload
+            let Some(id) = upload
                 .key
                 .strip_prefix(&format!("{BACKUPS_DIR}/"))
                 .and_then(|rest| rest.split('/').next())
-                .and_then(|id| BackupId::parse(id).ok());
-            let ours = match &id {
-                Some(id) => id.engine().is_some_and(|e| engines.contains(&e)),
-                // A torn record with no readable key (local store only) belongs to no one else.
-                None => upload.key.is_empty(),
+                .and_then(|id| BackupId::parse(id).ok())
+            else {
+                // No backup id, so no owner to ask: not provably ours.
+                continue;
+            };
+            if !id.engine().is_some_and(|e| engines.contains(&e)) {
+                continue;
+            }
+            let ours = match owned.get(&id) {
+                Some(ours) => *ours,
+                None => {
+                    let ours = self.owned_by(&id, &upload, owner).await;
+                    owned.insert(id.clone(), ours);
+                    ours
+                }
             };
             if ours {
                 self.store.abort_upload(&upload).await?;
                 aborted.push(upload);
             }
         }
+        for (id, _) in owned.into_iter().filter(|(_, ours)| *ours) {
+            // An upload still pending means the backup never got its manifest; checked all the
+            // same, since a complete backup must never lose an object.
+            if self.store.head(&id.key(MANIFEST)).await?.is_none() {
+                self.discard(&id).await?;
+            }
+        }
         Ok(aborted)
+    }
+
+    /// Whether the backup that `upload` belongs to was started by `owner`; logs why not.
+    async fn owned_by(&self, id: &BackupId, upload: &PendingUpload, owner: &OwnerId) -> bool {
+        match self.recorded_owner(id).await {
+            Ok(Some(recorded)) if recorded == owner.as_str() => true,
+            Ok(Some(recorded)) => {
+                tracing::info!(key = %upload.key, recorded_owner = ?recorded, owner = %owner, "leaving an incomplete upload of another owner in place; that agent may still be writing it");
+                false
+            }
+            Ok(None) => {
+                tracing::warn!(key = %upload.key, "leaving an incomplete upload in place: its backup records no owner (taken by an older agent, or one stopped before its first upload), so it may belong to another agent; abort it by hand once no agent writes it");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(key = %upload.key, error = %e, "leaving an incomplete upload in place: its owner cannot be read");
+                false
+            }
+        }
     }
 }
 
@@ -572,6 +701,25 @@ mod tests {
         let standalone = manifest(Engine::Qdrant, Kind::QdrantCollections, "docs", 5);
         let chosen = latest(vec![pg, standalone.clone(), set]).unwrap();
         assert_eq!(chosen.id, standalone.id);
+    }
+
+    #[test]
+    fn latest_of_an_engine_includes_set_members() {
+        let pg = manifest(Engine::Postgres, Kind::Logical, "app", 1);
+        let q_old = manifest(Engine::Qdrant, Kind::QdrantCollections, "all", 0);
+        let q_member = manifest(Engine::Qdrant, Kind::QdrantCollections, "all", 3);
+        let set = manifest(Engine::Set, Kind::Set, "all", 2)
+            .with_members(std::slice::from_ref(&q_member));
+        let all = vec![pg.clone(), q_old, q_member.clone(), set];
+        assert_eq!(
+            latest_of(all.clone(), Engine::Qdrant).map(|m| m.id),
+            Some(q_member.id)
+        );
+        assert_eq!(
+            latest_of(all, Engine::Postgres).map(|m| m.id),
+            Some(pg.id.clone())
+        );
+        assert!(latest_of(vec![pg], Engine::Qdrant).is_none());
     }
 
     #[test]

@@ -42,6 +42,25 @@ pub struct Config {
     )]
     pub store: String,
 
+    /// A second store to restore from, opened read-only: list, describe, verify and restore read
+    /// it (and `restore-pgdata` / `wal-fetch` too), while new backups and the WAL stream still go
+    /// to --store. For a disaster-recovery drill or a new cluster after a disaster, pointed at the
+    /// old cluster's store: this agent never writes, deletes or aborts anything there.
+    #[arg(long, env = "SOMA_RESTORE_FROM", global = true)]
+    pub restore_from: Option<String>,
+
+    /// Open --store read-only: backups and deletes are refused, no start-up sweep runs, and
+    /// --wal-stream cannot be used. For an agent that must only read a store another agent owns.
+    #[arg(long, env = "SOMA_STORE_READ_ONLY")]
+    pub store_read_only: bool,
+
+    /// Recorded with every backup this agent starts; at start-up the agent aborts only the
+    /// incomplete uploads of its own owner id, never those of another agent writing to the same
+    /// store. Keep it stable across restarts and unique per writing agent (1-253 bytes, no
+    /// control characters). Default: the host name.
+    #[arg(long, env = "SOMA_OWNER_ID", value_parser = crate::owner::parse_owner_id)]
+    pub owner_id: Option<crate::owner::OwnerId>,
+
     /// libpq URL of the PostgreSQL server, e.g. `postgresql://soma@127.0.0.1:5432/appdb`. No
     /// password here: use PGPASSWORD or a passfile.
     #[arg(long, env = "SOMA_POSTGRES_URL")]
@@ -227,6 +246,39 @@ mod tests {
     #[test]
     fn cli_definition_is_valid() {
         Config::command().debug_assert();
+    }
+
+    #[test]
+    fn read_only_restore_source_and_owner_flags() {
+        let c = Config::try_parse_from([
+            "soma-agent",
+            "--owner-id",
+            "uid/ns/release",
+            "--store-read-only",
+            "--restore-from",
+            "s3://old/prod",
+        ])
+        .unwrap();
+        assert_eq!(c.owner_id.unwrap().as_str(), "uid/ns/release");
+        assert!(c.store_read_only);
+        assert_eq!(c.restore_from.as_deref(), Some("s3://old/prod"));
+        for bad in ["", "a\nb", "x".repeat(254).as_str()] {
+            let err = Config::try_parse_from(["soma-agent", "--owner-id", bad]).unwrap_err();
+            assert!(err.to_string().contains("--owner-id"), "{err}");
+        }
+        // The one-shots take it after the subcommand too.
+        let c = Config::try_parse_from([
+            "soma-agent",
+            "wal-fetch",
+            "--restore-from",
+            "s3://old/prod",
+            "--system-id",
+            "1",
+            "000000010000000000000001",
+            "pg_wal/RECOVERYXLOG",
+        ])
+        .unwrap();
+        assert_eq!(c.restore_from.as_deref(), Some("s3://old/prod"));
     }
 
     #[test]

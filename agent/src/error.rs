@@ -15,6 +15,7 @@ use crate::{
     jobs::Busy,
     ops::{
         physical::PhysicalError, plan::RequestError, postgres::LogicalError, qdrant::QdrantOpError,
+        set::SetError,
     },
     pipeline::PipelineError,
     store::StoreError,
@@ -56,6 +57,9 @@ pub enum OpError {
     /// Another operation holds what this one needs.
     #[error(transparent)]
     Busy(#[from] Busy),
+    /// A platform set that cannot be committed as asked.
+    #[error(transparent)]
+    Set(#[from] Box<SetError>),
     /// The engine the request needs is not configured on this agent.
     #[error(
         "this agent has no {engine} configured; start it with {flag}",
@@ -168,7 +172,7 @@ pub fn store_code(e: &StoreError) -> Code {
         StoreError::NotFound { .. } => Code::NotFound,
         StoreError::AccessDenied { .. } => Code::PermissionDenied,
         StoreError::ChecksumRejected { .. } => Code::DataLoss,
-        StoreError::NoSuchBucket { .. } => Code::FailedPrecondition,
+        StoreError::NoSuchBucket { .. } | StoreError::ReadOnly { .. } => Code::FailedPrecondition,
         StoreError::Request { retryable, .. } => {
             if *retryable {
                 Code::Unavailable
@@ -187,7 +191,9 @@ impl OpError {
         match self {
             OpError::Catalog(e) => match e {
                 CatalogError::InvalidId(_) => Code::InvalidArgument,
-                CatalogError::NotFound(_) | CatalogError::NoBackups => Code::NotFound,
+                CatalogError::NotFound(_)
+                | CatalogError::NoBackups
+                | CatalogError::NoBackupsOf(_) => Code::NotFound,
                 CatalogError::BadManifest { .. } => Code::DataLoss,
                 CatalogError::Store(s) => store_code(s),
             },
@@ -237,6 +243,7 @@ impl OpError {
                 | RequestError::PhysicalNeedsPgdata(_) => Code::InvalidArgument,
             },
             OpError::SetMember { source, .. } => source.code(),
+            OpError::Set(e) => e.code(),
             OpError::Busy(_) | OpError::NotConfigured { .. } => Code::FailedPrecondition,
             OpError::SetDamaged { .. }
             | OpError::NestedSet { .. }
@@ -252,6 +259,12 @@ impl OpError {
     /// The error as a gRPC status carrying the full human-readable message.
     pub fn to_status(&self) -> Status {
         Status::new(self.code(), self.to_string())
+    }
+}
+
+impl From<SetError> for OpError {
+    fn from(e: SetError) -> Self {
+        OpError::Set(Box::new(e))
     }
 }
 

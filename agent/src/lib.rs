@@ -11,6 +11,7 @@ pub mod error;
 pub mod jobs;
 pub mod lsn;
 pub mod ops;
+pub mod owner;
 pub mod pipeline;
 pub mod server;
 pub mod store;
@@ -51,12 +52,22 @@ fn settings(config: &Config) -> Settings {
     }
 }
 
+/// The store a one-shot command reads backups and WAL from: `--restore-from` when given, else
+/// `--store`; read-only either way, since neither one-shot ever writes.
+async fn read_source(config: &Config) -> Result<std::sync::Arc<dyn store::Store>, String> {
+    let (location, flags) = match &config.restore_from {
+        Some(from) => (from.as_str(), "--restore-from / SOMA_RESTORE_FROM"),
+        None => (config.store.as_str(), "--store / SOMA_STORE"),
+    };
+    store::open_read_only(location)
+        .await
+        .map_err(|e| format!("{flags}: {e}"))
+}
+
 /// `soma-agent restore-pgdata`: lays a base backup into an empty data directory and configures
 /// point-in-time recovery. Prints the summary on stdout.
 pub async fn restore_pgdata(config: &Config, args: &RestorePgdataArgs) -> anyhow::Result<()> {
-    let store = store::open(&config.store)
-        .await
-        .context("--store / SOMA_STORE")?;
+    let store = read_source(config).await.map_err(anyhow::Error::msg)?;
     let catalog = Catalog::new(store);
     let target = ops::physical::RecoveryTarget::from_options(
         args.target_time.as_deref(),
@@ -104,9 +115,9 @@ pub async fn wal_fetch(config: &Config, args: &WalFetchArgs) -> WalFetchOutcome 
         // PostgreSQL also asks for files we never archive (e.g. backup history); not ours.
         return WalFetchOutcome::NotFound;
     };
-    let store = match store::open(&config.store).await {
+    let store = match read_source(config).await {
         Ok(s) => s,
-        Err(e) => return fail(format!("--store {}: {e}", config.store)),
+        Err(e) => return fail(e),
     };
     let archive = wal::WalArchive::new(store, &args.system_id);
     match archive.fetch(&file, &args.destination).await {
@@ -157,6 +168,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         // Its error names the flag.
         engine::postgres::check_slot_name(&config.wal_slot)?;
     }
+    if config.wal_stream && config.store_read_only {
+        anyhow::bail!(
+            "--wal-stream (SOMA_WAL_STREAM) writes the WAL archive to --store, which --store-read-only (SOMA_STORE_READ_ONLY) forbids; drop one of the two"
+        );
+    }
     if config.wal_stream && postgres.is_none() {
         anyhow::bail!(
             "--wal-stream (SOMA_WAL_STREAM) needs the PostgreSQL server: set --postgres-url"
@@ -175,18 +191,38 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })
         .transpose()
         .context("--qdrant-url / SOMA_QDRANT_URL")?;
-    let store = store::open(&config.store)
-        .await
-        .context("--store / SOMA_STORE")?;
-    let catalog = Catalog::new(store.clone());
+    let owner = match &config.owner_id {
+        Some(owner) => owner.clone(),
+        None => owner::OwnerId::from_host_name()?,
+    };
+    let store = if config.store_read_only {
+        store::open_read_only(&config.store).await
+    } else {
+        store::open(&config.store).await
+    }
+    .context("--store / SOMA_STORE")?;
+    let catalog = Catalog::new(store.clone()).with_owner(owner.clone());
+    // Restores read the --restore-from store when given; nothing in this agent can write there.
+    let source = match &config.restore_from {
+        Some(from) => Catalog::new(
+            store::open_read_only(from)
+                .await
+                .context("--restore-from / SOMA_RESTORE_FROM")?,
+        ),
+        None => catalog.clone(),
+    };
     tracing::info!(
         store = %store.location(),
+        store_read_only = store.is_read_only(),
+        restore_from = %source.store().location(),
+        owner = %owner,
         postgres = ?postgres.as_ref().map(|p| p.server()),
         qdrant = ?qdrant.as_ref().map(|q| q.url()),
         "starting"
     );
 
-    // Only a crash of this agent leaves uploads of its engines behind; nothing of ours runs yet.
+    // Only a crash of this agent's owner leaves uploads of its engines and its owner id behind;
+    // nothing of ours runs yet. Other owners' uploads may be in flight right now: left alone.
     let mut engines = Vec::new();
     if postgres.is_some() {
         engines.push(catalog::IdEngine::Postgres);
@@ -194,14 +230,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if qdrant.is_some() {
         engines.push(catalog::IdEngine::Qdrant);
     }
-    match tokio::time::timeout(SWEEP_TIMEOUT, catalog.sweep_incomplete(&engines)).await {
-        Ok(Ok(aborted)) => {
-            for u in &aborted {
-                tracing::warn!(key = %u.key, "aborted an incomplete upload left by an interrupted backup");
+    if store.is_read_only() {
+        tracing::info!("--store is read-only: no sweep of incomplete uploads");
+    } else {
+        let sweep = catalog.sweep_incomplete(&engines, &owner);
+        match tokio::time::timeout(SWEEP_TIMEOUT, sweep).await {
+            Ok(Ok(aborted)) => {
+                for u in &aborted {
+                    tracing::warn!(key = %u.key, "aborted an incomplete upload left by an interrupted backup of this owner");
+                }
             }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not sweep incomplete uploads; continuing")
+            }
+            Err(_) => tracing::warn!("sweeping incomplete uploads timed out; continuing"),
         }
-        Ok(Err(e)) => tracing::warn!(error = %e, "could not sweep incomplete uploads; continuing"),
-        Err(_) => tracing::warn!("sweeping incomplete uploads timed out; continuing"),
     }
 
     let settings = settings(&config);
@@ -233,7 +276,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     let service = AgentService::new(
         Context {
-            source: catalog.clone(),
+            source,
             catalog,
             postgres,
             qdrant,

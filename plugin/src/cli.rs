@@ -69,6 +69,14 @@ pub enum TargetEngine {
 }
 
 impl TargetEngine {
+    /// The engine in the gRPC contract.
+    pub fn to_proto(self) -> soma_proto::v1::Engine {
+        match self {
+            TargetEngine::Postgres => soma_proto::v1::Engine::Postgres,
+            TargetEngine::Qdrant => soma_proto::v1::Engine::Qdrant,
+        }
+    }
+
     /// The value of the `soma.dev/engine` label.
     pub fn label(self) -> &'static str {
         match self {
@@ -147,8 +155,12 @@ pub enum BackupEngine {
 /// `restore`.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// Backup id, or `latest`.
+    /// Backup id, or `latest` (the newest complete top-level backup: a set, or a backup in no set).
+    /// A set is restored member by member through the agents serving them, PostgreSQL first.
     pub id: String,
+    /// With `latest`: the newest backup of this engine, a set's member included.
+    #[arg(long, value_enum, value_name = "ENGINE")]
+    pub engine: Option<TargetEngine>,
     /// Database to restore into (created when missing; default: the backup's own database).
     #[arg(long, short = 'd')]
     pub database: Option<String>,
@@ -175,8 +187,10 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "DIR", conflicts_with_all = ["database", "clean", "collections", "force"])]
     pub pgdata: Option<String>,
     /// With --pgdata: recover every transaction committed at or before this time (RFC 3339, or as
-    /// PostgreSQL prints it: `2026-11-29 14:35:01.8+00`).
-    #[arg(long, requires = "pgdata", conflicts_with_all = ["target_lsn", "target"])]
+    /// PostgreSQL prints it: `2026-11-29 14:35:01.8+00`). For a backup set: the PostgreSQL member
+    /// is restored to this time and each Qdrant member is the newest Qdrant backup taken at or
+    /// before it.
+    #[arg(long, conflicts_with_all = ["target_lsn", "target"])]
     pub target_time: Option<String>,
     /// With --pgdata: recover up to this WAL position, e.g. 16/B374D848.
     #[arg(long, requires = "pgdata", conflicts_with = "target")]
@@ -189,8 +203,11 @@ pub struct RestoreArgs {
 /// Commands that take one backup id.
 #[derive(Debug, Args)]
 pub struct IdArg {
-    /// Backup id, or `latest`.
+    /// Backup id, or `latest` (the newest complete top-level backup: a set, or a backup in no set).
     pub id: String,
+    /// With `latest`: the newest backup of this engine, a set's member included.
+    #[arg(long, value_enum, value_name = "ENGINE")]
+    pub engine: Option<TargetEngine>,
 }
 
 /// `delete`.

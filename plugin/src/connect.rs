@@ -188,14 +188,20 @@ pub async fn ready_agents(args: &KubeArgs) -> Result<Vec<Agent>, CliError> {
 
 /// The agent that can act on backup `id` (or "latest"): the one serving its engine — for a set,
 /// the engine of its members.
-pub async fn agent_for_backup(agents: Vec<Agent>, id: &str) -> Result<Agent, CliError> {
+pub async fn agent_for_backup(
+    agents: Vec<Agent>,
+    id: &str,
+    engine: i32,
+) -> Result<Agent, CliError> {
     use soma_proto::v1;
     let mut found = None;
-    for agent in &agents {
+    let mut found_by = None;
+    for (index, agent) in agents.iter().enumerate() {
         let mut client = agent.client.clone();
         match client
             .describe_backup(v1::DescribeBackupRequest {
                 backup_id: id.to_string(),
+                engine,
             })
             .await
         {
@@ -207,6 +213,7 @@ pub async fn agent_for_backup(agents: Vec<Agent>, id: &str) -> Result<Agent, Cli
                     .is_none_or(|f: &v1::BackupInfo| info.started_at > f.started_at)
                 {
                     found = Some(info);
+                    found_by = Some(index);
                 }
                 if id != "latest" {
                     break;
@@ -222,6 +229,12 @@ pub async fn agent_for_backup(agents: Vec<Agent>, id: &str) -> Result<Agent, Cli
             "backup {id} not found by any agent in the namespace; run `kubectl soma list`"
         ),
     })?;
+    // A set is read from the store whole (verify, describe): the agent that found it will do.
+    if !info.members.is_empty()
+        && let Some(index) = found_by
+    {
+        return Ok(agents.into_iter().nth(index).expect("index in range"));
+    }
     let engine_of_id = |id: &str| match BackupId::parse(id).ok().and_then(|id| id.engine()) {
         Some(IdEngine::Postgres) => "postgres",
         Some(IdEngine::Qdrant) => "qdrant",

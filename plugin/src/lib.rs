@@ -21,6 +21,20 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     }
     let engine = commands::engine_of(&cli.command);
     let explicit = cli.agent.is_some() || cli.kube.pod.is_some() || cli.kube.target.is_some();
+    // A restore that is not a data-directory restore may name a set: every member goes to the
+    // agent serving it, so it is planned here from what the agents say.
+    if let Command::Restore(args) = cli.command {
+        if args.pgdata.is_some() {
+            let agent = connect::connect(cli.agent.as_deref(), &cli.kube, engine).await?;
+            return commands::restore::run(agent, out, args).await;
+        }
+        let agents = if explicit {
+            vec![connect::connect(cli.agent.as_deref(), &cli.kube, engine).await?]
+        } else {
+            connect::ready_agents(&cli.kube).await?
+        };
+        return commands::restore::run_any(agents, out, args).await;
+    }
     if !explicit && engine.is_none() {
         // A command any agent could answer, or one that spans engines, with several agents in
         // the namespace: decide from what the agents themselves say.
@@ -28,11 +42,25 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         if agents.len() > 1 {
             return match cli.command {
                 Command::List => commands::list::run_many(agents, out).await,
-                // Each sidecar backs up the engines it serves, as one set each.
-                Command::Backup(args) => commands::backup::run_each(agents, out, args).await,
+                // One platform set across the agents, committed once every member is complete.
+                Command::Backup(args) => {
+                    let served = commands::platform::survey(agents).await?;
+                    if served.len() == 1 {
+                        let agent = served.into_iter().next().expect("one").agent;
+                        commands::backup::run(agent, out, args).await
+                    } else {
+                        commands::platform::backup_all(served, out, args).await
+                    }
+                }
                 command => {
                     let id = commands::backup_id(&command).expect("the other commands name an id");
-                    let agent = connect::agent_for_backup(agents, id).await?;
+                    let narrowed = match &command {
+                        Command::Describe(a) | Command::Verify(a) => {
+                            a.engine.map_or(0, |e| e.to_proto() as i32)
+                        }
+                        _ => 0,
+                    };
+                    let agent = connect::agent_for_backup(agents, id, narrowed).await?;
                     dispatch(command, agent, out).await
                 }
             };
@@ -43,7 +71,6 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             .expect("ready_agents returns at least one");
         return dispatch(cli.command, agent, out).await;
     }
-    let engine = commands::engine_of(&cli.command);
     let agent = connect::connect(cli.agent.as_deref(), &cli.kube, engine).await?;
     dispatch(cli.command, agent, out).await
 }

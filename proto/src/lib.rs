@@ -12,6 +12,7 @@ pub mod v1 {
 }
 
 pub mod id;
+pub mod time;
 
 pub use id::{BackupId, IdEngine, InvalidBackupId};
 

@@ -44,7 +44,7 @@ struct Cluster {
     // Drop order: the agent before its database and store.
     agent: Agent,
     pg: PgCluster,
-    _store: TestStore,
+    store: TestStore,
     kube: KubeDouble,
     _dir: tempfile::TempDir,
     kubeconfig: PathBuf,
@@ -72,7 +72,7 @@ fn cluster() -> Cluster {
     Cluster {
         agent,
         pg,
-        _store: store,
+        store,
         kube,
         _dir: dir,
         kubeconfig,
@@ -228,47 +228,79 @@ fn rbac_denials_name_the_missing_rights() {
         .assert_stderr_contains("pods/portforward", "port-forward denied");
 }
 
-/// One sidecar per engine, as the chart deploys them: `backup all` (the pre-upgrade hook's
-/// command) backs up each engine through its own agent, and a restore goes to the agent serving
-/// the backup's engine.
+/// One sidecar per engine, as the chart deploys them, writing to one store: `backup all` (the
+/// pre-upgrade hook's command) is one platform set whose members each sidecar wrote, and
+/// `restore SET` brings every member back through the agent serving it.
 #[test]
 fn backup_all_spans_one_sidecar_per_engine() {
     let c = cluster();
     let q = soma_tests::QdrantDouble::start(None);
     q.add_collection("memory", 8, 100, 64 * 1024, 1);
     let original = q.fingerprint("memory");
-    let store = TestStore::local();
     let url = q.url();
-    let qdrant_agent = Agent::start(&store.url(), "", &["--qdrant-url", &url], &store.env());
+    let qdrant_agent = Agent::start(&c.store.url(), "", &["--qdrant-url", &url], &c.store.env());
     c.kube
         .add_pod(agent_pod("qdrant-0", "qdrant", &qdrant_agent));
 
     let out = kubectl_soma(&c.kubeconfig, &["-o", "json", "backup", "all"]);
     out.assert_success("backup all across two sidecars");
-    let sets = out.json();
-    let sets = sets.as_array().expect("one manifest per agent");
-    assert_eq!(sets.len(), 2, "{sets:?}");
-    let engines: Vec<String> = sets
+    let set = out.json();
+    assert_eq!(set["kind"], "set", "{out}");
+    let members: Vec<String> = set["members"]
+        .as_array()
+        .expect("members")
         .iter()
-        .map(|s| s["members"][0].as_str().unwrap().to_string())
+        .map(|m| m.as_str().unwrap().to_string())
         .collect();
-    assert!(engines.iter().any(|m| m.contains("-pg-")), "{engines:?}");
-    assert!(engines.iter().any(|m| m.contains("-qd-")), "{engines:?}");
+    assert_eq!(members.len(), 2, "{members:?}");
+    assert!(members[0].contains("-pg-"), "PostgreSQL first: {members:?}");
+    assert!(members[1].contains("-qd-"), "{members:?}");
+    let set_id = set["id"].as_str().unwrap().to_string();
+    let listed = kubectl_soma(&c.kubeconfig, &["-o", "json", "list"]);
+    listed.assert_success("list");
+    assert!(
+        listed
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["id"] == set_id.as_str()),
+        "the platform set is listed:\n{listed}"
+    );
 
-    let qdrant_set = sets
-        .iter()
-        .find(|s| s["members"][0].as_str().unwrap().contains("-qd-"))
-        .unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     q.add_collection("memory", 8, 100, 64 * 1024, 2);
     assert_ne!(q.fingerprint("memory"), original);
-    kubectl_soma(&c.kubeconfig, &["restore", &qdrant_set, "--force"])
-        .assert_success("restore goes to the Qdrant sidecar");
+    c.pg.psql("appdb", "delete from users where id > 500");
+    let out = kubectl_soma(&c.kubeconfig, &["restore", &set_id, "--force", "--clean"]);
+    out.assert_success("restore the platform set through both sidecars");
     assert_eq!(
         q.fingerprint("memory"),
         original,
         "the restore did not bring the backed-up collection back"
+    );
+    assert_eq!(
+        c.pg.psql("appdb", "select count(*) from users"),
+        "1000",
+        "{out}"
+    );
+}
+
+/// Sidecars writing to different stores cannot make one platform set: refused, naming the
+/// stores, before anything is backed up.
+#[test]
+fn backup_all_refuses_agents_with_different_stores() {
+    let c = cluster();
+    let q = soma_tests::QdrantDouble::start(None);
+    q.add_collection("memory", 8, 10, 1024, 1);
+    let other = TestStore::local();
+    let qdrant_agent = Agent::start(&other.url(), "", &["--qdrant-url", &q.url()], &other.env());
+    c.kube
+        .add_pod(agent_pod("qdrant-0", "qdrant", &qdrant_agent));
+    let out = kubectl_soma(&c.kubeconfig, &["backup", "all"]);
+    out.assert_code(1, "backup all across stores");
+    out.assert_stderr_contains("different stores", "names the problem");
+    assert!(
+        c.store.manifests().is_empty() && other.manifests().is_empty(),
+        "nothing was backed up"
     );
 }

@@ -70,6 +70,11 @@ pub(crate) async fn write_artifact<S: Source>(
 ) -> Result<(Artifact, S::Verdict), OpError> {
     let store = ctx.catalog.store();
     let key = id.key(what.name);
+    // Before the upload exists, so the start-up sweep can always tell whose it is.
+    if let Err(e) = ctx.catalog.record_owner(id).await {
+        source.stop().await;
+        return Err(e.into());
+    }
     let upload = match store.start_upload(&key).await {
         Ok(u) => u,
         Err(e) => {

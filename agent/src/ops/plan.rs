@@ -84,6 +84,9 @@ pub enum BackupPlan {
         id: BackupId,
         /// Its members, run in order.
         members: Vec<BackupPlan>,
+        /// Write the set manifest when the members are done; false for a platform set the
+        /// plugin commits once every agent's members are complete.
+        commit: bool,
     },
 }
 
@@ -113,8 +116,20 @@ impl BackupPlan {
             if members.is_empty() {
                 return Err(RequestError::NoEngine.into());
             }
-            let id = BackupId::new(now, IdEngine::Set, "all");
-            return Ok(BackupPlan::Set { id, members });
+            return Ok(if req.set_id.is_empty() {
+                let id = BackupId::new(now, IdEngine::Set, "all");
+                BackupPlan::Set {
+                    id,
+                    members,
+                    commit: true,
+                }
+            } else {
+                BackupPlan::Set {
+                    id: set::parse_set_id(&req.set_id)?,
+                    members,
+                    commit: false,
+                }
+            });
         }
         match v1::Engine::try_from(req.engine).unwrap_or(v1::Engine::Unspecified) {
             v1::Engine::Postgres => {
@@ -179,13 +194,22 @@ impl BackupPlan {
         }
     }
 
-    /// Every backup id this plan writes (a set's and its members').
+    /// Every backup id this plan writes: a set's (unless the plugin commits it) and its
+    /// members'. An interrupted backup removes what these ids hold, so a platform set's id, which
+    /// this agent never writes, is not among them.
     pub fn ids(&self) -> Vec<BackupId> {
-        let mut ids = vec![self.id().clone()];
-        if let BackupPlan::Set { members, .. } = self {
-            ids.extend(members.iter().flat_map(BackupPlan::ids));
+        match self {
+            BackupPlan::Set {
+                id,
+                members,
+                commit,
+            } => commit
+                .then(|| id.clone())
+                .into_iter()
+                .chain(members.iter().flat_map(BackupPlan::ids))
+                .collect(),
+            plan => vec![plan.id().clone()],
         }
-        ids
     }
 
     /// The engine written.
@@ -239,9 +263,11 @@ impl BackupPlan {
                 collections,
                 mode,
             } => Box::pin(qdrant::backup_qdrant(ctx, id, collections, mode, reporter)),
-            BackupPlan::Set { id, members } => {
-                Box::pin(set::backup_set(ctx, id, members, reporter))
-            }
+            BackupPlan::Set {
+                id,
+                members,
+                commit,
+            } => Box::pin(set::backup_set(ctx, id, members, commit, reporter)),
         }
     }
 }
@@ -288,7 +314,7 @@ impl RestorePlan {
         if !req.pgdata.is_empty() {
             return Self::pgdata(req);
         }
-        let manifest = resolve(ctx, &req.backup_id).await?;
+        let manifest = resolve(ctx, &req.backup_id, req.engine).await?;
         match (manifest.engine, manifest.kind) {
             (Engine::Postgres, Kind::Physical) => {
                 Err(RequestError::PhysicalNeedsPgdata(manifest.id).into())
@@ -484,7 +510,7 @@ impl VerifyPlan {
     /// Resolves the backup a verify request names.
     pub async fn from_request(ctx: &Context, req: v1::VerifyRequest) -> Result<Self, OpError> {
         Ok(Self {
-            manifest: resolve(ctx, &req.backup_id).await?,
+            manifest: resolve(ctx, &req.backup_id, req.engine).await?,
         })
     }
 
@@ -506,10 +532,17 @@ impl VerifyPlan {
     }
 }
 
-/// Resolves "latest" or an id named in a request.
-pub async fn resolve(ctx: &Context, id: &str) -> Result<Manifest, OpError> {
+/// Resolves "latest" or an id named in a request; `engine` (the request's proto engine, 0 when
+/// unset) narrows "latest" to backups of that engine.
+pub async fn resolve(ctx: &Context, id: &str, engine: i32) -> Result<Manifest, OpError> {
     if id.is_empty() {
         return Err(RequestError::MissingId.into());
     }
-    Ok(ctx.source.resolve(id).await?)
+    let engine = match v1::Engine::try_from(engine).unwrap_or(v1::Engine::Unspecified) {
+        v1::Engine::Unspecified => None,
+        v1::Engine::Postgres => Some(Engine::Postgres),
+        v1::Engine::Qdrant => Some(Engine::Qdrant),
+        v1::Engine::Set => Some(Engine::Set),
+    };
+    Ok(ctx.source.resolve_of(id, engine).await?)
 }

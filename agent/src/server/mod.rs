@@ -118,6 +118,12 @@ impl SomaAgent for AgentService {
         request: Request<v1::BackupRequest>,
     ) -> Result<Response<Self::BackupStream>, Status> {
         let plan = BackupPlan::from_request(&self.ctx, request.into_inner(), Utc::now())?;
+        if let BackupPlan::Set {
+            id, commit: false, ..
+        } = &plan
+        {
+            ops::set::refuse_existing(&self.ctx, id).await?;
+        }
         let span = tracing::info_span!("backup", backup_id = %plan.id(), engine = %plan.engine(), target = %plan.target_name());
         let info = JobInfo::new(
             plan.id().as_str(),
@@ -170,6 +176,23 @@ impl SomaAgent for AgentService {
         })
     }
 
+    async fn commit_set(
+        &self,
+        request: Request<v1::CommitSetRequest>,
+    ) -> Result<Response<v1::BackupInfo>, Status> {
+        let request = request.into_inner();
+        let started_at = chrono::DateTime::parse_from_rfc3339(&request.started_at)
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or_else(|_| Utc::now());
+        let span = tracing::info_span!("commit_set", backup_id = %request.set_id.chars().take(80).collect::<String>());
+        let manifest =
+            ops::set::commit_set(&self.ctx, &request.set_id, &request.members, started_at)
+                .instrument(span)
+                .await?;
+        tracing::info!(backup_id = %manifest.id, members = manifest.members.len(), "platform set committed");
+        Ok(Response::new(convert::backup_info(&manifest)))
+    }
+
     async fn list_backups(
         &self,
         _request: Request<v1::ListBackupsRequest>,
@@ -189,7 +212,8 @@ impl SomaAgent for AgentService {
         &self,
         request: Request<v1::DescribeBackupRequest>,
     ) -> Result<Response<v1::BackupInfo>, Status> {
-        let manifest = ops::plan::resolve(&self.ctx, &request.into_inner().backup_id).await?;
+        let request = request.into_inner();
+        let manifest = ops::plan::resolve(&self.ctx, &request.backup_id, request.engine).await?;
         let mut info = convert::backup_info(&manifest);
         info.recovery_window = ops::physical::Windows::new(&self.ctx.source)
             .of(&manifest)

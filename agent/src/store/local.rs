@@ -55,6 +55,19 @@ impl LocalStore {
         Ok(Self { root })
     }
 
+    /// Opens an existing store rooted at `root` without creating anything (a read-only source:
+    /// a missing directory is a wrong location, not an empty store).
+    pub async fn open_existing(root: PathBuf) -> Result<Self> {
+        match fs::metadata(&root).await {
+            Ok(meta) if meta.is_dir() => Ok(Self { root }),
+            Ok(_) => Err(StoreError::InvalidLocation {
+                location: format!("file://{}", root.display()),
+                reason: "not a directory".into(),
+            }),
+            Err(source) => Err(StoreError::Io { path: root, source }),
+        }
+    }
+
     fn path_of(&self, key: &str) -> Result<PathBuf> {
         check_key(key)?;
         if key == UPLOADS_DIR || key.starts_with(".uploads/") {
@@ -239,7 +252,12 @@ impl Store for LocalStore {
 
     async fn list_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>> {
         let dir = self.uploads();
-        let mut entries = fs::read_dir(&dir).await.map_err(io_err(&dir))?;
+        let mut entries = match fs::read_dir(&dir).await {
+            Ok(entries) => entries,
+            // A store opened read-only that never had an upload (open_existing creates nothing).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
         let mut out = Vec::new();
         while let Some(entry) = entries.next_entry().await.map_err(io_err(&dir))? {
             let name = entry.file_name().to_string_lossy().into_owned();

@@ -8,7 +8,10 @@
 //!   components are refused so no key can escape the prefix.
 
 pub mod local;
+pub mod read_only;
 pub mod s3;
+
+pub use read_only::ReadOnly;
 
 use std::{fmt, path::PathBuf, pin::Pin, sync::Arc, time::SystemTime};
 
@@ -105,6 +108,15 @@ pub enum StoreError {
         /// Why it was refused.
         reason: &'static str,
     },
+    /// A write to a store this agent only reads (`--restore-from`, or `--store` with
+    /// `--store-read-only`); nothing was sent to the store.
+    #[error(
+        "this agent's store is read-only ({location}): it takes no backups and deletes nothing there; back up and delete with the agent that owns this store, or restart this one without --store-read-only (SOMA_STORE_READ_ONLY)"
+    )]
+    ReadOnly {
+        /// The store refused, as [`Store::location`] names it.
+        location: String,
+    },
     /// The `--store` location cannot be used.
     #[error("invalid store location {location:?}: {reason}")]
     InvalidLocation {
@@ -140,6 +152,12 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub trait Store: Send + Sync + fmt::Debug {
     /// Where this store is, for humans (`s3://bucket/prefix`, `file:///path`); never credentials.
     fn location(&self) -> String;
+
+    /// Whether every write is refused with [`StoreError::ReadOnly`] (see [`ReadOnly`]), so the
+    /// agent can skip work that only writes, such as the start-up sweep.
+    fn is_read_only(&self) -> bool {
+        false
+    }
 
     /// Writes a whole small object atomically (readers see the old object, or none, or the new one).
     async fn put(&self, key: &str, data: Bytes) -> Result<()>;
@@ -307,6 +325,18 @@ pub async fn open(location: &str) -> Result<Arc<dyn Store>> {
             "expected s3://bucket/prefix or file:///absolute/path",
         ))
     }
+}
+
+/// Opens `location` as [`open`] does, read-only: every write is refused (see [`ReadOnly`]). A
+/// local directory must already exist (opening it creates nothing).
+pub async fn open_read_only(location: &str) -> Result<Arc<dyn Store>> {
+    let inner: Arc<dyn Store> = match location.strip_prefix("file://") {
+        Some(rest) if rest.starts_with('/') => {
+            Arc::new(local::LocalStore::open_existing(PathBuf::from(rest)).await?)
+        }
+        _ => open(location).await?,
+    };
+    Ok(Arc::new(ReadOnly::new(inner)))
 }
 
 /// Checks that a key stays inside the store's prefix.

@@ -199,12 +199,37 @@ restore_command, so all three reach the store with the same identity.
 {{- end }}
 
 {{/*
+The agent's owner id, SOMA_OWNER_ID (empty: the agent then uses its host name). Takes the dict
+given to "soma-backup.agentContainer". agent.ownerId when set; else, when the dict carries
+"Release", "<kube-system namespace UID>/<release namespace>/<release name>": stable across pod
+restarts and upgrades, and different in another cluster that installs the same release (a
+disaster-recovery drill), so that cluster's agent never sweeps this one's uploads. Where lookup
+answers nothing (helm template, --dry-run, no rights on namespaces) it is
+"<release namespace>/<release name>".
+*/}}
+{{- define "soma-backup.ownerId" -}}
+{{- with .Values.agent.ownerId -}}
+{{- . -}}
+{{- else -}}
+{{- with .Release -}}
+{{- $ns := lookup "v1" "Namespace" "" "kube-system" -}}
+{{- $uid := "" -}}
+{{- if $ns }}{{- $uid = (($ns.metadata).uid) | default "" -}}{{- end -}}
+{{- $id := printf "%s/%s" .Namespace .Name -}}
+{{- if $uid }}{{- $id = printf "%s/%s" $uid $id -}}{{- end -}}
+{{- $id | trunc 253 -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/*
 The agent sidecar container, to include in a PostgreSQL or a Qdrant pod:
 
   containers:
-    {{- include "soma-backup.agentContainer" (dict "engine" "postgres" "Values" .Values) | nindent 4 }}
+    {{- include "soma-backup.agentContainer" (dict "engine" "postgres" "Values" .Values "Release" .Release) | nindent 4 }}
 
 "Values" is the soma-backup values tree (from an umbrella chart: (index .Values "soma-backup")).
+"Release" (optional) gives the default owner id (see "soma-backup.ownerId").
 Add the pod labels/annotations ("soma-backup.agentPodLabels" / "soma-backup.agentPodAnnotations")
 and the volumes ("soma-backup.agentVolumes") beside it. The result is one list item.
 
@@ -226,6 +251,21 @@ SOMA_QDRANT_API_KEY and the S3 keys; no URL ever carries a password. The agent l
       value: {{ printf "127.0.0.1:%v" $v.agent.port | quote }}
     - name: SOMA_STORE
       value: {{ include "soma-backup.storeUrl" (dict "bucket" $bucket "prefix" $store.prefix) | quote }}
+    {{- with $store.restoreFrom }}
+    - name: SOMA_RESTORE_FROM
+      value: {{ . | quote }}
+    {{- end }}
+    {{- if $store.readOnly }}
+    {{- if and (eq $engine "postgres") $v.postgres.walStream.enabled }}
+    {{- fail "store.readOnly cannot be combined with postgres.walStream.enabled: the WAL archive is written to the store" }}
+    {{- end }}
+    - name: SOMA_STORE_READ_ONLY
+      value: "true"
+    {{- end }}
+    {{- with include "soma-backup.ownerId" (dict "Values" $v "Release" .Release) }}
+    - name: SOMA_OWNER_ID
+      value: {{ . | quote }}
+    {{- end }}
     {{- include "soma-backup.awsEnv" $store | nindent 4 }}
     - name: SOMA_LOG_FORMAT
       value: {{ $v.agent.logFormat | quote }}
@@ -468,6 +508,10 @@ official Debian images are; Alpine images are not).
   env:
     - name: SOMA_STORE
       value: {{ include "soma-backup.storeUrl" (dict "bucket" $bucket "prefix" $prefix) | quote }}
+    {{- with $store.restoreFrom }}
+    - name: SOMA_RESTORE_FROM
+      value: {{ . | quote }}
+    {{- end }}
     {{- include "soma-backup.awsEnv" $store | nindent 4 }}
     - name: SOMA_LOG_FORMAT
       value: {{ $v.agent.logFormat | quote }}

@@ -9,27 +9,6 @@ use crate::{
     output, progress,
 };
 
-/// `backup all` with several agents (one sidecar per engine): each backs up what it serves, one
-/// after the other; json/yaml print the array of their manifests.
-pub async fn run_each(
-    agents: Vec<Agent>,
-    out: OutputFormat,
-    args: BackupArgs,
-) -> Result<(), CliError> {
-    let mut manifests = Vec::new();
-    for agent in agents {
-        let info = take(agent, &args).await?;
-        match out {
-            OutputFormat::Table => print_summary(&info),
-            _ => manifests.push(output::manifest(&info.0)?),
-        }
-    }
-    match out {
-        OutputFormat::Table => Ok(()),
-        format => output::print_structured(format, &manifests),
-    }
-}
-
 /// Starts a backup, follows it, prints the manifest (json/yaml) or a summary (table).
 pub async fn run(agent: Agent, out: OutputFormat, args: BackupArgs) -> Result<(), CliError> {
     let info = take(agent, &args).await?;

@@ -14,7 +14,10 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(),
     let asked_latest = args.id == "latest";
     let info = agent
         .client
-        .describe_backup(v1::DescribeBackupRequest { backup_id: args.id })
+        .describe_backup(v1::DescribeBackupRequest {
+            backup_id: args.id,
+            engine: args.engine.map_or(0, |e| e.to_proto() as i32),
+        })
         .await
         .map_err(|s| CliError::from_status(s, &agent.addr, "request"))?
         .into_inner();

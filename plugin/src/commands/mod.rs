@@ -4,6 +4,7 @@ pub mod backup;
 pub mod delete;
 pub mod describe;
 pub mod list;
+pub mod platform;
 pub mod restore;
 pub mod status;
 pub mod verify;
@@ -15,8 +16,27 @@ use crate::{cli::Command, error::CliError};
 /// Checks what can be checked without the agent, so bad input fails fast with exit code 2.
 pub fn validate(command: &Command) -> Result<(), CliError> {
     match command {
-        Command::Restore(a) => check_id(&a.id, true),
-        Command::Describe(a) | Command::Verify(a) => check_id(&a.id, true),
+        Command::Restore(a) => {
+            check_id(&a.id, true)?;
+            check_engine(&a.id, a.engine)?;
+            if a.target_time.is_some()
+                && a.pgdata.is_none()
+                && BackupId::parse(&a.id)
+                    .ok()
+                    .and_then(|id| id.engine())
+                    .is_some_and(|e| e != IdEngine::Set)
+            {
+                return Err(CliError::Usage(format!(
+                    "--target-time without --pgdata applies to a backup set (or latest); {} is a single backup: add --pgdata DIR for a PostgreSQL base backup",
+                    a.id
+                )));
+            }
+            Ok(())
+        }
+        Command::Describe(a) | Command::Verify(a) => {
+            check_id(&a.id, true)?;
+            check_engine(&a.id, a.engine)
+        }
         Command::Delete(a) => check_id(&a.id, false),
         Command::Backup(_) | Command::List | Command::Status => Ok(()),
     }
@@ -38,8 +58,10 @@ pub fn engine_of(command: &Command) -> Option<&'static str> {
             BackupEngine::All { .. } => None,
         },
         Command::Restore(a) if a.pgdata.is_some() => Some("postgres"),
-        Command::Restore(a) => from_id(&a.id),
-        Command::Describe(a) | Command::Verify(a) => from_id(&a.id),
+        Command::Restore(a) => a.engine.map(|e| e.label()).or_else(|| from_id(&a.id)),
+        Command::Describe(a) | Command::Verify(a) => {
+            a.engine.map(|e| e.label()).or_else(|| from_id(&a.id))
+        }
         Command::Delete(a) => from_id(&a.id),
         Command::List | Command::Status => None,
     }
@@ -53,6 +75,16 @@ pub fn backup_id(command: &Command) -> Option<&str> {
         Command::Delete(a) => Some(&a.id),
         _ => None,
     }
+}
+
+/// `--engine` narrows `latest` only: an explicit id already names its engine.
+fn check_engine(id: &str, engine: Option<crate::cli::TargetEngine>) -> Result<(), CliError> {
+    if engine.is_some() && id != "latest" {
+        return Err(CliError::Usage(format!(
+            "--engine narrows `latest`; {id} is an explicit backup id, drop --engine"
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses ids that cannot be backup ids before asking the agent (which checks again), so a typo

@@ -3,12 +3,96 @@
 use serde_json::json;
 use soma_proto::v1;
 
+use super::platform;
 use crate::{
     cli::{OutputFormat, RestoreArgs},
-    connect::Agent,
+    connect::{self, Agent},
     error::CliError,
     output, progress,
 };
+
+/// Restores what `args.id` names through the agents given: a set member by member (see
+/// [`platform::restore_set`]), anything else through the agent serving its engine.
+pub async fn run_any(
+    agents: Vec<Agent>,
+    out: OutputFormat,
+    mut args: RestoreArgs,
+) -> Result<(), CliError> {
+    let engine = args.engine.map_or(0, |e| e.to_proto() as i32);
+    let info = match (&args.target_time, args.id.as_str(), args.engine) {
+        // To a point in time, "latest" is the newest set taken at or before it.
+        (Some(at), "latest", None) => {
+            platform::newest_set_at_or_before(&agents, platform::parse_time(at)?).await?
+        }
+        _ => newest_described(&agents, &args.id, engine).await?,
+    };
+    if args.id == "latest" {
+        eprintln!(
+            "latest resolved to {} ({}, started {})",
+            info.id, info.kind, info.started_at
+        );
+    }
+    if info.engine == v1::Engine::Set as i32 {
+        let served = platform::survey(agents).await?;
+        return platform::restore_set(served, info, out, args).await;
+    }
+    if args.target_time.is_some() {
+        return Err(CliError::Usage(format!(
+            "--target-time without --pgdata applies to a backup set; {} is a single {} backup: add --pgdata DIR for a PostgreSQL base backup",
+            info.id, info.kind
+        )));
+    }
+    // Restore exactly what was resolved, even if a newer backup lands meanwhile.
+    args.id = info.id.clone();
+    args.engine = None;
+    let agent = if agents.len() == 1 {
+        agents.into_iter().next().expect("one")
+    } else {
+        connect::agent_for_backup(agents, &info.id, 0).await?
+    };
+    run(agent, out, args).await
+}
+
+/// What `id` names, asked of every agent: for "latest", the newest any of them knows (agents of
+/// an older layout may each write to their own store).
+async fn newest_described(
+    agents: &[Agent],
+    id: &str,
+    engine: i32,
+) -> Result<v1::BackupInfo, CliError> {
+    let mut found: Option<v1::BackupInfo> = None;
+    let mut not_found = None;
+    for agent in agents {
+        let mut client = agent.client.clone();
+        match client
+            .describe_backup(v1::DescribeBackupRequest {
+                backup_id: id.to_string(),
+                engine,
+            })
+            .await
+        {
+            Ok(info) => {
+                let info = info.into_inner();
+                if found
+                    .as_ref()
+                    .is_none_or(|f| info.started_at > f.started_at)
+                {
+                    found = Some(info);
+                }
+                if id != "latest" {
+                    break;
+                }
+            }
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                not_found = Some(CliError::from_status(s, &agent.addr, "request"));
+            }
+            Err(s) => return Err(CliError::from_status(s, &agent.addr, "request")),
+        }
+    }
+    found.ok_or_else(|| {
+        not_found.unwrap_or_else(|| CliError::Other(format!("backup {id} not found")))
+    })
+}
 
 /// Starts a restore and follows it to the end.
 pub async fn run(mut agent: Agent, out: OutputFormat, args: RestoreArgs) -> Result<(), CliError> {
@@ -22,6 +106,7 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: RestoreArgs) -> Resu
         pgdata: args.pgdata.unwrap_or_default(),
         target_time: args.target_time.unwrap_or_default(),
         target_lsn: args.target_lsn.unwrap_or_default(),
+        engine: args.engine.map_or(0, |e| e.to_proto() as i32),
         update_roles: args.update_roles,
     };
     let stream = agent

@@ -14,7 +14,10 @@ use crate::{
 pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(), CliError> {
     let stream = agent
         .client
-        .verify(v1::VerifyRequest { backup_id: args.id })
+        .verify(v1::VerifyRequest {
+            backup_id: args.id,
+            engine: args.engine.map_or(0, |e| e.to_proto() as i32),
+        })
         .await
         .map_err(|s| CliError::from_status(s, &agent.addr, "request"))?
         .into_inner();

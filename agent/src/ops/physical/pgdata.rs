@@ -110,6 +110,19 @@ fn conf_quote(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
 
+/// PostgreSQL's restore_command: `wal-fetch` reading the store the base backup came from
+/// (`--restore-from`, so it opens that store read-only, whichever flag named it here). Every word
+/// is shell-quoted: the system id comes from a manifest, which is read from the store and so
+/// untrusted. The location never carries credentials (those come from the AWS environment).
+fn restore_command(agent_binary: &str, location: &str, system_id: &str) -> String {
+    format!(
+        "{} wal-fetch --restore-from {} --system-id {} %f %p",
+        shell_quote(agent_binary),
+        shell_quote(location),
+        shell_quote(system_id)
+    )
+}
+
 /// Writes recovery.signal and the recovery settings (appended to postgresql.auto.conf, which
 /// PostgreSQL reads last, so they win over the backed-up configuration).
 pub(super) async fn write_recovery_config(
@@ -123,11 +136,10 @@ pub(super) async fn write_recovery_config(
         action,
         source,
     };
-    let restore_command = format!(
-        "{} wal-fetch --store {} --system-id {} %f %p",
-        shell_quote(&req.agent_binary.display().to_string()),
-        shell_quote(&catalog.store().location()),
-        details.system_id
+    let restore_command = restore_command(
+        &req.agent_binary.display().to_string(),
+        &catalog.store().location(),
+        &details.system_id,
     );
     let mut conf = format!(
         "\n# Point-in-time recovery written by soma-agent restore-pgdata from base backup {} at {}.\n\
@@ -235,5 +247,22 @@ mod tests {
         assert_eq!(shell_quote("/usr/bin/soma-agent"), "/usr/bin/soma-agent");
         assert_eq!(shell_quote("s3://b/p x"), "'s3://b/p x'");
         assert_eq!(conf_quote("a 'b'"), "'a ''b'''");
+    }
+
+    #[test]
+    fn restore_command_reads_the_source_read_only_and_quotes_every_word() {
+        assert_eq!(
+            restore_command(
+                "/soma-bin/soma-agent",
+                "s3://old/prod",
+                "7312345678901234567"
+            ),
+            "/soma-bin/soma-agent wal-fetch --restore-from s3://old/prod --system-id 7312345678901234567 %f %p"
+        );
+        // A forged manifest cannot smuggle a second command into the shell.
+        assert_eq!(
+            restore_command("/a b/soma-agent", "file:///x", "1; rm -rf /"),
+            "'/a b/soma-agent' wal-fetch --restore-from file:///x --system-id '1; rm -rf /' %f %p"
+        );
     }
 }

@@ -13,7 +13,7 @@ use chrono::{DateTime, FixedOffset};
 
 use super::{BASE, PhysicalDetails, PhysicalError, pgdata};
 use crate::{
-    catalog::{Catalog, Kind, Manifest},
+    catalog::{Catalog, Engine, Kind, Manifest},
     error::OpError,
     jobs::Reporter,
     lsn::Lsn,
@@ -73,16 +73,7 @@ impl RecoveryTarget {
     }
 }
 
-/// A recovery target time in RFC 3339 (`2026-11-29T14:35:01.8Z`) or as PostgreSQL prints a
-/// `timestamptz` (`2026-11-29 14:35:01.800778+00`, `+05:30`, with or without a fraction), so a
-/// time copied from `now()` or a log line works as it is.
-fn parse_time(t: &str) -> Result<DateTime<FixedOffset>, chrono::ParseError> {
-    DateTime::parse_from_rfc3339(t).or_else(|rfc| {
-        DateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f%#z")
-            // Report what the form the value resembles found wrong.
-            .map_err(|pg| if t.contains('T') { rfc } else { pg })
-    })
-}
+use soma_proto::time::parse_target_time as parse_time;
 
 /// A physical restore request.
 #[derive(Debug, Clone)]
@@ -138,7 +129,11 @@ async fn choose_backup(
     target: &RecoveryTarget,
 ) -> Result<(Manifest, PhysicalDetails), OpError> {
     if backup != "latest" {
-        let manifest = catalog.resolve(backup).await?;
+        let mut manifest = catalog.resolve(backup).await?;
+        // A platform set names its base backup among its members: restore that one.
+        if manifest.engine == Engine::Set {
+            manifest = physical_member(catalog, &manifest).await?;
+        }
         let details = PhysicalDetails::of(&manifest)?;
         if !target.reachable_from(&details) {
             return Err(PhysicalError::AfterTarget {
@@ -171,6 +166,21 @@ async fn choose_backup(
             }
             .into()
         })
+}
+
+/// The base backup among a set's members (a set holds at most one PostgreSQL member).
+async fn physical_member(catalog: &Catalog, set: &Manifest) -> Result<Manifest, OpError> {
+    for member in crate::ops::set::members_of(catalog, set).await? {
+        if member.engine == Engine::Postgres && member.kind == Kind::Physical {
+            return Ok(member);
+        }
+    }
+    Err(PhysicalError::NotPhysical {
+        id: set.id.clone(),
+        engine: set.engine,
+        kind: set.kind,
+    }
+    .into())
 }
 
 /// Checks that the archive reaches the target from the chosen backup, without a gap.
