@@ -130,6 +130,10 @@ pub struct Artifact {
     /// Qdrant: the shard this artifact holds (shard-stream backups).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard: Option<u32>,
+    /// PostgreSQL: the database this dump holds (whole-cluster logical backups, whose artifact
+    /// names are indexes because a database name is not a safe store key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
 }
 
 impl Artifact {
@@ -194,9 +198,13 @@ impl std::fmt::Display for Engine {
 /// What kind of backup, which decides how it is restored. Serialised as manifests always wrote it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Kind {
-    /// A `pg_dump` of one database.
+    /// A `pg_dump` of one database (since issue 11 with the roles it needs).
     #[serde(rename = "logical")]
     Logical,
+    /// A `pg_dump` of every database of a cluster plus its globals (roles, memberships,
+    /// tablespaces), restorable into a fresh cluster.
+    #[serde(rename = "logical-cluster")]
+    LogicalCluster,
     /// A `pg_basebackup` of the whole cluster, rolled forward with the WAL archive.
     #[serde(rename = "physical")]
     Physical,
@@ -219,6 +227,7 @@ impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Logical => "logical",
+            Kind::LogicalCluster => "logical-cluster",
             Kind::Physical => "physical",
             Kind::QdrantCollections => "collection-snapshots",
             Kind::QdrantShards => "shard-stream-snapshots",

@@ -8,9 +8,15 @@ use tonic::{Code, Status};
 
 use crate::{
     catalog::{BackupId, CatalogError, Engine},
-    engine::{postgres::PgError, qdrant::QdrantError},
+    engine::{
+        postgres::{PgError, globals::PreflightError},
+        qdrant::QdrantError,
+    },
     jobs::Busy,
-    ops::{physical::PhysicalError, plan::RequestError, qdrant::QdrantOpError, set::SetError},
+    ops::{
+        physical::PhysicalError, plan::RequestError, postgres::LogicalError, qdrant::QdrantOpError,
+        set::SetError,
+    },
     pipeline::PipelineError,
     store::StoreError,
 };
@@ -30,6 +36,12 @@ pub enum OpError {
     /// PostgreSQL and its tools.
     #[error(transparent)]
     Postgres(#[from] PgError),
+    /// A logical backup that cannot be restored as asked.
+    #[error(transparent)]
+    Logical(#[from] LogicalError),
+    /// A logical restore the target cluster cannot take (missing role, extension, tablespace).
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
     /// Qdrant's API.
     #[error(transparent)]
     Qdrant(#[from] QdrantError),
@@ -197,7 +209,9 @@ impl OpError {
                 | PgError::ToolTooOld { .. }
                 | PgError::NotEmpty { .. } => Code::FailedPrecondition,
                 PgError::Connect { .. } => Code::Unavailable,
-                PgError::ToolFailed { .. } | PgError::Io { .. } => Code::Aborted,
+                PgError::ToolFailed { .. } | PgError::Io { .. } | PgError::Unexpected { .. } => {
+                    Code::Aborted
+                }
             },
             OpError::Qdrant(e) => match e {
                 QdrantError::InvalidUrl(_) | QdrantError::Tls { .. } => Code::InvalidArgument,
@@ -212,6 +226,11 @@ impl OpError {
                 | QdrantError::Unsupported { .. } => Code::FailedPrecondition,
             },
             OpError::QdrantOp(e) => e.code(),
+            OpError::Logical(e) => e.code(),
+            OpError::Preflight(e) => match e {
+                PreflightError::Invalid { .. } => Code::DataLoss,
+                _ => Code::FailedPrecondition,
+            },
             OpError::Physical(e) => e.code(),
             OpError::Request(e) => match e {
                 RequestError::NoEngine | RequestError::SetWithPhysicalMember { .. } => {

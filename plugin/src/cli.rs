@@ -116,8 +116,9 @@ pub struct BackupArgs {
 /// Engines that can be backed up.
 #[derive(Debug, Subcommand)]
 pub enum BackupEngine {
-    /// A logical backup (pg_dump) of one PostgreSQL database, or with --physical a base backup of
-    /// the whole cluster for point-in-time recovery.
+    /// A logical backup (pg_dump) of one PostgreSQL database with the roles it needs, with
+    /// --all-databases of every database plus the cluster's roles, or with --physical a base
+    /// backup of the whole cluster for point-in-time recovery.
     Postgres {
         /// Database to back up (default: the one in the agent's --postgres-url).
         #[arg(long, short = 'd', conflicts_with = "physical")]
@@ -126,6 +127,10 @@ pub enum BackupEngine {
         /// archive (--wal-stream) it restores to any point in time after it.
         #[arg(long)]
         physical: bool,
+        /// A logical backup of every database (one pg_dump each) plus the cluster's roles,
+        /// memberships and tablespaces, restorable into a fresh cluster.
+        #[arg(long, conflicts_with_all = ["database", "physical"])]
+        all_databases: bool,
     },
     /// Snapshots of Qdrant collections, streamed to the store (default: every collection).
     Qdrant {
@@ -171,6 +176,10 @@ pub struct RestoreArgs {
     /// Qdrant: overwrite existing collections and repoint existing aliases.
     #[arg(long)]
     pub force: bool,
+    /// PostgreSQL: also bring roles that already exist on the target to the backup's
+    /// attributes, password and memberships (by default existing roles are left as they are).
+    #[arg(long)]
+    pub update_roles: bool,
     /// PostgreSQL point-in-time restore: lay the base backup (`latest`: the newest that reaches
     /// the target) into this empty data directory on the agent's host, configured to replay WAL to
     /// the target when PostgreSQL starts there. In Kubernetes use the chart's init container

@@ -269,18 +269,22 @@ root_domain = ".s3.garage.localhost"
             .collect()
     }
 
-    /// Sizes of the parts uploaded so far to `upload` (ListParts).
+    /// Sizes of the parts uploaded so far to `upload` (ListParts); none when the upload was
+    /// completed or aborted since it was listed (a small artifact's upload may end in between).
     pub fn part_sizes(&self, upload: &PendingUpload) -> Vec<i64> {
-        let resp = self
-            .block_on(
-                self.client
-                    .list_parts()
-                    .bucket(BUCKET)
-                    .key(&upload.key)
-                    .upload_id(&upload.upload_id)
-                    .send(),
-            )
-            .unwrap_or_else(|e| panic!("ListParts {}: {}", upload.key, err(e)));
+        use aws_sdk_s3::error::ProvideErrorMetadata;
+        let resp = match self.block_on(
+            self.client
+                .list_parts()
+                .bucket(BUCKET)
+                .key(&upload.key)
+                .upload_id(&upload.upload_id)
+                .send(),
+        ) {
+            Ok(resp) => resp,
+            Err(e) if e.code() == Some("NoSuchUpload") => return Vec::new(),
+            Err(e) => panic!("ListParts {}: {}", upload.key, err(e)),
+        };
         resp.parts()
             .iter()
             .map(|p| p.size().unwrap_or_default())

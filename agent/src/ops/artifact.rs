@@ -116,6 +116,7 @@ pub(crate) async fn write_artifact<S: Source>(
         parts: summary.parts,
         collection: None,
         shard: None,
+        database: None,
     };
     Ok((artifact, verdict))
 }

@@ -52,12 +52,17 @@ pub enum RequestError {
 /// A backup about to run.
 #[derive(Debug, Clone)]
 pub enum BackupPlan {
-    /// pg_dump of one database.
+    /// pg_dump of one database, with the roles it needs.
     Logical {
         /// The new backup's id.
         id: BackupId,
         /// The database.
         database: String,
+    },
+    /// pg_dump of every database of the cluster, with the cluster's globals.
+    LogicalCluster {
+        /// The new backup's id.
+        id: BackupId,
     },
     /// pg_basebackup of the cluster.
     Physical {
@@ -97,12 +102,12 @@ impl BackupPlan {
     ) -> Result<Self, OpError> {
         if req.all {
             let mut members = Vec::new();
-            if let Some(pg) = &ctx.postgres {
+            if ctx.postgres.is_some() {
+                // Restoring "all" must bring back every database and the roles they need.
                 members.push(if req.physical {
                     Self::physical(now)
                 } else {
-                    let database = pg.default_database();
-                    Self::logical(now, database)
+                    Self::logical_cluster(now)
                 });
             }
             if ctx.qdrant.is_some() {
@@ -131,6 +136,8 @@ impl BackupPlan {
                 let pg = ctx.postgres()?;
                 Ok(if req.physical {
                     Self::physical(now)
+                } else if req.all_databases {
+                    Self::logical_cluster(now)
                 } else if req.database.is_empty() {
                     Self::logical(now, pg.default_database())
                 } else {
@@ -149,6 +156,12 @@ impl BackupPlan {
     fn logical(now: DateTime<Utc>, database: String) -> Self {
         let id = BackupId::new(now, IdEngine::Postgres, &database);
         BackupPlan::Logical { id, database }
+    }
+
+    fn logical_cluster(now: DateTime<Utc>) -> Self {
+        BackupPlan::LogicalCluster {
+            id: BackupId::new(now, IdEngine::Postgres, postgres::ALL_DATABASES),
+        }
     }
 
     fn physical(now: DateTime<Utc>) -> Self {
@@ -174,6 +187,7 @@ impl BackupPlan {
     pub fn id(&self) -> &BackupId {
         match self {
             BackupPlan::Logical { id, .. }
+            | BackupPlan::LogicalCluster { id }
             | BackupPlan::Physical { id }
             | BackupPlan::Qdrant { id, .. }
             | BackupPlan::Set { id, .. } => id,
@@ -201,7 +215,9 @@ impl BackupPlan {
     /// The engine written.
     pub fn engine(&self) -> Engine {
         match self {
-            BackupPlan::Logical { .. } | BackupPlan::Physical { .. } => Engine::Postgres,
+            BackupPlan::Logical { .. }
+            | BackupPlan::LogicalCluster { .. }
+            | BackupPlan::Physical { .. } => Engine::Postgres,
             BackupPlan::Qdrant { .. } => Engine::Qdrant,
             BackupPlan::Set { .. } => Engine::Set,
         }
@@ -211,7 +227,10 @@ impl BackupPlan {
     pub fn targets(&self) -> Vec<JobTarget> {
         match self {
             BackupPlan::Logical { database, .. } => vec![JobTarget::Database(database.clone())],
-            BackupPlan::Physical { .. } => vec![JobTarget::Cluster],
+            // One whole-cluster backup at a time (logical or physical).
+            BackupPlan::LogicalCluster { .. } | BackupPlan::Physical { .. } => {
+                vec![JobTarget::Cluster]
+            }
             BackupPlan::Qdrant { .. } => vec![JobTarget::Qdrant],
             BackupPlan::Set { members, .. } => members.iter().flat_map(|m| m.targets()).collect(),
         }
@@ -221,6 +240,7 @@ impl BackupPlan {
     pub fn target_name(&self) -> String {
         match self {
             BackupPlan::Logical { database, .. } => database.clone(),
+            BackupPlan::LogicalCluster { .. } => postgres::ALL_DATABASES.into(),
             BackupPlan::Physical { .. } => "cluster".into(),
             BackupPlan::Qdrant { collections, .. } if collections.is_empty() => "all".into(),
             BackupPlan::Qdrant { collections, .. } => collections.join(","),
@@ -233,6 +253,9 @@ impl BackupPlan {
         match self {
             BackupPlan::Logical { id, database } => {
                 Box::pin(postgres::backup_postgres(ctx, id, database, reporter))
+            }
+            BackupPlan::LogicalCluster { id } => {
+                Box::pin(postgres::backup_cluster(ctx, id, reporter))
             }
             BackupPlan::Physical { id } => Box::pin(physical::backup_physical(ctx, id, reporter)),
             BackupPlan::Qdrant {
@@ -261,6 +284,8 @@ pub enum RestorePlan {
         /// Drop and recreate existing objects.
         clean: bool,
     },
+    /// A logical backup with globals: roles first, then its databases.
+    Cluster(postgres::ClusterRestore),
     /// Qdrant snapshots into collections.
     Qdrant {
         /// The backup.
@@ -296,16 +321,7 @@ impl RestorePlan {
             }
             (Engine::Postgres, _) => {
                 ctx.postgres()?;
-                let database = if req.database.is_empty() {
-                    manifest.target.name.clone()
-                } else {
-                    req.database
-                };
-                Ok(RestorePlan::Logical {
-                    manifest,
-                    database,
-                    clean: req.clean,
-                })
+                Self::logical(manifest, &req.database, req.clean, req.update_roles)
             }
             (Engine::Qdrant, _) => {
                 ctx.qdrant()?;
@@ -329,12 +345,7 @@ impl RestorePlan {
                         }
                         (Engine::Postgres, _) => {
                             ctx.postgres()?;
-                            let database = m.target.name.clone();
-                            RestorePlan::Logical {
-                                manifest: m,
-                                database,
-                                clean: req.clean,
-                            }
+                            Self::logical(m, "", req.clean, req.update_roles)?
                         }
                         (Engine::Qdrant, _) => {
                             ctx.qdrant()?;
@@ -355,6 +366,28 @@ impl RestorePlan {
                 }
                 Ok(RestorePlan::Set { manifest, members })
             }
+        }
+    }
+
+    /// A logical restore: with globals (roles first) when the backup records them, the old way
+    /// for a backup written before. `database` empty means the backup's own database(s).
+    fn logical(
+        manifest: Manifest,
+        database: &str,
+        clean: bool,
+        update_roles: bool,
+    ) -> Result<Self, OpError> {
+        match postgres::ClusterRestore::new(manifest.clone(), database, clean, update_roles)? {
+            Some(cluster) => Ok(RestorePlan::Cluster(cluster)),
+            None => Ok(RestorePlan::Logical {
+                database: if database.is_empty() {
+                    manifest.target.name.clone()
+                } else {
+                    database.to_string()
+                },
+                manifest,
+                clean,
+            }),
         }
     }
 
@@ -389,6 +422,7 @@ impl RestorePlan {
             RestorePlan::Logical { manifest, .. }
             | RestorePlan::Qdrant { manifest, .. }
             | RestorePlan::Set { manifest, .. } => manifest.id.to_string(),
+            RestorePlan::Cluster(c) => c.manifest.id.to_string(),
             RestorePlan::Pgdata(req) => req.backup.clone(),
         }
     }
@@ -396,7 +430,9 @@ impl RestorePlan {
     /// The engine restored.
     pub fn engine(&self) -> Engine {
         match self {
-            RestorePlan::Logical { .. } | RestorePlan::Pgdata(_) => Engine::Postgres,
+            RestorePlan::Logical { .. } | RestorePlan::Cluster(_) | RestorePlan::Pgdata(_) => {
+                Engine::Postgres
+            }
             RestorePlan::Qdrant { .. } => Engine::Qdrant,
             RestorePlan::Set { .. } => Engine::Set,
         }
@@ -406,6 +442,10 @@ impl RestorePlan {
     pub fn targets(&self) -> Vec<JobTarget> {
         match self {
             RestorePlan::Logical { database, .. } => vec![JobTarget::Database(database.clone())],
+            RestorePlan::Cluster(c) => c
+                .targets()
+                .map(|d| JobTarget::Database(d.to_string()))
+                .collect(),
             RestorePlan::Qdrant { .. } => vec![JobTarget::Qdrant],
             RestorePlan::Set { members, .. } => members.iter().flat_map(|m| m.targets()).collect(),
             RestorePlan::Pgdata(req) => vec![JobTarget::Pgdata(req.pgdata.clone())],
@@ -419,6 +459,7 @@ impl RestorePlan {
             RestorePlan::Logical { manifest, .. } | RestorePlan::Qdrant { manifest, .. } => {
                 vec![manifest.id.clone()]
             }
+            RestorePlan::Cluster(c) => vec![c.manifest.id.clone()],
             RestorePlan::Set { manifest, members } => std::iter::once(manifest.id.clone())
                 .chain(members.iter().flat_map(|m| m.uses()))
                 .collect(),
@@ -436,6 +477,7 @@ impl RestorePlan {
             } => Box::pin(postgres::restore_postgres(
                 ctx, manifest, database, clean, reporter,
             )),
+            RestorePlan::Cluster(c) => Box::pin(postgres::restore_cluster(ctx, c, reporter)),
             RestorePlan::Qdrant {
                 manifest,
                 collections,

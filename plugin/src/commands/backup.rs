@@ -1,4 +1,4 @@
-//! `kubectl soma backup postgres [--database NAME]`.
+//! `kubectl soma backup postgres [--database NAME | --all-databases | --physical]`, `qdrant`, `all`.
 
 use soma_proto::v1;
 
@@ -39,10 +39,15 @@ async fn take(
     args: &BackupArgs,
 ) -> Result<(v1::BackupInfo, v1::OperationResult), CliError> {
     let request = match &args.engine {
-        BackupEngine::Postgres { database, physical } => v1::BackupRequest {
+        BackupEngine::Postgres {
+            database,
+            physical,
+            all_databases,
+        } => v1::BackupRequest {
             engine: v1::Engine::Postgres as i32,
             database: database.clone().unwrap_or_default(),
             physical: *physical,
+            all_databases: *all_databases,
             ..Default::default()
         },
         BackupEngine::Qdrant {

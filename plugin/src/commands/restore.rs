@@ -1,4 +1,4 @@
-//! `kubectl soma restore ID|latest [--database NAME] [--clean]`.
+//! `kubectl soma restore ID|latest [--database NAME] [--clean] [--update-roles]`.
 
 use serde_json::json;
 use soma_proto::v1;
@@ -107,6 +107,7 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: RestoreArgs) -> Resu
         target_time: args.target_time.unwrap_or_default(),
         target_lsn: args.target_lsn.unwrap_or_default(),
         engine: args.engine.map_or(0, |e| e.to_proto() as i32),
+        update_roles: args.update_roles,
     };
     let stream = agent
         .client

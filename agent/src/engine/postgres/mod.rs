@@ -17,6 +17,7 @@ use tokio::{
 };
 use url::Url;
 
+pub mod globals;
 mod process;
 mod replication;
 
@@ -27,6 +28,11 @@ pub use replication::{
 
 /// Lines of a tool's stderr kept for error messages.
 const STDERR_TAIL_LINES: usize = 20;
+/// Largest answer read from psql (a JSON document about the catalogs), so a bogus server cannot
+/// exhaust the agent's memory.
+const MAX_PSQL_OUTPUT: u64 = 64 * 1024 * 1024;
+/// Largest stderr kept from a psql run.
+const MAX_PSQL_STDERR: u64 = 64 * 1024;
 
 /// PostgreSQL engine errors.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +100,14 @@ pub enum PgError {
         /// The error.
         source: std::io::Error,
     },
+    /// The server answered a catalog query with something unusable.
+    #[error("unexpected answer from PostgreSQL to {what}: {detail}")]
+    Unexpected {
+        /// What was asked.
+        what: &'static str,
+        /// What was wrong with the answer.
+        detail: String,
+    },
     /// A replication slot name PostgreSQL would refuse (it is also spliced into replication
     /// commands, so nothing else may pass).
     #[error(
@@ -122,8 +136,15 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// A string literal that means the same whatever `standard_conforming_strings` is: a value with
+/// a backslash is written as an escape string with the backslash doubled.
 fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
+    let quoted = value.replace('\'', "''");
+    if value.contains('\\') {
+        format!("E'{}'", quoted.replace('\\', "\\\\"))
+    } else {
+        format!("'{quoted}'")
+    }
 }
 
 /// Major version from `server_version_num` (e.g. 150018 → 15).
@@ -292,6 +313,156 @@ impl Postgres {
             .await
             .map_err(|source| self.spawn_error("psql", source))?;
         psql_result(&out, || self.server())
+    }
+
+    /// Runs psql with `sql` on its stdin (`-f -`), reading at most [`MAX_PSQL_OUTPUT`] bytes of
+    /// its answer. The SQL never appears in a process argument list, so a script may carry
+    /// password hashes; `VERBOSITY=terse` keeps psql from echoing a failed statement's text into
+    /// the error (and so into logs). With `single_transaction` the script commits as a whole or
+    /// not at all.
+    async fn run_script(
+        &self,
+        database: &str,
+        sql: &str,
+        single_transaction: bool,
+    ) -> Result<String, PgError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut cmd = self.command("psql");
+        cmd.stdin(Stdio::piped()).args([
+            "-X",
+            "-w",
+            "-A",
+            "-t",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            "VERBOSITY=terse",
+        ]);
+        if single_transaction {
+            cmd.arg("-1");
+        }
+        cmd.arg("-d").arg(self.url_for(database)).args(["-f", "-"]);
+        let mut child = cmd
+            .spawn()
+            .map_err(|source| self.spawn_error("psql", source))?;
+        let (Some(mut stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(PgError::Unexpected {
+                what: "starting psql",
+                detail: "its pipes are missing".into(),
+            });
+        };
+        let io = |source| PgError::Io {
+            tool: "psql",
+            source,
+        };
+        let write = async {
+            // psql may exit early (bad connection): its status tells why, not the broken pipe.
+            let _ = stdin.write_all(sql.as_bytes()).await;
+            drop(stdin);
+        };
+        let read_out = async {
+            let mut out = Vec::new();
+            stdout
+                .take(MAX_PSQL_OUTPUT + 1)
+                .read_to_end(&mut out)
+                .await
+                .map(|_| out)
+        };
+        let read_err = async {
+            let mut err = Vec::new();
+            let mut stderr = stderr.take(MAX_PSQL_STDERR);
+            let r = stderr.read_to_end(&mut err).await;
+            // Keep draining what is beyond the cap so psql never blocks on a full pipe.
+            let _ = tokio::io::copy(&mut stderr.into_inner(), &mut tokio::io::sink()).await;
+            r.map(|_| err)
+        };
+        let ((), out, err) = tokio::join!(write, read_out, read_err);
+        let (out, err) = (out.map_err(io)?, err.map_err(io)?);
+        if out.len() as u64 > MAX_PSQL_OUTPUT {
+            let _ = child.kill().await;
+            return Err(PgError::Unexpected {
+                what: "a catalog query",
+                detail: format!("the answer exceeds {MAX_PSQL_OUTPUT} bytes"),
+            });
+        }
+        let status = child.wait().await.map_err(io)?;
+        psql_result(
+            &std::process::Output {
+                status,
+                stdout: out,
+                stderr: err,
+            },
+            || self.server(),
+        )
+    }
+
+    /// Runs a catalog query whose one value is a JSON document and parses it.
+    pub async fn query_json<T: serde::de::DeserializeOwned>(
+        &self,
+        database: &str,
+        what: &'static str,
+        sql: &str,
+    ) -> Result<T, PgError> {
+        let out = self.run_script(database, sql, false).await?;
+        serde_json::from_str(&out).map_err(|e| PgError::Unexpected {
+            what,
+            detail: e.to_string(),
+        })
+    }
+
+    /// Runs a script (which may hold secrets) in one transaction; see [`Self::run_script`].
+    pub async fn execute_script(&self, database: &str, sql: &str) -> Result<(), PgError> {
+        self.run_script(database, sql, true).await.map(|_| ())
+    }
+
+    /// Whether the connected user may read pg_authid (and so password hashes).
+    pub async fn can_read_passwords(&self, database: &str) -> Result<bool, PgError> {
+        let out = self
+            .query(
+                database,
+                "select has_table_privilege('pg_catalog.pg_authid', 'SELECT')",
+            )
+            .await?;
+        Ok(out.trim() == "t")
+    }
+
+    /// Creates database `database` owned by `owner` (in `tablespace`), with its own settings.
+    pub async fn create_database_owned(
+        &self,
+        database: &str,
+        owner: &str,
+        tablespace: Option<&str>,
+        settings: &[String],
+    ) -> Result<(), PgError> {
+        self.query(
+            "postgres",
+            &globals::create_database_sql(database, owner, tablespace),
+        )
+        .await?;
+        let settings = globals::database_setting_sql(database, settings);
+        if !settings.is_empty() {
+            self.execute_script("postgres", &settings.join("\n"))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Number of tables outside the system schemas of `database` (for restore summaries).
+    pub async fn table_count(&self, database: &str) -> Result<u64, PgError> {
+        let out = self
+            .query(
+                database,
+                "select count(*) from pg_catalog.pg_tables \
+                 where schemaname not in ('pg_catalog', 'information_schema')",
+            )
+            .await?;
+        out.trim().parse().map_err(|_| PgError::Unexpected {
+            what: "counting tables",
+            detail: out,
+        })
     }
 
     /// The server's version: (`server_version_num`, `server_version`).
@@ -516,5 +687,6 @@ mod tests {
         assert_eq!(major_of_num(150018), 15);
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
         assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal("a\\'b"), "E'a\\\\''b'");
     }
 }

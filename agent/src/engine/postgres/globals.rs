@@ -1,0 +1,923 @@
+//! A cluster's globals — roles, memberships, per-role settings, tablespaces — captured with SQL
+//! rather than `pg_dumpall --globals-only`, so a restore can compare them with the target and
+//! create only what is missing; and what each database needs of them to be restored.
+//!
+//! Everything here is read back from the store on restore, so it is untrusted: every name and
+//! value goes into SQL through [`quote_ident`] / [`quote_literal`], and strings PostgreSQL could
+//! never hold (NUL bytes) are refused by [`Globals::check`] before any SQL is built.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::{quote_ident, quote_literal};
+
+/// Format version of the globals document.
+pub const GLOBALS_FORMAT: u32 = 1;
+
+/// A role's password hash (SCRAM or md5, as pg_authid holds it). Never printed: `Debug` redacts it,
+/// and it only ever reaches PostgreSQL through a script on psql's stdin.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PasswordHash(String);
+
+impl PasswordHash {
+    /// Wraps a hash read from pg_authid.
+    pub fn new(hash: String) -> Self {
+        Self(hash)
+    }
+}
+
+impl std::fmt::Debug for PasswordHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PasswordHash(<redacted>)")
+    }
+}
+
+/// A role with every attribute `CREATE ROLE` takes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Role {
+    /// Role name.
+    pub name: String,
+    /// SUPERUSER.
+    pub superuser: bool,
+    /// INHERIT.
+    pub inherit: bool,
+    /// CREATEROLE.
+    pub createrole: bool,
+    /// CREATEDB.
+    pub createdb: bool,
+    /// LOGIN.
+    pub login: bool,
+    /// REPLICATION.
+    pub replication: bool,
+    /// BYPASSRLS.
+    pub bypassrls: bool,
+    /// CONNECTION LIMIT (-1: none).
+    pub connection_limit: i32,
+    /// VALID UNTIL, as PostgreSQL prints a timestamptz in JSON (or "infinity").
+    #[serde(default)]
+    pub valid_until: Option<String>,
+    /// The password hash; absent when the role has none or the backup user could not read
+    /// pg_authid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<PasswordHash>,
+}
+
+/// `GRANT role TO member`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Membership {
+    /// The role granted.
+    pub role: String,
+    /// The role it is granted to.
+    pub member: String,
+    /// WITH ADMIN OPTION.
+    pub admin_option: bool,
+}
+
+/// `ALTER ROLE role [IN DATABASE database] SET ...` (pg_db_role_setting).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleSetting {
+    /// The role.
+    pub role: String,
+    /// Only in this database, when set.
+    #[serde(default)]
+    pub database: Option<String>,
+    /// `name=value` entries as PostgreSQL stores them.
+    #[serde(default)]
+    pub settings: Vec<String>,
+}
+
+/// A tablespace: restores cannot create it (its directory must exist on the target's host), only
+/// tell the operator to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tablespace {
+    /// Name.
+    pub name: String,
+    /// Owner.
+    pub owner: String,
+    /// Directory on the source server's host.
+    pub location: String,
+    /// `name=value` options.
+    #[serde(default)]
+    pub options: Vec<String>,
+}
+
+/// The globals of a cluster, or the part of them one database needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Globals {
+    /// [`GLOBALS_FORMAT`].
+    pub format: u32,
+    /// Whether password hashes were captured (false when the backup user could not read
+    /// pg_authid: roles are then restored without passwords).
+    pub passwords: bool,
+    /// Roles, built-in `pg_*` roles excluded.
+    pub roles: Vec<Role>,
+    /// Role memberships.
+    pub memberships: Vec<Membership>,
+    /// Per-role settings.
+    #[serde(default)]
+    pub role_settings: Vec<RoleSetting>,
+    /// Tablespaces besides pg_default and pg_global.
+    #[serde(default)]
+    pub tablespaces: Vec<Tablespace>,
+}
+
+/// An extension a database uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extension {
+    /// Extension name.
+    pub name: String,
+    /// Installed version.
+    pub version: String,
+}
+
+/// What restoring one database needs from the target cluster, recorded in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatabaseNeeds {
+    /// Database name on the source.
+    pub name: String,
+    /// Its owner.
+    pub owner: String,
+    /// Every role its objects name (owners, grantees, default privileges, role settings),
+    /// the owner included.
+    pub roles: Vec<String>,
+    /// Extensions it uses.
+    #[serde(default)]
+    pub extensions: Vec<Extension>,
+    /// Tablespaces its objects live in (its default tablespace included).
+    #[serde(default)]
+    pub tablespaces: Vec<String>,
+    /// Its default tablespace when not pg_default.
+    #[serde(default)]
+    pub default_tablespace: Option<String>,
+    /// `ALTER DATABASE ... SET` entries (`name=value`).
+    #[serde(default)]
+    pub settings: Vec<String>,
+}
+
+/// SQL that reads the globals of the cluster as one JSON document. With `passwords` it reads
+/// pg_authid (superusers only); without, pg_roles, which hides the hashes.
+pub fn globals_query(passwords: bool) -> String {
+    let (table, password) = if passwords {
+        ("pg_catalog.pg_authid", "rolpassword")
+    } else {
+        ("pg_catalog.pg_roles", "null::text")
+    };
+    format!(
+        "select json_build_object(\
+           'format', {GLOBALS_FORMAT}, \
+           'passwords', {passwords}, \
+           'roles', coalesce((select json_agg(json_build_object(\
+               'name', rolname, 'superuser', rolsuper, 'inherit', rolinherit, \
+               'createrole', rolcreaterole, 'createdb', rolcreatedb, 'login', rolcanlogin, \
+               'replication', rolreplication, 'bypassrls', rolbypassrls, \
+               'connection_limit', rolconnlimit, 'valid_until', rolvaliduntil, \
+               'password', {password}) order by rolname) \
+             from {table} where rolname !~ '^pg_'), '[]'::json), \
+           'memberships', coalesce((select json_agg(json_build_object(\
+               'role', r.rolname, 'member', m.rolname, 'admin_option', a.admin_option) \
+               order by r.rolname, m.rolname) \
+             from pg_catalog.pg_auth_members a \
+             join pg_catalog.pg_roles r on r.oid = a.roleid \
+             join pg_catalog.pg_roles m on m.oid = a.member \
+             where m.rolname !~ '^pg_'), '[]'::json), \
+           'role_settings', coalesce((select json_agg(json_build_object(\
+               'role', r.rolname, 'database', d.datname, 'settings', s.setconfig) \
+               order by r.rolname, d.datname) \
+             from pg_catalog.pg_db_role_setting s \
+             join pg_catalog.pg_roles r on r.oid = s.setrole \
+             left join pg_catalog.pg_database d on d.oid = s.setdatabase \
+             where r.rolname !~ '^pg_'), '[]'::json), \
+           'tablespaces', coalesce((select json_agg(json_build_object(\
+               'name', spcname, 'owner', pg_catalog.pg_get_userbyid(spcowner), \
+               'location', pg_catalog.pg_tablespace_location(oid), \
+               'options', coalesce(spcoptions, '{{}}'::text[])) order by spcname) \
+             from pg_catalog.pg_tablespace \
+             where spcname not in ('pg_default', 'pg_global')), '[]'::json))"
+    )
+}
+
+/// SQL, run inside a database, that reads what restoring it needs as one JSON document.
+pub const NEEDS_QUERY: &str = "with db as (\
+       select oid, datdba, dattablespace from pg_catalog.pg_database \
+       where datname = current_database()) \
+     select json_build_object(\
+       'name', current_database(), \
+       'owner', (select pg_catalog.pg_get_userbyid(datdba) from db), \
+       'roles', coalesce((select json_agg(r order by r) from (\
+           select pg_catalog.pg_get_userbyid(datdba) as r from db \
+           union select a.rolname from pg_catalog.pg_shdepend s \
+             join pg_catalog.pg_roles a on a.oid = s.refobjid \
+             where s.refclassid = 'pg_catalog.pg_authid'::regclass \
+               and s.dbid = (select oid from db) \
+           union select a.rolname from pg_catalog.pg_default_acl d \
+             join pg_catalog.pg_roles a on a.oid = d.defaclrole \
+           union select a.rolname from pg_catalog.pg_default_acl d \
+             cross join lateral pg_catalog.aclexplode(d.defaclacl) x \
+             join pg_catalog.pg_roles a on a.oid = x.grantee \
+           union select a.rolname from pg_catalog.pg_db_role_setting s \
+             join pg_catalog.pg_roles a on a.oid = s.setrole \
+             where s.setdatabase = (select oid from db)) u), '[]'::json), \
+       'extensions', coalesce((select json_agg(json_build_object(\
+           'name', extname, 'version', extversion) order by extname) \
+         from pg_catalog.pg_extension), '[]'::json), \
+       'default_tablespace', (select nullif(t.spcname, 'pg_default') from db \
+         join pg_catalog.pg_tablespace t on t.oid = db.dattablespace), \
+       'tablespaces', coalesce((select json_agg(n order by n) from (\
+           select t.spcname as n from pg_catalog.pg_class c \
+             join pg_catalog.pg_tablespace t on t.oid = c.reltablespace \
+             where t.spcname not in ('pg_default', 'pg_global') \
+           union select t.spcname from db \
+             join pg_catalog.pg_tablespace t on t.oid = db.dattablespace \
+             where t.spcname not in ('pg_default', 'pg_global')) u), '[]'::json), \
+       'settings', coalesce((select to_json(s.setconfig) from pg_catalog.pg_db_role_setting s \
+         where s.setrole = 0 and s.setdatabase = (select oid from db)), '[]'::json))";
+
+/// SQL listing the databases a whole-cluster backup covers, as a JSON array of names.
+pub const DATABASES_QUERY: &str = "select coalesce(json_agg(datname order by datname), '[]'::json) \
+     from pg_catalog.pg_database where datallowconn and not datistemplate";
+
+/// SQL reading what a restore must know about the target cluster, as one JSON document.
+pub const TARGET_QUERY: &str = "select json_build_object(\
+       'roles', coalesce((select json_agg(rolname order by rolname) \
+         from pg_catalog.pg_roles), '[]'::json), \
+       'memberships', coalesce((select json_agg(json_build_array(r.rolname, m.rolname)) \
+         from pg_catalog.pg_auth_members a \
+         join pg_catalog.pg_roles r on r.oid = a.roleid \
+         join pg_catalog.pg_roles m on m.oid = a.member), '[]'::json), \
+       'extensions', coalesce((select json_agg(name order by name) \
+         from pg_catalog.pg_available_extensions), '[]'::json), \
+       'tablespaces', coalesce((select json_agg(spcname order by spcname) \
+         from pg_catalog.pg_tablespace), '[]'::json))";
+
+/// What a restore found on the target cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct TargetState {
+    /// Every role.
+    pub roles: BTreeSet<String>,
+    /// Every membership, as (role, member).
+    pub memberships: BTreeSet<(String, String)>,
+    /// Extensions the server can create (pg_available_extensions).
+    pub extensions: BTreeSet<String>,
+    /// Tablespaces.
+    pub tablespaces: BTreeSet<String>,
+}
+
+/// What a restore cannot do on this target; found before anything is written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PreflightError {
+    /// A role the database names is neither in the backup nor on the target.
+    #[error(
+        "database {database} needs role {role:?}, which is neither in the backup's globals nor on the target server; create it on the target (CREATE ROLE) and restore again"
+    )]
+    MissingRole {
+        /// The database.
+        database: String,
+        /// The role.
+        role: String,
+    },
+    /// An extension the database uses cannot be created on the target.
+    #[error(
+        "database {database} uses extension {extension} (version {version}), which the target server cannot create (not in pg_available_extensions); install its package on the target's host and restore again"
+    )]
+    ExtensionUnavailable {
+        /// The database.
+        database: String,
+        /// The extension.
+        extension: String,
+        /// Its version in the backup.
+        version: String,
+    },
+    /// A tablespace the database uses is missing on the target.
+    #[error(
+        "database {database} uses tablespace {tablespace:?}, which does not exist on the target server; create the directory on the target's host and run CREATE TABLESPACE {tablespace:?} LOCATION {location:?} (its location on the source), then restore again"
+    )]
+    TablespaceMissing {
+        /// The database.
+        database: String,
+        /// The tablespace.
+        tablespace: String,
+        /// Its location on the source (or "unknown" when the backup does not define it).
+        location: String,
+    },
+    /// A string PostgreSQL cannot hold (a NUL byte): the backup was not written by an agent.
+    #[error(
+        "the backup's globals hold a name or value with a NUL byte ({what}); it was not written by this agent"
+    )]
+    Invalid {
+        /// Where.
+        what: String,
+    },
+}
+
+/// What a restore will do to the target's globals, decided before anything is written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GlobalsPlan {
+    /// Roles to create.
+    pub create: Vec<Role>,
+    /// Existing roles brought to the backup's attributes (`update_roles`).
+    pub update: Vec<Role>,
+    /// Existing roles left as they are.
+    pub keep: Vec<String>,
+    /// Memberships to grant.
+    pub grants: Vec<Membership>,
+    /// Per-role settings to apply (for created or updated roles only).
+    pub settings: Vec<RoleSetting>,
+}
+
+impl Globals {
+    /// Refuses strings no PostgreSQL catalog can hold, so nothing malformed reaches a script.
+    pub fn check(&self) -> Result<(), PreflightError> {
+        let bad = |what: &str, s: &str| {
+            if s.contains('\0') {
+                Err(PreflightError::Invalid {
+                    what: what.to_string(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        for r in &self.roles {
+            bad("role name", &r.name)?;
+            bad("valid until", r.valid_until.as_deref().unwrap_or(""))?;
+            bad("password", r.password.as_ref().map_or("", |p| p.0.as_str()))?;
+        }
+        for m in &self.memberships {
+            bad("membership", &m.role)?;
+            bad("membership", &m.member)?;
+        }
+        for s in &self.role_settings {
+            bad("role setting", &s.role)?;
+            bad("role setting", s.database.as_deref().unwrap_or(""))?;
+            for v in &s.settings {
+                bad("role setting", v)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The part of these globals that `needed` roles make up: those roles, their memberships
+    /// among themselves, their settings. Tablespaces are kept whole (a handful, and preflight
+    /// needs their locations).
+    pub fn only(&self, needed: &BTreeSet<String>) -> Globals {
+        Globals {
+            format: self.format,
+            passwords: self.passwords,
+            roles: self
+                .roles
+                .iter()
+                .filter(|r| needed.contains(&r.name))
+                .cloned()
+                .collect(),
+            memberships: self
+                .memberships
+                .iter()
+                .filter(|m| needed.contains(&m.role) && needed.contains(&m.member))
+                .cloned()
+                .collect(),
+            role_settings: self
+                .role_settings
+                .iter()
+                .filter(|s| needed.contains(&s.role))
+                .cloned()
+                .collect(),
+            tablespaces: self.tablespaces.clone(),
+        }
+    }
+}
+
+/// Decides what a restore of `databases` does to the target's globals, or why it cannot run.
+///
+/// `selected` names the backup roles the restore brings (all of the backup's for a whole-cluster
+/// restore, those the chosen databases need otherwise). A database may need a role that is in the
+/// backup or already on the target; extensions must be available on the target; tablespaces must
+/// exist there (they cannot be created remotely). Roles already on the target are kept as they
+/// are unless `update_roles`. A membership is granted when it is missing and one of its two roles
+/// is created now (or `update_roles`), so an existing role's memberships change only on request.
+pub fn preflight(
+    globals: &Globals,
+    databases: &[DatabaseNeeds],
+    selected: &BTreeSet<String>,
+    target: &TargetState,
+    update_roles: bool,
+) -> Result<GlobalsPlan, PreflightError> {
+    globals.check()?;
+    let in_backup: BTreeMap<&str, &Role> =
+        globals.roles.iter().map(|r| (r.name.as_str(), r)).collect();
+    let locations: BTreeMap<&str, &str> = globals
+        .tablespaces
+        .iter()
+        .map(|t| (t.name.as_str(), t.location.as_str()))
+        .collect();
+    for db in databases {
+        let roles = db.roles.iter().chain(std::iter::once(&db.owner));
+        for role in roles {
+            if !in_backup.contains_key(role.as_str()) && !target.roles.contains(role) {
+                return Err(PreflightError::MissingRole {
+                    database: db.name.clone(),
+                    role: role.clone(),
+                });
+            }
+        }
+        for ext in &db.extensions {
+            if !target.extensions.contains(&ext.name) {
+                return Err(PreflightError::ExtensionUnavailable {
+                    database: db.name.clone(),
+                    extension: ext.name.clone(),
+                    version: ext.version.clone(),
+                });
+            }
+        }
+        for ts in db.tablespaces.iter().chain(db.default_tablespace.iter()) {
+            if !target.tablespaces.contains(ts) {
+                return Err(PreflightError::TablespaceMissing {
+                    database: db.name.clone(),
+                    tablespace: ts.clone(),
+                    location: locations
+                        .get(ts.as_str())
+                        .map_or_else(|| "unknown".to_string(), |l| (*l).to_string()),
+                });
+            }
+        }
+    }
+    let mut plan = GlobalsPlan::default();
+    for role in globals.roles.iter().filter(|r| selected.contains(&r.name)) {
+        if !target.roles.contains(&role.name) {
+            plan.create.push(role.clone());
+        } else if update_roles {
+            plan.update.push(role.clone());
+        } else {
+            plan.keep.push(role.name.clone());
+        }
+    }
+    let created: BTreeSet<&str> = plan.create.iter().map(|r| r.name.as_str()).collect();
+    let changed = |name: &str| created.contains(name) || (update_roles && selected.contains(name));
+    let exists_after = |name: &str| created.contains(name) || target.roles.contains(name);
+    for m in &globals.memberships {
+        let wanted = selected.contains(&m.member)
+            && (selected.contains(&m.role) || target.roles.contains(&m.role));
+        let missing = !target
+            .memberships
+            .contains(&(m.role.clone(), m.member.clone()));
+        if wanted
+            && missing
+            && exists_after(&m.role)
+            && exists_after(&m.member)
+            && (changed(&m.role) || changed(&m.member))
+        {
+            plan.grants.push(m.clone());
+        }
+    }
+    for s in &globals.role_settings {
+        let db_ok = s
+            .database
+            .as_ref()
+            .is_none_or(|d| target_or_restored(d, databases));
+        if changed(&s.role) && db_ok {
+            plan.settings.push(s.clone());
+        }
+    }
+    Ok(plan)
+}
+
+/// Role-in-database settings are applied only for databases the restore brings; the others may
+/// not exist on the target.
+fn target_or_restored(database: &str, databases: &[DatabaseNeeds]) -> bool {
+    databases.iter().any(|d| d.name == database)
+}
+
+/// The attribute list of CREATE/ALTER ROLE.
+fn role_options(role: &Role, create: bool) -> String {
+    let flag = |on: bool, name: &str| {
+        if on {
+            format!(" {name}")
+        } else {
+            format!(" NO{name}")
+        }
+    };
+    let mut sql = String::from(" WITH");
+    sql.push_str(&flag(role.superuser, "SUPERUSER"));
+    sql.push_str(&flag(role.createdb, "CREATEDB"));
+    sql.push_str(&flag(role.createrole, "CREATEROLE"));
+    sql.push_str(&flag(role.inherit, "INHERIT"));
+    sql.push_str(&flag(role.login, "LOGIN"));
+    sql.push_str(&flag(role.replication, "REPLICATION"));
+    sql.push_str(&flag(role.bypassrls, "BYPASSRLS"));
+    sql.push_str(&format!(" CONNECTION LIMIT {}", role.connection_limit));
+    match &role.valid_until {
+        Some(v) => sql.push_str(&format!(" VALID UNTIL {}", quote_literal(v))),
+        None if !create => sql.push_str(" VALID UNTIL 'infinity'"),
+        None => {}
+    }
+    if let Some(PasswordHash(hash)) = &role.password {
+        sql.push_str(&format!(" PASSWORD {}", quote_literal(hash)));
+    }
+    sql
+}
+
+/// `CREATE ROLE` with every attribute and the password hash (a secret: the statement only ever
+/// goes to psql's stdin).
+pub fn create_role_sql(role: &Role) -> String {
+    format!(
+        "CREATE ROLE {}{};",
+        quote_ident(&role.name),
+        role_options(role, true)
+    )
+}
+
+/// `ALTER ROLE` to the backup's attributes and password (`update_roles`).
+pub fn alter_role_sql(role: &Role) -> String {
+    format!(
+        "ALTER ROLE {}{};",
+        quote_ident(&role.name),
+        role_options(role, false)
+    )
+}
+
+/// `GRANT role TO member`.
+pub fn grant_sql(m: &Membership) -> String {
+    format!(
+        "GRANT {} TO {}{};",
+        quote_ident(&m.role),
+        quote_ident(&m.member),
+        if m.admin_option {
+            " WITH ADMIN OPTION"
+        } else {
+            ""
+        }
+    )
+}
+
+/// Settings whose value is a list whose elements PostgreSQL stores quoted
+/// (`GUC_LIST_QUOTE`), as pg_dumpall knows them.
+const LIST_QUOTE_SETTINGS: &[&str] = &[
+    "local_preload_libraries",
+    "search_path",
+    "session_preload_libraries",
+    "shared_preload_libraries",
+    "temp_tablespaces",
+    "unix_socket_directories",
+];
+
+/// `name TO value` for one stored `name=value` entry; None when it has no `=`.
+fn setting_clause(entry: &str) -> Option<String> {
+    let (name, value) = entry.split_once('=')?;
+    let value = if LIST_QUOTE_SETTINGS.contains(&name.to_ascii_lowercase().as_str()) {
+        split_guc_list(value)
+            .iter()
+            .map(|v| quote_literal(v))
+            .collect::<Vec<_>>()
+            .join(", ")
+    } else {
+        quote_literal(value)
+    };
+    Some(format!("{} TO {value}", quote_ident(name)))
+}
+
+/// Splits a stored list setting (`"$user", public`) into its elements, undoing the identifier
+/// quoting PostgreSQL applied.
+fn split_guc_list(value: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = value.chars().peekable();
+    let mut quoted = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                cur.push('"');
+            }
+            '"' => quoted = !quoted,
+            ',' if !quoted => out.push(std::mem::take(&mut cur).trim().to_string()),
+            c => cur.push(c),
+        }
+    }
+    let last = cur.trim().to_string();
+    if !last.is_empty() || !out.is_empty() {
+        out.push(last);
+    }
+    out
+}
+
+/// `ALTER ROLE ... [IN DATABASE ...] SET ...` statements for one settings row.
+pub fn role_setting_sql(s: &RoleSetting) -> Vec<String> {
+    let scope = match &s.database {
+        Some(db) => format!(
+            "ALTER ROLE {} IN DATABASE {}",
+            quote_ident(&s.role),
+            quote_ident(db)
+        ),
+        None => format!("ALTER ROLE {}", quote_ident(&s.role)),
+    };
+    s.settings
+        .iter()
+        .filter_map(|e| setting_clause(e))
+        .map(|c| format!("{scope} SET {c};"))
+        .collect()
+}
+
+/// `ALTER DATABASE ... SET ...` statements for a database's own settings.
+pub fn database_setting_sql(database: &str, settings: &[String]) -> Vec<String> {
+    settings
+        .iter()
+        .filter_map(|e| setting_clause(e))
+        .map(|c| format!("ALTER DATABASE {} SET {c};", quote_ident(database)))
+        .collect()
+}
+
+/// The script applying `plan`: roles first, then memberships, then settings.
+pub fn plan_script(plan: &GlobalsPlan) -> String {
+    let mut sql = String::new();
+    for r in &plan.create {
+        sql.push_str(&create_role_sql(r));
+        sql.push('\n');
+    }
+    for r in &plan.update {
+        sql.push_str(&alter_role_sql(r));
+        sql.push('\n');
+    }
+    for m in &plan.grants {
+        sql.push_str(&grant_sql(m));
+        sql.push('\n');
+    }
+    for s in &plan.settings {
+        for stmt in role_setting_sql(s) {
+            sql.push_str(&stmt);
+            sql.push('\n');
+        }
+    }
+    sql
+}
+
+/// `CREATE DATABASE` owned by `owner`, in `tablespace` when given.
+pub fn create_database_sql(database: &str, owner: &str, tablespace: Option<&str>) -> String {
+    let mut sql = format!(
+        "CREATE DATABASE {} OWNER {}",
+        quote_ident(database),
+        quote_ident(owner)
+    );
+    if let Some(ts) = tablespace {
+        sql.push_str(&format!(" TABLESPACE {}", quote_ident(ts)));
+    }
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn role(name: &str) -> Role {
+        Role {
+            name: name.into(),
+            superuser: false,
+            inherit: true,
+            createrole: false,
+            createdb: false,
+            login: true,
+            replication: false,
+            bypassrls: false,
+            connection_limit: -1,
+            valid_until: None,
+            password: None,
+        }
+    }
+
+    fn globals(roles: &[&str]) -> Globals {
+        Globals {
+            format: GLOBALS_FORMAT,
+            passwords: true,
+            roles: roles.iter().map(|r| role(r)).collect(),
+            memberships: vec![],
+            role_settings: vec![],
+            tablespaces: vec![Tablespace {
+                name: "fast".into(),
+                owner: "postgres".into(),
+                location: "/mnt/fast".into(),
+                options: vec![],
+            }],
+        }
+    }
+
+    fn db(name: &str, roles: &[&str]) -> DatabaseNeeds {
+        DatabaseNeeds {
+            name: name.into(),
+            owner: roles.first().copied().unwrap_or("postgres").into(),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            extensions: vec![],
+            tablespaces: vec![],
+            default_tablespace: None,
+            settings: vec![],
+        }
+    }
+
+    fn target(roles: &[&str]) -> TargetState {
+        TargetState {
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            extensions: ["plpgsql", "btree_gin"].map(String::from).into(),
+            tablespaces: ["pg_default", "pg_global"].map(String::from).into(),
+            ..Default::default()
+        }
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn refuses_a_role_missing_from_backup_and_target() {
+        let g = globals(&["app"]);
+        let err = preflight(
+            &g,
+            &[db("appdb", &["app", "ghost"])],
+            &set(&["app"]),
+            &target(&["postgres"]),
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            PreflightError::MissingRole {
+                database: "appdb".into(),
+                role: "ghost".into()
+            }
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("appdb") && msg.contains("ghost") && msg.contains("CREATE ROLE"));
+        // The same role on the target is enough.
+        preflight(
+            &g,
+            &[db("appdb", &["app", "ghost"])],
+            &set(&["app"]),
+            &target(&["postgres", "ghost"]),
+            false,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn refuses_an_extension_the_target_cannot_create() {
+        let mut d = db("temporal", &["temporal"]);
+        d.extensions.push(Extension {
+            name: "postgis".into(),
+            version: "3.4.0".into(),
+        });
+        let err = preflight(
+            &globals(&["temporal"]),
+            &[d],
+            &set(&["temporal"]),
+            &target(&[]),
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, PreflightError::ExtensionUnavailable { database, extension, .. }
+            if database == "temporal" && extension == "postgis")
+        );
+        assert!(err.to_string().contains("install its package"));
+    }
+
+    #[test]
+    fn refuses_a_missing_tablespace_naming_its_location() {
+        let mut d = db("appdb", &["app"]);
+        d.tablespaces.push("fast".into());
+        let err = preflight(
+            &globals(&["app"]),
+            &[d],
+            &set(&["app"]),
+            &target(&[]),
+            false,
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("appdb") && msg.contains("\"fast\"") && msg.contains("/mnt/fast"),
+            "{msg}"
+        );
+        let mut d = db("appdb", &["app"]);
+        d.default_tablespace = Some("fast".into());
+        let mut t = target(&[]);
+        t.tablespaces.insert("fast".into());
+        preflight(&globals(&["app"]), &[d], &set(&["app"]), &t, false).unwrap();
+    }
+
+    #[test]
+    fn creates_missing_roles_and_keeps_existing_ones() {
+        let mut g = globals(&["app_owner", "app_reader", "postgres"]);
+        g.memberships = vec![
+            Membership {
+                role: "app_reader".into(),
+                member: "app_owner".into(),
+                admin_option: false,
+            },
+            Membership {
+                role: "app_reader".into(),
+                member: "postgres".into(),
+                admin_option: false,
+            },
+        ];
+        let sel = set(&["app_owner", "app_reader", "postgres"]);
+        let t = target(&["postgres", "app_owner"]);
+        let plan = preflight(&g, &[db("appdb", &["app_owner"])], &sel, &t, false).unwrap();
+        let created: Vec<_> = plan.create.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(created, ["app_reader"]);
+        assert_eq!(plan.keep, ["app_owner", "postgres"]);
+        assert!(plan.update.is_empty());
+        // app_reader is new, so both its memberships are granted.
+        assert_eq!(plan.grants.len(), 2);
+
+        // Everything already there: nothing changes, not even memberships of existing roles.
+        let mut t = target(&["postgres", "app_owner", "app_reader"]);
+        t.memberships
+            .insert(("app_reader".into(), "app_owner".into()));
+        let plan = preflight(&g, &[db("appdb", &["app_owner"])], &sel, &t, false).unwrap();
+        assert!(plan.create.is_empty() && plan.grants.is_empty());
+        // ... unless asked to.
+        let plan = preflight(&g, &[db("appdb", &["app_owner"])], &sel, &t, true).unwrap();
+        assert_eq!(plan.update.len(), 3);
+        assert_eq!(plan.grants.len(), 1);
+    }
+
+    #[test]
+    fn quotes_hostile_names_and_passwords() {
+        let mut r = role("a\"b");
+        r.password = Some(PasswordHash::new("SCRAM'; DROP ROLE x; --\\".into()));
+        r.valid_until = Some("2030-01-01T00:00:00+00:00".into());
+        r.connection_limit = 7;
+        let sql = create_role_sql(&r);
+        assert_eq!(
+            sql,
+            "CREATE ROLE \"a\"\"b\" WITH NOSUPERUSER NOCREATEDB NOCREATEROLE INHERIT LOGIN \
+             NOREPLICATION NOBYPASSRLS CONNECTION LIMIT 7 VALID UNTIL '2030-01-01T00:00:00+00:00' \
+             PASSWORD E'SCRAM''; DROP ROLE x; --\\\\';"
+        );
+        assert!(
+            !format!("{r:?}").contains("SCRAM"),
+            "Debug must not show the hash"
+        );
+        assert_eq!(
+            grant_sql(&Membership {
+                role: "r\"".into(),
+                member: "m'".into(),
+                admin_option: true
+            }),
+            "GRANT \"r\"\"\" TO \"m'\" WITH ADMIN OPTION;"
+        );
+        assert_eq!(
+            create_database_sql("d\"b", "o\"wn", Some("t")),
+            "CREATE DATABASE \"d\"\"b\" OWNER \"o\"\"wn\" TABLESPACE \"t\""
+        );
+        assert!(
+            alter_role_sql(&role("x")).contains("VALID UNTIL 'infinity'"),
+            "an update resets an expiry the backup does not have"
+        );
+    }
+
+    #[test]
+    fn builds_settings_like_pg_dumpall() {
+        let s = RoleSetting {
+            role: "app".into(),
+            database: Some("appdb".into()),
+            settings: vec![
+                "search_path=\"$user\", public, \"we\"\"ird\"".into(),
+                "work_mem=64MB".into(),
+                "statement_timeout=it's".into(),
+                "no equals sign".into(),
+            ],
+        };
+        assert_eq!(
+            role_setting_sql(&s),
+            [
+                "ALTER ROLE \"app\" IN DATABASE \"appdb\" SET \"search_path\" TO '$user', 'public', 'we\"ird';",
+                "ALTER ROLE \"app\" IN DATABASE \"appdb\" SET \"work_mem\" TO '64MB';",
+                "ALTER ROLE \"app\" IN DATABASE \"appdb\" SET \"statement_timeout\" TO 'it''s';",
+            ]
+        );
+    }
+
+    #[test]
+    fn refuses_nul_bytes() {
+        let g = globals(&["a\0b"]);
+        assert!(matches!(g.check(), Err(PreflightError::Invalid { .. })));
+    }
+
+    #[test]
+    fn narrows_globals_to_what_a_database_needs() {
+        let mut g = globals(&["a", "b", "c"]);
+        g.memberships = vec![
+            Membership {
+                role: "a".into(),
+                member: "b".into(),
+                admin_option: false,
+            },
+            Membership {
+                role: "c".into(),
+                member: "b".into(),
+                admin_option: false,
+            },
+        ];
+        let only = g.only(&set(&["a", "b"]));
+        assert_eq!(only.roles.len(), 2);
+        assert_eq!(only.memberships.len(), 1);
+    }
+}
