@@ -186,16 +186,15 @@ pub async fn ready_agents(args: &KubeArgs) -> Result<Vec<Agent>, CliError> {
     Ok(agents)
 }
 
-/// The agent that can act on backup `id` (or "latest"): the one serving its engine — for a set,
-/// the engine of its members.
-pub async fn agent_for_backup(
-    agents: Vec<Agent>,
+/// What `id` names (for "latest": the newest any agent knows — agents of an older layout may each
+/// write to their own store), and the index of the agent that answered.
+pub async fn describe_newest(
+    agents: &[Agent],
     id: &str,
     engine: i32,
-) -> Result<Agent, CliError> {
+) -> Result<(soma_proto::v1::BackupInfo, usize), CliError> {
     use soma_proto::v1;
-    let mut found = None;
-    let mut found_by = None;
+    let mut found: Option<(v1::BackupInfo, usize)> = None;
     for (index, agent) in agents.iter().enumerate() {
         let mut client = agent.client.clone();
         match client
@@ -207,13 +206,11 @@ pub async fn agent_for_backup(
         {
             Ok(info) => {
                 let info = info.into_inner();
-                // "latest" may differ per agent: keep the newest.
                 if found
                     .as_ref()
-                    .is_none_or(|f: &v1::BackupInfo| info.started_at > f.started_at)
+                    .is_none_or(|(f, _)| info.started_at > f.started_at)
                 {
-                    found = Some(info);
-                    found_by = Some(index);
+                    found = Some((info, index));
                 }
                 if id != "latest" {
                     break;
@@ -223,17 +220,25 @@ pub async fn agent_for_backup(
             Err(s) => return Err(CliError::from_status(s, &agent.addr, "request")),
         }
     }
-    let info = found.ok_or_else(|| CliError::Agent {
+    found.ok_or_else(|| CliError::Agent {
         code: tonic::Code::NotFound,
         message: format!(
             "backup {id} not found by any agent in the namespace; run `kubectl soma list`"
         ),
-    })?;
+    })
+}
+
+/// The agent that can act on backup `id` (or "latest"): the one serving its engine — for a set,
+/// the engine of its members.
+pub async fn agent_for_backup(
+    agents: Vec<Agent>,
+    id: &str,
+    engine: i32,
+) -> Result<Agent, CliError> {
+    let (info, found_by) = describe_newest(&agents, id, engine).await?;
     // A set is read from the store whole (verify, describe): the agent that found it will do.
-    if !info.members.is_empty()
-        && let Some(index) = found_by
-    {
-        return Ok(agents.into_iter().nth(index).expect("index in range"));
+    if !info.members.is_empty() {
+        return Ok(agents.into_iter().nth(found_by).expect("index in range"));
     }
     let engine_of_id = |id: &str| match BackupId::parse(id).ok().and_then(|id| id.engine()) {
         Some(IdEngine::Postgres) => "postgres",

@@ -197,3 +197,16 @@ fn drain(mut pipe: impl Read + Send + 'static, sink: Arc<Mutex<Vec<u8>>>) -> Joi
         }
     })
 }
+
+/// Runs `kubectl-soma` the Kubernetes way: with a kubeconfig and no `--agent`.
+pub fn kubectl_soma(kubeconfig: &std::path::Path, args: &[&str]) -> CmdOutput {
+    let out = Command::new(bin_path("kubectl-soma"))
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("SOMA_AGENT")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kubectl-soma");
+    CmdOutput::from_output(&out)
+}

@@ -210,6 +210,17 @@ pub struct PodSpec {
 }
 
 impl PodSpec {
+    /// A pod carrying the agent sidecar as the chart renders it (labels `soma.dev/agent=true` and
+    /// `soma.dev/engine=ENGINE`, annotation `soma.dev/agent-port: 50051`), its port-forward relayed
+    /// to the real agent at `agent`.
+    pub fn agent(namespace: &str, name: &str, engine: &str, agent: SocketAddr) -> PodSpec {
+        PodSpec::new(namespace, name)
+            .label("soma.dev/agent", "true")
+            .label("soma.dev/engine", engine)
+            .annotation("soma.dev/agent-port", "50051")
+            .forward(50051, agent)
+    }
+
     /// A running, ready pod with no labels, one default container and no forwarded ports.
     pub fn new(namespace: &str, name: &str) -> PodSpec {
         PodSpec {

@@ -13,7 +13,6 @@
 //! Every database, role, membership, ownership, grant, sequence position and row, and every
 //! collection's points, vector config and alias must be back; the platform RTO is printed.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,7 +20,7 @@ use std::time::{Duration, Instant};
 use soma_tests::db::{DbFingerprint, assert_fingerprints_equal};
 use soma_tests::{
     Agent, CmdOutput, KubeDouble, PgCluster, PodSpec, QdrantDouble, TestStore, bin_dir, bin_path,
-    pitr,
+    kubectl_soma, pitr,
 };
 
 /// The runbook's namespace.
@@ -88,30 +87,12 @@ fn run_runbook(
 }
 
 fn agent_pod(name: &str, engine: &str, agent: &Agent) -> PodSpec {
-    let addr: SocketAddr = agent.addr().parse().unwrap();
-    let pod = PodSpec::new(NS, name)
-        .label("soma.dev/agent", "true")
-        .label("soma.dev/engine", engine)
-        .annotation("soma.dev/agent-port", "50051")
-        .forward(50051, addr);
+    let pod = PodSpec::agent(NS, name, engine, agent.addr().parse().unwrap());
     if engine == "postgres" {
         pod.label("app.kubernetes.io/component", "primary")
     } else {
         pod
     }
-}
-
-/// The plugin through the Kubernetes double, outside the runbook (the routine backups).
-fn kubectl_soma(kubeconfig: &Path, args: &[&str]) -> CmdOutput {
-    let out = Command::new(bin_path("kubectl-soma"))
-        .args(args)
-        .env("KUBECONFIG", kubeconfig)
-        .env_remove("SOMA_AGENT")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run kubectl-soma");
-    CmdOutput::from_output(&out)
 }
 
 /// PostgreSQL as the platform uses it.

@@ -7,37 +7,18 @@
 //! port-forward to the real agent on 127.0.0.1 — so a real backup and restore run through it.
 //! The real `kubectl` also runs the plugin (`kubectl soma ...`) against the same kubeconfig.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use soma_tests::{
     Agent, CmdOutput, KubeDouble, PgCluster, PodSpec, TestStore, assert_same_database, bin_dir,
-    bin_path,
+    bin_path, kubectl_soma,
 };
 
 const NS: &str = "soma-agent-hub";
 
-/// Runs the plugin with a kubeconfig and no `--agent`.
-fn kubectl_soma(kubeconfig: &PathBuf, args: &[&str]) -> CmdOutput {
-    let out = Command::new(bin_path("kubectl-soma"))
-        .args(args)
-        .env("KUBECONFIG", kubeconfig)
-        .env_remove("SOMA_AGENT")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run kubectl-soma");
-    CmdOutput::from_output(&out)
-}
-
 fn agent_pod(name: &str, engine: &str, agent: &Agent) -> PodSpec {
-    let addr: SocketAddr = agent.addr().parse().unwrap();
-    PodSpec::new(NS, name)
-        .label("soma.dev/agent", "true")
-        .label("soma.dev/engine", engine)
-        .annotation("soma.dev/agent-port", "50051")
-        .forward(50051, addr)
+    PodSpec::agent(NS, name, engine, agent.addr().parse().unwrap())
 }
 
 struct Cluster {

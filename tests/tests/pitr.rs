@@ -509,11 +509,18 @@ fn the_plugin_drives_physical_backups_and_restores_through_the_agent() {
         "0",
         "recovery stops at the target LSN"
     );
-    // The set itself is not restored in place: its physical member needs a data directory.
+    // The set's physical member cannot go into a running server: restoring the set says how it
+    // is restored (the exact restore-pgdata command) and restores nothing in place.
     let set_id = set.json()["id"].as_str().unwrap().to_owned();
-    let refused = soma(agent.addr(), &["restore", &set_id]);
-    assert_ne!(refused.code, 0);
-    assert!(refused.stderr.contains("restore-pgdata"), "{refused}");
+    let explained = soma(agent.addr(), &["restore", &set_id]);
+    explained.assert_success("restore of a set with a physical member");
+    assert!(
+        explained
+            .stdout
+            .contains(&format!("soma-agent restore-pgdata --backup {member}")),
+        "{explained}"
+    );
+    assert!(explained.stdout.contains("0 member(s)"), "{explained}");
 }
 
 /// Retention: deleting a base backup also deletes the WAL segments that no remaining base backup

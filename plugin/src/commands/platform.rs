@@ -318,15 +318,10 @@ pub async fn restore_set(
                     backup_id: backup.id.clone(),
                     clean: args.clean && engine == v1::Engine::Postgres,
                     force: args.force && engine == v1::Engine::Qdrant,
+                    update_roles: args.update_roles && engine == v1::Engine::Postgres,
                     ..Default::default()
                 };
-                let stream = agent
-                    .client
-                    .restore(request)
-                    .await
-                    .map_err(|s| CliError::from_status(s, &agent.addr, "request"))?
-                    .into_inner();
-                let result = progress::follow(stream, "restore", &agent.addr)
+                let result = super::restore::follow(&mut agent, request)
                     .await
                     .map_err(|e| {
                         CliError::Other(format!(

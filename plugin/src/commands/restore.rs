@@ -24,7 +24,7 @@ pub async fn run_any(
         (Some(at), "latest", None) => {
             platform::newest_set_at_or_before(&agents, platform::parse_time(at)?).await?
         }
-        _ => newest_described(&agents, &args.id, engine).await?,
+        _ => connect::describe_newest(&agents, &args.id, engine).await?.0,
     };
     if args.id == "latest" {
         eprintln!(
@@ -53,45 +53,18 @@ pub async fn run_any(
     run(agent, out, args).await
 }
 
-/// What `id` names, asked of every agent: for "latest", the newest any of them knows (agents of
-/// an older layout may each write to their own store).
-async fn newest_described(
-    agents: &[Agent],
-    id: &str,
-    engine: i32,
-) -> Result<v1::BackupInfo, CliError> {
-    let mut found: Option<v1::BackupInfo> = None;
-    let mut not_found = None;
-    for agent in agents {
-        let mut client = agent.client.clone();
-        match client
-            .describe_backup(v1::DescribeBackupRequest {
-                backup_id: id.to_string(),
-                engine,
-            })
-            .await
-        {
-            Ok(info) => {
-                let info = info.into_inner();
-                if found
-                    .as_ref()
-                    .is_none_or(|f| info.started_at > f.started_at)
-                {
-                    found = Some(info);
-                }
-                if id != "latest" {
-                    break;
-                }
-            }
-            Err(s) if s.code() == tonic::Code::NotFound => {
-                not_found = Some(CliError::from_status(s, &agent.addr, "request"));
-            }
-            Err(s) => return Err(CliError::from_status(s, &agent.addr, "request")),
-        }
-    }
-    found.ok_or_else(|| {
-        not_found.unwrap_or_else(|| CliError::Other(format!("backup {id} not found")))
-    })
+/// Starts one restore on `agent` and follows it to its result.
+pub async fn follow(
+    agent: &mut Agent,
+    request: v1::RestoreRequest,
+) -> Result<v1::OperationResult, CliError> {
+    let stream = agent
+        .client
+        .restore(request)
+        .await
+        .map_err(|s| CliError::from_status(s, &agent.addr, "request"))?
+        .into_inner();
+    progress::follow(stream, "restore", &agent.addr).await
 }
 
 /// Starts a restore and follows it to the end.
@@ -109,13 +82,7 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: RestoreArgs) -> Resu
         engine: args.engine.map_or(0, |e| e.to_proto() as i32),
         update_roles: args.update_roles,
     };
-    let stream = agent
-        .client
-        .restore(request)
-        .await
-        .map_err(|s| CliError::from_status(s, &agent.addr, "request"))?
-        .into_inner();
-    let result = progress::follow(stream, "restore", &agent.addr).await?;
+    let result = follow(&mut agent, request).await?;
     match out {
         OutputFormat::Table => {
             println!(
