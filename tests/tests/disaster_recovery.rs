@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use soma_tests::db::{DbFingerprint, assert_fingerprints_equal};
 use soma_tests::{
-    Agent, CmdOutput, KubeDouble, PgCluster, PodSpec, QdrantDouble, TestStore, bin_dir, bin_path,
+    Agent, CmdOutput, KubeDouble, PgCluster, PodSpec, QdrantDouble, TestStore, bin_dir,
     kubectl_soma, pitr,
 };
 

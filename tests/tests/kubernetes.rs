@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 
 use soma_tests::{
     Agent, CmdOutput, KubeDouble, PgCluster, PodSpec, TestStore, assert_same_database, bin_dir,
-    bin_path, kubectl_soma,
+    kubectl_soma,
 };
 
 const NS: &str = "soma-agent-hub";
