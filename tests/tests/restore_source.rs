@@ -103,6 +103,13 @@ fn agents_sharing_a_store_leave_each_other_alone(store: &TestStore) {
         vec![id.clone()],
         "drill lists production's backups"
     );
+    let status = soma(drill.addr(), &["-o", "json", "status"]);
+    status.assert_success("status of the drill agent");
+    assert_eq!(
+        status.json()[0]["restore_from"].as_str(),
+        Some(store.url().as_str()),
+        "status names the read-only source:\n{status}"
+    );
     soma(drill.addr(), &["verify", &id]).assert_success("verify from --restore-from");
     soma(drill.addr(), &["restore", &id, "--database", "appdb_drill"])
         .assert_success("restore from --restore-from");

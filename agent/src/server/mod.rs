@@ -266,6 +266,9 @@ impl SomaAgent for AgentService {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             engines,
             store: self.ctx.catalog.store().location(),
+            restore_from: Some(self.ctx.source.store().location())
+                .filter(|source| *source != self.ctx.catalog.store().location())
+                .unwrap_or_default(),
             running_jobs: self
                 .jobs
                 .running()
