@@ -4,7 +4,7 @@
 
 use tokio::process::Command;
 
-use super::{PgError, Postgres, ToolProcess, psql_result, quote_literal};
+use super::{PgError, Postgres, ToolProcess, quote_literal, sql::psql_result};
 use crate::lsn::Lsn;
 
 /// What `IDENTIFY_SYSTEM` reports over a replication connection.
