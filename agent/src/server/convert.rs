@@ -24,6 +24,7 @@ pub fn backup_info(m: &Manifest) -> v1::BackupInfo {
         members: m.members.iter().map(ToString::to_string).collect(),
         kind: m.kind.as_str().into(),
         recovery_window: None,
+        last_drill: None,
     }
 }
 
@@ -35,6 +36,7 @@ pub fn operation_result(outcome: Outcome, seconds: f64) -> v1::OperationResult {
         stored_bytes: outcome.manifest.stored_bytes,
         seconds,
         backup: Some(backup_info(&outcome.manifest)),
+        drill: None,
     }
 }
 

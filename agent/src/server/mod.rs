@@ -112,6 +112,7 @@ impl SomaAgent for AgentService {
     type BackupStream = EventStream;
     type RestoreStream = EventStream;
     type VerifyStream = EventStream;
+    type DrillStream = EventStream;
 
     async fn backup(
         &self,
@@ -191,6 +192,29 @@ impl SomaAgent for AgentService {
                 .await?;
         tracing::info!(backup_id = %manifest.id, members = manifest.members.len(), "platform set committed");
         Ok(Response::new(convert::backup_info(&manifest)))
+    }
+
+    async fn drill(
+        &self,
+        _request: Request<v1::DrillRequest>,
+    ) -> Result<Response<Self::DrillStream>, Status> {
+        Err(Status::unimplemented("drill is not implemented yet"))
+    }
+
+    async fn prune(
+        &self,
+        _request: Request<v1::PruneRequest>,
+    ) -> Result<Response<v1::PruneResponse>, Status> {
+        Err(Status::unimplemented("prune is not implemented yet"))
+    }
+
+    async fn list_failures(
+        &self,
+        _request: Request<v1::ListFailuresRequest>,
+    ) -> Result<Response<v1::ListFailuresResponse>, Status> {
+        Err(Status::unimplemented(
+            "failure records are not implemented yet",
+        ))
     }
 
     async fn list_backups(
@@ -275,6 +299,9 @@ impl SomaAgent for AgentService {
                 .into_iter()
                 .map(convert::job_info)
                 .collect(),
+            schedules: Vec::new(),
+            retention: String::new(),
+            recent_failures: Vec::new(),
         }))
     }
 }
