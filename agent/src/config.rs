@@ -153,6 +153,56 @@ pub struct Config {
     /// SOMA_REPLICATION_PASSWORD (environment only), else PGPASSWORD or a passfile.
     #[arg(long, env = "SOMA_REPLICATION_URL")]
     pub replication_url: Option<String>,
+
+    /// Run ACTION on a cron schedule with no client: `"ACTION MIN HOUR DOM MON DOW"`, e.g.
+    /// `"backup 0 2 * * *"`. ACTION: backup (every engine as a set), backup-postgres (every
+    /// database with its roles), backup-physical, backup-qdrant, verify-latest, drill, prune.
+    /// Repeatable; in SOMA_SCHEDULES one per line (blank lines and lines starting with # are
+    /// ignored). A sixth leading field (seconds) is accepted.
+    #[arg(
+        long = "schedule",
+        env = "SOMA_SCHEDULES",
+        value_delimiter = '\n',
+        value_name = "ACTION CRON"
+    )]
+    pub schedules: Vec<String>,
+
+    /// Time zone the schedules' cron expressions are read in (IANA name).
+    #[arg(long, env = "SOMA_SCHEDULE_TIMEZONE", default_value = "UTC",
+          value_parser = crate::schedule::parse_timezone)]
+    pub schedule_timezone: chrono_tz::Tz,
+
+    /// Longest random delay added to each scheduled run (at most a tenth of the schedule's
+    /// interval), so agents sharing a store and a schedule do not start in the same second.
+    #[arg(long, env = "SOMA_SCHEDULE_JITTER", default_value = "60s",
+          value_parser = humantime::parse_duration)]
+    pub schedule_jitter: std::time::Duration,
+
+    /// Serve Prometheus metrics (`/metrics`, OpenMetrics text) and the kubelet probes (`/livez`,
+    /// `/readyz`) on this address. It serves nothing else, so it may bind the pod IP (0.0.0.0).
+    #[arg(long, env = "SOMA_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// `/livez` fails once the WAL stream has not been receiving, or has had WAL waiting while the
+    /// archive stood still, for this long; the restart it causes restarts pg_receivewal.
+    #[arg(long, env = "SOMA_WAL_STUCK_AFTER", default_value = "10m",
+          value_parser = humantime::parse_duration)]
+    pub wal_stuck_after: std::time::Duration,
+}
+
+impl Config {
+    /// The `--schedule` values parsed; an error names the bad one.
+    pub fn parsed_schedules(&self) -> Result<Vec<crate::schedule::Schedule>, String> {
+        self.schedules
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty() && !s.starts_with('#'))
+            .map(|s| {
+                crate::schedule::Schedule::parse(s)
+                    .map_err(|e| format!("--schedule / SOMA_SCHEDULES: {e}"))
+            })
+            .collect()
+    }
 }
 
 /// One-shot subcommands.
@@ -279,6 +329,27 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.restore_from.as_deref(), Some("s3://old/prod"));
+    }
+
+    #[test]
+    fn schedules_from_flags_and_environment_lines() {
+        let c = Config::try_parse_from([
+            "soma-agent",
+            "--schedule",
+            "backup 0 2 * * *",
+            "--schedule",
+            "verify-latest 30 3 * * *",
+            "--schedule-timezone",
+            "Europe/Berlin",
+        ])
+        .unwrap();
+        let parsed = c.parsed_schedules().unwrap();
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parsed[1].spec(), "verify-latest 30 3 * * *");
+        assert_eq!(c.schedule_timezone.name(), "Europe/Berlin");
+        let bad = Config::try_parse_from(["soma-agent", "--schedule", "backup soon"]).unwrap();
+        let err = bad.parsed_schedules().unwrap_err();
+        assert!(err.starts_with("--schedule / SOMA_SCHEDULES: "), "{err}");
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub enum Operation {
     Verify,
     /// Deletes a backup (and WAL only it needed).
     Delete,
+    /// Restores a backup into a scratch target and validates it.
+    Drill,
+    /// Applies the retention policy.
+    Prune,
 }
 
 impl Operation {
@@ -49,6 +53,8 @@ impl Operation {
             Operation::Restore => "restore",
             Operation::Verify => "verify",
             Operation::Delete => "delete",
+            Operation::Drill => "drill",
+            Operation::Prune => "prune",
         }
     }
 }
@@ -94,6 +100,21 @@ pub struct JobInfo {
     pub uses: Vec<BackupId>,
     /// When it started.
     pub started_at: DateTime<Utc>,
+    /// What it is about, for failure records and metrics: engine, target and kind (empty when
+    /// not known before it runs).
+    pub about: About,
+}
+
+/// The engine, target and kind an operation is about, as failure records and metric labels name
+/// them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct About {
+    /// "postgres", "qdrant" or "set".
+    pub engine: String,
+    /// The database, collection(s), "cluster" or "all".
+    pub target: String,
+    /// The backup kind, e.g. "logical" or "physical".
+    pub kind: String,
 }
 
 impl JobInfo {
@@ -110,7 +131,18 @@ impl JobInfo {
             targets,
             uses,
             started_at: Utc::now(),
+            about: About::default(),
         }
+    }
+
+    /// Records what the job is about.
+    pub fn about(mut self, engine: &str, target: &str, kind: &str) -> Self {
+        self.about = About {
+            engine: engine.into(),
+            target: target.into(),
+            kind: kind.into(),
+        };
+        self
     }
 
     /// Why `self` cannot start while `running` runs, if it cannot.
@@ -118,7 +150,8 @@ impl JobInfo {
         if let Some(t) = self.targets.iter().find(|t| running.targets.contains(t)) {
             return Some(t.to_string());
         }
-        if (self.operation == Operation::Delete || running.operation == Operation::Delete)
+        let deletes = |op| matches!(op, Operation::Delete | Operation::Prune);
+        if (deletes(self.operation) || deletes(running.operation))
             && let Some(id) = self.uses.iter().find(|id| running.uses.contains(id))
         {
             return Some(format!("backup {id}"));

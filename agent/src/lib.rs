@@ -8,11 +8,15 @@ pub mod catalog;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod failures;
 pub mod jobs;
 pub mod lsn;
+pub mod metrics;
 pub mod ops;
 pub mod owner;
 pub mod pipeline;
+pub mod runner;
+pub mod schedule;
 pub mod server;
 pub mod store;
 pub mod wal;
@@ -146,6 +150,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             shutdown.cancel();
         });
     }
+    let schedules = config.parsed_schedules().map_err(anyhow::Error::msg)?;
     let mut postgres = config
         .postgres_url
         .as_deref()
@@ -274,19 +279,49 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config: config.clone(),
             status: handle.status.clone(),
         });
-    let service = AgentService::new(
-        Context {
-            source,
-            catalog,
-            postgres,
-            qdrant,
-            qdrant_mode: config.qdrant_mode,
-            settings,
-            wal_stream: wal_info,
+    let ctx = std::sync::Arc::new(Context {
+        source,
+        catalog,
+        postgres,
+        qdrant,
+        qdrant_mode: config.qdrant_mode,
+        settings,
+        wal_stream: wal_info,
+    });
+    schedule::run::validate(&schedules, &ctx).map_err(anyhow::Error::msg)?;
+    let metrics = std::sync::Arc::new(metrics::Metrics::new());
+    let jobs = std::sync::Arc::new(jobs::Jobs::new(shutdown.child_token()));
+    let runner = runner::Runner::new(ctx.clone(), jobs.clone(), metrics.clone());
+    metrics::spawn_catalog_refresh(metrics.clone(), ctx.catalog.clone(), shutdown.child_token());
+    let mut stdout = tokio::io::stdout();
+    if let Some(addr) = config.metrics_listen {
+        let served = metrics::http::Served {
+            metrics: metrics.clone(),
+            ctx: ctx.clone(),
+            wal_stuck_after: config.wal_stuck_after,
+        };
+        let bound = metrics::http::serve(addr, served, shutdown.child_token())
+            .await
+            .with_context(|| format!("binding --metrics-listen {addr}"))?;
+        tracing::info!(addr = %bound, "serving metrics");
+        stdout
+            .write_all(format!("soma-agent metrics on {bound}\n").as_bytes())
+            .await?;
+    }
+    let schedule_handles = schedule::spawn(
+        schedules,
+        runner.clone(),
+        schedule::run::Options {
+            timezone: config.schedule_timezone,
+            jitter: config.schedule_jitter,
+            owner: owner.clone(),
         },
         shutdown.child_token(),
     );
-    let jobs = service.jobs();
+    for h in &schedule_handles {
+        tracing::info!(schedule = %h.schedule.spec(), timezone = %h.timezone.name(), "schedule enabled");
+    }
+    let service = AgentService::new(runner, schedule_handles);
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -304,7 +339,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
     // A machine-readable readiness line: tests and scripts wait for it.
-    let mut stdout = tokio::io::stdout();
     stdout
         .write_all(format!("soma-agent listening on {addr}\n").as_bytes())
         .await?;

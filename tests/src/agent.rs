@@ -17,6 +17,8 @@ use crate::util::bin_path;
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 /// What the agent prints on stdout once it is ready to serve.
 const READY_LINE: &str = "soma-agent listening on ";
+/// What the agent prints on stdout once its metrics listener is bound.
+const METRICS_LINE: &str = "soma-agent metrics on ";
 
 /// A running `soma-agent --listen 127.0.0.1:0 ...`, killed on drop. Its stdout and stderr are
 /// captured and printed when the test panics.
@@ -158,6 +160,22 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Address of the agent's metrics listener (`--metrics-listen`), from the line it prints
+    /// before it is ready; panics when the agent was started without one.
+    pub fn metrics_addr(&self) -> String {
+        let stdout = self.stdout.lock().expect("stdout log lock").clone();
+        stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(METRICS_LINE))
+            .map(str::to_owned)
+            .unwrap_or_else(|| {
+                panic!(
+                    "the agent printed no {METRICS_LINE:?} line (started without --metrics-listen?):\n{}",
+                    self.logs()
+                )
+            })
     }
 
     /// Address the agent listens on, `127.0.0.1:PORT`.

@@ -22,6 +22,7 @@ pub mod db;
 pub mod fixtures;
 pub mod garage;
 pub mod kube;
+pub mod metrics;
 pub mod pg;
 pub mod pitr;
 pub mod qdrant;

@@ -11,7 +11,7 @@ use super::{Context, Outcome, physical, postgres, qdrant, set, verify};
 use crate::{
     catalog::{BackupId, Engine, IdEngine, Kind, Manifest},
     error::OpError,
-    jobs::{JobTarget, Reporter},
+    jobs::{JobInfo, JobTarget, Operation, Reporter},
 };
 
 /// A request that cannot be served as asked; each says what to ask instead.
@@ -111,7 +111,7 @@ impl BackupPlan {
                 });
             }
             if ctx.qdrant.is_some() {
-                members.push(Self::qdrant(now, Vec::new(), v1::QdrantMode::Unspecified));
+                members.push(Self::qdrant(now, Vec::new(), ctx.qdrant_mode));
             }
             if members.is_empty() {
                 return Err(RequestError::NoEngine.into());
@@ -146,7 +146,10 @@ impl BackupPlan {
             }
             v1::Engine::Qdrant => {
                 ctx.qdrant()?;
-                let mode = v1::QdrantMode::try_from(req.qdrant_mode).unwrap_or_default();
+                let mode = match v1::QdrantMode::try_from(req.qdrant_mode).unwrap_or_default() {
+                    v1::QdrantMode::Unspecified => ctx.qdrant_mode,
+                    mode => mode,
+                };
                 Ok(Self::qdrant(now, req.collections, mode))
             }
             v1::Engine::Set | v1::Engine::Unspecified => Err(RequestError::MissingEngine.into()),
@@ -221,6 +224,37 @@ impl BackupPlan {
             BackupPlan::Qdrant { .. } => Engine::Qdrant,
             BackupPlan::Set { .. } => Engine::Set,
         }
+    }
+
+    /// The kind of backup written, as manifests name it.
+    pub fn kind(&self) -> Kind {
+        match self {
+            BackupPlan::Logical { .. } => Kind::Logical,
+            BackupPlan::LogicalCluster { .. } => Kind::LogicalCluster,
+            BackupPlan::Physical { .. } => Kind::Physical,
+            BackupPlan::Qdrant { mode, .. } => qdrant::SnapshotMode::from_proto(*mode).kind(),
+            BackupPlan::Set { .. } => Kind::Set,
+        }
+    }
+
+    /// The job this backup runs as: what it holds and what it is about.
+    pub fn job(&self) -> JobInfo {
+        JobInfo::new(
+            self.id().as_str(),
+            Operation::Backup,
+            self.targets(),
+            Vec::new(),
+        )
+        .about(
+            self.engine().as_str(),
+            &self.target_name(),
+            self.kind().as_str(),
+        )
+    }
+
+    /// The span its logs carry.
+    pub fn span(&self) -> tracing::Span {
+        tracing::info_span!("backup", backup_id = %self.id(), engine = %self.engine(), target = %self.target_name())
     }
 
     /// What this plan holds while it runs.
@@ -524,6 +558,26 @@ impl VerifyPlan {
         std::iter::once(self.manifest.id.clone())
             .chain(self.manifest.members.iter().cloned())
             .collect()
+    }
+
+    /// The job this verify runs as.
+    pub fn job(&self) -> JobInfo {
+        JobInfo::new(
+            self.manifest.id.as_str(),
+            Operation::Verify,
+            self.targets(),
+            self.uses(),
+        )
+        .about(
+            self.manifest.engine.as_str(),
+            &self.manifest.target.name,
+            self.manifest.kind.as_str(),
+        )
+    }
+
+    /// The span its logs carry.
+    pub fn span(&self) -> tracing::Span {
+        tracing::info_span!("verify", backup_id = %self.manifest.id, engine = %self.manifest.engine)
     }
 
     /// Runs the verify.

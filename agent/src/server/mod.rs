@@ -8,20 +8,20 @@ use std::{pin::Pin, sync::Arc};
 use chrono::Utc;
 use futures::Stream;
 use soma_proto::v1::{self, soma_agent_server::SomaAgent};
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::{
-    catalog::BackupId,
     error::OpError,
-    jobs::{EVENT_QUEUE, JobInfo, Jobs, Operation, Reporter},
+    failures::Trigger,
+    jobs::{JobInfo, Jobs, Operation, Reporter},
     ops::{
         self, Context,
         plan::{BackupPlan, OpFuture, RestorePlan, VerifyPlan},
     },
+    runner::{Interrupted, Runner},
+    schedule::ScheduleHandle,
 };
 
 /// The agent's gRPC service.
@@ -29,27 +29,23 @@ use crate::{
 pub struct AgentService {
     ctx: Arc<Context>,
     jobs: Arc<Jobs>,
+    runner: Runner,
+    schedules: Vec<ScheduleHandle>,
 }
+
+/// Failures `GetInfo` shows.
+const RECENT_FAILURES: usize = 5;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::OperationEvent, Status>> + Send>>;
 
-/// What to do when the agent stops while a job runs.
-enum Interrupted {
-    /// Abort the uploads of these unfinished backups and remove what they completed.
-    Abandon(Vec<BackupId>),
-    /// Empty the data directory a physical restore was filling (if it found it empty).
-    ClearPgdata(ops::physical::PgdataRestore),
-    /// Nothing is left half-done (a restore into PostgreSQL rolls back when pg_restore dies; a
-    /// cut-off Qdrant upload is refused by Qdrant's checksum; a verify writes nothing).
-    Nothing,
-}
-
 impl AgentService {
-    /// A service over `ctx` whose jobs are interrupted when `shutdown` is cancelled.
-    pub fn new(ctx: Context, shutdown: CancellationToken) -> Self {
+    /// A service running its operations through `runner`; `schedules` are reported by GetInfo.
+    pub fn new(runner: Runner, schedules: Vec<ScheduleHandle>) -> Self {
         Self {
-            ctx: Arc::new(ctx),
-            jobs: Arc::new(Jobs::new(shutdown)),
+            ctx: runner.ctx().clone(),
+            jobs: runner.jobs().clone(),
+            runner,
+            schedules,
         }
     }
 
@@ -66,44 +62,10 @@ impl AgentService {
         interrupted: Interrupted,
         op: impl FnOnce(Arc<Context>, Reporter) -> OpFuture,
     ) -> Result<Response<EventStream>, Status> {
-        let guard = self.jobs.begin(info).map_err(OpError::from)?;
-        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
-        let reporter = Reporter::start(tx);
-        let running = op(self.ctx.clone(), reporter.clone());
-        let finisher = reporter.clone();
-        let work = async move {
-            let result = running.await.map(|outcome| {
-                let r = convert::operation_result(outcome, reporter.elapsed());
-                tracing::info!(
-                    seconds = r.seconds,
-                    raw_bytes = r.raw_bytes,
-                    stored_bytes = r.stored_bytes,
-                    "{}",
-                    r.summary
-                );
-                r
-            });
-            // Release the claims before telling the client, so an immediate retry is accepted.
-            drop(guard);
-            reporter.finish(result).await;
-        };
-        let ctx = self.ctx.clone();
-        let cleanup = async move {
-            match interrupted {
-                Interrupted::Abandon(ids) => {
-                    for id in ids {
-                        if let Err(e) = ctx.catalog.abandon(&id).await {
-                            tracing::warn!(backup_id = %id, error = %e, "could not remove what the interrupted backup wrote; the next start-up sweeps its uploads");
-                        }
-                    }
-                }
-                Interrupted::ClearPgdata(req) => ops::physical::abandon_pgdata(&req).await,
-                Interrupted::Nothing => {}
-            }
-            finisher.finish(Err(OpError::ShuttingDown)).await;
-        };
-        self.jobs.spawn(span, work, cleanup);
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let events = self
+            .runner
+            .start(info, span, interrupted, Trigger::Client, op)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
     }
 }
 
@@ -125,13 +87,7 @@ impl SomaAgent for AgentService {
         {
             ops::set::refuse_existing(&self.ctx, id).await?;
         }
-        let span = tracing::info_span!("backup", backup_id = %plan.id(), engine = %plan.engine(), target = %plan.target_name());
-        let info = JobInfo::new(
-            plan.id().as_str(),
-            Operation::Backup,
-            plan.targets(),
-            Vec::new(),
-        );
+        let (info, span) = (plan.job(), plan.span());
         let interrupted = Interrupted::Abandon(plan.ids());
         self.start(info, span, interrupted, |ctx, reporter| {
             plan.run(ctx, reporter)
@@ -150,7 +106,8 @@ impl SomaAgent for AgentService {
             Operation::Restore,
             plan.targets(),
             plan.uses(),
-        );
+        )
+        .about(plan.engine().as_str(), "", "");
         let interrupted = match &plan {
             RestorePlan::Pgdata(req) => Interrupted::ClearPgdata(req.clone()),
             _ => Interrupted::Nothing,
@@ -165,13 +122,7 @@ impl SomaAgent for AgentService {
         request: Request<v1::VerifyRequest>,
     ) -> Result<Response<Self::VerifyStream>, Status> {
         let plan = VerifyPlan::from_request(&self.ctx, request.into_inner()).await?;
-        let span = tracing::info_span!("verify", backup_id = %plan.manifest.id, engine = %plan.manifest.engine);
-        let info = JobInfo::new(
-            plan.manifest.id.as_str(),
-            Operation::Verify,
-            plan.targets(),
-            plan.uses(),
-        );
+        let (info, span) = (plan.job(), plan.span());
         self.start(info, span, Interrupted::Nothing, |ctx, reporter| {
             plan.run(ctx, reporter)
         })
@@ -299,9 +250,16 @@ impl SomaAgent for AgentService {
                 .into_iter()
                 .map(convert::job_info)
                 .collect(),
-            schedules: Vec::new(),
+            schedules: self.schedules.iter().map(ScheduleHandle::status).collect(),
             retention: String::new(),
-            recent_failures: Vec::new(),
+            // Best effort: an unreadable store already shows in `store` errors elsewhere.
+            recent_failures: self
+                .runner
+                .failures()
+                .list(RECENT_FAILURES)
+                .await
+                .map(|f| f.iter().map(|f| f.to_proto()).collect())
+                .unwrap_or_default(),
         }))
     }
 }

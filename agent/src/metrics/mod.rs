@@ -1,0 +1,459 @@
+//! Prometheus metrics: what an alert needs to say that backups stopped, WAL fell behind, a drill
+//! failed or the store went away, served as OpenMetrics text by [`http`] (`--metrics-listen`).
+//!
+//! Backup gauges are computed from the catalog (at start-up, after every operation that changes
+//! it, and every [`CATALOG_REFRESH`]), not counted in memory: a restarted agent reports the age
+//! of the newest backup at once, so "backup too old" alerts neither fire nor go quiet because the
+//! agent restarted. Counters (failures, skipped runs) count since the agent started, as
+//! Prometheus counters do. WAL and store gauges are read at scrape time.
+
+pub mod http;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, atomic::AtomicU64},
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::{
+    catalog::{Catalog, Kind, Manifest},
+    jobs::About,
+    lsn::Lsn,
+    ops::{Context, physical::PhysicalDetails},
+};
+
+/// How often backup gauges are recomputed from the catalog even when nothing happened here (other
+/// agents write to the same store; someone may delete backups by hand).
+pub const CATALOG_REFRESH: Duration = Duration::from_secs(300);
+/// How long a scrape waits for the store probe and the server's WAL position.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+type F64Gauge = Gauge<f64, AtomicU64>;
+
+/// Labels of a backup group: what alerts are written per.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackupLabels {
+    /// postgres, qdrant or set.
+    pub engine: String,
+    /// Database, collection(s), cluster or all.
+    pub target: String,
+    /// logical, logical-cluster, physical, collection-snapshots, ..., set.
+    pub kind: String,
+}
+
+impl BackupLabels {
+    fn of(m: &Manifest) -> Self {
+        Self {
+            engine: m.engine.as_str().into(),
+            target: m.target.name.clone(),
+            kind: m.kind.as_str().into(),
+        }
+    }
+
+    fn about(a: &About) -> Self {
+        Self {
+            engine: a.engine.clone(),
+            target: a.target.clone(),
+            kind: a.kind.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    engine: String,
+    target: String,
+    kind: String,
+    stage: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    operation: String,
+    engine: String,
+    target: String,
+    kind: String,
+}
+
+/// Labels of one schedule.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScheduleLabels {
+    /// The action, e.g. "backup".
+    pub action: String,
+    /// The cron expression as given.
+    pub cron: String,
+}
+
+/// The agent's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    backup_last_success: Family<BackupLabels, F64Gauge>,
+    backup_last_duration: Family<BackupLabels, F64Gauge>,
+    backup_last_bytes: Family<BytesLabels, Gauge>,
+    backup_count: Family<BackupLabels, Gauge>,
+    backup_failures: Family<BackupLabels, Counter>,
+    operation_failures: Family<OperationLabels, Counter>,
+    verify_last_success: Family<BackupLabels, F64Gauge>,
+    drill_last_success: Family<BackupLabels, F64Gauge>,
+    drill_last_rto: Family<BackupLabels, F64Gauge>,
+    prune_last_success: F64Gauge,
+    prune_deleted: Counter,
+    wal_streaming: Gauge,
+    wal_receiving: Gauge,
+    wal_lag: Gauge,
+    wal_last_shipped: F64Gauge,
+    recovery_window_start: F64Gauge,
+    store_up: Gauge,
+    schedule_next_run: Family<ScheduleLabels, F64Gauge>,
+    schedule_skipped: Family<ScheduleLabels, Counter>,
+    /// When the archive position last moved (or the stream was idle with nothing to ship), for
+    /// the liveness probe.
+    wal_progress: Mutex<WalProgress>,
+}
+
+#[derive(Debug)]
+struct WalProgress {
+    archived: Lsn,
+    receiving: bool,
+    since: Instant,
+}
+
+fn ts(t: DateTime<Utc>) -> f64 {
+    t.timestamp_millis() as f64 / 1000.0
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Every metric registered, none with a sample until something happens.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            registry: Registry::default(),
+            backup_last_success: Family::default(),
+            backup_last_duration: Family::default(),
+            backup_last_bytes: Family::default(),
+            backup_count: Family::default(),
+            backup_failures: Family::default(),
+            operation_failures: Family::default(),
+            verify_last_success: Family::default(),
+            drill_last_success: Family::default(),
+            drill_last_rto: Family::default(),
+            prune_last_success: Gauge::default(),
+            prune_deleted: Counter::default(),
+            wal_streaming: Gauge::default(),
+            wal_receiving: Gauge::default(),
+            wal_lag: Gauge::default(),
+            wal_last_shipped: Gauge::default(),
+            recovery_window_start: Gauge::default(),
+            store_up: Gauge::default(),
+            schedule_next_run: Family::default(),
+            schedule_skipped: Family::default(),
+            wal_progress: Mutex::new(WalProgress {
+                archived: Lsn::default(),
+                receiving: true,
+                since: Instant::now(),
+            }),
+        };
+        let r = &mut registry;
+        r.register(
+            "soma_backup_last_success_timestamp_seconds",
+            "Completion time of the newest complete backup in the store, per engine, target and kind",
+            m.backup_last_success.clone(),
+        );
+        r.register(
+            "soma_backup_last_duration_seconds",
+            "How long the newest complete backup took",
+            m.backup_last_duration.clone(),
+        );
+        r.register(
+            "soma_backup_last_bytes",
+            "Size of the newest complete backup: stage=raw (uncompressed) or stored",
+            m.backup_last_bytes.clone(),
+        );
+        r.register(
+            "soma_backups",
+            "Complete backups in the store",
+            m.backup_count.clone(),
+        );
+        r.register(
+            "soma_backup_failures",
+            "Backups that failed or were interrupted since the agent started",
+            m.backup_failures.clone(),
+        );
+        r.register(
+            "soma_operation_failures",
+            "Operations (backup, verify, drill, prune, restore) that failed since the agent started",
+            m.operation_failures.clone(),
+        );
+        r.register(
+            "soma_verify_last_success_timestamp_seconds",
+            "When a verify of a backup of this group last succeeded",
+            m.verify_last_success.clone(),
+        );
+        r.register(
+            "soma_drill_last_success_timestamp_seconds",
+            "When a restore drill of a backup of this group last passed",
+            m.drill_last_success.clone(),
+        );
+        r.register(
+            "soma_drill_last_rto_seconds",
+            "Restore time measured by the last passing drill of this group",
+            m.drill_last_rto.clone(),
+        );
+        r.register(
+            "soma_prune_last_success_timestamp_seconds",
+            "When retention last ran to the end",
+            m.prune_last_success.clone(),
+        );
+        r.register(
+            "soma_prune_deleted_objects",
+            "Objects deleted by retention since the agent started",
+            m.prune_deleted.clone(),
+        );
+        r.register(
+            "soma_wal_streaming",
+            "1 when this agent streams WAL (--wal-stream)",
+            m.wal_streaming.clone(),
+        );
+        r.register(
+            "soma_wal_receiving",
+            "1 while pg_receivewal is connected and streaming",
+            m.wal_receiving.clone(),
+        );
+        r.register(
+            "soma_wal_archive_lag_bytes",
+            "WAL the server has written that is not in the store yet",
+            m.wal_lag.clone(),
+        );
+        r.register(
+            "soma_wal_last_shipped_timestamp_seconds",
+            "When WAL was last shipped to the store",
+            m.wal_last_shipped.clone(),
+        );
+        r.register(
+            "soma_recovery_window_start_timestamp_seconds",
+            "The earliest time a point-in-time restore can reach: the oldest base backup's consistent point",
+            m.recovery_window_start.clone(),
+        );
+        r.register(
+            "soma_store_up",
+            "1 when the store answered the last probe",
+            m.store_up.clone(),
+        );
+        r.register(
+            "soma_schedule_next_run_timestamp_seconds",
+            "Next run of each schedule (before jitter)",
+            m.schedule_next_run.clone(),
+        );
+        r.register(
+            "soma_schedule_skipped_runs",
+            "Scheduled runs skipped because a job of the same target was running",
+            m.schedule_skipped.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Recomputes every backup gauge from the manifests in `catalog`.
+    pub async fn refresh_catalog(&self, catalog: &Catalog) {
+        let manifests = match catalog.list().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: could not list backups; backup gauges keep their last values");
+                return;
+            }
+        };
+        let mut newest: HashMap<BackupLabels, &Manifest> = HashMap::new();
+        let mut counts: HashMap<BackupLabels, i64> = HashMap::new();
+        let mut window_start: Option<DateTime<Utc>> = None;
+        for m in &manifests {
+            let labels = BackupLabels::of(m);
+            *counts.entry(labels.clone()).or_default() += 1;
+            let e = newest.entry(labels).or_insert(m);
+            if m.completed_at > e.completed_at {
+                *e = m;
+            }
+            if m.kind == Kind::Physical
+                && let Ok(d) = PhysicalDetails::of(m)
+            {
+                window_start = Some(window_start.map_or(d.stop_time, |w| w.min(d.stop_time)));
+            }
+        }
+        self.backup_last_success.clear();
+        self.backup_last_duration.clear();
+        self.backup_last_bytes.clear();
+        self.backup_count.clear();
+        for (labels, m) in &newest {
+            self.backup_last_success
+                .get_or_create(labels)
+                .set(ts(m.completed_at));
+            let secs = (m.completed_at - m.started_at).num_milliseconds().max(0) as f64 / 1000.0;
+            self.backup_last_duration.get_or_create(labels).set(secs);
+            for (stage, bytes) in [("raw", m.raw_bytes), ("stored", m.stored_bytes)] {
+                self.backup_last_bytes
+                    .get_or_create(&BytesLabels {
+                        engine: labels.engine.clone(),
+                        target: labels.target.clone(),
+                        kind: labels.kind.clone(),
+                        stage,
+                    })
+                    .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            }
+        }
+        for (labels, n) in counts {
+            self.backup_count.get_or_create(&labels).set(n);
+        }
+        match window_start {
+            Some(t) => self.recovery_window_start.set(ts(t)),
+            None => self.recovery_window_start.set(0.0),
+        };
+    }
+
+    /// Counts a failed operation.
+    pub fn failed(&self, operation: &str, about: &About) {
+        if operation == "backup" {
+            self.backup_failures
+                .get_or_create(&BackupLabels::about(about))
+                .inc();
+        }
+        self.operation_failures
+            .get_or_create(&OperationLabels {
+                operation: operation.into(),
+                engine: about.engine.clone(),
+                target: about.target.clone(),
+                kind: about.kind.clone(),
+            })
+            .inc();
+    }
+
+    /// A verify of `m` succeeded now.
+    pub fn verified(&self, m: &Manifest) {
+        self.verify_last_success
+            .get_or_create(&BackupLabels::of(m))
+            .set(ts(Utc::now()));
+    }
+
+    /// A drill of `m` passed, at `at`, restoring in `rto_seconds`.
+    pub fn drill_passed(&self, m: &Manifest, at: DateTime<Utc>, rto_seconds: f64) {
+        let labels = BackupLabels::of(m);
+        self.drill_last_success.get_or_create(&labels).set(ts(at));
+        self.drill_last_rto.get_or_create(&labels).set(rto_seconds);
+    }
+
+    /// Retention ran to the end, deleting `objects`.
+    pub fn pruned(&self, objects: u64) {
+        self.prune_last_success.set(ts(Utc::now()));
+        self.prune_deleted.inc_by(objects);
+    }
+
+    /// The next run of a schedule.
+    pub fn schedule_next(&self, labels: &ScheduleLabels, at: DateTime<Utc>) {
+        self.schedule_next_run.get_or_create(labels).set(ts(at));
+    }
+
+    /// A scheduled run was skipped.
+    pub fn schedule_skipped(&self, labels: &ScheduleLabels) {
+        self.schedule_skipped.get_or_create(labels).inc();
+    }
+
+    /// Reads the live values (WAL stream, store) and encodes every metric as OpenMetrics text.
+    pub async fn scrape(&self, ctx: &Context) -> String {
+        self.refresh_live(ctx).await;
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    async fn refresh_live(&self, ctx: &Context) {
+        let probe = tokio::time::timeout(PROBE_TIMEOUT, ctx.catalog.store().head("soma-probe"));
+        self.store_up
+            .set(matches!(probe.await, Ok(Ok(_))).then_some(1).unwrap_or(0));
+        let Some(wal) = &ctx.wal_stream else {
+            self.wal_streaming.set(0);
+            return;
+        };
+        self.wal_streaming.set(1);
+        let status = wal.status.lock().map(|s| s.clone()).unwrap_or_default();
+        self.wal_receiving.set(i64::from(status.receiving));
+        if let Some(t) = status.last_shipped_at {
+            self.wal_last_shipped.set(ts(t));
+        }
+        let server = match &ctx.postgres {
+            Some(pg) => tokio::time::timeout(PROBE_TIMEOUT, pg.current_wal_lsn())
+                .await
+                .ok()
+                .and_then(Result::ok),
+            None => None,
+        };
+        if let Some(server) = server {
+            let lag = server.0.saturating_sub(status.archived_lsn.0);
+            self.wal_lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
+        }
+        let mut p = self.wal_progress.lock().unwrap_or_else(|e| e.into_inner());
+        // Healthy: receiving, and either the archive moved or there is nothing to ship. A stall
+        // is timed from the last healthy moment, or from when receiving started or stopped.
+        let idle = server.is_some_and(|s| s <= status.archived_lsn);
+        let moved = status.archived_lsn != p.archived;
+        if (status.receiving && (moved || idle)) || status.receiving != p.receiving {
+            p.since = Instant::now();
+        }
+        p.archived = status.archived_lsn;
+        p.receiving = status.receiving;
+    }
+
+    /// Why the WAL stream counts as stuck, if it does: not receiving, or WAL waiting to be
+    /// shipped while the archive position has not moved, for longer than `after`.
+    pub async fn wal_stuck(&self, ctx: &Context, after: Duration) -> Option<String> {
+        ctx.wal_stream.as_ref()?;
+        self.refresh_live(ctx).await;
+        let p = self.wal_progress.lock().unwrap_or_else(|e| e.into_inner());
+        let stalled = p.since.elapsed();
+        if stalled < after {
+            return None;
+        }
+        Some(if !p.receiving {
+            format!(
+                "the WAL stream has not been receiving for {}s (limit {}s)",
+                stalled.as_secs(),
+                after.as_secs()
+            )
+        } else {
+            format!(
+                "WAL is waiting to be shipped but the archive has stayed at {} for {}s (limit {}s)",
+                p.archived,
+                stalled.as_secs(),
+                after.as_secs()
+            )
+        })
+    }
+}
+
+/// Keeps the backup gauges current: at once, then every [`CATALOG_REFRESH`] until `shutdown`.
+pub fn spawn_catalog_refresh(
+    metrics: Arc<Metrics>,
+    catalog: Catalog,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(CATALOG_REFRESH);
+        loop {
+            tokio::select! {
+                _ = every.tick() => metrics.refresh_catalog(&catalog).await,
+                () = shutdown.cancelled() => break,
+            }
+        }
+    });
+}

@@ -1,0 +1,192 @@
+//! Runs operations as jobs for either caller — a gRPC client or the agent's own scheduler — and
+//! records how each ended: the metrics, and a failure record in the store when it failed or was
+//! interrupted. One path for both callers, so a scheduled backup is the same backup a client
+//! would have taken, claimed, reported and recorded the same way.
+
+use std::sync::Arc;
+
+use soma_proto::v1::{self, OperationEvent};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::{
+    catalog::BackupId,
+    error::OpError,
+    failures::{FailureRecord, Failures, Trigger},
+    jobs::{EVENT_QUEUE, JobInfo, Jobs, Operation, Reporter},
+    metrics::Metrics,
+    ops::{self, Context, Outcome, plan::OpFuture},
+    server::convert,
+};
+
+/// The events of one running operation: progress, then exactly one result or error.
+pub type Events = mpsc::Receiver<Result<OperationEvent, Status>>;
+
+/// What to do when the agent stops while a job runs.
+#[derive(Debug)]
+pub enum Interrupted {
+    /// Abort the uploads of these unfinished backups and remove what they completed.
+    Abandon(Vec<BackupId>),
+    /// Empty the data directory a physical restore was filling (if it found it empty).
+    ClearPgdata(ops::physical::PgdataRestore),
+    /// Nothing is left half-done (a restore into PostgreSQL rolls back when pg_restore dies; a
+    /// cut-off Qdrant upload is refused by Qdrant's checksum; a verify writes nothing).
+    Nothing,
+}
+
+/// Starts operations and records their ends.
+#[derive(Debug, Clone)]
+pub struct Runner {
+    ctx: Arc<Context>,
+    jobs: Arc<Jobs>,
+    metrics: Arc<Metrics>,
+    failures: Failures,
+}
+
+impl Runner {
+    /// A runner over `ctx` whose jobs live in `jobs`; failures are recorded in the store this
+    /// agent writes to.
+    pub fn new(ctx: Arc<Context>, jobs: Arc<Jobs>, metrics: Arc<Metrics>) -> Self {
+        let failures = Failures::new(ctx.catalog.store().clone());
+        Self {
+            ctx,
+            jobs,
+            metrics,
+            failures,
+        }
+    }
+
+    /// The agent's context.
+    pub fn ctx(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// The job registry.
+    pub fn jobs(&self) -> &Arc<Jobs> {
+        &self.jobs
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The failure records.
+    pub fn failures(&self) -> &Failures {
+        &self.failures
+    }
+
+    /// Claims what `info` holds, then runs `op` as a job; its progress and result arrive on the
+    /// returned receiver (dropping it does not stop the job). Fails at once, running nothing,
+    /// when another job holds a target.
+    pub fn start(
+        &self,
+        info: JobInfo,
+        span: tracing::Span,
+        interrupted: Interrupted,
+        trigger: Trigger,
+        op: impl FnOnce(Arc<Context>, Reporter) -> OpFuture,
+    ) -> Result<Events, OpError> {
+        let job = info.clone();
+        let guard = self.jobs.begin(info)?;
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let reporter = Reporter::start(tx);
+        let running = op(self.ctx.clone(), reporter.clone());
+        let finisher = reporter.clone();
+        let this = self.clone();
+        let ended = trigger.clone();
+        let record = job.clone();
+        let work = async move {
+            let result = running.await;
+            let failure = match &result {
+                Ok(outcome) => this.succeeded(&record, outcome).await,
+                Err(e) => Some(e.to_string()),
+            };
+            let result = result.map(|outcome| {
+                let r = convert::operation_result(outcome, reporter.elapsed());
+                tracing::info!(
+                    seconds = r.seconds,
+                    raw_bytes = r.raw_bytes,
+                    stored_bytes = r.stored_bytes,
+                    "{}",
+                    r.summary
+                );
+                r
+            });
+            // Release the claims before telling the client, so an immediate retry is accepted.
+            drop(guard);
+            reporter.finish(result).await;
+            if let Some(error) = failure {
+                this.failed(&record, &error, &ended).await;
+            }
+        };
+        let this = self.clone();
+        let cleanup = async move {
+            match interrupted {
+                Interrupted::Abandon(ids) => {
+                    for id in ids {
+                        if let Err(e) = this.ctx.catalog.abandon(&id).await {
+                            tracing::warn!(backup_id = %id, error = %e, "could not remove what the interrupted backup wrote; the next start-up sweeps its uploads");
+                        }
+                    }
+                }
+                Interrupted::ClearPgdata(req) => ops::physical::abandon_pgdata(&req).await,
+                Interrupted::Nothing => {}
+            }
+            finisher.finish(Err(OpError::ShuttingDown)).await;
+            this.failed(&job, &OpError::ShuttingDown.to_string(), &trigger)
+                .await;
+        };
+        self.jobs.spawn(span, work, cleanup);
+        Ok(rx)
+    }
+
+    /// Updates the metrics after a successful operation; returns why it counts as failed when
+    /// it ran to the end but found a problem (a drill that did not pass).
+    async fn succeeded(&self, job: &JobInfo, outcome: &Outcome) -> Option<String> {
+        match job.operation {
+            Operation::Backup | Operation::Delete | Operation::Prune => {
+                let (metrics, catalog) = (self.metrics.clone(), self.ctx.catalog.clone());
+                // Off the job's path: listing a large catalog must not delay the client's result.
+                tokio::spawn(async move { metrics.refresh_catalog(&catalog).await });
+                None
+            }
+            Operation::Verify => {
+                self.metrics.verified(&outcome.manifest);
+                None
+            }
+            Operation::Drill | Operation::Restore => None,
+        }
+    }
+
+    /// Counts a failure and records it in the store (best effort: the log has it either way).
+    pub async fn failed(&self, job: &JobInfo, error: &str, trigger: &Trigger) {
+        self.metrics.failed(job.operation.as_str(), &job.about);
+        let record = FailureRecord::new(
+            job.operation.as_str(),
+            &job.id,
+            &job.about,
+            job.started_at,
+            error,
+            trigger,
+        );
+        if let Err(e) = self.failures.record(&record).await {
+            tracing::warn!(error = %e, "could not write the failure record to the store");
+        }
+    }
+
+    /// Waits for the end of a job started with [`start`](Self::start): its result, or its error
+    /// as the client would have seen it.
+    pub async fn outcome(mut events: Events) -> Result<v1::OperationResult, Status> {
+        while let Some(event) = events.recv().await {
+            match event {
+                Ok(OperationEvent {
+                    event: Some(v1::operation_event::Event::Result(r)),
+                }) => return Ok(r),
+                Ok(_) => {}
+                Err(status) => return Err(status),
+            }
+        }
+        Err(Status::internal("the operation ended without a result"))
+    }
+}
