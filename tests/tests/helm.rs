@@ -586,10 +586,10 @@ fn agent_sidecar_keeps_secrets_in_secrets_and_listens_on_loopback() {
         // The only port is the metrics listener, which serves no API (metrics.enabled).
         assert_eq!(
             c["ports"],
-            json!([{"name": "metrics", "containerPort": 9187, "protocol": "TCP"}]),
+            json!([{"name": "metrics", "containerPort": 9464, "protocol": "TCP"}]),
             "the agent exposes only its metrics port"
         );
-        assert_eq!(env_value(c, "SOMA_METRICS_LISTEN"), "0.0.0.0:9187");
+        assert_eq!(env_value(c, "SOMA_METRICS_LISTEN"), "0.0.0.0:9464");
         assert_eq!(
             env_var(c, "SOMA_STORE").unwrap()["value"],
             json!("s3://soma-backups/prod")
@@ -1892,15 +1892,15 @@ fn bad_schedules_and_retention_fail_the_render_naming_them() {
 
 #[test]
 fn metrics_port_env_and_probes_render() {
-    // The defaults: metrics on, port 9187 named "metrics", both probes on it.
+    // The defaults: metrics on, port 9464 named "metrics", both probes on it.
     let r = render_pod(&json!({}));
     let agent = container(&r.pod, "soma-agent");
-    assert_eq!(env_value(agent, "SOMA_METRICS_LISTEN"), "0.0.0.0:9187");
+    assert_eq!(env_value(agent, "SOMA_METRICS_LISTEN"), "0.0.0.0:9464");
     // The gRPC API stays on loopback whatever the metrics listener does.
     assert_eq!(env_value(agent, "SOMA_LISTEN"), "127.0.0.1:50051");
     assert_eq!(
         agent["ports"],
-        json!([{"name": "metrics", "containerPort": 9187, "protocol": "TCP"}])
+        json!([{"name": "metrics", "containerPort": 9464, "protocol": "TCP"}])
     );
     assert_eq!(
         agent["livenessProbe"],
@@ -2007,7 +2007,7 @@ fn service_monitor_and_service_select_the_agent_pods_only_when_enabled() {
     assert_eq!(svc["spec"]["clusterIP"], json!("None"));
     assert_eq!(
         svc["spec"]["ports"],
-        json!([{"name": "metrics", "port": 9187, "targetPort": "metrics", "protocol": "TCP"}])
+        json!([{"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"}])
     );
     // ...and the ServiceMonitor selects that Service, in the release namespace, on that port.
     let svc_labels = svc["metadata"]["labels"].as_object().unwrap();
