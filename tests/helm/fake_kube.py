@@ -53,6 +53,10 @@ RESOURCES = [
     ("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", False),
     ("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", True),
     ("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True),
+    # The Prometheus Operator's CRDs, as a cluster that has it installed serves them.
+    ("monitoring.coreos.com", "v1", "servicemonitors", "ServiceMonitor", True),
+    ("monitoring.coreos.com", "v1", "podmonitors", "PodMonitor", True),
+    ("monitoring.coreos.com", "v1", "prometheusrules", "PrometheusRule", True),
 ]
 
 KUBE_VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0", "platform": "linux/amd64"}

@@ -243,7 +243,11 @@ fn job_container(job: &Value) -> &Value {
 fn lint_is_clean_with_defaults_and_every_example() {
     let chart = chart();
     let mut runs = vec![(String::from("default values"), None)];
-    for f in ["soma-backup.yaml", "soma-backup-disaster-recovery.yaml"] {
+    for f in [
+        "soma-backup.yaml",
+        "soma-backup-disaster-recovery.yaml",
+        "unattended.yaml",
+    ] {
         runs.push((f.to_owned(), Some(examples_dir().join(f))));
     }
     for (what, values) in runs {
@@ -270,7 +274,11 @@ fn lint_is_clean_with_defaults_and_every_example() {
 #[test]
 fn every_example_installs() {
     let chart = chart();
-    for f in ["soma-backup.yaml", "soma-backup-disaster-recovery.yaml"] {
+    for f in [
+        "soma-backup.yaml",
+        "soma-backup-disaster-recovery.yaml",
+        "unattended.yaml",
+    ] {
         let values = examples_dir().join(f);
         let out = engine(&["install", path_str(&chart), "--values", path_str(&values)]);
         step_ok(
@@ -575,7 +583,13 @@ fn agent_sidecar_keeps_secrets_in_secrets_and_listens_on_loopback() {
             listen, "127.0.0.1:50051",
             "the agent must listen on loopback only"
         );
-        assert!(c.get("ports").is_none(), "the agent exposes no port");
+        // The only port is the metrics listener, which serves no API (metrics.enabled).
+        assert_eq!(
+            c["ports"],
+            json!([{"name": "metrics", "containerPort": 9464, "protocol": "TCP"}]),
+            "the agent exposes only its metrics port"
+        );
+        assert_eq!(env_value(c, "SOMA_METRICS_LISTEN"), "0.0.0.0:9464");
         assert_eq!(
             env_var(c, "SOMA_STORE").unwrap()["value"],
             json!("s3://soma-backups/prod")
@@ -938,6 +952,9 @@ data:
   restoreVolumes.json: {{ include "soma-backup.physicalRestoreVolumes" $restore | fromYamlArray | toJson | quote }}
   restoreVolumeMounts.json: {{ include "soma-backup.physicalRestoreVolumeMounts" $restore | fromYamlArray | toJson | quote }}
   restoreEnv.json: {{ include "soma-backup.physicalRestoreEnv" $restore | fromYamlArray | toJson | quote }}
+  labels.json: {{ include "soma-backup.agentPodLabels" $pg | fromYaml | toJson | quote }}
+  qdrantContainer.json: {{ include "soma-backup.agentContainer" (dict "engine" "qdrant" "Values" $soma) | fromYamlArray | toJson | quote }}
+  qdrantVolumes.json: {{ include "soma-backup.agentVolumes" (dict "engine" "qdrant" "Values" $soma) | fromYamlArray | toJson | quote }}
   {{- range $path, $_ := .Files.Glob "examples/*.yaml" }}
   file.{{ base $path }}: {{ $.Files.Get $path | fromYaml | toJson | quote }}
   {{- end }}
@@ -945,7 +962,8 @@ data:
 
 /// What the scratch chart of [`POD_TEMPLATE`] rendered: the pod template's spec, each named
 /// template on its own (`container`, `volumes`, `initContainers`, `restoreVolumes`,
-/// `restoreVolumeMounts`, `restoreEnv`), and helm/examples/*.yaml as Helm parses them.
+/// `restoreVolumeMounts`, `restoreEnv`, the PostgreSQL pod's `labels`, and the Qdrant sidecar's
+/// `qdrantContainer` and `qdrantVolumes`), and helm/examples/*.yaml as Helm parses them.
 struct Rendered {
     pod: Value,
     parts: Value,
@@ -1659,4 +1677,855 @@ fn pitr_examples_equal_the_named_templates() {
     // The base sidecar example is unchanged: it never streams WAL.
     let base = &r.files["postgresql-bitnami.yaml"]["primary"]["sidecars"][0];
     assert!(env_var(base, "SOMA_WAL_STREAM").is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unattended operation: schedules, retention and drills in the agent; metrics, probes and alerts.
+// ---------------------------------------------------------------------------------------------
+
+/// One error of a render that must fail: the install's error text.
+fn render_error(values: &Value) -> String {
+    let out = install(values, &[]);
+    let inst = &out["install"];
+    assert_eq!(inst["ok"], json!(false), "{values} was accepted");
+    inst["error"].as_str().expect("error text").to_owned()
+}
+
+#[test]
+fn agent_schedules_render_into_soma_schedules_per_engine() {
+    // Without schedules nothing of the scheduler reaches the sidecar, and no drill volume.
+    let r = render_pod(&json!({}));
+    let agent = container(&r.pod, "soma-agent");
+    for name in [
+        "SOMA_SCHEDULES",
+        "SOMA_SCHEDULE_TIMEZONE",
+        "SOMA_SCHEDULE_JITTER",
+        "SOMA_RETENTION",
+        "SOMA_DRILL_DIR",
+    ] {
+        assert!(env_var(agent, name).is_none(), "{name} without schedules");
+    }
+    assert!(named(&r.pod["volumes"], "soma-agent-drill").is_none());
+
+    let r = render_pod(&json!({"agent": {
+        "schedules": [
+            "backup 0 3 * * *",
+            "backup-physical  0 2 * * SUN",
+            "backup-qdrant 30 3 * * 1-5",
+            "verify-latest 0 */6 * * *",
+            "prune 30 4 1,15 * *",
+            "drill 0 5 * JAN,jul 6",
+        ],
+        "scheduleTimeZone": "Europe/Paris",
+        "scheduleJitter": "2m",
+        "retention": "keep-last=7,keep-daily=30,keep-weekly=8,keep-monthly=12,max-age=400d",
+    }}));
+    let agent = container(&r.pod, "soma-agent");
+    // One entry per line, whitespace normalised; the Qdrant-only entry is not PostgreSQL's.
+    assert_eq!(
+        env_value(agent, "SOMA_SCHEDULES"),
+        "backup 0 3 * * *\nbackup-physical 0 2 * * SUN\nverify-latest 0 */6 * * *\n\
+         prune 30 4 1,15 * *\ndrill 0 5 * JAN,jul 6"
+    );
+    assert_eq!(env_value(agent, "SOMA_SCHEDULE_TIMEZONE"), "Europe/Paris");
+    assert_eq!(env_value(agent, "SOMA_SCHEDULE_JITTER"), "2m");
+    assert_eq!(
+        env_value(agent, "SOMA_RETENTION"),
+        "keep-last=7,keep-daily=30,keep-weekly=8,keep-monthly=12,max-age=400d"
+    );
+    // A drill schedule brings the scratch volume for physical drills.
+    assert_eq!(
+        env_value(agent, "SOMA_DRILL_DIR"),
+        "/var/lib/soma-backup/drill"
+    );
+    assert!(
+        agent["volumeMounts"].as_array().unwrap().contains(
+            &json!({"name": "soma-agent-drill", "mountPath": "/var/lib/soma-backup/drill"})
+        ),
+        "{}",
+        agent["volumeMounts"]
+    );
+    assert_eq!(
+        named(&r.pod["volumes"], "soma-agent-drill").unwrap(),
+        &json!({"name": "soma-agent-drill", "emptyDir": {"sizeLimit": "20Gi"}})
+    );
+    assert_mounts_resolve(&r.pod, &["data"]);
+    assert_secrets_only_by_reference(&r.pod);
+
+    // The Qdrant sidecar gets the same list without the PostgreSQL-only entries, and no drill
+    // volume: its drills restore into a scratch collection on the Qdrant server.
+    let q = &r.parts["qdrantContainer"][0];
+    assert_eq!(
+        env_value(q, "SOMA_SCHEDULES"),
+        "backup 0 3 * * *\nbackup-qdrant 30 3 * * 1-5\nverify-latest 0 */6 * * *\n\
+         prune 30 4 1,15 * *\ndrill 0 5 * JAN,jul 6"
+    );
+    assert_eq!(
+        env_value(q, "SOMA_RETENTION"),
+        r#"keep-last=7,keep-daily=30,keep-weekly=8,keep-monthly=12,max-age=400d"#
+    );
+    assert!(env_var(q, "SOMA_DRILL_DIR").is_none());
+    assert!(named(&r.parts["qdrantVolumes"], "soma-agent-drill").is_none());
+
+    // Drills on demand only (no schedule), on an existing claim, elsewhere; UTC and the default
+    // jitter when not set.
+    let r = render_pod(&json!({"agent": {
+        "schedules": ["backup 0 3 * * *"],
+        "drill": {"enabled": true, "dir": "/drill/", "claimName": "pg-drill"},
+    }}));
+    let agent = container(&r.pod, "soma-agent");
+    assert_eq!(env_value(agent, "SOMA_SCHEDULES"), "backup 0 3 * * *");
+    assert!(env_var(agent, "SOMA_SCHEDULE_TIMEZONE").is_none(), "UTC");
+    assert_eq!(env_value(agent, "SOMA_SCHEDULE_JITTER"), "60s");
+    assert!(env_var(agent, "SOMA_RETENTION").is_none());
+    assert_eq!(env_value(agent, "SOMA_DRILL_DIR"), "/drill");
+    assert_eq!(
+        named(&r.pod["volumes"], "soma-agent-drill").unwrap(),
+        &json!({"name": "soma-agent-drill", "persistentVolumeClaim": {"claimName": "pg-drill"}})
+    );
+    assert_mounts_resolve(&r.pod, &["data"]);
+
+    // A Qdrant-only list leaves the PostgreSQL sidecar without SOMA_SCHEDULES at all.
+    let r = render_pod(&json!({"agent": {"schedules": ["backup-qdrant 0 3 * * *"]}}));
+    assert!(env_var(container(&r.pod, "soma-agent"), "SOMA_SCHEDULES").is_none());
+    assert_eq!(
+        env_value(&r.parts["qdrantContainer"][0], "SOMA_SCHEDULES"),
+        "backup-qdrant 0 3 * * *"
+    );
+}
+
+/// The agent would refuse these at start-up, in the database pod, in a crash loop nobody
+/// watches: the chart refuses them at `helm install`, naming the entry and what is wrong.
+#[test]
+fn bad_schedules_and_retention_fail_the_render_naming_them() {
+    let with = |agent: Value| json!({"store": {"bucket": "soma-backups"}, "agent": agent});
+    for (agent, expect) in [
+        (
+            json!({"schedules": ["backup 0 3 * * *", "backups 0 3 * * *"]}),
+            vec![
+                r#"agent.schedules[1] "backups 0 3 * * *""#,
+                r#"unknown action "backups""#,
+                "backup-physical",
+            ],
+        ),
+        (
+            json!({"schedules": ["backup 0 3 * *"]}),
+            vec![
+                r#"agent.schedules[0] "backup 0 3 * *""#,
+                "must have 5 fields",
+                "it has 4",
+            ],
+        ),
+        (
+            json!({"schedules": ["backup 0 0 3 * * *"]}),
+            vec!["must have 5 fields", "it has 6"],
+        ),
+        (
+            json!({"schedules": ["backup @daily"]}),
+            vec!["must have 5 fields"],
+        ),
+        (
+            json!({"schedules": ["verify-latest 60 3 * * *"]}),
+            vec![
+                r#"agent.schedules[0] "verify-latest 60 3 * * *""#,
+                r#"the minute field "60" holds 60, outside 0-59"#,
+            ],
+        ),
+        (
+            json!({"schedules": ["backup 0 24 * * *"]}),
+            vec!["the hour field", "outside 0-23"],
+        ),
+        (
+            json!({"schedules": ["backup 0 3 0 * *"]}),
+            vec!["the day of month field", "outside 1-31"],
+        ),
+        (
+            json!({"schedules": ["backup 0 3 * FOO *"]}),
+            vec![r#"the month field "FOO" holds "FOO", which is not a month name"#],
+        ),
+        (
+            json!({"schedules": ["backup 0 3 * * MON#2"]}),
+            vec![r#"the day of week field "MON#2" may only hold"#],
+        ),
+        (
+            json!({"schedules": ["backup */0 3 * * *"]}),
+            vec!["has a step of 0"],
+        ),
+        (
+            json!({"schedules": ["prune 30 4 * * *"]}),
+            vec![
+                r#"agent.schedules[0] "prune 30 4 * * *""#,
+                "a prune schedule needs agent.retention",
+            ],
+        ),
+        (
+            json!({"retention": "keep-last=seven"}),
+            vec!["/agent/retention"],
+        ),
+        (
+            json!({"retention": "keep-yearly=3"}),
+            vec!["/agent/retention"],
+        ),
+        (
+            json!({"scheduleTimeZone": "Paris time"}),
+            vec!["/agent/scheduleTimeZone"],
+        ),
+        (
+            json!({"scheduleJitter": "1 minute"}),
+            vec!["/agent/scheduleJitter"],
+        ),
+        (
+            json!({"schedules": "backup 0 3 * * *"}),
+            vec!["/agent/schedules"],
+        ),
+    ] {
+        let values = with(agent);
+        let error = render_error(&values);
+        for e in expect {
+            assert!(error.contains(e), "{values}: no {e:?} in: {error}");
+        }
+    }
+    // Also with no bucket (nothing of the sidecar rendered yet): lint and install check them.
+    let error = render_error(&json!({"agent": {"schedules": ["restore 0 3 * * *"]}}));
+    assert!(error.contains(r#"unknown action "restore""#), "{error}");
+}
+
+#[test]
+fn metrics_port_env_and_probes_render() {
+    // The defaults: metrics on, port 9464 named "metrics", both probes on it.
+    let r = render_pod(&json!({}));
+    let agent = container(&r.pod, "soma-agent");
+    assert_eq!(env_value(agent, "SOMA_METRICS_LISTEN"), "0.0.0.0:9464");
+    // The gRPC API stays on loopback whatever the metrics listener does.
+    assert_eq!(env_value(agent, "SOMA_LISTEN"), "127.0.0.1:50051");
+    assert_eq!(
+        agent["ports"],
+        json!([{"name": "metrics", "containerPort": 9464, "protocol": "TCP"}])
+    );
+    assert_eq!(
+        agent["livenessProbe"],
+        json!({"httpGet": {"path": "/livez", "port": "metrics"},
+               "initialDelaySeconds": 10, "periodSeconds": 30, "timeoutSeconds": 5,
+               "failureThreshold": 3})
+    );
+    assert_eq!(
+        agent["readinessProbe"],
+        json!({"httpGet": {"path": "/readyz", "port": "metrics"},
+               "initialDelaySeconds": 0, "periodSeconds": 10, "timeoutSeconds": 5,
+               "failureThreshold": 3})
+    );
+    // The stuck-WAL threshold only matters (and only appears) with WAL streaming.
+    assert!(env_var(agent, "SOMA_WAL_STUCK_AFTER").is_none());
+
+    // Another port, tuned probes, WAL streaming with its own stuck threshold.
+    let mut values = pitr_example_values();
+    values["agent"] = json!({"walStuckAfter": "15m"});
+    values["metrics"] = json!({
+        "port": 9300,
+        "livenessProbe": {"periodSeconds": 60, "failureThreshold": 5},
+        "readinessProbe": {"enabled": false},
+    });
+    let r = render_pod(&values);
+    let agent = container(&r.pod, "soma-agent");
+    assert_eq!(env_value(agent, "SOMA_METRICS_LISTEN"), "0.0.0.0:9300");
+    assert_eq!(env_value(agent, "SOMA_WAL_STUCK_AFTER"), "15m");
+    assert_eq!(agent["ports"][0]["containerPort"], json!(9300));
+    assert_eq!(agent["livenessProbe"]["periodSeconds"], json!(60));
+    assert_eq!(agent["livenessProbe"]["failureThreshold"], json!(5));
+    assert_eq!(agent["livenessProbe"]["httpGet"]["port"], json!("metrics"));
+    assert!(agent.get("readinessProbe").is_none());
+    assert_secrets_only_by_reference(&r.pod);
+
+    // Off: no listener, no port, no probe (they would fail against nothing).
+    let r = render_pod(&json!({"metrics": {"enabled": false}}));
+    let agent = container(&r.pod, "soma-agent");
+    assert!(env_var(agent, "SOMA_METRICS_LISTEN").is_none());
+    for key in ["ports", "livenessProbe", "readinessProbe"] {
+        assert!(agent.get(key).is_none(), "{key} with metrics.enabled=false");
+    }
+
+    // The metrics listener cannot share the gRPC port.
+    let error = render_error(&json!({
+        "store": {"bucket": "soma-backups"},
+        "postgres": {"walStream": {"enabled": true}},
+        "metrics": {"port": 50051},
+    }));
+    assert!(
+        error.contains("metrics.port and agent.port are both 50051"),
+        "{error}"
+    );
+}
+
+const ALERTS: [&str; 8] = [
+    "SomaBackupTooOld",
+    "SomaBackupFailing",
+    "SomaWalArchiveLagging",
+    "SomaWalArchiveStopped",
+    "SomaDrillFailed",
+    "SomaDrillTooOld",
+    "SomaStoreDown",
+    "SomaAgentMetricsAbsent",
+];
+
+/// The monitoring objects an install created: (kind, name, object), without the Secret.
+fn monitoring_objects(values: &Value) -> Vec<(String, String, Value)> {
+    let out = install(values, &[]);
+    step_ok(&out["install"], &format!("helm install with {values}"));
+    created(&out["install"])
+}
+
+#[test]
+fn service_monitor_and_service_select_the_agent_pods_only_when_enabled() {
+    // Off by default: no Service, no monitor, no rule (no Prometheus Operator needed).
+    for values in [json!({}), json!({"metrics": {"enabled": true}})] {
+        assert!(monitoring_objects(&values).is_empty(), "{values}");
+    }
+
+    let metrics = format!("{FULLNAME}-metrics");
+    let objs = monitoring_objects(&json!({"metrics": {"serviceMonitor": {
+        "enabled": true, "interval": "1m", "scrapeTimeout": "20s",
+        "labels": {"release": "kube-prometheus-stack"},
+    }}}));
+    let kinds: Vec<&str> = objs.iter().map(|(k, _, _)| k.as_str()).collect();
+    assert_eq!(kinds, ["Service", "ServiceMonitor"], "{kinds:?}");
+    let svc = find(&objs, "Service", &metrics);
+    let sm = find(&objs, "ServiceMonitor", &metrics);
+    assert_eq!(sm["apiVersion"], json!("monitoring.coreos.com/v1"));
+
+    // The Service selects exactly the pods the chart asks users to label as agent pods.
+    let r = render_pod(&json!({}));
+    let pod_labels = r.parts["labels"].as_object().unwrap();
+    let selector = svc["spec"]["selector"].as_object().expect("selector");
+    assert!(!selector.is_empty());
+    for (k, v) in selector {
+        assert_eq!(
+            pod_labels.get(k),
+            Some(v),
+            "the Service selects {k}={v}, which agent pods ({pod_labels:?}) do not carry"
+        );
+    }
+    assert_eq!(svc["spec"]["clusterIP"], json!("None"));
+    assert_eq!(
+        svc["spec"]["ports"],
+        json!([{"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"}])
+    );
+    // ...and the ServiceMonitor selects that Service, in the release namespace, on that port.
+    let svc_labels = svc["metadata"]["labels"].as_object().unwrap();
+    for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(
+            svc_labels.get(k),
+            Some(v),
+            "ServiceMonitor selector {k}={v}"
+        );
+    }
+    assert_eq!(
+        sm["spec"]["namespaceSelector"],
+        json!({"matchNames": [NAMESPACE]})
+    );
+    assert_eq!(
+        sm["spec"]["endpoints"],
+        json!([{"port": "metrics", "path": "/metrics", "scheme": "http",
+                "interval": "1m", "scrapeTimeout": "20s"}])
+    );
+    assert_eq!(
+        sm["metadata"]["labels"]["release"],
+        json!("kube-prometheus-stack")
+    );
+
+    // The PodMonitor instead: no Service at all.
+    let objs = monitoring_objects(&json!({"metrics": {"podMonitor": {
+        "enabled": true, "namespaceSelector": {"any": true},
+    }}}));
+    let kinds: Vec<&str> = objs.iter().map(|(k, _, _)| k.as_str()).collect();
+    assert_eq!(kinds, ["PodMonitor"]);
+    let pm = find(&objs, "PodMonitor", &metrics);
+    for (k, v) in pm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(pod_labels.get(k), Some(v), "PodMonitor selector {k}={v}");
+    }
+    assert_eq!(pm["spec"]["namespaceSelector"], json!({"any": true}));
+    assert_eq!(
+        pm["spec"]["podMetricsEndpoints"][0]["port"],
+        json!("metrics")
+    );
+
+    // Contradictions are refused with what to change.
+    for (values, expect) in [
+        (
+            json!({"metrics": {"serviceMonitor": {"enabled": true}, "podMonitor": {"enabled": true}}}),
+            "enable one of them",
+        ),
+        (
+            json!({"metrics": {"enabled": false, "serviceMonitor": {"enabled": true}}}),
+            "need metrics.enabled=true",
+        ),
+        (
+            json!({"metrics": {"prometheusRule": {"enabled": true}}}),
+            "alerts.agentMetricsAbsent needs the job label",
+        ),
+    ] {
+        let error = render_error(&values);
+        assert!(error.contains(expect), "{values}: {error}");
+    }
+}
+
+/// The metric names the agent exports (the lead's list in issue 12), plus Prometheus' own `up`.
+const KNOWN_METRICS: [&str; 20] = [
+    "soma_backup_last_success_timestamp_seconds",
+    "soma_backup_last_duration_seconds",
+    "soma_backup_last_bytes",
+    "soma_backups",
+    "soma_backup_failures_total",
+    "soma_operation_failures_total",
+    "soma_verify_last_success_timestamp_seconds",
+    "soma_drill_last_success_timestamp_seconds",
+    "soma_drill_last_rto_seconds",
+    "soma_prune_last_success_timestamp_seconds",
+    "soma_prune_deleted_objects_total",
+    "soma_wal_streaming",
+    "soma_wal_receiving",
+    "soma_wal_archive_lag_bytes",
+    "soma_wal_last_shipped_timestamp_seconds",
+    "soma_recovery_window_start_timestamp_seconds",
+    "soma_store_up",
+    "soma_schedule_next_run_timestamp_seconds",
+    "soma_schedule_skipped_runs_total",
+    "up",
+];
+
+/// A structural check of a PromQL expression (there is no promtool here): brackets balance;
+/// every `{...}` is a list of `label op "string"` matchers; every `[...]` is a range duration;
+/// every identifier is a known function (followed by `(`), a binary keyword or modifier
+/// (`and`, `or`, `unless`, `on(...)`, ...), or one of [`KNOWN_METRICS`]; and no two operands or
+/// two operators follow each other. Returns the metric names it references.
+fn check_promql(expr: &str) -> Vec<String> {
+    const FUNCTIONS: [&str; 6] = ["time", "increase", "absent", "max", "rate", "sum"];
+    const KEYWORDS: [&str; 4] = ["and", "or", "unless", "bool"];
+    const MODIFIERS: [&str; 4] = ["on", "ignoring", "by", "without"];
+    let chars: Vec<char> = expr.chars().collect();
+    let mut i = 0;
+    let mut stack = Vec::new();
+    let mut metrics = Vec::new();
+    // true when the previous token ends an operand (a number, a selector, a `)`).
+    let mut after_operand = false;
+    let ident = |i: &mut usize| {
+        let start = *i;
+        while *i < chars.len() && (chars[*i].is_ascii_alphanumeric() || chars[*i] == '_') {
+            *i += 1;
+        }
+        chars[start..*i].iter().collect::<String>()
+    };
+    let skip_ws = |i: &mut usize| {
+        while *i < chars.len() && chars[*i].is_whitespace() {
+            *i += 1;
+        }
+    };
+    while i < chars.len() {
+        let c = chars[i];
+        if c.is_whitespace() {
+            i += 1;
+        } else if c.is_ascii_alphabetic() || c == '_' {
+            let word = ident(&mut i);
+            let mut j = i;
+            skip_ws(&mut j);
+            let next = chars.get(j).copied();
+            if KEYWORDS.contains(&word.as_str()) {
+                assert!(after_operand, "{expr}: {word} without a left operand");
+                after_operand = false;
+            } else if MODIFIERS.contains(&word.as_str()) {
+                assert_eq!(next, Some('('), "{expr}: {word} without its label list");
+                // The label list: identifiers and commas up to `)`.
+                i = j + 1;
+                loop {
+                    skip_ws(&mut i);
+                    match chars.get(i) {
+                        Some(')') => break,
+                        Some(',') => i += 1,
+                        Some(c) if c.is_ascii_alphabetic() => {
+                            ident(&mut i);
+                        }
+                        other => panic!("{expr}: {other:?} in the label list of {word}"),
+                    }
+                }
+                i += 1;
+            } else if next == Some('(') {
+                assert!(
+                    FUNCTIONS.contains(&word.as_str()),
+                    "{expr}: unknown function {word}"
+                );
+                assert!(!after_operand, "{expr}: {word}( right after an operand");
+            } else {
+                assert!(
+                    KNOWN_METRICS.contains(&word.as_str()),
+                    "{expr}: {word} is not a metric the agent exports"
+                );
+                assert!(!after_operand, "{expr}: {word} right after an operand");
+                metrics.push(word);
+                after_operand = true;
+                if next == Some('{') {
+                    // Label matchers: name op "string", separated by commas.
+                    i = j + 1;
+                    loop {
+                        skip_ws(&mut i);
+                        if chars.get(i) == Some(&'}') {
+                            i += 1;
+                            break;
+                        }
+                        let label = ident(&mut i);
+                        assert!(!label.is_empty(), "{expr}: a matcher without a label name");
+                        skip_ws(&mut i);
+                        let op: String = chars[i..]
+                            .iter()
+                            .take_while(|c| matches!(c, '=' | '!' | '~'))
+                            .collect();
+                        assert!(
+                            ["=", "!=", "=~", "!~"].contains(&op.as_str()),
+                            "{expr}: matcher {label}{op}"
+                        );
+                        i += op.len();
+                        skip_ws(&mut i);
+                        assert_eq!(chars.get(i), Some(&'"'), "{expr}: {label}{op} not a string");
+                        i += 1;
+                        while chars.get(i).is_some_and(|c| *c != '"') {
+                            assert_ne!(chars[i], '\\', "{expr}: escapes in a matcher");
+                            i += 1;
+                        }
+                        assert!(i < chars.len(), "{expr}: unterminated string");
+                        i += 1;
+                        skip_ws(&mut i);
+                        match chars.get(i) {
+                            Some(',') => i += 1,
+                            Some('}') => {}
+                            other => panic!("{expr}: {other:?} after the matcher on {label}"),
+                        }
+                    }
+                }
+            }
+        } else if c.is_ascii_digit() {
+            assert!(!after_operand, "{expr}: a number right after an operand");
+            while i < chars.len() && (chars[i].is_ascii_digit() || chars[i] == '.') {
+                i += 1;
+            }
+            after_operand = true;
+        } else if c == '[' {
+            assert!(after_operand, "{expr}: a range without a selector");
+            let end = chars[i..]
+                .iter()
+                .position(|c| *c == ']')
+                .unwrap_or_else(|| panic!("{expr}: unclosed ["))
+                + i;
+            let duration: String = chars[i + 1..end].iter().collect();
+            let (n, unit) = duration.split_at(duration.len().saturating_sub(1));
+            assert!(
+                !n.is_empty()
+                    && n.chars().all(|c| c.is_ascii_digit())
+                    && ["s", "m", "h", "d", "w"].contains(&unit),
+                "{expr}: range [{duration}] is not a duration"
+            );
+            i = end + 1;
+        } else if c == '(' {
+            assert!(!after_operand, "{expr}: ( right after an operand");
+            stack.push(')');
+            i += 1;
+        } else if c == ')' {
+            assert_eq!(stack.pop(), Some(')'), "{expr}: unbalanced )");
+            after_operand = true;
+            i += 1;
+        } else {
+            let op: String = chars[i..]
+                .iter()
+                .take_while(|c| matches!(c, '=' | '!' | '<' | '>' | '+' | '-' | '*' | '/'))
+                .collect();
+            assert!(
+                ["==", "!=", ">", "<", ">=", "<=", "+", "-", "*", "/"].contains(&op.as_str()),
+                "{expr}: unexpected {c:?}"
+            );
+            assert!(after_operand, "{expr}: {op} without a left operand");
+            after_operand = false;
+            i += op.len();
+        }
+    }
+    assert!(stack.is_empty(), "{expr}: unclosed (");
+    assert!(after_operand, "{expr}: ends with an operator");
+    metrics
+}
+
+/// The alert rules in a PrometheusRule: name -> the rules of that name.
+fn alert_rules(rule: &Value) -> Vec<(String, Value)> {
+    let groups = rule["spec"]["groups"].as_array().expect("groups");
+    assert_eq!(groups.len(), 1);
+    groups[0]["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .map(|r| (r["alert"].as_str().expect("alert").to_owned(), r.clone()))
+        .collect()
+}
+
+#[test]
+fn prometheus_rule_alerts_carry_the_thresholds_from_values_and_a_runbook() {
+    let metrics = format!("{FULLNAME}-metrics");
+    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
+    let values = json!({"metrics": {
+        "serviceMonitor": {"enabled": true},
+        "prometheusRule": {
+            "enabled": true,
+            "labels": {"release": "kube-prometheus-stack"},
+            "alerts": {
+                "backupTooOld": {"olderThan": "30h", "olderThanByKind": {"physical": "8d"},
+                                 "for": "20m", "severity": "critical"},
+                "walArchiveLagging": {"lagBytes": 536870912, "for": "7m"},
+                "walArchiveStopped": {"stalledFor": "20m"},
+                "drillTooOld": {"olderThan": "2w"},
+                "storeDown": {"for": "3m", "severity": "warning"},
+            },
+        },
+    }});
+    let objs = monitoring_objects(&values);
+    let rule = find(&objs, "PrometheusRule", &metrics);
+    assert_eq!(rule["apiVersion"], json!("monitoring.coreos.com/v1"));
+    assert_eq!(
+        rule["metadata"]["labels"]["release"],
+        json!("kube-prometheus-stack")
+    );
+    let rules = alert_rules(rule);
+    let names: BTreeSet<&str> = rules.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ALERTS.iter().copied().collect(), "alert names");
+
+    let mut referenced = BTreeSet::new();
+    for (name, r) in &rules {
+        let expr = r["expr"].as_str().expect("expr");
+        referenced.extend(check_promql(expr));
+        // Only this release's namespace: another namespace's agents have their own rules.
+        assert!(
+            expr.contains(&format!("namespace=\"{NAMESPACE}\"")),
+            "{name}: {expr}"
+        );
+        let severity = r["labels"]["severity"].as_str().unwrap_or("");
+        assert!(
+            ["critical", "warning", "info"].contains(&severity),
+            "{name}: severity {severity:?}"
+        );
+        let summary = r["annotations"]["summary"].as_str().expect("summary");
+        let description = r["annotations"]["description"]
+            .as_str()
+            .expect("description");
+        assert!(
+            description.contains("{{ $labels.pod }}") && description.contains("$labels.namespace"),
+            "{name}: the description must name the pod: {description}"
+        );
+        if expr.contains("soma_backup_") || expr.contains("soma_drill_") {
+            assert!(
+                summary.contains("{{ $labels.target }}"),
+                "{name}: the summary must name the target: {summary}"
+            );
+        }
+        // The runbook link points at this alert's own section of the README.
+        let url = r["annotations"]["runbook_url"]
+            .as_str()
+            .expect("runbook_url");
+        assert_eq!(
+            url,
+            format!(
+                "https://example.invalid/soma-backup/blob/main/README.md#{}",
+                name.to_lowercase()
+            )
+        );
+        assert!(
+            readme.lines().any(|l| l == format!("### {name}")),
+            "README.md has no `### {name}` runbook section"
+        );
+    }
+    // Every metric an alert needs is one the agent exports, and the alerts use the key ones.
+    for m in [
+        "soma_backup_last_success_timestamp_seconds",
+        "soma_backup_failures_total",
+        "soma_wal_archive_lag_bytes",
+        "soma_wal_streaming",
+        "soma_wal_receiving",
+        "soma_wal_last_shipped_timestamp_seconds",
+        "soma_operation_failures_total",
+        "soma_drill_last_success_timestamp_seconds",
+        "soma_store_up",
+        "up",
+    ] {
+        assert!(referenced.contains(m), "no alert uses {m}");
+    }
+
+    let by_name = |name: &str| -> Vec<&Value> {
+        rules
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, r)| r)
+            .collect()
+    };
+    let one = |name: &str| -> &Value {
+        let r = by_name(name);
+        assert_eq!(r.len(), 1, "{name}");
+        r[0]
+    };
+    // Thresholds from the values, turned into seconds where compared with timestamps.
+    let too_old = by_name("SomaBackupTooOld");
+    let exprs: Vec<&str> = too_old
+        .iter()
+        .map(|r| r["expr"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        exprs,
+        [
+            format!(
+                "time() - soma_backup_last_success_timestamp_seconds\
+                 {{namespace=\"{NAMESPACE}\", kind!~\"physical\"}} > 108000"
+            ),
+            format!(
+                "time() - soma_backup_last_success_timestamp_seconds\
+                 {{namespace=\"{NAMESPACE}\", kind=\"physical\"}} > 691200"
+            ),
+        ]
+    );
+    for r in &too_old {
+        assert_eq!(r["for"], json!("20m"));
+        assert_eq!(r["labels"]["severity"], json!("critical"));
+    }
+    assert_eq!(
+        one("SomaBackupFailing")["expr"],
+        json!(format!(
+            "increase(soma_backup_failures_total{{namespace=\"{NAMESPACE}\"}}[1h]) > 0"
+        ))
+    );
+    let lag = one("SomaWalArchiveLagging");
+    assert_eq!(
+        lag["expr"],
+        json!(format!(
+            "soma_wal_archive_lag_bytes{{namespace=\"{NAMESPACE}\"}} > 536870912"
+        ))
+    );
+    assert_eq!(lag["for"], json!("7m"));
+    let stopped = one("SomaWalArchiveStopped")["expr"].as_str().unwrap();
+    assert!(
+        stopped.contains("soma_wal_receiving{namespace=\"soma-ns\"} == 0"),
+        "{stopped}"
+    );
+    assert!(
+        stopped.contains(
+            "time() - soma_wal_last_shipped_timestamp_seconds{namespace=\"soma-ns\"} > 1200"
+        ),
+        "{stopped}"
+    );
+    assert!(
+        one("SomaDrillFailed")["expr"].as_str().unwrap().contains(
+            "soma_operation_failures_total{operation=\"drill\", namespace=\"soma-ns\"}[1d]"
+        ),
+    );
+    assert!(
+        one("SomaDrillTooOld")["expr"]
+            .as_str()
+            .unwrap()
+            .ends_with("> 1209600"),
+        "2w"
+    );
+    let store = one("SomaStoreDown");
+    assert_eq!(
+        store["expr"],
+        json!(format!("soma_store_up{{namespace=\"{NAMESPACE}\"}} == 0"))
+    );
+    assert_eq!(store["for"], json!("3m"));
+    assert_eq!(store["labels"]["severity"], json!("warning"));
+    // Target down: the job the ServiceMonitor gives the samples is the Service's name.
+    assert_eq!(
+        one("SomaAgentMetricsAbsent")["expr"],
+        json!(format!(
+            "up{{job=\"{metrics}\", namespace=\"{NAMESPACE}\"}} == 0 or \
+             absent(up{{job=\"{metrics}\", namespace=\"{NAMESPACE}\"}})"
+        ))
+    );
+
+    // With the PodMonitor the job is "<namespace>/<PodMonitor>"; alerts can be turned off.
+    let objs = monitoring_objects(&json!({"metrics": {
+        "podMonitor": {"enabled": true},
+        "prometheusRule": {"enabled": true, "alerts": {
+            "drillFailed": {"enabled": false}, "drillTooOld": {"enabled": false},
+        }},
+    }}));
+    let rules = alert_rules(find(&objs, "PrometheusRule", &metrics));
+    let names: Vec<&str> = rules.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(!names.contains(&"SomaDrillFailed") && !names.contains(&"SomaDrillTooOld"));
+    let absent = &rules
+        .iter()
+        .find(|(n, _)| n == "SomaAgentMetricsAbsent")
+        .unwrap()
+        .1;
+    assert!(
+        absent["expr"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("up{{job=\"{NAMESPACE}/{metrics}\", ")),
+        "{}",
+        absent["expr"]
+    );
+    for (_, r) in &rules {
+        check_promql(r["expr"].as_str().unwrap());
+    }
+
+    // A duration Prometheus would not understand is refused by the schema.
+    let error = render_error(&json!({"metrics": {"serviceMonitor": {"enabled": true},
+        "prometheusRule": {"enabled": true, "alerts": {"backupTooOld": {"olderThan": "1 day"}}}}}));
+    assert!(
+        error.contains("/metrics/prometheusRule/alerts/backupTooOld/olderThan"),
+        "{error}"
+    );
+}
+
+/// The PromQL check itself refuses what Prometheus would refuse.
+#[test]
+fn promql_check_catches_broken_expressions() {
+    for bad in [
+        "soma_store_up{namespace=\"x\"} == ",
+        "(soma_store_up == 0",
+        "soma_store_upp == 0",
+        "increase(soma_backup_failures_total[1 h]) > 0",
+        "soma_store_up{namespace=x} == 0",
+        "soma_store_up soma_wal_streaming",
+        "rat(soma_store_up[5m])",
+    ] {
+        let result = std::panic::catch_unwind(|| check_promql(bad));
+        assert!(result.is_err(), "accepted {bad:?}");
+    }
+}
+
+#[test]
+fn lint_is_clean_with_everything_unattended_enabled() {
+    let chart = chart();
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (what, values) in [
+        (
+            "schedules, drills on a claim, WAL streaming, PodMonitor and every alert",
+            json!({
+                "store": {"bucket": "soma-backups"},
+                "postgres": {"walStream": {"enabled": true}},
+                "agent": {
+                    "schedules": ["backup 0 3 * * *", "prune 0 4 * * *", "drill 0 5 * * 6"],
+                    "retention": "keep-daily=7", "scheduleTimeZone": "America/New_York",
+                    "drill": {"enabled": true, "claimName": "pg-drill"},
+                },
+                "metrics": {"podMonitor": {"enabled": true},
+                            "prometheusRule": {"enabled": true, "job": "soma"}},
+            }),
+        ),
+        (
+            "metrics off, the CronJob instead of agent schedules",
+            json!({"metrics": {"enabled": false}, "schedule": {"enabled": true}}),
+        ),
+    ] {
+        let file = dir.path().join("values.yaml");
+        std::fs::write(&file, values.to_string()).unwrap();
+        let result = engine(&["lint", path_str(&chart), "--values", path_str(&file)]);
+        let bad: Vec<&Value> = result["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .filter(|m| m["severity"].as_i64().unwrap_or(3) >= 2)
+            .collect();
+        assert!(bad.is_empty(), "helm lint with {what}: {bad:?}");
+        step_ok(&install(&values, &[])["install"], what);
+    }
 }

@@ -237,6 +237,13 @@ Secrets reach the container only through secretKeyRef: PGPASSWORD, SOMA_REPLICAT
 SOMA_QDRANT_API_KEY and the S3 keys; no URL ever carries a password. The agent listens on
 127.0.0.1 only. With postgres.walStream.enabled the PostgreSQL sidecar also streams WAL
 (SOMA_WAL_*) into a spool volume, which "soma-backup.agentVolumes" then includes.
+
+Unattended operation: agent.schedules (SOMA_SCHEDULES, checked and filtered per engine by
+"soma-backup.schedules"), agent.retention (SOMA_RETENTION) and, for the PostgreSQL sidecar, the
+drill volume (SOMA_DRILL_DIR, see "soma-backup.drillVolume"). With metrics.enabled the sidecar
+also serves /metrics, /livez and /readyz on 0.0.0.0:<metrics.port>, the container port named
+"metrics", which the liveness and readiness probes use: that listener answers nothing else, so
+binding the pod IP exposes no API (the gRPC API stays on 127.0.0.1).
 */}}
 {{- define "soma-backup.agentContainer" -}}
 {{- $engine := include "soma-backup.checkEngine" . -}}
@@ -343,9 +350,68 @@ SOMA_QDRANT_API_KEY and the S3 keys; no URL ever carries a password. The agent l
       value: /etc/soma-agent/qdrant-ca/ca.crt
     {{- end }}
     {{- end }}
+    {{- with include "soma-backup.schedules" (dict "engine" $engine "Values" $v) }}
+    - name: SOMA_SCHEDULES
+      value: {{ . | quote }}
+    {{- with $v.agent.scheduleTimeZone }}
+    - name: SOMA_SCHEDULE_TIMEZONE
+      value: {{ . | quote }}
+    {{- end }}
+    {{- with $v.agent.scheduleJitter }}
+    - name: SOMA_SCHEDULE_JITTER
+      value: {{ . | quote }}
+    {{- end }}
+    {{- end }}
+    {{- with $v.agent.retention }}
+    - name: SOMA_RETENTION
+      value: {{ . | quote }}
+    {{- end }}
+    {{- if include "soma-backup.drillVolume" (dict "engine" $engine "Values" $v) }}
+    - name: SOMA_DRILL_DIR
+      value: {{ clean $v.agent.drill.dir | quote }}
+    {{- end }}
+    {{- $metrics := $v.metrics }}
+    {{- if $metrics.enabled }}
+    {{- if eq (int $metrics.port) (int $v.agent.port) }}
+    {{- fail (printf "metrics.port and agent.port are both %v: the metrics listener needs a port of its own" $metrics.port) }}
+    {{- end }}
+    - name: SOMA_METRICS_LISTEN
+      value: {{ printf "0.0.0.0:%v" $metrics.port | quote }}
+    {{- if and (eq $engine "postgres") $v.postgres.walStream.enabled }}
+    - name: SOMA_WAL_STUCK_AFTER
+      value: {{ required "agent.walStuckAfter is required" $v.agent.walStuckAfter | toString | quote }}
+    {{- end }}
+    {{- end }}
     {{- with $v.agent.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
+  {{- if $metrics.enabled }}
+  # Serves only /metrics, /livez and /readyz: no API, so it may listen on the pod IP.
+  ports:
+    - name: metrics
+      containerPort: {{ $metrics.port }}
+      protocol: TCP
+  {{- with $metrics.livenessProbe }}
+  {{- if .enabled }}
+  # Fails when the WAL stream is stuck (agent.walStuckAfter): restarts this container only.
+  livenessProbe:
+    httpGet:
+      path: /livez
+      port: metrics
+    {{- toYaml (omit . "enabled") | nindent 4 }}
+  {{- end }}
+  {{- end }}
+  {{- with $metrics.readinessProbe }}
+  {{- if .enabled }}
+  # Never reflects backup health: an unready sidecar takes the database pod out of its Service.
+  readinessProbe:
+    httpGet:
+      path: /readyz
+      port: metrics
+    {{- toYaml (omit . "enabled") | nindent 4 }}
+  {{- end }}
+  {{- end }}
+  {{- end }}
   {{- with $v.agent.resources }}
   resources:
     {{- toYaml . | nindent 4 }}
@@ -363,6 +429,10 @@ SOMA_QDRANT_API_KEY and the S3 keys; no URL ever carries a password. The agent l
     - name: soma-agent-qdrant-ca
       mountPath: /etc/soma-agent/qdrant-ca
       readOnly: true
+    {{- end }}
+    {{- if include "soma-backup.drillVolume" (dict "engine" $engine "Values" $v) }}
+    - name: soma-agent-drill
+      mountPath: {{ clean $v.agent.drill.dir }}
     {{- end }}
 {{- end }}
 
@@ -397,6 +467,97 @@ Takes (dict "engine" "postgres"|"qdrant" "Values" <soma-backup values>).
       - key: {{ .Values.qdrant.caCertSecret.key }}
         path: ca.crt
 {{- end }}
+{{- if include "soma-backup.drillVolume" (dict "engine" $engine "Values" .Values) }}
+{{- $drill := .Values.agent.drill }}
+- name: soma-agent-drill
+  {{- if $drill.claimName }}
+  persistentVolumeClaim:
+    claimName: {{ $drill.claimName }}
+  {{- else }}
+  emptyDir:
+    sizeLimit: {{ required "agent.drill.sizeLimit is required (or agent.drill.claimName)" $drill.sizeLimit }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when the sidecar of this engine gets the drill scratch volume (soma-agent-drill at
+agent.drill.dir, SOMA_DRILL_DIR): PostgreSQL only, because only a physical drill writes a data
+directory locally (logical and Qdrant drills restore into a scratch database or collection on the
+server itself); and only when a "drill" schedule exists or agent.drill.enabled, because the
+volume reserves room for a whole copy of the database. Empty otherwise.
+Takes (dict "engine" "postgres"|"qdrant" "Values" <soma-backup values>).
+*/}}
+{{- define "soma-backup.drillVolume" -}}
+{{- $engine := include "soma-backup.checkEngine" . -}}
+{{- if eq $engine "postgres" -}}
+{{- $wanted := .Values.agent.drill.enabled -}}
+{{- range .Values.agent.schedules -}}
+{{- if eq (first (regexSplit "\\s+" (trim (toString .)) -1)) "drill" -}}
+{{- $wanted = true -}}
+{{- end -}}
+{{- end -}}
+{{- if $wanted }}true{{ end -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+SOMA_SCHEDULES for the sidecar of one engine: agent.schedules, one "ACTION CRON" per line, with
+the whitespace of each entry normalised to single spaces. Entries whose action names the other
+engine (backup-postgres and backup-physical on Qdrant, backup-qdrant on PostgreSQL) are left out,
+so one list serves both sidecars. Every entry is checked first, whatever the engine, and a bad
+one fails the render naming it: the agent would refuse it at start-up, in the database pod, and
+the sidecar would crash-loop where nobody looks.
+Takes (dict "engine" "postgres"|"qdrant" "Values" <soma-backup values>).
+*/}}
+{{- define "soma-backup.schedules" -}}
+{{- $engine := include "soma-backup.checkEngine" . -}}
+{{- $v := .Values -}}
+{{- $actions := list "backup" "backup-postgres" "backup-physical" "backup-qdrant" "verify-latest" "drill" "prune" -}}
+{{- $fields := list "minute" "hour" "day of month" "month" "day of week" -}}
+{{- $min := list 0 0 1 1 0 -}}
+{{- $max := list 59 23 31 12 7 -}}
+{{- $months := list "JAN" "FEB" "MAR" "APR" "MAY" "JUN" "JUL" "AUG" "SEP" "OCT" "NOV" "DEC" -}}
+{{- $days := list "SUN" "MON" "TUE" "WED" "THU" "FRI" "SAT" -}}
+{{- $out := list -}}
+{{- range $i, $entry := $v.agent.schedules -}}
+{{- $words := regexSplit "\\s+" (trim (toString $entry)) -1 -}}
+{{- $action := first $words -}}
+{{- if not (has $action $actions) -}}
+{{- fail (printf "agent.schedules[%d] %q: unknown action %q; use one of %s" $i $entry $action (join ", " $actions)) -}}
+{{- end -}}
+{{- if ne (len $words) 6 -}}
+{{- fail (printf "agent.schedules[%d] %q: the cron expression after %q must have 5 fields (minute hour day-of-month month day-of-week, e.g. \"%s 0 3 * * *\"), it has %d" $i $entry $action $action (sub (len $words) 1)) -}}
+{{- end -}}
+{{- range $j, $f := rest $words -}}
+{{- $name := index $fields $j -}}
+{{- if not (regexMatch "^[0-9A-Za-z*,/-]+$" $f) -}}
+{{- fail (printf "agent.schedules[%d] %q: the %s field %q may only hold numbers, names, *, ranges (a-b), lists (a,b) and steps (*/n)" $i $entry $name $f) -}}
+{{- end -}}
+{{- if regexMatch "/0*([^0-9]|$)" $f -}}
+{{- fail (printf "agent.schedules[%d] %q: the %s field %q has a step of 0" $i $entry $name $f) -}}
+{{- end -}}
+{{- range $n := regexFindAll "[0-9]+" (regexReplaceAll "/[0-9]+" $f "") -1 -}}
+{{- if or (lt (atoi $n) (index $min $j)) (gt (atoi $n) (index $max $j)) -}}
+{{- fail (printf "agent.schedules[%d] %q: the %s field %q holds %s, outside %d-%d" $i $entry $name $f $n (index $min $j) (index $max $j)) -}}
+{{- end -}}
+{{- end -}}
+{{- range $word := regexFindAll "[A-Za-z]+" $f -1 -}}
+{{- $names := ternary $months (ternary $days (list) (eq $j 4)) (eq $j 3) -}}
+{{- if not (has (upper $word) $names) -}}
+{{- fail (printf "agent.schedules[%d] %q: the %s field %q holds %q, which is not a %s" $i $entry $name $f $word (ternary "month name (JAN-DEC)" (ternary "day name (SUN-SAT)" "number" (eq $j 4)) (eq $j 3))) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq $action "prune") (not $v.agent.retention) -}}
+{{- fail (printf "agent.schedules[%d] %q: a prune schedule needs agent.retention, the policy it prunes by (e.g. \"keep-daily=14,keep-weekly=8,keep-monthly=12\")" $i $entry) -}}
+{{- end -}}
+{{- $other := ternary (list "backup-qdrant") (list "backup-postgres" "backup-physical") (eq $engine "postgres") -}}
+{{- if not (has $action $other) -}}
+{{- $out = append $out (join " " $words) -}}
+{{- end -}}
+{{- end -}}
+{{- join "\n" $out -}}
 {{- end }}
 
 {{/*
@@ -571,4 +732,41 @@ official Debian images are; Alpine images are not).
 {{ toYaml . }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+Name of the metrics Service, ServiceMonitor, PodMonitor and PrometheusRule.
+*/}}
+{{- define "soma-backup.metricsName" -}}
+{{- printf "%s-metrics" (include "soma-backup.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+The job label Prometheus gives the agents' samples, for the target-down alert: the Service's name
+with the ServiceMonitor, "<namespace>/<PodMonitor name>" with the PodMonitor (the Prometheus
+Operator's defaults), or metrics.prometheusRule.job. Empty when none applies.
+*/}}
+{{- define "soma-backup.metricsJob" -}}
+{{- $m := .Values.metrics -}}
+{{- if $m.prometheusRule.job -}}
+{{- $m.prometheusRule.job -}}
+{{- else if $m.serviceMonitor.enabled -}}
+{{- include "soma-backup.metricsName" . -}}
+{{- else if $m.podMonitor.enabled -}}
+{{- printf "%s/%s" .Release.Namespace (include "soma-backup.metricsName" .) -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+A Prometheus duration of the values ("26h", "8d", "15m") in seconds, for comparisons with
+timestamps: a number and one of s, m, h, d, w (values.schema.json allows nothing else).
+Takes (list DURATION "the.value.path").
+*/}}
+{{- define "soma-backup.seconds" -}}
+{{- $d := toString (index . 0) -}}
+{{- if not (regexMatch "^[0-9]+[smhdw]$" $d) -}}
+{{- fail (printf "%s: %q is not a Prometheus duration like 15m, 26h or 8d" (index . 1) $d) -}}
+{{- end -}}
+{{- $unit := dict "s" 1 "m" 60 "h" 3600 "d" 86400 "w" 604800 -}}
+{{- mul (atoi (trimSuffix (substr (sub (len $d) 1 | int) (len $d) $d) $d)) (get $unit (substr (sub (len $d) 1 | int) (len $d) $d)) -}}
 {{- end }}
