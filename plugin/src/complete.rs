@@ -116,12 +116,13 @@ pub async fn candidates(words: &[String]) -> String {
             }
             continue;
         }
-        if state.positionals == 0 {
-            if let Some(sub) = node.find_subcommand(word) {
-                node = sub;
-                state.path.push(sub.get_name().to_string());
-                continue;
-            }
+        if let Some(sub) = node
+            .find_subcommand(word)
+            .filter(|_| state.positionals == 0)
+        {
+            node = sub;
+            state.path.push(sub.get_name().to_string());
+            continue;
         }
         state.positionals += 1;
     }
@@ -146,7 +147,12 @@ pub async fn candidates(words: &[String]) -> String {
         }
     } else {
         if state.positionals == 0 {
-            for sub in node.get_subcommands().filter(|s| !s.is_hide_set()) {
+            // clap's `help` subcommand: offered at the top, as Cobra does, not under each command.
+            let nested = !state.path.is_empty();
+            for sub in node
+                .get_subcommands()
+                .filter(|s| !(s.is_hide_set() || nested && s.get_name() == "help"))
+            {
                 push(&mut out, sub.get_name(), sub.get_about(), current);
             }
         }
@@ -345,8 +351,8 @@ mod tests {
 
         assert_eq!(values(&complete(&["ba"]).await), ["backup", ":4"]);
         assert_eq!(
-            values(&complete(&["backup", ""]).await)[..3],
-            ["postgres", "qdrant", "all"]
+            values(&complete(&["backup", ""]).await),
+            ["postgres", "qdrant", "all", ":4"]
         );
         let v = complete(&["list", "--"]).await;
         let v = values(&v);
