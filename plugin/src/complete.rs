@@ -221,8 +221,9 @@ fn value_candidates(arg: &Arg, prefix: &str, typed: &str, out: &mut Vec<String>)
     match arg.get_id().as_str() {
         "kubeconfig" => return 0,
         "pgdata" => return directive::FILTER_DIRS,
-        // restore's recovery target: its parser explains engine names, so it lists no values.
-        "target" => {
+        // restore's recovery target: its parser explains engine names, so it lists no values
+        // (the hidden deprecated global `--target` shares the id and lists postgres|qdrant).
+        "target" if arg.get_possible_values().is_empty() => {
             push(
                 out,
                 &format!("{prefix}latest"),

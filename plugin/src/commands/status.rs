@@ -1,4 +1,5 @@
-//! `kubectl soma status`: every agent found, with version, store, last backup and health.
+//! `kubectl soma status`: every agent found, with version, store, last backup and health, then
+//! per agent its schedules, retention policy and most recent failures.
 
 use serde_json::{Value, json};
 use soma_proto::v1;
