@@ -471,7 +471,11 @@ fn restore_target_latest_with_engine_selection_through_kubernetes() {
     let kubeconfig = dir.path().join("kubeconfig");
     kube.write_kubeconfig(&kubeconfig, NS);
 
-    // Two agents: `describe latest` narrowed to PostgreSQL names the base backup.
+    // Two agents: `status --engine` shows one, `describe latest` narrowed to PostgreSQL names the
+    // base backup.
+    let out = kubectl_soma(&kubeconfig, &["--engine", "qdrant", "status", "-o", "name"]);
+    out.assert_success("--engine qdrant status -o name");
+    assert_eq!(out.stdout, "agent/qdrant-0\n");
     let out = kubectl_soma(
         &kubeconfig,
         &[

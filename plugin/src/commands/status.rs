@@ -159,7 +159,24 @@ pub async fn run(agent: Option<&str>, kube: &KubeArgs, out: OutputFormat) -> Res
                 )));
             }
             let mut rows = Vec::new();
-            for pod in &found {
+            // `--engine` narrows status to that engine's agents, as it narrows the choice elsewhere.
+            let wanted = kube.engine.map(|e| e.label());
+            let shown: Vec<_> = found
+                .iter()
+                .filter(|p| wanted.is_none_or(|e| p.engine == e))
+                .collect();
+            if shown.is_empty() {
+                return Err(CliError::Kubernetes(format!(
+                    "no soma agent for {} in namespace {namespace} (agents: {}); drop --engine or choose another",
+                    wanted.unwrap_or_default(),
+                    found
+                        .iter()
+                        .map(|p| format!("{} ({})", p.name, p.engine))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            for pod in shown {
                 let connected = if pod.ready {
                     connect::port_forward(&client, pod).await
                 } else {
