@@ -165,9 +165,31 @@ pub async fn connect(
     }
     let (client, namespace) = kube(args).await?;
     let found = discovery::agents(&client, &namespace).await?;
-    let engine = args.target.map(|t| t.label()).or(engine);
+    let engine = args.engine.map(|t| t.label()).or(engine);
     let pod = discovery::choose(&found, &namespace, engine, args.pod.as_deref())?;
     port_forward(&client, &pod).await
+}
+
+/// The error for a call `agent` answered with `status`: an Unimplemented answer means an agent
+/// older than this plugin, said as such with its version (asked for here) instead of a raw gRPC
+/// message.
+pub async fn call_error(agent: &Agent, status: tonic::Status, what: &str) -> CliError {
+    if status.code() != tonic::Code::Unimplemented {
+        return CliError::from_status(status, &agent.addr, "request");
+    }
+    let mut client = agent.client.clone();
+    let version = match client.get_info(soma_proto::v1::GetInfoRequest {}).await {
+        Ok(info) => info.into_inner().agent_version,
+        Err(_) => String::new(),
+    };
+    CliError::Unsupported {
+        version: if version.is_empty() {
+            "unknown".into()
+        } else {
+            version
+        },
+        what: what.to_string(),
+    }
 }
 
 /// Every ready agent of the namespace, connected (discovery explains when there is none).

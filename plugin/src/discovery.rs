@@ -180,7 +180,7 @@ pub fn choose(
         "several soma agents{for_engine} in namespace {namespace} could serve this: {}; choose one with --pod NAME{}",
         describe(&ready),
         if engine.is_none() {
-            " or --target postgres|qdrant"
+            " or --engine postgres|qdrant"
         } else {
             ""
         }
@@ -224,7 +224,7 @@ mod tests {
             "qd-0"
         );
         let err = choose(&found, "ns", None, None).unwrap_err().to_string();
-        assert!(err.contains("--pod") && err.contains("--target"), "{err}");
+        assert!(err.contains("--pod") && err.contains("--engine"), "{err}");
         let err = choose(&found, "ns", None, Some("qd-1"))
             .unwrap_err()
             .to_string();

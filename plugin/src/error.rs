@@ -36,6 +36,14 @@ pub enum CliError {
         /// What the transport said.
         detail: String,
     },
+    /// The agent answered Unimplemented: it is older than this plugin.
+    #[error("this agent (version {version}) does not support {what}; upgrade the agent")]
+    Unsupported {
+        /// The agent's version, as GetInfo reports it (`unknown` when it does not say).
+        version: String,
+        /// What was asked, e.g. "listing failures (list --failed)".
+        what: String,
+    },
     /// Kubernetes configuration, discovery or API errors (the message says what to do).
     #[error("{0}")]
     Kubernetes(String),

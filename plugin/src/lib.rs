@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod commands;
+pub mod complete;
 pub mod connect;
 pub mod discovery;
 pub mod error;
@@ -13,14 +14,20 @@ use cli::{Cli, Command};
 use error::CliError;
 
 /// Runs one command.
-pub async fn run(cli: Cli) -> Result<(), CliError> {
+pub async fn run(mut cli: Cli) -> Result<(), CliError> {
+    cli.normalize()?;
     commands::validate(&cli.command)?;
+    output::set_no_headers(cli.no_headers);
     let out = cli.output;
-    if let Command::Status = cli.command {
-        return commands::status::run(cli.agent.as_deref(), &cli.kube, out).await;
+    match &cli.command {
+        Command::Status => {
+            return commands::status::run(cli.agent.as_deref(), &cli.kube, out).await;
+        }
+        Command::Completion(args) => return complete::print_script(args.shell),
+        _ => {}
     }
     let engine = commands::engine_of(&cli.command);
-    let explicit = cli.agent.is_some() || cli.kube.pod.is_some() || cli.kube.target.is_some();
+    let explicit = cli.agent.is_some() || cli.kube.pod.is_some() || cli.kube.engine.is_some();
     // A restore that is not a data-directory restore may name a set: every member goes to the
     // agent serving it, so it is planned here from what the agents say.
     if let Command::Restore(args) = cli.command {
@@ -41,7 +48,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         let agents = connect::ready_agents(&cli.kube).await?;
         if agents.len() > 1 {
             return match cli.command {
-                Command::List => commands::list::run_many(agents, out).await,
+                Command::List(args) if args.failed => commands::list::run_failed(agents, out).await,
+                Command::List(_) => commands::list::run_many(agents, out).await,
                 // One platform set across the agents, committed once every member is complete.
                 Command::Backup(args) => {
                     let served = commands::platform::survey(agents).await?;
@@ -84,10 +92,13 @@ async fn dispatch(
     match command {
         Command::Backup(args) => commands::backup::run(agent, out, args).await,
         Command::Restore(args) => commands::restore::run(agent, out, args).await,
-        Command::List => commands::list::run_many(vec![agent], out).await,
+        Command::List(args) if args.failed => commands::list::run_failed(vec![agent], out).await,
+        Command::List(_) => commands::list::run_many(vec![agent], out).await,
         Command::Describe(args) => commands::describe::run(agent, out, args).await,
         Command::Verify(args) => commands::verify::run(agent, out, args).await,
         Command::Delete(args) => commands::delete::run(agent, out, args).await,
-        Command::Status => unreachable!("handled above"),
+        Command::Status | Command::Completion(_) => {
+            unreachable!("handled above")
+        }
     }
 }

@@ -6,6 +6,13 @@ use clap::Parser;
 async fn main() -> std::process::ExitCode {
     // The workspace links two rustls crypto backends; name one so TLS never has to guess.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Cobra's completion entry point, answered before clap so that the words being completed
+    // (flags included) are never parsed as this invocation's own flags.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("__complete") {
+        print!("{}", kubectl_soma::complete::candidates(&args[2..]).await);
+        return std::process::ExitCode::SUCCESS;
+    }
     let cli = kubectl_soma::cli::Cli::parse();
     match kubectl_soma::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

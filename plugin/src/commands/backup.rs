@@ -13,7 +13,7 @@ use crate::{
 pub async fn run(agent: Agent, out: OutputFormat, args: BackupArgs) -> Result<(), CliError> {
     let info = take(agent, &args).await?;
     match out {
-        OutputFormat::Table => {
+        format if format.is_table() => {
             print_summary(&info);
             Ok(())
         }

@@ -38,7 +38,7 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: DeleteArgs) -> Resul
         .map_err(|s| CliError::from_status(s, &agent.addr, "request"))?
         .into_inner();
     match out {
-        OutputFormat::Table => {
+        format if format.is_table() => {
             println!(
                 "deleted backup {} ({} objects)",
                 resp.backup_id, resp.objects_deleted

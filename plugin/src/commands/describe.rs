@@ -23,7 +23,7 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(),
         .into_inner();
     let manifest = output::manifest(&info)?;
     match out {
-        OutputFormat::Table => {
+        format if format.is_table() => {
             let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
             if asked_latest {
                 println!("{}", resolved_line(&info, &s(&manifest["kind"])));

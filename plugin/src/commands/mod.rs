@@ -18,7 +18,6 @@ pub fn validate(command: &Command) -> Result<(), CliError> {
     match command {
         Command::Restore(a) => {
             check_id(&a.id, true)?;
-            check_engine(&a.id, a.engine)?;
             if a.target_time.is_some()
                 && a.pgdata.is_none()
                 && BackupId::parse(&a.id)
@@ -33,12 +32,9 @@ pub fn validate(command: &Command) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Command::Describe(a) | Command::Verify(a) => {
-            check_id(&a.id, true)?;
-            check_engine(&a.id, a.engine)
-        }
+        Command::Describe(a) | Command::Verify(a) => check_id(&a.id, true),
         Command::Delete(a) => check_id(&a.id, false),
-        Command::Backup(_) | Command::List | Command::Status => Ok(()),
+        Command::Backup(_) | Command::List(_) | Command::Status | Command::Completion(_) => Ok(()),
     }
 }
 
@@ -63,7 +59,7 @@ pub fn engine_of(command: &Command) -> Option<&'static str> {
             a.engine.map(|e| e.label()).or_else(|| from_id(&a.id))
         }
         Command::Delete(a) => from_id(&a.id),
-        Command::List | Command::Status => None,
+        Command::List(_) | Command::Status | Command::Completion(_) => None,
     }
 }
 
@@ -75,16 +71,6 @@ pub fn backup_id(command: &Command) -> Option<&str> {
         Command::Delete(a) => Some(&a.id),
         _ => None,
     }
-}
-
-/// `--engine` narrows `latest` only: an explicit id already names its engine.
-fn check_engine(id: &str, engine: Option<crate::cli::TargetEngine>) -> Result<(), CliError> {
-    if engine.is_some() && id != "latest" {
-        return Err(CliError::Usage(format!(
-            "--engine narrows `latest`; {id} is an explicit backup id, drop --engine"
-        )));
-    }
-    Ok(())
 }
 
 /// Refuses ids that cannot be backup ids before asking the agent (which checks again), so a typo

@@ -203,7 +203,7 @@ pub async fn backup_all(
         .into_inner();
     let seconds = (Utc::now() - started_at).num_milliseconds() as f64 / 1000.0;
     match out {
-        OutputFormat::Table => {
+        format if format.is_table() => {
             println!(
                 "platform backup set {} complete: {}",
                 info.id,
@@ -331,7 +331,7 @@ pub async fn restore_set(
                             done_note(&restored)
                         ))
                     })?;
-                if out == OutputFormat::Table {
+                if out.is_table() {
                     println!(
                         "{} ({} in {:.1}s)",
                         result.summary,
@@ -356,7 +356,7 @@ pub async fn restore_set(
                     "PostgreSQL member {} is a physical base backup: it is restored into an EMPTY data directory before PostgreSQL starts, not into a running server. In Kubernetes: `helm soma-restore` with the chart's restore init container; elsewhere: `{command} --pgdata DIR`, then start PostgreSQL on DIR (it replays WAL to the target).",
                     backup.id
                 );
-                if out == OutputFormat::Table {
+                if out.is_table() {
                     println!("{note}");
                 }
                 pending.push(json!({
@@ -371,7 +371,7 @@ pub async fn restore_set(
     }
     let seconds = started.elapsed().as_secs_f64();
     match out {
-        OutputFormat::Table => {
+        format if format.is_table() => {
             println!(
                 "restored backup set {}: {} member(s) in {seconds:.1}s{}",
                 set.id,

@@ -84,7 +84,7 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: RestoreArgs) -> Resu
     };
     let result = follow(&mut agent, request).await?;
     match out {
-        OutputFormat::Table => {
+        format if format.is_table() => {
             println!(
                 "{} ({} in {:.1}s)",
                 result.summary,

@@ -1,4 +1,5 @@
-//! `kubectl soma status`: every agent found, with version, store, last backup and health.
+//! `kubectl soma status`: every agent found, with version, store, last backup and health, then
+//! per agent its schedules, retention policy and most recent failures.
 
 use serde_json::{Value, json};
 use soma_proto::v1;
@@ -10,6 +11,8 @@ use crate::{
     error::CliError,
     output,
 };
+
+use super::list;
 
 /// One agent's row; unreachable or unready agents are rows too, with the reason as health.
 async fn probe(agent: Result<Agent, CliError>, namespace: &str, pod: &str, engine: &str) -> Value {
@@ -40,6 +43,19 @@ async fn probe(agent: Result<Agent, CliError>, namespace: &str, pod: &str, engin
             CliError::from_status(s, &agent.addr, "request").to_string(),
         ),
     };
+    agent_row(namespace, pod, engine, &info, last.as_ref(), health)
+}
+
+/// One agent's row from what it said: identity, store, last backup, WAL archive, schedules,
+/// retention policy and most recent failures (the document `status -o json` prints per agent).
+fn agent_row(
+    namespace: &str,
+    pod: &str,
+    engine: &str,
+    info: &v1::AgentInfo,
+    last: Option<&v1::BackupInfo>,
+    health: String,
+) -> Value {
     let engines: Vec<&str> = info
         .engines
         .iter()
@@ -49,7 +65,7 @@ async fn probe(agent: Result<Agent, CliError>, namespace: &str, pod: &str, engin
                 .short_name()
         })
         .collect();
-    let age = last.as_ref().and_then(|b| {
+    let age = last.and_then(|b| {
         chrono::DateTime::parse_from_rfc3339(&b.completed_at)
             .ok()
             .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds())
@@ -61,7 +77,7 @@ async fn probe(agent: Result<Agent, CliError>, namespace: &str, pod: &str, engin
         "agent_version": info.agent_version,
         "store": info.store,
         "restore_from": Some(info.restore_from.as_str()).filter(|r| !r.is_empty()),
-        "last_backup": last.as_ref().map(|b| b.id.clone()),
+        "last_backup": last.map(|b| b.id.clone()),
         "last_backup_age_seconds": age,
         "running_jobs": info.running_jobs.len(),
         "wal_archive": info.wal_archive.as_ref().map(|w| json!({
@@ -79,6 +95,20 @@ async fn probe(agent: Result<Agent, CliError>, namespace: &str, pod: &str, engin
             "partial_interval_seconds": w.partial_interval_seconds,
             "last_error": w.last_error,
         })),
+        "schedules": info.schedules.iter().map(|s| json!({
+            "action": s.action,
+            "cron": s.cron,
+            "timezone": s.timezone,
+            "next_run": s.next_run,
+            "last_run": s.last_run,
+            "last_result": s.last_result,
+            "last_error": s.last_error,
+            "last_backup_id": s.last_backup_id,
+            "skipped": s.skipped,
+            "failed": s.failed,
+        })).collect::<Vec<_>>(),
+        "retention": Some(info.retention.as_str()).filter(|r| !r.is_empty()),
+        "recent_failures": info.recent_failures.iter().map(list::failure_json).collect::<Vec<_>>(),
         "health": health,
     })
 }
@@ -129,7 +159,24 @@ pub async fn run(agent: Option<&str>, kube: &KubeArgs, out: OutputFormat) -> Res
                 )));
             }
             let mut rows = Vec::new();
-            for pod in &found {
+            // `--engine` narrows status to that engine's agents, as it narrows the choice elsewhere.
+            let wanted = kube.engine.map(|e| e.label());
+            let shown: Vec<_> = found
+                .iter()
+                .filter(|p| wanted.is_none_or(|e| p.engine == e))
+                .collect();
+            if shown.is_empty() {
+                return Err(CliError::Kubernetes(format!(
+                    "no soma agent for {} in namespace {namespace} (agents: {}); drop --engine or choose another",
+                    wanted.unwrap_or_default(),
+                    found
+                        .iter()
+                        .map(|p| format!("{} ({})", p.name, p.engine))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            for pod in shown {
                 let connected = if pod.ready {
                     connect::port_forward(&client, pod).await
                 } else {
@@ -144,54 +191,375 @@ pub async fn run(agent: Option<&str>, kube: &KubeArgs, out: OutputFormat) -> Res
         }
     };
     let healthy = rows.iter().all(|r| r["health"] == "ok");
-    match out {
-        OutputFormat::Table => {
-            let s = |v: &Value| match v {
-                Value::String(s) => s.clone(),
-                Value::Null => "-".into(),
-                other => other.to_string(),
-            };
-            let table: Vec<Vec<String>> = rows
-                .iter()
-                .map(|r| {
-                    vec![
-                        s(&r["namespace"]),
-                        s(&r["pod"]),
-                        s(&r["engine"]),
-                        s(&r["agent_version"]),
-                        match r["restore_from"].as_str() {
-                            Some(from) => format!("{} (restoring from {from})", s(&r["store"])),
-                            None => s(&r["store"]),
-                        },
-                        s(&r["last_backup"]),
-                        age(r["last_backup_age_seconds"].as_i64()),
-                        wal_cell(&r["wal_archive"]),
-                        s(&r["health"]),
-                    ]
-                })
-                .collect();
-            output::table(
-                &[
-                    "NAMESPACE",
-                    "POD",
-                    "ENGINE",
-                    "VERSION",
-                    "STORE",
-                    "LAST BACKUP",
-                    "AGE",
-                    "WAL ARCHIVE",
-                    "HEALTH",
-                ],
-                &table,
-            );
-        }
-        format => output::print_structured(format, &rows)?,
-    }
+    print!("{}", render(&rows, out)?);
     if healthy {
         Ok(())
     } else {
         Err(CliError::Other(
             "some agents are not healthy (see HEALTH)".into(),
         ))
+    }
+}
+
+/// A JSON value as a table cell: strings bare (made safe by [`output::cell`]), null as `-`.
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) if s.is_empty() => "-".into(),
+        Value::String(s) => output::cell(s, 200),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// What `status` prints for `rows` in format `out`. The tables: one line per agent, then per
+/// agent its schedules, retention policy and most recent failures (`--no-headers`: the agent lines
+/// only, for scripts).
+fn render(rows: &[Value], out: OutputFormat) -> Result<String, CliError> {
+    let wide = match out {
+        OutputFormat::Table => false,
+        OutputFormat::Wide => true,
+        OutputFormat::Name => {
+            return Ok(rows
+                .iter()
+                .map(|r| format!("agent/{}\n", text(&r["pod"])))
+                .collect());
+        }
+        format => return output::structured(format, &rows, "agent"),
+    };
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let mut row = vec![
+                text(&r["namespace"]),
+                text(&r["pod"]),
+                text(&r["engine"]),
+                text(&r["agent_version"]),
+                match r["restore_from"].as_str() {
+                    Some(from) => format!(
+                        "{} (restoring from {})",
+                        text(&r["store"]),
+                        output::cell(from, 200)
+                    ),
+                    None => text(&r["store"]),
+                },
+                text(&r["last_backup"]),
+                age(r["last_backup_age_seconds"].as_i64()),
+                wal_cell(&r["wal_archive"]),
+            ];
+            if wide {
+                let w = &r["wal_archive"];
+                row.extend([
+                    text(&w["slot"]),
+                    text(&w["archived_lsn"]),
+                    text(&w["server_lsn"]),
+                    text(&w["last_file"]),
+                    r["running_jobs"].as_u64().unwrap_or(0).to_string(),
+                    r["schedules"].as_array().map_or(0, Vec::len).to_string(),
+                    text(&r["retention"]),
+                ]);
+            }
+            row.push(text(&r["health"]));
+            row
+        })
+        .collect();
+    let mut headers = vec![
+        "NAMESPACE",
+        "POD",
+        "ENGINE",
+        "VERSION",
+        "STORE",
+        "LAST BACKUP",
+        "AGE",
+        "WAL ARCHIVE",
+    ];
+    if wide {
+        headers.extend([
+            "WAL SLOT",
+            "ARCHIVED LSN",
+            "SERVER LSN",
+            "LAST WAL FILE",
+            "JOBS",
+            "SCHEDULES",
+            "RETENTION",
+        ]);
+    }
+    headers.push("HEALTH");
+    let mut text_out = output::render_table(&headers, &table);
+    if output::no_headers() {
+        return Ok(text_out);
+    }
+    for r in rows {
+        // An agent that did not answer has nothing more to say.
+        if r.get("agent_version").is_none() {
+            continue;
+        }
+        text_out.push_str(&format!("\n{}:\n", agent_title(r)));
+        text_out.push_str(&schedules_section(r, wide));
+        text_out.push_str(&format!(
+            "  Retention: {}\n",
+            match r["retention"].as_str() {
+                Some(p) => output::cell(p, 200),
+                None => "none (backups are kept until deleted; see --retention)".into(),
+            }
+        ));
+        let failures = r["recent_failures"].as_array().cloned().unwrap_or_default();
+        if failures.is_empty() {
+            text_out.push_str("  Recent failures: no failures recorded\n");
+        } else {
+            text_out
+                .push_str("  Recent failures (newest first; all: kubectl soma list --failed):\n");
+            let records: Vec<v1::FailureRecord> = failures.iter().map(failure_from_json).collect();
+            let (headers, rows) = list::failure_rows(&records, wide);
+            text_out.push_str(&indent(&output::render_table(&headers, &rows)));
+        }
+    }
+    Ok(text_out)
+}
+
+fn agent_title(r: &Value) -> String {
+    match r["namespace"].as_str().filter(|n| !n.is_empty()) {
+        Some(ns) => format!("Agent {ns}/{}", text(&r["pod"])),
+        None => format!("Agent {}", text(&r["pod"])),
+    }
+}
+
+fn indent(block: &str) -> String {
+    block.lines().map(|l| format!("    {l}\n")).collect()
+}
+
+/// The schedules of one agent: "Schedules: none" or a table (ACTION, CRON, NEXT RUN, LAST RUN,
+/// LAST RESULT, SKIPPED, FAILED; `wide` adds the time zone, the last backup and the last error).
+fn schedules_section(r: &Value, wide: bool) -> String {
+    let schedules = r["schedules"].as_array().cloned().unwrap_or_default();
+    if schedules.is_empty() {
+        return "  Schedules: none (this agent runs nothing by itself; see --schedule)\n".into();
+    }
+    let rows: Vec<Vec<String>> = schedules
+        .iter()
+        .map(|s| {
+            let time = |v: &Value| match v.as_str().filter(|t| !t.is_empty()) {
+                Some(t) => output::short_time(&output::cell(t, 64)),
+                None => "-".into(),
+            };
+            let result = match (
+                s["last_result"].as_str().unwrap_or(""),
+                s["last_error"].as_str().unwrap_or(""),
+            ) {
+                ("", _) => "-".to_string(),
+                (result, "") => output::cell(result, 20),
+                (result, _) if wide => output::cell(result, 20),
+                (result, error) => {
+                    format!("{} ({})", output::cell(result, 20), output::cell(error, 60))
+                }
+            };
+            let mut row = vec![
+                text(&s["action"]),
+                text(&s["cron"]),
+                time(&s["next_run"]),
+                time(&s["last_run"]),
+                result,
+                s["skipped"].as_u64().unwrap_or(0).to_string(),
+                s["failed"].as_u64().unwrap_or(0).to_string(),
+            ];
+            if wide {
+                row.extend([
+                    text(&s["timezone"]),
+                    text(&s["last_backup_id"]),
+                    text(&s["last_error"]),
+                ]);
+            }
+            row
+        })
+        .collect();
+    let mut headers = vec![
+        "ACTION",
+        "CRON",
+        "NEXT RUN (UTC)",
+        "LAST RUN (UTC)",
+        "LAST RESULT",
+        "SKIPPED",
+        "FAILED",
+    ];
+    if wide {
+        headers.extend(["TIMEZONE", "LAST BACKUP", "LAST ERROR"]);
+    }
+    format!(
+        "  Schedules:\n{}",
+        indent(&output::render_table(&headers, &rows))
+    )
+}
+
+/// A failure record back from its JSON form (the row keeps JSON; the table wants the record).
+fn failure_from_json(v: &Value) -> v1::FailureRecord {
+    let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+    v1::FailureRecord {
+        id: s("id"),
+        operation: s("operation"),
+        backup_id: s("backup_id"),
+        engine: s("engine"),
+        kind: s("kind"),
+        target: s("target"),
+        started_at: s("started_at"),
+        failed_at: s("failed_at"),
+        error: s("error"),
+        trigger: s("trigger"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> v1::AgentInfo {
+        v1::AgentInfo {
+            agent_version: "0.2.0".into(),
+            store: "s3://soma-backups/prod".into(),
+            engines: vec![v1::EngineInfo {
+                engine: v1::Engine::Postgres as i32,
+                target: "postgresql://soma@127.0.0.1:5432/app".into(),
+            }],
+            schedules: vec![
+                v1::ScheduleStatus {
+                    action: "backup".into(),
+                    cron: "0 2 * * *".into(),
+                    timezone: "UTC".into(),
+                    next_run: "2026-11-30T02:00:00Z".into(),
+                    last_run: "2026-11-29T02:00:03Z".into(),
+                    last_result: "succeeded".into(),
+                    last_backup_id: "20261129T020003Z-set-all-1a2b".into(),
+                    skipped: 1,
+                    failed: 0,
+                    ..Default::default()
+                },
+                v1::ScheduleStatus {
+                    action: "drill".into(),
+                    cron: "30 3 * * 0".into(),
+                    timezone: "UTC".into(),
+                    next_run: "2026-12-06T03:30:00Z".into(),
+                    last_run: "2026-11-29T03:30:00Z".into(),
+                    last_result: "failed".into(),
+                    last_error: "row count of public.users: expected 100, found 99".into(),
+                    failed: 2,
+                    ..Default::default()
+                },
+            ],
+            retention: "keep-last=7,keep-daily=14".into(),
+            recent_failures: vec![v1::FailureRecord {
+                id: "20261129T033000Z-fail-9f8e".into(),
+                operation: "drill".into(),
+                backup_id: "20261129T020003Z-set-all-1a2b".into(),
+                target: "postgresql://soma@127.0.0.1:5432/app".into(),
+                failed_at: "2026-11-29T03:30:41Z".into(),
+                error: "row count of public.users: expected 100, found 99".into(),
+                trigger: "schedule: drill 30 3 * * 0".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn status_shows_schedules_retention_and_failures() {
+        let row = agent_row(
+            "shop",
+            "postgresql-0",
+            "postgres",
+            &info(),
+            None,
+            "ok".into(),
+        );
+        let text = render(std::slice::from_ref(&row), OutputFormat::Table).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("NAMESPACE"), "{text}");
+        assert!(lines[1].starts_with("shop"), "{text}");
+        assert!(text.contains("Agent shop/postgresql-0:"), "{text}");
+        let header = lines
+            .iter()
+            .find(|l| l.contains("ACTION"))
+            .unwrap_or_else(|| panic!("no schedules table:\n{text}"));
+        for column in [
+            "CRON",
+            "NEXT RUN (UTC)",
+            "LAST RUN (UTC)",
+            "LAST RESULT",
+            "SKIPPED",
+            "FAILED",
+        ] {
+            assert!(header.contains(column), "{text}");
+        }
+        let backup = lines
+            .iter()
+            .find(|l| l.trim_start().starts_with("backup "))
+            .unwrap();
+        assert!(
+            backup.contains("0 2 * * *") && backup.contains("2026-11-30 02:00:00"),
+            "{text}"
+        );
+        let counts: Vec<&str> = backup.split_whitespace().rev().take(2).collect();
+        assert!(
+            backup.contains("succeeded") && counts == ["0", "1"],
+            "{text}"
+        );
+        let drill = lines
+            .iter()
+            .find(|l| l.trim_start().starts_with("drill "))
+            .unwrap();
+        assert!(
+            drill.contains("failed (row count of public.users: expected 100, found 99)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  Retention: keep-last=7,keep-daily=14"),
+            "{text}"
+        );
+        assert!(text.contains("Recent failures (newest first"), "{text}");
+        assert!(text.contains("schedule: drill 30 3 * * 0"), "{text}");
+        assert!(!text.contains("no failures recorded"), "{text}");
+
+        let wide = render(std::slice::from_ref(&row), OutputFormat::Wide).unwrap();
+        assert!(
+            wide.contains("TIMEZONE") && wide.contains("20261129T020003Z-set-all-1a2b"),
+            "{wide}"
+        );
+
+        let json: Value =
+            serde_json::from_str(&render(std::slice::from_ref(&row), OutputFormat::Json).unwrap())
+                .unwrap();
+        assert_eq!(json[0]["schedules"][1]["failed"], 2);
+        assert_eq!(json[0]["retention"], "keep-last=7,keep-daily=14");
+        assert_eq!(json[0]["recent_failures"][0]["operation"], "drill");
+        let path = OutputFormat::parse(
+            "jsonpath={range .items[*].schedules[*]}{.action}={.next_run}{\"\\n\"}{end}",
+        )
+        .unwrap();
+        assert_eq!(
+            render(std::slice::from_ref(&row), path).unwrap(),
+            "backup=2026-11-30T02:00:00Z\ndrill=2026-12-06T03:30:00Z\n"
+        );
+        assert_eq!(
+            render(std::slice::from_ref(&row), OutputFormat::Name).unwrap(),
+            "agent/postgresql-0\n"
+        );
+    }
+
+    #[test]
+    fn an_agent_with_nothing_scheduled_or_failed_says_so() {
+        let bare = v1::AgentInfo {
+            agent_version: "0.1.0".into(),
+            ..Default::default()
+        };
+        let row = agent_row("", "127.0.0.1:50051", "", &bare, None, "ok".into());
+        let text = render(&[row], OutputFormat::Table).unwrap();
+        assert!(text.contains("Agent 127.0.0.1:50051:"), "{text}");
+        assert!(text.contains("Schedules: none"), "{text}");
+        assert!(text.contains("Retention: none"), "{text}");
+        assert!(
+            text.contains("Recent failures: no failures recorded"),
+            "{text}"
+        );
+        // An agent that could not be reached is a row with its reason, nothing more.
+        let down = json!({"namespace": "shop", "pod": "qdrant-0", "engine": "qdrant", "health": "pod not ready"});
+        let text = render(&[down], OutputFormat::Table).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
     }
 }

@@ -23,7 +23,7 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(),
         .into_inner();
     let result = progress::follow(stream, "verify", &agent.addr).await?;
     match out {
-        OutputFormat::Table => {
+        format if format.is_table() => {
             println!("{}", result.summary);
             Ok(())
         }
