@@ -19,6 +19,9 @@ use crate::{
     server::convert,
 };
 
+/// How long writing a failure record may take before the client is told without it.
+const RECORD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The events of one running operation: progress, then exactly one result or error.
 pub type Events = mpsc::Receiver<Result<OperationEvent, Status>>;
 
@@ -113,12 +116,13 @@ impl Runner {
                 );
                 r
             });
-            // Release the claims before telling the client, so an immediate retry is accepted.
+            // Release the claims before telling the client, so an immediate retry is accepted,
+            // and record a failure before, so `list --failed` right after the error shows it.
             drop(guard);
-            reporter.finish(result).await;
             if let Some(error) = failure {
                 this.failed(&record, &error, &ended).await;
             }
+            reporter.finish(result).await;
         };
         let this = self.clone();
         let cleanup = async move {
@@ -133,9 +137,9 @@ impl Runner {
                 Interrupted::ClearPgdata(req) => ops::physical::abandon_pgdata(&req).await,
                 Interrupted::Nothing => {}
             }
-            finisher.finish(Err(OpError::ShuttingDown)).await;
             this.failed(&job, &OpError::ShuttingDown.to_string(), &trigger)
                 .await;
+            finisher.finish(Err(OpError::ShuttingDown)).await;
         };
         self.jobs.spawn(span, work, cleanup);
         Ok(rx)
@@ -170,8 +174,13 @@ impl Runner {
             error,
             trigger,
         );
-        if let Err(e) = self.failures.record(&record).await {
-            tracing::warn!(error = %e, "could not write the failure record to the store");
+        // Bounded: a store that does not answer must not hold the client's error back.
+        match tokio::time::timeout(RECORD_TIMEOUT, self.failures.record(&record)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not write the failure record to the store")
+            }
+            Err(_) => tracing::warn!("writing the failure record to the store timed out"),
         }
     }
 

@@ -364,7 +364,6 @@ fn list_failed_names_an_agent_too_old_for_it() {
 /// A failed backup is recorded and shown by `list --failed` and `status` (the agent's records,
 /// issue 12 part 3).
 #[test]
-#[ignore = "needs agent ListFailures (lead)"]
 fn a_failed_backup_is_listed_by_list_failed_and_status() {
     let pg = PgCluster::start();
     let store = TestStore::local();
