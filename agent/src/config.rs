@@ -153,6 +153,12 @@ pub struct Config {
     /// SOMA_REPLICATION_PASSWORD (environment only), else PGPASSWORD or a passfile.
     #[arg(long, env = "SOMA_REPLICATION_URL")]
     pub replication_url: Option<String>,
+
+    /// Retention policy `prune` applies (and the `prune` schedule), e.g.
+    /// `keep-last=7,keep-daily=14,keep-weekly=8,keep-monthly=12,max-age=30d`: per engine, target
+    /// and kind; a backup set counts as one backup; the newest backup of each is always kept.
+    #[arg(long, env = "SOMA_RETENTION", value_parser = crate::retention::parse_policy)]
+    pub retention: Option<crate::retention::Policy>,
 }
 
 /// One-shot subcommands.
@@ -279,6 +285,16 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.restore_from.as_deref(), Some("s3://old/prod"));
+    }
+
+    #[test]
+    fn retention_flag_is_parsed_at_start_up() {
+        let c = Config::try_parse_from(["soma-agent", "--retention", "keep-last=3,max-age=7d"])
+            .unwrap();
+        assert_eq!(c.retention.unwrap().to_string(), "keep-last=3,max-age=7days");
+        let err = Config::try_parse_from(["soma-agent", "--retention", "keep-last=0"]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("--retention") && msg.contains("keep-last"), "{msg}");
     }
 
     #[test]

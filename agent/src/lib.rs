@@ -13,6 +13,7 @@ pub mod lsn;
 pub mod ops;
 pub mod owner;
 pub mod pipeline;
+pub mod retention;
 pub mod server;
 pub mod store;
 pub mod wal;
@@ -283,6 +284,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             qdrant_mode: config.qdrant_mode,
             settings,
             wal_stream: wal_info,
+            retention: config.retention.clone(),
         },
         shutdown.child_token(),
     );

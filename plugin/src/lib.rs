@@ -42,6 +42,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         if agents.len() > 1 {
             return match cli.command {
                 Command::List => commands::list::run_many(agents, out).await,
+                // Each agent prunes its own store: the user says which.
+                Command::Prune(_) => Err(error::CliError::Usage(format!(
+                    "{} agents answer here and each prunes its own store: choose one with --target or --pod",
+                    agents.len()
+                ))),
                 // One platform set across the agents, committed once every member is complete.
                 Command::Backup(args) => {
                     let served = commands::platform::survey(agents).await?;
@@ -88,6 +93,7 @@ async fn dispatch(
         Command::Describe(args) => commands::describe::run(agent, out, args).await,
         Command::Verify(args) => commands::verify::run(agent, out, args).await,
         Command::Delete(args) => commands::delete::run(agent, out, args).await,
+        Command::Prune(args) => commands::prune::run(agent, out, args).await,
         Command::Status => unreachable!("handled above"),
     }
 }

@@ -18,6 +18,7 @@ use crate::{
     catalog::BackupId,
     error::OpError,
     jobs::{EVENT_QUEUE, JobInfo, Jobs, Operation, Reporter},
+    retention,
     ops::{
         self, Context,
         plan::{BackupPlan, OpFuture, RestorePlan, VerifyPlan},
@@ -203,9 +204,19 @@ impl SomaAgent for AgentService {
 
     async fn prune(
         &self,
-        _request: Request<v1::PruneRequest>,
+        request: Request<v1::PruneRequest>,
     ) -> Result<Response<v1::PruneResponse>, Status> {
-        Err(Status::unimplemented("prune is not implemented yet"))
+        let request = request.into_inner();
+        let policy = retention::Policy::for_request(
+            self.ctx.retention.as_ref(),
+            request.policy.as_ref(),
+        )
+        .map_err(|e| e.to_status())?;
+        let span = tracing::info_span!("prune", dry_run = request.dry_run, policy = %policy);
+        let report = retention::prune(&self.ctx, &self.jobs, &policy, request.dry_run, Utc::now())
+            .instrument(span)
+            .await?;
+        Ok(Response::new(report.to_proto()))
     }
 
     async fn list_failures(
@@ -300,7 +311,12 @@ impl SomaAgent for AgentService {
                 .map(convert::job_info)
                 .collect(),
             schedules: Vec::new(),
-            retention: String::new(),
+            retention: self
+                .ctx
+                .retention
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
             recent_failures: Vec::new(),
         }))
     }

@@ -5,6 +5,7 @@ pub mod delete;
 pub mod describe;
 pub mod list;
 pub mod platform;
+pub mod prune;
 pub mod restore;
 pub mod status;
 pub mod verify;
@@ -38,7 +39,7 @@ pub fn validate(command: &Command) -> Result<(), CliError> {
             check_engine(&a.id, a.engine)
         }
         Command::Delete(a) => check_id(&a.id, false),
-        Command::Backup(_) | Command::List | Command::Status => Ok(()),
+        Command::Backup(_) | Command::List | Command::Status | Command::Prune(_) => Ok(()),
     }
 }
 
@@ -63,7 +64,7 @@ pub fn engine_of(command: &Command) -> Option<&'static str> {
             a.engine.map(|e| e.label()).or_else(|| from_id(&a.id))
         }
         Command::Delete(a) => from_id(&a.id),
-        Command::List | Command::Status => None,
+        Command::List | Command::Status | Command::Prune(_) => None,
     }
 }
 
