@@ -291,10 +291,16 @@ mod tests {
     fn retention_flag_is_parsed_at_start_up() {
         let c = Config::try_parse_from(["soma-agent", "--retention", "keep-last=3,max-age=7d"])
             .unwrap();
-        assert_eq!(c.retention.unwrap().to_string(), "keep-last=3,max-age=7days");
+        assert_eq!(
+            c.retention.unwrap().to_string(),
+            "keep-last=3,max-age=7days"
+        );
         let err = Config::try_parse_from(["soma-agent", "--retention", "keep-last=0"]).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("--retention") && msg.contains("keep-last"), "{msg}");
+        assert!(
+            msg.contains("--retention") && msg.contains("keep-last"),
+            "{msg}"
+        );
     }
 
     #[test]

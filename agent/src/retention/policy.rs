@@ -26,8 +26,7 @@ use soma_proto::v1;
 use crate::catalog::{BackupId, Engine, Kind, Manifest};
 
 /// The accepted form, quoted by every parse error.
-pub const FORM: &str =
-    "keep-last=N,keep-daily=N,keep-weekly=N,keep-monthly=N,max-age=DUR (N ≥ 1, DUR like 30d or 12h)";
+pub const FORM: &str = "keep-last=N,keep-daily=N,keep-weekly=N,keep-monthly=N,max-age=DUR (N ≥ 1, DUR like 30d or 12h)";
 
 /// A retention policy: at least one rule (see the module documentation for what each keeps).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -109,7 +108,9 @@ fn count(key: &str, value: &str) -> Result<u32, PolicyError> {
         why,
     };
     match value.parse::<u32>() {
-        Ok(0) => Err(bad("a count must be at least 1 (leave the rule out to not use it)")),
+        Ok(0) => Err(bad(
+            "a count must be at least 1 (leave the rule out to not use it)",
+        )),
         Ok(n) => Ok(n),
         Err(_) => Err(bad("not a whole number")),
     }
@@ -151,11 +152,12 @@ impl FromStr for Policy {
                 "keep-weekly" => p.keep_weekly = Some(count(known, value)?),
                 "keep-monthly" => p.keep_monthly = Some(count(known, value)?),
                 _ => {
-                    let d = humantime::parse_duration(value).map_err(|_| PolicyError::BadValue {
-                        key: known.to_string(),
-                        value: value.to_string(),
-                        why: "not a duration",
-                    })?;
+                    let d =
+                        humantime::parse_duration(value).map_err(|_| PolicyError::BadValue {
+                            key: known.to_string(),
+                            value: value.to_string(),
+                            why: "not a duration",
+                        })?;
                     if d.is_zero() {
                         return Err(PolicyError::BadValue {
                             key: known.to_string(),
@@ -323,7 +325,10 @@ impl Policy {
                 for m in group.iter().filter(|m| now - m.started_at < max) {
                     add(
                         m,
-                        format!("max-age (younger than {})", humantime::format_duration(max_age)),
+                        format!(
+                            "max-age (younger than {})",
+                            humantime::format_duration(max_age)
+                        ),
                     );
                 }
             }
@@ -495,7 +500,11 @@ mod tests {
         );
         let d = policy("keep-last=2").select(&ms, now);
         assert_eq!(d[0].reason, "not kept by any rule");
-        assert!(d[4].reason.contains("keep-last (1 of 2)"), "{}", d[4].reason);
+        assert!(
+            d[4].reason.contains("keep-last (1 of 2)"),
+            "{}",
+            d[4].reason
+        );
         assert!(d[4].reason.contains("always kept"), "{}", d[4].reason);
     }
 
@@ -519,7 +528,11 @@ mod tests {
         want.sort();
         assert_eq!(k, want);
         let d = policy("keep-daily=3").select(&ms, now);
-        assert!(d[1].reason.contains("keep-daily (2026-11-10)"), "{}", d[1].reason);
+        assert!(
+            d[1].reason.contains("keep-daily (2026-11-10)"),
+            "{}",
+            d[1].reason
+        );
         assert_eq!(d[2].reason, "not kept by any rule");
     }
 
@@ -545,9 +558,16 @@ mod tests {
         k.sort();
         let mut want = vec![mon.id.clone(), sun.id.clone()];
         want.sort();
-        assert_eq!(k, want, "week 49's Monday and week 48's newest (Sunday 10:00)");
+        assert_eq!(
+            k, want,
+            "week 49's Monday and week 48's newest (Sunday 10:00)"
+        );
         let d = policy("keep-weekly=2").select(&ms, now);
-        assert!(d[0].reason.contains("keep-weekly (2026-W48)"), "{}", d[0].reason);
+        assert!(
+            d[0].reason.contains("keep-weekly (2026-W48)"),
+            "{}",
+            d[0].reason
+        );
         let mut k = kept(&policy("keep-monthly=2"), &ms, now);
         k.sort();
         let mut want = vec![mon.id.clone(), oct.id.clone()];
@@ -581,10 +601,26 @@ mod tests {
         let now = at(2026, 11, 30, 0);
         let app1 = pg(at(2026, 11, 1, 0));
         let app2 = pg(at(2026, 11, 2, 0));
-        let other = backup(Engine::Postgres, Kind::Logical, "billing", at(2026, 10, 1, 0));
+        let other = backup(
+            Engine::Postgres,
+            Kind::Logical,
+            "billing",
+            at(2026, 10, 1, 0),
+        );
         let phys = backup(Engine::Postgres, Kind::Physical, "app", at(2026, 10, 2, 0));
-        let q = backup(Engine::Qdrant, Kind::QdrantCollections, "app", at(2026, 9, 1, 0));
-        let ms = vec![app1.clone(), app2.clone(), other.clone(), phys.clone(), q.clone()];
+        let q = backup(
+            Engine::Qdrant,
+            Kind::QdrantCollections,
+            "app",
+            at(2026, 9, 1, 0),
+        );
+        let ms = vec![
+            app1.clone(),
+            app2.clone(),
+            other.clone(),
+            phys.clone(),
+            q.clone(),
+        ];
         // max-age keeps none of them: each group's newest is kept all the same.
         let d = policy("max-age=1h").select(&ms, now);
         let keep: Vec<_> = d.iter().map(|d| d.keep).collect();
@@ -629,8 +665,14 @@ mod tests {
         assert!(!by_id[&s1.id].keep && !by_id[&p1.id].keep && !by_id[&q1.id].keep);
         assert!(by_id[&alone.id].keep);
         assert_eq!(by_id[&p1.id].set.as_ref(), Some(&s1.id));
-        assert_eq!(by_id[&p1.id].reason, format!("member of set {}, which goes", s1.id));
-        assert_eq!(by_id[&q2.id].reason, format!("member of kept set {}", s2.id));
+        assert_eq!(
+            by_id[&p1.id].reason,
+            format!("member of set {}, which goes", s1.id)
+        );
+        assert_eq!(
+            by_id[&q2.id].reason,
+            format!("member of kept set {}", s2.id)
+        );
         // Members never count as their engine's backups: keep-last=1 of the logical group
         // is the standalone one, and only it.
         assert_eq!(by_id[&alone.id].reason.matches("keep-last").count(), 1);

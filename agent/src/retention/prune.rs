@@ -166,11 +166,10 @@ fn held_stamps(jobs: &Jobs) -> HashSet<String> {
     let mut out = HashSet::new();
     for job in jobs.running() {
         for id in std::iter::once(job.id.as_str()).chain(job.uses.iter().map(BackupId::as_str)) {
-            if let Some(stamp) = BackupId::parse(id).ok().and_then(|id| {
-                id.as_str()
-                    .get(..STAMP_LEN)
-                    .map(str::to_owned)
-            }) {
+            if let Some(stamp) = BackupId::parse(id)
+                .ok()
+                .and_then(|id| id.as_str().get(..STAMP_LEN).map(str::to_owned))
+            {
                 out.insert(stamp);
             }
         }
@@ -182,9 +181,7 @@ fn held_stamps(jobs: &Jobs) -> HashSet<String> {
 const STAMP_LEN: usize = 16;
 
 fn is_held(folder: &str, held: &HashSet<String>) -> bool {
-    folder
-        .get(..STAMP_LEN)
-        .is_some_and(|s| held.contains(s))
+    folder.get(..STAMP_LEN).is_some_and(|s| held.contains(s))
 }
 
 /// Applies `policy` to this agent's store at `now` (see the module documentation). With `dry_run`
@@ -246,12 +243,9 @@ pub async fn prune(
     wal(ctx, &manifests, &remaining, dry_run, &mut report).await;
 
     for (item, upload) in upload_items {
-        apply(
-            &mut report,
-            item,
-            dry_run,
-            || async { store.abort_upload(&upload).await.map(|()| 0) },
-        )
+        apply(&mut report, item, dry_run, || async {
+            store.abort_upload(&upload).await.map(|()| 0)
+        })
         .await;
     }
     for (item, keys) in orphan_items {
@@ -382,9 +376,9 @@ async fn wal(
     let listing = match store.list(&format!("{WAL_DIR}/")).await {
         Ok(l) => l,
         Err(e) => {
-            report
-                .errors
-                .push(format!("listing the WAL archive: {e}; no WAL was looked at"));
+            report.errors.push(format!(
+                "listing the WAL archive: {e}; no WAL was looked at"
+            ));
             return;
         }
     };
@@ -427,9 +421,9 @@ async fn wal(
         let objects = match wal_before(&ctx.catalog, &details, start).await {
             Ok(o) => o,
             Err(e) => {
-                report
-                    .errors
-                    .push(format!("listing WAL of system id {sid}: {e}; none of it was deleted"));
+                report.errors.push(format!(
+                    "listing WAL of system id {sid}: {e}; none of it was deleted"
+                ));
                 continue;
             }
         };
@@ -520,7 +514,12 @@ async fn plan_orphans(
     now: DateTime<Utc>,
     errors: &mut Vec<String>,
 ) -> Vec<(PruneItem, Vec<String>)> {
-    let listing = match ctx.catalog.store().list_timed(&format!("{BACKUPS_DIR}/")).await {
+    let listing = match ctx
+        .catalog
+        .store()
+        .list_timed(&format!("{BACKUPS_DIR}/"))
+        .await
+    {
         Ok(l) => l,
         Err(e) => {
             errors.push(format!(
@@ -617,12 +616,15 @@ async fn plan_failures(
     errors: &mut Vec<String>,
 ) -> Vec<PruneItem> {
     let age = policy.failure_record_age();
-    let listing = match ctx.catalog.store().list_timed(&format!("{FAILURES_DIR}/")).await {
+    let listing = match ctx
+        .catalog
+        .store()
+        .list_timed(&format!("{FAILURES_DIR}/"))
+        .await
+    {
         Ok(l) => l,
         Err(e) => {
-            errors.push(format!(
-                "listing failure records: {e}; none were looked at"
-            ));
+            errors.push(format!("listing failure records: {e}; none were looked at"));
             return Vec::new();
         }
     };

@@ -18,11 +18,11 @@ use crate::{
     catalog::BackupId,
     error::OpError,
     jobs::{EVENT_QUEUE, JobInfo, Jobs, Operation, Reporter},
-    retention,
     ops::{
         self, Context,
         plan::{BackupPlan, OpFuture, RestorePlan, VerifyPlan},
     },
+    retention,
 };
 
 /// The agent's gRPC service.
@@ -207,11 +207,9 @@ impl SomaAgent for AgentService {
         request: Request<v1::PruneRequest>,
     ) -> Result<Response<v1::PruneResponse>, Status> {
         let request = request.into_inner();
-        let policy = retention::Policy::for_request(
-            self.ctx.retention.as_ref(),
-            request.policy.as_ref(),
-        )
-        .map_err(|e| e.to_status())?;
+        let policy =
+            retention::Policy::for_request(self.ctx.retention.as_ref(), request.policy.as_ref())
+                .map_err(|e| e.to_status())?;
         let span = tracing::info_span!("prune", dry_run = request.dry_run, policy = %policy);
         let report = retention::prune(&self.ctx, &self.jobs, &policy, request.dry_run, Utc::now())
             .instrument(span)

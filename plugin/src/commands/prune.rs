@@ -16,7 +16,9 @@ pub fn parse_age(s: &str) -> Result<u64, String> {
     match humantime::parse_duration(s) {
         Ok(d) if d.as_secs() >= 1 => Ok(d.as_secs()),
         Ok(_) => Err("max-age must be at least 1s".into()),
-        Err(e) => Err(format!("{s:?} is not a duration ({e}); use e.g. 30d or 12h")),
+        Err(e) => Err(format!(
+            "{s:?} is not a duration ({e}); use e.g. 30d or 12h"
+        )),
     }
 }
 
