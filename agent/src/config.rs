@@ -188,6 +188,12 @@ pub struct Config {
     #[arg(long, env = "SOMA_WAL_STUCK_AFTER", default_value = "10m",
           value_parser = humantime::parse_duration)]
     pub wal_stuck_after: std::time::Duration,
+
+    /// Retention policy `prune` applies (and the `prune` schedule), e.g.
+    /// `keep-last=7,keep-daily=14,keep-weekly=8,keep-monthly=12,max-age=30d`: per engine, target
+    /// and kind; a backup set counts as one backup; the newest backup of each is always kept.
+    #[arg(long, env = "SOMA_RETENTION", value_parser = crate::retention::parse_policy)]
+    pub retention: Option<crate::retention::Policy>,
 }
 
 impl Config {
@@ -350,6 +356,22 @@ mod tests {
         let bad = Config::try_parse_from(["soma-agent", "--schedule", "backup soon"]).unwrap();
         let err = bad.parsed_schedules().unwrap_err();
         assert!(err.starts_with("--schedule / SOMA_SCHEDULES: "), "{err}");
+    }
+
+    #[test]
+    fn retention_flag_is_parsed_at_start_up() {
+        let c = Config::try_parse_from(["soma-agent", "--retention", "keep-last=3,max-age=7d"])
+            .unwrap();
+        assert_eq!(
+            c.retention.unwrap().to_string(),
+            "keep-last=3,max-age=7days"
+        );
+        let err = Config::try_parse_from(["soma-agent", "--retention", "keep-last=0"]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("--retention") && msg.contains("keep-last"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod ops;
 pub mod owner;
 pub mod pipeline;
+pub mod retention;
 pub mod runner;
 pub mod schedule;
 pub mod server;
@@ -287,6 +288,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         qdrant_mode: config.qdrant_mode,
         settings,
         wal_stream: wal_info,
+        retention: config.retention.clone(),
     });
     schedule::run::validate(&schedules, &ctx).map_err(anyhow::Error::msg)?;
     let metrics = std::sync::Arc::new(metrics::Metrics::new());

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use chrono::Utc;
 use soma_proto::v1::{self, OperationEvent};
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -16,6 +17,7 @@ use crate::{
     jobs::{EVENT_QUEUE, JobInfo, Jobs, Operation, Reporter},
     metrics::Metrics,
     ops::{self, Context, Outcome, plan::OpFuture},
+    retention,
     server::convert,
 };
 
@@ -182,6 +184,36 @@ impl Runner {
             }
             Err(_) => tracing::warn!("writing the failure record to the store timed out"),
         }
+    }
+
+    /// Applies `policy` (see [`retention::prune`]) and records the run: the metrics after a real
+    /// run, a failure record when it fails or cannot delete everything it should.
+    pub async fn prune(
+        &self,
+        policy: &retention::Policy,
+        dry_run: bool,
+        trigger: &Trigger,
+    ) -> Result<retention::PruneReport, OpError> {
+        let job = JobInfo::new("", Operation::Prune, Vec::new(), Vec::new());
+        let result = retention::prune(&self.ctx, &self.jobs, policy, dry_run, Utc::now()).await;
+        match &result {
+            Ok(report) if !dry_run => {
+                self.metrics.pruned(report.objects_deleted);
+                self.metrics.refresh_catalog(&self.ctx.catalog).await;
+                if !report.errors.is_empty() {
+                    let error = format!(
+                        "prune finished but could not delete everything: {}",
+                        report.errors.join("; ")
+                    );
+                    self.failed(&job, &error, trigger).await;
+                }
+            }
+            Ok(_) => {}
+            // Another job holds what prune needs: nothing was done, nothing failed.
+            Err(OpError::Busy(_)) => {}
+            Err(e) => self.failed(&job, &e.to_string(), trigger).await,
+        }
+        result
     }
 
     /// Waits for the end of a job started with [`start`](Self::start): its result, or its error

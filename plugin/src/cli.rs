@@ -170,6 +170,9 @@ pub enum Command {
     /// Print a shell completion script for `kubectl-soma` (bash, zsh or fish); `kubectl soma`
     /// completes through the `kubectl_complete-soma` helper instead (see the README's Install).
     Completion(CompletionArgs),
+    /// Apply the retention policy: delete the backups it drops (a set with its members), WAL no
+    /// kept base backup needs, and leftovers of interrupted backups older than a day.
+    Prune(PruneArgs),
 }
 
 /// `list`.
@@ -186,6 +189,32 @@ pub struct CompletionArgs {
     /// The shell to print the script for.
     #[arg(value_enum)]
     pub shell: clap_complete::Shell,
+}
+
+/// `prune`: each flag overrides that rule of the agent's --retention for this run.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Only show what would be deleted and why.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Keep the N newest backups of each engine, target and kind.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_last: Option<u32>,
+    /// Keep the newest backup of each of the N most recent days that have one (UTC).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest backup of each of the N most recent ISO weeks that have one.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest backup of each of the N most recent months that have one.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_monthly: Option<u32>,
+    /// Keep every backup younger than this (e.g. 30d, 12h).
+    #[arg(long, value_name = "DUR", value_parser = crate::commands::prune::parse_age)]
+    pub max_age: Option<u64>,
+    /// Delete without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
 }
 
 /// `backup`.

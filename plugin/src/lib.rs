@@ -50,6 +50,11 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
             return match cli.command {
                 Command::List(args) if args.failed => commands::list::run_failed(agents, out).await,
                 Command::List(_) => commands::list::run_many(agents, out).await,
+                // Each agent prunes its own store: the user says which.
+                Command::Prune(_) => Err(error::CliError::Usage(format!(
+                    "{} agents answer here and each prunes its own store: choose one with --engine or --pod",
+                    agents.len()
+                ))),
                 // One platform set across the agents, committed once every member is complete.
                 Command::Backup(args) => {
                     let served = commands::platform::survey(agents).await?;
@@ -97,6 +102,7 @@ async fn dispatch(
         Command::Describe(args) => commands::describe::run(agent, out, args).await,
         Command::Verify(args) => commands::verify::run(agent, out, args).await,
         Command::Delete(args) => commands::delete::run(agent, out, args).await,
+        Command::Prune(args) => commands::prune::run(agent, out, args).await,
         Command::Status | Command::Completion(_) => {
             unreachable!("handled above")
         }

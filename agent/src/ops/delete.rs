@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::{Context, physical, plan::RequestError};
 use crate::{
-    catalog::{BackupId, CatalogError, Kind},
+    catalog::{BackupId, CatalogError, Kind, Manifest},
     error::OpError,
     jobs::{JobInfo, JobTarget, Jobs, Operation},
 };
@@ -20,6 +20,16 @@ pub struct Deleted {
     pub objects: u64,
 }
 
+/// What a delete does with the WAL of the base backups it removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalAfterDelete {
+    /// Delete the WAL no remaining base backup needs (`delete`).
+    Prune,
+    /// Leave the archive alone: the caller decides about WAL once, for every backup it deleted
+    /// (`prune`, which must list that WAL in a dry run too).
+    Leave,
+}
+
 /// Deletes backup `raw` (never "latest": deleting must name what it deletes).
 pub async fn delete_backup(ctx: &Context, jobs: &Arc<Jobs>, raw: &str) -> Result<Deleted, OpError> {
     if raw == "latest" {
@@ -29,8 +39,22 @@ pub async fn delete_backup(ctx: &Context, jobs: &Arc<Jobs>, raw: &str) -> Result
         return Err(RequestError::MissingId.into());
     }
     let id = BackupId::parse(raw).map_err(CatalogError::from)?;
+    let manifest = ctx.catalog.get(&id).await?;
+    delete_manifest(ctx, jobs, &manifest, WalAfterDelete::Prune).await
+}
+
+/// Deletes the backup `manifest` describes, a set with its members, while holding a delete claim
+/// on all of them: a backup a running restore, verify or drill reads is refused with
+/// [`crate::jobs::Busy`] before anything is removed. The one path by which `delete` and `prune`
+/// remove backups.
+pub async fn delete_manifest(
+    ctx: &Context,
+    jobs: &Arc<Jobs>,
+    manifest: &Manifest,
+    wal: WalAfterDelete,
+) -> Result<Deleted, OpError> {
+    let id = manifest.id.clone();
     let catalog = &ctx.catalog;
-    let manifest = catalog.get(&id).await?;
     let ids: Vec<BackupId> = std::iter::once(id.clone())
         .chain(manifest.members.iter().cloned())
         .collect();
@@ -56,14 +80,16 @@ pub async fn delete_backup(ctx: &Context, jobs: &Arc<Jobs>, raw: &str) -> Result
         }
     }
     // WAL that only the deleted base backups needed goes with them.
-    for m in removed.iter().filter(|m| m.kind == Kind::Physical) {
-        match physical::prune_wal(catalog, m).await {
-            Ok(n) => objects += n,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not prune WAL the deleted base backup needed; it stays in the store")
+    if wal == WalAfterDelete::Prune {
+        for m in removed.iter().filter(|m| m.kind == Kind::Physical) {
+            match physical::prune_wal(catalog, m).await {
+                Ok(n) => objects += n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not prune WAL the deleted base backup needed; it stays in the store")
+                }
             }
         }
     }
-    tracing::info!(objects, "backup deleted");
+    tracing::info!(backup_id = %id, objects, "backup deleted");
     Ok(Deleted { id, objects })
 }

@@ -38,6 +38,8 @@ pub struct Context {
     pub settings: Settings,
     /// The continuous WAL archive, when streaming is on.
     pub wal_stream: Option<WalStreamInfo>,
+    /// The agent's retention policy (`--retention`), applied by `prune` unless a request overrides it.
+    pub retention: Option<crate::retention::Policy>,
 }
 
 /// The WAL stream as the rest of the agent sees it.

@@ -58,6 +58,7 @@ pub fn validate(schedules: &[Schedule], ctx: &Context) -> Result<(), String> {
             Action::Backup if ctx.postgres.is_none() && ctx.qdrant.is_none() => {
                 Some("--postgres-url or --qdrant-url")
             }
+            Action::Prune if ctx.retention.is_none() => Some("--retention (SOMA_RETENTION)"),
             _ => None,
         };
         if let Some(flag) = missing {
@@ -287,7 +288,8 @@ impl Task {
             | Action::BackupPhysical
             | Action::BackupQdrant => self.backup(action).await,
             Action::VerifyLatest => self.verify_latest().await,
-            Action::Drill | Action::Prune => Ran::Failed(format!(
+            Action::Prune => self.prune().await,
+            Action::Drill => Ran::Failed(format!(
                 "{} is not available in this agent",
                 action.as_str()
             )),
@@ -344,6 +346,18 @@ impl Task {
             |ctx, reporter| plan.run(ctx, reporter),
         );
         self.follow(started).await
+    }
+
+    async fn prune(&self) -> Ran {
+        let Some(policy) = self.runner.ctx().retention.clone() else {
+            // validate() refuses a prune schedule without a policy; kept for safety.
+            return Ran::Failed("no retention policy (--retention)".into());
+        };
+        match self.runner.prune(&policy, false, &self.trigger()).await {
+            Ok(report) => Ran::Done(format!("{} object(s) deleted", report.objects_deleted)),
+            Err(OpError::Busy(busy)) => Ran::Skipped(busy.to_string()),
+            Err(e) => Ran::Failed(e.to_string()),
+        }
     }
 
     async fn verify_latest(&self) -> Ran {

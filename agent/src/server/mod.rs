@@ -20,6 +20,7 @@ use crate::{
         self, Context,
         plan::{BackupPlan, OpFuture, RestorePlan, VerifyPlan},
     },
+    retention,
     runner::{Interrupted, Runner},
     schedule::ScheduleHandle,
 };
@@ -154,18 +155,35 @@ impl SomaAgent for AgentService {
 
     async fn prune(
         &self,
-        _request: Request<v1::PruneRequest>,
+        request: Request<v1::PruneRequest>,
     ) -> Result<Response<v1::PruneResponse>, Status> {
-        Err(Status::unimplemented("prune is not implemented yet"))
+        let request = request.into_inner();
+        let policy =
+            retention::Policy::for_request(self.ctx.retention.as_ref(), request.policy.as_ref())
+                .map_err(|e| e.to_status())?;
+        let span = tracing::info_span!("prune", dry_run = request.dry_run, policy = %policy);
+        let report = self
+            .runner
+            .prune(&policy, request.dry_run, &Trigger::Client)
+            .instrument(span)
+            .await?;
+        Ok(Response::new(report.to_proto()))
     }
 
     async fn list_failures(
         &self,
-        _request: Request<v1::ListFailuresRequest>,
+        request: Request<v1::ListFailuresRequest>,
     ) -> Result<Response<v1::ListFailuresResponse>, Status> {
-        Err(Status::unimplemented(
-            "failure records are not implemented yet",
-        ))
+        let limit = request.into_inner().limit as usize;
+        let failures = self
+            .runner
+            .failures()
+            .list(limit)
+            .await
+            .map_err(OpError::from)?;
+        Ok(Response::new(v1::ListFailuresResponse {
+            failures: failures.iter().map(|f| f.to_proto()).collect(),
+        }))
     }
 
     async fn list_backups(
@@ -251,7 +269,12 @@ impl SomaAgent for AgentService {
                 .map(convert::job_info)
                 .collect(),
             schedules: self.schedules.iter().map(ScheduleHandle::status).collect(),
-            retention: String::new(),
+            retention: self
+                .ctx
+                .retention
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
             // Best effort: an unreadable store already shows in `store` errors elsewhere.
             recent_failures: self
                 .runner

@@ -21,7 +21,7 @@ use tokio_util::io::ReaderStream;
 
 use super::{
     ByteStream, ObjectMeta, PartReceipt, PartRule, PartUpload, PendingUpload, Result, Store,
-    StoreError, Upload, check_key, check_receipts, refused,
+    StoreError, TimedObject, Upload, check_key, check_receipts, refused,
 };
 
 const UPLOADS_DIR: &str = ".uploads";
@@ -229,6 +229,23 @@ impl Store for LocalStore {
             }
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn list_timed(&self, prefix: &str) -> Result<Vec<TimedObject>> {
+        let mut out = Vec::new();
+        for meta in self.list(prefix).await? {
+            let path = self.path_of(&meta.key)?;
+            match fs::metadata(&path).await {
+                Ok(m) => out.push(TimedObject {
+                    meta,
+                    modified: m.modified().ok(),
+                }),
+                // Deleted between the listing and now.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
         Ok(out)
     }
 

@@ -38,6 +38,15 @@ pub struct ObjectMeta {
     pub size: u64,
 }
 
+/// One stored object and when it was last written, for retention's age checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimedObject {
+    /// The object.
+    pub meta: ObjectMeta,
+    /// When it was last written, if the backend says (S3 `LastModified`, a file's mtime).
+    pub modified: Option<SystemTime>,
+}
+
 /// A multipart upload that was started and neither completed nor aborted (e.g. its writer crashed).
 #[derive(Debug, Clone)]
 pub struct PendingUpload {
@@ -173,6 +182,20 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Complete objects whose key starts with `prefix`, sorted by key.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
+
+    /// Like [`list`](Self::list), with each object's last-modified time. Backends that cannot
+    /// say report `None`, and callers then treat the object as new (never old enough to remove).
+    async fn list_timed(&self, prefix: &str) -> Result<Vec<TimedObject>> {
+        Ok(self
+            .list(prefix)
+            .await?
+            .into_iter()
+            .map(|meta| TimedObject {
+                meta,
+                modified: None,
+            })
+            .collect())
+    }
 
     /// Deletes an object; deleting a missing object succeeds.
     async fn delete(&self, key: &str) -> Result<()>;

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ByteStream, ObjectMeta, PendingUpload, Result, Store, StoreError, Upload};
+use super::{
+    ByteStream, ObjectMeta, PendingUpload, Result, Store, StoreError, TimedObject, Upload,
+};
 
 /// Wraps a store, passing reads through and refusing every write.
 #[derive(Debug, Clone)]
@@ -60,6 +62,10 @@ impl Store for ReadOnly {
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         self.inner.list(prefix).await
+    }
+
+    async fn list_timed(&self, prefix: &str) -> Result<Vec<TimedObject>> {
+        self.inner.list_timed(prefix).await
     }
 
     async fn delete(&self, _key: &str) -> Result<()> {

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     ByteStream, ObjectMeta, PartReceipt, PartRule, PartUpload, PendingUpload, Result, Store,
-    StoreError, Upload, check_key, check_receipts, refused,
+    StoreError, TimedObject, Upload, check_key, check_receipts, refused,
 };
 
 /// An S3 bucket, optionally under a key prefix.
@@ -333,6 +333,36 @@ impl Store for S3Store {
             }
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn list_timed(&self, prefix: &str) -> Result<Vec<TimedObject>> {
+        let full_prefix = self.full_prefix(prefix);
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full_prefix)
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| map_err(prefix, &self.bucket, e))?;
+            for obj in page.contents() {
+                if let Some(k) = obj.key() {
+                    out.push(TimedObject {
+                        meta: ObjectMeta {
+                            key: self.relative(k).to_string(),
+                            size: obj.size().unwrap_or(0).max(0) as u64,
+                        },
+                        modified: obj
+                            .last_modified()
+                            .and_then(|t| SystemTime::try_from(*t).ok()),
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.meta.key.cmp(&b.meta.key));
         Ok(out)
     }
 

@@ -5,6 +5,7 @@ pub mod delete;
 pub mod describe;
 pub mod list;
 pub mod platform;
+pub mod prune;
 pub mod restore;
 pub mod status;
 pub mod verify;
@@ -34,7 +35,11 @@ pub fn validate(command: &Command) -> Result<(), CliError> {
         }
         Command::Describe(a) | Command::Verify(a) => check_id(&a.id, true),
         Command::Delete(a) => check_id(&a.id, false),
-        Command::Backup(_) | Command::List(_) | Command::Status | Command::Completion(_) => Ok(()),
+        Command::Backup(_)
+        | Command::List(_)
+        | Command::Status
+        | Command::Completion(_)
+        | Command::Prune(_) => Ok(()),
     }
 }
 
@@ -59,7 +64,7 @@ pub fn engine_of(command: &Command) -> Option<&'static str> {
             a.engine.map(|e| e.label()).or_else(|| from_id(&a.id))
         }
         Command::Delete(a) => from_id(&a.id),
-        Command::List(_) | Command::Status | Command::Completion(_) => None,
+        Command::List(_) | Command::Status | Command::Completion(_) | Command::Prune(_) => None,
     }
 }
 

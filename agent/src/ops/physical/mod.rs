@@ -17,7 +17,7 @@ pub use backup::backup_physical;
 pub use restore::{
     PgdataRestore, PgdataRestored, RecoveryTarget, restore_pgdata, restore_pgdata_job,
 };
-pub use wal::{BaseWindow, Windows, prune_wal, verify_wal};
+pub use wal::{BaseWindow, Windows, oldest_base, prune_wal, verify_wal, wal_before};
 
 use std::path::PathBuf;
 

@@ -10,8 +10,52 @@ use crate::{
     error::OpError,
     jobs::Reporter,
     pipeline::{self, Expected},
-    wal::{RecoveryWindow, WalArchive, WalFile, WalIndex},
+    wal::{RecoveryWindow, WalArchive, WalFile, WalIndex, WalObject},
 };
+
+/// The oldest base backup of the cluster `system_id` among `manifests`: the WAL it needs, from its
+/// start segment on, is the WAL every one of them needs. `None` when none of them is of that
+/// cluster. A base backup whose details cannot be read protects nothing it could name.
+pub fn oldest_base(manifests: &[Manifest], system_id: &str) -> Option<(Manifest, PhysicalDetails)> {
+    let mut oldest: Option<(u64, Manifest, PhysicalDetails)> = None;
+    for m in manifests.iter().filter(|m| m.kind == Kind::Physical) {
+        let Ok(d) = PhysicalDetails::of(m) else {
+            continue;
+        };
+        if d.system_id != system_id {
+            continue;
+        }
+        let Some(start) = d.start_lsn.segno(d.wal_segment_size) else {
+            continue;
+        };
+        if oldest.as_ref().is_none_or(|(o, ..)| start < *o) {
+            oldest = Some((start, m.clone(), d));
+        }
+    }
+    oldest.map(|(_, m, d)| (m, d))
+}
+
+/// The archive objects of `details`' cluster that come before segment `oldest_start` on any
+/// timeline: WAL no base backup starting at or after that segment replays. History files have no
+/// segment and are never among them.
+pub async fn wal_before(
+    catalog: &Catalog,
+    details: &PhysicalDetails,
+    oldest_start: u64,
+) -> Result<Vec<WalObject>, OpError> {
+    let archive = WalArchive::new(catalog.store().clone(), &details.system_id);
+    Ok(archive
+        .list()
+        .await
+        .map_err(PhysicalError::from)?
+        .into_iter()
+        .filter(|o| {
+            o.file
+                .segno(details.wal_segment_size)
+                .is_some_and(|s| s < oldest_start)
+        })
+        .collect())
+}
 
 /// Deletes the WAL that no remaining base backup of `deleted`'s cluster needs: segments before the
 /// oldest remaining base backup's start, on every timeline (history files stay; they are tiny and
@@ -20,42 +64,21 @@ use crate::{
 /// Returns the number of objects deleted.
 pub async fn prune_wal(catalog: &Catalog, deleted: &Manifest) -> Result<u64, OpError> {
     let details = PhysicalDetails::of(deleted)?;
-    let seg_size = details.wal_segment_size;
-    let mut oldest_start = None::<u64>;
-    for m in catalog.list().await? {
-        if m.kind != Kind::Physical {
-            continue;
-        }
-        // A base backup whose details cannot be read protects nothing it could name.
-        let Ok(d) = PhysicalDetails::of(&m) else {
-            continue;
-        };
-        if d.system_id != details.system_id {
-            continue;
-        }
-        let Some(start) = d.start_lsn.segno(d.wal_segment_size) else {
-            continue;
-        };
-        oldest_start = Some(oldest_start.map_or(start, |o| o.min(start)));
-    }
-    let Some(oldest_start) = oldest_start else {
+    let remaining = catalog.list().await?;
+    let Some((_, oldest)) = oldest_base(&remaining, &details.system_id) else {
         return Ok(0);
     };
-    let archive = WalArchive::new(catalog.store().clone(), &details.system_id);
+    let Some(oldest_start) = oldest.start_lsn.segno(oldest.wal_segment_size) else {
+        return Ok(0);
+    };
     let mut pruned = 0;
-    for object in archive.list().await.map_err(PhysicalError::from)? {
-        if object
-            .file
-            .segno(seg_size)
-            .is_some_and(|s| s < oldest_start)
-        {
-            catalog.store().delete(&object.key).await?;
-            pruned += 1;
-        }
+    for object in wal_before(catalog, &oldest, oldest_start).await? {
+        catalog.store().delete(&object.key).await?;
+        pruned += 1;
     }
     tracing::info!(
         pruned,
-        kept_from = %WalFile::from_segno(details.timeline, oldest_start, seg_size).name(),
+        kept_from = %WalFile::from_segno(oldest.timeline, oldest_start, oldest.wal_segment_size).name(),
         "pruned WAL that only deleted base backups needed"
     );
     Ok(pruned)

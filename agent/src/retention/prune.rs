@@ -1,0 +1,691 @@
+//! Prune: applies a [`Policy`] to the store — deletes the backups it drops (a set with its
+//! members), the WAL no kept base backup needs, and what interrupted writers left behind — or, in
+//! a dry run, says exactly that without deleting anything.
+//!
+//! Everything is decided from one look at the store before anything is deleted, and a dry run
+//! returns that decision as it stands, so it lists exactly what a real run deletes. The one
+//! exception is deliberate: WAL is decided after the backups were deleted, from the base backups
+//! actually left, so a backup a running restore kept alive keeps its WAL too.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use chrono::{DateTime, Utc};
+use soma_proto::v1;
+
+use super::policy::{Decision, Policy};
+use crate::{
+    catalog::{BACKUPS_DIR, BackupId, BackupKeys, CatalogError, MANIFEST, Manifest},
+    error::OpError,
+    jobs::Jobs,
+    ops::{
+        Context,
+        delete::{WalAfterDelete, delete_manifest},
+        physical::{PhysicalDetails, oldest_base, wal_before},
+    },
+    store::{PendingUpload, StoreError},
+    wal::{WAL_DIR, WalFile},
+};
+
+/// How old an incomplete upload or a folder without a manifest must be before prune removes it:
+/// a backup in progress has no manifest yet, and a day is far beyond any upload's pauses.
+pub const ORPHAN_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+/// Folder of failure records, relative to the store prefix (small JSON objects).
+pub const FAILURES_DIR: &str = "failures";
+
+/// What a [`PruneItem`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum What {
+    /// A backup (a set, or a member going and staying with its set).
+    Backup,
+    /// A WAL archive object, or (kept) a whole cluster's archive.
+    Wal,
+    /// A multipart upload never completed.
+    IncompleteUpload,
+    /// A backup folder without a manifest.
+    Orphan,
+    /// A failure record under `failures/`.
+    Failure,
+}
+
+impl What {
+    /// The word in `PruneItem.what`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            What::Backup => "backup",
+            What::Wal => "wal",
+            What::IncompleteUpload => "incomplete-upload",
+            What::Orphan => "orphan",
+            What::Failure => "failure",
+        }
+    }
+}
+
+/// One thing prune looked at, and what it did (or would do) with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PruneItem {
+    /// What it is.
+    pub what: What,
+    /// Backup id, or store key (a folder ends in `/`).
+    pub name: String,
+    /// Deleted (or, in a dry run, would be).
+    pub delete: bool,
+    /// Why.
+    pub reason: String,
+    /// Stored bytes.
+    pub bytes: u64,
+    /// For backups: engine, kind and target name.
+    pub backup: Option<(String, String, String)>,
+}
+
+impl PruneItem {
+    fn new(what: What, name: impl Into<String>, delete: bool, reason: String, bytes: u64) -> Self {
+        Self {
+            what,
+            name: name.into(),
+            delete,
+            reason,
+            bytes,
+            backup: None,
+        }
+    }
+}
+
+/// What a prune did (or, in a dry run, would do).
+#[derive(Debug, Clone, Default)]
+pub struct PruneReport {
+    /// Nothing was deleted.
+    pub dry_run: bool,
+    /// The rules applied.
+    pub policy: String,
+    /// Backups kept and deleted, then WAL, incomplete uploads, orphans and failure records.
+    pub items: Vec<PruneItem>,
+    /// Objects deleted (0 in a dry run).
+    pub objects_deleted: u64,
+    /// What could not be looked at or deleted, each naming the object; prune goes on past them.
+    pub errors: Vec<String>,
+}
+
+impl PruneReport {
+    /// The report on the wire.
+    pub fn to_proto(&self) -> v1::PruneResponse {
+        v1::PruneResponse {
+            dry_run: self.dry_run,
+            policy: self.policy.clone(),
+            items: self
+                .items
+                .iter()
+                .map(|i| {
+                    let (engine, kind, target) = i.backup.clone().unwrap_or_default();
+                    v1::PruneItem {
+                        what: i.what.as_str().into(),
+                        name: i.name.clone(),
+                        delete: i.delete,
+                        reason: i.reason.clone(),
+                        bytes: i.bytes,
+                        engine,
+                        kind,
+                        target,
+                    }
+                })
+                .collect(),
+            objects_deleted: self.objects_deleted,
+            errors: self.errors.clone(),
+        }
+    }
+}
+
+fn time_of(t: SystemTime) -> DateTime<Utc> {
+    DateTime::<Utc>::from(t)
+}
+
+fn older_than(t: DateTime<Utc>, now: DateTime<Utc>, age: Duration) -> bool {
+    chrono::Duration::from_std(age).is_ok_and(|age| now - t > age)
+}
+
+fn stamp(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+}
+
+/// The backup id a key under `backups/` belongs to (its folder name), as text.
+fn folder_of(key: &str) -> Option<&str> {
+    key.strip_prefix(BACKUPS_DIR)?
+        .strip_prefix('/')?
+        .split('/')
+        .next()
+        .filter(|s| !s.is_empty())
+}
+
+/// Time stamps (`yyyymmddThhmmssZ`) of the ids running jobs hold. A backup set's members carry
+/// its time stamp but are not named by its job, so a folder is treated as held when its stamp
+/// matches: a few unrelated folders may wait for the next prune, no running backup loses one.
+fn held_stamps(jobs: &Jobs) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for job in jobs.running() {
+        for id in std::iter::once(job.id.as_str()).chain(job.uses.iter().map(BackupId::as_str)) {
+            if let Some(stamp) = BackupId::parse(id)
+                .ok()
+                .and_then(|id| id.as_str().get(..STAMP_LEN).map(str::to_owned))
+            {
+                out.insert(stamp);
+            }
+        }
+    }
+    out
+}
+
+/// Length of a backup id's time stamp prefix (`yyyymmddThhmmssZ`).
+const STAMP_LEN: usize = 16;
+
+fn is_held(folder: &str, held: &HashSet<String>) -> bool {
+    folder.get(..STAMP_LEN).is_some_and(|s| held.contains(s))
+}
+
+/// Applies `policy` to this agent's store at `now` (see the module documentation). With `dry_run`
+/// nothing is deleted and the report lists what would go, each with why. A read-only store is
+/// refused unless `dry_run`, which only reads.
+pub async fn prune(
+    ctx: &Context,
+    jobs: &Arc<Jobs>,
+    policy: &Policy,
+    dry_run: bool,
+    now: DateTime<Utc>,
+) -> Result<PruneReport, OpError> {
+    let store = ctx.catalog.store().clone();
+    if !dry_run && store.is_read_only() {
+        return Err(StoreError::ReadOnly {
+            location: store.location(),
+        }
+        .into());
+    }
+    let mut report = PruneReport {
+        dry_run,
+        policy: policy.to_string(),
+        ..Default::default()
+    };
+    let manifests = ctx.catalog.list().await?;
+    let decisions = policy.select(&manifests, now);
+    // Everything else is decided from the same look at the store, before any delete.
+    let held = held_stamps(jobs);
+    let uploads = match store.list_uploads("").await {
+        Ok(u) => u,
+        Err(e) => {
+            report.errors.push(format!(
+                "listing incomplete uploads: {e}; none were looked at"
+            ));
+            Vec::new()
+        }
+    };
+    let upload_items = plan_uploads(&uploads, &held, now);
+    let orphan_items = plan_orphans(ctx, &uploads, &held, now, &mut report.errors).await;
+    let failure_items = plan_failures(ctx, policy, now, &mut report.errors).await;
+
+    backups(ctx, jobs, &manifests, &decisions, dry_run, &mut report).await;
+
+    // WAL: from the base backups that are left (in a dry run, those the policy keeps).
+    let remaining = if dry_run {
+        let gone: HashSet<&BackupId> = decisions
+            .iter()
+            .filter(|d| !d.keep)
+            .map(|d| &d.id)
+            .collect();
+        manifests
+            .iter()
+            .filter(|m| !gone.contains(&m.id))
+            .cloned()
+            .collect()
+    } else {
+        ctx.catalog.list().await?
+    };
+    wal(ctx, &manifests, &remaining, dry_run, &mut report).await;
+
+    for (item, upload) in upload_items {
+        apply(&mut report, item, dry_run, || async {
+            store.abort_upload(&upload).await.map(|()| 0)
+        })
+        .await;
+    }
+    for (item, keys) in orphan_items {
+        apply(&mut report, item, dry_run, || async {
+            // A backup that completed since the listing is no orphan.
+            if let Some(id) = keys
+                .first()
+                .and_then(|k| folder_of(k))
+                .and_then(|f| BackupId::parse(f).ok())
+                && store.head(&id.key(MANIFEST)).await?.is_some()
+            {
+                return Err(StoreError::Request {
+                    key: id.to_string(),
+                    message: "its manifest appeared since prune looked: left in place".into(),
+                    retryable: false,
+                });
+            }
+            let mut n = 0;
+            for key in &keys {
+                store.delete(key).await?;
+                n += 1;
+            }
+            Ok(n)
+        })
+        .await;
+    }
+    for item in failure_items {
+        let key = item.name.clone();
+        apply(&mut report, item, dry_run, || async {
+            store.delete(&key).await.map(|()| 1)
+        })
+        .await;
+    }
+    tracing::info!(
+        dry_run,
+        objects_deleted = report.objects_deleted,
+        errors = report.errors.len(),
+        "prune finished"
+    );
+    Ok(report)
+}
+
+/// Runs `delete` for an item that goes (not in a dry run), counting objects; a failure keeps the
+/// item, says why, and is listed in the report's errors.
+async fn apply<F, Fut>(report: &mut PruneReport, mut item: PruneItem, dry_run: bool, delete: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, StoreError>>,
+{
+    if item.delete && !dry_run {
+        match delete().await {
+            Ok(n) => report.objects_deleted += n,
+            Err(e) => {
+                report.errors.push(format!("{}: {e}", item.name));
+                item.delete = false;
+                item.reason = format!("could not delete: {e} (was: {})", item.reason);
+            }
+        }
+    }
+    report.items.push(item);
+}
+
+/// Backups: one item per backup, in the catalog's order (newest first); the ones the policy drops
+/// are deleted set by set through [`delete_manifest`], which refuses a backup a running job reads.
+async fn backups(
+    ctx: &Context,
+    jobs: &Arc<Jobs>,
+    manifests: &[Manifest],
+    decisions: &[Decision],
+    dry_run: bool,
+    report: &mut PruneReport,
+) {
+    let mut outcome: HashMap<BackupId, Result<(), String>> = HashMap::new();
+    if !dry_run {
+        for (m, d) in manifests.iter().zip(decisions) {
+            if d.keep || d.set.is_some() {
+                continue;
+            }
+            let result = match delete_manifest(ctx, jobs, m, WalAfterDelete::Leave).await {
+                Ok(deleted) => {
+                    report.objects_deleted += deleted.objects;
+                    Ok(())
+                }
+                // Deleted by someone else since prune listed it: gone all the same.
+                Err(OpError::Catalog(CatalogError::NotFound(_))) => Ok(()),
+                Err(OpError::Busy(busy)) => Err(format!("skipped: {busy}")),
+                Err(e) => {
+                    report.errors.push(format!("backup {}: {e}", m.id));
+                    Err(format!("could not delete: {e}"))
+                }
+            };
+            outcome.insert(m.id.clone(), result);
+        }
+    }
+    for (m, d) in manifests.iter().zip(decisions) {
+        let mut item = PruneItem::new(
+            What::Backup,
+            m.id.as_str(),
+            !d.keep,
+            d.reason.clone(),
+            m.stored_bytes,
+        );
+        item.backup = Some((
+            m.engine.as_str().into(),
+            m.kind.as_str().into(),
+            m.target.name.clone(),
+        ));
+        let decided_by = d.set.as_ref().unwrap_or(&m.id);
+        if let Some(Err(why)) = outcome.get(decided_by) {
+            item.delete = false;
+            item.reason = format!("{why} (was: {})", item.reason);
+        }
+        report.items.push(item);
+    }
+}
+
+/// WAL of every cluster the store has an archive or a base backup of: what comes before the
+/// oldest remaining base backup's start goes; a cluster without a remaining base backup keeps
+/// its archive whole.
+async fn wal(
+    ctx: &Context,
+    all: &[Manifest],
+    remaining: &[Manifest],
+    dry_run: bool,
+    report: &mut PruneReport,
+) {
+    let store = ctx.catalog.store();
+    let listing = match store.list(&format!("{WAL_DIR}/")).await {
+        Ok(l) => l,
+        Err(e) => {
+            report.errors.push(format!(
+                "listing the WAL archive: {e}; no WAL was looked at"
+            ));
+            return;
+        }
+    };
+    let mut clusters: BTreeMap<String, (u64, HashMap<String, u64>)> = BTreeMap::new();
+    for o in &listing {
+        if let Some(sid) = o
+            .key
+            .strip_prefix(&format!("{WAL_DIR}/"))
+            .and_then(|r| r.split_once('/'))
+            .map(|(sid, _)| sid)
+        {
+            let entry = clusters.entry(sid.to_string()).or_default();
+            entry.0 += o.size;
+            entry.1.insert(o.key.clone(), o.size);
+        }
+    }
+    for m in all {
+        if let Ok(d) = PhysicalDetails::of(m) {
+            clusters.entry(d.system_id).or_default();
+        }
+    }
+    for (sid, (total, sizes)) in clusters {
+        let folder = format!("{WAL_DIR}/{sid}/");
+        let Some((base, details)) = oldest_base(remaining, &sid) else {
+            report.items.push(PruneItem::new(
+                What::Wal,
+                folder,
+                false,
+                format!(
+                    "no base backup of system id {sid} is kept: its WAL is kept whole (a whole archive is never deleted as a side effect; delete wal/{sid}/ by hand if that cluster is gone)"
+                ),
+                total,
+            ));
+            continue;
+        };
+        let Some(start) = details.start_lsn.segno(details.wal_segment_size) else {
+            continue;
+        };
+        let first = WalFile::from_segno(details.timeline, start, details.wal_segment_size).name();
+        let objects = match wal_before(&ctx.catalog, &details, start).await {
+            Ok(o) => o,
+            Err(e) => {
+                report.errors.push(format!(
+                    "listing WAL of system id {sid}: {e}; none of it was deleted"
+                ));
+                continue;
+            }
+        };
+        let mut freed = 0;
+        for o in objects {
+            let bytes = sizes.get(&o.key).copied().unwrap_or(0);
+            freed += bytes;
+            let item = PruneItem::new(
+                What::Wal,
+                o.key.clone(),
+                true,
+                format!(
+                    "before segment {first}, where the oldest kept base backup {} starts: no kept base backup needs it",
+                    base.id
+                ),
+                bytes,
+            );
+            apply(report, item, dry_run, || async {
+                store.delete(&o.key).await.map(|()| 1)
+            })
+            .await;
+        }
+        report.items.push(PruneItem::new(
+            What::Wal,
+            folder,
+            false,
+            format!(
+                "from segment {first} on: needed by the oldest kept base backup {} and every newer one",
+                base.id
+            ),
+            total.saturating_sub(freed),
+        ));
+    }
+}
+
+/// Incomplete uploads of any owner: older than [`ORPHAN_AGE`] they go; younger, or of unknown
+/// age, or of a backup a running job holds, they stay.
+fn plan_uploads(
+    uploads: &[PendingUpload],
+    held: &HashSet<String>,
+    now: DateTime<Utc>,
+) -> Vec<(PruneItem, PendingUpload)> {
+    let mut out = Vec::new();
+    for u in uploads {
+        let name = if u.key.is_empty() {
+            format!("(torn upload record {})", u.upload_id)
+        } else {
+            u.key.clone()
+        };
+        let (delete, reason) = match u.initiated.map(time_of) {
+            _ if folder_of(&u.key).is_some_and(|f| is_held(f, held)) => {
+                (false, "its backup is being written by a running job".to_string())
+            }
+            None => (
+                false,
+                "the store does not say when it started: left in place (abort it by hand once no agent writes it)".into(),
+            ),
+            Some(t) if older_than(t, now, ORPHAN_AGE) => (
+                true,
+                format!(
+                    "started {}, more than a day ago, and never completed",
+                    stamp(t)
+                ),
+            ),
+            Some(t) => (
+                false,
+                format!(
+                    "started {}, less than a day ago: a backup may still be writing it",
+                    stamp(t)
+                ),
+            ),
+        };
+        out.push((
+            PruneItem::new(What::IncompleteUpload, name, delete, reason, 0),
+            u.clone(),
+        ));
+    }
+    out
+}
+
+/// Folders under `backups/` without a manifest. Their age is that of their newest object, or of
+/// their newest incomplete upload when that is newer: an interrupted backup's folder goes a day
+/// after it last wrote; one of unknown age stays.
+async fn plan_orphans(
+    ctx: &Context,
+    uploads: &[PendingUpload],
+    held: &HashSet<String>,
+    now: DateTime<Utc>,
+    errors: &mut Vec<String>,
+) -> Vec<(PruneItem, Vec<String>)> {
+    let listing = match ctx
+        .catalog
+        .store()
+        .list_timed(&format!("{BACKUPS_DIR}/"))
+        .await
+    {
+        Ok(l) => l,
+        Err(e) => {
+            errors.push(format!(
+                "listing backup folders: {e}; no orphaned objects were looked at"
+            ));
+            return Vec::new();
+        }
+    };
+    struct Folder {
+        keys: Vec<String>,
+        bytes: u64,
+        newest: Option<DateTime<Utc>>,
+        unknown_age: bool,
+        manifest: bool,
+    }
+    let mut folders: BTreeMap<String, Folder> = BTreeMap::new();
+    for o in listing {
+        let Some(folder) = folder_of(&o.meta.key) else {
+            continue;
+        };
+        let f = folders.entry(folder.to_string()).or_insert(Folder {
+            keys: Vec::new(),
+            bytes: 0,
+            newest: None,
+            unknown_age: false,
+            manifest: false,
+        });
+        f.manifest |= o.meta.key == format!("{BACKUPS_DIR}/{folder}/{MANIFEST}");
+        f.bytes += o.meta.size;
+        match o.modified.map(time_of) {
+            Some(t) => f.newest = Some(f.newest.map_or(t, |n| n.max(t))),
+            None => f.unknown_age = true,
+        }
+        f.keys.push(o.meta.key);
+    }
+    for u in uploads {
+        if let Some(f) = folder_of(&u.key).and_then(|f| folders.get_mut(f)) {
+            match u.initiated.map(time_of) {
+                Some(t) => f.newest = Some(f.newest.map_or(t, |n| n.max(t))),
+                None => f.unknown_age = true,
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (name, f) in folders {
+        if f.manifest {
+            continue;
+        }
+        let (delete, reason) = match f.newest {
+            _ if is_held(&name, held) => (
+                false,
+                "no manifest yet: a running job is writing this backup".to_string(),
+            ),
+            _ if f.unknown_age => (
+                false,
+                "no manifest, and the store does not say when its objects were written: left in place".into(),
+            ),
+            Some(t) if older_than(t, now, ORPHAN_AGE) => (
+                true,
+                format!(
+                    "no manifest (an interrupted backup) and nothing written since {}, more than a day ago",
+                    stamp(t)
+                ),
+            ),
+            Some(t) => (
+                false,
+                format!(
+                    "no manifest yet, last written {}, less than a day ago: a backup may still be writing it",
+                    stamp(t)
+                ),
+            ),
+            None => continue,
+        };
+        out.push((
+            PruneItem::new(
+                What::Orphan,
+                format!("{BACKUPS_DIR}/{name}/"),
+                delete,
+                reason,
+                f.bytes,
+            ),
+            f.keys,
+        ));
+    }
+    out
+}
+
+/// Failure records older than the policy's max-age (90 days without one). Younger records are
+/// not listed: they are what `status` shows.
+async fn plan_failures(
+    ctx: &Context,
+    policy: &Policy,
+    now: DateTime<Utc>,
+    errors: &mut Vec<String>,
+) -> Vec<PruneItem> {
+    let age = policy.failure_record_age();
+    let listing = match ctx
+        .catalog
+        .store()
+        .list_timed(&format!("{FAILURES_DIR}/"))
+        .await
+    {
+        Ok(l) => l,
+        Err(e) => {
+            errors.push(format!("listing failure records: {e}; none were looked at"));
+            return Vec::new();
+        }
+    };
+    listing
+        .into_iter()
+        .filter_map(|o| {
+            let t = time_of(o.modified?);
+            older_than(t, now, age).then(|| {
+                PruneItem::new(
+                    What::Failure,
+                    o.meta.key,
+                    true,
+                    format!(
+                        "failure record written {}, older than {}",
+                        stamp(t),
+                        humantime::format_duration(age)
+                    ),
+                    o.meta.size,
+                )
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folders_and_stamps() {
+        assert_eq!(
+            folder_of("backups/20261129T140000Z-pg-app-0a1b/dump.zst"),
+            Some("20261129T140000Z-pg-app-0a1b")
+        );
+        assert_eq!(folder_of("backups/"), None);
+        assert_eq!(folder_of("wal/1/x"), None);
+        let held: HashSet<String> = ["20261129T140000Z".to_string()].into();
+        assert!(is_held("20261129T140000Z-qd-all-ffff", &held));
+        assert!(!is_held("20261129T140001Z-qd-all-ffff", &held));
+        assert!(!is_held("short", &held));
+    }
+
+    #[test]
+    fn uploads_older_than_a_day_go_younger_and_unknown_stay() {
+        let now = Utc::now();
+        let up = |key: &str, ago: Option<u64>| PendingUpload {
+            key: key.into(),
+            upload_id: "u".into(),
+            initiated: ago.map(|s| SystemTime::from(now) - Duration::from_secs(s)),
+        };
+        let uploads = vec![
+            up("backups/20200101T000000Z-pg-a-0000/dump", Some(2 * 86400)),
+            up("backups/20200101T000000Z-pg-b-0000/dump", Some(3600)),
+            up("backups/20200101T000000Z-pg-c-0000/dump", None),
+            up("backups/20261129T140000Z-pg-d-0000/dump", Some(2 * 86400)),
+        ];
+        let held: HashSet<String> = ["20261129T140000Z".to_string()].into();
+        let items = plan_uploads(&uploads, &held, now);
+        let deletes: Vec<bool> = items.iter().map(|(i, _)| i.delete).collect();
+        assert_eq!(deletes, vec![true, false, false, false]);
+        assert!(items[2].0.reason.contains("does not say when"));
+        assert!(items[3].0.reason.contains("running job"));
+    }
+}
