@@ -153,6 +153,15 @@ pub struct Config {
     /// SOMA_REPLICATION_PASSWORD (environment only), else PGPASSWORD or a passfile.
     #[arg(long, env = "SOMA_REPLICATION_URL")]
     pub replication_url: Option<String>,
+
+    /// Where a restore drill of a physical base backup lays its scratch data directory (removed
+    /// after every drill). Put it on a volume with room for the cluster.
+    #[arg(
+        long,
+        env = "SOMA_DRILL_DIR",
+        default_value = "/var/lib/soma-backup/drill"
+    )]
+    pub drill_dir: PathBuf,
 }
 
 /// One-shot subcommands.

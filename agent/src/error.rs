@@ -14,6 +14,7 @@ use crate::{
     },
     jobs::Busy,
     ops::{
+        drill::DrillError,
         physical::PhysicalError, plan::RequestError, postgres::LogicalError, qdrant::QdrantOpError,
         set::SetError,
     },
@@ -54,6 +55,9 @@ pub enum OpError {
     /// A request that cannot be served as asked.
     #[error(transparent)]
     Request(#[from] RequestError),
+    /// A restore drill that cannot run.
+    #[error(transparent)]
+    Drill(#[from] DrillError),
     /// Another operation holds what this one needs.
     #[error(transparent)]
     Busy(#[from] Busy),
@@ -232,6 +236,7 @@ impl OpError {
                 _ => Code::FailedPrecondition,
             },
             OpError::Physical(e) => e.code(),
+            OpError::Drill(e) => e.code(),
             OpError::Request(e) => match e {
                 RequestError::NoEngine | RequestError::SetWithPhysicalMember { .. } => {
                     Code::FailedPrecondition

@@ -283,6 +283,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             qdrant_mode: config.qdrant_mode,
             settings,
             wal_stream: wal_info,
+            drill_dir: config.drill_dir.clone(),
         },
         shutdown.child_token(),
     );

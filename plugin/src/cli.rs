@@ -103,6 +103,20 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Show the agents: pod, engine, version, store, last backup and its age, health.
     Status,
+    /// Restore a backup into a scratch target, check it against what was recorded at backup
+    /// time, report the restore time (RTO) and remove the scratch target; exit 1 unless it passed.
+    Drill(DrillArgs),
+}
+
+/// `drill`.
+#[derive(Debug, Args)]
+pub struct DrillArgs {
+    /// Backup id, or `latest` (the newest complete top-level backup).
+    #[arg(default_value = "latest")]
+    pub id: String,
+    /// With `latest`: the newest backup of this engine, a set's member included.
+    #[arg(long, value_enum, value_name = "ENGINE")]
+    pub engine: Option<TargetEngine>,
 }
 
 /// `backup`.

@@ -4,6 +4,7 @@
 
 pub mod artifact;
 pub mod delete;
+pub mod drill;
 pub mod physical;
 pub mod plan;
 pub mod postgres;
@@ -38,6 +39,8 @@ pub struct Context {
     pub settings: Settings,
     /// The continuous WAL archive, when streaming is on.
     pub wal_stream: Option<WalStreamInfo>,
+    /// Where restore drills of base backups lay their scratch data directories (`--drill-dir`).
+    pub drill_dir: std::path::PathBuf,
 }
 
 /// The WAL stream as the rest of the agent sees it.
@@ -72,11 +75,17 @@ pub struct Outcome {
     pub summary: String,
     /// The backup written, restored or verified.
     pub manifest: Manifest,
+    /// A restore drill's report.
+    pub drill: Option<drill::DrillReport>,
 }
 
 impl Outcome {
     /// An outcome about `manifest`.
     pub fn new(summary: String, manifest: Manifest) -> Self {
-        Self { summary, manifest }
+        Self {
+            summary,
+            manifest,
+            drill: None,
+        }
     }
 }

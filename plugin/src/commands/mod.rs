@@ -3,6 +3,7 @@
 pub mod backup;
 pub mod delete;
 pub mod describe;
+pub mod drill;
 pub mod list;
 pub mod platform;
 pub mod restore;
@@ -38,6 +39,7 @@ pub fn validate(command: &Command) -> Result<(), CliError> {
             check_engine(&a.id, a.engine)
         }
         Command::Delete(a) => check_id(&a.id, false),
+        Command::Drill(a) => check_id(&a.id, true).and_then(|()| check_engine(&a.id, a.engine)),
         Command::Backup(_) | Command::List | Command::Status => Ok(()),
     }
 }
@@ -63,6 +65,7 @@ pub fn engine_of(command: &Command) -> Option<&'static str> {
             a.engine.map(|e| e.label()).or_else(|| from_id(&a.id))
         }
         Command::Delete(a) => from_id(&a.id),
+        Command::Drill(a) => a.engine.map(|e| e.label()).or_else(|| from_id(&a.id)),
         Command::List | Command::Status => None,
     }
 }
@@ -73,6 +76,7 @@ pub fn backup_id(command: &Command) -> Option<&str> {
         Command::Restore(a) => Some(&a.id),
         Command::Describe(a) | Command::Verify(a) => Some(&a.id),
         Command::Delete(a) => Some(&a.id),
+        Command::Drill(a) => Some(&a.id),
         _ => None,
     }
 }
