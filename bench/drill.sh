@@ -144,7 +144,7 @@ for i in $(seq 1 "$REPEAT"); do
   timed t soma -o json drill "$BACKUP_ID" >"$TMP_DIR/drill-$i.json" 2>"$TMP_DIR/drill-$i.err" ||
     { cat "$TMP_DIR/drill-$i.err" >&2; die "kubectl-soma drill failed"; }
   DRILL_TIMES+=("$t")
-  RTOS+=("$(json_field "$TMP_DIR/drill-$i.json" rto_seconds)")
+  RTOS+=("$(printf '%.2f' "$(json_field "$TMP_DIR/drill-$i.json" rto_seconds)")")
   [[ "$(json_field "$TMP_DIR/drill-$i.json" passed)" == true ]] || die "the drill did not pass: $(cat "$TMP_DIR/drill-$i.json")"
   log "run $i/$REPEAT (d) drill: ${t}s, RTO ${RTOS[-1]}s"
 done

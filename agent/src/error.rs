@@ -14,9 +14,8 @@ use crate::{
     },
     jobs::Busy,
     ops::{
-        drill::DrillError,
-        physical::PhysicalError, plan::RequestError, postgres::LogicalError, qdrant::QdrantOpError,
-        set::SetError,
+        drill::DrillError, physical::PhysicalError, plan::RequestError, postgres::LogicalError,
+        qdrant::QdrantOpError, set::SetError,
     },
     pipeline::PipelineError,
     store::StoreError,

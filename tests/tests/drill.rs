@@ -62,7 +62,10 @@ fn logical_drills(store: &TestStore) {
     let agent = Agent::start(&store.url(), &pg.url("appdb"), &[], &store.env());
     let a = agent.addr();
 
-    let out = soma(a, &["-o", "json", "backup", "postgres", "--database", "appdb"]);
+    let out = soma(
+        a,
+        &["-o", "json", "backup", "postgres", "--database", "appdb"],
+    );
     out.assert_success("backup postgres --database appdb");
     let manifest = out.json();
     let id = manifest["id"].as_str().expect("backup id").to_owned();
@@ -75,13 +78,18 @@ fn logical_drills(store: &TestStore) {
         .iter()
         .map(|t| {
             (
-                format!("{}.{}", t["schema"].as_str().unwrap(), t["table"].as_str().unwrap()),
+                format!(
+                    "{}.{}",
+                    t["schema"].as_str().unwrap(),
+                    t["table"].as_str().unwrap()
+                ),
                 t["rows"].as_u64().unwrap(),
             )
         })
         .max_by_key(|(_, rows)| *rows)
         .unwrap();
     assert!(rows > 0, "the fixture's tables are empty: {tables:?}");
+    let rows_text = rows.to_string();
     let before = DbFingerprint::of(&pg, "appdb");
 
     // A good backup passes, every table compared.
@@ -96,11 +104,12 @@ fn logical_drills(store: &TestStore) {
     assert!(!all.iter().any(|c| c["skipped"] == true), "{report}");
     assert!(
         all.iter()
-            .any(|c| c["name"] == format!("rows of {busiest}") && c["found"] == rows.to_string()),
+            .any(|c| c["name"] == format!("rows of {busiest}") && c["found"] == rows_text.as_str()),
         "no row count check of {busiest}: {report}"
     );
     assert!(
-        all.iter().any(|c| c["name"] == format!("checksum of {busiest}")),
+        all.iter()
+            .any(|c| c["name"] == format!("checksum of {busiest}")),
         "{report}"
     );
     assert_untouched(&pg, &before, "a passing drill");
@@ -121,15 +130,26 @@ fn logical_drills(store: &TestStore) {
     // The table form lists the checks.
     let table = soma(a, &["drill", &id]);
     table.assert_success("drill (table)");
-    assert!(table.stdout.contains(&format!("rows of {busiest}")), "{}", table.stdout);
+    assert!(
+        table.stdout.contains(&format!("rows of {busiest}")),
+        "{}",
+        table.stdout
+    );
     assert!(table.stdout.contains("RTO:"), "{}", table.stdout);
 
     // Validation data that disagrees with the data: the drill runs and fails, naming the table.
     let manifest_key = format!("backups/{id}/manifest.json");
     let original_manifest = store.read(&manifest_key);
     let mut edited: Value = serde_json::from_slice(&original_manifest).unwrap();
-    for t in edited["details"]["databases"][0]["tables"].as_array_mut().unwrap() {
-        if format!("{}.{}", t["schema"].as_str().unwrap(), t["table"].as_str().unwrap()) == busiest
+    for t in edited["details"]["databases"][0]["tables"]
+        .as_array_mut()
+        .unwrap()
+    {
+        if format!(
+            "{}.{}",
+            t["schema"].as_str().unwrap(),
+            t["table"].as_str().unwrap()
+        ) == busiest
         {
             t["rows"] = (rows + 1).into();
         }
@@ -142,10 +162,10 @@ fn logical_drills(store: &TestStore) {
     let report = out.json();
     assert_eq!(report["passed"], false, "{report}");
     assert!(
-        report["failure"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("rows of {busiest}: expected {}, found {rows}", rows + 1)),
+        report["failure"].as_str().unwrap().contains(&format!(
+            "rows of {busiest}: expected {}, found {rows}",
+            rows + 1
+        )),
         "{report}"
     );
     assert_untouched(&pg, &before, "a drill that found a mismatch");
@@ -230,7 +250,10 @@ fn qdrant_drill_checks_a_scratch_collection_and_leaves_nothing() {
     let manifest = out.json();
     let id = manifest["id"].as_str().unwrap().to_owned();
     let sample = &manifest["details"]["collections"]["docs"]["sample"];
-    assert!(sample["vector"].is_array(), "no sample recorded: {manifest}");
+    assert!(
+        sample["vector"].is_array(),
+        "no sample recorded: {manifest}"
+    );
 
     let assert_untouched = |what: &str| {
         assert_eq!(q.collections(), ["docs", "tiny"], "{what}");
@@ -247,7 +270,11 @@ fn qdrant_drill_checks_a_scratch_collection_and_leaves_nothing() {
     let report = out.json();
     assert_eq!(report["passed"], true, "{report}");
     let all = checks(&report);
-    for name in ["docs: points count", "docs: vector configuration", "tiny: points count"] {
+    for name in [
+        "docs: points count",
+        "docs: vector configuration",
+        "tiny: points count",
+    ] {
         assert!(
             all.iter().any(|c| c["name"] == name && c["passed"] == true),
             "no passing check {name:?}: {report}"
@@ -273,6 +300,9 @@ fn qdrant_drill_checks_a_scratch_collection_and_leaves_nothing() {
     store.write(&key, serde_json::to_vec_pretty(&edited).unwrap());
     let out = soma(a, &["drill", &id]);
     out.assert_code(1, "drill of a Qdrant backup whose recorded count disagrees");
-    out.assert_stderr_contains("docs: points count: expected 299, found 300", "the failed drill");
+    out.assert_stderr_contains(
+        "docs: points count: expected 299, found 300",
+        "the failed drill",
+    );
     assert_untouched("a failing Qdrant drill");
 }

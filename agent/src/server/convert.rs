@@ -31,7 +31,10 @@ pub fn backup_info(m: &Manifest) -> v1::BackupInfo {
 /// A finished operation's result (with a drill's report).
 pub fn operation_result(outcome: Outcome, seconds: f64) -> v1::OperationResult {
     v1::OperationResult {
-        drill: outcome.drill.as_ref().map(ops::drill::DrillReport::to_proto),
+        drill: outcome
+            .drill
+            .as_ref()
+            .map(ops::drill::DrillReport::to_proto),
         summary: outcome.summary,
         raw_bytes: outcome.manifest.raw_bytes,
         stored_bytes: outcome.manifest.stored_bytes,

@@ -28,9 +28,8 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: DrillArgs) -> Result
             agent.addr
         ))
     })?;
-    let doc: serde_json::Value = serde_json::from_str(&report.report_json).map_err(|e| {
-        CliError::Other(format!("the agent sent an unreadable drill report: {e}"))
-    })?;
+    let doc: serde_json::Value = serde_json::from_str(&report.report_json)
+        .map_err(|e| CliError::Other(format!("the agent sent an unreadable drill report: {e}")))?;
     match out {
         OutputFormat::Table => {
             println!("{}", result.summary);
@@ -51,7 +50,10 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: DrillArgs) -> Result
                 })
                 .collect();
             output::table(&["CHECK", "RESULT", "EXPECTED", "FOUND"], &rows);
-            println!("RTO: {:.1} s (restore until the data was usable)", report.rto_seconds);
+            println!(
+                "RTO: {:.1} s (restore until the data was usable)",
+                report.rto_seconds
+            );
         }
         format => output::print_structured(format, &doc)?,
     }

@@ -28,7 +28,10 @@ pub(crate) const MAX_POINTS: u64 = 256;
 const MAX_DIMENSION: u64 = 4096;
 
 /// The collection's points: `(id, normalised vector)`, ids ascending.
-pub(crate) fn points(meta: &SegmentMeta, data: &DataSource) -> std::io::Result<Vec<(u64, Vec<f32>)>> {
+pub(crate) fn points(
+    meta: &SegmentMeta,
+    data: &DataSource,
+) -> std::io::Result<Vec<(u64, Vec<f32>)>> {
     let fingerprint = data::fingerprint(meta, data)?;
     let n = meta.points_count.min(MAX_POINTS);
     let dim = meta.vector_size.clamp(1, MAX_DIMENSION) as usize;
@@ -50,7 +53,12 @@ pub(crate) fn points(meta: &SegmentMeta, data: &DataSource) -> std::io::Result<V
                 }
                 block += 1;
             }
-            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+            let norm = v
+                .iter()
+                .map(|x| x * x)
+                .sum::<f32>()
+                .sqrt()
+                .max(f32::MIN_POSITIVE);
             (id, v.into_iter().map(|x| x / norm).collect())
         })
         .collect())
@@ -62,7 +70,10 @@ pub(crate) fn scroll(points: &[(u64, Vec<f32>)], body: &Value) -> Value {
     let offset = body["offset"].as_u64().unwrap_or(0);
     let with_vector = body["with_vector"].as_bool().unwrap_or(false);
     let mut page: Vec<&(u64, Vec<f32>)> = points.iter().filter(|(id, _)| *id >= offset).collect();
-    let next = page.get(limit).map(|(id, _)| json!(id)).unwrap_or(Value::Null);
+    let next = page
+        .get(limit)
+        .map(|(id, _)| json!(id))
+        .unwrap_or(Value::Null);
     page.truncate(limit);
     json!({
         "points": page.iter().map(|(id, v)| {
@@ -85,7 +96,12 @@ pub(crate) fn query(points: &[(u64, Vec<f32>)], body: &Value) -> Result<Value, S
         return Err("the Qdrant double supports only a dense vector as `query`".into());
     };
     let q: Vec<f32> = q.iter().map(|x| x.as_f64().unwrap_or(0.0) as f32).collect();
-    let norm = q.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+    let norm = q
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::MIN_POSITIVE);
     let limit = body["limit"].as_u64().unwrap_or(10).max(1) as usize;
     let mut scored: Vec<(u64, f32)> = points
         .iter()

@@ -24,10 +24,10 @@ mod sql;
 mod validation;
 
 pub use process::ToolProcess;
-pub use validation::{SnapshotHolder, TableStats};
 pub use replication::{
     BaseBackupPositions, SystemIdentity, check_slot_name, parse_basebackup_positions,
 };
+pub use validation::{SnapshotHolder, TableStats};
 
 /// Lines of a tool's stderr kept for error messages.
 const STDERR_TAIL_LINES: usize = 20;

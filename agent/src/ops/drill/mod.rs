@@ -165,10 +165,7 @@ impl DrillReport {
                 failed
                     .iter()
                     .take(5)
-                    .map(|c| format!(
-                        "{}: expected {}, found {}",
-                        c.name, c.expected, c.found
-                    ))
+                    .map(|c| format!("{}: expected {}, found {}", c.name, c.expected, c.found))
                     .collect::<Vec<_>>()
                     .join("; ")
             ),
@@ -406,10 +403,7 @@ async fn drill(
             manifest.id, report.rto_seconds
         )
     } else {
-        format!(
-            "drill of backup {} FAILED: {}",
-            manifest.id, report.failure
-        )
+        format!("drill of backup {} FAILED: {}", manifest.id, report.failure)
     };
     let mut outcome = Outcome::new(summary, manifest);
     outcome.drill = Some(report);
@@ -479,7 +473,7 @@ mod tests {
 
     #[test]
     fn skipped_checks_do_not_fail_a_report() {
-        let checks = vec![
+        let checks = [
             Check::skipped("counts", "no validation data recorded: counts not compared"),
             Check::compare("rows of public.t", "3".into(), "3".into()),
         ];

@@ -58,7 +58,10 @@ pub(super) async fn drill(
     let mut checks = Vec::new();
     for (name, target) in restored {
         let record = &details.collections[name];
-        reporter.phase("validating", format!("checking scratch collection {target}"));
+        reporter.phase(
+            "validating",
+            format!("checking scratch collection {target}"),
+        );
         checks.push(Check::fact(
             format!("{name}: restore"),
             "snapshot recovers",

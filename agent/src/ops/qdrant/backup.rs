@@ -393,4 +393,3 @@ async fn sample_of(q: &Qdrant, c: &str, points: Option<u64>) -> Option<SampleRec
         }
     }
 }
-
