@@ -194,6 +194,15 @@ pub struct Config {
     /// and kind; a backup set counts as one backup; the newest backup of each is always kept.
     #[arg(long, env = "SOMA_RETENTION", value_parser = crate::retention::parse_policy)]
     pub retention: Option<crate::retention::Policy>,
+
+    /// Where a restore drill of a physical base backup lays its scratch data directory (removed
+    /// after every drill). Put it on a volume with room for the cluster.
+    #[arg(
+        long,
+        env = "SOMA_DRILL_DIR",
+        default_value = "/var/lib/soma-backup/drill"
+    )]
+    pub drill_dir: PathBuf,
 }
 
 impl Config {

@@ -14,8 +14,8 @@ use crate::{
     },
     jobs::Busy,
     ops::{
-        physical::PhysicalError, plan::RequestError, postgres::LogicalError, qdrant::QdrantOpError,
-        set::SetError,
+        drill::DrillError, physical::PhysicalError, plan::RequestError, postgres::LogicalError,
+        qdrant::QdrantOpError, set::SetError,
     },
     pipeline::PipelineError,
     store::StoreError,
@@ -54,6 +54,9 @@ pub enum OpError {
     /// A request that cannot be served as asked.
     #[error(transparent)]
     Request(#[from] RequestError),
+    /// A restore drill that cannot run.
+    #[error(transparent)]
+    Drill(#[from] DrillError),
     /// Another operation holds what this one needs.
     #[error(transparent)]
     Busy(#[from] Busy),
@@ -232,6 +235,7 @@ impl OpError {
                 _ => Code::FailedPrecondition,
             },
             OpError::Physical(e) => e.code(),
+            OpError::Drill(e) => e.code(),
             OpError::Request(e) => match e {
                 RequestError::NoEngine | RequestError::SetWithPhysicalMember { .. } => {
                     Code::FailedPrecondition

@@ -289,6 +289,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         settings,
         wal_stream: wal_info,
         retention: config.retention.clone(),
+        drill_dir: config.drill_dir.clone(),
     });
     schedule::run::validate(&schedules, &ctx).map_err(anyhow::Error::msg)?;
     let metrics = std::sync::Arc::new(metrics::Metrics::new());

@@ -34,6 +34,8 @@ pub enum Interrupted {
     Abandon(Vec<BackupId>),
     /// Empty the data directory a physical restore was filling (if it found it empty).
     ClearPgdata(ops::physical::PgdataRestore),
+    /// Remove a restore drill's scratch targets.
+    DrillScratch(ops::drill::Scratch),
     /// Nothing is left half-done (a restore into PostgreSQL rolls back when pg_restore dies; a
     /// cut-off Qdrant upload is refused by Qdrant's checksum; a verify writes nothing).
     Nothing,
@@ -137,6 +139,7 @@ impl Runner {
                     }
                 }
                 Interrupted::ClearPgdata(req) => ops::physical::abandon_pgdata(&req).await,
+                Interrupted::DrillScratch(scratch) => scratch.clean_up(&this.ctx).await,
                 Interrupted::Nothing => {}
             }
             this.failed(&job, &OpError::ShuttingDown.to_string(), &trigger)
@@ -161,7 +164,19 @@ impl Runner {
                 self.metrics.verified(&outcome.manifest);
                 None
             }
-            Operation::Drill | Operation::Restore => None,
+            Operation::Drill => match &outcome.drill {
+                Some(report) if report.passed => {
+                    self.metrics.drill_passed(
+                        &outcome.manifest,
+                        report.drilled_at,
+                        report.rto_seconds,
+                    );
+                    None
+                }
+                Some(report) => Some(format!("the drill did not pass: {}", report.failure)),
+                None => None,
+            },
+            Operation::Restore => None,
         }
     }
 

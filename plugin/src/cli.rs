@@ -173,6 +173,9 @@ pub enum Command {
     /// Apply the retention policy: delete the backups it drops (a set with its members), WAL no
     /// kept base backup needs, and leftovers of interrupted backups older than a day.
     Prune(PruneArgs),
+    /// Restore a backup into a scratch target, check it against what was recorded at backup
+    /// time, report the restore time (RTO) and remove the scratch target; exit 1 unless it passed.
+    Drill(DrillArgs),
 }
 
 /// `list`.
@@ -215,6 +218,18 @@ pub struct PruneArgs {
     /// Delete without asking.
     #[arg(long, short = 'y')]
     pub yes: bool,
+}
+
+/// `drill`.
+#[derive(Debug, Args)]
+pub struct DrillArgs {
+    /// Backup id, or `latest` (the newest complete top-level backup).
+    #[arg(default_value = "latest")]
+    pub id: String,
+    /// With `latest`: the newest backup of this engine, a set's member included (the global
+    /// `--engine`, filled in by [`Cli::normalize`]).
+    #[arg(skip)]
+    pub engine: Option<TargetEngine>,
 }
 
 /// `backup`.
@@ -409,6 +424,7 @@ impl Cli {
             Command::Restore(a) => narrow(&a.id.clone(), &mut a.engine),
             Command::Describe(a) | Command::Verify(a) => narrow(&a.id.clone(), &mut a.engine),
             Command::Delete(a) => narrow(&a.id, &mut None),
+            Command::Drill(a) => narrow(&a.id.clone(), &mut a.engine),
             Command::Backup(b) => {
                 let wanted = match b.engine {
                     BackupEngine::Postgres { .. } => Some(TargetEngine::Postgres),

@@ -71,6 +71,7 @@ pub async fn run(mut cli: Cli) -> Result<(), CliError> {
                         Command::Describe(a) | Command::Verify(a) => {
                             a.engine.map_or(0, |e| e.to_proto() as i32)
                         }
+                        Command::Drill(a) => a.engine.map_or(0, |e| e.to_proto() as i32),
                         _ => 0,
                     };
                     let agent = connect::agent_for_backup(agents, id, narrowed).await?;
@@ -102,6 +103,7 @@ async fn dispatch(
         Command::Describe(args) => commands::describe::run(agent, out, args).await,
         Command::Verify(args) => commands::verify::run(agent, out, args).await,
         Command::Delete(args) => commands::delete::run(agent, out, args).await,
+        Command::Drill(args) => commands::drill::run(agent, out, args).await,
         Command::Prune(args) => commands::prune::run(agent, out, args).await,
         Command::Status | Command::Completion(_) => {
             unreachable!("handled above")

@@ -4,6 +4,7 @@
 
 pub mod artifact;
 pub mod delete;
+pub mod drill;
 pub mod physical;
 pub mod plan;
 pub mod postgres;
@@ -40,6 +41,8 @@ pub struct Context {
     pub wal_stream: Option<WalStreamInfo>,
     /// The agent's retention policy (`--retention`), applied by `prune` unless a request overrides it.
     pub retention: Option<crate::retention::Policy>,
+    /// Where restore drills of base backups lay their scratch data directories (`--drill-dir`).
+    pub drill_dir: std::path::PathBuf,
 }
 
 /// The WAL stream as the rest of the agent sees it.
@@ -74,11 +77,17 @@ pub struct Outcome {
     pub summary: String,
     /// The backup written, restored or verified.
     pub manifest: Manifest,
+    /// A restore drill's report.
+    pub drill: Option<drill::DrillReport>,
 }
 
 impl Outcome {
     /// An outcome about `manifest`.
     pub fn new(summary: String, manifest: Manifest) -> Self {
-        Self { summary, manifest }
+        Self {
+            summary,
+            manifest,
+            drill: None,
+        }
     }
 }

@@ -22,6 +22,7 @@ use crate::{
     metrics::ScheduleLabels,
     ops::{
         Context,
+        drill::DrillPlan,
         plan::{BackupPlan, VerifyPlan},
     },
     owner::OwnerId,
@@ -31,6 +32,8 @@ use crate::{
 /// Missed cron times counted after a long run, at most (a per-second schedule after an hour-long
 /// backup must not spin).
 const MAX_COUNTED_MISSES: u64 = 10_000;
+/// Backups looked at, newest first, for one a scheduled drill can drill.
+const MAX_DRILL_CANDIDATES: usize = 50;
 /// The persisted state of a schedule is never larger than this.
 const MAX_STATE_BYTES: usize = 4096;
 
@@ -289,10 +292,7 @@ impl Task {
             | Action::BackupQdrant => self.backup(action).await,
             Action::VerifyLatest => self.verify_latest().await,
             Action::Prune => self.prune().await,
-            Action::Drill => Ran::Failed(format!(
-                "{} is not available in this agent",
-                action.as_str()
-            )),
+            Action::Drill => self.drill().await,
         }
     }
 
@@ -310,6 +310,11 @@ impl Task {
             Err(OpError::Busy(busy)) => Ran::Skipped(busy.to_string()),
             Err(e) => Ran::Failed(e.to_string()),
             Ok(events) => match Runner::outcome(events).await {
+                // A drill that ran but did not pass is a failed run.
+                Ok(v1::OperationResult {
+                    drill: Some(report),
+                    ..
+                }) if !report.passed => Ran::Failed(report.failure),
                 Ok(result) => Ran::Done(result.backup.map(|b| b.id).unwrap_or_default()),
                 Err(status) => Ran::Failed(status.message().to_string()),
             },
@@ -358,6 +363,43 @@ impl Task {
             Err(OpError::Busy(busy)) => Ran::Skipped(busy.to_string()),
             Err(e) => Ran::Failed(e.to_string()),
         }
+    }
+
+    /// Drills the newest backup this agent can drill (a base backup, which needs a scratch
+    /// server, or a Qdrant storage snapshot is passed over for the next newest).
+    async fn drill(&self) -> Ran {
+        let ctx = self.runner.ctx();
+        let manifests = match ctx.source.list().await {
+            Ok(m) => m,
+            Err(e) => return self.failed_to_start(Operation::Drill, e.into()).await,
+        };
+        let mut refused = None;
+        let mut plan = None;
+        for m in manifests.iter().take(MAX_DRILL_CANDIDATES) {
+            let request = v1::DrillRequest {
+                backup_id: m.id.to_string(),
+                engine: 0,
+            };
+            match DrillPlan::from_request(ctx, request).await {
+                Ok(p) => {
+                    plan = Some(p);
+                    break;
+                }
+                Err(e) => refused = refused.or(Some(e)),
+            }
+        }
+        let Some(plan) = plan else {
+            let e = refused.unwrap_or(OpError::Catalog(crate::catalog::CatalogError::NoBackups));
+            return self.failed_to_start(Operation::Drill, e).await;
+        };
+        let (job, span) = (plan.job(), plan.span());
+        let interrupted = Interrupted::DrillScratch(plan.scratch.clone());
+        let started = self
+            .runner
+            .start(job, span, interrupted, self.trigger(), |ctx, reporter| {
+                plan.run(ctx, reporter)
+            });
+        self.follow(started).await
     }
 
     async fn verify_latest(&self) -> Ran {

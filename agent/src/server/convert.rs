@@ -28,15 +28,33 @@ pub fn backup_info(m: &Manifest) -> v1::BackupInfo {
     }
 }
 
-/// A finished operation's result.
+/// A finished operation's result (with a drill's report).
 pub fn operation_result(outcome: Outcome, seconds: f64) -> v1::OperationResult {
     v1::OperationResult {
+        drill: outcome
+            .drill
+            .as_ref()
+            .map(ops::drill::DrillReport::to_proto),
         summary: outcome.summary,
         raw_bytes: outcome.manifest.raw_bytes,
         stored_bytes: outcome.manifest.stored_bytes,
         seconds,
         backup: Some(backup_info(&outcome.manifest)),
-        drill: None,
+    }
+}
+
+/// The last drill of a backup as `describe` shows it: the stored report, or one that says why
+/// the stored report could not be read (it is never trusted to parse).
+pub fn last_drill(
+    report: Result<Option<ops::drill::DrillReport>, crate::error::OpError>,
+) -> Option<v1::DrillReport> {
+    match report {
+        Ok(r) => r.as_ref().map(ops::drill::DrillReport::to_proto),
+        Err(e) => Some(v1::DrillReport {
+            passed: false,
+            failure: e.to_string(),
+            ..Default::default()
+        }),
     }
 }
 

@@ -18,6 +18,7 @@ use crate::{
     jobs::{JobInfo, Jobs, Operation, Reporter},
     ops::{
         self, Context,
+        drill::DrillPlan,
         plan::{BackupPlan, OpFuture, RestorePlan, VerifyPlan},
     },
     retention,
@@ -148,9 +149,14 @@ impl SomaAgent for AgentService {
 
     async fn drill(
         &self,
-        _request: Request<v1::DrillRequest>,
+        request: Request<v1::DrillRequest>,
     ) -> Result<Response<Self::DrillStream>, Status> {
-        Err(Status::unimplemented("drill is not implemented yet"))
+        let plan = DrillPlan::from_request(&self.ctx, request.into_inner()).await?;
+        let (info, span) = (plan.job(), plan.span());
+        let interrupted = Interrupted::DrillScratch(plan.scratch.clone());
+        self.start(info, span, interrupted, |ctx, reporter| {
+            plan.run(ctx, reporter)
+        })
     }
 
     async fn prune(
@@ -212,6 +218,9 @@ impl SomaAgent for AgentService {
             .of(&manifest)
             .await
             .map(convert::recovery_window);
+        info.last_drill = convert::last_drill(
+            ops::drill::read_report(self.ctx.source.store().as_ref(), &manifest.id).await,
+        );
         Ok(Response::new(info))
     }
 

@@ -75,6 +75,13 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(),
                     println!("Recoverable: unknown ({})", w.error);
                 }
             }
+            match &info.last_drill {
+                Some(d) if d.drilled_at.is_empty() => {
+                    println!("Last drill:  unknown ({})", d.failure)
+                }
+                Some(d) => println!("Last drill:  {}", drill_line(d)),
+                None => println!("Last drill:  never (run `kubectl soma drill {}`)", info.id),
+            }
             println!("Artifacts:");
             for a in manifest["artifacts"].as_array().into_iter().flatten() {
                 println!(
@@ -90,7 +97,27 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(),
             }
             Ok(())
         }
-        format => output::print_structured(format, &manifest),
+        format => {
+            // The manifest as stored, with the last drill's report beside it.
+            let mut manifest = manifest;
+            if let (Some(d), Some(obj)) = (&info.last_drill, manifest.as_object_mut()) {
+                let report = serde_json::from_str(&d.report_json).unwrap_or_else(
+                    |_| serde_json::json!({"passed": d.passed, "failure": d.failure}),
+                );
+                obj.insert("last_drill".into(), report);
+            }
+            output::print_structured(format, &manifest)
+        }
+    }
+}
+
+/// "passed 2026-11-29 14:35:09, RTO 3.2 s" or "FAILED …: why".
+fn drill_line(d: &v1::DrillReport) -> String {
+    let when = output::short_time(&d.drilled_at);
+    if d.passed {
+        format!("passed {when}, RTO {:.1} s", d.rto_seconds)
+    } else {
+        format!("FAILED {when}: {}", d.failure)
     }
 }
 

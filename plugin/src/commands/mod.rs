@@ -3,6 +3,7 @@
 pub mod backup;
 pub mod delete;
 pub mod describe;
+pub mod drill;
 pub mod list;
 pub mod platform;
 pub mod prune;
@@ -35,6 +36,7 @@ pub fn validate(command: &Command) -> Result<(), CliError> {
         }
         Command::Describe(a) | Command::Verify(a) => check_id(&a.id, true),
         Command::Delete(a) => check_id(&a.id, false),
+        Command::Drill(a) => check_id(&a.id, true),
         Command::Backup(_)
         | Command::List(_)
         | Command::Status
@@ -64,6 +66,7 @@ pub fn engine_of(command: &Command) -> Option<&'static str> {
             a.engine.map(|e| e.label()).or_else(|| from_id(&a.id))
         }
         Command::Delete(a) => from_id(&a.id),
+        Command::Drill(a) => a.engine.map(|e| e.label()).or_else(|| from_id(&a.id)),
         Command::List(_) | Command::Status | Command::Completion(_) | Command::Prune(_) => None,
     }
 }
@@ -74,6 +77,7 @@ pub fn backup_id(command: &Command) -> Option<&str> {
         Command::Restore(a) => Some(&a.id),
         Command::Describe(a) | Command::Verify(a) => Some(&a.id),
         Command::Delete(a) => Some(&a.id),
+        Command::Drill(a) => Some(&a.id),
         _ => None,
     }
 }

@@ -323,6 +323,9 @@ async fn route(
             let exists = shared.lock().resolve(c).is_some();
             ok(started, json!({"exists": exists}))
         }
+        (Method::POST, ["collections", c, "points", op @ ("scroll" | "query")]) => {
+            points_request(&shared, c, op, req, started).await
+        }
         (Method::GET, ["collections", c, "aliases"]) => list_aliases(&shared, Some(c), started),
         (Method::GET, ["collections", c, "snapshots"]) => {
             list_collection_snapshots(&shared, c, started)
@@ -562,6 +565,39 @@ fn get_collection(shared: &Shared, name: &str, started: Instant) -> Response<Bod
             "update_queue": {"length": 0}
         }),
     )
+}
+
+/// `POST /collections/{c}/points/scroll` and `/points/query` (see `qdrant/points.rs`).
+async fn points_request(
+    shared: &Arc<Shared>,
+    name: &str,
+    op: &str,
+    req: Request<Incoming>,
+    started: Instant,
+) -> Response<Body> {
+    let Some((_, collection)) = shared.lock().resolve(name) else {
+        return error(started, &ApiError::collection_missing(name));
+    };
+    let body = match read_json_body(req).await {
+        Ok(body) => body,
+        Err(e) => return error(started, &e),
+    };
+    let points = match tokio::task::spawn_blocking(move || {
+        super::points::points(&collection.meta, &collection.data)
+    })
+    .await
+    {
+        Ok(Ok(points)) => points,
+        Ok(Err(e)) => return error(started, &ApiError::io("reading the collection", e)),
+        Err(e) => return error(started, &ApiError::Service(e.to_string())),
+    };
+    match op {
+        "scroll" => ok(started, super::points::scroll(&points, &body)),
+        _ => match super::points::query(&points, &body) {
+            Ok(result) => ok(started, result),
+            Err(message) => error(started, &ApiError::BadInput(message)),
+        },
+    }
 }
 
 /// `PUT /collections/{name}` (operationId `create_collection`), for a single unnamed vector.

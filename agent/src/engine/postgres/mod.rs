@@ -21,11 +21,13 @@ pub mod globals;
 mod process;
 mod replication;
 mod sql;
+mod validation;
 
 pub use process::ToolProcess;
 pub use replication::{
     BaseBackupPositions, SystemIdentity, check_slot_name, parse_basebackup_positions,
 };
+pub use validation::{SnapshotHolder, TableStats};
 
 /// Lines of a tool's stderr kept for error messages.
 const STDERR_TAIL_LINES: usize = 20;
@@ -354,15 +356,43 @@ impl Postgres {
     /// Starts `pg_dump --format=custom` of `database` without its own compression (the pipeline
     /// compresses), writing to stdout.
     pub fn start_dump(&self, database: &str) -> Result<ToolProcess, PgError> {
+        self.start_dump_at(database, None)
+    }
+
+    /// [`Self::start_dump`] in an exported snapshot (see [`SnapshotHolder`]), so what it dumps is
+    /// exactly what the validation data counted.
+    pub fn start_dump_at(
+        &self,
+        database: &str,
+        snapshot: Option<&SnapshotHolder>,
+    ) -> Result<ToolProcess, PgError> {
         let mut cmd = self.command("pg_dump");
-        cmd.args([
-            "--format=custom",
-            "--compress=0",
-            "--no-password",
-            "--dbname",
-        ])
-        .arg(self.url_for(database));
+        cmd.args(["--format=custom", "--compress=0", "--no-password"]);
+        if let Some(holder) = snapshot {
+            cmd.arg(format!("--snapshot={}", holder.snapshot()));
+        }
+        cmd.arg("--dbname").arg(self.url_for(database));
         self.spawn("pg_dump", cmd)
+    }
+
+    /// Starts `pg_restore` for a restore drill into the scratch `database`, as one transaction
+    /// reading stdin like [`Self::start_restore`], but without owners, privileges, tablespaces
+    /// or subscriptions: a drill checks the data and never creates or alters roles, nor connects
+    /// a subscription to a publisher.
+    pub fn start_drill_restore(&self, database: &str) -> Result<ToolProcess, PgError> {
+        let mut cmd = self.command("pg_restore");
+        cmd.stdin(Stdio::piped()).args([
+            "--single-transaction",
+            "--exit-on-error",
+            "--no-password",
+            "--no-owner",
+            "--no-privileges",
+            "--no-tablespaces",
+            "--no-subscriptions",
+            "--dbname",
+        ]);
+        cmd.arg(self.url_for(database));
+        self.spawn("pg_restore", cmd)
     }
 
     /// Starts `pg_restore` into `database` as ONE transaction reading the archive from stdin: it

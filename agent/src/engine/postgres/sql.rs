@@ -223,6 +223,20 @@ impl Postgres {
         .map(|_| ())
     }
 
+    /// Drops a restore drill's scratch database, ending any session still in it (a pg_restore
+    /// killed mid-drill may not have left yet).
+    pub async fn drop_scratch_database(&self, database: &str) -> Result<(), PgError> {
+        self.query(
+            "postgres",
+            &format!(
+                "drop database if exists {} with (force)",
+                quote_ident(database)
+            ),
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Drops a database this agent created for a restore that then failed.
     pub async fn drop_database(&self, database: &str) -> Result<(), PgError> {
         self.query(

@@ -445,6 +445,82 @@ impl Qdrant {
     }
 }
 
+impl Qdrant {
+    /// One point of `collection` with its vector (`POST /collections/{c}/points/scroll`, limit 1),
+    /// recorded at backup time for a restore drill's sample search; `None` when it is empty.
+    pub async fn sample_point(&self, collection: &str) -> Result<Option<Value>, QdrantError> {
+        #[derive(Deserialize)]
+        struct Scroll {
+            points: Vec<Value>,
+        }
+        let body = serde_json::json!({"limit": 1, "with_vector": true, "with_payload": false});
+        let page: Scroll = self
+            .call(
+                Method::POST,
+                &["collections", collection, "points", "scroll"],
+                &[],
+                Some(&body),
+                || format!("collection {collection}"),
+            )
+            .await?;
+        Ok(page.points.into_iter().next())
+    }
+
+    /// The ids of the `limit` nearest points to `vector` by exact (not approximate) search
+    /// (`POST /collections/{c}/points/query` with `params.exact`), nearest first; `using` names
+    /// the vector of a collection with named vectors.
+    pub async fn exact_search(
+        &self,
+        collection: &str,
+        vector: &Value,
+        using: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Value>, QdrantError> {
+        #[derive(Deserialize)]
+        struct Found {
+            points: Vec<Scored>,
+        }
+        #[derive(Deserialize)]
+        struct Scored {
+            id: Value,
+        }
+        let mut body = serde_json::json!({
+            "query": vector,
+            "limit": limit,
+            "params": {"exact": true},
+            "with_payload": false,
+            "with_vector": false,
+        });
+        if let Some(name) = using {
+            body["using"] = Value::String(name.to_string());
+        }
+        let found: Found = self
+            .call(
+                Method::POST,
+                &["collections", collection, "points", "query"],
+                &[],
+                Some(&body),
+                || format!("collection {collection}"),
+            )
+            .await?;
+        Ok(found.points.into_iter().map(|p| p.id).collect())
+    }
+
+    /// Deletes a collection (`DELETE /collections/{c}`); deleting one that is gone succeeds.
+    pub async fn delete_collection(&self, collection: &str) -> Result<(), QdrantError> {
+        let _: Value = self
+            .call(
+                Method::DELETE,
+                &["collections", collection],
+                &[],
+                None,
+                || format!("collection {collection}"),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ use super::{
 use crate::{
     catalog::{Artifact, BackupId, Engine, Kind, Manifest, Target, Tool},
     engine::postgres::{
-        Postgres, ToolProcess,
+        Postgres, TableStats, ToolProcess,
         globals::{self, DatabaseNeeds, Globals},
     },
     error::OpError,
@@ -117,7 +117,9 @@ async fn write_globals(
     Ok(art)
 }
 
-/// Streams one database's pg_dump into artifact `what`.
+/// Streams one database's pg_dump into artifact `what`, and reads the validation data a restore
+/// drill compares against (row counts and checksums) in the very snapshot pg_dump dumps, while it
+/// dumps. Validation data that cannot be read is a warning, not a failed backup: the dump is good.
 async fn dump_database(
     ctx: &Context,
     pg: &Postgres,
@@ -125,8 +127,23 @@ async fn dump_database(
     database: &str,
     what: ArtifactName<'_>,
     reporter: &Reporter,
-) -> Result<Artifact, OpError> {
-    let source = PgDump(pg.start_dump(database)?);
+) -> Result<(Artifact, Option<Vec<TableStats>>), OpError> {
+    let holder = match pg.export_snapshot(database).await {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(database, error = %e, "could not export a snapshot: dumping without validation data for restore drills");
+            None
+        }
+    };
+    let source = match pg.start_dump_at(database, holder.as_ref()) {
+        Ok(p) => PgDump(p),
+        Err(e) => {
+            if let Some(h) = holder {
+                h.release().await;
+            }
+            return Err(e.into());
+        }
+    };
     reporter.phase(
         "dumping",
         format!(
@@ -134,8 +151,23 @@ async fn dump_database(
             ctx.catalog.store().location()
         ),
     );
-    let (art, ()) = write_artifact(ctx, id, what, source, reporter).await?;
-    Ok(art)
+    let stats = async {
+        let h = holder.as_ref()?;
+        match pg.table_stats(database, Some(h.snapshot())).await {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(database, error = %e, "could not count rows for restore drills; the backup has no validation data");
+                None
+            }
+        }
+    };
+    let (written, tables) = tokio::join!(write_artifact(ctx, id, what, source, reporter), stats);
+    // Both pg_dump and the counting session imported the snapshot by now.
+    if let Some(h) = holder {
+        h.release().await;
+    }
+    let (art, ()) = written?;
+    Ok((art, tables))
 }
 
 /// The sentence a backup summary adds when no password hash could be read.
@@ -178,12 +210,13 @@ pub(crate) async fn backup_postgres(
     let needed: BTreeSet<String> = needs.roles.iter().cloned().collect();
     let globals = capture_globals(pg, &database).await?.only(&needed);
     let globals_art = write_globals(&ctx, &id, &globals, &reporter).await?;
-    let dump_art = dump_database(&ctx, pg, &id, &database, PG_DUMP, &reporter).await?;
+    let (dump_art, tables) = dump_database(&ctx, pg, &id, &database, PG_DUMP, &reporter).await?;
     let details = LogicalDetails {
         globals: globals_record(&globals),
         databases: vec![DatabaseRecord {
             artifact: PG_DUMP.name.into(),
             needs,
+            tables,
         }],
     };
     let manifest = manifest(
@@ -239,7 +272,7 @@ pub(crate) async fn backup_cluster(
             name: &name,
             format: PG_DUMP.format,
         };
-        let art = dump_database(&ctx, pg, &id, &needs.name, what, &reporter).await?;
+        let (art, tables) = dump_database(&ctx, pg, &id, &needs.name, what, &reporter).await?;
         artifacts.push(Artifact {
             database: Some(needs.name.clone()),
             ..art
@@ -247,6 +280,7 @@ pub(crate) async fn backup_cluster(
         records.push(DatabaseRecord {
             artifact: name,
             needs,
+            tables,
         });
     }
     let details = LogicalDetails {

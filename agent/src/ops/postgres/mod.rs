@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     catalog::{BackupId, Kind, Manifest},
-    engine::postgres::globals::DatabaseNeeds,
+    engine::postgres::{TableStats, globals::DatabaseNeeds},
 };
 
 pub(crate) mod backup;
@@ -121,6 +121,11 @@ pub struct DatabaseRecord {
     /// What restoring it needs.
     #[serde(flatten)]
     pub needs: DatabaseNeeds,
+    /// Validation data for restore drills: every table's rows and checksum, read in the snapshot
+    /// the dump was taken in. Absent in backups written before drills, and when the snapshot
+    /// could not be exported or counted (the backup itself is still good).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tables: Option<Vec<TableStats>>,
 }
 
 impl LogicalDetails {

@@ -11,7 +11,7 @@ use tokio::io::AsyncRead;
 
 use super::{
     COLLECTION_FORMAT, CollectionRecord, QdrantDetails, QdrantOpError, SHARD_FORMAT,
-    STORAGE_FORMAT, SnapshotMode, collection_slug,
+    STORAGE_FORMAT, SampleRecord, SnapshotMode, collection_slug,
 };
 use crate::{
     catalog::{Artifact, BackupId, Engine, Manifest, Target, Tool},
@@ -154,6 +154,7 @@ async fn take_snapshots(
             points_count: info.get("points_count").and_then(Value::as_u64),
             config: config.clone(),
             snapshot: None,
+            sample: sample_of(q, c, record_points(&info)).await,
         };
         match mode {
             SnapshotMode::ShardStream => {
@@ -350,4 +351,45 @@ async fn snapshot_collection(
         },
         desc,
     ))
+}
+
+/// Points count from a `CollectionInfo`.
+fn record_points(info: &Value) -> Option<u64> {
+    info.get("points_count").and_then(Value::as_u64)
+}
+
+/// A sample point of collection `c` and the nearest point to its vector by exact search, for a
+/// restore drill's sample search. Taken just before the snapshot: a collection written during the
+/// backup may differ from it. Anything unusual (no points, sparse or multi-vectors, a server
+/// without the query API) records no sample, with a warning; the backup itself is unaffected.
+async fn sample_of(q: &Qdrant, c: &str, points: Option<u64>) -> Option<SampleRecord> {
+    if points == Some(0) {
+        return None;
+    }
+    let sampled = async {
+        let Some(point) = q.sample_point(c).await? else {
+            return Ok(None);
+        };
+        let Some((using, vector)) = SampleRecord::dense_vector(&point["vector"]) else {
+            return Ok(None);
+        };
+        let nearest = q
+            .exact_search(c, &vector, using.as_deref(), 1)
+            .await?
+            .into_iter()
+            .next();
+        Ok::<_, crate::engine::qdrant::QdrantError>(nearest.map(|nearest| SampleRecord {
+            id: point["id"].clone(),
+            vector,
+            using,
+            nearest,
+        }))
+    };
+    match sampled.await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(collection = c, error = %e, "could not take a sample point for restore drills");
+            None
+        }
+    }
 }

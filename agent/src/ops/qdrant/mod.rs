@@ -93,6 +93,41 @@ pub struct CollectionRecord {
     /// Qdrant's description of the snapshot taken (collection mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotDescription>,
+    /// A sample point for a restore drill's sample search (absent in backups written before
+    /// drills and for collections without a dense vector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample: Option<SampleRecord>,
+}
+
+/// One point of a collection and what an exact search with its vector found at backup time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleRecord {
+    /// The point's id (an integer or a UUID string, as Qdrant gave it).
+    pub id: Value,
+    /// Its dense vector.
+    pub vector: Value,
+    /// The vector's name, for a collection with named vectors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub using: Option<String>,
+    /// The id an exact search with `vector` ranked first (the point itself, unless another point
+    /// scores higher, as can happen with the Dot distance).
+    pub nearest: Value,
+}
+
+impl SampleRecord {
+    /// The dense vector of a point's `vector` field: the unnamed one, or the first named dense
+    /// vector; `None` for sparse or multi-vectors only.
+    pub fn dense_vector(vector: &Value) -> Option<(Option<String>, Value)> {
+        let dense = |v: &Value| v.as_array().is_some_and(|a| a.iter().all(Value::is_number));
+        match vector {
+            v if dense(v) => Some((None, v.clone())),
+            Value::Object(named) => named
+                .iter()
+                .find(|(_, v)| dense(v))
+                .map(|(name, v)| (Some(name.clone()), v.clone())),
+            _ => None,
+        }
+    }
 }
 
 /// Why a Qdrant backup or restore was refused; each says what to do instead.

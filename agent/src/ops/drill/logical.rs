@@ -1,0 +1,231 @@
+//! Drills of logical backups: each dumped database restored into its own scratch database with
+//! `pg_restore --single-transaction` (no owners, privileges or tablespaces, so no role is created
+//! or needed), then every table counted and checksummed and compared with what the backup
+//! recorded in the snapshot it dumped.
+
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Check, Scratch, ScratchItem};
+use crate::{
+    catalog::{Artifact, Kind, Manifest},
+    engine::postgres::{Postgres, TableStats},
+    error::OpError,
+    jobs::Reporter,
+    ops::{
+        Context,
+        artifact::{RESTORE_HOLDBACK, artifact, read_artifact},
+        postgres::{LogicalDetails, PG_DUMP},
+    },
+};
+
+/// What a report says when a backup predates validation data.
+pub(super) const NO_VALIDATION_DATA: &str = "no validation data recorded: counts not compared";
+
+/// One dumped database: its name at backup time, its dump and its recorded tables.
+struct Dumped {
+    name: String,
+    artifact: Artifact,
+    tables: Option<Vec<TableStats>>,
+}
+
+/// Restores every database of `m` into scratch databases and compares; returns the seconds until
+/// the last one was restored (the RTO) and the checks.
+pub(super) async fn drill(
+    ctx: &Arc<Context>,
+    m: &Manifest,
+    scratch: &Scratch,
+    reporter: &Reporter,
+) -> Result<(f64, Vec<Check>), OpError> {
+    let pg = ctx.postgres()?;
+    reporter.phase("preparing", "checking pg_restore");
+    pg.check_tool("pg_restore", "postgres").await?;
+    let dumped: Vec<Dumped> = match LogicalDetails::of(m)? {
+        Some(details) => details
+            .databases
+            .iter()
+            .map(|r| {
+                Ok(Dumped {
+                    name: r.needs.name.clone(),
+                    artifact: artifact(m, &r.artifact)?.clone(),
+                    tables: r.tables.clone(),
+                })
+            })
+            .collect::<Result<_, OpError>>()?,
+        None => vec![Dumped {
+            name: m.target.name.clone(),
+            artifact: artifact(m, PG_DUMP.name)?.clone(),
+            tables: None,
+        }],
+    };
+
+    let started = Instant::now();
+    let mut restored = Vec::with_capacity(dumped.len());
+    for (index, d) in dumped.into_iter().enumerate() {
+        let db = scratch.name(&(index + 1).to_string());
+        reporter.phase(
+            "restoring",
+            format!(
+                "{} ({}) → zstd → pg_restore into scratch database {db}",
+                m.id, d.name
+            ),
+        );
+        let item = ScratchItem::Database(db.clone());
+        scratch.register(item.clone());
+        if let Err(e) = pg.create_database(&db).await {
+            // Not ours: never drop a database this drill did not create.
+            scratch.forget(&item);
+            return Err(e.into());
+        }
+        restore_into(ctx, pg, m, &d.artifact, &db, reporter).await?;
+        restored.push((d, db));
+    }
+    let rto = started.elapsed().as_secs_f64();
+
+    let named = restored.len() > 1 || m.kind == Kind::LogicalCluster;
+    let mut checks = Vec::new();
+    for (d, db) in restored {
+        let prefix = if named {
+            format!("{}: ", d.name)
+        } else {
+            String::new()
+        };
+        checks.push(Check::fact(
+            format!("{prefix}restore"),
+            "pg_restore completes",
+            format!("restored into scratch database {db}"),
+            true,
+        ));
+        reporter.phase(
+            "validating",
+            format!("counting rows and checksumming the tables of {db}"),
+        );
+        let found = pg.table_stats(&db, None).await?;
+        match d.tables {
+            Some(expected) => checks.extend(compare_tables(&prefix, &expected, &found)),
+            None => checks.push(Check::skipped(
+                format!("{prefix}row counts and checksums"),
+                NO_VALIDATION_DATA,
+            )),
+        }
+    }
+    Ok((rto, checks))
+}
+
+/// One check per recorded table for its rows and one for its checksum, a check for the number of
+/// tables, and a failed check for any table the backup did not record.
+fn compare_tables(prefix: &str, expected: &[TableStats], found: &[TableStats]) -> Vec<Check> {
+    let found_by_name: BTreeMap<String, &TableStats> =
+        found.iter().map(|t| (t.name(), t)).collect();
+    let mut checks = vec![Check::compare(
+        format!("{prefix}tables"),
+        expected.len().to_string(),
+        found.len().to_string(),
+    )];
+    for e in expected {
+        let name = e.name();
+        match found_by_name.get(&name) {
+            Some(f) => {
+                checks.push(Check::compare(
+                    format!("{prefix}rows of {name}"),
+                    e.rows.to_string(),
+                    f.rows.to_string(),
+                ));
+                checks.push(Check::compare(
+                    format!("{prefix}checksum of {name}"),
+                    e.checksum.clone(),
+                    f.checksum.clone(),
+                ));
+            }
+            None => checks.push(Check::fact(
+                format!("{prefix}rows of {name}"),
+                &e.rows.to_string(),
+                "table missing from the restored copy".into(),
+                false,
+            )),
+        }
+    }
+    let recorded: std::collections::BTreeSet<String> = expected.iter().map(|t| t.name()).collect();
+    for f in found.iter().filter(|f| !recorded.contains(&f.name())) {
+        checks.push(Check::fact(
+            format!("{prefix}rows of {}", f.name()),
+            "no such table recorded",
+            format!("{} rows", f.rows),
+            false,
+        ));
+    }
+    checks
+}
+
+/// Streams the dump into the drill's `pg_restore --single-transaction`; a damaged artifact kills
+/// it before its COMMIT.
+async fn restore_into(
+    ctx: &Context,
+    pg: &Postgres,
+    manifest: &Manifest,
+    art: &Artifact,
+    database: &str,
+    reporter: &Reporter,
+) -> Result<(), OpError> {
+    let mut restore = pg.start_drill_restore(database)?;
+    let stdin = restore.stdin();
+    let consumer = |cancel: CancellationToken| async move {
+        let exited = tokio::select! {
+            _ = restore.exited() => true,
+            () = cancel.cancelled() => false,
+        };
+        if exited {
+            restore.wait().await.map_err(OpError::from)
+        } else {
+            restore.kill().await;
+            Err(OpError::Cancelled)
+        }
+    };
+    read_artifact(
+        ctx.source.store().as_ref(),
+        manifest,
+        art,
+        stdin,
+        RESTORE_HOLDBACK,
+        reporter.counters(),
+        consumer,
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(table: &str, rows: u64, checksum: &str) -> TableStats {
+        TableStats {
+            schema: "public".into(),
+            table: table.into(),
+            rows,
+            checksum: checksum.into(),
+        }
+    }
+
+    #[test]
+    fn compares_every_recorded_table() {
+        let expected = [t("a", 3, "10"), t("b", 1, "5")];
+        let same = compare_tables("", &expected, &[t("a", 3, "10"), t("b", 1, "5")]);
+        assert!(same.iter().all(|c| c.passed), "{same:?}");
+        let off = compare_tables("db: ", &expected, &[t("a", 2, "7"), t("c", 1, "1")]);
+        let failed: Vec<&str> = off
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(
+            failed,
+            [
+                "db: rows of public.a",
+                "db: checksum of public.a",
+                "db: rows of public.b",
+                "db: rows of public.c"
+            ]
+        );
+    }
+}

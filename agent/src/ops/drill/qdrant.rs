@@ -1,0 +1,111 @@
+//! Drills of Qdrant collection backups: each collection restored under a scratch name (the
+//! restore's `rename_to`, which never touches aliases), then its points count and vector
+//! configuration compared with the backup's record, and an exact search with the recorded sample
+//! vector expected to rank the recorded point first.
+
+use std::{sync::Arc, time::Instant};
+
+use serde_json::Value;
+
+use super::{Check, Scratch, ScratchItem};
+use crate::{
+    catalog::Manifest,
+    error::OpError,
+    jobs::Reporter,
+    ops::{
+        Context,
+        qdrant::{QdrantDetails, QdrantOpError, restore_qdrant},
+    },
+};
+
+/// Restores every collection of `m` under a scratch name and compares; returns the seconds until
+/// the last one was restored (the RTO) and the checks.
+pub(super) async fn drill(
+    ctx: &Arc<Context>,
+    m: &Manifest,
+    scratch: &Scratch,
+    reporter: &Reporter,
+) -> Result<(f64, Vec<Check>), OpError> {
+    let q = ctx.qdrant()?;
+    let details: QdrantDetails =
+        serde_json::from_value(m.details.clone()).map_err(|e| QdrantOpError::BadDetails {
+            id: m.id.clone(),
+            reason: e.to_string(),
+        })?;
+    let existing = q.collections().await?;
+    let started = Instant::now();
+    let mut restored = Vec::with_capacity(details.collections.len());
+    for name in details.collections.keys() {
+        let target = scratch.name(name);
+        if existing.contains(&target) {
+            // Never overwrite (nor later delete) a collection this drill did not create.
+            return Err(crate::engine::qdrant::QdrantError::Exists(target).into());
+        }
+        scratch.register(ScratchItem::Collection(target.clone()));
+        restore_qdrant(
+            ctx.clone(),
+            m.clone(),
+            vec![name.clone()],
+            target.clone(),
+            false,
+            reporter.clone(),
+        )
+        .await?;
+        restored.push((name, target));
+    }
+    let rto = started.elapsed().as_secs_f64();
+
+    let mut checks = Vec::new();
+    for (name, target) in restored {
+        let record = &details.collections[name];
+        reporter.phase(
+            "validating",
+            format!("checking scratch collection {target}"),
+        );
+        checks.push(Check::fact(
+            format!("{name}: restore"),
+            "snapshot recovers",
+            format!("restored as scratch collection {target}"),
+            true,
+        ));
+        let info = q.collection_info(&target).await?;
+        let points = info.get("points_count").and_then(Value::as_u64);
+        match record.points_count {
+            Some(expected) => checks.push(Check::compare(
+                format!("{name}: points count"),
+                expected.to_string(),
+                points.map_or_else(|| "unknown".into(), |p| p.to_string()),
+            )),
+            None => checks.push(Check::skipped(
+                format!("{name}: points count"),
+                "no points count recorded: not compared",
+            )),
+        }
+        let vectors = |config: &Value| config["params"]["vectors"].clone();
+        checks.push(Check::compare(
+            format!("{name}: vector configuration"),
+            vectors(&record.config).to_string(),
+            vectors(&info["config"]).to_string(),
+        ));
+        match &record.sample {
+            Some(sample) => {
+                let found = q
+                    .exact_search(&target, &sample.vector, sample.using.as_deref(), 1)
+                    .await?;
+                checks.push(Check::compare(
+                    format!("{name}: sample search (point {})", sample.id),
+                    format!("nearest point {}", sample.nearest),
+                    found.first().map_or_else(
+                        || "no point found".into(),
+                        |id| format!("nearest point {id}"),
+                    ),
+                ));
+            }
+            None => checks.push(Check::skipped(
+                format!("{name}: sample search"),
+                "no sample point recorded: search not tried",
+            )),
+        }
+    }
+    Ok((rto, checks))
+}
