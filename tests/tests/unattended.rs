@@ -366,3 +366,79 @@ fn wal_shipping_and_base_backups_move_the_metrics_and_the_probes_answer() {
     assert_eq!(metric(&m, "soma_wal_receiving", &[]), Some(0.0));
     assert_eq!(http_get(&m, "/readyz").0, 200);
 }
+
+#[test]
+fn scheduled_verifies_and_drills_are_recorded_and_measured() {
+    let pg = small_cluster();
+    let store = TestStore::local();
+    let agent = Agent::start(
+        &store.url(),
+        &pg.url("appdb"),
+        &[
+            "--schedule",
+            "verify-latest * * * * * *",
+            "--schedule",
+            "drill */2 * * * * *",
+            "--schedule-jitter",
+            "0s",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        &store.env(),
+    );
+    let m = agent.metrics_addr();
+    // An empty store: the scheduled verify has nothing to read, and says so in a record.
+    let failures = poll_until(
+        Duration::from_secs(60),
+        "a scheduled verify's failure",
+        || {
+            let out = soma(agent.addr(), &["list", "--failed", "-o", "json"]);
+            out.assert_success("list --failed");
+            let records = out.json();
+            records
+                .as_array()?
+                .iter()
+                .find(|r| r["trigger"] == "schedule: verify-latest * * * * * *")
+                .cloned()
+        },
+    );
+    assert_eq!(failures["operation"], "verify");
+    assert!(
+        failures["error"]
+            .as_str()
+            .unwrap()
+            .contains("no complete backup"),
+        "{failures}"
+    );
+
+    // Once there is a backup, both schedules pass on it: the gauges say when, and how fast the
+    // drill restored it.
+    let started = now_secs();
+    soma(agent.addr(), &["backup", "postgres"]).assert_success("backup");
+    let labels = [
+        ("engine", "postgres"),
+        ("target", "appdb"),
+        ("kind", "logical"),
+    ];
+    let drilled = poll_until(Duration::from_secs(90), "a passing scheduled drill", || {
+        metric(&m, "soma_drill_last_success_timestamp_seconds", &labels)
+    });
+    assert!(drilled >= started, "{drilled}");
+    let rto = metric(&m, "soma_drill_last_rto_seconds", &labels).unwrap();
+    assert!(rto > 0.0 && rto < 60.0, "{rto}");
+    let verified = poll_until(
+        Duration::from_secs(90),
+        "a passing scheduled verify",
+        || metric(&m, "soma_verify_last_success_timestamp_seconds", &labels),
+    );
+    assert!(verified >= started, "{verified}");
+    // The drill left its report beside the backup, which `describe` shows.
+    let ids = listed_ids(agent.addr());
+    let described = soma(agent.addr(), &["-o", "json", "describe", &ids[0]]);
+    described.assert_success("describe");
+    assert_eq!(
+        described.json()["last_drill"]["passed"],
+        true,
+        "{described}"
+    );
+}
