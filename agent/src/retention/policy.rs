@@ -291,7 +291,7 @@ impl Policy {
                     add(m, format!("keep-last ({} of {n})", i + 1));
                 }
             }
-            let periods: [(&str, Option<u32>, fn(DateTime<Utc>) -> String); 3] = [
+            let periods: [(&str, Option<u32>, PeriodOf); 3] = [
                 ("keep-daily", self.keep_daily, |t| {
                     t.format("%Y-%m-%d").to_string()
                 }),
@@ -372,6 +372,9 @@ impl Policy {
             .collect()
     }
 }
+
+/// The calendar period (day, ISO week, month) a time falls in, as a reason shows it.
+type PeriodOf = fn(DateTime<Utc>) -> String;
 
 /// Whether one backup is kept, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]

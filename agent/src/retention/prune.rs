@@ -667,6 +667,133 @@ mod tests {
         assert!(!is_held("short", &held));
     }
 
+    /// A context over a fresh local store with no engine: what prune needs.
+    async fn local_context() -> (tempfile::TempDir, Context) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open(&format!("file://{}", dir.path().display()))
+            .await
+            .unwrap();
+        let catalog = crate::catalog::Catalog::new(store);
+        let ctx = Context {
+            source: catalog.clone(),
+            catalog,
+            postgres: None,
+            qdrant: None,
+            qdrant_mode: v1::QdrantMode::Collection,
+            settings: crate::pipeline::Settings {
+                compression_level: 3,
+                compression_threads: 0,
+                part_size: crate::store::MIN_PART_SIZE,
+                parts_in_flight: 1,
+            },
+            wal_stream: None,
+            retention: None,
+        };
+        (dir, ctx)
+    }
+
+    async fn commit(ctx: &Context, days_ago: i64) -> BackupId {
+        let at = Utc::now() - chrono::Duration::days(days_ago);
+        let id = BackupId::new(at, crate::catalog::IdEngine::Postgres, "app");
+        let m = Manifest::completed(
+            id.clone(),
+            crate::catalog::Engine::Postgres,
+            crate::catalog::Kind::Logical,
+            crate::catalog::Target {
+                name: "app".into(),
+                server: "localhost".into(),
+                server_version: "15".into(),
+            },
+            crate::catalog::Tool {
+                name: "pg_dump".into(),
+                version: "15".into(),
+            },
+            at,
+        );
+        ctx.catalog.commit(&m).await.unwrap();
+        id
+    }
+
+    #[tokio::test]
+    async fn a_backup_a_running_restore_reads_is_skipped_with_the_reason_then_pruned() {
+        let (_dir, ctx) = local_context().await;
+        let jobs = Arc::new(Jobs::new(tokio_util::sync::CancellationToken::new()));
+        let old = commit(&ctx, 3).await;
+        let new = commit(&ctx, 1).await;
+        let policy: Policy = "keep-last=1".parse().unwrap();
+        let dry = prune(&ctx, &jobs, &policy, true, Utc::now()).await.unwrap();
+        let going: Vec<_> = dry.items.iter().filter(|i| i.delete).collect();
+        assert_eq!(going.len(), 1);
+        assert_eq!(going[0].name, old.as_str());
+        assert_eq!(dry.objects_deleted, 0);
+        assert_eq!(
+            ctx.catalog.list().await.unwrap().len(),
+            2,
+            "a dry run deletes nothing"
+        );
+
+        let restore = jobs
+            .begin(crate::jobs::JobInfo::new(
+                old.as_str(),
+                crate::jobs::Operation::Restore,
+                vec![crate::jobs::JobTarget::Database("x".into())],
+                vec![old.clone()],
+            ))
+            .unwrap();
+        let run = prune(&ctx, &jobs, &policy, false, Utc::now())
+            .await
+            .unwrap();
+        let item = run.items.iter().find(|i| i.name == old.as_str()).unwrap();
+        assert!(!item.delete, "{item:?}");
+        assert!(
+            item.reason.contains("skipped") && item.reason.contains("a restore is already running"),
+            "{}",
+            item.reason
+        );
+        assert!(run.errors.is_empty(), "{:?}", run.errors);
+        assert_eq!(ctx.catalog.list().await.unwrap().len(), 2);
+
+        drop(restore);
+        let run = prune(&ctx, &jobs, &policy, false, Utc::now())
+            .await
+            .unwrap();
+        let gone: Vec<_> = run
+            .items
+            .iter()
+            .filter(|i| i.delete)
+            .map(|i| &i.name)
+            .collect();
+        assert_eq!(gone, vec![old.as_str()]);
+        assert!(run.objects_deleted >= 1);
+        let left: Vec<_> = ctx
+            .catalog
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(left, vec![new]);
+    }
+
+    #[tokio::test]
+    async fn a_read_only_store_is_refused_except_for_a_dry_run() {
+        let (dir, _) = local_context().await;
+        let store = crate::store::open_read_only(&format!("file://{}", dir.path().display()))
+            .await
+            .unwrap();
+        let (_other, mut ctx) = local_context().await;
+        ctx.catalog = crate::catalog::Catalog::new(store);
+        let jobs = Arc::new(Jobs::new(tokio_util::sync::CancellationToken::new()));
+        let policy: Policy = "keep-last=1".parse().unwrap();
+        let err = prune(&ctx, &jobs, &policy, false, Utc::now())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("read-only"), "{err}");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(prune(&ctx, &jobs, &policy, true, Utc::now()).await.is_ok());
+    }
+
     #[test]
     fn uploads_older_than_a_day_go_younger_and_unknown_stay() {
         let now = Utc::now();

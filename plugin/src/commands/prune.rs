@@ -40,7 +40,6 @@ pub async fn run(agent: Agent, out: OutputFormat, args: PruneArgs) -> Result<(),
     let request = |dry_run: bool| {
         let mut client = agent.client.clone();
         let addr = agent.addr.clone();
-        let policy = policy.clone();
         async move {
             client
                 .prune(v1::PruneRequest {
