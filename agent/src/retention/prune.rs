@@ -688,6 +688,7 @@ mod tests {
             },
             wal_stream: None,
             retention: None,
+            drill_dir: dir.path().join("drill"),
         };
         (dir, ctx)
     }
