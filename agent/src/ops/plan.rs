@@ -548,31 +548,9 @@ impl VerifyPlan {
         })
     }
 
-    /// What it holds: the backup itself (one verify of a backup at a time).
-    pub fn targets(&self) -> Vec<JobTarget> {
-        vec![JobTarget::Backup(self.manifest.id.clone())]
-    }
-
-    /// The backups it reads.
-    pub fn uses(&self) -> Vec<BackupId> {
-        std::iter::once(self.manifest.id.clone())
-            .chain(self.manifest.members.iter().cloned())
-            .collect()
-    }
-
     /// The job this verify runs as.
     pub fn job(&self) -> JobInfo {
-        JobInfo::new(
-            self.manifest.id.as_str(),
-            Operation::Verify,
-            self.targets(),
-            self.uses(),
-        )
-        .about(
-            self.manifest.engine.as_str(),
-            &self.manifest.target.name,
-            self.manifest.kind.as_str(),
-        )
+        reading_job(&self.manifest, Operation::Verify)
     }
 
     /// The span its logs carry.
@@ -584,6 +562,25 @@ impl VerifyPlan {
     pub fn run(self, ctx: Arc<Context>, reporter: Reporter) -> OpFuture {
         Box::pin(verify::verify(ctx, self.manifest, reporter))
     }
+}
+
+/// The job of an operation that reads one backup (verify, drill): it holds the backup itself —
+/// one such job per backup at a time, and delete or prune cannot remove it meanwhile — and reads
+/// it and its members.
+pub fn reading_job(manifest: &Manifest, operation: Operation) -> JobInfo {
+    JobInfo::new(
+        manifest.id.as_str(),
+        operation,
+        vec![JobTarget::Backup(manifest.id.clone())],
+        std::iter::once(manifest.id.clone())
+            .chain(manifest.members.iter().cloned())
+            .collect(),
+    )
+    .about(
+        manifest.engine.as_str(),
+        &manifest.target.name,
+        manifest.kind.as_str(),
+    )
 }
 
 /// Resolves "latest" or an id named in a request; `engine` (the request's proto engine, 0 when

@@ -5,8 +5,6 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
-use tokio_util::sync::CancellationToken;
-
 use super::{Check, Scratch, ScratchItem};
 use crate::{
     catalog::{Artifact, Kind, Manifest},
@@ -15,8 +13,8 @@ use crate::{
     jobs::Reporter,
     ops::{
         Context,
-        artifact::{RESTORE_HOLDBACK, artifact, read_artifact},
-        postgres::{LogicalDetails, PG_DUMP},
+        artifact::artifact,
+        postgres::{LogicalDetails, PG_DUMP, restore::feed_restore},
     },
 };
 
@@ -168,30 +166,8 @@ async fn restore_into(
     database: &str,
     reporter: &Reporter,
 ) -> Result<(), OpError> {
-    let mut restore = pg.start_drill_restore(database)?;
-    let stdin = restore.stdin();
-    let consumer = |cancel: CancellationToken| async move {
-        let exited = tokio::select! {
-            _ = restore.exited() => true,
-            () = cancel.cancelled() => false,
-        };
-        if exited {
-            restore.wait().await.map_err(OpError::from)
-        } else {
-            restore.kill().await;
-            Err(OpError::Cancelled)
-        }
-    };
-    read_artifact(
-        ctx.source.store().as_ref(),
-        manifest,
-        art,
-        stdin,
-        RESTORE_HOLDBACK,
-        reporter.counters(),
-        consumer,
-    )
-    .await
+    let restore = pg.start_drill_restore(database)?;
+    feed_restore(ctx, manifest, art, restore, reporter).await
 }
 
 #[cfg(test)]

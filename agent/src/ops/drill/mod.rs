@@ -28,7 +28,7 @@ use super::{
 use crate::{
     catalog::{BackupId, BackupKeys, Engine, Kind, Manifest},
     error::OpError,
-    jobs::{JobInfo, JobTarget, Operation, Reporter},
+    jobs::{JobInfo, Operation, Reporter},
     store::{Store, StoreError},
 };
 
@@ -309,31 +309,10 @@ impl DrillPlan {
         })
     }
 
-    /// What it holds: the backup itself (so delete and prune cannot remove it mid-drill).
-    pub fn targets(&self) -> Vec<JobTarget> {
-        vec![JobTarget::Backup(self.manifest.id.clone())]
-    }
-
-    /// The backups it reads.
-    pub fn uses(&self) -> Vec<BackupId> {
-        std::iter::once(self.manifest.id.clone())
-            .chain(self.manifest.members.iter().cloned())
-            .collect()
-    }
-
-    /// The job this drill runs as.
+    /// The job this drill runs as: it holds the backup, so delete and prune cannot remove it
+    /// mid-drill.
     pub fn job(&self) -> JobInfo {
-        JobInfo::new(
-            self.manifest.id.as_str(),
-            Operation::Drill,
-            self.targets(),
-            self.uses(),
-        )
-        .about(
-            self.manifest.engine.as_str(),
-            &self.manifest.target.name,
-            self.manifest.kind.as_str(),
-        )
+        super::plan::reading_job(&self.manifest, Operation::Drill)
     }
 
     /// The span its logs carry.

@@ -356,7 +356,25 @@ async fn pg_restore(
     clean: bool,
     reporter: &Reporter,
 ) -> Result<(), OpError> {
-    let mut restore = pg.start_restore(database, clean)?;
+    feed_restore(
+        ctx,
+        manifest,
+        art,
+        pg.start_restore(database, clean)?,
+        reporter,
+    )
+    .await
+}
+
+/// Streams `art` into a started `pg_restore --single-transaction` (a restore or a drill's); a
+/// damaged artifact kills it before its COMMIT, which rolls everything back.
+pub(crate) async fn feed_restore(
+    ctx: &Context,
+    manifest: &Manifest,
+    art: &Artifact,
+    mut restore: crate::engine::postgres::ToolProcess,
+    reporter: &Reporter,
+) -> Result<(), OpError> {
     let stdin = restore.stdin();
     let consumer = |cancel: CancellationToken| async move {
         let exited = tokio::select! {
