@@ -2,6 +2,7 @@
 //! ([`prune`]): backups, the WAL only dropped base backups needed, and what interrupted writers
 //! left behind.
 
+mod leftovers;
 pub mod policy;
 pub mod prune;
 
