@@ -24,6 +24,9 @@ use crate::ops::Context;
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// A scrape or probe that has not sent its request by then is dropped.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; more wait to be accepted. Prometheus and the kubelet need a few;
+/// anything reaching the pod IP must not make the agent start unbounded work.
+const MAX_CONNECTIONS: usize = 16;
 
 /// What the listener serves from.
 #[derive(Debug, Clone)]
@@ -44,13 +47,23 @@ pub async fn serve(
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
+            let permit = tokio::select! {
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                () = shutdown.cancelled() => break,
+            };
             let (stream, _) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
                         tracing::warn!(error = %e, "metrics listener: accept failed");
+                        // E.g. out of file descriptors: do not spin.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 },
@@ -65,10 +78,13 @@ pub async fn serve(
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
+                    // One request per connection: an idle client cannot hold a permit.
+                    .keep_alive(false)
                     .serve_connection(TokioIo::new(stream), service);
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "metrics connection ended with an error");
                 }
+                drop(permit);
             });
         }
     });
