@@ -12,7 +12,50 @@ const MAX_PSQL_OUTPUT: u64 = 64 * 1024 * 1024;
 /// Largest stderr kept from a psql run.
 const MAX_PSQL_STDERR: u64 = 64 * 1024;
 
+/// A psql process with its stdin, stdout and stderr piped.
+pub(super) type PsqlPipes = (
+    tokio::process::Child,
+    tokio::process::ChildStdin,
+    tokio::process::ChildStdout,
+    tokio::process::ChildStderr,
+);
+
 impl Postgres {
+    /// Starts psql on `database` reading SQL from its stdin: no psqlrc, never a password prompt,
+    /// unaligned tuples only, stopping at the first error, and `VERBOSITY=terse` so a failed
+    /// statement's text (which may carry password hashes) never reaches an error or a log.
+    /// `extra` are further psql options.
+    pub(super) fn start_psql(&self, database: &str, extra: &[&str]) -> Result<PsqlPipes, PgError> {
+        let mut cmd = self.command("psql");
+        cmd.stdin(Stdio::piped())
+            .args([
+                "-X",
+                "-w",
+                "-A",
+                "-t",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-v",
+                "VERBOSITY=terse",
+            ])
+            .args(extra)
+            .arg("-d")
+            .arg(self.url_for(database));
+        let mut child = cmd
+            .spawn()
+            .map_err(|source| self.spawn_error("psql", source))?;
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(PgError::Unexpected {
+                what: "starting psql",
+                detail: "its pipes are missing".into(),
+            });
+        };
+        Ok((child, stdin, stdout, stderr))
+    }
+
     /// Runs one SQL statement with psql and returns its unaligned output.
     pub(super) async fn query(&self, database: &str, sql: &str) -> Result<String, PgError> {
         let mut cmd = self.command("psql");
@@ -39,33 +82,11 @@ impl Postgres {
         single_transaction: bool,
     ) -> Result<String, PgError> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut cmd = self.command("psql");
-        cmd.stdin(Stdio::piped()).args([
-            "-X",
-            "-w",
-            "-A",
-            "-t",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-v",
-            "VERBOSITY=terse",
-        ]);
+        let mut args = vec!["-f", "-"];
         if single_transaction {
-            cmd.arg("-1");
+            args.push("-1");
         }
-        cmd.arg("-d").arg(self.url_for(database)).args(["-f", "-"]);
-        let mut child = cmd
-            .spawn()
-            .map_err(|source| self.spawn_error("psql", source))?;
-        let (Some(mut stdin), Some(stdout), Some(stderr)) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
-            return Err(PgError::Unexpected {
-                what: "starting psql",
-                detail: "its pipes are missing".into(),
-            });
-        };
+        let (mut child, mut stdin, stdout, stderr) = self.start_psql(database, &args)?;
         let io = |source| PgError::Io {
             tool: "psql",
             source,

@@ -8,8 +8,6 @@
 //! hash hash partitioning relies on) of each row's text form, with every setting that changes a
 //! row's text form pinned, so the same rows give the same checksum on any server of a version.
 
-use std::process::Stdio;
-
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -101,31 +99,7 @@ impl Postgres {
     /// Opens a session on `database`, starts a read-only repeatable-read transaction and exports
     /// its snapshot.
     pub async fn export_snapshot(&self, database: &str) -> Result<SnapshotHolder, PgError> {
-        let mut cmd = self.command("psql");
-        cmd.stdin(Stdio::piped()).args([
-            "-X",
-            "-w",
-            "-A",
-            "-t",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-v",
-            "VERBOSITY=terse",
-            "-d",
-        ]);
-        cmd.arg(self.url_for(database));
-        let mut child = cmd
-            .spawn()
-            .map_err(|source| self.spawn_error("psql", source))?;
-        let (Some(mut stdin), Some(stdout), Some(stderr)) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
-            return Err(PgError::Unexpected {
-                what: "starting psql",
-                detail: "its pipes are missing".into(),
-            });
-        };
+        let (mut child, mut stdin, stdout, stderr) = self.start_psql(database, &[])?;
         let io = |source| PgError::Io {
             tool: "psql",
             source,
