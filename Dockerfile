@@ -19,7 +19,9 @@ FROM debian:bookworm-slim
 ARG PG_MAJOR
 # bookworm ships PostgreSQL 15; any other major comes from the PostgreSQL project's apt
 # repository (PGDG), set up with the script and signing key that Debian's postgresql-common
-# package ships. Only the client package is installed: pg_dump, pg_restore, psql.
+# package ships. The client package brings pg_dump, pg_restore, psql and pg_amcheck; the server
+# package brings the postgres binary and amcheck that restore drills of base backups run on a
+# scratch copy (never a cluster of its own: createcluster.conf stops the package from making one).
 RUN set -eux; \
     apt-get update; \
     apt-get install -y --no-install-recommends ca-certificates; \
@@ -28,7 +30,9 @@ RUN set -eux; \
       /usr/share/postgresql-common/pgdg/apt.postgresql.org.sh -y; \
       apt-get update; \
     fi; \
-    apt-get install -y --no-install-recommends "postgresql-client-$PG_MAJOR"; \
+    mkdir -p /etc/postgresql-common; \
+    echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf; \
+    apt-get install -y --no-install-recommends "postgresql-client-$PG_MAJOR" "postgresql-$PG_MAJOR"; \
     rm -rf /var/lib/apt/lists/*; \
     groupadd --system --gid 65532 soma; \
     useradd --system --uid 65532 --gid 65532 --home-dir /nonexistent --no-create-home \

@@ -195,8 +195,10 @@ pub struct Config {
     #[arg(long, env = "SOMA_RETENTION", value_parser = crate::retention::parse_policy)]
     pub retention: Option<crate::retention::Policy>,
 
-    /// Where a restore drill of a physical base backup lays its scratch data directory (removed
-    /// after every drill). Put it on a volume with room for the cluster.
+    /// Where a restore drill of a physical base backup lays its scratch data directory and runs
+    /// its scratch server (removed after every drill). Put it on a volume with room for the
+    /// cluster. An agent running as root runs that server as the directory's owner, else as
+    /// `postgres`.
     #[arg(
         long,
         env = "SOMA_DRILL_DIR",

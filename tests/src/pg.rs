@@ -62,6 +62,20 @@ impl PgCluster {
         cluster
     }
 
+    /// A temporary directory owned by the user PostgreSQL runs as (`postgres` when the tests
+    /// run as root), e.g. an agent's `--drill-dir`, where a scratch server runs.
+    pub fn server_owned_dir(prefix: &str) -> TempDir {
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .expect("cannot create a temporary directory");
+        if let Some((uid, gid)) = server_user() {
+            std::os::unix::fs::chown(dir.path(), Some(uid.as_raw()), Some(gid.as_raw()))
+                .expect("cannot chown the temporary directory to user postgres");
+        }
+        dir
+    }
+
     /// A temporary directory for a cluster, owned by the server's user, with no data directory
     /// yet ([`data_path`](Self::data_path) does not exist): the target of a physical restore.
     pub fn empty() -> Self {

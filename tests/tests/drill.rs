@@ -15,7 +15,7 @@
 use serde_json::Value;
 use soma_tests::db::assert_fingerprints_equal;
 use soma_tests::qdrant::QdrantDouble;
-use soma_tests::{Agent, DbFingerprint, PgCluster, TestStore, fixtures, soma};
+use soma_tests::{Agent, DbFingerprint, PgCluster, TestStore, fixtures, pitr, soma};
 
 const SCRATCH: &str = "soma_drill_";
 
@@ -305,4 +305,148 @@ fn qdrant_drill_checks_a_scratch_collection_and_leaves_nothing() {
         "the failed drill",
     );
     assert_untouched("a failing Qdrant drill");
+}
+
+/// Rows `t` holds after the writes that follow the base backup.
+const PHYSICAL_ROWS: i64 = 100 + 3 * 400;
+
+/// A base backup drill: laid into a scratch data directory under `--drill-dir`, replayed by a
+/// scratch server (the real PostgreSQL 15 binaries, running as the `postgres` user) through
+/// `soma-agent wal-fetch` to the end of the archive, promoted and checked with pg_amcheck. The
+/// source server, its database and the WAL archive stay as they were; nothing is left behind.
+#[test]
+fn physical_drill_replays_a_scratch_copy_and_leaves_nothing() {
+    let pg = PgCluster::start();
+    let store = TestStore::local();
+    let spool = tempfile::tempdir().expect("spool dir");
+    let drill_dir = PgCluster::server_owned_dir("soma-drill-");
+    let drill = drill_dir.path().display().to_string();
+    let spool_arg = spool.path().display().to_string();
+    let agent = Agent::start(
+        &store.url(),
+        &pg.url("postgres"),
+        &[
+            "--wal-stream",
+            "--wal-spool",
+            &spool_arg,
+            "--wal-partial-interval",
+            "1s",
+            "--drill-dir",
+            &drill,
+        ],
+        &store.env(),
+    );
+    let a = agent.addr();
+    pg.psql(
+        "postgres",
+        "create table t (id bigserial primary key, payload text not null);
+         insert into t (payload) select 'before ' || i from generate_series(1, 100) i;",
+    );
+    let id = pitr::physical_backup(a);
+    // Writes after the backup, over several segments: only WAL replay brings them back.
+    for round in 1..=3 {
+        pg.psql(
+            "postgres",
+            &format!(
+                "insert into t (payload) select 'round {round} ' || i from generate_series(1, 400) i;
+                 select pg_switch_wal();"
+            ),
+        );
+    }
+    pg.psql("postgres", "create index t_payload on t (payload)");
+    pitr::wait_archived(a, &pg);
+    let before = DbFingerprint::of(&pg, "postgres");
+    let archive_before = store.list("wal/");
+
+    let assert_untouched = |what: &str| {
+        assert_fingerprints_equal(
+            &before,
+            &DbFingerprint::of(&pg, "postgres"),
+            "the source before",
+            &format!("the source after {what}"),
+        );
+        let left: Vec<_> = std::fs::read_dir(drill_dir.path())
+            .expect("the drill directory")
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{what} left {left:?} in the drill directory");
+        // The promoted scratch copy archived nothing: no new timeline, no WAL of its own.
+        let archive: Vec<String> = store.list("wal/");
+        assert!(
+            !archive.iter().any(|k| k.contains(".history.")),
+            "{what} pushed a timeline history into the archive: {archive:#?}"
+        );
+        assert!(
+            archive_before.iter().all(|k| archive.contains(k)),
+            "{what} removed WAL from the archive"
+        );
+    };
+
+    let out = soma(a, &["-o", "json", "drill", &id]);
+    out.assert_success("drill of a base backup");
+    let report = out.json();
+    assert_eq!(report["passed"], true, "{report}");
+    assert_eq!(report["kind"], "physical", "{report}");
+    assert!(report["rto_seconds"].as_f64().unwrap() > 0.0, "{report}");
+    let all = checks(&report);
+    for name in ["base backup", "recovery", "amcheck"] {
+        assert!(
+            all.iter().any(|c| c["name"] == name && c["passed"] == true),
+            "no passing {name:?} check: {report}"
+        );
+    }
+    // The rows written after the backup are there: replay reached the end of the archive.
+    let rows = all
+        .iter()
+        .find(|c| c["name"] == "postgres: rows of public.t")
+        .unwrap_or_else(|| panic!("no row count of public.t: {report}"));
+    assert_eq!(rows["found"], PHYSICAL_ROWS.to_string(), "{report}");
+    assert_eq!(
+        pg.psql("postgres", "select count(*) from t"),
+        PHYSICAL_ROWS.to_string()
+    );
+    assert_untouched("a passing physical drill");
+    let described = soma(a, &["-o", "json", "describe", &id]).json();
+    assert_eq!(described["last_drill"]["passed"], true, "{described}");
+
+    // One flipped byte in a WAL segment the replay needs: wal-fetch refuses it, recovery stops
+    // and the drill fails naming it, where an unchecked replay would have promoted early.
+    let segments: Vec<String> = archive_before
+        .iter()
+        .filter(|k| k.contains(".seg."))
+        .cloned()
+        .collect();
+    let victim = segments
+        .get(segments.len().saturating_sub(2))
+        .unwrap_or_else(|| panic!("too few complete segments: {archive_before:#?}"))
+        .clone();
+    let original = store.read(&victim);
+    let mut flipped = original.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x40;
+    store.write(&victim, flipped);
+    let out = soma(a, &["-o", "json", "drill", &id]);
+    out.assert_code(1, "drill of a base backup whose WAL is damaged");
+    out.assert_stderr_contains("did not pass", "the failed physical drill");
+    let report = out.json();
+    assert_eq!(report["passed"], false, "{report}");
+    let failure = report["failure"].as_str().unwrap();
+    assert!(
+        failure.contains("recovery") && failure.contains("soma-agent wal-fetch: FATAL"),
+        "{report}"
+    );
+    store.write(&victim, original);
+    assert_untouched("a physical drill of damaged WAL");
+
+    // A damaged base backup: the drill cannot run, says why, and cleans up.
+    let base_key = format!("backups/{id}/base.tar.zst");
+    let original = store.read(&base_key);
+    let mut flipped = original.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x40;
+    store.write(&base_key, flipped);
+    let out = soma(a, &["drill", &id]);
+    out.assert_code(1, "drill of a damaged base backup");
+    out.assert_stderr_contains("checksum mismatch", "drill of a damaged base backup");
+    assert_untouched("a drill of a damaged base backup");
 }

@@ -365,8 +365,8 @@ impl Task {
         }
     }
 
-    /// Drills the newest backup this agent can drill (a base backup, which needs a scratch
-    /// server, or a Qdrant storage snapshot is passed over for the next newest).
+    /// Drills the newest backup this agent can drill (a Qdrant storage snapshot, or a backup of
+    /// an engine this agent does not run, is passed over for the next newest).
     async fn drill(&self) -> Ran {
         let ctx = self.runner.ctx();
         let manifests = match ctx.source.list().await {

@@ -20,6 +20,7 @@ use url::Url;
 pub mod globals;
 mod process;
 mod replication;
+mod scratch;
 mod sql;
 mod validation;
 
@@ -27,6 +28,7 @@ pub use process::ToolProcess;
 pub use replication::{
     BaseBackupPositions, SystemIdentity, check_slot_name, parse_basebackup_positions,
 };
+pub use scratch::{ScratchError, ScratchServer};
 pub use validation::{SnapshotHolder, TableStats};
 
 /// Lines of a tool's stderr kept for error messages.
@@ -319,12 +321,31 @@ impl Postgres {
 
     /// A client tool's version: (major, full version).
     pub async fn tool_version(&self, tool: &'static str) -> Result<(u32, String), PgError> {
-        let mut cmd = self.command(tool);
-        cmd.arg("--version");
+        self.tool_version_at(tool, &self.tool_path(tool)).await
+    }
+
+    /// The version of `tool` at `path`.
+    async fn tool_version_at(
+        &self,
+        tool: &'static str,
+        path: &std::path::Path,
+    ) -> Result<(u32, String), PgError> {
+        let mut cmd = Command::new(path);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .arg("--version");
         let out = cmd
             .output()
             .await
-            .map_err(|source| self.spawn_error(tool, source))?;
+            .map_err(|source| match source.kind() {
+                std::io::ErrorKind::NotFound => PgError::ToolMissing {
+                    tool,
+                    path: path.display().to_string(),
+                },
+                _ => PgError::Io { tool, source },
+            })?;
         let text = String::from_utf8_lossy(&out.stdout);
         parse_tool_version(&text).ok_or_else(|| PgError::ToolFailed {
             tool,

@@ -57,7 +57,7 @@ impl Postgres {
     }
 
     /// Runs one SQL statement with psql and returns its unaligned output.
-    pub(super) async fn query(&self, database: &str, sql: &str) -> Result<String, PgError> {
+    pub(crate) async fn query(&self, database: &str, sql: &str) -> Result<String, PgError> {
         let mut cmd = self.command("psql");
         cmd.args(["-X", "-w", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
             .arg(self.url_for(database))

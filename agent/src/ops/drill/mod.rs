@@ -1,7 +1,8 @@
 //! Restore drills: restore a backup into a scratch target on the same servers (never the real
-//! one), check it against the validation data recorded at backup time, measure how long the
-//! restore took until the data was usable (the RTO), store a report beside the backup and always
-//! remove the scratch target.
+//! one) — a scratch database ([`logical`]), a scratch data directory with its own scratch server
+//! ([`physical`]) or a scratch collection ([`qdrant`]) — check it against the validation data
+//! recorded at backup time, measure how long the restore took until the data was usable (the
+//! RTO), store a report beside the backup and always remove the scratch target.
 //!
 //! Scratch targets carry the drill's own random name (`soma_drill_<hex>`), chosen before the job
 //! starts and registered before each is created, so cleanup — at the end of the drill, or by the
@@ -10,6 +11,7 @@
 //! `passed: false`; one that could not run (damaged artifact, unreadable store) is an error.
 
 mod logical;
+mod physical;
 mod qdrant;
 
 use std::sync::{Arc, Mutex};
@@ -29,6 +31,7 @@ use crate::{
     catalog::{BackupId, BackupKeys, Engine, Kind, Manifest},
     error::OpError,
     jobs::{JobInfo, Operation, Reporter},
+    engine::postgres::ScratchServer,
     store::{Store, StoreError},
 };
 
@@ -52,6 +55,9 @@ pub enum DrillError {
         /// What to do instead.
         why: &'static str,
     },
+    /// The scratch server of a base backup's drill could not be prepared or started.
+    #[error("{0}")]
+    Scratch(#[from] crate::engine::postgres::ScratchError),
     /// The report beside a backup is unreadable.
     #[error("backup {id}: its drill report is unreadable: {reason}")]
     BadReport {
@@ -66,7 +72,9 @@ impl DrillError {
     /// The gRPC code clients act on.
     pub fn code(&self) -> tonic::Code {
         match self {
-            DrillError::Unsupported { .. } => tonic::Code::FailedPrecondition,
+            DrillError::Unsupported { .. } | DrillError::Scratch(_) => {
+                tonic::Code::FailedPrecondition
+            }
             DrillError::BadReport { .. } => tonic::Code::DataLoss,
         }
     }
@@ -202,6 +210,9 @@ pub struct Scratch {
     /// The drill's random tag: every scratch name starts with `soma_drill_<tag>`.
     tag: String,
     created: Arc<Mutex<Vec<ScratchItem>>>,
+    /// A base backup's scratch server while it runs; held here rather than by the drill so the
+    /// clean-up after an interruption can still stop it in order.
+    server: Arc<tokio::sync::Mutex<Option<ScratchServer>>>,
 }
 
 /// One scratch target.
@@ -211,6 +222,9 @@ enum ScratchItem {
     Database(String),
     /// A Qdrant collection.
     Collection(String),
+    /// A directory under `--drill-dir` (a base backup's scratch data directory and its server's
+    /// socket and log).
+    Directory(std::path::PathBuf),
 }
 
 impl Scratch {
@@ -218,6 +232,7 @@ impl Scratch {
         Self {
             tag: format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff),
             created: Arc::default(),
+            server: Arc::default(),
         }
     }
 
@@ -252,6 +267,7 @@ impl Scratch {
             .map(|i| match i {
                 ScratchItem::Database(d) => format!("database {d}"),
                 ScratchItem::Collection(c) => format!("collection {c}"),
+                ScratchItem::Directory(d) => format!("data directory {}", d.display()),
             })
             .collect()
     }
@@ -259,6 +275,10 @@ impl Scratch {
     /// Removes every scratch target this drill created; failures are logged (they name what to
     /// drop by hand) and do not hide the drill's own result.
     pub async fn clean_up(&self, ctx: &Context) {
+        // The server first: its files go next.
+        if let Some(server) = self.server.lock().await.take() {
+            server.stop().await;
+        }
         let items = std::mem::take(&mut *self.created.lock().expect("scratch lock"));
         for item in items {
             match &item {
@@ -272,6 +292,13 @@ impl Scratch {
                     let Ok(q) = ctx.qdrant() else { continue };
                     if let Err(e) = q.delete_collection(c).await {
                         tracing::warn!(collection = %c, error = %e, "could not delete the drill's scratch collection; delete it by hand");
+                    }
+                }
+                ScratchItem::Directory(dir) => {
+                    if let Err(e) = tokio::fs::remove_dir_all(dir).await
+                        && e.kind() != std::io::ErrorKind::NotFound
+                    {
+                        tracing::warn!(dir = %dir.display(), error = %e, "could not remove the drill's scratch directory; remove it by hand");
                     }
                 }
             }
@@ -336,12 +363,6 @@ impl DrillPlan {
 fn check_drillable(ctx: &Context, m: &Manifest) -> Result<(), OpError> {
     match (m.engine, m.kind) {
         (Engine::Set, _) => Ok(()),
-        (Engine::Postgres, Kind::Physical) => Err(DrillError::Unsupported {
-            id: m.id.clone(),
-            kind: "physical",
-            why: "drills of base backups are not implemented yet; `kubectl soma verify` re-reads it and its WAL, and `kubectl soma restore ID --pgdata DIR` restores it",
-        }
-        .into()),
         (Engine::Postgres, _) => ctx.postgres().map(drop),
         (Engine::Qdrant, Kind::QdrantStorage) => Err(DrillError::Unsupported {
             id: m.id.clone(),
@@ -378,6 +399,9 @@ async fn drill(
             format!("{}: ", b.id)
         };
         let (seconds, found) = match b.engine {
+            Engine::Postgres if b.kind == Kind::Physical => {
+                physical::drill(ctx, b, scratch, reporter).await?
+            }
             Engine::Postgres => logical::drill(ctx, b, scratch, reporter).await?,
             Engine::Qdrant => qdrant::drill(ctx, b, scratch, reporter).await?,
             Engine::Set => {

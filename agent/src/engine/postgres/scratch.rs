@@ -1,0 +1,506 @@
+//! A throwaway PostgreSQL server on a data directory a restore drill laid down: started from the
+//! agent's own server binaries of the data directory's major version, it replays the archive,
+//! promotes, answers the drill's checks and is stopped again.
+//!
+//! Everything it could do to the real system is switched off on its command line, which wins over
+//! whatever the restored configuration files say (they come from the store, so they are
+//! untrusted): no TCP listener at all — only a Unix socket inside the drill's own mode-0700
+//! directory, so nothing else can reach it and no port can collide — no WAL archiving (a promoted
+//! scratch copy must never push a new timeline into the real archive), no replication, no
+//! preloaded libraries, no shell commands other than the drill's own restore_command, and small
+//! memory settings whatever the source used.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use tokio::process::{Child, Command};
+
+use super::{PgError, Postgres};
+
+/// Port number in the socket's file name; there is no TCP listener, so it cannot collide.
+const SOCKET_PORT: u16 = 5432;
+/// How often start-up progress is looked at.
+const POLL: Duration = Duration::from_millis(200);
+/// How long a fast shutdown may take before the server is killed.
+const STOP_GRACE: Duration = Duration::from_secs(60);
+/// Lines of the server log kept for error messages.
+const LOG_TAIL_LINES: usize = 15;
+/// Bytes of the server log read for its tail.
+const LOG_TAIL_BYTES: u64 = 16 * 1024;
+/// Bytes of pg_amcheck's output kept for the report.
+const MAX_AMCHECK_OUTPUT: u64 = 8 * 1024;
+/// Longest Unix socket path the kernel accepts (`sun_path` holds 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Settings given on the server's command line. They outrank postgresql.conf and
+/// postgresql.auto.conf, so a restored configuration cannot turn them back on.
+const SETTINGS: &[(&str, &str)] = &[
+    ("listen_addresses", ""),
+    ("unix_socket_permissions", "0700"),
+    ("archive_mode", "off"),
+    ("archive_command", ""),
+    ("archive_library", ""),
+    ("archive_cleanup_command", ""),
+    ("recovery_end_command", ""),
+    ("ssl", "off"),
+    ("ssl_passphrase_command", ""),
+    ("hot_standby", "off"),
+    ("primary_conninfo", ""),
+    ("primary_slot_name", ""),
+    ("synchronous_standby_names", ""),
+    ("max_wal_senders", "0"),
+    ("shared_preload_libraries", ""),
+    ("session_preload_libraries", ""),
+    ("local_preload_libraries", ""),
+    ("dynamic_library_path", "$libdir"),
+    ("logging_collector", "off"),
+    ("log_destination", "stderr"),
+    ("cluster_name", "soma_drill"),
+    ("max_connections", "10"),
+    ("superuser_reserved_connections", "2"),
+    ("shared_buffers", "32MB"),
+    ("huge_pages", "off"),
+    ("maintenance_work_mem", "32MB"),
+    ("work_mem", "4MB"),
+    ("autovacuum", "off"),
+    ("restart_after_crash", "off"),
+    ("default_transaction_read_only", "off"),
+    ("statement_timeout", "0"),
+];
+
+/// Why a scratch server could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ScratchError {
+    /// Preparing its files failed.
+    #[error("{action} for the drill's scratch server in {}: {source}", dir.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// Where.
+        dir: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The restored data directory is not one this agent can run.
+    #[error("{0}")]
+    Unusable(String),
+    /// The server stopped before it was ready (recovery failed, a setting was refused).
+    #[error("the scratch server exited ({status}) before recovery ended; its log ends: {log}")]
+    Exited {
+        /// How it exited.
+        status: String,
+        /// The last lines of its log.
+        log: String,
+    },
+    /// Recovery did not end in time.
+    #[error("the scratch server was still recovering after {seconds} s; its log ends: {log}")]
+    TooSlow {
+        /// The limit.
+        seconds: u64,
+        /// The last lines of its log.
+        log: String,
+    },
+    /// Running a tool failed.
+    #[error(transparent)]
+    Pg(#[from] PgError),
+}
+
+/// A running scratch server; [`ScratchServer::stop`] ends it (dropping it kills it).
+#[derive(Debug)]
+pub struct ScratchServer {
+    child: Child,
+    pgdata: PathBuf,
+    log: PathBuf,
+    socket_dir: PathBuf,
+    major: u32,
+    /// The bootstrap superuser, once [`Self::ready`] found it.
+    superuser: String,
+}
+
+impl Postgres {
+    /// A server tool of PostgreSQL `major`: from `--pg-bin-dir` when given, else Debian's
+    /// per-major directory when it holds it, else from PATH.
+    fn server_tool(&self, tool: &str, major: u32) -> PathBuf {
+        if let Some(dir) = &self.bin_dir {
+            return dir.join(tool);
+        }
+        let debian = PathBuf::from(format!("/usr/lib/postgresql/{major}/bin/{tool}"));
+        if debian.exists() {
+            return debian;
+        }
+        PathBuf::from(tool)
+    }
+
+    /// The role the agent logs in as: the URL's user, else `PGUSER`, else (as libpq does) the
+    /// operating-system user.
+    fn login_user(&self) -> String {
+        if !self.url.username().is_empty() {
+            return super::percent_decode(self.url.username());
+        }
+        if let Ok(user) = std::env::var("PGUSER")
+            && !user.is_empty()
+        {
+            return user;
+        }
+        nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .unwrap_or_else(|| "postgres".into())
+    }
+
+    /// A client of a scratch server: its socket directory, as `user`, with this agent's tools.
+    fn scratch_client(&self, socket_dir: &Path, user: &str) -> Postgres {
+        // libpq decodes %XX in a URI but not `+`, so every value is percent-encoded byte by byte.
+        let mut url = url::Url::parse("postgresql:///postgres").expect("a constant URL parses");
+        url.set_query(Some(&format!(
+            "host={}&port={SOCKET_PORT}&user={}",
+            uri_encode(&socket_dir.display().to_string()),
+            uri_encode(user)
+        )));
+        Postgres {
+            url,
+            replication_url: None,
+            replication_password: None,
+            bin_dir: self.bin_dir.clone(),
+        }
+    }
+}
+
+impl ScratchServer {
+    /// Starts a server on `pgdata` (laid down by a physical restore, recovery configured) with
+    /// its socket, log and authentication file in `dir`, as `run_as` when the agent is root
+    /// (PostgreSQL refuses to run as root).
+    pub async fn start(
+        source: &Postgres,
+        pgdata: &Path,
+        dir: &Path,
+        run_as: Option<(u32, u32)>,
+    ) -> Result<Self, ScratchError> {
+        let io = |action: &'static str| {
+            let dir = dir.to_path_buf();
+            move |source| ScratchError::Io {
+                action,
+                dir,
+                source,
+            }
+        };
+        let socket = dir.join(format!(".s.PGSQL.{SOCKET_PORT}"));
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(ScratchError::Unusable(format!(
+                "the drill directory {} is too deep for a Unix socket path (at most {MAX_SOCKET_PATH} bytes with the socket's name); give --drill-dir a shorter path",
+                dir.parent().unwrap_or(dir).display()
+            )));
+        }
+        let major = data_major(pgdata).await?;
+        let binary = source.server_tool("postgres", major);
+        let (tool_major, tool_version) = source
+            .tool_version_at("postgres", &binary)
+            .await
+            .map_err(|e| match e {
+                PgError::ToolMissing { path, .. } => ScratchError::Unusable(format!(
+                    "drills of base backups run a scratch PostgreSQL {major} server, and its binary is not at {path}: install the PostgreSQL {major} server package in the agent image, or point --pg-bin-dir at its binaries"
+                )),
+                other => other.into(),
+            })?;
+        if tool_major != major {
+            return Err(ScratchError::Unusable(format!(
+                "the base backup is a PostgreSQL {major} data directory, but the server binary at {} is {tool_version}; point --pg-bin-dir at PostgreSQL {major}'s binaries",
+                binary.display()
+            )));
+        }
+
+        let hba = dir.join("pg_hba.conf");
+        // Trust on the socket alone: the socket sits in a mode-0700 directory, so only the
+        // server's own user (and root) can reach it.
+        tokio::fs::write(&hba, "local all all trust\n")
+            .await
+            .map_err(io("writing pg_hba.conf"))?;
+        let ident = dir.join("pg_ident.conf");
+        tokio::fs::write(&ident, "")
+            .await
+            .map_err(io("writing pg_ident.conf"))?;
+        // Debian keeps postgresql.conf outside the data directory, so a base backup has none.
+        let conf = pgdata.join("postgresql.conf");
+        if tokio::fs::symlink_metadata(&conf).await.is_err() {
+            tokio::fs::write(&conf, "")
+                .await
+                .map_err(io("writing an empty postgresql.conf"))?;
+        }
+        let log = dir.join("server.log");
+        let log_file = std::fs::File::create(&log).map_err(io("creating the server log"))?;
+        if let Some((uid, gid)) = run_as {
+            for path in [&hba, &ident, &conf, &log] {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                    .map_err(io("giving the scratch files to the server's user"))?;
+            }
+        }
+        let err_file = log_file
+            .try_clone()
+            .map_err(io("opening the server log"))?;
+
+        let mut cmd = Command::new(&binary);
+        cmd.arg("-D").arg(pgdata);
+        let socket_dir = dir.display().to_string();
+        let (hba, ident) = (hba.display().to_string(), ident.display().to_string());
+        let port = SOCKET_PORT.to_string();
+        let pid_file = dir.join("external.pid").display().to_string();
+        let dynamic = [
+            ("port", port.as_str()),
+            ("unix_socket_directories", socket_dir.as_str()),
+            ("hba_file", hba.as_str()),
+            ("ident_file", ident.as_str()),
+            // Inside the scratch directory: a restored setting could name the real server's.
+            ("external_pid_file", pid_file.as_str()),
+        ];
+        for (name, value) in SETTINGS.iter().chain(dynamic.iter()) {
+            cmd.arg("-c").arg(format!("{name}={value}"));
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(log_file))
+            .stderr(Stdio::from(err_file))
+            .env_remove("PGDATA")
+            // Out of the agent's process group: a Ctrl-C meant for the agent reaches the server
+            // only through the drill's own clean-up, in order.
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some((uid, gid)) = run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        let child = cmd.spawn().map_err(|source| PgError::Io {
+            tool: "postgres",
+            source,
+        })?;
+        Ok(Self {
+            child,
+            pgdata: pgdata.to_path_buf(),
+            log,
+            socket_dir: dir.to_path_buf(),
+            major,
+            superuser: String::new(),
+        })
+    }
+
+    /// The major version it runs.
+    pub fn major(&self) -> u32 {
+        self.major
+    }
+
+    /// Waits until recovery has ended and the server accepts connections (it writes "ready"
+    /// into postmaster.pid, as `pg_ctl -w` reads it), then returns a client logged in as its
+    /// bootstrap superuser (the role with OID 10, whatever its name).
+    pub async fn ready(&mut self, source: &Postgres, limit: Duration) -> Result<Postgres, ScratchError> {
+        let started = Instant::now();
+        let pid_file = self.pgdata.join("postmaster.pid");
+        loop {
+            if let Some(status) = self.child.try_wait().map_err(|source| PgError::Io {
+                tool: "postgres",
+                source,
+            })? {
+                return Err(ScratchError::Exited {
+                    status: status.to_string(),
+                    log: self.log_tail().await,
+                });
+            }
+            if let Ok(text) = tokio::fs::read_to_string(&pid_file).await
+                && text.lines().nth(7).map(str::trim) == Some("ready")
+            {
+                break;
+            }
+            if started.elapsed() > limit {
+                return Err(ScratchError::TooSlow {
+                    seconds: limit.as_secs(),
+                    log: self.log_tail().await,
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        let database = source.default_database();
+        let probe = source.scratch_client(&self.socket_dir, &source.login_user());
+        let superuser = probe
+            .query(&database, "select rolname from pg_roles where oid = 10")
+            .await?;
+        let superuser = superuser.trim();
+        if superuser.is_empty() || superuser.contains('\n') {
+            return Err(ScratchError::Unusable(format!(
+                "the scratch server named no bootstrap superuser (got {superuser:?})"
+            )));
+        }
+        self.superuser = superuser.to_string();
+        Ok(source.scratch_client(&self.socket_dir, superuser))
+    }
+
+    /// The databases of the scratch server that accept connections, templates left out.
+    pub async fn databases(client: &Postgres, home: &str) -> Result<Vec<String>, PgError> {
+        client
+            .query_json(
+                home,
+                "listing the restored databases",
+                "select coalesce(json_agg(datname::text order by datname), '[]'::json) \
+                 from pg_database where datallowconn and not datistemplate",
+            )
+            .await
+    }
+
+    /// `pg_amcheck --all` over the scratch server: every table's heap and every B-tree index,
+    /// with each index's tuples matched against its heap and its parent pages. Installs the
+    /// amcheck extension where it is missing — in the scratch copy only. Returns whether it found
+    /// nothing wrong and what it printed (at most [`MAX_AMCHECK_OUTPUT`] bytes).
+    pub async fn amcheck(
+        &self,
+        source: &Postgres,
+        home: &str,
+    ) -> Result<(bool, String), PgError> {
+        use tokio::io::AsyncReadExt;
+        let user = &self.superuser;
+        let mut cmd = Command::new(source.server_tool("pg_amcheck", self.major));
+        cmd.args([
+            "--all",
+            "--install-missing",
+            "--heapallindexed",
+            "--parent-check",
+            "--no-password",
+            "--port",
+            &SOCKET_PORT.to_string(),
+        ])
+        .arg(format!("--host={}", self.socket_dir.display()))
+        .arg(format!("--username={user}"))
+        .arg(format!("--maintenance-db={home}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|source| PgError::Io {
+            tool: "pg_amcheck",
+            source,
+        })?;
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(PgError::Unexpected {
+                what: "starting pg_amcheck",
+                detail: "its pipes are missing".into(),
+            });
+        };
+        // Corruption can fill pages of output: keep the first part, drain the rest.
+        let read = |pipe: Box<dyn tokio::io::AsyncRead + Unpin + Send>| async move {
+            let mut kept = Vec::new();
+            let mut pipe = pipe.take(MAX_AMCHECK_OUTPUT);
+            let _ = pipe.read_to_end(&mut kept).await;
+            let _ = tokio::io::copy(&mut pipe.into_inner(), &mut tokio::io::sink()).await;
+            String::from_utf8_lossy(&kept).trim().to_string()
+        };
+        let (out, err) = tokio::join!(read(Box::new(stdout)), read(Box::new(stderr)));
+        let status = child.wait().await.map_err(|source| PgError::Io {
+            tool: "pg_amcheck",
+            source,
+        })?;
+        // pg_amcheck exits 0 when it found nothing, 2 when it found corruption, 1 when it could
+        // not check.
+        match status.code() {
+            Some(0) => Ok((true, "no corruption found".into())),
+            Some(2) => Ok((false, out)),
+            _ => Err(PgError::ToolFailed {
+                tool: "pg_amcheck",
+                status: status.to_string(),
+                stderr: if err.is_empty() { out } else { err },
+            }),
+        }
+    }
+
+    /// The last lines of the server's log.
+    pub async fn log_tail(&self) -> String {
+        log_tail(&self.log).await
+    }
+
+    /// Fast shutdown (SIGINT: sessions end, no checkpoint wait), killed when it takes longer
+    /// than [`STOP_GRACE`]; always reaped.
+    pub async fn stop(mut self) {
+        use nix::sys::signal::{Signal, kill};
+        if let Some(pid) = self.child.id() {
+            let _ = kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGINT);
+            if tokio::time::timeout(STOP_GRACE, self.child.wait()).await.is_ok() {
+                return;
+            }
+            tracing::warn!(pid, "the drill's scratch server did not stop in time; killing it");
+        }
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Percent-encodes everything but unreserved characters and `/`.
+fn uri_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The major version a data directory was made by (its PG_VERSION file, read as untrusted).
+async fn data_major(pgdata: &Path) -> Result<u32, ScratchError> {
+    let path = pgdata.join("PG_VERSION");
+    let text = tokio::fs::read(&path).await.map_err(|source| ScratchError::Io {
+        action: "reading PG_VERSION",
+        dir: pgdata.to_path_buf(),
+        source,
+    })?;
+    let text = String::from_utf8_lossy(&text[..text.len().min(16)]).trim().to_string();
+    match text.parse::<u32>() {
+        Ok(major) if (10..100).contains(&major) => Ok(major),
+        _ => Err(ScratchError::Unusable(format!(
+            "the restored data directory's PG_VERSION says {text:?}, not a PostgreSQL major version"
+        ))),
+    }
+}
+
+/// The last [`LOG_TAIL_LINES`] lines of a log file, read from at most its last
+/// [`LOG_TAIL_BYTES`].
+async fn log_tail(path: &Path) -> String {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let Ok(mut file) = tokio::fs::File::open(path).await else {
+        return "(no server log)".into();
+    };
+    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let _ = file
+        .seek(std::io::SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))
+        .await;
+    let mut buf = Vec::new();
+    let _ = file.take(LOG_TAIL_BYTES).read_to_end(&mut buf).await;
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn refuses_a_data_directory_of_no_known_version() {
+        let dir = tempfile::tempdir().unwrap();
+        tokio::fs::write(dir.path().join("PG_VERSION"), "15\n").await.unwrap();
+        assert_eq!(data_major(dir.path()).await.unwrap(), 15);
+        tokio::fs::write(dir.path().join("PG_VERSION"), "15; rm -rf /").await.unwrap();
+        let err = data_major(dir.path()).await.unwrap_err().to_string();
+        assert!(err.contains("not a PostgreSQL major version"), "{err}");
+    }
+
+    #[test]
+    fn scratch_clients_reach_the_socket_directory_only() {
+        let pg = Postgres::new("postgresql://soma@db.example:5432/appdb", None).unwrap();
+        let client = pg.scratch_client(Path::new("/var/lib/soma drill/x"), "postgres");
+        let url = client.url_for("app&db");
+        assert_eq!(
+            url,
+            "postgresql:///app&db?host=/var/lib/soma%20drill/x&port=5432&user=postgres"
+        );
+        assert!(!url.contains("db.example"));
+    }
+}

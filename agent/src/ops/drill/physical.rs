@@ -1,0 +1,222 @@
+//! Drills of base backups: the backup laid into a scratch data directory under `--drill-dir`,
+//! recovery configured to the end of its window in the archive (exactly as a real physical
+//! restore), a scratch server ([`ScratchServer`]) replaying it and promoting, then checks on the
+//! promoted copy: that replay reached the last archived segment, `pg_amcheck` over every
+//! database, and every table's rows and checksum, recorded in the report.
+//!
+//! The counts are recorded, not compared: a base backup replayed to the end of its window holds
+//! every write committed after the backup too, so nothing recorded at backup time can match it.
+//! What fails a physical drill is what would fail a real restore — a damaged base backup or WAL
+//! file, a gap, a server that cannot recover — and corruption that amcheck finds.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use super::{Check, DrillError, Scratch, ScratchItem};
+use crate::{
+    catalog::Manifest,
+    engine::postgres::{ScratchError, ScratchServer},
+    error::OpError,
+    jobs::Reporter,
+    lsn::Lsn,
+    ops::{
+        Context,
+        physical::{PgdataRestore, RecoveryTarget, restore_pgdata},
+    },
+};
+
+/// How long a scratch server may replay before the drill gives up.
+const RECOVERY_LIMIT: Duration = Duration::from_secs(12 * 3600);
+
+/// Restores `m` into a scratch data directory, recovers and checks it; returns the seconds from
+/// the start of the download until the promoted copy accepted connections, and the checks.
+pub(super) async fn drill(
+    ctx: &Arc<Context>,
+    m: &Manifest,
+    scratch: &Scratch,
+    reporter: &Reporter,
+) -> Result<(f64, Vec<Check>), OpError> {
+    let pg = ctx.postgres()?;
+    reporter.phase("preparing", "creating the scratch data directory");
+    let run_as = run_as(&ctx.drill_dir).await?;
+    let root = ctx.drill_dir.join(scratch.name("cluster"));
+    make_root(&ctx.drill_dir, &root, run_as, scratch).await?;
+    let pgdata = root.join("pgdata");
+    let agent_binary = std::env::current_exe()
+        .map_err(|e| OpError::Internal(format!("locating the soma-agent binary: {e}")))?;
+    let req = PgdataRestore::new(
+        m.id.to_string(),
+        pgdata.clone(),
+        RecoveryTarget::Latest,
+        agent_binary,
+    );
+
+    reporter.phase(
+        "restoring",
+        format!(
+            "{} → zstd → tar into scratch data directory {}",
+            m.id,
+            pgdata.display()
+        ),
+    );
+    let started = Instant::now();
+    let restored = restore_pgdata(&ctx.source, &req, reporter.counters()).await?;
+    let laid_down = started.elapsed().as_secs_f64();
+    let seg_size = restored.details.wal_segment_size;
+    // Replay must at least read into the last archived segment: a damaged or missing one before
+    // it ends recovery early (wal-fetch refuses a damaged file, and the server stops).
+    let last_segment = Lsn(restored.window.latest_lsn.0.saturating_sub(1) / seg_size * seg_size)
+        .max(restored.details.start_lsn);
+    let mut checks = vec![Check::fact(
+        "base backup",
+        "restores with every checksum verified",
+        format!("laid down in {laid_down:.1} s"),
+        true,
+    )];
+
+    reporter.phase(
+        "recovering",
+        format!(
+            "a scratch PostgreSQL server replays WAL from {} to the end of the archive (LSN {} on timeline {}) and promotes",
+            restored.details.start_lsn, restored.window.latest_lsn, restored.window.timeline
+        ),
+    );
+    let server = ScratchServer::start(pg, &pgdata, &root, run_as)
+        .await
+        .map_err(DrillError::from)?;
+    let mut held = scratch.server.lock().await;
+    let server = held.insert(server);
+    let client = match server.ready(pg, RECOVERY_LIMIT).await {
+        Ok(client) => client,
+        Err(e @ (ScratchError::Exited { .. } | ScratchError::TooSlow { .. })) => {
+            checks.push(Check::fact(
+                "recovery",
+                "replays the archive and promotes",
+                e.to_string(),
+                false,
+            ));
+            return Ok((started.elapsed().as_secs_f64(), checks));
+        }
+        Err(e) => return Err(DrillError::from(e).into()),
+    };
+    let rto = started.elapsed().as_secs_f64();
+
+    reporter.phase("validating", "checking replay, amcheck, counting rows");
+    let home = pg.default_database();
+    let replayed = client
+        .query(&home, "select pg_last_wal_replay_lsn()")
+        .await?;
+    let replayed_lsn = replayed.trim().parse::<Lsn>().ok();
+    checks.push(Check::fact(
+        "recovery",
+        &format!("replays into the last archived segment (LSN ≥ {last_segment}) and promotes"),
+        format!("replayed to LSN {}, promoted", replayed.trim()),
+        replayed_lsn.is_some_and(|l| l >= last_segment),
+    ));
+
+    reporter.phase(
+        "validating",
+        "pg_amcheck: every heap and B-tree index of every database",
+    );
+    checks.push(match server.amcheck(pg, &home).await {
+        Ok((clean, said)) => Check::fact(
+            "amcheck",
+            "no corruption in any table or B-tree index",
+            said,
+            clean,
+        ),
+        Err(e) => Check::fact(
+            "amcheck",
+            "no corruption in any table or B-tree index",
+            format!("could not check: {e}"),
+            false,
+        ),
+    });
+
+    for db in ScratchServer::databases(&client, &home).await? {
+        reporter.phase(
+            "validating",
+            format!("counting rows and checksumming the tables of {db}"),
+        );
+        for t in client.table_stats(&db, None).await? {
+            let name = t.name();
+            checks.push(Check::fact(
+                format!("{db}: rows of {name}"),
+                "counted on the restored copy",
+                t.rows.to_string(),
+                true,
+            ));
+            checks.push(Check::fact(
+                format!("{db}: checksum of {name}"),
+                "counted on the restored copy",
+                t.checksum,
+                true,
+            ));
+        }
+    }
+    Ok((rto, checks))
+}
+
+/// Who the scratch server runs as: the agent's own user, unless that is root (PostgreSQL
+/// refuses to run as root) — then the owner of the drill directory, else the `postgres` user.
+async fn run_as(drill_dir: &Path) -> Result<Option<(u32, u32)>, OpError> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    if let Ok(meta) = tokio::fs::metadata(drill_dir).await
+        && meta.uid() != 0
+    {
+        return Ok(Some((meta.uid(), meta.gid())));
+    }
+    match nix::unistd::User::from_name("postgres") {
+        Ok(Some(user)) => Ok(Some((user.uid.as_raw(), user.gid.as_raw()))),
+        _ => Err(DrillError::from(ScratchError::Unusable(format!(
+            "the agent runs as root, which PostgreSQL refuses to run as, and there is no `postgres` user: give --drill-dir ({}) to the user the scratch server should run as",
+            drill_dir.display()
+        )))
+        .into()),
+    }
+}
+
+/// Creates the drill's own directory (mode 0700, given to `run_as`) under the drill directory,
+/// registered first so an interruption at any point removes it.
+async fn make_root(
+    drill_dir: &Path,
+    root: &PathBuf,
+    run_as: Option<(u32, u32)>,
+    scratch: &Scratch,
+) -> Result<(), OpError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |action: &'static str, dir: &Path| {
+        let dir = dir.to_path_buf();
+        move |source| {
+            OpError::from(DrillError::from(ScratchError::Io {
+                action,
+                dir,
+                source,
+            }))
+        }
+    };
+    tokio::fs::create_dir_all(drill_dir)
+        .await
+        .map_err(io("creating the drill directory (--drill-dir)", drill_dir))?;
+    let item = ScratchItem::Directory(root.clone());
+    scratch.register(item.clone());
+    if let Err(e) = tokio::fs::create_dir(root).await {
+        // Not ours: never remove a directory this drill did not create.
+        scratch.forget(&item);
+        return Err(io("creating the scratch directory", root)(e));
+    }
+    tokio::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+        .await
+        .map_err(io("setting mode 0700", root))?;
+    if let Some((uid, gid)) = run_as {
+        std::os::unix::fs::chown(root, Some(uid), Some(gid))
+            .map_err(io("giving the scratch directory to the server's user", root))?;
+    }
+    Ok(())
+}
