@@ -441,4 +441,34 @@ fn scheduled_verifies_and_drills_are_recorded_and_measured() {
         true,
         "{described}"
     );
+
+    // A restarted agent reports the last passing drill from the stored report at once, rather
+    // than nothing until its next drill.
+    drop(agent);
+    let report: serde_json::Value =
+        serde_json::from_slice(&store.read(&format!("backups/{}/drill.json", ids[0])))
+            .expect("drill.json");
+    assert_eq!(report["passed"], true, "{report}");
+    let drilled_at = chrono::DateTime::parse_from_rfc3339(report["drilled_at"].as_str().unwrap())
+        .expect("drilled_at")
+        .timestamp_micros() as f64
+        / 1e6;
+    let restarted = Agent::start(
+        &store.url(),
+        &pg.url("appdb"),
+        &["--metrics-listen", "127.0.0.1:0"],
+        &store.env(),
+    );
+    let m = restarted.metrics_addr();
+    let restored = poll_until(
+        Duration::from_secs(60),
+        "the drill gauge of the restarted agent",
+        || metric(&m, "soma_drill_last_success_timestamp_seconds", &labels),
+    );
+    assert!((restored - drilled_at).abs() < 1e-3, "{restored} vs {drilled_at}");
+    let rto = metric(&m, "soma_drill_last_rto_seconds", &labels).unwrap();
+    assert!(
+        (rto - report["rto_seconds"].as_f64().unwrap()).abs() < 1e-6,
+        "{rto} vs {report}"
+    );
 }

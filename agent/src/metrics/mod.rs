@@ -32,6 +32,8 @@ use crate::{
 /// How often backup gauges are recomputed from the catalog even when nothing happened here (other
 /// agents write to the same store; someone may delete backups by hand).
 pub const CATALOG_REFRESH: Duration = Duration::from_secs(300);
+/// Drill reports read per backup group at start-up for the drill gauges.
+const MAX_REPORTS_READ: usize = 10;
 /// How long a scrape waits for the store probe and the server's WAL position.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -352,6 +354,45 @@ impl Metrics {
         self.drill_last_rto.get_or_create(&labels).set(rto_seconds);
     }
 
+    /// Sets each backup group's drill gauges from the newest passing report stored beside its
+    /// backups, so a restarted agent does not report "never drilled" (nor let a "drill too old"
+    /// alert go quiet) until its next drill. Reads at most [`MAX_REPORTS_READ`] reports per
+    /// group, newest backups first; never moves a gauge back past a drill that ran meanwhile.
+    pub async fn restore_drill_gauges(&self, catalog: &Catalog) {
+        let manifests = match catalog.list().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: could not list backups for their drill reports");
+                return;
+            }
+        };
+        let mut groups: HashMap<BackupLabels, Vec<&Manifest>> = HashMap::new();
+        for m in &manifests {
+            groups.entry(BackupLabels::of(m)).or_default().push(m);
+        }
+        for (labels, mut backups) in groups {
+            backups.sort_by_key(|m| std::cmp::Reverse(m.completed_at));
+            for m in backups.into_iter().take(MAX_REPORTS_READ) {
+                match crate::ops::drill::read_report(catalog.store().as_ref(), &m.id).await {
+                    Ok(Some(report)) if report.passed => {
+                        let last = self.drill_last_success.get_or_create(&labels);
+                        if last.get() < ts(report.drilled_at) {
+                            last.set(ts(report.drilled_at));
+                            self.drill_last_rto
+                                .get_or_create(&labels)
+                                .set(report.rto_seconds);
+                        }
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(backup_id = %m.id, error = %e, "metrics: drill report unreadable");
+                    }
+                }
+            }
+        }
+    }
+
     /// Retention ran to the end, deleting `objects`.
     pub fn pruned(&self, objects: u64) {
         self.prune_last_success.set(ts(Utc::now()));
@@ -441,7 +482,8 @@ impl Metrics {
     }
 }
 
-/// Keeps the backup gauges current: at once, then every [`CATALOG_REFRESH`] until `shutdown`.
+/// Keeps the backup gauges current: at once (with the drill gauges from the stored reports), then
+/// every [`CATALOG_REFRESH`] until `shutdown`.
 pub fn spawn_catalog_refresh(
     metrics: Arc<Metrics>,
     catalog: Catalog,
@@ -449,6 +491,15 @@ pub fn spawn_catalog_refresh(
 ) {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(CATALOG_REFRESH);
+        every.tick().await;
+        let first = async {
+            metrics.refresh_catalog(&catalog).await;
+            metrics.restore_drill_gauges(&catalog).await;
+        };
+        tokio::select! {
+            () = first => {}
+            () = shutdown.cancelled() => return,
+        }
         loop {
             tokio::select! {
                 _ = every.tick() => metrics.refresh_catalog(&catalog).await,

@@ -343,6 +343,31 @@ pub enum RestorePlan {
 }
 
 impl RestorePlan {
+    /// The job this restore runs as: what it writes and what it reads.
+    pub fn job(&self) -> JobInfo {
+        JobInfo::new(
+            self.backup(),
+            Operation::Restore,
+            self.targets(),
+            self.uses(),
+        )
+        .about(self.engine().as_str(), "", "")
+    }
+
+    /// The span its logs carry.
+    pub fn span(&self) -> tracing::Span {
+        tracing::info_span!("restore", backup_id = %self.backup(), engine = %self.engine())
+    }
+
+    /// What an interrupted restore leaves to clean: a physical restore's half-laid data
+    /// directory (logical restores roll back by themselves).
+    pub fn interrupted(&self) -> crate::runner::Interrupted {
+        match self {
+            RestorePlan::Pgdata(req) => crate::runner::Interrupted::ClearPgdata(req.clone()),
+            _ => crate::runner::Interrupted::Nothing,
+        }
+    }
+
     /// Validates a restore request and resolves the backup it names.
     pub async fn from_request(ctx: &Context, req: v1::RestoreRequest) -> Result<Self, OpError> {
         if !req.pgdata.is_empty() {

@@ -15,7 +15,7 @@ use tracing::Instrument;
 use crate::{
     error::OpError,
     failures::Trigger,
-    jobs::{JobInfo, Jobs, Operation, Reporter},
+    jobs::{JobInfo, Jobs, Reporter},
     ops::{
         self, Context,
         drill::DrillPlan,
@@ -101,19 +101,7 @@ impl SomaAgent for AgentService {
         request: Request<v1::RestoreRequest>,
     ) -> Result<Response<Self::RestoreStream>, Status> {
         let plan = RestorePlan::from_request(&self.ctx, request.into_inner()).await?;
-        let span =
-            tracing::info_span!("restore", backup_id = %plan.backup(), engine = %plan.engine());
-        let info = JobInfo::new(
-            plan.backup(),
-            Operation::Restore,
-            plan.targets(),
-            plan.uses(),
-        )
-        .about(plan.engine().as_str(), "", "");
-        let interrupted = match &plan {
-            RestorePlan::Pgdata(req) => Interrupted::ClearPgdata(req.clone()),
-            _ => Interrupted::Nothing,
-        };
+        let (info, span, interrupted) = (plan.job(), plan.span(), plan.interrupted());
         self.start(info, span, interrupted, |ctx, reporter| {
             plan.run(ctx, reporter)
         })
