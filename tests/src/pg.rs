@@ -79,19 +79,10 @@ impl PgCluster {
     /// A temporary directory for a cluster, owned by the server's user, with no data directory
     /// yet ([`data_path`](Self::data_path) does not exist): the target of a physical restore.
     pub fn empty() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("soma-pg-")
-            .tempdir()
-            .expect("cannot create a temporary directory for PostgreSQL");
-        let owner = server_user();
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(dir.path(), Some(uid.as_raw()), Some(gid.as_raw()))
-                .expect("cannot chown the PostgreSQL temporary directory to user postgres");
-        }
         PgCluster {
-            dir,
+            dir: Self::server_owned_dir("soma-pg-"),
             port: 0,
-            owner,
+            owner: server_user(),
         }
     }
 

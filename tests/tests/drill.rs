@@ -52,6 +52,16 @@ fn assert_untouched(pg: &PgCluster, before: &DbFingerprint, what: &str) {
     assert!(left.is_empty(), "{what} left scratch databases {left:?}");
 }
 
+/// Flips one bit of the middle byte of a stored object; returns the original bytes.
+fn flip_middle_byte(store: &TestStore, key: &str) -> Vec<u8> {
+    let original = store.read(key);
+    let mut flipped = original.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x40;
+    store.write(key, flipped);
+    original
+}
+
 fn checks(report: &Value) -> Vec<Value> {
     report["checks"].as_array().cloned().unwrap_or_default()
 }
@@ -193,11 +203,7 @@ fn logical_drills(store: &TestStore) {
 
     // One flipped byte in the dump: the drill cannot run, says why, and cleans up.
     let dump_key = format!("backups/{id}/dump.pgdump.zst");
-    let original = store.read(&dump_key);
-    let mut flipped = original.clone();
-    let middle = flipped.len() / 2;
-    flipped[middle] ^= 0x40;
-    store.write(&dump_key, flipped);
+    let original = flip_middle_byte(store, &dump_key);
     let out = soma(a, &["drill", &id]);
     out.assert_code(1, "drill of a backup with a flipped byte");
     out.assert_stderr_contains("checksum mismatch", "drill of a damaged backup");
@@ -369,7 +375,10 @@ fn physical_drill_replays_a_scratch_copy_and_leaves_nothing() {
             .expect("the drill directory")
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert!(left.is_empty(), "{what} left {left:?} in the drill directory");
+        assert!(
+            left.is_empty(),
+            "{what} left {left:?} in the drill directory"
+        );
         // The promoted scratch copy archived nothing: no new timeline, no WAL of its own.
         let archive: Vec<String> = store.list("wal/");
         assert!(
@@ -420,11 +429,7 @@ fn physical_drill_replays_a_scratch_copy_and_leaves_nothing() {
         .get(segments.len().saturating_sub(2))
         .unwrap_or_else(|| panic!("too few complete segments: {archive_before:#?}"))
         .clone();
-    let original = store.read(&victim);
-    let mut flipped = original.clone();
-    let middle = flipped.len() / 2;
-    flipped[middle] ^= 0x40;
-    store.write(&victim, flipped);
+    let original = flip_middle_byte(&store, &victim);
     let out = soma(a, &["-o", "json", "drill", &id]);
     out.assert_code(1, "drill of a base backup whose WAL is damaged");
     out.assert_stderr_contains("did not pass", "the failed physical drill");
@@ -440,11 +445,7 @@ fn physical_drill_replays_a_scratch_copy_and_leaves_nothing() {
 
     // A damaged base backup: the drill cannot run, says why, and cleans up.
     let base_key = format!("backups/{id}/base.tar.zst");
-    let original = store.read(&base_key);
-    let mut flipped = original.clone();
-    let middle = flipped.len() / 2;
-    flipped[middle] ^= 0x40;
-    store.write(&base_key, flipped);
+    flip_middle_byte(&store, &base_key);
     let out = soma(a, &["drill", &id]);
     out.assert_code(1, "drill of a damaged base backup");
     out.assert_stderr_contains("checksum mismatch", "drill of a damaged base backup");

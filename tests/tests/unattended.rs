@@ -465,7 +465,10 @@ fn scheduled_verifies_and_drills_are_recorded_and_measured() {
         "the drill gauge of the restarted agent",
         || metric(&m, "soma_drill_last_success_timestamp_seconds", &labels),
     );
-    assert!((restored - drilled_at).abs() < 1e-3, "{restored} vs {drilled_at}");
+    assert!(
+        (restored - drilled_at).abs() < 1e-3,
+        "{restored} vs {drilled_at}"
+    );
     let rto = metric(&m, "soma_drill_last_rto_seconds", &labels).unwrap();
     assert!(
         (rto - report["rto_seconds"].as_f64().unwrap()).abs() < 1e-6,

@@ -336,16 +336,13 @@ impl Postgres {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .arg("--version");
-        let out = cmd
-            .output()
-            .await
-            .map_err(|source| match source.kind() {
-                std::io::ErrorKind::NotFound => PgError::ToolMissing {
-                    tool,
-                    path: path.display().to_string(),
-                },
-                _ => PgError::Io { tool, source },
-            })?;
+        let out = cmd.output().await.map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => PgError::ToolMissing {
+                tool,
+                path: path.display().to_string(),
+            },
+            _ => PgError::Io { tool, source },
+        })?;
         let text = String::from_utf8_lossy(&out.stdout);
         parse_tool_version(&text).ok_or_else(|| PgError::ToolFailed {
             tool,

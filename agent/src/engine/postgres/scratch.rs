@@ -238,9 +238,7 @@ impl ScratchServer {
                     .map_err(io("giving the scratch files to the server's user"))?;
             }
         }
-        let err_file = log_file
-            .try_clone()
-            .map_err(io("opening the server log"))?;
+        let err_file = log_file.try_clone().map_err(io("opening the server log"))?;
 
         let mut cmd = Command::new(&binary);
         cmd.arg("-D").arg(pgdata);
@@ -292,7 +290,11 @@ impl ScratchServer {
     /// Waits until recovery has ended and the server accepts connections (it writes "ready"
     /// into postmaster.pid, as `pg_ctl -w` reads it), then returns a client logged in as its
     /// bootstrap superuser (the role with OID 10, whatever its name).
-    pub async fn ready(&mut self, source: &Postgres, limit: Duration) -> Result<Postgres, ScratchError> {
+    pub async fn ready(
+        &mut self,
+        source: &Postgres,
+        limit: Duration,
+    ) -> Result<Postgres, ScratchError> {
         let started = Instant::now();
         let pid_file = self.pgdata.join("postmaster.pid");
         loop {
@@ -349,11 +351,7 @@ impl ScratchServer {
     /// with each index's tuples matched against its heap and its parent pages. Installs the
     /// amcheck extension where it is missing — in the scratch copy only. Returns whether it found
     /// nothing wrong and what it printed (at most [`MAX_AMCHECK_OUTPUT`] bytes).
-    pub async fn amcheck(
-        &self,
-        source: &Postgres,
-        home: &str,
-    ) -> Result<(bool, String), PgError> {
+    pub async fn amcheck(&self, source: &Postgres, home: &str) -> Result<(bool, String), PgError> {
         use tokio::io::AsyncReadExt;
         let user = &self.superuser;
         let mut cmd = Command::new(source.server_tool("pg_amcheck", self.major));
@@ -420,10 +418,16 @@ impl ScratchServer {
         use nix::sys::signal::{Signal, kill};
         if let Some(pid) = self.child.id() {
             let _ = kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGINT);
-            if tokio::time::timeout(STOP_GRACE, self.child.wait()).await.is_ok() {
+            if tokio::time::timeout(STOP_GRACE, self.child.wait())
+                .await
+                .is_ok()
+            {
                 return;
             }
-            tracing::warn!(pid, "the drill's scratch server did not stop in time; killing it");
+            tracing::warn!(
+                pid,
+                "the drill's scratch server did not stop in time; killing it"
+            );
         }
         let _ = self.child.kill().await;
     }
@@ -446,12 +450,16 @@ fn uri_encode(value: &str) -> String {
 /// The major version a data directory was made by (its PG_VERSION file, read as untrusted).
 async fn data_major(pgdata: &Path) -> Result<u32, ScratchError> {
     let path = pgdata.join("PG_VERSION");
-    let text = tokio::fs::read(&path).await.map_err(|source| ScratchError::Io {
-        action: "reading PG_VERSION",
-        dir: pgdata.to_path_buf(),
-        source,
-    })?;
-    let text = String::from_utf8_lossy(&text[..text.len().min(16)]).trim().to_string();
+    let text = tokio::fs::read(&path)
+        .await
+        .map_err(|source| ScratchError::Io {
+            action: "reading PG_VERSION",
+            dir: pgdata.to_path_buf(),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&text[..text.len().min(16)])
+        .trim()
+        .to_string();
     match text.parse::<u32>() {
         Ok(major) if (10..100).contains(&major) => Ok(major),
         _ => Err(ScratchError::Unusable(format!(
@@ -485,9 +493,13 @@ mod tests {
     #[tokio::test]
     async fn refuses_a_data_directory_of_no_known_version() {
         let dir = tempfile::tempdir().unwrap();
-        tokio::fs::write(dir.path().join("PG_VERSION"), "15\n").await.unwrap();
+        tokio::fs::write(dir.path().join("PG_VERSION"), "15\n")
+            .await
+            .unwrap();
         assert_eq!(data_major(dir.path()).await.unwrap(), 15);
-        tokio::fs::write(dir.path().join("PG_VERSION"), "15; rm -rf /").await.unwrap();
+        tokio::fs::write(dir.path().join("PG_VERSION"), "15; rm -rf /")
+            .await
+            .unwrap();
         let err = data_major(dir.path()).await.unwrap_err().to_string();
         assert!(err.contains("not a PostgreSQL major version"), "{err}");
     }

@@ -29,9 +29,9 @@ use super::{
 };
 use crate::{
     catalog::{BackupId, BackupKeys, Engine, Kind, Manifest},
+    engine::postgres::ScratchServer,
     error::OpError,
     jobs::{JobInfo, Operation, Reporter},
-    engine::postgres::ScratchServer,
     store::{Store, StoreError},
 };
 

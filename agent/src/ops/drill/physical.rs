@@ -215,8 +215,10 @@ async fn make_root(
         .await
         .map_err(io("setting mode 0700", root))?;
     if let Some((uid, gid)) = run_as {
-        std::os::unix::fs::chown(root, Some(uid), Some(gid))
-            .map_err(io("giving the scratch directory to the server's user", root))?;
+        std::os::unix::fs::chown(root, Some(uid), Some(gid)).map_err(io(
+            "giving the scratch directory to the server's user",
+            root,
+        ))?;
     }
     Ok(())
 }
