@@ -292,6 +292,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         drill_dir: config.drill_dir.clone(),
     });
     schedule::run::validate(&schedules, &ctx).map_err(anyhow::Error::msg)?;
+    // Before any drill can start: what a killed agent's drills left is removed first.
+    ops::drill::sweep_drill_dir(&ctx.drill_dir).await;
     let metrics = std::sync::Arc::new(metrics::Metrics::new());
     let jobs = std::sync::Arc::new(jobs::Jobs::new(shutdown.child_token()));
     let runner = runner::Runner::new(ctx.clone(), jobs.clone(), metrics.clone());

@@ -328,6 +328,30 @@ fn physical_drill_replays_a_scratch_copy_and_leaves_nothing() {
     let drill_dir = PgCluster::server_owned_dir("soma-drill-");
     let drill = drill_dir.path().display().to_string();
     let spool_arg = spool.path().display().to_string();
+    // What a killed agent's drill left: a scratch directory whose server still runs (a stand-in
+    // whose command line names the data directory, as a postmaster's does), and one whose
+    // postmaster.pid names a recycled process id (an unrelated process, which must survive).
+    let orphan = |tag: &str, pid: u32| {
+        let pgdata = drill_dir
+            .path()
+            .join(format!("soma_drill_{tag}_cluster/pgdata"));
+        std::fs::create_dir_all(&pgdata).unwrap();
+        std::fs::write(pgdata.join("postmaster.pid"), format!("{pid}\n")).unwrap();
+    };
+    let stand_in_pgdata = drill_dir
+        .path()
+        .join("soma_drill_0123456789ab_cluster/pgdata");
+    let mut stand_in = std::process::Command::new("sh")
+        .args(["-c", "sleep 600", "postgres"])
+        .arg(&stand_in_pgdata)
+        .spawn()
+        .unwrap();
+    orphan("0123456789ab", stand_in.id());
+    let mut unrelated = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    orphan("ba9876543210", unrelated.id());
     let agent = Agent::start(
         &store.url(),
         &pg.url("postgres"),
@@ -343,6 +367,19 @@ fn physical_drill_replays_a_scratch_copy_and_leaves_nothing() {
         &store.env(),
     );
     let a = agent.addr();
+    // The agent swept both before it listened, stopping only the server of its own directory.
+    assert!(
+        stand_in.try_wait().unwrap().is_some(),
+        "the orphaned scratch server still runs"
+    );
+    assert!(
+        unrelated.try_wait().unwrap().is_none(),
+        "the sweep signalled an unrelated process"
+    );
+    unrelated.kill().unwrap();
+    unrelated.wait().unwrap();
+    let left: Vec<_> = std::fs::read_dir(drill_dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "the start-up sweep left {left:?}");
     pg.psql(
         "postgres",
         "create table t (id bigserial primary key, payload text not null);

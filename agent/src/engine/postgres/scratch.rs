@@ -67,6 +67,14 @@ const SETTINGS: &[(&str, &str)] = &[
     ("work_mem", "4MB"),
     ("autovacuum", "off"),
     ("restart_after_crash", "off"),
+    // Recovery runs to the end of the archive, at once, whatever the restored files ask for.
+    ("recovery_target", ""),
+    ("recovery_target_time", ""),
+    ("recovery_target_xid", ""),
+    ("recovery_target_lsn", ""),
+    ("recovery_target_name", ""),
+    ("recovery_target_timeline", "latest"),
+    ("recovery_min_apply_delay", "0"),
     ("default_transaction_read_only", "off"),
     ("statement_timeout", "0"),
 ];
@@ -246,7 +254,10 @@ impl ScratchServer {
         let (hba, ident) = (hba.display().to_string(), ident.display().to_string());
         let port = SOCKET_PORT.to_string();
         let pid_file = dir.join("external.pid").display().to_string();
+        let data_dir = pgdata.display().to_string();
         let dynamic = [
+            // A restored postgresql.conf could point data_directory at the real server's.
+            ("data_directory", data_dir.as_str()),
             ("port", port.as_str()),
             ("unix_socket_directories", socket_dir.as_str()),
             ("hba_file", hba.as_str()),

@@ -306,6 +306,8 @@ impl Scratch {
     }
 }
 
+pub use physical::sweep as sweep_drill_dir;
+
 /// A drill about to run.
 #[derive(Debug, Clone)]
 pub struct DrillPlan {

@@ -222,3 +222,76 @@ async fn make_root(
     }
     Ok(())
 }
+
+/// Removes what drills of an agent that died mid-drill (killed, out of memory) left in the
+/// drill directory: every `soma_drill_*` entry, after stopping the scratch server still running
+/// in it — only a process whose command line names that very directory, so a recycled process id
+/// is never signalled. The drill directory belongs to this agent alone (one per pod), so nothing
+/// of another agent's drill is there.
+pub async fn sweep(drill_dir: &Path) {
+    let Ok(mut entries) = tokio::fs::read_dir(drill_dir).await else {
+        return;
+    };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with(super::SCRATCH_PREFIX) {
+            continue;
+        }
+        let dir = entry.path();
+        if let Some(pid) = orphan_server(&dir).await {
+            stop_orphan(pid).await;
+        }
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => {
+                tracing::info!(dir = %dir.display(), "removed a scratch directory an interrupted drill left")
+            }
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not remove a scratch directory an interrupted drill left; remove it by hand")
+            }
+        }
+    }
+}
+
+/// The process id in `dir/pgdata/postmaster.pid`, if that process is a server on that directory.
+async fn orphan_server(dir: &Path) -> Option<i32> {
+    let pgdata = dir.join("pgdata");
+    let text = tokio::fs::read_to_string(pgdata.join("postmaster.pid"))
+        .await
+        .ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    if pid <= 1 {
+        return None;
+    }
+    let cmdline = tokio::fs::read(format!("/proc/{pid}/cmdline")).await.ok()?;
+    let wanted = pgdata.as_os_str().as_encoded_bytes();
+    cmdline
+        .split(|b| *b == 0)
+        .any(|arg| arg == wanted)
+        .then_some(pid)
+}
+
+/// Immediate shutdown of an orphaned scratch server, waiting a bounded time for it to go.
+async fn stop_orphan(pid: i32) {
+    use nix::sys::signal::{Signal, kill};
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let _ = kill(pid, Signal::SIGQUIT);
+    for _ in 0..100 {
+        if !alive(pid.as_raw()).await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = kill(pid, Signal::SIGKILL);
+}
+
+/// Whether process `pid` still runs (a zombie has ended: only its parent's reaping is left).
+async fn alive(pid: i32) -> bool {
+    match tokio::fs::read_to_string(format!("/proc/{pid}/stat")).await {
+        // The state follows the command name's closing parenthesis.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
