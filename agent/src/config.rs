@@ -32,6 +32,17 @@ pub struct Config {
     #[arg(long, env = "SOMA_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// File holding the bearer token every RPC but health must carry (a Secret mounted in the
+    /// sidecar): at least 16 printable ASCII characters. Without it the agent listens only on a
+    /// loopback address.
+    #[arg(long, env = "SOMA_AGENT_TOKEN_FILE", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+
+    /// Serve gRPC server reflection (`grpcurl ADDR list`), behind the token like the API. Off by
+    /// default: it tells whoever reaches the port every call there is.
+    #[arg(long, env = "SOMA_REFLECTION")]
+    pub reflection: bool,
+
     /// Where backups live: `s3://bucket/prefix` or `file:///absolute/path` (the embedded default).
     /// Give each PostgreSQL cluster its own prefix.
     #[arg(

@@ -151,6 +151,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             shutdown.cancel();
         });
     }
+    let token = config
+        .token_file
+        .as_deref()
+        .map(server::auth::load_token)
+        .transpose()?;
+    if token.is_none() && !config.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to listen on {} without --token-file (SOMA_AGENT_TOKEN_FILE): anyone who reaches that address could delete every backup or restore over the live database. Give the agent a token file, or keep --listen on 127.0.0.1 (kubectl soma reaches it through a port-forward)",
+            config.listen
+        );
+    }
     let schedules = config.parsed_schedules().map_err(anyhow::Error::msg)?;
     let mut postgres = config
         .postgres_url
@@ -332,11 +343,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     health_reporter
         .set_serving::<SomaAgentServer<AgentService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(soma_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building gRPC reflection")?;
+    let check = server::auth::TokenCheck::new(token.as_deref());
+    let reflection = if config.reflection {
+        let service = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(soma_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building gRPC reflection")?;
+        Some(tonic::service::interceptor::InterceptedService::new(
+            service,
+            check.clone(),
+        ))
+    } else {
+        None
+    };
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -349,10 +369,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await?;
     stdout.flush().await?;
 
+    // Health stays open: the kubelet's gRPC probes carry no token.
     let server = tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(reflection)
-        .add_service(SomaAgentServer::new(service))
+        .add_optional_service(reflection)
+        .add_service(SomaAgentServer::with_interceptor(service, check))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),

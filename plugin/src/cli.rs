@@ -106,6 +106,16 @@ pub struct KubeArgs {
     #[arg(short = 'n', long, global = true, value_name = "NAMESPACE")]
     pub namespace: Option<String>,
 
+    /// File holding the agents' bearer token (else SOMA_AGENT_TOKEN, else the Secret the agent
+    /// pod's soma.dev/token-secret annotation names).
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "SOMA_AGENT_TOKEN_FILE"
+    )]
+    pub token_file: Option<std::path::PathBuf>,
+
     /// Use this agent pod when several match.
     #[arg(long, global = true, value_name = "NAME")]
     pub pod: Option<String>,

@@ -278,10 +278,11 @@ async fn backup_ids(state: &Typed) -> Vec<(String, String)> {
         pod: state.value("pod").map(Into::into),
         engine: None,
         legacy_target: None,
+        token_file: state.value("token-file").map(Into::into),
     };
     let lookup = async {
         let agents = match &agent {
-            Some(addr) => vec![connect::direct(addr).await?],
+            Some(addr) => vec![connect::direct(addr, &kube).await?],
             None if kube.pod.is_some() => vec![connect::connect(None, &kube, None).await?],
             None => connect::ready_agents(&kube).await?,
         };

@@ -6,13 +6,17 @@ use soma_proto::{BackupId, IdEngine};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::{
     Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
 };
 use soma_proto::v1::soma_agent_client::SomaAgentClient;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint, Uri},
+};
 
 use crate::{
     cli::KubeArgs,
@@ -23,11 +27,119 @@ use crate::{
 /// How long to wait for the TCP/HTTP2 connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Largest token file read.
+const MAX_TOKEN_BYTES: u64 = 4096;
+/// Environment variable holding the token itself.
+const TOKEN_ENV: &str = "SOMA_AGENT_TOKEN";
+
+/// Adds `authorization: Bearer <token>` to every call (marked sensitive, so it is never logged).
+#[derive(Clone, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Bearer(..)"
+        } else {
+            "Bearer(none)"
+        })
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+impl Bearer {
+    /// The header for `token`, from `source` (named in errors; the token never is).
+    fn new(token: &str, source: &str) -> Result<Self, CliError> {
+        let token = token.trim();
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(CliError::Usage(format!(
+                "the agent token from {source} is empty or holds spaces or non-ASCII characters"
+            )));
+        }
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}").parse().map_err(|_| {
+            CliError::Usage(format!(
+                "the agent token from {source} is not a valid header value"
+            ))
+        })?;
+        value.set_sensitive(true);
+        Ok(Self(Some(value)))
+    }
+}
+
+/// The token given to this command: `--token-file`, else `SOMA_AGENT_TOKEN`.
+fn given_token(args: &KubeArgs) -> Result<Option<Bearer>, CliError> {
+    use std::io::Read;
+    if let Some(path) = &args.token_file {
+        let mut raw = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_TOKEN_BYTES + 1).read_to_end(&mut raw))
+            .map_err(|e| CliError::Usage(format!("--token-file {}: {e}", path.display())))?;
+        if raw.len() as u64 > MAX_TOKEN_BYTES {
+            return Err(CliError::Usage(format!(
+                "--token-file {}: larger than {MAX_TOKEN_BYTES} bytes; it should hold just the token",
+                path.display()
+            )));
+        }
+        let text = String::from_utf8(raw)
+            .map_err(|_| CliError::Usage(format!("--token-file {}: not text", path.display())))?;
+        return Bearer::new(&text, &format!("--token-file {}", path.display())).map(Some);
+    }
+    match std::env::var(TOKEN_ENV) {
+        Ok(token) if !token.trim().is_empty() => Bearer::new(&token, TOKEN_ENV).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// The token for `pod`: the one given to this command, else the one in the Secret its
+/// `soma.dev/token-secret` annotation names (key `token`), else none.
+async fn pod_token(client: &Client, pod: &AgentPod, args: &KubeArgs) -> Result<Bearer, CliError> {
+    if let Some(given) = given_token(args)? {
+        return Ok(given);
+    }
+    let Some(name) = &pod.token_secret else {
+        return Ok(Bearer::default());
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &pod.namespace);
+    let secret = secrets.get(name).await.map_err(|e| {
+        discovery::api_error(e, &pod.namespace, &format!("get secret {name} (the agent token named by pod {}'s soma.dev/token-secret annotation)", pod.name))
+    })?;
+    let source = format!("Secret {}/{name} key \"token\"", pod.namespace);
+    let token = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("token"))
+        .ok_or_else(|| {
+            CliError::Kubernetes(format!(
+                "{source} is missing (named by pod {}'s soma.dev/token-secret annotation)",
+                pod.name
+            ))
+        })?;
+    let text = std::str::from_utf8(&token.0)
+        .map_err(|_| CliError::Kubernetes(format!("{source} is not text")))?;
+    Bearer::new(text, &source)
+}
+
+/// The client every command uses: gRPC with the bearer token on each call.
+pub type AgentClient = SomaAgentClient<InterceptedService<Channel, Bearer>>;
+
 /// A connected client plus where it leads, for messages.
 #[derive(Debug, Clone)]
 pub struct Agent {
     /// gRPC client.
-    pub client: SomaAgentClient<Channel>,
+    pub client: AgentClient,
     /// `HOST:PORT`, or `pod NAMESPACE/NAME` for a port-forward.
     pub addr: String,
     /// The pod, when reached through Kubernetes.
@@ -47,8 +159,9 @@ fn chain(e: &dyn std::error::Error) -> String {
     detail
 }
 
-/// Connects to the agent at `addr` (HOST:PORT).
-pub async fn direct(addr: &str) -> Result<Agent, CliError> {
+/// Connects to the agent at `addr` (HOST:PORT), with the token `args` give.
+pub async fn direct(addr: &str, args: &KubeArgs) -> Result<Agent, CliError> {
+    let bearer = given_token(args)?.unwrap_or_default();
     if addr.contains("://") || !addr.contains(':') {
         return Err(CliError::Usage(format!(
             "--agent {addr:?}: expected HOST:PORT, e.g. 127.0.0.1:50051"
@@ -66,7 +179,7 @@ pub async fn direct(addr: &str) -> Result<Agent, CliError> {
             detail: chain(&e),
         })?;
     Ok(Agent {
-        client: SomaAgentClient::new(channel),
+        client: SomaAgentClient::with_interceptor(channel, bearer),
         addr: addr.to_string(),
         pod: None,
     })
@@ -109,7 +222,12 @@ pub async fn kube(args: &KubeArgs) -> Result<(Client, String), CliError> {
 
 /// Connects to an agent pod through a port-forward opened by the API server. Every gRPC
 /// connection opens its own forward; the forward's error channel is reported if it speaks.
-pub async fn port_forward(client: &Client, pod: &AgentPod) -> Result<Agent, CliError> {
+pub async fn port_forward(
+    client: &Client,
+    pod: &AgentPod,
+    args: &KubeArgs,
+) -> Result<Agent, CliError> {
+    let bearer = pod_token(client, pod, args).await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
     let (name, namespace, port) = (pod.name.clone(), pod.namespace.clone(), pod.port);
     let addr = format!("pod {namespace}/{name}");
@@ -148,7 +266,7 @@ pub async fn port_forward(client: &Client, pod: &AgentPod) -> Result<Agent, CliE
             detail: chain(&e),
         })?;
     Ok(Agent {
-        client: SomaAgentClient::new(channel),
+        client: SomaAgentClient::with_interceptor(channel, bearer),
         addr,
         pod: Some(pod.clone()),
     })
@@ -161,13 +279,13 @@ pub async fn connect(
     engine: Option<&str>,
 ) -> Result<Agent, CliError> {
     if let Some(addr) = agent {
-        return direct(addr).await;
+        return direct(addr, args).await;
     }
     let (client, namespace) = kube(args).await?;
     let found = discovery::agents(&client, &namespace).await?;
     let engine = args.engine.map(|t| t.label()).or(engine);
     let pod = discovery::choose(&found, &namespace, engine, args.pod.as_deref())?;
-    port_forward(&client, &pod).await
+    port_forward(&client, &pod, args).await
 }
 
 /// The error for a call `agent` answered with `status`: an Unimplemented answer means an agent
@@ -203,7 +321,7 @@ pub async fn ready_agents(args: &KubeArgs) -> Result<Vec<Agent>, CliError> {
     }
     let mut agents = Vec::new();
     for pod in ready {
-        agents.push(port_forward(&client, pod).await?);
+        agents.push(port_forward(&client, pod, args).await?);
     }
     Ok(agents)
 }

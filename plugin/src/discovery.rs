@@ -17,6 +17,8 @@ pub const AGENT_LABEL: &str = "soma.dev/agent";
 pub const ENGINE_LABEL: &str = "soma.dev/engine";
 /// Annotation with the agent's port inside the pod.
 pub const PORT_ANNOTATION: &str = "soma.dev/agent-port";
+/// Names the Secret (key `token`) holding the agent's bearer token.
+pub const TOKEN_SECRET_ANNOTATION: &str = "soma.dev/token-secret";
 /// Default agent port.
 pub const DEFAULT_PORT: u16 = 50051;
 
@@ -37,6 +39,8 @@ pub struct AgentPod {
     pub primary: bool,
     /// Why it is not ready, for messages.
     pub state: String,
+    /// The Secret holding the agent's bearer token (annotation `soma.dev/token-secret`).
+    pub token_secret: Option<String>,
 }
 
 impl AgentPod {
@@ -67,6 +71,12 @@ impl AgentPod {
             namespace: meta.namespace.clone().unwrap_or_default(),
             name: meta.name.clone()?,
             engine: labels.get(ENGINE_LABEL).cloned().unwrap_or_default(),
+            token_secret: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(TOKEN_SECRET_ANNOTATION))
+                .filter(|s| !s.is_empty())
+                .cloned(),
             port: meta
                 .annotations
                 .as_ref()
@@ -87,8 +97,13 @@ impl AgentPod {
 pub fn api_error(e: kube::Error, namespace: &str, action: &str) -> CliError {
     match &e {
         kube::Error::Api(status) if status.code == 403 => CliError::Kubernetes(format!(
-            "the Kubernetes API refused to {action} in namespace {namespace}: {}. kubectl soma needs get/list on pods and create on pods/portforward there (see the chart's Role)",
-            status.message
+            "the Kubernetes API refused to {action} in namespace {namespace}: {}. kubectl soma needs {} there (see the chart's Role)",
+            status.message,
+            if action.starts_with("get secret") {
+                "get on that Secret (the chart's Role grants it by name)"
+            } else {
+                "get/list on pods and create on pods/portforward"
+            }
         )),
         kube::Error::Api(status) if status.code == 401 => CliError::Kubernetes(format!(
             "the Kubernetes API did not accept your credentials ({}); refresh them (e.g. log in again) or check --kubeconfig/--context",
@@ -204,6 +219,7 @@ mod tests {
             } else {
                 "phase Pending, Ready=false".into()
             },
+            token_secret: None,
         }
     }
 

@@ -80,12 +80,22 @@ pub fn soma(agent_addr: &str, args: &[&str]) -> CmdOutput {
 
 /// Starts `kubectl-soma --agent ADDR ARGS...` in the background (stdin closed, output captured).
 pub fn soma_spawn(agent_addr: &str, args: &[&str]) -> SomaChild {
+    soma_spawn_env(agent_addr, args, &[])
+}
+
+/// `kubectl-soma --agent ADDR ARGS...` with `env` added to its environment, run to the end.
+pub fn soma_env(agent_addr: &str, args: &[&str], env: &[(&str, &str)]) -> CmdOutput {
+    soma_spawn_env(agent_addr, args, env).wait()
+}
+
+fn soma_spawn_env(agent_addr: &str, args: &[&str], env: &[(&str, &str)]) -> SomaChild {
     let binary = bin_path("kubectl-soma");
     let mut child = Command::new(&binary)
         .arg("--agent")
         .arg(agent_addr)
         .args(args)
         .env("NO_COLOR", "1")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -449,6 +449,16 @@ impl KubeDouble {
             .map(|p| objects::pod(p, true))
     }
 
+    /// Creates (or replaces) Secret `namespace/name` holding `data` (key → value).
+    pub fn add_secret(&self, namespace: &str, name: &str, data: &[(&str, &[u8])]) {
+        self.shared.lock().secrets.insert(
+            (namespace.to_string(), name.to_string()),
+            data.iter()
+                .map(|(k, v)| (k.to_string(), v.to_vec()))
+                .collect(),
+        );
+    }
+
     /// Denies `verb` (`get`, `list`, `watch`, `create`, ...) on `resource` (`pods`,
     /// `pods/portforward`) in `namespace` to every user, like a missing RBAC rule. For the
     /// cluster-scoped `namespaces`, pass `""` as the namespace.

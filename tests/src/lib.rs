@@ -30,7 +30,7 @@ pub mod store;
 mod util;
 
 pub use agent::{Agent, AgentExit};
-pub use cli::{CmdOutput, SomaChild, kubectl_soma, listed_ids, soma, soma_spawn};
+pub use cli::{CmdOutput, SomaChild, kubectl_soma, listed_ids, soma, soma_env, soma_spawn};
 pub use db::{DbFingerprint, assert_same_database};
 pub use garage::Garage;
 pub use kube::{KubeDouble, PodPhase, PodSpec};

@@ -285,3 +285,66 @@ fn backup_all_refuses_agents_with_different_stores() {
         "nothing was backed up"
     );
 }
+
+/// An agent started with `--token-file`: the plugin reads the token from the Secret the pod's
+/// `soma.dev/token-secret` annotation names (`get` on secrets, as the API server answers it), and
+/// says what is wrong when the Secret is missing or RBAC forbids reading it.
+#[test]
+fn the_token_comes_from_the_secret_the_pod_names() {
+    let token = "k8s-secret-token-0123456789abcdef";
+    let store = TestStore::local();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let agent = Agent::start(
+        &store.url(),
+        "",
+        &["--token-file", &token_file.display().to_string()],
+        &store.env(),
+    );
+    let kube = KubeDouble::start();
+    kube.add_pod(
+        agent_pod("postgresql-0", "postgres", &agent)
+            .annotation("soma.dev/token-secret", "soma-agent-token"),
+    );
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.write_kubeconfig(&kubeconfig, NS);
+
+    // No Secret yet: the plugin names it.
+    let out = kubectl_soma(&kubeconfig, &["list"]);
+    assert_ne!(out.code, 0, "{out}");
+    out.assert_stderr_contains(
+        "secrets \"soma-agent-token\" not found",
+        "list without the Secret",
+    );
+
+    kube.add_secret(
+        NS,
+        "soma-agent-token",
+        &[("token", format!("{token}\n").as_bytes())],
+    );
+    kubectl_soma(&kubeconfig, &["list"]).assert_success("list with the token from the Secret");
+    kubectl_soma(&kubeconfig, &["status"]).assert_success("status with the token from the Secret");
+
+    // A Secret holding another token: the agent refuses it.
+    kube.add_secret(
+        NS,
+        "soma-agent-token",
+        &[("token", b"some-other-token-0123456789")],
+    );
+    let out = kubectl_soma(&kubeconfig, &["list"]);
+    assert_ne!(out.code, 0, "{out}");
+    out.assert_stderr_contains("not this agent's", "list with another token");
+    kube.add_secret(NS, "soma-agent-token", &[("token", token.as_bytes())]);
+
+    // RBAC without `get` on secrets: the plugin says which permission is missing.
+    kube.deny(NS, "get", "secrets");
+    let out = kubectl_soma(&kubeconfig, &["list"]);
+    assert_ne!(out.code, 0, "{out}");
+    out.assert_stderr_contains("get secret soma-agent-token", "list without get on secrets");
+    out.assert_stderr_contains("forbidden", "list without get on secrets");
+    assert!(
+        !out.stderr.contains(token) && !out.stdout.contains(token),
+        "{out}"
+    );
+}

@@ -1,6 +1,7 @@
 //! gRPC ↔ domain: turns each request into a plan, claims what the plan holds, runs it as a job,
 //! and maps results and errors to the wire. No domain work happens here.
 
+pub mod auth;
 pub mod convert;
 
 use std::{pin::Pin, sync::Arc};

@@ -148,7 +148,7 @@ fn age(seconds: Option<i64>) -> String {
 /// Shows every agent (all agent pods of the namespace, or the one at `--agent`).
 pub async fn run(agent: Option<&str>, kube: &KubeArgs, out: OutputFormat) -> Result<(), CliError> {
     let rows = match agent {
-        Some(addr) => vec![probe(connect::direct(addr).await, "", addr, "").await],
+        Some(addr) => vec![probe(connect::direct(addr, kube).await, "", addr, "").await],
         None => {
             let (client, namespace) = connect::kube(kube).await?;
             let found = discovery::agents(&client, &namespace).await?;
@@ -178,7 +178,7 @@ pub async fn run(agent: Option<&str>, kube: &KubeArgs, out: OutputFormat) -> Res
             }
             for pod in shown {
                 let connected = if pod.ready {
-                    connect::port_forward(&client, pod).await
+                    connect::port_forward(&client, pod, kube).await
                 } else {
                     Err(CliError::Kubernetes(format!(
                         "pod not ready ({})",

@@ -58,6 +58,8 @@ pub(crate) struct Inner {
     /// (namespace, name) → pod.
     pub pods: BTreeMap<(String, String), Pod>,
     pub namespaces: BTreeMap<String, Namespace>,
+    /// (namespace, name) → the Secret's data (key → bytes).
+    pub secrets: BTreeMap<(String, String), BTreeMap<String, Vec<u8>>>,
     pub denials: Vec<Denial>,
     pub requests: Vec<RequestRecord>,
     pub next_seq: u64,
