@@ -121,6 +121,7 @@
 mod channel;
 mod forward;
 mod objects;
+mod secrets;
 mod selector;
 mod server;
 pub mod spdy;

@@ -25,10 +25,10 @@ use super::selector::{FieldSelector, LabelSelector};
 use super::state::Shared;
 use super::{PodPhase, RequestRecord, channel, objects, spdy, tunnel};
 
-type Body = Full<Bytes>;
+pub(super) type Body = Full<Bytes>;
 
 /// The anonymous user (`user.Anonymous`).
-const ANONYMOUS: &str = "system:anonymous";
+pub(super) const ANONYMOUS: &str = "system:anonymous";
 
 /// Accepts connections until the runtime is shut down: TLS when the client's first byte is a
 /// TLS handshake record (0x16), plain HTTP otherwise, on the same port.
@@ -75,7 +75,7 @@ where
         .await;
 }
 
-fn json(status: StatusCode, body: &Value) -> Response<Body> {
+pub(super) fn json(status: StatusCode, body: &Value) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
@@ -86,7 +86,7 @@ fn json(status: StatusCode, body: &Value) -> Response<Body> {
 }
 
 /// A `Status` error response with its own code.
-fn status(body: Value) -> Response<Body> {
+pub(super) fn status(body: Value) -> Response<Body> {
     let code = body["code"].as_u64().unwrap_or(500) as u16;
     json(
         StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -191,54 +191,6 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     response
 }
 
-/// `GET /api/v1/namespaces/NS/secrets/NAME`, as the API server answers it: RBAC first (a denied
-/// `get` on `secrets` is 403 whether or not the Secret exists), then 404 or the Secret with its
-/// `data` base64-encoded. Only `get` is served: it is all kubectl soma asks for.
-fn secret(
-    shared: &Arc<Shared>,
-    method: &Method,
-    ns: &str,
-    name: &str,
-    user: &str,
-) -> Response<Body> {
-    use base64::Engine as _;
-    if method != Method::GET {
-        return status(objects::status(
-            405,
-            "MethodNotAllowed",
-            "the Kubernetes double serves only get on secrets",
-            None,
-        ));
-    }
-    let inner = shared.lock();
-    if user == ANONYMOUS || inner.denied(ns, "get", "secrets") {
-        return status(objects::forbidden(
-            user,
-            "get",
-            "secrets",
-            None,
-            ns,
-            Some(name),
-        ));
-    }
-    match inner.secrets.get(&(ns.to_string(), name.to_string())) {
-        None => status(objects::not_found("secrets", name)),
-        Some(data) => json(
-            StatusCode::OK,
-            &serde_json::json!({
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": name, "namespace": ns},
-                "type": "Opaque",
-                "data": data
-                    .iter()
-                    .map(|(k, v)| (k.clone(), base64::engine::general_purpose::STANDARD.encode(v).into()))
-                    .collect::<serde_json::Map<_, _>>(),
-            }),
-        ),
-    }
-}
-
 /// The negotiated protocol of an upgrade, for the request log.
 #[derive(Clone)]
 struct Negotiated(String);
@@ -290,7 +242,7 @@ async fn route(
         return namespaces(shared, &method, rest.first().copied(), user);
     }
     if let ["api", "v1", "namespaces", ns, "secrets", name] = segments.as_slice() {
-        return secret(shared, &method, ns, name, user);
+        return super::secrets::get(shared, &method, ns, name, user);
     }
     let (namespace, name, sub) = match segments.as_slice() {
         ["api", "v1", "pods"] => (None, None, None),
