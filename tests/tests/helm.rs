@@ -156,12 +156,25 @@ fn strings(v: &Value) -> Vec<String> {
         .collect()
 }
 
-/// The rules a Role must have, and nothing more: see "soma-backup.rbacRules".
+/// The rules a Role must have, and nothing more: see "soma-backup.rbacRules". The agent token's
+/// Secret (agent.token, on by default) is readable by its name only, and no other Secret.
 fn assert_least_rights(role: &Value) {
     let mut rules: Vec<(Vec<String>, Vec<String>, BTreeSet<String>)> = role["rules"]
         .as_array()
         .expect("rules")
         .iter()
+        .filter(|r| {
+            if r["resources"] != json!(["secrets"]) {
+                return true;
+            }
+            assert_eq!(
+                (&r["apiGroups"], &r["resourceNames"], &r["verbs"]),
+                (&json!([""]), &json!(["soma-agent-token"]), &json!(["get"])),
+                "Role {}: secrets only by the agent token's name, only get: {r}",
+                role["metadata"]["name"]
+            );
+            false
+        })
         .map(|r| {
             assert!(
                 r.get("resourceNames").is_none() && r.get("nonResourceURLs").is_none(),
@@ -355,7 +368,17 @@ fn restore_and_pre_upgrade_hooks_run_with_their_own_least_rbac() {
             binding["subjects"],
             json!([{"kind": "ServiceAccount", "name": hook_sa, "namespace": NAMESPACE}])
         );
-        assert_least_rights(find(&objs, "Role", &hook_sa));
+        let role = find(&objs, "Role", &hook_sa);
+        assert_least_rights(role);
+        // kubectl-soma in the Job reads the agent token the pods' annotation names.
+        assert!(
+            role["rules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["resources"] == json!(["secrets"])),
+            "Role {hook_sa} cannot read the agent token: {role}"
+        );
 
         let job = find(&objs, "Job", job_name);
         let annotations = &job["metadata"]["annotations"];
@@ -388,6 +411,22 @@ fn restore_and_pre_upgrade_hooks_run_with_their_own_least_rbac() {
                 .is_none()
         );
     }
+    // The agent token's Secret: created with the release, a random 48-character token.
+    // (`created` leaves Secrets out: Helm stores its releases in Secrets.)
+    let secret = &inst["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .find(|e| e["verb"] == "create" && e["kind"] == "Secret" && e["name"] == "soma-agent-token")
+        .unwrap_or_else(|| panic!("Secret/soma-agent-token was not created"))["object"];
+    let token = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(secret["data"]["token"].as_str().expect("data.token"))
+            .expect("base64 token")
+    };
+    assert_eq!(token.len(), 48, "{secret}");
+    assert!(token.iter().all(u8::is_ascii_alphanumeric), "{secret}");
     // The hook's rights are removed again once its hooks succeeded.
     for step in [inst, upg] {
         let deleted: BTreeSet<String> = step["events"]
@@ -624,9 +663,11 @@ fn agent_sidecar_keeps_secrets_in_secrets_and_listens_on_loopback() {
         }
         for var in c["env"].as_array().unwrap() {
             let name = var["name"].as_str().unwrap();
+            // A `*_FILE` variable holds a path to a mounted Secret, not the secret.
             let looks_secret = ["PASSWORD", "SECRET", "API_KEY", "TOKEN"]
                 .iter()
-                .any(|s| name.contains(s));
+                .any(|s| name.contains(s))
+                && !name.ends_with("_FILE");
             assert!(
                 !looks_secret || var.get("value").is_none(),
                 "{engine_name}: {name} must come from a secretKeyRef"
@@ -653,21 +694,35 @@ fn agent_sidecar_keeps_secrets_in_secrets_and_listens_on_loopback() {
             );
         }
 
-        // Read-only root filesystem: /tmp is an emptyDir.
+        // Read-only root filesystem: /tmp is an emptyDir. The API token is a mounted Secret,
+        // named by the pod annotation kubectl-soma reads.
         assert_eq!(
             c["volumeMounts"],
-            json!([{"name": "soma-agent-tmp", "mountPath": "/tmp"}])
+            json!([
+                {"name": "soma-agent-tmp", "mountPath": "/tmp"},
+                {"name": "soma-agent-token", "mountPath": "/var/run/secrets/soma-agent", "readOnly": true}
+            ])
         );
         assert_eq!(
             r["volumes"],
-            json!([{"name": "soma-agent-tmp", "emptyDir": {"sizeLimit": "64Mi"}}])
+            json!([
+                {"name": "soma-agent-tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+                {"name": "soma-agent-token", "secret": {"secretName": "soma-agent-token", "items": [{"key": "token", "path": "token"}]}}
+            ])
+        );
+        assert_eq!(
+            env_value(c, "SOMA_AGENT_TOKEN_FILE"),
+            "/var/run/secrets/soma-agent/token"
         );
         // Discovery.
         assert_eq!(
             r["labels"],
             json!({"soma.dev/agent": "true", "soma.dev/engine": engine_name})
         );
-        assert_eq!(r["annotations"], json!({"soma.dev/agent-port": "50051"}));
+        assert_eq!(
+            r["annotations"],
+            json!({"soma.dev/agent-port": "50051", "soma.dev/token-secret": "soma-agent-token"})
+        );
     }
 
     // The ready-to-use examples are exactly what the named templates render.
@@ -1058,9 +1113,11 @@ fn assert_secrets_only_by_reference(pod: &Value) {
         let cname = c["name"].as_str().unwrap_or("?");
         for var in c["env"].as_array().into_iter().flatten() {
             let name = var["name"].as_str().unwrap();
+            // A `*_FILE` variable holds a path to a mounted Secret, not the secret.
             let looks_secret = ["PASSWORD", "SECRET", "API_KEY", "TOKEN", "ACCESS_KEY"]
                 .iter()
-                .any(|s| name.contains(s));
+                .any(|s| name.contains(s))
+                && !name.ends_with("_FILE");
             if looks_secret {
                 assert!(
                     var.get("value").is_none(),
@@ -1295,6 +1352,7 @@ fn wal_streaming_sidecar_ships_through_a_spool_volume() {
         agent["volumeMounts"],
         json!([
             {"name": "soma-agent-tmp", "mountPath": "/tmp"},
+            {"name": "soma-agent-token", "mountPath": "/var/run/secrets/soma-agent", "readOnly": true},
             {"name": "soma-agent-wal-spool", "mountPath": "/var/lib/soma-backup/wal-spool"},
         ])
     );

@@ -74,7 +74,9 @@ The rules kubectl-soma needs, and nothing more:
   1.35 (feature gate AuthorizePodWebsocketUpgradeCreatePermission, beta, on by default;
   kubernetes/kubernetes#134577) it additionally requires `create`. Both verbs are therefore
   needed for the tunnel to work on every supported version.
-No watch, no exec, no secrets, no cluster-wide rights.
+- secrets: get, on the agent token's Secret only (agent.token), by resourceNames — kubectl-soma
+  reads the token the pod annotation soma.dev/token-secret names.
+No watch, no exec, no other secret, no cluster-wide rights.
 */}}
 {{- define "soma-backup.rbacRules" -}}
 - apiGroups: [""]
@@ -83,6 +85,12 @@ No watch, no exec, no secrets, no cluster-wide rights.
 - apiGroups: [""]
   resources: ["pods/portforward"]
   verbs: ["create", "get"]
+{{- if .Values.agent.token.enabled }}
+- apiGroups: [""]
+  resources: ["secrets"]
+  resourceNames: [{{ .Values.agent.token.secretName | quote }}]
+  verbs: ["get"]
+{{- end }}
 {{- end }}
 
 {{/*
@@ -153,6 +161,9 @@ soma.dev/engine: {{ include "soma-backup.checkEngine" . }}
 
 {{- define "soma-backup.agentPodAnnotations" -}}
 soma.dev/agent-port: {{ .Values.agent.port | toString | quote }}
+{{- if .Values.agent.token.enabled }}
+soma.dev/token-secret: {{ .Values.agent.token.secretName | quote }}
+{{- end }}
 {{- end }}
 
 {{- define "soma-backup.checkEngine" -}}
@@ -256,6 +267,10 @@ binding the pod IP exposes no API (the gRPC API stays on 127.0.0.1).
   env:
     - name: SOMA_LISTEN
       value: {{ printf "127.0.0.1:%v" $v.agent.port | quote }}
+    {{- if $v.agent.token.enabled }}
+    - name: SOMA_AGENT_TOKEN_FILE
+      value: /var/run/secrets/soma-agent/token
+    {{- end }}
     - name: SOMA_STORE
       value: {{ include "soma-backup.storeUrl" (dict "bucket" $bucket "prefix" $store.prefix) | quote }}
     {{- with $store.restoreFrom }}
@@ -421,6 +436,11 @@ binding the pod IP exposes no API (the gRPC API stays on 127.0.0.1).
   volumeMounts:
     - name: soma-agent-tmp
       mountPath: /tmp
+    {{- if $v.agent.token.enabled }}
+    - name: soma-agent-token
+      mountPath: /var/run/secrets/soma-agent
+      readOnly: true
+    {{- end }}
     {{- if and (eq $engine "postgres") $v.postgres.walStream.enabled }}
     - name: soma-agent-wal-spool
       mountPath: {{ $v.postgres.walStream.spool.path }}
@@ -446,6 +466,14 @@ Takes (dict "engine" "postgres"|"qdrant" "Values" <soma-backup values>).
 - name: soma-agent-tmp
   emptyDir:
     sizeLimit: {{ .Values.agent.tmpSizeLimit }}
+{{- if .Values.agent.token.enabled }}
+- name: soma-agent-token
+  secret:
+    secretName: {{ required "agent.token.secretName is required with agent.token.enabled" .Values.agent.token.secretName }}
+    items:
+      - key: token
+        path: token
+{{- end }}
 {{- if and (eq $engine "postgres") .Values.postgres.walStream.enabled }}
 {{- $spool := .Values.postgres.walStream.spool }}
 - name: soma-agent-wal-spool
