@@ -216,6 +216,12 @@ pub struct Config {
         default_value = "/var/lib/soma-backup/drill"
     )]
     pub drill_dir: PathBuf,
+
+    /// The only directory under which `kubectl soma restore --pgdata DIR` may lay a data
+    /// directory (the volume meant for restores). Without it the API lays none: run
+    /// `soma-agent restore-pgdata` where PostgreSQL's data lives (the chart's init container).
+    #[arg(long, env = "SOMA_RESTORE_ROOT", value_name = "DIR")]
+    pub restore_root: Option<PathBuf>,
 }
 
 impl Config {

@@ -237,13 +237,14 @@ impl OpError {
             OpError::Physical(e) => e.code(),
             OpError::Drill(e) => e.code(),
             OpError::Request(e) => match e {
-                RequestError::NoEngine | RequestError::SetWithPhysicalMember { .. } => {
-                    Code::FailedPrecondition
-                }
+                RequestError::NoEngine
+                | RequestError::SetWithPhysicalMember { .. }
+                | RequestError::PgdataNoRoot => Code::FailedPrecondition,
                 RequestError::MissingId
                 | RequestError::MissingEngine
                 | RequestError::LatestNotAllowed
                 | RequestError::PgdataNotAbsolute(_)
+                | RequestError::PgdataOutsideRoot { .. }
                 | RequestError::PhysicalNeedsPgdata(_) => Code::InvalidArgument,
             },
             OpError::SetMember { source, .. } => source.code(),

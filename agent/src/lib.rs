@@ -301,6 +301,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         wal_stream: wal_info,
         retention: config.retention.clone(),
         drill_dir: config.drill_dir.clone(),
+        restore_root: config.restore_root.clone(),
     });
     schedule::run::validate(&schedules, &ctx).map_err(anyhow::Error::msg)?;
     // Before any drill can start: what a killed agent's drills left is removed first.

@@ -20,6 +20,7 @@ pub fn wal_agent(
     interval: &str,
 ) -> Agent {
     let spool = spool.display().to_string();
+    let restore_root = std::env::temp_dir().display().to_string();
     Agent::start(
         &store.url(),
         &pg.url("postgres"),
@@ -29,6 +30,10 @@ pub fn wal_agent(
             &spool,
             "--wal-partial-interval",
             interval,
+            // Physical restores through the API go below the temporary directory, where
+            // PgCluster::empty makes its targets.
+            "--restore-root",
+            &restore_root,
         ],
         &store.env(),
     )

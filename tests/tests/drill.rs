@@ -480,6 +480,17 @@ fn physical_drill_replays_a_scratch_copy_and_leaves_nothing() {
     store.write(&victim, original);
     assert_untouched("a physical drill of damaged WAL");
 
+    // This agent has no --restore-root: it lays no data directory through its API.
+    let target = drill_dir.path().join("restored");
+    let out = soma(
+        a,
+        &["restore", &id, "--pgdata", &target.display().to_string()],
+    );
+    assert_ne!(out.code, 0, "{out}");
+    out.assert_stderr_contains("lays no data directory", "restore --pgdata without a root")
+        .assert_stderr_contains("--restore-root", "restore --pgdata without a root");
+    assert!(!target.exists());
+
     // A damaged base backup: the drill cannot run, says why, and cleans up.
     let base_key = format!("backups/{id}/base.tar.zst");
     flip_middle_byte(&store, &base_key);

@@ -394,6 +394,31 @@ fn describe_shows_the_recoverable_window_and_status_the_archive() {
     let wrong = soma(agent.addr(), &["restore", &backup]);
     assert_ne!(wrong.code, 0);
     assert!(wrong.stderr.contains("--pgdata"), "{wrong}");
+
+    // A data directory outside the agent's --restore-root is refused before anything is
+    // written: elsewhere, through `..`, or through a symbolic link leading out.
+    let tmp = std::env::temp_dir();
+    let escape = tempfile::tempdir_in(&tmp).unwrap();
+    let elsewhere = tempfile::tempdir_in("/var/tmp").unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), escape.path().join("out")).unwrap();
+    for (pgdata, why) in [
+        ("/var/tmp/soma-restore-target".to_string(), "not below it"),
+        (
+            format!("{}/../var/tmp/soma-restore-target", tmp.display()),
+            "`..`",
+        ),
+        (
+            format!("{}/out/data", escape.path().display()),
+            "symbolic link",
+        ),
+    ] {
+        let out = soma(agent.addr(), &["restore", &backup, "--pgdata", &pgdata]);
+        assert_ne!(out.code, 0, "{pgdata}: {out}");
+        out.assert_stderr_contains("--restore-root", &pgdata)
+            .assert_stderr_contains(why, &pgdata);
+    }
+    assert!(!std::path::Path::new("/var/tmp/soma-restore-target").exists());
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
 }
 
 /// Command-line mistakes of a physical restore are refused before anything is written.

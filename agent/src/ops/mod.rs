@@ -43,6 +43,9 @@ pub struct Context {
     pub retention: Option<crate::retention::Policy>,
     /// Where restore drills of base backups lay their scratch data directories (`--drill-dir`).
     pub drill_dir: std::path::PathBuf,
+    /// Where physical restores requested through the API may write (`--restore-root`); none
+    /// without it.
+    pub restore_root: Option<std::path::PathBuf>,
 }
 
 /// The WAL stream as the rest of the agent sees it.

@@ -464,6 +464,7 @@ mod tests {
             wal_stream: None,
             retention: None,
             drill_dir: dir.path().join("drill"),
+            restore_root: None,
         };
         (dir, ctx)
     }

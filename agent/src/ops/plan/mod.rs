@@ -33,6 +33,23 @@ pub enum RequestError {
     /// "latest" where only an explicit id is safe.
     #[error("delete needs an explicit backup id, not \"latest\"; see `kubectl soma list`")]
     LatestNotAllowed,
+    /// A physical restore through the API on an agent without `--restore-root`.
+    #[error(
+        "this agent lays no data directory through its API: start it with --restore-root DIR (the volume meant for restores) to allow `restore --pgdata` below DIR, or run `soma-agent restore-pgdata` where PostgreSQL's data lives (the chart's init container)"
+    )]
+    PgdataNoRoot,
+    /// A data directory outside `--restore-root`.
+    #[error(
+        "--pgdata {pgdata:?} is not inside the agent's --restore-root {root}: {why}; restore into a new directory below {root}"
+    )]
+    PgdataOutsideRoot {
+        /// As requested.
+        pgdata: String,
+        /// The agent's root.
+        root: String,
+        /// What is wrong.
+        why: &'static str,
+    },
     /// A relative data directory.
     #[error("--pgdata {0:?} must be an absolute path on the agent's host")]
     PgdataNotAbsolute(String),

@@ -77,7 +77,7 @@ impl RestorePlan {
     /// Validates a restore request and resolves the backup it names.
     pub async fn from_request(ctx: &Context, req: v1::RestoreRequest) -> Result<Self, OpError> {
         if !req.pgdata.is_empty() {
-            return Self::pgdata(req);
+            return Self::pgdata(ctx, req);
         }
         let manifest = resolve(ctx, &req.backup_id, req.engine).await?;
         match (manifest.engine, manifest.kind) {
@@ -156,7 +156,7 @@ impl RestorePlan {
         }
     }
 
-    fn pgdata(req: v1::RestoreRequest) -> Result<Self, OpError> {
+    fn pgdata(ctx: &Context, req: v1::RestoreRequest) -> Result<Self, OpError> {
         let target = physical::RecoveryTarget::from_options(
             Some(req.target_time.as_str()).filter(|t| !t.is_empty()),
             Some(req.target_lsn.as_str()).filter(|t| !t.is_empty()),
@@ -171,6 +171,7 @@ impl RestorePlan {
         if !pgdata.is_absolute() {
             return Err(RequestError::PgdataNotAbsolute(req.pgdata).into());
         }
+        check_restore_root(ctx.restore_root.as_deref(), &pgdata, &req.pgdata)?;
         let agent_binary = std::env::current_exe()
             .map_err(|e| OpError::Internal(format!("locating the soma-agent binary: {e}")))?;
         Ok(RestorePlan::Pgdata(physical::PgdataRestore::new(
@@ -261,5 +262,90 @@ impl RestorePlan {
             }
             RestorePlan::Pgdata(req) => Box::pin(physical::restore_pgdata_job(ctx, req, reporter)),
         }
+    }
+}
+
+/// A data directory requested through the API must lie strictly below `--restore-root`: as
+/// written (no `.` or `..`), and on disk (its deepest existing ancestor, symbolic links resolved,
+/// is inside the resolved root), so a request cannot reach the live data directory, `/etc` or
+/// anything else the agent may write.
+fn check_restore_root(
+    root: Option<&std::path::Path>,
+    pgdata: &std::path::Path,
+    raw: &str,
+) -> Result<(), RequestError> {
+    use std::path::Component;
+    let Some(root) = root else {
+        return Err(RequestError::PgdataNoRoot);
+    };
+    let outside = |why| RequestError::PgdataOutsideRoot {
+        pgdata: raw.to_string(),
+        root: root.display().to_string(),
+        why,
+    };
+    if pgdata
+        .components()
+        .any(|c| !matches!(c, Component::RootDir | Component::Normal(_)))
+    {
+        return Err(outside("it has `.` or `..` components"));
+    }
+    if !pgdata.starts_with(root) || pgdata == root {
+        return Err(outside("it is not below it"));
+    }
+    let real_root =
+        std::fs::canonicalize(root).map_err(|_| outside("the root cannot be resolved"))?;
+    // The deepest part that exists, without following a final symbolic link (a dangling one
+    // would otherwise be created through).
+    let mut existing = pgdata.to_path_buf();
+    while std::fs::symlink_metadata(&existing).is_err() {
+        if !existing.pop() {
+            break;
+        }
+    }
+    let real = std::fs::canonicalize(&existing)
+        .map_err(|_| outside("a part of it cannot be resolved (a dangling symbolic link?)"))?;
+    if !real.starts_with(&real_root) {
+        return Err(outside("a symbolic link leads out of it"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_directories_stay_below_the_restore_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("restores");
+        std::fs::create_dir(&root).unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("link")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent-target", root.join("dangling")).unwrap();
+        let check = |p: std::path::PathBuf| {
+            check_restore_root(Some(&root), &p, &p.display().to_string()).map_err(|e| e.to_string())
+        };
+        assert!(check(root.join("new/data")).is_ok());
+        assert!(check(root.clone()).unwrap_err().contains("not below"));
+        assert!(
+            check(dir.path().join("elsewhere"))
+                .unwrap_err()
+                .contains("not below")
+        );
+        assert!(
+            check(root.join("../elsewhere"))
+                .unwrap_err()
+                .contains("`..`")
+        );
+        assert!(
+            check(root.join("link/data"))
+                .unwrap_err()
+                .contains("symbolic link")
+        );
+        assert!(check(root.join("dangling/data")).is_err());
+        let none = check_restore_root(None, &root.join("x"), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(none.contains("--restore-root"), "{none}");
     }
 }
