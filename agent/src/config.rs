@@ -217,6 +217,11 @@ pub struct Config {
     )]
     pub drill_dir: PathBuf,
 
+    /// Most operations (backups, restores, verifies, drills, deletes, prunes) running at once,
+    /// whoever started them; one more is refused (a schedule's run is skipped). 0: no limit.
+    #[arg(long, env = "SOMA_MAX_OPERATIONS", default_value_t = 4)]
+    pub max_operations: usize,
+
     /// The only directory under which `kubectl soma restore --pgdata DIR` may lay a data
     /// directory (the volume meant for restores). Without it the API lays none: run
     /// `soma-agent restore-pgdata` where PostgreSQL's data lives (the chart's init container).

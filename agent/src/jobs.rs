@@ -160,26 +160,42 @@ impl JobInfo {
     }
 }
 
-/// Another job holds what a new one needs.
+/// Why a job cannot start now.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "{what} is busy: a {operation} is already running (job {job}, started {started}); wait for it to finish, then try again"
-)]
-pub struct Busy {
-    /// The target or backup both need.
-    pub what: String,
-    /// The running job's operation.
-    pub operation: &'static str,
-    /// The running job's id.
-    pub job: String,
-    /// When it started.
-    pub started: String,
+pub enum Busy {
+    /// Another job holds what a new one needs.
+    #[error(
+        "{what} is busy: a {operation} is already running (job {job}, started {started}); wait for it to finish, then try again"
+    )]
+    Held {
+        /// The target or backup both need.
+        what: String,
+        /// The running job's operation.
+        operation: &'static str,
+        /// The running job's id.
+        job: String,
+        /// When it started.
+        started: String,
+    },
+    /// The agent already runs as many operations as it may.
+    #[error(
+        "the agent already runs {limit} operation(s), its limit (--max-operations): {running}; wait for one to finish, then try again"
+    )]
+    Full {
+        /// The limit.
+        limit: usize,
+        /// What runs, for the message.
+        running: String,
+    },
 }
 
 /// The registry of running jobs, and the tasks running them.
 #[derive(Debug, Default)]
 pub struct Jobs {
     running: Mutex<HashMap<u64, JobInfo>>,
+    /// Most jobs at once (0: no limit), so whoever can call the agent cannot make it start
+    /// unbounded work against the databases and the store.
+    limit: usize,
     next: std::sync::atomic::AtomicU64,
     tasks: Mutex<tokio::task::JoinSet<()>>,
     shutdown: CancellationToken,
@@ -211,14 +227,33 @@ impl Jobs {
         }
     }
 
-    /// Claims everything `info` needs, or explains which job holds it.
+    /// At most `limit` jobs at once (0: no limit).
+    pub fn with_limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// Claims everything `info` needs, or explains which job holds it (or that the agent runs
+    /// as many jobs as it may).
     pub fn begin(self: &Arc<Self>, info: JobInfo) -> Result<JobGuard, Busy> {
         let mut running = self.running.lock().expect("jobs lock");
+        if self.limit > 0 && running.len() >= self.limit {
+            let mut jobs: Vec<&JobInfo> = running.values().collect();
+            jobs.sort_by_key(|j| j.started_at);
+            return Err(Busy::Full {
+                limit: self.limit,
+                running: jobs
+                    .iter()
+                    .map(|j| format!("{} {}", j.operation.as_str(), j.id))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
         if let Some((what, current)) = running
             .values()
             .find_map(|r| info.conflict(r).map(|what| (what, r)))
         {
-            return Err(Busy {
+            return Err(Busy::Held {
                 what,
                 operation: current.operation.as_str(),
                 job: current.id.clone(),
@@ -396,6 +431,29 @@ mod tests {
 
     fn id(s: &str) -> BackupId {
         BackupId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn no_more_jobs_than_the_limit() {
+        let jobs = Arc::new(Jobs::default().with_limit(2));
+        let db = |name: &str| vec![JobTarget::Database(name.into())];
+        let a = jobs
+            .begin(JobInfo::new("a", Operation::Backup, db("one"), vec![]))
+            .unwrap();
+        let _b = jobs
+            .begin(JobInfo::new("b", Operation::Backup, db("two"), vec![]))
+            .unwrap();
+        let err = jobs
+            .begin(JobInfo::new("c", Operation::Backup, db("three"), vec![]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--max-operations") && err.contains("backup a"),
+            "{err}"
+        );
+        drop(a);
+        jobs.begin(JobInfo::new("c", Operation::Backup, db("three"), vec![]))
+            .unwrap();
     }
 
     #[test]

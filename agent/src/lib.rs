@@ -41,6 +41,9 @@ use crate::{
 };
 
 /// How long interrupted operations may take to clean up on shutdown.
+/// Largest request the API decodes: requests name backups and targets, nothing bulky, so
+/// anything larger is refused before it is read into memory.
+const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 const JOBS_GRACE: Duration = Duration::from_secs(20);
 /// How long the start-up sweep of crashed uploads may take before the agent starts anyway.
 const SWEEP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -307,7 +310,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Before any drill can start: what a killed agent's drills left is removed first.
     ops::drill::sweep_drill_dir(&ctx.drill_dir).await;
     let metrics = std::sync::Arc::new(metrics::Metrics::new());
-    let jobs = std::sync::Arc::new(jobs::Jobs::new(shutdown.child_token()));
+    let jobs = std::sync::Arc::new(
+        jobs::Jobs::new(shutdown.child_token()).with_limit(config.max_operations),
+    );
     let runner = runner::Runner::new(ctx.clone(), jobs.clone(), metrics.clone());
     metrics::spawn_catalog_refresh(metrics.clone(), ctx.catalog.clone(), shutdown.child_token());
     let mut stdout = tokio::io::stdout();
@@ -374,7 +379,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let server = tonic::transport::Server::builder()
         .add_service(health)
         .add_optional_service(reflection)
-        .add_service(SomaAgentServer::with_interceptor(service, check))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            SomaAgentServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES),
+            check,
+        ))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),

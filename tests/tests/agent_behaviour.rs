@@ -1,7 +1,8 @@
 //! Proves how the agent behaves around its operations, with the real binaries and a real
 //! PostgreSQL 15:
 //! - a backup keeps running to completion when the client that started it goes away;
-//! - a missing pg_dump, or one older than the server, is refused with what to install.
+//! - a missing pg_dump, or one older than the server, is refused with what to install;
+//! - no more operations run at once than `--max-operations` allows.
 //!
 //! The "old pg_dump" case uses a test double: a script that answers `--version` exactly as
 //! pg_dump 14 does (`pg_dump (PostgreSQL) 14.11`), since only PostgreSQL 15 is installed here. The
@@ -41,18 +42,40 @@ fn a_backup_finishes_after_its_client_disconnects() {
     );
 }
 
+/// With `--max-operations 1`, a second operation — on another database, so nothing else stands in
+/// its way — is refused while the first runs, naming the limit and the running backup, and runs
+/// once the first is done.
+#[test]
+fn no_more_operations_than_the_limit_run_at_once() {
+    let store = TestStore::local();
+    let (pg, agent, client) = big_backup_in_flight_with(&store, &["--max-operations", "1"]);
+    pg.createdb("other");
+    let out = soma(agent.addr(), &["backup", "postgres", "--database", "other"]);
+    assert_ne!(out.code, 0, "{out}");
+    out.assert_stderr_contains("--max-operations", "a second operation over the limit");
+    out.assert_stderr_contains("backup ", "a second operation over the limit");
+    client.wait().assert_success("the backup that held the only slot");
+    soma(agent.addr(), &["backup", "postgres", "--database", "other"])
+        .assert_success("the second operation once the first is done");
+}
+
 /// A cluster whose `appdb` holds a 200 MiB table, an agent on `store` with 5 MiB parts, and a
 /// backup of `appdb` that has already stored a mebibyte: surely still running.
 fn big_backup_in_flight(store: &TestStore) -> (PgCluster, Agent, soma_tests::SomaChild) {
+    big_backup_in_flight_with(store, &[])
+}
+
+/// [`big_backup_in_flight`] with more agent arguments.
+fn big_backup_in_flight_with(
+    store: &TestStore,
+    extra: &[&str],
+) -> (PgCluster, Agent, soma_tests::SomaChild) {
     let pg = PgCluster::start();
     pg.createdb("appdb");
     fixtures::create_big_table(&pg, "appdb", "blob", 200);
-    let agent = Agent::start(
-        &store.url(),
-        &pg.url("appdb"),
-        &["--part-size", "5MiB"],
-        &store.env(),
-    );
+    let mut args = vec!["--part-size", "5MiB"];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(&store.url(), &pg.url("appdb"), &args, &store.env());
     let client = soma_tests::store::backup_in_flight(agent.addr(), store, "appdb");
     (pg, agent, client)
 }
