@@ -282,11 +282,20 @@ pub struct RestorePgdataArgs {
     pub agent_binary: Option<PathBuf>,
 }
 
+/// `--system-id`: a PostgreSQL system identifier, nothing else (it names a store folder).
+fn parse_system_id(s: &str) -> Result<String, String> {
+    if crate::wal::valid_system_id(s) {
+        Ok(s.to_string())
+    } else {
+        Err("expected a PostgreSQL system identifier: a decimal number, as pg_controldata prints it".into())
+    }
+}
+
 /// Arguments of `wal-fetch` (as written into restore_command by restore-pgdata).
 #[derive(Debug, Clone, clap::Args)]
 pub struct WalFetchArgs {
     /// System identifier of the cluster whose archive to read.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_system_id)]
     pub system_id: String,
     /// WAL file name PostgreSQL asks for (%f).
     pub file: String,

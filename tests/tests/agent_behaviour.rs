@@ -54,7 +54,9 @@ fn no_more_operations_than_the_limit_run_at_once() {
     assert_ne!(out.code, 0, "{out}");
     out.assert_stderr_contains("--max-operations", "a second operation over the limit");
     out.assert_stderr_contains("backup ", "a second operation over the limit");
-    client.wait().assert_success("the backup that held the only slot");
+    client
+        .wait()
+        .assert_success("the backup that held the only slot");
     soma(agent.addr(), &["backup", "postgres", "--database", "other"])
         .assert_success("the second operation once the first is done");
 }

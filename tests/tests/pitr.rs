@@ -442,6 +442,27 @@ fn restore_pgdata_refuses_bad_requests_without_writing() {
     assert_ne!(out.code, 0);
     assert!(out.stderr.contains("not a physical base backup"), "{out}");
     let backup = physical_backup(agent.addr());
+    // A manifest forged to carry a shell payload (or a path) as the system identifier, which
+    // names the archive's folder and reaches restore_command: refused before anything is written.
+    let key = format!("backups/{backup}/manifest.json");
+    let original = store.read(&key);
+    let marker = std::env::temp_dir().join(format!("soma-forged-{}", std::process::id()));
+    for forged in [
+        format!("1; touch {}", marker.display()),
+        "../backups".to_string(),
+    ] {
+        let mut manifest: serde_json::Value = serde_json::from_slice(&original).unwrap();
+        manifest["details"]["system_id"] = forged.clone().into();
+        store.write(&key, serde_json::to_vec_pretty(&manifest).unwrap());
+        let out = soma_tests::pitr::restore_pgdata(&target, &store, &["--backup", &backup]);
+        assert_ne!(out.code, 0, "{forged}: {out}");
+        assert!(
+            out.stderr.contains("not a PostgreSQL system identifier"),
+            "{forged}: {out}"
+        );
+        assert!(!target.data_path().exists() && !marker.exists(), "{forged}");
+    }
+    store.write(&key, original);
     // A target before the base backup was consistent.
     let out = soma_tests::pitr::restore_pgdata(
         &target,

@@ -28,7 +28,7 @@ pub mod stream;
 
 pub use archive::{Fetched, FileDigest, Shipped, WalArchive, digest_file};
 pub use index::{RecoveryWindow, WalIndex};
-pub use naming::{Kind, WalFile, WalObject, valid_seg_size};
+pub use naming::{Kind, WalFile, WalObject, valid_seg_size, valid_system_id};
 
 use crate::{pipeline::PipelineError, store::StoreError};
 

@@ -235,9 +235,34 @@ impl WalObject {
     }
 }
 
+/// Whether `id` is a PostgreSQL system identifier (a 64-bit number in decimal). It names the
+/// archive's folder and reaches `restore_command`, and it comes from manifests and requests, so
+/// nothing else may pass: no separator, no `..`, no shell word.
+pub fn valid_system_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 20
+        && id.bytes().all(|b| b.is_ascii_digit())
+        && id.parse::<u64>().is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn system_ids_are_decimal_u64s() {
+        assert!(valid_system_id("7312345678901234567"));
+        for bad in [
+            "",
+            "../backups",
+            "1; rm -rf /",
+            "18446744073709551616",
+            "12a",
+            " 1",
+        ] {
+            assert!(!valid_system_id(bad), "{bad:?}");
+        }
+    }
 
     const SEG: u64 = 16 << 20;
 

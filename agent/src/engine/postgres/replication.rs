@@ -110,7 +110,11 @@ impl Postgres {
             stderr: out.clone(),
         };
         let mut fields = out.split('|');
-        let system_id = fields.next().filter(|s| !s.is_empty()).ok_or_else(bad)?;
+        // It names the archive's folder: only a system identifier (digits) may pass.
+        let system_id = fields
+            .next()
+            .filter(|s| crate::wal::valid_system_id(s))
+            .ok_or_else(bad)?;
         let timeline = fields.next().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
         let xlogpos = fields
             .next()

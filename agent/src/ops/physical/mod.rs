@@ -70,6 +70,15 @@ impl PhysicalDetails {
                 id: m.id.clone(),
                 reason: e.to_string(),
             })?;
+        if !crate::wal::valid_system_id(&details.system_id) {
+            return Err(PhysicalError::BadDetails {
+                id: m.id.clone(),
+                reason: format!(
+                    "system id {:?} is not a PostgreSQL system identifier (a decimal number)",
+                    details.system_id.chars().take(40).collect::<String>()
+                ),
+            });
+        }
         if !details.wal_segment_size.is_power_of_two() || details.wal_segment_size < 1 << 20 {
             return Err(PhysicalError::BadDetails {
                 id: m.id.clone(),
