@@ -256,24 +256,12 @@ impl Postgres {
     }
 
     fn command(&self, tool: &'static str) -> Command {
-        let mut cmd = Command::new(self.tool_path(tool));
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        cmd
+        command_at(&self.tool_path(tool))
     }
 
     /// A tool that cannot be started is missing (with where we looked) or failed to start.
     fn spawn_error(&self, tool: &'static str, source: std::io::Error) -> PgError {
-        if source.kind() == std::io::ErrorKind::NotFound {
-            PgError::ToolMissing {
-                tool,
-                path: self.tool_path(tool).display().to_string(),
-            }
-        } else {
-            PgError::Io { tool, source }
-        }
+        spawn_error_at(tool, &self.tool_path(tool), source)
     }
 
     fn spawn(&self, tool: &'static str, mut cmd: Command) -> Result<ToolProcess, PgError> {
@@ -330,19 +318,11 @@ impl Postgres {
         tool: &'static str,
         path: &std::path::Path,
     ) -> Result<(u32, String), PgError> {
-        let mut cmd = Command::new(path);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .arg("--version");
-        let out = cmd.output().await.map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => PgError::ToolMissing {
-                tool,
-                path: path.display().to_string(),
-            },
-            _ => PgError::Io { tool, source },
-        })?;
+        let out = command_at(path)
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|source| spawn_error_at(tool, path, source))?;
         let text = String::from_utf8_lossy(&out.stdout);
         parse_tool_version(&text).ok_or_else(|| PgError::ToolFailed {
             tool,
@@ -428,6 +408,32 @@ impl Postgres {
             cmd.args(["--clean", "--if-exists"]);
         }
         self.spawn("pg_restore", cmd)
+    }
+}
+
+/// A tool's command: no stdin, stdout and stderr piped, killed when dropped.
+pub(super) fn command_at(path: &std::path::Path) -> Command {
+    let mut cmd = Command::new(path);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// A tool at `path` that cannot be started is missing (with where we looked) or failed to start.
+pub(super) fn spawn_error_at(
+    tool: &'static str,
+    path: &std::path::Path,
+    source: std::io::Error,
+) -> PgError {
+    if source.kind() == std::io::ErrorKind::NotFound {
+        PgError::ToolMissing {
+            tool,
+            path: path.display().to_string(),
+        }
+    } else {
+        PgError::Io { tool, source }
     }
 }
 

@@ -365,7 +365,8 @@ impl ScratchServer {
     pub async fn amcheck(&self, source: &Postgres, home: &str) -> Result<(bool, String), PgError> {
         use tokio::io::AsyncReadExt;
         let user = &self.superuser;
-        let mut cmd = Command::new(source.server_tool("pg_amcheck", self.major));
+        let path = source.server_tool("pg_amcheck", self.major);
+        let mut cmd = super::command_at(&path);
         cmd.args([
             "--all",
             "--install-missing",
@@ -377,15 +378,10 @@ impl ScratchServer {
         ])
         .arg(format!("--host={}", self.socket_dir.display()))
         .arg(format!("--username={user}"))
-        .arg(format!("--maintenance-db={home}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|source| PgError::Io {
-            tool: "pg_amcheck",
-            source,
-        })?;
+        .arg(format!("--maintenance-db={home}"));
+        let mut child = cmd
+            .spawn()
+            .map_err(|source| super::spawn_error_at("pg_amcheck", &path, source))?;
         let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
             return Err(PgError::Unexpected {
                 what: "starting pg_amcheck",
