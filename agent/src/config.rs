@@ -38,6 +38,16 @@ pub struct Config {
     #[arg(long, env = "SOMA_AGENT_TOKEN_FILE", value_name = "PATH")]
     pub token_file: Option<PathBuf>,
 
+    /// Serve the API over TLS with this certificate chain (PEM), with --tls-key: for an agent
+    /// reached over a network rather than through a port-forward, so the token and the replies
+    /// cannot be read or altered on the way.
+    #[arg(long, env = "SOMA_TLS_CERT", value_name = "PATH", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "SOMA_TLS_KEY", value_name = "PATH", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// Serve gRPC server reflection (`grpcurl ADDR list`), behind the token like the API. Off by
     /// default: it tells whoever reaches the port every call there is.
     #[arg(long, env = "SOMA_REFLECTION")]
@@ -59,6 +69,44 @@ pub struct Config {
     /// old cluster's store: this agent never writes, deletes or aborts anything there.
     #[arg(long, env = "SOMA_RESTORE_FROM", global = true)]
     pub restore_from: Option<String>,
+
+    /// Encrypt and authenticate every object written to the store (dumps, base backups, WAL,
+    /// snapshots, manifests) with this key: a file of 32 random bytes, raw or as hex or base64
+    /// (`head -c 32 /dev/urandom > key`). Repeatable, or comma-separated in the environment: the
+    /// first key encrypts, every one decrypts (rotation). Every object read must then be encrypted
+    /// with one of them and untouched, so a forged or altered backup is refused before it is
+    /// restored. Lose the key and the backups are lost with it: keep a copy outside the cluster.
+    #[arg(
+        long = "encryption-key-file",
+        env = "SOMA_ENCRYPTION_KEY_FILE",
+        value_name = "PATH",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub encryption_key_files: Vec<PathBuf>,
+
+    /// With --encryption-key-file, still read objects that are not encrypted: the backups taken
+    /// before encryption was turned on. Only for the migration: anyone who can write to the
+    /// bucket can plant an unencrypted object.
+    #[arg(long, env = "SOMA_ACCEPT_UNENCRYPTED", global = true)]
+    pub accept_unencrypted: bool,
+
+    /// S3 Object Lock: every object written to --store is retained for this many days (the bucket
+    /// must have Object Lock enabled, hence versioning). Until then nobody holding the agent's
+    /// credentials can destroy a backup: a delete only hides the object behind a delete marker.
+    /// Keep --retention's rules longer than this.
+    #[arg(long, env = "SOMA_OBJECT_LOCK_DAYS", value_name = "DAYS",
+          value_parser = clap::value_parser!(u32).range(1..=36500))]
+    pub object_lock_days: Option<u32>,
+
+    /// With --object-lock-days: compliance mode (nobody, not even the bucket's owner, can shorten
+    /// the retention) instead of governance mode (those allowed s3:BypassGovernanceRetention can).
+    #[arg(
+        long,
+        env = "SOMA_OBJECT_LOCK_COMPLIANCE",
+        requires = "object_lock_days"
+    )]
+    pub object_lock_compliance: bool,
 
     /// Open --store read-only: backups and deletes are refused, no start-up sweep runs, and
     /// --wal-stream cannot be used. For an agent that must only read a store another agent owns.
@@ -230,6 +278,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// The keys of --encryption-key-file, read and checked.
+    pub fn keyring(&self) -> Result<Option<crate::store::Keyring>, crate::store::crypt::KeyError> {
+        crate::store::Keyring::from_files(&self.encryption_key_files)
+    }
+
     /// The `--schedule` values parsed; an error names the bad one.
     pub fn parsed_schedules(&self) -> Result<Vec<crate::schedule::Schedule>, String> {
         self.schedules

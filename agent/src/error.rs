@@ -174,7 +174,8 @@ pub fn store_code(e: &StoreError) -> Code {
     match e {
         StoreError::NotFound { .. } => Code::NotFound,
         StoreError::AccessDenied { .. } => Code::PermissionDenied,
-        StoreError::ChecksumRejected { .. } => Code::DataLoss,
+        StoreError::ChecksumRejected { .. } | StoreError::Tampered { .. } => Code::DataLoss,
+        StoreError::WrongKey { .. } | StoreError::NotEncrypted { .. } => Code::FailedPrecondition,
         StoreError::NoSuchBucket { .. } | StoreError::ReadOnly { .. } => Code::FailedPrecondition,
         StoreError::Request { retryable, .. } => {
             if *retryable {

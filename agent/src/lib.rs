@@ -55,9 +55,35 @@ fn settings(config: &Config) -> Settings {
     Settings {
         compression_level: config.compression_level,
         compression_threads: config.compression_threads,
-        part_size: config.part_size as usize,
+        // Whole encryption chunks, so a sealed part is never shorter than the part it seals (S3
+        // refuses a short part that is not the last).
+        part_size: (config.part_size as usize).next_multiple_of(store::crypt::CHUNK),
         parts_in_flight: config.parts_in_flight as usize,
     }
+}
+
+/// Opens `location` through the configured encryption (see [`store::Crypt`]), read-only or not.
+async fn open_store(
+    config: &Config,
+    location: &str,
+    read_only: bool,
+) -> Result<std::sync::Arc<dyn store::Store>, String> {
+    let keyring = config.keyring().map_err(|e| e.to_string())?;
+    let lock = config.object_lock_days.map(|days| store::s3::ObjectLock {
+        days,
+        compliance: config.object_lock_compliance,
+    });
+    let inner = if read_only {
+        store::open_read_only(location).await
+    } else {
+        store::open_locked(location, lock).await
+    }
+    .map_err(|e| e.to_string())?;
+    Ok(std::sync::Arc::new(store::Crypt::new(
+        inner,
+        keyring,
+        config.accept_unencrypted,
+    )))
 }
 
 /// The store a one-shot command reads backups and WAL from: `--restore-from` when given, else
@@ -67,7 +93,7 @@ async fn read_source(config: &Config) -> Result<std::sync::Arc<dyn store::Store>
         Some(from) => (from.as_str(), "--restore-from / SOMA_RESTORE_FROM"),
         None => (config.store.as_str(), "--store / SOMA_STORE"),
     };
-    store::open_read_only(location)
+    open_store(config, location, true)
         .await
         .map_err(|e| format!("{flags}: {e}"))
 }
@@ -215,18 +241,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(owner) => owner.clone(),
         None => owner::OwnerId::from_host_name()?,
     };
-    let store = if config.store_read_only {
-        store::open_read_only(&config.store).await
-    } else {
-        store::open(&config.store).await
-    }
-    .context("--store / SOMA_STORE")?;
+    let store = open_store(&config, &config.store, config.store_read_only)
+        .await
+        .map_err(anyhow::Error::msg)
+        .context("--store / SOMA_STORE")?;
     let catalog = Catalog::new(store.clone()).with_owner(owner.clone());
     // Restores read the --restore-from store when given; nothing in this agent can write there.
     let source = match &config.restore_from {
         Some(from) => Catalog::new(
-            store::open_read_only(from)
+            open_store(&config, from, true)
                 .await
+                .map_err(anyhow::Error::msg)
                 .context("--restore-from / SOMA_RESTORE_FROM")?,
         ),
         None => catalog.clone(),
@@ -234,6 +259,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         store = %store.location(),
         store_read_only = store.is_read_only(),
+        encryption = %store.encryption(),
         restore_from = %source.store().location(),
         owner = %owner,
         postgres = ?postgres.as_ref().map(|p| p.server()),
@@ -375,8 +401,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await?;
     stdout.flush().await?;
 
+    let mut builder = tonic::transport::Server::builder();
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        let read = |path: &std::path::Path, flag: &str| {
+            std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))
+        };
+        let identity = tonic::transport::Identity::from_pem(
+            read(cert, "--tls-cert")?,
+            read(key, "--tls-key")?,
+        );
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .context("--tls-cert / --tls-key: not a PEM certificate chain and its private key")?;
+    }
     // Health stays open: the kubelet's gRPC probes carry no token.
-    let server = tonic::transport::Server::builder()
+    let server = builder
         .add_service(health)
         .add_optional_service(reflection)
         .add_service(tonic::service::interceptor::InterceptedService::new(

@@ -213,6 +213,19 @@ pub struct Manifest {
     /// Engine-specific facts needed to restore (e.g. Qdrant version, collection configs, aliases).
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub details: serde_json::Value,
+    /// How the backup's objects (and this manifest) are encrypted; absent: not encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionRecord>,
+}
+
+/// The encryption of a backup, as its manifest records it: which key a restore needs, by
+/// fingerprint. The key itself is never recorded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EncryptionRecord {
+    /// The construction ([`crate::store::crypt::ALGORITHM`]).
+    pub algorithm: String,
+    /// Fingerprint of the key the objects were sealed with.
+    pub key_fingerprint: String,
 }
 
 impl Manifest {
@@ -241,6 +254,7 @@ impl Manifest {
             artifacts: Vec::new(),
             members: Vec::new(),
             details: serde_json::Value::Null,
+            encryption: None,
         }
     }
 

@@ -22,7 +22,7 @@ pub use soma_proto::{BackupId, IdEngine, InvalidBackupId};
 
 mod manifest;
 
-pub use manifest::{Artifact, Compression, Engine, Kind, Manifest, Target, Tool};
+pub use manifest::{Artifact, Compression, EncryptionRecord, Engine, Kind, Manifest, Target, Tool};
 
 use crate::{
     owner::{MAX_OWNER_ID_BYTES, OwnerId},
@@ -144,7 +144,15 @@ impl Catalog {
 
     /// Publishes a backup: writes its manifest, the last step of every backup.
     pub async fn commit(&self, manifest: &Manifest) -> Result<(), CatalogError> {
-        let json = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
+        let mut manifest = manifest.clone();
+        manifest.encryption = match self.store.encryption() {
+            crate::store::Encryption::Off => None,
+            crate::store::Encryption::On { fingerprints, .. } => Some(EncryptionRecord {
+                algorithm: crate::store::crypt::ALGORITHM.into(),
+                key_fingerprint: fingerprints[0].clone(),
+            }),
+        };
+        let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
         self.store
             .put(&manifest.id.key(MANIFEST), Bytes::from(json))
             .await?;

@@ -257,6 +257,7 @@ impl SomaAgent for AgentService {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             engines,
             store: self.ctx.catalog.store().location(),
+            encryption: self.ctx.catalog.store().encryption().to_string(),
             restore_from: Some(self.ctx.source.store().location())
                 .filter(|source| *source != self.ctx.catalog.store().location())
                 .unwrap_or_default(),

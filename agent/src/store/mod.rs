@@ -7,10 +7,12 @@
 //! - keys are relative to the store's prefix and use `/` as separator; `..`, empty and absolute
 //!   components are refused so no key can escape the prefix.
 
+pub mod crypt;
 pub mod local;
 pub mod read_only;
 pub mod s3;
 
+pub use crypt::{Crypt, Encryption, Keyring};
 pub use read_only::ReadOnly;
 
 use std::{fmt, path::PathBuf, pin::Pin, sync::Arc, time::SystemTime};
@@ -126,6 +128,38 @@ pub enum StoreError {
         /// The store refused, as [`Store::location`] names it.
         location: String,
     },
+    /// An encrypted object that does not authenticate: altered, truncated, extended, moved from
+    /// another key, or forged by someone without the key. Its bytes were not handed on.
+    #[error(
+        "object {key} failed authentication: {reason}; it was not written by an agent holding this store's key, so it is refused (restore from another backup, and find out who can write to the bucket)"
+    )]
+    Tampered {
+        /// The object.
+        key: String,
+        /// What failed.
+        reason: String,
+    },
+    /// An encrypted object whose key this agent does not have.
+    #[error(
+        "object {key} is encrypted with the key of fingerprint {needed}, which this agent does not have (its keys: {have}); give it that key with --encryption-key-file (SOMA_ENCRYPTION_KEY_FILE)"
+    )]
+    WrongKey {
+        /// The object.
+        key: String,
+        /// Fingerprint of the key it was sealed with.
+        needed: String,
+        /// Fingerprints of the keys this agent has, or "none".
+        have: String,
+    },
+    /// A plaintext object read by an agent that encrypts: anyone who can write to the bucket
+    /// could have put it there.
+    #[error(
+        "object {key} is not encrypted, but this agent encrypts its store, so the object could have been planted by anyone who can write to the bucket and is refused; to read backups taken before encryption was turned on, restart the agent with --accept-unencrypted (SOMA_ACCEPT_UNENCRYPTED) for the migration"
+    )]
+    NotEncrypted {
+        /// The object.
+        key: String,
+    },
     /// The `--store` location cannot be used.
     #[error("invalid store location {location:?}: {reason}")]
     InvalidLocation {
@@ -166,6 +200,12 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// agent can skip work that only writes, such as the start-up sweep.
     fn is_read_only(&self) -> bool {
         false
+    }
+
+    /// Whether objects are encrypted on their way in and authenticated on their way out (see
+    /// [`Crypt`], the wrapper every store is opened through).
+    fn encryption(&self) -> Encryption {
+        Encryption::Off
     }
 
     /// Writes a whole small object atomically (readers see the old object, or none, or the new one).
@@ -322,6 +362,12 @@ impl PartRule {
 /// `_parts_in_flight` is no longer used (the pipeline bounds parts in flight for every backend);
 /// it stays until the callers drop it.
 pub async fn open(location: &str) -> Result<Arc<dyn Store>> {
+    open_locked(location, None).await
+}
+
+/// Opens `location` as [`open`] does, setting S3 Object Lock retention on every object written
+/// (`--object-lock-days`); refused for a local directory, which has no such thing.
+pub async fn open_locked(location: &str, lock: Option<s3::ObjectLock>) -> Result<Arc<dyn Store>> {
     let invalid = |reason: &str| StoreError::InvalidLocation {
         location: location.to_string(),
         reason: reason.to_string(),
@@ -330,6 +376,11 @@ pub async fn open(location: &str) -> Result<Arc<dyn Store>> {
         if !rest.starts_with('/') {
             return Err(invalid(
                 "a file:// store needs an absolute path, e.g. file:///var/lib/soma",
+            ));
+        }
+        if lock.is_some() {
+            return Err(invalid(
+                "--object-lock-days needs an s3:// store on a bucket with Object Lock enabled",
             ));
         }
         Ok(Arc::new(
@@ -341,7 +392,9 @@ pub async fn open(location: &str) -> Result<Arc<dyn Store>> {
             return Err(invalid("missing bucket name, e.g. s3://my-bucket/soma"));
         }
         Ok(Arc::new(
-            s3::S3Store::connect(bucket, prefix.trim_matches('/')).await,
+            s3::S3Store::connect(bucket, prefix.trim_matches('/'))
+                .await
+                .with_object_lock(lock),
         ))
     } else {
         Err(invalid(
