@@ -3,6 +3,21 @@
 
 use super::*;
 
+/// The largest window a stored frame may make the decoder allocate: 2^27 bytes (128 MiB). zstd
+/// needs no more for any level the agent compresses at (1..=22, never in long-distance mode) and
+/// limits itself to this by default; pinned here because a frame header may ask for up to 2 GiB,
+/// and anyone who can write to the bucket can write the frame.
+const WINDOW_LOG_MAX: u32 = 27;
+
+/// The zstd decoder of every download, refusing frames whose window is over [`WINDOW_LOG_MAX`].
+fn bounded_decoder<R: Read>(
+    reader: R,
+) -> io::Result<zstd::stream::read::Decoder<'static, io::BufReader<R>>> {
+    let mut dec = zstd::stream::read::Decoder::new(reader)?;
+    dec.window_log_max(WINDOW_LOG_MAX)?;
+    Ok(dec)
+}
+
 /// A `Read` over chunks arriving on a channel, for the zstd decoder's thread.
 struct ChannelReader {
     rx: mpsc::Receiver<Bytes>,
@@ -41,13 +56,15 @@ where
     let mut stream = store.get(key).await?;
     let (stored_tx, stored_rx) = mpsc::channel::<Bytes>(RAW_QUEUE);
     let (raw_tx, raw_rx) = mpsc::channel::<Bytes>(RAW_QUEUE);
+    let raw_limit = expected.raw_bytes;
 
     let decoder = tokio::task::spawn_blocking(move || -> io::Result<()> {
         let reader = ChannelReader {
             rx: stored_rx,
             current: Bytes::new(),
         };
-        let mut dec = zstd::stream::read::Decoder::new(reader)?;
+        let mut dec = bounded_decoder(reader)?;
+        let mut produced = 0u64;
         // Chunks wait in the channel and in the held-back tail: the pool keeps as many for reuse.
         let chunks = ChunkPool::new(RAW_QUEUE + holdback / READ_CHUNK + 3);
         loop {
@@ -64,6 +81,17 @@ where
             }
             if len == 0 {
                 return Ok(());
+            }
+            // A frame that decodes to more than the manifest says (a decompression bomb) stops
+            // here, not after every byte of it was decoded and hashed.
+            produced += len as u64;
+            if let Some(limit) = raw_limit
+                && produced > limit
+            {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("it decompresses to more than its manifest's {limit} bytes"),
+                ));
             }
             buf.truncate(len);
             if raw_tx.blocking_send(chunks.lend(buf)).is_err() {
@@ -184,4 +212,92 @@ where
     sink.flush().await.map_err(PipelineError::Sink)?;
     sink.shutdown().await.map_err(PipelineError::Sink)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::local::LocalStore;
+
+    fn frame(data: &[u8], level: i32, window_log: Option<u32>) -> Vec<u8> {
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), level).unwrap();
+        if let Some(log) = window_log {
+            enc.set_parameter(zstd::stream::raw::CParameter::WindowLog(log))
+                .unwrap();
+        }
+        enc.write_all(data).unwrap();
+        enc.finish().unwrap()
+    }
+
+    /// Stores `stored` as an object and downloads it with digests that match it, as a forger who
+    /// also rewrote the manifest would have them.
+    async fn forged_download(
+        stored: Vec<u8>,
+        raw: &[u8],
+        raw_bytes: u64,
+    ) -> Result<Vec<u8>, PipelineError> {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path().to_path_buf()).await.unwrap();
+        std::fs::create_dir_all(dir.path().join("a")).unwrap();
+        std::fs::write(dir.path().join("a/obj.zst"), &stored).unwrap();
+        let expected = Expected::all(
+            &hex::encode(Sha256::digest(raw)),
+            raw_bytes,
+            &hex::encode(Sha256::digest(&stored)),
+            stored.len() as u64,
+        );
+        let mut out = Vec::new();
+        download(&store, "a/obj.zst", &expected, &mut out, 0, Arc::default())
+            .await
+            .map(|()| out)
+    }
+
+    /// Models a forged object whose frame header asks for a 1 GiB window: the decoder refuses it
+    /// instead of allocating the window, while the largest window the agent's own levels use
+    /// still decodes.
+    #[tokio::test]
+    async fn a_frame_asking_for_a_window_over_128_mib_is_refused() {
+        let data = vec![42u8; 1 << 20];
+        let huge = frame(&data, 3, Some(30));
+        let err = bounded_decoder(&huge[..])
+            .and_then(|mut d| d.read_to_end(&mut Vec::new()))
+            .unwrap_err();
+        assert!(
+            err.to_string().to_lowercase().contains("memory"),
+            "zstd's refusal: {err}"
+        );
+        let err = forged_download(huge, &data, data.len() as u64)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PipelineError::Decode { .. }), "{err}");
+
+        for (level, log) in [(22, None), (3, Some(WINDOW_LOG_MAX))] {
+            let fits = frame(&data, level, log);
+            assert_eq!(
+                forged_download(fits, &data, data.len() as u64)
+                    .await
+                    .unwrap(),
+                data,
+                "level {level}, window log {log:?}"
+            );
+        }
+    }
+
+    /// Models a decompression bomb whose manifest claims a small raw size: decoding stops once it
+    /// passes that size instead of decoding (and hashing) all of it first.
+    #[tokio::test]
+    async fn decoding_stops_past_the_manifest_raw_size() {
+        let data = vec![0u8; 64 << 20];
+        let bomb = frame(&data, 3, None);
+        assert!(bomb.len() < 64 << 10, "a bomb is small: {}", bomb.len());
+        let err = forged_download(bomb, &data[..1 << 20], 1 << 20)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PipelineError::Decode { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("more than its manifest's {} bytes", 1 << 20)),
+            "{err}"
+        );
+    }
 }

@@ -187,6 +187,8 @@ fn fingerprint_of(key: &[u8; 32]) -> [u8; FINGERPRINT] {
 #[derive(Debug, Clone)]
 pub struct Keyring {
     keys: Vec<Key>,
+    /// The files the keys came from, in order: what a restore_command passes on to `wal-fetch`.
+    files: Vec<std::path::PathBuf>,
 }
 
 impl Keyring {
@@ -203,12 +205,18 @@ impl Keyring {
             }
             keys.push(key);
         }
-        Ok((!keys.is_empty()).then_some(Self { keys }))
+        Ok((!keys.is_empty()).then_some(Self {
+            keys,
+            files: paths.to_vec(),
+        }))
     }
 
-    /// A keyring of these keys (the first encrypts).
+    /// A keyring of these keys (the first encrypts), read from no file.
     pub fn new(keys: Vec<Key>) -> Option<Self> {
-        (!keys.is_empty()).then_some(Self { keys })
+        (!keys.is_empty()).then_some(Self {
+            keys,
+            files: Vec::new(),
+        })
     }
 
     /// The key new objects are sealed with.
@@ -237,6 +245,8 @@ pub enum Encryption {
         fingerprints: Vec<String>,
         /// Whether unencrypted objects are still read (`--accept-unencrypted`).
         accept_unencrypted: bool,
+        /// The key files, for a `wal-fetch` started by PostgreSQL to read the same store.
+        key_files: Vec<std::path::PathBuf>,
     },
 }
 
@@ -247,6 +257,7 @@ impl fmt::Display for Encryption {
             Encryption::On {
                 fingerprints,
                 accept_unencrypted,
+                ..
             } => {
                 write!(f, "{ALGORITHM}, key {}", fingerprints[0])?;
                 if fingerprints.len() > 1 {
@@ -289,6 +300,7 @@ impl Crypt {
             Some(k) => Encryption::On {
                 fingerprints: k.fingerprints(),
                 accept_unencrypted: self.accept_unencrypted,
+                key_files: k.files.clone(),
             },
         }
     }

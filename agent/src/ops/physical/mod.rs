@@ -11,12 +11,14 @@
 mod backup;
 mod pgdata;
 mod restore;
+mod untar;
 mod wal;
 
 pub use backup::backup_physical;
 pub use restore::{
     PgdataRestore, PgdataRestored, RecoveryTarget, restore_pgdata, restore_pgdata_job,
 };
+pub use untar::UntarError;
 pub use wal::{BaseWindow, Windows, oldest_base, prune_wal, verify_wal, wal_before};
 
 use std::path::PathBuf;
@@ -205,6 +207,20 @@ pub enum PhysicalError {
         /// The error.
         source: std::io::Error,
     },
+    /// The base backup holds what pg_basebackup never writes: anyone who can write to the store
+    /// can forge one, digests included, so this is refused rather than laid down.
+    #[error(
+        "base backup {id} was refused: {reason}. Nothing was written outside {} and what was laid there was removed. A base backup pg_basebackup wrote never does this, so the stored one was forged or damaged: restore another backup, and check who can write to the store",
+        dir.display()
+    )]
+    UnsafeBaseBackup {
+        /// The backup.
+        id: BackupId,
+        /// The data directory.
+        dir: PathBuf,
+        /// What it holds.
+        reason: UntarError,
+    },
     /// A WAL file a base backup needs is damaged.
     #[error(
         "WAL file {file} that base backup {id} needs is damaged in the store ({key}): {reason}; the backup restores only to points before it"
@@ -235,6 +251,7 @@ impl PhysicalError {
             | PhysicalError::TwoTargets => Code::InvalidArgument,
             PhysicalError::BadDetails { .. }
             | PhysicalError::GapBeforeLatest { .. }
+            | PhysicalError::UnsafeBaseBackup { .. }
             | PhysicalError::WalDamaged { .. } => Code::DataLoss,
             PhysicalError::Wal(e) if e.is_data_loss() => Code::DataLoss,
             PhysicalError::Wal(WalError::Store(s)) => crate::error::store_code(s),

@@ -9,12 +9,14 @@ use tokio_util::sync::CancellationToken;
 use super::{
     PhysicalDetails, PhysicalError,
     restore::{PgdataRestore, RecoveryTarget},
+    untar::{self, Stop, UntarError},
 };
 use crate::{
     catalog::{Artifact, Catalog, Manifest},
     error::OpError,
     ops::artifact::read_artifact,
     pipeline::Counters,
+    store::Encryption,
 };
 
 /// Creates the data directory (mode 0700, as PostgreSQL requires) or checks that it is empty.
@@ -48,7 +50,8 @@ pub(super) async fn prepare(dir: &Path) -> Result<(), PhysicalError> {
         .map_err(io("setting mode 0700"))
 }
 
-/// Streams the base backup from the store into a tar unpacker writing under `dir`.
+/// Streams the base backup from the store into the unpacker writing under `dir`, which treats
+/// the archive as hostile (see [`untar`]) and reads no more than the manifest's raw size of it.
 pub(super) async fn lay_down(
     catalog: &Catalog,
     manifest: &Manifest,
@@ -59,18 +62,21 @@ pub(super) async fn lay_down(
     let (writer, reader) = tokio::io::duplex(1 << 20);
     let bridge = tokio_util::io::SyncIoBridge::new(reader);
     let (target, unpack_dir) = (dir.to_path_buf(), dir.to_path_buf());
-    let unpack = tokio::task::spawn_blocking(move || {
-        let mut archive = tar::Archive::new(bridge);
-        archive.set_preserve_permissions(true);
-        archive.set_overwrite(false);
-        archive.unpack(&target)
-    });
+    let limit = art.raw_bytes;
+    let unpack = tokio::task::spawn_blocking(move || untar::unpack(bridge, &target, limit));
+    let id = manifest.id.clone();
     // A failed download drops the writer: the unpacker sees the end of its input and stops; the
-    // caller then empties the directory.
+    // caller then empties the directory. A refusal drops the reader: the download stops too.
     let unpacked = |_: CancellationToken| async move {
         match unpack.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(source)) => Err(PhysicalError::Pgdata {
+            Ok(Err(Stop::Refused(reason))) => Err(PhysicalError::UnsafeBaseBackup {
+                id,
+                dir: unpack_dir,
+                reason,
+            }
+            .into()),
+            Ok(Err(Stop::Io(source))) => Err(PhysicalError::Pgdata {
                 dir: unpack_dir,
                 action: "unpacking the base backup",
                 source,
@@ -111,15 +117,39 @@ fn conf_quote(s: &str) -> String {
 }
 
 /// PostgreSQL's restore_command: `wal-fetch` reading the store the base backup came from
-/// (`--restore-from`, so it opens that store read-only, whichever flag named it here). Every word
-/// is shell-quoted: the system id comes from a manifest, which is read from the store and so
-/// untrusted. The location never carries credentials (those come from the AWS environment).
-fn restore_command(agent_binary: &str, location: &str, system_id: &str) -> String {
+/// (`--restore-from`, so it opens that store read-only, whichever flag named it here), with the
+/// same encryption keys, named by path (the PostgreSQL container mounts them where the agent
+/// does). Every word is shell-quoted, and `%` doubled so PostgreSQL substitutes only its own `%f`
+/// and `%p`: the system id comes from a manifest, which is read from the store and so untrusted.
+/// Neither the location nor the key paths carry secrets (credentials come from the AWS
+/// environment, keys from the files).
+fn restore_command(
+    agent_binary: &str,
+    location: &str,
+    system_id: &str,
+    encryption: &Encryption,
+) -> String {
+    let word = |s: &str| shell_quote(s).replace('%', "%%");
+    let mut keys = String::new();
+    if let Encryption::On {
+        key_files,
+        accept_unencrypted,
+        ..
+    } = encryption
+    {
+        for file in key_files {
+            keys.push_str(" --encryption-key-file ");
+            keys.push_str(&word(&file.display().to_string()));
+        }
+        if *accept_unencrypted {
+            keys.push_str(" --accept-unencrypted");
+        }
+    }
     format!(
-        "{} wal-fetch --restore-from {} --system-id {} %f %p",
-        shell_quote(agent_binary),
-        shell_quote(location),
-        shell_quote(system_id)
+        "{} wal-fetch --restore-from {}{keys} --system-id {} %f %p",
+        word(agent_binary),
+        word(location),
+        word(system_id)
     )
 }
 
@@ -140,6 +170,7 @@ pub(super) async fn write_recovery_config(
         &req.agent_binary.display().to_string(),
         &catalog.store().location(),
         &details.system_id,
+        &catalog.store().encryption(),
     );
     let mut conf = format!(
         "\n# Point-in-time recovery written by soma-agent restore-pgdata from base backup {} at {}.\n\
@@ -165,18 +196,120 @@ pub(super) async fn write_recovery_config(
             ));
         }
     }
-    let auto = req.pgdata.join("postgresql.auto.conf");
-    let mut existing = tokio::fs::read_to_string(&auto).await.unwrap_or_default();
-    existing.push_str(&conf);
-    tokio::fs::write(&auto, existing)
-        .await
-        .map_err(|e| io("writing postgresql.auto.conf", e))?;
-    tokio::fs::write(req.pgdata.join("recovery.signal"), b"")
-        .await
-        .map_err(|e| io("writing recovery.signal", e))?;
-    // A standby.signal from the source would turn the restore into a standby that never promotes.
-    let _ = tokio::fs::remove_file(req.pgdata.join("standby.signal")).await;
-    Ok(())
+    // The files come from the archive: none may be a link that would carry the writes outside.
+    let refused = |reason| PhysicalError::UnsafeBaseBackup {
+        id: manifest.id.clone(),
+        dir: req.pgdata.clone(),
+        reason,
+    };
+    let (dir, conf) = (req.pgdata.clone(), conf.into_bytes());
+    let written = tokio::task::spawn_blocking(move || -> Result<(), Refusal> {
+        append_auto_conf(&dir, &conf)?;
+        create_recovery_signal(&dir)?;
+        // A standby.signal from the source would turn the restore into a standby that never
+        // promotes. Removing a link removes the link, not what it points to.
+        match std::fs::symlink_metadata(dir.join(STANDBY_SIGNAL)) {
+            Ok(m) if m.is_dir() => {
+                return Err(Refusal::Unsafe(UntarError::NotAFile {
+                    file: STANDBY_SIGNAL,
+                    found: untar::found(&m),
+                }));
+            }
+            Ok(_) => std::fs::remove_file(dir.join(STANDBY_SIGNAL))
+                .map_err(|e| Refusal::Io("removing standby.signal", e))?,
+            Err(_) => {}
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| io("writing the recovery settings", std::io::Error::other(e)))?;
+    match written {
+        Ok(()) => Ok(()),
+        Err(Refusal::Unsafe(reason)) => Err(refused(reason)),
+        Err(Refusal::Io(action, e)) => Err(io(action, e)),
+    }
+}
+
+const AUTO_CONF: &str = "postgresql.auto.conf";
+const RECOVERY_SIGNAL: &str = "recovery.signal";
+const STANDBY_SIGNAL: &str = "standby.signal";
+
+/// Why a recovery file was not written.
+#[derive(Debug)]
+enum Refusal {
+    /// The archive put something other than a regular file there.
+    Unsafe(UntarError),
+    /// The filesystem failed.
+    Io(&'static str, std::io::Error),
+}
+
+/// Appends `bytes` to postgresql.auto.conf in `dir` (created when missing) without following a
+/// symbolic link there.
+/// `O_NOFOLLOW` is out of reach (the agent builds nix without its `fs` feature, and std has no
+/// such flag), so the file is checked with `lstat`, opened, and refused unless the opened file is
+/// the regular file checked: nothing is written before that.
+fn append_auto_conf(dir: &Path, bytes: &[u8]) -> Result<(), Refusal> {
+    use std::{
+        io::Write,
+        os::unix::fs::{MetadataExt, OpenOptionsExt},
+    };
+    let path = dir.join(AUTO_CONF);
+    let mut file = match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.is_file() => {
+            let file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .map_err(|e| Refusal::Io("opening postgresql.auto.conf", e))?;
+            let opened = file
+                .metadata()
+                .map_err(|e| Refusal::Io("inspecting postgresql.auto.conf", e))?;
+            if (opened.dev(), opened.ino()) != (m.dev(), m.ino()) || !opened.is_file() {
+                return Err(Refusal::Unsafe(UntarError::NotAFile {
+                    file: AUTO_CONF,
+                    found: "a file that changed while it was opened",
+                }));
+            }
+            file
+        }
+        Ok(m) => {
+            return Err(Refusal::Unsafe(UntarError::NotAFile {
+                file: AUTO_CONF,
+                found: untar::found(&m),
+            }));
+        }
+        // create_new is O_CREAT|O_EXCL, which fails on a symbolic link instead of following it.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| Refusal::Io("creating postgresql.auto.conf", e))?,
+        Err(e) => return Err(Refusal::Io("inspecting postgresql.auto.conf", e)),
+    };
+    file.write_all(bytes)
+        .map_err(|e| Refusal::Io("writing postgresql.auto.conf", e))
+}
+
+/// Creates the empty recovery.signal in `dir`, accepting a regular file already there (PostgreSQL
+/// only checks that it exists) and refusing anything else, without following a symbolic link.
+fn create_recovery_signal(dir: &Path) -> Result<(), Refusal> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(RECOVERY_SIGNAL);
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(m) => Err(Refusal::Unsafe(UntarError::NotAFile {
+            file: RECOVERY_SIGNAL,
+            found: untar::found(&m),
+        })),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map(drop)
+            .map_err(|e| Refusal::Io("writing recovery.signal", e)),
+        Err(e) => Err(Refusal::Io("inspecting recovery.signal", e)),
+    }
 }
 
 /// Removes everything inside `dir` after a failed restore (the directory was empty before).
@@ -255,14 +388,99 @@ mod tests {
             restore_command(
                 "/soma-bin/soma-agent",
                 "s3://old/prod",
-                "7312345678901234567"
+                "7312345678901234567",
+                &Encryption::Off
             ),
             "/soma-bin/soma-agent wal-fetch --restore-from s3://old/prod --system-id 7312345678901234567 %f %p"
         );
-        // A forged manifest cannot smuggle a second command into the shell.
+        // A forged manifest cannot smuggle a second command into the shell, nor a `%` escape.
         assert_eq!(
-            restore_command("/a b/soma-agent", "file:///x", "1; rm -rf /"),
-            "'/a b/soma-agent' wal-fetch --restore-from file:///x --system-id '1; rm -rf /' %f %p"
+            restore_command(
+                "/a b/soma-agent",
+                "file:///x",
+                "1; rm -rf / %p",
+                &Encryption::Off
+            ),
+            "'/a b/soma-agent' wal-fetch --restore-from file:///x --system-id '1; rm -rf / %%p' %f %p"
         );
+        // The keys travel by path, every one, in order.
+        let keys = Encryption::On {
+            fingerprints: vec!["0011223344556677".into(), "8899aabbccddeeff".into()],
+            accept_unencrypted: true,
+            key_files: vec!["/keys/new".into(), "/keys/my old".into()],
+        };
+        assert_eq!(
+            restore_command("/soma-agent", "s3://b/p", "7", &keys),
+            "/soma-agent wal-fetch --restore-from s3://b/p --encryption-key-file /keys/new --encryption-key-file '/keys/my old' --accept-unencrypted --system-id 7 %f %p"
+        );
+    }
+
+    /// A data directory where the archive left `name` as a link to `outside`, a file beside it.
+    fn linked(name: &str) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pgdata");
+        std::fs::create_dir(&dir).unwrap();
+        let outside = tmp.path().join("outside");
+        std::fs::write(&outside, b"precious").unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join(name)).unwrap();
+        (tmp, dir, outside)
+    }
+
+    /// The measured attack: `recovery.signal` a link to a file outside the data directory, which
+    /// writing the empty signal file truncated (any file on the host, restored as root).
+    #[test]
+    fn the_signal_file_is_never_written_through_a_link() {
+        let (_tmp, dir, outside) = linked(RECOVERY_SIGNAL);
+        match create_recovery_signal(&dir) {
+            Err(Refusal::Unsafe(UntarError::NotAFile { file, found })) => {
+                assert_eq!((file, found), (RECOVERY_SIGNAL, "a symbolic link"));
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(std::fs::read(&outside).unwrap(), b"precious");
+    }
+
+    /// The same with postgresql.auto.conf, which the restore appends to: through a link it would
+    /// append recovery settings to (or, when written whole, replace) a file outside.
+    #[test]
+    fn the_settings_are_never_appended_through_a_link() {
+        let (_tmp, dir, outside) = linked(AUTO_CONF);
+        match append_auto_conf(&dir, b"restore_command = 'x'\n") {
+            Err(Refusal::Unsafe(UntarError::NotAFile { found, .. })) => {
+                assert_eq!(found, "a symbolic link");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(std::fs::read(&outside).unwrap(), b"precious");
+        // A dangling link (to a file that does not exist yet) is not created through either.
+        std::fs::remove_file(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join(RECOVERY_SIGNAL)).unwrap();
+        assert!(matches!(
+            append_auto_conf(&dir, b"x"),
+            Err(Refusal::Unsafe(_))
+        ));
+        assert!(matches!(
+            create_recovery_signal(&dir),
+            Err(Refusal::Unsafe(_))
+        ));
+        assert!(!outside.exists());
+    }
+
+    #[test]
+    fn recovery_files_are_appended_to_or_created() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join(AUTO_CONF), b"work_mem = '8MB'\n").unwrap();
+        append_auto_conf(tmp.path(), b"restore_command = 'x'\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join(AUTO_CONF)).unwrap(),
+            "work_mem = '8MB'\nrestore_command = 'x'\n"
+        );
+        create_recovery_signal(tmp.path()).unwrap();
+        create_recovery_signal(tmp.path()).unwrap();
+        assert!(tmp.path().join(RECOVERY_SIGNAL).is_file());
+        let fresh = tmp.path().join("fresh");
+        std::fs::create_dir(&fresh).unwrap();
+        append_auto_conf(&fresh, b"a = 1\n").unwrap();
+        assert_eq!(std::fs::read(fresh.join(AUTO_CONF)).unwrap(), b"a = 1\n");
     }
 }
