@@ -56,7 +56,12 @@ where
     let mut stream = store.get(key).await?;
     let (stored_tx, stored_rx) = mpsc::channel::<Bytes>(RAW_QUEUE);
     let (raw_tx, raw_rx) = mpsc::channel::<Bytes>(RAW_QUEUE);
-    let raw_limit = expected.raw_bytes;
+    let raw_limit = expected.raw_bytes.or(expected.raw_at_most);
+    let whose = if expected.raw_bytes.is_some() {
+        "its manifest's"
+    } else {
+        "the most it may hold,"
+    };
 
     let decoder = tokio::task::spawn_blocking(move || -> io::Result<()> {
         let reader = ChannelReader {
@@ -90,7 +95,7 @@ where
             {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("it decompresses to more than its manifest's {limit} bytes"),
+                    format!("it decompresses to more than {whose} {limit} bytes"),
                 ));
             }
             buf.truncate(len);

@@ -105,9 +105,18 @@ pub struct Expected {
     pub stored_bytes: Option<u64>,
     /// Hex sha256 of the stored object, when known.
     pub stored_sha256: Option<String>,
+    /// Most uncompressed bytes the object may decode to when its size is not known: the decoder
+    /// stops past it instead of filling the disk (a WAL file is never larger than 1 GiB).
+    pub raw_at_most: Option<u64>,
 }
 
 impl Expected {
+    /// These expectations, and no more than `limit` uncompressed bytes.
+    pub fn at_most(mut self, limit: u64) -> Self {
+        self.raw_at_most = Some(limit);
+        self
+    }
+
     /// Expectations for an object whose sizes and both digests are known (a manifest's artifact).
     pub fn all(raw_sha256: &str, raw_bytes: u64, stored_sha256: &str, stored_bytes: u64) -> Self {
         Self {
@@ -115,6 +124,7 @@ impl Expected {
             raw_bytes: Some(raw_bytes),
             stored_bytes: Some(stored_bytes),
             stored_sha256: Some(stored_sha256.to_string()),
+            raw_at_most: None,
         }
     }
 
@@ -126,6 +136,7 @@ impl Expected {
             raw_bytes: None,
             stored_bytes: None,
             stored_sha256: None,
+            raw_at_most: None,
         }
     }
 }

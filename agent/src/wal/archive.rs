@@ -94,6 +94,9 @@ pub enum Fetched {
     NotFound,
 }
 
+/// PostgreSQL's largest WAL segment size (`initdb --wal-segsize=1024`): no WAL file is larger.
+const MAX_WAL_FILE_BYTES: u64 = 1 << 30;
+
 /// The WAL archive of one PostgreSQL cluster.
 #[derive(Debug, Clone)]
 pub struct WalArchive {
@@ -268,7 +271,8 @@ impl WalArchive {
             source,
         };
         let sink = tokio::fs::File::create(&tmp).await.map_err(io)?;
-        let expected = Expected::raw_only(&object.sha256);
+        // Named by its digest, but read from the store: a forged object must not fill pg_wal.
+        let expected = Expected::raw_only(&object.sha256).at_most(MAX_WAL_FILE_BYTES);
         let fetched = pipeline::download(
             self.store.as_ref(),
             &object.key,
