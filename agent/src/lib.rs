@@ -191,6 +191,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.listen
         );
     }
+    let tls_identity = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(server::tls::load_identity(cert, key)?),
+        _ => None,
+    };
     let schedules = config.parsed_schedules().map_err(anyhow::Error::msg)?;
     let mut postgres = config
         .postgres_url
@@ -402,17 +406,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     stdout.flush().await?;
 
     let mut builder = tonic::transport::Server::builder();
-    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
-        let read = |path: &std::path::Path, flag: &str| {
-            std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))
-        };
-        let identity = tonic::transport::Identity::from_pem(
-            read(cert, "--tls-cert")?,
-            read(key, "--tls-key")?,
-        );
+    if let Some(identity) = tls_identity {
         builder = builder
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-            .context("--tls-cert / --tls-key: not a PEM certificate chain and its private key")?;
+            .context("--tls-cert / --tls-key")?;
     }
     // Health stays open: the kubelet's gRPC probes carry no token.
     let server = builder

@@ -27,6 +27,7 @@ pub mod pg;
 pub mod pitr;
 pub mod qdrant;
 pub mod store;
+pub mod tls;
 mod util;
 
 pub use agent::{Agent, AgentExit};

@@ -181,3 +181,99 @@ fn refuses_to_listen_beyond_loopback_without_a_token() {
         "{stderr}"
     );
 }
+
+/// With `--tls-cert/--tls-key` the API is served over TLS only: a client that trusts the CA
+/// reaches it (the token still required), a plaintext client gets nothing, and a client that does
+/// not trust the CA refuses the server. This is the case of an agent reached over a network, where
+/// the token must not travel in clear.
+#[test]
+fn with_tls_the_api_is_served_over_tls_only() {
+    let store = TestStore::local();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = soma_tests::tls::serving_cert("soma-agent");
+    let (token_file, chain, key, ca) = (
+        dir.path().join("token"),
+        dir.path().join("tls.crt"),
+        dir.path().join("tls.key"),
+        dir.path().join("ca.crt"),
+    );
+    std::fs::write(&token_file, TOKEN).unwrap();
+    std::fs::write(&chain, &cert.chain_pem).unwrap();
+    std::fs::write(&key, &cert.key_pem).unwrap();
+    std::fs::write(&ca, &cert.ca_pem).unwrap();
+    let agent = Agent::start(
+        &store.url(),
+        "",
+        &[
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--tls-cert",
+            chain.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        &store.env(),
+    );
+    let a = agent.addr().to_owned();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let tls = |ca_pem: &str| {
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
+                .domain_name("localhost")
+        };
+        let channel = Channel::from_shared(format!("https://{a}"))
+            .unwrap()
+            .tls_config(tls(&cert.ca_pem))
+            .unwrap()
+            .connect()
+            .await
+            .expect("a TLS connection to the agent");
+        let missing = get_info(channel.clone(), None).await.unwrap_err();
+        assert_eq!(missing.code(), tonic::Code::Unauthenticated);
+        get_info(channel, Some(TOKEN)).await.unwrap();
+
+        // Plaintext: no answer at all, whatever it carries.
+        let plain = Channel::from_shared(format!("http://{a}")).unwrap();
+        let refused = match plain.connect().await {
+            Ok(channel) => get_info(channel, Some(TOKEN)).await.is_err(),
+            Err(_) => true,
+        };
+        assert!(refused, "a plaintext client reached the TLS agent");
+
+        // A client trusting another CA refuses the agent's certificate.
+        let other = soma_tests::tls::serving_cert("impostor");
+        let untrusted = match Channel::from_shared(format!("https://{a}"))
+            .unwrap()
+            .tls_config(tls(&other.ca_pem))
+            .unwrap()
+            .connect()
+            .await
+        {
+            Ok(channel) => get_info(channel, Some(TOKEN)).await.is_err(),
+            Err(_) => true,
+        };
+        assert!(untrusted, "a client trusting another CA accepted the agent");
+    });
+
+    // A key that does not belong to the certificate is refused at start-up, naming the flags.
+    let other = soma_tests::tls::serving_cert("other");
+    std::fs::write(&key, &other.key_pem).unwrap();
+    let exit = Agent::try_start(
+        &store.url(),
+        "",
+        &[
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--tls-cert",
+            chain.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        &store.env(),
+    );
+    match exit {
+        Ok(_) => panic!("the agent started with a key of another certificate"),
+        Err(exit) => assert!(exit.output.contains("--tls-key"), "{}", exit.output),
+    }
+}

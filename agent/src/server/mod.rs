@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod convert;
+pub mod tls;
 
 use std::{pin::Pin, sync::Arc};
 
