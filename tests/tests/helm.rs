@@ -2587,3 +2587,48 @@ fn lint_is_clean_with_everything_unattended_enabled() {
         step_ok(&install(&values, &[])["install"], what);
     }
 }
+
+/// agent.encryption: the key Secret is mounted (read-only, 0400) and named by
+/// SOMA_ENCRYPTION_KEY_FILE in every container that reads or writes the store — the sidecar, the
+/// physical restore's init container and PostgreSQL, whose restore_command (wal-fetch) opens the
+/// encrypted WAL — at the same path, since restore_command names the key files by path; the pod
+/// has the volume once. store.readOnlyCredentials: the containers that only read get the
+/// read-only keys, the sidecar keeps the read-write ones.
+#[test]
+fn encryption_keys_and_read_only_credentials_reach_the_containers_that_need_them() {
+    let mut values = pitr_example_values();
+    values["agent"]["encryption"] =
+        json!({"existingSecret": "soma-backup-key", "keys": ["new", "old"]});
+    values["store"]["readOnlyCredentials"] = json!({"existingSecret": "soma-backup-s3-readonly"});
+    let r = render_pod(&values);
+    assert_secrets_only_by_reference(&r.pod);
+    assert_mounts_resolve(&r.pod, &["data"]);
+    let keys = named(&r.pod["volumes"], "soma-encryption-keys").expect("the keys' volume");
+    assert_eq!(keys["secret"]["secretName"], json!("soma-backup-key"));
+    assert_eq!(keys["secret"]["defaultMode"], json!(0o400));
+    let files = "/var/run/secrets/soma-encryption/new,/var/run/secrets/soma-encryption/old";
+    for name in ["soma-agent", "soma-restore-pgdata", "postgresql"] {
+        let c = container(&r.pod, name);
+        assert_eq!(env_value(c, "SOMA_ENCRYPTION_KEY_FILE"), files, "{name}");
+        let mount = named(&c["volumeMounts"], "soma-encryption-keys")
+            .unwrap_or_else(|| panic!("{name} does not mount the keys"));
+        assert_eq!(
+            mount["mountPath"],
+            json!("/var/run/secrets/soma-encryption")
+        );
+        assert_eq!(mount["readOnly"], json!(true));
+        let secret = &env_var(c, "AWS_SECRET_ACCESS_KEY").expect("S3 keys")["valueFrom"]["secretKeyRef"]
+            ["name"];
+        let expected = if name == "soma-agent" {
+            "soma-backup-s3"
+        } else {
+            "soma-backup-s3-readonly"
+        };
+        assert_eq!(secret, &json!(expected), "{name}'s S3 credentials");
+    }
+    // A key name that is a hidden file (the Secret volume's ..data link) is refused at render time.
+    let err = render_error(&json!({"agent": {"encryption": {
+        "existingSecret": "soma-backup-key", "keys": ["..data"],
+    }}}));
+    assert!(err.contains("agent.encryption.keys"), "{err}");
+}

@@ -188,24 +188,47 @@ sidecar, the physical restore's init container and the PostgreSQL container that
 restore_command, so all three reach the store with the same identity.
 */}}
 {{- define "soma-backup.awsEnv" -}}
+{{- include "soma-backup.awsEnvWith" (dict "store" . "credentials" .credentials) }}
+{{- end }}
+
+{{/*
+The S3 environment for containers that only read (the physical restore's init container and the
+PostgreSQL container running restore_command): store.readOnlyCredentials when given, else the
+agent's. Takes the soma-backup values' "store".
+*/}}
+{{- define "soma-backup.readOnlyAwsEnv" -}}
+{{- $ro := .readOnlyCredentials | default dict }}
+{{- if and (eq .credentials.source "secret") $ro.existingSecret }}
+{{- $creds := dict "source" "secret" "existingSecret" $ro.existingSecret "accessKeyIdKey" $ro.accessKeyIdKey "secretAccessKeyKey" $ro.secretAccessKeyKey }}
+{{- include "soma-backup.awsEnvWith" (dict "store" . "credentials" $creds) }}
+{{- else }}
+{{- include "soma-backup.awsEnv" . }}
+{{- end }}
+{{- end }}
+
+{{- define "soma-backup.awsEnvWith" -}}
+{{- $store := .store -}}
+{{- with $store -}}
 - name: AWS_REGION
   value: {{ .region | quote }}
 {{- with .endpoint }}
 - name: AWS_ENDPOINT_URL
   value: {{ . | quote }}
 {{- end }}
-{{- if eq .credentials.source "secret" }}
-{{- $secret := required "store.credentials.existingSecret is required with store.credentials.source=secret" .credentials.existingSecret }}
+{{- end }}
+{{- $c := .credentials }}
+{{- if eq $c.source "secret" }}
+{{- $secret := required "store.credentials.existingSecret is required with store.credentials.source=secret" $c.existingSecret }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
     secretKeyRef:
       name: {{ $secret | quote }}
-      key: {{ .credentials.accessKeyIdKey | quote }}
+      key: {{ $c.accessKeyIdKey | quote }}
 - name: AWS_SECRET_ACCESS_KEY
   valueFrom:
     secretKeyRef:
       name: {{ $secret | quote }}
-      key: {{ .credentials.secretAccessKeyKey | quote }}
+      key: {{ $c.secretAccessKeyKey | quote }}
 {{- end }}
 {{- end }}
 
@@ -256,6 +279,52 @@ also serves /metrics, /livez and /readyz on 0.0.0.0:<metrics.port>, the containe
 "metrics", which the liveness and readiness probes use: that listener answers nothing else, so
 binding the pod IP exposes no API (the gRPC API stays on 127.0.0.1).
 */}}
+{{/*
+The encryption keys' environment (SOMA_ENCRYPTION_KEY_FILE, SOMA_ACCEPT_UNENCRYPTED) as env list
+items, empty without agent.encryption.existingSecret. Takes the soma-backup values.
+*/}}
+{{- define "soma-backup.encryptionEnv" -}}
+{{- $e := .agent.encryption -}}
+{{- if $e.existingSecret }}
+{{- $files := list }}
+{{- range (required "agent.encryption.keys lists the Secret's keys (the first encrypts)" $e.keys) }}
+{{- if or (contains "/" .) (contains "," .) (hasPrefix "." .) }}
+{{- fail (printf "agent.encryption.keys: %q is not a Secret key name" .) }}
+{{- end }}
+{{- $files = append $files (printf "/var/run/secrets/soma-encryption/%s" .) }}
+{{- end }}
+- name: SOMA_ENCRYPTION_KEY_FILE
+  value: {{ join "," $files | quote }}
+{{- if $e.acceptUnencrypted }}
+- name: SOMA_ACCEPT_UNENCRYPTED
+  value: "true"
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The encryption keys' volume mount, empty without agent.encryption.existingSecret.
+*/}}
+{{- define "soma-backup.encryptionMount" -}}
+{{- if .agent.encryption.existingSecret }}
+- name: soma-encryption-keys
+  mountPath: /var/run/secrets/soma-encryption
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/*
+The encryption keys' volume, empty without agent.encryption.existingSecret.
+*/}}
+{{- define "soma-backup.encryptionVolume" -}}
+{{- with .agent.encryption.existingSecret }}
+- name: soma-encryption-keys
+  secret:
+    secretName: {{ . | quote }}
+    defaultMode: 0400
+{{- end }}
+{{- end }}
+
 {{- define "soma-backup.agentContainer" -}}
 {{- $engine := include "soma-backup.checkEngine" . -}}
 {{- $v := required "soma-backup.agentContainer: pass \"Values\" (the soma-backup values)" .Values -}}
@@ -288,6 +357,7 @@ binding the pod IP exposes no API (the gRPC API stays on 127.0.0.1).
     - name: SOMA_OWNER_ID
       value: {{ . | quote }}
     {{- end }}
+    {{- include "soma-backup.encryptionEnv" $v | nindent 4 }}
     {{- include "soma-backup.awsEnv" $store | nindent 4 }}
     - name: SOMA_LOG_FORMAT
       value: {{ $v.agent.logFormat | quote }}
@@ -441,6 +511,7 @@ binding the pod IP exposes no API (the gRPC API stays on 127.0.0.1).
       mountPath: /var/run/secrets/soma-agent
       readOnly: true
     {{- end }}
+    {{- include "soma-backup.encryptionMount" $v | nindent 4 }}
     {{- if and (eq $engine "postgres") $v.postgres.walStream.enabled }}
     - name: soma-agent-wal-spool
       mountPath: {{ $v.postgres.walStream.spool.path }}
@@ -466,6 +537,7 @@ Takes (dict "engine" "postgres"|"qdrant" "Values" <soma-backup values>).
 - name: soma-agent-tmp
   emptyDir:
     sizeLimit: {{ .Values.agent.tmpSizeLimit }}
+{{- include "soma-backup.encryptionVolume" .Values }}
 {{- if .Values.agent.token.enabled }}
 - name: soma-agent-token
   secret:
@@ -618,8 +690,10 @@ The init container (image: the agent's; user: restore.physical.runAsUser, Postgr
      complete, so a restore killed halfway (node lost, OOM) must not look finished. Finding the
      marker, the next start removes what the interrupted restore wrote and restores again. A
      non-empty DIR without PG_VERSION and without the marker is someone else's: it is refused.
-The PostgreSQL container gets the S3 environment of "soma-backup.awsEnv" (the store location
-itself is part of restore_command) plus restore.physical.postgresEnv (bitnami's entrypoint deletes
+The init container and the PostgreSQL container get the S3 environment of
+"soma-backup.readOnlyAwsEnv" (store.readOnlyCredentials when given: they only read; the store
+location itself is part of restore_command), the encryption keys (agent.encryption, mounted at the
+sidecar's path, which restore_command names), plus restore.physical.postgresEnv (bitnami's entrypoint deletes
 recovery.signal at start unless POSTGRESQL_PERFORM_RESTORE=yes, which would silently turn the
 point-in-time recovery into a plain start on the base backup), and the read-only soma-agent-bin
 mount. The soma-agent binary
@@ -701,11 +775,12 @@ official Debian images are; Alpine images are not).
     - name: SOMA_RESTORE_FROM
       value: {{ . | quote }}
     {{- end }}
-    {{- include "soma-backup.awsEnv" $store | nindent 4 }}
+    {{- include "soma-backup.readOnlyAwsEnv" $store | nindent 4 }}
     - name: SOMA_LOG_FORMAT
       value: {{ $v.agent.logFormat | quote }}
     - name: PGDATA
       value: {{ $pgdata | quote }}
+    {{- include "soma-backup.encryptionEnv" $v | nindent 4 }}
   # The restore's last lines (its error, if any) also become the container's termination message.
   terminationMessagePolicy: FallbackToLogsOnError
   {{- with $p.resources }}
@@ -728,6 +803,7 @@ official Debian images are; Alpine images are not).
       mountPath: {{ $bin }}
     - name: soma-restore-tmp
       mountPath: /tmp
+    {{- include "soma-backup.encryptionMount" $v | nindent 4 }}
 {{- end }}
 {{- end }}
 
@@ -740,6 +816,7 @@ official Debian images are; Alpine images are not).
 - name: soma-restore-tmp
   emptyDir:
     sizeLimit: {{ $v.agent.tmpSizeLimit }}
+{{- /* The keys' volume (agent.encryption) comes with the sidecar's ("soma-backup.agentVolumes"). */}}
 {{- end }}
 {{- end }}
 
@@ -749,13 +826,15 @@ official Debian images are; Alpine images are not).
 - name: soma-agent-bin
   mountPath: {{ include "soma-backup.physicalRestoreBinDir" . }}
   readOnly: true
+{{- include "soma-backup.encryptionMount" $v }}
 {{- end }}
 {{- end }}
 
 {{- define "soma-backup.physicalRestoreEnv" -}}
 {{- $v := required "soma-backup.physicalRestoreEnv: pass \"Values\" (the soma-backup values)" .Values -}}
 {{- if $v.restore.physical.enabled }}
-{{- include "soma-backup.awsEnv" $v.store }}
+{{- include "soma-backup.readOnlyAwsEnv" $v.store }}
+{{- include "soma-backup.encryptionEnv" $v }}
 {{- with $v.restore.physical.postgresEnv }}
 {{ toYaml . }}
 {{- end }}
