@@ -6,8 +6,10 @@
 //! The agent talks to the server only through these tools, so connection behaviour (TLS,
 //! passfile, service files, `PG*` variables) is exactly libpq's. The connection URL never carries
 //! a password: libpq reads `PGPASSWORD` or the passfile from the agent's environment, so no secret
-//! ever appears in a process argument list. [`replication`] holds the replication side (base
-//! backups, the WAL stream's slot and receiver), [`process`] a running tool.
+//! ever appears in a process argument list. The tools inherit that environment without the
+//! store's credentials and the agent's own settings ([`scrub_env`]). [`replication`] holds the
+//! replication side (base backups, the WAL stream's slot and receiver), [`process`] a running
+//! tool.
 
 use std::{path::PathBuf, process::Stdio};
 
@@ -132,19 +134,46 @@ pub struct Postgres {
     bin_dir: Option<PathBuf>,
 }
 
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
+/// A name or value bound for SQL that holds a NUL byte. No PostgreSQL string can hold one, and
+/// psql reading a script cuts its line there, so what follows on the line — a closing quote
+/// included — would be lost and the rest of the script read out of step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a name or value bound for SQL holds a NUL byte, which PostgreSQL cannot store")]
+pub struct NulByte;
+
+impl From<NulByte> for PgError {
+    /// What spawning psql with the statement as an argument reports too: refused input.
+    fn from(e: NulByte) -> Self {
+        PgError::Io {
+            tool: "psql",
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        }
+    }
 }
 
-/// A string literal that means the same whatever `standard_conforming_strings` is: a value with
-/// a backslash is written as an escape string with the backslash doubled.
-fn quote_literal(value: &str) -> String {
+/// A quoted identifier: any name but one with a NUL byte.
+fn quote_ident(name: &str) -> Result<String, NulByte> {
+    if name.contains('\0') {
+        return Err(NulByte);
+    }
+    Ok(format!("\"{}\"", name.replace('"', "\"\"")))
+}
+
+/// A string literal that means the same whatever `standard_conforming_strings` is. With it on, a
+/// backslash in `'…'` is an ordinary character; with it off, it escapes the next one (and a
+/// value ending in a backslash would swallow the closing quote). So a value with a backslash is
+/// written as an escape string, `E'…'`, where backslashes always escape, with each one doubled;
+/// quotes are doubled in both forms.
+fn quote_literal(value: &str) -> Result<String, NulByte> {
+    if value.contains('\0') {
+        return Err(NulByte);
+    }
     let quoted = value.replace('\'', "''");
-    if value.contains('\\') {
+    Ok(if value.contains('\\') {
         format!("E'{}'", quoted.replace('\\', "\\\\"))
     } else {
         format!("'{quoted}'")
-    }
+    })
 }
 
 /// Major version from `server_version_num` (e.g. 150018 → 15).
@@ -411,14 +440,67 @@ impl Postgres {
     }
 }
 
-/// A tool's command: no stdin, stdout and stderr piped, killed when dropped.
+/// A tool's command: no stdin, stdout and stderr piped, killed when dropped, and none of the
+/// agent's own secrets in its environment ([`scrub_env`]).
 pub(super) fn command_at(path: &std::path::Path) -> Command {
     let mut cmd = Command::new(path);
+    scrub_env(&mut cmd, Child::Tool);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     cmd
+}
+
+/// Which kind of process the agent starts, for what it may inherit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Child {
+    /// A client tool (pg_dump, pg_restore, psql, pg_basebackup, pg_receivewal, pg_amcheck, a
+    /// `--version` probe): it keeps libpq's `PG*` variables, which is how it authenticates.
+    Tool,
+    /// A drill's scratch server. Its restore_command is `soma-agent wal-fetch`, which opens the
+    /// store as the agent does — credentials from the AWS SDK's environment (the encryption keys
+    /// travel as `--encryption-key-file` paths on the restore_command itself) — and PostgreSQL
+    /// hands it nothing but its own environment, so the `AWS_*` variables are the one secret it
+    /// keeps; every `SOMA_*` goes. It needs no `PG*` variable (its
+    /// settings are on its command line, it connects nowhere), so those go too: the real
+    /// server's password has no place beside a data directory read from the store.
+    ScratchServer,
+}
+
+/// Removes from `cmd`'s environment every variable of the agent's that `child` must not see.
+/// A child inherits the agent's environment otherwise, and a PostgreSQL tool (or a server
+/// replaying an untrusted data directory) has no business with the store's credentials or the
+/// agent's token. Variables set on `cmd` after this (a replication password) stay.
+pub(super) fn scrub_env(cmd: &mut Command, child: Child) {
+    for (name, _) in std::env::vars_os() {
+        if removed_for(&name, child) {
+            cmd.env_remove(&name);
+        }
+    }
+}
+
+/// Whether a variable carries a secret of the agent's, or the path of one: the store's
+/// credentials (the AWS SDK reads the whole `AWS_` family — keys, session token, web identity
+/// token file, role, profile, container credentials) and the agent's own settings (`SOMA_`:
+/// the API token file, the replication password, the Qdrant API key…). Prefixes match without
+/// regard to case, so no spelling slips through.
+fn is_secret_var(name: &std::ffi::OsStr) -> bool {
+    has_prefix(name, "AWS_") || has_prefix(name, "SOMA_")
+}
+
+/// Whether `child` must not inherit variable `name`.
+fn removed_for(name: &std::ffi::OsStr, child: Child) -> bool {
+    match child {
+        Child::Tool => is_secret_var(name),
+        Child::ScratchServer => has_prefix(name, "SOMA_") || has_prefix(name, "PG"),
+    }
+}
+
+fn has_prefix(name: &std::ffi::OsStr, prefix: &str) -> bool {
+    name.as_encoded_bytes()
+        .get(..prefix.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(prefix.as_bytes()))
 }
 
 /// A tool at `path` that cannot be started is missing (with where we looked) or failed to start.
@@ -486,8 +568,123 @@ mod tests {
             Some((17, "17devel".into()))
         );
         assert_eq!(major_of_num(150018), 15);
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(quote_literal("it's"), "'it''s'");
-        assert_eq!(quote_literal("a\\'b"), "E'a\\\\''b'");
+    }
+
+    #[test]
+    fn quotes_for_either_standard_conforming_strings() {
+        assert_eq!(quote_ident("a\"b").unwrap(), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's").unwrap(), "'it''s'");
+        assert_eq!(quote_literal("").unwrap(), "''");
+        // A backslash always means an escape string with every backslash doubled: in a plain
+        // '…' literal, `\'` would end the string early when standard_conforming_strings is off.
+        assert_eq!(quote_literal("a\\'b").unwrap(), "E'a\\\\''b'");
+        assert_eq!(quote_literal("tail\\").unwrap(), "E'tail\\\\'");
+        assert_eq!(
+            quote_literal("x\\'; drop table t; --").unwrap(),
+            "E'x\\\\''; drop table t; --'"
+        );
+        assert_eq!(quote_literal("\\n").unwrap(), "E'\\\\n'");
+        // Newlines and psql's own syntax stay inside the literal as they are.
+        assert_eq!(
+            quote_literal("a\n\\! id\n:'v'").unwrap(),
+            "E'a\n\\\\! id\n:''v'''"
+        );
+    }
+
+    #[test]
+    fn refuses_nul_bytes_in_sql() {
+        assert_eq!(quote_literal("a\0b"), Err(NulByte));
+        assert_eq!(quote_literal("\0"), Err(NulByte));
+        assert_eq!(quote_ident("db\0"), Err(NulByte));
+        let err = PgError::from(NulByte).to_string();
+        assert!(err.contains("NUL byte"), "{err}");
+    }
+
+    #[test]
+    fn children_lose_the_agents_secrets_and_keep_libpqs() {
+        use std::ffi::OsStr;
+        for secret in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_ROLE_ARN",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "AWS_CONFIG_FILE",
+            "aws_secret_access_key",
+            "SOMA_AGENT_TOKEN",
+            "SOMA_AGENT_TOKEN_FILE",
+            "SOMA_ENCRYPTION_KEY_FILE",
+            "SOMA_QDRANT_API_KEY",
+            "SOMA_REPLICATION_PASSWORD",
+            "Soma_Store",
+        ] {
+            assert!(is_secret_var(OsStr::new(secret)), "{secret}");
+            assert!(removed_for(OsStr::new(secret), Child::Tool), "{secret}");
+        }
+        for kept in [
+            "PGPASSWORD",
+            "PGPASSFILE",
+            "PGSSLMODE",
+            "PATH",
+            "HOME",
+            "LANG",
+            "LC_ALL",
+            "TZ",
+            "AWS",
+            "SOMA",
+            "MY_AWS_KEY",
+        ] {
+            assert!(!is_secret_var(OsStr::new(kept)), "{kept}");
+            assert!(!removed_for(OsStr::new(kept), Child::Tool), "{kept}");
+        }
+        // The scratch server keeps the store credentials wal-fetch needs, and nothing of the
+        // agent's or libpq's.
+        for gone in [
+            "SOMA_AGENT_TOKEN_FILE",
+            "SOMA_ENCRYPTION_KEY_FILE",
+            "SOMA_ACCEPT_UNENCRYPTED",
+            "SOMA_QDRANT_API_KEY",
+            "SOMA_REPLICATION_PASSWORD",
+            "PGPASSWORD",
+            "PGDATA",
+            "PGPASSFILE",
+        ] {
+            assert!(
+                removed_for(OsStr::new(gone), Child::ScratchServer),
+                "{gone}"
+            );
+        }
+        for kept in [
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_ENDPOINT_URL",
+            "PATH",
+            "HOME",
+            "LANG",
+        ] {
+            assert!(
+                !removed_for(OsStr::new(kept), Child::ScratchServer),
+                "{kept}"
+            );
+        }
+    }
+
+    #[test]
+    fn built_commands_drop_the_agents_secrets() {
+        // Reads (never sets) this process's environment: whatever of it is secret must be
+        // removed from the command, and nothing else.
+        let cmd = command_at(std::path::Path::new("pg_dump"));
+        let removed: Vec<_> = cmd
+            .as_std()
+            .get_envs()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k.to_os_string())
+            .collect();
+        for (name, _) in std::env::vars_os() {
+            assert_eq!(removed.contains(&name), is_secret_var(&name), "{name:?}");
+        }
     }
 }

@@ -227,7 +227,7 @@ impl Postgres {
                     &self.default_database(),
                     &format!(
                         "select restart_lsn from pg_replication_slots where slot_name = {}",
-                        quote_literal(slot)
+                        quote_literal(slot)?
                     ),
                 )
                 .await?

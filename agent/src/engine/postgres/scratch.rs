@@ -8,7 +8,10 @@
 //! directory, so nothing else can reach it and no port can collide — no WAL archiving (a promoted
 //! scratch copy must never push a new timeline into the real archive), no replication, no
 //! preloaded libraries, no shell commands other than the drill's own restore_command, and small
-//! memory settings whatever the source used.
+//! memory settings whatever the source used. Its environment carries neither libpq's variables
+//! nor the agent's settings, but for what that restore_command (`soma-agent wal-fetch`) needs to
+//! open the store: the AWS SDK's environment ([`super::Child::ScratchServer`]; the encryption
+//! keys are named on the restore_command).
 
 use std::{
     path::{Path, PathBuf},
@@ -249,6 +252,7 @@ impl ScratchServer {
         let err_file = log_file.try_clone().map_err(io("opening the server log"))?;
 
         let mut cmd = Command::new(&binary);
+        super::scrub_env(&mut cmd, super::Child::ScratchServer);
         cmd.arg("-D").arg(pgdata);
         let socket_dir = dir.display().to_string();
         let (hba, ident) = (hba.display().to_string(), ident.display().to_string());
@@ -271,7 +275,6 @@ impl ScratchServer {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log_file))
             .stderr(Stdio::from(err_file))
-            .env_remove("PGDATA")
             // Out of the agent's process group: a Ctrl-C meant for the agent reaches the server
             // only through the drill's own clean-up, in order.
             .process_group(0)

@@ -1,10 +1,14 @@
 //! Queries and scripts through `psql`: reading the catalogs, creating and dropping databases,
 //! and applying a restore's globals as one script on stdin (so no value, password hashes
 //! included, ever reaches a process argument).
+//!
+//! psql always talks UTF-8 (`PGCLIENTENCODING`), the encoding every statement here is built in:
+//! under a client encoding such as SJIS or BIG5, the second byte of a character can read as a
+//! backslash or a quote, and the quoting of `quote_literal` would no longer hold.
 
 use std::process::Stdio;
 
-use super::{PgError, Postgres, globals, quote_ident, quote_literal};
+use super::{NulByte, PgError, Postgres, globals, quote_ident, quote_literal};
 
 /// Largest answer read from psql (a JSON document about the catalogs), so a bogus server cannot
 /// exhaust the agent's memory.
@@ -28,6 +32,7 @@ impl Postgres {
     pub(super) fn start_psql(&self, database: &str, extra: &[&str]) -> Result<PsqlPipes, PgError> {
         let mut cmd = self.command("psql");
         cmd.stdin(Stdio::piped())
+            .env("PGCLIENTENCODING", "UTF8")
             .args([
                 "-X",
                 "-w",
@@ -59,7 +64,8 @@ impl Postgres {
     /// Runs one SQL statement with psql and returns its unaligned output.
     pub(crate) async fn query(&self, database: &str, sql: &str) -> Result<String, PgError> {
         let mut cmd = self.command("psql");
-        cmd.args(["-X", "-w", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+        cmd.env("PGCLIENTENCODING", "UTF8")
+            .args(["-X", "-w", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
             .arg(self.url_for(database))
             .arg("-c")
             .arg(sql);
@@ -82,6 +88,11 @@ impl Postgres {
         single_transaction: bool,
     ) -> Result<String, PgError> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Every value went through the quoting helpers, which refuse NUL; this holds for
+        // whatever SQL is built elsewhere too.
+        if sql.contains('\0') {
+            return Err(NulByte.into());
+        }
         let mut args = vec!["-f", "-"];
         if single_transaction {
             args.push("-1");
@@ -170,12 +181,10 @@ impl Postgres {
         tablespace: Option<&str>,
         settings: &[String],
     ) -> Result<(), PgError> {
-        self.query(
-            "postgres",
-            &globals::create_database_sql(database, owner, tablespace),
-        )
-        .await?;
-        let settings = globals::database_setting_sql(database, settings);
+        // Both built first: a value SQL cannot carry must not leave a database behind.
+        let create = globals::create_database_sql(database, owner, tablespace)?;
+        let settings = globals::database_setting_sql(database, settings)?;
+        self.query("postgres", &create).await?;
         if !settings.is_empty() {
             self.execute_script("postgres", &settings.join("\n"))
                 .await?;
@@ -205,7 +214,7 @@ impl Postgres {
                 "postgres",
                 &format!(
                     "select count(*) from pg_database where datname = {}",
-                    quote_literal(database)
+                    quote_literal(database)?
                 ),
             )
             .await?;
@@ -238,7 +247,7 @@ impl Postgres {
     pub async fn create_database(&self, database: &str) -> Result<(), PgError> {
         self.query(
             "postgres",
-            &format!("create database {}", quote_ident(database)),
+            &format!("create database {}", quote_ident(database)?),
         )
         .await
         .map(|_| ())
@@ -251,7 +260,7 @@ impl Postgres {
             "postgres",
             &format!(
                 "drop database if exists {} with (force)",
-                quote_ident(database)
+                quote_ident(database)?
             ),
         )
         .await
@@ -262,7 +271,7 @@ impl Postgres {
     pub async fn drop_database(&self, database: &str) -> Result<(), PgError> {
         self.query(
             "postgres",
-            &format!("drop database if exists {}", quote_ident(database)),
+            &format!("drop database if exists {}", quote_ident(database)?),
         )
         .await
         .map(|_| ())

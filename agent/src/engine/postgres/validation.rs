@@ -157,7 +157,7 @@ impl Postgres {
                     what: "importing a snapshot",
                     detail: "not a snapshot id".into(),
                 })?;
-                format!("set transaction snapshot {};", quote_literal(id))
+                format!("set transaction snapshot {};", quote_literal(id)?)
             }
             None => String::new(),
         };

@@ -126,6 +126,43 @@ pub enum QdrantError {
     },
 }
 
+/// Why a collection or snapshot name cannot be one segment of a Qdrant URL path. Names come from
+/// requests, from manifests read back from the store and from Qdrant's own answers, and the URL
+/// builder would not refuse them: it drops a `.` or `..` segment (so `DELETE
+/// /collections/..` would reach `DELETE /collections`) and strips tabs and newlines (so a name
+/// would quietly become another).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// Nothing to name.
+    #[error("it is empty")]
+    Empty,
+    /// `.` or `..`.
+    #[error("`.` and `..` are path steps, not names")]
+    Dots,
+    /// A path separator.
+    #[error("it contains {0:?}, a path separator")]
+    Separator(char),
+    /// A control character.
+    #[error("it contains the control character {}", .0.escape_default())]
+    Control(char),
+}
+
+/// Checks a collection or snapshot name before it becomes a URL path segment.
+pub fn check_name(name: &str) -> Result<(), NameError> {
+    match name {
+        "" => Err(NameError::Empty),
+        "." | ".." => Err(NameError::Dots),
+        _ => match name
+            .chars()
+            .find(|c| matches!(c, '/' | '\\') || c.is_control())
+        {
+            Some(c @ ('/' | '\\')) => Err(NameError::Separator(c)),
+            Some(c) => Err(NameError::Control(c)),
+            None => Ok(()),
+        },
+    }
+}
+
 /// What Qdrant says about a snapshot (`SnapshotDescription`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SnapshotDescription {
@@ -250,13 +287,22 @@ impl Qdrant {
         self.base.as_str().trim_end_matches('/').to_string()
     }
 
-    fn endpoint(&self, segments: &[&str]) -> Url {
+    /// The URL of `segments` below the base; every segment must pass [`check_name`], so no name
+    /// can step out of the path it was put in.
+    fn endpoint(&self, segments: &[&str]) -> Result<Url, QdrantError> {
+        for segment in segments {
+            check_name(segment).map_err(|reason| {
+                QdrantError::InvalidUrl(format!(
+                    "the name {segment:?} cannot be part of a Qdrant URL path: {reason}"
+                ))
+            })?;
+        }
         let mut url = self.base.clone();
         url.path_segments_mut()
-            .expect("http URLs have paths")
+            .map_err(|()| QdrantError::InvalidUrl(format!("{} has no path", self.url())))?
             .pop_if_empty()
             .extend(segments);
-        url
+        Ok(url)
     }
 
     fn request(&self, method: Method, url: Url) -> reqwest::RequestBuilder {
@@ -321,7 +367,7 @@ impl Qdrant {
         body: Option<&Value>,
         what: impl FnOnce() -> String,
     ) -> Result<T, QdrantError> {
-        let url = self.endpoint(segments);
+        let url = self.endpoint(segments)?;
         let mut req = self
             .request(method, url.clone())
             .query(query)
@@ -345,7 +391,7 @@ impl Qdrant {
         struct VersionInfo {
             version: String,
         }
-        let url = self.endpoint(&[]);
+        let url = self.endpoint(&[])?;
         let resp = self
             .send(
                 self.request(Method::GET, url.clone()).timeout(CALL_TIMEOUT),
@@ -375,6 +421,17 @@ impl Qdrant {
             })
             .await?;
         let mut names: Vec<String> = c.collections.into_iter().map(|n| n.name).collect();
+        // Every name goes back into a URL path (a backup of all collections): a bogus one is
+        // the server's error, refused here rather than sent back.
+        if let Some((name, reason)) = names
+            .iter()
+            .find_map(|n| check_name(n).err().map(|e| (n, e)))
+        {
+            return Err(QdrantError::Protocol {
+                endpoint: "/collections".into(),
+                detail: format!("it lists a collection named {name:?}: {reason}"),
+            });
+        }
         names.sort();
         Ok(names)
     }
@@ -532,16 +589,64 @@ mod tests {
         assert_eq!(minor_of("dev"), None);
         let q = Qdrant::new("http://127.0.0.1:6333", Some("k".into()), None).unwrap();
         assert_eq!(
-            q.endpoint(&["collections", "a b", "snapshots"]).as_str(),
+            q.endpoint(&["collections", "a b", "snapshots"])
+                .unwrap()
+                .as_str(),
             "http://127.0.0.1:6333/collections/a%20b/snapshots"
+        );
+        assert_eq!(
+            q.endpoint(&["collections", "...", "snapshots", "x.snapshot"])
+                .unwrap()
+                .as_str(),
+            "http://127.0.0.1:6333/collections/.../snapshots/x.snapshot"
         );
         let q = Qdrant::new("https://q.example/prefix", None, None).unwrap();
         assert_eq!(
-            q.endpoint(&["aliases"]).as_str(),
+            q.endpoint(&["aliases"]).unwrap().as_str(),
             "https://q.example/prefix/aliases"
         );
         assert!(Qdrant::new("http://user:pw@host:6333", None, None).is_err());
         assert!(Qdrant::new("ftp://host", None, None).is_err());
+    }
+
+    #[test]
+    fn names_that_would_leave_their_path_are_refused() {
+        assert_eq!(check_name(""), Err(NameError::Empty));
+        assert_eq!(check_name("."), Err(NameError::Dots));
+        assert_eq!(check_name(".."), Err(NameError::Dots));
+        assert_eq!(check_name("a/b"), Err(NameError::Separator('/')));
+        assert_eq!(check_name("..\\x"), Err(NameError::Separator('\\')));
+        assert_eq!(check_name("a\tb"), Err(NameError::Control('\t')));
+        assert_eq!(check_name("a\nb"), Err(NameError::Control('\n')));
+        assert_eq!(check_name("\u{1b}[2J"), Err(NameError::Control('\u{1b}')));
+        assert_eq!(check_name("a\u{9b}b"), Err(NameError::Control('\u{9b}')));
+        for ok in [
+            "docs",
+            "...",
+            ".hidden",
+            "a..b",
+            "ünï cödé",
+            "x.snapshot",
+            "%2e%2e",
+        ] {
+            assert_eq!(check_name(ok), Ok(()), "{ok}");
+        }
+        let q = Qdrant::new("http://127.0.0.1:6333", None, None).unwrap();
+        for bad in ["..", ".", "", "a/b", "a\tb"] {
+            let err = q.endpoint(&["collections", bad]).unwrap_err();
+            assert!(
+                matches!(&err, QdrantError::InvalidUrl(m) if m.contains("URL path")),
+                "{bad:?}: {err}"
+            );
+        }
+        let err = q
+            .endpoint(&["collections", "docs", "snapshots", ".."])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"..\"") && err.contains("path steps"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use serde_json::Value;
 use tokio::io::AsyncRead;
 use tokio_util::io::StreamReader;
 
-use super::{Envelope, Qdrant, QdrantError, SnapshotDescription};
+use super::{Envelope, Qdrant, QdrantError, SnapshotDescription, check_name};
 
 impl Qdrant {
     /// Creates a snapshot of `collection` on the node and waits for it.
@@ -34,7 +34,7 @@ impl Qdrant {
         segments: &[&str],
         what: impl FnOnce() -> String,
     ) -> Result<SnapshotDescription, QdrantError> {
-        let url = self.endpoint(segments);
+        let url = self.endpoint(segments)?;
         let resp = self
             .send(
                 self.request(Method::POST, url.clone())
@@ -43,12 +43,18 @@ impl Qdrant {
             )
             .await?;
         let text = resp.text().await.map_err(|e| self.unreachable(e))?;
-        serde_json::from_str::<Envelope<SnapshotDescription>>(&text)
+        let desc = serde_json::from_str::<Envelope<SnapshotDescription>>(&text)
             .map(|e| e.result)
             .map_err(|e| QdrantError::Protocol {
                 endpoint: url.path().to_string(),
                 detail: e.to_string(),
-            })
+            })?;
+        // The name goes back into the download and delete URLs.
+        check_name(&desc.name).map_err(|reason| QdrantError::Protocol {
+            endpoint: url.path().to_string(),
+            detail: format!("it named the new snapshot {:?}: {reason}", desc.name),
+        })?;
+        Ok(desc)
     }
 
     /// `GET` of a snapshot (file or stream) as an `AsyncRead`.
@@ -58,7 +64,7 @@ impl Qdrant {
         what: String,
     ) -> Result<impl AsyncRead + Send + Unpin + use<>, QdrantError> {
         let resp = self
-            .send(self.request(Method::GET, self.endpoint(segments)), || what)
+            .send(self.request(Method::GET, self.endpoint(segments)?), || what)
             .await?;
         Ok(Self::body_reader(resp))
     }
@@ -159,8 +165,8 @@ impl Qdrant {
                 id,
                 "snapshots",
                 "upload",
-            ]),
-            None => self.endpoint(&["collections", collection, "snapshots", "upload"]),
+            ])?,
+            None => self.endpoint(&["collections", collection, "snapshots", "upload"])?,
         };
         let part =
             reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(body), length)

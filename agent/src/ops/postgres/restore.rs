@@ -21,7 +21,7 @@ use crate::{
     catalog::{Artifact, Kind, Manifest},
     engine::postgres::{
         PgError, Postgres,
-        globals::{self, DatabaseNeeds, Globals, GlobalsPlan, TargetState},
+        globals::{self, DatabaseNeeds, Globals, GlobalsPlan, PreflightError, TargetState},
     },
     error::OpError,
     jobs::Reporter,
@@ -210,7 +210,8 @@ pub(crate) async fn restore_cluster(
     let script = globals::plan_script(&GlobalsPlan {
         settings: now,
         ..roles.clone()
-    });
+    })
+    .map_err(PreflightError::from)?;
     if !script.is_empty() {
         reporter.phase(
             "roles",
@@ -234,11 +235,13 @@ pub(crate) async fn restore_cluster(
             &ctx, pg, manifest, art, &d.target, plan.clean, create, &reporter,
         )
         .await?;
-        let settings: Vec<String> = per_database
+        let mut settings = Vec::new();
+        for s in per_database
             .iter()
             .filter(|s| s.database.as_deref() == Some(d.target.as_str()))
-            .flat_map(globals::role_setting_sql)
-            .collect();
+        {
+            settings.extend(globals::role_setting_sql(s).map_err(PreflightError::from)?);
+        }
         if !settings.is_empty() {
             pg.execute_script("postgres", &settings.join("\n")).await?;
         }

@@ -60,6 +60,7 @@ pub async fn backup_qdrant(
         }
         .into());
     }
+    super::check_requested(&requested)?;
     let existing = q.collections().await?;
     let collections = if requested.is_empty() {
         existing

@@ -16,7 +16,7 @@ use soma_proto::v1;
 
 use crate::{
     catalog::{BackupId, Kind},
-    engine::qdrant::{Alias, SnapshotDescription},
+    engine::qdrant::{Alias, NameError, SnapshotDescription, check_name},
 };
 
 /// Format of a collection snapshot artifact's uncompressed bytes.
@@ -154,6 +154,16 @@ pub enum QdrantOpError {
     /// `--as` with several collections.
     #[error("--as renames one collection: choose it with --collection NAME")]
     RenameNeedsOne,
+    /// A collection name in a request that can name no Qdrant collection.
+    #[error(
+        "collection name {name:?} is invalid: {reason}; name a collection without `/`, `\\` or control characters, and neither `.` nor `..`"
+    )]
+    InvalidName {
+        /// As asked.
+        name: String,
+        /// What is wrong with it.
+        reason: NameError,
+    },
     /// An alias that points elsewhere.
     #[error(
         "alias {alias} exists and points to collection {current}; pass --force to repoint it to {wanted}"
@@ -189,9 +199,9 @@ impl QdrantOpError {
     pub fn code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
-            QdrantOpError::NotInBackup { .. } | QdrantOpError::RenameNeedsOne => {
-                Code::InvalidArgument
-            }
+            QdrantOpError::NotInBackup { .. }
+            | QdrantOpError::RenameNeedsOne
+            | QdrantOpError::InvalidName { .. } => Code::InvalidArgument,
             QdrantOpError::MissingSnapshot { .. } | QdrantOpError::BadDetails { .. } => {
                 Code::DataLoss
             }
@@ -200,6 +210,31 @@ impl QdrantOpError {
             | QdrantOpError::AliasTaken { .. } => Code::FailedPrecondition,
         }
     }
+}
+
+/// Checks collection names a request gives before any reaches Qdrant.
+pub(super) fn check_requested<'a>(
+    names: impl IntoIterator<Item = &'a String>,
+) -> Result<(), QdrantOpError> {
+    for name in names {
+        check_name(name).map_err(|reason| QdrantOpError::InvalidName {
+            name: name.clone(),
+            reason,
+        })?;
+    }
+    Ok(())
+}
+
+/// Checks the collection names a manifest records (read back from the store, so untrusted)
+/// before any reaches Qdrant.
+pub(super) fn check_recorded(id: &BackupId, details: &QdrantDetails) -> Result<(), QdrantOpError> {
+    for name in details.collections.keys() {
+        check_name(name).map_err(|reason| QdrantOpError::BadDetails {
+            id: id.clone(),
+            reason: format!("it records a collection named {name:?}: {reason}"),
+        })?;
+    }
+    Ok(())
 }
 
 /// A store key segment for a collection: its position plus a safe slug (the manifest keeps the
@@ -226,6 +261,42 @@ mod tests {
     #[test]
     fn collection_keys_are_safe() {
         assert_eq!(collection_slug(3, "docs/../x y"), "003-docs----x-y");
+    }
+
+    #[test]
+    fn names_from_requests_and_manifests_are_checked() {
+        let asked = ["docs".to_string(), "..".to_string()];
+        let err = check_requested(&asked).unwrap_err();
+        assert!(matches!(
+            &err,
+            QdrantOpError::InvalidName { name, reason: NameError::Dots } if name == ".."
+        ));
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.to_string().contains("\"..\""), "{err}");
+        check_requested(&["docs".to_string(), "a.b".to_string()]).unwrap();
+        for bad in ["", ".", "a/b", "a\\b", "a\u{1b}[2J"] {
+            assert!(check_requested(&[bad.to_string()]).is_err(), "{bad:?}");
+        }
+
+        let id = BackupId::parse("20261129T143501Z-qd-all-1a2b").unwrap();
+        let mut details = QdrantDetails {
+            qdrant_version: "1.18.0".into(),
+            mode: SnapshotMode::Collection,
+            aliases: vec![],
+            collections: BTreeMap::new(),
+        };
+        let record = CollectionRecord {
+            points_count: None,
+            config: Value::Null,
+            snapshot: None,
+            sample: None,
+        };
+        details.collections.insert("docs".into(), record.clone());
+        check_recorded(&id, &details).unwrap();
+        details.collections.insert(".".into(), record);
+        let err = check_recorded(&id, &details).unwrap_err();
+        assert!(matches!(err, QdrantOpError::BadDetails { .. }));
+        assert_eq!(err.code(), tonic::Code::DataLoss);
     }
 
     #[test]

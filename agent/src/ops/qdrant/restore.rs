@@ -38,6 +38,12 @@ pub async fn restore_qdrant(
     if details.mode == SnapshotMode::FullStorage {
         return Err(QdrantOpError::StorageSnapshot(manifest.id.clone()).into());
     }
+    super::check_recorded(&manifest.id, &details)?;
+    super::check_requested(
+        selected
+            .iter()
+            .chain((!rename_to.is_empty()).then_some(&rename_to)),
+    )?;
     let in_backup: Vec<String> = details.collections.keys().cloned().collect();
     let chosen = if selected.is_empty() {
         in_backup.clone()

@@ -441,7 +441,7 @@ mod tests {
         r.password = Some(PasswordHash::new("SCRAM'; DROP ROLE x; --\\".into()));
         r.valid_until = Some("2030-01-01T00:00:00+00:00".into());
         r.connection_limit = 7;
-        let sql = create_role_sql(&r);
+        let sql = create_role_sql(&r).unwrap();
         assert_eq!(
             sql,
             "CREATE ROLE \"a\"\"b\" WITH NOSUPERUSER NOCREATEDB NOCREATEROLE INHERIT LOGIN \
@@ -457,15 +457,18 @@ mod tests {
                 role: "r\"".into(),
                 member: "m'".into(),
                 admin_option: true
-            }),
+            })
+            .unwrap(),
             "GRANT \"r\"\"\" TO \"m'\" WITH ADMIN OPTION;"
         );
         assert_eq!(
-            create_database_sql("d\"b", "o\"wn", Some("t")),
+            create_database_sql("d\"b", "o\"wn", Some("t")).unwrap(),
             "CREATE DATABASE \"d\"\"b\" OWNER \"o\"\"wn\" TABLESPACE \"t\""
         );
         assert!(
-            alter_role_sql(&role("x")).contains("VALID UNTIL 'infinity'"),
+            alter_role_sql(&role("x"))
+                .unwrap()
+                .contains("VALID UNTIL 'infinity'"),
             "an update resets an expiry the backup does not have"
         );
     }
@@ -483,7 +486,7 @@ mod tests {
             ],
         };
         assert_eq!(
-            role_setting_sql(&s),
+            role_setting_sql(&s).unwrap(),
             [
                 "ALTER ROLE \"app\" IN DATABASE \"appdb\" SET \"search_path\" TO '$user', 'public', 'we\"ird';",
                 "ALTER ROLE \"app\" IN DATABASE \"appdb\" SET \"work_mem\" TO '64MB';",
@@ -496,6 +499,23 @@ mod tests {
     fn refuses_nul_bytes() {
         let g = globals(&["a\0b"]);
         assert!(matches!(g.check(), Err(PreflightError::Invalid { .. })));
+        // What check() does not cover is refused where the SQL is built.
+        let settings = ["work_mem=64MB".to_string(), "search_path=a\0b".to_string()];
+        let err = database_setting_sql("appdb", &settings).unwrap_err();
+        assert!(matches!(
+            PreflightError::from(err),
+            PreflightError::Invalid { .. }
+        ));
+        assert!(database_setting_sql("app\0db", &settings[..1]).is_err());
+        assert!(create_database_sql("appdb", "o\0", None).is_err());
+        let mut r = role("app");
+        r.password = Some(PasswordHash::new("SCRAM\0".into()));
+        assert!(create_role_sql(&r).is_err());
+        let plan = GlobalsPlan {
+            create: vec![r],
+            ..Default::default()
+        };
+        assert!(plan_script(&plan).is_err());
     }
 
     #[test]

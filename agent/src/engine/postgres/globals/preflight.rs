@@ -67,6 +67,16 @@ pub enum PreflightError {
     },
 }
 
+impl From<crate::engine::postgres::NulByte> for PreflightError {
+    /// A NUL byte found while building the globals' SQL: [`Globals::check`] refuses those in
+    /// roles and their settings up front; this catches the rest (a database's own settings).
+    fn from(_: crate::engine::postgres::NulByte) -> Self {
+        PreflightError::Invalid {
+            what: "a name or setting bound for SQL".into(),
+        }
+    }
+}
+
 /// What a restore will do to the target's globals, decided before anything is written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GlobalsPlan {

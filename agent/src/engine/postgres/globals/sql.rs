@@ -1,10 +1,12 @@
 //! The SQL a restore runs for the globals: every name through `quote_ident`, every value through
-//! `quote_literal`, since all of it comes from the store.
+//! `quote_literal`, since all of it comes from the store; a NUL byte anywhere refuses the
+//! statement ([`NulByte`]).
 
 use super::{GlobalsPlan, Membership, PasswordHash, Role, RoleSetting, quote_ident, quote_literal};
+use crate::engine::postgres::NulByte;
 
 /// The attribute list of CREATE/ALTER ROLE.
-pub(super) fn role_options(role: &Role, create: bool) -> String {
+pub(super) fn role_options(role: &Role, create: bool) -> Result<String, NulByte> {
     let flag = |on: bool, name: &str| {
         if on {
             format!(" {name}")
@@ -22,47 +24,47 @@ pub(super) fn role_options(role: &Role, create: bool) -> String {
     sql.push_str(&flag(role.bypassrls, "BYPASSRLS"));
     sql.push_str(&format!(" CONNECTION LIMIT {}", role.connection_limit));
     match &role.valid_until {
-        Some(v) => sql.push_str(&format!(" VALID UNTIL {}", quote_literal(v))),
+        Some(v) => sql.push_str(&format!(" VALID UNTIL {}", quote_literal(v)?)),
         None if !create => sql.push_str(" VALID UNTIL 'infinity'"),
         None => {}
     }
     if let Some(PasswordHash(hash)) = &role.password {
-        sql.push_str(&format!(" PASSWORD {}", quote_literal(hash)));
+        sql.push_str(&format!(" PASSWORD {}", quote_literal(hash)?));
     }
-    sql
+    Ok(sql)
 }
 
 /// `CREATE ROLE` with every attribute and the password hash (a secret: the statement only ever
 /// goes to psql's stdin).
-pub fn create_role_sql(role: &Role) -> String {
-    format!(
+pub fn create_role_sql(role: &Role) -> Result<String, NulByte> {
+    Ok(format!(
         "CREATE ROLE {}{};",
-        quote_ident(&role.name),
-        role_options(role, true)
-    )
+        quote_ident(&role.name)?,
+        role_options(role, true)?
+    ))
 }
 
 /// `ALTER ROLE` to the backup's attributes and password (`update_roles`).
-pub fn alter_role_sql(role: &Role) -> String {
-    format!(
+pub fn alter_role_sql(role: &Role) -> Result<String, NulByte> {
+    Ok(format!(
         "ALTER ROLE {}{};",
-        quote_ident(&role.name),
-        role_options(role, false)
-    )
+        quote_ident(&role.name)?,
+        role_options(role, false)?
+    ))
 }
 
 /// `GRANT role TO member`.
-pub fn grant_sql(m: &Membership) -> String {
-    format!(
+pub fn grant_sql(m: &Membership) -> Result<String, NulByte> {
+    Ok(format!(
         "GRANT {} TO {}{};",
-        quote_ident(&m.role),
-        quote_ident(&m.member),
+        quote_ident(&m.role)?,
+        quote_ident(&m.member)?,
         if m.admin_option {
             " WITH ADMIN OPTION"
         } else {
             ""
         }
-    )
+    ))
 }
 
 /// Settings whose value is a list whose elements PostgreSQL stores quoted
@@ -77,18 +79,20 @@ const LIST_QUOTE_SETTINGS: &[&str] = &[
 ];
 
 /// `name TO value` for one stored `name=value` entry; None when it has no `=`.
-pub(super) fn setting_clause(entry: &str) -> Option<String> {
-    let (name, value) = entry.split_once('=')?;
+pub(super) fn setting_clause(entry: &str) -> Result<Option<String>, NulByte> {
+    let Some((name, value)) = entry.split_once('=') else {
+        return Ok(None);
+    };
     let value = if LIST_QUOTE_SETTINGS.contains(&name.to_ascii_lowercase().as_str()) {
         split_guc_list(value)
             .iter()
             .map(|v| quote_literal(v))
-            .collect::<Vec<_>>()
+            .collect::<Result<Vec<_>, _>>()?
             .join(", ")
     } else {
-        quote_literal(value)
+        quote_literal(value)?
     };
-    Some(format!("{} TO {value}", quote_ident(name)))
+    Ok(Some(format!("{} TO {value}", quote_ident(name)?)))
 }
 
 /// Splits a stored list setting (`"$user", public`) into its elements, undoing the identifier
@@ -117,64 +121,72 @@ pub(super) fn split_guc_list(value: &str) -> Vec<String> {
 }
 
 /// `ALTER ROLE ... [IN DATABASE ...] SET ...` statements for one settings row.
-pub fn role_setting_sql(s: &RoleSetting) -> Vec<String> {
+pub fn role_setting_sql(s: &RoleSetting) -> Result<Vec<String>, NulByte> {
     let scope = match &s.database {
         Some(db) => format!(
             "ALTER ROLE {} IN DATABASE {}",
-            quote_ident(&s.role),
-            quote_ident(db)
+            quote_ident(&s.role)?,
+            quote_ident(db)?
         ),
-        None => format!("ALTER ROLE {}", quote_ident(&s.role)),
+        None => format!("ALTER ROLE {}", quote_ident(&s.role)?),
     };
-    s.settings
-        .iter()
-        .filter_map(|e| setting_clause(e))
-        .map(|c| format!("{scope} SET {c};"))
-        .collect()
+    settings_sql(&s.settings, &scope)
 }
 
 /// `ALTER DATABASE ... SET ...` statements for a database's own settings.
-pub fn database_setting_sql(database: &str, settings: &[String]) -> Vec<String> {
-    settings
-        .iter()
-        .filter_map(|e| setting_clause(e))
-        .map(|c| format!("ALTER DATABASE {} SET {c};", quote_ident(database)))
-        .collect()
+pub fn database_setting_sql(database: &str, settings: &[String]) -> Result<Vec<String>, NulByte> {
+    settings_sql(
+        settings,
+        &format!("ALTER DATABASE {}", quote_ident(database)?),
+    )
+}
+
+/// `{scope} SET …;` for each stored `name=value` entry (entries without `=` are skipped).
+fn settings_sql(settings: &[String], scope: &str) -> Result<Vec<String>, NulByte> {
+    let mut out = Vec::with_capacity(settings.len());
+    for entry in settings {
+        if let Some(clause) = setting_clause(entry)? {
+            out.push(format!("{scope} SET {clause};"));
+        }
+    }
+    Ok(out)
 }
 
 /// The script applying `plan`: roles first, then memberships, then settings.
-pub fn plan_script(plan: &GlobalsPlan) -> String {
+pub fn plan_script(plan: &GlobalsPlan) -> Result<String, NulByte> {
     let mut sql = String::new();
-    for r in &plan.create {
-        sql.push_str(&create_role_sql(r));
+    let mut line = |stmt: String| {
+        sql.push_str(&stmt);
         sql.push('\n');
+    };
+    for r in &plan.create {
+        line(create_role_sql(r)?);
     }
     for r in &plan.update {
-        sql.push_str(&alter_role_sql(r));
-        sql.push('\n');
+        line(alter_role_sql(r)?);
     }
     for m in &plan.grants {
-        sql.push_str(&grant_sql(m));
-        sql.push('\n');
+        line(grant_sql(m)?);
     }
     for s in &plan.settings {
-        for stmt in role_setting_sql(s) {
-            sql.push_str(&stmt);
-            sql.push('\n');
-        }
+        role_setting_sql(s)?.into_iter().for_each(&mut line);
     }
-    sql
+    Ok(sql)
 }
 
 /// `CREATE DATABASE` owned by `owner`, in `tablespace` when given.
-pub fn create_database_sql(database: &str, owner: &str, tablespace: Option<&str>) -> String {
+pub fn create_database_sql(
+    database: &str,
+    owner: &str,
+    tablespace: Option<&str>,
+) -> Result<String, NulByte> {
     let mut sql = format!(
         "CREATE DATABASE {} OWNER {}",
-        quote_ident(database),
-        quote_ident(owner)
+        quote_ident(database)?,
+        quote_ident(owner)?
     );
     if let Some(ts) = tablespace {
-        sql.push_str(&format!(" TABLESPACE {}", quote_ident(ts)));
+        sql.push_str(&format!(" TABLESPACE {}", quote_ident(ts)?));
     }
-    sql
+    Ok(sql)
 }
