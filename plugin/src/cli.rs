@@ -116,6 +116,16 @@ pub struct KubeArgs {
     )]
     pub token_file: Option<std::path::PathBuf>,
 
+    /// Reach the agents over TLS, trusting this CA certificate (PEM): for agents serving
+    /// `--tls-cert` (reached over a network rather than through a port-forward).
+    #[arg(long, global = true, value_name = "PATH", env = "SOMA_AGENT_CA")]
+    pub agent_ca: Option<std::path::PathBuf>,
+
+    /// With --agent-ca: the name the agent's certificate must carry (default: the host of
+    /// --agent, or "localhost" through a port-forward).
+    #[arg(long, global = true, value_name = "NAME", requires = "agent_ca")]
+    pub agent_tls_name: Option<String>,
+
     /// Use this agent pod when several match.
     #[arg(long, global = true, value_name = "NAME")]
     pub pod: Option<String>,

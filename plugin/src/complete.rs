@@ -279,6 +279,8 @@ async fn backup_ids(state: &Typed) -> Vec<(String, String)> {
         engine: None,
         legacy_target: None,
         token_file: state.value("token-file").map(Into::into),
+        agent_ca: state.value("agent-ca").map(Into::into),
+        agent_tls_name: state.value("agent-tls-name").map(Into::into),
     };
     let lookup = async {
         let agents = match &agent {

@@ -7,5 +7,5 @@ async fn main() {
     // The workspace links two rustls crypto backends; name one so TLS never has to guess.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let words: Vec<String> = std::env::args().skip(1).collect();
-    print!("{}", kubectl_soma::complete::candidates(&words).await);
+    kubectl_soma::output::print_block(&kubectl_soma::complete::candidates(&words).await);
 }

@@ -159,6 +159,24 @@ fn chain(e: &dyn std::error::Error) -> String {
     detail
 }
 
+/// The endpoint for `uri` (`http://…`): over TLS with `--agent-ca`, checking the certificate
+/// against `default_name` unless `--agent-tls-name` says otherwise.
+fn endpoint(uri: String, args: &KubeArgs, default_name: &str) -> Result<Endpoint, CliError> {
+    let Some(ca) = &args.agent_ca else {
+        return Endpoint::from_shared(uri).map_err(|e| CliError::Usage(e.to_string()));
+    };
+    let pem = std::fs::read(ca)
+        .map_err(|e| CliError::Usage(format!("--agent-ca {}: {e}", ca.display())))?;
+    let name = args.agent_tls_name.as_deref().unwrap_or(default_name);
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+        .domain_name(name);
+    Endpoint::from_shared(uri.replacen("http://", "https://", 1))
+        .map_err(|e| CliError::Usage(e.to_string()))?
+        .tls_config(tls)
+        .map_err(|e| CliError::Usage(format!("--agent-ca {}: {}", ca.display(), chain(&e))))
+}
+
 /// Connects to the agent at `addr` (HOST:PORT), with the token `args` give.
 pub async fn direct(addr: &str, args: &KubeArgs) -> Result<Agent, CliError> {
     let bearer = given_token(args)?.unwrap_or_default();
@@ -167,7 +185,11 @@ pub async fn direct(addr: &str, args: &KubeArgs) -> Result<Agent, CliError> {
             "--agent {addr:?}: expected HOST:PORT, e.g. 127.0.0.1:50051"
         )));
     }
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+    let host = addr
+        .rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_matches(['[', ']']);
+    let endpoint = endpoint(format!("http://{addr}"), args, host)
         .map_err(|e| CliError::Usage(format!("--agent {addr:?}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
@@ -247,7 +269,7 @@ pub async fn port_forward(
                 let name = name.clone();
                 tokio::spawn(async move {
                     if let Some(message) = error.await {
-                        eprintln!("port-forward to pod {name} port {port}: {message}");
+                        errln!("port-forward to pod {name} port {port}: {message}");
                     }
                 });
             }
@@ -257,7 +279,7 @@ pub async fn port_forward(
             Ok::<_, std::io::Error>(TokioIo::new(stream))
         }
     });
-    let channel = Endpoint::from_static("http://soma-agent.pod")
+    let channel = endpoint("http://soma-agent.pod".into(), args, "localhost")?
         .connect_timeout(CONNECT_TIMEOUT)
         .connect_with_connector(connector)
         .await

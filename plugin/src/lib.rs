@@ -1,6 +1,28 @@
 //! `kubectl soma`: a kubectl plugin that drives Soma Backup agents over gRPC. It shows progress
 //! and results; backup data never passes through it.
 
+/// `println!` for a line that may carry text from an agent, a store or the cluster: printed as
+/// one line through [`output::terminal_safe`], so no value in it can clear the screen, move the
+/// cursor or forge a line of its own. Defined before the modules, which use it.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        ::std::println!(
+            "{}",
+            $crate::output::terminal_safe(&::std::format!($($arg)*), $crate::output::Layout::Line)
+        )
+    };
+}
+
+/// [`outln!`] on stderr.
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        ::std::eprintln!(
+            "{}",
+            $crate::output::terminal_safe(&::std::format!($($arg)*), $crate::output::Layout::Line)
+        )
+    };
+}
+
 pub mod cli;
 pub mod commands;
 pub mod complete;

@@ -10,14 +10,21 @@ async fn main() -> std::process::ExitCode {
     // (flags included) are never parsed as this invocation's own flags.
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("__complete") {
-        print!("{}", kubectl_soma::complete::candidates(&args[2..]).await);
+        kubectl_soma::output::print_block(&kubectl_soma::complete::candidates(&args[2..]).await);
         return std::process::ExitCode::SUCCESS;
     }
     let cli = kubectl_soma::cli::Cli::parse();
     match kubectl_soma::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{}", e.render());
+            // The message may quote the agent, the store or the cluster: shown inert.
+            eprintln!(
+                "{}",
+                kubectl_soma::output::terminal_safe(
+                    &e.render(),
+                    kubectl_soma::output::Layout::Block
+                )
+            );
             std::process::ExitCode::from(e.exit_code())
         }
     }

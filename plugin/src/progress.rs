@@ -10,7 +10,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use soma_proto::v1::{self, operation_event::Event};
 use tonic::Streaming;
 
-use crate::{error::CliError, output::bytes};
+use crate::{
+    error::CliError,
+    output::{Layout, bytes, terminal_safe},
+};
 
 /// How often plain-text progress lines are printed when nothing else changes.
 const PLAIN_EVERY: Duration = Duration::from_secs(2);
@@ -58,6 +61,8 @@ pub async fn follow(
                         format!(" — {}", p.message)
                     }
                 );
+                // Phase and message come from the agent: one inert line either way.
+                let line = terminal_safe(&line, Layout::Line).into_owned();
                 match &bar {
                     Some(bar) => bar.set_message(line),
                     None => {

@@ -335,4 +335,9 @@ fn point_in_time_recovery_replays_encrypted_wal_through_wal_fetch() {
         target.log()
     );
     assert_eq!(target.psql("postgres", "select sum(n) from kept"), "500500");
+    assert!(
+        target.log().contains("from archive"),
+        "no WAL came through wal-fetch:\n{}",
+        target.log()
+    );
 }

@@ -256,6 +256,22 @@ fn with_tls_the_api_is_served_over_tls_only() {
         assert!(untrusted, "a client trusting another CA accepted the agent");
     });
 
+    // The plugin: over TLS with --agent-ca (the certificate names 127.0.0.1, the host given),
+    // refused without it.
+    let token_arg = token_file.display().to_string();
+    let ca_arg = ca.display().to_string();
+    soma_env(
+        &a,
+        &["list", "--token-file", &token_arg, "--agent-ca", &ca_arg],
+        &[],
+    )
+    .assert_success("list over TLS with --agent-ca");
+    let plain = soma_env(&a, &["list", "--token-file", &token_arg], &[]);
+    assert_ne!(
+        plain.code, 0,
+        "list in plaintext reached a TLS agent:\n{plain}"
+    );
+
     // A key that does not belong to the certificate is refused at start-up, naming the flags.
     let other = soma_tests::tls::serving_cert("other");
     std::fs::write(&key, &other.key_pem).unwrap();

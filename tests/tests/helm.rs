@@ -2588,7 +2588,7 @@ fn lint_is_clean_with_everything_unattended_enabled() {
     }
 }
 
-/// agent.encryption: the key Secret is mounted (read-only, 0400) and named by
+/// agent.encryption: the key Secret is mounted (read-only) and named by
 /// SOMA_ENCRYPTION_KEY_FILE in every container that reads or writes the store — the sidecar, the
 /// physical restore's init container and PostgreSQL, whose restore_command (wal-fetch) opens the
 /// encrypted WAL — at the same path, since restore_command names the key files by path; the pod
@@ -2605,7 +2605,9 @@ fn encryption_keys_and_read_only_credentials_reach_the_containers_that_need_them
     assert_mounts_resolve(&r.pod, &["data"]);
     let keys = named(&r.pod["volumes"], "soma-encryption-keys").expect("the keys' volume");
     assert_eq!(keys["secret"]["secretName"], json!("soma-backup-key"));
-    assert_eq!(keys["secret"]["defaultMode"], json!(0o400));
+    // Readable by whichever user each container runs as (the sidecar's 65532, PostgreSQL's own),
+    // without needing the pod's fsGroup; only the containers that mount it can see it.
+    assert_eq!(keys["secret"]["defaultMode"], json!(0o444));
     let files = "/var/run/secrets/soma-encryption/new,/var/run/secrets/soma-encryption/old";
     for name in ["soma-agent", "soma-restore-pgdata", "postgresql"] {
         let c = container(&r.pod, name);

@@ -530,3 +530,66 @@ fn restore_target_latest_with_engine_selection_through_kubernetes() {
         "--target latest replays to the end of the archive"
     );
 }
+
+/// A value the agent relays — here a database name, which becomes the backup's target, and the
+/// error naming a missing one — reaches the terminal with its control characters escaped: a
+/// name holding ESC sequences cannot clear the screen or retitle the window through `backup`,
+/// `list`, `describe` or an error, while `-o json` keeps the name exactly (as a JSON escape).
+#[test]
+fn control_characters_from_the_agent_never_reach_the_terminal() {
+    const HOSTILE: &str = "app\u{1b}[2J\u{1b}]0;owned\u{7}db";
+    let pg = PgCluster::start();
+    pg.psql("postgres", &format!("create database \"{HOSTILE}\""));
+    pg.psql(
+        HOSTILE,
+        "create table users (id int primary key); insert into users values (1), (2);",
+    );
+    let store = TestStore::local();
+    let agent = Agent::start(&store.url(), &pg.url("postgres"), &[], &store.env());
+    let a = agent.addr();
+    let inert = |out: &CmdOutput, what: &str| {
+        for (stream, text) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+            assert!(
+                !text.contains('\u{1b}') && !text.contains('\u{7}'),
+                "{what} printed a raw control character on {stream}: {text:?}"
+            );
+        }
+    };
+
+    let out = soma(a, &["backup", "postgres", "--database", HOSTILE]);
+    out.assert_success("backup postgres --database <name with ESC>");
+    inert(&out, "backup");
+    assert!(
+        out.stdout.contains("app\\u{1b}[2J"),
+        "the name is shown, escaped: {out}"
+    );
+    for args in [
+        &["list"][..],
+        &["list", "-o", "wide"],
+        &["describe", "latest"],
+        &["describe", "latest", "-o", "yaml"],
+        &["list", "-o", "jsonpath={.items[0].target}"],
+    ] {
+        let out = soma(a, args);
+        out.assert_success(&args.join(" "));
+        inert(&out, &args.join(" "));
+    }
+
+    let out = soma(a, &["describe", "latest", "-o", "json"]);
+    out.assert_success("describe latest -o json");
+    inert(&out, "describe -o json");
+    assert_eq!(
+        out.json()["target"]["name"],
+        serde_json::Value::from(HOSTILE),
+        "JSON keeps the name exactly"
+    );
+
+    let missing = format!("missing{HOSTILE}");
+    let out = soma(a, &["backup", "postgres", "--database", &missing]);
+    assert_ne!(out.code, 0, "a backup of a missing database fails:\n{out}");
+    inert(&out, "a failed backup");
+    assert!(
+        out.stderr.contains("missingapp\\u{1b}[2J"),
+        "the error names the database, escaped: {out}"
+    );
+}

@@ -321,7 +321,7 @@ The encryption keys' volume, empty without agent.encryption.existingSecret.
 - name: soma-encryption-keys
   secret:
     secretName: {{ . | quote }}
-    defaultMode: 0400
+    defaultMode: 0444
 {{- end }}
 {{- end }}
 

@@ -22,10 +22,10 @@ pub async fn run(agent: Agent, out: OutputFormat, args: BackupArgs) -> Result<()
 }
 
 fn print_summary((info, result): &(v1::BackupInfo, v1::OperationResult)) {
-    println!("{}", result.summary);
-    println!(
-        "id: {}\nsize: {} raw, {} stored ({:.1}x), {:.1}s",
-        info.id,
+    outln!("{}", result.summary);
+    outln!("id: {}", info.id);
+    outln!(
+        "size: {} raw, {} stored ({:.1}x), {:.1}s",
         output::bytes(result.raw_bytes),
         output::bytes(result.stored_bytes),
         result.raw_bytes as f64 / result.stored_bytes.max(1) as f64,

@@ -39,9 +39,10 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: DeleteArgs) -> Resul
         .into_inner();
     match out {
         format if format.is_table() => {
-            println!(
+            outln!(
                 "deleted backup {} ({} objects)",
-                resp.backup_id, resp.objects_deleted
+                resp.backup_id,
+                resp.objects_deleted
             );
             Ok(())
         }

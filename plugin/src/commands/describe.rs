@@ -26,36 +26,44 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(),
         format if format.is_table() => {
             let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
             if asked_latest {
-                println!("{}", resolved_line(&info, &s(&manifest["kind"])));
+                outln!("{}", resolved_line(&info, &s(&manifest["kind"])));
             }
-            println!("ID:          {}", info.id);
-            println!(
+            outln!("ID:          {}", info.id);
+            outln!(
                 "Engine:      {} ({})",
                 output::engine_name(&info),
                 s(&manifest["kind"])
             );
-            println!("Target:      {}", info.target);
-            println!(
+            outln!("Target:      {}", info.target);
+            outln!(
                 "Server:      {} (version {})",
                 s(&manifest["target"]["server"]),
                 s(&manifest["target"]["server_version"])
             );
-            println!(
+            outln!(
                 "Tool:        {} {}",
                 s(&manifest["tool"]["name"]),
                 s(&manifest["tool"]["version"])
             );
-            println!("Started:     {}", info.started_at);
-            println!("Completed:   {}", info.completed_at);
-            println!(
+            outln!("Started:     {}", info.started_at);
+            outln!("Completed:   {}", info.completed_at);
+            outln!(
                 "Size:        {} raw, {} stored",
                 output::bytes(info.raw_bytes),
                 output::bytes(info.stored_bytes)
             );
-            println!("Agent:       {}", s(&manifest["agent_version"]));
+            outln!("Agent:       {}", s(&manifest["agent_version"]));
+            match manifest["encryption"].as_object() {
+                Some(e) => outln!(
+                    "Encryption:  {}, key {}",
+                    s(&e["algorithm"]),
+                    s(&e["key_fingerprint"])
+                ),
+                None => outln!("Encryption:  none"),
+            }
             if let Some(w) = &info.recovery_window {
                 if w.error.is_empty() {
-                    println!(
+                    outln!(
                         "Recoverable: {} (LSN {}) … {} (LSN {}), timeline {}",
                         output::short_time(&w.earliest_time),
                         w.earliest_lsn,
@@ -64,27 +72,27 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(),
                         w.timeline
                     );
                     if w.gaps.is_empty() {
-                        println!("WAL gaps:    none");
+                        outln!("WAL gaps:    none");
                     } else {
-                        println!(
+                        outln!(
                             "WAL gaps:    {} — WAL after a gap cannot be replayed",
                             w.gaps.join(", ")
                         );
                     }
                 } else {
-                    println!("Recoverable: unknown ({})", w.error);
+                    outln!("Recoverable: unknown ({})", w.error);
                 }
             }
             match &info.last_drill {
                 Some(d) if d.drilled_at.is_empty() => {
-                    println!("Last drill:  unknown ({})", d.failure)
+                    outln!("Last drill:  unknown ({})", d.failure)
                 }
-                Some(d) => println!("Last drill:  {}", drill_line(d)),
-                None => println!("Last drill:  never (run `kubectl soma drill {}`)", info.id),
+                Some(d) => outln!("Last drill:  {}", drill_line(d)),
+                None => outln!("Last drill:  never (run `kubectl soma drill {}`)", info.id),
             }
-            println!("Artifacts:");
+            outln!("Artifacts:");
             for a in manifest["artifacts"].as_array().into_iter().flatten() {
-                println!(
+                outln!(
                     "  {}  {}  raw {} sha256 {}  stored {} sha256 {}  {} part(s)",
                     s(&a["name"]),
                     s(&a["format"]),

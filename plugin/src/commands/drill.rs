@@ -32,7 +32,7 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: DrillArgs) -> Result
         .map_err(|e| CliError::Other(format!("the agent sent an unreadable drill report: {e}")))?;
     match out {
         OutputFormat::Table => {
-            println!("{}", result.summary);
+            outln!("{}", result.summary);
             let rows: Vec<Vec<String>> = doc["checks"]
                 .as_array()
                 .into_iter()
@@ -50,7 +50,7 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: DrillArgs) -> Result
                 })
                 .collect();
             output::table(&["CHECK", "RESULT", "EXPECTED", "FOUND"], &rows);
-            println!(
+            outln!(
                 "RTO: {:.1} s (restore until the data was usable)",
                 report.rto_seconds
             );

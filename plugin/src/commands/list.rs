@@ -172,7 +172,7 @@ pub async fn run_failed(agents: Vec<Agent>, out: OutputFormat) -> Result<(), Cli
         }
     }
     failures.sort_by(|a, b| (&b.failed_at, &b.id).cmp(&(&a.failed_at, &a.id)));
-    print!("{}", render_failures(&failures, out)?);
+    output::print_block(&render_failures(&failures, out)?);
     if failures.is_empty() && out.is_table() {
         eprintln!("no failures recorded");
     }

@@ -139,7 +139,7 @@ pub async fn backup_all(
     }
     let started_at = Utc::now();
     let set_id = BackupId::new(started_at, IdEngine::Set, "platform");
-    eprintln!(
+    errln!(
         "backing up the platform as set {set_id} through {} agents: {}",
         served.len(),
         served
@@ -204,14 +204,14 @@ pub async fn backup_all(
     let seconds = (Utc::now() - started_at).num_milliseconds() as f64 / 1000.0;
     match out {
         format if format.is_table() => {
-            println!(
+            outln!(
                 "platform backup set {} complete: {}",
                 info.id,
                 info.members.join(", ")
             );
-            println!(
-                "id: {}\nsize: {} raw, {} stored ({:.1}x), {seconds:.1}s",
-                info.id,
+            outln!("id: {}", info.id);
+            outln!(
+                "size: {} raw, {} stored ({:.1}x), {seconds:.1}s",
                 output::bytes(info.raw_bytes),
                 output::bytes(info.stored_bytes),
                 info.raw_bytes as f64 / info.stored_bytes.max(1) as f64,
@@ -304,7 +304,7 @@ pub async fn restore_set(
         }
     });
     for note in &chosen_notes {
-        eprintln!("{note}");
+        errln!("{note}");
     }
     let started = std::time::Instant::now();
     let mut restored = Vec::new();
@@ -332,7 +332,7 @@ pub async fn restore_set(
                         ))
                     })?;
                 if out.is_table() {
-                    println!(
+                    outln!(
                         "{} ({} in {:.1}s)",
                         result.summary,
                         output::bytes(result.raw_bytes),
@@ -357,7 +357,7 @@ pub async fn restore_set(
                     backup.id
                 );
                 if out.is_table() {
-                    println!("{note}");
+                    outln!("{note}");
                 }
                 pending.push(json!({
                     "backup_id": backup.id,
@@ -372,7 +372,7 @@ pub async fn restore_set(
     let seconds = started.elapsed().as_secs_f64();
     match out {
         format if format.is_table() => {
-            println!(
+            outln!(
                 "restored backup set {}: {} member(s) in {seconds:.1}s{}",
                 set.id,
                 restored.len(),

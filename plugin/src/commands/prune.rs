@@ -56,7 +56,7 @@ pub async fn run(agent: Agent, out: OutputFormat, args: PruneArgs) -> Result<(),
         print_table(&preview);
         let going = preview.items.iter().filter(|i| i.delete).count();
         if going == 0 {
-            println!("nothing to delete");
+            outln!("nothing to delete");
             return Ok(());
         }
         eprint!("Delete the {going} item(s) marked DELETE permanently? Type yes to confirm: ");
@@ -72,7 +72,7 @@ pub async fn run(agent: Agent, out: OutputFormat, args: PruneArgs) -> Result<(),
         OutputFormat::Table => {
             print_table(&resp);
             for e in &resp.errors {
-                eprintln!("error: {e}");
+                errln!("error: {e}");
             }
         }
         format => crate::output::print_structured(format, &response_json(&resp))?,
@@ -133,13 +133,13 @@ fn print_table(resp: &v1::PruneResponse) {
         .filter(|i| !i.delete && i.what == "backup")
         .count();
     if resp.dry_run {
-        println!(
+        outln!(
             "dry run ({}): {going} item(s) would be deleted ({}), {kept} backup(s) kept; nothing was deleted",
             resp.policy,
             crate::output::bytes(bytes)
         );
     } else {
-        println!(
+        outln!(
             "pruned ({}): {going} item(s) deleted ({}, {} objects), {kept} backup(s) kept",
             resp.policy,
             crate::output::bytes(bytes),

@@ -27,9 +27,11 @@ pub async fn run_any(
         _ => connect::describe_newest(&agents, &args.id, engine).await?.0,
     };
     if args.id == "latest" {
-        eprintln!(
+        errln!(
             "latest resolved to {} ({}, started {})",
-            info.id, info.kind, info.started_at
+            info.id,
+            info.kind,
+            info.started_at
         );
     }
     if info.engine == v1::Engine::Set as i32 {
@@ -85,7 +87,7 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: RestoreArgs) -> Resu
     let result = follow(&mut agent, request).await?;
     match out {
         format if format.is_table() => {
-            println!(
+            outln!(
                 "{} ({} in {:.1}s)",
                 result.summary,
                 output::bytes(result.raw_bytes),

@@ -77,6 +77,8 @@ fn agent_row(
         "agent_version": info.agent_version,
         "store": info.store,
         "restore_from": Some(info.restore_from.as_str()).filter(|r| !r.is_empty()),
+        // Empty from an agent older than encryption at rest: it encrypts nothing.
+        "encryption": if info.encryption.is_empty() { "off" } else { info.encryption.as_str() },
         "last_backup": last.map(|b| b.id.clone()),
         "last_backup_age_seconds": age,
         "running_jobs": info.running_jobs.len(),
@@ -191,7 +193,7 @@ pub async fn run(agent: Option<&str>, kube: &KubeArgs, out: OutputFormat) -> Res
         }
     };
     let healthy = rows.iter().all(|r| r["health"] == "ok");
-    print!("{}", render(&rows, out)?);
+    output::print_block(&render(&rows, out)?);
     if healthy {
         Ok(())
     } else {
@@ -295,6 +297,15 @@ fn render(rows: &[Value], out: OutputFormat) -> Result<String, CliError> {
         }
         text_out.push_str(&format!("\n{}:\n", agent_title(r)));
         text_out.push_str(&schedules_section(r, wide));
+        text_out.push_str(&format!(
+            "  Encryption: {}\n",
+            match r["encryption"].as_str() {
+                Some("off") | None => {
+                    "off (objects are stored as they are; see --encryption-key-file)".into()
+                }
+                Some(e) => output::cell(e, 200),
+            }
+        ));
         text_out.push_str(&format!(
             "  Retention: {}\n",
             match r["retention"].as_str() {

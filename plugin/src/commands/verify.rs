@@ -24,7 +24,7 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(),
     let result = progress::follow(stream, "verify", &agent.addr).await?;
     match out {
         format if format.is_table() => {
-            println!("{}", result.summary);
+            outln!("{}", result.summary);
             Ok(())
         }
         format => crate::output::print_structured(
