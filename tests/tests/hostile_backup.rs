@@ -312,6 +312,37 @@ fn a_forged_base_backup_cannot_reach_outside_the_data_directory() {
     );
 }
 
+/// The system id reaches restore_command, which PostgreSQL runs through a shell: a manifest whose
+/// system id carries a command (digests untouched, since no digest covers the manifest itself) is
+/// refused before anything is laid down, and the command never runs.
+#[test]
+fn a_shell_payload_in_the_system_id_is_refused() {
+    let f = Fixture::new();
+    let target = Target::new();
+    let pwned = target.elsewhere().join("pwned");
+    let mut manifest = f.manifest.clone();
+    manifest["details"]["system_id"] =
+        format!("7312345678901234567; touch {} #", pwned.display()).into();
+    f.store.write(
+        &format!("backups/{}/manifest.json", f.id),
+        serde_json::to_vec_pretty(&manifest).expect("manifest JSON"),
+    );
+    let out = f.restore(&target);
+    let what = "a shell payload in system_id";
+    assert_ne!(out.code, 0, "{what}: the restore succeeded:\n{out}");
+    out.assert_stderr_contains("system", what);
+    assert!(!pwned.exists(), "{what}: the payload ran");
+    // Refused while reading the manifest: not even the data directory was created.
+    assert!(
+        !target.pgdata().exists(),
+        "{what}: the data directory was created"
+    );
+    assert_eq!(
+        std::fs::read(target.outside()).expect("outside file"),
+        b"precious"
+    );
+}
+
 /// A setuid executable in a forged base backup restored as root would be a setuid-root binary
 /// on the host: it is laid down without the bit, and the rest of the restore proceeds.
 #[test]
