@@ -267,8 +267,9 @@ agent_knobs() {
   printf '%s' "$out"
 }
 
-# start_agent ENGINE ARGS...: starts the agent with the engine's arguments and the knobs above;
-# sets STORE_URL, AGENT_ARGS, AGENT_PID, AGENT_ADDR, IDLE_RSS_KIB and AGENT_VERSION.
+# start_agent ENGINE ARGS...: starts the agent with the engine's arguments and the knobs above,
+# logging to $TMP_DIR/$AGENT_LOG (default agent.log); sets STORE_URL, AGENT_ARGS, AGENT_PID,
+# AGENT_ADDR, IDLE_RSS_KIB and AGENT_VERSION.
 start_agent() {
   STORE_URL="s3://$BUCKET/$PREFIX"
   AGENT_ARGS=(--listen 127.0.0.1:0 --store "$STORE_URL" "$@")
@@ -278,10 +279,10 @@ start_agent() {
   [[ -z "$COMPRESSION_THREADS" ]] || AGENT_ARGS+=(--compression-threads "$COMPRESSION_THREADS")
   AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" AWS_ACCESS_KEY_ID=$AWS_KEY AWS_SECRET_ACCESS_KEY=$AWS_SECRET \
     AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true \
-    "$BIN_DIR/soma-agent" "${AGENT_ARGS[@]}" >"$TMP_DIR/agent.log" 2>&1 &
+    "$BIN_DIR/soma-agent" "${AGENT_ARGS[@]}" >"$TMP_DIR/${AGENT_LOG:-agent.log}" 2>&1 &
   AGENT_PID=$!
   at_exit stop_pid "$AGENT_PID"
-  wait_for_line AGENT_ADDR "$TMP_DIR/agent.log" 's/.*soma-agent listening on \(127\.0\.0\.1:[0-9][0-9]*\).*/\1/p' \
+  wait_for_line AGENT_ADDR "$TMP_DIR/${AGENT_LOG:-agent.log}" 's/.*soma-agent listening on \(127\.0\.0\.1:[0-9][0-9]*\).*/\1/p' \
     "$AGENT_PID" soma-agent 'soma-agent listening on ...'
   IDLE_RSS_KIB=$(proc_kib VmRSS)
   AGENT_VERSION=$("$BIN_DIR/soma-agent" --version 2>/dev/null | head -n 1 || true)

@@ -19,24 +19,32 @@ pub fn wal_agent(
     spool: &std::path::Path,
     interval: &str,
 ) -> Agent {
+    wal_agent_with(pg, store, spool, interval, &[])
+}
+
+/// [`wal_agent`] with `extra` arguments (e.g. `--encryption-key-file`).
+pub fn wal_agent_with(
+    pg: &PgCluster,
+    store: &TestStore,
+    spool: &std::path::Path,
+    interval: &str,
+    extra: &[&str],
+) -> Agent {
     let spool = spool.display().to_string();
     let restore_root = std::env::temp_dir().display().to_string();
-    Agent::start(
-        &store.url(),
-        &pg.url("postgres"),
-        &[
-            "--wal-stream",
-            "--wal-spool",
-            &spool,
-            "--wal-partial-interval",
-            interval,
-            // Physical restores through the API go below the temporary directory, where
-            // PgCluster::empty makes its targets.
-            "--restore-root",
-            &restore_root,
-        ],
-        &store.env(),
-    )
+    let mut args = vec![
+        "--wal-stream",
+        "--wal-spool",
+        &spool,
+        "--wal-partial-interval",
+        interval,
+        // Physical restores through the API go below the temporary directory, where
+        // PgCluster::empty makes its targets.
+        "--restore-root",
+        &restore_root,
+    ];
+    args.extend_from_slice(extra);
+    Agent::start(&store.url(), &pg.url("postgres"), &args, &store.env())
 }
 
 /// Takes a physical base backup through the plugin and returns its id.

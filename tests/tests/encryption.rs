@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use soma_tests::db::assert_fingerprints_equal;
-use soma_tests::pitr::{physical_backup, wait_archived};
+use soma_tests::pitr::{physical_backup, wait_archived, wal_agent_with};
 use soma_tests::qdrant::QdrantDouble;
 use soma_tests::{
     Agent, DbFingerprint, PgCluster, TestStore, assert_same_database, fixtures, soma,
@@ -293,23 +293,12 @@ fn point_in_time_recovery_replays_encrypted_wal_through_wal_fetch() {
     let (key, _) = key_file(keys.path(), "key");
     let pg = PgCluster::start();
     let spool = tempfile::tempdir().expect("spool dir");
-    let restore_root = std::env::temp_dir().display().to_string();
-    let spool_arg = spool.path().display().to_string();
-    let agent = Agent::start(
-        &store.url(),
-        &pg.url("postgres"),
-        &[
-            "--wal-stream",
-            "--wal-spool",
-            &spool_arg,
-            "--wal-partial-interval",
-            "1s",
-            "--restore-root",
-            &restore_root,
-            "--encryption-key-file",
-            key.to_str().unwrap(),
-        ],
-        &store.env(),
+    let agent = wal_agent_with(
+        &pg,
+        &store,
+        spool.path(),
+        "1s",
+        &["--encryption-key-file", key.to_str().unwrap()],
     );
     physical_backup(agent.addr());
     pg.psql(

@@ -201,19 +201,15 @@ fn with_tls_the_api_is_served_over_tls_only() {
     std::fs::write(&chain, &cert.chain_pem).unwrap();
     std::fs::write(&key, &cert.key_pem).unwrap();
     std::fs::write(&ca, &cert.ca_pem).unwrap();
-    let agent = Agent::start(
-        &store.url(),
-        "",
-        &[
-            "--token-file",
-            token_file.to_str().unwrap(),
-            "--tls-cert",
-            chain.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ],
-        &store.env(),
-    );
+    let args = [
+        "--token-file",
+        token_file.to_str().unwrap(),
+        "--tls-cert",
+        chain.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let agent = Agent::start(&store.url(), "", &args, &store.env());
     let a = agent.addr().to_owned();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -275,19 +271,7 @@ fn with_tls_the_api_is_served_over_tls_only() {
     // A key that does not belong to the certificate is refused at start-up, naming the flags.
     let other = soma_tests::tls::serving_cert("other");
     std::fs::write(&key, &other.key_pem).unwrap();
-    let exit = Agent::try_start(
-        &store.url(),
-        "",
-        &[
-            "--token-file",
-            token_file.to_str().unwrap(),
-            "--tls-cert",
-            chain.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ],
-        &store.env(),
-    );
+    let exit = Agent::try_start(&store.url(), "", &args, &store.env());
     match exit {
         Ok(_) => panic!("the agent started with a key of another certificate"),
         Err(exit) => assert!(exit.output.contains("--tls-key"), "{}", exit.output),

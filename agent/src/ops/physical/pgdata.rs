@@ -249,10 +249,7 @@ enum Refusal {
 /// such flag), so the file is checked with `lstat`, opened, and refused unless the opened file is
 /// the regular file checked: nothing is written before that.
 fn append_auto_conf(dir: &Path, bytes: &[u8]) -> Result<(), Refusal> {
-    use std::{
-        io::Write,
-        os::unix::fs::{MetadataExt, OpenOptionsExt},
-    };
+    use std::{io::Write, os::unix::fs::MetadataExt};
     let path = dir.join(AUTO_CONF);
     let mut file = match std::fs::symlink_metadata(&path) {
         Ok(m) if m.is_file() => {
@@ -277,23 +274,29 @@ fn append_auto_conf(dir: &Path, bytes: &[u8]) -> Result<(), Refusal> {
                 found: untar::found(&m),
             }));
         }
-        // create_new is O_CREAT|O_EXCL, which fails on a symbolic link instead of following it.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| Refusal::Io("creating postgresql.auto.conf", e))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            create_new(&path).map_err(|e| Refusal::Io("creating postgresql.auto.conf", e))?
+        }
         Err(e) => return Err(Refusal::Io("inspecting postgresql.auto.conf", e)),
     };
     file.write_all(bytes)
         .map_err(|e| Refusal::Io("writing postgresql.auto.conf", e))
 }
 
+/// Creates `path` (mode 0600), failing if anything is there: `create_new` is O_CREAT|O_EXCL, which
+/// fails on a symbolic link instead of following it.
+fn create_new(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// Creates the empty recovery.signal in `dir`, accepting a regular file already there (PostgreSQL
 /// only checks that it exists) and refusing anything else, without following a symbolic link.
 fn create_recovery_signal(dir: &Path) -> Result<(), Refusal> {
-    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(RECOVERY_SIGNAL);
     match std::fs::symlink_metadata(&path) {
         Ok(m) if m.is_file() => Ok(()),
@@ -301,11 +304,7 @@ fn create_recovery_signal(dir: &Path) -> Result<(), Refusal> {
             file: RECOVERY_SIGNAL,
             found: untar::found(&m),
         })),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_new(&path)
             .map(drop)
             .map_err(|e| Refusal::Io("writing recovery.signal", e)),
         Err(e) => Err(Refusal::Io("inspecting recovery.signal", e)),
