@@ -749,6 +749,10 @@ fn open_stream(
                     let out = s.buf.split().freeze();
                     return Ok(Some((out, s)));
                 }
+                // A stream that ended must not be polled again (the S3 body stream panics).
+                if s.eof {
+                    return Ok(None);
+                }
                 return match s.inner.next().await {
                     Some(chunk) => Ok(Some((chunk?, s))),
                     None => Ok(None),
@@ -1046,6 +1050,51 @@ mod tests {
         let raw = write("raw2", &bytes);
         let err = Keyring::from_files(&[raw.clone(), raw]).unwrap_err();
         assert!(matches!(err, KeyError::Duplicate { .. }));
+    }
+
+    /// An inner stream that panics when polled after its end, as the S3 body stream does.
+    fn unfused(data: Vec<u8>, piece: usize) -> ByteStream {
+        let pieces: Vec<Bytes> = data
+            .chunks(piece.max(1))
+            .map(Bytes::copy_from_slice)
+            .collect();
+        Box::pin(futures::stream::unfold(
+            pieces.into_iter(),
+            |mut it| async move { it.next().map(|b| (Ok(b), it)) },
+        ))
+    }
+
+    async fn drain(mut s: ByteStream) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(c) = s.next().await {
+            out.extend_from_slice(&c?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn never_polls_an_ended_inner_stream() {
+        let plain = data(3 * CHUNK + 9);
+        let sealed = seal_all(&key(1), "k", &plain).unwrap().to_vec();
+        let keyring = Some(Arc::new(Keyring::new(vec![key(1)]).unwrap()));
+        for piece in [1, 7, 4096, CHUNK + 3, 1 << 20] {
+            let out = drain(open_stream(
+                unfused(sealed.clone(), piece),
+                "k".into(),
+                keyring.clone(),
+                false,
+            ));
+            assert_eq!(out.await.unwrap(), plain, "sealed, pieces of {piece}");
+            for small in [Vec::new(), b"abc".to_vec(), plain.clone()] {
+                let out = drain(open_stream(
+                    unfused(small.clone(), piece),
+                    "k".into(),
+                    None,
+                    false,
+                ));
+                assert_eq!(out.await.unwrap(), small, "plain, pieces of {piece}");
+            }
+        }
     }
 
     #[test]
