@@ -41,3 +41,60 @@ fn latest_is_the_backup_just_taken() {
     taken.reverse();
     assert_eq!(listed, taken, "list is not newest first");
 }
+
+/// One unreadable manifest (here garbage planted through the S3 API on Garage, as a broken tool
+/// or a person could leave it) does not stop `list` or `latest`: the backup is left out and named
+/// with the reason, the others are listed and restore. Deleting on the strength of the list is
+/// another matter: `prune` refuses while a manifest cannot be read, since the backup behind it
+/// may still need WAL or be one to keep.
+#[test]
+fn an_unreadable_manifest_is_named_and_skipped_but_stops_pruning() {
+    let pg = PgCluster::start();
+    pg.createdb("appdb");
+    pg.psql("appdb", "create table t (id integer primary key)");
+    let store = TestStore::garage();
+    let agent = Agent::start(
+        &store.url(),
+        &pg.url("appdb"),
+        &["--retention", "keep-last=1"],
+        &store.env(),
+    );
+    let a = agent.addr();
+    let out = soma(
+        a,
+        &["-o", "json", "backup", "postgres", "--database", "appdb"],
+    );
+    out.assert_success("backup");
+    let good = out.json()["id"].as_str().expect("backup id").to_owned();
+    // Newer than the real one, so "latest" would pick it if it were trusted.
+    let bad = "29991231T235959Z-pg-appdb-dead";
+    store.write(
+        &format!("backups/{bad}/manifest.json"),
+        b"\x00not a manifest".to_vec(),
+    );
+
+    let out = soma(a, &["list"]);
+    out.assert_success("list with one unreadable manifest");
+    assert!(out.stdout.contains(&good), "{out}");
+    assert!(!out.stdout.contains(bad), "{out}");
+    out.assert_stderr_contains(bad, "list names the unreadable backup");
+    out.assert_stderr_contains("unreadable", "list says why it is left out");
+    assert_eq!(listed_ids(a), vec![good.clone()]);
+
+    let out = soma(a, &["describe", "latest", "-o", "json"]);
+    out.assert_success("describe latest");
+    assert_eq!(out.json()["id"], good.as_str());
+    soma(a, &["restore", "latest", "--database", "appdb_restored"])
+        .assert_success("restore latest past an unreadable manifest");
+
+    let out = soma(a, &["prune", "--yes"]);
+    assert_ne!(
+        out.code, 0,
+        "prune deleted with an unreadable manifest:\n{out}"
+    );
+    out.assert_stderr_contains(bad, "prune names the unreadable backup");
+    assert!(
+        store.list(&format!("backups/{good}/")).len() > 1,
+        "prune deleted the readable backup"
+    );
+}

@@ -116,6 +116,40 @@ pub fn latest_of(manifests: Vec<Manifest>, engine: Engine) -> Option<Manifest> {
         .max_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)))
 }
 
+/// What [`Catalog::list_all`] found.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Readable manifests, newest first.
+    pub manifests: Vec<Manifest>,
+    /// Backups whose manifests cannot be read, and why.
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// A backup whose manifest exists but cannot be read.
+#[derive(Debug, Clone)]
+pub struct Unreadable {
+    /// The backup.
+    pub id: BackupId,
+    /// Why (the error, naming what to do).
+    pub reason: String,
+}
+
+impl CatalogError {
+    /// Whether this is about one object (a damaged, forged or foreign-key manifest) rather than
+    /// the store as a whole: the one backup is unreadable, the others are not.
+    pub fn is_unreadable_object(&self) -> bool {
+        matches!(
+            self,
+            CatalogError::BadManifest { .. }
+                | CatalogError::Store(
+                    StoreError::Tampered { .. }
+                        | StoreError::WrongKey { .. }
+                        | StoreError::NotEncrypted { .. }
+                )
+        )
+    }
+}
+
 /// Reads and writes manifests and ids in a store.
 #[derive(Debug, Clone)]
 pub struct Catalog {
@@ -159,10 +193,41 @@ impl Catalog {
         Ok(())
     }
 
-    /// Every complete backup, newest first.
+    /// Every complete backup whose manifest can be read, newest first. A manifest that cannot
+    /// (damaged, forged, sealed with a key this agent lacks) is left out with a warning, so one
+    /// bad object in the store cannot stop every `list` and `latest`; [`list_all`](Self::list_all)
+    /// names them, and [`list_strict`](Self::list_strict) is for what deletes on the strength of
+    /// the list.
     pub async fn list(&self) -> Result<Vec<Manifest>, CatalogError> {
+        let listing = self.list_all().await?;
+        for bad in &listing.unreadable {
+            tracing::warn!(backup_id = %bad.id, reason = %bad.reason, "skipping a backup whose manifest is unreadable");
+        }
+        Ok(listing.manifests)
+    }
+
+    /// Every complete backup, newest first, failing on the first unreadable manifest: for
+    /// retention and WAL pruning, which must not delete what an unreadable backup may still need.
+    pub async fn list_strict(&self) -> Result<Vec<Manifest>, CatalogError> {
+        let listing = self.list_all().await?;
+        match listing.unreadable.into_iter().next() {
+            Some(bad) => Err(CatalogError::BadManifest {
+                id: bad.id.to_string(),
+                reason: format!(
+                    "{}; nothing is deleted while a manifest cannot be read (delete that backup, or fix the key or the object)",
+                    bad.reason
+                ),
+            }),
+            None => Ok(listing.manifests),
+        }
+    }
+
+    /// Every complete backup, newest first, and the backups whose manifests cannot be read.
+    /// Errors of the store as a whole (unreachable, access denied) still fail the listing.
+    pub async fn list_all(&self) -> Result<Listing, CatalogError> {
         let objects = self.store.list(&format!("{BACKUPS_DIR}/")).await?;
         let mut out = Vec::new();
+        let mut unreadable = Vec::new();
         for obj in objects {
             let Some(rest) = obj.key.strip_prefix(&format!("{BACKUPS_DIR}/")) else {
                 continue;
@@ -177,12 +242,19 @@ impl Catalog {
                 Ok(m) => out.push(m),
                 // Deleted between list and get.
                 Err(CatalogError::NotFound(_)) => {}
+                Err(e) if e.is_unreadable_object() => unreadable.push(Unreadable {
+                    id,
+                    reason: e.to_string(),
+                }),
                 Err(e) => return Err(e),
             }
         }
         // Ids have one-second resolution; the start time orders backups taken within a second.
         out.sort_by(|a, b| (b.started_at, &b.id).cmp(&(a.started_at, &a.id)));
-        Ok(out)
+        Ok(Listing {
+            manifests: out,
+            unreadable,
+        })
     }
 
     /// One backup's manifest.

@@ -169,7 +169,8 @@ pub async fn prune(
         policy: policy.to_string(),
         ..Default::default()
     };
-    let manifests = ctx.catalog.list().await?;
+    // Strict: nothing is deleted while a manifest cannot be read (its WAL may still be needed).
+    let manifests = ctx.catalog.list_strict().await?;
     let decisions = policy.select(&manifests, now);
     // Everything else is decided from the same look at the store, before any delete.
     let held = held_stamps(jobs);
@@ -201,7 +202,7 @@ pub async fn prune(
             .cloned()
             .collect()
     } else {
-        ctx.catalog.list().await?
+        ctx.catalog.list_strict().await?
     };
     wal(ctx, &manifests, &remaining, dry_run, &mut report).await;
 

@@ -186,15 +186,26 @@ impl SomaAgent for AgentService {
         &self,
         _request: Request<v1::ListBackupsRequest>,
     ) -> Result<Response<v1::ListBackupsResponse>, Status> {
-        let manifests = self.ctx.source.list().await.map_err(OpError::from)?;
+        let listing = self.ctx.source.list_all().await.map_err(OpError::from)?;
         let mut windows = ops::physical::Windows::new(&self.ctx.source);
-        let mut backups = Vec::with_capacity(manifests.len());
-        for m in &manifests {
+        let mut backups = Vec::with_capacity(listing.manifests.len());
+        for m in &listing.manifests {
             let mut info = convert::backup_info(m);
             info.recovery_window = windows.of(m).await.map(convert::recovery_window);
             backups.push(info);
         }
-        Ok(Response::new(v1::ListBackupsResponse { backups }))
+        let unreadable = listing
+            .unreadable
+            .into_iter()
+            .map(|u| v1::UnreadableBackup {
+                id: u.id.to_string(),
+                reason: u.reason,
+            })
+            .collect();
+        Ok(Response::new(v1::ListBackupsResponse {
+            backups,
+            unreadable,
+        }))
     }
 
     async fn describe_backup(

@@ -14,19 +14,32 @@ use crate::{
 /// newest first; json/yaml print an array of manifests, `-o name` one `backup/<id>` per line.
 pub async fn run_many(agents: Vec<Agent>, out: OutputFormat) -> Result<(), CliError> {
     let mut backups: Vec<v1::BackupInfo> = Vec::new();
+    let mut unreadable: Vec<v1::UnreadableBackup> = Vec::new();
     for mut agent in agents {
         let listed = agent
             .client
             .list_backups(v1::ListBackupsRequest {})
             .await
             .map_err(|s| CliError::from_status(s, &agent.addr, "request"))?
-            .into_inner()
-            .backups;
-        for b in listed {
+            .into_inner();
+        for u in listed.unreadable {
+            if !unreadable.iter().any(|x| x.id == u.id) {
+                unreadable.push(u);
+            }
+        }
+        for b in listed.backups {
             if !backups.iter().any(|x| x.id == b.id) {
                 backups.push(b);
             }
         }
+    }
+    // On stderr whatever the format: -o json stays an array of manifests.
+    for u in &unreadable {
+        errln!(
+            "warning: backup {} is left out: its manifest is unreadable: {}",
+            u.id,
+            u.reason
+        );
     }
     // Newest first, as each agent orders its own.
     backups.sort_by(|a, b| (&b.started_at, &b.id).cmp(&(&a.started_at, &a.id)));

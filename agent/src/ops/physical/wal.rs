@@ -64,7 +64,8 @@ pub async fn wal_before(
 /// Returns the number of objects deleted.
 pub async fn prune_wal(catalog: &Catalog, deleted: &Manifest) -> Result<u64, OpError> {
     let details = PhysicalDetails::of(deleted)?;
-    let remaining = catalog.list().await?;
+    // Strict: an unreadable base backup may still need the WAL this would delete.
+    let remaining = catalog.list_strict().await?;
     let Some((_, oldest)) = oldest_base(&remaining, &details.system_id) else {
         return Ok(0);
     };
