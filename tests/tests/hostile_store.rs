@@ -81,3 +81,32 @@ fn a_wal_key_with_a_huge_segment_number_does_not_hang_describe() {
         "the planted segment is not in the window's gaps:\n{human}"
     );
 }
+
+/// A manifest whose `wal_segment_size` is 0 (nothing PostgreSQL can have; every window and WAL
+/// name computation divides by it) is refused as a bad backup where it is used, and never takes
+/// the agent down: `list` still answers, and so does the next request.
+#[test]
+fn a_manifest_with_a_zero_segment_size_is_refused_not_divided_by() {
+    let store = TestStore::garage();
+    let pg = PgCluster::start();
+    let spool = tempfile::tempdir().expect("spool");
+    let agent = wal_agent(&pg, &store, spool.path(), "1s");
+    let id = physical_backup(agent.addr());
+    let key = format!("backups/{id}/manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&store.read(&key)).expect("manifest JSON");
+    manifest["details"]["wal_segment_size"] = 0.into();
+    store.write(&key, serde_json::to_vec(&manifest).unwrap());
+
+    soma(agent.addr(), &["list"]).assert_success("list with a zero segment size");
+    let mut target = PgCluster::empty();
+    let data = target.data_path().display().to_string();
+    let out = soma(agent.addr(), &["restore", &id, "--pgdata", &data]);
+    assert_ne!(out.code, 0, "a restore used a zero segment size:\n{out}");
+    out.assert_stderr_contains("WAL segment size 0", "the refusal names the field");
+    assert!(
+        target.start_existing(&store.env()).is_err(),
+        "a data directory was laid down"
+    );
+    soma(agent.addr(), &["status"]).assert_success("the agent still answers");
+}
