@@ -1,0 +1,180 @@
+//! The keys of `--encryption-key-file`: reading a key file, its fingerprint, and the keyring
+//! (the first key encrypts, every one decrypts).
+
+use std::{fmt, path::Path};
+
+use aead::{KeyInit, generic_array::GenericArray};
+use aes_gcm::Aes256Gcm;
+use sha2::{Digest, Sha256};
+
+use super::FINGERPRINT;
+
+/// A key that cannot be used, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The file cannot be read.
+    #[error("--encryption-key-file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file does not hold a 32-byte key.
+    #[error(
+        "--encryption-key-file {}: {why}; a key file holds 32 random bytes, raw or as 64 hex or 44 base64 characters, e.g. `head -c 32 /dev/urandom > key`",
+        path.display()
+    )]
+    Format {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it (never its contents).
+        why: String,
+    },
+    /// The same key was given twice.
+    #[error("--encryption-key-file {}: the same key (fingerprint {fingerprint}) is given twice", path.display())]
+    Duplicate {
+        /// The second file.
+        path: std::path::PathBuf,
+        /// The key's fingerprint.
+        fingerprint: String,
+    },
+}
+
+/// One key: its cipher and its fingerprint. Never printed, never serialised; `Debug` shows only
+/// the fingerprint.
+#[derive(Clone)]
+pub struct Key {
+    pub(super) fingerprint: [u8; FINGERPRINT],
+    pub(super) cipher: Aes256Gcm,
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key({})", self.fingerprint())
+    }
+}
+
+impl Key {
+    /// A key from its 32 bytes.
+    pub fn from_bytes(bytes: &[u8; 32]) -> Self {
+        Self {
+            fingerprint: fingerprint_of(bytes),
+            cipher: Aes256Gcm::new(GenericArray::from_slice(bytes)),
+        }
+    }
+
+    /// Reads a key file: 32 raw bytes, or 64 hex characters, or base64 of 32 bytes (surrounding
+    /// white space ignored in the text forms).
+    pub fn from_file(path: &Path) -> Result<Self, KeyError> {
+        let data = std::fs::read(path).map_err(|source| KeyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let format = |why: String| KeyError::Format {
+            path: path.to_path_buf(),
+            why,
+        };
+        let bytes: [u8; 32] = if data.len() == 32 {
+            data.as_slice().try_into().expect("length checked")
+        } else {
+            let text = std::str::from_utf8(&data)
+                .map_err(|_| {
+                    format(format!(
+                        "{} bytes that are neither 32 raw bytes nor text",
+                        data.len()
+                    ))
+                })?
+                .trim();
+            let decoded = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+                hex::decode(text).map_err(|e| format(format!("bad hex: {e}")))?
+            } else {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD
+                    .decode(text)
+                    .map_err(|_| {
+                        format(format!(
+                            "{} characters that are neither 64 hex digits nor base64",
+                            text.len()
+                        ))
+                    })?
+            };
+            decoded.as_slice().try_into().map_err(|_| {
+                format(format!(
+                    "the text decodes to {} bytes, not 32",
+                    decoded.len()
+                ))
+            })?
+        };
+        if bytes.iter().all(|&b| b == bytes[0]) {
+            return Err(format("every byte is the same: not a random key".into()));
+        }
+        Ok(Self::from_bytes(&bytes))
+    }
+
+    /// The key's fingerprint: 16 hex characters, safe to print and to record in manifests.
+    pub fn fingerprint(&self) -> String {
+        hex::encode(self.fingerprint)
+    }
+}
+
+/// A fingerprint says which key an object needs without saying anything about the key.
+fn fingerprint_of(key: &[u8; 32]) -> [u8; FINGERPRINT] {
+    let mut h = Sha256::new();
+    h.update(b"soma-backup key fingerprint v1\0");
+    h.update(key);
+    h.finalize()[..FINGERPRINT]
+        .try_into()
+        .expect("sha256 is longer")
+}
+
+/// The keys an agent has: the first encrypts, every one decrypts.
+#[derive(Debug, Clone)]
+pub struct Keyring {
+    keys: Vec<Key>,
+    /// The files the keys came from, in order: what a restore_command passes on to `wal-fetch`.
+    pub(super) files: Vec<std::path::PathBuf>,
+}
+
+impl Keyring {
+    /// The keys of `--encryption-key-file`, in order; `None` when none is given.
+    pub fn from_files(paths: &[std::path::PathBuf]) -> Result<Option<Self>, KeyError> {
+        let mut keys: Vec<Key> = Vec::new();
+        for path in paths {
+            let key = Key::from_file(path)?;
+            if keys.iter().any(|k| k.fingerprint == key.fingerprint) {
+                return Err(KeyError::Duplicate {
+                    path: path.clone(),
+                    fingerprint: key.fingerprint(),
+                });
+            }
+            keys.push(key);
+        }
+        Ok((!keys.is_empty()).then_some(Self {
+            keys,
+            files: paths.to_vec(),
+        }))
+    }
+
+    /// A keyring of these keys (the first encrypts), read from no file.
+    pub fn new(keys: Vec<Key>) -> Option<Self> {
+        (!keys.is_empty()).then_some(Self {
+            keys,
+            files: Vec::new(),
+        })
+    }
+
+    /// The key new objects are sealed with.
+    pub fn current(&self) -> &Key {
+        &self.keys[0]
+    }
+
+    /// Every key's fingerprint, the encrypting one first.
+    pub fn fingerprints(&self) -> Vec<String> {
+        self.keys.iter().map(Key::fingerprint).collect()
+    }
+
+    pub(super) fn find(&self, fingerprint: &[u8]) -> Option<&Key> {
+        self.keys.iter().find(|k| k.fingerprint == fingerprint)
+    }
+}
