@@ -57,20 +57,12 @@ done
 # shellcheck source=bench/lib.sh
 . "$REPO_ROOT/bench/lib.sh"
 
-PG_DATA=''
 QDRANT_PID=''
 STDIN_HOLDER_PID=''
-as_postgres() { "$@"; } # redefined when running as root
-# shellcheck disable=SC2317 # called from the EXIT trap
-stop_postgres() { (cd / && as_postgres "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 120 stop >/dev/null 2>&1); }
+# PG_DATA, as_postgres, stop_postgres and sql come from bench/lib.sh.
 FAILURE_LOGS=(agent.log garage.log qdrant.log pg/postgres.log)
 install_cleanup
 
-sql() {
-  local db=$1
-  shift
-  "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -At -F ' ' -h 127.0.0.1 -p "$PG_PORT" -U postgres -d "$db" "$@"
-}
 settle() { sql postgres -c CHECKPOINT && sync; }
 pg() { "$PG_BIN/$1" -h 127.0.0.1 -p "$PG_PORT" -U postgres "${@:2}"; }
 

@@ -53,61 +53,22 @@ unset PGHOST PGHOSTADDR PGPORT PGUSER PGDATABASE PGSERVICE PGSERVICEFILE PGOPTIO
 # shellcheck source=bench/lib.sh
 . "$REPO_ROOT/bench/lib.sh"
 
-PG_DATA=''
-as_postgres() { "$@"; } # redefined when running as root
-# shellcheck disable=SC2317 # called from the EXIT trap
-stop_postgres() { (cd / && as_postgres "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 120 stop >/dev/null 2>&1); }
 FAILURE_LOGS=(agent-plain.log agent-encrypted.log garage.log pg/postgres.log)
 install_cleanup
 
-sql() {
-  local db=$1
-  shift
-  "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -At -F ' ' -h 127.0.0.1 -p "$PG_PORT" -U postgres -d "$db" "$@"
-}
-
 log "Soma Backup encryption benchmark: SCALE=$SCALE REPEAT=$REPEAT"
-PG_BIN=$(find_pg_bin)
-for tool in initdb pg_ctl postgres psql pg_dump pg_restore pgbench; do
-  [[ -x "$PG_BIN/$tool" ]] || die "PostgreSQL tool $tool not found in '${PG_BIN}' (set PG_BIN)"
-done
+find_pg_tools
 find_garage
-if [[ $(id -u) -eq 0 ]]; then
-  id postgres >/dev/null 2>&1 || die "running as root: PostgreSQL needs an unprivileged 'postgres' user"
-  as_postgres() { runuser -u postgres -- "$@"; }
-fi
-export PATH="$PG_BIN:$PATH"
 build_soma
 make_tmp_dir "$(((SCALE * 100 + RANDOM_MB * 4) * 1024 * 4))"
 
 # --- PostgreSQL --------------------------------------------------------------------------------
-mkdir "$TMP_DIR/pg"
-[[ $(id -u) -ne 0 ]] || chown postgres: "$TMP_DIR/pg"
-PG_DATA="$TMP_DIR/pg/data"
-PG_PORT=$(free_port) || die "no free port"
-(cd / && as_postgres "$PG_BIN/initdb" -D "$PG_DATA" -U postgres -A trust -E UTF8 --locale=C --no-sync) \
-  >"$TMP_DIR/initdb.log" 2>&1 || { cat "$TMP_DIR/initdb.log" >&2; die "initdb failed"; }
-{
-  printf '\n# soma benchmark\nlisten_addresses = '\''127.0.0.1'\''\nport = %s\nunix_socket_directories = '\''%s'\''\n' \
-    "$PG_PORT" "$TMP_DIR/pg"
-  printf '%s\n' "${PG_SETTINGS[@]}"
-} >>"$PG_DATA/postgresql.conf"
-(cd / && as_postgres "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$TMP_DIR/pg/postgres.log" -w -t 120 start) >/dev/null
-at_exit stop_postgres
-PG_SERVER_VERSION=$(sql postgres -c "SHOW server_version")
-
-LOAD_S=''
-log "loading: pgbench -i -s $SCALE $DB"
-sql postgres -c "CREATE DATABASE $DB"
-timed LOAD_S "$PG_BIN/pgbench" -i -s "$SCALE" -q -h 127.0.0.1 -p "$PG_PORT" -U postgres "$DB" \
-  >"$TMP_DIR/pgbench-init.log" 2>&1 || { cat "$TMP_DIR/pgbench-init.log" >&2; die "pgbench -i failed"; }
+start_postgres
+load_pgbench "$DB"
 # 1 KiB of md5 output per row: pseudo-random bytes zstd cannot shrink.
 log "adding $RANDOM_MB MiB of incompressible rows (table blobs)"
 sql "$DB" -c "CREATE TABLE blobs AS SELECT i, decode((SELECT string_agg(md5(random()::text || i || j), '') FROM generate_series(1, 64) j), 'hex') AS b FROM generate_series(1, $((RANDOM_MB * 1024))) i"
-sql "$DB" -c "CHECKPOINT"
-DB_BYTES=$(sql "$DB" -c "SELECT pg_database_size('$DB')")
-DB_PRETTY=$(sql "$DB" -c "SELECT pg_size_pretty(pg_database_size('$DB'))")
-log "database $DB: $DB_PRETTY"
+db_size "$DB"
 
 start_garage
 head -c 32 /dev/urandom >"$TMP_DIR/key"

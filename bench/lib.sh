@@ -380,3 +380,72 @@ start_qdrant_double_named() {
   wait_for_line QDRANT_URL "$TMP_DIR/$name.log" 's|^qdrant double listening on \(http://127\.0\.0\.1:[0-9][0-9]*\)$|\1|p' \
     "$QDRANT_PID" "the Qdrant double $name" 'qdrant double listening on ...'
 }
+
+# ---------------------------------------------------------------------------------------------
+# A throwaway PostgreSQL for the benchmarks that load pgbench (drill.sh, encryption.sh).
+
+PG_DATA=''
+as_postgres() { "$@"; } # redefined by find_pg_tools when running as root
+# shellcheck disable=SC2317 # called from the EXIT trap
+stop_postgres() { (cd / && as_postgres "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 120 stop >/dev/null 2>&1); }
+
+sql() {
+  local db=$1
+  shift
+  "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -At -F ' ' -h 127.0.0.1 -p "$PG_PORT" -U postgres -d "$db" "$@"
+}
+
+# find_pg_tools: sets PG_BIN (checking the tools the benchmarks run), runs the server as the
+# `postgres` user when this script runs as root, and puts PG_BIN first on PATH.
+find_pg_tools() {
+  PG_BIN=$(find_pg_bin)
+  local tool
+  for tool in initdb pg_ctl postgres psql pg_dump pg_restore pgbench; do
+    [[ -x "$PG_BIN/$tool" ]] || die "PostgreSQL tool $tool not found in '${PG_BIN}' (set PG_BIN)"
+  done
+  if [[ $(id -u) -eq 0 ]]; then
+    id postgres >/dev/null 2>&1 || die "running as root: PostgreSQL needs an unprivileged 'postgres' user"
+    # shellcheck disable=SC2317 # called through the name, by start_postgres and the scripts
+    as_postgres() { runuser -u postgres -- "$@"; }
+  fi
+  export PATH="$PG_BIN:$PATH"
+}
+
+# start_postgres: a cluster in $TMP_DIR/pg on a free port with ${PG_SETTINGS[@]}, stopped on exit;
+# sets PG_DATA, PG_PORT and PG_SERVER_VERSION.
+# shellcheck disable=SC2034 # read by the scripts that source this file
+start_postgres() {
+  mkdir "$TMP_DIR/pg"
+  [[ $(id -u) -ne 0 ]] || chown postgres: "$TMP_DIR/pg"
+  PG_DATA="$TMP_DIR/pg/data"
+  PG_PORT=$(free_port) || die "no free port"
+  (cd / && as_postgres "$PG_BIN/initdb" -D "$PG_DATA" -U postgres -A trust -E UTF8 --locale=C --no-sync) \
+    >"$TMP_DIR/initdb.log" 2>&1 || { cat "$TMP_DIR/initdb.log" >&2; die "initdb failed"; }
+  {
+    printf '\n# soma benchmark\nlisten_addresses = '\''127.0.0.1'\''\nport = %s\nunix_socket_directories = '\''%s'\''\n' \
+      "$PG_PORT" "$TMP_DIR/pg"
+    printf '%s\n' "${PG_SETTINGS[@]}"
+  } >>"$PG_DATA/postgresql.conf"
+  (cd / && as_postgres "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$TMP_DIR/pg/postgres.log" -w -t 120 start) >/dev/null
+  at_exit stop_postgres
+  PG_SERVER_VERSION=$(sql postgres -c "SHOW server_version")
+}
+
+# load_pgbench DB: creates DB and runs `pgbench -i -s $SCALE` into it; sets LOAD_S.
+# shellcheck disable=SC2034 # read by the scripts that source this file
+load_pgbench() {
+  LOAD_S=''
+  log "loading: pgbench -i -s $SCALE $1"
+  sql postgres -c "CREATE DATABASE $1"
+  timed LOAD_S "$PG_BIN/pgbench" -i -s "$SCALE" -q -h 127.0.0.1 -p "$PG_PORT" -U postgres "$1" \
+    >"$TMP_DIR/pgbench-init.log" 2>&1 || { cat "$TMP_DIR/pgbench-init.log" >&2; die "pgbench -i failed"; }
+}
+
+# db_size DB: after a checkpoint, sets DB_BYTES and DB_PRETTY and logs the size.
+# shellcheck disable=SC2034 # read by the scripts that source this file
+db_size() {
+  sql "$1" -c "CHECKPOINT"
+  DB_BYTES=$(sql "$1" -c "SELECT pg_database_size('$1')")
+  DB_PRETTY=$(sql "$1" -c "SELECT pg_size_pretty(pg_database_size('$1'))")
+  log "database $1: $DB_PRETTY"
+}

@@ -60,22 +60,9 @@ unset PGHOST PGHOSTADDR PGPORT PGUSER PGDATABASE PGSERVICE PGSERVICEFILE PGOPTIO
 # ---------------------------------------------------------------------------------------------
 # Clean-up on every exit (bench/lib.sh): agent, Garage and PostgreSQL are stopped, TMP_DIR removed
 
-PG_DATA=''
-as_postgres() { "$@"; } # redefined when running as root
-# shellcheck disable=SC2317 # called from the EXIT trap
-stop_postgres() { (cd / && as_postgres "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 120 stop >/dev/null 2>&1); }
+# PG_DATA, as_postgres, stop_postgres and sql come from bench/lib.sh.
 FAILURE_LOGS=(agent.log garage.log pg/postgres.log)
 install_cleanup
-
-# ---------------------------------------------------------------------------------------------
-# Helpers
-
-
-sql() {
-  local db=$1
-  shift
-  "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -At -F ' ' -h 127.0.0.1 -p "$PG_PORT" -U postgres -d "$db" "$@"
-}
 
 # ---------------------------------------------------------------------------------------------
 log "Soma Backup benchmark: SCALE=$SCALE REPEAT=$REPEAT"
