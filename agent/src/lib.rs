@@ -62,13 +62,13 @@ fn settings(config: &Config) -> Settings {
     }
 }
 
-/// Opens `location` through the configured encryption (see [`store::Crypt`]), read-only or not.
+/// Opens `location` through `keyring` (see [`store::Crypt`]), read-only or not.
 async fn open_store(
     config: &Config,
+    keyring: Option<store::Keyring>,
     location: &str,
     read_only: bool,
 ) -> Result<std::sync::Arc<dyn store::Store>, String> {
-    let keyring = config.keyring().map_err(|e| e.to_string())?;
     let lock = config.object_lock_days.map(|days| store::s3::ObjectLock {
         days,
         compliance: config.object_lock_compliance,
@@ -93,7 +93,8 @@ async fn read_source(config: &Config) -> Result<std::sync::Arc<dyn store::Store>
         Some(from) => (from.as_str(), "--restore-from / SOMA_RESTORE_FROM"),
         None => (config.store.as_str(), "--store / SOMA_STORE"),
     };
-    open_store(config, location, true)
+    let keyring = config.keyring().map_err(|e| e.to_string())?;
+    open_store(config, keyring, location, true)
         .await
         .map_err(|e| format!("{flags}: {e}"))
 }
@@ -245,15 +246,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(owner) => owner.clone(),
         None => owner::OwnerId::from_host_name()?,
     };
-    let store = open_store(&config, &config.store, config.store_read_only)
-        .await
-        .map_err(anyhow::Error::msg)
-        .context("--store / SOMA_STORE")?;
+    // Read once: the same keys open --store and --restore-from.
+    let keyring = config.keyring()?;
+    let store = open_store(
+        &config,
+        keyring.clone(),
+        &config.store,
+        config.store_read_only,
+    )
+    .await
+    .map_err(anyhow::Error::msg)
+    .context("--store / SOMA_STORE")?;
     let catalog = Catalog::new(store.clone()).with_owner(owner.clone());
     // Restores read the --restore-from store when given; nothing in this agent can write there.
     let source = match &config.restore_from {
         Some(from) => Catalog::new(
-            open_store(&config, from, true)
+            open_store(&config, keyring, from, true)
                 .await
                 .map_err(anyhow::Error::msg)
                 .context("--restore-from / SOMA_RESTORE_FROM")?,

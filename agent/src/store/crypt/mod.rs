@@ -121,18 +121,6 @@ impl Crypt {
         }
     }
 
-    /// What this store does with encryption.
-    pub fn encryption(&self) -> Encryption {
-        match &self.keyring {
-            None => Encryption::Off,
-            Some(k) => Encryption::On {
-                fingerprints: k.fingerprints(),
-                accept_unencrypted: self.accept_unencrypted,
-                key_files: k.files.clone(),
-            },
-        }
-    }
-
     fn plaintext_size(&self, stored: u64) -> u64 {
         match &self.keyring {
             Some(_) => plaintext_len(stored).unwrap_or(stored),
@@ -184,7 +172,14 @@ impl Store for Crypt {
     }
 
     fn encryption(&self) -> Encryption {
-        Crypt::encryption(self)
+        match &self.keyring {
+            None => Encryption::Off,
+            Some(k) => Encryption::On {
+                fingerprints: k.fingerprints(),
+                accept_unencrypted: self.accept_unencrypted,
+                key_files: k.files.clone(),
+            },
+        }
     }
 
     async fn put(&self, key: &str, data: Bytes) -> Result<()> {
