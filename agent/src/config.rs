@@ -108,6 +108,27 @@ pub struct Config {
     )]
     pub object_lock_compliance: bool,
 
+    /// Attempts per S3 request, the first included: a request that fails with a network error, a
+    /// timeout, 503 SlowDown or another 5xx is retried this many times in all, with exponential
+    /// backoff (200 ms doubling to 20 s) and jitter. Each retry is logged and counted in status.
+    #[arg(long, env = "SOMA_STORE_RETRIES", global = true, default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub store_retries: u32,
+
+    /// Longest one S3 request attempt may take, or a download may go without a byte: past it
+    /// the connection counts as frozen, is dropped, and the request is retried (a download
+    /// resumes where it stopped). It must let one --part-size part travel at the slowest
+    /// bandwidth you accept.
+    #[arg(long, env = "SOMA_STORE_ATTEMPT_TIMEOUT", global = true, default_value = "2m",
+          value_parser = humantime::parse_duration)]
+    pub store_attempt_timeout: std::time::Duration,
+
+    /// Longest one S3 request may take over all its attempts and waits; then it fails, and the
+    /// backup with it, with an error that says so.
+    #[arg(long, env = "SOMA_STORE_OPERATION_TIMEOUT", global = true, default_value = "15m",
+          value_parser = humantime::parse_duration)]
+    pub store_operation_timeout: std::time::Duration,
+
     /// Open --store read-only: backups and deletes are refused, no start-up sweep runs, and
     /// --wal-stream cannot be used. For an agent that must only read a store another agent owns.
     #[arg(long, env = "SOMA_STORE_READ_ONLY")]
@@ -278,6 +299,17 @@ pub struct Config {
 }
 
 impl Config {
+    /// Retries and deadlines of store requests (--store-retries, --store-attempt-timeout,
+    /// --store-operation-timeout).
+    pub fn retry_policy(&self) -> crate::store::RetryPolicy {
+        crate::store::RetryPolicy {
+            attempts: self.store_retries,
+            attempt_timeout: self.store_attempt_timeout,
+            operation_timeout: self.store_operation_timeout,
+            ..Default::default()
+        }
+    }
+
     /// The keys of --encryption-key-file, read and checked.
     pub fn keyring(&self) -> Result<Option<crate::store::Keyring>, crate::store::crypt::KeyError> {
         crate::store::Keyring::from_files(&self.encryption_key_files)

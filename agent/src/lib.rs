@@ -68,15 +68,20 @@ async fn open_store(
     keyring: Option<store::Keyring>,
     location: &str,
     read_only: bool,
+    health: &store::StoreHealth,
 ) -> Result<std::sync::Arc<dyn store::Store>, String> {
-    let lock = config.object_lock_days.map(|days| store::s3::ObjectLock {
-        days,
-        compliance: config.object_lock_compliance,
-    });
+    let options = store::Options {
+        object_lock: config.object_lock_days.map(|days| store::s3::ObjectLock {
+            days,
+            compliance: config.object_lock_compliance,
+        }),
+        retry: config.retry_policy(),
+        health: health.clone(),
+    };
     let inner = if read_only {
-        store::open_read_only(location).await
+        store::open_read_only(location, &options).await
     } else {
-        store::open_locked(location, lock).await
+        store::open_with(location, &options).await
     }
     .map_err(|e| e.to_string())?;
     Ok(std::sync::Arc::new(store::Crypt::new(
@@ -94,7 +99,7 @@ async fn read_source(config: &Config) -> Result<std::sync::Arc<dyn store::Store>
         None => (config.store.as_str(), "--store / SOMA_STORE"),
     };
     let keyring = config.keyring().map_err(|e| e.to_string())?;
-    open_store(config, keyring, location, true)
+    open_store(config, keyring, location, true, &Default::default())
         .await
         .map_err(|e| format!("{flags}: {e}"))
 }
@@ -248,11 +253,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     // Read once: the same keys open --store and --restore-from.
     let keyring = config.keyring()?;
+    // One record for --store and --restore-from: status reports what the agent's requests met.
+    let health = store::StoreHealth::default();
     let store = open_store(
         &config,
         keyring.clone(),
         &config.store,
         config.store_read_only,
+        &health,
     )
     .await
     .map_err(anyhow::Error::msg)
@@ -261,7 +269,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Restores read the --restore-from store when given; nothing in this agent can write there.
     let source = match &config.restore_from {
         Some(from) => Catalog::new(
-            open_store(&config, keyring, from, true)
+            open_store(&config, keyring, from, true, &health)
                 .await
                 .map_err(anyhow::Error::msg)
                 .context("--restore-from / SOMA_RESTORE_FROM")?,

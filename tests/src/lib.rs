@@ -19,6 +19,7 @@
 pub mod agent;
 pub mod cli;
 pub mod db;
+pub mod faults;
 pub mod fixtures;
 pub mod garage;
 pub mod kube;

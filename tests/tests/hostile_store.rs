@@ -7,9 +7,16 @@
 //!   walking segment numbers would spin a core for ~10^12 steps; `describe` of a base backup must
 //!   answer, reporting the gap before the second (the first cannot be WAL: it ends past the last
 //!   LSN).
+//!
+//! And an S3 endpoint that misbehaves (part 1): Garage behind [`FaultProxy`], which answers 503
+//! SlowDown, resets connections mid-body and freezes others, as throttling S3, dying load
+//! balancers and stuck endpoints do.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use soma_tests::db::assert_same_database;
+use soma_tests::faults::{FaultPlan, FaultProxy};
+use soma_tests::fixtures::{create_big_table, create_varied_database};
 use soma_tests::pitr::{physical_backup, wal_agent};
 use soma_tests::store::S3_PREFIX;
 use soma_tests::{Agent, PgCluster, TestStore, soma};
@@ -109,4 +116,199 @@ fn a_manifest_with_a_zero_segment_size_is_refused_not_divided_by() {
         "a data directory was laid down"
     );
     soma(agent.addr(), &["status"]).assert_success("the agent still answers");
+}
+
+/// The agent's environment with its S3 endpoint replaced by `proxy`'s.
+fn through(store: &TestStore, proxy: &FaultProxy) -> Vec<(String, String)> {
+    store
+        .env()
+        .into_iter()
+        .map(|(k, v)| {
+            if k == "AWS_ENDPOINT_URL" {
+                (k, proxy.endpoint())
+            } else {
+                (k, v)
+            }
+        })
+        .collect()
+}
+
+fn store_health(agent: &Agent) -> serde_json::Value {
+    let out = soma(agent.addr(), &["-o", "json", "status"]);
+    out.json()[0]["store_health"].clone()
+}
+
+/// Issue 14, part 1: Garage behind a proxy that answers some connections 503 SlowDown, resets
+/// others mid-body (uploads and downloads alike) and freezes others without answering. Every
+/// backup completes, verifies and restores equal through those faults (downloads resume with a
+/// ranged GET checked against the ETag), the faults were really met, status counts them, and
+/// no multipart upload is left pending.
+#[test]
+fn backups_through_a_faulty_store_complete_verify_and_restore_equal() {
+    let store = TestStore::garage();
+    let garage = store.garage_server().expect("garage");
+    let proxy = FaultProxy::start(
+        garage.endpoint(),
+        FaultPlan {
+            slow_down: 10,
+            reset: 20,
+            freeze: 5,
+            freeze_for: Duration::from_secs(20),
+            reset_within: 4 << 20,
+            recycle_within: 32 << 20,
+            seed: 14,
+        },
+    );
+    let pg = PgCluster::start();
+    pg.createdb("faulty");
+    // ~24 MB of poorly compressible rows: about 12 MB stored, three 5 MiB parts a backup.
+    create_big_table(&pg, "faulty", "payload", 24);
+    let agent = Agent::start(
+        &store.url(),
+        &pg.url("faulty"),
+        &[
+            "--part-size",
+            "5MiB",
+            "--store-retries",
+            "12",
+            "--store-attempt-timeout",
+            "3s",
+        ],
+        &through(&store, &proxy),
+    );
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let out = soma(
+            agent.addr(),
+            &["-o", "json", "backup", "postgres", "--database", "faulty"],
+        );
+        out.assert_success("backup through the faulty store");
+        ids.push(out.json()["id"].as_str().expect("backup id").to_owned());
+    }
+    for (i, id) in ids.iter().enumerate() {
+        soma(agent.addr(), &["verify", id]).assert_success("verify through the faulty store");
+        let target = format!("faulty_restored_{i}");
+        soma(agent.addr(), &["restore", id, "--database", &target])
+            .assert_success("restore through the faulty store");
+        assert_same_database(&pg, "faulty", &target);
+    }
+    let met = proxy.counts();
+    eprintln!("faults met: {met:?}");
+    assert!(
+        met.slow_down > 0 && met.reset > 0 && met.frozen > 0,
+        "the proxy did not inject every kind of fault: {met:?}"
+    );
+    let health = store_health(&agent);
+    assert!(
+        health["retries"].as_u64().unwrap_or(0) > 0 && health["timeouts"].as_u64().unwrap_or(0) > 0,
+        "status does not show the retries and frozen connections: {health}"
+    );
+    assert_eq!(health["failures"], 0, "a request gave up: {health}");
+    let pending = store.pending_uploads();
+    assert!(pending.is_empty(), "uploads left pending: {pending:?}");
+}
+
+/// Issue 14, part 1: a download whose connections are all cut after a few megabytes resumes
+/// where it stopped instead of failing the restore, and status counts the resumptions.
+#[test]
+fn a_restore_whose_connections_keep_breaking_resumes_and_restores_equal() {
+    let store = TestStore::garage();
+    let garage = store.garage_server().expect("garage");
+    let proxy = FaultProxy::start(garage.endpoint(), FaultPlan::clean());
+    let pg = PgCluster::start();
+    pg.createdb("broken");
+    create_big_table(&pg, "broken", "payload", 24);
+    let agent = Agent::start(
+        &store.url(),
+        &pg.url("broken"),
+        &["--store-retries", "12", "--store-attempt-timeout", "5s"],
+        &through(&store, &proxy),
+    );
+    let out = soma(
+        agent.addr(),
+        &["-o", "json", "backup", "postgres", "--database", "broken"],
+    );
+    out.assert_success("backup through a clean proxy");
+    let id = out.json()["id"].as_str().expect("backup id").to_owned();
+    // From now on every connection is cut somewhere in its first 3 MiB.
+    proxy.set_plan(FaultPlan {
+        reset: 100,
+        reset_within: 3 << 20,
+        seed: 7,
+        ..FaultPlan::clean()
+    });
+    soma(
+        agent.addr(),
+        &["restore", &id, "--database", "broken_restored"],
+    )
+    .assert_success("restore through connections that keep breaking");
+    assert_same_database(&pg, "broken", "broken_restored");
+    proxy.set_plan(FaultPlan::clean());
+    let health = store_health(&agent);
+    assert!(
+        health["resumed_downloads"].as_u64().unwrap_or(0) > 0,
+        "no download was resumed: {health}"
+    );
+    assert!(proxy.counts().reset > 0, "{:?}", proxy.counts());
+}
+
+/// Issue 14, part 1: a store that stops answering fails a backup in bounded time with an error
+/// that says so, status reports the store as failing (and exits non-zero), and once the store
+/// answers again backups succeed and status is healthy.
+#[test]
+fn a_frozen_store_fails_a_backup_in_bounded_time_and_status_says_so() {
+    let store = TestStore::garage();
+    let garage = store.garage_server().expect("garage");
+    let proxy = FaultProxy::start(garage.endpoint(), FaultPlan::clean());
+    let pg = PgCluster::start();
+    create_varied_database(&pg, "frozen");
+    let agent = Agent::start(
+        &store.url(),
+        &pg.url("frozen"),
+        &[
+            "--store-retries",
+            "3",
+            "--store-attempt-timeout",
+            "2s",
+            "--store-operation-timeout",
+            "20s",
+        ],
+        &through(&store, &proxy),
+    );
+    proxy.set_plan(FaultPlan {
+        freeze: 100,
+        freeze_for: Duration::from_secs(120),
+        ..FaultPlan::clean()
+    });
+    let started = Instant::now();
+    let out = soma(
+        agent.addr(),
+        &["backup", "postgres", "--database", "frozen"],
+    );
+    let took = started.elapsed();
+    assert_ne!(
+        out.code, 0,
+        "a backup into a frozen store succeeded:\n{out}"
+    );
+    out.assert_stderr_contains("no answer within", "backup into a frozen store");
+    out.assert_stderr_contains("gave up", "backup into a frozen store");
+    // Three attempts of 2 s and their backoff per request, never the 2 minutes of the freeze.
+    assert!(took < Duration::from_secs(90), "the failure took {took:?}");
+    let status = soma(agent.addr(), &["status"]);
+    assert_ne!(
+        status.code, 0,
+        "status of a failing store exited 0:\n{status}"
+    );
+    assert!(status.stdout.contains("FAILING"), "{status}");
+    assert_eq!(store_health(&agent)["condition"], "failing");
+
+    proxy.set_plan(FaultPlan::clean());
+    soma(
+        agent.addr(),
+        &["backup", "postgres", "--database", "frozen"],
+    )
+    .assert_success("backup once the store answers again");
+    let status = soma(agent.addr(), &["status"]);
+    status.assert_success("status once the store answers again");
+    assert!(status.stdout.contains("Store requests: SLOW"), "{status}");
 }

@@ -114,6 +114,10 @@ pub struct Metrics {
     wal_last_shipped: F64Gauge,
     recovery_window_start: F64Gauge,
     store_up: Gauge,
+    store_retries: Gauge,
+    store_timeouts: Gauge,
+    store_failed_requests: Gauge,
+    store_condition: Gauge,
     schedule_next_run: Family<ScheduleLabels, F64Gauge>,
     schedule_skipped: Family<ScheduleLabels, Counter>,
     /// When the archive position last moved (or the stream was idle with nothing to ship), for
@@ -161,6 +165,10 @@ impl Metrics {
             wal_last_shipped: Gauge::default(),
             recovery_window_start: Gauge::default(),
             store_up: Gauge::default(),
+            store_retries: Gauge::default(),
+            store_timeouts: Gauge::default(),
+            store_failed_requests: Gauge::default(),
+            store_condition: Gauge::default(),
             schedule_next_run: Family::default(),
             schedule_skipped: Family::default(),
             wal_progress: Mutex::new(WalProgress {
@@ -254,6 +262,26 @@ impl Metrics {
             "soma_store_up",
             "1 when the store answered the last probe",
             m.store_up.clone(),
+        );
+        r.register(
+            "soma_store_retries",
+            "Store request attempts that failed and were retried since the agent started",
+            m.store_retries.clone(),
+        );
+        r.register(
+            "soma_store_attempt_timeouts",
+            "Store request attempts dropped since the agent started because the endpoint did not answer in time",
+            m.store_timeouts.clone(),
+        );
+        r.register(
+            "soma_store_failed_requests",
+            "Store requests that failed after every attempt since the agent started",
+            m.store_failed_requests.clone(),
+        );
+        r.register(
+            "soma_store_condition",
+            "0: store requests succeed at once; 1: slow (retries in the last 5 minutes); 2: failing (the last request gave up)",
+            m.store_condition.clone(),
         );
         r.register(
             "soma_schedule_next_run_timestamp_seconds",
@@ -422,6 +450,18 @@ impl Metrics {
         let probe = tokio::time::timeout(PROBE_TIMEOUT, ctx.catalog.store().head("soma-probe"));
         self.store_up
             .set(matches!(probe.await, Ok(Ok(_))).then_some(1).unwrap_or(0));
+        if let Some(health) = ctx.catalog.store().health() {
+            let r = health.report();
+            let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            self.store_retries.set(gauge(r.retries));
+            self.store_timeouts.set(gauge(r.timeouts));
+            self.store_failed_requests.set(gauge(r.failures));
+            self.store_condition.set(match r.condition {
+                crate::store::Condition::Ok => 0,
+                crate::store::Condition::Slow => 1,
+                crate::store::Condition::Failing => 2,
+            });
+        }
         let Some(wal) = &ctx.wal_stream else {
             self.wal_streaming.set(0);
             return;

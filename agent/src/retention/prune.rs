@@ -557,9 +557,12 @@ mod tests {
     #[tokio::test]
     async fn a_read_only_store_is_refused_except_for_a_dry_run() {
         let (dir, _) = local_context().await;
-        let store = crate::store::open_read_only(&format!("file://{}", dir.path().display()))
-            .await
-            .unwrap();
+        let store = crate::store::open_read_only(
+            &format!("file://{}", dir.path().display()),
+            &Default::default(),
+        )
+        .await
+        .unwrap();
         let (_other, mut ctx) = local_context().await;
         ctx.catalog = crate::catalog::Catalog::new(store);
         let jobs = Arc::new(Jobs::new(tokio_util::sync::CancellationToken::new()));

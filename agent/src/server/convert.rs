@@ -93,6 +93,26 @@ pub fn recovery_window(w: Result<BaseWindow, ops::physical::PhysicalError>) -> v
     out
 }
 
+/// What the store's requests met, for `status`.
+pub fn store_health(r: &crate::store::HealthReport) -> v1::StoreHealth {
+    let (at, problem) = match &r.last_problem {
+        Some((at, problem)) => (
+            chrono::DateTime::<chrono::Utc>::from(*at).to_rfc3339(),
+            problem.clone(),
+        ),
+        None => (String::new(), String::new()),
+    };
+    v1::StoreHealth {
+        condition: r.condition.as_str().into(),
+        retries: r.retries,
+        timeouts: r.timeouts,
+        failures: r.failures,
+        resumed_downloads: r.resumed,
+        last_problem: problem,
+        last_problem_at: at,
+    }
+}
+
 /// The WAL stream's state for `status`, with the archive lag measured against `server_lsn`.
 pub fn wal_archive_status(
     wal: &ops::WalStreamInfo,

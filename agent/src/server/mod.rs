@@ -39,6 +39,9 @@ pub struct AgentService {
 
 /// Failures `GetInfo` shows.
 const RECENT_FAILURES: usize = 5;
+/// How long `GetInfo` waits for the store (the recent failures); a store that retries or
+/// hangs must not keep status from answering.
+const STATUS_STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::OperationEvent, Status>> + Send>>;
 
@@ -270,6 +273,12 @@ impl SomaAgent for AgentService {
             engines,
             store: self.ctx.catalog.store().location(),
             encryption: self.ctx.catalog.store().encryption().to_string(),
+            store_health: self
+                .ctx
+                .catalog
+                .store()
+                .health()
+                .map(|h| convert::store_health(&h.report())),
             restore_from: Some(self.ctx.source.store().location())
                 .filter(|source| *source != self.ctx.catalog.store().location())
                 .unwrap_or_default(),
@@ -286,14 +295,17 @@ impl SomaAgent for AgentService {
                 .as_ref()
                 .map(ToString::to_string)
                 .unwrap_or_default(),
-            // Best effort: an unreadable store already shows in `store` errors elsewhere.
-            recent_failures: self
-                .runner
-                .failures()
-                .list(RECENT_FAILURES)
-                .await
-                .map(|f| f.iter().map(|f| f.to_proto()).collect())
-                .unwrap_or_default(),
+            // Best effort: an unreadable store already shows in `store_health`, and status must
+            // answer while the store retries.
+            recent_failures: tokio::time::timeout(
+                STATUS_STORE_WAIT,
+                self.runner.failures().list(RECENT_FAILURES),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|f| f.iter().map(|f| f.to_proto()).collect())
+            .unwrap_or_default(),
         }))
     }
 }

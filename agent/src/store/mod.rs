@@ -10,10 +10,12 @@
 pub mod crypt;
 pub mod local;
 pub mod read_only;
+pub mod retry;
 pub mod s3;
 
 pub use crypt::{Crypt, Encryption, Keyring};
 pub use read_only::ReadOnly;
+pub use retry::{Condition, HealthReport, RetryPolicy, StoreHealth};
 
 use std::{fmt, path::PathBuf, pin::Pin, sync::Arc, time::SystemTime};
 
@@ -182,6 +184,18 @@ impl StoreError {
             _ => false,
         }
     }
+
+    /// Whether the error says the store itself is failing (rather than one object being
+    /// missing, refused or damaged), so that `status` reports it.
+    pub fn is_store_failure(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Request { .. }
+                | StoreError::AccessDenied { .. }
+                | StoreError::NoSuchBucket { .. }
+                | StoreError::Io { .. }
+        )
+    }
 }
 
 /// Result type of store operations.
@@ -206,6 +220,12 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// [`Crypt`], the wrapper every store is opened through).
     fn encryption(&self) -> Encryption {
         Encryption::Off
+    }
+
+    /// What this store's requests met (retries, frozen connections, failures), for backends
+    /// that go over a network; `None` for a local directory.
+    fn health(&self) -> Option<StoreHealth> {
+        None
     }
 
     /// Writes a whole small object atomically (readers see the old object, or none, or the new one).
@@ -357,17 +377,26 @@ impl PartRule {
     }
 }
 
-/// Opens the store named by `--store`: `file:///path` or `s3://bucket[/prefix]`.
-///
-/// `_parts_in_flight` is no longer used (the pipeline bounds parts in flight for every backend);
-/// it stays until the callers drop it.
-pub async fn open(location: &str) -> Result<Arc<dyn Store>> {
-    open_locked(location, None).await
+/// How a store is opened beyond its location.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// S3 Object Lock retention on every object written (`--object-lock-days`); refused for a
+    /// local directory, which has no such thing.
+    pub object_lock: Option<s3::ObjectLock>,
+    /// Retries and deadlines of S3 requests.
+    pub retry: RetryPolicy,
+    /// Where what S3 requests meet is recorded, for `status` and the metrics.
+    pub health: StoreHealth,
 }
 
-/// Opens `location` as [`open`] does, setting S3 Object Lock retention on every object written
-/// (`--object-lock-days`); refused for a local directory, which has no such thing.
-pub async fn open_locked(location: &str, lock: Option<s3::ObjectLock>) -> Result<Arc<dyn Store>> {
+/// Opens the store named by `--store`: `file:///path` or `s3://bucket[/prefix]`, with the
+/// default [`Options`].
+pub async fn open(location: &str) -> Result<Arc<dyn Store>> {
+    open_with(location, &Options::default()).await
+}
+
+/// Opens `location` as [`open`] does, with `options`.
+pub async fn open_with(location: &str, options: &Options) -> Result<Arc<dyn Store>> {
     let invalid = |reason: &str| StoreError::InvalidLocation {
         location: location.to_string(),
         reason: reason.to_string(),
@@ -378,7 +407,7 @@ pub async fn open_locked(location: &str, lock: Option<s3::ObjectLock>) -> Result
                 "a file:// store needs an absolute path, e.g. file:///var/lib/soma",
             ));
         }
-        if lock.is_some() {
+        if options.object_lock.is_some() {
             return Err(invalid(
                 "--object-lock-days needs an s3:// store on a bucket with Object Lock enabled",
             ));
@@ -394,7 +423,8 @@ pub async fn open_locked(location: &str, lock: Option<s3::ObjectLock>) -> Result
         Ok(Arc::new(
             s3::S3Store::connect(bucket, prefix.trim_matches('/'))
                 .await
-                .with_object_lock(lock),
+                .with_object_lock(options.object_lock)
+                .with_retry(options.retry, options.health.clone()),
         ))
     } else {
         Err(invalid(
@@ -403,14 +433,20 @@ pub async fn open_locked(location: &str, lock: Option<s3::ObjectLock>) -> Result
     }
 }
 
-/// Opens `location` as [`open`] does, read-only: every write is refused (see [`ReadOnly`]). A
-/// local directory must already exist (opening it creates nothing).
-pub async fn open_read_only(location: &str) -> Result<Arc<dyn Store>> {
+/// Opens `location` as [`open_with`] does, read-only: every write is refused (see
+/// [`ReadOnly`]). A local directory must already exist (opening it creates nothing).
+pub async fn open_read_only(location: &str, options: &Options) -> Result<Arc<dyn Store>> {
     let inner: Arc<dyn Store> = match location.strip_prefix("file://") {
         Some(rest) if rest.starts_with('/') => {
             Arc::new(local::LocalStore::open_existing(PathBuf::from(rest)).await?)
         }
-        _ => open(location).await?,
+        _ => {
+            let options = Options {
+                object_lock: None,
+                ..options.clone()
+            };
+            open_with(location, &options).await?
+        }
     };
     Ok(Arc::new(ReadOnly::new(inner)))
 }

@@ -40,6 +40,10 @@ impl Store for ReadOnly {
         self.inner.location()
     }
 
+    fn health(&self) -> Option<super::StoreHealth> {
+        self.inner.health()
+    }
+
     fn is_read_only(&self) -> bool {
         true
     }

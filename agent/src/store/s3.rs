@@ -19,8 +19,8 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::{
-    ByteStream, ObjectMeta, PartReceipt, PartRule, PartUpload, PendingUpload, Result, Store,
-    StoreError, TimedObject, Upload, check_key, check_receipts, refused,
+    ByteStream, ObjectMeta, PartReceipt, PartRule, PartUpload, PendingUpload, Result, RetryPolicy,
+    Store, StoreError, StoreHealth, TimedObject, Upload, check_key, check_receipts, refused,
 };
 
 /// An S3 bucket, optionally under a key prefix.
@@ -30,6 +30,8 @@ pub struct S3Store {
     bucket: String,
     prefix: String,
     object_lock: Option<ObjectLock>,
+    retry: RetryPolicy,
+    health: StoreHealth,
 }
 
 /// S3 Object Lock retention set on every object this store writes (`--object-lock-days`): until
@@ -110,13 +112,22 @@ where
                         message: detail,
                     }
                 }
-                "SlowDown" | "InternalError" | "ServiceUnavailable" | "RequestTimeout" => {
-                    StoreError::Request {
-                        key,
-                        message: detail,
-                        retryable: true,
-                    }
-                }
+                "PreconditionFailed" => StoreError::Request {
+                    key,
+                    message: format!(
+                        "the object changed while it was being read ({detail}); read it again"
+                    ),
+                    retryable: false,
+                },
+                "SlowDown"
+                | "InternalError"
+                | "ServiceUnavailable"
+                | "RequestTimeout"
+                | "RequestTimeTooSkewed" => StoreError::Request {
+                    key,
+                    message: detail,
+                    retryable: true,
+                },
                 _ => StoreError::Request {
                     key,
                     message: if detail.is_empty() {
@@ -182,6 +193,13 @@ fn describe_chain(err: &dyn std::error::Error) -> String {
     out
 }
 
+/// Longest wait for a TCP (and TLS) connection to the endpoint; the attempt deadline covers
+/// everything after it.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Listing pages read for one listing at most: a store that keeps answering "truncated" never
+/// holds the agent in a loop (at 1000 keys a page, this is 100 million keys).
+const MAX_LIST_PAGES: usize = 100_000;
+
 fn sha256_b64(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(Sha256::digest(data))
 }
@@ -202,6 +220,15 @@ impl S3Store {
         if shared.region().is_none() {
             builder = builder.region(aws_sdk_s3::config::Region::new("us-east-1"));
         }
+        // Retries and deadlines are ours (`retry.rs`): the SDK's would multiply the attempts a
+        // user configured, and it has no deadline on an attempt by default.
+        builder = builder
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+            .timeout_config(
+                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .build(),
+            );
         Self::from_client(Client::from_conf(builder.build()), bucket, prefix)
     }
 
@@ -212,7 +239,16 @@ impl S3Store {
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
             object_lock: None,
+            retry: RetryPolicy::default(),
+            health: StoreHealth::default(),
         }
+    }
+
+    /// Retries and deadlines of every request, and where what they meet is recorded.
+    pub fn with_retry(mut self, retry: RetryPolicy, health: StoreHealth) -> Self {
+        self.retry = retry;
+        self.health = health;
+        self
     }
 
     /// Sets Object Lock retention on every object written from now on.
@@ -259,38 +295,67 @@ impl Store for S3Store {
         }
     }
 
+    fn health(&self) -> Option<StoreHealth> {
+        Some(self.health.clone())
+    }
+
     async fn put(&self, key: &str, data: Bytes) -> Result<()> {
         let full = self.full_key(key)?;
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .checksum_algorithm(ChecksumAlgorithm::Sha256)
-            .checksum_sha256(sha256_b64(&data))
-            .content_length(data.len() as i64)
-            .set_object_lock_mode(self.object_lock.map(|l| l.mode()))
-            .set_object_lock_retain_until_date(self.object_lock.map(|l| l.until()))
-            .body(AwsByteStream::from(data))
-            .send()
-            .await
-            .map_err(|e| map_err(key, &self.bucket, e))?;
+        let checksum = sha256_b64(&data);
+        let (data, full, checksum) = (&data, &full, &checksum);
+        self.retry
+            .run(&self.health, "PutObject", key, || async move {
+                self.client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(full)
+                    .checksum_algorithm(ChecksumAlgorithm::Sha256)
+                    .checksum_sha256(checksum)
+                    .content_length(data.len() as i64)
+                    .set_object_lock_mode(self.object_lock.map(|l| l.mode()))
+                    .set_object_lock_retain_until_date(self.object_lock.map(|l| l.until()))
+                    .body(AwsByteStream::from(data.clone()))
+                    .send()
+                    .await
+                    .map_err(|e| map_err(key, &self.bucket, e))
+            })
+            .await?;
         Ok(())
     }
 
     async fn start_upload(&self, key: &str) -> Result<Box<dyn Upload>> {
         let full = self.full_key(key)?;
+        let full_ref = &full;
+        // An attempt whose answer was lost may still have created an upload on the server; the
+        // upload remembers that, and aborts such orphans of its key when it ends.
+        let tries = std::sync::atomic::AtomicU32::new(0);
+        let tries_ref = &tries;
         let out = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.bucket)
-            .key(&full)
-            .checksum_algorithm(ChecksumAlgorithm::Sha256)
-            .set_object_lock_mode(self.object_lock.map(|l| l.mode()))
-            .set_object_lock_retain_until_date(self.object_lock.map(|l| l.until()))
-            .send()
-            .await
-            .map_err(|e| map_err(key, &self.bucket, e))?;
-        let upload_id = out.upload_id().unwrap_or_default().to_string();
+            .retry
+            .run(&self.health, "CreateMultipartUpload", key, || async move {
+                tries_ref.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.client
+                    .create_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(full_ref)
+                    .checksum_algorithm(ChecksumAlgorithm::Sha256)
+                    .set_object_lock_mode(self.object_lock.map(|l| l.mode()))
+                    .set_object_lock_retain_until_date(self.object_lock.map(|l| l.until()))
+                    .send()
+                    .await
+                    .map_err(|e| map_err(key, &self.bucket, e))
+            })
+            .await?;
+        let upload_id = match out.upload_id() {
+            Some(id) if !id.is_empty() => id.to_string(),
+            _ => {
+                return Err(StoreError::Request {
+                    key: key.to_string(),
+                    message: "the store started a multipart upload without giving its id".into(),
+                    retryable: false,
+                });
+            }
+        };
         Ok(Box::new(S3Upload {
             store: self.clone(),
             key: key.to_string(),
@@ -298,96 +363,81 @@ impl Store for S3Store {
             upload_id,
             started: 0,
             parts: PartRule::default(),
+            orphans_possible: tries.load(std::sync::atomic::Ordering::Relaxed) > 1,
         }))
     }
 
     async fn get(&self, key: &str) -> Result<ByteStream> {
         let full = self.full_key(key)?;
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .send()
-            .await
-            .map_err(|e| map_err(key, &self.bucket, e))?;
-        let key = key.to_string();
-        let stream = futures::stream::unfold(Some(out.body), move |body| {
-            let key = key.clone();
-            async move {
-                let mut body = body?;
-                match body.next().await {
-                    None => None,
-                    Some(Ok(bytes)) => Some((Ok(bytes), Some(body))),
-                    Some(Err(e)) => Some((
-                        Err(StoreError::Request {
-                            key,
-                            message: format!("download interrupted: {}", describe_chain(&e)),
-                            retryable: true,
-                        }),
-                        None,
-                    )),
-                }
-            }
+        let out = self.get_from(key, &full, None).await?;
+        let download = Download {
+            etag: out.e_tag().map(str::to_string),
+            length: out.content_length().and_then(|l| u64::try_from(l).ok()),
+            body: Some(out.body),
+            store: self.clone(),
+            key: key.to_string(),
+            full,
+            offset: 0,
+            stalls: 0,
+        };
+        let stream = futures::stream::unfold(download, |mut d| async move {
+            d.next_chunk().await.map(|item| (item, d))
         });
         Ok(Box::pin(stream))
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
         let full = self.full_key(key)?;
-        match self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .send()
+        let full = &full;
+        self.retry
+            .run(&self.health, "HeadObject", key, || async move {
+                match self
+                    .client
+                    .head_object()
+                    .bucket(&self.bucket)
+                    .key(full)
+                    .send()
+                    .await
+                {
+                    Ok(out) => Ok(Some(ObjectMeta {
+                        key: key.to_string(),
+                        size: out.content_length().unwrap_or(0).max(0) as u64,
+                    })),
+                    Err(e) => map_head_err(key, &self.bucket, e),
+                }
+            })
             .await
-        {
-            Ok(out) => Ok(Some(ObjectMeta {
-                key: key.to_string(),
-                size: out.content_length().unwrap_or(0).max(0) as u64,
-            })),
-            Err(e) => map_head_err(key, &self.bucket, e),
-        }
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
-        let full_prefix = self.full_prefix(prefix);
-        let mut pages = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(&full_prefix)
-            .into_paginator()
-            .send();
-        let mut out = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| map_err(prefix, &self.bucket, e))?;
-            for obj in page.contents() {
-                if let Some(k) = obj.key() {
-                    out.push(ObjectMeta {
-                        key: self.relative(k).to_string(),
-                        size: obj.size().unwrap_or(0).max(0) as u64,
-                    });
-                }
-            }
-        }
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
+        Ok(self
+            .list_timed(prefix)
+            .await?
+            .into_iter()
+            .map(|o| o.meta)
+            .collect())
     }
 
     async fn list_timed(&self, prefix: &str) -> Result<Vec<TimedObject>> {
         let full_prefix = self.full_prefix(prefix);
-        let mut pages = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(&full_prefix)
-            .into_paginator()
-            .send();
+        let full_prefix = &full_prefix;
         let mut out = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| map_err(prefix, &self.bucket, e))?;
+        let mut token: Option<String> = None;
+        for _ in 0..MAX_LIST_PAGES {
+            let page_token = &token;
+            let page = self
+                .retry
+                .run(&self.health, "ListObjectsV2", prefix, || async move {
+                    self.client
+                        .list_objects_v2()
+                        .bucket(&self.bucket)
+                        .prefix(full_prefix)
+                        .set_continuation_token(page_token.clone())
+                        .send()
+                        .await
+                        .map_err(|e| map_err(prefix, &self.bucket, e))
+                })
+                .await?;
             for obj in page.contents() {
                 if let Some(k) = obj.key() {
                     out.push(TimedObject {
@@ -401,38 +451,62 @@ impl Store for S3Store {
                     });
                 }
             }
+            let next = page.next_continuation_token().map(str::to_string);
+            if page.is_truncated() != Some(true) || next.is_none() {
+                out.sort_by(|a, b| a.meta.key.cmp(&b.meta.key));
+                return Ok(out);
+            }
+            if next == token {
+                return Err(listing_loops(prefix));
+            }
+            token = next;
         }
-        out.sort_by(|a, b| a.meta.key.cmp(&b.meta.key));
-        Ok(out)
+        Err(listing_loops(prefix))
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
         let full = self.full_key(key)?;
-        self.client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .send()
-            .await
-            .map_err(|e| map_err(key, &self.bucket, e))?;
+        let full = &full;
+        self.retry
+            .run(&self.health, "DeleteObject", key, || async move {
+                self.client
+                    .delete_object()
+                    .bucket(&self.bucket)
+                    .key(full)
+                    .send()
+                    .await
+                    .map_err(|e| map_err(key, &self.bucket, e))
+            })
+            .await?;
         Ok(())
     }
 
     async fn list_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>> {
         let full_prefix = self.full_prefix(prefix);
+        let full_prefix = &full_prefix;
         let mut out = Vec::new();
-        let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
-        loop {
+        let mut markers: (Option<String>, Option<String>) = (None, None);
+        for _ in 0..MAX_LIST_PAGES {
+            let page_markers = &markers;
             let page = self
-                .client
-                .list_multipart_uploads()
-                .bucket(&self.bucket)
-                .prefix(&full_prefix)
-                .set_key_marker(key_marker.clone())
-                .set_upload_id_marker(id_marker.clone())
-                .send()
-                .await
-                .map_err(|e| map_err(prefix, &self.bucket, e))?;
+                .retry
+                .run(
+                    &self.health,
+                    "ListMultipartUploads",
+                    prefix,
+                    || async move {
+                        self.client
+                            .list_multipart_uploads()
+                            .bucket(&self.bucket)
+                            .prefix(full_prefix)
+                            .set_key_marker(page_markers.0.clone())
+                            .set_upload_id_marker(page_markers.1.clone())
+                            .send()
+                            .await
+                            .map_err(|e| map_err(prefix, &self.bucket, e))
+                    },
+                )
+                .await?;
             for u in page.uploads() {
                 out.push(PendingUpload {
                     key: self.relative(u.key().unwrap_or_default()).to_string(),
@@ -440,35 +514,178 @@ impl Store for S3Store {
                     initiated: u.initiated().and_then(|t| SystemTime::try_from(*t).ok()),
                 });
             }
-            if page.is_truncated() != Some(true) {
-                break;
+            let next = (
+                page.next_key_marker().map(str::to_string),
+                page.next_upload_id_marker().map(str::to_string),
+            );
+            if page.is_truncated() != Some(true) || next == (None, None) {
+                return Ok(out);
             }
-            key_marker = page.next_key_marker().map(str::to_string);
-            id_marker = page.next_upload_id_marker().map(str::to_string);
-            if key_marker.is_none() && id_marker.is_none() {
-                break;
+            if next == markers {
+                return Err(listing_loops(prefix));
             }
+            markers = next;
         }
-        Ok(out)
+        Err(listing_loops(prefix))
     }
 
     async fn abort_upload(&self, upload: &PendingUpload) -> Result<()> {
         let full = self.full_key(&upload.key)?;
-        match self
-            .client
-            .abort_multipart_upload()
-            .bucket(&self.bucket)
-            .key(&full)
-            .upload_id(&upload.upload_id)
-            .send()
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) => match map_err(&upload.key, &self.bucket, e) {
-                StoreError::NotFound { .. } => Ok(()),
-                other => Err(other),
-            },
+        let full = &full;
+        let result = self
+            .retry
+            .run(
+                &self.health,
+                "AbortMultipartUpload",
+                &upload.key,
+                || async move {
+                    self.client
+                        .abort_multipart_upload()
+                        .bucket(&self.bucket)
+                        .key(full)
+                        .upload_id(&upload.upload_id)
+                        .send()
+                        .await
+                        .map_err(|e| map_err(&upload.key, &self.bucket, e))
+                },
+            )
+            .await;
+        match result {
+            // Already gone: aborted by an earlier attempt whose answer was lost, or by the sweep.
+            Ok(_) | Err(StoreError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
         }
+    }
+}
+
+/// A listing whose pages never end: the same continuation comes back, or there are more pages
+/// than any real bucket has.
+fn listing_loops(prefix: &str) -> StoreError {
+    StoreError::Request {
+        key: prefix.to_string(),
+        message: "the store's listing does not end (it repeats its continuation, or has more than 100 000 pages); the endpoint is not behaving like S3".into(),
+        retryable: false,
+    }
+}
+
+impl S3Store {
+    /// One GetObject through the retry policy; from `resume` = (offset, etag) on, when given:
+    /// a ranged GET that only succeeds if the object is still the one that was being read.
+    async fn get_from(
+        &self,
+        key: &str,
+        full: &str,
+        resume: Option<(u64, &str)>,
+    ) -> Result<aws_sdk_s3::operation::get_object::GetObjectOutput> {
+        let out = self
+            .retry
+            .run(&self.health, "GetObject", key, || async move {
+                let mut req = self.client.get_object().bucket(&self.bucket).key(full);
+                if let Some((offset, etag)) = resume {
+                    req = req.range(format!("bytes={offset}-")).if_match(etag);
+                }
+                req.send().await.map_err(|e| map_err(key, &self.bucket, e))
+            })
+            .await?;
+        if let Some((offset, _)) = resume {
+            // A server that ignored the range would hand the object from its start again, and
+            // the bytes already passed on would be repeated.
+            let expected = format!("bytes {offset}-");
+            if !out
+                .content_range()
+                .is_some_and(|r| r.starts_with(&expected))
+            {
+                return Err(StoreError::Request {
+                    key: key.to_string(),
+                    message: format!(
+                        "the store answered a ranged GET from byte {offset} with {:?} instead of that range; the download cannot be resumed",
+                        out.content_range().unwrap_or("the whole object")
+                    ),
+                    retryable: false,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// An object being read. When its connection breaks or freezes, the rest is fetched with a
+/// ranged GET conditioned on the ETag, so a long restore survives a reset instead of starting
+/// over, and can never splice two versions of an object.
+struct Download {
+    store: S3Store,
+    key: String,
+    full: String,
+    etag: Option<String>,
+    body: Option<AwsByteStream>,
+    /// Bytes passed on so far.
+    offset: u64,
+    /// The object's length, from the first answer.
+    length: Option<u64>,
+    /// Interruptions since bytes last arrived.
+    stalls: u32,
+}
+
+impl Download {
+    async fn next_chunk(&mut self) -> Option<Result<Bytes>> {
+        loop {
+            let body = self.body.as_mut()?;
+            let idle = self.store.retry.attempt_timeout;
+            let cause = match tokio::time::timeout(idle, body.next()).await {
+                Ok(Some(Ok(bytes))) => {
+                    self.offset += bytes.len() as u64;
+                    self.stalls = 0;
+                    return Some(Ok(bytes));
+                }
+                Ok(None) => match self.length {
+                    Some(len) if self.offset < len => {
+                        format!("the connection ended after {} of {len} bytes", self.offset)
+                    }
+                    _ => {
+                        self.body = None;
+                        return None;
+                    }
+                },
+                Ok(Some(Err(e))) => describe_chain(&e),
+                Err(_) => {
+                    self.store.health.timed_out();
+                    format!("no bytes arrived for {}s", idle.as_secs_f32())
+                }
+            };
+            self.body = None;
+            if let Err(e) = self.resume(cause).await {
+                return Some(Err(e));
+            }
+        }
+    }
+
+    async fn resume(&mut self, cause: String) -> Result<()> {
+        let err = StoreError::Request {
+            key: self.key.clone(),
+            message: format!("download interrupted at byte {}: {cause}", self.offset),
+            retryable: true,
+        };
+        self.stalls += 1;
+        let policy = self.store.retry;
+        let Some(etag) = self.etag.clone() else {
+            // Without an ETag a resumed read could splice two versions of the object.
+            self.store.health.gave_up("GetObject", &err);
+            return Err(err);
+        };
+        if self.stalls >= policy.attempts.max(1) {
+            self.store.health.gave_up("GetObject", &err);
+            return Err(err);
+        }
+        self.store.health.resumed();
+        let wait = policy.delay(self.stalls + 1);
+        tracing::warn!(key = %self.key, offset = self.offset, retry_in = ?wait, error = %err, "resuming an interrupted download");
+        tokio::time::sleep(wait).await;
+        let out = self
+            .store
+            .get_from(&self.key, &self.full, Some((self.offset, &etag)))
+            .await?;
+        self.body = Some(out.body);
+        Ok(())
     }
 }
 
@@ -480,17 +697,47 @@ struct S3Upload {
     /// Parts numbered so far.
     started: u32,
     parts: PartRule,
+    /// CreateMultipartUpload was retried, so the server may hold other uploads of this key.
+    orphans_possible: bool,
 }
 
 impl S3Upload {
     async fn abort_now(&self) -> Result<()> {
-        self.store
+        let result = self
+            .store
             .abort_upload(&PendingUpload {
                 key: self.key.clone(),
                 upload_id: self.upload_id.clone(),
                 initiated: None,
             })
-            .await
+            .await;
+        self.abort_orphans().await;
+        result
+    }
+
+    /// Aborts the uploads of this key that a retried CreateMultipartUpload may have started
+    /// (keys are unique to one backup, so any other upload of it is ours); best effort, since
+    /// the start-up sweep finds whatever is left.
+    async fn abort_orphans(&self) {
+        if !self.orphans_possible {
+            return;
+        }
+        let Ok(pending) = self.store.list_uploads(&self.key).await else {
+            return;
+        };
+        for orphan in pending
+            .iter()
+            .filter(|u| u.key == self.key && u.upload_id != self.upload_id)
+        {
+            match self.store.abort_upload(orphan).await {
+                Ok(()) => {
+                    tracing::info!(key = %self.key, "aborted an upload left by a retried CreateMultipartUpload")
+                }
+                Err(e) => {
+                    tracing::warn!(key = %self.key, error = %e, "could not abort an upload left by a retried CreateMultipartUpload")
+                }
+            }
+        }
     }
 }
 
@@ -502,9 +749,8 @@ impl Upload for S3Upload {
         }
         self.started += 1;
         let number = self.started;
-        let client = self.store.client.clone();
-        let (bucket, full_key, key, upload_id) = (
-            self.store.bucket.clone(),
+        let store = self.store.clone();
+        let (full_key, key, upload_id) = (
             self.full_key.clone(),
             self.key.clone(),
             self.upload_id.clone(),
@@ -521,24 +767,32 @@ impl Upload for S3Upload {
                     message: format!("hashing part {number} failed: {e}"),
                     retryable: false,
                 })?;
-            let out = client
-                .upload_part()
-                .bucket(&bucket)
-                .key(&full_key)
-                .upload_id(&upload_id)
-                .part_number(number as i32)
-                .checksum_algorithm(ChecksumAlgorithm::Sha256)
-                .checksum_sha256(&checksum)
-                .content_length(size as i64)
-                .body(AwsByteStream::from(data))
-                .send()
-                .await
-                .map_err(|e| map_err(&key, &bucket, e))?;
+            let (store, data, checksum, full_key, upload_id, key) =
+                (&store, &data, &checksum, &full_key, &upload_id, &key);
+            let out = store
+                .retry
+                .run(&store.health, "UploadPart", key, || async move {
+                    store
+                        .client
+                        .upload_part()
+                        .bucket(&store.bucket)
+                        .key(full_key)
+                        .upload_id(upload_id)
+                        .part_number(number as i32)
+                        .checksum_algorithm(ChecksumAlgorithm::Sha256)
+                        .checksum_sha256(checksum)
+                        .content_length(size as i64)
+                        .body(AwsByteStream::from(data.clone()))
+                        .send()
+                        .await
+                        .map_err(|e| map_err(key, &store.bucket, e))
+                })
+                .await?;
             Ok(PartReceipt {
                 number,
                 size,
                 etag: out.e_tag().map(str::to_string),
-                checksum_sha256: Some(checksum),
+                checksum_sha256: Some(checksum.clone()),
             })
         })
     }
@@ -552,7 +806,7 @@ impl Upload for S3Upload {
             }
         };
         let size = parts.iter().map(|p| p.size).sum();
-        let completed = parts
+        let completed: Vec<CompletedPart> = parts
             .into_iter()
             .map(|p| {
                 CompletedPart::builder()
@@ -562,27 +816,57 @@ impl Upload for S3Upload {
                     .build()
             })
             .collect();
-        let result = self
-            .store
-            .client
-            .complete_multipart_upload()
-            .bucket(&self.store.bucket)
-            .key(&self.full_key)
-            .upload_id(&self.upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(completed))
-                    .build(),
+        let tries = std::sync::atomic::AtomicU32::new(0);
+        let this: &S3Upload = &self;
+        let (store, completed, tries_ref) = (&this.store, &completed, &tries);
+        let result = store
+            .retry
+            .run(
+                &store.health,
+                "CompleteMultipartUpload",
+                &this.key,
+                || async move {
+                    tries_ref.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    store
+                        .client
+                        .complete_multipart_upload()
+                        .bucket(&store.bucket)
+                        .key(&this.full_key)
+                        .upload_id(&this.upload_id)
+                        .multipart_upload(
+                            CompletedMultipartUpload::builder()
+                                .set_parts(Some(completed.clone()))
+                                .build(),
+                        )
+                        .send()
+                        .await
+                        .map_err(|e| map_err(&this.key, &store.bucket, e))
+                },
             )
-            .send()
             .await;
+        let done = ObjectMeta {
+            key: self.key.clone(),
+            size,
+        };
+        self.abort_orphans().await;
         match result {
-            Ok(_) => Ok(ObjectMeta {
-                key: self.key.clone(),
-                size,
-            }),
-            Err(e) => {
-                let err = map_err(&self.key, &self.store.bucket, e);
+            Ok(_) => Ok(done),
+            // An earlier attempt completed the upload but its answer was lost: the upload is
+            // gone and the object is there, whole.
+            Err(StoreError::NotFound { .. })
+                if tries.load(std::sync::atomic::Ordering::Relaxed) > 1
+                    && self
+                        .store
+                        .head(&self.key)
+                        .await
+                        .ok()
+                        .flatten()
+                        .map(|m| m.size)
+                        == Some(size) =>
+            {
+                Ok(done)
+            }
+            Err(err) => {
                 let _ = self.abort_now().await;
                 Err(err)
             }

@@ -79,6 +79,15 @@ fn agent_row(
         "restore_from": Some(info.restore_from.as_str()).filter(|r| !r.is_empty()),
         // Empty from an agent older than encryption at rest: it encrypts nothing.
         "encryption": if info.encryption.is_empty() { "off" } else { info.encryption.as_str() },
+        "store_health": info.store_health.as_ref().map(|h| json!({
+            "condition": h.condition,
+            "retries": h.retries,
+            "timeouts": h.timeouts,
+            "failures": h.failures,
+            "resumed_downloads": h.resumed_downloads,
+            "last_problem": Some(h.last_problem.as_str()).filter(|p| !p.is_empty()),
+            "last_problem_at": Some(h.last_problem_at.as_str()).filter(|p| !p.is_empty()),
+        })),
         "last_backup": last.map(|b| b.id.clone()),
         "last_backup_age_seconds": age,
         "running_jobs": info.running_jobs.len(),
@@ -111,8 +120,40 @@ fn agent_row(
         })).collect::<Vec<_>>(),
         "retention": Some(info.retention.as_str()).filter(|r| !r.is_empty()),
         "recent_failures": info.recent_failures.iter().map(list::failure_json).collect::<Vec<_>>(),
-        "health": health,
+        // A store that gives up on requests fails backups and the WAL archive: unhealthy.
+        "health": match info.store_health.as_ref() {
+            Some(h) if health == "ok" && h.condition == "failing" => {
+                format!("store failing: {}", h.last_problem)
+            }
+            _ => health,
+        },
     })
+}
+
+/// The store's condition in one line: what its requests met since the agent started.
+fn store_line(h: &Value) -> String {
+    if h.is_null() {
+        return "local directory".into();
+    }
+    let condition = h["condition"].as_str().unwrap_or("unknown");
+    let counts = format!(
+        "{} retries, {} frozen connections dropped, {} downloads resumed, {} requests failed since start",
+        h["retries"].as_u64().unwrap_or(0),
+        h["timeouts"].as_u64().unwrap_or(0),
+        h["resumed_downloads"].as_u64().unwrap_or(0),
+        h["failures"].as_u64().unwrap_or(0),
+    );
+    let mut line = match condition {
+        "ok" => format!("ok ({counts})"),
+        "slow" => format!("SLOW: requests needed retries in the last 5 minutes ({counts})"),
+        "failing" => format!("FAILING: requests give up after every attempt ({counts})"),
+        other => format!("{} ({counts})", output::cell(other, 20)),
+    };
+    if let Some(p) = h["last_problem"].as_str() {
+        let at = h["last_problem_at"].as_str().unwrap_or("-");
+        line.push_str(&format!("; last problem at {at}: {}", output::cell(p, 300)));
+    }
+    line
 }
 
 /// The WAL archive's state in one cell: streaming or not, and how far behind the server it is.
@@ -305,6 +346,10 @@ fn render(rows: &[Value], out: OutputFormat) -> Result<String, CliError> {
                 }
                 Some(e) => output::cell(e, 200),
             }
+        ));
+        text_out.push_str(&format!(
+            "  Store requests: {}\n",
+            store_line(&r["store_health"])
         ));
         text_out.push_str(&format!(
             "  Retention: {}\n",

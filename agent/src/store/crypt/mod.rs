@@ -167,6 +167,10 @@ impl Store for Crypt {
         self.inner.location()
     }
 
+    fn health(&self) -> Option<super::StoreHealth> {
+        self.inner.health()
+    }
+
     fn is_read_only(&self) -> bool {
         self.inner.is_read_only()
     }
