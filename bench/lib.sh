@@ -268,7 +268,8 @@ agent_knobs() {
 }
 
 # start_agent ENGINE ARGS...: starts the agent with the engine's arguments and the knobs above,
-# logging to $TMP_DIR/$AGENT_LOG (default agent.log); sets STORE_URL, AGENT_ARGS, AGENT_PID,
+# logging to $TMP_DIR/$AGENT_LOG (default agent.log), S3 at $AGENT_S3_ENDPOINT (default: the Garage
+# started here); sets STORE_URL, AGENT_ARGS, AGENT_PID,
 # AGENT_ADDR, IDLE_RSS_KIB and AGENT_VERSION.
 start_agent() {
   STORE_URL="s3://$BUCKET/$PREFIX"
@@ -277,7 +278,7 @@ start_agent() {
   [[ -z "$PARTS_IN_FLIGHT" ]] || AGENT_ARGS+=(--parts-in-flight "$PARTS_IN_FLIGHT")
   [[ -z "$COMPRESSION_LEVEL" ]] || AGENT_ARGS+=(--compression-level "$COMPRESSION_LEVEL")
   [[ -z "$COMPRESSION_THREADS" ]] || AGENT_ARGS+=(--compression-threads "$COMPRESSION_THREADS")
-  AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" AWS_ACCESS_KEY_ID=$AWS_KEY AWS_SECRET_ACCESS_KEY=$AWS_SECRET \
+  AWS_ENDPOINT_URL="${AGENT_S3_ENDPOINT:-http://127.0.0.1:$S3_PORT}" AWS_ACCESS_KEY_ID=$AWS_KEY AWS_SECRET_ACCESS_KEY=$AWS_SECRET \
     AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true \
     "$BIN_DIR/soma-agent" "${AGENT_ARGS[@]}" >"$TMP_DIR/${AGENT_LOG:-agent.log}" 2>&1 &
   AGENT_PID=$!

@@ -543,6 +543,26 @@ mod tests {
         assert!(latest_of(vec![pg], Engine::Qdrant).is_none());
     }
 
+    #[tokio::test]
+    async fn a_manifest_the_store_fails_to_take_publishes_no_backup() {
+        use crate::store::faulty::{Fault, Faulty, Op};
+        let dir = tempfile::tempdir().unwrap();
+        let local: Arc<dyn Store> = Arc::new(
+            crate::store::local::LocalStore::open(dir.path().to_path_buf())
+                .await
+                .unwrap(),
+        );
+        let faulty = Faulty::new(local.clone()).inject(Op::Put, 1, Fault::Fail { retryable: true });
+        let catalog = Catalog::new(Arc::new(faulty));
+        let m = manifest(Engine::Postgres, Kind::Logical, "app", 1);
+        let err = catalog.commit(&m).await.unwrap_err();
+        assert!(err.to_string().contains("injected failure"), "{err}");
+        assert!(catalog.list().await.unwrap().is_empty());
+        // The same commit once the store takes it: the backup exists.
+        catalog.commit(&m).await.unwrap();
+        assert_eq!(catalog.list().await.unwrap()[0].id, m.id);
+    }
+
     #[test]
     fn latest_of_nothing_is_none_and_a_member_without_its_set_counts() {
         assert!(latest(Vec::new()).is_none());

@@ -292,8 +292,11 @@ pub use upload::{Staged, upload};
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Store, local::LocalStore};
-    use async_trait::async_trait;
+    use crate::store::{
+        Store,
+        faulty::{Fault, Faulty, Op},
+        local::LocalStore,
+    };
     use std::time::Duration;
 
     const MIB: usize = 1024 * 1024;
@@ -361,44 +364,15 @@ mod tests {
         assert!(out == data, "restored bytes differ");
     }
 
-    /// An upload that fails on its third part, like a store that goes away mid-backup.
-    struct FailingUpload {
-        inner: Box<dyn Upload>,
-        parts: u32,
-    }
-
-    #[async_trait]
-    impl Upload for FailingUpload {
-        fn put_part(&mut self, data: Bytes) -> crate::store::PartUpload {
-            self.parts += 1;
-            if self.parts == 3 {
-                return Box::pin(futures::future::ready(Err(StoreError::Request {
-                    key: "a/obj.zst".into(),
-                    message: "injected failure".into(),
-                    retryable: true,
-                })));
-            }
-            self.inner.put_part(data)
-        }
-        async fn complete(
-            self: Box<Self>,
-            parts: Vec<PartReceipt>,
-        ) -> Result<ObjectMeta, StoreError> {
-            self.inner.complete(parts).await
-        }
-        async fn abort(self: Box<Self>) -> Result<(), StoreError> {
-            self.inner.abort().await
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_store_stops_the_pipeline_and_leaves_nothing() {
         let (_dir, store) = store().await;
+        let store: Arc<dyn Store> = Arc::new(store);
+        // The third part fails, like a store that goes away mid-backup.
+        let faulty =
+            Faulty::new(store.clone()).inject(Op::PutPart, 3, Fault::Fail { retryable: true });
         let data = payload();
-        let upload = Box::new(FailingUpload {
-            inner: store.start_upload("a/obj.zst").await.unwrap(),
-            parts: 0,
-        });
+        let upload = faulty.start_upload("a/obj.zst").await.unwrap();
         let result = tokio::time::timeout(
             Duration::from_secs(60),
             super::upload(&data[..], upload, &settings(), Arc::default()),
@@ -415,6 +389,69 @@ mod tests {
             store.list_uploads("").await.unwrap().is_empty(),
             "the upload must be aborted"
         );
+        assert_eq!(faulty.calls(Op::Abort), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_abort_that_fails_too_leaves_an_upload_the_sweep_finds_and_no_object() {
+        let (_dir, store) = store().await;
+        let store: Arc<dyn Store> = Arc::new(store);
+        let faulty = Faulty::new(store.clone())
+            .inject(Op::PutPart, 2, Fault::Fail { retryable: false })
+            .inject(Op::Abort, 1, Fault::Fail { retryable: true });
+        let data = payload();
+        let upload = faulty.start_upload("a/obj.zst").await.unwrap();
+        let err = super::upload(&data[..], upload, &settings(), Arc::default())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("injected failure"), "{err}");
+        assert!(
+            store.list("").await.unwrap().is_empty(),
+            "no object may appear"
+        );
+        // What the start-up sweep sees, and can remove.
+        let pending = store.list_uploads("").await.unwrap();
+        assert_eq!(pending.len(), 1, "{pending:?}");
+        assert_eq!(pending[0].key, "a/obj.zst");
+        store.abort_upload(&pending[0]).await.unwrap();
+        assert!(store.list_uploads("").await.unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_download_cut_mid_object_fails_and_is_never_taken_for_the_whole() {
+        let (_dir, store) = store().await;
+        let data = payload();
+        let upload = store.start_upload("a/obj.zst").await.unwrap();
+        let staged = super::upload(&data[..], upload, &settings(), Arc::default())
+            .await
+            .unwrap();
+        let expected = staged.summary.digest.expected();
+        staged.commit().await.unwrap();
+        let store: Arc<dyn Store> = Arc::new(store);
+        // Cut at every size from the first byte to just short of the end.
+        let stored = store.head("a/obj.zst").await.unwrap().unwrap().size as usize;
+        for cut in [0, 1, MIB, stored - 1] {
+            let faulty = Faulty::new(store.clone()).inject(Op::Get, 1, Fault::CutAfter(cut));
+            let mut out = Vec::new();
+            let err = download(
+                &faulty,
+                "a/obj.zst",
+                &expected,
+                &mut out,
+                MIB,
+                Arc::default(),
+            )
+            .await
+            .unwrap_err();
+            assert!(
+                err.to_string().contains("injected failure"),
+                "cut at {cut}: {err}"
+            );
+            assert!(
+                out.len() < data.len(),
+                "cut at {cut}: everything was written"
+            );
+        }
     }
 
     async fn stored(store: &LocalStore, dir: &std::path::Path) -> (Digest256, std::path::PathBuf) {

@@ -8,6 +8,8 @@
 //!   components are refused so no key can escape the prefix.
 
 pub mod crypt;
+#[cfg(test)]
+pub(crate) mod faulty;
 pub mod local;
 pub mod read_only;
 pub mod retry;
