@@ -12,7 +12,6 @@
 use std::time::Duration;
 
 use clap::{Arg, CommandFactory};
-use soma_proto::v1;
 
 use crate::{
     cli::{Cli, KubeArgs, OutputFormat},
@@ -290,13 +289,7 @@ async fn backup_ids(state: &Typed) -> Vec<(String, String)> {
         };
         let mut ids: Vec<(String, String)> = Vec::new();
         for mut agent in agents {
-            let listed = agent
-                .client
-                .list_backups(v1::ListBackupsRequest {})
-                .await
-                .map_err(|s| CliError::from_status(s, &agent.addr, "request"))?
-                .into_inner()
-                .backups;
+            let listed = agent.all_backups().await?.backups;
             for b in listed {
                 if !ids.iter().any(|(id, _)| *id == b.id) {
                     let about = format!(

@@ -2,7 +2,7 @@
 //! port-forward to the agent's pod (the pods/portforward subresource over WebSocket), so no
 //! Service or exposed port is needed and the agent keeps listening on 127.0.0.1 in its pod.
 
-use soma_proto::{BackupId, IdEngine};
+use soma_proto::{BackupId, IdEngine, v1};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -144,6 +144,66 @@ pub struct Agent {
     pub addr: String,
     /// The pod, when reached through Kubernetes.
     pub pod: Option<AgentPod>,
+}
+
+/// Backups asked for per `ListBackups` page: small enough that one answer (each backup carries
+/// its manifest, a few KiB) stays below the 4 MiB a gRPC client decodes. The agent reads every
+/// manifest for each page, so pages are not made smaller than that.
+const LIST_PAGE_SIZE: u32 = 250;
+/// Pages read at most: 2 million backups, far more than any store holds; an agent whose pages
+/// never end cannot hold the plugin in a loop.
+const MAX_LIST_PAGES: usize = 10_000;
+
+impl Agent {
+    /// Every backup the agent lists, newest first, read page by page, with the unreadable ones.
+    pub async fn all_backups(&mut self) -> Result<v1::ListBackupsResponse, CliError> {
+        let mut all = v1::ListBackupsResponse::default();
+        let mut token = String::new();
+        for _ in 0..MAX_LIST_PAGES {
+            let page = self.list_page(LIST_PAGE_SIZE, &token).await?;
+            all.backups.extend(page.backups);
+            all.unreadable.extend(page.unreadable);
+            if page.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            if page.next_page_token == token {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        Err(CliError::Other(format!(
+            "{}: the agent's list of backups does not end (its page token repeats, or it has more than {MAX_LIST_PAGES} pages)",
+            self.addr
+        )))
+    }
+
+    /// The newest backup, if any (one page of one).
+    pub async fn newest_backup(&mut self) -> Result<Option<v1::BackupInfo>, tonic::Status> {
+        let page = self
+            .client
+            .list_backups(v1::ListBackupsRequest {
+                page_size: 1,
+                page_token: String::new(),
+            })
+            .await?
+            .into_inner();
+        Ok(page.backups.into_iter().next())
+    }
+
+    async fn list_page(
+        &mut self,
+        page_size: u32,
+        token: &str,
+    ) -> Result<v1::ListBackupsResponse, CliError> {
+        self.client
+            .list_backups(v1::ListBackupsRequest {
+                page_size,
+                page_token: token.to_string(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| CliError::from_status(s, &self.addr, "request"))
+    }
 }
 
 fn chain(e: &dyn std::error::Error) -> String {

@@ -97,11 +97,18 @@ impl TestStore {
         }
     }
 
-    /// Overwrites the object at `rel` with `bytes`, behind the agent's back.
+    /// Writes (or overwrites) the object at `rel` with `bytes`, behind the agent's back.
     pub fn write(&self, rel: &str, bytes: Vec<u8>) {
         match self {
-            TestStore::Local { dir } => std::fs::write(dir.path().join(rel), bytes)
-                .unwrap_or_else(|e| panic!("cannot write {rel} in the local store: {e}")),
+            TestStore::Local { dir } => {
+                let path = dir.path().join(rel);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)
+                        .unwrap_or_else(|e| panic!("cannot create {}: {e}", parent.display()));
+                }
+                std::fs::write(path, bytes)
+                    .unwrap_or_else(|e| panic!("cannot write {rel} in the local store: {e}"))
+            }
             TestStore::S3 { garage } => garage.put_object(&format!("{S3_PREFIX}/{rel}"), bytes),
         }
     }

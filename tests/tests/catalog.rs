@@ -98,3 +98,52 @@ fn an_unreadable_manifest_is_named_and_skipped_but_stops_pruning() {
         "prune deleted the readable backup"
     );
 }
+
+/// Issue 14, part 2: a store holding more backups than one gRPC answer can carry (each backup
+/// comes with its manifest; tonic clients decode at most 4 MiB a message). `list` used to fail
+/// with "message length too large"; it now reads the list a page at a time and shows them all,
+/// and status asks for the newest only.
+#[test]
+fn a_list_larger_than_one_grpc_message_is_read_page_by_page() {
+    const PLANTED: usize = 3000;
+    let pg = PgCluster::start();
+    pg.createdb("appdb");
+    pg.psql("appdb", "create table t (id integer primary key)");
+    let store = TestStore::local();
+    let agent = Agent::start(&store.url(), &pg.url("appdb"), &[], &store.env());
+    let a = agent.addr();
+    let out = soma(
+        a,
+        &["-o", "json", "backup", "postgres", "--database", "appdb"],
+    );
+    out.assert_success("backup");
+    let real = out.json()["id"].as_str().expect("backup id").to_owned();
+    let manifest = String::from_utf8(store.read(&format!("backups/{real}/manifest.json")))
+        .expect("manifest is text");
+    // Copies under other ids, one second apart and all older than the real one.
+    let start = chrono::NaiveDate::from_ymd_opt(2025, 1, 1)
+        .unwrap()
+        .and_hms_opt(0, 0, 0)
+        .unwrap();
+    let mut bytes = 0;
+    for i in 0..PLANTED {
+        let at = start + chrono::Duration::seconds(i as i64);
+        let id = format!("{}-pg-appdb-{:04x}", at.format("%Y%m%dT%H%M%SZ"), i);
+        let copy = manifest.replace(&real, &id);
+        bytes += copy.len();
+        store.write(&format!("backups/{id}/manifest.json"), copy.into_bytes());
+    }
+    assert!(
+        bytes > 4 << 20,
+        "the planted manifests ({bytes} bytes) would fit in one message"
+    );
+    let out = soma(a, &["-o", "json", "list"]);
+    out.assert_success("list of more backups than one message holds");
+    let listed = out.json();
+    let listed = listed.as_array().expect("a JSON array");
+    assert_eq!(listed.len(), PLANTED + 1);
+    assert_eq!(listed[0]["id"], real.as_str(), "newest first");
+    let status = soma(a, &["-o", "json", "status"]);
+    status.assert_success("status");
+    assert_eq!(status.json()[0]["last_backup"], real.as_str());
+}

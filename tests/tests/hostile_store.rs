@@ -488,3 +488,45 @@ fn soak_wal_stream_concurrent_backups_and_polling_through_store_faults() {
         acked.len()
     );
 }
+
+/// Issue 14, part 2: a timeline history object of 2 MiB planted in the WAL archive (no real
+/// history file is larger than a few KiB). The reader used to stop at 1 MiB while keeping its
+/// pipe open, so the download blocked and `describe` never answered; now the object is refused,
+/// named, and `describe` answers at once with the reason.
+#[test]
+fn a_history_file_over_one_mebibyte_is_refused_not_waited_on() {
+    use sha2::Digest as _;
+    let store = TestStore::garage();
+    let pg = PgCluster::start();
+    let spool = tempfile::tempdir().expect("spool");
+    let agent = wal_agent(&pg, &store, spool.path(), "1s");
+    let id = physical_backup(agent.addr());
+    let system_id =
+        soma(agent.addr(), &["-o", "json", "describe", &id]).json()["details"]["system_id"]
+            .as_str()
+            .expect("system id")
+            .to_owned();
+    let line = "1\t0/3000000\tno recovery target specified\n";
+    let raw = line.repeat((2 << 20) / line.len() + 1).into_bytes();
+    let sha = hex::encode(sha2::Sha256::digest(&raw));
+    store.write(
+        &format!("wal/{system_id}/00000002.history.history.00000000.1764460800000.{sha}.zst"),
+        zstd::encode_all(&raw[..], 3).unwrap(),
+    );
+    let started = Instant::now();
+    let out = soma(agent.addr(), &["-o", "json", "describe", &id]);
+    out.assert_success("describe with an oversized history file in the archive");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "describe took {:?}",
+        started.elapsed()
+    );
+    let error = out.json()["recovery_window"]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        error.contains("00000002.history") && error.contains("larger than 1024 KiB"),
+        "the window does not name the oversized history file: {out}"
+    );
+}

@@ -39,6 +39,8 @@ pub struct AgentService {
 
 /// Failures `GetInfo` shows.
 const RECENT_FAILURES: usize = 5;
+/// Most backups one `ListBackups` answer carries.
+const MAX_PAGE_SIZE: usize = 1000;
 /// How long `GetInfo` waits for the store (the recent failures); a store that retries or
 /// hangs must not keep status from answering.
 const STATUS_STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -187,27 +189,59 @@ impl SomaAgent for AgentService {
 
     async fn list_backups(
         &self,
-        _request: Request<v1::ListBackupsRequest>,
+        request: Request<v1::ListBackupsRequest>,
     ) -> Result<Response<v1::ListBackupsResponse>, Status> {
+        let request = request.into_inner();
         let listing = self.ctx.source.list_all().await.map_err(OpError::from)?;
+        // The token is the id of the last backup of the previous page.
+        let start = if request.page_token.is_empty() {
+            0
+        } else {
+            listing
+                .manifests
+                .iter()
+                .position(|m| m.id.to_string() == request.page_token)
+                .map(|i| i + 1)
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "page token {:?} is not a backup in the list any more (deleted meanwhile?); list again from the start",
+                        output_safe(&request.page_token)
+                    ))
+                })?
+        };
+        let size = match request.page_size {
+            0 => listing.manifests.len(),
+            n => (n as usize).min(MAX_PAGE_SIZE),
+        };
+        let page = listing.manifests.iter().skip(start).take(size);
         let mut windows = ops::physical::Windows::new(&self.ctx.source);
-        let mut backups = Vec::with_capacity(listing.manifests.len());
-        for m in &listing.manifests {
+        let mut backups = Vec::with_capacity(size.min(listing.manifests.len()));
+        for m in page {
             let mut info = convert::backup_info(m);
             info.recovery_window = windows.of(m).await.map(convert::recovery_window);
             backups.push(info);
         }
-        let unreadable = listing
-            .unreadable
-            .into_iter()
-            .map(|u| v1::UnreadableBackup {
-                id: u.id.to_string(),
-                reason: u.reason,
-            })
-            .collect();
+        let next_page_token = if start + backups.len() < listing.manifests.len() {
+            backups.last().map(|b| b.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let unreadable = if start == 0 {
+            listing
+                .unreadable
+                .into_iter()
+                .map(|u| v1::UnreadableBackup {
+                    id: u.id.to_string(),
+                    reason: u.reason,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Response::new(v1::ListBackupsResponse {
             backups,
             unreadable,
+            next_page_token,
         }))
     }
 
@@ -308,4 +342,12 @@ impl SomaAgent for AgentService {
             .unwrap_or_default(),
         }))
     }
+}
+
+/// A client's string quoted back in an error, shortened and without control characters.
+fn output_safe(text: &str) -> String {
+    text.chars()
+        .take(80)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }

@@ -16,12 +16,7 @@ pub async fn run_many(agents: Vec<Agent>, out: OutputFormat) -> Result<(), CliEr
     let mut backups: Vec<v1::BackupInfo> = Vec::new();
     let mut unreadable: Vec<v1::UnreadableBackup> = Vec::new();
     for mut agent in agents {
-        let listed = agent
-            .client
-            .list_backups(v1::ListBackupsRequest {})
-            .await
-            .map_err(|s| CliError::from_status(s, &agent.addr, "request"))?
-            .into_inner();
+        let listed = agent.all_backups().await?;
         for u in listed.unreadable {
             if !unreadable.iter().any(|x| x.id == u.id) {
                 unreadable.push(u);

@@ -446,15 +446,7 @@ pub async fn newest_set_at_or_before(
     let mut all = Vec::new();
     for agent in agents {
         let mut agent = agent.clone();
-        all.extend(
-            agent
-                .client
-                .list_backups(v1::ListBackupsRequest {})
-                .await
-                .map_err(|s| CliError::from_status(s, &agent.addr, "request"))?
-                .into_inner()
-                .backups,
-        );
+        all.extend(agent.all_backups().await?.backups);
     }
     newest_at_or_before(&all, v1::Engine::Set, at).ok_or_else(|| {
         CliError::Other(format!(
@@ -465,13 +457,7 @@ pub async fn newest_set_at_or_before(
 
 async fn list(served: &Served) -> Result<Vec<v1::BackupInfo>, CliError> {
     let mut agent = served.agent.clone();
-    Ok(agent
-        .client
-        .list_backups(v1::ListBackupsRequest {})
-        .await
-        .map_err(|s| CliError::from_status(s, &agent.addr, "request"))?
-        .into_inner()
-        .backups)
+    Ok(agent.all_backups().await?.backups)
 }
 
 /// The newest backup of `engine` that started at or before `at` (a snapshot holds the state of

@@ -33,11 +33,8 @@ async fn probe(agent: Result<Agent, CliError>, namespace: &str, pod: &str, engin
     };
     // An agent whose store fails still reports itself (and its WAL stream, which is when that
     // matters most); the failure is its health.
-    let (last, health) = match agent.client.list_backups(v1::ListBackupsRequest {}).await {
-        Ok(backups) => (
-            backups.into_inner().backups.into_iter().next(),
-            "ok".to_string(),
-        ),
+    let (last, health) = match agent.newest_backup().await {
+        Ok(last) => (last, "ok".to_string()),
         Err(s) => (
             None,
             CliError::from_status(s, &agent.addr, "request").to_string(),
