@@ -21,6 +21,7 @@
 
 pub mod archive;
 mod drain;
+pub mod header;
 pub mod index;
 pub mod naming;
 mod spool;
