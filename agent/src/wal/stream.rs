@@ -33,7 +33,7 @@ use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{WalArchive, WalError, drain, spool};
+use super::{WalArchive, WalError, drain, header::ServerWal, spool, valid_seg_size};
 use crate::{
     engine::postgres::{PgError, Postgres, ToolProcess},
     lsn::Lsn,
@@ -171,6 +171,12 @@ pub struct StreamStatus {
     pub partials_shipped: u64,
     /// The last error, if the most recent attempt failed.
     pub last_error: Option<String>,
+    /// Spool files moved aside since the agent started, because the server cannot have written
+    /// them (another cluster's, a timeline or position past the server's, a damaged header).
+    pub set_aside_files: u64,
+    /// The most recent of them (at most [`spool::SET_ASIDE_SHOWN`]), oldest first: the file,
+    /// why, and where it went.
+    pub set_aside: Vec<String>,
 }
 
 /// Shared view of the stream's status.
@@ -342,8 +348,8 @@ async fn session(
     }
 }
 
-/// Identifies the cluster, ships what a previous session left in the spool, ensures the slot
-/// and starts pg_receivewal.
+/// Identifies the cluster, moves aside what in the spool the server cannot have written, ships
+/// what a previous session left there, ensures the slot and starts pg_receivewal.
 async fn prepare(
     config: &StreamConfig,
     pg: &Postgres,
@@ -354,12 +360,36 @@ async fn prepare(
     let identify = |source| StreamError::Identify { source };
     let identity = pg.identify_system().await.map_err(identify)?;
     let seg_size = pg.wal_segment_size().await.map_err(identify)?;
+    // Every file in the spool is judged against these before anything is shipped from it: a
+    // wrong segment size here would set aside every file the server did write.
+    let unexpected = |what: &str, value: String| {
+        identify(PgError::ToolFailed {
+            tool: "psql",
+            status: format!("unexpected {what}"),
+            stderr: value,
+        })
+    };
+    if !valid_seg_size(seg_size) {
+        return Err(unexpected("wal_segment_size", seg_size.to_string()));
+    }
+    let server = ServerWal {
+        system_id: identity
+            .system_id
+            .parse()
+            .map_err(|_| unexpected("system identifier", identity.system_id.clone()))?,
+        timeline: identity.timeline,
+        flush: identity.xlogpos,
+        seg_size,
+    };
     {
         let mut s = lock(status);
         s.system_id = identity.system_id.clone();
         s.timeline = identity.timeline;
         s.seg_size = seg_size;
     }
+    // Before anything is shipped or resumed from: pg_receivewal resumes after the newest file in
+    // the spool, whoever wrote it.
+    spool::set_aside_impossible(&config.spool, &server, status).await?;
     let archive = WalArchive::new(store.clone(), &identity.system_id);
     // Multipart uploads a killed agent left half-done. Only this task ships this cluster's WAL,
     // one file at a time, and it is not shipping now.
