@@ -141,6 +141,8 @@ pub fn wal_archive_status(
         partials_shipped: s.partials_shipped,
         partial_interval_seconds: wal.config.partial_interval.as_secs_f64(),
         last_error: s.last_error.unwrap_or_default(),
+        set_aside_files: s.set_aside_files,
+        set_aside: s.set_aside,
     }
 }
 

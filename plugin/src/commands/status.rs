@@ -102,6 +102,8 @@ fn agent_row(
             "partials_shipped": w.partials_shipped,
             "partial_interval_seconds": w.partial_interval_seconds,
             "last_error": w.last_error,
+            "set_aside_files": w.set_aside_files,
+            "set_aside": w.set_aside,
         })),
         "schedules": info.schedules.iter().map(|s| json!({
             "action": s.action,
@@ -169,10 +171,31 @@ fn wal_cell(w: &Value) -> String {
         "NOT streaming"
     };
     let mut cell = format!("{state}, lag {lag}, shipped {} ago", age(shipped));
+    if let Some(n) = w["set_aside_files"].as_u64().filter(|n| *n > 0) {
+        cell.push_str(&format!(", {n} spool file(s) set aside"));
+    }
     if let Some(e) = w["last_error"].as_str().filter(|e| !e.is_empty()) {
         cell.push_str(&format!(" (last error: {e})"));
     }
     cell
+}
+
+/// The WAL spool files the agent moved aside (not this server's WAL), when there are any: how
+/// many, and the most recent with their reasons and where they went.
+fn set_aside_section(w: &Value) -> String {
+    let Some(n) = w["set_aside_files"].as_u64().filter(|n| *n > 0) else {
+        return String::new();
+    };
+    let mut out = format!(
+        "  WAL spool: {n} file(s) set aside, not this server's WAL (kept in the spool's set-aside folder, never shipped):\n"
+    );
+    for line in w["set_aside"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "    {}\n",
+            output::cell(line.as_str().unwrap_or(""), 400)
+        ));
+    }
+    out
 }
 
 fn age(seconds: Option<i64>) -> String {
@@ -334,6 +357,7 @@ fn render(rows: &[Value], out: OutputFormat) -> Result<String, CliError> {
             continue;
         }
         text_out.push_str(&format!("\n{}:\n", agent_title(r)));
+        text_out.push_str(&set_aside_section(&r["wal_archive"]));
         text_out.push_str(&schedules_section(r, wide));
         text_out.push_str(&format!(
             "  Encryption: {}\n",
@@ -593,6 +617,42 @@ mod tests {
             render(std::slice::from_ref(&row), OutputFormat::Name).unwrap(),
             "agent/postgresql-0\n"
         );
+    }
+
+    #[test]
+    fn status_names_the_wal_spool_files_set_aside() {
+        let mut with_wal = info();
+        with_wal.wal_archive = Some(v1::WalArchiveStatus {
+            receiving: true,
+            set_aside_files: 2,
+            set_aside: vec![
+                "000000010000000000000001: written by another PostgreSQL cluster; moved to /spool/set-aside/x/000000010000000000000001".into(),
+                "00000002.history: timeline 2 is after the server's timeline 1; moved to /spool/set-aside/x/00000002.history".into(),
+            ],
+            ..Default::default()
+        });
+        let row = agent_row("shop", "pg-0", "postgres", &with_wal, None, "ok".into());
+        let text = render(std::slice::from_ref(&row), OutputFormat::Table).unwrap();
+        assert!(
+            text.contains("streaming") && text.contains("2 spool file(s) set aside"),
+            "{text}"
+        );
+        assert!(text.contains("  WAL spool: 2 file(s) set aside"), "{text}");
+        assert!(
+            text.contains("    00000002.history: timeline 2 is after"),
+            "{text}"
+        );
+        let json: Value =
+            serde_json::from_str(&render(std::slice::from_ref(&row), OutputFormat::Json).unwrap())
+                .unwrap();
+        assert_eq!(json[0]["wal_archive"]["set_aside_files"], 2);
+        // Nothing set aside, nothing said.
+        let text = render(
+            &[agent_row("", "a", "", &info(), None, "ok".into())],
+            OutputFormat::Table,
+        )
+        .unwrap();
+        assert!(!text.contains("set aside"), "{text}");
     }
 
     #[test]
