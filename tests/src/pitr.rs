@@ -246,3 +246,43 @@ impl<T> Drop for AckedInserts<T> {
         let _ = self.child.wait();
     }
 }
+
+/// The cluster's system identifier (`pg_control_system()`), which names its WAL archive folder
+/// and is written into the first page of every WAL segment.
+pub fn system_identifier(pg: &PgCluster) -> u64 {
+    pg.psql(
+        "postgres",
+        "select system_identifier from pg_control_system()",
+    )
+    .parse()
+    .expect("system_identifier is a number")
+}
+
+/// The cluster's WAL segment size in bytes.
+pub fn wal_segment_size(pg: &PgCluster) -> u64 {
+    pg.psql(
+        "postgres",
+        "select setting from pg_settings where name = 'wal_segment_size'",
+    )
+    .parse()
+    .expect("wal_segment_size is a number")
+}
+
+/// Completes `n` WAL segments: each round writes a few rows into table `wal_filler` (created if
+/// missing) and switches to a new segment. Returns the names of the completed segments, oldest
+/// first.
+pub fn complete_segments(pg: &PgCluster, n: usize) -> Vec<String> {
+    pg.psql(
+        "postgres",
+        "create table if not exists wal_filler (id bigserial primary key, payload text not null)",
+    );
+    (0..n)
+        .map(|_| {
+            pg.psql(
+                "postgres",
+                "insert into wal_filler (payload) select 'filler ' || i from generate_series(1, 200) i;
+                 select pg_walfile_name(pg_switch_wal())",
+            )
+        })
+        .collect()
+}

@@ -13,6 +13,13 @@
 //!   PostgreSQL acts on: 0 with the checked bytes, 1 past the end of the archive, 255 (abort
 //!   recovery) for a gap or a corrupted object, leaving nothing behind at the destination.
 //!
+//! - WAL files in the agent's spool that its server cannot have written — another cluster's
+//!   segments under the very names this cluster writes, a segment or history file past the
+//!   server's WAL — are moved aside intact into the spool's `set-aside/` folder, named with their
+//!   reason in the log and in `status`, and never shipped; the agent then streams and archives its
+//!   own WAL without a gap, instead of shipping the foreign segment under its own system
+//!   identifier and asking the server, for ever, for WAL it does not have.
+//!
 //! Each test first checks its starting point: once `status` reports the archive at the server's
 //! WAL position, every segment the server completed since the base backup is stored in the archive
 //! as a complete segment.
@@ -22,8 +29,9 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use soma_tests::pitr::{
-    PROMOTE_TIMEOUT, format_lsn, lsn, physical_backup, restore_and_start, restore_pgdata,
-    segment_name, segno_of, wait_archived, wal_agent, wal_status,
+    PROMOTE_TIMEOUT, complete_segments, format_lsn, lsn, physical_backup, restore_and_start,
+    restore_pgdata, segment_name, segno_of, system_identifier, wait_archived, wal_agent,
+    wal_segment_size, wal_status,
 };
 use soma_tests::store::S3_PREFIX;
 use soma_tests::{Agent, CmdOutput, PgCluster, TestStore, bin_path, poll_until, soma};
@@ -673,4 +681,371 @@ fn wal_fetch_exit_codes() {
         middle.sha256
     );
     eprintln!("wal-fetch test took {:?}", began.elapsed());
+}
+
+/// What pg_receivewal's server says when asked for WAL past its flush position: the endless
+/// loop a spool file ahead of the server caused.
+const AHEAD_OF_FLUSH: &str = "ahead of the WAL flush position";
+
+/// sha256 of `bytes`, hex.
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The system identifier and page address in the long header of a WAL segment's first page
+/// (`xlp_sysid` at byte 24, `xlp_pageaddr` at byte 8; the machine's byte order).
+fn first_page(bytes: &[u8]) -> (u64, u64) {
+    let u64_at = |at: usize| {
+        u64::from_ne_bytes(
+            bytes[at..at + 8]
+                .try_into()
+                .expect("8 bytes of a WAL page header"),
+        )
+    };
+    (u64_at(24), u64_at(8))
+}
+
+/// The folders of `<spool>/set-aside/`, sorted.
+fn set_aside_folders(spool: &Path) -> Vec<std::path::PathBuf> {
+    let mut folders: Vec<_> = std::fs::read_dir(spool.join("set-aside"))
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    folders.sort();
+    folders
+}
+
+/// Waits until the agent streams (status: receiving) having set aside `n` spool files; returns
+/// the status.
+fn wait_streaming_with_set_aside(agent: &Agent, n: u64) -> serde_json::Value {
+    poll_until(
+        Duration::from_secs(60),
+        &format!("the agent to set {n} spool file(s) aside and stream WAL"),
+        || {
+            let status = wal_status(agent.addr());
+            (status["receiving"].as_bool() == Some(true)
+                && status["set_aside_files"].as_u64() == Some(n))
+            .then_some(status)
+        },
+    )
+}
+
+/// Asserts that `status` names each of `expected` (file, reason) among its set-aside files, and
+/// that the agent's log warned of each.
+fn assert_set_aside_said(agent: &Agent, status: &serde_json::Value, expected: &[(&str, &str)]) {
+    let said: Vec<&str> = status["set_aside"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no set_aside list in the status: {status:#}"))
+        .iter()
+        .filter_map(|m| m.as_str())
+        .collect();
+    let logs = agent.logs();
+    for (file, reason) in expected {
+        assert!(
+            said.iter()
+                .any(|m| m.starts_with(&format!("{file}: ")) && m.contains(reason)),
+            "status does not say that {file} was set aside because {reason:?}: {said:#?}"
+        );
+        assert!(
+            logs.lines().any(|l| l.contains("WAL spool file set aside")
+                && l.contains(file)
+                && l.contains(reason)),
+            "the agent's log does not warn that {file} was set aside ({reason:?}):\n{logs}"
+        );
+    }
+    // The plugin's table says it too.
+    let table = soma(agent.addr(), &["status"]);
+    assert!(
+        table
+            .stdout
+            .contains(&format!("{} spool file(s) set aside", expected.len()))
+            && expected.iter().all(|(file, _)| table.stdout.contains(file)),
+        "`status` does not show the files set aside:\n{table}"
+    );
+}
+
+/// The WAL objects of `store` (relative keys), and those of the archive folder `system_id`.
+fn wal_objects(store: &TestStore, system_id: u64) -> (Vec<String>, Vec<String>) {
+    let all = store.list("wal/");
+    let own = all
+        .iter()
+        .filter(|k| k.starts_with(&format!("wal/{system_id}/")))
+        .cloned()
+        .collect();
+    (all, own)
+}
+
+/// A spool that another PostgreSQL cluster left behind — its complete segments 1–3 and the
+/// partial 4, the very names this cluster writes, and a history file of timeline 2 — is found by
+/// a new agent for this cluster: every one of those files is moved aside intact into the spool's
+/// `set-aside/<time>/` folder, named with its reason in the log and in `status`, and none reaches
+/// the store. The agent streams its own cluster's WAL from the slot: segments 1–3 in the archive
+/// are this cluster's (their first page carries its system identifier) and the archive has no
+/// gap up to the server's position.
+#[test]
+fn another_clusters_spool_is_set_aside_and_this_clusters_wal_archived() {
+    let began = Instant::now();
+    let other = PgCluster::start();
+    let theirs = complete_segments(&other, 3);
+    assert_eq!(
+        theirs,
+        [
+            "000000010000000000000001",
+            "000000010000000000000002",
+            "000000010000000000000003"
+        ],
+        "the other cluster's completed segments"
+    );
+    let other_id = system_identifier(&other);
+    let spool = tempfile::Builder::new()
+        .prefix("soma-spool-")
+        .tempdir()
+        .expect("cannot create the WAL spool directory");
+    // The segment the other cluster is writing, as pg_receivewal keeps it: PostgreSQL creates
+    // the file when it first writes WAL into it (its walwriter, within a fraction of a second).
+    other.psql(
+        "postgres",
+        "insert into wal_filler (payload) values ('after the last switch')",
+    );
+    let wal_dir = other.data_path().join("pg_wal");
+    poll_until(
+        Duration::from_secs(30),
+        "the other cluster to write into its segment 4",
+        || {
+            let bytes = std::fs::read(wal_dir.join("000000010000000000000004")).ok()?;
+            (bytes.len() >= 40 && first_page(&bytes).0 == other_id).then_some(())
+        },
+    );
+    let mut planted = Vec::new();
+    for (source, name) in [
+        ("000000010000000000000001", "000000010000000000000001"),
+        ("000000010000000000000002", "000000010000000000000002"),
+        ("000000010000000000000003", "000000010000000000000003"),
+        (
+            "000000010000000000000004",
+            "000000010000000000000004.partial",
+        ),
+    ] {
+        let bytes = std::fs::read(wal_dir.join(source))
+            .unwrap_or_else(|e| panic!("the other cluster's {source}: {e}"));
+        assert_eq!(
+            first_page(&bytes).0,
+            other_id,
+            "{source} of the other cluster"
+        );
+        std::fs::write(spool.path().join(name), &bytes).expect("cannot plant a spool file");
+        planted.push((name, bytes));
+    }
+    let history = b"1\t0/3000060\tno recovery target specified\n".to_vec();
+    std::fs::write(spool.path().join("00000002.history"), &history)
+        .expect("cannot plant a history file");
+    planted.push(("00000002.history", history));
+    drop(other);
+
+    let pg = PgCluster::start();
+    let id = system_identifier(&pg);
+    assert_ne!(id, other_id, "two clusters with one system identifier");
+    let seg_size = wal_segment_size(&pg);
+    let store = TestStore::local();
+    let agent = wal_agent(&pg, &store, spool.path(), "1s");
+    let status = wait_streaming_with_set_aside(&agent, planted.len() as u64);
+    let foreign = format!(
+        "written by another PostgreSQL cluster (system identifier {other_id}; this server's is {id})"
+    );
+    assert_set_aside_said(
+        &agent,
+        &status,
+        &[
+            ("000000010000000000000001", &foreign),
+            ("000000010000000000000002", &foreign),
+            ("000000010000000000000003", &foreign),
+            ("000000010000000000000004.partial", &foreign),
+            (
+                "00000002.history",
+                "timeline 2 is after the server's timeline 1",
+            ),
+        ],
+    );
+    // Moved, not deleted: every byte is in one set-aside folder.
+    let folders = set_aside_folders(spool.path());
+    assert_eq!(folders.len(), 1, "set-aside folders: {folders:?}");
+    for (name, bytes) in &planted {
+        let kept = std::fs::read(folders[0].join(name))
+            .unwrap_or_else(|e| panic!("{name} is not in {}: {e}", folders[0].display()));
+        assert!(kept == *bytes, "{name} changed on its way aside");
+    }
+
+    // This cluster's own WAL, past the names the other cluster used.
+    let ours = complete_segments(&pg, 3);
+    pg.psql(
+        "postgres",
+        "insert into wal_filler (payload) select 'after the last switch ' || i from generate_series(1, 200) i",
+    );
+    let archived = wait_archived(agent.addr(), &pg);
+    let (all, own) = wal_objects(&store, id);
+    assert_eq!(
+        all, own,
+        "WAL objects outside this cluster's folder wal/{id}/"
+    );
+    let digests: Vec<String> = planted.iter().map(|(_, b)| sha256_hex(b)).collect();
+    for key in &all {
+        assert!(
+            !digests.iter().any(|d| key.contains(d.as_str())),
+            "the other cluster's file was shipped: {key}"
+        );
+    }
+    // Every segment from the first up to the archived position is a complete segment of this
+    // cluster's, at the place its name says.
+    let fetched = tempfile::tempdir().expect("a directory for fetched WAL");
+    let last_complete = archived / seg_size;
+    assert!(
+        last_complete >= 4,
+        "archived only to {}",
+        format_lsn(archived)
+    );
+    for segno in 1..last_complete {
+        let name = segment_name(1, segno, seg_size);
+        assert!(
+            own.iter().any(|k| k.contains(&format!("/{name}.seg."))),
+            "{name} is not archived as a complete segment (the archive has a gap before {}): {own:#?}",
+            format_lsn(archived)
+        );
+        let dest = fetched.path().join(&name);
+        wal_fetch(&store, &id.to_string(), &name, &dest)
+            .assert_success(&format!("wal-fetch {name}"));
+        let bytes = std::fs::read(&dest).expect("the fetched segment");
+        assert_eq!(
+            first_page(&bytes),
+            (id, segno * seg_size),
+            "the archived {name} is not this cluster's segment {segno}"
+        );
+    }
+    assert!(
+        ours.iter().all(|n| segno_of(n, seg_size) < last_complete),
+        "{ours:?}"
+    );
+    let logs = agent.logs();
+    assert!(
+        !logs.contains(AHEAD_OF_FLUSH),
+        "pg_receivewal asked for WAL past the server's:\n{logs}"
+    );
+    eprintln!("foreign spool test took {:?}", began.elapsed());
+}
+
+/// A spool holding files past this server's WAL — one of its own segments renamed far ahead with
+/// its page address rewritten to match (a header that is this cluster's in every respect but
+/// position), the same segment renamed ahead as it is, and a zero-filled partial further on —
+/// would have pg_receivewal resume past the server's flush position and be refused for ever. The
+/// agent moves them aside, each with its reason, streams from the slot and archives up to the
+/// server's position; none of them reaches the store. Started again on the same spool, it sets
+/// nothing more aside: its own files pass the check.
+#[test]
+fn spool_files_ahead_of_the_server_are_set_aside_and_streaming_works() {
+    let began = Instant::now();
+    let pg = PgCluster::start();
+    let id = system_identifier(&pg);
+    let seg_size = wal_segment_size(&pg);
+    let done = complete_segments(&pg, 1);
+    let real = std::fs::read(pg.data_path().join("pg_wal").join(&done[0]))
+        .expect("the cluster's completed segment");
+    assert_eq!(
+        first_page(&real),
+        (id, segno_of(&done[0], seg_size) * seg_size)
+    );
+
+    let spool = tempfile::Builder::new()
+        .prefix("soma-spool-")
+        .tempdir()
+        .expect("cannot create the WAL spool directory");
+    let ahead = segment_name(1, 0xF0, seg_size);
+    let mut rewritten = real.clone();
+    rewritten[8..16].copy_from_slice(&(0xF0 * seg_size).to_ne_bytes());
+    let renamed = segment_name(1, 0xF1, seg_size);
+    let zeros = format!("{}.partial", segment_name(1, 0xF2, seg_size));
+    let planted = [
+        (ahead.clone(), rewritten),
+        (renamed.clone(), real.clone()),
+        (
+            zeros.clone(),
+            vec![0u8; usize::try_from(seg_size).expect("segment size")],
+        ),
+    ];
+    for (name, bytes) in &planted {
+        std::fs::write(spool.path().join(name), bytes).expect("cannot plant a spool file");
+    }
+    let store = TestStore::local();
+    let mut agent = wal_agent(&pg, &store, spool.path(), "1s");
+    let status = wait_streaming_with_set_aside(&agent, 3);
+    let named_at = format!(
+        "its first page is at {}, but its name puts it at {}",
+        format_lsn(segno_of(&done[0], seg_size) * seg_size),
+        format_lsn(0xF1 * seg_size)
+    );
+    assert_set_aside_said(
+        &agent,
+        &status,
+        &[
+            (
+                &ahead,
+                &format!(
+                    "it reaches {}, ahead of the server's WAL flush position",
+                    format_lsn(0xF1 * seg_size)
+                ),
+            ),
+            (&renamed, &named_at),
+            (&zeros, "no WAL page header at its start (zeros)"),
+        ],
+    );
+    let folders = set_aside_folders(spool.path());
+    assert_eq!(folders.len(), 1, "set-aside folders: {folders:?}");
+    for (name, bytes) in &planted {
+        let kept = std::fs::read(folders[0].join(name))
+            .unwrap_or_else(|e| panic!("{name} is not in {}: {e}", folders[0].display()));
+        assert!(kept == *bytes, "{name} changed on its way aside");
+    }
+
+    complete_segments(&pg, 2);
+    let archived = wait_archived(agent.addr(), &pg);
+    assert!(
+        archived > 2 * seg_size,
+        "archived only to {}",
+        format_lsn(archived)
+    );
+    let (all, own) = wal_objects(&store, id);
+    assert_eq!(
+        all, own,
+        "WAL objects outside this cluster's folder wal/{id}/"
+    );
+    for (name, _) in &planted {
+        let base = name.trim_end_matches(".partial");
+        assert!(
+            !all.iter().any(|k| k.contains(base)),
+            "{name}, set aside, reached the store: {all:#?}"
+        );
+    }
+
+    // Stopped and started again on its own spool: nothing more is set aside, WAL flows on.
+    assert!(
+        agent
+            .terminate(Duration::from_secs(60))
+            .is_some_and(|s| s.success()),
+        "the agent did not stop cleanly:\n{}",
+        agent.logs()
+    );
+    let logs = agent.logs();
+    assert!(
+        !logs.contains(AHEAD_OF_FLUSH),
+        "pg_receivewal asked for WAL past the server's:\n{logs}"
+    );
+    drop(agent);
+    let agent = wal_agent(&pg, &store, spool.path(), "1s");
+    let status = wait_streaming_with_set_aside(&agent, 0);
+    assert_eq!(status["set_aside"], serde_json::json!([]), "{status:#}");
+    complete_segments(&pg, 1);
+    wait_archived(agent.addr(), &pg);
+    assert_eq!(
+        set_aside_folders(spool.path()).len(),
+        1,
+        "a second set-aside folder"
+    );
+    eprintln!("spool ahead test took {:?}", began.elapsed());
 }
