@@ -280,10 +280,6 @@ pub(super) async fn set_aside_impossible(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(source) => return Err(StreamError::Spool { path, source }),
         }
-        // The rename is durable before anything is shipped or received after it.
-        if let Ok(dir) = tokio::fs::File::open(&folder).await {
-            let _ = dir.sync_all().await;
-        }
         tracing::warn!(
             file = %name,
             %reason,
@@ -299,10 +295,13 @@ pub(super) async fn set_aside_impossible(
             .push(format!("{name}: {reason}; moved to {}", target.display()));
         moved += 1;
     }
-    if moved > 0
-        && let Ok(dir) = tokio::fs::File::open(spool).await
-    {
-        let _ = dir.sync_all().await;
+    if moved > 0 {
+        // The moves are durable before anything is shipped or received after them.
+        for dir in folder.iter().map(PathBuf::as_path).chain([spool]) {
+            if let Ok(dir) = tokio::fs::File::open(dir).await {
+                let _ = dir.sync_all().await;
+            }
+        }
     }
     Ok(moved)
 }
