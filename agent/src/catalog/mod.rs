@@ -116,6 +116,40 @@ pub fn latest_of(manifests: Vec<Manifest>, engine: Engine) -> Option<Manifest> {
         .max_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)))
 }
 
+/// The backup whose manifest `key` (a key listed under [`BACKUPS_DIR`]) is:
+/// `backups/<id>/manifest.json` with a valid id, and nothing else.
+pub fn manifest_key_id(key: &str) -> Option<BackupId> {
+    let rest = key.strip_prefix(BACKUPS_DIR)?.strip_prefix('/')?;
+    let (id, MANIFEST) = rest.split_once('/')? else {
+        return None;
+    };
+    BackupId::parse(id).ok()
+}
+
+/// Reads the manifest of backup `id` from `raw`, the bytes of its object: refused when it is larger
+/// than any manifest the agent writes, does not parse, is of a newer format, or names another
+/// backup (a manifest copied or forged into the wrong folder).
+pub fn read_manifest(id: &BackupId, raw: &[u8]) -> Result<Manifest, CatalogError> {
+    let bad = |reason: String| CatalogError::BadManifest {
+        id: id.to_string(),
+        reason,
+    };
+    if raw.len() > MAX_MANIFEST_BYTES {
+        return Err(bad("larger than 4 MiB".into()));
+    }
+    let manifest: Manifest = serde_json::from_slice(raw).map_err(|e| bad(e.to_string()))?;
+    if manifest.manifest_version > MANIFEST_VERSION {
+        return Err(bad(format!(
+            "manifest version {} is newer than this agent understands ({MANIFEST_VERSION}); upgrade the agent",
+            manifest.manifest_version
+        )));
+    }
+    if manifest.id != *id {
+        return Err(bad(format!("it names backup {}", manifest.id)));
+    }
+    Ok(manifest)
+}
+
 /// What [`Catalog::list_all`] found.
 #[derive(Debug, Default)]
 pub struct Listing {
@@ -229,13 +263,7 @@ impl Catalog {
         let mut out = Vec::new();
         let mut unreadable = Vec::new();
         for obj in objects {
-            let Some(rest) = obj.key.strip_prefix(&format!("{BACKUPS_DIR}/")) else {
-                continue;
-            };
-            let Some((id, MANIFEST)) = rest.split_once('/') else {
-                continue;
-            };
-            let Ok(id) = BackupId::parse(id) else {
+            let Some(id) = manifest_key_id(&obj.key) else {
                 continue;
             };
             match self.get(&id).await {
@@ -275,27 +303,7 @@ impl Catalog {
                 });
             }
         }
-        let manifest: Manifest =
-            serde_json::from_slice(&raw).map_err(|e| CatalogError::BadManifest {
-                id: id.to_string(),
-                reason: e.to_string(),
-            })?;
-        if manifest.manifest_version > MANIFEST_VERSION {
-            return Err(CatalogError::BadManifest {
-                id: id.to_string(),
-                reason: format!(
-                    "manifest version {} is newer than this agent understands ({MANIFEST_VERSION}); upgrade the agent",
-                    manifest.manifest_version
-                ),
-            });
-        }
-        if manifest.id != *id {
-            return Err(CatalogError::BadManifest {
-                id: id.to_string(),
-                reason: format!("it names backup {}", manifest.id),
-            });
-        }
-        Ok(manifest)
+        read_manifest(id, &raw)
     }
 
     /// Resolves "latest" (the newest complete top-level backup: see [`latest`]) or a literal id.
@@ -500,6 +508,32 @@ mod tests {
         );
         m.completed_at = at + chrono::Duration::seconds(1);
         m
+    }
+
+    #[test]
+    fn manifests_are_read_with_checks() {
+        let m = manifest(Engine::Postgres, Kind::Logical, "app", 0);
+        let json = serde_json::to_vec(&m).unwrap();
+        let other = manifest(Engine::Postgres, Kind::Logical, "other", 1);
+        assert!(
+            read_manifest(&other.id, &json)
+                .unwrap_err()
+                .to_string()
+                .contains("it names backup")
+        );
+        let mut newer = m.clone();
+        newer.manifest_version = MANIFEST_VERSION + 1;
+        let err = read_manifest(&m.id, &serde_json::to_vec(&newer).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("upgrade the agent"), "{err}");
+        assert_eq!(manifest_key_id(&m.id.key(MANIFEST)), Some(m.id.clone()));
+        for key in [
+            "backups/latest/manifest.json",
+            "backupsX/manifest.json",
+            "backups//manifest.json",
+        ] {
+            assert_eq!(manifest_key_id(key), None, "{key}");
+        }
+        assert_eq!(manifest_key_id(&format!("{}/", m.id.key(MANIFEST))), None);
     }
 
     #[test]

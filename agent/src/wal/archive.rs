@@ -377,7 +377,7 @@ impl WalArchive {
 }
 
 /// Parses a history file's text: `parent timeline`, `switch LSN`, `reason` per line, `#` comments.
-fn parse_history(file: &WalFile, text: &str) -> Result<Vec<(u32, Lsn)>, WalError> {
+pub fn parse_history(file: &WalFile, text: &str) -> Result<Vec<(u32, Lsn)>, WalError> {
     let mut out = Vec::new();
     for line in text.lines() {
         let line = line.trim();

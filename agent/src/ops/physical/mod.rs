@@ -11,7 +11,7 @@
 mod backup;
 mod pgdata;
 mod restore;
-mod untar;
+pub mod untar;
 mod wal;
 
 pub use backup::backup_physical;

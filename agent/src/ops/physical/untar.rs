@@ -110,7 +110,7 @@ pub enum UntarError {
 
 /// Why an unpack stopped.
 #[derive(Debug)]
-pub(super) enum Stop {
+pub enum Stop {
     /// The archive holds something a base backup never does.
     Refused(UntarError),
     /// The filesystem failed (disk full, permissions); the error names the entry.
@@ -128,7 +128,7 @@ impl From<UntarError> for Stop {
 ///
 /// On error, whatever was laid down so far stays in `dir` for the caller to remove; nothing was
 /// written outside it.
-pub(super) fn unpack<R: Read>(input: R, dir: &Path, limit: u64) -> Result<(), Stop> {
+pub fn unpack<R: Read>(input: R, dir: &Path, limit: u64) -> Result<(), Stop> {
     let mut capped = Capped {
         inner: input,
         left: limit,
