@@ -510,6 +510,18 @@ mod tests {
         m
     }
 
+    /// Found by the property test `manifests_the_agent_writes_it_reads_back`
+    /// (agent/tests/properties.rs): serde_json's default float parser read this number one unit
+    /// in the last place off what it had written, so a manifest's details (Qdrant collection
+    /// configs hold floats) did not read back as written. Fixed with `float_roundtrip`.
+    #[test]
+    fn a_float_in_a_manifests_details_reads_back_exactly() {
+        let m = manifest(Engine::Qdrant, Kind::QdrantCollections, "docs", 0)
+            .with_details(serde_json::json!({ "a": 1.5471947613644907e-302, "b": 0.99 }));
+        let json = serde_json::to_vec_pretty(&m).unwrap();
+        assert_eq!(read_manifest(&m.id, &json).unwrap(), m);
+    }
+
     #[test]
     fn manifests_are_read_with_checks() {
         let m = manifest(Engine::Postgres, Kind::Logical, "app", 0);
