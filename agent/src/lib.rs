@@ -9,6 +9,8 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod failures;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod jobs;
 pub mod lsn;
 pub mod metrics;
