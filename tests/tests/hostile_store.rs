@@ -51,6 +51,14 @@ fn a_pending_upload_with_a_non_ascii_key_does_not_stop_the_agent() {
     );
 }
 
+/// The system identifier a physical backup records, under which its WAL is archived.
+fn system_id_of(agent: &Agent, id: &str) -> String {
+    soma(agent.addr(), &["-o", "json", "describe", id]).json()["details"]["system_id"]
+        .as_str()
+        .expect("system id")
+        .to_owned()
+}
+
 #[test]
 fn a_wal_key_with_a_huge_segment_number_does_not_hang_describe() {
     let store = TestStore::garage();
@@ -58,11 +66,7 @@ fn a_wal_key_with_a_huge_segment_number_does_not_hang_describe() {
     let spool = tempfile::tempdir().expect("spool");
     let agent = wal_agent(&pg, &store, spool.path(), "1s");
     let id = physical_backup(agent.addr());
-    let system_id =
-        soma(agent.addr(), &["-o", "json", "describe", &id]).json()["details"]["system_id"]
-            .as_str()
-            .expect("system id")
-            .to_owned();
+    let system_id = system_id_of(&agent, &id);
     // The measured key (its end lies past the last LSN, so it cannot be WAL and is left out), and
     // one just inside the LSN space, which the window must take in without walking to it.
     for name in ["00000001FFFFFFFF000000FF", "00000001FFFFFFFE000000FF"] {
@@ -501,11 +505,7 @@ fn a_history_file_over_one_mebibyte_is_refused_not_waited_on() {
     let spool = tempfile::tempdir().expect("spool");
     let agent = wal_agent(&pg, &store, spool.path(), "1s");
     let id = physical_backup(agent.addr());
-    let system_id =
-        soma(agent.addr(), &["-o", "json", "describe", &id]).json()["details"]["system_id"]
-            .as_str()
-            .expect("system id")
-            .to_owned();
+    let system_id = system_id_of(&agent, &id);
     let line = "1\t0/3000000\tno recovery target specified\n";
     let raw = line.repeat((2 << 20) / line.len() + 1).into_bytes();
     let sha = hex::encode(sha2::Sha256::digest(&raw));
