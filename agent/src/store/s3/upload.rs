@@ -171,9 +171,8 @@ impl Upload for S3Upload {
             key: self.key.clone(),
             size,
         };
-        self.abort_orphans().await;
         match result {
-            Ok(_) => Ok(done),
+            Ok(_) => {}
             // An earlier attempt completed the upload but its answer was lost: the upload is
             // gone and the object is there, whole.
             Err(StoreError::NotFound { .. })
@@ -185,15 +184,15 @@ impl Upload for S3Upload {
                         .ok()
                         .flatten()
                         .map(|m| m.size)
-                        == Some(size) =>
-            {
-                Ok(done)
-            }
+                        == Some(size) => {}
             Err(err) => {
+                // Aborts this upload and any orphan of a retried create.
                 let _ = self.abort_now().await;
-                Err(err)
+                return Err(err);
             }
         }
+        self.abort_orphans().await;
+        Ok(done)
     }
 
     async fn abort(self: Box<Self>) -> Result<()> {
