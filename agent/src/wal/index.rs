@@ -166,8 +166,15 @@ impl WalIndex {
                 ));
             }
             if contiguous {
-                window.latest_lsn = o.end_lsn(self.seg_size).unwrap_or(stop);
-                window.latest_time = Some(o.captured);
+                // WAL the archive holds only up to before the backup's consistent point (a partial
+                // of its last segment shipped before it finished) moves nothing: the window never
+                // ends before the backup does.
+                if let Some(end) = o.end_lsn(self.seg_size)
+                    && end > window.latest_lsn
+                {
+                    window.latest_lsn = end;
+                    window.latest_time = Some(o.captured);
+                }
                 // A partial is the end of what is known of this timeline's segment.
                 if o.kind == Kind::Partial
                     && segno < max_segno
@@ -380,6 +387,29 @@ mod tests {
         // A backup taken after the branch point does not follow timeline 2.
         let w = idx.window(1, Lsn(4 * SEG + 0x7000));
         assert_eq!(w.timeline, 1);
+    }
+
+    /// Found by the store_listing fuzz target: a partial of the backup's last segment shipped
+    /// before the backup finished (or a forged key with a short `end`) put the window's end before
+    /// the backup's consistent point, a window that ends before it starts.
+    #[test]
+    fn wal_ending_before_the_backup_does_not_end_the_window_before_it() {
+        let stop = Lsn(2 * SEG + 0x100);
+        for kind in [Kind::Partial, Kind::Seg] {
+            let idx = index(vec![obj(1, 2, kind, 0x10, 1000)], vec![]);
+            let w = idx.window(1, stop);
+            assert_eq!((w.latest_lsn, w.latest_time), (stop, None), "{kind:?}");
+        }
+        // Later WAL after it still counts once the partial is superseded by the segment.
+        let idx = index(
+            vec![
+                obj(1, 2, Kind::Partial, 0x10, 1000),
+                obj(1, 2, Kind::Seg, SEG, 2000),
+                obj(1, 3, Kind::Partial, 0x20, 3000),
+            ],
+            vec![],
+        );
+        assert_eq!(idx.window(1, stop).latest_lsn, Lsn(3 * SEG + 0x20));
     }
 
     #[test]
