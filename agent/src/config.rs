@@ -155,6 +155,18 @@ pub struct Config {
     #[arg(long, env = "SOMA_QDRANT_CA_CERT")]
     pub qdrant_ca_cert: Option<PathBuf>,
 
+    /// Longest a Qdrant snapshot download or shard stream may go without a byte; past it the
+    /// backup fails, naming the snapshot, instead of waiting on a frozen node.
+    #[arg(long, env = "SOMA_QDRANT_STALL_TIMEOUT", default_value = "5m",
+          value_parser = humantime::parse_duration)]
+    pub qdrant_stall_timeout: std::time::Duration,
+
+    /// Longest Qdrant may take to write a snapshot (`wait=true`), or to take an uploaded one and
+    /// recover from it; past it the backup or restore fails, naming the collection.
+    #[arg(long, env = "SOMA_QDRANT_SNAPSHOT_TIMEOUT", default_value = "2h",
+          value_parser = humantime::parse_duration)]
+    pub qdrant_snapshot_timeout: std::time::Duration,
+
     /// Default Qdrant snapshot mode: `collection` (snapshot on the node, stream, delete),
     /// `shard-stream` (no file on the node; Qdrant ≥ 1.12) or `full-storage` (single node).
     #[arg(long, env = "SOMA_QDRANT_MODE", default_value = "collection",

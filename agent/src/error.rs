@@ -220,6 +220,7 @@ impl OpError {
             OpError::Qdrant(e) => match e {
                 QdrantError::InvalidUrl(_) | QdrantError::Tls { .. } => Code::InvalidArgument,
                 QdrantError::Unreachable { .. } => Code::Unavailable,
+                QdrantError::TimedOut { .. } => Code::DeadlineExceeded,
                 QdrantError::Unauthorized { .. } => Code::PermissionDenied,
                 QdrantError::NotFound { .. } => Code::NotFound,
                 QdrantError::Api { status, .. } if *status >= 500 => Code::Unavailable,

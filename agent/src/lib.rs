@@ -246,6 +246,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 std::env::var("SOMA_QDRANT_API_KEY").ok(),
                 config.qdrant_ca_cert.as_deref(),
             )
+            .map(|q| {
+                q.with_timeouts(engine::qdrant::Timeouts {
+                    stall: config.qdrant_stall_timeout,
+                    snapshot: config.qdrant_snapshot_timeout,
+                })
+            })
         })
         .transpose()
         .context("--qdrant-url / SOMA_QDRANT_URL")?;

@@ -371,10 +371,22 @@ impl QdrantDouble {
         self.shared.lock().faults.chunk_delay = delay;
     }
 
+    /// Every `GET /collections` answer carries `bytes` of padding in an extra string field:
+    /// still valid JSON, but larger than any real answer (a broken proxy or a hostile server).
+    pub fn pad_collection_lists(&self, bytes: u64) {
+        self.shared.lock().faults.list_padding = bytes;
+    }
+
     /// Sleeps `delay` before creating a snapshot (collection or full). `Duration::ZERO` turns
     /// it off.
     pub fn set_snapshot_create_delay(&self, delay: Duration) {
         self.shared.lock().faults.create_delay = delay;
+    }
+
+    /// Sleeps `delay` after a collection snapshot upload is received, before recovering from
+    /// it (the answer comes after, as with `wait=true`). `Duration::ZERO` turns it off.
+    pub fn set_recovery_delay(&self, delay: Duration) {
+        self.shared.lock().faults.recover_delay = delay;
     }
 
     /// Snapshot creation (collection or full) fails with 500 "Service internal error: failed to

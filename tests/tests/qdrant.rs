@@ -491,3 +491,78 @@ fn a_slow_qdrant_still_completes_and_progress_is_reported() {
         out.stderr
     );
 }
+
+/// A Qdrant node that freezes, or answers without end, fails the backup or restore in bounded
+/// time with an error naming what and the flag, and leaves nothing recorded. The double follows
+/// real Qdrant in when it answers: `wait=true` creation and upload answer only once done, and a
+/// download sends its file chunk by chunk; the faults hold those answers back or pad them.
+#[test]
+fn a_frozen_or_boundless_qdrant_fails_in_bounded_time() {
+    use std::time::{Duration, Instant};
+    const HOUR: Duration = Duration::from_secs(3600);
+    let q = QdrantDouble::start(Some(API_KEY));
+    three_collections(&q);
+    let store = TestStore::local();
+    let agent = qdrant_agent(
+        &store,
+        &q,
+        "",
+        &[
+            "--qdrant-stall-timeout",
+            "2s",
+            "--qdrant-snapshot-timeout",
+            "3s",
+        ],
+    );
+    let fails_with = |what: &str, needles: &[&str]| {
+        let started = Instant::now();
+        let out = soma(agent.addr(), &["backup", "qdrant"]);
+        let took = started.elapsed();
+        eprintln!("{what} ({took:?}): {}", out.stderr.trim());
+        out.assert_code(1, what);
+        for needle in needles {
+            out.assert_stderr_contains(needle, what);
+        }
+        // Bounded: the limits are seconds; without them each case waits an hour (or reads a
+        // gibibyte).
+        assert!(took < Duration::from_secs(60), "{what} took {took:?}");
+        q.clear_faults();
+        nothing_recorded(&store, &agent, &q);
+    };
+
+    // 1 GiB of padding in the collection list: refused at 16 MiB, never held.
+    q.pad_collection_lists(1024 * MIB);
+    fails_with(
+        "a boundless collection list",
+        &["/collections", "larger than 16 MiB"],
+    );
+    let peak_mib = vm_hwm_kib(agent.pid()) / 1024;
+    assert!(peak_mib < 200, "agent peak RSS {peak_mib} MiB");
+
+    // A download that stops sending.
+    q.set_download_chunk_delay(HOUR);
+    fails_with(
+        "a frozen download",
+        &["sent nothing more", "for 2s", "--qdrant-stall-timeout"],
+    );
+
+    // A snapshot creation that never finishes.
+    q.set_snapshot_create_delay(HOUR);
+    fails_with(
+        "a frozen snapshot creation",
+        &["not finished within 3s", "--qdrant-snapshot-timeout"],
+    );
+
+    // Back to normal: the backup works, and a restore whose recovery never answers fails.
+    soma(agent.addr(), &["backup", "qdrant", "--collection", "tiny"])
+        .assert_success("backup once Qdrant answers");
+    let before = q.fingerprint("tiny");
+    q.set_recovery_delay(HOUR);
+    let started = Instant::now();
+    soma(agent.addr(), &["restore", "latest", "--force"])
+        .assert_code(1, "restore into a frozen Qdrant")
+        .assert_stderr_contains("not recovered within 3s", "restore into a frozen Qdrant")
+        .assert_stderr_contains("--qdrant-snapshot-timeout", "restore into a frozen Qdrant");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert_eq!(q.fingerprint("tiny"), before, "the collection was changed");
+}

@@ -542,7 +542,35 @@ fn list_collections(shared: &Shared, started: Instant) -> Response<Body> {
         .keys()
         .map(|name| json!({"name": name}))
         .collect();
-    ok(started, json!({"collections": names}))
+    let padding = shared.lock().faults.list_padding;
+    if padding == 0 {
+        return ok(started, json!({"collections": names}));
+    }
+    // Streamed, so the double never holds the padding: the answer up to an open string, then
+    // `padding` bytes of it, then the close.
+    let head = format!(
+        r#"{{"result":{{"collections":{}}},"status":"ok","time":0.0,"padding":""#,
+        Value::Array(names)
+    );
+    let chunk = Bytes::from(vec![b'x'; DOWNLOAD_CHUNK]);
+    let body = futures::stream::iter(
+        std::iter::once(Bytes::from(head))
+            .chain((0..padding.div_ceil(DOWNLOAD_CHUNK as u64)).map(move |i| {
+                let left = padding - i * DOWNLOAD_CHUNK as u64;
+                chunk.slice(
+                    ..usize::try_from(left)
+                        .unwrap_or(usize::MAX)
+                        .min(DOWNLOAD_CHUNK),
+                )
+            }))
+            .chain(std::iter::once(Bytes::from_static(b"\"}")))
+            .map(|b| Ok::<_, io::Error>(Frame::data(b))),
+    );
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(BodyExt::boxed_unsync(StreamBody::new(body)))
+        .expect("static response parts are valid")
 }
 
 /// `CollectionInfo` (OpenAPI schema), for a green single-segment collection.
@@ -1471,6 +1499,10 @@ async fn upload_collection_snapshot(
         Ok(spooled) => spooled,
         Err(response) => return *response,
     };
+    let delay = shared.lock().faults.recover_delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     time_or_accept(started, params.wait, async move {
         check_checksum(&spooled, params.checksum.as_deref())?;
         let file_name = spooled

@@ -28,6 +28,10 @@ pub(crate) struct Faults {
     pub chunk_delay: Duration,
     pub create_delay: Duration,
     pub fail_create: Option<Times>,
+    /// Sleep after a collection snapshot upload is received, before it is recovered.
+    pub recover_delay: Duration,
+    /// Bytes of padding in every `GET /collections` answer.
+    pub list_padding: u64,
 }
 
 /// Consumes one use of a fault; true when it fires.

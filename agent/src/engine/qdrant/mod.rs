@@ -16,8 +16,14 @@ use url::Url;
 
 mod snapshots;
 
-/// How long a plain API call may take (snapshot creation and transfers have no overall limit).
+/// How long a plain API call may take (snapshot creation, recovery and transfers have their own
+/// limits, [`Timeouts`]).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest JSON answer read from Qdrant (collection lists, snapshot descriptions): far above any
+/// real one, so a broken or hostile server cannot make the agent buffer without end.
+const MAX_ANSWER_BYTES: usize = 16 << 20;
+/// Error answers are only quoted in messages: at most this much of one is read.
+const MAX_ERROR_BYTES: usize = 64 << 10;
 /// First Qdrant version that streams shard snapshots without writing a file: the route is served
 /// since 1.12.0 (`stream_shard_snapshot` in src/actix/api/snapshot_api.rs) and documented in the
 /// OpenAPI document since 1.17.
@@ -72,6 +78,21 @@ pub enum QdrantError {
         status: u16,
         /// Qdrant's `status.error` text.
         message: String,
+    },
+    /// A snapshot operation ran past its limit: the node is frozen or far slower than allowed.
+    #[error(
+        "Qdrant {what}: {detail} within {}; the node is frozen or overloaded; check it, or allow more with {flag}",
+        humantime::format_duration(*.after)
+    )]
+    TimedOut {
+        /// What was being done.
+        what: String,
+        /// What did not happen.
+        detail: &'static str,
+        /// The limit.
+        after: Duration,
+        /// The flag that sets it.
+        flag: &'static str,
     },
     /// A response that does not follow the API.
     #[error("unexpected answer from Qdrant to {endpoint}: {detail}")]
@@ -208,6 +229,27 @@ pub struct Qdrant {
     base: Url,
     client: reqwest::Client,
     api_key: Option<String>,
+    timeouts: Timeouts,
+}
+
+/// Limits on the long Qdrant operations, so that a node that stops answering fails the backup or
+/// restore with an error instead of holding it forever.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// Longest a snapshot download or shard stream may go without a byte (and longest to wait for
+    /// its first answer).
+    pub stall: Duration,
+    /// Longest snapshot creation (`wait=true`) or an upload and its recovery may take in all.
+    pub snapshot: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            stall: Duration::from_secs(5 * 60),
+            snapshot: Duration::from_secs(2 * 60 * 60),
+        }
+    }
 }
 
 impl std::fmt::Debug for Qdrant {
@@ -279,7 +321,14 @@ impl Qdrant {
             base,
             client,
             api_key: api_key.filter(|k| !k.is_empty()),
+            timeouts: Timeouts::default(),
         })
+    }
+
+    /// The same client with other limits on snapshot operations.
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
     }
 
     /// The server URL, for manifests and logs (it holds no secret).
@@ -313,6 +362,23 @@ impl Qdrant {
         req
     }
 
+    /// A successful answer's body, refused past [`MAX_ANSWER_BYTES`].
+    async fn answer(&self, resp: reqwest::Response, endpoint: &str) -> Result<String, QdrantError> {
+        let (text, cut) = read_bounded(resp, MAX_ANSWER_BYTES)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if cut {
+            return Err(QdrantError::Protocol {
+                endpoint: endpoint.to_string(),
+                detail: format!(
+                    "the answer is larger than {} MiB, which no Qdrant answer is",
+                    MAX_ANSWER_BYTES >> 20
+                ),
+            });
+        }
+        Ok(text)
+    }
+
     fn unreachable(&self, e: reqwest::Error) -> QdrantError {
         let mut detail = e.to_string();
         let mut source = std::error::Error::source(&e);
@@ -338,10 +404,17 @@ impl Qdrant {
         }
         let status = resp.status();
         let endpoint = resp.url().path().to_string();
-        let text = resp.text().await.unwrap_or_default();
+        let text = read_bounded(resp, MAX_ERROR_BYTES)
+            .await
+            .map(|(text, _)| text)
+            .unwrap_or_default();
+        // Quoted in errors and logs: a bounded excerpt whatever the server sent.
         let message = serde_json::from_str::<ErrorBody>(&text)
             .map(|b| b.status.error)
-            .unwrap_or_else(|_| text.chars().take(300).collect());
+            .unwrap_or(text)
+            .chars()
+            .take(300)
+            .collect();
         Err(match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => QdrantError::Unauthorized {
                 endpoint,
@@ -376,7 +449,7 @@ impl Qdrant {
             req = req.json(body);
         }
         let resp = self.send(req, what).await?;
-        let text = resp.text().await.map_err(|e| self.unreachable(e))?;
+        let text = self.answer(resp, url.path()).await?;
         serde_json::from_str::<Envelope<T>>(&text)
             .map(|e| e.result)
             .map_err(|e| QdrantError::Protocol {
@@ -398,7 +471,8 @@ impl Qdrant {
                 || "server root".into(),
             )
             .await?;
-        let info: VersionInfo = resp.json().await.map_err(|e| QdrantError::Protocol {
+        let text = self.answer(resp, "/").await?;
+        let info: VersionInfo = serde_json::from_str(&text).map_err(|e| QdrantError::Protocol {
             endpoint: "/".into(),
             detail: e.to_string(),
         })?;
@@ -576,6 +650,23 @@ impl Qdrant {
             .await?;
         Ok(())
     }
+}
+
+/// Reads at most `limit` bytes of a body (as text, invalid UTF-8 replaced); says whether there
+/// was more, which is left unread.
+async fn read_bounded(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<(String, bool), reqwest::Error> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if buf.len() + chunk.len() > limit {
+            buf.extend_from_slice(&chunk[..limit - buf.len()]);
+            return Ok((String::from_utf8_lossy(&buf).into_owned(), true));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok((String::from_utf8_lossy(&buf).into_owned(), false))
 }
 
 #[cfg(test)]

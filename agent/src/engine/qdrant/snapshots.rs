@@ -1,7 +1,9 @@
 //! Qdrant's snapshot endpoints: create, download or stream, delete, and upload to recover.
 
+use std::time::Duration;
+
 use bytes::Bytes;
-use futures::{Stream, TryStreamExt};
+use futures::Stream;
 use reqwest::{Method, header};
 use serde_json::Value;
 use tokio::io::AsyncRead;
@@ -27,22 +29,28 @@ impl Qdrant {
             .await
     }
 
-    /// `POST …/snapshots?wait=true`, with no call timeout: a large snapshot takes as long as it
-    /// takes to write on the node.
+    /// `POST …/snapshots?wait=true`: a large snapshot takes as long as it takes to write on the
+    /// node, up to [`Timeouts::snapshot`](super::Timeouts).
     async fn post_snapshot(
         &self,
         segments: &[&str],
         what: impl FnOnce() -> String,
     ) -> Result<SnapshotDescription, QdrantError> {
+        let what = what();
         let url = self.endpoint(segments)?;
-        let resp = self
-            .send(
-                self.request(Method::POST, url.clone())
-                    .query(&[("wait", "true")]),
-                what,
-            )
+        let answer = async {
+            let resp = self
+                .send(
+                    self.request(Method::POST, url.clone())
+                        .query(&[("wait", "true")]),
+                    || what.clone(),
+                )
+                .await?;
+            self.answer(resp, url.path()).await
+        };
+        let text = self
+            .within_snapshot_limit(answer, || format!("snapshot of {what}"), "not finished")
             .await?;
-        let text = resp.text().await.map_err(|e| self.unreachable(e))?;
         let desc = serde_json::from_str::<Envelope<SnapshotDescription>>(&text)
             .map(|e| e.result)
             .map_err(|e| QdrantError::Protocol {
@@ -57,23 +65,49 @@ impl Qdrant {
         Ok(desc)
     }
 
-    /// `GET` of a snapshot (file or stream) as an `AsyncRead`.
+    /// Runs a snapshot creation or recovery within [`Timeouts::snapshot`](super::Timeouts);
+    /// past it the request is dropped (its connection closed).
+    async fn within_snapshot_limit<T>(
+        &self,
+        work: impl Future<Output = Result<T, QdrantError>>,
+        what: impl FnOnce() -> String,
+        detail: &'static str,
+    ) -> Result<T, QdrantError> {
+        let limit = self.timeouts.snapshot;
+        tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+            Err(QdrantError::TimedOut {
+                what: what(),
+                detail,
+                after: limit,
+                flag: "--qdrant-snapshot-timeout",
+            })
+        })
+    }
+
+    /// `GET` of a snapshot (file or stream) as an `AsyncRead` that fails once Qdrant sends
+    /// nothing for [`Timeouts::stall`](super::Timeouts).
     async fn get_stream(
         &self,
         segments: &[&str],
         what: String,
     ) -> Result<impl AsyncRead + Send + Unpin + use<>, QdrantError> {
-        let resp = self
-            .send(self.request(Method::GET, self.endpoint(segments)?), || what)
-            .await?;
-        Ok(Self::body_reader(resp))
+        let stall = self.timeouts.stall;
+        let request = self.send(self.request(Method::GET, self.endpoint(segments)?), || {
+            what.clone()
+        });
+        let resp = match tokio::time::timeout(stall, request).await {
+            Ok(resp) => resp?,
+            Err(_) => {
+                return Err(QdrantError::TimedOut {
+                    what,
+                    detail: "no answer",
+                    after: stall,
+                    flag: "--qdrant-stall-timeout",
+                });
+            }
+        };
+        Ok(body_reader(resp, what, stall))
     }
-
-    fn body_reader(resp: reqwest::Response) -> impl AsyncRead + Send + Unpin + use<> {
-        let stream = resp.bytes_stream().map_err(std::io::Error::other);
-        StreamReader::new(Box::pin(stream))
-    }
-
     /// Streams a collection snapshot file.
     pub async fn download_snapshot(
         &self,
@@ -174,20 +208,29 @@ impl Qdrant {
                 .mime_str("application/octet-stream")
                 .expect("valid mime type");
         let form = reqwest::multipart::Form::new().part("snapshot", part);
-        let resp = self
-            .send(
-                self.request(Method::POST, url.clone())
-                    .query(&[
-                        ("wait", "true"),
-                        ("priority", "snapshot"),
-                        ("checksum", sha256),
-                    ])
-                    .header(header::ACCEPT, "application/json")
-                    .multipart(form),
-                || format!("collection {collection}"),
+        let upload = async {
+            let resp = self
+                .send(
+                    self.request(Method::POST, url.clone())
+                        .query(&[
+                            ("wait", "true"),
+                            ("priority", "snapshot"),
+                            ("checksum", sha256),
+                        ])
+                        .header(header::ACCEPT, "application/json")
+                        .multipart(form),
+                    || format!("collection {collection}"),
+                )
+                .await?;
+            self.answer(resp, url.path()).await
+        };
+        let text = self
+            .within_snapshot_limit(
+                upload,
+                || format!("upload of a snapshot into collection {collection}"),
+                "not recovered",
             )
             .await?;
-        let text = resp.text().await.map_err(|e| self.unreachable(e))?;
         match serde_json::from_str::<Envelope<Value>>(&text) {
             // Collection recovery answers `true`; shard recovery answers `null` (its handler
             // returns `()`, see upload_shard_snapshot in src/actix/api/snapshot_api.rs).
@@ -202,4 +245,34 @@ impl Qdrant {
             }),
         }
     }
+}
+
+/// A response body as an `AsyncRead`; a wait of `stall` for the next chunk ends it with a
+/// `TimedOut` error that names the download and the flag.
+fn body_reader(
+    resp: reqwest::Response,
+    what: String,
+    stall: Duration,
+) -> impl AsyncRead + Send + Unpin + use<> {
+    let chunks = futures::stream::try_unfold(Some(resp), move |resp| {
+        let what = what.clone();
+        async move {
+            let Some(mut resp) = resp else {
+                return Ok(None);
+            };
+            match tokio::time::timeout(stall, resp.chunk()).await {
+                Ok(Ok(Some(chunk))) => Ok(Some((chunk, Some(resp)))),
+                Ok(Ok(None)) => Ok(None),
+                Ok(Err(e)) => Err(std::io::Error::other(e)),
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "Qdrant sent nothing more of the {what} for {}; the node is frozen or overloaded; check it, or allow more with --qdrant-stall-timeout",
+                        humantime::format_duration(stall)
+                    ),
+                )),
+            }
+        }
+    });
+    StreamReader::new(Box::pin(chunks))
 }
