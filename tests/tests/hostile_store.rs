@@ -21,7 +21,9 @@ use soma_tests::pitr::{
     AckedInserts, physical_backup, restore_and_start, wait_archived, wal_agent,
 };
 use soma_tests::store::S3_PREFIX;
-use soma_tests::{Agent, PgCluster, QdrantDouble, SomaChild, TestStore, soma, soma_spawn};
+use soma_tests::{
+    Agent, PgCluster, QdrantDouble, SomaChild, TestStore, poll_until, soma, soma_spawn,
+};
 
 #[test]
 fn a_pending_upload_with_a_non_ascii_key_does_not_stop_the_agent() {
@@ -329,12 +331,69 @@ fn vm_hwm_mib(pid: u32) -> u64 {
         / 1024
 }
 
-/// Issue 14, part 5: a bounded soak through store faults. A write load commits row after row while
-/// the agent streams WAL; three times, three logical backups of different databases and a Qdrant
+/// pgbench's TPC-B-like load on `db`, rate-limited so two cores keep up; stopped when dropped.
+struct Pgbench(std::process::Child);
+
+impl Pgbench {
+    const BIN: &str = "/usr/lib/postgresql/15/bin/pgbench";
+
+    /// Creates pgbench's tables at scale 2 (200 000 accounts).
+    fn init(pg: &PgCluster, db: &str) {
+        let out = pg
+            .client_command(Self::BIN)
+            .args(["-i", "-q", "-s", "2", db])
+            .output()
+            .expect("cannot run pgbench");
+        assert!(
+            out.status.success(),
+            "pgbench -i failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn start(pg: &PgCluster, db: &str) -> Self {
+        let child = pg
+            .client_command(Self::BIN)
+            .args(["-n", "-c", "2", "-j", "1", "-R", "200", "-T", "3600", db])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("cannot run pgbench");
+        Pgbench(child)
+    }
+}
+
+impl Drop for Pgbench {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// pgbench's invariant: every transaction adds the same delta to one account, teller and branch
+/// and records it in the history, so in any consistent state the four sums agree. Returns them
+/// and the number of history rows.
+fn pgbench_sums(pg: &PgCluster, db: &str) -> (String, i64) {
+    let sums = pg.psql(
+        db,
+        "select (select coalesce(sum(abalance), 0) from pgbench_accounts) || ' ' || \
+                (select coalesce(sum(tbalance), 0) from pgbench_tellers) || ' ' || \
+                (select coalesce(sum(bbalance), 0) from pgbench_branches) || ' ' || \
+                (select coalesce(sum(delta), 0) from pgbench_history)",
+    );
+    let count = pg
+        .psql(db, "select count(*) from pgbench_history")
+        .parse()
+        .expect("count");
+    (sums, count)
+}
+
+/// Issue 14, part 5: a bounded soak through store faults. Two write loads run while the agent
+/// streams WAL: pgbench, and a client that records each row the server acknowledged; three times, three logical backups of different databases and a Qdrant
 /// backup run at once, while list, describe and status are polled; every S3 request crosses the fault proxy.
 /// Then: every backup verifies and restores equal, the WAL archive caught up with no gap and a
-/// point-in-time restore holds every acknowledged row, no upload is left pending, and the agent's
-/// peak memory stayed bounded.
+/// point-in-time restore holds every acknowledged row and pgbench's invariant, no upload is left
+/// pending, and the agent's peak memory stayed bounded.
 #[test]
 fn soak_wal_stream_concurrent_backups_and_polling_through_store_faults() {
     let store = TestStore::garage();
@@ -361,6 +420,7 @@ fn soak_wal_stream_concurrent_backups_and_polling_through_store_faults() {
         "postgres",
         "create table soak (id bigserial primary key, at timestamptz not null default now(), pad text not null default repeat('x', 200))",
     );
+    Pgbench::init(&pg, "postgres");
     let q = QdrantDouble::start(None);
     q.add_collection("memory", 16, 5_000, 6 << 20, 2);
     let original_memory = q.fingerprint("memory");
@@ -393,6 +453,7 @@ fn soak_wal_stream_concurrent_backups_and_polling_through_store_faults() {
     let a = agent.addr();
     let base = physical_backup(a);
     let mut writer = AckedInserts::start(&pg, "soak");
+    let pgbench = Pgbench::start(&pg, "postgres");
 
     // Three rounds of four concurrent backups. Polling is the load here, not a wait: each
     // round of it is three real requests, and the rounds are bounded.
@@ -433,6 +494,16 @@ fn soak_wal_stream_concurrent_backups_and_polling_through_store_faults() {
         }
     }
     writer.stop();
+    drop(pgbench);
+    // A COMMIT the server received before the client died still commits: wait for the sessions
+    // to end so the archive is awaited past every transaction.
+    poll_until(Duration::from_secs(30), "pgbench's sessions to end", || {
+        let left = pg.psql(
+            "postgres",
+            "select count(*) from pg_stat_activity where application_name = 'pgbench'",
+        );
+        (left == "0").then_some(())
+    });
     let acked = writer.acked();
     assert!(!acked.is_empty(), "the write load committed nothing");
 
@@ -490,6 +561,22 @@ fn soak_wal_stream_concurrent_backups_and_polling_through_store_faults() {
         restored_ids >= acked.len() as i64,
         "the restore has {restored_ids} rows, {} were acknowledged ({missing} ids up to the last acknowledged one are missing)",
         acked.len()
+    );
+    // pgbench's transactions came back whole: its four sums agree, and the ones it ran after the
+    // base backup are there (at least as many as a restore to the base backup alone would hold).
+    let (sums, transactions) = pgbench_sums(&restored, "postgres");
+    let (live_sums, live_transactions) = pgbench_sums(&pg, "postgres");
+    eprintln!("pgbench: {live_transactions} transactions, {transactions} restored");
+    let parts: Vec<&str> = sums.split(' ').collect();
+    assert!(
+        parts.len() == 4 && parts.iter().all(|p| *p == parts[0]),
+        "pgbench's sums disagree after the restore (accounts, tellers, branches, history): {sums}"
+    );
+    assert!(transactions > 0, "no pgbench transaction was restored");
+    assert_eq!(
+        (sums, transactions),
+        (live_sums, live_transactions),
+        "the restore to the end of the archive differs from the server after pgbench stopped"
     );
 }
 
