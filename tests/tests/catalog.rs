@@ -143,7 +143,48 @@ fn a_list_larger_than_one_grpc_message_is_read_page_by_page() {
     let listed = listed.as_array().expect("a JSON array");
     assert_eq!(listed.len(), PLANTED + 1);
     assert_eq!(listed[0]["id"], real.as_str(), "newest first");
+    let ids: Vec<&str> = listed
+        .iter()
+        .map(|b| b["id"].as_str().expect("id"))
+        .collect();
+    // Page after page, nothing twice and nothing skipped: strictly newest first.
+    assert!(
+        ids.windows(2).all(|w| w[0] > w[1]),
+        "the pages overlap or are out of order"
+    );
     let status = soma(a, &["-o", "json", "status"]);
     status.assert_success("status");
     assert_eq!(status.json()[0]["last_backup"], real.as_str());
+
+    // A backup deleted between two pages (the last of the first, which the token names): the
+    // next page still starts right after it.
+    let first = list_page(a, 10, "");
+    let token = first.next_page_token.clone();
+    assert_eq!(token, ids[9]);
+    soma(a, &["delete", &token, "--yes"]).assert_success("delete between pages");
+    let second = list_page(a, 10, &token);
+    let second_ids: Vec<&str> = second.backups.iter().map(|b| b.id.as_str()).collect();
+    assert_eq!(second_ids, ids[10..20]);
+}
+
+/// One `ListBackups` call, straight over gRPC (the plugin always reads every page).
+fn list_page(addr: &str, size: u32, token: &str) -> soma_proto::v1::ListBackupsResponse {
+    let request = soma_proto::v1::ListBackupsRequest {
+        page_size: size,
+        page_token: token.to_string(),
+    };
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(async {
+            let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                .expect("endpoint")
+                .connect()
+                .await
+                .expect("connect to the agent");
+            soma_proto::v1::soma_agent_client::SomaAgentClient::new(channel)
+                .list_backups(request)
+                .await
+                .expect("ListBackups")
+                .into_inner()
+        })
 }

@@ -37,6 +37,9 @@ pub const MANIFEST: &str = "manifest.json";
 pub const MANIFEST_VERSION: u32 = 1;
 /// Largest manifest we accept, so a bogus object cannot exhaust memory.
 const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+/// Manifests read at once by a listing: store round trips overlap, while at most this many
+/// manifests (each at most [`MAX_MANIFEST_BYTES`]) are in flight.
+const READ_AHEAD: usize = 8;
 /// Name of the owner marker inside a backup's folder: the owner id of the agent that took it.
 pub const OWNER_MARKER: &str = "owner";
 
@@ -259,16 +262,38 @@ impl Catalog {
     /// Every complete backup, newest first, and the backups whose manifests cannot be read.
     /// Errors of the store as a whole (unreachable, access denied) still fail the listing.
     pub async fn list_all(&self) -> Result<Listing, CatalogError> {
+        let ids = self.ids().await?;
+        self.read(&ids).await
+    }
+
+    /// The ids of every backup with a manifest, newest first, from one listing and without
+    /// reading a manifest: ids begin with their UTC second, so they sort by time as strings (the
+    /// order of backups started within one second is the order of their ids).
+    pub async fn ids(&self) -> Result<Vec<BackupId>, CatalogError> {
         let objects = self.store.list(&format!("{BACKUPS_DIR}/")).await?;
-        let mut out = Vec::new();
+        let mut ids: Vec<BackupId> = objects
+            .iter()
+            .filter_map(|obj| manifest_key_id(&obj.key))
+            .collect();
+        ids.sort_unstable_by(|a, b| b.cmp(a));
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// The manifests of `ids`, [`READ_AHEAD`] at a time, newest first, and the ids whose
+    /// manifests cannot be read. A manifest deleted since the listing is left out.
+    pub async fn read(&self, ids: &[BackupId]) -> Result<Listing, CatalogError> {
+        let mut reads = futures::stream::iter(ids.iter().cloned())
+            .map(|id| async move {
+                let read = self.get(&id).await;
+                (id, read)
+            })
+            .buffered(READ_AHEAD);
+        let mut out = Vec::with_capacity(ids.len());
         let mut unreadable = Vec::new();
-        for obj in objects {
-            let Some(id) = manifest_key_id(&obj.key) else {
-                continue;
-            };
-            match self.get(&id).await {
+        while let Some((id, read)) = reads.next().await {
+            match read {
                 Ok(m) => out.push(m),
-                // Deleted between list and get.
                 Err(CatalogError::NotFound(_)) => {}
                 Err(e) if e.is_unreadable_object() => unreadable.push(Unreadable {
                     id,

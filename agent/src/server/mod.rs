@@ -192,52 +192,47 @@ impl SomaAgent for AgentService {
         request: Request<v1::ListBackupsRequest>,
     ) -> Result<Response<v1::ListBackupsResponse>, Status> {
         let request = request.into_inner();
-        let listing = self.ctx.source.list_all().await.map_err(OpError::from)?;
-        // The token is the id of the last backup of the previous page.
+        // Pages are cut from the ids alone (one store listing), so a page reads only its own
+        // manifests, however many backups the store holds.
+        let ids = self.ctx.source.ids().await.map_err(OpError::from)?;
+        // The token is the id of the last backup of the previous page: the page starts at the
+        // first older id, whether or not that backup still exists.
         let start = if request.page_token.is_empty() {
             0
         } else {
-            listing
-                .manifests
-                .iter()
-                .position(|m| m.id.to_string() == request.page_token)
-                .map(|i| i + 1)
-                .ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "page token {:?} is not a backup in the list any more (deleted meanwhile?); list again from the start",
-                        output_safe(&request.page_token)
-                    ))
-                })?
+            let token = crate::catalog::BackupId::parse(&request.page_token).map_err(|_| {
+                Status::invalid_argument(format!(
+                    "page token {:?} is not a backup id; list again from the start",
+                    output_safe(&request.page_token)
+                ))
+            })?;
+            ids.partition_point(|id| *id >= token)
         };
         let size = match request.page_size {
-            0 => listing.manifests.len(),
+            0 => ids.len(),
             n => (n as usize).min(MAX_PAGE_SIZE),
         };
-        let page = listing.manifests.iter().skip(start).take(size);
+        let page = &ids[start..ids.len().min(start.saturating_add(size))];
+        let listing = self.ctx.source.read(page).await.map_err(OpError::from)?;
         let mut windows = ops::physical::Windows::new(&self.ctx.source);
-        let mut backups = Vec::with_capacity(size.min(listing.manifests.len()));
-        for m in page {
+        let mut backups = Vec::with_capacity(listing.manifests.len());
+        for m in &listing.manifests {
             let mut info = convert::backup_info(m);
             info.recovery_window = windows.of(m).await.map(convert::recovery_window);
             backups.push(info);
         }
-        let next_page_token = if start + backups.len() < listing.manifests.len() {
-            backups.last().map(|b| b.id.clone()).unwrap_or_default()
-        } else {
-            String::new()
+        let next_page_token = match page.last() {
+            Some(last) if start + page.len() < ids.len() => last.to_string(),
+            _ => String::new(),
         };
-        let unreadable = if start == 0 {
-            listing
-                .unreadable
-                .into_iter()
-                .map(|u| v1::UnreadableBackup {
-                    id: u.id.to_string(),
-                    reason: u.reason,
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let unreadable = listing
+            .unreadable
+            .into_iter()
+            .map(|u| v1::UnreadableBackup {
+                id: u.id.to_string(),
+                reason: u.reason,
+            })
+            .collect();
         Ok(Response::new(v1::ListBackupsResponse {
             backups,
             unreadable,
