@@ -147,9 +147,15 @@ pub struct Agent {
 }
 
 /// Backups asked for per `ListBackups` page: small enough that one answer (each backup carries
-/// its manifest, a few KiB) stays below the 4 MiB a gRPC client decodes. The agent reads every
-/// manifest for each page, so pages are not made smaller than that.
+/// its manifest, a few KiB) stays below the 4 MiB a gRPC client decodes.
 const LIST_PAGE_SIZE: u32 = 250;
+/// Backups asked for per page when only the newest is wanted: the agent cuts pages by id (ids
+/// begin with their UTC second) and orders each page by start time, so the first page's first
+/// backup is the newest unless more than this many started within one second. The next pages are
+/// read only while a page's manifests are all unreadable.
+const NEWEST_PAGE_SIZE: u32 = 16;
+/// Pages read at most for the newest backup.
+const NEWEST_MAX_PAGES: usize = 64;
 /// Pages read at most: 2 million backups, far more than any store holds; an agent whose pages
 /// never end cannot hold the plugin in a loop.
 const MAX_LIST_PAGES: usize = 10_000;
@@ -177,17 +183,27 @@ impl Agent {
         )))
     }
 
-    /// The newest backup, if any (one page of one).
+    /// The newest backup whose manifest can be read, if any, from the first pages only.
     pub async fn newest_backup(&mut self) -> Result<Option<v1::BackupInfo>, tonic::Status> {
-        let page = self
-            .client
-            .list_backups(v1::ListBackupsRequest {
-                page_size: 1,
-                page_token: String::new(),
-            })
-            .await?
-            .into_inner();
-        Ok(page.backups.into_iter().next())
+        let mut token = String::new();
+        for _ in 0..NEWEST_MAX_PAGES {
+            let page = self
+                .client
+                .list_backups(v1::ListBackupsRequest {
+                    page_size: NEWEST_PAGE_SIZE,
+                    page_token: token.clone(),
+                })
+                .await?
+                .into_inner();
+            if let Some(newest) = page.backups.into_iter().next() {
+                return Ok(Some(newest));
+            }
+            if page.next_page_token.is_empty() || page.next_page_token == token {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        Ok(None)
     }
 
     async fn list_page(

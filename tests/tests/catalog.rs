@@ -72,6 +72,14 @@ fn an_unreadable_manifest_is_named_and_skipped_but_stops_pruning() {
         &format!("backups/{bad}/manifest.json"),
         b"\x00not a manifest".to_vec(),
     );
+    // More of them, so that the first pages status reads for the newest backup hold only
+    // unreadable ones.
+    for i in 0..40 {
+        store.write(
+            &format!("backups/29991231T2358{i:02}Z-pg-appdb-dead/manifest.json"),
+            b"garbage".to_vec(),
+        );
+    }
 
     let out = soma(a, &["list"]);
     out.assert_success("list with one unreadable manifest");
@@ -84,6 +92,8 @@ fn an_unreadable_manifest_is_named_and_skipped_but_stops_pruning() {
     let out = soma(a, &["describe", "latest", "-o", "json"]);
     out.assert_success("describe latest");
     assert_eq!(out.json()["id"], good.as_str());
+    let status = soma(a, &["-o", "json", "status"]);
+    assert_eq!(status.json()[0]["last_backup"], good.as_str(), "{status}");
     soma(a, &["restore", "latest", "--database", "appdb_restored"])
         .assert_success("restore latest past an unreadable manifest");
 
