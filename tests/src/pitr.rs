@@ -286,3 +286,17 @@ pub fn complete_segments(pg: &PgCluster, n: usize) -> Vec<String> {
         })
         .collect()
 }
+
+/// Creates pgbench's tables in `db` at `scale` (100 000 accounts each).
+pub fn pgbench_init(pg: &PgCluster, db: &str, scale: u32) {
+    let out = pg
+        .client_command(std::path::Path::new(crate::pg::PG_BIN_DIR).join("pgbench"))
+        .args(["-i", "-q", "-s", &scale.to_string(), db])
+        .output()
+        .expect("cannot run pgbench");
+    assert!(
+        out.status.success(),
+        "pgbench -i failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 use soma_tests::db::assert_same_database;
 use soma_tests::faults::{FaultPlan, FaultProxy};
 use soma_tests::fixtures::{create_big_table, create_varied_database};
+use soma_tests::pg::PG_BIN_DIR;
 use soma_tests::pitr::{
-    AckedInserts, physical_backup, restore_and_start, wait_archived, wal_agent,
+    AckedInserts, pgbench_init, physical_backup, restore_and_start, wait_archived, wal_agent,
 };
 use soma_tests::store::S3_PREFIX;
 use soma_tests::{
@@ -54,6 +55,16 @@ fn a_pending_upload_with_a_non_ascii_key_does_not_stop_the_agent() {
 }
 
 /// The system identifier a physical backup records, under which its WAL is archived.
+/// A WAL-streaming agent on Garage and a fresh cluster, with one base backup (its id last).
+fn base_backup_on_garage() -> (TestStore, PgCluster, tempfile::TempDir, Agent, String) {
+    let store = TestStore::garage();
+    let pg = PgCluster::start();
+    let spool = tempfile::tempdir().expect("spool");
+    let agent = wal_agent(&pg, &store, spool.path(), "1s");
+    let id = physical_backup(agent.addr());
+    (store, pg, spool, agent, id)
+}
+
 fn system_id_of(agent: &Agent, id: &str) -> String {
     soma(agent.addr(), &["-o", "json", "describe", id]).json()["details"]["system_id"]
         .as_str()
@@ -63,11 +74,7 @@ fn system_id_of(agent: &Agent, id: &str) -> String {
 
 #[test]
 fn a_wal_key_with_a_huge_segment_number_does_not_hang_describe() {
-    let store = TestStore::garage();
-    let pg = PgCluster::start();
-    let spool = tempfile::tempdir().expect("spool");
-    let agent = wal_agent(&pg, &store, spool.path(), "1s");
-    let id = physical_backup(agent.addr());
+    let (store, _pg, _spool, agent, id) = base_backup_on_garage();
     let system_id = system_id_of(&agent, &id);
     // The measured key (its end lies past the last LSN, so it cannot be WAL and is left out), and
     // one just inside the LSN space, which the window must take in without walking to it.
@@ -102,11 +109,7 @@ fn a_wal_key_with_a_huge_segment_number_does_not_hang_describe() {
 /// the agent down: `list` still answers, and so does the next request.
 #[test]
 fn a_manifest_with_a_zero_segment_size_is_refused_not_divided_by() {
-    let store = TestStore::garage();
-    let pg = PgCluster::start();
-    let spool = tempfile::tempdir().expect("spool");
-    let agent = wal_agent(&pg, &store, spool.path(), "1s");
-    let id = physical_backup(agent.addr());
+    let (store, _pg, _spool, agent, id) = base_backup_on_garage();
     let key = format!("backups/{id}/manifest.json");
     let mut manifest: serde_json::Value =
         serde_json::from_slice(&store.read(&key)).expect("manifest JSON");
@@ -335,25 +338,9 @@ fn vm_hwm_mib(pid: u32) -> u64 {
 struct Pgbench(std::process::Child);
 
 impl Pgbench {
-    const BIN: &str = "/usr/lib/postgresql/15/bin/pgbench";
-
-    /// Creates pgbench's tables at scale 2 (200 000 accounts).
-    fn init(pg: &PgCluster, db: &str) {
-        let out = pg
-            .client_command(Self::BIN)
-            .args(["-i", "-q", "-s", "2", db])
-            .output()
-            .expect("cannot run pgbench");
-        assert!(
-            out.status.success(),
-            "pgbench -i failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
     fn start(pg: &PgCluster, db: &str) -> Self {
         let child = pg
-            .client_command(Self::BIN)
+            .client_command(std::path::Path::new(PG_BIN_DIR).join("pgbench"))
             .args(["-n", "-c", "2", "-j", "1", "-R", "200", "-T", "3600", db])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -420,7 +407,7 @@ fn soak_wal_stream_concurrent_backups_and_polling_through_store_faults() {
         "postgres",
         "create table soak (id bigserial primary key, at timestamptz not null default now(), pad text not null default repeat('x', 200))",
     );
-    Pgbench::init(&pg, "postgres");
+    pgbench_init(&pg, "postgres", 2);
     let q = QdrantDouble::start(None);
     q.add_collection("memory", 16, 5_000, 6 << 20, 2);
     let original_memory = q.fingerprint("memory");
@@ -587,11 +574,7 @@ fn soak_wal_stream_concurrent_backups_and_polling_through_store_faults() {
 #[test]
 fn a_history_file_over_one_mebibyte_is_refused_not_waited_on() {
     use sha2::Digest as _;
-    let store = TestStore::garage();
-    let pg = PgCluster::start();
-    let spool = tempfile::tempdir().expect("spool");
-    let agent = wal_agent(&pg, &store, spool.path(), "1s");
-    let id = physical_backup(agent.addr());
+    let (store, _pg, _spool, agent, id) = base_backup_on_garage();
     let system_id = system_id_of(&agent, &id);
     let line = "1\t0/3000000\tno recovery target specified\n";
     let raw = line.repeat((2 << 20) / line.len() + 1).into_bytes();

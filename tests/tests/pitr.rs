@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use soma_tests::pg::PG_BIN_DIR;
 use soma_tests::pitr::{
-    AckedInserts, physical_backup, restore_and_start, wait_archived, wal_agent, wal_status,
+    AckedInserts, pgbench_init, physical_backup, restore_and_start, wait_archived, wal_agent,
+    wal_status,
 };
 use soma_tests::{PgCluster, TestStore, poll_until, soma};
 
@@ -141,16 +142,7 @@ fn disaster_restore_latest_loses_at_most_the_partial_interval() {
     let mut pg = PgCluster::start_with("-c synchronous_commit=on");
     let spool = tempfile::tempdir().expect("spool dir");
     let mut agent = wal_agent(&pg, &store, spool.path(), "5s");
-    let init = pg
-        .client_command(Path::new(PG_BIN_DIR).join("pgbench"))
-        .args(["-i", "-q", "-s", "2", "postgres"])
-        .output()
-        .expect("pgbench -i");
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pgbench_init(&pg, "postgres", 2);
     pg.psql(
         "postgres",
         "create table stamped(id bigserial primary key, at timestamptz not null default clock_timestamp())",
