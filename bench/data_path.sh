@@ -63,7 +63,6 @@ STDIN_HOLDER_PID=''
 FAILURE_LOGS=(agent.log garage.log qdrant.log pg/postgres.log)
 install_cleanup
 
-settle() { sql postgres -c CHECKPOINT && sync; }
 pg() { "$PG_BIN/$1" -h 127.0.0.1 -p "$PG_PORT" -U postgres "${@:2}"; }
 
 # agent_step VAR_TIME VAR_PEAK OUT ARGS...: times `kubectl-soma ARGS...` after resetting the

@@ -82,7 +82,6 @@ start_agent --postgres-url "postgresql://postgres@127.0.0.1:$PG_PORT/$DB" \
   --wal-stream --wal-spool "$TMP_DIR/spool" --wal-partial-interval 1s --drill-dir "$TMP_DIR/drill"
 
 # --- measurements ------------------------------------------------------------------------------
-settle() { sql postgres -c "CHECKPOINT" && sync; }
 LOAD_BEFORE=$(cut -d ' ' -f 1-3 /proc/loadavg)
 BACKUP_S='' SCAN_S='' t=''
 timed BACKUP_S soma -o json backup postgres --database "$DB" >"$TMP_DIR/backup.json" 2>"$TMP_DIR/backup.err" ||

@@ -77,41 +77,8 @@ PREFIX=plain AGENT_LOG=agent-plain.log start_agent --postgres-url "$PG_URL"
 PLAIN_ADDR=$AGENT_ADDR
 PREFIX=encrypted AGENT_LOG=agent-encrypted.log start_agent --postgres-url "$PG_URL" --encryption-key-file "$TMP_DIR/key"
 ENC_ADDR=$AGENT_ADDR
-soma_at() {
-  local addr=$1
-  shift
-  "$BIN_DIR/kubectl-soma" --agent "$addr" "$@"
-}
-
 # --- measurements ------------------------------------------------------------------------------
-settle() { sql postgres -c "CHECKPOINT" && sync; }
-LOAD_BEFORE=$(cut -d ' ' -f 1-3 /proc/loadavg)
-declare -A BACKUPS=() RESTORES=() IDS=() STORED=()
-t=''
-for i in $(seq 1 "$REPEAT"); do
-  for side in plain encrypted; do
-    addr=$PLAIN_ADDR
-    [[ $side == plain ]] || addr=$ENC_ADDR
-    settle
-    timed t soma_at "$addr" -o json backup postgres --database "$DB" >"$TMP_DIR/backup-$side-$i.json" 2>"$TMP_DIR/backup.err" ||
-      { cat "$TMP_DIR/backup.err" >&2; die "backup ($side) failed"; }
-    BACKUPS[$side]+="$t "
-    IDS[$side]=$(json_field "$TMP_DIR/backup-$side-$i.json" id)
-    STORED[$side]=$(json_field "$TMP_DIR/backup-$side-$i.json" stored_bytes)
-    log "round $i/$REPEAT backup ($side): ${t}s"
-  done
-  for side in plain encrypted; do
-    addr=$PLAIN_ADDR
-    [[ $side == plain ]] || addr=$ENC_ADDR
-    sql postgres -c "DROP DATABASE IF EXISTS $RESTORED_DB"
-    settle
-    timed t soma_at "$addr" restore "${IDS[$side]}" --database "$RESTORED_DB" >"$TMP_DIR/restore.out" 2>&1 ||
-      { cat "$TMP_DIR/restore.out" >&2; die "restore ($side) failed"; }
-    RESTORES[$side]+="$t "
-    log "round $i/$REPEAT restore ($side): ${t}s"
-  done
-done
-LOAD_AFTER=$(cut -d ' ' -f 1-3 /proc/loadavg)
+side_by_side plain "$PLAIN_ADDR" encrypted "$ENC_ADDR"
 # A sealed object is its compressed bytes plus an 83-byte header and a 16-byte tag per 64 KiB
 # chunk (store/crypt.rs): deterministic, so computed rather than listed.
 SEALED=$(awk -v b="${STORED[encrypted]}" 'BEGIN { printf "%d", b + 83 + 16 * (int(b / 65536) + 1) }')

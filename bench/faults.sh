@@ -94,41 +94,8 @@ CLEAN_ADDR=$AGENT_ADDR
 PREFIX=faults AGENT_LOG=agent-faults.log AGENT_S3_ENDPOINT=$PROXY_URL start_agent --postgres-url "$PG_URL" \
   --store-attempt-timeout "$ATTEMPT_TIMEOUT" --store-retries 12
 FAULT_ADDR=$AGENT_ADDR
-soma_at() {
-  local addr=$1
-  shift
-  "$BIN_DIR/kubectl-soma" --agent "$addr" "$@"
-}
-
 # --- measurements ------------------------------------------------------------------------------
-settle() { sql postgres -c "CHECKPOINT" && sync; }
-LOAD_BEFORE=$(cut -d ' ' -f 1-3 /proc/loadavg)
-declare -A BACKUPS=() RESTORES=() IDS=() STORED=()
-t=''
-for i in $(seq 1 "$REPEAT"); do
-  for side in clean faults; do
-    addr=$CLEAN_ADDR
-    [[ $side == clean ]] || addr=$FAULT_ADDR
-    settle
-    timed t soma_at "$addr" -o json backup postgres --database "$DB" >"$TMP_DIR/backup-$side-$i.json" 2>"$TMP_DIR/backup.err" ||
-      { cat "$TMP_DIR/backup.err" >&2; die "backup ($side) failed"; }
-    BACKUPS[$side]+="$t "
-    IDS[$side]=$(json_field "$TMP_DIR/backup-$side-$i.json" id)
-    STORED[$side]=$(json_field "$TMP_DIR/backup-$side-$i.json" stored_bytes)
-    log "round $i/$REPEAT backup ($side): ${t}s"
-  done
-  for side in clean faults; do
-    addr=$CLEAN_ADDR
-    [[ $side == clean ]] || addr=$FAULT_ADDR
-    sql postgres -c "DROP DATABASE IF EXISTS $RESTORED_DB"
-    settle
-    timed t soma_at "$addr" restore "${IDS[$side]}" --database "$RESTORED_DB" >"$TMP_DIR/restore.out" 2>&1 ||
-      { cat "$TMP_DIR/restore.out" >&2; die "restore ($side) failed"; }
-    RESTORES[$side]+="$t "
-    log "round $i/$REPEAT restore ($side): ${t}s"
-  done
-done
-LOAD_AFTER=$(cut -d ' ' -f 1-3 /proc/loadavg)
+side_by_side clean "$CLEAN_ADDR" faults "$FAULT_ADDR"
 MET=$(tail -n 1 "$TMP_DIR/proxy.log")
 HEALTH=$(soma_at "$FAULT_ADDR" -o json status | python3 -c 'import json, sys
 h = json.load(sys.stdin)[0]["store_health"]

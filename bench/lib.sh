@@ -450,3 +450,43 @@ db_size() {
   DB_PRETTY=$(sql "$1" -c "SELECT pg_size_pretty(pg_database_size('$1'))")
   log "database $1: $DB_PRETTY"
 }
+
+# --- side-by-side runs -----------------------------------------------------------------------------
+soma_at() {
+  local addr=$1
+  shift
+  "$BIN_DIR/kubectl-soma" --agent "$addr" "$@"
+}
+settle() { sql postgres -c "CHECKPOINT" && sync; }
+
+# side_by_side NAME_A ADDR_A NAME_B ADDR_B: $REPEAT rounds of a logical backup of $DB and its
+# restore into $RESTORED_DB by two agents, taking turns so that both meet the same machine.
+# Fills BACKUPS[name] and RESTORES[name] (seconds, space-separated), IDS[name] and STORED[name]
+# (the last backup's id and stored bytes), LOAD_BEFORE and LOAD_AFTER.
+# shellcheck disable=SC2034 # the arrays and loads are the callers' results
+side_by_side() {
+  local -A addr=(["$1"]=$2 ["$3"]=$4)
+  local sides=("$1" "$3") side i t=''
+  declare -gA BACKUPS=() RESTORES=() IDS=() STORED=()
+  LOAD_BEFORE=$(cut -d ' ' -f 1-3 /proc/loadavg)
+  for i in $(seq 1 "$REPEAT"); do
+    for side in "${sides[@]}"; do
+      settle
+      timed t soma_at "${addr[$side]}" -o json backup postgres --database "$DB" >"$TMP_DIR/backup-$side-$i.json" 2>"$TMP_DIR/backup.err" ||
+        { cat "$TMP_DIR/backup.err" >&2; die "backup ($side) failed"; }
+      BACKUPS[$side]+="$t "
+      IDS[$side]=$(json_field "$TMP_DIR/backup-$side-$i.json" id)
+      STORED[$side]=$(json_field "$TMP_DIR/backup-$side-$i.json" stored_bytes)
+      log "round $i/$REPEAT backup ($side): ${t}s"
+    done
+    for side in "${sides[@]}"; do
+      sql postgres -c "DROP DATABASE IF EXISTS $RESTORED_DB"
+      settle
+      timed t soma_at "${addr[$side]}" restore "${IDS[$side]}" --database "$RESTORED_DB" >"$TMP_DIR/restore.out" 2>&1 ||
+        { cat "$TMP_DIR/restore.out" >&2; die "restore ($side) failed"; }
+      RESTORES[$side]+="$t "
+      log "round $i/$REPEAT restore ($side): ${t}s"
+    done
+  done
+  LOAD_AFTER=$(cut -d ' ' -f 1-3 /proc/loadavg)
+}

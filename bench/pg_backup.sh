@@ -144,7 +144,6 @@ STORED_BYTES=$(json_field "$MANIFEST" stored_bytes) || die "no \"stored_bytes\" 
 log "backup $BACKUP_ID: raw $RAW_BYTES bytes, stored $STORED_BYTES bytes"
 
 # Restores write ~DB size of data and WAL: start each from a clean checkpoint and flushed disk.
-settle() { sql postgres -c "CHECKPOINT" && sync; }
 settle
 reset_peak
 timed RESTORE_S soma restore "$BACKUP_ID" --database "$RESTORED_DB" >"$TMP_DIR/restore.out" 2>&1 ||
