@@ -120,13 +120,13 @@ pub struct Config {
     /// resumes where it stopped). It must let one --part-size part travel at the slowest
     /// bandwidth you accept.
     #[arg(long, env = "SOMA_STORE_ATTEMPT_TIMEOUT", global = true, default_value = "2m",
-          value_parser = humantime::parse_duration)]
+          value_parser = parse_timeout)]
     pub store_attempt_timeout: std::time::Duration,
 
     /// Longest one S3 request may take over all its attempts and waits; then it fails, and the
     /// backup with it, with an error that says so.
     #[arg(long, env = "SOMA_STORE_OPERATION_TIMEOUT", global = true, default_value = "15m",
-          value_parser = humantime::parse_duration)]
+          value_parser = parse_timeout)]
     pub store_operation_timeout: std::time::Duration,
 
     /// Open --store read-only: backups and deletes are refused, no start-up sweep runs, and
@@ -158,13 +158,13 @@ pub struct Config {
     /// Longest a Qdrant snapshot download or shard stream may go without a byte; past it the
     /// backup fails, naming the snapshot, instead of waiting on a frozen node.
     #[arg(long, env = "SOMA_QDRANT_STALL_TIMEOUT", default_value = "5m",
-          value_parser = humantime::parse_duration)]
+          value_parser = parse_timeout)]
     pub qdrant_stall_timeout: std::time::Duration,
 
     /// Longest Qdrant may take to write a snapshot (`wait=true`), or to take an uploaded one and
     /// recover from it; past it the backup or restore fails, naming the collection.
     #[arg(long, env = "SOMA_QDRANT_SNAPSHOT_TIMEOUT", default_value = "2h",
-          value_parser = humantime::parse_duration)]
+          value_parser = parse_timeout)]
     pub qdrant_snapshot_timeout: std::time::Duration,
 
     /// Default Qdrant snapshot mode: `collection` (snapshot on the node, stream, delete),
@@ -433,6 +433,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// A duration that bounds a wait: zero would fail every request at once, with a message about a
+/// frozen store or node that is not true.
+fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err(
+            "a timeout of zero would fail every request; give a duration such as 30s or 5m".into(),
+        ),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,5 +531,21 @@ mod tests {
         assert_eq!(parse_size("5242880"), Ok(5 << 20));
         assert!(parse_size("1MiB").is_err());
         assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn timeouts_are_never_zero() {
+        let c = Config::try_parse_from(["soma-agent", "--qdrant-stall-timeout", "90s"]).unwrap();
+        assert_eq!(c.qdrant_stall_timeout, std::time::Duration::from_secs(90));
+        for flag in [
+            "--store-attempt-timeout",
+            "--store-operation-timeout",
+            "--qdrant-stall-timeout",
+            "--qdrant-snapshot-timeout",
+        ] {
+            let err = Config::try_parse_from(["soma-agent", flag, "0s"]).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains(flag) && msg.contains("zero"), "{msg}");
+        }
     }
 }

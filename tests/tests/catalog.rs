@@ -171,6 +171,11 @@ fn a_list_larger_than_one_grpc_message_is_read_page_by_page() {
     let first = list_page(a, 10, "");
     let token = first.next_page_token.clone();
     assert_eq!(token, ids[9]);
+    let first_ids: Vec<&str> = first.backups.iter().map(|b| b.id.as_str()).collect();
+    assert_eq!(first_ids, ids[..10]);
+    let second = list_page(a, 10, &token);
+    let second_ids: Vec<&str> = second.backups.iter().map(|b| b.id.as_str()).collect();
+    assert_eq!(second_ids, ids[10..20], "the second page overlaps or skips");
     soma(a, &["delete", &token, "--yes"]).assert_success("delete between pages");
     let second = list_page(a, 10, &token);
     let second_ids: Vec<&str> = second.backups.iter().map(|b| b.id.as_str()).collect();

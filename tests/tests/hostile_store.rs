@@ -54,7 +54,6 @@ fn a_pending_upload_with_a_non_ascii_key_does_not_stop_the_agent() {
     );
 }
 
-/// The system identifier a physical backup records, under which its WAL is archived.
 /// A WAL-streaming agent on Garage and a fresh cluster, with one base backup (its id last).
 fn base_backup_on_garage() -> (TestStore, PgCluster, tempfile::TempDir, Agent, String) {
     let store = TestStore::garage();
@@ -65,6 +64,7 @@ fn base_backup_on_garage() -> (TestStore, PgCluster, tempfile::TempDir, Agent, S
     (store, pg, spool, agent, id)
 }
 
+/// The system identifier a physical backup records, under which its WAL is archived.
 fn system_id_of(agent: &Agent, id: &str) -> String {
     soma(agent.addr(), &["-o", "json", "describe", id]).json()["details"]["system_id"]
         .as_str()

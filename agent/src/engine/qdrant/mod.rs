@@ -510,11 +510,16 @@ async fn read_bounded(
     while let Some(chunk) = resp.chunk().await? {
         if buf.len() + chunk.len() > limit {
             buf.extend_from_slice(&chunk[..limit - buf.len()]);
-            return Ok((String::from_utf8_lossy(&buf).into_owned(), true));
+            return Ok((text_of(buf), true));
         }
         buf.extend_from_slice(&chunk);
     }
-    Ok((String::from_utf8_lossy(&buf).into_owned(), false))
+    Ok((text_of(buf), false))
+}
+
+/// The body as text without a second copy unless it is not UTF-8 (then replaced, for messages).
+fn text_of(buf: Vec<u8>) -> String {
+    String::from_utf8(buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 #[cfg(test)]

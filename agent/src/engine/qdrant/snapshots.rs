@@ -50,7 +50,12 @@ impl Qdrant {
         };
         let text = self
             .within_snapshot_limit(answer, || format!("snapshot of {what}"), "not finished")
-            .await?;
+            .await
+            .inspect_err(|e| {
+                if matches!(e, QdrantError::TimedOut { .. }) {
+                    tracing::warn!(endpoint = url.path(), "Qdrant may still finish the snapshot it was asked for; once the node answers, list its snapshots and delete the one this backup left");
+                }
+            })?;
         let desc = serde_json::from_str::<Envelope<SnapshotDescription>>(&text)
             .map(|e| e.result)
             .map_err(|e| QdrantError::Protocol {

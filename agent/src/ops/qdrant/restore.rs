@@ -235,7 +235,7 @@ async fn upload_artifact(
             () = cancel.cancelled() => Err(OpError::Cancelled),
         }
     };
-    read_artifact(
+    let restored = read_artifact(
         ctx.source.store().as_ref(),
         manifest,
         art,
@@ -244,8 +244,9 @@ async fn upload_artifact(
         reporter.counters(),
         consumer,
     )
-    .await?;
-    // Qdrant keeps an uploaded collection snapshot on the node; no copy may stay there.
+    .await;
+    // Qdrant keeps an uploaded collection snapshot on the node; no copy may stay there, whether
+    // the recovery succeeded, failed or ran out of time.
     if art.shard.is_none() {
         match q.delete_snapshot(target, &file_name).await {
             Ok(()) | Err(QdrantError::NotFound { .. }) => {}
@@ -254,7 +255,7 @@ async fn upload_artifact(
             }
         }
     }
-    Ok(())
+    restored
 }
 #[cfg(test)]
 mod tests {
