@@ -21,6 +21,21 @@ use crate::{
     store::StoreError,
 };
 
+/// `text` cut to at most `max` bytes on a character boundary, marked with `…` when cut: for
+/// names and messages that come from outside (a forged tar entry, a store's answer) and end up
+/// in errors, logs and `status`.
+pub(crate) fn shorten(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 /// Why an operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {

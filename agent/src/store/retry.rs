@@ -4,7 +4,7 @@
 //! recovers fails the backup with an error instead of stalling it. What happened is kept in
 //! [`StoreHealth`] for `status` and the metrics.
 //!
-//! The SDK's own retries are turned off (see `s3.rs`), so this policy is the only one: the
+//! The SDK's own retries are turned off (see `s3/mod.rs`), so this policy is the only one: the
 //! number of attempts a user configures is the number made, and every retry is counted and logged.
 
 use std::{
@@ -205,15 +205,7 @@ impl StoreHealth {
     }
 
     fn note(s: &mut State, op: &str, err: &StoreError) {
-        let mut message = format!("{op}: {err}");
-        if message.len() > MAX_MESSAGE {
-            let mut end = MAX_MESSAGE;
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
-            message.truncate(end);
-            message.push('…');
-        }
+        let message = crate::error::shorten(format!("{op}: {err}"), MAX_MESSAGE);
         s.last_problem = Some((SystemTime::now(), message));
     }
 

@@ -190,16 +190,7 @@ fn malformed(e: io::Error) -> Stop {
 
 /// The entry's name for messages: lossy, and short, since a forged one can be long.
 fn shown(raw: &[u8]) -> String {
-    let mut s = String::from_utf8_lossy(raw).into_owned();
-    if s.len() > 200 {
-        let mut cut = 200;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-        s.push('…');
-    }
-    s
+    crate::error::shorten(String::from_utf8_lossy(raw).into_owned(), 200)
 }
 
 /// The components of a stored name, relative to the data directory (`.` and empty ones
