@@ -369,32 +369,26 @@ pub(super) async fn complete_torn_preallocation(
     spool: &Path,
     seg_size: u64,
 ) -> Result<(), StreamError> {
-    let mut dir = tokio::fs::read_dir(spool)
-        .await
-        .map_err(|source| StreamError::Spool {
-            path: spool.to_path_buf(),
-            source,
-        })?;
-    while let Ok(Some(entry)) = dir.next_entry().await {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(base) = name.strip_suffix(".partial") else {
-            continue;
-        };
-        if !matches!(WalFile::parse(base), Some(WalFile::Segment { .. })) {
+    for (file, kind, path) in spool_files(spool).await? {
+        if kind != Kind::Partial || !matches!(file, WalFile::Segment { .. }) {
             continue;
         }
-        let size = entry.metadata().await.map(|m| m.len()).unwrap_or(0);
+        // Not following a link, as the directory entry's metadata does not.
+        let size = tokio::fs::symlink_metadata(&path)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
         if size == 0 || size >= seg_size {
             continue;
         }
-        tracing::warn!(file = %name, size, "completing the zero-fill of a partial segment an interrupted pg_receivewal left short");
+        tracing::warn!(file = %path.display(), size, "completing the zero-fill of a partial segment an interrupted pg_receivewal left short");
         let spool_error = |source| StreamError::Spool {
-            path: entry.path(),
+            path: path.clone(),
             source,
         };
         let file = tokio::fs::OpenOptions::new()
             .write(true)
-            .open(entry.path())
+            .open(&path)
             .await
             .map_err(spool_error)?;
         file.set_len(seg_size).await.map_err(spool_error)?;

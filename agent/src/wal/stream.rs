@@ -33,7 +33,7 @@ use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{WalArchive, WalError, drain, header::ServerWal, spool, valid_seg_size};
+use super::{WalArchive, WalError, drain, header::ServerWal, spool};
 use crate::{
     engine::postgres::{PgError, Postgres, ToolProcess},
     lsn::Lsn,
@@ -359,24 +359,17 @@ async fn prepare(
 ) -> Result<(spool::Shipper, ToolProcess), StreamError> {
     let identify = |source| StreamError::Identify { source };
     let identity = pg.identify_system().await.map_err(identify)?;
+    // Every file in the spool is judged against these before anything is shipped from it; the
+    // segment size is one PostgreSQL can have (checked where it is read).
     let seg_size = pg.wal_segment_size().await.map_err(identify)?;
-    // Every file in the spool is judged against these before anything is shipped from it: a
-    // wrong segment size here would set aside every file the server did write.
-    let unexpected = |what: &str, value: String| {
-        identify(PgError::ToolFailed {
-            tool: "psql",
-            status: format!("unexpected {what}"),
-            stderr: value,
-        })
-    };
-    if !valid_seg_size(seg_size) {
-        return Err(unexpected("wal_segment_size", seg_size.to_string()));
-    }
     let server = ServerWal {
-        system_id: identity
-            .system_id
-            .parse()
-            .map_err(|_| unexpected("system identifier", identity.system_id.clone()))?,
+        system_id: identity.system_id.parse().map_err(|_| {
+            identify(PgError::ToolFailed {
+                tool: "psql",
+                status: "unexpected system identifier".into(),
+                stderr: identity.system_id.clone(),
+            })
+        })?,
         timeline: identity.timeline,
         flush: identity.xlogpos,
         seg_size,

@@ -127,14 +127,18 @@ impl Postgres {
         })
     }
 
-    /// The server's WAL segment size in bytes (`SHOW wal_segment_size` over replication).
+    /// The server's WAL segment size in bytes (`SHOW wal_segment_size` over replication),
+    /// refused unless PostgreSQL can have it: WAL names, spool checks and recovery windows are
+    /// all computed from it.
     pub async fn wal_segment_size(&self) -> Result<u64, PgError> {
         let out = self.replication_query("SHOW wal_segment_size").await?;
-        parse_pg_size(&out).ok_or_else(|| PgError::ToolFailed {
-            tool: "psql",
-            status: "unexpected wal_segment_size".into(),
-            stderr: out,
-        })
+        parse_pg_size(&out)
+            .filter(|size| crate::wal::valid_seg_size(*size))
+            .ok_or_else(|| PgError::ToolFailed {
+                tool: "psql",
+                status: "unexpected wal_segment_size".into(),
+                stderr: out,
+            })
     }
 
     /// Starts `pg_basebackup` of the whole cluster as one tar stream on stdout, with the WAL needed
