@@ -321,16 +321,8 @@ fn check_laid(dir: &Path, rel: &mut Vec<String>) {
         let meta = fs::symlink_metadata(entry.path()).expect("inspecting an entry");
         let t = meta.file_type();
         if t.is_symlink() {
-            let allowed = match rel.as_slice() {
-                [wal] => wal == "pg_wal",
-                [tblspc, oid] => {
-                    tblspc == "pg_tblspc"
-                        && !oid.is_empty()
-                        && oid.bytes().all(|b| b.is_ascii_digit())
-                }
-                _ => false,
-            };
-            assert!(allowed, "a symbolic link at {}", rel.join("/"));
+            let parts: Vec<&[u8]> = rel.iter().map(|p| p.as_bytes()).collect();
+            assert!(link_allowed(&parts), "a symbolic link at {}", rel.join("/"));
         } else if t.is_dir() {
             assert_eq!(meta.permissions().mode() & 0o7000, 0, "{}", rel.join("/"));
             check_laid(&entry.path(), rel);
@@ -345,37 +337,50 @@ fn check_laid(dir: &Path, rel: &mut Vec<String>) {
 
 /// The first entry of `data` (as the tar reader sees it) that a base backup must never hold.
 fn first_hostile(data: &[u8]) -> Option<String> {
-    use tar::EntryType;
     let mut archive = tar::Archive::new(data);
     for entry in archive.entries().ok()?.raw(true) {
         let entry = entry.ok()?;
-        let name = entry.path_bytes();
-        let parts: Vec<&[u8]> = name
-            .split(|b| *b == b'/')
-            .filter(|p| !p.is_empty() && *p != b".")
-            .collect();
-        if name.first() == Some(&b'/') {
-            return Some("an absolute name".into());
-        }
-        if parts.contains(&&b".."[..]) {
-            return Some("a climbing name".into());
-        }
-        match entry.header().entry_type() {
-            EntryType::Regular | EntryType::Continuous | EntryType::Directory => {}
-            EntryType::Symlink => {
-                let allowed = match parts.as_slice() {
-                    [wal] => *wal == b"pg_wal",
-                    [tblspc, oid] => *tblspc == b"pg_tblspc" && oid.iter().all(u8::is_ascii_digit),
-                    _ => false,
-                };
-                if !allowed {
-                    return Some("a symbolic link".into());
-                }
-            }
-            other => return Some(format!("an entry of type {other:?}")),
+        if let Some(why) = hostile_entry(&entry.path_bytes(), entry.header().entry_type()) {
+            return Some(why);
         }
     }
     None
+}
+
+/// Why a base backup must never hold an entry named `name` of type `kind`, whatever comes
+/// before it: an absolute or climbing name, a link other than `pg_wal` or `pg_tblspc/<oid>`, or
+/// anything but a file or a directory.
+pub fn hostile_entry(name: &[u8], kind: tar::EntryType) -> Option<String> {
+    use tar::EntryType;
+    let parts: Vec<&[u8]> = name
+        .split(|b| *b == b'/')
+        .filter(|p| !p.is_empty() && *p != b".")
+        .collect();
+    if name.first() == Some(&b'/') {
+        return Some("an absolute name".into());
+    }
+    if parts.contains(&&b".."[..]) {
+        return Some("a climbing name".into());
+    }
+    match kind {
+        EntryType::Regular | EntryType::Continuous | EntryType::Directory => None,
+        EntryType::Symlink if link_allowed(&parts) => None,
+        EntryType::Symlink => Some("a symbolic link".into()),
+        other => Some(format!("an entry of type {other:?}")),
+    }
+}
+
+/// The links a data directory may hold, by their path components: `pg_wal` and
+/// `pg_tblspc/<oid>`. Written apart from `untar`'s own rule, so that the check does not share
+/// a mistake with the code it checks.
+fn link_allowed(parts: &[&[u8]]) -> bool {
+    match parts {
+        [wal] => *wal == b"pg_wal",
+        [tblspc, oid] => {
+            *tblspc == b"pg_tblspc" && !oid.is_empty() && oid.iter().all(u8::is_ascii_digit)
+        }
+        _ => false,
+    }
 }
 
 /// A fresh directory under the system's temporary directory, removed (without following the

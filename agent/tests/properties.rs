@@ -635,23 +635,7 @@ fn build(entries: &[Forged]) -> Vec<u8> {
 
 /// Whether a base backup must never hold `e` whatever comes before it.
 fn hostile(e: &Forged) -> bool {
-    let parts: Vec<&[u8]> = e
-        .name
-        .split(|b| *b == b'/')
-        .filter(|p| !p.is_empty() && *p != b".")
-        .collect();
-    let link_allowed = match parts.as_slice() {
-        [wal] => *wal == b"pg_wal",
-        [tblspc, oid] => *tblspc == b"pg_tblspc" && oid.iter().all(u8::is_ascii_digit),
-        _ => false,
-    };
-    e.name.first() == Some(&b'/')
-        || parts.contains(&&b".."[..])
-        || match e.kind {
-            EntryType::Regular | EntryType::Continuous | EntryType::Directory => false,
-            EntryType::Symlink => !link_allowed,
-            _ => true,
-        }
+    fuzzing::hostile_entry(&e.name, e.kind).is_some()
 }
 
 proptest! {
