@@ -184,17 +184,10 @@ impl Agent {
     }
 
     /// The newest backup whose manifest can be read, if any, from the first pages only.
-    pub async fn newest_backup(&mut self) -> Result<Option<v1::BackupInfo>, tonic::Status> {
+    pub async fn newest_backup(&mut self) -> Result<Option<v1::BackupInfo>, CliError> {
         let mut token = String::new();
         for _ in 0..NEWEST_MAX_PAGES {
-            let page = self
-                .client
-                .list_backups(v1::ListBackupsRequest {
-                    page_size: NEWEST_PAGE_SIZE,
-                    page_token: token.clone(),
-                })
-                .await?
-                .into_inner();
+            let page = self.list_page(NEWEST_PAGE_SIZE, &token).await?;
             if let Some(newest) = page.backups.into_iter().next() {
                 return Ok(Some(newest));
             }

@@ -35,10 +35,7 @@ async fn probe(agent: Result<Agent, CliError>, namespace: &str, pod: &str, engin
     // matters most); the failure is its health.
     let (last, health) = match agent.newest_backup().await {
         Ok(last) => (last, "ok".to_string()),
-        Err(s) => (
-            None,
-            CliError::from_status(s, &agent.addr, "request").to_string(),
-        ),
+        Err(e) => (None, e.to_string()),
     };
     agent_row(namespace, pod, engine, &info, last.as_ref(), health)
 }
