@@ -188,6 +188,17 @@ impl Agent {
         self.child.id()
     }
 
+    /// The agent's peak resident memory so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("agent's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/PID/status")
+    }
+
     /// Sends SIGKILL (a crash: no cleanup runs) and reaps the process.
     pub fn kill_9(&mut self) {
         if self.reaped {

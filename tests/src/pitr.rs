@@ -30,6 +30,18 @@ pub fn wal_agent_with(
     interval: &str,
     extra: &[&str],
 ) -> Agent {
+    wal_agent_env(pg, store, spool, interval, extra, &store.env())
+}
+
+/// [`wal_agent_with`] with its environment given (e.g. the store reached through a proxy).
+pub fn wal_agent_env(
+    pg: &PgCluster,
+    store: &TestStore,
+    spool: &std::path::Path,
+    interval: &str,
+    extra: &[&str],
+    env: &[(String, String)],
+) -> Agent {
     let spool = spool.display().to_string();
     let restore_root = std::env::temp_dir().display().to_string();
     let mut args = vec![
@@ -44,7 +56,7 @@ pub fn wal_agent_with(
         &restore_root,
     ];
     args.extend_from_slice(extra);
-    Agent::start(&store.url(), &pg.url("postgres"), &args, &store.env())
+    Agent::start(&store.url(), &pg.url("postgres"), &args, env)
 }
 
 /// Takes a physical base backup through the plugin and returns its id.

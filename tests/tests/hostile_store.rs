@@ -20,6 +20,7 @@ use soma_tests::fixtures::{create_big_table, create_varied_database};
 use soma_tests::pg::PG_BIN_DIR;
 use soma_tests::pitr::{
     AckedInserts, pgbench_init, physical_backup, restore_and_start, wait_archived, wal_agent,
+    wal_agent_env,
 };
 use soma_tests::store::S3_PREFIX;
 use soma_tests::{
@@ -324,16 +325,6 @@ fn a_frozen_store_fails_a_backup_in_bounded_time_and_status_says_so() {
     assert!(status.stdout.contains("Store requests: SLOW"), "{status}");
 }
 
-fn vm_hwm_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmHWM in /proc/PID/status")
-        / 1024
-}
-
 /// pgbench's TPC-B-like load on `db`, rate-limited so two cores keep up; stopped when dropped.
 struct Pgbench(std::process::Child);
 
@@ -376,8 +367,9 @@ fn pgbench_sums(pg: &PgCluster, db: &str) -> (String, i64) {
 }
 
 /// Issue 14, part 5: a bounded soak through store faults. Two write loads run while the agent
-/// streams WAL: pgbench, and a client that records each row the server acknowledged; three times, three logical backups of different databases and a Qdrant
-/// backup run at once, while list, describe and status are polled; every S3 request crosses the fault proxy.
+/// streams WAL: pgbench, and a client that records each row the server acknowledged; three
+/// times, three logical backups of different databases and a Qdrant backup run at once, while
+/// list, describe and status are polled; every S3 request crosses the fault proxy.
 /// Then: every backup verifies and restores equal, the WAL archive caught up with no gap and a
 /// point-in-time restore holds every acknowledged row and pgbench's invariant, no upload is left
 /// pending, and the agent's peak memory stayed bounded.
@@ -412,20 +404,13 @@ fn soak_wal_stream_concurrent_backups_and_polling_through_store_faults() {
     q.add_collection("memory", 16, 5_000, 6 << 20, 2);
     let original_memory = q.fingerprint("memory");
     let spool = tempfile::tempdir().expect("spool");
-    let spool_arg = spool.path().display().to_string();
     let qdrant_url = q.url();
-    let restore_root = std::env::temp_dir().display().to_string();
-    let agent = Agent::start(
-        &store.url(),
-        &pg.url("postgres"),
+    let agent = wal_agent_env(
+        &pg,
+        &store,
+        spool.path(),
+        "1s",
         &[
-            "--wal-stream",
-            "--wal-spool",
-            &spool_arg,
-            "--wal-partial-interval",
-            "1s",
-            "--restore-root",
-            &restore_root,
             "--qdrant-url",
             &qdrant_url,
             "--part-size",
@@ -516,7 +501,7 @@ fn soak_wal_stream_concurrent_backups_and_polling_through_store_faults() {
             assert_same_database(&pg, what, &target);
         }
     }
-    let peak = vm_hwm_mib(agent.pid());
+    let peak = agent.peak_rss_kib() / 1024;
     let met = proxy.counts();
     eprintln!(
         "soak: {rounds} polling rounds, {} rows acknowledged, agent peak {peak} MiB, faults {met:?}",

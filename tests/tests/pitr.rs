@@ -242,12 +242,7 @@ fn an_agent_restart_mid_stream_loses_no_wal() {
     let pg = PgCluster::start();
     let spool = tempfile::tempdir().expect("spool dir");
     let mut agent = wal_agent(&pg, &store, spool.path(), "1s");
-    let init = pg
-        .client_command(Path::new(PG_BIN_DIR).join("pgbench"))
-        .args(["-i", "-q", "-s", "1", "postgres"])
-        .output()
-        .expect("pgbench -i");
-    assert!(init.status.success());
+    pgbench_init(&pg, "postgres", 1);
     let backup = physical_backup(agent.addr());
 
     pg.psql("postgres", "create table filler(n int, pad text)");

@@ -264,15 +264,6 @@ fn shard_streaming_leaves_no_file_on_the_node() {
         .assert_stderr_contains("needs Qdrant 1.12", "shard streaming on 1.11");
 }
 
-fn vm_hwm_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/PID/status")
-}
-
 #[test]
 fn a_multi_gigabyte_snapshot_streams_with_bounded_memory() {
     let q = QdrantDouble::start(None);
@@ -285,7 +276,7 @@ fn a_multi_gigabyte_snapshot_streams_with_bounded_memory() {
     out.assert_success("backup of a 2 GiB collection");
     let raw = out.json()["raw_bytes"].as_u64().unwrap();
     assert!(raw > 2 * 1024 * MIB, "raw bytes {raw}");
-    let peak_mib = vm_hwm_kib(agent.pid()) / 1024;
+    let peak_mib = agent.peak_rss_kib() / 1024;
     eprintln!("agent VmHWM after streaming {raw} bytes: {peak_mib} MiB");
     // Part buffers: (2 in flight + 1 filling) x 8 MiB, plus zstd, the code and the runtime:
     // measured 63 MiB here; 16 MiB parts (or buffers kept per thread) would pass 80.
@@ -540,7 +531,7 @@ fn a_frozen_or_boundless_qdrant_fails_in_bounded_time() {
         &["backup", "qdrant"],
         &["/collections", "larger than 16 MiB"],
     );
-    let peak_mib = vm_hwm_kib(agent.pid()) / 1024;
+    let peak_mib = agent.peak_rss_kib() / 1024;
     assert!(peak_mib < 200, "agent peak RSS {peak_mib} MiB");
 
     // A download that stops sending (one chunk, so a broken limit ends after one hold).

@@ -536,13 +536,15 @@ fn version_info(shared: &Shared) -> Response<Body> {
 }
 
 fn list_collections(shared: &Shared, started: Instant) -> Response<Body> {
-    let names: Vec<Value> = shared
-        .lock()
-        .collections
-        .keys()
-        .map(|name| json!({"name": name}))
-        .collect();
-    let padding = shared.lock().faults.list_padding;
+    let (names, padding) = {
+        let inner = shared.lock();
+        let names: Vec<Value> = inner
+            .collections
+            .keys()
+            .map(|name| json!({"name": name}))
+            .collect();
+        (names, inner.faults.list_padding)
+    };
     if padding == 0 {
         return ok(started, json!({"collections": names}));
     }
@@ -552,20 +554,16 @@ fn list_collections(shared: &Shared, started: Instant) -> Response<Body> {
         r#"{{"result":{{"collections":{}}},"status":"ok","time":0.0,"padding":""#,
         Value::Array(names)
     );
-    let chunk = Bytes::from(vec![b'x'; DOWNLOAD_CHUNK]);
-    let body = futures::stream::iter(
-        std::iter::once(Bytes::from(head))
-            .chain((0..padding.div_ceil(DOWNLOAD_CHUNK as u64)).map(move |i| {
-                let left = padding - i * DOWNLOAD_CHUNK as u64;
-                chunk.slice(
-                    ..usize::try_from(left)
-                        .unwrap_or(usize::MAX)
-                        .min(DOWNLOAD_CHUNK),
-                )
-            }))
-            .chain(std::iter::once(Bytes::from_static(b"\"}")))
-            .map(|b| Ok::<_, io::Error>(Frame::data(b))),
-    );
+    let pad = tokio::io::AsyncReadExt::take(tokio::io::repeat(b'x'), padding);
+    let body = futures::stream::once(async move { Ok(Bytes::from(head)) })
+        .chain(tokio_util::io::ReaderStream::with_capacity(
+            pad,
+            DOWNLOAD_CHUNK,
+        ))
+        .chain(futures::stream::once(async {
+            Ok(Bytes::from_static(b"\"}"))
+        }))
+        .map(|b: io::Result<Bytes>| b.map(Frame::data));
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/json")
