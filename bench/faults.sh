@@ -73,8 +73,7 @@ make_tmp_dir "$(((SCALE * 100 + RANDOM_MB * 4) * 1024 * 4))"
 # --- PostgreSQL --------------------------------------------------------------------------------
 start_postgres
 load_pgbench "$DB"
-log "adding $RANDOM_MB MiB of incompressible rows (table blobs)"
-sql "$DB" -c "CREATE TABLE blobs AS SELECT i, decode((SELECT string_agg(md5(random()::text || i || j), '') FROM generate_series(1, 64) j), 'hex') AS b FROM generate_series(1, $((RANDOM_MB * 1024))) i"
+add_incompressible_rows "$DB" "$RANDOM_MB"
 db_size "$DB"
 
 start_garage

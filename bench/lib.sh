@@ -442,6 +442,13 @@ load_pgbench() {
     >"$TMP_DIR/pgbench-init.log" 2>&1 || { cat "$TMP_DIR/pgbench-init.log" >&2; die "pgbench -i failed"; }
 }
 
+# add_incompressible_rows DB MIB: table blobs with MIB MiB of pseudo-random bytes (1 KiB of md5
+# output per row) that zstd cannot shrink, so every byte crosses the pipeline at full size.
+add_incompressible_rows() {
+  log "adding $2 MiB of incompressible rows (table blobs)"
+  sql "$1" -c "CREATE TABLE blobs AS SELECT i, decode((SELECT string_agg(md5(random()::text || i || j), '') FROM generate_series(1, 64) j), 'hex') AS b FROM generate_series(1, $(($2 * 1024))) i"
+}
+
 # db_size DB: after a checkpoint, sets DB_BYTES and DB_PRETTY and logs the size.
 # shellcheck disable=SC2034 # read by the scripts that source this file
 db_size() {
