@@ -352,6 +352,21 @@ pub enum Command {
     /// recovery — when the file is corrupted, missing in the middle of the archive, or the store
     /// cannot be read.
     WalFetch(WalFetchArgs),
+    /// PostgreSQL's recovery_end_command, written by restore-pgdata: removes that restore's
+    /// recovery settings from postgresql.auto.conf in the current directory (the data
+    /// directory) once recovery ended, so the promoted cluster and its base backups carry none.
+    RecoveryEnd(RecoveryEndArgs),
+}
+
+/// Arguments of `recovery-end` (as written into recovery_end_command by restore-pgdata).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RecoveryEndArgs {
+    /// The block of settings to remove, as restore-pgdata named it.
+    #[arg(long)]
+    pub block: String,
+    /// The data directory (default: the current directory, where PostgreSQL runs the command).
+    #[arg(long)]
+    pub pgdata: Option<PathBuf>,
 }
 
 /// Arguments of `restore-pgdata`.
@@ -365,11 +380,15 @@ pub struct RestorePgdataArgs {
     pub pgdata: PathBuf,
     /// Recover every transaction committed at or before this time (RFC 3339, or as PostgreSQL
     /// prints it: `2026-11-29 14:35:01.8+00`).
-    #[arg(long, conflicts_with_all = ["target_lsn", "target"])]
+    #[arg(long, conflicts_with_all = ["target_lsn", "target_name", "target"])]
     pub target_time: Option<String>,
     /// Recover up to this WAL position, e.g. 16/B374D848.
-    #[arg(long, conflicts_with = "target")]
+    #[arg(long, conflicts_with_all = ["target_name", "target"])]
     pub target_lsn: Option<String>,
+    /// Recover up to the restore point of this name (`pg_create_restore_point`). Name the base
+    /// backup taken before it: `latest` picks the newest, which may be after it.
+    #[arg(long, conflicts_with = "target")]
+    pub target_name: Option<String>,
     /// `latest`: recover everything in the archive (the default).
     #[arg(long, value_parser = ["latest"])]
     pub target: Option<String>,

@@ -114,6 +114,7 @@ pub async fn restore_pgdata(config: &Config, args: &RestorePgdataArgs) -> anyhow
     let target = ops::physical::RecoveryTarget::from_options(
         args.target_time.as_deref(),
         args.target_lsn.as_deref(),
+        args.target_name.as_deref(),
         args.target.is_some(),
     )?;
     let agent_binary = match &args.agent_binary {
@@ -132,6 +133,19 @@ pub async fn restore_pgdata(config: &Config, args: &RestorePgdataArgs) -> anyhow
         .instrument(span)
         .await?;
     println!("{}", restored.summary);
+    Ok(())
+}
+
+/// `soma-agent recovery-end`: PostgreSQL's recovery_end_command. Removes the restore's block of
+/// recovery settings; when it cannot, says so in the server log (PostgreSQL goes on with a
+/// warning) and the next restore of a base backup that carries them neutralises them anyway.
+pub fn recovery_end(args: &config::RecoveryEndArgs) -> anyhow::Result<()> {
+    let dir = match &args.pgdata {
+        Some(dir) => dir.clone(),
+        None => std::env::current_dir().context("finding the data directory")?,
+    };
+    ops::physical::recovery_end(&dir, &args.block)?;
+    tracing::info!(block = %args.block, "removed the restore's recovery settings from postgresql.auto.conf");
     Ok(())
 }
 

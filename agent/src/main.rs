@@ -17,7 +17,7 @@ async fn main() -> std::process::ExitCode {
     let config = Config::parse();
     // restore_command's output lands in the PostgreSQL log: only problems belong there.
     let default_level = match config.command {
-        Some(Command::WalFetch(_)) => "warn",
+        Some(Command::WalFetch(_) | Command::RecoveryEnd(_)) => "warn",
         _ => "info",
     };
     let filter =
@@ -33,6 +33,7 @@ async fn main() -> std::process::ExitCode {
     let result = match &config.command {
         None => soma_agent::run(config.clone()).await,
         Some(Command::RestorePgdata(args)) => soma_agent::restore_pgdata(&config, args).await,
+        Some(Command::RecoveryEnd(args)) => soma_agent::recovery_end(args),
         Some(Command::WalFetch(args)) => {
             return match soma_agent::wal_fetch(&config, args).await {
                 WalFetchOutcome::Restored => std::process::ExitCode::SUCCESS,

@@ -338,11 +338,15 @@ pub struct RestoreArgs {
     /// PostgreSQL prints it: `2026-11-29 14:35:01.8+00`). For a backup set: the PostgreSQL member
     /// is restored to this time and each Qdrant member is the newest Qdrant backup taken at or
     /// before it.
-    #[arg(long, conflicts_with_all = ["target_lsn", "target"])]
+    #[arg(long, conflicts_with_all = ["target_lsn", "target_name", "target"])]
     pub target_time: Option<String>,
     /// With --pgdata: recover up to this WAL position, e.g. 16/B374D848.
-    #[arg(long, requires = "pgdata", conflicts_with = "target")]
+    #[arg(long, requires = "pgdata", conflicts_with_all = ["target_name", "target"])]
     pub target_lsn: Option<String>,
+    /// With --pgdata: recover up to the restore point of this name (`pg_create_restore_point`).
+    /// Name the base backup taken before it: `latest` picks the newest, which may be after it.
+    #[arg(long, requires = "pgdata", conflicts_with = "target")]
+    pub target_name: Option<String>,
     /// With --pgdata: `latest`, everything in the archive (the default). The agent is chosen with
     /// `--engine`, never with `--target`.
     #[arg(long, requires = "pgdata", value_name = "latest", value_parser = recovery_target)]

@@ -312,3 +312,43 @@ pub fn pgbench_init(pg: &PgCluster, db: &str, scale: u32) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Inserts `n` rows tagged `tag` into `events(id bigserial, tag text, at timestamptz default
+/// clock_timestamp())`, each in its own transaction.
+pub fn insert_tagged(pg: &PgCluster, tag: &str, n: usize) {
+    let sql = format!("insert into events(tag) values ('{tag}');\n").repeat(n);
+    pg.psql("postgres", &sql);
+}
+
+/// The server's clock now, as RFC 3339 UTC with microseconds.
+pub fn server_time(pg: &PgCluster) -> String {
+    pg.psql(
+        "postgres",
+        r#"select to_char(clock_timestamp() at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#,
+    )
+}
+
+/// `id|tag|at` (at in UTC) of the rows of `events` matching `filter`, ordered by id.
+pub fn tagged_rows(pg: &PgCluster, filter: &str) -> Vec<String> {
+    pg.psql(
+        "postgres",
+        &format!(
+            "set timezone = 'UTC';\n\
+             select id, tag, at from events {filter} order by id"
+        ),
+    )
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// The server's timeline, as its control file records it after a checkpoint.
+pub fn timeline(pg: &PgCluster) -> u32 {
+    let out = pg.psql(
+        "postgres",
+        "checkpoint;\nselect timeline_id from pg_control_checkpoint()",
+    );
+    out.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("timeline_id {out:?}: {e}"))
+}

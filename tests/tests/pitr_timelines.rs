@@ -6,7 +6,10 @@
 
 use std::time::Duration;
 
-use soma_tests::pitr::{physical_backup, restore_and_start, wait_archived, wal_agent, wal_status};
+use soma_tests::pitr::{
+    insert_tagged, physical_backup, restore_and_start, server_time, tagged_rows as rows, timeline,
+    wait_archived, wal_agent, wal_status,
+};
 use soma_tests::store::S3_PREFIX;
 use soma_tests::{PgCluster, TestStore, poll_until, soma};
 
@@ -174,43 +177,4 @@ fn check_second_restore(restored: &PgCluster, expected: &[String], t2: &str) {
         3,
         "the restore to T2 is not on timeline 3; server log:\n{log}"
     );
-}
-
-/// Inserts `n` rows tagged `tag`, each in its own transaction.
-fn insert_tagged(pg: &PgCluster, tag: &str, n: usize) {
-    let sql = format!("insert into events(tag) values ('{tag}');\n").repeat(n);
-    pg.psql("postgres", &sql);
-}
-
-/// The server's clock now, as RFC 3339 UTC with microseconds.
-fn server_time(pg: &PgCluster) -> String {
-    pg.psql(
-        "postgres",
-        r#"select to_char(clock_timestamp() at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#,
-    )
-}
-
-/// `id|tag|at` (at in UTC) of the rows of `events` matching `filter`, ordered by id.
-fn rows(pg: &PgCluster, filter: &str) -> Vec<String> {
-    pg.psql(
-        "postgres",
-        &format!(
-            "set timezone = 'UTC';\n\
-             select id, tag, at from events {filter} order by id"
-        ),
-    )
-    .lines()
-    .map(str::to_owned)
-    .collect()
-}
-
-/// The server's timeline, as its control file records it after a checkpoint.
-fn timeline(pg: &PgCluster) -> u32 {
-    let out = pg.psql(
-        "postgres",
-        "checkpoint;\nselect timeline_id from pg_control_checkpoint()",
-    );
-    out.trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("timeline_id {out:?}: {e}"))
 }

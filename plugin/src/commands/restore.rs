@@ -81,6 +81,7 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: RestoreArgs) -> Resu
         pgdata: args.pgdata.unwrap_or_default(),
         target_time: args.target_time.unwrap_or_default(),
         target_lsn: args.target_lsn.unwrap_or_default(),
+        target_name: args.target_name.unwrap_or_default(),
         engine: args.engine.map_or(0, |e| e.to_proto() as i32),
         update_roles: args.update_roles,
     };

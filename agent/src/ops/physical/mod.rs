@@ -10,11 +10,13 @@
 
 mod backup;
 mod pgdata;
+mod recovery_conf;
 mod restore;
 pub mod untar;
 mod wal;
 
 pub use backup::backup_physical;
+pub use recovery_conf::{RecoveryEndError, recovery_end};
 pub use restore::{
     PgdataRestore, PgdataRestored, RecoveryTarget, restore_pgdata, restore_pgdata_job,
 };
@@ -136,8 +138,18 @@ pub enum PhysicalError {
     /// `--target-lsn` that is not an LSN.
     #[error("--target-lsn: {0}")]
     BadLsn(#[from] InvalidLsn),
+    /// `--target-name` that PostgreSQL could not have created.
+    #[error("--target-name {value:?}: {why}; give the name passed to pg_create_restore_point()")]
+    BadName {
+        /// As given (cut short).
+        value: String,
+        /// What is wrong.
+        why: &'static str,
+    },
     /// More than one recovery target.
-    #[error("give one recovery target: --target-time, --target-lsn or --target latest")]
+    #[error(
+        "give one recovery target: --target-time, --target-lsn, --target-name or --target latest"
+    )]
     TwoTargets,
     /// The named base backup is consistent only after the target.
     #[error(
@@ -197,6 +209,16 @@ pub enum PhysicalError {
         /// One of its entries.
         entry: String,
     },
+    /// The base backup's postgresql.auto.conf cannot be rewritten with this restore's settings.
+    #[error(
+        "base backup {id}: its postgresql.auto.conf {why}, so the restore cannot make its recovery settings the only ones in force; the restore was undone"
+    )]
+    AutoConf {
+        /// The backup.
+        id: BackupId,
+        /// What is wrong with the file.
+        why: String,
+    },
     /// A file operation in the data directory failed.
     #[error("{action} in data directory {}: {source}", dir.display())]
     Pgdata {
@@ -248,10 +270,12 @@ impl PhysicalError {
             PhysicalError::NotPhysical { .. }
             | PhysicalError::BadTime { .. }
             | PhysicalError::BadLsn(_)
+            | PhysicalError::BadName { .. }
             | PhysicalError::TwoTargets => Code::InvalidArgument,
             PhysicalError::BadDetails { .. }
             | PhysicalError::GapBeforeLatest { .. }
             | PhysicalError::UnsafeBaseBackup { .. }
+            | PhysicalError::AutoConf { .. }
             | PhysicalError::WalDamaged { .. } => Code::DataLoss,
             PhysicalError::Wal(e) if e.is_data_loss() => Code::DataLoss,
             PhysicalError::Wal(WalError::Store(s)) => crate::error::store_code(s),

@@ -7,7 +7,7 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    PhysicalDetails, PhysicalError,
+    PhysicalDetails, PhysicalError, recovery_conf,
     restore::{PgdataRestore, RecoveryTarget},
     untar::{self, Stop, UntarError},
 };
@@ -111,11 +111,6 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
-/// Quotes a value for postgresql.conf.
-fn conf_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
-}
-
 /// PostgreSQL's restore_command: `wal-fetch` reading the store the base backup came from
 /// (`--restore-from`, so it opens that store read-only, whichever flag named it here), with the
 /// same encryption keys, named by path (the PostgreSQL container mounts them where the agent
@@ -153,8 +148,10 @@ fn restore_command(
     )
 }
 
-/// Writes recovery.signal and the recovery settings (appended to postgresql.auto.conf, which
-/// PostgreSQL reads last, so they win over the backed-up configuration).
+/// Writes recovery.signal and this restore's recovery settings, which are the only ones left in
+/// force (see [`recovery_conf`]): every inherited recovery setting in postgresql.auto.conf is
+/// commented out, and the block appended last sets each one explicitly and removes itself when
+/// recovery ends.
 pub(super) async fn write_recovery_config(
     req: &PgdataRestore,
     manifest: &Manifest,
@@ -166,45 +163,56 @@ pub(super) async fn write_recovery_config(
         action,
         source,
     };
-    let restore_command = restore_command(
-        &req.agent_binary.display().to_string(),
-        &catalog.store().location(),
-        &details.system_id,
-        &catalog.store().encryption(),
-    );
-    let mut conf = format!(
-        "\n# Point-in-time recovery written by soma-agent restore-pgdata from base backup {} at {}.\n\
-         # PostgreSQL removes recovery.signal when recovery ends; these settings are then unused.\n\
-         restore_command = {}\n\
-         recovery_target_timeline = 'latest'\n",
+    let agent = req.agent_binary.display().to_string();
+    let nonce = recovery_conf::new_nonce();
+    let target = match &req.target {
+        RecoveryTarget::Latest => None,
+        RecoveryTarget::Time(t) => Some(recovery_conf::Target {
+            setting: "recovery_target_time",
+            value: t.format("%Y-%m-%d %H:%M:%S%.6f%:z").to_string(),
+        }),
+        RecoveryTarget::Lsn(l) => Some(recovery_conf::Target {
+            setting: "recovery_target_lsn",
+            value: l.to_string(),
+        }),
+        RecoveryTarget::Name(n) => Some(recovery_conf::Target {
+            setting: "recovery_target_name",
+            value: n.clone(),
+        }),
+    };
+    let origin = format!(
+        "point-in-time recovery to {} from base backup {}, written at {}",
+        req.target.describe(),
         manifest.id,
-        Utc::now().to_rfc3339(),
-        conf_quote(&restore_command)
+        Utc::now().to_rfc3339()
     );
-    match &req.target {
-        RecoveryTarget::Latest => {}
-        RecoveryTarget::Time(t) => {
-            conf.push_str(&format!(
-                "recovery_target_time = {}\nrecovery_target_inclusive = on\nrecovery_target_action = 'promote'\n",
-                conf_quote(&t.format("%Y-%m-%d %H:%M:%S%.6f%:z").to_string())
-            ));
-        }
-        RecoveryTarget::Lsn(l) => {
-            conf.push_str(&format!(
-                "recovery_target_lsn = {}\nrecovery_target_inclusive = on\nrecovery_target_action = 'promote'\n",
-                conf_quote(&l.to_string())
-            ));
-        }
+    let block = recovery_conf::Block {
+        origin: origin.clone(),
+        restore_command: restore_command(
+            &agent,
+            &catalog.store().location(),
+            &details.system_id,
+            &catalog.store().encryption(),
+        ),
+        recovery_end_command: format!(
+            "{} recovery-end --block {nonce}",
+            shell_quote(&agent).replace('%', "%%")
+        ),
+        nonce,
+        target,
+        has_promote_trigger_file: major_version(&req.pgdata).is_some_and(|v| v <= 15),
     }
+    .render();
     // The files come from the archive: none may be a link that would carry the writes outside.
     let refused = |reason| PhysicalError::UnsafeBaseBackup {
         id: manifest.id.clone(),
         dir: req.pgdata.clone(),
         reason,
     };
-    let (dir, conf) = (req.pgdata.clone(), conf.into_bytes());
+    let inherited_from = format!("inherited from base backup {}", manifest.id);
+    let dir = req.pgdata.clone();
     let written = tokio::task::spawn_blocking(move || -> Result<(), Refusal> {
-        append_auto_conf(&dir, &conf)?;
+        write_auto_conf(&dir, &inherited_from, &block)?;
         create_recovery_signal(&dir)?;
         // A standby.signal from the source would turn the restore into a standby that never
         // promotes. Removing a link removes the link, not what it points to.
@@ -227,10 +235,27 @@ pub(super) async fn write_recovery_config(
         Ok(()) => Ok(()),
         Err(Refusal::Unsafe(reason)) => Err(refused(reason)),
         Err(Refusal::Io(action, e)) => Err(io(action, e)),
+        Err(Refusal::Conf(why)) => Err(PhysicalError::AutoConf {
+            id: manifest.id.clone(),
+            why,
+        }),
     }
 }
 
-const AUTO_CONF: &str = "postgresql.auto.conf";
+/// The major version in the laid-down `PG_VERSION` (from the archive: only ever compared).
+fn major_version(dir: &Path) -> Option<u32> {
+    let m = std::fs::symlink_metadata(dir.join("PG_VERSION")).ok()?;
+    if !m.is_file() || m.len() > 16 {
+        return None;
+    }
+    std::fs::read_to_string(dir.join("PG_VERSION"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+use recovery_conf::AUTO_CONF;
 const RECOVERY_SIGNAL: &str = "recovery.signal";
 const STANDBY_SIGNAL: &str = "standby.signal";
 
@@ -241,46 +266,30 @@ enum Refusal {
     Unsafe(UntarError),
     /// The filesystem failed.
     Io(&'static str, std::io::Error),
+    /// postgresql.auto.conf is not a file the restore can rewrite (too large, not text).
+    Conf(String),
 }
 
-/// Appends `bytes` to postgresql.auto.conf in `dir` (created when missing) without following a
-/// symbolic link there.
-/// `O_NOFOLLOW` is out of reach (the agent builds nix without its `fs` feature, and std has no
-/// such flag), so the file is checked with `lstat`, opened, and refused unless the opened file is
-/// the regular file checked: nothing is written before that.
-fn append_auto_conf(dir: &Path, bytes: &[u8]) -> Result<(), Refusal> {
-    use std::{io::Write, os::unix::fs::MetadataExt};
-    let path = dir.join(AUTO_CONF);
-    let mut file = match std::fs::symlink_metadata(&path) {
-        Ok(m) if m.is_file() => {
-            let file = std::fs::OpenOptions::new()
-                .append(true)
-                .open(&path)
-                .map_err(|e| Refusal::Io("opening postgresql.auto.conf", e))?;
-            let opened = file
-                .metadata()
-                .map_err(|e| Refusal::Io("inspecting postgresql.auto.conf", e))?;
-            if (opened.dev(), opened.ino()) != (m.dev(), m.ino()) || !opened.is_file() {
-                return Err(Refusal::Unsafe(UntarError::NotAFile {
-                    file: AUTO_CONF,
-                    found: "a file that changed while it was opened",
-                }));
-            }
-            file
-        }
-        Ok(m) => {
+/// Rewrites postgresql.auto.conf in `dir` (created when missing) as the archive's file with its
+/// recovery settings commented out, followed by `block`. Nothing is read or written through a
+/// link (see [`recovery_conf::read_auto_conf`] and [`recovery_conf::replace_auto_conf`]).
+fn write_auto_conf(dir: &Path, inherited_from: &str, block: &str) -> Result<(), Refusal> {
+    use recovery_conf::ReadError;
+    let old = match recovery_conf::read_auto_conf(dir) {
+        Ok(text) => text.unwrap_or_default(),
+        Err(ReadError::NotAFile(found)) => {
             return Err(Refusal::Unsafe(UntarError::NotAFile {
                 file: AUTO_CONF,
-                found: untar::found(&m),
+                found,
             }));
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            create_new(&path).map_err(|e| Refusal::Io("creating postgresql.auto.conf", e))?
-        }
-        Err(e) => return Err(Refusal::Io("inspecting postgresql.auto.conf", e)),
+        Err(ReadError::Refused(why)) => return Err(Refusal::Conf(why)),
+        Err(ReadError::Io(action, e)) => return Err(Refusal::Io(action, e)),
     };
-    file.write_all(bytes)
-        .map_err(|e| Refusal::Io("writing postgresql.auto.conf", e))
+    let mut text = recovery_conf::neutralise(&old, inherited_from);
+    text.push_str(block);
+    recovery_conf::replace_auto_conf(dir, text.as_bytes())
+        .map_err(|(action, e)| Refusal::Io(action, e))
 }
 
 /// Creates `path` (mode 0600), failing if anything is there: `create_new` is O_CREAT|O_EXCL, which
@@ -378,7 +387,7 @@ mod tests {
     fn quoting() {
         assert_eq!(shell_quote("/usr/bin/soma-agent"), "/usr/bin/soma-agent");
         assert_eq!(shell_quote("s3://b/p x"), "'s3://b/p x'");
-        assert_eq!(conf_quote("a 'b'"), "'a ''b'''");
+        assert_eq!(recovery_conf::conf_quote("a 'b'"), "'a ''b'''");
     }
 
     #[test]
@@ -439,12 +448,12 @@ mod tests {
         assert_eq!(std::fs::read(&outside).unwrap(), b"precious");
     }
 
-    /// The same with postgresql.auto.conf, which the restore appends to: through a link it would
-    /// append recovery settings to (or, when written whole, replace) a file outside.
+    /// The same with postgresql.auto.conf, which the restore rewrites: through a link it would
+    /// read, and replace, a file outside.
     #[test]
-    fn the_settings_are_never_appended_through_a_link() {
+    fn the_settings_are_never_written_through_a_link() {
         let (_tmp, dir, outside) = linked(AUTO_CONF);
-        match append_auto_conf(&dir, b"restore_command = 'x'\n") {
+        match write_auto_conf(&dir, "test", "restore_command = 'x'\n") {
             Err(Refusal::Unsafe(UntarError::NotAFile { found, .. })) => {
                 assert_eq!(found, "a symbolic link");
             }
@@ -455,7 +464,7 @@ mod tests {
         std::fs::remove_file(&outside).unwrap();
         std::os::unix::fs::symlink(&outside, dir.join(RECOVERY_SIGNAL)).unwrap();
         assert!(matches!(
-            append_auto_conf(&dir, b"x"),
+            write_auto_conf(&dir, "test", "x"),
             Err(Refusal::Unsafe(_))
         ));
         assert!(matches!(
@@ -466,20 +475,34 @@ mod tests {
     }
 
     #[test]
-    fn recovery_files_are_appended_to_or_created() {
+    fn recovery_files_are_rewritten_or_created() {
         let tmp = tempfile::tempdir().unwrap();
-        std::fs::write(tmp.path().join(AUTO_CONF), b"work_mem = '8MB'\n").unwrap();
-        append_auto_conf(tmp.path(), b"restore_command = 'x'\n").unwrap();
+        std::fs::write(
+            tmp.path().join(AUTO_CONF),
+            b"work_mem = '8MB'\nrecovery_target_time = '2026-01-01 00:00:00+00'\n",
+        )
+        .unwrap();
+        write_auto_conf(tmp.path(), "old", "restore_command = 'x'\n").unwrap();
         assert_eq!(
             std::fs::read_to_string(tmp.path().join(AUTO_CONF)).unwrap(),
-            "work_mem = '8MB'\nrestore_command = 'x'\n"
+            "work_mem = '8MB'\n\
+             # disabled by soma-agent restore-pgdata (old): recovery_target_time = '2026-01-01 00:00:00+00'\n\
+             restore_command = 'x'\n"
         );
         create_recovery_signal(tmp.path()).unwrap();
         create_recovery_signal(tmp.path()).unwrap();
         assert!(tmp.path().join(RECOVERY_SIGNAL).is_file());
         let fresh = tmp.path().join("fresh");
         std::fs::create_dir(&fresh).unwrap();
-        append_auto_conf(&fresh, b"a = 1\n").unwrap();
+        write_auto_conf(&fresh, "old", "a = 1\n").unwrap();
         assert_eq!(std::fs::read(fresh.join(AUTO_CONF)).unwrap(), b"a = 1\n");
+        // Too large to be an automatic configuration file: refused, nothing replaced.
+        let big = "# padding\n".repeat(200_000);
+        std::fs::write(fresh.join(AUTO_CONF), &big).unwrap();
+        assert!(matches!(
+            write_auto_conf(&fresh, "old", "a = 1\n"),
+            Err(Refusal::Conf(_))
+        ));
+        assert_eq!(std::fs::read_to_string(fresh.join(AUTO_CONF)).unwrap(), big);
     }
 }

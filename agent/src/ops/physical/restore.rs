@@ -31,17 +31,42 @@ pub enum RecoveryTarget {
     Time(DateTime<FixedOffset>),
     /// Every record up to this LSN.
     Lsn(Lsn),
+    /// Every record up to the restore point of this name (`pg_create_restore_point`); the
+    /// archive alone cannot tell where it is, so recovery that never meets it fails there.
+    Name(String),
 }
+
+/// The longest restore point name PostgreSQL keeps (`MAXFNAMELEN - 1`).
+const MAX_RESTORE_POINT_NAME: usize = 63;
 
 impl RecoveryTarget {
     /// Builds the target from the three mutually exclusive options (none given: latest).
     pub fn from_options(
         time: Option<&str>,
         lsn: Option<&str>,
+        name: Option<&str>,
         latest: bool,
     ) -> Result<Self, PhysicalError> {
-        match (time, lsn, latest) {
-            (Some(t), None, false) => {
+        match (time, lsn, name, latest) {
+            (None, None, Some(n), false) => {
+                let why = if n.is_empty() {
+                    Some("empty")
+                } else if n.len() > MAX_RESTORE_POINT_NAME {
+                    Some("longer than PostgreSQL's 63 bytes")
+                } else if n.chars().any(char::is_control) {
+                    Some("holds control characters")
+                } else {
+                    None
+                };
+                match why {
+                    Some(why) => Err(PhysicalError::BadName {
+                        value: n.chars().take(80).collect(),
+                        why,
+                    }),
+                    None => Ok(RecoveryTarget::Name(n.to_string())),
+                }
+            }
+            (Some(t), None, None, false) => {
                 parse_time(t)
                     .map(RecoveryTarget::Time)
                     .map_err(|e| PhysicalError::BadTime {
@@ -49,8 +74,8 @@ impl RecoveryTarget {
                         reason: e.to_string(),
                     })
             }
-            (None, Some(l), false) => Ok(RecoveryTarget::Lsn(l.parse()?)),
-            (None, None, _) => Ok(RecoveryTarget::Latest),
+            (None, Some(l), None, false) => Ok(RecoveryTarget::Lsn(l.parse()?)),
+            (None, None, None, _) => Ok(RecoveryTarget::Latest),
             _ => Err(PhysicalError::TwoTargets),
         }
     }
@@ -60,6 +85,7 @@ impl RecoveryTarget {
             RecoveryTarget::Latest => "the end of the WAL archive".into(),
             RecoveryTarget::Time(t) => format!("time {}", t.to_rfc3339()),
             RecoveryTarget::Lsn(l) => format!("LSN {l}"),
+            RecoveryTarget::Name(n) => format!("restore point {n:?}"),
         }
     }
 
@@ -69,6 +95,9 @@ impl RecoveryTarget {
             RecoveryTarget::Latest => true,
             RecoveryTarget::Time(t) => d.stop_time <= *t,
             RecoveryTarget::Lsn(l) => d.stop_lsn <= *l,
+            // Where a restore point lies is known only to the WAL: any base backup may reach
+            // it, and `latest` picks the newest (name an older backup for an older point).
+            RecoveryTarget::Name(_) => true,
         }
     }
 }
@@ -215,6 +244,7 @@ fn check_window(
         RecoveryTarget::Latest => false,
         RecoveryTarget::Time(t) => window.latest_time.is_none_or(|l| l < *t),
         RecoveryTarget::Lsn(l) => latest_lsn < *l,
+        RecoveryTarget::Name(_) => false,
     };
     if beyond {
         return Err(PhysicalError::BeyondArchive {
@@ -301,23 +331,38 @@ mod tests {
     #[test]
     fn targets() {
         assert_eq!(
-            RecoveryTarget::from_options(None, None, true).unwrap(),
+            RecoveryTarget::from_options(None, None, None, true).unwrap(),
             RecoveryTarget::Latest
         );
-        assert!(RecoveryTarget::from_options(Some("yesterday"), None, false).is_err());
-        assert!(RecoveryTarget::from_options(Some("2026-11-29 14:35:01"), None, false).is_err());
+        assert!(RecoveryTarget::from_options(Some("yesterday"), None, None, false).is_err());
         assert!(
-            RecoveryTarget::from_options(Some("2026-11-25T10:00:00Z"), Some("0/1"), false).is_err()
+            RecoveryTarget::from_options(Some("2026-11-29 14:35:01"), None, None, false).is_err()
+        );
+        assert!(
+            RecoveryTarget::from_options(Some("2026-11-25T10:00:00Z"), Some("0/1"), None, false)
+                .is_err()
         );
         assert_eq!(
-            RecoveryTarget::from_options(None, Some("1/2"), false).unwrap(),
+            RecoveryTarget::from_options(None, None, Some("before upgrade"), false).unwrap(),
+            RecoveryTarget::Name("before upgrade".into())
+        );
+        assert!(RecoveryTarget::from_options(None, Some("0/1"), Some("p"), false).is_err());
+        assert!(RecoveryTarget::from_options(None, None, Some("p"), true).is_err());
+        for bad in [String::new(), "x".repeat(64), "a\nb".to_string()] {
+            assert!(
+                RecoveryTarget::from_options(None, None, Some(&bad), false).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            RecoveryTarget::from_options(None, Some("1/2"), None, false).unwrap(),
             RecoveryTarget::Lsn(Lsn((1 << 32) | 2))
         );
     }
 
     #[test]
     fn target_time_as_rfc3339_or_as_postgresql_prints_it() {
-        let at = |s: &str| match RecoveryTarget::from_options(Some(s), None, false) {
+        let at = |s: &str| match RecoveryTarget::from_options(Some(s), None, None, false) {
             Ok(RecoveryTarget::Time(t)) => t,
             other => panic!("{s}: {other:?}"),
         };
@@ -333,7 +378,7 @@ mod tests {
             at("2026-11-29 06:35:01-08"),
             DateTime::parse_from_rfc3339("2026-11-29T14:35:01Z").unwrap()
         );
-        let err = RecoveryTarget::from_options(Some("2026-11-29 14:35"), None, false)
+        let err = RecoveryTarget::from_options(Some("2026-11-29 14:35"), None, None, false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("2026-11-25 15:03:07.25+01"), "{err}");

@@ -160,6 +160,7 @@ impl RestorePlan {
         let target = physical::RecoveryTarget::from_options(
             Some(req.target_time.as_str()).filter(|t| !t.is_empty()),
             Some(req.target_lsn.as_str()).filter(|t| !t.is_empty()),
+            Some(req.target_name.as_str()).filter(|t| !t.is_empty()),
             false,
         )?;
         let backup = if req.backup_id.is_empty() {
