@@ -56,7 +56,18 @@ fn a_restored_clusters_own_backups_restore_to_every_target() {
     );
     assert_no_recovery_settings(&c2, "the restore of generation 1");
 
-    // Generation 2 is production now: its agent, its base backup, its rows and targets.
+    // Generation 2 is production now. Its configuration also sets recovery settings through
+    // postgresql.conf's include (a restore point never created, a day's apply delay): unused
+    // while it runs, carried by its base backup, and outranked by every restore of it.
+    let data = c2.data_path();
+    std::fs::write(
+        data.join("inherited-recovery.conf"),
+        "recovery_target_name = 'never-created'\nrecovery_min_apply_delay = '1d'\n",
+    )
+    .expect("writing an included configuration file");
+    let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).expect("postgresql.conf");
+    conf.push_str("\ninclude_if_exists = 'inherited-recovery.conf'\n");
+    std::fs::write(data.join("postgresql.conf"), conf).expect("writing postgresql.conf");
     let a2 = streaming_agent(&c2, &store, spools[1].path(), 2);
     let b2 = physical_backup(a2.addr());
     insert_tagged(&c2, "gen2-a", 40);
@@ -142,15 +153,17 @@ fn assert_rows(restored: &PgCluster, expected: &[String], what: &str) {
     );
 }
 
-/// The promoted server's configuration files set no recovery setting any more: the restore's
-/// own settings were removed when recovery ended, so a base backup of it carries none.
+/// The promoted server's postgresql.auto.conf sets no recovery setting any more: the restore's
+/// own settings were removed when recovery ended, so a base backup of it carries none (what the
+/// operator's postgresql.conf sets is the operator's, and every restore outranks it).
 /// `pg_file_settings` reads the files as they are now, not the settings the server started with.
 fn assert_no_recovery_settings(pg: &PgCluster, what: &str) {
     let left = pg.psql(
         "postgres",
         &format!(
             "select coalesce(string_agg(name || ' = ' || setting, ', '), '') \
-             from pg_file_settings where name in ({RECOVERY_SETTINGS})"
+             from pg_file_settings where name in ({RECOVERY_SETTINGS}) \
+             and sourcefile like '%/postgresql.auto.conf'"
         ),
     );
     assert_eq!(
