@@ -373,7 +373,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         retention: config.retention.clone(),
         drill_dir: config.drill_dir.clone(),
         restore_root: config.restore_root.clone(),
+        replay: Default::default(),
     });
+    if let Some(pg) = &ctx.postgres {
+        ops::physical::spawn_watch(
+            pg.clone(),
+            ctx.source.store().clone(),
+            ctx.replay.clone(),
+            shutdown.child_token(),
+        );
+    }
     schedule::run::validate(&schedules, &ctx).map_err(anyhow::Error::msg)?;
     // Before any drill can start: what a killed agent's drills left is removed first.
     ops::drill::sweep_drill_dir(&ctx.drill_dir).await;

@@ -93,6 +93,16 @@ impl PgCluster {
         self.try_start("", env)
     }
 
+    /// [`start_existing`](Self::start_existing) with extra server options (`-c name=value`),
+    /// which outrank every configuration file.
+    pub fn start_existing_with(
+        &mut self,
+        extra_options: &str,
+        env: &[(String, String)],
+    ) -> Result<(), String> {
+        self.try_start(extra_options, env)
+    }
+
     fn try_start(&mut self, extra_options: &str, env: &[(String, String)]) -> Result<(), String> {
         let data = self.data_dir();
         // The port was free when picked but another test may take it before the server binds it:

@@ -8,10 +8,10 @@
 use std::time::Duration;
 
 use soma_tests::pitr::{
-    insert_tagged, physical_backup, restore_and_start, server_time, tagged_rows, timeline,
-    wait_archived, wal_agent, wal_status,
+    PROMOTE_TIMEOUT, insert_tagged, physical_backup, restore_and_start, restore_pgdata,
+    server_time, tagged_rows, timeline, wait_archived, wal_agent, wal_status,
 };
-use soma_tests::{Agent, PgCluster, TestStore, poll_until};
+use soma_tests::{Agent, PgCluster, TestStore, metrics, poll_until, soma};
 
 /// Every setting that steers recovery; none may be in force in a promoted cluster's files.
 const RECOVERY_SETTINGS: &str = "'restore_command', 'recovery_end_command', \
@@ -172,4 +172,126 @@ fn assert_no_recovery_settings(pg: &PgCluster, what: &str) {
         "{what}: the promoted cluster's configuration still sets recovery settings; server log:\n{}",
         pg.log()
     );
+}
+
+/// Where a restore's replay ended is reported by the agent beside the promoted server, compared
+/// with the archive: a restore to the end reached it; a restore to a time stopped at its target
+/// with WAL after it; a restore whose server ended recovery early with no target (here a
+/// `restore_command` on its command line that finds nothing, as a stale pod setting would)
+/// stopped short — `status` says so and fails, and the metric says so. `describe` says whether
+/// a base backup carries recovery settings of its own (here one set with ALTER SYSTEM, which no
+/// restore of it may follow).
+#[test]
+fn the_agent_beside_a_restored_server_says_where_replay_ended() {
+    let store = TestStore::garage();
+    let spool = tempfile::tempdir().expect("spool directory");
+    let c1 = PgCluster::start();
+    let a1 = wal_agent(&c1, &store, spool.path(), "1s");
+    c1.psql(
+        "postgres",
+        "create table events(id bigserial primary key, tag text, \
+         at timestamptz default clock_timestamp());\n\
+         alter system set recovery_target_name = 'planted'",
+    );
+    let b1 = physical_backup(a1.addr());
+    let described = soma(a1.addr(), &["describe", &b1]);
+    described.assert_success("describe BASE");
+    assert!(
+        described
+            .stdout
+            .contains("Recovery settings: carried: recovery_target_name"),
+        "describe must say the base backup carries a recovery setting:\n{described}"
+    );
+    insert_tagged(&c1, "before", 20);
+    let t1 = server_time(&c1);
+    // The WAL after T1 fills later segments: a restore to T1 leaves whole segments behind.
+    for _ in 0..3 {
+        insert_tagged(&c1, "after", 20);
+        c1.psql("postgres", "select pg_switch_wal()");
+    }
+    let all = tagged_rows(&c1, "");
+    wait_archived(a1.addr(), &c1);
+
+    // To the end of the archive: every row, and the agent beside it says it reached the end.
+    let latest = restore_and_start(&store, &["--backup", &b1]);
+    assert_rows(&latest, &all, "the restore to latest");
+    let beside_latest = Agent::start(&store.url(), &latest.url("postgres"), &[], &store.env());
+    let r = last_recovery(&beside_latest);
+    assert_eq!(r["verdict"], "reached-end", "{r:#}");
+    assert_eq!(r["unreplayed_bytes"], 0, "{r:#}");
+    assert_eq!(r["reason"], "no recovery target specified", "{r:#}");
+    // A base backup of the promoted cluster carries no recovery setting.
+    let b2 = physical_backup(beside_latest.addr());
+    let described = soma(beside_latest.addr(), &["describe", &b2]);
+    assert!(
+        described.stdout.contains("Recovery settings: none carried"),
+        "a base backup of a restored cluster must carry no recovery settings:\n{described}"
+    );
+
+    // To T1: stopped at its target, the later segments not replayed, as asked.
+    let at_t1 = restore_and_start(&store, &["--backup", &b1, "--target-time", &t1]);
+    let beside_t1 = Agent::start(&store.url(), &at_t1.url("postgres"), &[], &store.env());
+    let r = last_recovery(&beside_t1);
+    assert_eq!(r["verdict"], "at-target", "{r:#}");
+    assert!(r["unreplayed_bytes"].as_u64() > Some(0), "{r:#}");
+    let status = soma(beside_t1.addr(), &["status"]);
+    status.assert_success("status beside a restore to a target");
+
+    // No target, yet replay ended early: the server's command line names a restore_command that
+    // finds nothing, so it replays only the base backup's own WAL and promotes.
+    let mut short = PgCluster::empty();
+    restore_pgdata(&short, &store, &["--backup", &b1]).assert_success("restore-pgdata");
+    short
+        .start_existing_with("-c restore_command=/bin/false", &store.env())
+        .unwrap_or_else(|e| panic!("the restored server did not start:\n{e}"));
+    assert!(
+        short.wait_promoted_or_stopped(PROMOTE_TIMEOUT),
+        "{}",
+        short.log()
+    );
+    let beside_short = Agent::start(
+        &store.url(),
+        &short.url("postgres"),
+        &["--metrics-listen", "127.0.0.1:0"],
+        &store.env(),
+    );
+    let r = last_recovery(&beside_short);
+    assert_eq!(r["verdict"], "stopped-short", "{r:#}");
+    assert!(r["unreplayed_bytes"].as_u64() > Some(0), "{r:#}");
+    let status = soma(beside_short.addr(), &["status"]);
+    assert_ne!(
+        status.code, 0,
+        "status must fail beside a short recovery:\n{status}"
+    );
+    assert!(
+        status.stdout.contains("LAST RECOVERY STOPPED SHORT"),
+        "status must say the recovery stopped short:\n{status}"
+    );
+    let samples = metrics::scrape(&beside_short.metrics_addr());
+    assert_eq!(
+        metrics::value(&samples, "soma_recovery_stopped_short", &[]),
+        Some(1.0)
+    );
+    assert!(
+        metrics::value(&samples, "soma_recovery_unreplayed_wal_bytes", &[]) > Some(0.0),
+        "the metric must count the WAL left behind"
+    );
+    assert!(
+        beside_short.logs().contains("STOPPED SHORT"),
+        "the agent must log it:\n{}",
+        beside_short.logs()
+    );
+}
+
+/// `status -o json`'s `last_recovery`, once the agent found it.
+fn last_recovery(agent: &Agent) -> serde_json::Value {
+    poll_until(
+        Duration::from_secs(60),
+        "the agent to say where the last recovery ended",
+        || {
+            let out = soma(agent.addr(), &["-o", "json", "status"]);
+            let r = out.json()[0]["last_recovery"].clone();
+            (!r.is_null()).then_some(r)
+        },
+    )
 }

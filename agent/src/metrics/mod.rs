@@ -113,6 +113,8 @@ pub struct Metrics {
     wal_lag: Gauge,
     wal_last_shipped: F64Gauge,
     recovery_window_start: F64Gauge,
+    recovery_unreplayed: Gauge,
+    recovery_stopped_short: Gauge,
     store_up: Gauge,
     store_retries: Gauge,
     store_timeouts: Gauge,
@@ -164,6 +166,8 @@ impl Metrics {
             wal_lag: Gauge::default(),
             wal_last_shipped: Gauge::default(),
             recovery_window_start: Gauge::default(),
+            recovery_unreplayed: Gauge::default(),
+            recovery_stopped_short: Gauge::default(),
             store_up: Gauge::default(),
             store_retries: Gauge::default(),
             store_timeouts: Gauge::default(),
@@ -257,6 +261,16 @@ impl Metrics {
             "soma_recovery_window_start_timestamp_seconds",
             "The earliest time a point-in-time restore can reach: the oldest base backup's consistent point",
             m.recovery_window_start.clone(),
+        );
+        r.register(
+            "soma_recovery_unreplayed_wal_bytes",
+            "WAL of the timeline the server's last recovery replayed that the archive holds after where replay ended (0: it reached the end); absent when the server never recovered",
+            m.recovery_unreplayed.clone(),
+        );
+        r.register(
+            "soma_recovery_stopped_short",
+            "1 when the server's last recovery had no target yet ended before the end of the archive: committed transactions are missing",
+            m.recovery_stopped_short.clone(),
         );
         r.register(
             "soma_store_up",
@@ -447,6 +461,13 @@ impl Metrics {
     }
 
     async fn refresh_live(&self, ctx: &Context) {
+        if let Some(r) = ctx.replay.get() {
+            self.recovery_unreplayed
+                .set(i64::try_from(r.unreplayed_bytes).unwrap_or(i64::MAX));
+            self.recovery_stopped_short.set(i64::from(
+                r.verdict == crate::ops::physical::Verdict::StoppedShort,
+            ));
+        }
         let probe = tokio::time::timeout(PROBE_TIMEOUT, ctx.catalog.store().head("soma-probe"));
         self.store_up
             .set(matches!(probe.await, Ok(Ok(_))).then_some(1).unwrap_or(0));

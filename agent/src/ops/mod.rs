@@ -46,6 +46,8 @@ pub struct Context {
     /// Where physical restores requested through the API may write (`--restore-root`); none
     /// without it.
     pub restore_root: Option<std::path::PathBuf>,
+    /// Where the PostgreSQL server's last recovery ended, as the watch last found it.
+    pub replay: physical::ReplayWatch,
 }
 
 /// The WAL stream as the rest of the agent sees it.

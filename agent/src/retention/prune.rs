@@ -466,6 +466,7 @@ mod tests {
             retention: None,
             drill_dir: dir.path().join("drill"),
             restore_root: None,
+            replay: Default::default(),
         };
         (dir, ctx)
     }

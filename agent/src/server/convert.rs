@@ -113,6 +113,21 @@ pub fn store_health(r: &crate::store::HealthReport) -> v1::StoreHealth {
     }
 }
 
+/// Where the server's last recovery ended, for `status`.
+pub fn recovery_end(r: &ops::physical::ReplayEnd) -> v1::RecoveryEnd {
+    v1::RecoveryEnd {
+        timeline: r.timeline,
+        parent_timeline: r.parent,
+        switch_lsn: r.switch.to_string(),
+        reason: r.reason.clone(),
+        archive_end_lsn: r.archive_end.map(|l| l.to_string()).unwrap_or_default(),
+        unreplayed_bytes: r.unreplayed_bytes,
+        verdict: r.verdict.as_str().into(),
+        summary: r.describe(),
+        checked_at: r.checked_at.to_rfc3339(),
+    }
+}
+
 /// The WAL stream's state for `status`, with the archive lag measured against `server_lsn`.
 pub fn wal_archive_status(
     wal: &ops::WalStreamInfo,

@@ -308,6 +308,7 @@ impl SomaAgent for AgentService {
                 .store()
                 .health()
                 .map(|h| convert::store_health(&h.report())),
+            last_recovery: self.ctx.replay.get().map(|r| convert::recovery_end(&r)),
             restore_from: Some(self.ctx.source.store().location())
                 .filter(|source| *source != self.ctx.catalog.store().location())
                 .unwrap_or_default(),

@@ -83,6 +83,12 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(),
                     outln!("Recoverable: unknown ({})", w.error);
                 }
             }
+            if s(&manifest["kind"]) == "physical" {
+                outln!(
+                    "Recovery settings: {}",
+                    recovery_settings_line(&manifest["details"]["recovery_settings"])
+                );
+            }
             match &info.last_drill {
                 Some(d) if d.drilled_at.is_empty() => {
                     outln!("Last drill:  unknown ({})", d.failure)
@@ -174,5 +180,24 @@ mod tests {
             resolved_line(&pg, "logical"),
             "latest resolved to 20261129T143502Z-pg-app-3c4d (postgres logical, completed 2026-11-29 14:35:04)"
         );
+    }
+}
+
+/// What a base backup's configuration files set of recovery settings when it was taken.
+fn recovery_settings_line(v: &serde_json::Value) -> String {
+    match v.as_array() {
+        None => "not recorded (an older agent, or its role could not read pg_file_settings)".into(),
+        Some(names) if names.is_empty() => "none carried".into(),
+        Some(names) => format!(
+            "carried: {} (from an earlier restore or the configuration; a restore neutralises them)",
+            output::cell(
+                &names
+                    .iter()
+                    .filter_map(|n| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                400
+            )
+        ),
     }
 }

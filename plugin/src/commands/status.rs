@@ -102,6 +102,17 @@ fn agent_row(
             "set_aside_files": w.set_aside_files,
             "set_aside": w.set_aside,
         })),
+        "last_recovery": info.last_recovery.as_ref().map(|r| json!({
+            "timeline": r.timeline,
+            "parent_timeline": r.parent_timeline,
+            "switch_lsn": r.switch_lsn,
+            "reason": r.reason,
+            "archive_end_lsn": Some(r.archive_end_lsn.as_str()).filter(|l| !l.is_empty()),
+            "unreplayed_bytes": r.unreplayed_bytes,
+            "verdict": r.verdict,
+            "summary": r.summary,
+            "checked_at": r.checked_at,
+        })),
         "schedules": info.schedules.iter().map(|s| json!({
             "action": s.action,
             "cron": s.cron,
@@ -120,6 +131,15 @@ fn agent_row(
         "health": match info.store_health.as_ref() {
             Some(h) if health == "ok" && h.condition == "failing" => {
                 format!("store failing: {}", h.last_problem)
+            }
+            // Committed transactions are missing from the restored server: not healthy.
+            _ if health == "ok"
+                && info
+                    .last_recovery
+                    .as_ref()
+                    .is_some_and(|r| r.verdict == "stopped-short") =>
+            {
+                "last recovery stopped short of the archive's end".into()
             }
             _ => health,
         },
@@ -355,6 +375,14 @@ fn render(rows: &[Value], out: OutputFormat) -> Result<String, CliError> {
         }
         text_out.push_str(&format!("\n{}:\n", agent_title(r)));
         text_out.push_str(&set_aside_section(&r["wal_archive"]));
+        if let Some(summary) = r["last_recovery"]["summary"].as_str() {
+            let mark = if r["last_recovery"]["verdict"] == "stopped-short" {
+                "LAST RECOVERY STOPPED SHORT"
+            } else {
+                "Last recovery"
+            };
+            text_out.push_str(&format!("  {mark}: {}\n", output::cell(summary, 600)));
+        }
         text_out.push_str(&schedules_section(r, wide));
         text_out.push_str(&format!(
             "  Encryption: {}\n",

@@ -28,7 +28,8 @@ mod validation;
 
 pub use process::ToolProcess;
 pub use replication::{
-    BaseBackupPositions, SystemIdentity, check_slot_name, parse_basebackup_positions,
+    BaseBackupPositions, HistoryLine, SystemIdentity, check_slot_name, parse_basebackup_positions,
+    parse_history_lines,
 };
 pub use scratch::{ScratchError, ScratchServer};
 pub use validation::{SnapshotHolder, TableStats};

@@ -250,6 +250,121 @@ impl Postgres {
     }
 }
 
+/// One line of a timeline history file: the timeline it branched from, where, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryLine {
+    /// The parent timeline.
+    pub parent: u32,
+    /// Where the child timeline began (where replay of the parent ended).
+    pub switch: Lsn,
+    /// PostgreSQL's reason, e.g. `no recovery target specified` or `before 2026-… +00`
+    /// (control characters removed, cut to [`MAX_REASON`] characters: the server is not trusted).
+    pub reason: String,
+}
+
+/// The longest history reason kept.
+pub(super) const MAX_REASON: usize = 200;
+/// The most history lines read (one per earlier timeline).
+const MAX_HISTORY_LINES: usize = 10_000;
+
+/// Parses the content of a history file: `parent<TAB>switch<TAB>reason` lines, `#` comments.
+/// Lines that do not parse are skipped (the last good line is what matters to a caller).
+pub fn parse_history_lines(text: &str) -> Vec<HistoryLine> {
+    let mut out = Vec::new();
+    for line in text.lines().take(MAX_HISTORY_LINES) {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.splitn(3, char::is_whitespace);
+        let parent = fields.next().and_then(|t| t.parse::<u32>().ok());
+        let switch = fields.next().and_then(|l| l.trim().parse::<Lsn>().ok());
+        if let (Some(parent), Some(switch)) = (parent, switch) {
+            let reason = fields
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(MAX_REASON)
+                .collect();
+            out.push(HistoryLine {
+                parent,
+                switch,
+                reason,
+            });
+        }
+    }
+    out
+}
+
+impl Postgres {
+    /// The history of `timeline` (`TIMELINE_HISTORY` over a replication connection, so a
+    /// replication-only user suffices), oldest first; its last line says where the timeline
+    /// began and why.
+    pub async fn timeline_history(&self, timeline: u32) -> Result<Vec<HistoryLine>, PgError> {
+        let out = self
+            .replication_query(&format!("TIMELINE_HISTORY {timeline}"))
+            .await?;
+        // `<file name>|<content>`: psql prints the content as the server sends it, newlines
+        // and all.
+        let content = out.split_once('|').map_or("", |(_, c)| c);
+        Ok(parse_history_lines(content))
+    }
+
+    /// The recovery settings the server's configuration files set now, non-empty, by name
+    /// (`pg_file_settings` reads the files at the time of the query, the last occurrence of
+    /// each name winning, as it would at the next start). Needs a superuser or
+    /// `pg_read_all_settings`.
+    pub async fn recovery_settings_in_files(&self) -> Result<Vec<String>, PgError> {
+        let names = crate::ops::physical::RECOVERY_SETTINGS
+            .iter()
+            .map(|n| format!("'{n}'"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let out = self
+            .query(
+                &self.default_database(),
+                &format!(
+                    "select coalesce(string_agg(name, ',' order by name), '') from \
+                     (select distinct on (name) name, setting from pg_file_settings \
+                      where name in ({names}) and error is null order by name, seqno desc) s \
+                     where setting <> ''"
+                ),
+            )
+            .await?;
+        Ok(out
+            .trim()
+            .split(',')
+            .filter(|n| crate::ops::physical::RECOVERY_SETTINGS.contains(n))
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// Whether the server is still recovering (not promoted yet), and its current timeline as
+    /// its last checkpoint records it (after promotion: the new timeline).
+    pub async fn recovery_state(&self) -> Result<(bool, u32), PgError> {
+        let out = self
+            .query(
+                &self.default_database(),
+                "select pg_is_in_recovery(), timeline_id from pg_control_checkpoint()",
+            )
+            .await?;
+        let bad = || PgError::ToolFailed {
+            tool: "psql",
+            status: "unexpected recovery state".into(),
+            stderr: out.chars().take(200).collect(),
+        };
+        let (recovering, timeline) = out.trim().split_once('|').ok_or_else(bad)?;
+        let timeline = timeline.parse().map_err(|_| bad())?;
+        match recovering {
+            "t" => Ok((true, timeline)),
+            "f" => Ok((false, timeline)),
+            _ => Err(bad()),
+        }
+    }
+}
+
 /// Checks a replication slot name as PostgreSQL does (it is also spliced into a replication
 /// command, so nothing else may pass).
 pub fn check_slot_name(slot: &str) -> Result<(), PgError> {

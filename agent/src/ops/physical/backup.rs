@@ -62,6 +62,13 @@ pub async fn backup_physical(
         .await?;
     let identity = pg.identify_system().await?;
     let seg_size = pg.wal_segment_size().await?;
+    let recovery_settings = match pg.recovery_settings_in_files().await {
+        Ok(names) => Some(names),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read which recovery settings the configuration files set; the backup records none");
+            None
+        }
+    };
 
     let source = BaseBackup(pg.start_basebackup()?);
     reporter.phase(
@@ -81,6 +88,7 @@ pub async fn backup_physical(
         stop_lsn: positions.stop_lsn,
         stop_time,
         wal_segment_size: seg_size,
+        recovery_settings,
     };
     let manifest = Manifest::completed(
         id.clone(),

@@ -11,12 +11,14 @@
 mod backup;
 mod pgdata;
 mod recovery_conf;
+mod replay;
 mod restore;
 pub mod untar;
 mod wal;
 
 pub use backup::backup_physical;
-pub use recovery_conf::{RecoveryEndError, recovery_end};
+pub use recovery_conf::{RECOVERY_SETTINGS, RecoveryEndError, recovery_end};
+pub use replay::{ReplayEnd, ReplayState, ReplayWatch, Verdict, spawn_watch};
 pub use restore::{
     PgdataRestore, PgdataRestored, RecoveryTarget, restore_pgdata, restore_pgdata_job,
 };
@@ -56,6 +58,12 @@ pub struct PhysicalDetails {
     pub stop_time: DateTime<Utc>,
     /// WAL segment size of the cluster.
     pub wal_segment_size: u64,
+    /// The recovery settings the cluster's configuration files set when the backup was taken
+    /// (names only: `primary_conninfo` may hold a password), e.g. those of an earlier restore of
+    /// it. A restore neutralises them; `describe` shows them. `None`: not recorded (an older
+    /// agent, or a role that may not read `pg_file_settings`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_settings: Option<Vec<String>>,
 }
 
 impl PhysicalDetails {

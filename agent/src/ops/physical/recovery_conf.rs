@@ -21,7 +21,7 @@ use std::path::Path;
 /// Every setting that steers or ends recovery. One inherited from a backup would make this
 /// restore stop early (targets, `promote_trigger_file`), wait (`recovery_min_apply_delay`),
 /// follow another server (`primary_*`), or run a command the backup chose.
-pub(crate) const RECOVERY_SETTINGS: &[&str] = &[
+pub const RECOVERY_SETTINGS: &[&str] = &[
     "restore_command",
     "archive_cleanup_command",
     "recovery_end_command",
