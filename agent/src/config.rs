@@ -123,6 +123,14 @@ pub struct Config {
           value_parser = parse_timeout)]
     pub store_attempt_timeout: std::time::Duration,
 
+    /// Longest an S3 request or download may go without a byte moving (taken by the network
+    /// or received, the answer included): past it the connection counts as frozen, is dropped
+    /// and the request retried (a download resumes), so a frozen connection costs seconds, not
+    /// the attempt timeout. A slow connection that still moves is never dropped by it.
+    #[arg(long, env = "SOMA_STORE_STALL_TIMEOUT", global = true, default_value = "10s",
+          value_parser = parse_timeout)]
+    pub store_stall_timeout: std::time::Duration,
+
     /// Longest one S3 request may take over all its attempts and waits; then it fails, and the
     /// backup with it, with an error that says so.
     #[arg(long, env = "SOMA_STORE_OPERATION_TIMEOUT", global = true, default_value = "15m",
@@ -312,11 +320,12 @@ pub struct Config {
 
 impl Config {
     /// Retries and deadlines of store requests (--store-retries, --store-attempt-timeout,
-    /// --store-operation-timeout).
+    /// --store-stall-timeout, --store-operation-timeout).
     pub fn retry_policy(&self) -> crate::store::RetryPolicy {
         crate::store::RetryPolicy {
             attempts: self.store_retries,
             attempt_timeout: self.store_attempt_timeout,
+            stall_timeout: self.store_stall_timeout,
             operation_timeout: self.store_operation_timeout,
             ..Default::default()
         }
@@ -558,6 +567,7 @@ mod tests {
         assert_eq!(c.qdrant_stall_timeout, std::time::Duration::from_secs(90));
         for flag in [
             "--store-attempt-timeout",
+            "--store-stall-timeout",
             "--store-operation-timeout",
             "--qdrant-stall-timeout",
             "--qdrant-snapshot-timeout",

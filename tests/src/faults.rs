@@ -7,8 +7,13 @@
 //! passed through is itself cut after a random number of bytes with the reset probability: that
 //! is what forces fresh connections, and fresh fates, all through a long backup.
 //!
+//! Besides the random fates, a test can script exact ones ([`FaultProxy::freeze_next`],
+//! [`FaultProxy::freeze_mid_body`]) and slow every connection down to a given rate
+//! ([`FaultProxy::throttle`]), for what a stall detector must and must not drop.
+//!
 //! Bounded: it listens on 127.0.0.1 only, a frozen connection is held at most
-//! [`FaultPlan::freeze_for`] and every thread ends when the proxy is dropped.
+//! [`FaultPlan::freeze_for`] (or the hold a script gives) and every thread ends when the proxy is
+//! dropped.
 
 use std::{
     io::{Read, Write},
@@ -80,6 +85,35 @@ struct Counters {
     reset: AtomicU64,
     recycled: AtomicU64,
     frozen: AtomicU64,
+    tripped: AtomicU64,
+}
+
+/// Which way a connection's bytes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the client (the agent) to the server: request bodies, uploads.
+    Up,
+    /// From the server to the client: answers, downloads.
+    Down,
+}
+
+/// A freeze armed for the first connection that carries more than `after` bytes one way.
+#[derive(Debug, Clone, Copy)]
+struct Trip {
+    direction: Direction,
+    after: u64,
+    hold: Duration,
+}
+
+/// Fates a test scripted, met before the plan's.
+#[derive(Debug, Default)]
+struct Script {
+    /// Connections still to be frozen from their first byte, and for how long.
+    freeze_next: u32,
+    freeze_hold: Duration,
+    trip: Option<Trip>,
+    /// Bytes a second each way of every passed connection (0: no limit).
+    rate: u64,
 }
 
 /// The proxy; dropping it stops it and closes every connection it holds.
@@ -87,6 +121,7 @@ struct Counters {
 pub struct FaultProxy {
     addr: SocketAddr,
     plan: Arc<Mutex<FaultPlan>>,
+    script: Arc<Mutex<Script>>,
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
     /// Bumped by [`FaultProxy::set_plan`]: connections of an older plan are cut, so kept-alive
@@ -114,11 +149,13 @@ impl FaultProxy {
         let counters = Arc::new(Counters::default());
         let stop = Arc::new(AtomicBool::new(false));
         let generation = Arc::new(AtomicU64::new(0));
+        let script = Arc::new(Mutex::new(Script::default()));
         let accept = {
             let shared = Shared {
                 counters: counters.clone(),
                 stop: stop.clone(),
                 generation: generation.clone(),
+                script: script.clone(),
             };
             let plan = plan.clone();
             std::thread::spawn(move || accept_loop(listener, upstream, plan, shared))
@@ -126,6 +163,7 @@ impl FaultProxy {
         Self {
             addr,
             plan,
+            script,
             counters,
             stop,
             generation,
@@ -138,11 +176,55 @@ impl FaultProxy {
         format!("http://{}", self.addr)
     }
 
+    /// An agent's environment `env` with its S3 endpoint replaced by this proxy's.
+    pub fn in_front(&self, env: Vec<(String, String)>) -> Vec<(String, String)> {
+        env.into_iter()
+            .map(|(k, v)| {
+                if k == "AWS_ENDPOINT_URL" {
+                    (k, self.endpoint())
+                } else {
+                    (k, v)
+                }
+            })
+            .collect()
+    }
+
     /// Changes the faults of connections accepted from now on (e.g. to check the results
     /// through a clean path).
     pub fn set_plan(&self, plan: FaultPlan) {
         *self.plan.lock().unwrap() = plan;
         self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The next `n` connections accepted are frozen (what they send is read, nothing is
+    /// answered) for `hold`, whatever the plan says.
+    pub fn freeze_next(&self, n: u32, hold: Duration) {
+        let mut script = self.script.lock().unwrap();
+        script.freeze_next = n;
+        script.freeze_hold = hold;
+    }
+
+    /// The first passed connection that carries more than `after` bytes `direction` stops
+    /// there: from then on it neither reads nor sends, both ways, for `hold` (a frozen peer
+    /// in the middle of a body, whose buffers fill up); then it is reset. Once only.
+    pub fn freeze_mid_body(&self, direction: Direction, after: u64, hold: Duration) {
+        self.script.lock().unwrap().trip = Some(Trip {
+            direction,
+            after,
+            hold,
+        });
+    }
+
+    /// Every connection passed from now on moves at most `bytes_per_second` each way, as over a
+    /// slow link (0: no limit); its socket buffers are kept small so that the client feels the
+    /// pace instead of filling them.
+    pub fn throttle(&self, bytes_per_second: u64) {
+        self.script.lock().unwrap().rate = bytes_per_second;
+    }
+
+    /// Whether the freeze of [`FaultProxy::freeze_mid_body`] was met.
+    pub fn froze_mid_body(&self) -> bool {
+        self.counters.tripped.load(Ordering::SeqCst) > 0
     }
 
     /// Fates so far.
@@ -199,6 +281,7 @@ struct Shared {
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
     generation: Arc<AtomicU64>,
+    script: Arc<Mutex<Script>>,
 }
 
 impl Shared {
@@ -224,7 +307,16 @@ fn accept_loop(
         let p = *plan.lock().unwrap();
         let born = shared.generation.load(Ordering::SeqCst);
         let roll = fates.percent();
-        let fate = if roll < p.slow_down {
+        let scripted = {
+            let mut script = shared.script.lock().unwrap();
+            (script.freeze_next > 0).then(|| {
+                script.freeze_next -= 1;
+                script.freeze_hold
+            })
+        };
+        let fate = if let Some(hold) = scripted {
+            Fate::Freeze(hold)
+        } else if roll < p.slow_down {
             Fate::SlowDown
         } else if roll < p.slow_down + p.freeze {
             Fate::Freeze(p.freeze_for)
@@ -349,11 +441,37 @@ fn pipe(
     };
     let moved = Arc::new(AtomicU64::new(0));
     let cut = Arc::new(AtomicBool::new(false));
-    let copy = |mut from: TcpStream, mut to: TcpStream| {
-        let (moved, cut) = (moved.clone(), cut.clone());
+    // Set when this connection met the scripted mid-body freeze: until then, how long it holds.
+    let held: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    let rate = shared.script.lock().unwrap().rate;
+    if rate > 0 {
+        for s in [&client, &server] {
+            let _ = nix::sys::socket::setsockopt(
+                &s.as_fd(),
+                nix::sys::socket::sockopt::RcvBuf,
+                &(64 * 1024),
+            );
+            let _ = nix::sys::socket::setsockopt(
+                &s.as_fd(),
+                nix::sys::socket::sockopt::SndBuf,
+                &(64 * 1024),
+            );
+        }
+    }
+    // A read at most a tenth of a second's worth when throttled, so the pace is even.
+    let chunk = if rate > 0 {
+        usize::try_from(rate / 10)
+            .unwrap_or(usize::MAX)
+            .clamp(1, 32 * 1024)
+    } else {
+        32 * 1024
+    };
+    let copy = |mut from: TcpStream, mut to: TcpStream, direction: Direction| {
+        let (moved, cut, held) = (moved.clone(), cut.clone(), held.clone());
         move || {
             let _ = from.set_read_timeout(Some(Duration::from_millis(200)));
             let mut buf = [0u8; 32 * 1024];
+            let mut carried = 0u64;
             loop {
                 if cut.load(Ordering::SeqCst) {
                     return;
@@ -363,7 +481,18 @@ fn pipe(
                     reset(&to);
                     return;
                 }
-                let n = match from.read(&mut buf) {
+                let until = *held.lock().unwrap();
+                if let Some(until) = until {
+                    // Frozen: neither side's bytes move until the hold ends.
+                    while Instant::now() < until && !shared.over(born) {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    cut.store(true, Ordering::SeqCst);
+                    reset(&from);
+                    reset(&to);
+                    return;
+                }
+                let n = match from.read(&mut buf[..chunk]) {
                     Ok(0) => {
                         let _ = to.shutdown(Shutdown::Write);
                         return;
@@ -382,6 +511,11 @@ fn pipe(
                         return;
                     }
                 };
+                carried += n as u64;
+                if held.lock().unwrap().is_some() || trips(shared, direction, carried, &held) {
+                    // The other way froze it meanwhile, or this piece does: not passed on.
+                    continue;
+                }
                 let total = moved.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
                 let send = match cut_after {
                     Some(limit) if total >= limit => {
@@ -391,6 +525,9 @@ fn pipe(
                 };
                 if to.write_all(&buf[..send]).is_err() {
                     return;
+                }
+                if rate > 0 {
+                    std::thread::sleep(Duration::from_secs_f64(send as f64 / rate as f64));
                 }
                 if send < n || cut_after.is_some_and(|l| total >= l) {
                     cut.store(true, Ordering::SeqCst);
@@ -405,10 +542,32 @@ fn pipe(
         return false;
     };
     std::thread::scope(|scope| {
-        scope.spawn(copy(client, server));
-        scope.spawn(copy(s2, c2));
+        scope.spawn(copy(client, server, Direction::Up));
+        scope.spawn(copy(s2, c2, Direction::Down));
     });
     cut.load(Ordering::SeqCst)
+}
+
+/// Whether this connection, having carried `carried` bytes `direction`, meets the scripted
+/// mid-body freeze (claiming it, so it is met once); if so, `held` says until when.
+fn trips(
+    shared: &Shared,
+    direction: Direction,
+    carried: u64,
+    held: &Mutex<Option<Instant>>,
+) -> bool {
+    let mut script = shared.script.lock().unwrap();
+    let Some(trip) = script.trip else {
+        return false;
+    };
+    if trip.direction != direction || carried <= trip.after {
+        return false;
+    }
+    script.trip = None;
+    *held.lock().unwrap() = Some(Instant::now() + trip.hold);
+    shared.counters.tripped.fetch_add(1, Ordering::SeqCst);
+    shared.counters.frozen.fetch_add(1, Ordering::SeqCst);
+    true
 }
 
 /// Makes the socket's close a TCP reset (SO_LINGER 0) rather than an orderly FIN, as a dying

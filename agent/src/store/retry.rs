@@ -1,7 +1,8 @@
 //! How the S3 store survives a misbehaving endpoint: every request is retried with capped
-//! exponential backoff and jitter, every attempt has a deadline so a frozen connection is
-//! abandoned rather than waited on, and the whole operation has a deadline so a store that never
-//! recovers fails the backup with an error instead of stalling it. What happened is kept in
+//! exponential backoff and jitter, an attempt that moves no byte for the stall time is abandoned
+//! rather than waited on (a frozen connection costs seconds, while a slow one that still moves
+//! is left alone), every attempt has a deadline, and the whole operation has a deadline so a
+//! store that never recovers fails the backup with an error instead of stalling it. What happened is kept in
 //! [`StoreHealth`] for `status` and the metrics.
 //!
 //! The SDK's own retries are turned off (see `s3/mod.rs`), so this policy is the only one: the
@@ -10,7 +11,10 @@
 use std::{
     collections::VecDeque,
     future::Future,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -19,7 +23,7 @@ use rand::Rng as _;
 use super::StoreError;
 
 /// Retries and deadlines of store requests (`--store-retries`, `--store-attempt-timeout`,
-/// `--store-operation-timeout`).
+/// `--store-stall-timeout`, `--store-operation-timeout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Attempts per request, the first included (at least 1).
@@ -28,10 +32,15 @@ pub struct RetryPolicy {
     pub base_delay: Duration,
     /// Longest wait between two attempts.
     pub max_delay: Duration,
-    /// Longest one attempt may take, or a download may go without receiving a byte: past it the
-    /// connection counts as frozen and is dropped. It must allow one part (`--part-size`) to
-    /// travel at the slowest bandwidth that is still acceptable.
+    /// Longest one attempt may take: past it the connection counts as frozen and is dropped. It
+    /// must allow one part (`--part-size`) to travel at the slowest bandwidth that is still
+    /// acceptable.
     pub attempt_timeout: Duration,
+    /// Longest an attempt or a download may go without a byte moving (taken by the network,
+    /// or received): past it the connection counts as frozen and is dropped. Short, because a
+    /// frozen connection otherwise costs the whole attempt timeout, and progress-based, because
+    /// a slow connection that still moves must never be dropped.
+    pub stall_timeout: Duration,
     /// Longest one request may take over all its attempts and waits.
     pub operation_timeout: Duration,
 }
@@ -43,8 +52,105 @@ impl Default for RetryPolicy {
             base_delay: Duration::from_millis(200),
             max_delay: Duration::from_secs(20),
             attempt_timeout: Duration::from_secs(120),
+            stall_timeout: Duration::from_secs(10),
             operation_timeout: Duration::from_secs(15 * 60),
         }
+    }
+}
+
+/// Most of a request body that can wait in send buffers after the connection took it all:
+/// the kernel's (Linux's default `tcp_wmem` maximum, 4 MiB) and the HTTP client's (~400 KiB).
+const SEND_BUFFERS: u64 = 4_608 * 1024;
+/// The slowest link whose send buffers are allowed to drain before an answer is expected
+/// (512 KiB/s, 4 Mbit/s); a slower one needs a longer stall time.
+const DRAIN_RATE: u64 = 512 * 1024;
+
+/// When an attempt last moved a byte, shared between the attempt (its request and response
+/// bodies record progress, see `s3/progress.rs`) and the watchdog of [`RetryPolicy::run`].
+#[derive(Debug, Clone)]
+pub struct Progress(Arc<ProgressState>);
+
+#[derive(Debug)]
+struct ProgressState {
+    origin: Instant,
+    /// Milliseconds from `origin` to the last progress.
+    last: AtomicU64,
+    /// Milliseconds from `origin` to the end of the request body, plus one (0: not ended).
+    body_ended: AtomicU64,
+    /// Bytes of the request body the connection took.
+    body_bytes: AtomicU64,
+}
+
+impl Progress {
+    /// Progress starting now.
+    pub fn new() -> Self {
+        Self(Arc::new(ProgressState {
+            origin: Instant::now(),
+            last: AtomicU64::new(0),
+            body_ended: AtomicU64::new(0),
+            body_bytes: AtomicU64::new(0),
+        }))
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.0.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Bytes moved just now.
+    pub fn touch(&self) {
+        self.0.last.fetch_max(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// The connection took `bytes` more of the request body.
+    pub fn body_taken(&self, bytes: u64) {
+        self.0.body_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// The request body was all taken by the connection: what is left of it waits in the
+    /// connection's and the kernel's send buffers, where its progress cannot be seen.
+    pub fn body_ended(&self) {
+        let now = self.now_ms().saturating_add(1);
+        let _ = self
+            .0
+            .body_ended
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// How long the attempt may still go without progress before it counts as stalled, or
+    /// `None` once it has.
+    ///
+    /// Between the end of a request body and the answer, what the send buffers still hold
+    /// drains unseen: that wait is also granted the time the buffered tail (at most the body,
+    /// at most [`SEND_BUFFERS`]) takes at [`DRAIN_RATE`], so a large part on a slow link is
+    /// not dropped while its tail is still on the wire, and a bodiless request that gets no
+    /// answer is dropped after the stall time.
+    fn left(&self, stall: Duration) -> Option<Duration> {
+        let s = &self.0;
+        let now = self.now_ms();
+        let last = s.last.load(Ordering::Relaxed);
+        let ended = s.body_ended.load(Ordering::Relaxed);
+        let mut allowed = u64::try_from(stall.as_millis()).unwrap_or(u64::MAX);
+        if ended > 0 && last < ended {
+            let tail = s.body_bytes.load(Ordering::Relaxed).min(SEND_BUFFERS);
+            allowed = allowed.saturating_add(tail * 1000 / DRAIN_RATE);
+        }
+        let idle = now.saturating_sub(last);
+        (idle < allowed).then(|| Duration::from_millis(allowed - idle))
+    }
+
+    /// Resolves once the attempt has gone `stall` without progress (see [`Progress::left`]).
+    async fn stalled(&self, stall: Duration) {
+        while let Some(left) = self.left(stall) {
+            tokio::time::sleep(left).await;
+        }
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -65,6 +171,8 @@ impl RetryPolicy {
 
     /// Runs `attempt` until it succeeds, fails with an error that retrying cannot fix, or the
     /// attempts or the operation deadline run out. `op` names the S3 request for logs and errors.
+    /// Each attempt is given a fresh [`Progress`] to record its bytes in; one that records none
+    /// for the stall time is dropped and retried like one that ran out of time.
     pub async fn run<T, F, Fut>(
         &self,
         health: &StoreHealth,
@@ -73,7 +181,7 @@ impl RetryPolicy {
         mut attempt: F,
     ) -> Result<T, StoreError>
     where
-        F: FnMut() -> Fut,
+        F: FnMut(Progress) -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
         let started = Instant::now();
@@ -82,7 +190,18 @@ impl RetryPolicy {
         let mut n = 1;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let err = match tokio::time::timeout(self.attempt_timeout.min(left), attempt()).await {
+            let progress = Progress::new();
+            let limit = self.attempt_timeout.min(left);
+            let outcome = tokio::select! {
+                out = tokio::time::timeout(limit, attempt(progress.clone())) => out.map_err(|_| {
+                    format!("{op} had no answer within {}s", limit.as_secs_f32())
+                }),
+                () = progress.stalled(self.stall_timeout) => Err(format!(
+                    "{op} moved no byte for {}s (stalled)",
+                    self.stall_timeout.as_secs_f32()
+                )),
+            };
+            let err = match outcome {
                 Ok(Ok(value)) => {
                     health.succeeded();
                     return Ok(value);
@@ -94,14 +213,11 @@ impl RetryPolicy {
                     return Err(e);
                 }
                 Ok(Err(e)) => e,
-                Err(_) => {
+                Err(what) => {
                     health.timed_out();
                     StoreError::Request {
                         key: key.to_string(),
-                        message: format!(
-                            "{op} had no answer within {}s; the connection was dropped",
-                            self.attempt_timeout.min(left).as_secs_f32()
-                        ),
+                        message: format!("{what}; the connection was dropped"),
                         retryable: true,
                     }
                 }
@@ -287,6 +403,7 @@ mod tests {
             base_delay: Duration::from_millis(1),
             max_delay: Duration::from_millis(4),
             attempt_timeout: Duration::from_millis(200),
+            stall_timeout: Duration::from_secs(10),
             operation_timeout: Duration::from_secs(10),
         }
     }
@@ -321,7 +438,7 @@ mod tests {
         let health = StoreHealth::default();
         let calls = AtomicU32::new(0);
         let out = quick()
-            .run(&health, "PutObject", "k", || async {
+            .run(&health, "PutObject", "k", |_| async {
                 match calls.fetch_add(1, Ordering::SeqCst) {
                     0 | 1 => Err(flaky("k")),
                     _ => Ok(7),
@@ -344,7 +461,7 @@ mod tests {
         let health = StoreHealth::default();
         let calls = AtomicU32::new(0);
         let err = quick()
-            .run(&health, "UploadPart", "k", || async {
+            .run(&health, "UploadPart", "k", |_| async {
                 calls.fetch_add(1, Ordering::SeqCst);
                 Err::<(), _>(flaky("k"))
             })
@@ -360,7 +477,7 @@ mod tests {
         assert_eq!(health.report().condition, Condition::Failing);
         // One success clears "failing"; the retries keep it "slow" for a while.
         quick()
-            .run(&health, "HeadObject", "k", || async { Ok(()) })
+            .run(&health, "HeadObject", "k", |_| async { Ok(()) })
             .await
             .unwrap();
         assert_eq!(health.report().condition, Condition::Slow);
@@ -371,7 +488,7 @@ mod tests {
         let health = StoreHealth::default();
         let calls = AtomicU32::new(0);
         let err = quick()
-            .run(&health, "GetObject", "k", || async {
+            .run(&health, "GetObject", "k", |_| async {
                 calls.fetch_add(1, Ordering::SeqCst);
                 Err::<(), _>(StoreError::NotFound { key: "k".into() })
             })
@@ -387,7 +504,7 @@ mod tests {
         let health = StoreHealth::default();
         let calls = AtomicU32::new(0);
         let out = quick()
-            .run(&health, "UploadPart", "k", || {
+            .run(&health, "UploadPart", "k", |_| {
                 let n = calls.fetch_add(1, Ordering::SeqCst);
                 async move {
                     if n == 0 {
@@ -415,7 +532,7 @@ mod tests {
         };
         let started = Instant::now();
         let err = policy
-            .run(&health, "CompleteMultipartUpload", "k", || {
+            .run(&health, "CompleteMultipartUpload", "k", |_| {
                 std::future::pending::<Result<(), StoreError>>()
             })
             .await
@@ -426,5 +543,99 @@ mod tests {
         assert!(took < Duration::from_secs(5), "took {took:?}");
         assert!(err.to_string().contains("gave up"), "{err}");
         assert_eq!(health.report().timeouts, 3);
+    }
+
+    #[tokio::test]
+    async fn an_attempt_that_moves_nothing_is_dropped_after_the_stall_time_not_the_attempt_time() {
+        let health = StoreHealth::default();
+        let policy = RetryPolicy {
+            attempt_timeout: Duration::from_secs(60),
+            stall_timeout: Duration::from_millis(300),
+            ..quick()
+        };
+        let calls = AtomicU32::new(0);
+        let started = Instant::now();
+        let out = policy
+            .run(&health, "UploadPart", "k", |progress| {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n == 0 {
+                        // A few bytes, then nothing: a connection frozen mid-body.
+                        progress.body_taken(64 * 1024);
+                        std::future::pending::<()>().await;
+                    }
+                    Ok(n)
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(out, 1);
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+        let r = health.report();
+        assert_eq!((r.timeouts, r.retries), (1, 1));
+        assert!(r.last_problem.unwrap().1.contains("moved no byte"));
+    }
+
+    #[tokio::test]
+    async fn an_attempt_that_keeps_moving_is_never_dropped_for_stalling() {
+        let health = StoreHealth::default();
+        let policy = RetryPolicy {
+            attempts: 1,
+            attempt_timeout: Duration::from_secs(60),
+            stall_timeout: Duration::from_millis(300),
+            ..quick()
+        };
+        let started = Instant::now();
+        let out = policy
+            .run(&health, "UploadPart", "k", |progress| async move {
+                // Four times the stall time in all, a piece every 100 ms.
+                for _ in 0..12 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    progress.body_taken(1024);
+                }
+                Ok(7)
+            })
+            .await
+            .unwrap();
+        assert_eq!(out, 7);
+        assert!(started.elapsed() >= Duration::from_millis(1200));
+        assert_eq!(health.report().timeouts, 0);
+    }
+
+    #[tokio::test]
+    async fn the_wait_for_an_answer_allows_a_large_body_to_drain_but_not_a_bodiless_request() {
+        let policy = RetryPolicy {
+            attempts: 1,
+            attempt_timeout: Duration::from_secs(60),
+            stall_timeout: Duration::from_millis(300),
+            ..quick()
+        };
+        // 1 MiB handed to the send buffers at once; it drains unseen (~2 s at the drain rate
+        // allowed) for longer than the stall time before the answer comes.
+        let health = StoreHealth::default();
+        let out = policy
+            .run(&health, "UploadPart", "k", |progress| async move {
+                progress.body_taken(1 << 20);
+                progress.body_ended();
+                tokio::time::sleep(Duration::from_millis(900)).await;
+                Ok(7)
+            })
+            .await
+            .unwrap();
+        assert_eq!(out, 7);
+        assert_eq!(health.report().timeouts, 0);
+        // No body: the same silence is a stall.
+        let health = StoreHealth::default();
+        let started = Instant::now();
+        let err = policy
+            .run(&health, "HeadObject", "k", |_| async move {
+                tokio::time::sleep(Duration::from_millis(900)).await;
+                Ok(7)
+            })
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("moved no byte"), "{err}");
+        assert!(started.elapsed() < Duration::from_millis(800));
     }
 }

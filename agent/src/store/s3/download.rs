@@ -26,7 +26,7 @@ impl Download {
     pub(super) async fn next_chunk(&mut self) -> Option<Result<Bytes>> {
         loop {
             let body = self.body.as_mut()?;
-            let idle = self.store.retry.attempt_timeout;
+            let idle = self.store.retry.stall_timeout;
             let cause = match tokio::time::timeout(idle, body.next()).await {
                 Ok(Some(Ok(bytes))) => {
                     self.offset += bytes.len() as u64;

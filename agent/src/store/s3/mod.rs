@@ -15,11 +15,13 @@ use sha2::{Digest, Sha256};
 
 mod download;
 mod error;
+mod progress;
 mod upload;
 
 use self::{
     download::Download,
     error::{map_err, map_head_err},
+    progress::Watch,
     upload::S3Upload,
 };
 use super::{
@@ -93,15 +95,21 @@ impl S3Store {
         if shared.region().is_none() {
             builder = builder.region(aws_sdk_s3::config::Region::new("us-east-1"));
         }
-        // Retries and deadlines are ours (`retry.rs`): the SDK's would multiply the attempts a
-        // user configured, and it has no deadline on an attempt by default.
-        builder = builder
-            .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
-            .timeout_config(
-                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .build(),
-            );
+        // Retries, deadlines and stall detection are ours (`retry.rs`, `progress.rs`): the SDK's
+        // retries would multiply the attempts a user configured, it has no deadline on an
+        // attempt by default, and its stalled-stream protection waits a fixed 20 s and misses
+        // an answer that never starts.
+        builder =
+            builder
+                .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+                .stalled_stream_protection(
+                    aws_sdk_s3::config::StalledStreamProtectionConfig::disabled(),
+                )
+                .timeout_config(
+                    aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                        .connect_timeout(CONNECT_TIMEOUT)
+                        .build(),
+                );
         Self::from_client(Client::from_conf(builder.build()), bucket, prefix)
     }
 
@@ -177,7 +185,7 @@ impl Store for S3Store {
         let checksum = sha256_b64(&data);
         let (data, full, checksum) = (&data, &full, &checksum);
         self.retry
-            .run(&self.health, "PutObject", key, || async move {
+            .run(&self.health, "PutObject", key, |progress| async move {
                 self.client
                     .put_object()
                     .bucket(&self.bucket)
@@ -188,6 +196,8 @@ impl Store for S3Store {
                     .set_object_lock_mode(self.object_lock.map(|l| l.mode()))
                     .set_object_lock_retain_until_date(self.object_lock.map(|l| l.until()))
                     .body(AwsByteStream::from(data.clone()))
+                    .customize()
+                    .interceptor(Watch(progress))
                     .send()
                     .await
                     .map_err(|e| map_err(key, &self.bucket, e))
@@ -205,19 +215,26 @@ impl Store for S3Store {
         let tries_ref = &tries;
         let out = self
             .retry
-            .run(&self.health, "CreateMultipartUpload", key, || async move {
-                tries_ref.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.client
-                    .create_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(full_ref)
-                    .checksum_algorithm(ChecksumAlgorithm::Sha256)
-                    .set_object_lock_mode(self.object_lock.map(|l| l.mode()))
-                    .set_object_lock_retain_until_date(self.object_lock.map(|l| l.until()))
-                    .send()
-                    .await
-                    .map_err(|e| map_err(key, &self.bucket, e))
-            })
+            .run(
+                &self.health,
+                "CreateMultipartUpload",
+                key,
+                |progress| async move {
+                    tries_ref.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.client
+                        .create_multipart_upload()
+                        .bucket(&self.bucket)
+                        .key(full_ref)
+                        .checksum_algorithm(ChecksumAlgorithm::Sha256)
+                        .set_object_lock_mode(self.object_lock.map(|l| l.mode()))
+                        .set_object_lock_retain_until_date(self.object_lock.map(|l| l.until()))
+                        .customize()
+                        .interceptor(Watch(progress))
+                        .send()
+                        .await
+                        .map_err(|e| map_err(key, &self.bucket, e))
+                },
+            )
             .await?;
         let upload_id = match out.upload_id() {
             Some(id) if !id.is_empty() => id.to_string(),
@@ -263,12 +280,14 @@ impl Store for S3Store {
         let full = self.full_key(key)?;
         let full = &full;
         self.retry
-            .run(&self.health, "HeadObject", key, || async move {
+            .run(&self.health, "HeadObject", key, |progress| async move {
                 match self
                     .client
                     .head_object()
                     .bucket(&self.bucket)
                     .key(full)
+                    .customize()
+                    .interceptor(Watch(progress))
                     .send()
                     .await
                 {
@@ -300,16 +319,23 @@ impl Store for S3Store {
             let page_token = &token;
             let page = self
                 .retry
-                .run(&self.health, "ListObjectsV2", prefix, || async move {
-                    self.client
-                        .list_objects_v2()
-                        .bucket(&self.bucket)
-                        .prefix(full_prefix)
-                        .set_continuation_token(page_token.clone())
-                        .send()
-                        .await
-                        .map_err(|e| map_err(prefix, &self.bucket, e))
-                })
+                .run(
+                    &self.health,
+                    "ListObjectsV2",
+                    prefix,
+                    |progress| async move {
+                        self.client
+                            .list_objects_v2()
+                            .bucket(&self.bucket)
+                            .prefix(full_prefix)
+                            .set_continuation_token(page_token.clone())
+                            .customize()
+                            .interceptor(Watch(progress))
+                            .send()
+                            .await
+                            .map_err(|e| map_err(prefix, &self.bucket, e))
+                    },
+                )
                 .await?;
             for obj in page.contents() {
                 if let Some(k) = obj.key() {
@@ -341,11 +367,13 @@ impl Store for S3Store {
         let full = self.full_key(key)?;
         let full = &full;
         self.retry
-            .run(&self.health, "DeleteObject", key, || async move {
+            .run(&self.health, "DeleteObject", key, |progress| async move {
                 self.client
                     .delete_object()
                     .bucket(&self.bucket)
                     .key(full)
+                    .customize()
+                    .interceptor(Watch(progress))
                     .send()
                     .await
                     .map_err(|e| map_err(key, &self.bucket, e))
@@ -367,13 +395,15 @@ impl Store for S3Store {
                     &self.health,
                     "ListMultipartUploads",
                     prefix,
-                    || async move {
+                    |progress| async move {
                         self.client
                             .list_multipart_uploads()
                             .bucket(&self.bucket)
                             .prefix(full_prefix)
                             .set_key_marker(page_markers.0.clone())
                             .set_upload_id_marker(page_markers.1.clone())
+                            .customize()
+                            .interceptor(Watch(progress))
                             .send()
                             .await
                             .map_err(|e| map_err(prefix, &self.bucket, e))
@@ -411,12 +441,14 @@ impl Store for S3Store {
                 &self.health,
                 "AbortMultipartUpload",
                 &upload.key,
-                || async move {
+                |progress| async move {
                     self.client
                         .abort_multipart_upload()
                         .bucket(&self.bucket)
                         .key(full)
                         .upload_id(&upload.upload_id)
+                        .customize()
+                        .interceptor(Watch(progress))
                         .send()
                         .await
                         .map_err(|e| map_err(&upload.key, &self.bucket, e))
@@ -452,12 +484,16 @@ impl S3Store {
     ) -> Result<aws_sdk_s3::operation::get_object::GetObjectOutput> {
         let out = self
             .retry
-            .run(&self.health, "GetObject", key, || async move {
+            .run(&self.health, "GetObject", key, |progress| async move {
                 let mut req = self.client.get_object().bucket(&self.bucket).key(full);
                 if let Some((offset, etag)) = resume {
                     req = req.range(format!("bytes={offset}-")).if_match(etag);
                 }
-                req.send().await.map_err(|e| map_err(key, &self.bucket, e))
+                req.customize()
+                    .interceptor(Watch(progress))
+                    .send()
+                    .await
+                    .map_err(|e| map_err(key, &self.bucket, e))
             })
             .await?;
         if let Some((offset, _)) = resume {

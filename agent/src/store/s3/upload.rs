@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::{
     ObjectMeta, PartReceipt, PartRule, PartUpload, PendingUpload, Result, S3Store, Store as _,
-    StoreError, Upload, check_receipts, error::map_err, refused, sha256_b64,
+    StoreError, Upload, check_receipts, error::map_err, progress::Watch, refused, sha256_b64,
 };
 
 pub(super) struct S3Upload {
@@ -94,7 +94,7 @@ impl Upload for S3Upload {
                 (&store, &data, &checksum, &full_key, &upload_id, &key);
             let out = store
                 .retry
-                .run(&store.health, "UploadPart", key, || async move {
+                .run(&store.health, "UploadPart", key, |progress| async move {
                     store
                         .client
                         .upload_part()
@@ -106,6 +106,8 @@ impl Upload for S3Upload {
                         .checksum_sha256(checksum)
                         .content_length(size as i64)
                         .body(AwsByteStream::from(data.clone()))
+                        .customize()
+                        .interceptor(Watch(progress))
                         .send()
                         .await
                         .map_err(|e| map_err(key, &store.bucket, e))
@@ -148,7 +150,7 @@ impl Upload for S3Upload {
                 &store.health,
                 "CompleteMultipartUpload",
                 &this.key,
-                || async move {
+                |progress| async move {
                     tries_ref.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     store
                         .client
@@ -161,6 +163,8 @@ impl Upload for S3Upload {
                                 .set_parts(Some(completed.clone()))
                                 .build(),
                         )
+                        .customize()
+                        .interceptor(Watch(progress))
                         .send()
                         .await
                         .map_err(|e| map_err(&this.key, &store.bucket, e))
