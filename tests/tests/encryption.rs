@@ -569,7 +569,7 @@ fn a_passphrase_is_not_a_key() {
     let dir = tempfile::tempdir().unwrap();
     // 31 characters and a newline: 32 bytes, which the agent once took as a raw key.
     let passphrase = dir.path().join("passphrase");
-    std::fs::write(&passphrase, "our-company-backup-password-26\n").unwrap();
+    std::fs::write(&passphrase, "our-company-backup-password-026\n").unwrap();
     assert_eq!(std::fs::metadata(&passphrase).unwrap().len(), 32);
     let store = TestStore::local();
     let exit = Agent::try_start(
