@@ -730,6 +730,10 @@ mod tests {
         let id = crypt.repository(false).await.unwrap().unwrap().id;
         let mut id_object = read(raw.as_ref(), repository::ID_KEY).await.unwrap();
         raw.delete(repository::ID_KEY).await.unwrap();
+        // A newer, unbound manifest planted in front of it changes nothing.
+        raw.put("backups/z/manifest.json", Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
         let fresh = Crypt::new(raw.clone(), Keyring::new(vec![key(1)]), None);
         let err = fresh.repository(true).await.unwrap_err().to_string();
         assert!(

@@ -169,30 +169,35 @@ impl Crypt {
         self.inner.put(ID_KEY, sealed).await
     }
 
-    /// A store whose newest manifest is already bound to a repository lost its id object:
-    /// a new id would make every backup in it unreadable, so nothing is created.
+    /// A store holding a manifest already bound to a repository lost its id object: a new id
+    /// would make every backup in it unreadable, so nothing is created. Every manifest is looked
+    /// at (its first bytes, newest first, stopping at the first bound one), not only the newest,
+    /// which someone who can write the bucket could plant unbound; this runs once per store.
     async fn refuse_if_bound(&self) -> Result<()> {
         let listing = self.inner.list(BACKUPS_PREFIX).await?;
-        let Some(newest) = listing
+        for manifest in listing
             .iter()
             .rev()
-            .find(|o| o.key.ends_with("/manifest.json"))
-        else {
-            return Ok(());
-        };
-        let mut stream = self.inner.get(&newest.key).await?;
-        let mut head = Vec::new();
-        while head.len() < MAGIC.len() {
-            match stream.next().await {
-                Some(chunk) => head.extend_from_slice(&chunk?),
-                None => break,
+            .filter(|o| o.key.ends_with("/manifest.json"))
+        {
+            let mut stream = match self.inner.get(&manifest.key).await {
+                Ok(s) => s,
+                Err(StoreError::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            let mut head = Vec::new();
+            while head.len() < MAGIC.len() {
+                match stream.next().await {
+                    Some(chunk) => head.extend_from_slice(&chunk?),
+                    None => break,
+                }
             }
-        }
-        if head.starts_with(MAGIC) {
-            return Err(unusable(format!(
-                "it is missing, but {} is sealed for a repository: the id was deleted; restore {ID_KEY} from a copy of the store or an earlier version of the bucket (a new id would make every backup here unreadable)",
-                newest.key
-            )));
+            if head.starts_with(MAGIC) {
+                return Err(unusable(format!(
+                    "it is missing, but {} is sealed for a repository: the id was deleted; restore {ID_KEY} from a copy of the store or an earlier version of the bucket (a new id would make every backup here unreadable)",
+                    manifest.key
+                )));
+            }
         }
         Ok(())
     }
