@@ -85,11 +85,13 @@ pub struct Config {
     )]
     pub encryption_key_files: Vec<PathBuf>,
 
-    /// With --encryption-key-file, still read objects that are not encrypted: the backups taken
-    /// before encryption was turned on. Only for the migration: anyone who can write to the
-    /// bucket can plant an unencrypted object.
-    #[arg(long, env = "SOMA_ACCEPT_UNENCRYPTED", global = true)]
-    pub accept_unencrypted: bool,
+    /// With --encryption-key-file, still read unencrypted objects that the store says were
+    /// written before this time (RFC 3339, e.g. 2026-12-01T00:00:00Z: when encryption was turned
+    /// on): the backups taken before. The time is the store's own (S3 LastModified), which whoever
+    /// can write to the bucket cannot set, so an unencrypted object planted later is refused.
+    #[arg(long, env = "SOMA_ACCEPT_UNENCRYPTED", global = true, value_name = "TIME",
+          value_parser = parse_cutoff)]
+    pub accept_unencrypted: Option<std::time::SystemTime>,
 
     /// S3 Object Lock: every object written to --store is retained for this many days (the bucket
     /// must have Object Lock enabled, hence versioning). Until then nobody holding the agent's
@@ -459,6 +461,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err("parts must be at most 5GiB (the S3 maximum)".into());
     }
     Ok(bytes)
+}
+
+/// The cut-off of --accept-unencrypted. A bare `true` (what it took before it took a time) is
+/// refused rather than read as "no cut-off", which would accept anything planted since.
+fn parse_cutoff(text: &str) -> Result<std::time::SystemTime, String> {
+    chrono::DateTime::parse_from_rfc3339(text.trim())
+        .map(std::time::SystemTime::from)
+        .map_err(|_| {
+            format!(
+                "{text:?} is not a time: --accept-unencrypted (SOMA_ACCEPT_UNENCRYPTED) takes the time encryption was turned on, in RFC 3339 (e.g. 2026-12-01T00:00:00Z), and reads only unencrypted objects the store says were written before it"
+            )
+        })
 }
 
 /// A duration that bounds a wait: zero would fail every request at once, with a message about a

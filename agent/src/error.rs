@@ -190,7 +190,12 @@ pub fn store_code(e: &StoreError) -> Code {
         StoreError::NotFound { .. } => Code::NotFound,
         StoreError::AccessDenied { .. } => Code::PermissionDenied,
         StoreError::ChecksumRejected { .. } | StoreError::Tampered { .. } => Code::DataLoss,
-        StoreError::WrongKey { .. } | StoreError::NotEncrypted { .. } => Code::FailedPrecondition,
+        StoreError::WrongKey { .. }
+        | StoreError::NotEncrypted { .. }
+        | StoreError::ForeignRepository { .. }
+        | StoreError::Unbound { .. }
+        | StoreError::UnencryptedAfterCutoff { .. }
+        | StoreError::Repository { .. } => Code::FailedPrecondition,
         StoreError::NoSuchBucket { .. } | StoreError::ReadOnly { .. } => Code::FailedPrecondition,
         StoreError::Request { retryable, .. } => {
             if *retryable {

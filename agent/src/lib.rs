@@ -86,11 +86,16 @@ async fn open_store(
         store::open_with(location, &options).await
     }
     .map_err(|e| e.to_string())?;
-    Ok(std::sync::Arc::new(store::Crypt::new(
-        inner,
-        keyring,
-        config.accept_unencrypted,
-    )))
+    let keyed = keyring.is_some();
+    let crypt = store::Crypt::new(inner, keyring, config.accept_unencrypted);
+    if keyed && !read_only {
+        // The repository id is made with the store, not with its first backup, so `status` names
+        // it from the start. A store that cannot be reached yet gets it with the first write.
+        if let Err(e) = crypt.repository(true).await {
+            tracing::warn!(error = %e, "the store's repository id is not settled yet; the first write settles it");
+        }
+    }
+    Ok(std::sync::Arc::new(crypt))
 }
 
 /// The store a one-shot command reads backups and WAL from: `--restore-from` when given, else

@@ -10,7 +10,12 @@
 //!   before the target database changes, and so are an agent with another key or none, naming
 //!   the fingerprint of the key that is needed;
 //! - the manifest records the key's fingerprint, `status` says the store is encrypted, and the
-//!   key itself is never in the logs.
+//!   key itself is never in the logs;
+//! - a whole backup copied from another store that shares the key (sealed and authentic, but
+//!   for that store's repository) is refused by `list`, `verify` and `restore`, naming both
+//!   repositories, while a copy of the whole store reads through `--restore-from`;
+//! - `--accept-unencrypted TIME` reads unencrypted objects Garage says were written before TIME,
+//!   and refuses the same object rewritten after it.
 
 use std::path::{Path, PathBuf};
 
@@ -21,7 +26,7 @@ use soma_tests::{
     Agent, DbFingerprint, PgCluster, TestStore, assert_same_database, fixtures, soma,
 };
 
-const MAGIC: &[u8] = b"SOMAENC1";
+const MAGIC: &[u8] = b"SOMAENC2";
 const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
 
 /// A key file of 32 random bytes, as `head -c 32 /dev/urandom > key` writes it.
@@ -328,5 +333,270 @@ fn point_in_time_recovery_replays_encrypted_wal_through_wal_fetch() {
         target.log().contains("from archive"),
         "no WAL came through wal-fetch:\n{}",
         target.log()
+    );
+}
+
+/// Copies every object under `from` to the same names under `to` in one Garage bucket, as
+/// someone who can write to the bucket (or `aws s3 sync`) would.
+fn copy_prefix(store: &TestStore, from: &str, to: &str) -> usize {
+    let garage = store.garage_server().expect("a Garage store");
+    let keys = garage.list_keys(from);
+    for k in &keys {
+        let rel = k.strip_prefix(from).expect("listed under the prefix");
+        garage.put_object(&format!("{to}{rel}"), garage.get_object(k));
+    }
+    keys.len()
+}
+
+/// The repository id `status` names.
+fn repository_of(agent: &Agent) -> String {
+    let status = soma(agent.addr(), &["status"]);
+    status.assert_success("status");
+    let at = status
+        .stdout
+        .find("repository ")
+        .unwrap_or_else(|| panic!("status names no repository:\n{status}"));
+    status.stdout[at + "repository ".len()..]
+        .chars()
+        .take_while(char::is_ascii_hexdigit)
+        .collect()
+}
+
+/// Returns once the wall clock is `by` past `t` (S3 times have a resolution of a second or
+/// better): a probe of the clock, not a sleep standing in for an event.
+fn clock_past(t: std::time::SystemTime, by: std::time::Duration) {
+    soma_tests::poll_until(
+        std::time::Duration::from_secs(10),
+        "the clock to move on",
+        || (std::time::SystemTime::now() > t + by).then_some(()),
+    );
+}
+
+#[test]
+fn a_backup_copied_from_another_store_with_the_same_key_is_refused_by_name() {
+    let store = TestStore::garage();
+    let keys = tempfile::tempdir().unwrap();
+    let (key, _) = key_file(keys.path(), "key");
+    let key = key.display().to_string();
+    let pg = PgCluster::start();
+    fixtures::create_varied_database(&pg, "appdb");
+    let ours = Agent::start(
+        &store.url(),
+        &pg.url("appdb"),
+        &["--encryption-key-file", &key],
+        &store.env(),
+    );
+    // Another cluster's agent, its own store in the same bucket, the same key (one key Secret
+    // shared by two releases).
+    let bucket = store.garage_server().expect("Garage").bucket().to_owned();
+    let other_url = format!("s3://{bucket}/other/cluster");
+    let theirs = Agent::start(
+        &other_url,
+        &pg.url("appdb"),
+        &["--encryption-key-file", &key],
+        &store.env(),
+    );
+    pg.psql(
+        "appdb",
+        "insert into public.scratch values (4242, 'theirs')",
+    );
+    let foreign = backup(&theirs, "appdb");
+    let own = backup(&ours, "appdb");
+    let (our_id, their_id) = (repository_of(&ours), repository_of(&theirs));
+    assert_eq!(our_id.len(), 32, "{our_id}");
+    assert_ne!(our_id, their_id, "two stores, two repositories");
+
+    // Their whole backup, manifest and dump, copied into our store: every object authentic under
+    // the shared key, and named exactly as it was there.
+    let copied = copy_prefix(
+        &store,
+        &format!("other/cluster/backups/{foreign}/"),
+        &format!("{}/backups/{foreign}/", soma_tests::store::S3_PREFIX),
+    );
+    assert!(copied >= 2, "copied {copied} objects");
+
+    let listed = soma(ours.addr(), &["-o", "json", "list"]);
+    listed.assert_success("list");
+    let ids: Vec<String> = listed
+        .json()
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(ids.contains(&own), "our own backup is listed:\n{listed}");
+    assert!(
+        !ids.contains(&foreign),
+        "the copied backup is listed as ours:\n{listed}"
+    );
+    listed.assert_stderr_contains(&foreign, "list names the backup it leaves out");
+    listed.assert_stderr_contains(&their_id, "list names the other repository");
+
+    let verify = soma(ours.addr(), &["verify", &foreign]);
+    verify
+        .assert_code(1, "verify the copied backup")
+        .assert_stderr_contains("sealed for repository", "verify")
+        .assert_stderr_contains(&their_id, "verify")
+        .assert_stderr_contains(&our_id, "verify");
+    let restore = soma(
+        ours.addr(),
+        &["restore", &foreign, "--database", "copied_in"],
+    );
+    restore
+        .assert_code(1, "restore the copied backup")
+        .assert_stderr_contains("sealed for repository", "restore");
+    assert!(
+        !pg.database_exists("copied_in"),
+        "a refused restore created the database"
+    );
+    soma(ours.addr(), &["verify", &own]).assert_success("our own backup still verifies");
+
+    // A copy of their whole store (repository id included, as `aws s3 sync` makes it) is
+    // their repository still: an agent restoring from it reads their backup.
+    assert!(copy_prefix(&store, "other/cluster/", "copy/of/other/") > copied);
+    let copy_url = format!("s3://{bucket}/copy/of/other");
+    let reader = Agent::start(
+        &store.url(),
+        &pg.url("appdb"),
+        &["--encryption-key-file", &key, "--restore-from", &copy_url],
+        &store.env(),
+    );
+    soma(reader.addr(), &["verify", &foreign]).assert_success("verify from a copy of their store");
+    soma(
+        reader.addr(),
+        &["restore", &foreign, "--database", "from_the_copy"],
+    )
+    .assert_success("restore from a copy of their store");
+    assert_eq!(
+        pg.psql(
+            "from_the_copy",
+            "select v from public.scratch where k = 4242"
+        ),
+        "theirs"
+    );
+}
+
+#[test]
+fn accept_unencrypted_reads_only_objects_garage_stored_before_the_cutoff() {
+    let store = TestStore::garage();
+    let keys = tempfile::tempdir().unwrap();
+    let (key, _) = key_file(keys.path(), "key");
+    let key = key.display().to_string();
+    let pg = PgCluster::start();
+    fixtures::create_varied_database(&pg, "appdb");
+    // Backups taken before encryption was turned on.
+    let plain = Agent::start(&store.url(), &pg.url("appdb"), &[], &store.env());
+    let old = backup(&plain, "appdb");
+    drop(plain);
+    // Encryption turned on a second later.
+    clock_past(
+        std::time::SystemTime::now(),
+        std::time::Duration::from_millis(1100),
+    );
+    let cutoff = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let migrating = Agent::start(
+        &store.url(),
+        &pg.url("appdb"),
+        &[
+            "--encryption-key-file",
+            &key,
+            "--accept-unencrypted",
+            &cutoff,
+        ],
+        &store.env(),
+    );
+    let status = soma(migrating.addr(), &["status"]);
+    status.assert_success("status");
+    assert!(
+        status.stdout.contains(&format!(
+            "unencrypted objects written before {}",
+            &cutoff[..19]
+        )),
+        "status does not say which unencrypted objects are read:\n{status}"
+    );
+    soma(migrating.addr(), &["verify", &old])
+        .assert_success("verify a backup from before the cut-off");
+    soma(
+        migrating.addr(),
+        &["restore", &old, "--database", "from_before"],
+    )
+    .assert_success("restore a backup from before the cut-off");
+    assert_same_database(&pg, "appdb", "from_before");
+
+    // Someone who can write to the bucket rewrites the old backup after the cut-off (here with
+    // the same bytes: what counts is when the store says it was written).
+    clock_past(
+        chrono::DateTime::parse_from_rfc3339(&cutoff)
+            .unwrap()
+            .into(),
+        std::time::Duration::from_millis(1100),
+    );
+    let manifest = format!("backups/{old}/manifest.json");
+    store.write(&manifest, store.read(&manifest));
+    let verify = soma(migrating.addr(), &["verify", &old]);
+    verify
+        .assert_code(1, "verify a manifest rewritten after the cut-off")
+        .assert_stderr_contains("not before the --accept-unencrypted cut-off", "verify");
+    let restore = soma(
+        migrating.addr(),
+        &["restore", &old, "--database", "planted"],
+    );
+    restore.assert_code(1, "restore a manifest rewritten after the cut-off");
+    assert!(!pg.database_exists("planted"));
+
+    // The old boolean form is refused, not taken as "accept anything".
+    let env: Vec<(String, String)> = store
+        .env()
+        .into_iter()
+        .chain([("SOMA_ACCEPT_UNENCRYPTED".to_owned(), "true".to_owned())])
+        .collect();
+    let exit = Agent::try_start(
+        &store.url(),
+        &pg.url("appdb"),
+        &["--encryption-key-file", &key],
+        &env,
+    )
+    .expect_err("an agent given SOMA_ACCEPT_UNENCRYPTED=true starts");
+    assert!(
+        exit.output.contains("RFC 3339") && exit.output.contains("SOMA_ACCEPT_UNENCRYPTED"),
+        "{}",
+        exit.output
+    );
+}
+
+#[test]
+fn a_passphrase_is_not_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    // 31 characters and a newline: 32 bytes, which the agent once took as a raw key.
+    let passphrase = dir.path().join("passphrase");
+    std::fs::write(&passphrase, "our-company-backup-password-026\n").unwrap();
+    assert_eq!(std::fs::metadata(&passphrase).unwrap().len(), 32);
+    let store = TestStore::local();
+    let exit = Agent::try_start(
+        &store.url(),
+        "",
+        &["--encryption-key-file", passphrase.to_str().unwrap()],
+        &store.env(),
+    )
+    .expect_err("an agent given a passphrase as its key starts");
+    assert!(
+        exit.output.contains(passphrase.to_str().unwrap())
+            && exit.output.contains("openssl rand -base64 32"),
+        "the error names the file and how to make a key:\n{}",
+        exit.output
+    );
+    assert!(!exit.output.contains("backup-password"), "{}", exit.output);
+    // What the README tells users to run is a key.
+    let made = std::process::Command::new("openssl")
+        .args(["rand", "-base64", "32"])
+        .output()
+        .expect("openssl");
+    let key = dir.path().join("key");
+    std::fs::write(&key, &made.stdout).unwrap();
+    Agent::start(
+        &store.url(),
+        "",
+        &["--encryption-key-file", key.to_str().unwrap()],
+        &store.env(),
     );
 }

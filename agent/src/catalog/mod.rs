@@ -182,6 +182,9 @@ impl CatalogError {
                     StoreError::Tampered { .. }
                         | StoreError::WrongKey { .. }
                         | StoreError::NotEncrypted { .. }
+                        | StoreError::ForeignRepository { .. }
+                        | StoreError::Unbound { .. }
+                        | StoreError::UnencryptedAfterCutoff { .. }
                 )
         )
     }

@@ -158,11 +158,58 @@ pub enum StoreError {
     /// A plaintext object read by an agent that encrypts: anyone who can write to the bucket
     /// could have put it there.
     #[error(
-        "object {key} is not encrypted, but this agent encrypts its store, so the object could have been planted by anyone who can write to the bucket and is refused; to read backups taken before encryption was turned on, restart the agent with --accept-unencrypted (SOMA_ACCEPT_UNENCRYPTED) for the migration"
+        "object {key} is not encrypted, but this agent encrypts its store, so the object could have been planted by anyone who can write to the bucket and is refused; to read backups taken before encryption was turned on, restart the agent with --accept-unencrypted <TIME> (SOMA_ACCEPT_UNENCRYPTED), the time encryption was turned on, for the migration"
     )]
     NotEncrypted {
         /// The object.
         key: String,
+    },
+    /// An encrypted object that authenticates, but was sealed for another repository sharing the
+    /// key (or the store's own repository id is missing): copied in from elsewhere.
+    #[error(
+        "object {key} was sealed for repository {found}, but this store is repository {this}: it was copied here from another store that shares the key, so it is refused; restore it from the store it was written to"
+    )]
+    ForeignRepository {
+        /// The object.
+        key: String,
+        /// The repository id the object was sealed for.
+        found: Box<str>,
+        /// This store's repository id, or why there is none.
+        this: Box<str>,
+    },
+    /// An object sealed before objects were bound to their repository, stored after this
+    /// store's repository id was created: written by an old agent elsewhere and copied in.
+    #[error(
+        "object {key} was sealed before encryption bound objects to their repository, but was stored here at {stored}, after this store's repository was created ({repository}): it could have been copied in from another store that shares the key, so it is refused; restore it from the store it was written to"
+    )]
+    Unbound {
+        /// The object.
+        key: String,
+        /// When the store says it was written.
+        stored: Box<str>,
+        /// This store's repository id and when it was created ("<id> at <time>").
+        repository: Box<str>,
+    },
+    /// A plaintext object read under `--accept-unencrypted <TIME>` that the store says was
+    /// written at or after that time, or cannot say when.
+    #[error(
+        "object {key} is not encrypted and was written {written}, not before the --accept-unencrypted cut-off {cutoff}: only objects written before it are read unencrypted, so it could have been planted by anyone who can write to the bucket and is refused"
+    )]
+    UnencryptedAfterCutoff {
+        /// The object.
+        key: String,
+        /// When the store says it was written ("at <time>"), or that it cannot say.
+        written: Box<str>,
+        /// The cut-off.
+        cutoff: Box<str>,
+    },
+    /// The store's repository id cannot be read or created.
+    #[error("the store's repository id ({key}) cannot be used: {reason}")]
+    Repository {
+        /// Its key.
+        key: String,
+        /// Why.
+        reason: String,
     },
     /// The `--store` location cannot be used.
     #[error("invalid store location {location:?}: {reason}")]

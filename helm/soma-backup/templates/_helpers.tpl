@@ -295,9 +295,12 @@ items, empty without agent.encryption.existingSecret. Takes the soma-backup valu
 {{- end }}
 - name: SOMA_ENCRYPTION_KEY_FILE
   value: {{ join "," $files | quote }}
-{{- if $e.acceptUnencrypted }}
+{{- with $e.acceptUnencrypted }}
+{{- if not (kindIs "string" .) }}
+{{- fail "agent.encryption.acceptUnencrypted takes the time encryption was turned on (RFC 3339, e.g. \"2026-12-01T00:00:00Z\"): only unencrypted objects stored before it are read" }}
+{{- end }}
 - name: SOMA_ACCEPT_UNENCRYPTED
-  value: "true"
+  value: {{ . | quote }}
 {{- end }}
 {{- end }}
 {{- end }}

@@ -136,8 +136,12 @@ fn restore_command(
             keys.push_str(" --encryption-key-file ");
             keys.push_str(&word(&file.display().to_string()));
         }
-        if *accept_unencrypted {
-            keys.push_str(" --accept-unencrypted");
+        if let Some(cutoff) = accept_unencrypted {
+            keys.push_str(" --accept-unencrypted ");
+            keys.push_str(&word(
+                &chrono::DateTime::<chrono::Utc>::from(*cutoff)
+                    .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            ));
         }
     }
     format!(
@@ -414,12 +418,15 @@ mod tests {
         // The keys travel by path, every one, in order.
         let keys = Encryption::On {
             fingerprints: vec!["0011223344556677".into(), "8899aabbccddeeff".into()],
-            accept_unencrypted: true,
+            accept_unencrypted: Some(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_796_083_200_500),
+            ),
+            repository: None,
             key_files: vec!["/keys/new".into(), "/keys/my old".into()],
         };
         assert_eq!(
             restore_command("/soma-agent", "s3://b/p", "7", &keys),
-            "/soma-agent wal-fetch --restore-from s3://b/p --encryption-key-file /keys/new --encryption-key-file '/keys/my old' --accept-unencrypted --system-id 7 %f %p"
+            "/soma-agent wal-fetch --restore-from s3://b/p --encryption-key-file /keys/new --encryption-key-file '/keys/my old' --accept-unencrypted 2026-12-01T00:00:00.500Z --system-id 7 %f %p"
         );
     }
 

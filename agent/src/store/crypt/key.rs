@@ -6,6 +6,7 @@ use std::{fmt, path::Path};
 use aead::{KeyInit, generic_array::GenericArray};
 use aes_gcm::Aes256Gcm;
 use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
 
 use super::FINGERPRINT;
 
@@ -22,7 +23,7 @@ pub enum KeyError {
     },
     /// The file does not hold a 32-byte key.
     #[error(
-        "--encryption-key-file {}: {why}; a key file holds 32 random bytes, raw or as 64 hex or 44 base64 characters, e.g. `head -c 32 /dev/urandom > key`",
+        "--encryption-key-file {}: {why}; a key file holds 32 random bytes, raw or as 64 hex digits or base64; make one with `openssl rand -base64 32 > key` or `head -c 32 /dev/urandom > key`",
         path.display()
     )]
     Format {
@@ -42,7 +43,8 @@ pub enum KeyError {
 }
 
 /// One key: its cipher and its fingerprint. Never printed, never serialised; `Debug` shows only
-/// the fingerprint.
+/// the fingerprint. The cipher's round keys and GHASH key are wiped when it is dropped (the
+/// `zeroize` features of aes, ghash and polyval).
 #[derive(Clone)]
 pub struct Key {
     pub(super) fingerprint: [u8; FINGERPRINT],
@@ -64,48 +66,58 @@ impl Key {
         }
     }
 
-    /// Reads a key file: 32 raw bytes, or 64 hex characters, or base64 of 32 bytes (surrounding
-    /// white space ignored in the text forms).
+    /// Reads a key file: 32 raw bytes (`head -c 32 /dev/urandom`), or text that is 64 hex digits
+    /// or base64 of exactly 32 bytes (`openssl rand -base64 32`), surrounding white space ignored.
+    ///
+    /// A file of nothing but printable characters is text, whatever its length: a 32-character
+    /// passphrase (with or without its newline) is not a key, and taking its bytes as one would
+    /// give a key of far less than 256 bits that looks fine. Random bytes are all printable with
+    /// a probability below 10^-13. Every copy of the key's bytes is wiped when dropped.
     pub fn from_file(path: &Path) -> Result<Self, KeyError> {
-        let data = std::fs::read(path).map_err(|source| KeyError::Read {
+        let data = Zeroizing::new(std::fs::read(path).map_err(|source| KeyError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
+        })?);
         let format = |why: String| KeyError::Format {
             path: path.to_path_buf(),
             why,
         };
-        let bytes: [u8; 32] = if data.len() == 32 {
-            data.as_slice().try_into().expect("length checked")
+        let is_text = data
+            .iter()
+            .all(|&b| b.is_ascii_graphic() || b.is_ascii_whitespace());
+        let decoded: Zeroizing<Vec<u8>> = if !is_text {
+            if data.len() != 32 {
+                return Err(format(format!(
+                    "{} bytes that are neither 32 raw bytes nor hex or base64 text",
+                    data.len()
+                )));
+            }
+            data.clone()
         } else {
             let text = std::str::from_utf8(&data)
-                .map_err(|_| {
-                    format(format!(
-                        "{} bytes that are neither 32 raw bytes nor text",
-                        data.len()
-                    ))
-                })?
+                .map_err(|_| format("text that is not ASCII".into()))?
                 .trim();
-            let decoded = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-                hex::decode(text).map_err(|e| format(format!("bad hex: {e}")))?
+            if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+                Zeroizing::new(hex::decode(text).map_err(|e| format(format!("bad hex: {e}")))?)
             } else {
                 use base64::Engine as _;
-                base64::engine::general_purpose::STANDARD
-                    .decode(text)
-                    .map_err(|_| {
+                Zeroizing::new(base64::engine::general_purpose::STANDARD.decode(text).map_err(
+                    |_| {
                         format(format!(
-                            "{} characters that are neither 64 hex digits nor base64",
+                            "text of {} characters that is neither 64 hex digits nor base64 (a passphrase is not a key)",
                             text.len()
                         ))
-                    })?
-            };
-            decoded.as_slice().try_into().map_err(|_| {
+                    },
+                )?)
+            }
+        };
+        let bytes: Zeroizing<[u8; 32]> =
+            Zeroizing::new(decoded.as_slice().try_into().map_err(|_| {
                 format(format!(
                     "the text decodes to {} bytes, not 32",
                     decoded.len()
                 ))
-            })?
-        };
+            })?);
         if bytes.iter().all(|&b| b == bytes[0]) {
             return Err(format("every byte is the same: not a random key".into()));
         }

@@ -12,18 +12,26 @@
 //! Format of one object (all sizes in bytes):
 //!
 //! ```text
-//! header  "SOMAENC1" | key fingerprint (8) | wrap nonce (12) | wrapped data key (32 + 16) | stream nonce (7)
+//! header  "SOMAENC2" | key fingerprint (8) | repository id (16) | wrap nonce (12) | wrapped data key (32 + 16) | stream nonce (7)
 //! body    chunks of 64 KiB + 16 (tag), the last one shorter (0..64 KiB of data + 16)
 //! ```
 //!
 //! Each object gets a fresh random 256-bit data key (so every backup, and every object in it, has
 //! its own), wrapped with AES-256-GCM by the configured key; the wrap's associated data is the
-//! magic, the fingerprint and the object key, which binds the object to its name. The body is
+//! magic, the fingerprint, the repository id and the object key, which binds the object to its
+//! name and to its store's repository (see [`repository`]): a whole backup copied from another
+//! store that shares the key authenticates, but as that store's, and is refused. The body is
 //! the STREAM construction (Hoang, Reyhanitabar, Rogaway, Vizár; `aead::stream::StreamBE32` from
 //! RustCrypto) over AES-256-GCM with the data key: every chunk is authenticated on its own, in
 //! order, and the last one carries a flag, so a reordered, dropped or truncated chunk fails. The
 //! whole header is each chunk's associated data. Memory stays bounded: one chunk at a time on the
 //! way back, one part at a time on the way out, nothing staged.
+//!
+//! Objects sealed before repositories existed ("SOMAENC1", no repository id) are read only when
+//! the store says they were written before its repository id was created; plaintext objects
+//! only under `--accept-unencrypted <TIME>`, when the store says they were written before TIME.
+//! Which time: the store's own (S3 `LastModified`, which a bucket writer cannot set; a file's
+//! mtime for a local directory), never a manifest's, which a bucket writer can write.
 //!
 //! Rotation: several keys may be configured; the first encrypts, every one decrypts, picked by
 //! the fingerprint in the header. A 96-bit random wrap nonce per object stays safe for far more
@@ -31,11 +39,17 @@
 
 mod key;
 mod open;
+pub mod repository;
 mod seal;
 
 pub use key::{Key, KeyError, Keyring};
+pub use repository::{Repository, RepositoryId};
 
-use std::{fmt, sync::Arc};
+use std::{
+    fmt,
+    sync::{Arc, OnceLock},
+    time::SystemTime,
+};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -46,8 +60,10 @@ use super::{
 use open::open_stream;
 use seal::{SealedUpload, seal_all, seal_header};
 
-/// First bytes of every encrypted object.
-pub const MAGIC: &[u8; 8] = b"SOMAENC1";
+/// First bytes of every encrypted object, bound to its repository.
+pub const MAGIC: &[u8; 8] = b"SOMAENC2";
+/// First bytes of an object sealed before repository binding (and of the repository id itself).
+pub const LEGACY_MAGIC: &[u8; 8] = b"SOMAENC1";
 /// Plaintext bytes per STREAM chunk.
 pub const CHUNK: usize = 64 * 1024;
 const TAG: usize = 16;
@@ -56,7 +72,10 @@ const WRAP_NONCE: usize = 12;
 const WRAPPED_KEY: usize = 32 + TAG;
 const STREAM_NONCE: usize = 7;
 /// Size of the header in front of every encrypted object.
-pub const HEADER: usize = MAGIC.len() + FINGERPRINT + WRAP_NONCE + WRAPPED_KEY + STREAM_NONCE;
+pub const HEADER: usize =
+    MAGIC.len() + FINGERPRINT + repository::ID_LEN + WRAP_NONCE + WRAPPED_KEY + STREAM_NONCE;
+/// Size of the header of an object sealed before repository binding.
+const LEGACY_HEADER: usize = HEADER - repository::ID_LEN;
 const SEALED_CHUNK: usize = CHUNK + TAG;
 
 /// The name of the algorithm, as manifests and `status` report it.
@@ -71,8 +90,10 @@ pub enum Encryption {
     On {
         /// Fingerprints of the keys, the encrypting one first.
         fingerprints: Vec<String>,
-        /// Whether unencrypted objects are still read (`--accept-unencrypted`).
-        accept_unencrypted: bool,
+        /// Unencrypted objects written before this time are still read (`--accept-unencrypted`).
+        accept_unencrypted: Option<SystemTime>,
+        /// The store's repository id, once known.
+        repository: Option<RepositoryId>,
         /// The key files, for a `wal-fetch` started by PostgreSQL to read the same store.
         key_files: Vec<std::path::PathBuf>,
     },
@@ -85,14 +106,22 @@ impl fmt::Display for Encryption {
             Encryption::On {
                 fingerprints,
                 accept_unencrypted,
+                repository,
                 ..
             } => {
                 write!(f, "{ALGORITHM}, key {}", fingerprints[0])?;
                 if fingerprints.len() > 1 {
                     write!(f, " (also decrypts {})", fingerprints[1..].join(", "))?;
                 }
-                if *accept_unencrypted {
-                    f.write_str("; unencrypted objects accepted")?;
+                if let Some(id) = repository {
+                    write!(f, ", repository {id}")?;
+                }
+                if let Some(cutoff) = accept_unencrypted {
+                    write!(
+                        f,
+                        "; unencrypted objects written before {} accepted",
+                        repository::rfc3339(*cutoff)
+                    )?;
                 }
                 Ok(())
             }
@@ -107,17 +136,135 @@ impl fmt::Display for Encryption {
 pub struct Crypt {
     inner: Arc<dyn Store>,
     keyring: Option<Arc<Keyring>>,
-    accept_unencrypted: bool,
+    accept_unencrypted: Option<SystemTime>,
+    repo: Arc<RepositoryState>,
+}
+
+/// The repository id, looked up once per agent (clones share it).
+#[derive(Debug, Default)]
+struct RepositoryState {
+    known: OnceLock<Repository>,
+    /// Whether the store was found to have none (then readers stop asking).
+    looked: tokio::sync::Mutex<bool>,
+}
+
+/// What the first bytes of an object say it is, once its header (if any) authenticated.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Found {
+    Plain,
+    Legacy,
+    Bound(RepositoryId),
 }
 
 impl Crypt {
     /// `inner` through `keyring` (none: plaintext). `accept_unencrypted` lets a keyed agent still
-    /// read objects written before encryption was turned on.
-    pub fn new(inner: Arc<dyn Store>, keyring: Option<Keyring>, accept_unencrypted: bool) -> Self {
+    /// read unencrypted objects the store says were written before that time: backups taken
+    /// before encryption was turned on.
+    pub fn new(
+        inner: Arc<dyn Store>,
+        keyring: Option<Keyring>,
+        accept_unencrypted: Option<SystemTime>,
+    ) -> Self {
         Self {
             inner,
             keyring: keyring.map(Arc::new),
             accept_unencrypted,
+            repo: Arc::default(),
+        }
+    }
+
+    /// The repository new objects are sealed for (created with the store's first write).
+    async fn sealing_for(&self) -> Result<RepositoryId> {
+        self.repository(true)
+            .await?
+            .map(|r| r.id)
+            .ok_or_else(|| StoreError::Repository {
+                key: repository::ID_KEY.to_string(),
+                reason: "it could not be created".into(),
+            })
+    }
+
+    /// When the store says `key` was written: its own clock, which nobody who merely writes
+    /// objects can set on S3. Asked after the object's bytes were requested, so an object
+    /// replaced in between shows the newer time.
+    async fn stored_at(&self, key: &str) -> Result<Option<SystemTime>> {
+        Ok(self
+            .inner
+            .list_timed(key)
+            .await?
+            .into_iter()
+            .find(|t| t.meta.key == key)
+            .and_then(|t| t.modified))
+    }
+
+    /// Whether the object `key`, found to be `found`, may be handed out. `root`: the repository
+    /// id object itself, which is sealed before binding by design.
+    pub(super) async fn admit(&self, key: &str, found: Found, root: bool) -> Result<()> {
+        match found {
+            Found::Plain => {
+                if self.keyring.is_none() {
+                    return Ok(());
+                }
+                let Some(cutoff) = self.accept_unencrypted else {
+                    return Err(StoreError::NotEncrypted {
+                        key: key.to_string(),
+                    });
+                };
+                match self.stored_at(key).await? {
+                    Some(at) if at < cutoff => Ok(()),
+                    at => Err(StoreError::UnencryptedAfterCutoff {
+                        key: key.to_string(),
+                        written: at
+                            .map_or_else(
+                                || "at a time the store does not say".into(),
+                                |t| format!("at {}", repository::rfc3339(t)),
+                            )
+                            .into(),
+                        cutoff: repository::rfc3339(cutoff).into(),
+                    }),
+                }
+            }
+            Found::Legacy if root => Ok(()),
+            Found::Legacy => {
+                let Some(repo) = self.repository(false).await? else {
+                    // A store no agent of this version has written to: nothing to bind to.
+                    return Ok(());
+                };
+                match self.stored_at(key).await? {
+                    Some(at) if at < repo.created => Ok(()),
+                    at => Err(StoreError::Unbound {
+                        key: key.to_string(),
+                        stored: at
+                            .map_or_else(|| "an unknown time".into(), repository::rfc3339)
+                            .into(),
+                        repository: format!(
+                            "{} at {}",
+                            repo.id,
+                            repository::rfc3339(repo.created)
+                        )
+                        .into(),
+                    }),
+                }
+            }
+            Found::Bound(_) if root => Err(tampered(
+                key,
+                "the repository id is sealed for a repository itself",
+            )),
+            Found::Bound(id) => match self.repository(false).await? {
+                Some(repo) if repo.id == id => Ok(()),
+                this => Err(StoreError::ForeignRepository {
+                    key: key.to_string(),
+                    found: id.to_string().into(),
+                    this: match this {
+                        Some(repo) => repo.id.to_string(),
+                        None => format!(
+                            "unknown: its {} is missing (restore it from a copy of the store or an earlier version of the bucket)",
+                            repository::ID_KEY
+                        ),
+                    }
+                    .into(),
+                }),
+            },
         }
     }
 
@@ -151,12 +298,22 @@ fn tampered(key: &str, why: &str) -> StoreError {
     }
 }
 
-/// The wrap's associated data: the magic, the key's fingerprint and the object's name, which
-/// binds a sealed object to the name it was written under.
-fn wrap_aad(fingerprint: &[u8], key: &str) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(MAGIC.len() + FINGERPRINT + key.len());
-    aad.extend_from_slice(MAGIC);
-    aad.extend_from_slice(fingerprint);
+/// The wrap's associated data: the magic, the key's fingerprint, the repository id and the
+/// object's name, which binds a sealed object to the name it was written under and to the
+/// repository it was written for. Without a repository: the format before binding.
+fn wrap_aad(fingerprint: &[u8], repository: Option<&RepositoryId>, key: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(HEADER + key.len());
+    match repository {
+        Some(id) => {
+            aad.extend_from_slice(MAGIC);
+            aad.extend_from_slice(fingerprint);
+            aad.extend_from_slice(&id.0);
+        }
+        None => {
+            aad.extend_from_slice(LEGACY_MAGIC);
+            aad.extend_from_slice(fingerprint);
+        }
+    }
     aad.extend_from_slice(key.as_bytes());
     aad
 }
@@ -181,6 +338,7 @@ impl Store for Crypt {
             Some(k) => Encryption::On {
                 fingerprints: k.fingerprints(),
                 accept_unencrypted: self.accept_unencrypted,
+                repository: self.repo.known.get().map(|r| r.id),
                 key_files: k.files.clone(),
             },
         }
@@ -190,31 +348,31 @@ impl Store for Crypt {
         match &self.keyring {
             None => self.inner.put(key, data).await,
             Some(k) => {
-                let sealed = seal_all(k.current(), key, &data)?;
+                let repository = self.sealing_for().await?;
+                let sealed = seal_all(k.current(), key, Some(&repository), &data)?;
                 self.inner.put(key, sealed).await
             }
         }
     }
 
     async fn start_upload(&self, key: &str) -> Result<Box<dyn Upload>> {
+        let repository = match &self.keyring {
+            Some(_) => Some(self.sealing_for().await?),
+            None => None,
+        };
         let upload = self.inner.start_upload(key).await?;
-        match &self.keyring {
-            None => Ok(upload),
-            Some(k) => {
-                let (header, enc) = seal_header(k.current(), key)?;
+        match (&self.keyring, repository) {
+            (Some(k), Some(repository)) => {
+                let (header, enc) = seal_header(k.current(), key, Some(&repository))?;
                 Ok(Box::new(SealedUpload::new(upload, key, header, enc)))
             }
+            _ => Ok(upload),
         }
     }
 
     async fn get(&self, key: &str) -> Result<ByteStream> {
         let stream = self.inner.get(key).await?;
-        Ok(open_stream(
-            stream,
-            key.to_string(),
-            self.keyring.clone(),
-            self.accept_unencrypted,
-        ))
+        Ok(open_stream(stream, key.to_string(), self.clone(), false))
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
@@ -271,7 +429,7 @@ mod tests {
     async fn stores(keys: Vec<Key>) -> (tempfile::TempDir, Arc<dyn Store>, Crypt) {
         let dir = tempfile::tempdir().unwrap();
         let raw: Arc<dyn Store> = Arc::new(LocalStore::open(dir.path().into()).await.unwrap());
-        let crypt = Crypt::new(raw.clone(), Keyring::new(keys), false);
+        let crypt = Crypt::new(raw.clone(), Keyring::new(keys), None);
         (dir, raw, crypt)
     }
 
@@ -282,6 +440,19 @@ mod tests {
             out.extend_from_slice(&c?);
         }
         Ok(out)
+    }
+
+    /// Returns once the wall clock is well past `t`: file times come from the kernel's coarse
+    /// clock, which may lag the one `SystemTime::now` reads by a tick.
+    async fn wait_past(t: SystemTime) {
+        let past = t + std::time::Duration::from_millis(30);
+        for _ in 0..1000 {
+            if SystemTime::now() > past {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        panic!("the clock did not pass {t:?}");
     }
 
     fn data(n: usize) -> Vec<u8> {
@@ -361,6 +532,7 @@ mod tests {
         };
         for at in [
             9,
+            MAGIC.len() + FINGERPRINT + 3,
             HEADER - 1,
             HEADER + 5,
             HEADER + SEALED_CHUNK + 3,
@@ -405,20 +577,191 @@ mod tests {
     async fn rotation_reads_old_keys_and_names_a_missing_one() {
         let (_d, raw, old) = stores(vec![key(1)]).await;
         old.put("k", Bytes::from_static(b"hello")).await.unwrap();
-        let rotated = Crypt::new(raw.clone(), Keyring::new(vec![key(2), key(1)]), false);
+        let rotated = Crypt::new(raw.clone(), Keyring::new(vec![key(2), key(1)]), None);
         assert_eq!(read(&rotated, "k").await.unwrap(), b"hello");
         rotated.put("k2", Bytes::from_static(b"new")).await.unwrap();
         let err = read(&old, "k2").await.unwrap_err().to_string();
         assert!(err.contains(&key(2).fingerprint()), "{err}");
         assert!(err.contains("--encryption-key-file"), "{err}");
-        let plain = Crypt::new(raw.clone(), None, false);
+        let plain = Crypt::new(raw.clone(), None, None);
         let err = read(&plain, "k").await.unwrap_err().to_string();
         assert!(err.contains(&key(1).fingerprint()), "{err}");
         // Plaintext stores keep working without a key, and a keyed agent may read them when told.
         raw.put("p", Bytes::from_static(b"plain")).await.unwrap();
         assert_eq!(read(&plain, "p").await.unwrap(), b"plain");
-        let migrating = Crypt::new(raw, Keyring::new(vec![key(1)]), true);
+        let cutoff = SystemTime::now() + std::time::Duration::from_secs(1);
+        let migrating = Crypt::new(raw.clone(), Keyring::new(vec![key(1)]), Some(cutoff));
         assert_eq!(read(&migrating, "p").await.unwrap(), b"plain");
+        // The repository id was sealed with the old key; a writer with the new one first
+        // re-seals it, so the old key can go once no backup needs it.
+        let writer = Crypt::new(raw.clone(), Keyring::new(vec![key(2), key(1)]), None);
+        writer.repository(true).await.unwrap();
+        let only_new = Crypt::new(raw, Keyring::new(vec![key(2)]), None);
+        assert_eq!(read(&only_new, "k2").await.unwrap(), b"new");
+    }
+
+    #[tokio::test]
+    async fn unencrypted_objects_are_read_only_when_written_before_the_cutoff() {
+        let (_d, raw, _) = stores(vec![key(1)]).await;
+        raw.put("old", Bytes::from_static(b"before")).await.unwrap();
+        let cutoff = SystemTime::now() + std::time::Duration::from_millis(50);
+        let migrating = Crypt::new(raw.clone(), Keyring::new(vec![key(1)]), Some(cutoff));
+        assert_eq!(read(&migrating, "old").await.unwrap(), b"before");
+        // Planted after the cut-off: the store's clock says so.
+        wait_past(cutoff).await;
+        raw.put("planted", Bytes::from_static(b"after"))
+            .await
+            .unwrap();
+        let err = read(&migrating, "planted").await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::UnencryptedAfterCutoff { .. }),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("planted") && msg.contains(&repository::rfc3339(cutoff)),
+            "{msg}"
+        );
+        // Without a cut-off nothing unencrypted is read.
+        let strict = Crypt::new(raw, Keyring::new(vec![key(1)]), None);
+        let err = read(&strict, "old").await.unwrap_err();
+        assert!(matches!(err, StoreError::NotEncrypted { .. }), "{err}");
+    }
+
+    /// A copy of a whole directory store, as `aws s3 sync` copies a bucket.
+    fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                std::fs::create_dir_all(&target).unwrap();
+                copy_tree(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn objects_copied_from_another_repository_with_the_same_key_are_refused() {
+        let (dir_a, raw_a, a) = stores(vec![key(1)]).await;
+        let (_dir_b, raw_b, b) = stores(vec![key(1)]).await;
+        a.put("backups/x/manifest.json", Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        b.put("backups/y/manifest.json", Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        let id_a = a.repository(false).await.unwrap().unwrap().id;
+        let id_b = b.repository(false).await.unwrap().unwrap().id;
+        assert_ne!(id_a, id_b, "each store has an id of its own");
+        let copied = read(raw_a.as_ref(), "backups/x/manifest.json")
+            .await
+            .unwrap();
+        raw_b
+            .put("backups/x/manifest.json", Bytes::from(copied))
+            .await
+            .unwrap();
+        let err = read(&b, "backups/x/manifest.json").await.unwrap_err();
+        assert!(matches!(err, StoreError::ForeignRepository { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&id_a.to_string()) && msg.contains(&id_b.to_string()),
+            "{msg}"
+        );
+        // A swapped id field does not authenticate.
+        let mut forged = read(raw_a.as_ref(), "backups/x/manifest.json")
+            .await
+            .unwrap();
+        forged[MAGIC.len() + FINGERPRINT..MAGIC.len() + FINGERPRINT + repository::ID_LEN]
+            .copy_from_slice(&id_b.0);
+        raw_b
+            .put("backups/x/manifest.json", Bytes::from(forged))
+            .await
+            .unwrap();
+        let err = read(&b, "backups/x/manifest.json").await.unwrap_err();
+        assert!(matches!(err, StoreError::Tampered { .. }), "{err}");
+
+        // A copy of the whole store keeps its id and reads, and new writes there stay bound to it.
+        let dir_c = tempfile::tempdir().unwrap();
+        copy_tree(dir_a.path(), dir_c.path());
+        let raw_c: Arc<dyn Store> = Arc::new(LocalStore::open(dir_c.path().into()).await.unwrap());
+        let c = Crypt::new(raw_c, Keyring::new(vec![key(1)]), None);
+        assert_eq!(read(&c, "backups/x/manifest.json").await.unwrap(), b"{}");
+        assert_eq!(c.repository(true).await.unwrap().unwrap().id, id_a);
+    }
+
+    #[tokio::test]
+    async fn objects_sealed_before_binding_are_read_only_if_stored_before_the_id_existed() {
+        let (_d, raw, crypt) = stores(vec![key(1)]).await;
+        // An agent of the previous version wrote this store.
+        let old = seal_all(&key(1), "backups/old/manifest.json", None, b"old").unwrap();
+        raw.put("backups/old/manifest.json", old).await.unwrap();
+        assert_eq!(
+            read(&crypt, "backups/old/manifest.json").await.unwrap(),
+            b"old",
+            "a store with no repository id reads as before"
+        );
+        let writer = Crypt::new(raw.clone(), Keyring::new(vec![key(1)]), None);
+        let repo = writer.repository(true).await.unwrap().unwrap();
+        let reader = Crypt::new(raw.clone(), Keyring::new(vec![key(1)]), None);
+        assert_eq!(
+            read(&reader, "backups/old/manifest.json").await.unwrap(),
+            b"old"
+        );
+        // The same kind of object, copied in after the id was created.
+        wait_past(repo.created).await;
+        let copied = seal_all(&key(1), "backups/new/manifest.json", None, b"new").unwrap();
+        raw.put("backups/new/manifest.json", copied).await.unwrap();
+        let err = read(&reader, "backups/new/manifest.json")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unbound { .. }), "{err}");
+        assert!(err.to_string().contains(&repo.id.to_string()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_lost_repository_id_is_never_replaced_by_a_new_one() {
+        let (_d, raw, crypt) = stores(vec![key(1)]).await;
+        crypt
+            .put("backups/a/manifest.json", Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        let id = crypt.repository(false).await.unwrap().unwrap().id;
+        let mut id_object = read(raw.as_ref(), repository::ID_KEY).await.unwrap();
+        raw.delete(repository::ID_KEY).await.unwrap();
+        // A newer, unbound manifest planted in front of it changes nothing.
+        raw.put("backups/z/manifest.json", Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        let fresh = Crypt::new(raw.clone(), Keyring::new(vec![key(1)]), None);
+        let err = fresh.repository(true).await.unwrap_err().to_string();
+        assert!(
+            err.contains("restore repository.id") && err.contains("backups/a/manifest.json"),
+            "{err}"
+        );
+        let err = read(&fresh, "backups/a/manifest.json").await.unwrap_err();
+        assert!(matches!(err, StoreError::ForeignRepository { .. }), "{err}");
+        assert!(raw.head(repository::ID_KEY).await.unwrap().is_none());
+        // A forged id object (plaintext, or another byte) is refused, not trusted.
+        raw.put(
+            repository::ID_KEY,
+            Bytes::from(format!(
+                r#"{{"id":"{id}","created":"2020-01-01T00:00:00Z"}}"#
+            )),
+        )
+        .await
+        .unwrap();
+        let forged = Crypt::new(raw.clone(), Keyring::new(vec![key(1)]), None);
+        assert!(forged.repository(false).await.is_err());
+        let last = id_object.len() - 1;
+        id_object[last] ^= 1;
+        raw.put(repository::ID_KEY, Bytes::from(id_object))
+            .await
+            .unwrap();
+        let flipped = Crypt::new(raw, Keyring::new(vec![key(1)]), None);
+        let err = flipped.repository(false).await.unwrap_err();
+        assert!(matches!(err, StoreError::Tampered { .. }), "{err}");
     }
 
     #[test]
@@ -441,6 +784,15 @@ mod tests {
                     .encode(bytes)
                     .as_bytes(),
             ),
+            // What `openssl rand -base64 32 > key` writes.
+            write(
+                "b64-newline",
+                format!(
+                    "{}\n",
+                    base64::engine::general_purpose::STANDARD.encode(bytes)
+                )
+                .as_bytes(),
+            ),
         ] {
             assert_eq!(Key::from_file(&p).unwrap().fingerprint(), fp);
         }
@@ -448,11 +800,23 @@ mod tests {
             ("short", &b"0123456789"[..]),
             ("zeros", &[0u8; 32][..]),
             ("text", &b"correct horse battery staple"[..]),
+            // 32 characters: once taken as 32 raw bytes, a key of far less than 256 bits.
+            ("passphrase", &b"correct horse battery staple 123"[..]),
+            (
+                "passphrase-newline",
+                &b"correct horse battery staple 12\n"[..],
+            ),
+            ("alnum-newline", &b"abcdefghijklmnopqrstuvwxyzABCDEF\n"[..]),
+            ("hex-short", &b"00112233445566778899aabbccddeeff\n"[..]),
         ] {
             let err = Key::from_file(&write(name, content))
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("32 random bytes"), "{err}");
+            assert!(
+                err.contains(name) && err.contains("openssl rand -base64 32"),
+                "the error names the file and how to make a key: {err}"
+            );
             assert!(
                 !err.contains("horse"),
                 "a key file's contents never reach an error: {err}"
@@ -486,13 +850,15 @@ mod tests {
     #[tokio::test]
     async fn never_polls_an_ended_inner_stream() {
         let plain = data(3 * CHUNK + 9);
-        let sealed = seal_all(&key(1), "k", &plain).unwrap().to_vec();
-        let keyring = Some(Arc::new(Keyring::new(vec![key(1)]).unwrap()));
+        let (_d, raw, keyed) = stores(vec![key(1)]).await;
+        let id = keyed.repository(true).await.unwrap().unwrap().id;
+        let sealed = seal_all(&key(1), "k", Some(&id), &plain).unwrap().to_vec();
+        let unkeyed = Crypt::new(raw, None, None);
         for piece in [1, 7, 4096, CHUNK + 3, 1 << 20] {
             let out = drain(open_stream(
                 unfused(sealed.clone(), piece),
                 "k".into(),
-                keyring.clone(),
+                keyed.clone(),
                 false,
             ));
             assert_eq!(out.await.unwrap(), plain, "sealed, pieces of {piece}");
@@ -500,7 +866,7 @@ mod tests {
                 let out = drain(open_stream(
                     unfused(small.clone(), piece),
                     "k".into(),
-                    None,
+                    unkeyed.clone(),
                     false,
                 ));
                 assert_eq!(out.await.unwrap(), small, "plain, pieces of {piece}");

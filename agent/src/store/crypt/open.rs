@@ -2,21 +2,28 @@
 //! is authenticated; plaintext objects handed on only when no key is configured or
 //! `--accept-unencrypted` allows it.
 
-use std::sync::Arc;
-
 use aead::{AeadInPlace, KeyInit, generic_array::GenericArray, stream::DecryptorBE32};
 use aes_gcm::Aes256Gcm;
 use bytes::BytesMut;
 use futures::StreamExt;
+use zeroize::Zeroizing;
 
 use super::{
-    FINGERPRINT, HEADER, Keyring, MAGIC, SEALED_CHUNK, STREAM_NONCE, TAG, WRAP_NONCE, WRAPPED_KEY,
-    tampered, wrap_aad,
+    Crypt, FINGERPRINT, Found, HEADER, Keyring, LEGACY_HEADER, LEGACY_MAGIC, MAGIC, RepositoryId,
+    SEALED_CHUNK, STREAM_NONCE, TAG, WRAP_NONCE, WRAPPED_KEY, repository::ID_LEN, tampered,
+    wrap_aad,
 };
 use crate::store::{ByteStream, Result, StoreError};
 
-/// Opens a header read from object `key`, returning the decryptor of its body.
-fn open_header(keyring: &Keyring, header: &[u8], key: &str) -> Result<DecryptorBE32<Aes256Gcm>> {
+/// Opens a header read from object `key` (either format: `repository` is the id a bound one
+/// names), returning the decryptor of its body. The unwrapped data key is wiped once the
+/// decryptor holds it.
+fn open_header(
+    keyring: &Keyring,
+    header: &[u8],
+    repository: Option<&RepositoryId>,
+    key: &str,
+) -> Result<DecryptorBE32<Aes256Gcm>> {
     let fp = &header[MAGIC.len()..MAGIC.len() + FINGERPRINT];
     let Some(k) = keyring.find(fp) else {
         return Err(StoreError::WrongKey {
@@ -25,14 +32,15 @@ fn open_header(keyring: &Keyring, header: &[u8], key: &str) -> Result<DecryptorB
             have: keyring.fingerprints().join(", "),
         });
     };
-    let at = MAGIC.len() + FINGERPRINT;
+    let at = MAGIC.len() + FINGERPRINT + repository.map_or(0, |_| ID_LEN);
     let wrap_nonce = &header[at..at + WRAP_NONCE];
-    let mut data_key = header[at + WRAP_NONCE..at + WRAP_NONCE + WRAPPED_KEY].to_vec();
+    let mut data_key =
+        Zeroizing::new(header[at + WRAP_NONCE..at + WRAP_NONCE + WRAPPED_KEY].to_vec());
     k.cipher
         .decrypt_in_place(
             GenericArray::from_slice(wrap_nonce),
-            &wrap_aad(fp, key),
-            &mut data_key,
+            &wrap_aad(fp, repository, key),
+            &mut *data_key,
         )
         .map_err(|_| {
             tampered(
@@ -40,7 +48,7 @@ fn open_header(keyring: &Keyring, header: &[u8], key: &str) -> Result<DecryptorB
                 "its header does not authenticate under the key it names (altered, forged, or moved here from another object)",
             )
         })?;
-    let stream_nonce = &header[HEADER - STREAM_NONCE..];
+    let stream_nonce = &header[header.len() - STREAM_NONCE..];
     let body = Aes256Gcm::new(GenericArray::from_slice(&data_key));
     Ok(DecryptorBE32::from_aead(
         body,
@@ -52,8 +60,10 @@ fn open_header(keyring: &Keyring, header: &[u8], key: &str) -> Result<DecryptorB
 struct Opening {
     inner: ByteStream,
     key: String,
-    keyring: Option<Arc<Keyring>>,
-    accept_unencrypted: bool,
+    /// The keys, and who decides whether what was found may be handed out.
+    crypt: Crypt,
+    /// Reading the repository id itself.
+    root: bool,
     buf: BytesMut,
     /// Whether the first bytes were read (and, if sealed, the header opened).
     started: bool,
@@ -68,18 +78,15 @@ struct Opening {
 }
 
 /// The bytes of object `key` as they were before sealing, each chunk released only once it is
-/// authenticated; an error ends the stream.
-pub(super) fn open_stream(
-    inner: ByteStream,
-    key: String,
-    keyring: Option<Arc<Keyring>>,
-    accept_unencrypted: bool,
-) -> ByteStream {
+/// authenticated, and nothing before `crypt` admitted what the object is (bound to this
+/// repository, sealed before binding, or plaintext; see [`Crypt::admit`]); an error ends the
+/// stream. `root`: the repository id object.
+pub(super) fn open_stream(inner: ByteStream, key: String, crypt: Crypt, root: bool) -> ByteStream {
     let state = Opening {
         inner,
         key,
-        keyring,
-        accept_unencrypted,
+        crypt,
+        root,
         buf: BytesMut::new(),
         started: false,
         aad: Vec::new(),
@@ -118,7 +125,8 @@ pub(super) fn open_stream(
                 continue;
             }
             if !s.started {
-                s.start()?;
+                let found = s.start()?;
+                s.crypt.admit(&s.key, found, s.root).await?;
                 s.started = true;
                 continue;
             }
@@ -157,18 +165,35 @@ pub(super) fn open_stream(
 }
 
 impl Opening {
-    /// Reads the first bytes: an encrypted object's header, or plaintext.
-    fn start(&mut self) -> Result<()> {
-        let sealed = self.buf.len() >= MAGIC.len() && &self.buf[..MAGIC.len()] == MAGIC;
-        match (&self.keyring, sealed) {
+    /// Reads the first bytes: an encrypted object's header (opened), or plaintext.
+    fn start(&mut self) -> Result<Found> {
+        let magic = self.buf.get(..MAGIC.len());
+        let (bound, sealed) = match magic {
+            Some(m) if m == MAGIC => (true, true),
+            Some(m) if m == LEGACY_MAGIC => (false, true),
+            _ => (false, false),
+        };
+        match (&self.crypt.keyring, sealed) {
             (Some(keyring), true) => {
-                if self.buf.len() < HEADER {
+                let len = if bound { HEADER } else { LEGACY_HEADER };
+                if self.buf.len() < len {
                     return Err(tampered(&self.key, "it ends inside its header"));
                 }
-                let header = self.buf.split_to(HEADER).to_vec();
-                self.dec = Some(open_header(keyring, &header, &self.key)?);
+                let header = self.buf.split_to(len).to_vec();
+                let repository = bound.then(|| {
+                    let at = MAGIC.len() + FINGERPRINT;
+                    let mut id = [0u8; ID_LEN];
+                    id.copy_from_slice(&header[at..at + ID_LEN]);
+                    RepositoryId(id)
+                });
+                self.dec = Some(open_header(
+                    keyring,
+                    &header,
+                    repository.as_ref(),
+                    &self.key,
+                )?);
                 self.aad = header;
-                Ok(())
+                Ok(repository.map_or(Found::Legacy, Found::Bound))
             }
             (None, true) => {
                 let fp = self
@@ -182,12 +207,9 @@ impl Opening {
                     have: "none".into(),
                 })
             }
-            (Some(_), false) if !self.accept_unencrypted => Err(StoreError::NotEncrypted {
-                key: self.key.clone(),
-            }),
-            _ => {
+            (_, false) => {
                 self.plain = true;
-                Ok(())
+                Ok(Found::Plain)
             }
         }
     }

@@ -8,40 +8,64 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rand::RngCore;
 
+use zeroize::Zeroizing;
+
 use super::{
-    CHUNK, HEADER, Key, MAGIC, STREAM_NONCE, TAG, WRAP_NONCE, plaintext_len, sealed_len, tampered,
-    wrap_aad,
+    CHUNK, HEADER, Key, LEGACY_HEADER, LEGACY_MAGIC, MAGIC, RepositoryId, STREAM_NONCE, TAG,
+    WRAP_NONCE, plaintext_len, sealed_len, tampered, wrap_aad,
 };
 use crate::store::{
     MIN_PART_SIZE, ObjectMeta, PartReceipt, PartUpload, Result, StoreError, Upload, refused,
 };
 
-/// A fresh header for object `key`, and the encryptor of its body.
-pub(super) fn seal_header(k: &Key, key: &str) -> Result<(Vec<u8>, EncryptorBE32<Aes256Gcm>)> {
+/// A fresh header for object `key` sealed for `repository` (none: the format before binding,
+/// kept for the repository id itself), and the encryptor of its body. The data key is wiped
+/// once wrapped; the encryptor wipes its copy when dropped.
+pub(super) fn seal_header(
+    k: &Key,
+    key: &str,
+    repository: Option<&RepositoryId>,
+) -> Result<(Vec<u8>, EncryptorBE32<Aes256Gcm>)> {
     let mut rng = rand::rng();
-    let mut data_key = [0u8; 32];
-    rng.fill_bytes(&mut data_key);
+    let mut data_key = Zeroizing::new([0u8; 32]);
+    rng.fill_bytes(&mut data_key[..]);
     let mut wrap_nonce = [0u8; WRAP_NONCE];
     rng.fill_bytes(&mut wrap_nonce);
     let mut stream_nonce = [0u8; STREAM_NONCE];
     rng.fill_bytes(&mut stream_nonce);
 
     let mut header = Vec::with_capacity(HEADER);
-    header.extend_from_slice(MAGIC);
-    header.extend_from_slice(&k.fingerprint);
+    match repository {
+        Some(id) => {
+            header.extend_from_slice(MAGIC);
+            header.extend_from_slice(&k.fingerprint);
+            header.extend_from_slice(&id.0);
+        }
+        None => {
+            header.extend_from_slice(LEGACY_MAGIC);
+            header.extend_from_slice(&k.fingerprint);
+        }
+    }
     header.extend_from_slice(&wrap_nonce);
-    let mut wrapped = data_key.to_vec();
+    let mut wrapped = Zeroizing::new(data_key.to_vec());
     k.cipher
         .encrypt_in_place(
             GenericArray::from_slice(&wrap_nonce),
-            &wrap_aad(&k.fingerprint, key),
-            &mut wrapped,
+            &wrap_aad(&k.fingerprint, repository, key),
+            &mut *wrapped,
         )
         .map_err(|_| tampered(key, "sealing the data key failed"))?;
     header.extend_from_slice(&wrapped);
     header.extend_from_slice(&stream_nonce);
-    debug_assert_eq!(header.len(), HEADER);
-    let body = Aes256Gcm::new(GenericArray::from_slice(&data_key));
+    debug_assert_eq!(
+        header.len(),
+        if repository.is_some() {
+            HEADER
+        } else {
+            LEGACY_HEADER
+        }
+    );
+    let body = Aes256Gcm::new(GenericArray::from_slice(&data_key[..]));
     let enc = EncryptorBE32::from_aead(body, GenericArray::from_slice(&stream_nonce));
     Ok((header, enc))
 }
@@ -133,13 +157,18 @@ fn seal_chunks(
     Ok(at)
 }
 
-/// Seals a whole object in one go.
-pub(super) fn seal_all(k: &Key, key: &str, plain: &[u8]) -> Result<Bytes> {
-    let (header, enc) = seal_header(k, key)?;
+/// Seals a whole object in one go, for `repository` (see [`seal_header`]).
+pub(super) fn seal_all(
+    k: &Key,
+    key: &str,
+    repository: Option<&RepositoryId>,
+    plain: &[u8],
+) -> Result<Bytes> {
+    let (header, enc) = seal_header(k, key, repository)?;
     let mut out = vec![0u8; sealed_len(plain.len() as u64) as usize];
-    out[..HEADER].copy_from_slice(&header);
+    out[..header.len()].copy_from_slice(&header);
     let mut enc = Some(enc);
-    let end = seal_chunks(&mut enc, &header, plain, true, &mut out, HEADER)
+    let end = seal_chunks(&mut enc, &header, plain, true, &mut out, header.len())
         .map_err(|_| tampered(key, "sealing failed"))?;
     out.truncate(end);
     Ok(Bytes::from(out))
@@ -190,9 +219,9 @@ impl SealedUpload {
             .map_err(|_| aead::Error)?;
         let mut at = 0;
         if !self.header_sent {
-            out[..HEADER].copy_from_slice(&self.header);
+            out[..self.header.len()].copy_from_slice(&self.header);
             self.header_sent = true;
-            at = HEADER;
+            at = self.header.len();
         }
         let mut rest = data;
         if !self.pending.is_empty() {
