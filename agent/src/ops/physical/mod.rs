@@ -54,6 +54,13 @@ pub struct PhysicalDetails {
     pub stop_time: DateTime<Utc>,
     /// WAL segment size of the cluster.
     pub wal_segment_size: u64,
+    /// OIDs of the tablespaces (besides `pg_default` and `pg_global`) whose `pg_tblspc/<oid>`
+    /// links the base backup holds: the only links a restore lays. pg_basebackup refuses to write
+    /// a cluster with any to a single stream, as this agent takes base backups, so it records
+    /// none; a manifest written before the field existed records none either, which is the same
+    /// truth and refuses every link.
+    #[serde(default)]
+    pub tablespaces: Vec<u32>,
 }
 
 impl PhysicalDetails {
