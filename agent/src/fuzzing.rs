@@ -296,7 +296,7 @@ pub fn untar(data: &[u8]) {
     let outside = scratch.0.join("outside");
     fs::write(&outside, b"precious").expect("writing the file outside");
 
-    let result = untar::unpack(data, &dir, data.len() as u64);
+    let result = untar::unpack_with_tablespaces(data, &dir, data.len() as u64, FUZZ_TABLESPACES);
 
     assert_eq!(fs::read(&outside).expect("the file outside"), b"precious");
     let mut beside: Vec<_> = fs::read_dir(&scratch.0)
@@ -348,7 +348,7 @@ fn first_hostile(data: &[u8]) -> Option<String> {
 }
 
 /// Why a base backup must never hold an entry named `name` of type `kind`, whatever comes
-/// before it: an absolute or climbing name, a link other than `pg_wal` or `pg_tblspc/<oid>`, or
+/// before it: an absolute or climbing name, a link other than a recorded tablespace's `pg_tblspc/<oid>`, or
 /// anything but a file or a directory.
 pub fn hostile_entry(name: &[u8], kind: tar::EntryType) -> Option<String> {
     use tar::EntryType;
@@ -370,17 +370,14 @@ pub fn hostile_entry(name: &[u8], kind: tar::EntryType) -> Option<String> {
     }
 }
 
-/// The links a data directory may hold, by their path components: `pg_wal` and
-/// `pg_tblspc/<oid>`. Written apart from `untar`'s own rule, so that the check does not share
-/// a mistake with the code it checks.
+/// The tablespaces the fuzzed base backups' manifest records.
+const FUZZ_TABLESPACES: &[u32] = &[16384];
+
+/// The links a base backup recording [`FUZZ_TABLESPACES`] may hold, by their path components:
+/// `pg_tblspc/16384` and nothing else (`pg_wal` is a directory). Written apart from `untar`'s own
+/// rule, so that the check does not share a mistake with the code it checks.
 fn link_allowed(parts: &[&[u8]]) -> bool {
-    match parts {
-        [wal] => *wal == b"pg_wal",
-        [tblspc, oid] => {
-            *tblspc == b"pg_tblspc" && !oid.is_empty() && oid.iter().all(u8::is_ascii_digit)
-        }
-        _ => false,
-    }
+    matches!(parts, [tblspc, oid] if *tblspc == b"pg_tblspc" && *oid == b"16384")
 }
 
 /// A fresh directory under the system's temporary directory, removed (without following the

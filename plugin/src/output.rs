@@ -193,6 +193,7 @@ pub fn window_json(w: &v1::RecoveryWindow) -> serde_json::Value {
         "latest_lsn": w.latest_lsn,
         "timeline": w.timeline,
         "gaps": w.gaps,
+        "rejected": w.rejected,
         "error": w.error,
     })
 }

@@ -5,8 +5,11 @@
 //!   start (a crash loop); the agent must start, serve and leave that upload alone;
 //! - WAL objects with segment numbers FFFFFFFF000000FF and FFFFFFFE000000FF: a window computed by
 //!   walking segment numbers would spin a core for ~10^12 steps; `describe` of a base backup must
-//!   answer, reporting the gap before the second (the first cannot be WAL: it ends past the last
-//!   LSN).
+//!   answer, naming the second as skipped (its content is not WAL) instead of a gap before it (the
+//!   first cannot be WAL: it ends past the last LSN);
+//! - names planted in the archive (issue 22): a far-future segment, a second object for a stored
+//!   segment, the names the server will write next, a history file of a far timeline — none
+//!   blocks WAL archiving, a `latest` restore or a drill, and each is named as skipped.
 //!
 //! And an S3 endpoint that misbehaves (part 1): Garage behind [`FaultProxy`], which answers 503
 //! SlowDown, resets connections mid-body and freezes others, as throttling S3, dying load
@@ -19,8 +22,8 @@ use soma_tests::faults::{FaultPlan, FaultProxy};
 use soma_tests::fixtures::{create_big_table, create_varied_database};
 use soma_tests::pg::PG_BIN_DIR;
 use soma_tests::pitr::{
-    AckedInserts, pgbench_init, physical_backup, restore_and_start, wait_archived, wal_agent,
-    wal_agent_env,
+    AckedInserts, pgbench_init, physical_backup, restore_and_start, segment_name, segno_of,
+    wait_archived, wal_agent, wal_agent_env, wal_agent_with, wal_segment_size,
 };
 use soma_tests::store::S3_PREFIX;
 use soma_tests::{
@@ -96,12 +99,16 @@ fn a_wal_key_with_a_huge_segment_number_does_not_hang_describe() {
         started.elapsed()
     );
     assert_eq!(out.json()["id"], id.as_str(), "{out}");
-    // The planted object was read as part of the archive: the window reports the gap before it.
+    // The planted object was read back and judged: not WAL, so it opens no gap and is named.
     let human = soma(agent.addr(), &["describe", &id]);
     human.assert_success("describe");
     assert!(
-        human.stdout.contains("00000001FFFFFFFE000000FE"),
-        "the planted segment is not in the window's gaps:\n{human}"
+        human.stdout.contains("WAL gaps:    none")
+            && human
+                .stdout
+                .lines()
+                .any(|l| l.starts_with("WAL skipped:") && l.contains("00000001FFFFFFFE000000FF")),
+        "the planted segment is not named as skipped, or opened a gap:\n{human}"
     );
 }
 
@@ -555,7 +562,8 @@ fn soak_wal_stream_concurrent_backups_and_polling_through_store_faults() {
 /// Issue 14, part 2: a timeline history object of 2 MiB planted in the WAL archive (no real
 /// history file is larger than a few KiB). The reader used to stop at 1 MiB while keeping its
 /// pipe open, so the download blocked and `describe` never answered; now the object is refused,
-/// named, and `describe` answers at once with the reason.
+/// and `describe` answers at once, naming it with the reason among the objects it skipped
+/// (issue 22: a planted name no longer stops the window from being computed).
 #[test]
 fn a_history_file_over_one_mebibyte_is_refused_not_waited_on() {
     use sha2::Digest as _;
@@ -576,12 +584,191 @@ fn a_history_file_over_one_mebibyte_is_refused_not_waited_on() {
         "describe took {:?}",
         started.elapsed()
     );
-    let error = out.json()["recovery_window"]["error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let window = &out.json()["recovery_window"];
+    assert_eq!(window["error"], "", "{out}");
+    let rejected = window["rejected"].to_string();
     assert!(
-        error.contains("00000002.history") && error.contains("larger than 1024 KiB"),
+        rejected.contains("00000002.history") && rejected.contains("larger than 1024 KiB"),
         "the window does not name the oversized history file: {out}"
     );
+}
+
+/// Puts `raw` into the WAL archive of `system_id` under the key of WAL file `name` as `kind`
+/// (`seg` or `history`), its key carrying the true sha256 of `raw`, as anyone who can write to
+/// the bucket can; returns the key relative to the store's prefix.
+fn plant_wal(store: &TestStore, system_id: &str, name: &str, kind: &str, raw: &[u8]) -> String {
+    use sha2::Digest as _;
+    let sha = hex::encode(sha2::Sha256::digest(raw));
+    let key = format!(
+        "wal/{system_id}/{name}.{kind}.{:08x}.1764460800000.{sha}.zst",
+        raw.len()
+    );
+    store.write(&key, zstd::encode_all(raw, 3).unwrap());
+    key
+}
+
+/// Issue 22, point 4: names in the store are not trusted. Into a real archive on Garage, as
+/// anyone who can write to the (unencrypted) bucket could, go: a segment far ahead of the
+/// archive, a second object for a segment it holds, the names of the next segments the server
+/// will write, and a history file of a far timeline — each key carrying the true digest of its
+/// bytes, so only judging the content tells them from WAL. On the code before this change the
+/// far-future name opened a gap (a `latest` restore refused), the planted history file made the
+/// window unreadable, the second object was a conflict `wal-fetch` refused, and the names ahead
+/// were conflicts that kept the server's real segments out of the archive.
+///
+/// Now: the agent archives the server's real segments under the planted names; `describe` shows
+/// no gap, a window reaching the archived position, and names every planted object as skipped;
+/// a `latest` restore promotes with every row; and a drill of the base backup passes with every
+/// row.
+#[test]
+fn planted_wal_names_block_neither_archiving_nor_a_latest_restore_nor_a_drill() {
+    let store = TestStore::garage();
+    let pg = PgCluster::start();
+    let spool = tempfile::tempdir().expect("spool");
+    let drill_dir = PgCluster::server_owned_dir("soma-drill-");
+    let drill = drill_dir.path().display().to_string();
+    let agent = wal_agent_with(&pg, &store, spool.path(), "1s", &["--drill-dir", &drill]);
+    let a = agent.addr();
+    pg.psql(
+        "postgres",
+        "create table t (id bigserial primary key, payload text not null);
+         insert into t (payload) select 'before ' || i from generate_series(1, 100) i;",
+    );
+    let id = physical_backup(a);
+    let system_id = system_id_of(&agent, &id);
+    let seg_size = wal_segment_size(&pg);
+    pg.psql(
+        "postgres",
+        "insert into t (payload) select 'first ' || i from generate_series(1, 400) i;
+         select pg_switch_wal();",
+    );
+    wait_archived(a, &pg);
+    let archive = format!("wal/{system_id}/");
+    let stored_seg = store
+        .list(&archive)
+        .into_iter()
+        .rfind(|k| k.contains(".seg."))
+        .expect("a complete segment in the archive");
+    let stored_name = stored_seg
+        .trim_start_matches(&archive)
+        .split('.')
+        .next()
+        .expect("a WAL file name")
+        .to_owned();
+    let current = pg.psql("postgres", "select pg_walfile_name(pg_current_wal_lsn())");
+    let current_segno = segno_of(&current, seg_size);
+    let timeline = u32::from_str_radix(&current[..8], 16).expect("timeline");
+
+    // Each planted object's bytes are not WAL of this cluster: another cluster's text, as long
+    // as a segment so that only its content, not its size, gives it away.
+    let junk = |what: &str| {
+        what.repeat(seg_size as usize / what.len() + 1)[..seg_size as usize]
+            .to_owned()
+            .into_bytes()
+    };
+    let mut planted = Vec::new();
+    let ahead: Vec<String> = (0..3)
+        .map(|i| segment_name(timeline, current_segno + i, seg_size))
+        .collect();
+    for name in &ahead {
+        planted.push(plant_wal(
+            &store,
+            &system_id,
+            name,
+            "seg",
+            &junk(&format!("ahead {name} ")),
+        ));
+    }
+    let far = segment_name(timeline, current_segno + 100_000, seg_size);
+    planted.push(plant_wal(
+        &store,
+        &system_id,
+        &far,
+        "seg",
+        &junk("far future "),
+    ));
+    planted.push(plant_wal(
+        &store,
+        &system_id,
+        &stored_name,
+        "seg",
+        &junk("second object "),
+    ));
+    planted.push(plant_wal(
+        &store,
+        &system_id,
+        "00000009.history",
+        "history",
+        b"a history file of a timeline nobody made\n",
+    ));
+
+    // The server writes through the planted names; the agent archives its real segments.
+    for round in 1..=3 {
+        pg.psql(
+            "postgres",
+            &format!(
+                "insert into t (payload) select 'round {round} ' || i from generate_series(1, 400) i;
+                 select pg_switch_wal();"
+            ),
+        );
+    }
+    pg.psql(
+        "postgres",
+        "insert into t (payload) select 'last ' || i from generate_series(1, 100) i",
+    );
+    let archived_at = wait_archived(a, &pg);
+    let keys = store.list(&archive);
+    for name in &ahead {
+        let real: Vec<&String> = keys
+            .iter()
+            .filter(|k| k.contains(&format!("/{name}.seg.")) && !planted.contains(k))
+            .collect();
+        assert_eq!(
+            real.len(),
+            1,
+            "the server's own segment {name} is not archived beside the planted one:\n{keys:#?}"
+        );
+    }
+    let rows = pg.psql("postgres", "select count(*) from t");
+    assert_eq!(rows, (100 + 400 + 3 * 400 + 100).to_string());
+
+    // describe: no gap, the window reaches the archive, every planted object named as skipped.
+    let described = soma(a, &["-o", "json", "describe", &id]);
+    described.assert_success("describe with planted WAL names");
+    let window = &described.json()["recovery_window"];
+    assert_eq!(window["error"], "", "{described}");
+    assert_eq!(window["gaps"], serde_json::json!([]), "{described}");
+    let reach = soma_tests::pitr::lsn(window["latest_lsn"].as_str().expect("latest_lsn"));
+    assert!(
+        reach >= archived_at,
+        "the window ends at {} before the archived position {}: {described}",
+        soma_tests::pitr::format_lsn(reach),
+        soma_tests::pitr::format_lsn(archived_at)
+    );
+    let rejected = window["rejected"].to_string();
+    for key in &planted {
+        let file = key.trim_start_matches(&archive);
+        assert!(
+            rejected.contains(file),
+            "{file} is not named as skipped: {described}"
+        );
+    }
+
+    // A `latest` restore replays past every planted name and promotes with every row.
+    let restored = restore_and_start(&store, &["--backup", &id, "--target", "latest"]);
+    assert_eq!(restored.psql("postgres", "select count(*) from t"), rows);
+    drop(restored);
+
+    // So does a drill of the base backup.
+    let out = soma(a, &["-o", "json", "drill", &id]);
+    out.assert_success("drill with planted WAL names");
+    let report = out.json();
+    assert_eq!(report["passed"], true, "{report}");
+    let counted = report["checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == "postgres: rows of public.t")
+        .unwrap_or_else(|| panic!("no row count of public.t: {report}"));
+    assert_eq!(counted["found"], rows.as_str(), "{report}");
 }

@@ -87,6 +87,7 @@ pub fn recovery_window(w: Result<BaseWindow, ops::physical::PhysicalError>) -> v
                 .to_rfc3339();
             out.timeline = w.timeline;
             out.gaps = w.gaps;
+            out.rejected = w.rejected;
         }
         Err(e) => out.error = e,
     }

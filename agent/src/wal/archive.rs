@@ -10,7 +10,9 @@ use tokio::io::AsyncReadExt;
 
 use super::{
     WAL_DIR, WalError,
+    header::LONG_HEADER_LEN,
     index::WalIndex,
+    judge::{self, MAX_JUDGED, MAX_WAL_FILE_BYTES, Verdict, Verdicts},
     naming::{Kind, WalFile, WalObject, valid_seg_size},
 };
 use crate::{
@@ -94,14 +96,24 @@ pub enum Fetched {
     NotFound,
 }
 
-/// PostgreSQL's largest WAL segment size (`initdb --wal-segsize=1024`): no WAL file is larger.
-const MAX_WAL_FILE_BYTES: u64 = 1 << 30;
+/// What [`WalArchive::any_genuine`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// A genuine object.
+    Genuine,
+    /// Only bad objects, or none.
+    Nothing,
+    /// More objects than one call judges, none of the judged ones genuine.
+    Unknown,
+}
 
 /// The WAL archive of one PostgreSQL cluster.
 #[derive(Debug, Clone)]
 pub struct WalArchive {
     store: Arc<dyn Store>,
     system_id: String,
+    /// Objects already read back and judged (see [`super::judge`]).
+    verdicts: Verdicts,
 }
 
 impl WalArchive {
@@ -110,7 +122,64 @@ impl WalArchive {
         Self {
             store,
             system_id: system_id.to_string(),
+            verdicts: Verdicts::default(),
         }
+    }
+
+    /// Reads `object` back and judges it by its content, once per archive value: a bad one is
+    /// logged at warn, naming its key and why. `seg_size` is the cluster's when known.
+    pub async fn verdict(
+        &self,
+        object: &WalObject,
+        seg_size: Option<u64>,
+    ) -> Result<Verdict, WalError> {
+        if let Some(v) = self.verdicts.get(&object.key) {
+            return Ok(v);
+        }
+        let verdict = if object.kind == Kind::History {
+            // Its digest and that it reads as a history file: it has no header to check.
+            match self.history(object).await {
+                Ok(_) => Verdict::Genuine,
+                Err(e @ (WalError::BadHistory { .. } | WalError::Corrupted { .. })) => {
+                    Verdict::Bad(e.to_string())
+                }
+                Err(WalError::Pipeline(e)) if judge::content_failure(&e) => {
+                    Verdict::Bad(e.to_string())
+                }
+                Err(WalError::Pipeline(e)) if judge::gone(&e) => Verdict::Gone,
+                Err(e) => return Err(e),
+            }
+        } else {
+            judge::judge(
+                self.store.as_ref(),
+                object,
+                self.system_id.parse().ok(),
+                seg_size,
+            )
+            .await?
+        };
+        if let Verdict::Bad(why) = &verdict {
+            tracing::warn!(key = %object.key, file = %object.file.name(), why = %why,
+                "an object of the WAL archive is not what its name says; it is skipped");
+        }
+        self.verdicts.remember(&object.key, &verdict);
+        Ok(verdict)
+    }
+
+    /// Whether any of `objects` is genuine, judging them in order and at most [`MAX_JUDGED`].
+    async fn any_genuine(
+        &self,
+        objects: impl IntoIterator<Item = WalObject>,
+    ) -> Result<Found, WalError> {
+        for (i, o) in objects.into_iter().enumerate() {
+            if i >= MAX_JUDGED {
+                return Ok(Found::Unknown);
+            }
+            if self.verdict(&o, None).await? == Verdict::Genuine {
+                return Ok(Found::Genuine);
+            }
+        }
+        Ok(Found::Nothing)
     }
 
     /// The archive's folder, relative to the store prefix.
@@ -165,19 +234,28 @@ impl WalArchive {
         {
             return Ok(Shipped::AlreadyThere(same.clone()));
         }
-        if kind == Kind::Partial
-            && let Some(done) = existing.iter().find(|o| o.kind == Kind::Seg)
-        {
-            return Ok(Shipped::AlreadyThere(done.clone()));
-        }
-        if kind != Kind::Partial
-            && let Some(other) = existing.iter().find(|o| o.kind == kind)
-        {
-            return Err(WalError::Conflict {
-                file: file.name(),
-                existing: other.key.clone(),
-                prefix: self.prefix(),
-            });
+        // Another object under this name counts only if it is what its key says: a name planted
+        // ahead of the archive neither stands in for the real segment nor blocks it.
+        if kind == Kind::Partial {
+            for done in existing
+                .iter()
+                .filter(|o| o.kind == Kind::Seg)
+                .take(MAX_JUDGED)
+            {
+                if self.verdict(done, None).await? == Verdict::Genuine {
+                    return Ok(Shipped::AlreadyThere(done.clone()));
+                }
+            }
+        } else {
+            for other in existing.iter().filter(|o| o.kind == kind).take(MAX_JUDGED) {
+                if self.verdict(other, None).await? == Verdict::Genuine {
+                    return Err(WalError::Conflict {
+                        file: file.name(),
+                        existing: other.key.clone(),
+                        prefix: self.prefix(),
+                    });
+                }
+            }
         }
         // The key records milliseconds; the object returned is what a listing will decode.
         let now = Utc::now();
@@ -226,45 +304,106 @@ impl WalArchive {
         Ok(Shipped::Stored(object))
     }
 
-    /// Fetches WAL file `name` into `dest` for PostgreSQL's `restore_command`, checking its digest
-    /// before it appears at `dest`. A complete segment is preferred to a partial one; a missing
-    /// segment followed by later ones of its timeline is a [`WalError::Gap`], never "not found",
-    /// because PostgreSQL would take "not found" for the end of the archive and stop early.
+    /// Fetches WAL file `name` into `dest` for PostgreSQL's `restore_command`, judging each
+    /// candidate by its content before it appears at `dest` (see [`super::judge`]): complete
+    /// objects first, then partial ones, longest first; a bad one is logged and skipped. Two
+    /// genuine complete objects with different content are a [`WalError::Conflict`].
+    ///
+    /// When no candidate is usable, what follows decides: genuine WAL later on the timeline (for
+    /// a history file: any genuine segment of its timeline) makes it a [`WalError::Gap`] (nothing
+    /// stored) or [`WalError::Corrupted`] (only bad objects), never "not found", because
+    /// PostgreSQL would take that for the end of the archive and stop early. With nothing genuine
+    /// after it, it is the end of the archive: names alone, planted ahead, do not make one.
     pub async fn fetch(&self, file: &WalFile, dest: &Path) -> Result<Fetched, WalError> {
         let objects = self.objects_of(file).await?;
-        let complete: Vec<&WalObject> =
-            objects.iter().filter(|o| o.kind != Kind::Partial).collect();
-        let chosen = match complete.as_slice() {
-            [one] => Some(*one),
-            [first, ..] => {
+        let mut complete: Vec<WalObject> = objects
+            .iter()
+            .filter(|o| o.kind != Kind::Partial)
+            .take(MAX_JUDGED)
+            .cloned()
+            .collect();
+        let mut rejected: Vec<(WalObject, String)> = Vec::new();
+        if complete.len() > 1 {
+            let mut genuine: Vec<WalObject> = Vec::new();
+            for o in complete {
+                match self.verdict(&o, None).await? {
+                    Verdict::Genuine => genuine.push(o),
+                    Verdict::Bad(why) => rejected.push((o, why)),
+                    Verdict::Gone => {}
+                }
+            }
+            if let [first, second, ..] = genuine.as_slice()
+                && first.sha256 != second.sha256
+            {
                 return Err(WalError::Conflict {
                     file: file.name(),
                     existing: first.key.clone(),
                     prefix: self.prefix(),
                 });
             }
-            [] => objects
-                .iter()
-                .filter(|o| o.kind == Kind::Partial)
-                .max_by_key(|o| o.end),
-        };
-        let Some(object) = chosen else {
-            if let WalFile::Segment { timeline, .. } = file {
-                let later = self
-                    .list_prefix(&format!("{}{timeline:08X}", self.prefix()))
-                    .await?
-                    .into_iter()
-                    .any(|o| matches!(o.file, WalFile::Segment { .. }) && o.file > *file);
-                if later {
-                    return Err(WalError::Gap {
-                        file: file.name(),
-                        timeline: *timeline,
-                        prefix: self.prefix(),
-                    });
-                }
+            complete = genuine;
+        }
+        let mut partials: Vec<WalObject> = objects
+            .iter()
+            .filter(|o| o.kind == Kind::Partial)
+            .cloned()
+            .collect();
+        partials.sort_by_key(|o| std::cmp::Reverse(o.end));
+        let candidates = complete
+            .into_iter()
+            .chain(partials)
+            .take(MAX_JUDGED.saturating_sub(rejected.len()));
+        for object in candidates {
+            match self.fetch_one(&object, dest).await? {
+                Verdict::Genuine => return Ok(Fetched::Restored(object)),
+                Verdict::Bad(why) => rejected.push((object, why)),
+                Verdict::Gone => {}
             }
+        }
+        if rejected.is_empty() && matches!(file, WalFile::History { .. }) {
+            // PostgreSQL probes for the history files of timelines that do not exist.
             return Ok(Fetched::NotFound);
+        }
+        // Nothing usable under this name: is there genuine WAL after it?
+        let after: Vec<WalObject> = match file {
+            WalFile::Segment { timeline, .. } => self
+                .list_prefix(&format!("{}{timeline:08X}", self.prefix()))
+                .await?
+                .into_iter()
+                .filter(|o| matches!(o.file, WalFile::Segment { .. }) && o.file > *file)
+                .collect(),
+            WalFile::History { timeline } => self
+                .list_prefix(&format!("{}{timeline:08X}", self.prefix()))
+                .await?
+                .into_iter()
+                .filter(|o| matches!(o.file, WalFile::Segment { .. }))
+                .collect(),
         };
+        // Past the bound nothing is known: treated as genuine, so it is a refusal, never an end.
+        let needed = self.any_genuine(after).await? != Found::Nothing;
+        match rejected.first() {
+            Some((bad, why)) if needed => Err(WalError::Corrupted {
+                file: file.name(),
+                key: bad.key.clone(),
+                detail: why.clone(),
+            }),
+            _ if needed && matches!(file, WalFile::Segment { .. }) => Err(WalError::Gap {
+                file: file.name(),
+                timeline: file.timeline(),
+                prefix: self.prefix(),
+            }),
+            Some((bad, why)) => {
+                tracing::warn!(file = %file.name(), key = %bad.key, why = %why, rejected = rejected.len(),
+                    "no genuine copy of this WAL file and no genuine WAL after it: the end of the archive");
+                Ok(Fetched::NotFound)
+            }
+            None => Ok(Fetched::NotFound),
+        }
+    }
+
+    /// Downloads one candidate to a temporary file beside `dest`, checking its digest as it
+    /// comes and its header after, and moves it to `dest` only when it is genuine.
+    async fn fetch_one(&self, object: &WalObject, dest: &Path) -> Result<Verdict, WalError> {
         let tmp = dest.with_extension("soma-partial");
         let io = |source| WalError::Io {
             path: tmp.display().to_string(),
@@ -282,24 +421,38 @@ impl WalArchive {
             Arc::new(Counters::default()),
         )
         .await;
-        if let Err(e) = fetched {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(match e {
-                PipelineError::Decode { source, .. } => WalError::Corrupted {
-                    file: file.name(),
-                    key: object.key.clone(),
-                    detail: format!("its compressed bytes do not decode ({source})"),
-                },
-                e if e.is_data_loss() => WalError::Corrupted {
-                    file: file.name(),
-                    key: object.key.clone(),
-                    detail: e.to_string(),
-                },
-                e => e.into(),
-            });
+        let verdict = match fetched {
+            Ok(()) => {
+                let (size, head) = read_head(&tmp).await.map_err(io)?;
+                match judge::header_problem(object, self.system_id.parse().ok(), None, size, &head)
+                {
+                    Some(why) => Verdict::Bad(why),
+                    None => Verdict::Genuine,
+                }
+            }
+            Err(PipelineError::Decode { source, .. }) => {
+                Verdict::Bad(format!("its compressed bytes do not decode ({source})"))
+            }
+            Err(e) if judge::content_failure(&e) => Verdict::Bad(e.to_string()),
+            Err(e) if judge::gone(&e) => Verdict::Gone,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e.into());
+            }
+        };
+        match &verdict {
+            Verdict::Genuine => tokio::fs::rename(&tmp, dest).await.map_err(io)?,
+            Verdict::Bad(why) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                tracing::warn!(key = %object.key, file = %object.file.name(), why = %why,
+                    "an object of the WAL archive is not what its name says; it is skipped");
+            }
+            Verdict::Gone => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+            }
         }
-        tokio::fs::rename(&tmp, dest).await.map_err(io)?;
-        Ok(Fetched::Restored(object.clone()))
+        self.verdicts.remember(&object.key, &verdict);
+        Ok(verdict)
     }
 
     /// Reads a timeline history file: each line is `parent timeline`, `switch LSN`, `reason`.
@@ -360,6 +513,13 @@ impl WalArchive {
     /// Builds the index that recoverable windows are computed from: one LIST of the archive plus a
     /// read of each (small) history file. `seg_size` is the cluster's WAL segment size as a base
     /// backup's manifest records it.
+    ///
+    /// Names alone neither extend nor cut a window: every object whose name would (the last of
+    /// each timeline, the first after a hole in one, any of two complete objects for one file, a
+    /// history file) is read back and judged by its content, at most [`MAX_JUDGED`] per index; a
+    /// bad one is left out and named in [`WalIndex::rejected`]. Objects in the middle of an
+    /// unbroken run are not read here (`verify` and `wal-fetch` read them): leaving one out could
+    /// only open a gap, and a gap of a genuine segment is what fetching it reports anyway.
     pub async fn index(&self, seg_size: u64) -> Result<WalIndex, WalError> {
         if !valid_seg_size(seg_size) {
             return Err(WalError::BadSegmentSize {
@@ -367,13 +527,77 @@ impl WalArchive {
                 prefix: self.prefix(),
             });
         }
-        let objects = self.list().await?;
+        let mut objects = self.list().await?;
+        let mut rejected: Vec<String> = Vec::new();
+        let mut judged = 0usize;
         let mut histories = Vec::new();
+        // Every history file is read, as before (each at most 1 MiB): a timeline's is needed whole.
         for o in objects.iter().filter(|o| o.kind == Kind::History) {
-            histories.push((o.clone(), self.history(o).await?));
+            match self.verdict(o, Some(seg_size)).await? {
+                Verdict::Genuine => histories.push((o.clone(), self.history(o).await?)),
+                Verdict::Bad(why) => rejected.push(format!("{}: {why}", o.key)),
+                Verdict::Gone => {}
+            }
         }
-        Ok(WalIndex::new(seg_size, objects, histories))
+        objects.retain(|o| o.kind != Kind::History);
+        let mut genuine = std::collections::HashSet::new();
+        loop {
+            let index = WalIndex::new(seg_size, objects.iter().cloned(), histories.iter().cloned());
+            let mut seen = std::collections::HashSet::new();
+            let suspects: Vec<WalObject> = index
+                .suspects()
+                .into_iter()
+                .chain(duplicates(&objects))
+                .filter(|o| !genuine.contains(&o.key) && seen.insert(o.key.clone()))
+                .collect();
+            if suspects.is_empty() || judged >= MAX_JUDGED {
+                if !suspects.is_empty() {
+                    tracing::warn!(prefix = %self.prefix(), unjudged = suspects.len(),
+                        "more WAL objects need judging than one listing reads; the rest count by their names");
+                }
+                return Ok(index.with_rejected(rejected));
+            }
+            for o in suspects.into_iter().take(MAX_JUDGED - judged) {
+                judged += 1;
+                match self.verdict(&o, Some(seg_size)).await? {
+                    Verdict::Genuine => {
+                        genuine.insert(o.key);
+                    }
+                    Verdict::Bad(why) => {
+                        rejected.push(format!("{}: {why}", o.key));
+                        objects.retain(|x| x.key != o.key);
+                    }
+                    Verdict::Gone => objects.retain(|x| x.key != o.key),
+                }
+            }
+        }
     }
+}
+
+/// Every complete segment that shares its file with another complete one: which is the
+/// file's only content judging can tell.
+fn duplicates(objects: &[WalObject]) -> Vec<WalObject> {
+    let mut count: std::collections::HashMap<WalFile, usize> = std::collections::HashMap::new();
+    for o in objects.iter().filter(|o| o.kind == Kind::Seg) {
+        *count.entry(o.file).or_default() += 1;
+    }
+    objects
+        .iter()
+        .filter(|o| o.kind == Kind::Seg && count.get(&o.file).is_some_and(|&n| n > 1))
+        .cloned()
+        .collect()
+}
+
+/// The size of the file at `path` and its first [`LONG_HEADER_LEN`] bytes (fewer if it is shorter).
+async fn read_head(path: &Path) -> std::io::Result<(u64, Vec<u8>)> {
+    let mut file = tokio::fs::File::open(path).await?;
+    let size = file.metadata().await?.len();
+    let mut head = Vec::with_capacity(LONG_HEADER_LEN);
+    (&mut file)
+        .take(LONG_HEADER_LEN as u64)
+        .read_to_end(&mut head)
+        .await?;
+    Ok((size, head))
 }
 
 /// Parses a history file's text: `parent timeline`, `switch LSN`, `reason` per line, `#` comments.
@@ -411,6 +635,239 @@ mod tests {
         }
     }
 
+    const SEG: u64 = 1 << 20;
+
+    /// A segment of cluster 42 with `SEG`-byte segments as PostgreSQL starts it: its long
+    /// header, then zeros.
+    fn segment(tli: u32, segno: u64) -> Vec<u8> {
+        let mut bytes = vec![0u8; SEG as usize];
+        let header = crate::wal::header::first_page_header(42, tli, segno, SEG);
+        bytes[..header.len()].copy_from_slice(&header);
+        bytes
+    }
+
+    /// Puts `bytes` into the archive under the key of `file` as `kind`, digest and all, as anyone
+    /// who can write to the bucket can; returns the key.
+    async fn plant(
+        archive: &WalArchive,
+        file: WalFile,
+        kind: Kind,
+        bytes: &[u8],
+        ms: i64,
+    ) -> String {
+        let digest = hex::encode(Sha256::digest(bytes));
+        let at = DateTime::from_timestamp_millis(ms).unwrap();
+        let end = if kind == Kind::Partial {
+            0x100
+        } else {
+            bytes.len() as u64
+        };
+        let key = WalObject::key(&archive.prefix(), &file, kind, end, at, &digest);
+        let upload = archive.store.start_upload(&key).await.unwrap();
+        pipeline::upload(bytes, upload, &settings(), Arc::new(Counters::default()))
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+        key
+    }
+
+    fn named(name: &str) -> WalFile {
+        WalFile::parse(name).unwrap()
+    }
+
+    /// Ships `bytes` as `name` of `kind` through a file, as the agent ships its spool.
+    async fn ship(
+        archive: &WalArchive,
+        dir: &Path,
+        name: &str,
+        kind: Kind,
+        bytes: &[u8],
+    ) -> Shipped {
+        let path = dir.join(format!("{name}.{}", kind.as_str()));
+        std::fs::write(&path, bytes).unwrap();
+        archive
+            .ship(&path, named(name), kind, &settings())
+            .await
+            .unwrap()
+    }
+
+    /// Names planted ahead of the archive (junk whose key carries its true digest, and another
+    /// cluster's segment) neither block shipping the real segment nor stand in for it, and a
+    /// second object for a stored segment does not replace it when fetched.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn planted_names_neither_block_shipping_nor_replace_the_real_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = local_archive(dir.path()).await;
+        let junk = vec![0x5Au8; SEG as usize];
+        let mut foreign = segment(1, 4);
+        foreign[24..32].copy_from_slice(&7u64.to_ne_bytes());
+        plant(
+            &archive,
+            named("000000010000000000000004"),
+            Kind::Seg,
+            &junk,
+            1,
+        )
+        .await;
+        plant(
+            &archive,
+            named("000000010000000000000004"),
+            Kind::Seg,
+            &foreign,
+            2,
+        )
+        .await;
+        plant(
+            &archive,
+            named("000000010000000000000005"),
+            Kind::Seg,
+            &junk,
+            3,
+        )
+        .await;
+
+        // The partial of segment 4 is shipped: the planted complete ones do not stand in for it.
+        let mut real = segment(1, 4);
+        real[100..300].fill(9);
+        assert!(matches!(
+            ship(&archive, dir.path(), "000000010000000000000004", Kind::Partial, &real).await,
+            Shipped::Stored(ref o) if o.kind == Kind::Partial
+        ));
+        // And so is the complete segment, with no conflict.
+        let Shipped::Stored(stored) = ship(
+            &archive,
+            dir.path(),
+            "000000010000000000000004",
+            Kind::Seg,
+            &real,
+        )
+        .await
+        else {
+            panic!("the real segment must be stored");
+        };
+        // Fetching it returns the real bytes, whatever else is stored under its name.
+        let out = dir.path().join("out");
+        let fetched = archive
+            .fetch(&named("000000010000000000000004"), &out)
+            .await
+            .unwrap();
+        assert_eq!(fetched, Fetched::Restored(stored));
+        assert_eq!(std::fs::read(&out).unwrap(), real);
+        // The planted segment 5 ahead of the archive is not WAL: it is the end of the archive.
+        assert_eq!(
+            archive
+                .fetch(&named("000000010000000000000005"), &out)
+                .await
+                .unwrap(),
+            Fetched::NotFound
+        );
+        // A genuine complete segment under the same name with other content is still a conflict.
+        let mut other = real.clone();
+        other[400] = 1;
+        let path = dir.path().join("other");
+        std::fs::write(&path, &other).unwrap();
+        let err = archive
+            .ship(
+                &path,
+                named("000000010000000000000004"),
+                Kind::Seg,
+                &settings(),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WalError::Conflict { .. }), "{err}");
+
+        // The window: the planted names neither extend it nor open a gap, and are named.
+        let index = archive.index(SEG).await.unwrap();
+        let w = index.window(1, Lsn(4 * SEG));
+        assert_eq!(w.latest_lsn, Lsn(5 * SEG));
+        assert!(w.gaps.is_empty(), "{:?}", w.gaps);
+        assert_eq!(w.rejected.len(), 3, "{:?}", w.rejected);
+        assert!(
+            w.rejected
+                .iter()
+                .any(|r| r.contains("another PostgreSQL cluster")),
+            "{:?}",
+            w.rejected
+        );
+    }
+
+    /// A planted far-future name neither opens a gap in the window nor turns the end of the
+    /// archive into one for `wal-fetch`; a genuine segment after a missing one still does both.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_far_future_name_is_no_gap_but_genuine_wal_after_a_hole_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = local_archive(dir.path()).await;
+        ship(
+            &archive,
+            dir.path(),
+            "000000010000000000000003",
+            Kind::Seg,
+            &segment(1, 3),
+        )
+        .await;
+        let far = named("00000001000000FF000000FF");
+        plant(&archive, far, Kind::Seg, &[1u8; 64], 1).await;
+        // A second, bogus history file is skipped; the index still reads.
+        plant(
+            &archive,
+            WalFile::History { timeline: 2 },
+            Kind::History,
+            b"garbage",
+            1,
+        )
+        .await;
+        let out = dir.path().join("out");
+        assert_eq!(
+            archive
+                .fetch(&named("000000010000000000000004"), &out)
+                .await
+                .unwrap(),
+            Fetched::NotFound
+        );
+        let index = archive.index(SEG).await.unwrap();
+        let w = index.window(1, Lsn(3 * SEG));
+        assert_eq!(
+            (w.latest_lsn, w.gaps.len(), w.rejected.len()),
+            (Lsn(4 * SEG), 0, 2),
+            "{w:?}"
+        );
+
+        // Genuine WAL after a missing segment: a gap, loudly.
+        ship(
+            &archive,
+            dir.path(),
+            "000000010000000000000006",
+            Kind::Seg,
+            &segment(1, 6),
+        )
+        .await;
+        let err = archive
+            .fetch(&named("000000010000000000000004"), &out)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WalError::Gap { .. }), "{err}");
+        let w = archive.index(SEG).await.unwrap().window(1, Lsn(3 * SEG));
+        assert_eq!(w.gaps.len(), 1, "{w:?}");
+        // A bad only copy of a segment with genuine WAL after it is corruption, not the end.
+        plant(
+            &archive,
+            named("000000010000000000000004"),
+            Kind::Seg,
+            &[2u8; 64],
+            1,
+        )
+        .await;
+        let err = archive
+            .fetch(&named("000000010000000000000004"), &out)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WalError::Corrupted { .. }), "{err}");
+        assert!(!out.exists());
+    }
+
     async fn local_archive(dir: &Path) -> WalArchive {
         let store: Arc<dyn Store> = Arc::new(
             crate::store::local::LocalStore::open(dir.join("store"))
@@ -427,8 +884,8 @@ mod tests {
         let archive = local_archive(dir.path()).await;
         let file = WalFile::parse("000000010000000000000003").unwrap();
         let path = dir.path().join("seg");
-        let mut bytes = vec![0u8; 1 << 20];
-        bytes[..100].fill(7);
+        let mut bytes = segment(1, 3);
+        bytes[100..200].fill(7);
         std::fs::write(&path, &bytes).unwrap();
 
         // The partial shipped with the segment's final bytes does not stand in for it.
@@ -436,7 +893,7 @@ mod tests {
             .ship(&path, file, Kind::Partial, &settings)
             .await
             .unwrap();
-        assert!(matches!(partial, Shipped::Stored(ref o) if o.end == 104));
+        assert!(matches!(partial, Shipped::Stored(ref o) if o.end == 200));
         let Shipped::Stored(seg) = archive
             .ship(&path, file, Kind::Seg, &settings)
             .await
@@ -465,7 +922,7 @@ mod tests {
         assert_eq!(archive.objects_of(&file).await.unwrap(), vec![seg.clone()]);
 
         // Fetch checks the digest; a name past the end is "not found", one before a later
-        // segment is a gap.
+        // genuine segment is a gap.
         let out = dir.path().join("out");
         assert!(matches!(
             archive.fetch(&file, &out).await.unwrap(),
@@ -498,8 +955,9 @@ mod tests {
         }
     }
 
-    /// A history file from the store larger than any real one is refused, and reading it stops:
-    /// an earlier reader stopped taking bytes but kept its end of the pipe, and waited forever.
+    /// A history file from the store larger than any real one is refused (left out of the index
+    /// and named), and reading it stops: an earlier reader stopped taking bytes but kept its end
+    /// of the pipe, and waited forever.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_oversized_history_file_is_refused_not_waited_on() {
         let dir = tempfile::tempdir().unwrap();
@@ -519,10 +977,13 @@ mod tests {
             tokio::time::timeout(std::time::Duration::from_secs(30), archive.index(16 << 20))
                 .await
                 .expect("reading an oversized history file must not hang");
-        let err = index.unwrap_err();
+        let index = index.unwrap();
         assert!(
-            matches!(err, WalError::BadHistory { .. }) && err.to_string().contains("larger"),
-            "{err}"
+            index.rejected().len() == 1
+                && index.rejected()[0].contains("00000002.history")
+                && index.rejected()[0].contains("larger"),
+            "{:?}",
+            index.rejected()
         );
         // A segment size no PostgreSQL has is refused before anything is read.
         let err = archive.index(0).await.unwrap_err();

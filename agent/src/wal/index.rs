@@ -23,6 +23,8 @@ pub struct WalIndex {
     histories: BTreeMap<u32, Vec<(u32, u64)>>,
     /// Timeline → the object holding its history file.
     history_objects: BTreeMap<u32, WalObject>,
+    /// Objects left out because their content is not what their names say: `key: why`.
+    rejected: Vec<String>,
 }
 
 /// How far a base backup can be rolled forward with the WAL in the archive.
@@ -37,6 +39,9 @@ pub struct RecoveryWindow {
     pub latest_time: Option<DateTime<Utc>>,
     /// Missing stretches after which more WAL exists (unusable without the missing part).
     pub gaps: Vec<String>,
+    /// Objects of the archive left out because their content is not what their names say
+    /// (`key: why`): they neither extend nor cut the window.
+    pub rejected: Vec<String>,
 }
 
 /// The timelines recovery follows, as (timeline, first LSN on it) in order.
@@ -77,6 +82,7 @@ impl WalIndex {
             segments,
             histories: BTreeMap::new(),
             history_objects: BTreeMap::new(),
+            rejected: Vec::new(),
         };
         for (object, lines) in histories {
             let tli = object.file.timeline();
@@ -85,6 +91,35 @@ impl WalIndex {
             index.history_objects.insert(tli, object);
         }
         index
+    }
+
+    /// The same index, naming the objects left out of it (`key: why`).
+    pub fn with_rejected(mut self, rejected: Vec<String>) -> Self {
+        self.rejected = rejected;
+        self
+    }
+
+    /// Objects left out because their content is not what their names say (`key: why`).
+    pub fn rejected(&self) -> &[String] {
+        &self.rejected
+    }
+
+    /// The objects whose names alone would move a window's end, which must therefore be judged
+    /// by their content: the last of each timeline (it ends the window) and the first after each
+    /// hole in one (it makes the hole a gap).
+    pub fn suspects(&self) -> Vec<WalObject> {
+        let mut out = Vec::new();
+        let mut iter = self.segments.iter().peekable();
+        let mut previous: Option<(u32, u64)> = None;
+        while let Some((&(tli, segno), o)) = iter.next() {
+            let after_hole = previous.is_some_and(|(t, s)| t == tli && s.saturating_add(1) < segno);
+            let last = iter.peek().is_none_or(|&(&(t, _), _)| t != tli);
+            if after_hole || last {
+                out.push(o.clone());
+            }
+            previous = Some((tli, segno));
+        }
+        out
     }
 
     /// The timelines recovery follows from `timeline` at `from_lsn`: the newest timeline whose
@@ -144,6 +179,7 @@ impl WalIndex {
             latest_lsn: stop,
             latest_time: None,
             gaps: Vec::new(),
+            rejected: self.rejected.clone(),
         };
         if self.seg_size == 0 {
             return window;
@@ -410,6 +446,30 @@ mod tests {
             vec![],
         );
         assert_eq!(idx.window(1, stop).latest_lsn, Lsn(3 * SEG + 0x20));
+    }
+
+    /// What a name alone would move: the last object of each timeline and the first after each
+    /// hole; objects inside an unbroken run are not among them.
+    #[test]
+    fn suspects_are_the_ends_of_timelines_and_the_first_after_each_hole() {
+        let idx = index(
+            vec![
+                obj(1, 2, Kind::Seg, SEG, 1000),
+                obj(1, 3, Kind::Seg, SEG, 1000),
+                obj(1, 4, Kind::Seg, SEG, 1000),
+                obj(1, 9, Kind::Seg, SEG, 1000),
+                obj(1, 10, Kind::Partial, 0x10, 1000),
+                obj(2, 4, Kind::Partial, 0x10, 1000),
+            ],
+            vec![],
+        );
+        let found: Vec<(u32, u64)> = idx
+            .suspects()
+            .iter()
+            .map(|o| (o.file.timeline(), o.file.segno(SEG).unwrap()))
+            .collect();
+        assert_eq!(found, vec![(1, 9), (1, 10), (2, 4)]);
+        assert!(index(vec![], vec![]).suspects().is_empty());
     }
 
     #[test]

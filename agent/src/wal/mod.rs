@@ -18,17 +18,24 @@
 //! the agent refuses to record. Newer partials supersede older ones of the same segment, and a
 //! complete segment supersedes them all; superseded objects are deleted only after their successor
 //! is stored.
+//!
+//! A key is only where to look: anyone who can write to the bucket can put any key there. Whatever
+//! a name alone would decide — that a segment is already stored, that two versions conflict, where
+//! the archive ends, that a gap lies before later WAL — is decided by reading the object back and
+//! judging its content ([`judge`]); what fails is logged, named and skipped.
 
 pub mod archive;
 mod drain;
 pub mod header;
 pub mod index;
+mod judge;
 pub mod naming;
 mod spool;
 pub mod stream;
 
 pub use archive::{Fetched, FileDigest, Shipped, WalArchive, digest_file};
 pub use index::{RecoveryWindow, WalIndex};
+pub use judge::Verdict;
 pub use naming::{Kind, WalFile, WalObject, valid_seg_size, valid_system_id};
 
 use crate::{pipeline::PipelineError, store::StoreError};

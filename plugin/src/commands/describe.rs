@@ -79,6 +79,12 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(),
                             w.gaps.join(", ")
                         );
                     }
+                    if !w.rejected.is_empty() {
+                        outln!(
+                            "WAL skipped: {} — not what their names say, not used",
+                            w.rejected.join("; ")
+                        );
+                    }
                 } else {
                     outln!("Recoverable: unknown ({})", w.error);
                 }

@@ -89,6 +89,8 @@ pub async fn backup_physical(
         stop_time,
         wal_segment_size: seg_size,
         recovery_settings,
+        // pg_basebackup --pgdata=- fails on a cluster with a tablespace: this backup has none.
+        tablespaces: Vec::new(),
     };
     let manifest = Manifest::completed(
         id.clone(),

@@ -64,6 +64,13 @@ pub struct PhysicalDetails {
     /// agent, or a role that may not read `pg_file_settings`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery_settings: Option<Vec<String>>,
+    /// OIDs of the tablespaces (besides `pg_default` and `pg_global`) whose `pg_tblspc/<oid>`
+    /// links the base backup holds: the only links a restore lays. pg_basebackup refuses to write
+    /// a cluster with any to a single stream, as this agent takes base backups, so it records
+    /// none; a manifest written before the field existed records none either, which is the same
+    /// truth and refuses every link.
+    #[serde(default)]
+    pub tablespaces: Vec<u32>,
 }
 
 impl PhysicalDetails {

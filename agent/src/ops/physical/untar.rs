@@ -3,8 +3,9 @@
 //! The digests in a manifest prove only that the bytes are the ones the manifest names, and
 //! whoever can write to the bucket can write both. So nothing in the archive is trusted to stay
 //! inside the data directory: only what `pg_basebackup` writes is accepted — directories, regular
-//! files and the two symbolic links a data directory has (`pg_wal`, `pg_tblspc/<oid>`); names are
-//! relative and never climb; nothing is written through a symbolic link, not even an allowed one;
+//! files and the links of the tablespaces the manifest records (`pg_tblspc/<oid>`); `pg_wal` is a
+//! directory, never a link (pg_basebackup writes it as one even where the server's is a link);
+//! names are relative and never climb; nothing is written through a symbolic link, not even an allowed one;
 //! files are created, never opened when something is already there; setuid, setgid and sticky
 //! bits are dropped; and the archive may not unpack to more bytes than its manifest records.
 //!
@@ -55,9 +56,9 @@ pub enum UntarError {
         /// What it is.
         kind: String,
     },
-    /// A symbolic link other than `pg_wal` and `pg_tblspc/<oid>`.
+    /// A symbolic link other than `pg_tblspc/<oid>` of a tablespace the manifest records.
     #[error(
-        "entry {entry:?} is a symbolic link to {target:?}; a data directory holds none but pg_wal and pg_tblspc/<oid>"
+        "entry {entry:?} is a symbolic link to {target:?}; a base backup holds none but pg_tblspc/<oid> of the tablespaces its manifest records (pg_wal is a directory in every base backup)"
     )]
     Symlink {
         /// The entry's name as stored.
@@ -124,17 +125,30 @@ impl From<UntarError> for Stop {
 }
 
 /// Unpacks the tar stream `input` into `dir` (existing and empty), refusing anything that could
-/// reach outside it, and reading at most `limit` bytes (the manifest's raw size) of `input`.
+/// reach outside it, and reading at most `limit` bytes (the manifest's raw size) of `input`. No
+/// symbolic link at all is laid: a base backup taken to a stream (as this agent takes them) holds
+/// no tablespace, since pg_basebackup refuses to write a cluster with one to a single stream.
 ///
 /// On error, whatever was laid down so far stays in `dir` for the caller to remove; nothing was
 /// written outside it.
 pub fn unpack<R: Read>(input: R, dir: &Path, limit: u64) -> Result<(), Stop> {
+    unpack_with_tablespaces(input, dir, limit, &[])
+}
+
+/// [`unpack`], laying `pg_tblspc/<oid>` links for the tablespace OIDs in `tablespaces` (what the
+/// base backup's manifest records) and refusing every other link.
+pub fn unpack_with_tablespaces<R: Read>(
+    input: R,
+    dir: &Path,
+    limit: u64,
+    tablespaces: &[u32],
+) -> Result<(), Stop> {
     let mut capped = Capped {
         inner: input,
         left: limit,
         exceeded: false,
     };
-    let mut laid = lay_entries(&mut capped, dir, limit);
+    let mut laid = lay_entries(&mut capped, dir, limit, tablespaces);
     if laid.is_ok() {
         // The reader stops at the first end-of-archive block: read the second (and any padding),
         // so the download delivers every byte and checks its digests instead of finding no reader.
@@ -213,14 +227,16 @@ fn components(raw: &[u8]) -> Result<Vec<&OsStr>, &'static str> {
     Ok(parts)
 }
 
-/// The symbolic links a data directory has: `pg_wal` (WAL elsewhere) and one per tablespace.
-fn link_allowed(parts: &[&OsStr]) -> bool {
+/// The symbolic links a base backup may lay: `pg_tblspc/<oid>` of each recorded tablespace, its
+/// OID written as PostgreSQL writes it (decimal, no leading zero). `pg_wal` is not one: a link
+/// there would send the restored server's WAL wherever the archive points.
+fn link_allowed(parts: &[&OsStr], tablespaces: &[u32]) -> bool {
     match parts {
-        [wal] => wal.as_bytes() == b"pg_wal",
         [tblspc, oid] => {
             tblspc.as_bytes() == b"pg_tblspc"
-                && !oid.is_empty()
-                && oid.as_bytes().iter().all(u8::is_ascii_digit)
+                && tablespaces
+                    .iter()
+                    .any(|t| t.to_string().as_bytes() == oid.as_bytes())
         }
         _ => false,
     }
@@ -245,7 +261,7 @@ fn io_at<'a>(action: &'static str, entry: &'a str) -> impl FnOnce(io::Error) -> 
     move |e| Stop::Io(io::Error::new(e.kind(), format!("{action} {entry:?}: {e}")))
 }
 
-fn lay_entries<R: Read>(input: R, dir: &Path, limit: u64) -> Result<(), Stop> {
+fn lay_entries<R: Read>(input: R, dir: &Path, limit: u64, tablespaces: &[u32]) -> Result<(), Stop> {
     let mut archive = tar::Archive::new(input);
     let entries = archive.entries().map_err(malformed)?.raw(true);
     let mut buf = vec![0u8; COPY_BUFFER];
@@ -317,7 +333,7 @@ fn lay_entries<R: Read>(input: R, dir: &Path, limit: u64) -> Result<(), Stop> {
             }
             EntryType::Symlink => {
                 let target = entry.link_name_bytes().unwrap_or_default().into_owned();
-                if !link_allowed(&parts) {
+                if !link_allowed(&parts, tablespaces) {
                     return Err(UntarError::Symlink {
                         entry: name,
                         target: shown(&target),
@@ -522,11 +538,20 @@ mod tests {
     /// Unpacks into a fresh directory `pgdata` below a temporary directory that also holds
     /// `outside`, a file a hostile archive would like to reach.
     fn unpack_into(tar: &[u8], limit: u64) -> (tempfile::TempDir, PathBuf, Result<(), Stop>) {
+        unpack_into_with(tar, limit, &[])
+    }
+
+    /// [`unpack_into`] for a base backup whose manifest records `tablespaces`.
+    fn unpack_into_with(
+        tar: &[u8],
+        limit: u64,
+        tablespaces: &[u32],
+    ) -> (tempfile::TempDir, PathBuf, Result<(), Stop>) {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("pgdata");
         fs::create_dir(&dir).unwrap();
         fs::write(tmp.path().join("outside"), b"precious").unwrap();
-        let result = unpack(tar, &dir, limit);
+        let result = unpack_with_tablespaces(tar, &dir, limit, tablespaces);
         (tmp, dir, result)
     }
 
@@ -557,20 +582,17 @@ mod tests {
             .dir("base/1/", 0o750)
             .file(b"base/1/1259", 0o600, b"heap")
             .file(b"PG_VERSION", 0o640, b"15\n")
-            .special("pg_wal", EntryType::Symlink, "/mnt/wal")
+            .dir("pg_wal/", 0o700)
             .dir("pg_tblspc/", 0o700)
             .special("pg_tblspc/16384", EntryType::Symlink, "/mnt/ts")
             .build();
-        let (tmp, dir, result) = unpack_into(&tar, tar.len() as u64);
+        let (tmp, dir, result) = unpack_into_with(&tar, tar.len() as u64, &[16384]);
         result.unwrap();
         assert_eq!(fs::read(dir.join("base/1/1259")).unwrap(), b"heap");
         let mode = |p: &str| fs::symlink_metadata(dir.join(p)).unwrap().mode() & 0o7777;
         assert_eq!(mode("base/1"), 0o750);
         assert_eq!(mode("PG_VERSION"), 0o640);
-        assert_eq!(
-            fs::read_link(dir.join("pg_wal")).unwrap(),
-            Path::new("/mnt/wal")
-        );
+        assert!(fs::symlink_metadata(dir.join("pg_wal")).unwrap().is_dir());
         assert_eq!(
             fs::read_link(dir.join("pg_tblspc/16384")).unwrap(),
             Path::new("/mnt/ts")
@@ -610,20 +632,23 @@ mod tests {
         outside_intact(&tmp);
     }
 
-    /// A link allowed only at the top level is refused deeper, and tablespace links are named by
-    /// an OID.
+    /// `pg_wal` is never a link, and a tablespace link only one the manifest records, named by
+    /// its OID as PostgreSQL names it.
     #[test]
     fn allowed_link_names_only_where_a_data_directory_has_them() {
         for name in [
+            "pg_wal",
             "base/pg_wal",
             "pg_tblspc/x",
             "pg_tblspc/1/2",
+            "pg_tblspc/16385",
+            "pg_tblspc/016384",
             "global/pg_control",
         ] {
             let tar = Forge::new()
                 .special(name, EntryType::Symlink, "/etc")
                 .build();
-            let (tmp, _dir, result) = unpack_into(&tar, tar.len() as u64);
+            let (tmp, _dir, result) = unpack_into_with(&tar, tar.len() as u64, &[16384]);
             assert!(
                 matches!(refusal(result), UntarError::Symlink { .. }),
                 "{name}"
@@ -632,28 +657,30 @@ mod tests {
         }
     }
 
-    /// Models writing through an allowed link: `pg_wal` → a directory outside, then
-    /// `pg_wal/<file>`, which would land there.
+    /// Models writing through an allowed link: a recorded tablespace's link → a directory
+    /// outside, then an entry below it, which would land there.
     #[test]
     fn an_entry_below_a_symbolic_link_is_refused() {
         let tar = Forge::new()
-            .special("pg_wal", EntryType::Symlink, "..")
-            .file(b"pg_wal/outside", 0o600, b"overwritten")
+            .dir("pg_tblspc/", 0o700)
+            .special("pg_tblspc/16384", EntryType::Symlink, "../..")
+            .file(b"pg_tblspc/16384/outside", 0o600, b"overwritten")
             .build();
-        let (tmp, _dir, result) = unpack_into(&tar, tar.len() as u64);
+        let (tmp, _dir, result) = unpack_into_with(&tar, tar.len() as u64, &[16384]);
         let err = refusal(result);
         assert!(
-            matches!(&err, UntarError::ThroughSymlink { entry, link } if entry == "pg_wal/outside" && link == "pg_wal"),
+            matches!(&err, UntarError::ThroughSymlink { entry, link } if entry == "pg_tblspc/16384/outside" && link == "pg_tblspc/16384"),
             "{err}"
         );
         outside_intact(&tmp);
 
         // A directory entry on top of the link is refused too.
         let tar = Forge::new()
-            .special("pg_wal", EntryType::Symlink, "..")
-            .dir("pg_wal/", 0o700)
+            .dir("pg_tblspc/", 0o700)
+            .special("pg_tblspc/16384", EntryType::Symlink, "../..")
+            .dir("pg_tblspc/16384/", 0o700)
             .build();
-        let (tmp, _dir, result) = unpack_into(&tar, tar.len() as u64);
+        let (tmp, _dir, result) = unpack_into_with(&tar, tar.len() as u64, &[16384]);
         assert!(matches!(refusal(result), UntarError::Clash { .. }));
         outside_intact(&tmp);
     }
@@ -662,10 +689,11 @@ mod tests {
     #[test]
     fn an_entry_never_opens_what_is_there() {
         let tar = Forge::new()
-            .special("pg_wal", EntryType::Symlink, "../outside")
-            .file(b"pg_wal", 0o600, b"overwritten")
+            .dir("pg_tblspc/", 0o700)
+            .special("pg_tblspc/16384", EntryType::Symlink, "../../outside")
+            .file(b"pg_tblspc/16384", 0o600, b"overwritten")
             .build();
-        let (tmp, _dir, result) = unpack_into(&tar, tar.len() as u64);
+        let (tmp, _dir, result) = unpack_into_with(&tar, tar.len() as u64, &[16384]);
         assert!(matches!(
             refusal(result),
             UntarError::Clash {
@@ -770,10 +798,12 @@ mod tests {
         assert_eq!(ok("."), 0);
         assert!(components(b"a/..").is_err());
         assert!(components("a/".repeat(MAX_DEPTH + 1).as_bytes()).is_err());
-        assert!(link_allowed(&[
-            OsStr::new("pg_tblspc"),
-            OsStr::new("16384")
-        ]));
-        assert!(!link_allowed(&[OsStr::new("pg_tblspc"), OsStr::new("")]));
+        fn tblspc(oid: &str) -> [&OsStr; 2] {
+            [OsStr::new("pg_tblspc"), OsStr::new(oid)]
+        }
+        assert!(link_allowed(&tblspc("16384"), &[16384]));
+        assert!(!link_allowed(&tblspc("16384"), &[]));
+        assert!(!link_allowed(&tblspc(""), &[16384]));
+        assert!(!link_allowed(&[OsStr::new("pg_wal")], &[16384]));
     }
 }

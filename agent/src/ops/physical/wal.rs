@@ -126,8 +126,16 @@ pub async fn verify_wal(
             window.gaps.join(", ")
         )
     };
+    let rejected = if window.rejected.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; SKIPPED, not what their names say: {}",
+            window.rejected.join("; ")
+        )
+    };
     Ok(format!(
-        "; {} WAL file(s) of {} verified, recoverable to LSN {} on timeline {}{gaps}",
+        "; {} WAL file(s) of {} verified, recoverable to LSN {} on timeline {}{gaps}{rejected}",
         chain.len(),
         m.id,
         window.latest_lsn,
