@@ -17,7 +17,7 @@ async fn main() -> std::process::ExitCode {
     let config = Config::parse();
     // restore_command's output lands in the PostgreSQL log: only problems belong there.
     let default_level = match config.command {
-        Some(Command::WalFetch(_)) => "warn",
+        Some(Command::WalFetch(_) | Command::DrillWalFetch(_)) => "warn",
         _ => "info",
     };
     let filter =
@@ -35,6 +35,19 @@ async fn main() -> std::process::ExitCode {
         Some(Command::RestorePgdata(args)) => soma_agent::restore_pgdata(&config, args).await,
         Some(Command::WalFetch(args)) => {
             return match soma_agent::wal_fetch(&config, args).await {
+                WalFetchOutcome::Restored => std::process::ExitCode::SUCCESS,
+                WalFetchOutcome::NotFound => std::process::ExitCode::from(1),
+                WalFetchOutcome::Fatal => std::process::ExitCode::from(255),
+            };
+        }
+        Some(Command::DrillWalFetch(args)) => {
+            return match soma_agent::ops::drill::drill_wal_fetch(
+                &args.socket,
+                &args.file,
+                &args.destination,
+            )
+            .await
+            {
                 WalFetchOutcome::Restored => std::process::ExitCode::SUCCESS,
                 WalFetchOutcome::NotFound => std::process::ExitCode::from(1),
                 WalFetchOutcome::Fatal => std::process::ExitCode::from(255),
