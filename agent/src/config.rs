@@ -367,6 +367,11 @@ pub enum Command {
     /// recovery settings from postgresql.auto.conf in the current directory (the data
     /// directory) once recovery ended, so the promoted cluster and its base backups carry none.
     RecoveryEnd(RecoveryEndArgs),
+    /// The restore_command of a restore drill's scratch server: asks the drill's agent for one
+    /// WAL file over the drill's socket (it holds no store credential or key itself). Exits as
+    /// `wal-fetch` does. Run by the scratch server, never by hand.
+    #[command(hide = true)]
+    DrillWalFetch(DrillWalFetchArgs),
 }
 
 /// Arguments of `recovery-end` (as written into recovery_end_command by restore-pgdata).
@@ -424,6 +429,18 @@ pub struct WalFetchArgs {
     /// System identifier of the cluster whose archive to read.
     #[arg(long, value_parser = parse_system_id)]
     pub system_id: String,
+    /// WAL file name PostgreSQL asks for (%f).
+    pub file: String,
+    /// Where PostgreSQL wants it (%p).
+    pub destination: PathBuf,
+}
+
+/// Arguments of `drill-wal-fetch` (as written into a drill's restore_command).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DrillWalFetchArgs {
+    /// The drill's socket.
+    #[arg(long)]
+    pub socket: PathBuf,
     /// WAL file name PostgreSQL asks for (%f).
     pub file: String,
     /// Where PostgreSQL wants it (%p).

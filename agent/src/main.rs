@@ -17,7 +17,7 @@ async fn main() -> std::process::ExitCode {
     let config = Config::parse();
     // restore_command's output lands in the PostgreSQL log: only problems belong there.
     let default_level = match config.command {
-        Some(Command::WalFetch(_) | Command::RecoveryEnd(_)) => "warn",
+        Some(Command::WalFetch(_) | Command::RecoveryEnd(_) | Command::DrillWalFetch(_)) => "warn",
         _ => "info",
     };
     let filter =
@@ -36,6 +36,19 @@ async fn main() -> std::process::ExitCode {
         Some(Command::RecoveryEnd(args)) => soma_agent::recovery_end(args),
         Some(Command::WalFetch(args)) => {
             return match soma_agent::wal_fetch(&config, args).await {
+                WalFetchOutcome::Restored => std::process::ExitCode::SUCCESS,
+                WalFetchOutcome::NotFound => std::process::ExitCode::from(1),
+                WalFetchOutcome::Fatal => std::process::ExitCode::from(255),
+            };
+        }
+        Some(Command::DrillWalFetch(args)) => {
+            return match soma_agent::ops::drill::drill_wal_fetch(
+                &args.socket,
+                &args.file,
+                &args.destination,
+            )
+            .await
+            {
                 WalFetchOutcome::Restored => std::process::ExitCode::SUCCESS,
                 WalFetchOutcome::NotFound => std::process::ExitCode::from(1),
                 WalFetchOutcome::Fatal => std::process::ExitCode::from(255),

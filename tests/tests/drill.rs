@@ -318,7 +318,7 @@ const PHYSICAL_ROWS: i64 = 100 + 3 * 400;
 
 /// A base backup drill: laid into a scratch data directory under `--drill-dir`, replayed by a
 /// scratch server (the real PostgreSQL 15 binaries, running as the `postgres` user) through
-/// `soma-agent wal-fetch` to the end of the archive, promoted and checked with pg_amcheck. The
+/// `soma-agent drill-wal-fetch` (WAL the agent fetched and verified) to the end of the archive, promoted and checked with pg_amcheck. The
 /// source server, its database and the WAL archive stay as they were; nothing is left behind.
 #[test]
 fn physical_drill_replays_a_scratch_copy_and_leaves_nothing() {
@@ -474,7 +474,7 @@ fn physical_drill_replays_a_scratch_copy_and_leaves_nothing() {
     assert_eq!(report["passed"], false, "{report}");
     let failure = report["failure"].as_str().unwrap();
     assert!(
-        failure.contains("recovery") && failure.contains("soma-agent wal-fetch: FATAL"),
+        failure.contains("recovery") && failure.contains("soma-agent drill-wal-fetch: FATAL"),
         "{report}"
     );
     store.write(&victim, original);

@@ -459,13 +459,10 @@ pub(super) enum Child {
     /// A client tool (pg_dump, pg_restore, psql, pg_basebackup, pg_receivewal, pg_amcheck, a
     /// `--version` probe): it keeps libpq's `PG*` variables, which is how it authenticates.
     Tool,
-    /// A drill's scratch server. Its restore_command is `soma-agent wal-fetch`, which opens the
-    /// store as the agent does — credentials from the AWS SDK's environment (the encryption keys
-    /// travel as `--encryption-key-file` paths on the restore_command itself) — and PostgreSQL
-    /// hands it nothing but its own environment, so the `AWS_*` variables are the one secret it
-    /// keeps; every `SOMA_*` goes. It needs no `PG*` variable (its
-    /// settings are on its command line, it connects nowhere), so those go too: the real
-    /// server's password has no place beside a data directory read from the store.
+    /// A drill's scratch server (and its initdb). It runs a data directory read from the store,
+    /// so it keeps only an allow-list ([`kept_by_scratch_server`]): no store credential, no
+    /// `SOMA_*` setting, no libpq variable (its settings are in its own configuration, it
+    /// connects nowhere; WAL comes from the agent over the drill's socket).
     ScratchServer,
 }
 
@@ -474,6 +471,15 @@ pub(super) enum Child {
 /// replaying an untrusted data directory) has no business with the store's credentials or the
 /// agent's token. Variables set on `cmd` after this (a replication password) stay.
 pub(super) fn scrub_env(cmd: &mut Command, child: Child) {
+    if child == Child::ScratchServer {
+        cmd.env_clear();
+        for (name, value) in std::env::vars_os() {
+            if kept_by_scratch_server(&name) {
+                cmd.env(name, value);
+            }
+        }
+        return;
+    }
     for (name, _) in std::env::vars_os() {
         if removed_for(&name, child) {
             cmd.env_remove(&name);
@@ -494,8 +500,17 @@ fn is_secret_var(name: &std::ffi::OsStr) -> bool {
 fn removed_for(name: &std::ffi::OsStr, child: Child) -> bool {
     match child {
         Child::Tool => is_secret_var(name),
-        Child::ScratchServer => has_prefix(name, "SOMA_") || has_prefix(name, "PG"),
+        Child::ScratchServer => !kept_by_scratch_server(name),
     }
+}
+
+/// What a scratch server inherits: where programs are, its locale and time zone. Nothing else —
+/// a new kind of secret in the agent's environment cannot slip through.
+fn kept_by_scratch_server(name: &std::ffi::OsStr) -> bool {
+    matches!(
+        name.as_encoded_bytes(),
+        b"PATH" | b"LANG" | b"LANGUAGE" | b"TZ" | b"TZDIR"
+    ) || name.as_encoded_bytes().starts_with(b"LC_")
 }
 
 fn has_prefix(name: &std::ffi::OsStr, prefix: &str) -> bool {
@@ -642,9 +657,14 @@ mod tests {
             assert!(!is_secret_var(OsStr::new(kept)), "{kept}");
             assert!(!removed_for(OsStr::new(kept), Child::Tool), "{kept}");
         }
-        // The scratch server keeps the store credentials wal-fetch needs, and nothing of the
-        // agent's or libpq's.
+        // The scratch server keeps nothing of the agent's, the store's or libpq's.
         for gone in [
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_ENDPOINT_URL",
+            "HOME",
+            "DATABASE_PASSWORD",
+            "MY_TOKEN",
             "SOMA_AGENT_TOKEN_FILE",
             "SOMA_ENCRYPTION_KEY_FILE",
             "SOMA_ACCEPT_UNENCRYPTED",
@@ -659,13 +679,7 @@ mod tests {
                 "{gone}"
             );
         }
-        for kept in [
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_ENDPOINT_URL",
-            "PATH",
-            "HOME",
-            "LANG",
-        ] {
+        for kept in ["PATH", "LANG", "LC_ALL", "LC_MESSAGES", "TZ"] {
             assert!(
                 !removed_for(OsStr::new(kept), Child::ScratchServer),
                 "{kept}"

@@ -1,17 +1,27 @@
-//! A throwaway PostgreSQL server on a data directory a restore drill laid down: started from the
-//! agent's own server binaries of the data directory's major version, it replays the archive,
-//! promotes, answers the drill's checks and is stopped again.
+//! A throwaway PostgreSQL server for a restore drill: on a data directory a physical restore laid
+//! down (it replays the archive and promotes) or on one `initdb` made for a logical drill's
+//! restore, started from the agent's own server binaries, answering the drill's checks and
+//! stopped again.
 //!
-//! Everything it could do to the real system is switched off on its command line, which wins over
-//! whatever the restored configuration files say (they come from the store, so they are
-//! untrusted): no TCP listener at all — only a Unix socket inside the drill's own mode-0700
-//! directory, so nothing else can reach it and no port can collide — no WAL archiving (a promoted
-//! scratch copy must never push a new timeline into the real archive), no replication, no
-//! preloaded libraries, no shell commands other than the drill's own restore_command, and small
-//! memory settings whatever the source used. Its environment carries neither libpq's variables
-//! nor the agent's settings, but for what that restore_command (`soma-agent wal-fetch`) needs to
-//! open the store: the AWS SDK's environment ([`super::Child::ScratchServer`]; the encryption
-//! keys are named on the restore_command).
+//! What a data directory from the store carries is untrusted: its configuration, its roles'
+//! settings, its event triggers and functions were chosen by whoever was superuser of the source
+//! database, or can write the bucket. So nothing of it is read or run:
+//! - the server reads a configuration the drill writes ([`SETTINGS`], in a file of the drill's
+//!   directory named by `config_file`, repeated on the command line); the restored
+//!   `postgresql.conf` (and every `include` in it) is never opened, and the restored
+//!   `postgresql.auto.conf`, which PostgreSQL always reads from the data directory, is replaced
+//!   by an empty one. No TCP listener — only a Unix socket inside the drill's own mode-0700
+//!   directory — no archiving, no replication, no preloaded library, `jit` off;
+//! - every session of the drill carries [`SESSION_OPTIONS`] in its start-up packet, which outrank
+//!   `ALTER ROLE/DATABASE … SET` (see there), so no per-role or per-database library, search path
+//!   or JIT setting applies;
+//! - before anything else runs in a database, every event trigger of it is disabled
+//!   ([`ScratchServer::disarm`]); `ALTER EVENT TRIGGER` itself fires none;
+//! - the amcheck extension is created fresh, in a schema of its own, in sessions where nothing
+//!   can fire, never by `pg_amcheck --install-missing`;
+//! - its environment holds no secret ([`super::Child::ScratchServer`]: an allow-list), and WAL
+//!   reaches it from the agent over the drill's socket, so its restore_command needs no
+//!   credential or key.
 
 use std::{
     path::{Path, PathBuf},
@@ -38,8 +48,8 @@ const MAX_AMCHECK_OUTPUT: u64 = 8 * 1024;
 /// Longest Unix socket path the kernel accepts (`sun_path` holds 108 bytes with its NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
-/// Settings given on the server's command line. They outrank postgresql.conf and
-/// postgresql.auto.conf, so a restored configuration cannot turn them back on.
+/// The drill's configuration: written as the server's only configuration file and repeated on its
+/// command line (which outranks any file), so no restored setting can turn one back on.
 const SETTINGS: &[(&str, &str)] = &[
     ("listen_addresses", ""),
     ("unix_socket_permissions", "0700"),
@@ -59,6 +69,10 @@ const SETTINGS: &[(&str, &str)] = &[
     ("session_preload_libraries", ""),
     ("local_preload_libraries", ""),
     ("dynamic_library_path", "$libdir"),
+    // The provider is loaded only when a query is compiled; with jit off none is, and the name is
+    // the installation's own (a restored one could climb out of $libdir with `../`).
+    ("jit", "off"),
+    ("jit_provider", "llvmjit"),
     ("logging_collector", "off"),
     ("log_destination", "stderr"),
     ("cluster_name", "soma_drill"),
@@ -81,6 +95,28 @@ const SETTINGS: &[(&str, &str)] = &[
     ("default_transaction_read_only", "off"),
     ("statement_timeout", "0"),
 ];
+
+/// Options every session of the drill sends in its start-up packet (libpq's `options`). The server
+/// applies them with source `PGC_S_CLIENT`, which ranks above `PGC_S_DATABASE_USER`,
+/// `PGC_S_USER` and `PGC_S_DATABASE` (PostgreSQL 15, src/include/utils/guc.h, `enum GucSource`:
+/// "sources are listed in order of increasing priority"), and per-role and per-database settings
+/// are applied by `process_settings` with those lower sources after the packet's options
+/// (src/backend/utils/init/postinit.c), so `ALTER ROLE … SET session_preload_libraries` or
+/// `search_path` from the backup cannot apply. `session_preload_libraries` is loaded after both
+/// (src/backend/tcop/postgres.c), so blanking it here means nothing is loaded.
+/// `search_path=pg_catalog` keeps a function from the backup from shadowing a built-in one the
+/// drill calls unqualified.
+const SESSION_OPTIONS: &str = "-c session_preload_libraries= -c local_preload_libraries= \
+     -c jit=off -c search_path=pg_catalog -c default_transaction_read_only=off \
+     -c statement_timeout=0 -c lock_timeout=0 -c idle_in_transaction_session_timeout=0";
+
+/// Disables every event trigger of a database. `\gexec` runs each generated statement; every
+/// name is quoted by `format('%I')`, and each function is named with its schema.
+const DISARM: &str = "select pg_catalog.format('alter event trigger %I disable', evtname) \
+     from pg_catalog.pg_event_trigger where evtenabled operator(pg_catalog.<>) 'D' \\gexec\n";
+
+/// Schema the drill creates the amcheck extension in, in the scratch copy.
+const AMCHECK_SCHEMA: &str = "soma_drill_amcheck";
 
 /// Why a scratch server could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -168,9 +204,10 @@ impl Postgres {
         // libpq decodes %XX in a URI but not `+`, so every value is percent-encoded byte by byte.
         let mut url = url::Url::parse("postgresql:///postgres").expect("a constant URL parses");
         url.set_query(Some(&format!(
-            "host={}&port={SOCKET_PORT}&user={}",
+            "host={}&port={SOCKET_PORT}&user={}&options={}",
             uri_encode(&socket_dir.display().to_string()),
-            uri_encode(user)
+            uri_encode(user),
+            uri_encode(SESSION_OPTIONS)
         )));
         Postgres {
             url,
@@ -182,14 +219,74 @@ impl Postgres {
 }
 
 impl ScratchServer {
-    /// Starts a server on `pgdata` (laid down by a physical restore, recovery configured) with
-    /// its socket, log and authentication file in `dir`, as `run_as` when the agent is root
-    /// (PostgreSQL refuses to run as root).
+    /// Makes a fresh data directory `dir/pgdata` with `initdb` of PostgreSQL `major` (as
+    /// `run_as` when the agent is root) and starts a server on it, for a logical drill.
+    pub async fn init(
+        source: &Postgres,
+        dir: &Path,
+        run_as: Option<(u32, u32)>,
+        major: u32,
+    ) -> Result<Self, ScratchError> {
+        let pgdata = dir.join("pgdata");
+        let binary = source.server_tool("initdb", major);
+        let mut cmd = Command::new(&binary);
+        super::scrub_env(&mut cmd, super::Child::ScratchServer);
+        cmd.arg("-D")
+            .arg(&pgdata)
+            // The agent's own role name, so the start-up probe finds it as in a restored copy.
+            .arg(format!("--username={}", source.login_user()))
+            .args([
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+                "--no-instructions",
+            ])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some((uid, gid)) = run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        let out = cmd.output().await.map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                ScratchError::Unusable(format!(
+                    "logical drills restore into a scratch PostgreSQL {major} server, and initdb is not at {}: install the PostgreSQL {major} server package in the agent image, or point --pg-bin-dir at its binaries",
+                    binary.display()
+                ))
+            } else {
+                PgError::Io {
+                    tool: "initdb",
+                    source,
+                }
+                .into()
+            }
+        })?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let tail: Vec<&str> = err.lines().rev().take(LOG_TAIL_LINES).collect();
+            return Err(PgError::ToolFailed {
+                tool: "initdb",
+                status: out.status.to_string(),
+                stderr: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            }
+            .into());
+        }
+        Self::start(source, &pgdata, dir, run_as, None).await
+    }
+
+    /// Starts a server on `pgdata` with its socket, configuration, log and authentication file
+    /// in `dir`, as `run_as` when the agent is root (PostgreSQL refuses to run as root). With
+    /// `restore_command`, it recovers (a physical restore laid `pgdata` down) to the end of the
+    /// archive and promotes.
     pub async fn start(
         source: &Postgres,
         pgdata: &Path,
         dir: &Path,
         run_as: Option<(u32, u32)>,
+        restore_command: Option<&str>,
     ) -> Result<Self, ScratchError> {
         let io = |action: &'static str| {
             let dir = dir.to_path_buf();
@@ -213,13 +310,13 @@ impl ScratchServer {
             .await
             .map_err(|e| match e {
                 PgError::ToolMissing { path, .. } => ScratchError::Unusable(format!(
-                    "drills of base backups run a scratch PostgreSQL {major} server, and its binary is not at {path}: install the PostgreSQL {major} server package in the agent image, or point --pg-bin-dir at its binaries"
+                    "drills run a scratch PostgreSQL {major} server, and its binary is not at {path}: install the PostgreSQL {major} server package in the agent image, or point --pg-bin-dir at its binaries"
                 )),
                 other => other.into(),
             })?;
         if tool_major != major {
             return Err(ScratchError::Unusable(format!(
-                "the base backup is a PostgreSQL {major} data directory, but the server binary at {} is {tool_version}; point --pg-bin-dir at PostgreSQL {major}'s binaries",
+                "the data directory is PostgreSQL {major}'s, but the server binary at {} is {tool_version}; point --pg-bin-dir at PostgreSQL {major}'s binaries",
                 binary.display()
             )));
         }
@@ -227,40 +324,18 @@ impl ScratchServer {
         let hba = dir.join("pg_hba.conf");
         // Trust on the socket alone: the socket sits in a mode-0700 directory, so only the
         // server's own user (and root) can reach it.
-        tokio::fs::write(&hba, "local all all trust\n")
-            .await
-            .map_err(io("writing pg_hba.conf"))?;
+        create_owned(&hba, "local all all trust\n", run_as).map_err(io("writing pg_hba.conf"))?;
         let ident = dir.join("pg_ident.conf");
-        tokio::fs::write(&ident, "")
-            .await
-            .map_err(io("writing pg_ident.conf"))?;
-        // Debian keeps postgresql.conf outside the data directory, so a base backup has none.
-        let conf = pgdata.join("postgresql.conf");
-        if tokio::fs::symlink_metadata(&conf).await.is_err() {
-            tokio::fs::write(&conf, "")
-                .await
-                .map_err(io("writing an empty postgresql.conf"))?;
-        }
+        create_owned(&ident, "", run_as).map_err(io("writing pg_ident.conf"))?;
         let log = dir.join("server.log");
-        let log_file = std::fs::File::create(&log).map_err(io("creating the server log"))?;
-        if let Some((uid, gid)) = run_as {
-            for path in [&hba, &ident, &conf, &log] {
-                std::os::unix::fs::chown(path, Some(uid), Some(gid))
-                    .map_err(io("giving the scratch files to the server's user"))?;
-            }
-        }
-        let err_file = log_file.try_clone().map_err(io("opening the server log"))?;
-
-        let mut cmd = Command::new(&binary);
-        super::scrub_env(&mut cmd, super::Child::ScratchServer);
-        cmd.arg("-D").arg(pgdata);
+        let log_file = create_owned(&log, "", run_as).map_err(io("creating the server log"))?;
         let socket_dir = dir.display().to_string();
         let (hba, ident) = (hba.display().to_string(), ident.display().to_string());
         let port = SOCKET_PORT.to_string();
         let pid_file = dir.join("external.pid").display().to_string();
         let data_dir = pgdata.display().to_string();
         let dynamic = [
-            // A restored postgresql.conf could point data_directory at the real server's.
+            // A restored setting could point data_directory at the real server's.
             ("data_directory", data_dir.as_str()),
             ("port", port.as_str()),
             ("unix_socket_directories", socket_dir.as_str()),
@@ -269,10 +344,29 @@ impl ScratchServer {
             // Inside the scratch directory: a restored setting could name the real server's.
             ("external_pid_file", pid_file.as_str()),
         ];
+        let conf = dir.join("scratch.conf");
+        let mut text = String::from(
+            "# A restore drill's scratch server: written by soma-agent, the only configuration read.\n",
+        );
+        for (name, value) in SETTINGS.iter().chain(dynamic.iter()) {
+            text.push_str(&format!("{name} = {}\n", conf_quote(value)));
+        }
+        if let Some(command) = restore_command {
+            text.push_str(&format!("restore_command = {}\n", conf_quote(command)));
+        }
+        create_owned(&conf, &text, run_as).map_err(io("writing the drill's configuration"))?;
+        replace_restored_files(pgdata, restore_command.is_some(), run_as).await?;
+        let err_file = log_file.try_clone().map_err(io("opening the server log"))?;
+
+        let mut cmd = Command::new(&binary);
+        super::scrub_env(&mut cmd, super::Child::ScratchServer);
+        cmd.arg("-D").arg(pgdata);
+        cmd.arg("-c").arg(format!("config_file={}", conf.display()));
         for (name, value) in SETTINGS.iter().chain(dynamic.iter()) {
             cmd.arg("-c").arg(format!("{name}={value}"));
         }
-        cmd.stdin(Stdio::null())
+        cmd.current_dir(dir)
+            .stdin(Stdio::null())
             .stdout(Stdio::from(log_file))
             .stderr(Stdio::from(err_file))
             // Out of the agent's process group: a Ctrl-C meant for the agent reaches the server
@@ -307,6 +401,7 @@ impl ScratchServer {
     pub async fn ready(
         &mut self,
         source: &Postgres,
+        home: &str,
         limit: Duration,
     ) -> Result<Postgres, ScratchError> {
         let started = Instant::now();
@@ -334,10 +429,12 @@ impl ScratchServer {
             }
             tokio::time::sleep(POLL).await;
         }
-        let database = source.default_database();
         let probe = source.scratch_client(&self.socket_dir, &source.login_user());
         let superuser = probe
-            .query(&database, "select rolname from pg_roles where oid = 10")
+            .query(
+                home,
+                "select rolname from pg_catalog.pg_roles where oid = 10",
+            )
             .await?;
         let superuser = superuser.trim();
         if superuser.is_empty() || superuser.contains('\n') {
@@ -361,27 +458,66 @@ impl ScratchServer {
             .await
     }
 
+    /// Disables every event trigger of every database that accepts connections (templates too),
+    /// before the drill runs anything else there, and returns those databases. Event triggers
+    /// do not fire for commands on event triggers ("Event triggers are … not fired for … commands
+    /// targeting event triggers themselves", PostgreSQL 15 docs, 40.1 Overview of Event Trigger
+    /// Behavior), and the session carries [`SESSION_OPTIONS`], so nothing of the backup's runs
+    /// while they are disabled; even `ENABLE ALWAYS` ones end up `D`.
+    pub async fn disarm(client: &Postgres, home: &str) -> Result<Vec<String>, PgError> {
+        let all: Vec<String> = client
+            .query_json(
+                home,
+                "listing the scratch server's databases",
+                "select coalesce(pg_catalog.json_agg(datname::text order by datname), '[]'::json) \
+                 from pg_catalog.pg_database where datallowconn",
+            )
+            .await?;
+        for db in &all {
+            client.execute_script(db, DISARM).await?;
+        }
+        Ok(all)
+    }
+
+    /// Creates the amcheck extension afresh in every database of `databases` (those
+    /// [`Self::disarm`] returned, whose event triggers are off): an amcheck the backup carries is
+    /// dropped first, since its functions may have been replaced by anything, and the new one
+    /// lives in a schema of the drill's, created by the installation's own script.
+    pub async fn install_amcheck(client: &Postgres, databases: &[String]) -> Result<(), PgError> {
+        let script = format!(
+            "drop extension if exists amcheck cascade; \
+             drop schema if exists {AMCHECK_SCHEMA} cascade; \
+             create schema {AMCHECK_SCHEMA}; \
+             create extension amcheck schema {AMCHECK_SCHEMA};"
+        );
+        for db in databases {
+            client.execute_script(db, &script).await?;
+        }
+        Ok(())
+    }
+
     /// `pg_amcheck --all` over the scratch server: every table's heap and every B-tree index,
-    /// with each index's tuples matched against its heap and its parent pages. Installs the
-    /// amcheck extension where it is missing — in the scratch copy only. Returns whether it found
-    /// nothing wrong and what it printed (at most [`MAX_AMCHECK_OUTPUT`] bytes).
+    /// with each index's tuples matched against its heap and its parent pages. The extension
+    /// must be in place ([`Self::install_amcheck`]): pg_amcheck installs nothing. Returns whether
+    /// it found nothing wrong and what it printed (at most [`MAX_AMCHECK_OUTPUT`] bytes).
     pub async fn amcheck(&self, source: &Postgres, home: &str) -> Result<(bool, String), PgError> {
         use tokio::io::AsyncReadExt;
         let user = &self.superuser;
         let path = source.server_tool("pg_amcheck", self.major);
         let mut cmd = super::command_at(&path);
-        cmd.args([
-            "--all",
-            "--install-missing",
-            "--heapallindexed",
-            "--parent-check",
-            "--no-password",
-            "--port",
-            &SOCKET_PORT.to_string(),
-        ])
-        .arg(format!("--host={}", self.socket_dir.display()))
-        .arg(format!("--username={user}"))
-        .arg(format!("--maintenance-db={home}"));
+        // pg_amcheck opens a session per database: each carries the drill's options.
+        cmd.env("PGOPTIONS", SESSION_OPTIONS)
+            .args([
+                "--all",
+                "--heapallindexed",
+                "--parent-check",
+                "--no-password",
+                "--port",
+                &SOCKET_PORT.to_string(),
+            ])
+            .arg(format!("--host={}", self.socket_dir.display()))
+            .arg(format!("--username={user}"))
+            .arg(format!("--maintenance-db={home}"));
         let mut child = cmd
             .spawn()
             .map_err(|source| super::spawn_error_at("pg_amcheck", &path, source))?;
@@ -441,6 +577,82 @@ impl ScratchServer {
         }
         let _ = self.child.kill().await;
     }
+}
+
+/// Creates `path` holding `text`, owned by `run_as` when given. The directories are the server's
+/// user's to write, so the file is created new (never opened through a link planted there) and
+/// given away by its descriptor, not its name.
+fn create_owned(
+    path: &Path,
+    text: &str,
+    run_as: Option<(u32, u32)>,
+) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    std::io::Write::write_all(&mut file, text.as_bytes())?;
+    if let Some((uid, gid)) = run_as {
+        std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+    }
+    Ok(file)
+}
+
+/// Quotes a value for a PostgreSQL configuration file.
+fn conf_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// Replaces what PostgreSQL reads from the data directory whatever `config_file` says: the
+/// restored postgresql.auto.conf becomes an empty file of the drill's, and the signal files are
+/// the drill's (recovery.signal when it recovers, never standby.signal). Removing an entry
+/// removes a link itself, never what it points to; a directory in their place is refused.
+async fn replace_restored_files(
+    pgdata: &Path,
+    recovers: bool,
+    run_as: Option<(u32, u32)>,
+) -> Result<(), ScratchError> {
+    let pgdata = pgdata.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let io = |action: &'static str| {
+            let dir = pgdata.clone();
+            move |source| ScratchError::Io {
+                action,
+                dir,
+                source,
+            }
+        };
+        for name in ["postgresql.auto.conf", "recovery.signal", "standby.signal"] {
+            match std::fs::symlink_metadata(pgdata.join(name)) {
+                Ok(m) if m.is_dir() => {
+                    return Err(ScratchError::Unusable(format!(
+                        "the restored data directory {} holds a directory named {name}; the drill refuses it",
+                        pgdata.display()
+                    )));
+                }
+                Ok(_) => std::fs::remove_file(pgdata.join(name))
+                    .map_err(io("removing a restored configuration file"))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("inspecting a restored configuration file")(e)),
+            }
+        }
+        let mut written = vec![(
+            "postgresql.auto.conf",
+            "# Replaced by the restore drill: nothing of the restored file is read.\n",
+        )];
+        if recovers {
+            written.push(("recovery.signal", ""));
+        }
+        for (name, text) in written {
+            create_owned(&pgdata.join(name), text, run_as)
+                .map_err(io("writing the drill's own configuration file"))?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| ScratchError::Unusable(format!("preparing the scratch data directory: {e}")))?
 }
 
 /// Percent-encodes everything but unreserved characters and `/`.
@@ -521,8 +733,13 @@ mod tests {
         let url = client.url_for("app&db");
         assert_eq!(
             url,
-            "postgresql:///app&db?host=/var/lib/soma%20drill/x&port=5432&user=postgres"
+            format!(
+                "postgresql:///app&db?host=/var/lib/soma%20drill/x&port=5432&user=postgres&options={}",
+                "-c%20session_preload_libraries%3D%20-c%20local_preload_libraries%3D%20-c%20jit%3Doff%20-c%20search_path%3Dpg_catalog%20-c%20default_transaction_read_only%3Doff%20-c%20statement_timeout%3D0%20-c%20lock_timeout%3D0%20-c%20idle_in_transaction_session_timeout%3D0"
+            )
         );
+        // Every session blanks the libraries a role or database could preload.
+        assert!(url.contains("session_preload_libraries%3D%20"), "{url}");
         assert!(!url.contains("db.example"));
     }
 }

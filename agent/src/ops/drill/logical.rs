@@ -1,14 +1,22 @@
-//! Drills of logical backups: each dumped database restored into its own scratch database with
-//! `pg_restore --single-transaction` (no owners, privileges or tablespaces, so no role is created
-//! or needed), then every table counted and checksummed and compared with what the backup
-//! recorded in the snapshot it dumped.
+//! Drills of logical backups: a scratch PostgreSQL server of the drill's own (`initdb` in the
+//! drill directory, the live server's major version, the same rules as a physical drill's:
+//! its own configuration, no preloaded library, no secret in its environment), each dumped
+//! database restored into a scratch database there with `pg_restore --single-transaction` (no
+//! owners, privileges or tablespaces, so no role is created or needed), every event trigger the
+//! dump created disabled, then every table counted and checksummed and compared with what the
+//! backup recorded in the snapshot it dumped. The live server is only asked for its version:
+//! nothing of a backup is ever restored into it by a drill.
 
-use std::{collections::BTreeMap, sync::Arc, time::Instant};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use super::{Check, Scratch, ScratchItem};
+use super::{Check, DrillError, Scratch, physical};
 use crate::{
     catalog::{Artifact, Kind, Manifest},
-    engine::postgres::{Postgres, TableStats},
+    engine::postgres::{Postgres, ScratchServer, TableStats},
     error::OpError,
     jobs::Reporter,
     ops::{
@@ -17,6 +25,11 @@ use crate::{
         postgres::{LogicalDetails, PG_DUMP, restore::feed_restore},
     },
 };
+
+/// How long a fresh scratch server may take to accept connections.
+const START_LIMIT: Duration = Duration::from_secs(300);
+/// The database initdb creates, where the drill's sessions start.
+const HOME: &str = "postgres";
 
 /// What a report says when a backup predates validation data.
 pub(super) const NO_VALIDATION_DATA: &str = "no validation data recorded: counts not compared";
@@ -58,6 +71,25 @@ pub(super) async fn drill(
         }],
     };
 
+    let (version_num, _) = pg.server_version(&pg.default_database()).await?;
+    let major = version_num / 10000;
+    reporter.phase(
+        "preparing",
+        format!("initdb of a scratch PostgreSQL {major} server of the drill's own"),
+    );
+    let run_as = physical::run_as(&ctx.drill_dir).await?;
+    let root = ctx.drill_dir.join(scratch.name("logical"));
+    physical::make_root(&ctx.drill_dir, &root, run_as, scratch).await?;
+    let server = ScratchServer::init(pg, &root, run_as, major)
+        .await
+        .map_err(DrillError::from)?;
+    let mut held = scratch.server.lock().await;
+    let server = held.insert(server);
+    let client = server
+        .ready(pg, HOME, START_LIMIT)
+        .await
+        .map_err(DrillError::from)?;
+
     let started = Instant::now();
     let mut restored = Vec::with_capacity(dumped.len());
     for (index, d) in dumped.into_iter().enumerate() {
@@ -65,21 +97,17 @@ pub(super) async fn drill(
         reporter.phase(
             "restoring",
             format!(
-                "{} ({}) → zstd → pg_restore into scratch database {db}",
+                "{} ({}) → zstd → pg_restore into scratch database {db} of the drill's server",
                 m.id, d.name
             ),
         );
-        let item = ScratchItem::Database(db.clone());
-        scratch.register(item.clone());
-        if let Err(e) = pg.create_database(&db).await {
-            // Not ours: never drop a database this drill did not create.
-            scratch.forget(&item);
-            return Err(e.into());
-        }
-        restore_into(ctx, pg, m, &d.artifact, &db, reporter).await?;
+        client.create_database(&db).await?;
+        restore_into(ctx, &client, m, &d.artifact, &db, reporter).await?;
         restored.push((d, db));
     }
     let rto = started.elapsed().as_secs_f64();
+    // The dump may have created event triggers: off before the drill runs anything there.
+    ScratchServer::disarm(&client, HOME).await?;
 
     let named = restored.len() > 1 || m.kind == Kind::LogicalCluster;
     let mut checks = Vec::new();
@@ -92,14 +120,14 @@ pub(super) async fn drill(
         checks.push(Check::fact(
             format!("{prefix}restore"),
             "pg_restore completes",
-            format!("restored into scratch database {db}"),
+            format!("restored into scratch database {db} of the drill's own server"),
             true,
         ));
         reporter.phase(
             "validating",
             format!("counting rows and checksumming the tables of {db}"),
         );
-        let found = pg.table_stats(&db, None).await?;
+        let found = client.table_stats(&db, None).await?;
         match d.tables {
             Some(expected) => checks.extend(compare_tables(&prefix, &expected, &found)),
             None => checks.push(Check::skipped(

@@ -1,6 +1,6 @@
-//! Restore drills: restore a backup into a scratch target on the same servers (never the real
-//! one) — a scratch database ([`logical`]), a scratch data directory with its own scratch server
-//! ([`physical`]) or a scratch collection ([`qdrant`]) — check it against the validation data
+//! Restore drills: restore a backup into a scratch target (never the real one) — a scratch
+//! PostgreSQL server of the drill's own, fresh ([`logical`]) or on a scratch data directory
+//! ([`physical`]), or a scratch collection ([`qdrant`]) — check it against the validation data
 //! recorded at backup time, measure how long the restore took until the data was usable (the
 //! RTO), store a report beside the backup and always remove the scratch target.
 //!
@@ -13,6 +13,7 @@
 mod logical;
 mod physical;
 mod qdrant;
+mod wal_feed;
 
 use std::sync::{Arc, Mutex};
 
@@ -218,8 +219,6 @@ pub struct Scratch {
 /// One scratch target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ScratchItem {
-    /// A PostgreSQL database.
-    Database(String),
     /// A Qdrant collection.
     Collection(String),
     /// A directory under `--drill-dir` (a base backup's scratch data directory and its server's
@@ -265,9 +264,8 @@ impl Scratch {
             .expect("scratch lock")
             .iter()
             .map(|i| match i {
-                ScratchItem::Database(d) => format!("database {d}"),
                 ScratchItem::Collection(c) => format!("collection {c}"),
-                ScratchItem::Directory(d) => format!("data directory {}", d.display()),
+                ScratchItem::Directory(d) => format!("directory {}", d.display()),
             })
             .collect()
     }
@@ -282,12 +280,6 @@ impl Scratch {
         let items = std::mem::take(&mut *self.created.lock().expect("scratch lock"));
         for item in items {
             match &item {
-                ScratchItem::Database(db) => {
-                    let Ok(pg) = ctx.postgres() else { continue };
-                    if let Err(e) = pg.drop_scratch_database(db).await {
-                        tracing::warn!(database = %db, error = %e, "could not drop the drill's scratch database; drop it by hand");
-                    }
-                }
                 ScratchItem::Collection(c) => {
                     let Ok(q) = ctx.qdrant() else { continue };
                     if let Err(e) = q.delete_collection(c).await {
@@ -307,6 +299,7 @@ impl Scratch {
 }
 
 pub use physical::sweep as sweep_drill_dir;
+pub use wal_feed::fetch as drill_wal_fetch;
 
 /// A drill about to run.
 #[derive(Debug, Clone)]

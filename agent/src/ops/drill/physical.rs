@@ -1,8 +1,10 @@
-//! Drills of base backups: the backup laid into a scratch data directory under `--drill-dir`,
-//! recovery configured to the end of its window in the archive (exactly as a real physical
-//! restore), a scratch server ([`ScratchServer`]) replaying it and promoting, then checks on the
-//! promoted copy: that replay reached the last archived segment, `pg_amcheck` over every
-//! database, and every table's rows and checksum, recorded in the report.
+//! Drills of base backups: the backup laid into a scratch data directory under `--drill-dir` (as a
+//! real physical restore lays it), a scratch server ([`ScratchServer`]) with the drill's own
+//! configuration replaying WAL to the end of its window — WAL the agent fetches, verifies and
+//! hands over the drill's socket ([`super::wal_feed`]), so the server holds no credential — and
+//! promoting, then checks on the promoted copy: that replay reached the last archived segment,
+//! `pg_amcheck` over every database, and every table's rows and checksum, recorded in the
+//! report. Every event trigger of the copy is disabled before any of that runs.
 //!
 //! The counts are recorded, not compared: a base backup replayed to the end of its window holds
 //! every write committed after the backup too, so nothing recorded at backup time can match it.
@@ -15,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Check, DrillError, Scratch, ScratchItem};
+use super::{Check, DrillError, Scratch, ScratchItem, wal_feed};
 use crate::{
     catalog::Manifest,
     engine::postgres::{ScratchError, ScratchServer},
@@ -26,6 +28,7 @@ use crate::{
         Context,
         physical::{PgdataRestore, RecoveryTarget, restore_pgdata},
     },
+    wal::WalArchive,
 };
 
 /// How long a scratch server may replay before the drill gives up.
@@ -84,12 +87,24 @@ pub(super) async fn drill(
             restored.details.start_lsn, restored.window.latest_lsn, restored.window.timeline
         ),
     );
-    let server = ScratchServer::start(pg, &pgdata, &root, run_as)
+    // Fetched into a directory of the agent's own, which the scratch server cannot write.
+    let staging = ctx.drill_dir.join(scratch.name("wal"));
+    make_root(&ctx.drill_dir, &staging, None, scratch).await?;
+    let socket = root.join("wal.sock");
+    let archive = WalArchive::new(ctx.source.store().clone(), &restored.details.system_id);
+    let _feed = wal_feed::WalFeed::start(archive, &socket, staging, run_as)
+        .await
+        .map_err(DrillError::from)?;
+    let restore_command = wal_feed::restore_command(&req.agent_binary, &socket);
+    let server = ScratchServer::start(pg, &pgdata, &root, run_as, Some(&restore_command))
         .await
         .map_err(DrillError::from)?;
     let mut held = scratch.server.lock().await;
     let server = held.insert(server);
-    let client = match server.ready(pg, RECOVERY_LIMIT).await {
+    let client = match server
+        .ready(pg, &pg.default_database(), RECOVERY_LIMIT)
+        .await
+    {
         Ok(client) => client,
         Err(e @ (ScratchError::Exited { .. } | ScratchError::TooSlow { .. })) => {
             checks.push(Check::fact(
@@ -104,8 +119,10 @@ pub(super) async fn drill(
     };
     let rto = started.elapsed().as_secs_f64();
 
-    reporter.phase("validating", "checking replay, amcheck, counting rows");
     let home = pg.default_database();
+    reporter.phase("validating", "disabling every event trigger of the copy");
+    let connectable = ScratchServer::disarm(&client, &home).await?;
+    reporter.phase("validating", "checking replay, amcheck, counting rows");
     let replayed = client
         .query(&home, "select pg_last_wal_replay_lsn()")
         .await?;
@@ -121,19 +138,26 @@ pub(super) async fn drill(
         "validating",
         "pg_amcheck: every heap and B-tree index of every database",
     );
-    checks.push(match server.amcheck(pg, &home).await {
-        Ok((clean, said)) => Check::fact(
+    let installed = ScratchServer::install_amcheck(&client, &connectable).await;
+    checks.push(match installed {
+        Err(e) => Check::skipped(
             "amcheck",
-            "no corruption in any table or B-tree index",
-            said,
-            clean,
+            format!("not checked: the amcheck extension could not be created in the copy: {e}"),
         ),
-        Err(e) => Check::fact(
-            "amcheck",
-            "no corruption in any table or B-tree index",
-            format!("could not check: {e}"),
-            false,
-        ),
+        Ok(()) => match server.amcheck(pg, &home).await {
+            Ok((clean, said)) => Check::fact(
+                "amcheck",
+                "no corruption in any table or B-tree index",
+                said,
+                clean,
+            ),
+            Err(e) => Check::fact(
+                "amcheck",
+                "no corruption in any table or B-tree index",
+                format!("could not check: {e}"),
+                false,
+            ),
+        },
     });
 
     for db in ScratchServer::databases(&client, &home).await? {
@@ -162,7 +186,7 @@ pub(super) async fn drill(
 
 /// Who the scratch server runs as: the agent's own user, unless that is root (PostgreSQL
 /// refuses to run as root) — then the owner of the drill directory, else the `postgres` user.
-async fn run_as(drill_dir: &Path) -> Result<Option<(u32, u32)>, OpError> {
+pub(super) async fn run_as(drill_dir: &Path) -> Result<Option<(u32, u32)>, OpError> {
     use std::os::unix::fs::MetadataExt;
     if !nix::unistd::geteuid().is_root() {
         return Ok(None);
@@ -182,9 +206,9 @@ async fn run_as(drill_dir: &Path) -> Result<Option<(u32, u32)>, OpError> {
     }
 }
 
-/// Creates the drill's own directory (mode 0700, given to `run_as`) under the drill directory,
-/// registered first so an interruption at any point removes it.
-async fn make_root(
+/// Creates one of the drill's own directories (mode 0700, given to `run_as`) under the drill
+/// directory, registered first so an interruption at any point removes it.
+pub(super) async fn make_root(
     drill_dir: &Path,
     root: &PathBuf,
     run_as: Option<(u32, u32)>,
