@@ -54,7 +54,10 @@ fn a_schedule_backs_up_with_no_client_and_the_metrics_and_failure_records_show_i
         &store.env(),
     );
     let m = agent.metrics_addr();
-    assert_eq!(metric(&m, "soma_store_up", &[]), Some(1.0));
+    // The store is probed in the background (scrapes only read memory): up within a refresh.
+    poll_until(Duration::from_secs(30), "soma_store_up 1", || {
+        (metric(&m, "soma_store_up", &[]) == Some(1.0)).then_some(())
+    });
     let next = metric(
         &m,
         "soma_schedule_next_run_timestamp_seconds",

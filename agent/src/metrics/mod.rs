@@ -5,7 +5,9 @@
 //! it, and every [`CATALOG_REFRESH`]), not counted in memory: a restarted agent reports the age
 //! of the newest backup at once, so "backup too old" alerts neither fire nor go quiet because the
 //! agent restarted. Counters (failures, skipped runs) count since the agent started, as
-//! Prometheus counters do. WAL and store gauges are read at scrape time.
+//! Prometheus counters do. What needs the store or the server (is the store up, the archive lag,
+//! WAL progress) is refreshed in the background every [`LIVE_REFRESH`]; scrapes and probes only
+//! read memory.
 
 pub mod http;
 
@@ -34,8 +36,11 @@ use crate::{
 pub const CATALOG_REFRESH: Duration = Duration::from_secs(300);
 /// Drill reports read per backup group at start-up for the drill gauges.
 const MAX_REPORTS_READ: usize = 10;
-/// How long a scrape waits for the store probe and the server's WAL position.
+/// How long the live refresh waits for the store probe and for the server's WAL position.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the store is probed and the server's WAL position read for the gauges and the
+/// liveness probe: a stall is noticed this much late at worst.
+pub const LIVE_REFRESH: Duration = Duration::from_secs(5);
 
 type F64Gauge = Gauge<f64, AtomicU64>;
 
@@ -437,19 +442,19 @@ impl Metrics {
         self.schedule_skipped.get_or_create(labels).inc();
     }
 
-    /// Reads the live values (WAL stream, store) and encodes every metric as OpenMetrics text.
-    pub async fn scrape(&self, ctx: &Context) -> String {
-        self.refresh_live(ctx).await;
+    /// Encodes every metric as OpenMetrics text. Reads nothing but memory: the values that need
+    /// the store or the server are kept current by [`spawn_live_refresh`], so a scrape answers at
+    /// once whatever state the store or the server is in.
+    pub fn scrape(&self, ctx: &Context) -> String {
+        self.read_memory(ctx);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
     }
 
-    async fn refresh_live(&self, ctx: &Context) {
-        let probe = tokio::time::timeout(PROBE_TIMEOUT, ctx.catalog.store().head("soma-probe"));
-        self.store_up
-            .set(matches!(probe.await, Ok(Ok(_))).then_some(1).unwrap_or(0));
+    /// The live values kept in memory by the store's and the WAL stream's own tasks.
+    fn read_memory(&self, ctx: &Context) {
         if let Some(health) = ctx.catalog.store().health() {
             let r = health.report();
             let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
@@ -472,6 +477,18 @@ impl Metrics {
         if let Some(t) = status.last_shipped_at {
             self.wal_last_shipped.set(ts(t));
         }
+    }
+
+    /// Asks the store and the server (each bounded by [`PROBE_TIMEOUT`]) for what scrapes and
+    /// the liveness probe report: whether the store answers, the server's WAL position (the
+    /// archive lag), and whether the WAL stream made progress since the last time.
+    pub async fn refresh_live(&self, ctx: &Context) {
+        let probe = tokio::time::timeout(PROBE_TIMEOUT, ctx.catalog.store().head("soma-probe"));
+        self.store_up
+            .set(matches!(probe.await, Ok(Ok(_))).then_some(1).unwrap_or(0));
+        let Some(wal) = &ctx.wal_stream else {
+            return;
+        };
         let server = match &ctx.postgres {
             Some(pg) => tokio::time::timeout(PROBE_TIMEOUT, pg.current_wal_lsn())
                 .await
@@ -479,6 +496,8 @@ impl Metrics {
                 .and_then(Result::ok),
             None => None,
         };
+        // Read after the server's position, so WAL shipped meanwhile does not count as lag.
+        let status = wal.status.lock().map(|s| s.clone()).unwrap_or_default();
         if let Some(server) = server {
             let lag = server.0.saturating_sub(status.archived_lsn.0);
             self.wal_lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
@@ -496,10 +515,11 @@ impl Metrics {
     }
 
     /// Why the WAL stream counts as stuck, if it does: not receiving, or WAL waiting to be
-    /// shipped while the archive position has not moved, for longer than `after`.
-    pub async fn wal_stuck(&self, ctx: &Context, after: Duration) -> Option<String> {
+    /// shipped while the archive position has not moved, for longer than `after`. Judged from
+    /// the last [`Metrics::refresh_live`], never by asking anyone: the kubelet's probe must
+    /// answer within its timeout even when the store or the server does not.
+    pub fn wal_stuck(&self, ctx: &Context, after: Duration) -> Option<String> {
         ctx.wal_stream.as_ref()?;
-        self.refresh_live(ctx).await;
         let p = self.wal_progress.lock().unwrap_or_else(|e| e.into_inner());
         let stalled = p.since.elapsed();
         if stalled < after {
@@ -520,6 +540,26 @@ impl Metrics {
             )
         })
     }
+}
+
+/// Keeps the store and WAL values of [`Metrics::refresh_live`] current: at once, then every
+/// [`LIVE_REFRESH`] until `shutdown`. A frozen store or server delays this task, never a scrape
+/// or a probe.
+pub fn spawn_live_refresh(
+    metrics: Arc<Metrics>,
+    ctx: Arc<Context>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(LIVE_REFRESH);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = every.tick() => metrics.refresh_live(&ctx).await,
+                () = shutdown.cancelled() => break,
+            }
+        }
+    });
 }
 
 /// Keeps the backup gauges current: at once (with the drill gauges from the stored reports), then
