@@ -346,7 +346,8 @@ fn wal_shipping_and_base_backups_move_the_metrics_and_the_probes_answer() {
     );
 
     // The probes: alive while the stream moves; ready; nothing else is served.
-    assert_eq!(http_get(&m, "/livez").0, 200);
+    let (code, _, body) = http_get(&m, "/livez");
+    assert_eq!(code, 200, "{body}");
     assert_eq!(http_get(&m, "/readyz").0, 200);
     assert_eq!(http_get(&m, "/v1/backups").0, 404);
 

@@ -130,11 +130,42 @@ pub struct Metrics {
     wal_progress: Mutex<WalProgress>,
 }
 
+/// Whether the server sits at the start of a segment right after the one the archive ends in:
+/// after a segment switch (`pg_switch_wal`, the end of a base backup) the rest of that segment is
+/// padding that is never "archived" byte by byte, so the archive stops short of the server's
+/// position with nothing left to ship.
+fn after_switch(server: Lsn, status: &crate::wal::stream::StreamStatus) -> bool {
+    let seg = status.seg_size;
+    seg > 0
+        && server.0 % seg == 0
+        && status.archived_lsn.0 < server.0
+        && server.0 - status.archived_lsn.0 < seg
+}
+
 #[derive(Debug)]
 struct WalProgress {
     archived: Lsn,
     receiving: bool,
     since: Instant,
+    /// The server's WAL position at the last refresh, if it answered.
+    server: Option<Lsn>,
+}
+
+impl WalProgress {
+    /// Takes in the stream's state now. Healthy: receiving, and either the archive moved or
+    /// there is nothing to ship (judged against the server's position of the last refresh). A
+    /// stall is timed from the last healthy moment, or from when receiving started or stopped.
+    fn observe(&mut self, status: &crate::wal::stream::StreamStatus) {
+        let idle = self
+            .server
+            .is_some_and(|s| s <= status.archived_lsn || after_switch(s, status));
+        let moved = status.archived_lsn != self.archived;
+        if (status.receiving && (moved || idle)) || status.receiving != self.receiving {
+            self.since = Instant::now();
+        }
+        self.archived = status.archived_lsn;
+        self.receiving = status.receiving;
+    }
 }
 
 fn ts(t: DateTime<Utc>) -> f64 {
@@ -180,6 +211,7 @@ impl Metrics {
                 archived: Lsn::default(),
                 receiving: true,
                 since: Instant::now(),
+                server: None,
             }),
         };
         let r = &mut registry;
@@ -503,24 +535,23 @@ impl Metrics {
             self.wal_lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
         }
         let mut p = self.wal_progress.lock().unwrap_or_else(|e| e.into_inner());
-        // Healthy: receiving, and either the archive moved or there is nothing to ship. A stall
-        // is timed from the last healthy moment, or from when receiving started or stopped.
-        let idle = server.is_some_and(|s| s <= status.archived_lsn);
-        let moved = status.archived_lsn != p.archived;
-        if (status.receiving && (moved || idle)) || status.receiving != p.receiving {
-            p.since = Instant::now();
+        if server.is_some() {
+            p.server = server;
         }
-        p.archived = status.archived_lsn;
-        p.receiving = status.receiving;
+        p.observe(&status);
     }
 
     /// Why the WAL stream counts as stuck, if it does: not receiving, or WAL waiting to be
     /// shipped while the archive position has not moved, for longer than `after`. Judged from
-    /// the last [`Metrics::refresh_live`], never by asking anyone: the kubelet's probe must
-    /// answer within its timeout even when the store or the server does not.
+    /// memory (the server's position of the last [`Metrics::refresh_live`]), never by asking
+    /// anyone: the kubelet's probe must answer within its timeout even when the store or the
+    /// server does not.
     pub fn wal_stuck(&self, ctx: &Context, after: Duration) -> Option<String> {
-        ctx.wal_stream.as_ref()?;
-        let p = self.wal_progress.lock().unwrap_or_else(|e| e.into_inner());
+        let wal = ctx.wal_stream.as_ref()?;
+        // The stream's own state is in memory: only the server's position comes from the refresh.
+        let status = wal.status.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut p = self.wal_progress.lock().unwrap_or_else(|e| e.into_inner());
+        p.observe(&status);
         let stalled = p.since.elapsed();
         if stalled < after {
             return None;
@@ -533,7 +564,9 @@ impl Metrics {
             )
         } else {
             format!(
-                "WAL is waiting to be shipped but the archive has stayed at {} for {}s (limit {}s)",
+                "WAL is waiting to be shipped (the server is at {}) but the archive has stayed at {} for {}s (limit {}s)",
+                p.server
+                    .map_or_else(|| "an unknown position".to_string(), |s| s.to_string()),
                 p.archived,
                 stalled.as_secs(),
                 after.as_secs()
