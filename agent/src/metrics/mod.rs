@@ -137,7 +137,7 @@ pub struct Metrics {
 fn after_switch(server: Lsn, status: &crate::wal::stream::StreamStatus) -> bool {
     let seg = status.seg_size;
     seg > 0
-        && server.0 % seg == 0
+        && server.0.is_multiple_of(seg)
         && status.archived_lsn.0 < server.0
         && server.0 - status.archived_lsn.0 < seg
 }
