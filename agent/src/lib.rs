@@ -212,16 +212,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .as_deref()
         .map(server::auth::load_token)
         .transpose()?;
-    if token.is_none() && !config.listen.ip().is_loopback() {
-        anyhow::bail!(
-            "refusing to listen on {} without --token-file (SOMA_AGENT_TOKEN_FILE): anyone who reaches that address could delete every backup or restore over the live database. Give the agent a token file, or keep --listen on 127.0.0.1 (kubectl soma reaches it through a port-forward)",
-            config.listen
-        );
-    }
     let tls_identity = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(server::tls::load_identity(cert, key)?),
         _ => None,
     };
+    server::tls::check_exposure(config.listen, token.is_some(), tls_identity.is_some())?;
     let schedules = config.parsed_schedules().map_err(anyhow::Error::msg)?;
     let mut postgres = config
         .postgres_url

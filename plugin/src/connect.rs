@@ -105,6 +105,11 @@ fn given_token(args: &KubeArgs) -> Result<Option<Bearer>, CliError> {
 
 /// The token for `pod`: the one given to this command, else the one in the Secret its
 /// `soma.dev/token-secret` annotation names (key `token`), else none.
+///
+/// Whoever can create a pod in the namespace writes that annotation. A Secret is therefore used
+/// only when it is labelled as a soma-backup agent token ([`discovery::TOKEN_SECRET_LABELS`]):
+/// otherwise a pod posing as an agent could name any Secret the user may read (a database
+/// password, a cloud key) and have the plugin send it to the pod as a bearer token.
 async fn pod_token(client: &Client, pod: &AgentPod, args: &KubeArgs) -> Result<Bearer, CliError> {
     if let Some(given) = given_token(args)? {
         return Ok(given);
@@ -116,6 +121,23 @@ async fn pod_token(client: &Client, pod: &AgentPod, args: &KubeArgs) -> Result<B
     let secret = secrets.get(name).await.map_err(|e| {
         discovery::api_error(e, &pod.namespace, &format!("get secret {name} (the agent token named by pod {}'s soma.dev/token-secret annotation)", pod.name))
     })?;
+    let labels = secret.metadata.labels.as_ref();
+    let labelled = discovery::TOKEN_SECRET_LABELS
+        .iter()
+        .all(|(k, v)| labels.and_then(|l| l.get(*k)).is_some_and(|x| x == v));
+    if !labelled {
+        let wanted = discovery::TOKEN_SECRET_LABELS
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>();
+        return Err(CliError::Kubernetes(format!(
+            "pod {}'s soma.dev/token-secret annotation names Secret {}/{name}, which is not labelled as a soma-backup agent token ({}): no token is read from it, since whoever controls a pod could otherwise have any Secret of the namespace sent to it. The chart labels the token Secret it creates; label a Secret you brought yourself (kubectl label secret {name} {}), or give the token with --token-file",
+            pod.name,
+            pod.namespace,
+            wanted.join(", "),
+            wanted.join(" ")
+        )));
+    }
     let source = format!("Secret {}/{name} key \"token\"", pod.namespace);
     let token = secret
         .data
@@ -130,6 +152,16 @@ async fn pod_token(client: &Client, pod: &AgentPod, args: &KubeArgs) -> Result<B
     let text = std::str::from_utf8(&token.0)
         .map_err(|_| CliError::Kubernetes(format!("{source} is not text")))?;
     Bearer::new(text, &source)
+}
+
+/// Whether `host` (as `--agent` or a kubeconfig names it) is this machine's loopback, where a
+/// token in clear crosses no network.
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_matches(['[', ']']);
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// The client every command uses: gRPC with the bearer token on each call.
@@ -248,7 +280,7 @@ fn endpoint(uri: String, args: &KubeArgs, default_name: &str) -> Result<Endpoint
 
 /// Connects to the agent at `addr` (HOST:PORT), with the token `args` give.
 pub async fn direct(addr: &str, args: &KubeArgs) -> Result<Agent, CliError> {
-    let bearer = given_token(args)?.unwrap_or_default();
+    let bearer = given_token(args)?;
     if addr.contains("://") || !addr.contains(':') {
         return Err(CliError::Usage(format!(
             "--agent {addr:?}: expected HOST:PORT, e.g. 127.0.0.1:50051"
@@ -258,6 +290,13 @@ pub async fn direct(addr: &str, args: &KubeArgs) -> Result<Agent, CliError> {
         .rsplit_once(':')
         .map_or(addr, |(h, _)| h)
         .trim_matches(['[', ']']);
+    // Checked before connecting: nothing is sent.
+    if bearer.is_some() && args.agent_ca.is_none() && !is_loopback_host(host) {
+        return Err(CliError::Usage(format!(
+            "--agent {addr:?}: refusing to send the agent token in clear beyond loopback, where anyone on the path could read and replay it. Reach the agent over TLS with --agent-ca PATH (SOMA_AGENT_CA; the agent serves --tls-cert), or through a port-forward (kubectl soma -n NAMESPACE finds it, or kubectl port-forward and --agent 127.0.0.1:PORT)"
+        )));
+    }
+    let bearer = bearer.unwrap_or_default();
     let endpoint = endpoint(format!("http://{addr}"), args, host)
         .map_err(|e| CliError::Usage(format!("--agent {addr:?}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -302,6 +341,14 @@ pub async fn kube(args: &KubeArgs) -> Result<(Client, String), CliError> {
             ))
         })?,
     };
+    // The agent token travels through the API server's port-forward: never in clear across a
+    // network (kubectl itself sends no credentials over plain http).
+    let url = &config.cluster_url;
+    if url.scheme_str() != Some("https") && !url.host().is_some_and(is_loopback_host) {
+        return Err(CliError::Kubernetes(format!(
+            "the Kubernetes API server {url} is reached without TLS beyond loopback: refusing to send credentials and the agent token through it in clear. Use the cluster's https:// address in the kubeconfig"
+        )));
+    }
     let namespace = args
         .namespace
         .clone()
@@ -520,5 +567,36 @@ pub async fn agent_for_backup(
                 .collect::<Vec<_>>()
                 .join(", ")
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts_are_only_this_machine() {
+        for host in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "localhost",
+            "LOCALHOST",
+            "::1",
+            "[::1]",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "10.0.0.7",
+            "0.0.0.0",
+            "::",
+            "agent.example",
+            "localhost.example",
+            "127.0.0.1.nip.io",
+            "",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
     }
 }

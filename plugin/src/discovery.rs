@@ -19,6 +19,12 @@ pub const ENGINE_LABEL: &str = "soma.dev/engine";
 pub const PORT_ANNOTATION: &str = "soma.dev/agent-port";
 /// Names the Secret (key `token`) holding the agent's bearer token.
 pub const TOKEN_SECRET_ANNOTATION: &str = "soma.dev/token-secret";
+/// Labels a Secret must carry, with these values, before kubectl soma reads a token from it: the
+/// chart puts them on the token Secret it creates; a Secret you bring needs them too.
+pub const TOKEN_SECRET_LABELS: [(&str, &str); 2] = [
+    ("app.kubernetes.io/part-of", "soma-backup"),
+    ("app.kubernetes.io/component", "agent-token"),
+];
 /// Default agent port.
 pub const DEFAULT_PORT: u16 = 50051;
 

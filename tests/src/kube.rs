@@ -450,13 +450,31 @@ impl KubeDouble {
             .map(|p| objects::pod(p, true))
     }
 
-    /// Creates (or replaces) Secret `namespace/name` holding `data` (key → value).
+    /// Creates (or replaces) Secret `namespace/name` holding `data` (key → value), unlabelled.
     pub fn add_secret(&self, namespace: &str, name: &str, data: &[(&str, &[u8])]) {
+        self.add_labelled_secret(namespace, name, &[], data);
+    }
+
+    /// Creates (or replaces) Secret `namespace/name` with `labels`, holding `data`.
+    pub fn add_labelled_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        data: &[(&str, &[u8])],
+    ) {
         self.shared.lock().secrets.insert(
             (namespace.to_string(), name.to_string()),
-            data.iter()
-                .map(|(k, v)| (k.to_string(), v.to_vec()))
-                .collect(),
+            state::StoredSecret {
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                data: data
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_vec()))
+                    .collect(),
+            },
         );
     }
 

@@ -50,6 +50,57 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String, String) {
     (status, content_type, body.to_string())
 }
 
+/// `GET path` on `addr` as a prober with a timeout does it (the kubelet's `timeoutSeconds`):
+/// connecting, sending and reading the whole answer must fit in `limit`. Returns the status code
+/// and the body, or what did not happen in time.
+pub fn http_get_within(addr: &str, path: &str, limit: Duration) -> Result<(u16, String), String> {
+    let started = std::time::Instant::now();
+    let target: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut stream =
+        TcpStream::connect_timeout(&target, limit).map_err(|e| format!("connect {addr}: {e}"))?;
+    let left = |what: &str| {
+        limit
+            .checked_sub(started.elapsed())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| format!("GET {path}: no answer within {limit:?} ({what})"))
+    };
+    stream
+        .set_write_timeout(Some(left("sending")?))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("GET {path}: sending: {e}"))?;
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        stream
+            .set_read_timeout(Some(left("reading")?))
+            .map_err(|e| e.to_string())?;
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&chunk[..n]),
+            Err(e) => {
+                return Err(format!(
+                    "GET {path}: no whole answer within {limit:?} ({e}; {} bytes read)",
+                    raw.len()
+                ));
+            }
+        }
+    }
+    let raw = String::from_utf8_lossy(&raw);
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("GET {path}: not an HTTP answer: {raw:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("GET {path}: no status line in {head:?}"))?;
+    Ok((status, body.to_string()))
+}
+
 /// Scrapes `/metrics` and parses every sample; panics unless it is OpenMetrics text ending in
 /// `# EOF`.
 pub fn scrape(addr: &str) -> Vec<Sample> {

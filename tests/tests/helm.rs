@@ -86,8 +86,28 @@ fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// `install` (and optionally `upgrade`) with JSON values; returns {"install": STEP, "upgrade": STEP}.
+/// The key Secret of the examples (helm/examples/soma-backup.yaml): encryption is on by default,
+/// and the chart refuses to render without one.
+const KEY_SECRET: &str = "soma-backup-key";
+
+/// `values` with the encryption key Secret the chart requires by default, unless they say
+/// something about encryption themselves.
+fn with_key(values: &Value) -> Value {
+    let mut v = values.clone();
+    if v.pointer("/agent/encryption").is_none() {
+        v["agent"]["encryption"] = json!({"existingSecret": KEY_SECRET});
+    }
+    v
+}
+
+/// `install` (and optionally `upgrade`) with JSON values (given the key Secret, see
+/// [`with_key`]); returns {"install": STEP, "upgrade": STEP}.
 fn install(values: &Value, extra: &[&str]) -> Value {
+    install_as_given(&with_key(values), extra)
+}
+
+/// [`install`] with exactly `values`.
+fn install_as_given(values: &Value, extra: &[&str]) -> Value {
     let chart = chart();
     let values = values.to_string();
     let mut args = vec!["install", path_str(&chart), "--set-json", &values];
@@ -253,9 +273,9 @@ fn job_container(job: &Value) -> &Value {
 }
 
 #[test]
-fn lint_is_clean_with_defaults_and_every_example() {
+fn lint_is_clean_with_every_example() {
     let chart = chart();
-    let mut runs = vec![(String::from("default values"), None)];
+    let mut runs = Vec::new();
     for f in [
         "soma-backup.yaml",
         "soma-backup-disaster-recovery.yaml",
@@ -427,6 +447,18 @@ fn restore_and_pre_upgrade_hooks_run_with_their_own_least_rbac() {
     };
     assert_eq!(token.len(), 48, "{secret}");
     assert!(token.iter().all(u8::is_ascii_alphanumeric), "{secret}");
+    // Labelled as the agent token of soma-backup: the only Secrets kubectl-soma reads a token from.
+    let labels = &secret["metadata"]["labels"];
+    assert_eq!(
+        labels["app.kubernetes.io/part-of"],
+        json!("soma-backup"),
+        "{secret}"
+    );
+    assert_eq!(
+        labels["app.kubernetes.io/component"],
+        json!("agent-token"),
+        "{secret}"
+    );
     // The hook's rights are removed again once its hooks succeeded.
     for step in [inst, upg] {
         let deleted: BTreeSet<String> = step["events"]
@@ -482,6 +514,7 @@ fn restore_and_pre_upgrade_hooks_run_with_their_own_least_rbac() {
 
 #[test]
 fn default_values_render_nothing_but_a_failed_restore_fails_the_install() {
+    // The defaults plus the key Secret encryption needs.
     let out = install(&json!({}), &[]);
     step_ok(&out["install"], "helm install with defaults");
     assert!(
@@ -520,6 +553,102 @@ fn default_values_render_nothing_but_a_failed_restore_fails_the_install() {
     assert!(!deleted_job, "the failed restore Job was deleted");
 }
 
+/// The release notes Helm stored with the release (its Secret holds the release as base64 of
+/// gzipped JSON, base64-encoded again as Secret data).
+fn notes(step: &Value) -> String {
+    use base64::Engine as _;
+    use std::io::Read as _;
+    let release = step["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .rfind(|e| {
+            e["kind"] == "Secret"
+                && e["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("sh.helm.release."))
+        })
+        .expect("the release Secret");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let data = release["object"]["data"]["release"]
+        .as_str()
+        .expect("release");
+    let gzipped = b64
+        .decode(b64.decode(data).expect("Secret data"))
+        .expect("release encoding");
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&gzipped[..])
+        .read_to_string(&mut text)
+        .expect("gzipped release");
+    let release: Value = serde_json::from_str(&text).expect("release JSON");
+    release["info"]["notes"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Encryption at rest is the default: without a key Secret the chart refuses to render, naming
+/// the value to set and the explicit way out; with `agent.encryption.enabled=false` it renders
+/// sidecars without keys, and the release notes warn that backups are stored unencrypted.
+#[test]
+fn encryption_is_on_by_default_and_off_only_when_said_with_a_warning() {
+    let out = install_as_given(&json!({}), &[]);
+    let inst = &out["install"];
+    assert_eq!(inst["ok"], json!(false), "defaults without a key installed");
+    let error = inst["error"].as_str().unwrap();
+    assert!(
+        error.contains("agent.encryption.existingSecret is required")
+            && error.contains("kubectl create secret generic soma-backup-key")
+            && error.contains("agent.encryption.enabled=false"),
+        "{error}"
+    );
+
+    let out = install(&json!({}), &[]);
+    step_ok(&out["install"], "helm install with a key Secret");
+    let text = notes(&out["install"]);
+    assert!(text.contains("release platform"), "{text}");
+    assert!(!text.contains("UNENCRYPTED"), "{text}");
+
+    let out = install(&json!({"agent": {"encryption": {"enabled": false}}}), &[]);
+    step_ok(
+        &out["install"],
+        "helm install with encryption.enabled=false",
+    );
+    let text = notes(&out["install"]);
+    assert!(
+        text.contains("WARNING: agent.encryption.enabled=false: backups are stored UNENCRYPTED"),
+        "{text}"
+    );
+
+    let error = render_error(&json!({"agent": {"encryption": {
+        "enabled": false, "existingSecret": KEY_SECRET,
+    }}}));
+    assert!(
+        error.contains("agent.encryption.enabled is false") && error.contains("soma-backup-key"),
+        "{error}"
+    );
+
+    // What the sidecar gets either way.
+    let on = render_pod(&json!({}));
+    let off =
+        render_pod(&json!({"agent": {"encryption": {"enabled": false, "existingSecret": ""}}}));
+    let (on_agent, off_agent) = (
+        container(&on.pod, "soma-agent"),
+        container(&off.pod, "soma-agent"),
+    );
+    assert_eq!(
+        env_value(on_agent, "SOMA_ENCRYPTION_KEY_FILE"),
+        "/var/run/secrets/soma-encryption/key"
+    );
+    assert!(named(&on.pod["volumes"], "soma-encryption-keys").is_some());
+    assert!(
+        env_var(off_agent, "SOMA_ENCRYPTION_KEY_FILE").is_none(),
+        "{off_agent}"
+    );
+    assert!(named(&off_agent["volumeMounts"], "soma-encryption-keys").is_none());
+    assert!(named(&off.pod["volumes"], "soma-encryption-keys").is_none());
+}
+
 #[test]
 fn a_failed_pre_upgrade_backup_stops_the_upgrade() {
     let before = json!({"backup": {"beforeUpgrade": true}, "schedule": {"enabled": true}});
@@ -537,7 +666,7 @@ fn a_failed_pre_upgrade_backup_stops_the_upgrade() {
     };
 
     // The backup succeeds: the upgrade proceeds and changes the CronJob.
-    let after_s = after.to_string();
+    let after_s = with_key(&after).to_string();
     let ok = install(&before, &["--upgrade", "--upgrade-set-json", &after_s]);
     step_ok(&ok["upgrade"], "helm upgrade");
     assert!(
@@ -695,20 +824,27 @@ fn agent_sidecar_keeps_secrets_in_secrets_and_listens_on_loopback() {
         }
 
         // Read-only root filesystem: /tmp is an emptyDir. The API token is a mounted Secret,
-        // named by the pod annotation kubectl-soma reads.
+        // named by the pod annotation kubectl-soma reads; so is the encryption key (on by
+        // default).
         assert_eq!(
             c["volumeMounts"],
             json!([
                 {"name": "soma-agent-tmp", "mountPath": "/tmp"},
-                {"name": "soma-agent-token", "mountPath": "/var/run/secrets/soma-agent", "readOnly": true}
+                {"name": "soma-agent-token", "mountPath": "/var/run/secrets/soma-agent", "readOnly": true},
+                {"name": "soma-encryption-keys", "mountPath": "/var/run/secrets/soma-encryption", "readOnly": true}
             ])
         );
         assert_eq!(
             r["volumes"],
             json!([
                 {"name": "soma-agent-tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+                {"name": "soma-encryption-keys", "secret": {"secretName": "soma-backup-key", "defaultMode": 0o444}},
                 {"name": "soma-agent-token", "secret": {"secretName": "soma-agent-token", "items": [{"key": "token", "path": "token"}]}}
             ])
+        );
+        assert_eq!(
+            env_value(c, "SOMA_ENCRYPTION_KEY_FILE"),
+            "/var/run/secrets/soma-encryption/key"
         );
         assert_eq!(
             env_value(c, "SOMA_AGENT_TOKEN_FILE"),
@@ -1229,7 +1365,7 @@ fn lint_is_clean_with_wal_streaming_and_a_physical_restore() {
     for (what, values) in runs {
         // JSON is YAML: the file helm_engine.py nests under the chart's name.
         let file = dir.path().join("values.yaml");
-        std::fs::write(&file, values.to_string()).unwrap();
+        std::fs::write(&file, with_key(&values).to_string()).unwrap();
         let result = engine(&["lint", path_str(&chart), "--values", path_str(&file)]);
         let bad: Vec<&Value> = result["messages"]
             .as_array()
@@ -1353,6 +1489,7 @@ fn wal_streaming_sidecar_ships_through_a_spool_volume() {
         json!([
             {"name": "soma-agent-tmp", "mountPath": "/tmp"},
             {"name": "soma-agent-token", "mountPath": "/var/run/secrets/soma-agent", "readOnly": true},
+            {"name": "soma-encryption-keys", "mountPath": "/var/run/secrets/soma-encryption", "readOnly": true},
             {"name": "soma-agent-wal-spool", "mountPath": "/var/lib/soma-backup/wal-spool"},
         ])
     );
@@ -1444,6 +1581,7 @@ fn physical_restore_init_container_lays_the_backup_down_before_postgresql() {
             {"name": "data", "mountPath": "/bitnami/postgresql"},
             {"name": "soma-agent-bin", "mountPath": "/soma-bin"},
             {"name": "soma-restore-tmp", "mountPath": "/tmp"},
+            {"name": "soma-encryption-keys", "mountPath": "/var/run/secrets/soma-encryption", "readOnly": true},
         ])
     );
 
@@ -2575,7 +2713,7 @@ fn lint_is_clean_with_everything_unattended_enabled() {
         ),
     ] {
         let file = dir.path().join("values.yaml");
-        std::fs::write(&file, values.to_string()).unwrap();
+        std::fs::write(&file, with_key(&values).to_string()).unwrap();
         let result = engine(&["lint", path_str(&chart), "--values", path_str(&file)]);
         let bad: Vec<&Value> = result["messages"]
             .as_array()

@@ -288,7 +288,16 @@ fn backup_all_refuses_agents_with_different_stores() {
 
 /// An agent started with `--token-file`: the plugin reads the token from the Secret the pod's
 /// `soma.dev/token-secret` annotation names (`get` on secrets, as the API server answers it), and
-/// says what is wrong when the Secret is missing or RBAC forbids reading it.
+/// says what is wrong when the Secret is missing or RBAC forbids reading it. Only a Secret labelled
+/// as a soma-backup agent token is read: a pod's annotation naming any other Secret (whoever can
+/// create pods writes annotations) makes the plugin refuse before it opens a port-forward, so
+/// that Secret's value never reaches the pod.
+/// The labels the chart puts on the token Secret it creates.
+const TOKEN_LABELS: &[(&str, &str)] = &[
+    ("app.kubernetes.io/part-of", "soma-backup"),
+    ("app.kubernetes.io/component", "agent-token"),
+];
+
 #[test]
 fn the_token_comes_from_the_secret_the_pod_names() {
     let token = "k8s-secret-token-0123456789abcdef";
@@ -318,24 +327,63 @@ fn the_token_comes_from_the_secret_the_pod_names() {
         "list without the Secret",
     );
 
+    // The right token, in a Secret without the chart's labels: not read, nothing forwarded.
     kube.add_secret(
         NS,
         "soma-agent-token",
+        &[("token", format!("{token}\n").as_bytes())],
+    );
+    let forwards = kube.port_forward_count();
+    let out = kubectl_soma(&kubeconfig, &["list"]);
+    out.assert_code(1, "list with an unlabelled Secret");
+    out.assert_stderr_contains(
+        "not labelled as a soma-backup agent token",
+        "list with an unlabelled Secret",
+    );
+    out.assert_stderr_contains(
+        "app.kubernetes.io/part-of=soma-backup",
+        "names the labels to set",
+    );
+    assert_eq!(
+        kube.port_forward_count(),
+        forwards,
+        "no port-forward was opened to the pod"
+    );
+    // Only part of the labels: still refused.
+    kube.add_labelled_secret(
+        NS,
+        "soma-agent-token",
+        &[("app.kubernetes.io/part-of", "soma-backup")],
+        &[("token", format!("{token}\n").as_bytes())],
+    );
+    kubectl_soma(&kubeconfig, &["list"]).assert_code(1, "list with a half-labelled Secret");
+    assert_eq!(kube.port_forward_count(), forwards);
+
+    kube.add_labelled_secret(
+        NS,
+        "soma-agent-token",
+        TOKEN_LABELS,
         &[("token", format!("{token}\n").as_bytes())],
     );
     kubectl_soma(&kubeconfig, &["list"]).assert_success("list with the token from the Secret");
     kubectl_soma(&kubeconfig, &["status"]).assert_success("status with the token from the Secret");
 
     // A Secret holding another token: the agent refuses it.
-    kube.add_secret(
+    kube.add_labelled_secret(
         NS,
         "soma-agent-token",
+        TOKEN_LABELS,
         &[("token", b"some-other-token-0123456789")],
     );
     let out = kubectl_soma(&kubeconfig, &["list"]);
     assert_ne!(out.code, 0, "{out}");
     out.assert_stderr_contains("not this agent's", "list with another token");
-    kube.add_secret(NS, "soma-agent-token", &[("token", token.as_bytes())]);
+    kube.add_labelled_secret(
+        NS,
+        "soma-agent-token",
+        TOKEN_LABELS,
+        &[("token", token.as_bytes())],
+    );
 
     // RBAC without `get` on secrets: the plugin says which permission is missing.
     kube.deny(NS, "get", "secrets");

@@ -54,7 +54,10 @@ fn a_schedule_backs_up_with_no_client_and_the_metrics_and_failure_records_show_i
         &store.env(),
     );
     let m = agent.metrics_addr();
-    assert_eq!(metric(&m, "soma_store_up", &[]), Some(1.0));
+    // The store is probed in the background (scrapes only read memory): up within a refresh.
+    poll_until(Duration::from_secs(30), "soma_store_up 1", || {
+        (metric(&m, "soma_store_up", &[]) == Some(1.0)).then_some(())
+    });
     let next = metric(
         &m,
         "soma_schedule_next_run_timestamp_seconds",
@@ -343,7 +346,8 @@ fn wal_shipping_and_base_backups_move_the_metrics_and_the_probes_answer() {
     );
 
     // The probes: alive while the stream moves; ready; nothing else is served.
-    assert_eq!(http_get(&m, "/livez").0, 200);
+    let (code, _, body) = http_get(&m, "/livez");
+    assert_eq!(code, 200, "{body}");
     assert_eq!(http_get(&m, "/readyz").0, 200);
     assert_eq!(http_get(&m, "/v1/backups").0, 404);
 

@@ -5,7 +5,9 @@
 //! it, and every [`CATALOG_REFRESH`]), not counted in memory: a restarted agent reports the age
 //! of the newest backup at once, so "backup too old" alerts neither fire nor go quiet because the
 //! agent restarted. Counters (failures, skipped runs) count since the agent started, as
-//! Prometheus counters do. WAL and store gauges are read at scrape time.
+//! Prometheus counters do. What needs the store or the server (is the store up, the archive lag,
+//! WAL progress) is refreshed in the background every [`LIVE_REFRESH`]; scrapes and probes only
+//! read memory.
 
 pub mod http;
 
@@ -34,8 +36,11 @@ use crate::{
 pub const CATALOG_REFRESH: Duration = Duration::from_secs(300);
 /// Drill reports read per backup group at start-up for the drill gauges.
 const MAX_REPORTS_READ: usize = 10;
-/// How long a scrape waits for the store probe and the server's WAL position.
+/// How long the live refresh waits for the store probe and for the server's WAL position.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the store is probed and the server's WAL position read for the gauges and the
+/// liveness probe: a stall is noticed this much late at worst.
+pub const LIVE_REFRESH: Duration = Duration::from_secs(5);
 
 type F64Gauge = Gauge<f64, AtomicU64>;
 
@@ -127,11 +132,42 @@ pub struct Metrics {
     wal_progress: Mutex<WalProgress>,
 }
 
+/// Whether the server sits at the start of a segment right after the one the archive ends in:
+/// after a segment switch (`pg_switch_wal`, the end of a base backup) the rest of that segment is
+/// padding that is never "archived" byte by byte, so the archive stops short of the server's
+/// position with nothing left to ship.
+fn after_switch(server: Lsn, status: &crate::wal::stream::StreamStatus) -> bool {
+    let seg = status.seg_size;
+    seg > 0
+        && server.0.is_multiple_of(seg)
+        && status.archived_lsn.0 < server.0
+        && server.0 - status.archived_lsn.0 < seg
+}
+
 #[derive(Debug)]
 struct WalProgress {
     archived: Lsn,
     receiving: bool,
     since: Instant,
+    /// The server's WAL position at the last refresh, if it answered.
+    server: Option<Lsn>,
+}
+
+impl WalProgress {
+    /// Takes in the stream's state now. Healthy: receiving, and either the archive moved or
+    /// there is nothing to ship (judged against the server's position of the last refresh). A
+    /// stall is timed from the last healthy moment, or from when receiving started or stopped.
+    fn observe(&mut self, status: &crate::wal::stream::StreamStatus) {
+        let idle = self
+            .server
+            .is_some_and(|s| s <= status.archived_lsn || after_switch(s, status));
+        let moved = status.archived_lsn != self.archived;
+        if (status.receiving && (moved || idle)) || status.receiving != self.receiving {
+            self.since = Instant::now();
+        }
+        self.archived = status.archived_lsn;
+        self.receiving = status.receiving;
+    }
 }
 
 fn ts(t: DateTime<Utc>) -> f64 {
@@ -179,6 +215,7 @@ impl Metrics {
                 archived: Lsn::default(),
                 receiving: true,
                 since: Instant::now(),
+                server: None,
             }),
         };
         let r = &mut registry;
@@ -451,16 +488,20 @@ impl Metrics {
         self.schedule_skipped.get_or_create(labels).inc();
     }
 
-    /// Reads the live values (WAL stream, store) and encodes every metric as OpenMetrics text.
-    pub async fn scrape(&self, ctx: &Context) -> String {
-        self.refresh_live(ctx).await;
+    /// Encodes every metric as OpenMetrics text. Reads nothing but memory: the values that need
+    /// the store or the server are kept current by [`spawn_live_refresh`], so a scrape answers at
+    /// once whatever state the store or the server is in.
+    pub fn scrape(&self, ctx: &Context) -> String {
+        self.read_memory(ctx);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
     }
 
-    async fn refresh_live(&self, ctx: &Context) {
+    /// The live values kept in memory by the store's and the WAL stream's own tasks, and the
+    /// replay watch's last answer.
+    fn read_memory(&self, ctx: &Context) {
         if let Some(r) = ctx.replay.get() {
             self.recovery_unreplayed
                 .set(i64::try_from(r.unreplayed_bytes).unwrap_or(i64::MAX));
@@ -468,9 +509,6 @@ impl Metrics {
                 r.verdict == crate::ops::physical::Verdict::StoppedShort,
             ));
         }
-        let probe = tokio::time::timeout(PROBE_TIMEOUT, ctx.catalog.store().head("soma-probe"));
-        self.store_up
-            .set(matches!(probe.await, Ok(Ok(_))).then_some(1).unwrap_or(0));
         if let Some(health) = ctx.catalog.store().health() {
             let r = health.report();
             let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
@@ -493,6 +531,18 @@ impl Metrics {
         if let Some(t) = status.last_shipped_at {
             self.wal_last_shipped.set(ts(t));
         }
+    }
+
+    /// Asks the store and the server (each bounded by [`PROBE_TIMEOUT`]) for what scrapes and
+    /// the liveness probe report: whether the store answers, the server's WAL position (the
+    /// archive lag), and whether the WAL stream made progress since the last time.
+    pub async fn refresh_live(&self, ctx: &Context) {
+        let probe = tokio::time::timeout(PROBE_TIMEOUT, ctx.catalog.store().head("soma-probe"));
+        self.store_up
+            .set(matches!(probe.await, Ok(Ok(_))).then_some(1).unwrap_or(0));
+        let Some(wal) = &ctx.wal_stream else {
+            return;
+        };
         let server = match &ctx.postgres {
             Some(pg) => tokio::time::timeout(PROBE_TIMEOUT, pg.current_wal_lsn())
                 .await
@@ -500,28 +550,30 @@ impl Metrics {
                 .and_then(Result::ok),
             None => None,
         };
+        // Read after the server's position, so WAL shipped meanwhile does not count as lag.
+        let status = wal.status.lock().map(|s| s.clone()).unwrap_or_default();
         if let Some(server) = server {
             let lag = server.0.saturating_sub(status.archived_lsn.0);
             self.wal_lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
         }
         let mut p = self.wal_progress.lock().unwrap_or_else(|e| e.into_inner());
-        // Healthy: receiving, and either the archive moved or there is nothing to ship. A stall
-        // is timed from the last healthy moment, or from when receiving started or stopped.
-        let idle = server.is_some_and(|s| s <= status.archived_lsn);
-        let moved = status.archived_lsn != p.archived;
-        if (status.receiving && (moved || idle)) || status.receiving != p.receiving {
-            p.since = Instant::now();
+        if server.is_some() {
+            p.server = server;
         }
-        p.archived = status.archived_lsn;
-        p.receiving = status.receiving;
+        p.observe(&status);
     }
 
     /// Why the WAL stream counts as stuck, if it does: not receiving, or WAL waiting to be
-    /// shipped while the archive position has not moved, for longer than `after`.
-    pub async fn wal_stuck(&self, ctx: &Context, after: Duration) -> Option<String> {
-        ctx.wal_stream.as_ref()?;
-        self.refresh_live(ctx).await;
-        let p = self.wal_progress.lock().unwrap_or_else(|e| e.into_inner());
+    /// shipped while the archive position has not moved, for longer than `after`. Judged from
+    /// memory (the server's position of the last [`Metrics::refresh_live`]), never by asking
+    /// anyone: the kubelet's probe must answer within its timeout even when the store or the
+    /// server does not.
+    pub fn wal_stuck(&self, ctx: &Context, after: Duration) -> Option<String> {
+        let wal = ctx.wal_stream.as_ref()?;
+        // The stream's own state is in memory: only the server's position comes from the refresh.
+        let status = wal.status.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut p = self.wal_progress.lock().unwrap_or_else(|e| e.into_inner());
+        p.observe(&status);
         let stalled = p.since.elapsed();
         if stalled < after {
             return None;
@@ -534,13 +586,35 @@ impl Metrics {
             )
         } else {
             format!(
-                "WAL is waiting to be shipped but the archive has stayed at {} for {}s (limit {}s)",
+                "WAL is waiting to be shipped (the server is at {}) but the archive has stayed at {} for {}s (limit {}s)",
+                p.server
+                    .map_or_else(|| "an unknown position".to_string(), |s| s.to_string()),
                 p.archived,
                 stalled.as_secs(),
                 after.as_secs()
             )
         })
     }
+}
+
+/// Keeps the store and WAL values of [`Metrics::refresh_live`] current: at once, then every
+/// [`LIVE_REFRESH`] until `shutdown`. A frozen store or server delays this task, never a scrape
+/// or a probe.
+pub fn spawn_live_refresh(
+    metrics: Arc<Metrics>,
+    ctx: Arc<Context>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(LIVE_REFRESH);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = every.tick() => metrics.refresh_live(&ctx).await,
+                () = shutdown.cancelled() => break,
+            }
+        }
+    });
 }
 
 /// Keeps the backup gauges current: at once (with the drill gauges from the stored reports), then

@@ -280,12 +280,30 @@ also serves /metrics, /livez and /readyz on 0.0.0.0:<metrics.port>, the containe
 binding the pod IP exposes no API (the gRPC API stays on 127.0.0.1).
 */}}
 {{/*
+"true" when the agents encrypt (agent.encryption.enabled, on unless set to false), else empty.
+On without a key Secret, or off with one, fails the render naming the values to set: encryption
+is the default, so whoever can read the bucket reads nothing and whoever can write it cannot
+plant a backup that is restored. Takes the soma-backup values.
+*/}}
+{{- define "soma-backup.encryptionOn" -}}
+{{- $e := .agent.encryption -}}
+{{- if ne (toString $e.enabled) "false" }}
+{{- if not $e.existingSecret }}
+{{- fail "agent.encryption.existingSecret is required: backups are encrypted by default (agent.encryption.enabled), so that whoever can read the bucket reads no database and whoever can write it cannot plant a backup that is restored. Create a key Secret (head -c 32 /dev/urandom > key; kubectl create secret generic soma-backup-key --from-file=key; keep a copy of the key outside the cluster) and set agent.encryption.existingSecret=soma-backup-key, or set agent.encryption.enabled=false to store backups unencrypted" }}
+{{- end -}}
+true
+{{- else if $e.existingSecret }}
+{{- fail (printf "agent.encryption.enabled is false but agent.encryption.existingSecret is %q: remove existingSecret to store backups unencrypted, or set enabled=true to encrypt with it" $e.existingSecret) }}
+{{- end }}
+{{- end }}
+
+{{/*
 The encryption keys' environment (SOMA_ENCRYPTION_KEY_FILE, SOMA_ACCEPT_UNENCRYPTED) as env list
-items, empty without agent.encryption.existingSecret. Takes the soma-backup values.
+items, empty with agent.encryption.enabled=false. Takes the soma-backup values.
 */}}
 {{- define "soma-backup.encryptionEnv" -}}
 {{- $e := .agent.encryption -}}
-{{- if $e.existingSecret }}
+{{- if include "soma-backup.encryptionOn" . }}
 {{- $files := list }}
 {{- range (required "agent.encryption.keys lists the Secret's keys (the first encrypts)" $e.keys) }}
 {{- if or (contains "/" .) (contains "," .) (hasPrefix "." .) }}
@@ -306,10 +324,10 @@ items, empty without agent.encryption.existingSecret. Takes the soma-backup valu
 {{- end }}
 
 {{/*
-The encryption keys' volume mount, empty without agent.encryption.existingSecret.
+The encryption keys' volume mount, empty with agent.encryption.enabled=false.
 */}}
 {{- define "soma-backup.encryptionMount" -}}
-{{- if .agent.encryption.existingSecret }}
+{{- if include "soma-backup.encryptionOn" . }}
 - name: soma-encryption-keys
   mountPath: /var/run/secrets/soma-encryption
   readOnly: true
@@ -317,13 +335,13 @@ The encryption keys' volume mount, empty without agent.encryption.existingSecret
 {{- end }}
 
 {{/*
-The encryption keys' volume, empty without agent.encryption.existingSecret.
+The encryption keys' volume, empty with agent.encryption.enabled=false.
 */}}
 {{- define "soma-backup.encryptionVolume" -}}
-{{- with .agent.encryption.existingSecret }}
+{{- if include "soma-backup.encryptionOn" . }}
 - name: soma-encryption-keys
   secret:
-    secretName: {{ . | quote }}
+    secretName: {{ .agent.encryption.existingSecret | quote }}
     defaultMode: 0444
 {{- end }}
 {{- end }}

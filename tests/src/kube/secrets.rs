@@ -41,14 +41,14 @@ pub(super) fn get(
     }
     match inner.secrets.get(&(ns.to_string(), name.to_string())) {
         None => status(objects::not_found("secrets", name)),
-        Some(data) => json(
+        Some(secret) => json(
             StatusCode::OK,
             &serde_json::json!({
                 "apiVersion": "v1",
                 "kind": "Secret",
-                "metadata": {"name": name, "namespace": ns},
+                "metadata": {"name": name, "namespace": ns, "labels": secret.labels},
                 "type": "Opaque",
-                "data": data
+                "data": secret.data
                     .iter()
                     .map(|(k, v)| (k.clone(), base64::engine::general_purpose::STANDARD.encode(v).into()))
                     .collect::<serde_json::Map<_, _>>(),

@@ -42,6 +42,15 @@ pub(crate) struct Namespace {
     pub created: DateTime<Utc>,
 }
 
+/// A Secret as the double keeps it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StoredSecret {
+    /// metadata.labels.
+    pub labels: BTreeMap<String, String>,
+    /// data, decoded.
+    pub data: BTreeMap<String, Vec<u8>>,
+}
+
 /// One RBAC rule the test took away.
 #[derive(Clone, Debug)]
 pub(crate) struct Denial {
@@ -58,8 +67,8 @@ pub(crate) struct Inner {
     /// (namespace, name) → pod.
     pub pods: BTreeMap<(String, String), Pod>,
     pub namespaces: BTreeMap<String, Namespace>,
-    /// (namespace, name) → the Secret's data (key → bytes).
-    pub secrets: BTreeMap<(String, String), BTreeMap<String, Vec<u8>>>,
+    /// (namespace, name) → the Secret's labels and data (key → bytes).
+    pub secrets: BTreeMap<(String, String), StoredSecret>,
     pub denials: Vec<Denial>,
     pub requests: Vec<RequestRecord>,
     pub next_seq: u64,
