@@ -314,7 +314,8 @@ impl Postgres {
 
     /// The recovery settings the server's configuration files set now, non-empty, by name
     /// (`pg_file_settings` reads the files at the time of the query, the last occurrence of
-    /// each name winning, as it would at the next start). Needs a superuser or
+    /// each name winning, as it would at the next start; a setting that needs a restart to take
+    /// effect is listed with an error there, and counts too). Needs a superuser or
     /// `pg_read_all_settings`.
     pub async fn recovery_settings_in_files(&self) -> Result<Vec<String>, PgError> {
         let names = crate::ops::physical::RECOVERY_SETTINGS
@@ -328,7 +329,7 @@ impl Postgres {
                 &format!(
                     "select coalesce(string_agg(name, ',' order by name), '') from \
                      (select distinct on (name) name, setting from pg_file_settings \
-                      where name in ({names}) and error is null order by name, seqno desc) s \
+                      where name in ({names}) order by name, seqno desc) s \
                      where setting <> ''"
                 ),
             )
