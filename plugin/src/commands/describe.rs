@@ -156,6 +156,25 @@ fn resolved_line(info: &v1::BackupInfo, kind: &str) -> String {
     )
 }
 
+/// What a base backup's configuration files set of recovery settings when it was taken.
+fn recovery_settings_line(v: &serde_json::Value) -> String {
+    match v.as_array() {
+        None => "not recorded (an older agent, or its role could not read pg_file_settings)".into(),
+        Some(names) if names.is_empty() => "none carried".into(),
+        Some(names) => format!(
+            "carried: {} (from an earlier restore or the configuration; a restore neutralises them)",
+            output::cell(
+                &names
+                    .iter()
+                    .filter_map(|n| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                400
+            )
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,24 +205,5 @@ mod tests {
             resolved_line(&pg, "logical"),
             "latest resolved to 20261129T143502Z-pg-app-3c4d (postgres logical, completed 2026-11-29 14:35:04)"
         );
-    }
-}
-
-/// What a base backup's configuration files set of recovery settings when it was taken.
-fn recovery_settings_line(v: &serde_json::Value) -> String {
-    match v.as_array() {
-        None => "not recorded (an older agent, or its role could not read pg_file_settings)".into(),
-        Some(names) if names.is_empty() => "none carried".into(),
-        Some(names) => format!(
-            "carried: {} (from an earlier restore or the configuration; a restore neutralises them)",
-            output::cell(
-                &names
-                    .iter()
-                    .filter_map(|n| n.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                400
-            )
-        ),
     }
 }
