@@ -230,6 +230,7 @@ fn the_agent_beside_a_restored_server_says_where_replay_ended() {
 
     // To T1: stopped at its target, the later segments not replayed, as asked.
     let at_t1 = restore_and_start(&store, &["--backup", &b1, "--target-time", &t1]);
+    assert_rows(&at_t1, &all[..20], &format!("the restore to {t1}"));
     let beside_t1 = Agent::start(&store.url(), &at_t1.url("postgres"), &[], &store.env());
     let r = last_recovery(&beside_t1);
     assert_eq!(r["verdict"], "at-target", "{r:#}");

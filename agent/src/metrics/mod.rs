@@ -301,7 +301,7 @@ impl Metrics {
         );
         r.register(
             "soma_recovery_unreplayed_wal_bytes",
-            "WAL of the timeline the server's last recovery replayed that the archive holds after where replay ended (0: it reached the end); absent when the server never recovered",
+            "WAL of the timeline the server's last recovery replayed that the archive holds after where replay ended (0: it reached the end, or the server never recovered from an archive)",
             m.recovery_unreplayed.clone(),
         );
         r.register(
@@ -502,13 +502,15 @@ impl Metrics {
     /// The live values kept in memory by the store's and the WAL stream's own tasks, and the
     /// replay watch's last answer.
     fn read_memory(&self, ctx: &Context) {
-        if let Some(r) = ctx.replay.get() {
-            self.recovery_unreplayed
-                .set(i64::try_from(r.unreplayed_bytes).unwrap_or(i64::MAX));
-            self.recovery_stopped_short.set(i64::from(
-                r.verdict == crate::ops::physical::Verdict::StoppedShort,
-            ));
-        }
+        let replay = ctx.replay.get();
+        self.recovery_unreplayed.set(
+            replay
+                .as_ref()
+                .map_or(0, |r| i64::try_from(r.unreplayed_bytes).unwrap_or(i64::MAX)),
+        );
+        self.recovery_stopped_short.set(i64::from(
+            replay.is_some_and(|r| r.verdict == crate::ops::physical::Verdict::StoppedShort),
+        ));
         if let Some(health) = ctx.catalog.store().health() {
             let r = health.report();
             let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);

@@ -328,9 +328,9 @@ impl Postgres {
                 &self.default_database(),
                 &format!(
                     "select coalesce(string_agg(name, ',' order by name), '') from \
-                     (select distinct on (name) name, setting from pg_file_settings \
-                      where name in ({names}) order by name, seqno desc) s \
-                     where setting <> ''"
+                     (select distinct on (lower(name)) lower(name) as name, setting \
+                      from pg_file_settings where lower(name) in ({names}) \
+                      order by lower(name), seqno desc) s where setting <> ''"
                 ),
             )
             .await?;
@@ -342,26 +342,19 @@ impl Postgres {
             .collect())
     }
 
-    /// Whether the server is still recovering (not promoted yet), and its current timeline as
-    /// its last checkpoint records it (after promotion: the new timeline).
-    pub async fn recovery_state(&self) -> Result<(bool, u32), PgError> {
+    /// Whether the server is still recovering (not promoted yet).
+    pub async fn in_recovery(&self) -> Result<bool, PgError> {
         let out = self
-            .query(
-                &self.default_database(),
-                "select pg_is_in_recovery(), timeline_id from pg_control_checkpoint()",
-            )
+            .query(&self.default_database(), "select pg_is_in_recovery()")
             .await?;
-        let bad = || PgError::ToolFailed {
-            tool: "psql",
-            status: "unexpected recovery state".into(),
-            stderr: out.chars().take(200).collect(),
-        };
-        let (recovering, timeline) = out.trim().split_once('|').ok_or_else(bad)?;
-        let timeline = timeline.parse().map_err(|_| bad())?;
-        match recovering {
-            "t" => Ok((true, timeline)),
-            "f" => Ok((false, timeline)),
-            _ => Err(bad()),
+        match out.trim() {
+            "t" => Ok(true),
+            "f" => Ok(false),
+            other => Err(PgError::ToolFailed {
+                tool: "psql",
+                status: "unexpected answer to pg_is_in_recovery()".into(),
+                stderr: other.chars().take(200).collect(),
+            }),
         }
     }
 }

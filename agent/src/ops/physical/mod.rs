@@ -226,7 +226,7 @@ pub enum PhysicalError {
     },
     /// The base backup's postgresql.auto.conf cannot be rewritten with this restore's settings.
     #[error(
-        "base backup {id}: its postgresql.auto.conf {why}, so the restore cannot make its recovery settings the only ones in force; the restore was undone"
+        "base backup {id}: its {why}, so the restore cannot make its recovery settings the only ones in force; the restore was undone"
     )]
     AutoConf {
         /// The backup.

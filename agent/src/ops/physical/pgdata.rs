@@ -270,31 +270,47 @@ enum Refusal {
     Unsafe(UntarError),
     /// The filesystem failed.
     Io(&'static str, std::io::Error),
-    /// postgresql.auto.conf is not a file the restore can rewrite (too large, not text).
+    /// A configuration file the restore cannot rewrite (too large).
     Conf(String),
 }
 
-/// Rewrites postgresql.auto.conf in `dir` (created when missing) as the archive's file with its
-/// recovery settings commented out, followed by `block`. Nothing is read or written through a
-/// link (see [`recovery_conf::read_auto_conf`] and [`recovery_conf::replace_auto_conf`]).
+/// Rewrites the configuration files in `dir` so this restore's recovery settings are the only
+/// ones: postgresql.conf (when the data directory holds it) with its recovery settings commented
+/// out, and postgresql.auto.conf (created when missing) with its recovery settings and include
+/// directives commented out, followed by `block`. Nothing is read or written through a link (see
+/// [`recovery_conf::read_conf`] and [`recovery_conf::replace_conf`]).
 fn write_auto_conf(dir: &Path, inherited_from: &str, block: &str) -> Result<(), Refusal> {
     use recovery_conf::ReadError;
-    let old = match recovery_conf::read_auto_conf(dir) {
-        Ok(text) => text.unwrap_or_default(),
+    let read = |name: &'static str| match recovery_conf::read_conf(
+        dir,
+        name,
+        recovery_conf::MAX_AUTO_CONF,
+    ) {
+        Ok(text) => Ok(text),
         Err(ReadError::NotAFile(found)) => {
-            return Err(Refusal::Unsafe(UntarError::NotAFile {
-                file: AUTO_CONF,
-                found,
-            }));
+            Err(Refusal::Unsafe(UntarError::NotAFile { file: name, found }))
         }
-        Err(ReadError::Refused(why)) => return Err(Refusal::Conf(why)),
-        Err(ReadError::Io(action, e)) => return Err(Refusal::Io(action, e)),
+        Err(ReadError::Refused(why)) => Err(Refusal::Conf(format!("{name} {why}"))),
+        Err(ReadError::Io(action, e)) => Err(Refusal::Io(action, e)),
     };
-    let mut text = recovery_conf::neutralise(&old, inherited_from);
-    text.push_str(block);
-    recovery_conf::replace_auto_conf(dir, text.as_bytes())
-        .map_err(|(action, e)| Refusal::Io(action, e))
+    let write = |name: &str, bytes: &[u8]| {
+        recovery_conf::replace_conf(dir, name, bytes).map_err(|(action, e)| Refusal::Io(action, e))
+    };
+    if let Some(main) = read(MAIN_CONF)? {
+        let neutral = recovery_conf::neutralise(&main, inherited_from, false);
+        if neutral != main {
+            write(MAIN_CONF, &recovery_conf::latin1(&neutral))?;
+        }
+    }
+    let old = read(AUTO_CONF)?.unwrap_or_default();
+    let mut bytes = recovery_conf::latin1(&recovery_conf::neutralise(&old, inherited_from, true));
+    bytes.extend_from_slice(block.as_bytes());
+    write(AUTO_CONF, &bytes)
 }
+
+/// The main configuration file, when the data directory holds it (Docker images do; Debian's
+/// packages keep it in /etc, which the restore leaves alone: the operator's own).
+const MAIN_CONF: &str = "postgresql.conf";
 
 /// Creates `path` (mode 0600), failing if anything is there: `create_new` is O_CREAT|O_EXCL, which
 /// fails on a symbolic link instead of following it.
@@ -493,7 +509,8 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(tmp.path().join(AUTO_CONF)).unwrap(),
             "work_mem = '8MB'\n\
-             # disabled by soma-agent restore-pgdata (old): recovery_target_time = '2026-01-01 00:00:00+00'\n\
+             # soma-agent restore-pgdata (old): lines starting \"#~ \" set recovery settings or included files, and are disabled\n\
+             #~ recovery_target_time = '2026-01-01 00:00:00+00'\n\
              restore_command = 'x'\n"
         );
         create_recovery_signal(tmp.path()).unwrap();
@@ -504,7 +521,7 @@ mod tests {
         write_auto_conf(&fresh, "old", "a = 1\n").unwrap();
         assert_eq!(std::fs::read(fresh.join(AUTO_CONF)).unwrap(), b"a = 1\n");
         // Too large to be an automatic configuration file: refused, nothing replaced.
-        let big = "# padding\n".repeat(200_000);
+        let big = "# padding\n".repeat(1_700_000);
         std::fs::write(fresh.join(AUTO_CONF), &big).unwrap();
         assert!(matches!(
             write_auto_conf(&fresh, "old", "a = 1\n"),

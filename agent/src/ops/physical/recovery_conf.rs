@@ -49,8 +49,11 @@ const TARGETS: &[&str] = &[
     "recovery_target_lsn",
 ];
 
-/// The largest postgresql.auto.conf read (ALTER SYSTEM writes a few KiB at most).
-pub(crate) const MAX_AUTO_CONF: u64 = 1 << 20;
+/// The largest configuration file a restore reads (ALTER SYSTEM writes a few KiB at most).
+pub(crate) const MAX_AUTO_CONF: u64 = 16 << 20;
+/// The largest postgresql.auto.conf `recovery-end` reads: what a restore wrote from one of
+/// [`MAX_AUTO_CONF`] (each disabled line grows by [`DISABLED`], plus the block), with room.
+const MAX_REWRITTEN: u64 = 4 * MAX_AUTO_CONF;
 
 /// Where this restore stops, as settings: the target setting and its value, or none for the
 /// end of the archive.
@@ -112,6 +115,11 @@ impl Block<'_> {
             "primary_conninfo = ''".into(),
             "primary_slot_name = ''".into(),
             "recovery_min_apply_delay = 0".into(),
+            // A replay that meets a damaged page or a reference to a missing one stops with an
+            // error instead of going on as if nothing happened.
+            "ignore_invalid_pages = off".into(),
+            "zero_damaged_pages = off".into(),
+            "ignore_checksum_failure = off".into(),
         ];
         if self.has_promote_trigger_file {
             lines.push("promote_trigger_file = ''".into());
@@ -154,15 +162,33 @@ pub(crate) fn sets_recovery(line: &str) -> bool {
     assigned_setting(line).is_some_and(|n| RECOVERY_SETTINGS.contains(&n.as_str()))
 }
 
-/// `text` with every line that sets a recovery setting commented out (and said so), every
-/// other line as it was.
-pub(crate) fn neutralise(text: &str, origin: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 256);
+/// The prefix of a line a restore disabled: short, so a file of many such lines grows by at most
+/// a fifth.
+const DISABLED: &str = "#~ ";
+
+/// Directives that read another file: in postgresql.auto.conf (ALTER SYSTEM never writes one)
+/// they could bring settings the restore cannot see; PostgreSQL compares names case-sensitively
+/// when it drops earlier duplicates, so `Recovery_Target_Xid` there would not yield to the block.
+const INCLUDES: &[&str] = &["include", "include_dir", "include_if_exists"];
+
+/// `text` with every line that sets a recovery setting (and, with `includes`, every include
+/// directive) commented out with [`DISABLED`], preceded by one comment saying so; every other
+/// line as it was.
+pub(crate) fn neutralise(text: &str, origin: &str, includes: bool) -> String {
+    let mut out = String::with_capacity(text.len() + text.len() / 5 + 256);
+    let mut disabled = false;
     for line in text.split_inclusive('\n') {
-        if sets_recovery(line) {
-            out.push_str("# disabled by soma-agent restore-pgdata (");
-            out.push_str(&origin.replace(['\n', '\r'], " "));
-            out.push_str("): ");
+        let include =
+            includes && assigned_setting(line).is_some_and(|n| INCLUDES.contains(&n.as_str()));
+        if sets_recovery(line) || include {
+            if !disabled {
+                out.push_str(&format!(
+                    "# soma-agent restore-pgdata ({}): lines starting {DISABLED:?} set recovery settings or included files, and are disabled\n",
+                    origin.replace(['\n', '\r'], " ")
+                ));
+                disabled = true;
+            }
+            out.push_str(DISABLED);
         }
         out.push_str(line);
     }
@@ -243,7 +269,7 @@ pub fn recovery_end(dir: &Path, nonce: &str) -> Result<(), RecoveryEndError> {
     }
     let path = dir.join(AUTO_CONF);
     let shown = path.display().to_string();
-    let text = read_auto_conf(dir)
+    let text = read_conf(dir, AUTO_CONF, MAX_REWRITTEN)
         .map_err(|e| match e {
             ReadError::NotAFile(found) => RecoveryEndError::Refused {
                 path: shown.clone(),
@@ -266,7 +292,7 @@ pub fn recovery_end(dir: &Path, nonce: &str) -> Result<(), RecoveryEndError> {
             nonce: nonce.into(),
         });
     };
-    replace_auto_conf(dir, kept.as_bytes()).map_err(|(action, source)| RecoveryEndError::Io {
+    replace_auto_conf(dir, &latin1(&kept)).map_err(|(action, source)| RecoveryEndError::Io {
         action,
         path: shown,
         source,
@@ -287,46 +313,63 @@ pub(crate) enum ReadError {
     Io(&'static str, std::io::Error),
 }
 
-/// Reads `dir`'s postgresql.auto.conf without following a link there; `None` when missing.
-/// The file is checked with `lstat`, opened, and read only if the opened file is the regular
-/// file checked (`O_NOFOLLOW` is out of reach without nix's `fs` feature).
-pub(crate) fn read_auto_conf(dir: &Path) -> Result<Option<String>, ReadError> {
-    use std::{io::Read, os::unix::fs::MetadataExt};
-    let path = dir.join(AUTO_CONF);
+/// Reads the configuration file `name` in `dir` (at most `max` bytes) without following a link
+/// there; `None` when missing.
+/// The file is checked with `lstat`, opened with `O_NOFOLLOW | O_NONBLOCK` (a link or a FIFO
+/// swapped in meanwhile neither leads elsewhere nor blocks), and read only if the opened file is
+/// the regular file checked.
+///
+/// PostgreSQL reads configuration files as bytes in no particular encoding (a LATIN1 cluster's
+/// ALTER SYSTEM writes LATIN1), so the text is decoded byte for byte (each byte one `char` below
+/// U+0100) and [`latin1`] gives the same bytes back: lines the restore does not touch are kept
+/// exactly, whatever their encoding.
+pub(crate) fn read_conf(dir: &Path, name: &str, max: u64) -> Result<Option<String>, ReadError> {
+    use std::{
+        io::Read,
+        os::unix::fs::{MetadataExt, OpenOptionsExt},
+    };
+    let path = dir.join(name);
     let checked = match std::fs::symlink_metadata(&path) {
         Ok(m) if m.is_file() => m,
         Ok(m) => return Err(ReadError::NotAFile(super::untar::found(&m))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(ReadError::Io("inspecting postgresql.auto.conf", e)),
+        Err(e) => return Err(ReadError::Io("inspecting a configuration file", e)),
     };
-    let file =
-        std::fs::File::open(&path).map_err(|e| ReadError::Io("opening postgresql.auto.conf", e))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(&path)
+        .map_err(|e| ReadError::Io("opening a configuration file", e))?;
     let opened = file
         .metadata()
-        .map_err(|e| ReadError::Io("inspecting postgresql.auto.conf", e))?;
+        .map_err(|e| ReadError::Io("inspecting a configuration file", e))?;
     if (opened.dev(), opened.ino()) != (checked.dev(), checked.ino()) || !opened.is_file() {
         return Err(ReadError::NotAFile(
             "a file that changed while it was opened",
         ));
     }
-    if opened.len() > MAX_AUTO_CONF {
+    if opened.len() > max {
         return Err(ReadError::Refused(format!(
-            "is {} bytes, more than the {MAX_AUTO_CONF} an automatic configuration file can need",
+            "is {} bytes, more than the {max} a configuration file can need",
             opened.len()
         )));
     }
     let mut bytes = Vec::with_capacity(opened.len() as usize);
-    file.take(MAX_AUTO_CONF + 1)
+    file.take(max + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| ReadError::Io("reading postgresql.auto.conf", e))?;
-    if bytes.len() as u64 > MAX_AUTO_CONF {
+        .map_err(|e| ReadError::Io("reading a configuration file", e))?;
+    if bytes.len() as u64 > max {
         return Err(ReadError::Refused("grew while it was read".to_string()));
     }
-    // PostgreSQL reads the file as bytes in the server encoding; lines we do not touch are
-    // kept byte for byte only when valid UTF-8, which ALTER SYSTEM's output is.
-    String::from_utf8(bytes)
-        .map(Some)
-        .map_err(|_| ReadError::Refused("is not UTF-8 text".to_string()))
+    Ok(Some(bytes.iter().map(|&b| char::from(b)).collect()))
+}
+
+/// The bytes of text [`read_conf`] decoded (every `char` below U+0100; anything else, which it
+/// never produces, becomes `?`).
+pub(crate) fn latin1(text: &str) -> Vec<u8> {
+    text.chars()
+        .map(|c| u8::try_from(u32::from(c)).unwrap_or(b'?'))
+        .collect()
 }
 
 /// Replaces `dir`'s postgresql.auto.conf with `bytes`: written to a new file of a random name
@@ -336,21 +379,29 @@ pub(crate) fn replace_auto_conf(
     dir: &Path,
     bytes: &[u8],
 ) -> Result<(), (&'static str, std::io::Error)> {
+    replace_conf(dir, AUTO_CONF, bytes)
+}
+
+/// [`replace_auto_conf`] for the configuration file `name`.
+pub(crate) fn replace_conf(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+) -> Result<(), (&'static str, std::io::Error)> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    let tmp = dir.join(format!("{AUTO_CONF}.soma-{:016x}", rand::random::<u64>()));
+    let tmp = dir.join(format!("{name}.soma-{:016x}", rand::random::<u64>()));
     let written = (|| {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&tmp)
-            .map_err(|e| ("creating a new postgresql.auto.conf", e))?;
+            .map_err(|e| ("creating a new configuration file", e))?;
         file.write_all(bytes)
-            .map_err(|e| ("writing a new postgresql.auto.conf", e))?;
+            .map_err(|e| ("writing a new configuration file", e))?;
         file.sync_all()
-            .map_err(|e| ("writing a new postgresql.auto.conf", e))?;
-        std::fs::rename(&tmp, dir.join(AUTO_CONF))
-            .map_err(|e| ("replacing postgresql.auto.conf", e))
+            .map_err(|e| ("writing a new configuration file", e))?;
+        std::fs::rename(&tmp, dir.join(name)).map_err(|e| ("replacing a configuration file", e))
     })();
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -379,6 +430,9 @@ mod tests {
 
     #[test]
     fn inherited_recovery_settings_are_commented_out_and_nothing_else() {
+        // Bytes of any encoding survive a read and a write untouched.
+        let latin = "work_mem = '8MB' # caf\u{e9}\n";
+        assert_eq!(latin1(latin), b"work_mem = '8MB' # caf\xe9\n");
         let inherited = "# Do not edit this file manually!\n\
             work_mem = '8MB'\n\
             recovery_target_time = '2026-12-01 10:00:00+00'\n\
@@ -388,15 +442,22 @@ mod tests {
             shared_buffers = '1GB'\n\
             # recovery_target_xid = '5' is a comment already\n\
             promote_trigger_file = '/etc/hostname'";
-        let out = neutralise(inherited, "base backup pg-1");
+        let out = neutralise(inherited, "base backup pg-1", true);
         let active: Vec<&str> = out
             .lines()
             .filter(|l| !l.trim_start().starts_with('#'))
             .collect();
         assert_eq!(active, ["work_mem = '8MB'", "shared_buffers = '1GB'"]);
-        assert!(out.contains(
-            "# disabled by soma-agent restore-pgdata (base backup pg-1): recovery_target_time"
-        ));
+        assert!(out.contains("#~ recovery_target_time = '2026-12-01 10:00:00+00'\n"));
+        assert!(out.contains("# soma-agent restore-pgdata (base backup pg-1): lines starting"));
+        // Include directives go too in postgresql.auto.conf, not in postgresql.conf.
+        let with_include = "include_if_exists = 'more.conf'\nwork_mem = '8MB'\n";
+        assert!(neutralise(with_include, "x", true).contains("#~ include_if_exists"));
+        assert_eq!(
+            neutralise(with_include, "x", false),
+            with_include,
+            "nothing to disable: the text is kept exactly"
+        );
         assert!(out.ends_with('\n'));
         // Names that only begin like a recovery setting are kept.
         assert!(!sets_recovery("restore_command_timeout = 5"));
@@ -487,7 +548,7 @@ mod tests {
         std::fs::write(&outside, block(None).render()).unwrap();
         std::os::unix::fs::symlink(&outside, dir.join(AUTO_CONF)).unwrap();
         assert!(matches!(
-            read_auto_conf(&dir),
+            read_conf(&dir, AUTO_CONF, MAX_AUTO_CONF),
             Err(ReadError::NotAFile("a symbolic link"))
         ));
         assert!(matches!(

@@ -22,10 +22,10 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    engine::postgres::{PgError, Postgres},
+    engine::postgres::{HistoryLine, PgError, Postgres},
     lsn::Lsn,
     store::Store,
-    wal::{Kind, WalArchive, WalError},
+    wal::{Kind, WalArchive, WalError, WalObject},
 };
 
 /// PostgreSQL's history reason for a recovery that ran to the end of the WAL it was given.
@@ -76,6 +76,9 @@ pub struct ReplayEnd {
     pub unreplayed_bytes: u64,
     /// The comparison.
     pub verdict: Verdict,
+    /// Recovery settings the server's configuration files still set (names): a restore's
+    /// settings that outlived it, or the operator's.
+    pub leftover_settings: Vec<String>,
     /// When this was found.
     pub checked_at: DateTime<Utc>,
 }
@@ -83,6 +86,17 @@ pub struct ReplayEnd {
 impl ReplayEnd {
     /// One sentence for logs and `status`.
     pub fn describe(&self) -> String {
+        let mut said = self.verdict_sentence();
+        if !self.leftover_settings.is_empty() {
+            said.push_str(&format!(
+                "; the configuration files still set {} (a restore's settings that outlived it when recovery_end_command could not run, or set by hand): base backups carry them, restores neutralise them; remove them with ALTER SYSTEM RESET",
+                self.leftover_settings.join(", ")
+            ));
+        }
+        said
+    }
+
+    fn verdict_sentence(&self) -> String {
         let at = format!(
             "recovery ended at LSN {} of timeline {} ({}) and the server promoted to timeline {}",
             self.switch, self.parent, self.reason, self.timeline
@@ -143,10 +157,13 @@ pub(crate) async fn check(
     pg: &Postgres,
     source: Arc<dyn Store>,
 ) -> Result<ReplayState, ReplayError> {
-    let (recovering, timeline) = pg.recovery_state().await?;
-    if recovering {
+    if pg.in_recovery().await? {
         return Ok(ReplayState::Recovering);
     }
+    // The timeline the server writes on now (a checkpoint's may still be the old one for minutes
+    // after a fast promotion).
+    let system = pg.identify_system().await?;
+    let timeline = system.timeline;
     if timeline <= 1 {
         return Ok(ReplayState::NeverRecovered);
     }
@@ -155,23 +172,9 @@ pub(crate) async fn check(
         .await?
         .pop()
         .ok_or(ReplayError::NoHistory(timeline))?;
-    let system = pg.identify_system().await?;
     let seg_size = pg.wal_segment_size().await?;
     let objects = WalArchive::new(source, &system.system_id).list().await?;
-    let of_parent = objects
-        .iter()
-        .filter(|o| o.kind != Kind::History && o.file.timeline() == last.parent);
-    let switch_segment = last.switch.0 / seg_size;
-    let mut any = false;
-    let mut archive_end: Option<Lsn> = None;
-    for o in of_parent {
-        any = true;
-        if o.file.segno(seg_size).is_some_and(|s| s > switch_segment)
-            && let Some(end) = o.end_lsn(seg_size)
-        {
-            archive_end = archive_end.max(Some(end));
-        }
-    }
+    let (archive_end, any) = beyond(&objects, seg_size, &last);
     let unreplayed_bytes = archive_end.map_or(0, |end| end.0.saturating_sub(last.switch.0));
     let verdict = match (any, unreplayed_bytes > 0) {
         (false, _) => Verdict::NoArchive,
@@ -179,6 +182,9 @@ pub(crate) async fn check(
         (true, true) if last.reason == NO_TARGET => Verdict::StoppedShort,
         (true, true) => Verdict::AtTarget,
     };
+    // A restore's own settings that outlived it (recovery-end could not run): a base backup of
+    // this cluster carries them. Restores neutralise them; people should know.
+    let leftover = pg.recovery_settings_in_files().await.unwrap_or_default();
     Ok(ReplayState::Ended(ReplayEnd {
         timeline,
         parent: last.parent,
@@ -187,8 +193,33 @@ pub(crate) async fn check(
         archive_end,
         unreplayed_bytes,
         verdict,
+        leftover_settings: leftover,
         checked_at: Utc::now(),
     }))
+}
+
+/// The end of the WAL of `last.parent` in `objects` that replay never read — segments that start
+/// at or after where replay ended, holding more than a page header (a partial the old server
+/// had only just begun is no WAL) — and whether the archive holds any WAL of that timeline.
+fn beyond(objects: &[WalObject], seg_size: u64, last: &HistoryLine) -> (Option<Lsn>, bool) {
+    /// PostgreSQL's long page header, at the start of every segment.
+    const LONG_HEADER: u64 = 40;
+    let mut any = false;
+    let mut end_beyond: Option<Lsn> = None;
+    for o in objects
+        .iter()
+        .filter(|o| o.kind != Kind::History && o.file.timeline() == last.parent)
+    {
+        any = true;
+        let (Some(segno), Some(end)) = (o.file.segno(seg_size), o.end_lsn(seg_size)) else {
+            continue;
+        };
+        let start = segno.saturating_mul(seg_size);
+        if start >= last.switch.0 && end.0 > start.saturating_add(LONG_HEADER) {
+            end_beyond = end_beyond.max(Some(end));
+        }
+    }
+    (end_beyond, any)
 }
 
 /// How often the server is looked at until its last recovery is known.
@@ -272,6 +303,49 @@ pub fn spawn_watch(
 #[cfg(test)]
 mod tests {
     use crate::engine::postgres::parse_history_lines;
+
+    #[test]
+    fn only_wal_replay_never_read_counts_as_left_behind() {
+        use super::{HistoryLine, Lsn, beyond};
+        use crate::wal::{Kind, WalFile, WalObject};
+        let seg: u64 = 16 << 20;
+        let object = |tli: u32, segno: u64, kind: Kind, end: u64| WalObject {
+            key: String::new(),
+            file: WalFile::from_segno(tli, segno, seg),
+            kind,
+            end,
+            captured: chrono::Utc::now(),
+            sha256: String::new(),
+        };
+        let at = |switch: u64| HistoryLine {
+            parent: 1,
+            switch: Lsn(switch),
+            reason: "no recovery target specified".into(),
+        };
+        let archive = vec![
+            object(1, 3, Kind::Seg, seg),
+            object(1, 4, Kind::Seg, seg),
+            object(1, 5, Kind::Partial, 40),
+            object(2, 6, Kind::Seg, seg),
+        ];
+        // Replay ended inside segment 4: nothing after it but a header-only partial.
+        assert_eq!(beyond(&archive, seg, &at(4 * seg + 100)), (None, true));
+        // Replay ended exactly at the start of segment 4 (after a WAL switch): segment 4 was
+        // never read.
+        assert_eq!(
+            beyond(&archive, seg, &at(4 * seg)),
+            (Some(Lsn(5 * seg)), true)
+        );
+        // Inside segment 3: segment 4 is left behind.
+        assert_eq!(
+            beyond(&archive, seg, &at(3 * seg + 5)),
+            (Some(Lsn(5 * seg)), true)
+        );
+        // Another timeline's WAL is not this one's.
+        let mut other = at(3 * seg);
+        other.parent = 3;
+        assert_eq!(beyond(&archive, seg, &other), (None, false));
+    }
 
     #[test]
     fn history_lines_parse_and_hostile_ones_are_tamed() {
