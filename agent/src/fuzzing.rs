@@ -22,7 +22,7 @@ use crate::{
     catalog::{self, BackupId, BackupKeys, IdEngine, MANIFEST, Manifest},
     lsn::Lsn,
     ops::{physical::PhysicalDetails, physical::untar, postgres::LogicalDetails},
-    wal::{Kind, WalFile, WalIndex, WalObject, archive::parse_history},
+    wal::{Kind, WalFile, WalIndex, WalObject, history::parse_history},
 };
 
 /// The archive folder store-listing inputs are decoded under.

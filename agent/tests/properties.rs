@@ -24,7 +24,7 @@ use soma_agent::{
     fuzzing,
     lsn::Lsn,
     ops::physical::untar::{self, Stop},
-    wal::{self, WalFile, WalIndex, WalObject, archive::parse_history},
+    wal::{self, WalFile, WalIndex, WalObject, history::parse_history},
 };
 use tar::EntryType;
 

@@ -5,14 +5,14 @@
 use std::{path::Path, sync::Arc};
 
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
 use super::{
     WAL_DIR, WalError,
-    header::LONG_HEADER_LEN,
+    history::parse_history,
     index::WalIndex,
     judge::{self, MAX_JUDGED, MAX_WAL_FILE_BYTES, Verdict, Verdicts},
+    local::{digest_file, read_head},
     naming::{Kind, WalFile, WalObject, valid_seg_size},
 };
 use crate::{
@@ -21,62 +21,8 @@ use crate::{
     store::Store,
 };
 
-/// PostgreSQL aligns every WAL record to this many bytes (MAXALIGN), padding with zeros.
-const WAL_ALIGN: u64 = 8;
 /// Largest history file we read into memory (they hold one line per timeline switch).
 const MAX_HISTORY_BYTES: usize = 1 << 20;
-
-/// A local file's digest and the number of its bytes that hold WAL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileDigest {
-    /// Hex sha256 of the whole file.
-    pub sha256: String,
-    /// File size.
-    pub size: u64,
-    /// Where the WAL in it ends: after its last non-zero byte, aligned as records are. The rest of
-    /// a segment being written is zeros, so this is the end of its last record (or a few bytes
-    /// short of it, never beyond it).
-    pub end: u64,
-}
-
-/// Hashes a local file and finds where its WAL ends, in one read.
-pub async fn digest_file(path: &Path) -> Result<FileDigest, WalError> {
-    let io = |source| WalError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let mut file = tokio::fs::File::open(path).await.map_err(io)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let (mut size, mut end) = (0u64, 0u64);
-    loop {
-        let mut filled = 0;
-        while filled < buf.len() {
-            let n = file.read(&mut buf[filled..]).await.map_err(io)?;
-            if n == 0 {
-                break;
-            }
-            filled += n;
-        }
-        if filled == 0 {
-            break;
-        }
-        hasher.update(&buf[..filled]);
-        if let Some(last) = buf[..filled].iter().rposition(|&b| b != 0) {
-            end = (size + last as u64 + 1).div_ceil(WAL_ALIGN) * WAL_ALIGN;
-        }
-        size += filled as u64;
-        if filled < buf.len() {
-            break;
-        }
-    }
-    Ok(FileDigest {
-        sha256: hex::encode(hasher.finalize()),
-        size,
-        // A file whose length is not a multiple of the alignment (a history file) ends at its end.
-        end: end.min(size),
-    })
-}
 
 /// What [`WalArchive::ship`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -588,43 +534,10 @@ fn duplicates(objects: &[WalObject]) -> Vec<WalObject> {
         .collect()
 }
 
-/// The size of the file at `path` and its first [`LONG_HEADER_LEN`] bytes (fewer if it is shorter).
-async fn read_head(path: &Path) -> std::io::Result<(u64, Vec<u8>)> {
-    let mut file = tokio::fs::File::open(path).await?;
-    let size = file.metadata().await?.len();
-    let mut head = Vec::with_capacity(LONG_HEADER_LEN);
-    (&mut file)
-        .take(LONG_HEADER_LEN as u64)
-        .read_to_end(&mut head)
-        .await?;
-    Ok((size, head))
-}
-
-/// Parses a history file's text: `parent timeline`, `switch LSN`, `reason` per line, `#` comments.
-pub fn parse_history(file: &WalFile, text: &str) -> Result<Vec<(u32, Lsn)>, WalError> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let mut fields = line.split_whitespace();
-        let parsed = (|| {
-            let tli: u32 = fields.next()?.parse().ok()?;
-            let lsn: Lsn = fields.next()?.parse().ok()?;
-            Some((tli, lsn))
-        })();
-        out.push(parsed.ok_or_else(|| WalError::BadHistory {
-            file: file.name(),
-            reason: format!("line {line:?} is not `timeline  LSN  reason`"),
-        })?);
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     fn settings() -> Settings {
         Settings {

@@ -27,15 +27,18 @@
 pub mod archive;
 mod drain;
 pub mod header;
+pub mod history;
 pub mod index;
 mod judge;
+mod local;
 pub mod naming;
 mod spool;
 pub mod stream;
 
-pub use archive::{Fetched, FileDigest, Shipped, WalArchive, digest_file};
+pub use archive::{Fetched, Shipped, WalArchive};
 pub use index::{RecoveryWindow, WalIndex};
 pub use judge::Verdict;
+pub use local::{FileDigest, digest_file};
 pub use naming::{Kind, WalFile, WalObject, valid_seg_size, valid_system_id};
 
 use crate::{pipeline::PipelineError, store::StoreError};

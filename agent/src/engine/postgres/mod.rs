@@ -34,6 +34,11 @@ pub use replication::{
 pub use scratch::{ScratchError, ScratchServer};
 pub use validation::{SnapshotHolder, TableStats};
 
+/// Quotes a value for a PostgreSQL configuration file.
+pub(crate) fn conf_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+}
+
 /// Lines of a tool's stderr kept for error messages.
 const STDERR_TAIL_LINES: usize = 20;
 

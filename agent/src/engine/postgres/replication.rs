@@ -267,35 +267,24 @@ pub(super) const MAX_REASON: usize = 200;
 /// The most history lines read (one per earlier timeline).
 const MAX_HISTORY_LINES: usize = 10_000;
 
-/// Parses the content of a history file: `parent<TAB>switch<TAB>reason` lines, `#` comments.
-/// Lines that do not parse are skipped (the last good line is what matters to a caller).
+/// Parses the content of a history file (the line format of [`crate::wal::history`]); lines
+/// that do not parse are skipped (the last good line is what matters to a caller).
 pub fn parse_history_lines(text: &str) -> Vec<HistoryLine> {
-    let mut out = Vec::new();
-    for line in text.lines().take(MAX_HISTORY_LINES) {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let mut fields = line.splitn(3, char::is_whitespace);
-        let parent = fields.next().and_then(|t| t.parse::<u32>().ok());
-        let switch = fields.next().and_then(|l| l.trim().parse::<Lsn>().ok());
-        if let (Some(parent), Some(switch)) = (parent, switch) {
-            let reason = fields
-                .next()
-                .unwrap_or_default()
-                .trim()
+    use crate::wal::history::{is_blank, parse_line};
+    text.lines()
+        .take(MAX_HISTORY_LINES)
+        .filter(|l| !is_blank(l))
+        .filter_map(parse_line)
+        .map(|(parent, switch, reason)| HistoryLine {
+            parent,
+            switch,
+            reason: reason
                 .chars()
                 .filter(|c| !c.is_control())
                 .take(MAX_REASON)
-                .collect();
-            out.push(HistoryLine {
-                parent,
-                switch,
-                reason,
-            });
-        }
-    }
-    out
+                .collect(),
+        })
+        .collect()
 }
 
 impl Postgres {

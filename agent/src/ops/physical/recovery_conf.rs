@@ -93,10 +93,7 @@ fn end(nonce: &str) -> String {
     format!("# soma-agent restore-pgdata {nonce} end")
 }
 
-/// Quotes a value for postgresql.conf.
-pub(crate) fn conf_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
-}
+pub(crate) use crate::engine::postgres::conf_quote;
 
 impl Block<'_> {
     /// The block's text, ending with a newline.
