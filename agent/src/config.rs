@@ -165,6 +165,12 @@ pub struct Config {
     #[arg(long, env = "SOMA_QDRANT_CA_CERT")]
     pub qdrant_ca_cert: Option<PathBuf>,
 
+    /// REST port of the other nodes of a distributed Qdrant (default: the port of --qdrant-url).
+    /// The agent finds the peers in Qdrant's `GET /cluster` and reaches each at its peer URI's
+    /// host on this port, as pods behind a headless service are reached.
+    #[arg(long, env = "SOMA_QDRANT_PEER_PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub qdrant_peer_port: Option<u16>,
+
     /// Longest a Qdrant snapshot download or shard stream may go without a byte; past it the
     /// backup fails, naming the snapshot, instead of waiting on a frozen node.
     #[arg(long, env = "SOMA_QDRANT_STALL_TIMEOUT", default_value = "5m",

@@ -261,10 +261,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 config.qdrant_ca_cert.as_deref(),
             )
             .map(|q| {
-                q.with_timeouts(engine::qdrant::Timeouts {
+                let q = q.with_timeouts(engine::qdrant::Timeouts {
                     stall: config.qdrant_stall_timeout,
                     snapshot: config.qdrant_snapshot_timeout,
-                })
+                });
+                match config.qdrant_peer_port {
+                    Some(port) => q.with_peer_port(port),
+                    None => q,
+                }
             })
         })
         .transpose()

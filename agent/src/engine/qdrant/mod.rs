@@ -14,10 +14,16 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use url::Url;
 
+mod cluster;
 mod error;
 mod snapshots;
 
+pub use cluster::{
+    ClusterStatus, CollectionCluster, LocalShard, PeerId, RemoteShard, Replica, ReplicaState,
+    ShardKey,
+};
 pub use error::{NameError, QdrantError, check_name};
+pub use snapshots::{Priority, UploadTo};
 
 /// How long a plain API call may take (snapshot creation, recovery and transfers have their own
 /// limits, [`Timeouts`]).
@@ -78,6 +84,9 @@ pub struct Qdrant {
     client: reqwest::Client,
     api_key: Option<String>,
     timeouts: Timeouts,
+    /// REST port of the other nodes of a cluster (pods behind a headless service all listen on
+    /// the same one); their hosts come from Qdrant's peer URIs.
+    peer_port: u16,
 }
 
 /// Limits on the long Qdrant operations, so that a node that stops answering fails the backup or
@@ -165,17 +174,30 @@ impl Qdrant {
         let client = builder
             .build()
             .map_err(|e| QdrantError::InvalidUrl(e.to_string()))?;
+        let peer_port = base.port_or_known_default().unwrap_or(6333);
         Ok(Self {
             base,
             client,
             api_key: api_key.filter(|k| !k.is_empty()),
             timeouts: Timeouts::default(),
+            peer_port,
         })
     }
 
     /// The same client with other limits on snapshot operations.
     pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
         self.timeouts = timeouts;
+        self
+    }
+
+    /// The limits on snapshot operations.
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    /// The same client reaching the other nodes of a cluster on `port` (default: this URL's).
+    pub fn with_peer_port(mut self, port: u16) -> Self {
+        self.peer_port = port;
         self
     }
 

@@ -11,6 +11,36 @@ use tokio_util::io::StreamReader;
 
 use super::{Envelope, Qdrant, QdrantError, SnapshotDescription, check_name};
 
+/// Which copy wins when an uploaded snapshot lands on a shard that has other active replicas
+/// (`SnapshotPriority`; see `recover_shard_snapshot_impl` in Qdrant's src/common/snapshots.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// The snapshot: other active replicas are marked dead and re-synced from it.
+    Snapshot,
+    /// No synchronisation: used when every replica is recovered from the same snapshot.
+    NoSync,
+}
+
+/// Where an uploaded snapshot is recovered.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadTo<'a> {
+    /// The collection (created by a collection snapshot's recovery when missing).
+    pub collection: &'a str,
+    /// The shard, for a shard snapshot (the collection must exist and hold it on this node).
+    pub shard: Option<u32>,
+    /// Which copy wins over other active replicas.
+    pub priority: Priority,
+}
+
+impl Priority {
+    fn as_str(self) -> &'static str {
+        match self {
+            Priority::Snapshot => "snapshot",
+            Priority::NoSync => "no_sync",
+        }
+    }
+}
+
 impl Qdrant {
     /// Creates a snapshot of `collection` on the node and waits for it.
     pub async fn create_snapshot(
@@ -185,8 +215,7 @@ impl Qdrant {
     /// lib/storage/src/content_manager/snapshots/download.rs), so callers delete it afterwards.
     pub async fn upload_snapshot<S>(
         &self,
-        collection: &str,
-        shard: Option<u32>,
+        to: UploadTo<'_>,
         file_name: &str,
         body: S,
         length: u64,
@@ -195,6 +224,11 @@ impl Qdrant {
     where
         S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
     {
+        let UploadTo {
+            collection,
+            shard,
+            priority,
+        } = to;
         let shard_id = shard.map(|s| s.to_string());
         let url = match &shard_id {
             Some(id) => self.endpoint(&[
@@ -219,7 +253,7 @@ impl Qdrant {
                     self.request(Method::POST, url.clone())
                         .query(&[
                             ("wait", "true"),
-                            ("priority", "snapshot"),
+                            ("priority", priority.as_str()),
                             ("checksum", sha256),
                         ])
                         .header(header::ACCEPT, "application/json")

@@ -10,8 +10,9 @@ use soma_proto::v1;
 use tokio::io::AsyncRead;
 
 use super::{
-    COLLECTION_FORMAT, CollectionRecord, QdrantDetails, QdrantOpError, SHARD_FORMAT,
+    COLLECTION_FORMAT, ClusterRecord, CollectionRecord, QdrantDetails, QdrantOpError, SHARD_FORMAT,
     STORAGE_FORMAT, SampleRecord, SnapshotMode, collection_slug,
+    layout::{Nodes, read_layout},
 };
 use crate::{
     catalog::{Artifact, BackupId, Engine, Manifest, Target, Tool},
@@ -26,9 +27,6 @@ use crate::{
     },
     pipeline::UploadSummary,
 };
-
-/// Most shards one collection is taken to have; Qdrant's own limit is far lower.
-const MAX_SHARDS: u64 = 1024;
 
 /// Takes a backup of Qdrant collections (all when `requested` is empty).
 pub async fn backup_qdrant(
@@ -50,11 +48,29 @@ pub async fn backup_qdrant(
         format!("reading collections and aliases from {}", q.url()),
     );
     let version = q.version().await?;
+    let nodes = Nodes::read(q).await?;
+    let mode = match mode {
+        SnapshotMode::FullStorage if nodes.distributed => {
+            return Err(QdrantOpError::FullStorageInCluster.into());
+        }
+        SnapshotMode::Collection if nodes.distributed => {
+            tracing::info!(
+                peers = nodes.peers.len(),
+                "Qdrant runs distributed: a collection snapshot would hold this node's shards only, so every shard is streamed from a node holding an active replica"
+            );
+            SnapshotMode::ShardStream
+        }
+        mode => mode,
+    };
     if mode == SnapshotMode::ShardStream
         && minor_of(&version).is_none_or(|v| v < SHARD_STREAM_SINCE)
     {
         return Err(QdrantError::Unsupported {
-            feature: "streaming shard snapshots (no local staging)",
+            feature: if nodes.distributed {
+                "backing up a distributed Qdrant (it streams each shard from a node holding it)"
+            } else {
+                "streaming shard snapshots (no local staging)"
+            },
             needs: format!("{}.{}", SHARD_STREAM_SINCE.0, SHARD_STREAM_SINCE.1),
             server: version,
         }
@@ -86,7 +102,7 @@ pub async fn backup_qdrant(
         .filter(|a| collections.contains(&a.collection_name))
         .collect();
 
-    let taken = take_snapshots(&ctx, q, &id, &collections, mode, &reporter).await;
+    let taken = take_snapshots(&ctx, q, &nodes, &id, &collections, mode, &reporter).await;
     let (artifacts, records) = match taken {
         Ok(taken) => taken,
         Err(e) => {
@@ -122,6 +138,10 @@ pub async fn backup_qdrant(
             mode,
             aliases,
             collections: records,
+            cluster: nodes.this.map(|node| ClusterRecord {
+                node,
+                peers: nodes.peers.keys().copied().collect(),
+            }),
         })
         .expect("details serialise"),
     );
@@ -141,6 +161,7 @@ type Taken = (Vec<Artifact>, BTreeMap<String, CollectionRecord>);
 async fn take_snapshots(
     ctx: &Context,
     q: &Qdrant,
+    nodes: &Nodes,
     id: &BackupId,
     collections: &[String],
     mode: SnapshotMode,
@@ -155,22 +176,25 @@ async fn take_snapshots(
             points_count: info.get("points_count").and_then(Value::as_u64),
             config: config.clone(),
             snapshot: None,
+            layout: None,
             sample: sample_of(q, c, record_points(&info)).await,
         };
         match mode {
             SnapshotMode::ShardStream => {
-                // The server's own word, but bounded: a bogus answer must not loop for ever.
-                let shards = config["params"]["shard_number"]
-                    .as_u64()
-                    .unwrap_or(1)
-                    .clamp(1, MAX_SHARDS) as u32;
-                for shard in 0..shards {
+                let schema = info.get("payload_schema").unwrap_or(&Value::Null);
+                let (layout, sources) = read_layout(q, nodes, c, &config, schema).await?;
+                for source in sources {
+                    let shard = source.shard;
+                    let node = nodes.client(q, source.peer)?;
                     let name = format!(
                         "collections/{}/shard-{shard}.snapshot.zst",
                         collection_slug(index, c)
                     );
-                    reporter.phase("streaming", format!("{c} shard {shard} → zstd → store"));
-                    let reader = q.stream_shard(c, shard).await?;
+                    reporter.phase(
+                        "streaming",
+                        format!("{c} shard {shard} from {} → zstd → store", node.url()),
+                    );
+                    let reader = node.stream_shard(c, shard).await?;
                     let what = ArtifactName {
                         name: &name,
                         format: SHARD_FORMAT,
@@ -182,6 +206,7 @@ async fn take_snapshots(
                         ..art
                     });
                 }
+                record.layout = Some(layout);
             }
             SnapshotMode::FullStorage => {}
             SnapshotMode::Collection => {

@@ -3,6 +3,7 @@
 //! not carry ([`restore`]).
 
 mod backup;
+pub mod layout;
 mod restore;
 
 pub use backup::backup_qdrant;
@@ -81,6 +82,18 @@ pub struct QdrantDetails {
     pub aliases: Vec<Alias>,
     /// Per collection: configuration and size at backup time.
     pub collections: BTreeMap<String, CollectionRecord>,
+    /// The cluster backed up, when Qdrant ran distributed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterRecord>,
+}
+
+/// The distributed Qdrant a backup was taken from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    /// The node the agent that took it runs beside.
+    pub node: crate::engine::qdrant::PeerId,
+    /// Every peer of the cluster.
+    pub peers: Vec<crate::engine::qdrant::PeerId>,
 }
 
 /// One collection as it was when backed up.
@@ -93,6 +106,9 @@ pub struct CollectionRecord {
     /// Qdrant's description of the snapshot taken (collection mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotDescription>,
+    /// Shards and replicas (shard-stream backups, which every distributed one is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<layout::ShardLayout>,
     /// A sample point for a restore drill's sample search (absent in backups written before
     /// drills and for collections without a dense vector).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -184,6 +200,112 @@ pub enum QdrantOpError {
         /// The collection.
         collection: String,
     },
+    /// A shard replica lives on a node `GET /cluster` does not list.
+    #[error(
+        "Qdrant lists a replica on peer {peer}, which its cluster status does not name; wait until the cluster's membership settles (GET /cluster on every node) and retry"
+    )]
+    UnknownPeer {
+        /// The peer.
+        peer: crate::engine::qdrant::PeerId,
+    },
+    /// The cluster's answer about a collection's shards does not add up.
+    #[error("collection {collection}: {detail}; the backup would miss shards, so none was taken")]
+    ShardsMissing {
+        /// The collection.
+        collection: String,
+        /// What does not add up.
+        detail: String,
+    },
+    /// A shard with no active replica: its data cannot be read now.
+    #[error(
+        "collection {collection}: shard {shard} has no active replica ({replicas}); a backup never succeeds with a shard missing: bring a node holding it back (GET /collections/{collection}/cluster shows the replicas) and retry"
+    )]
+    ShardUnavailable {
+        /// The collection.
+        collection: String,
+        /// The shard.
+        shard: u32,
+        /// Its replicas and their states.
+        replicas: String,
+    },
+    /// The node holding the replica chosen for a shard does not answer.
+    #[error(
+        "collection {collection}: shard {shard} is held by peer {peer}, which cannot be reached: {reason}; check that node, and that the agent reaches its REST port (--qdrant-peer-port)"
+    )]
+    PeerUnreachable {
+        /// The collection.
+        collection: String,
+        /// The shard.
+        shard: u32,
+        /// The peer.
+        peer: crate::engine::qdrant::PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// The shards' point counts do not add up to the collection's exact count.
+    #[error(
+        "collection {collection}: its shards hold {sum} points ({shards}) but the collection counts {exact} exactly; a shard may be missing or out of date, so no backup was taken; retry once writes and transfers settle"
+    )]
+    CountMismatch {
+        /// The collection.
+        collection: String,
+        /// Sum of the shards' counts.
+        sum: u64,
+        /// `points/count` with `exact`.
+        exact: u64,
+        /// Per shard counts.
+        shards: String,
+    },
+    /// Full-storage snapshots asked of a distributed Qdrant.
+    #[error(
+        "Qdrant runs in distributed mode, where storage snapshots are not supported (each would hold one node's shards only); back up collections instead (--qdrant-mode shard-stream or collection, both stream every shard)"
+    )]
+    FullStorageInCluster,
+    /// A restore could not place every shard.
+    #[error("collection {collection} cannot be restored: {detail}; nothing of it was left behind")]
+    Placement {
+        /// The collection (as restored).
+        collection: String,
+        /// What failed.
+        detail: String,
+    },
+    /// Replicas that did not become active in time.
+    #[error(
+        "collection {collection}: replicas still not active after {}: {detail}; the collection was removed; check the nodes, or allow more with --qdrant-snapshot-timeout",
+        humantime::format_duration(*.after)
+    )]
+    NotActive {
+        /// The collection.
+        collection: String,
+        /// How long the restore waited.
+        after: std::time::Duration,
+        /// Which replicas.
+        detail: String,
+    },
+    /// The restored collection holds fewer or more points than the backup recorded.
+    #[error(
+        "collection {collection} holds {found} points after the restore, the backup recorded {expected}; the collection was removed"
+    )]
+    RestoredShort {
+        /// The collection (as restored).
+        collection: String,
+        /// Recorded.
+        expected: u64,
+        /// Counted.
+        found: u64,
+    },
+    /// A shard the layout records without its snapshot.
+    #[error(
+        "backup {id} records shard {shard} of collection {collection} but has no snapshot of it"
+    )]
+    MissingShard {
+        /// The backup.
+        id: BackupId,
+        /// The collection.
+        collection: String,
+        /// The shard.
+        shard: u32,
+    },
     /// The manifest's Qdrant details do not parse.
     #[error("backup {id}: its manifest's Qdrant details are unreadable: {reason}")]
     BadDetails {
@@ -202,12 +324,22 @@ impl QdrantOpError {
             QdrantOpError::NotInBackup { .. }
             | QdrantOpError::RenameNeedsOne
             | QdrantOpError::InvalidName { .. } => Code::InvalidArgument,
-            QdrantOpError::MissingSnapshot { .. } | QdrantOpError::BadDetails { .. } => {
-                Code::DataLoss
-            }
+            QdrantOpError::MissingSnapshot { .. }
+            | QdrantOpError::MissingShard { .. }
+            | QdrantOpError::BadDetails { .. }
+            | QdrantOpError::RestoredShort { .. } => Code::DataLoss,
             QdrantOpError::NoCollections
             | QdrantOpError::StorageSnapshot(_)
-            | QdrantOpError::AliasTaken { .. } => Code::FailedPrecondition,
+            | QdrantOpError::AliasTaken { .. }
+            | QdrantOpError::FullStorageInCluster
+            | QdrantOpError::Placement { .. }
+            | QdrantOpError::ShardsMissing { .. }
+            | QdrantOpError::CountMismatch { .. }
+            | QdrantOpError::UnknownPeer { .. } => Code::FailedPrecondition,
+            QdrantOpError::ShardUnavailable { .. } | QdrantOpError::PeerUnreachable { .. } => {
+                Code::Unavailable
+            }
+            QdrantOpError::NotActive { .. } => Code::DeadlineExceeded,
         }
     }
 }
@@ -284,11 +416,13 @@ mod tests {
             mode: SnapshotMode::Collection,
             aliases: vec![],
             collections: BTreeMap::new(),
+            cluster: None,
         };
         let record = CollectionRecord {
             points_count: None,
             config: Value::Null,
             snapshot: None,
+            layout: None,
             sample: None,
         };
         details.collections.insert("docs".into(), record.clone());

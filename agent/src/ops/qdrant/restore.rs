@@ -6,10 +6,13 @@ use std::sync::Arc;
 use serde_json::Value;
 use tokio_util::{io::ReaderStream, sync::CancellationToken};
 
-use super::{QdrantDetails, QdrantOpError, SnapshotMode};
+use super::{
+    CollectionRecord, QdrantDetails, QdrantOpError, SnapshotMode,
+    layout::{Nodes, ShardLayout, ShardingMethod, match_shards, wait_active},
+};
 use crate::{
     catalog::{Artifact, Manifest},
-    engine::qdrant::{Qdrant, QdrantError, minor_of},
+    engine::qdrant::{Priority, Qdrant, QdrantError, ShardKey, UploadTo, minor_of},
     error::OpError,
     jobs::Reporter,
     ops::{
@@ -88,6 +91,7 @@ pub async fn restore_qdrant(
         .into());
     }
     let existing = q.collections().await?;
+    let nodes = Nodes::read(q).await?;
     if !force
         && let Some(c) = chosen
             .iter()
@@ -140,25 +144,39 @@ pub async fn restore_qdrant(
             }
             .into());
         }
-        if details.mode == SnapshotMode::ShardStream && !existing.contains(&target) {
+        let note = if details.mode == SnapshotMode::ShardStream {
             let Some(record) = details.collections.get(c) else {
                 continue;
             };
-            q.create_collection(&target, &create_body(&record.config))
-                .await?;
-        }
-        for art in arts {
-            reporter.set_expected_raw(art.raw_bytes);
-            reporter.phase(
-                "restoring",
-                format!("{} → zstd → Qdrant collection {target}", art.name),
-            );
-            upload_artifact(&ctx, q, &manifest, art, &target, &reporter).await?;
-        }
-        restored.push(if target == *c {
-            c.clone()
+            let sharded = Sharded {
+                manifest: &manifest,
+                name: c,
+                target: &target,
+                record,
+                arts: &arts,
+            };
+            let exists = existing.contains(&target);
+            restore_sharded(&ctx, q, &nodes, sharded, exists, &reporter).await?
         } else {
-            format!("{c} as {target}")
+            for art in arts {
+                reporter.set_expected_raw(art.raw_bytes);
+                reporter.phase(
+                    "restoring",
+                    format!("{} → zstd → Qdrant collection {target}", art.name),
+                );
+                let into = UploadTo {
+                    collection: &target,
+                    shard: None,
+                    priority: Priority::Snapshot,
+                };
+                upload_artifact(&ctx, q, &manifest, art, into, &reporter).await?;
+            }
+            String::new()
+        };
+        restored.push(if target == *c {
+            format!("{c}{note}")
+        } else {
+            format!("{c} as {target}{note}")
         });
     }
     for (alias, replace) in &alias_plan {
@@ -185,6 +203,168 @@ pub async fn restore_qdrant(
         ),
         manifest,
     ))
+}
+
+/// One collection of a shard-stream backup and where it goes.
+struct Sharded<'a> {
+    manifest: &'a Manifest,
+    /// The collection's name in the backup.
+    name: &'a str,
+    target: &'a str,
+    record: &'a CollectionRecord,
+    arts: &'a [&'a Artifact],
+}
+
+/// Restores a collection backed up shard by shard: created afresh with the recorded layout
+/// (shard keys, payload indexes), every shard's snapshot uploaded to every node Qdrant placed a
+/// replica of it on (`no_sync`: all replicas recover the same bytes, none waits for another), then
+/// every replica active and the exact count equal to the backup's. Anything failing after the
+/// collection was created removes it: no half collection stays. Returns a note for the summary.
+async fn restore_sharded(
+    ctx: &Context,
+    q: &Qdrant,
+    nodes: &Nodes,
+    job: Sharded<'_>,
+    exists: bool,
+    reporter: &Reporter,
+) -> Result<String, OpError> {
+    let target = job.target;
+    if exists {
+        // --force: the caller checked; the layout may differ, so the collection is made anew.
+        q.delete_collection(target).await?;
+    }
+    q.create_collection(target, &create_body(&job.record.config))
+        .await?;
+    let placed = place_shards(ctx, q, nodes, &job, reporter).await;
+    if placed.is_err() {
+        match q.delete_collection(target).await {
+            Ok(()) => tracing::warn!(
+                collection = target,
+                "removed the collection the failed restore had created"
+            ),
+            Err(e) => {
+                tracing::error!(collection = target, error = %e, "could not remove the collection the failed restore created; delete it by hand")
+            }
+        }
+    }
+    placed
+}
+
+async fn place_shards(
+    ctx: &Context,
+    q: &Qdrant,
+    nodes: &Nodes,
+    job: &Sharded<'_>,
+    reporter: &Reporter,
+) -> Result<String, OpError> {
+    let Sharded {
+        manifest,
+        name,
+        target,
+        record,
+        arts,
+    } = *job;
+    let placement = |detail: String| QdrantOpError::Placement {
+        collection: target.to_string(),
+        detail,
+    };
+    if let Some(layout) = &record.layout {
+        rebuild_layout(q, target, layout).await?;
+        for shard in &layout.shards {
+            if !arts.iter().any(|a| a.shard == Some(shard.id)) {
+                return Err(QdrantOpError::MissingShard {
+                    id: manifest.id.clone(),
+                    collection: name.to_string(),
+                    shard: shard.id,
+                }
+                .into());
+            }
+        }
+    }
+    let created = q.collection_cluster(target).await?.shards();
+    let plan = match &record.layout {
+        Some(layout) => match_shards(layout, &created).map_err(placement)?,
+        // Backups of a single node before layouts were recorded: shard ids are kept.
+        None => arts
+            .iter()
+            .map(|a| a.shard.unwrap_or(0))
+            .map(|id| match created.get(&id) {
+                Some((_, replicas)) if !replicas.is_empty() => {
+                    Ok((id, (id, replicas.iter().map(|r| r.peer_id).collect())))
+                }
+                _ => Err(placement(format!("shard {id} was not created"))),
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let mut replicas = 0;
+    for art in arts {
+        let recorded = art.shard.unwrap_or(0);
+        let (shard, peers) = plan.get(&recorded).ok_or_else(|| {
+            placement(format!(
+                "the backup holds shard {recorded}, which the layout does not record"
+            ))
+        })?;
+        for &peer in peers {
+            let node = nodes.client(q, peer)?;
+            reporter.set_expected_raw(art.raw_bytes);
+            reporter.phase(
+                "restoring",
+                format!(
+                    "{} → zstd → Qdrant collection {target} shard {shard} on {}",
+                    art.name,
+                    node.url()
+                ),
+            );
+            let into = UploadTo {
+                collection: target,
+                shard: Some(*shard),
+                priority: Priority::NoSync,
+            };
+            upload_artifact(ctx, &node, manifest, art, into, reporter).await?;
+            replicas += 1;
+        }
+    }
+    reporter.phase(
+        "activating",
+        format!("waiting until every replica of {target} is active"),
+    );
+    wait_active(q, target, q.timeouts().snapshot).await?;
+    if let Some(layout) = &record.layout {
+        let found = q.exact_count(target).await?;
+        if found != layout.exact_count {
+            return Err(QdrantOpError::RestoredShort {
+                collection: target.to_string(),
+                expected: layout.exact_count,
+                found,
+            }
+            .into());
+        }
+    }
+    Ok(format!(" ({} shards, {replicas} replicas)", plan.len()))
+}
+
+/// Shard keys (custom sharding creates no shard until its key exists) and payload indexes.
+async fn rebuild_layout(q: &Qdrant, target: &str, layout: &ShardLayout) -> Result<(), OpError> {
+    if layout.sharding_method == ShardingMethod::Custom {
+        let mut keys: Vec<(&ShardKey, u32)> = Vec::new();
+        for shard in &layout.shards {
+            let Some(key) = &shard.key else { continue };
+            match keys.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, n)) => *n += 1,
+                None => keys.push((key, 1)),
+            }
+        }
+        for (key, shards) in keys {
+            q.create_shard_key(target, key, shards, layout.replication_factor)
+                .await?;
+        }
+    }
+    if let Some(fields) = layout.payload_schema.as_object() {
+        for (field, schema) in fields {
+            q.create_payload_index(target, field, schema).await?;
+        }
+    }
+    Ok(())
 }
 
 /// `PUT /collections/{c}` body from a recorded `CollectionInfo.config`.
@@ -215,20 +395,14 @@ async fn upload_artifact(
     q: &Qdrant,
     manifest: &Manifest,
     art: &Artifact,
-    target: &str,
+    into: UploadTo<'_>,
     reporter: &Reporter,
 ) -> Result<(), OpError> {
+    let (target, shard) = (into.collection, into.shard);
     let (writer, reader) = tokio::io::duplex(1 << 20);
     let body = ReaderStream::with_capacity(reader, 256 * 1024);
     let file_name = format!("soma-restore-{}.snapshot", manifest.id);
-    let upload = q.upload_snapshot(
-        target,
-        art.shard,
-        &file_name,
-        body,
-        art.raw_bytes,
-        &art.raw_sha256,
-    );
+    let upload = q.upload_snapshot(into, &file_name, body, art.raw_bytes, &art.raw_sha256);
     let consumer = |cancel: CancellationToken| async move {
         tokio::select! {
             r = upload => r.map_err(OpError::from),
@@ -247,7 +421,7 @@ async fn upload_artifact(
     .await;
     // Qdrant keeps an uploaded collection snapshot on the node; no copy may stay there, whether
     // the recovery succeeded, failed or ran out of time.
-    if art.shard.is_none() {
+    if shard.is_none() {
         match q.delete_snapshot(target, &file_name).await {
             Ok(()) | Err(QdrantError::NotFound { .. }) => {}
             Err(e) => {

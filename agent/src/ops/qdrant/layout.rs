@@ -1,0 +1,456 @@
+//! Where a collection's shards live, read before a backup and rebuilt by a restore.
+//!
+//! A collection snapshot holds only the shards of the node it is taken on (Qdrant's docs:
+//! "Snapshots … in distributed mode … must be created for each node"), so a backup of a
+//! distributed Qdrant streams every shard from one node that holds an active replica of it, and
+//! records the layout a restore needs: shard number, replication, sharding method and keys,
+//! payload indexes and each shard's point count. A single node is the one-node case of the same
+//! thing: its cluster API lists every shard as local.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::QdrantOpError;
+use crate::{
+    engine::qdrant::{
+        ClusterStatus, CollectionCluster, PeerId, Qdrant, QdrantError, Replica, ShardKey,
+    },
+    error::OpError,
+};
+
+/// How often a restore looks at the replicas' states while it waits for them to become active.
+const ACTIVE_POLL: Duration = Duration::from_millis(250);
+/// How many times the layout and the exact count are read again when their sums disagree (a
+/// write landing between the two reads, an optimizer merging segments).
+const COUNT_READS: usize = 3;
+
+/// The nodes of the Qdrant this agent talks to.
+#[derive(Debug, Clone)]
+pub struct Nodes {
+    /// Distributed mode is on.
+    pub distributed: bool,
+    /// This node's peer id, when distributed.
+    pub this: Option<PeerId>,
+    /// Every peer consensus knows, with its p2p URI.
+    pub peers: BTreeMap<PeerId, String>,
+}
+
+impl Nodes {
+    /// Asks the node the agent is configured with.
+    pub async fn read(q: &Qdrant) -> Result<Nodes, QdrantError> {
+        Ok(match q.cluster_status().await? {
+            ClusterStatus::Disabled => Nodes {
+                distributed: false,
+                this: None,
+                peers: BTreeMap::new(),
+            },
+            ClusterStatus::Enabled { peer_id, peers } => Nodes {
+                distributed: true,
+                this: Some(peer_id),
+                peers,
+            },
+        })
+    }
+
+    /// A client for `peer`: the configured one for this node (and for a single node), the
+    /// peer's host on the peers' REST port otherwise.
+    pub fn client(&self, q: &Qdrant, peer: PeerId) -> Result<Qdrant, OpError> {
+        if !self.distributed || self.this == Some(peer) {
+            return Ok(q.clone());
+        }
+        let uri = self
+            .peers
+            .get(&peer)
+            .ok_or(QdrantOpError::UnknownPeer { peer })?;
+        Ok(q.peer(uri)?)
+    }
+}
+
+/// How points are spread over shards (`ShardingMethod`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardingMethod {
+    /// By a hash of the point id.
+    Auto,
+    /// By a shard key the writer names.
+    Custom,
+}
+
+/// A collection's layout at backup time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardLayout {
+    /// `shard_number` (per shard key with custom sharding).
+    pub shard_number: u32,
+    /// Replicas per shard.
+    pub replication_factor: u32,
+    /// Replicas a write must reach.
+    pub write_consistency_factor: u32,
+    /// Auto or custom.
+    pub sharding_method: ShardingMethod,
+    /// Exact points count of the collection when its layout was read.
+    pub exact_count: u64,
+    /// `CollectionInfo.payload_schema`: the payload indexes to create again.
+    #[serde(default)]
+    pub payload_schema: Value,
+    /// Every shard, by id.
+    pub shards: Vec<ShardRecord>,
+}
+
+/// One shard at backup time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRecord {
+    /// Shard id.
+    pub id: u32,
+    /// Its custom key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<ShardKey>,
+    /// Points in the replica streamed, as its node counted them.
+    pub points_count: u64,
+    /// The node whose replica was streamed.
+    pub taken_from: PeerId,
+    /// Every node that held a replica.
+    pub replicas: Vec<PeerId>,
+}
+
+/// A shard to stream: which node to ask.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Shard id.
+    pub shard: u32,
+    /// The node holding the active replica chosen.
+    pub peer: PeerId,
+}
+
+/// Reads the layout of collection `c` and chooses one active replica of every shard; fails by
+/// name when a shard has none, when a node holding one cannot say how many points it has, or
+/// when the shards' counts do not add up to the collection's exact count.
+pub async fn read_layout(
+    q: &Qdrant,
+    nodes: &Nodes,
+    c: &str,
+    config: &Value,
+    payload_schema: &Value,
+) -> Result<(ShardLayout, Vec<Source>), OpError> {
+    let mut last = None;
+    for _ in 0..COUNT_READS {
+        let here = q.collection_cluster(c).await?;
+        let shards = here.shards();
+        if shards.len() as u64 != here.shard_count {
+            return Err(QdrantOpError::ShardsMissing {
+                collection: c.to_string(),
+                detail: format!(
+                    "Qdrant counts {} shards but lists replicas of {}",
+                    here.shard_count,
+                    shards.len()
+                ),
+            }
+            .into());
+        }
+        let mut chosen = Vec::with_capacity(shards.len());
+        for (&id, (key, replicas)) in &shards {
+            let peer = pick_replica(here.peer_id, replicas).ok_or_else(|| {
+                QdrantOpError::ShardUnavailable {
+                    collection: c.to_string(),
+                    shard: id,
+                    replicas: describe_replicas(replicas),
+                }
+            })?;
+            chosen.push((id, key.clone(), peer, replicas));
+        }
+        // Each node's own count of its replicas (`points_count` is local to the node asked).
+        let mut counts: BTreeMap<PeerId, CollectionCluster> = BTreeMap::new();
+        counts.insert(here.peer_id, here.clone());
+        for &(id, _, peer, _) in &chosen {
+            if let std::collections::btree_map::Entry::Vacant(slot) = counts.entry(peer) {
+                let info = nodes
+                    .client(q, peer)?
+                    .collection_cluster(c)
+                    .await
+                    .map_err(|e| QdrantOpError::PeerUnreachable {
+                        collection: c.to_string(),
+                        shard: id,
+                        peer,
+                        reason: e.to_string(),
+                    })?;
+                slot.insert(info);
+            }
+        }
+        let exact_count = q.exact_count(c).await?;
+        let mut records = Vec::with_capacity(chosen.len());
+        for (id, key, peer, replicas) in chosen {
+            let points_count = counts[&peer]
+                .local_shards
+                .iter()
+                .find(|l| l.shard_id == id)
+                .map(|l| l.points_count)
+                .ok_or_else(|| QdrantOpError::PeerUnreachable {
+                    collection: c.to_string(),
+                    shard: id,
+                    peer,
+                    reason: "the node no longer lists the shard as local".into(),
+                })?;
+            records.push(ShardRecord {
+                id,
+                key,
+                points_count,
+                taken_from: peer,
+                replicas: replicas.iter().map(|r| r.peer_id).collect(),
+            });
+        }
+        let sum: u64 = records.iter().map(|r| r.points_count).sum();
+        let params = &config["params"];
+        let layout = ShardLayout {
+            shard_number: param(params, "shard_number"),
+            replication_factor: param(params, "replication_factor"),
+            write_consistency_factor: param(params, "write_consistency_factor"),
+            sharding_method: if params["sharding_method"] == "custom" {
+                ShardingMethod::Custom
+            } else {
+                ShardingMethod::Auto
+            },
+            exact_count,
+            payload_schema: payload_schema.clone(),
+            shards: records,
+        };
+        if sum == exact_count {
+            let sources = layout
+                .shards
+                .iter()
+                .map(|s| Source {
+                    shard: s.id,
+                    peer: s.taken_from,
+                })
+                .collect();
+            return Ok((layout, sources));
+        }
+        last = Some((sum, layout));
+    }
+    let (sum, layout) = last.expect("read at least once");
+    Err(QdrantOpError::CountMismatch {
+        collection: c.to_string(),
+        sum,
+        exact: layout.exact_count,
+        shards: layout
+            .shards
+            .iter()
+            .map(|s| format!("shard {}: {}", s.id, s.points_count))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+    .into())
+}
+
+/// An integer parameter of `config.params`, 1 when absent (Qdrant's default for all three).
+fn param(params: &Value, name: &str) -> u32 {
+    params[name]
+        .as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(1)
+}
+
+/// An active replica of a shard: this node's when it holds one (no network hop), else the
+/// active one on the lowest peer id (stable from one backup to the next).
+fn pick_replica(this: PeerId, replicas: &[Replica]) -> Option<PeerId> {
+    let active = |r: &&Replica| r.state.is_active();
+    replicas
+        .iter()
+        .filter(active)
+        .find(|r| r.peer_id == this)
+        .or_else(|| replicas.iter().find(active))
+        .map(|r| r.peer_id)
+}
+
+/// `peer 12 Dead, peer 40 Partial` for messages.
+pub fn describe_replicas(replicas: &[Replica]) -> String {
+    if replicas.is_empty() {
+        return "no replica at all".into();
+    }
+    replicas
+        .iter()
+        .map(|r| format!("peer {} {}", r.peer_id, r.state))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The shards of a freshly created collection, matched to the recorded ones: the same id with
+/// auto sharding (the hash ring depends only on the shard number), the same key and rank among
+/// that key's shards with custom sharding (new ids are Qdrant's to choose).
+pub fn match_shards(
+    recorded: &ShardLayout,
+    created: &BTreeMap<u32, (Option<ShardKey>, Vec<Replica>)>,
+) -> Result<BTreeMap<u32, (u32, Vec<PeerId>)>, String> {
+    let mut matched = BTreeMap::new();
+    match recorded.sharding_method {
+        ShardingMethod::Auto => {
+            for s in &recorded.shards {
+                let (_, replicas) = created
+                    .get(&s.id)
+                    .ok_or_else(|| format!("shard {} was not created", s.id))?;
+                matched.insert(s.id, (s.id, peers_of(replicas)));
+            }
+        }
+        ShardingMethod::Custom => {
+            let mut by_key: BTreeMap<&ShardKey, Vec<u32>> = BTreeMap::new();
+            for (id, (key, _)) in created {
+                if let Some(key) = key {
+                    by_key.entry(key).or_default().push(*id);
+                }
+            }
+            let mut rank: BTreeMap<&ShardKey, usize> = BTreeMap::new();
+            for s in &recorded.shards {
+                let key = s.key.as_ref().ok_or_else(|| {
+                    format!("shard {} of a custom-sharded collection has no key", s.id)
+                })?;
+                let n = rank.entry(key).or_insert(0);
+                let new_id = by_key
+                    .get(key)
+                    .and_then(|ids| ids.get(*n))
+                    .copied()
+                    .ok_or_else(|| {
+                        format!("no shard was created for key {key} (shard {})", s.id)
+                    })?;
+                *n += 1;
+                matched.insert(s.id, (new_id, peers_of(&created[&new_id].1)));
+            }
+        }
+    }
+    for (old, (new, peers)) in &matched {
+        if peers.is_empty() {
+            return Err(format!(
+                "shard {new} (recorded as {old}) has no replica on any node"
+            ));
+        }
+    }
+    Ok(matched)
+}
+
+fn peers_of(replicas: &[Replica]) -> Vec<PeerId> {
+    replicas.iter().map(|r| r.peer_id).collect()
+}
+
+/// Waits until every replica of collection `c` is active and no transfer runs; fails naming
+/// the replicas that are not, once `limit` has passed.
+pub async fn wait_active(q: &Qdrant, c: &str, limit: Duration) -> Result<(), OpError> {
+    let started = Instant::now();
+    loop {
+        let info = q.collection_cluster(c).await?;
+        let lagging: Vec<String> = info
+            .shards()
+            .iter()
+            .filter(|(_, (_, replicas))| replicas.iter().any(|r| !r.state.is_active()))
+            .map(|(id, (_, replicas))| format!("shard {id}: {}", describe_replicas(replicas)))
+            .collect();
+        if lagging.is_empty() && info.shard_transfers.is_empty() {
+            return Ok(());
+        }
+        if started.elapsed() >= limit {
+            return Err(QdrantOpError::NotActive {
+                collection: c.to_string(),
+                after: limit,
+                detail: if lagging.is_empty() {
+                    format!(
+                        "{} shard transfer(s) still running",
+                        info.shard_transfers.len()
+                    )
+                } else {
+                    lagging.join("; ")
+                },
+            }
+            .into());
+        }
+        tokio::time::sleep(ACTIVE_POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::qdrant::ReplicaState;
+
+    fn replica(peer_id: PeerId, state: ReplicaState) -> Replica {
+        Replica { peer_id, state }
+    }
+
+    #[test]
+    fn an_active_replica_is_chosen_this_node_first() {
+        use ReplicaState::*;
+        let rs = [replica(1, Active), replica(5, Active), replica(9, Dead)];
+        assert_eq!(pick_replica(5, &rs), Some(5));
+        assert_eq!(pick_replica(9, &rs), Some(1));
+        assert_eq!(
+            pick_replica(1, &[replica(1, Partial), replica(2, Dead)]),
+            None
+        );
+        assert_eq!(pick_replica(1, &[]), None);
+        assert_eq!(
+            describe_replicas(&[replica(1, Partial), replica(2, Dead)]),
+            "peer 1 Partial, peer 2 Dead"
+        );
+    }
+
+    fn layout(method: ShardingMethod, shards: &[(u32, Option<ShardKey>)]) -> ShardLayout {
+        ShardLayout {
+            shard_number: 1,
+            replication_factor: 1,
+            write_consistency_factor: 1,
+            sharding_method: method,
+            exact_count: 0,
+            payload_schema: Value::Null,
+            shards: shards
+                .iter()
+                .map(|(id, key)| ShardRecord {
+                    id: *id,
+                    key: key.clone(),
+                    points_count: 0,
+                    taken_from: 1,
+                    replicas: vec![1],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn shards_match_by_id_or_by_key_and_rank() {
+        use ReplicaState::Active;
+        let key = |k: &str| Some(ShardKey::Keyword(k.into()));
+        let auto = layout(ShardingMethod::Auto, &[(0, None), (1, None)]);
+        let created = BTreeMap::from([
+            (0, (None, vec![replica(7, Active), replica(8, Active)])),
+            (1, (None, vec![replica(8, Active)])),
+        ]);
+        let m = match_shards(&auto, &created).unwrap();
+        assert_eq!(m[&0], (0, vec![7, 8]));
+        assert_eq!(m[&1], (1, vec![8]));
+        let short = BTreeMap::from([(0, (None, vec![replica(7, Active)]))]);
+        assert!(match_shards(&auto, &short).unwrap_err().contains("shard 1"));
+        let empty = BTreeMap::from([(0, (None, vec![])), (1, (None, vec![replica(8, Active)]))]);
+        assert!(
+            match_shards(&auto, &empty)
+                .unwrap_err()
+                .contains("no replica")
+        );
+
+        let custom = layout(
+            ShardingMethod::Custom,
+            &[(3, key("eu")), (4, key("eu")), (9, key("us"))],
+        );
+        let created = BTreeMap::from([
+            (0, (key("us"), vec![replica(7, Active)])),
+            (1, (key("eu"), vec![replica(8, Active)])),
+            (2, (key("eu"), vec![replica(7, Active)])),
+        ]);
+        let m = match_shards(&custom, &created).unwrap();
+        assert_eq!(m[&3].0, 1);
+        assert_eq!(m[&4].0, 2);
+        assert_eq!(m[&9].0, 0);
+        let missing = BTreeMap::from([(0, (key("us"), vec![replica(7, Active)]))]);
+        assert!(
+            match_shards(&custom, &missing)
+                .unwrap_err()
+                .contains("\"eu\"")
+        );
+    }
+}
