@@ -91,6 +91,9 @@ impl Metrics {
         let probe = tokio::time::timeout(PROBE_TIMEOUT, ctx.catalog.store().head("soma-probe"));
         self.store_up
             .set(matches!(probe.await, Ok(Ok(_))).then_some(1).unwrap_or(0));
+        if let Some(q) = &ctx.qdrant {
+            self.refresh_qdrant(q).await;
+        }
         let Some(wal) = &ctx.wal_stream else {
             return;
         };
@@ -112,6 +115,25 @@ impl Metrics {
             p.server = server;
         }
         p.observe(&status);
+    }
+
+    /// The distributed Qdrant's peers and replicas (all 0 for a single node).
+    async fn refresh_qdrant(&self, q: &crate::engine::qdrant::Qdrant) {
+        let view = crate::ops::qdrant::cluster_view::ClusterView::read(q)
+            .await
+            .unwrap_or_default();
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.qdrant_peers.set(gauge(view.peers.len()));
+        self.qdrant_peers_unreachable
+            .set(gauge(view.unreachable_peers()));
+        self.qdrant_shards_unavailable
+            .set(gauge(view.unavailable_shards()));
+        self.qdrant_replicas_not_active.set(gauge(
+            view.collections
+                .iter()
+                .map(|c| (c.replicas - c.active.min(c.replicas)) as usize)
+                .sum(),
+        ));
     }
 
     /// Why the WAL stream counts as stuck, if it does: not receiving, or WAL waiting to be

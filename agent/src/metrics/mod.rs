@@ -124,6 +124,10 @@ pub struct Metrics {
     recovery_window_start: F64Gauge,
     recovery_unreplayed: Gauge,
     recovery_stopped_short: Gauge,
+    qdrant_peers: Gauge,
+    qdrant_peers_unreachable: Gauge,
+    qdrant_shards_unavailable: Gauge,
+    qdrant_replicas_not_active: Gauge,
     store_up: Gauge,
     store_retries: Gauge,
     store_timeouts: Gauge,
@@ -170,6 +174,10 @@ impl Metrics {
             recovery_window_start: Gauge::default(),
             recovery_unreplayed: Gauge::default(),
             recovery_stopped_short: Gauge::default(),
+            qdrant_peers: Gauge::default(),
+            qdrant_peers_unreachable: Gauge::default(),
+            qdrant_shards_unavailable: Gauge::default(),
+            qdrant_replicas_not_active: Gauge::default(),
             store_up: Gauge::default(),
             store_retries: Gauge::default(),
             store_timeouts: Gauge::default(),
@@ -274,6 +282,26 @@ impl Metrics {
             "soma_recovery_stopped_short",
             "1 when the server's last recovery had no target yet ended before the end of the archive: committed transactions are missing",
             m.recovery_stopped_short.clone(),
+        );
+        r.register(
+            "soma_qdrant_cluster_peers",
+            "Peers of the distributed Qdrant beside the agent (0: a single node)",
+            m.qdrant_peers.clone(),
+        );
+        r.register(
+            "soma_qdrant_cluster_peers_unreachable",
+            "Peers of the distributed Qdrant whose REST API did not answer the agent",
+            m.qdrant_peers_unreachable.clone(),
+        );
+        r.register(
+            "soma_qdrant_shards_unavailable",
+            "Shards of the distributed Qdrant with no active replica: a backup of their collection fails",
+            m.qdrant_shards_unavailable.clone(),
+        );
+        r.register(
+            "soma_qdrant_replicas_not_active",
+            "Shard replicas of the distributed Qdrant that are not active (dead, partial, recovering)",
+            m.qdrant_replicas_not_active.clone(),
         );
         r.register(
             "soma_store_up",

@@ -25,7 +25,9 @@ pub(crate) async fn verify(
     reporter.set_expected_raw(backups.iter().map(|b| b.raw_bytes).sum());
     let store = ctx.source.store().as_ref();
     let mut artifacts = 0;
+    let mut shard_report = String::new();
     for backup in &backups {
+        shard_report.push_str(&super::qdrant::check_shards_complete(backup)?);
         for art in &backup.artifacts {
             reporter.phase(
                 "verifying",
@@ -46,7 +48,7 @@ pub(crate) async fn verify(
     }
     Ok(Outcome::new(
         format!(
-            "backup {} verified: {artifacts} artifact(s), sizes and sha256 digests match the manifest{wal_report}",
+            "backup {} verified: {artifacts} artifact(s), sizes and sha256 digests match the manifest{shard_report}{wal_report}",
             manifest.id,
         ),
         manifest,

@@ -176,3 +176,32 @@ pub fn job_info(j: JobInfo) -> v1::JobInfo {
         started_at: j.started_at.to_rfc3339(),
     }
 }
+
+/// A distributed Qdrant's view for `status`.
+pub fn qdrant_cluster(v: crate::ops::qdrant::cluster_view::ClusterView) -> v1::QdrantCluster {
+    v1::QdrantCluster {
+        this_peer: v.this,
+        peers: v
+            .peers
+            .into_iter()
+            .map(|(peer_id, url, reachable)| v1::QdrantPeer {
+                peer_id,
+                url,
+                reachable,
+            })
+            .collect(),
+        collections: v
+            .collections
+            .into_iter()
+            .map(|c| v1::QdrantCollectionShards {
+                name: c.name,
+                shards: c.shards,
+                replicas: c.replicas,
+                active_replicas: c.active,
+                unavailable_shards: c.unavailable,
+                not_active: c.not_active,
+            })
+            .collect(),
+        error: v.error.unwrap_or_default(),
+    }
+}

@@ -296,7 +296,14 @@ impl SomaAgent for AgentService {
             )),
             _ => None,
         };
+        let qdrant_cluster = match &self.ctx.qdrant {
+            Some(q) => crate::ops::qdrant::cluster_view::ClusterView::read(q)
+                .await
+                .map(convert::qdrant_cluster),
+            None => None,
+        };
         Ok(Response::new(v1::AgentInfo {
+            qdrant_cluster,
             wal_archive,
             agent_version: env!("CARGO_PKG_VERSION").into(),
             engines,

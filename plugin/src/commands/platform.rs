@@ -24,6 +24,8 @@ pub struct Served {
     pub engines: Vec<v1::Engine>,
     /// Its store location (no credentials).
     pub store: String,
+    /// The peer ids of the distributed Qdrant beside it, sorted; empty for a single node.
+    pub qdrant_peers: Vec<u64>,
 }
 
 impl Served {
@@ -58,10 +60,17 @@ pub async fn survey(agents: Vec<Agent>) -> Result<Vec<Served>, CliError> {
             .filter(|e| matches!(e, v1::Engine::Postgres | v1::Engine::Qdrant))
             .collect::<Vec<_>>();
         if !engines.is_empty() {
+            let mut qdrant_peers: Vec<u64> = info
+                .qdrant_cluster
+                .iter()
+                .flat_map(|c| c.peers.iter().map(|p| p.peer_id))
+                .collect();
+            qdrant_peers.sort_unstable();
             served.push(Served {
                 agent,
                 engines,
                 store: info.store,
+                qdrant_peers,
             });
         }
     }
@@ -84,6 +93,7 @@ pub async fn survey(agents: Vec<Agent>) -> Result<Vec<Served>, CliError> {
             });
         }
     }
+    keep_one_agent_per_qdrant_cluster(&mut served);
     for engine in [v1::Engine::Postgres, v1::Engine::Qdrant] {
         let names: Vec<String> = served
             .iter()
@@ -104,6 +114,46 @@ pub async fn survey(agents: Vec<Agent>) -> Result<Vec<Served>, CliError> {
         ));
     }
     Ok(served)
+}
+
+/// Agents beside the nodes of one distributed Qdrant each back up the whole cluster: one of them
+/// (the first by name) is enough, so each shard is stored once. Agents of one cluster see the
+/// same peer ids; agents that serve PostgreSQL too are never dropped.
+fn keep_one_agent_per_qdrant_cluster(served: &mut Vec<Served>) {
+    let entries: Vec<(String, &[u64])> = served
+        .iter()
+        .map(|s| {
+            let only_qdrant = s.serves(v1::Engine::Qdrant) && !s.serves(v1::Engine::Postgres);
+            let peers: &[u64] = if only_qdrant { &s.qdrant_peers } else { &[] };
+            (s.name(), peers)
+        })
+        .collect();
+    let drop = same_qdrant_cluster(&entries);
+    let mut i = 0;
+    served.retain(|_| {
+        let keep = !drop[i];
+        i += 1;
+        keep
+    });
+}
+
+/// For `(agent name, Qdrant peer ids)` entries (no ids: not a clustered Qdrant-only agent),
+/// which to drop: every one but the first by name of each set of equal peer ids.
+fn same_qdrant_cluster(entries: &[(String, &[u64])]) -> Vec<bool> {
+    let mut order: Vec<usize> = (0..entries.len())
+        .filter(|&i| !entries[i].1.is_empty())
+        .collect();
+    order.sort_by(|&a, &b| entries[a].0.cmp(&entries[b].0));
+    let mut seen: Vec<&[u64]> = Vec::new();
+    let mut drop = vec![false; entries.len()];
+    for i in order {
+        if seen.contains(&entries[i].1) {
+            drop[i] = true;
+        } else {
+            seen.push(entries[i].1);
+        }
+    }
+    drop
 }
 
 fn engine_name(engine: v1::Engine) -> &'static str {
@@ -502,6 +552,24 @@ mod tests {
             started_at: started_at.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn one_agent_per_qdrant_cluster_backs_it_up() {
+        let cluster: &[u64] = &[3, 7, 9];
+        let other: &[u64] = &[4, 5];
+        let entries = vec![
+            ("qdrant-2".to_string(), cluster),
+            ("qdrant-0".to_string(), cluster),
+            ("postgres-0".to_string(), &[][..]),
+            ("qdrant-1".to_string(), cluster),
+            ("search-0".to_string(), other),
+            ("single".to_string(), &[][..]),
+        ];
+        assert_eq!(
+            same_qdrant_cluster(&entries),
+            vec![true, false, false, true, false, false]
+        );
     }
 
     #[test]

@@ -113,6 +113,21 @@ fn agent_row(
             "summary": r.summary,
             "checked_at": r.checked_at,
         })),
+        "qdrant_cluster": info.qdrant_cluster.as_ref().map(|c| json!({
+            "this_peer": c.this_peer,
+            "peers": c.peers.iter().map(|p| json!({
+                "peer_id": p.peer_id, "url": p.url, "reachable": p.reachable,
+            })).collect::<Vec<_>>(),
+            "collections": c.collections.iter().map(|k| json!({
+                "name": k.name,
+                "shards": k.shards,
+                "replicas": k.replicas,
+                "active_replicas": k.active_replicas,
+                "unavailable_shards": k.unavailable_shards,
+                "not_active": k.not_active,
+            })).collect::<Vec<_>>(),
+            "error": Some(c.error.as_str()).filter(|e| !e.is_empty()),
+        })),
         "schedules": info.schedules.iter().map(|s| json!({
             "action": s.action,
             "cron": s.cron,
@@ -140,6 +155,14 @@ fn agent_row(
                     .is_some_and(|r| r.verdict == "stopped-short") =>
             {
                 "last recovery stopped short of the archive's end".into()
+            }
+            // A shard nobody can serve is data a backup cannot take.
+            _ if health == "ok"
+                && info.qdrant_cluster.as_ref().is_some_and(|c| {
+                    c.collections.iter().any(|k| !k.unavailable_shards.is_empty())
+                }) =>
+            {
+                "a Qdrant shard has no active replica".into()
             }
             _ => health,
         },
@@ -383,6 +406,7 @@ fn render(rows: &[Value], out: OutputFormat) -> Result<String, CliError> {
             };
             text_out.push_str(&format!("  {mark}: {}\n", output::cell(summary, 600)));
         }
+        text_out.push_str(&qdrant_cluster_section(&r["qdrant_cluster"]));
         text_out.push_str(&schedules_section(r, wide));
         text_out.push_str(&format!(
             "  Encryption: {}\n",
@@ -416,6 +440,71 @@ fn render(rows: &[Value], out: OutputFormat) -> Result<String, CliError> {
         }
     }
     Ok(text_out)
+}
+
+/// A distributed Qdrant: its nodes, then per collection shards × replicas and what is not
+/// active; nothing for a single node.
+fn qdrant_cluster_section(c: &Value) -> String {
+    if c.is_null() {
+        return String::new();
+    }
+    let peers = c["peers"].as_array().cloned().unwrap_or_default();
+    let mut out = format!(
+        "  Qdrant cluster: {} node(s) ({} unreachable), this node peer {}\n",
+        peers.len(),
+        peers.iter().filter(|p| p["reachable"] != true).count(),
+        c["this_peer"]
+    );
+    for p in &peers {
+        out.push_str(&format!(
+            "    peer {} {}{}\n",
+            p["peer_id"],
+            output::cell(p["url"].as_str().unwrap_or(""), 200),
+            if p["reachable"] == true {
+                ""
+            } else {
+                "  UNREACHABLE"
+            }
+        ));
+    }
+    for k in c["collections"].as_array().into_iter().flatten() {
+        let unavailable = k["unavailable_shards"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "    collection {}: {} shard(s), {}/{} replicas active{}\n",
+            output::cell(k["name"].as_str().unwrap_or(""), 120),
+            k["shards"],
+            k["active_replicas"],
+            k["replicas"],
+            if unavailable.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; SHARDS WITHOUT AN ACTIVE REPLICA: {}",
+                    unavailable
+                        .iter()
+                        .map(Value::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        ));
+        for line in k["not_active"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "      {}\n",
+                output::cell(line.as_str().unwrap_or(""), 300)
+            ));
+        }
+    }
+    if let Some(e) = c["error"].as_str() {
+        out.push_str(&format!(
+            "    could not read all of it: {}\n",
+            output::cell(e, 300)
+        ));
+    }
+    out
 }
 
 fn agent_title(r: &Value) -> String {
@@ -558,6 +647,66 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_qdrant_shard_without_an_active_replica_makes_the_agent_unhealthy() {
+        let mut i = info();
+        i.qdrant_cluster = Some(v1::QdrantCluster {
+            this_peer: 11,
+            peers: vec![
+                v1::QdrantPeer {
+                    peer_id: 11,
+                    url: "http://127.0.0.1:6333".into(),
+                    reachable: true,
+                },
+                v1::QdrantPeer {
+                    peer_id: 22,
+                    url: "http://qdrant-1.qdrant-headless:6333".into(),
+                    reachable: false,
+                },
+            ],
+            collections: vec![v1::QdrantCollectionShards {
+                name: "docs".into(),
+                shards: 6,
+                replicas: 12,
+                active_replicas: 10,
+                unavailable_shards: vec![4],
+                not_active: vec!["shard 4: peer 22 Dead, peer 33 Dead".into()],
+            }],
+            error: String::new(),
+        });
+        let row = agent_row("shop", "qdrant-0", "qdrant", &i, None, "ok".into());
+        assert_eq!(row["health"], "a Qdrant shard has no active replica");
+        let text = render(std::slice::from_ref(&row), OutputFormat::Table).unwrap();
+        assert!(
+            text.contains("Qdrant cluster: 2 node(s) (1 unreachable), this node peer 11"),
+            "{text}"
+        );
+        assert!(
+            text.contains("peer 22 http://qdrant-1.qdrant-headless:6333  UNREACHABLE"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "collection docs: 6 shard(s), 10/12 replicas active; SHARDS WITHOUT AN ACTIVE REPLICA: 4"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("shard 4: peer 22 Dead, peer 33 Dead"),
+            "{text}"
+        );
+
+        // All active: healthy, and a single node shows no cluster section.
+        let c = i.qdrant_cluster.as_mut().unwrap();
+        c.collections[0].unavailable_shards.clear();
+        let row = agent_row("shop", "qdrant-0", "qdrant", &i, None, "ok".into());
+        assert_eq!(row["health"], "ok");
+        i.qdrant_cluster = None;
+        let row = agent_row("shop", "qdrant-0", "qdrant", &i, None, "ok".into());
+        let text = render(std::slice::from_ref(&row), OutputFormat::Table).unwrap();
+        assert!(!text.contains("Qdrant cluster"), "{text}");
     }
 
     #[test]

@@ -70,6 +70,27 @@ pub(super) async fn drill(
         ));
         let info = q.collection_info(&target).await?;
         let points = info.get("points_count").and_then(Value::as_u64);
+        if let Some(layout) = &record.layout {
+            checks.push(Check::compare(
+                format!("{name}: points count (exact)"),
+                layout.exact_count.to_string(),
+                q.exact_count(&target).await?.to_string(),
+            ));
+            let shape = |shards: usize, params: &Value| {
+                format!(
+                    "{shards} shard(s), replication factor {}, write consistency {}, sharding {}",
+                    params["replication_factor"].as_u64().unwrap_or(1),
+                    params["write_consistency_factor"].as_u64().unwrap_or(1),
+                    params["sharding_method"].as_str().unwrap_or("auto"),
+                )
+            };
+            let scratch_shards = q.collection_cluster(&target).await?.shards().len();
+            checks.push(Check::compare(
+                format!("{name}: shard layout"),
+                shape(layout.shards.len(), &record.config["params"]),
+                shape(scratch_shards, &info["config"]["params"]),
+            ));
+        }
         match record.points_count {
             Some(expected) => checks.push(Check::compare(
                 format!("{name}: points count"),

@@ -3,6 +3,7 @@
 //! not carry ([`restore`]).
 
 mod backup;
+pub mod cluster_view;
 pub mod layout;
 mod restore;
 
@@ -342,6 +343,44 @@ impl QdrantOpError {
             QdrantOpError::NotActive { .. } => Code::DeadlineExceeded,
         }
     }
+}
+
+/// A shard-by-shard backup holds a snapshot of every shard its layout records: what `verify`
+/// adds to the digests. Returns a note for its summary (empty for other backups).
+pub fn check_shards_complete(m: &crate::catalog::Manifest) -> Result<String, QdrantOpError> {
+    if m.engine != crate::catalog::Engine::Qdrant {
+        return Ok(String::new());
+    }
+    let details: QdrantDetails =
+        serde_json::from_value(m.details.clone()).map_err(|e| QdrantOpError::BadDetails {
+            id: m.id.clone(),
+            reason: e.to_string(),
+        })?;
+    let mut shards = 0;
+    for (name, record) in &details.collections {
+        let Some(layout) = &record.layout else {
+            continue;
+        };
+        for shard in &layout.shards {
+            let held = m
+                .artifacts
+                .iter()
+                .any(|a| a.collection.as_deref() == Some(name) && a.shard == Some(shard.id));
+            if !held {
+                return Err(QdrantOpError::MissingShard {
+                    id: m.id.clone(),
+                    collection: name.clone(),
+                    shard: shard.id,
+                });
+            }
+            shards += 1;
+        }
+    }
+    Ok(if shards == 0 {
+        String::new()
+    } else {
+        format!("; every shard its layout records is there ({shards})")
+    })
 }
 
 /// Checks collection names a request gives before any reaches Qdrant.
