@@ -56,6 +56,15 @@ impl CmdOutput {
         self
     }
 
+    /// Panics unless stdout contains `needle` (exactly).
+    pub fn assert_stdout_contains(&self, needle: &str, what: &str) -> &Self {
+        assert!(
+            self.stdout.contains(needle),
+            "{what}: expected stdout to contain {needle:?}, got:\n{self}"
+        );
+        self
+    }
+
     /// Stdout parsed as JSON; panics (showing the output) when it is not.
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.stdout)

@@ -149,57 +149,68 @@ pub async fn read_layout(
             }
             .into());
         }
-        let mut chosen = Vec::with_capacity(shards.len());
+        // Each node's own view: `points_count` is local to the node asked. A node that does not
+        // answer is asked once; its shards are taken from another active replica.
+        let mut views: BTreeMap<PeerId, Result<CollectionCluster, String>> = BTreeMap::new();
+        views.insert(here.peer_id, Ok(here.clone()));
+        let mut records = Vec::with_capacity(shards.len());
         for (&id, (key, replicas)) in &shards {
-            let peer = pick_replica(here.peer_id, replicas).ok_or_else(|| {
-                QdrantOpError::ShardUnavailable {
+            let candidates = active_replicas(here.peer_id, replicas);
+            if candidates.is_empty() {
+                return Err(QdrantOpError::ShardUnavailable {
                     collection: c.to_string(),
                     shard: id,
                     replicas: describe_replicas(replicas),
                 }
-            })?;
-            chosen.push((id, key.clone(), peer, replicas));
-        }
-        // Each node's own count of its replicas (`points_count` is local to the node asked).
-        let mut counts: BTreeMap<PeerId, CollectionCluster> = BTreeMap::new();
-        counts.insert(here.peer_id, here.clone());
-        for &(id, _, peer, _) in &chosen {
-            if let std::collections::btree_map::Entry::Vacant(slot) = counts.entry(peer) {
-                let info = nodes
-                    .client(q, peer)?
-                    .collection_cluster(c)
-                    .await
-                    .map_err(|e| QdrantOpError::PeerUnreachable {
-                        collection: c.to_string(),
-                        shard: id,
-                        peer,
-                        reason: e.to_string(),
-                    })?;
-                slot.insert(info);
+                .into());
             }
-        }
-        let exact_count = q.exact_count(c).await?;
-        let mut records = Vec::with_capacity(chosen.len());
-        for (id, key, peer, replicas) in chosen {
-            let points_count = counts[&peer]
-                .local_shards
-                .iter()
-                .find(|l| l.shard_id == id)
-                .map(|l| l.points_count)
-                .ok_or_else(|| QdrantOpError::PeerUnreachable {
+            let mut tried = Vec::new();
+            let mut found = None;
+            for peer in candidates {
+                if let std::collections::btree_map::Entry::Vacant(slot) = views.entry(peer) {
+                    let view = match nodes.client(q, peer) {
+                        Ok(node) => node.collection_cluster(c).await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    slot.insert(view);
+                }
+                let local = match &views[&peer] {
+                    Ok(view) => view
+                        .local_shards
+                        .iter()
+                        .find(|l| l.shard_id == id && l.state.is_active())
+                        .map(|l| l.points_count)
+                        .ok_or_else(|| "it does not hold an active replica of the shard".into()),
+                    Err(e) => Err(e.clone()),
+                };
+                match local {
+                    Ok(points_count) => {
+                        found = Some((peer, points_count));
+                        break;
+                    }
+                    Err(reason) => tried.push(format!("peer {peer}: {reason}")),
+                }
+            }
+            let Some((peer, points_count)) = found else {
+                return Err(QdrantOpError::PeerUnreachable {
                     collection: c.to_string(),
                     shard: id,
-                    peer,
-                    reason: "the node no longer lists the shard as local".into(),
-                })?;
+                    reason: tried.join("; "),
+                }
+                .into());
+            };
+            if !tried.is_empty() {
+                tracing::warn!(collection = c, shard = id, peer, skipped = %tried.join("; "), "shard taken from another active replica");
+            }
             records.push(ShardRecord {
                 id,
-                key,
+                key: key.clone(),
                 points_count,
                 taken_from: peer,
                 replicas: replicas.iter().map(|r| r.peer_id).collect(),
             });
         }
+        let exact_count = q.exact_count(c).await?;
         let sum: u64 = records.iter().map(|r| r.points_count).sum();
         let params = &config["params"];
         let layout = ShardLayout {
@@ -251,16 +262,16 @@ fn param(params: &Value, name: &str) -> u32 {
         .unwrap_or(1)
 }
 
-/// An active replica of a shard: this node's when it holds one (no network hop), else the
-/// active one on the lowest peer id (stable from one backup to the next).
-fn pick_replica(this: PeerId, replicas: &[Replica]) -> Option<PeerId> {
-    let active = |r: &&Replica| r.state.is_active();
-    replicas
+/// The nodes holding an active replica of a shard, in the order they are tried: this node first
+/// (no network hop), then by peer id (stable from one backup to the next).
+fn active_replicas(this: PeerId, replicas: &[Replica]) -> Vec<PeerId> {
+    let mut peers: Vec<PeerId> = replicas
         .iter()
-        .filter(active)
-        .find(|r| r.peer_id == this)
-        .or_else(|| replicas.iter().find(active))
+        .filter(|r| r.state.is_active())
         .map(|r| r.peer_id)
+        .collect();
+    peers.sort_by_key(|&p| (p != this, p));
+    peers
 }
 
 /// `peer 12 Dead, peer 40 Partial` for messages.
@@ -378,13 +389,10 @@ mod tests {
     fn an_active_replica_is_chosen_this_node_first() {
         use ReplicaState::*;
         let rs = [replica(1, Active), replica(5, Active), replica(9, Dead)];
-        assert_eq!(pick_replica(5, &rs), Some(5));
-        assert_eq!(pick_replica(9, &rs), Some(1));
-        assert_eq!(
-            pick_replica(1, &[replica(1, Partial), replica(2, Dead)]),
-            None
-        );
-        assert_eq!(pick_replica(1, &[]), None);
+        assert_eq!(active_replicas(5, &rs), vec![5, 1]);
+        assert_eq!(active_replicas(9, &rs), vec![1, 5]);
+        assert!(active_replicas(1, &[replica(1, Partial), replica(2, Dead)]).is_empty());
+        assert!(active_replicas(1, &[]).is_empty());
         assert_eq!(
             describe_replicas(&[replica(1, Partial), replica(2, Dead)]),
             "peer 1 Partial, peer 2 Dead"

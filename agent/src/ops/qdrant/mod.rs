@@ -229,18 +229,16 @@ pub enum QdrantOpError {
         /// Its replicas and their states.
         replicas: String,
     },
-    /// The node holding the replica chosen for a shard does not answer.
+    /// No node holding an active replica of a shard answered for it.
     #[error(
-        "collection {collection}: shard {shard} is held by peer {peer}, which cannot be reached: {reason}; check that node, and that the agent reaches its REST port (--qdrant-peer-port)"
+        "collection {collection}: shard {shard} cannot be read from any node holding an active replica ({reason}); a backup never succeeds with a shard missing: check those nodes, and that the agent reaches their REST port (--qdrant-peer-port)"
     )]
     PeerUnreachable {
         /// The collection.
         collection: String,
         /// The shard.
         shard: u32,
-        /// The peer.
-        peer: crate::engine::qdrant::PeerId,
-        /// Why.
+        /// Each node tried and why it failed.
         reason: String,
     },
     /// The shards' point counts do not add up to the collection's exact count.
