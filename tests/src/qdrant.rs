@@ -95,9 +95,9 @@
 //! chunks in flight. Nothing grows with the data size.
 
 mod data;
-mod multipart;
+pub(crate) mod multipart;
 mod points;
-mod server;
+pub(crate) mod server;
 mod state;
 
 use std::collections::BTreeMap;
