@@ -6,6 +6,7 @@
 //! nodes, and custom sharding.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -459,7 +460,9 @@ fn a_shard_streams_only_from_a_node_that_holds_it() {
 #[test]
 fn shard_recovery_follows_each_priority_and_dead_replicas_resync() {
     let q = QdrantCluster::start(3, None);
-    q.set_transfer_delay(Duration::from_millis(400));
+    // Long enough that a replica's Dead state is seen right after the upload even on a loaded
+    // machine; the transfer's Partial state lasts as long.
+    q.set_transfer_delay(Duration::from_secs(1));
     q.create_collection("prio", &spec(6, 2));
     q.upsert_points("prio", 300, 7);
     let shard = 0u32;
@@ -959,4 +962,86 @@ fn custom_sharding_creates_shards_per_key_and_routes_by_key() {
     let restored = new.layout("helper").unwrap();
     assert_eq!(restored.shard_keys, layout.shard_keys);
     assert_eq!(restored.sharding_method, "custom");
+}
+
+#[test]
+fn bad_archives_names_and_sizes_are_refused_without_a_trace() {
+    let q = QdrantCluster::start(2, None);
+    q.create_collection("kept", &spec(2, 2));
+    q.upsert_points("kept", 50, 5);
+
+    // Bytes that are not one of the double's archives recover nothing.
+    for junk in [&b""[..], b"not json\n", b"{\"format\":\"other\"}\n"] {
+        let message = error_message(
+            upload(&q, 0, "/collections/fresh/snapshots/upload", junk, ""),
+            StatusCode::BAD_REQUEST,
+        );
+        assert!(
+            message.starts_with("Wrong input: Invalid collection snapshot"),
+            "{message}"
+        );
+        let message = error_message(
+            upload(
+                &q,
+                0,
+                "/collections/kept/shards/0/snapshots/upload",
+                junk,
+                "",
+            ),
+            StatusCode::BAD_REQUEST,
+        );
+        assert!(
+            message.starts_with("Wrong input: Invalid shard snapshot"),
+            "{message}"
+        );
+    }
+    assert_eq!(q.collections(), vec!["kept".to_string()]);
+    assert_eq!(q.exact_count("kept"), 50);
+
+    // A name that would climb out of the snapshot directory, and numbers that would drive
+    // unbounded work, are refused.
+    // (An HTTP client's URL parser resolves `..` and `%2E%2E` away, so the request is sent raw.)
+    for name in ["%2E%2E", "%2e"] {
+        let mut stream =
+            std::net::TcpStream::connect(format!("127.0.0.1:{}", q.rest_port())).unwrap();
+        write!(
+            stream,
+            "POST /collections/{name}/snapshots/upload HTTP/1.1\r\nHost: x\r\n\
+             Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 0\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 422"), "{answer}");
+    }
+    let message = error_message(
+        send(
+            &q,
+            0,
+            "PUT",
+            "/collections/huge",
+            json!({"vectors": {"size": 4, "distance": "Dot"}, "shard_number": 100000}),
+        ),
+        StatusCode::BAD_REQUEST,
+    );
+    assert!(
+        message.contains("shard_number must be from 1 to 1024"),
+        "{message}"
+    );
+    let message = error_message(
+        send(
+            &q,
+            0,
+            "PUT",
+            "/collections/kept/points",
+            json!({"points": [{"id": 1, "vector": [1.0, 2.0]}]}),
+        ),
+        StatusCode::BAD_REQUEST,
+    );
+    assert_eq!(
+        message,
+        "Wrong input: Vector dimension error: expected dim: 16, got 2"
+    );
+    assert_eq!(q.collections(), vec!["kept".to_string()]);
 }

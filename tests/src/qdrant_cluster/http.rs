@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::archive::{self, Header, Kind};
-use super::state::{Cluster, Inner, OpError, Params, Point, Points, search};
+use super::state::{Cluster, Inner, MAX_SHARDS, OpError, Params, Point, Points, search};
 use crate::qdrant::server::{
     ApiError, Body, QueryStyle, check_checksum, describe, drain_then, error, json_response,
     list_snapshot_dir, normalize_path, not_routed, now_stamp, ok, query_pairs, read_json_body,
@@ -184,7 +184,7 @@ async fn route(
         (Method::POST, ["collections", "aliases"]) => change_aliases(c, req, started).await,
         (Method::GET, ["collections", name]) => answer(started, get_collection(c, name)),
         (Method::PUT, ["collections", name]) => {
-            if let Some(response) = strict_name_error(name) {
+            if let Some(response) = strict_name_error(name).or_else(|| dot_name_error(name)) {
                 return response;
             }
             let result = match read_json_body(req).await {
@@ -320,6 +320,23 @@ async fn route(
         }
         _ => not_routed(),
     }
+}
+
+/// `.` and `..` would name a directory outside the node's snapshot directory; the double
+/// refuses them like the other names that cannot be a directory (422).
+fn dot_name_error(name: &str) -> Option<Response<Body>> {
+    matches!(name, "." | "..").then(|| {
+        error(
+            Instant::now(),
+            &ApiError::Validation(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "Validation error in path parameters: [collection_name: {name:?} cannot be a \
+                     collection name]"
+                ),
+            ),
+        )
+    })
 }
 
 fn answer(started: Instant, result: Result<Value, ApiError>) -> Response<Body> {
@@ -544,11 +561,6 @@ fn create_collection(cluster: &Cluster, name: &str, body: &Value) -> Result<Valu
         custom,
         on_disk_payload: body["on_disk_payload"].as_bool().unwrap_or(true),
     };
-    if params.shard_number > 1024 {
-        return Err(ApiError::BadInput(
-            "shard_number must be at most 1024 in the double".into(),
-        ));
-    }
     inner.create_collection(name, params).map_err(|e| match e {
         OpError::BadInput(m) if m.ends_with("already exists!") => ApiError::AlreadyExists(m),
         other => other.into(),
@@ -1017,7 +1029,13 @@ async fn upload_shard_snapshot(
             }
         }
         let (header, mut shards) = read_archive(spooled.file, Kind::Shard).await?;
-        let points = shards.remove(&header.shards[0]).unwrap_or_default();
+        let [held] = header.shards[..] else {
+            return Err(ApiError::BadInput(format!(
+                "Invalid shard snapshot: it holds {} shards, not one",
+                header.shards.len()
+            )));
+        };
+        let points = shards.remove(&held).unwrap_or_default();
         let mut inner = cluster.lock();
         let real = inner
             .resolve(&name)
@@ -1106,7 +1124,7 @@ async fn upload_collection_snapshot(
     query: Option<&str>,
     started: Instant,
 ) -> Response<Body> {
-    if let Some(response) = strict_name_error(&name) {
+    if let Some(response) = strict_name_error(&name).or_else(|| dot_name_error(&name)) {
         return drain_then(req, response).await;
     }
     let params = match upload_params(query, QueryStyle::Validated) {
@@ -1141,6 +1159,25 @@ async fn upload_collection_snapshot(
     .await
 }
 
+/// The shard keys of a custom collection's snapshot, with their shard ids.
+fn create_shard_keys(inner: &mut Inner, name: &str, header: &Header) -> Result<(), ApiError> {
+    if !header.params.custom {
+        return Ok(());
+    }
+    let mut by_key: Vec<(String, Vec<u32>)> = Vec::new();
+    for (id, key) in &header.shard_keys {
+        let key = key.clone().unwrap_or_default();
+        match by_key.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, ids)) => ids.push(*id),
+            None => by_key.push((key, vec![*id])),
+        }
+    }
+    for (key, ids) in by_key {
+        inner.create_shard_key(name, &key, None, None, None, Some(ids))?;
+    }
+    Ok(())
+}
+
 fn recover_collection(
     cluster: &Cluster,
     node: usize,
@@ -1153,19 +1190,16 @@ fn recover_collection(
     let real = match inner.resolve(name) {
         Some(real) => real,
         None => {
+            if header.shard_keys.len() > MAX_SHARDS as usize {
+                return Err(ApiError::BadInput(format!(
+                    "Invalid collection snapshot: more than {MAX_SHARDS} shards"
+                )));
+            }
             inner.create_collection(name, header.params.clone())?;
-            if header.params.custom {
-                let mut by_key: Vec<(String, Vec<u32>)> = Vec::new();
-                for (id, key) in &header.shard_keys {
-                    let key = key.clone().unwrap_or_default();
-                    match by_key.iter_mut().find(|(k, _)| *k == key) {
-                        Some((_, ids)) => ids.push(*id),
-                        None => by_key.push((key, vec![*id])),
-                    }
-                }
-                for (key, ids) in by_key {
-                    inner.create_shard_key(name, &key, None, None, None, Some(ids))?;
-                }
+            if let Err(e) = create_shard_keys(&mut inner, name, &header) {
+                // No half collection: a snapshot whose keys cannot be created leaves nothing.
+                inner.collections.remove(name);
+                return Err(e);
             }
             inner
                 .collections

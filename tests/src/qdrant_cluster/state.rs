@@ -21,6 +21,11 @@ pub(crate) const DEAD: &str = "Dead";
 pub(crate) const PARTIAL: &str = "Partial";
 /// Most points one collection may hold in the double (all of them live in memory).
 pub(crate) const MAX_POINTS: usize = 1_000_000;
+/// Most shards one collection may have in the double (a number read from a request or an
+/// archive never drives an unbounded loop).
+pub(crate) const MAX_SHARDS: u32 = 1024;
+/// Largest vector dimension (Qdrant's own limit is 65 536).
+pub(crate) const MAX_DIMENSION: u64 = 65_536;
 
 /// One point as a replica stores it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -320,6 +325,18 @@ impl Inner {
                 "Collection `{name}` already exists!"
             )));
         }
+        if params.shard_number == 0 || params.shard_number > MAX_SHARDS {
+            return Err(OpError::BadInput(format!(
+                "shard_number must be from 1 to {MAX_SHARDS} in the Qdrant cluster double, not {}",
+                params.shard_number
+            )));
+        }
+        if params.vector_size == 0 || params.vector_size > MAX_DIMENSION {
+            return Err(OpError::BadInput(format!(
+                "vector size must be from 1 to {MAX_DIMENSION}, not {}",
+                params.vector_size
+            )));
+        }
         let running = self.running();
         let mut collection = Collection {
             params: params.clone(),
@@ -382,6 +399,20 @@ impl Inner {
         let number = shards_number
             .unwrap_or(collection.params.shard_number)
             .max(1);
+        let total = collection.shards.len() as u64
+            + ids
+                .as_ref()
+                .map_or(u64::from(number), |ids| ids.len() as u64);
+        if total > u64::from(MAX_SHARDS)
+            || ids
+                .as_ref()
+                .is_some_and(|ids| ids.iter().any(|id| collection.shards.contains_key(id)))
+        {
+            return Err(OpError::BadInput(format!(
+                "shard key {key} would give the collection more than {MAX_SHARDS} shards or \
+                 reuse a shard id"
+            )));
+        }
         let rf = replication_factor
             .unwrap_or(collection.params.replication_factor)
             .max(1) as usize;
