@@ -530,11 +530,22 @@ fn shard_recovery_follows_each_priority_and_dead_replicas_resync() {
         ("Active".to_string(), new_count)
     );
     let mut states = BTreeSet::new();
+    let mut transfers_seen = Vec::new();
     poll_until(Duration::from_secs(30), "the replica re-synced", || {
         let (state, count) = local_shard(&q, b, "prio", shard);
+        if state == "Partial" {
+            let info = ok_result(get(&q, a, "/collections/prio/cluster"));
+            transfers_seen.extend(info["shard_transfers"].as_array().unwrap().iter().cloned());
+        }
         states.insert(state.clone());
         (state == "Active").then_some(count)
     });
+    assert!(
+        transfers_seen.iter().any(|t| t["shard_id"] == shard
+            && t["from"] == q.peer_id(a)
+            && t["to"] == q.peer_id(b)),
+        "the transfer is listed while the replica is Partial: {transfers_seen:?}"
+    );
     assert!(
         states.contains("Partial"),
         "a transfer was seen: {states:?}"
