@@ -11,7 +11,8 @@
 //! kubelet's port-forward behind it), speaking the real wire protocol to `kubectl` and kube-rs.
 //!
 //! Qdrant cannot be installed here, so [`QdrantDouble`] stands in for it: a test double of the
-//! Qdrant 1.18 REST API that documents which real behaviour each part follows.
+//! Qdrant 1.18 REST API that documents which real behaviour each part follows, and [`QdrantCluster`]
+//! for a distributed Qdrant (several nodes on their own loopback addresses, shards with replicas).
 //!
 //! Waiting is always "poll a real observable condition until a deadline" ([`poll_until`]), never a
 //! sleep standing in for synchronisation.
@@ -27,6 +28,7 @@ pub mod metrics;
 pub mod pg;
 pub mod pitr;
 pub mod qdrant;
+pub mod qdrant_cluster;
 pub mod store;
 pub mod tls;
 mod util;
@@ -38,5 +40,6 @@ pub use garage::Garage;
 pub use kube::{KubeDouble, PodPhase, PodSpec};
 pub use pg::PgCluster;
 pub use qdrant::QdrantDouble;
+pub use qdrant_cluster::{ClusterCollection, ClusterLayout, QdrantCluster};
 pub use store::TestStore;
 pub use util::{bin_dir, bin_path, free_port, poll_until, random_hex};

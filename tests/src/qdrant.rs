@@ -35,6 +35,11 @@
 //!   Authorization bearer token"; wrong → **401** "Invalid API key or JWT". (403 is only for a
 //!   valid read-only key or JWT without rights; the double has no read-only key.)
 //! - **`GET /`** (`root`): bare `VersionInfo` (no envelope); `version` settable.
+//! - **Cluster API** (`cluster_status`, `collection_cluster_info`; `Collection::cluster_info` in
+//!   lib/collection/src/collection/collection_ops.rs): a node without `cluster.enabled` answers
+//!   `GET /cluster` with `{"status": "disabled"}`, and `GET /collections/{c}/cluster` with its one
+//!   shard local and Active under its own peer id, no remote shards, no transfers. A distributed
+//!   cluster is `soma_tests::qdrant_cluster`.
 //! - **Collections**: `get_collections`, `get_collection` (`CollectionInfo`), `collection_exists`,
 //!   `create_collection` (single unnamed vector only), `delete_collection` (result false for an
 //!   unknown name; removes the collection's aliases; its snapshot files stay on disk). Names
@@ -95,9 +100,9 @@
 //! chunks in flight. Nothing grows with the data size.
 
 mod data;
-mod multipart;
+pub(crate) mod multipart;
 mod points;
-mod server;
+pub(crate) mod server;
 mod state;
 
 use std::collections::BTreeMap;

@@ -879,3 +879,32 @@ fn fault_snapshot_creation_fails_with_500() {
     );
     assert!(message.contains("failed to create snapshot"), "{message}");
 }
+
+/// A single node answers the cluster API like Qdrant without `cluster.enabled`: `/cluster` is
+/// `disabled`, and a collection's one shard is local and Active under the node's own peer id —
+/// so a client that reads the layout treats it as a cluster of one.
+#[test]
+fn single_node_reports_cluster_disabled_and_its_shard_local() {
+    let q = double_with("solo", 4096);
+    let cluster = ok_result(get(&q, "/cluster"));
+    assert_eq!(cluster, json!({"status": "disabled"}));
+
+    let info = ok_result(get(&q, "/collections/solo/cluster"));
+    assert!(info["peer_id"].as_u64().is_some_and(|p| p > 0), "{info}");
+    assert_eq!(info["shard_count"], 1, "{info}");
+    let local = info["local_shards"].as_array().unwrap();
+    assert_eq!(local.len(), 1, "{info}");
+    assert_eq!(local[0]["shard_id"], 0, "{info}");
+    assert_eq!(local[0]["state"], "Active", "{info}");
+    assert_eq!(
+        local[0]["points_count"],
+        q.collection("solo").unwrap().points_count,
+        "{info}"
+    );
+    assert!(local[0].get("shard_key").is_none(), "{info}");
+    assert_eq!(info["remote_shards"], json!([]), "{info}");
+    assert_eq!(info["shard_transfers"], json!([]), "{info}");
+
+    let message = error_message(get(&q, "/collections/nope/cluster"), StatusCode::NOT_FOUND);
+    assert_eq!(message, "Not found: Collection `nope` doesn't exist!");
+}

@@ -30,9 +30,9 @@ use super::multipart;
 use super::state::{Collection, Shared, fire};
 use super::{ApiKeyUse, DOWNLOAD_CHUNK, RequestRecord, SHARD_STREAM_SINCE, parse_version};
 
-type Body = UnsyncBoxBody<Bytes, io::Error>;
+pub(crate) type Body = UnsyncBoxBody<Bytes, io::Error>;
 /// A response that ends a handler early (boxed: responses are large).
-type Rejection = Box<Response<Body>>;
+pub(crate) type Rejection = Box<Response<Body>>;
 
 /// Largest JSON request body the double reads (alias changes, collection creation).
 const MAX_JSON_BODY: usize = 1 << 20;
@@ -67,7 +67,7 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>
 /// A `StorageError` of Qdrant (lib/storage/src/content_manager/errors.rs), with the HTTP status
 /// `HttpError::status_code` (src/actix/helpers.rs) gives it, plus actix's validation errors.
 #[derive(Debug)]
-enum ApiError {
+pub(crate) enum ApiError {
     NotFound(String),
     BadInput(String),
     AlreadyExists(String),
@@ -82,7 +82,7 @@ enum ApiError {
 }
 
 impl ApiError {
-    fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadInput(_) | ApiError::ChecksumMismatch { .. } => StatusCode::BAD_REQUEST,
@@ -92,7 +92,7 @@ impl ApiError {
         }
     }
 
-    fn message(&self) -> String {
+    pub(crate) fn message(&self) -> String {
         match self {
             ApiError::NotFound(d) => format!("Not found: {d}"),
             ApiError::BadInput(d) | ApiError::AlreadyExists(d) => format!("Wrong input: {d}"),
@@ -104,20 +104,20 @@ impl ApiError {
         }
     }
 
-    fn collection_missing(name: &str) -> ApiError {
+    pub(crate) fn collection_missing(name: &str) -> ApiError {
         ApiError::NotFound(format!("Collection `{name}` doesn't exist!"))
     }
 
-    fn snapshot_missing(name: &str) -> ApiError {
+    pub(crate) fn snapshot_missing(name: &str) -> ApiError {
         // `CollectionError::not_found("Snapshot {name}")` renders as "{what} not found".
         ApiError::NotFound(format!("Snapshot {name} not found"))
     }
 
-    fn shard_missing(shard: u32) -> ApiError {
+    pub(crate) fn shard_missing(shard: u32) -> ApiError {
         ApiError::NotFound(format!("shard {shard} not found"))
     }
 
-    fn io(context: &str, e: io::Error) -> ApiError {
+    pub(crate) fn io(context: &str, e: io::Error) -> ApiError {
         ApiError::Service(format!("{context}: {e}"))
     }
 }
@@ -125,7 +125,7 @@ impl ApiError {
 // ---------------------------------------------------------------------------------------------
 // Responses
 
-fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
+pub(crate) fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
     let bytes = serde_json::to_vec(body).expect("JSON values always serialise");
     Response::builder()
         .status(status)
@@ -134,14 +134,14 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
         .expect("static response parts are valid")
 }
 
-fn full(bytes: impl Into<Bytes>) -> Body {
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
 }
 
 /// `ApiResponse { result, status: ok, time }` (lib/api/src/rest/models.rs).
-fn ok(started: Instant, result: Value) -> Response<Body> {
+pub(crate) fn ok(started: Instant, result: Value) -> Response<Body> {
     json_response(
         StatusCode::OK,
         &json!({"result": result, "status": "ok", "time": started.elapsed().as_secs_f64()}),
@@ -149,7 +149,7 @@ fn ok(started: Instant, result: Value) -> Response<Body> {
 }
 
 /// `process_response_error`: the error as `{"status": {"error": ...}, "time": ...}`.
-fn error(started: Instant, e: &ApiError) -> Response<Body> {
+pub(crate) fn error(started: Instant, e: &ApiError) -> Response<Body> {
     json_response(
         e.status(),
         &json!({"status": {"error": e.message()}, "time": started.elapsed().as_secs_f64()}),
@@ -164,7 +164,7 @@ fn accepted(started: Instant) -> Response<Body> {
     )
 }
 
-fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+pub(crate) fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
@@ -174,16 +174,16 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
 
 /// Errors of handlers that return `Result<SnapshotStream, HttpError>`: actix renders those with
 /// the default `ResponseError::error_response`, i.e. the message as plain text.
-fn text_error(e: &ApiError) -> Response<Body> {
+pub(crate) fn text_error(e: &ApiError) -> Response<Body> {
     text(e.status(), e.message())
 }
 
-fn reject(status: StatusCode, body: impl Into<String>) -> Rejection {
+pub(crate) fn reject(status: StatusCode, body: impl Into<String>) -> Rejection {
     Box::new(text(status, body))
 }
 
 /// actix's answer for a path no route matches.
-fn not_routed() -> Response<Body> {
+pub(crate) fn not_routed() -> Response<Body> {
     Response::builder()
         .status(StatusCode::NOT_FOUND)
         .body(full(Bytes::new()))
@@ -192,7 +192,7 @@ fn not_routed() -> Response<Body> {
 
 /// `helpers::time_or_accept`: the work runs in its own task (a client that goes away does not
 /// cancel it); `wait=false` answers 202 at once.
-async fn time_or_accept<F>(started: Instant, wait: bool, work: F) -> Response<Body>
+pub(crate) async fn time_or_accept<F>(started: Instant, wait: bool, work: F) -> Response<Body>
 where
     F: Future<Output = Result<Value, ApiError>> + Send + 'static,
 {
@@ -253,7 +253,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
 }
 
 /// actix `NormalizePath::trim`: merge repeated slashes, drop a trailing one.
-fn normalize_path(path: &str) -> String {
+pub(crate) fn normalize_path(path: &str) -> String {
     let mut out = String::with_capacity(path.len());
     for segment in path.split('/').filter(|s| !s.is_empty()) {
         out.push('/');
@@ -265,7 +265,7 @@ fn normalize_path(path: &str) -> String {
     out
 }
 
-fn whitelisted(path: &str) -> bool {
+pub(crate) fn whitelisted(path: &str) -> bool {
     matches!(path, "/" | "/healthz" | "/readyz" | "/livez")
 }
 
@@ -314,6 +314,12 @@ async fn route(
         (Method::GET, ["healthz" | "livez"]) => text(StatusCode::OK, "healthz check passed"),
         (Method::GET, ["readyz"]) => text(StatusCode::OK, "all shards are ready"),
         (Method::GET, ["collections"]) => list_collections(&shared, started),
+        // `cluster_status` (src/actix/api/cluster_api.rs): a node started without
+        // `cluster.enabled` answers `ClusterStatus::Disabled`.
+        (Method::GET, ["cluster"]) => ok(started, json!({"status": "disabled"})),
+        (Method::GET, ["collections", c, "cluster"]) => {
+            collection_cluster_info(&shared, c, started)
+        }
         (Method::GET, ["aliases"]) => list_aliases(&shared, None, started),
         (Method::POST, ["collections", "aliases"]) => change_aliases(&shared, req, started).await,
         (Method::GET, ["collections", c]) => get_collection(&shared, c, started),
@@ -364,13 +370,13 @@ async fn route(
 // ---------------------------------------------------------------------------------------------
 // Query and path parameters
 
-fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+pub(crate) fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
     form_urlencoded::parse(query.unwrap_or("").as_bytes())
         .into_owned()
         .collect()
 }
 
-fn query_value<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+pub(crate) fn query_value<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
     pairs
         .iter()
         .find(|(k, _)| k == key)
@@ -379,7 +385,7 @@ fn query_value<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> 
 
 /// How a handler's query extractor reports a parameter that does not deserialise.
 #[derive(Clone, Copy)]
-enum QueryStyle {
+pub(crate) enum QueryStyle {
     /// `actix_web_validator::Query`: JSON envelope, "Deserialize error in query parameters".
     Validated,
     /// plain `web::Query`: actix's default plain-text 400.
@@ -403,7 +409,7 @@ fn query_error(style: QueryStyle, detail: &str) -> Rejection {
 }
 
 /// The `wait` parameter (serde's bool from a query string), default true.
-fn wait_param(pairs: &[(String, String)], style: QueryStyle) -> Result<bool, Rejection> {
+pub(crate) fn wait_param(pairs: &[(String, String)], style: QueryStyle) -> Result<bool, Rejection> {
     match query_value(pairs, "wait") {
         None => Ok(true),
         Some("true") => Ok(true),
@@ -418,12 +424,17 @@ fn wait_param(pairs: &[(String, String)], style: QueryStyle) -> Result<bool, Rej
 /// `SnapshotUploadingParam` (src/actix/api/snapshot_api.rs): `wait`, `priority`
 /// (`SnapshotPriority`, snake_case), `checksum` (validated as 64 hex digits when the extractor
 /// validates).
-struct UploadParams {
-    wait: bool,
-    checksum: Option<String>,
+pub(crate) struct UploadParams {
+    pub(crate) wait: bool,
+    /// `no_sync`, `snapshot` or `replica` as given; `None` means Qdrant's default (`snapshot`).
+    pub(crate) priority: Option<String>,
+    pub(crate) checksum: Option<String>,
 }
 
-fn upload_params(query: Option<&str>, style: QueryStyle) -> Result<UploadParams, Rejection> {
+pub(crate) fn upload_params(
+    query: Option<&str>,
+    style: QueryStyle,
+) -> Result<UploadParams, Rejection> {
     let pairs = query_pairs(query);
     let wait = wait_param(&pairs, style)?;
     if let Some(priority) = query_value(&pairs, "priority")
@@ -436,6 +447,7 @@ fn upload_params(query: Option<&str>, style: QueryStyle) -> Result<UploadParams,
             ),
         ));
     }
+    let priority = query_value(&pairs, "priority").map(str::to_string);
     let checksum = query_value(&pairs, "checksum").map(str::to_string);
     if let (QueryStyle::Validated, Some(sum)) = (style, &checksum) {
         // `validate_sha256_hash` (lib/common/common/src/validation.rs), reported with a 422.
@@ -459,11 +471,15 @@ fn upload_params(query: Option<&str>, style: QueryStyle) -> Result<UploadParams,
             )));
         }
     }
-    Ok(UploadParams { wait, checksum })
+    Ok(UploadParams {
+        wait,
+        priority,
+        checksum,
+    })
 }
 
 /// `validate_collection_name` (strict, for names that create collections).
-fn strict_name_error(name: &str) -> Option<Response<Body>> {
+pub(crate) fn strict_name_error(name: &str) -> Option<Response<Body>> {
     const INVALID: [char; 11] = ['<', '>', ':', '"', '/', '\\', '|', '?', '*', '\0', '\u{1F}'];
     let problem = if name.is_empty() || name.len() > 255 {
         "must be from 1 to 255 characters".to_string()
@@ -480,7 +496,7 @@ fn strict_name_error(name: &str) -> Option<Response<Body>> {
     ))
 }
 
-fn shard_id(raw: &str) -> Result<u32, Rejection> {
+pub(crate) fn shard_id(raw: &str) -> Result<u32, Rejection> {
     raw.parse::<u32>().map_err(|_| {
         Box::new(error(
             Instant::now(),
@@ -493,7 +509,7 @@ fn shard_id(raw: &str) -> Result<u32, Rejection> {
 }
 
 /// `sha_256::hashes_equal`: ignores whitespace and case.
-fn hashes_equal(a: &str, b: &str) -> bool {
+pub(crate) fn hashes_equal(a: &str, b: &str) -> bool {
     let norm = |s: &str| -> String {
         s.chars()
             .filter(|c| !c.is_whitespace())
@@ -503,7 +519,7 @@ fn hashes_equal(a: &str, b: &str) -> bool {
     norm(a) == norm(b)
 }
 
-async fn read_json_body(req: Request<Incoming>) -> Result<Value, ApiError> {
+pub(crate) async fn read_json_body(req: Request<Incoming>) -> Result<Value, ApiError> {
     let bytes = Limited::new(req.into_body(), MAX_JSON_BODY)
         .collect()
         .await
@@ -521,7 +537,7 @@ async fn read_json_body(req: Request<Incoming>) -> Result<Value, ApiError> {
 // Service and collections
 
 /// `GET /` (operationId `root`): `VersionInfo`, not wrapped in the envelope.
-fn version_info(shared: &Shared) -> Response<Body> {
+pub(crate) fn version_info(shared: &Shared) -> Response<Body> {
     let version = shared.lock().version.clone();
     let commit = if version == super::DEFAULT_VERSION {
         // The commit the v1.18.3 tag points at.
@@ -589,6 +605,28 @@ fn get_collection(shared: &Shared, name: &str, started: Instant) -> Response<Bod
             "config": collection.meta.collection_config(),
             "payload_schema": {},
             "update_queue": {"length": 0}
+        }),
+    )
+}
+
+/// `GET /collections/{name}/cluster` (operationId `collection_cluster_info`,
+/// `Collection::cluster_info`): on a single node the one shard is local and Active.
+fn collection_cluster_info(shared: &Shared, name: &str, started: Instant) -> Response<Body> {
+    let Some((_, collection)) = shared.lock().resolve(name) else {
+        return error(started, &ApiError::collection_missing(name));
+    };
+    ok(
+        started,
+        json!({
+            "peer_id": shared.peer_id,
+            "shard_count": 1,
+            "local_shards": [{
+                "shard_id": 0,
+                "points_count": collection.meta.points_count,
+                "state": "Active"
+            }],
+            "remote_shards": [],
+            "shard_transfers": []
         }),
     )
 }
@@ -795,7 +833,7 @@ fn bad_alias_action() -> ApiError {
 // ---------------------------------------------------------------------------------------------
 // Snapshot files on disk
 
-fn checksum_path(snapshot: &Path) -> PathBuf {
+pub(crate) fn checksum_path(snapshot: &Path) -> PathBuf {
     let mut path = snapshot.as_os_str().to_owned();
     path.push(".checksum");
     PathBuf::from(path)
@@ -803,7 +841,7 @@ fn checksum_path(snapshot: &Path) -> PathBuf {
 
 /// `get_snapshot_description`: name, creation time (whole seconds, no zone), size, and the
 /// checksum from the `.checksum` file beside it when there is one.
-fn describe(path: &Path) -> io::Result<Value> {
+pub(crate) fn describe(path: &Path) -> io::Result<Value> {
     let meta = fs::metadata(path)?;
     let created = meta.created().or_else(|_| meta.modified()).ok();
     let creation_time = created.map(|t| {
@@ -823,7 +861,7 @@ fn describe(path: &Path) -> io::Result<Value> {
 }
 
 /// `list_snapshots` of the local storage manager: regular files ending in `.snapshot`.
-fn list_snapshot_dir(dir: &Path) -> io::Result<Vec<Value>> {
+pub(crate) fn list_snapshot_dir(dir: &Path) -> io::Result<Vec<Value>> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -841,7 +879,7 @@ fn list_snapshot_dir(dir: &Path) -> io::Result<Vec<Value>> {
 }
 
 /// `get_snapshot_path`: the file must exist inside `dir` (no escaping with `..`).
-fn snapshot_path(dir: &Path, name: &str) -> Result<PathBuf, ApiError> {
+pub(crate) fn snapshot_path(dir: &Path, name: &str) -> Result<PathBuf, ApiError> {
     let dir = fs::canonicalize(dir).map_err(|_| {
         ApiError::NotFound(format!("Snapshot directory: {} not found", dir.display()))
     })?;
@@ -852,7 +890,7 @@ fn snapshot_path(dir: &Path, name: &str) -> Result<PathBuf, ApiError> {
     Ok(path)
 }
 
-fn now_stamp() -> String {
+pub(crate) fn now_stamp() -> String {
     chrono::Utc::now().format("%Y-%m-%d-%H-%M-%S").to_string()
 }
 
@@ -923,7 +961,7 @@ async fn creation_faults(shared: &Shared) -> Result<bool, ApiError> {
     Ok(fire(&mut inner.faults.wrong_checksum))
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     context: &'static str,
     work: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -1016,7 +1054,7 @@ async fn delete_collection_snapshot(
     .await
 }
 
-fn remove_snapshot(path: &Path) -> Result<Value, ApiError> {
+pub(crate) fn remove_snapshot(path: &Path) -> Result<Value, ApiError> {
     fs::remove_file(path).map_err(|e| ApiError::io("deleting snapshot", e))?;
     let _ = fs::remove_file(checksum_path(path));
     Ok(json!(true))
@@ -1365,23 +1403,23 @@ async fn stream_shard_snapshot(shared: Arc<Shared>, name: &str, shard: &str) -> 
 /// query parameters of an upload before reading the body; answering while the client is still
 /// sending makes the kernel reset the connection, and the client may never see the answer. The
 /// double reads the rest first so the error reliably reaches the client.
-async fn drain_then(req: Request<Incoming>, response: Response<Body>) -> Response<Body> {
+pub(crate) async fn drain_then(req: Request<Incoming>, response: Response<Body>) -> Response<Body> {
     let mut body = req.into_body();
     while let Some(Ok(_)) = body.frame().await {}
     response
 }
 
 /// An upload spooled to the double's temporary directory; deleted on drop unless persisted.
-struct Spooled {
-    file: tempfile::TempPath,
-    sha256: String,
-    file_name: Option<String>,
+pub(crate) struct Spooled {
+    pub(crate) file: tempfile::TempPath,
+    pub(crate) sha256: String,
+    pub(crate) file_name: Option<String>,
 }
 
 /// Reads a `multipart/form-data` body, streaming the `snapshot` field into a temporary file and
 /// hashing it on the way (actix `MultipartForm` with a `TempFile` field). Other fields are read
 /// and dropped. A body that ends early fails here, and the partial file is deleted.
-async fn spool_upload(shared: &Shared, req: Request<Incoming>) -> Result<Spooled, Rejection> {
+pub(crate) async fn spool_upload(tmp: &Path, req: Request<Incoming>) -> Result<Spooled, Rejection> {
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -1405,7 +1443,7 @@ async fn spool_upload(shared: &Shared, req: Request<Incoming>) -> Result<Spooled
         }
         let (file, temp_path) = tempfile::Builder::new()
             .prefix("upload-")
-            .tempfile_in(&shared.dirs.tmp)
+            .tempfile_in(tmp)
             .map_err(internal)?
             .into_parts();
         let mut out = tokio::io::BufWriter::with_capacity(IO_BUF, tokio::fs::File::from_std(file));
@@ -1429,7 +1467,7 @@ async fn spool_upload(shared: &Shared, req: Request<Incoming>) -> Result<Spooled
     })
 }
 
-fn check_checksum(spooled: &Spooled, expected: Option<&str>) -> Result<(), ApiError> {
+pub(crate) fn check_checksum(spooled: &Spooled, expected: Option<&str>) -> Result<(), ApiError> {
     match expected {
         // `StorageError::checksum_mismatch(snapshot_checksum, checksum)`: Qdrant passes the
         // file's hash as "expected" and the caller's as "actual".
@@ -1449,7 +1487,7 @@ fn storage_file(shared: &Shared) -> PathBuf {
         .join(format!("{}.bin", hex::encode(rand::random::<[u8; 12]>())))
 }
 
-fn uuid_v4() -> String {
+pub(crate) fn uuid_v4() -> String {
     let mut b: [u8; 16] = rand::random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
@@ -1493,7 +1531,7 @@ async fn upload_collection_snapshot(
         Ok(params) => params,
         Err(response) => return drain_then(req, *response).await,
     };
-    let spooled = match spool_upload(&shared, req).await {
+    let spooled = match spool_upload(&shared.dirs.tmp, req).await {
         Ok(spooled) => spooled,
         Err(response) => return *response,
     };
@@ -1579,7 +1617,7 @@ async fn upload_shard_snapshot(
         Ok(params) => params,
         Err(response) => return drain_then(req, *response).await,
     };
-    let spooled = match spool_upload(&shared, req).await {
+    let spooled = match spool_upload(&shared.dirs.tmp, req).await {
         Ok(spooled) => spooled,
         Err(response) => return *response,
     };
