@@ -2772,3 +2772,140 @@ fn encryption_keys_and_read_only_credentials_reach_the_containers_that_need_them
     }}}));
     assert!(err.contains("agent.encryption.keys"), "{err}");
 }
+
+/// The port in an http(s) URL, or the scheme's default.
+fn url_port(url: &str) -> u16 {
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let authority = rest.split('/').next().unwrap();
+    match authority.rsplit_once(':') {
+        Some((_, port)) => port.parse().expect("a port"),
+        None if scheme == "https" => 443,
+        None => 80,
+    }
+}
+
+/// helm/examples/qdrant.yaml is a distributed Qdrant: three nodes in cluster mode, the agent in the
+/// pod template (so beside every node), talking to its own node on loopback and able to reach the
+/// other nodes' REST API on the port they serve it. Backups run once per schedule: the CronJob of
+/// soma-backup.yaml (which picks one Qdrant agent per cluster), never a schedule inside the
+/// sidecars, which every node would run.
+#[test]
+fn qdrant_example_is_a_three_node_cluster_with_the_agent_beside_every_node() {
+    let out = engine(&["examples", path_str(&chart()), path_str(&examples_dir())]);
+    assert!(
+        out.get("error").is_none(),
+        "rendering failed: {}",
+        out["error"]
+    );
+    let q = &out["files"]["qdrant.yaml"];
+    assert_eq!(q["replicaCount"], json!(3), "qdrant.yaml replicaCount");
+    assert_eq!(
+        q["config"]["cluster"]["enabled"],
+        json!(true),
+        "qdrant.yaml config.cluster.enabled: distributed mode"
+    );
+    // The qdrant chart puts sidecarContainers into the StatefulSet's one pod template: every node
+    // gets the agent, and the discovery labels with it.
+    let agents: Vec<&Value> = q["sidecarContainers"]
+        .as_array()
+        .expect("sidecarContainers")
+        .iter()
+        .filter(|c| c["name"] == "soma-agent")
+        .collect();
+    assert_eq!(
+        agents.len(),
+        1,
+        "one agent per pod: {}",
+        q["sidecarContainers"]
+    );
+    let agent = agents[0];
+    assert_eq!(
+        q["podLabels"],
+        json!({"soma.dev/agent": "true", "soma.dev/engine": "qdrant"})
+    );
+
+    // Its own node on loopback: a Service would hand each request to any node.
+    let url = env_value(agent, "SOMA_QDRANT_URL");
+    let host = url
+        .split_once("://")
+        .unwrap()
+        .1
+        .split(['/', ':'])
+        .next()
+        .unwrap();
+    assert_eq!(
+        host, "127.0.0.1",
+        "SOMA_QDRANT_URL must be the pod's own node: {url}"
+    );
+    // The peers' REST port: the qdrant chart's "http" service port (6333 unless the example
+    // overrides service.ports) is where the agent looks for them.
+    let served = q["service"]["ports"]
+        .as_array()
+        .and_then(|ports| ports.iter().find(|p| p["name"] == "http"))
+        .map(|p| p["targetPort"].as_u64().expect("a numeric targetPort") as u16)
+        .unwrap_or(6333);
+    let peer_port = env_var(agent, "SOMA_QDRANT_PEER_PORT")
+        .map(|v| v["value"].as_str().unwrap().parse::<u16>().expect("a port"))
+        .unwrap_or_else(|| url_port(url));
+    assert_eq!(
+        peer_port, served,
+        "the agent looks for the other nodes' REST API on {peer_port}, they serve it on {served}"
+    );
+    // Full-storage snapshots do not exist in distributed mode.
+    assert_ne!(env_value(agent, "SOMA_QDRANT_MODE"), "full-storage");
+
+    // One backup per schedule: no sidecar schedule (each of the 3 nodes would run it), and the
+    // CronJob of soma-backup.yaml backs Qdrant up.
+    assert!(
+        env_var(agent, "SOMA_SCHEDULES").is_none(),
+        "qdrant.yaml: a schedule in the sidecar runs on every node"
+    );
+    let soma = &out["files"]["soma-backup.yaml"];
+    assert_eq!(soma["schedule"]["enabled"], json!(true));
+    let command = soma["schedule"]["command"].as_str().unwrap();
+    assert!(
+        ["all", "qdrant"].contains(&command),
+        "soma-backup.yaml's CronJob does not back Qdrant up: {command}"
+    );
+    let objs = created(
+        &engine(&[
+            "install",
+            path_str(&chart()),
+            "--values",
+            path_str(&examples_dir().join("soma-backup.yaml")),
+        ])["install"],
+    );
+    let cron = find(&objs, "CronJob", &format!("{FULLNAME}-scheduled-backup"));
+    let c = &cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        strings(&c["args"]),
+        ["backup", command, "-n", NAMESPACE],
+        "the CronJob's command"
+    );
+}
+
+/// qdrant.peerPort reaches the sidecar as SOMA_QDRANT_PEER_PORT only when set (the agent's own
+/// default is the port of qdrant.url); a value that is no port fails the render naming it.
+#[test]
+fn qdrant_peer_port_reaches_the_sidecar_only_when_set() {
+    let r = render_pod(&json!({}));
+    let q = &r.parts["qdrantContainer"][0];
+    assert!(env_var(q, "SOMA_QDRANT_PEER_PORT").is_none(), "{q}");
+    assert!(env_var(container(&r.pod, "soma-agent"), "SOMA_QDRANT_PEER_PORT").is_none());
+
+    let r = render_pod(&json!({"qdrant": {"peerPort": 7333}}));
+    assert_eq!(
+        env_value(&r.parts["qdrantContainer"][0], "SOMA_QDRANT_PEER_PORT"),
+        "7333"
+    );
+    // Not PostgreSQL's business.
+    assert!(env_var(container(&r.pod, "soma-agent"), "SOMA_QDRANT_PEER_PORT").is_none());
+
+    for bad in [json!(0), json!(65536), json!("6333"), json!(6333.5)] {
+        let err = render_error(&json!({"qdrant": {"peerPort": bad}}));
+        assert!(
+            err.contains("qdrant") && err.contains("peerPort"),
+            "{bad}: {err}"
+        );
+    }
+}

@@ -444,6 +444,10 @@ The encryption keys' volume, empty with agent.encryption.enabled=false.
       value: {{ required "qdrant.url is required" $q.url | quote }}
     - name: SOMA_QDRANT_MODE
       value: {{ $q.mode | quote }}
+    {{- if not (kindIs "invalid" $q.peerPort) }}
+    - name: SOMA_QDRANT_PEER_PORT
+      value: {{ $q.peerPort | toString | quote }}
+    {{- end }}
     {{- if $q.apiKeySecret.name }}
     - name: SOMA_QDRANT_API_KEY
       valueFrom:
