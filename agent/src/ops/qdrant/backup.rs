@@ -170,7 +170,12 @@ async fn take_snapshots(
     let mut artifacts = Vec::new();
     let mut records = BTreeMap::new();
     for (index, c) in collections.iter().enumerate() {
-        let info = q.collection_info(c).await?;
+        let (info, sharded) = if mode == SnapshotMode::ShardStream {
+            let (layout, sources, info) = read_layout(q, nodes, c).await?;
+            (info, Some((layout, sources)))
+        } else {
+            (q.collection_info(c).await?, None)
+        };
         let config = info.get("config").cloned().unwrap_or(Value::Null);
         let mut record = CollectionRecord {
             points_count: info.get("points_count").and_then(Value::as_u64),
@@ -181,8 +186,10 @@ async fn take_snapshots(
         };
         match mode {
             SnapshotMode::ShardStream => {
-                let schema = info.get("payload_schema").unwrap_or(&Value::Null);
-                let (layout, sources) = read_layout(q, nodes, c, &config, schema).await?;
+                let (layout, sources) = sharded.ok_or_else(|| QdrantOpError::ShardsMissing {
+                    collection: c.clone(),
+                    detail: "its layout was not read".into(),
+                })?;
                 for source in sources {
                     let shard = source.shard;
                     let node = nodes.client(q, source.peer)?;

@@ -124,16 +124,14 @@ pub struct Source {
     pub peer: PeerId,
 }
 
-/// Reads the layout of collection `c` and chooses one active replica of every shard; fails by
-/// name when a shard has none, when a node holding one cannot say how many points it has, or
+/// Reads the layout of collection `c` (and then its `CollectionInfo`, returned too) and chooses
+/// one active replica of every shard; fails by name when a shard has none, when a node holding one cannot say how many points it has, or
 /// when the shards' counts do not add up to the collection's exact count.
 pub async fn read_layout(
     q: &Qdrant,
     nodes: &Nodes,
     c: &str,
-    config: &Value,
-    payload_schema: &Value,
-) -> Result<(ShardLayout, Vec<Source>), OpError> {
+) -> Result<(ShardLayout, Vec<Source>, Value), OpError> {
     let mut last = None;
     for _ in 0..COUNT_READS {
         let here = q.collection_cluster(c).await?;
@@ -210,7 +208,11 @@ pub async fn read_layout(
                 replicas: replicas.iter().map(|r| r.peer_id).collect(),
             });
         }
+        // Only now: the collection's info needs every shard, and the shards were checked first
+        // so a missing one is named as such.
+        let info = q.collection_info(c).await?;
         let exact_count = q.exact_count(c).await?;
+        let config = &info["config"];
         let sum: u64 = records.iter().map(|r| r.points_count).sum();
         let params = &config["params"];
         let layout = ShardLayout {
@@ -223,7 +225,7 @@ pub async fn read_layout(
                 ShardingMethod::Auto
             },
             exact_count,
-            payload_schema: payload_schema.clone(),
+            payload_schema: info.get("payload_schema").cloned().unwrap_or(Value::Null),
             shards: records,
         };
         if sum == exact_count {
@@ -235,7 +237,7 @@ pub async fn read_layout(
                     peer: s.taken_from,
                 })
                 .collect();
-            return Ok((layout, sources));
+            return Ok((layout, sources, info));
         }
         last = Some((sum, layout));
     }
