@@ -422,8 +422,56 @@ pub async fn connect(
     let (client, namespace) = kube(args).await?;
     let found = discovery::agents(&client, &namespace).await?;
     let engine = args.engine.map(|t| t.label()).or(engine);
-    let pod = discovery::choose(&found, &namespace, engine, args.pod.as_deref())?;
+    let pod = match discovery::choose(&found, &namespace, engine, args.pod.as_deref()) {
+        Ok(pod) => pod,
+        Err(ambiguous) if engine == Some("qdrant") && args.pod.is_none() => {
+            return match one_agent_of_a_qdrant_cluster(&client, &found, args).await {
+                Some(agent) => Ok(agent),
+                None => Err(ambiguous),
+            };
+        }
+        Err(e) => return Err(e),
+    };
     port_forward(&client, &pod, args).await
+}
+
+/// Several ready Qdrant agents are the sidecars of one distributed Qdrant when each reports the
+/// same peer ids: any of them serves the whole cluster, so the first by name is used. `None`
+/// when they are not (or one does not answer): the choice stays the user's.
+async fn one_agent_of_a_qdrant_cluster(
+    client: &Client,
+    found: &[discovery::AgentPod],
+    args: &KubeArgs,
+) -> Option<Agent> {
+    let mut pods: Vec<&discovery::AgentPod> = found
+        .iter()
+        .filter(|p| p.ready && p.engine == "qdrant")
+        .collect();
+    pods.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut first = None;
+    let mut cluster: Option<Vec<u64>> = None;
+    for pod in pods {
+        let mut agent = port_forward(client, pod, args).await.ok()?;
+        let info = agent
+            .client
+            .get_info(soma_proto::v1::GetInfoRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        let mut peers: Vec<u64> = info
+            .qdrant_cluster?
+            .peers
+            .iter()
+            .map(|p| p.peer_id)
+            .collect();
+        peers.sort_unstable();
+        if peers.is_empty() || cluster.as_ref().is_some_and(|c| *c != peers) {
+            return None;
+        }
+        cluster = Some(peers);
+        first.get_or_insert(agent);
+    }
+    first
 }
 
 /// The error for a call `agent` answered with `status`: an Unimplemented answer means an agent

@@ -357,6 +357,23 @@ fn backup_all_with_an_agent_beside_every_node_stores_each_shard_once() {
         6,
         "each of the 6 shards once"
     );
+
+    // Three Qdrant agents, one cluster: any of them serves a Qdrant command, no --pod needed.
+    let out = kubectl_soma(&kubeconfig, &["-o", "json", "backup", "qdrant"]);
+    out.assert_success("backup qdrant with an agent beside every node");
+    assert_eq!(out.json()["artifacts"].as_array().unwrap().len(), 6);
+    // A second, unrelated Qdrant in the namespace: the choice is the user's again.
+    let other = QdrantCluster::start(2, Some(API_KEY));
+    let stranger = agent_beside(&store, &other, 0, &[]);
+    kube.add_pod(PodSpec::agent(
+        NS,
+        "search-0",
+        "qdrant",
+        stranger.addr().parse().unwrap(),
+    ));
+    kubectl_soma(&kubeconfig, &["backup", "qdrant"])
+        .assert_code(1, "two Qdrant deployments")
+        .assert_stderr_contains("--pod NAME", "asks which");
 }
 
 /// A restore that cannot bring back every shard fails by name and leaves no half collection.
