@@ -84,8 +84,8 @@
 //!   consume their temporary file and answer `"result": null`.
 //!
 //! # Where the double is simpler than Qdrant
-//! One node, one shard, one unnamed dense vector per collection, a points API for scroll and
-//! query only with points derived from the collection's bytes (see `qdrant/points.rs`), no read-only
+//! One node, one shard, one unnamed dense vector per collection, a points API for count (the
+//! collection's `points_count`, exact or not), scroll and query only with points derived from the collection's bytes (see `qdrant/points.rs`), no read-only
 //! keys or JWT. Multipart errors, JSON body errors and the exact `Debug` rendering of vector
 //! params in messages are approximations. An upload rejected for its path or query parameters
 //! is read to its end before the error is sent (Qdrant answers at once, and a client still

@@ -2152,7 +2152,7 @@ fn metrics_port_env_and_probes_render() {
     );
 }
 
-const ALERTS: [&str; 8] = [
+const ALERTS: [&str; 9] = [
     "SomaBackupTooOld",
     "SomaBackupFailing",
     "SomaWalArchiveLagging",
@@ -2160,6 +2160,7 @@ const ALERTS: [&str; 8] = [
     "SomaDrillFailed",
     "SomaDrillTooOld",
     "SomaStoreDown",
+    "SomaQdrantShardUnavailable",
     "SomaAgentMetricsAbsent",
 ];
 
@@ -2542,6 +2543,7 @@ fn prometheus_rule_alerts_carry_the_thresholds_from_values_and_a_runbook() {
         "soma_operation_failures_total",
         "soma_drill_last_success_timestamp_seconds",
         "soma_store_up",
+        "soma_qdrant_shards_unavailable",
         "up",
     ] {
         assert!(referenced.contains(m), "no alert uses {m}");

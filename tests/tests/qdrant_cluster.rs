@@ -16,11 +16,13 @@
 //! - with an agent beside every node, `backup all` stores each shard once.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde_json::Value;
+use soma_tests::metrics::{scrape, value};
 use soma_tests::qdrant_cluster::{ClusterCollection, QdrantCluster};
 use soma_tests::{
-    Agent, KubeDouble, PgCluster, PodSpec, TestStore, kubectl_soma, listed_ids, soma,
+    Agent, KubeDouble, PgCluster, PodSpec, TestStore, kubectl_soma, listed_ids, poll_until, soma,
 };
 
 const API_KEY: &str = "test-qdrant-cluster-key-91ab";
@@ -248,7 +250,7 @@ fn a_shard_nobody_can_serve_fails_the_backup_by_name() {
     let src = QdrantCluster::start(3, Some(API_KEY));
     src.create_collection("memory", &memory_spec());
     src.upsert_points("memory", 3000, 3);
-    let agent = agent_beside(&store, &src, 0, &[]);
+    let agent = agent_beside(&store, &src, 0, &["--metrics-listen", "127.0.0.1:0"]);
 
     // One node down: every shard still has an active replica that answers.
     src.stop_node(2);
@@ -302,6 +304,14 @@ fn a_shard_nobody_can_serve_fails_the_backup_by_name() {
         .assert_code(1, "status with a dead shard")
         .assert_stdout_contains("Qdrant cluster: 3 node(s) (0 unreachable)", "status")
         .assert_stdout_contains("SHARDS WITHOUT AN ACTIVE REPLICA: 4", "status");
+    let metrics = agent.metrics_addr();
+    let gauge = |name: &str| value(&scrape(&metrics), name, &[]);
+    poll_until(Duration::from_secs(30), "the shard gauge", || {
+        (gauge("soma_qdrant_shards_unavailable") == Some(1.0)).then_some(())
+    });
+    assert_eq!(gauge("soma_qdrant_cluster_peers"), Some(3.0));
+    assert_eq!(gauge("soma_qdrant_cluster_peers_unreachable"), Some(0.0));
+    assert!(gauge("soma_qdrant_replicas_not_active").unwrap() >= 2.0);
 }
 
 #[test]

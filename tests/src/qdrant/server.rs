@@ -329,6 +329,9 @@ async fn route(
             let exists = shared.lock().resolve(c).is_some();
             ok(started, json!({"exists": exists}))
         }
+        (Method::POST, ["collections", c, "points", "count"]) => {
+            count_points(&shared, c, req, started).await
+        }
         (Method::POST, ["collections", c, "points", op @ ("scroll" | "query")]) => {
             points_request(&shared, c, op, req, started).await
         }
@@ -629,6 +632,23 @@ fn collection_cluster_info(shared: &Shared, name: &str, started: Instant) -> Res
             "shard_transfers": []
         }),
     )
+}
+
+/// `POST /collections/{c}/points/count` (operationId `count_points`, `CountResult {count}`): the
+/// collection's `points_count`, exact or not (the double has no estimate to differ from it).
+async fn count_points(
+    shared: &Arc<Shared>,
+    name: &str,
+    req: Request<Incoming>,
+    started: Instant,
+) -> Response<Body> {
+    let Some((_, collection)) = shared.lock().resolve(name) else {
+        return error(started, &ApiError::collection_missing(name));
+    };
+    if let Err(e) = read_json_body(req).await {
+        return error(started, &e);
+    }
+    ok(started, json!({"count": collection.meta.points_count}))
 }
 
 /// `POST /collections/{c}/points/scroll` and `/points/query` (see `qdrant/points.rs`).
