@@ -788,60 +788,73 @@ async fn change_aliases(
         );
     };
     let mut inner = shared.lock();
+    let inner = &mut *inner;
     for action in actions {
-        let field = |op: &str, key: &str| action[op][key].as_str().map(str::to_string);
-        let result = if action.get("create_alias").is_some() {
-            match (
-                field("create_alias", "collection_name"),
-                field("create_alias", "alias_name"),
-            ) {
-                (Some(collection), Some(alias)) => {
-                    if !inner.collections.contains_key(&collection) {
-                        Err(ApiError::collection_missing(&collection))
-                    } else if inner.collections.contains_key(&alias) {
-                        Err(ApiError::AlreadyExists(format!(
-                            "Collection `{alias}` already exists!"
-                        )))
-                    } else {
-                        inner.aliases.insert(alias, collection);
-                        Ok(())
-                    }
-                }
-                _ => Err(bad_alias_action()),
-            }
-        } else if action.get("delete_alias").is_some() {
-            match field("delete_alias", "alias_name") {
-                Some(alias) => {
-                    inner.aliases.remove(&alias);
-                    Ok(())
-                }
-                None => Err(bad_alias_action()),
-            }
-        } else if action.get("rename_alias").is_some() {
-            match (
-                field("rename_alias", "old_alias_name"),
-                field("rename_alias", "new_alias_name"),
-            ) {
-                (Some(old), Some(new)) => match inner.aliases.remove(&old) {
-                    Some(target) => {
-                        inner.aliases.insert(new, target);
-                        Ok(())
-                    }
-                    None => Err(ApiError::NotFound(format!("Alias {old} does not exists!"))),
-                },
-                _ => Err(bad_alias_action()),
-            }
-        } else {
-            Err(bad_alias_action())
-        };
-        if let Err(e) = result {
+        let exists = |c: &str| inner.collections.contains_key(c);
+        if let Err(e) = apply_alias_action(&mut inner.aliases, exists, action) {
             return error(started, &e);
         }
     }
     ok(started, json!(true))
 }
 
-fn bad_alias_action() -> ApiError {
+/// One action of `update_aliases` (`collection_meta_ops.rs`): `create_alias` onto a missing
+/// collection is 404 and onto a collection's own name 409, `delete_alias` of an unknown alias
+/// succeeds, `rename_alias` of an unknown one is 404. Shared by the single-node and the cluster
+/// doubles.
+pub(crate) fn apply_alias_action(
+    aliases: &mut std::collections::BTreeMap<String, String>,
+    collection_exists: impl Fn(&str) -> bool,
+    action: &Value,
+) -> Result<(), ApiError> {
+    let field = |op: &str, key: &str| action[op][key].as_str().map(str::to_string);
+    if action.get("create_alias").is_some() {
+        match (
+            field("create_alias", "collection_name"),
+            field("create_alias", "alias_name"),
+        ) {
+            (Some(collection), Some(alias)) => {
+                if !collection_exists(&collection) {
+                    Err(ApiError::collection_missing(&collection))
+                } else if collection_exists(&alias) {
+                    Err(ApiError::AlreadyExists(format!(
+                        "Collection `{alias}` already exists!"
+                    )))
+                } else {
+                    aliases.insert(alias, collection);
+                    Ok(())
+                }
+            }
+            _ => Err(bad_alias_action()),
+        }
+    } else if action.get("delete_alias").is_some() {
+        match field("delete_alias", "alias_name") {
+            Some(alias) => {
+                aliases.remove(&alias);
+                Ok(())
+            }
+            None => Err(bad_alias_action()),
+        }
+    } else if action.get("rename_alias").is_some() {
+        match (
+            field("rename_alias", "old_alias_name"),
+            field("rename_alias", "new_alias_name"),
+        ) {
+            (Some(old), Some(new)) => match aliases.remove(&old) {
+                Some(target) => {
+                    aliases.insert(new, target);
+                    Ok(())
+                }
+                None => Err(ApiError::NotFound(format!("Alias {old} does not exists!"))),
+            },
+            _ => Err(bad_alias_action()),
+        }
+    } else {
+        Err(bad_alias_action())
+    }
+}
+
+pub(crate) fn bad_alias_action() -> ApiError {
     ApiError::Validation(
         StatusCode::BAD_REQUEST,
         "Format error in JSON body: data did not match any variant of untagged enum \

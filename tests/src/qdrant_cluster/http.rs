@@ -25,10 +25,10 @@ use tokio_util::sync::CancellationToken;
 use super::archive::{self, Header, Kind};
 use super::state::{Cluster, Inner, MAX_SHARDS, OpError, Params, Point, Points, search};
 use crate::qdrant::server::{
-    ApiError, Body, QueryStyle, check_checksum, describe, drain_then, error, json_response,
-    list_snapshot_dir, normalize_path, not_routed, now_stamp, ok, query_pairs, read_json_body,
-    remove_snapshot, shard_id, snapshot_path, spool_upload, strict_name_error, text, text_error,
-    time_or_accept, upload_params, uuid_v4, wait_param, whitelisted,
+    ApiError, Body, QueryStyle, apply_alias_action, check_checksum, describe, drain_then, error,
+    json_response, list_snapshot_dir, normalize_path, not_routed, now_stamp, ok, query_pairs,
+    read_json_body, remove_snapshot, shard_id, snapshot_path, spool_upload, strict_name_error,
+    text, text_error, time_or_accept, upload_params, uuid_v4, wait_param, whitelisted,
 };
 use crate::qdrant::{ApiKeyUse, DEFAULT_VERSION, DOWNLOAD_CHUNK, RequestRecord};
 
@@ -826,56 +826,12 @@ async fn change_aliases(
     let Some(actions) = body["actions"].as_array() else {
         return error(started, &format_error("missing field `actions`"));
     };
-    let bad = || format_error("data did not match any variant of untagged enum AliasOperations");
     let mut inner = cluster.lock();
+    let inner = &mut *inner;
     inner.commit += 1;
     for action in actions {
-        let field = |op: &str, key: &str| action[op][key].as_str().map(str::to_string);
-        let result = if action.get("create_alias").is_some() {
-            match (
-                field("create_alias", "collection_name"),
-                field("create_alias", "alias_name"),
-            ) {
-                (Some(collection), Some(alias)) => {
-                    if !inner.collections.contains_key(&collection) {
-                        Err(ApiError::collection_missing(&collection))
-                    } else if inner.collections.contains_key(&alias) {
-                        Err(ApiError::AlreadyExists(format!(
-                            "Collection `{alias}` already exists!"
-                        )))
-                    } else {
-                        inner.aliases.insert(alias, collection);
-                        Ok(())
-                    }
-                }
-                _ => Err(bad()),
-            }
-        } else if action.get("delete_alias").is_some() {
-            match field("delete_alias", "alias_name") {
-                Some(alias) => {
-                    inner.aliases.remove(&alias);
-                    Ok(())
-                }
-                None => Err(bad()),
-            }
-        } else if action.get("rename_alias").is_some() {
-            match (
-                field("rename_alias", "old_alias_name"),
-                field("rename_alias", "new_alias_name"),
-            ) {
-                (Some(old), Some(new)) => match inner.aliases.remove(&old) {
-                    Some(target) => {
-                        inner.aliases.insert(new, target);
-                        Ok(())
-                    }
-                    None => Err(ApiError::NotFound(format!("Alias {old} does not exists!"))),
-                },
-                _ => Err(bad()),
-            }
-        } else {
-            Err(bad())
-        };
-        if let Err(e) = result {
+        let exists = |c: &str| inner.collections.contains_key(c);
+        if let Err(e) = apply_alias_action(&mut inner.aliases, exists, action) {
             return error(started, &e);
         }
     }
