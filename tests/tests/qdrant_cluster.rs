@@ -228,6 +228,29 @@ fn a_cluster_backed_up_through_one_node_restores_whole_into_new_clusters() {
         assert!(!restorer.logs().contains(API_KEY), "the API key leaked");
     }
 
+    // In place with --force, after damage: the old points back, the alias still there.
+    let original = src.points("memory");
+    src.upsert_points("memory", 50, 99);
+    assert!(src.points("memory") != original);
+    soma(agent.addr(), &["restore", &id, "--collection", "memory"])
+        .assert_code(1, "restore over an existing collection")
+        .assert_stderr_contains("--force", "restore over an existing collection");
+    soma(
+        agent.addr(),
+        &["restore", &id, "--collection", "memory", "--force"],
+    )
+    .assert_success("restore in place with --force");
+    assert!(
+        src.points("memory") == original,
+        "points differ after --force"
+    );
+    assert!(
+        src.aliases()
+            .contains(&("memory-live".to_string(), "memory".to_string())),
+        "{:?}",
+        src.aliases()
+    );
+
     // A drill restores into scratch collections of the same layout on the source cluster.
     soma(agent.addr(), &["drill", &id])
         .assert_success("drill a distributed backup")

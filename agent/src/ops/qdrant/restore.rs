@@ -229,13 +229,25 @@ async fn restore_sharded(
     reporter: &Reporter,
 ) -> Result<String, OpError> {
     let target = job.target;
+    // Qdrant drops a collection's aliases with it: those naming the old one are put back.
+    let mut kept = Vec::new();
     if exists {
         // --force: the caller checked; the layout may differ, so the collection is made anew.
+        kept = q.aliases().await?;
+        kept.retain(|a| a.collection_name == target);
         q.delete_collection(target).await?;
     }
     q.create_collection(target, &create_body(&job.record.config))
         .await?;
-    let placed = place_shards(ctx, q, nodes, &job, reporter).await;
+    let mut placed = place_shards(ctx, q, nodes, &job, reporter).await;
+    if placed.is_ok() {
+        for alias in &kept {
+            if let Err(e) = q.set_alias(&alias.alias_name, target, true).await {
+                placed = Err(e.into());
+                break;
+            }
+        }
+    }
     if placed.is_err() {
         match q.delete_collection(target).await {
             Ok(()) => tracing::warn!(
