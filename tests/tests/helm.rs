@@ -2266,7 +2266,7 @@ fn service_monitor_and_service_select_the_agent_pods_only_when_enabled() {
 }
 
 /// The metric names the agent exports (the lead's list in issue 12), plus Prometheus' own `up`.
-const KNOWN_METRICS: [&str; 21] = [
+const KNOWN_METRICS: [&str; 22] = [
     "soma_backup_last_success_timestamp_seconds",
     "soma_backup_last_duration_seconds",
     "soma_backup_last_bytes",
@@ -2285,6 +2285,7 @@ const KNOWN_METRICS: [&str; 21] = [
     "soma_recovery_window_start_timestamp_seconds",
     "soma_store_up",
     "soma_qdrant_shards_unavailable",
+    "soma_qdrant_cluster_view_ok",
     "soma_schedule_next_run_timestamp_seconds",
     "soma_schedule_skipped_runs_total",
     "up",

@@ -443,6 +443,19 @@ fn a_restore_missing_a_shard_leaves_no_half_collection() {
         (0..3).all(|n| dst.snapshot_files_on_node(n).is_empty()),
         "uploads left on a node"
     );
+
+    // --force over a live collection: nothing is deleted before every snapshot is known to be
+    // there, so the live one survives the refused restore.
+    dst.create_collection("memory", &memory_spec());
+    dst.upsert_points("memory", 100, 1);
+    let live = dst.points("memory");
+    soma(restorer.addr(), &["restore", &id, "--force"])
+        .assert_code(1, "restore --force with a shard's object gone")
+        .assert_stderr_contains("shard 3", "names the shard");
+    assert!(
+        dst.points("memory") == live,
+        "the live collection was touched"
+    );
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -117,11 +117,26 @@ impl Metrics {
         p.observe(&status);
     }
 
-    /// The distributed Qdrant's peers and replicas (all 0 for a single node).
+    /// The distributed Qdrant's peers and replicas (all 0 for a single node). A view that
+    /// could not be read whole keeps the last values and says so in
+    /// `soma_qdrant_cluster_view_ok`, so the shard alert never goes quiet for lack of an answer.
     async fn refresh_qdrant(&self, q: &crate::engine::qdrant::Qdrant) {
-        let view = crate::ops::qdrant::cluster_view::ClusterView::read(q)
-            .await
-            .unwrap_or_default();
+        let Some(view) = crate::ops::qdrant::cluster_view::ClusterView::read(q).await else {
+            self.qdrant_view_ok.set(1);
+            for g in [
+                &self.qdrant_peers,
+                &self.qdrant_peers_unreachable,
+                &self.qdrant_shards_unavailable,
+                &self.qdrant_replicas_not_active,
+            ] {
+                g.set(0);
+            }
+            return;
+        };
+        self.qdrant_view_ok.set(i64::from(view.error.is_none()));
+        if view.error.is_some() {
+            return;
+        }
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.qdrant_peers.set(gauge(view.peers.len()));
         self.qdrant_peers_unreachable

@@ -124,6 +124,7 @@ pub struct Metrics {
     recovery_window_start: F64Gauge,
     recovery_unreplayed: Gauge,
     recovery_stopped_short: Gauge,
+    qdrant_view_ok: Gauge,
     qdrant_peers: Gauge,
     qdrant_peers_unreachable: Gauge,
     qdrant_shards_unavailable: Gauge,
@@ -174,6 +175,7 @@ impl Metrics {
             recovery_window_start: Gauge::default(),
             recovery_unreplayed: Gauge::default(),
             recovery_stopped_short: Gauge::default(),
+            qdrant_view_ok: Gauge::default(),
             qdrant_peers: Gauge::default(),
             qdrant_peers_unreachable: Gauge::default(),
             qdrant_shards_unavailable: Gauge::default(),
@@ -282,6 +284,11 @@ impl Metrics {
             "soma_recovery_stopped_short",
             "1 when the server's last recovery had no target yet ended before the end of the archive: committed transactions are missing",
             m.recovery_stopped_short.clone(),
+        );
+        r.register(
+            "soma_qdrant_cluster_view_ok",
+            "1 when the agent read its Qdrant's cluster layout whole at the last refresh (0: the other soma_qdrant_* values are the last complete ones)",
+            m.qdrant_view_ok.clone(),
         );
         r.register(
             "soma_qdrant_cluster_peers",

@@ -164,6 +164,11 @@ fn agent_row(
             {
                 "a Qdrant shard has no active replica".into()
             }
+            _ if health == "ok"
+                && info.qdrant_cluster.as_ref().is_some_and(|c| !c.error.is_empty()) =>
+            {
+                "the Qdrant cluster's layout could not be read whole".into()
+            }
             _ => health,
         },
     })

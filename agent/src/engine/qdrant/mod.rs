@@ -158,6 +158,8 @@ impl Qdrant {
             base.set_path(&path);
         }
         let mut builder = reqwest::Client::builder()
+            // A redirect would carry the `api-key` header to wherever it points.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true);
         if let Some(path) = ca_cert {

@@ -71,10 +71,18 @@ pub(super) async fn drill(
         let info = q.collection_info(&target).await?;
         let points = info.get("points_count").and_then(Value::as_u64);
         if let Some(layout) = &record.layout {
-            checks.push(Check::compare(
+            let found = q.exact_count(&target).await?;
+            let (low, high) = layout.count_range();
+            let expected = if low == high {
+                low.to_string()
+            } else {
+                format!("between {low} and {high} (writes during the backup)")
+            };
+            checks.push(Check::fact(
                 format!("{name}: points count (exact)"),
-                layout.exact_count.to_string(),
-                q.exact_count(&target).await?.to_string(),
+                &expected,
+                found.to_string(),
+                (low..=high).contains(&found),
             ));
             let shape = |shards: usize, params: &Value| {
                 format!(

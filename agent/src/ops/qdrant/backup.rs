@@ -169,6 +169,9 @@ async fn take_snapshots(
 ) -> Result<Taken, OpError> {
     let mut artifacts = Vec::new();
     let mut records = BTreeMap::new();
+    // Nodes asked who they are: once per backup.
+    let mut checked = std::collections::BTreeSet::new();
+    let checked = &mut checked;
     for (index, c) in collections.iter().enumerate() {
         let (info, sharded) = if mode == SnapshotMode::ShardStream {
             let (layout, sources, info) = read_layout(q, nodes, c).await?;
@@ -190,9 +193,10 @@ async fn take_snapshots(
                     collection: c.clone(),
                     detail: "its layout was not read".into(),
                 })?;
+                let mut layout = layout;
                 for source in sources {
                     let shard = source.shard;
-                    let node = nodes.client(q, source.peer)?;
+                    let node = nodes.checked_client(q, source.peer, checked).await?;
                     let name = format!(
                         "collections/{}/shard-{shard}.snapshot.zst",
                         collection_slug(index, c)
@@ -207,12 +211,16 @@ async fn take_snapshots(
                         format: SHARD_FORMAT,
                     };
                     let art = store_artifact(ctx, id, what, reader, reporter, None).await?;
+                    // Qdrant streams a local replica whatever its state: one marked dead while
+                    // it was streamed may have missed writes, so it must still be active.
+                    still_active(&node, c, shard, source.peer).await?;
                     artifacts.push(Artifact {
                         collection: Some(c.clone()),
                         shard: Some(shard),
                         ..art
                     });
                 }
+                layout.exact_count_end = Some(q.exact_count(c).await?);
                 record.layout = Some(layout);
             }
             SnapshotMode::FullStorage => {}
@@ -384,6 +392,26 @@ async fn snapshot_collection(
         },
         desc,
     ))
+}
+
+/// Fails when the replica of `shard` on `peer` is no longer active after it was streamed.
+async fn still_active(
+    node: &Qdrant,
+    c: &str,
+    shard: u32,
+    peer: crate::engine::qdrant::PeerId,
+) -> Result<(), OpError> {
+    let view = node.collection_cluster(c).await?;
+    match view.local_shards.iter().find(|l| l.shard_id == shard) {
+        Some(l) if l.state.is_active() => Ok(()),
+        other => Err(QdrantOpError::ShardChanged {
+            collection: c.to_string(),
+            shard,
+            peer,
+            state: other.map_or_else(|| "gone".into(), |l| l.state.to_string()),
+        }
+        .into()),
+    }
 }
 
 /// Points count from a `CollectionInfo`.

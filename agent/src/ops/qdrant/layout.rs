@@ -26,6 +26,8 @@ const ACTIVE_POLL: Duration = Duration::from_millis(250);
 /// How many times the layout and the exact count are read again when their sums disagree (a
 /// write landing between the two reads, an optimizer merging segments).
 const COUNT_READS: usize = 3;
+/// Pause between those reads, for an optimizer or a write to finish.
+const COUNT_RETRY: Duration = Duration::from_secs(1);
 
 /// The nodes of the Qdrant this agent talks to.
 #[derive(Debug, Clone)]
@@ -69,6 +71,41 @@ impl Nodes {
     }
 }
 
+impl Nodes {
+    /// [`Nodes::client`] for a node this backup or restore streams to or from, once checked to
+    /// be the peer it is taken for (`GET /cluster` on it names that peer id): a load-balanced
+    /// `--qdrant-url` or a reused peer address must not swap one node's replica for another's.
+    pub async fn checked_client(
+        &self,
+        q: &Qdrant,
+        peer: PeerId,
+        checked: &mut std::collections::BTreeSet<PeerId>,
+    ) -> Result<Qdrant, OpError> {
+        let node = self.client(q, peer)?;
+        if !self.distributed || checked.contains(&peer) {
+            return Ok(node);
+        }
+        match node.cluster_status().await? {
+            ClusterStatus::Enabled { peer_id, .. } if peer_id == peer => {
+                checked.insert(peer);
+                Ok(node)
+            }
+            ClusterStatus::Enabled { peer_id, .. } => Err(QdrantOpError::WrongPeer {
+                url: node.url(),
+                expected: peer,
+                found: peer_id.to_string(),
+            }
+            .into()),
+            ClusterStatus::Disabled => Err(QdrantOpError::WrongPeer {
+                url: node.url(),
+                expected: peer,
+                found: "a single node".into(),
+            }
+            .into()),
+        }
+    }
+}
+
 /// How points are spread over shards (`ShardingMethod`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -92,6 +129,10 @@ pub struct ShardLayout {
     pub sharding_method: ShardingMethod,
     /// Exact points count of the collection when its layout was read.
     pub exact_count: u64,
+    /// Exact count once every shard was streamed: with writes during the backup the restored
+    /// collection holds a count between the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact_count_end: Option<u64>,
     /// `CollectionInfo.payload_schema`: the payload indexes to create again.
     #[serde(default)]
     pub payload_schema: Value,
@@ -133,6 +174,7 @@ pub async fn read_layout(
     c: &str,
 ) -> Result<(ShardLayout, Vec<Source>, Value), OpError> {
     let mut last = None;
+    let mut attempt = 0;
     for _ in 0..COUNT_READS {
         let here = q.collection_cluster(c).await?;
         let shards = here.shards();
@@ -146,6 +188,18 @@ pub async fn read_layout(
                 ),
             }
             .into());
+        }
+        // Every shard needs an active replica before anything else is asked (the collection's
+        // count and info need every shard: a missing one would be named only by Qdrant).
+        for (&id, (_, replicas)) in &shards {
+            if active_replicas(here.peer_id, replicas).is_empty() {
+                return Err(QdrantOpError::ShardUnavailable {
+                    collection: c.to_string(),
+                    shard: id,
+                    replicas: describe_replicas(replicas),
+                }
+                .into());
+            }
         }
         // Each node's own view: `points_count` is local to the node asked. A node that does not
         // answer is asked once; its shards are taken from another active replica.
@@ -208,10 +262,13 @@ pub async fn read_layout(
                 replicas: replicas.iter().map(|r| r.peer_id).collect(),
             });
         }
-        // Only now: the collection's info needs every shard, and the shards were checked first
-        // so a missing one is named as such.
+        // Only now: the collection's count and info need every shard, and the shards were
+        // checked first so a missing one is named as such. Two counts around the info: when
+        // they differ, writes are landing.
+        let exact_before = q.exact_count(c).await?;
         let info = q.collection_info(c).await?;
         let exact_count = q.exact_count(c).await?;
+        let settled = exact_before == exact_count;
         let config = &info["config"];
         let sum: u64 = records.iter().map(|r| r.points_count).sum();
         let params = &config["params"];
@@ -225,10 +282,24 @@ pub async fn read_layout(
                 ShardingMethod::Auto
             },
             exact_count,
+            exact_count_end: None,
             payload_schema: info.get("payload_schema").cloned().unwrap_or(Value::Null),
             shards: records,
         };
-        if sum == exact_count {
+        attempt += 1;
+        // Writes in flight on every read: the shards' estimates cannot settle, and the listing
+        // of every shard id against the shard count already proved none is missing.
+        let busy = !settled && attempt == COUNT_READS;
+        if busy {
+            tracing::warn!(
+                collection = c,
+                sum,
+                exact_before,
+                exact_count,
+                "writes kept changing the collection while its shards were counted: their sum is not compared"
+            );
+        }
+        if sum == exact_count || busy {
             let sources = layout
                 .shards
                 .iter()
@@ -240,6 +311,9 @@ pub async fn read_layout(
             return Ok((layout, sources, info));
         }
         last = Some((sum, layout));
+        if attempt < COUNT_READS {
+            tokio::time::sleep(COUNT_RETRY).await;
+        }
     }
     let (sum, layout) = last.expect("read at least once");
     Err(QdrantOpError::CountMismatch {
@@ -254,6 +328,15 @@ pub async fn read_layout(
             .join(", "),
     }
     .into())
+}
+
+impl ShardLayout {
+    /// The exact counts a restore of this backup may hold: the collection's at the start and at
+    /// the end of the backup (writes during it land in some shards' snapshots and not others).
+    pub fn count_range(&self) -> (u64, u64) {
+        let end = self.exact_count_end.unwrap_or(self.exact_count);
+        (self.exact_count.min(end), self.exact_count.max(end))
+    }
 }
 
 /// An integer parameter of `config.params`, 1 when absent (Qdrant's default for all three).
@@ -312,6 +395,10 @@ pub fn match_shards(
                     by_key.entry(key).or_default().push(*id);
                 }
             }
+            let mut per_key: BTreeMap<&ShardKey, usize> = BTreeMap::new();
+            for key in recorded.shards.iter().filter_map(|s| s.key.as_ref()) {
+                *per_key.entry(key).or_insert(0) += 1;
+            }
             let mut rank: BTreeMap<&ShardKey, usize> = BTreeMap::new();
             for s in &recorded.shards {
                 let key = s.key.as_ref().ok_or_else(|| {
@@ -326,6 +413,14 @@ pub fn match_shards(
                         format!("no shard was created for key {key} (shard {})", s.id)
                     })?;
                 *n += 1;
+                // Within a key, Qdrant's hash ring places points by shard id: other ids would
+                // route the restored points to shards that do not hold them.
+                if per_key[key] > 1 && new_id != s.id {
+                    return Err(format!(
+                        "shard key {key} has {} shards; the new collection numbered shard {} as {new_id} (the source's shard ids have gaps, e.g. from a dropped shard key), and Qdrant routes points within a key by shard id, so the restored points would not be found where Qdrant looks for them; this collection cannot be restored shard by shard as it is",
+                        per_key[key], s.id
+                    ));
+                }
                 matched.insert(s.id, (new_id, peers_of(&created[&new_id].1)));
             }
         }
@@ -408,6 +503,7 @@ mod tests {
             write_consistency_factor: 1,
             sharding_method: method,
             exact_count: 0,
+            exact_count_end: None,
             payload_schema: Value::Null,
             shards: shards
                 .iter()
@@ -443,9 +539,10 @@ mod tests {
                 .contains("no replica")
         );
 
+        // One shard per key: matched by key whatever its id.
         let custom = layout(
             ShardingMethod::Custom,
-            &[(3, key("eu")), (4, key("eu")), (9, key("us"))],
+            &[(1, key("eu")), (2, key("eu")), (9, key("us"))],
         );
         let created = BTreeMap::from([
             (0, (key("us"), vec![replica(7, Active)])),
@@ -453,9 +550,19 @@ mod tests {
             (2, (key("eu"), vec![replica(7, Active)])),
         ]);
         let m = match_shards(&custom, &created).unwrap();
-        assert_eq!(m[&3].0, 1);
-        assert_eq!(m[&4].0, 2);
+        assert_eq!(m[&1].0, 1);
+        assert_eq!(m[&2].0, 2);
         assert_eq!(m[&9].0, 0);
+        // Several shards under one key: their ids must be kept, or points would be routed away.
+        let gaps = layout(
+            ShardingMethod::Custom,
+            &[(3, key("eu")), (4, key("eu")), (9, key("us"))],
+        );
+        let err = match_shards(&gaps, &created).unwrap_err();
+        assert!(
+            err.contains("routes points within a key by shard id"),
+            "{err}"
+        );
         let missing = BTreeMap::from([(0, (key("us"), vec![replica(7, Active)]))]);
         assert!(
             match_shards(&custom, &missing)

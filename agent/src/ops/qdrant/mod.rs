@@ -255,6 +255,32 @@ pub enum QdrantOpError {
         /// Per shard counts.
         shards: String,
     },
+    /// A replica that stopped being active while it was streamed.
+    #[error(
+        "collection {collection}: the replica of shard {shard} on peer {peer} became {state} while it was streamed, so it may have missed writes; no backup was recorded; retry once the cluster settles"
+    )]
+    ShardChanged {
+        /// The collection.
+        collection: String,
+        /// The shard.
+        shard: u32,
+        /// The peer streamed from.
+        peer: crate::engine::qdrant::PeerId,
+        /// Its state now.
+        state: String,
+    },
+    /// A node answering at a peer's address that is not that peer.
+    #[error(
+        "the Qdrant node at {url} is {found}, not peer {expected} as the cluster says: the agent must reach every node itself (--qdrant-url the pod's own node, never a load-balanced Service; peers at their own host names)"
+    )]
+    WrongPeer {
+        /// Where the agent asked.
+        url: String,
+        /// The peer it expected.
+        expected: crate::engine::qdrant::PeerId,
+        /// What answered.
+        found: String,
+    },
     /// Full-storage snapshots asked of a distributed Qdrant.
     #[error(
         "Qdrant runs in distributed mode, where storage snapshots are not supported (each would hold one node's shards only); back up collections instead (--qdrant-mode shard-stream or collection, both stream every shard)"
@@ -288,8 +314,8 @@ pub enum QdrantOpError {
     RestoredShort {
         /// The collection (as restored).
         collection: String,
-        /// Recorded.
-        expected: u64,
+        /// Recorded: a count, or the range writes during the backup allow.
+        expected: String,
         /// Counted.
         found: u64,
     },
@@ -334,7 +360,9 @@ impl QdrantOpError {
             | QdrantOpError::Placement { .. }
             | QdrantOpError::ShardsMissing { .. }
             | QdrantOpError::CountMismatch { .. }
-            | QdrantOpError::UnknownPeer { .. } => Code::FailedPrecondition,
+            | QdrantOpError::UnknownPeer { .. }
+            | QdrantOpError::WrongPeer { .. } => Code::FailedPrecondition,
+            QdrantOpError::ShardChanged { .. } => Code::Aborted,
             QdrantOpError::ShardUnavailable { .. } | QdrantOpError::PeerUnreachable { .. } => {
                 Code::Unavailable
             }
@@ -343,8 +371,12 @@ impl QdrantOpError {
     }
 }
 
-/// A shard-by-shard backup holds a snapshot of every shard its layout records: what `verify`
-/// adds to the digests. Returns a note for its summary (empty for other backups).
+/// Most shards, shard keys or payload indexes a recorded layout may name: far above any real
+/// collection, so a manifest written by someone who can write the bucket cannot make a restore
+/// send requests without end.
+const MAX_LAYOUT_ITEMS: usize = 4096;
+
+/// What `verify` adds to the digests for a Qdrant backup; empty for other backups.
 pub fn check_shards_complete(m: &crate::catalog::Manifest) -> Result<String, QdrantOpError> {
     if m.engine != crate::catalog::Engine::Qdrant {
         return Ok(String::new());
@@ -354,31 +386,66 @@ pub fn check_shards_complete(m: &crate::catalog::Manifest) -> Result<String, Qdr
             id: m.id.clone(),
             reason: e.to_string(),
         })?;
-    let mut shards = 0;
-    for (name, record) in &details.collections {
-        let Some(layout) = &record.layout else {
-            continue;
-        };
-        for shard in &layout.shards {
-            let held = m
-                .artifacts
-                .iter()
-                .any(|a| a.collection.as_deref() == Some(name) && a.shard == Some(shard.id));
-            if !held {
-                return Err(QdrantOpError::MissingShard {
-                    id: m.id.clone(),
-                    collection: name.clone(),
-                    shard: shard.id,
-                });
-            }
-            shards += 1;
-        }
-    }
+    let shards = check_shards(m, &details)?;
     Ok(if shards == 0 {
         String::new()
     } else {
         format!("; every shard its layout records is there ({shards})")
     })
+}
+
+/// A shard-by-shard backup holds exactly one snapshot of every shard its layout records, and
+/// nothing else, within bounds (the manifest is read back from the store: untrusted). Returns
+/// how many shards the layouts record.
+pub(super) fn check_shards(
+    m: &crate::catalog::Manifest,
+    details: &QdrantDetails,
+) -> Result<usize, QdrantOpError> {
+    let bad = |reason: String| QdrantOpError::BadDetails {
+        id: m.id.clone(),
+        reason,
+    };
+    let mut shards = 0;
+    for (name, record) in &details.collections {
+        let Some(layout) = &record.layout else {
+            continue;
+        };
+        let fields = layout.payload_schema.as_object().map_or(0, |f| f.len());
+        if layout.shards.len() > MAX_LAYOUT_ITEMS || fields > MAX_LAYOUT_ITEMS {
+            return Err(bad(format!(
+                "collection {name:?} records {} shards and {fields} payload indexes, more than {MAX_LAYOUT_ITEMS}",
+                layout.shards.len()
+            )));
+        }
+        let mut recorded: Vec<u32> = layout.shards.iter().map(|s| s.id).collect();
+        recorded.sort_unstable();
+        if recorded.windows(2).any(|w| w[0] == w[1]) {
+            return Err(bad(format!("collection {name:?} records a shard twice")));
+        }
+        let mut held: Vec<u32> = m
+            .artifacts
+            .iter()
+            .filter(|a| a.collection.as_deref() == Some(name))
+            .map(|a| a.shard.unwrap_or(u32::MAX))
+            .collect();
+        held.sort_unstable();
+        if let Some(missing) = recorded.iter().find(|id| held.binary_search(id).is_err()) {
+            return Err(QdrantOpError::MissingShard {
+                id: m.id.clone(),
+                collection: name.clone(),
+                shard: *missing,
+            });
+        }
+        if held.len() != recorded.len() {
+            return Err(bad(format!(
+                "collection {name:?}: its layout records {} shards but the backup holds {} snapshots of it",
+                recorded.len(),
+                held.len()
+            )));
+        }
+        shards += recorded.len();
+    }
+    Ok(shards)
 }
 
 /// Checks collection names a request gives before any reaches Qdrant.

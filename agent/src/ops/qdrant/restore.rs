@@ -11,7 +11,7 @@ use super::{
     layout::{Nodes, ShardLayout, ShardingMethod, match_shards, wait_active},
 };
 use crate::{
-    catalog::{Artifact, Manifest},
+    catalog::{Artifact, BackupKeys, Manifest},
     engine::qdrant::{Priority, Qdrant, QdrantError, ShardKey, UploadTo, minor_of},
     error::OpError,
     jobs::Reporter,
@@ -42,6 +42,7 @@ pub async fn restore_qdrant(
         return Err(QdrantOpError::StorageSnapshot(manifest.id.clone()).into());
     }
     super::check_recorded(&manifest.id, &details)?;
+    super::check_shards(&manifest, &details)?;
     super::check_requested(
         selected
             .iter()
@@ -137,7 +138,14 @@ pub async fn restore_qdrant(
             .filter(|a| a.collection.as_deref() == Some(c.as_str()))
             .collect();
         arts.sort_by_key(|a| a.shard);
-        if arts.is_empty() {
+        // A custom-sharded collection with no shard key yet has no shard to hold.
+        let no_shards = details.mode == SnapshotMode::ShardStream
+            && details
+                .collections
+                .get(c)
+                .and_then(|r| r.layout.as_ref())
+                .is_some_and(|l| l.shards.is_empty());
+        if arts.is_empty() && !no_shards {
             return Err(QdrantOpError::MissingSnapshot {
                 id: manifest.id.clone(),
                 collection: c.clone(),
@@ -232,6 +240,19 @@ async fn restore_sharded(
     // Qdrant drops a collection's aliases with it: those naming the old one are put back.
     let mut kept = Vec::new();
     if exists {
+        // Nothing is deleted before every snapshot this collection needs is known to be there.
+        let store = ctx.source.store();
+        for art in job.arts {
+            let key = job.manifest.id.key(&art.name);
+            if store.head(&key).await?.is_none() {
+                return Err(QdrantOpError::MissingShard {
+                    id: job.manifest.id.clone(),
+                    collection: job.name.to_string(),
+                    shard: art.shard.unwrap_or(0),
+                }
+                .into());
+            }
+        }
         // --force: the caller checked; the layout may differ, so the collection is made anew.
         kept = q.aliases().await?;
         kept.retain(|a| a.collection_name == target);
@@ -249,6 +270,12 @@ async fn restore_sharded(
         }
     }
     if placed.is_err() {
+        if exists {
+            tracing::error!(
+                collection = target,
+                "the restore with --force had replaced the existing collection and failed: the old collection is gone; restore again once the cause is fixed"
+            );
+        }
         match q.delete_collection(target).await {
             Ok(()) => tracing::warn!(
                 collection = target,
@@ -271,10 +298,10 @@ async fn place_shards(
 ) -> Result<String, OpError> {
     let Sharded {
         manifest,
-        name,
         target,
         record,
         arts,
+        ..
     } = *job;
     let placement = |detail: String| QdrantOpError::Placement {
         collection: target.to_string(),
@@ -282,17 +309,9 @@ async fn place_shards(
     };
     if let Some(layout) = &record.layout {
         rebuild_layout(q, target, layout).await?;
-        for shard in &layout.shards {
-            if !arts.iter().any(|a| a.shard == Some(shard.id)) {
-                return Err(QdrantOpError::MissingShard {
-                    id: manifest.id.clone(),
-                    collection: name.to_string(),
-                    shard: shard.id,
-                }
-                .into());
-            }
-        }
     }
+    // Qdrant may still be activating the new replicas: uploads must not race its own transfers.
+    wait_active(q, target, q.timeouts().snapshot).await?;
     let created = q.collection_cluster(target).await?.shards();
     let plan = match &record.layout {
         Some(layout) => match_shards(layout, &created).map_err(placement)?,
@@ -309,6 +328,7 @@ async fn place_shards(
             .collect::<Result<_, _>>()?,
     };
     let mut replicas = 0;
+    let mut checked = std::collections::BTreeSet::new();
     for art in arts {
         let recorded = art.shard.unwrap_or(0);
         let (shard, peers) = plan.get(&recorded).ok_or_else(|| {
@@ -317,7 +337,7 @@ async fn place_shards(
             ))
         })?;
         for &peer in peers {
-            let node = nodes.client(q, peer)?;
+            let node = nodes.checked_client(q, peer, &mut checked).await?;
             reporter.set_expected_raw(art.raw_bytes);
             reporter.phase(
                 "restoring",
@@ -343,10 +363,15 @@ async fn place_shards(
     wait_active(q, target, q.timeouts().snapshot).await?;
     if let Some(layout) = &record.layout {
         let found = q.exact_count(target).await?;
-        if found != layout.exact_count {
+        let (low, high) = layout.count_range();
+        if !(low..=high).contains(&found) {
             return Err(QdrantOpError::RestoredShort {
                 collection: target.to_string(),
-                expected: layout.exact_count,
+                expected: if low == high {
+                    low.to_string()
+                } else {
+                    format!("between {low} and {high}")
+                },
                 found,
             }
             .into());
