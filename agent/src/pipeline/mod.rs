@@ -1,8 +1,8 @@
 //! The one place backup bytes are transformed: compressed and hashed on the way to the store,
 //! hashed, decompressed and checked on the way back.
 //!
-//! Backup: engine stdout → (sha256 of raw bytes) → zstd → (sha256 of stored bytes) → parts →
-//! multipart upload. Three stages run concurrently, joined by bounded channels, so a slow store
+//! Backup: engine stdout → (sha256 of raw bytes) → zstd where it pays, raw frames where it does
+//! not ([`adaptive`]) → (sha256 of stored bytes) → parts → multipart upload. Three stages run concurrently, joined by bounded channels, so a slow store
 //! slows the engine instead of filling memory. Part buffers come from a pool of
 //! `parts_in_flight + 1` buffers and go back to it when the last reference to their bytes is
 //! dropped (after the store has uploaded them), so at most that many parts exist at any time,
@@ -150,6 +150,8 @@ pub struct UploadSummary {
     pub parts: u32,
     /// Largest part size used (the first parts use [`Settings::part_size`]).
     pub max_part_size: usize,
+    /// How much of the stream went through zstd and how much was stored raw.
+    pub choice: Choice,
 }
 
 /// Pipeline errors; each says which side failed.
@@ -283,8 +285,11 @@ impl ChunkPool {
     }
 }
 
+mod adaptive;
 mod download;
 mod upload;
+
+pub use adaptive::Choice;
 
 pub use download::download;
 pub use upload::{Staged, upload};
@@ -348,6 +353,15 @@ mod tests {
         assert_eq!(
             summary.digest.raw_sha256,
             hex::encode(Sha256::digest(&data))
+        );
+        // Incompressible: stored in raw frames, a few bytes of framing per 256 KiB chunk.
+        assert_eq!(summary.choice.compressed_raw, 0, "{:?}", summary.choice);
+        assert!(
+            summary.digest.stored_bytes - summary.digest.raw_bytes
+                <= summary.digest.raw_bytes / 10_000,
+            "{} stored for {} raw",
+            summary.digest.stored_bytes,
+            summary.digest.raw_bytes
         );
 
         let mut out = Vec::new();
