@@ -7,7 +7,11 @@
 # incompressible data, starts a release soma-agent against both and measures wall times of:
 #   (d) curl: POST /collections/big/snapshots?wait=true, GET it > /dev/null, DELETE it
 #                                                    the raw snapshot transfer, nothing else
-#   (a) kubectl-soma backup qdrant --collection big  snapshot on the node → stream → zstd → sha256
+#   (f) curl: the same as (d), but the GET piped into one PUT of the object into Garage
+#                                                    the floor of storing it at all: no hash of
+#                                                    ours, no compression, one request
+#   (a) kubectl-soma backup qdrant --collection big  snapshot on the node → stream → zstd
+#                                                    where it pays (pipeline::adaptive) → sha256
 #                                                    → S3, snapshot deleted from the node
 #   (e) curl: GET /collections/big/shards/0/snapshot > /dev/null
 #                                                    the raw shard stream, nothing else
@@ -15,12 +19,12 @@
 #                                                    the shard archive streamed → zstd → S3
 #   (c) kubectl-soma restore <id of (a)> --collection big --as big_copy
 #                                                    S3 → checks → Qdrant's snapshot upload
-# REPEAT times each, interleaved in that order, and the agent's peak RSS (VmHWM from
-# /proc/PID/status, reset before each operation). Every operation starts after a `sync`, so none
-# pays for the previous one's dirty pages; big_copy is deleted (untimed) before each restore.
-# Garage is restarted empty (same ports and key, untimed) before each round after the first: it
-# frees deleted objects' blocks only 10 minutes later, so that is the way to keep the disk use to
-# one round's.
+# REPEAT times each, interleaved in the order (d), (f), (a), (e), (b), (c), and the agent's peak
+# RSS (VmHWM from /proc/PID/status, reset before each operation). Every operation starts after
+# a `sync`, so none pays for the previous one's dirty pages; big_copy is deleted (untimed)
+# before each restore. Garage is restarted empty (same ports and key, untimed) before each round
+# after the first: it frees deleted objects' blocks only 10 minutes later, so that is the way to
+# keep the disk use to one round's.
 #
 # Progress goes to stderr; a Markdown results block goes to stdout, so
 #   bench/qdrant_snapshot.sh > /tmp/results.md
@@ -34,8 +38,8 @@
 #   COMPRESSION_THREADS=N    passed to soma-agent --compression-threads (unset: agent default)
 #   COMPRESSION_LEVEL=N      passed to soma-agent --compression-level   (unset: agent default)
 #   BENCH_TMPDIR=DIR         where the data goes (default $TMPDIR or /tmp); needs about
-#                            4 × SIZE_MIB + 1 GiB free (a round's two backups in Garage, then the
-#                            uploaded snapshot and the restored copy on the double's disk)
+#                            5 × SIZE_MIB + 1 GiB free (a round's two backups and (f) in Garage,
+#                            then the uploaded snapshot and the restored copy on the double's disk)
 #   GARAGE_BIN=PATH          garage binary (default: garage on PATH, then ~/.cargo/bin/garage)
 #   SOMA_SKIP_BUILD=1        do not run cargo; SOMA_BIN_DIR=DIR says where the binaries are
 #   QDRANT_DOUBLE_BIN=PATH   the double (default: $SOMA_BIN_DIR/examples/qdrant-double)
@@ -101,6 +105,27 @@ raw_snapshot_transfer() {
     die "deleting snapshot $name failed"
 }
 
+# Round (f): like (d), with the download streamed into one PUT of the object into Garage
+# (chunked, unsigned payload: what the agent pays for on top is everything else); sets
+# RAW_S3_S and checks the stored size.
+raw_snapshot_to_s3() {
+  local i=$1 name size stored
+  q POST "/collections/$COLLECTION/snapshots?wait=true" >"$TMP_DIR/raw-s3-snapshot-$i.json" ||
+    die "creating a snapshot failed: $(head -c 600 "$TMP_DIR/raw-s3-snapshot-$i.json")"
+  name=$(json_field "$TMP_DIR/raw-s3-snapshot-$i.json" result.name) || die "no snapshot name"
+  size=$(json_field "$TMP_DIR/raw-s3-snapshot-$i.json" result.size) || die "no snapshot size"
+  q GET "/collections/$COLLECTION/snapshots/$name" -o - |
+    curl -sS --fail-with-body -K "$TMP_DIR/s3.curlrc" --aws-sigv4 "aws:amz:us-east-1:s3" \
+      -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" -T - \
+      "http://127.0.0.1:$S3_PORT/$BUCKET/floor/snapshot-$i" >"$TMP_DIR/raw-s3-put-$i.out" ||
+    die "streaming snapshot $name into Garage failed: $(head -c 600 "$TMP_DIR/raw-s3-put-$i.out")"
+  q DELETE "/collections/$COLLECTION/snapshots/$name?wait=true" >/dev/null || die "deleting snapshot $name failed"
+  stored=$(curl -sS --fail -K "$TMP_DIR/s3.curlrc" --aws-sigv4 "aws:amz:us-east-1:s3" -I \
+    -H "x-amz-content-sha256: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855" \
+    "http://127.0.0.1:$S3_PORT/$BUCKET/floor/snapshot-$i" | tr -d '\r' | awk 'tolower($1) == "content-length:" { print $2 }')
+  [[ "$stored" == "$size" ]] || die "Garage holds $stored bytes of snapshot $name, Qdrant announced $size"
+}
+
 download_snapshot() {
   RAW_GOT=$(q GET "/collections/$COLLECTION/snapshots/$1" -o /dev/null -w '%{size_download}')
 }
@@ -110,6 +135,21 @@ raw_shard_stream() {
   RAW_SHARD_GOT=$(q GET "/collections/$COLLECTION/shards/0/snapshot" -o /dev/null -w '%{size_download}')
 }
 
+# CPU seconds the agent, Garage and the double have used so far, as "agent garage double".
+cpu_now() {
+  local pid out=()
+  for pid in "$AGENT_PID" "$GARAGE_PID" "$QDRANT_PID"; do
+    out+=("$(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || echo 0)")
+  done
+  printf '%s\n' "${out[*]}"
+}
+# cpu_since "BEFORE": what each used since BEFORE (from cpu_now), in seconds, as "agent garage double".
+cpu_since() {
+  awk -v a="$1" -v b="$(cpu_now)" -v hz="$(getconf CLK_TCK)" 'BEGIN {
+    split(a, x, " "); split(b, y, " ")
+    printf "%.2f %.2f %.2f\n", (y[1] - x[1]) / hz, (y[2] - x[2]) / hz, (y[3] - x[3]) / hz }'
+}
+
 # agent_step OUT ARGS...: after a sync and a reset of the agent's peak RSS, times `kubectl-soma
 # ARGS...` (stdout in $TMP_DIR/OUT); sets t and PEAK_KIB.
 agent_step() {
@@ -117,9 +157,12 @@ agent_step() {
   shift
   sync
   reset_peak
+  local cpu0
+  cpu0=$(cpu_now)
   timed t soma "$@" >"$TMP_DIR/$out" 2>"$TMP_DIR/$out.err" ||
     { cat "$TMP_DIR/$out.err" >&2; double_check; die "kubectl-soma $* failed"; }
   PEAK_KIB=$(proc_kib VmHWM)
+  CPU=$(cpu_since "$cpu0")
 }
 
 # manifest_id OUT: the backup id in the manifest kubectl-soma printed to $TMP_DIR/OUT.
@@ -154,10 +197,12 @@ curl --help all 2>/dev/null | grep -q -- '--fail-with-body' || die "curl >= 7.76
 find_qdrant_double
 
 # --- temp dir and disk space -------------------------------------------------------------------
-make_tmp_dir "$(((4 * SIZE_MIB + 1024) * 1024))" die
+make_tmp_dir "$(((5 * SIZE_MIB + 1024) * 1024))" die
 
 # --- Garage S3 ---------------------------------------------------------------------------------
 start_garage
+# The key reaches curl in a file, not on its command line.
+(umask 077 && printf 'user = "%s:%s"\n' "$AWS_KEY" "$AWS_SECRET" >"$TMP_DIR/s3.curlrc")
 
 # --- the Qdrant double ---------------------------------------------------------------------------
 start_qdrant_double "$COLLECTION:$SIZE_MIB"
@@ -175,6 +220,7 @@ start_agent --qdrant-url "$QDRANT_URL"
 RAW_CREATE_S='' RAW_GET_S='' RAW_DELETE_S='' RAW_GOT='' RAW_SHARD_GOT='' t='' PEAK_KIB=''
 LOAD_BEFORE=$(cut -d ' ' -f 1-3 /proc/loadavg)
 BUSY_BEFORE=$(machine_busy_ticks) OWN_BEFORE=$(own_ticks) WALL_BEFORE=$(date +%s)
+RAW_S3_S='' RAW_S3_TIMES=() RAW_S3_CPU=() COL_CPU=() SHARD_CPU=() CPU=''
 RAW_TIMES=() RAW_CREATE_TIMES=() RAW_GET_TIMES=() RAW_DELETE_TIMES=()
 SHARD_RAW_TIMES=()
 COL_TIMES=() COL_PEAKS_KIB=() COL_IDS=()
@@ -192,9 +238,16 @@ for i in $(seq 1 "$REPEAT"); do
   RAW_TIMES+=("$(add "$RAW_CREATE_S" "$RAW_GET_S" "$RAW_DELETE_S")")
   log "run $i/$REPEAT (d) raw snapshot: ${RAW_TIMES[-1]}s (create ${RAW_CREATE_S}s, GET ${RAW_GET_S}s, delete ${RAW_DELETE_S}s, $RAW_GOT bytes)"
 
+  sync
+  CPU=$(cpu_now)
+  timed RAW_S3_S raw_snapshot_to_s3 "$i"
+  CPU=$(cpu_since "$CPU")
+  RAW_S3_TIMES+=("$RAW_S3_S") RAW_S3_CPU+=("$CPU")
+  log "run $i/$REPEAT (f) raw snapshot → Garage: ${RAW_S3_S}s, CPU s (agent garage double) $CPU"
+
   agent_step "backup-col-$i.json" -o json backup qdrant --collection "$COLLECTION"
-  COL_TIMES+=("$t") COL_PEAKS_KIB+=("$PEAK_KIB") COL_IDS+=("$(manifest_id "backup-col-$i.json")")
-  log "run $i/$REPEAT (a) kubectl-soma backup qdrant: ${t}s, agent VmHWM $(kib_mib "${COL_PEAKS_KIB[-1]}") MiB"
+  COL_TIMES+=("$t") COL_PEAKS_KIB+=("$PEAK_KIB") COL_IDS+=("$(manifest_id "backup-col-$i.json")") COL_CPU+=("$CPU")
+  log "run $i/$REPEAT (a) kubectl-soma backup qdrant: ${t}s, agent VmHWM $(kib_mib "${COL_PEAKS_KIB[-1]}") MiB, CPU s (agent garage double) $CPU"
 
   sync
   timed t raw_shard_stream || die "streaming the shard snapshot failed"
@@ -202,8 +255,8 @@ for i in $(seq 1 "$REPEAT"); do
   log "run $i/$REPEAT (e) raw shard stream: ${t}s, $RAW_SHARD_GOT bytes"
 
   agent_step "backup-shard-$i.json" -o json backup qdrant --collection "$COLLECTION" --stream-shards
-  SHARD_TIMES+=("$t") SHARD_PEAKS_KIB+=("$PEAK_KIB") SHARD_IDS+=("$(manifest_id "backup-shard-$i.json")")
-  log "run $i/$REPEAT (b) kubectl-soma backup qdrant --stream-shards: ${t}s, agent VmHWM $(kib_mib "${SHARD_PEAKS_KIB[-1]}") MiB"
+  SHARD_TIMES+=("$t") SHARD_PEAKS_KIB+=("$PEAK_KIB") SHARD_IDS+=("$(manifest_id "backup-shard-$i.json")") SHARD_CPU+=("$CPU")
+  log "run $i/$REPEAT (b) kubectl-soma backup qdrant --stream-shards: ${t}s, agent VmHWM $(kib_mib "${SHARD_PEAKS_KIB[-1]}") MiB, CPU s (agent garage double) $CPU"
 
   q DELETE "/collections/$COPY" >/dev/null || die "deleting collection $COPY failed"
   agent_step "restore-$i.out" restore "${COL_IDS[-1]}" --collection "$COLLECTION" --as "$COPY"
@@ -280,12 +333,14 @@ $(load_line "$LOAD_BEFORE" "$LOAD_AFTER")
 | step | command | runs (s) | median (s) | MiB/s of raw bytes | agent VmHWM |
 |---|---|---|---|---|---|
 $(row "(d) raw snapshot transfer" "curl: \`POST /collections/$COLLECTION/snapshots?wait=true\`, \`GET\` it > /dev/null, \`DELETE\` it" "$RAW_GOT" '' "${RAW_TIMES[@]}")
+$(row "(f) raw snapshot transfer into Garage" "curl: as (d), the \`GET\` piped into one \`PUT\` to Garage (unsigned payload)" "$RAW_GOT" '' "${RAW_S3_TIMES[@]}")
 $(row "(a) soma backup, collection mode → S3" "\`kubectl-soma backup qdrant --collection $COLLECTION\`" "$COL_RAW" "$(max_kib "${COL_PEAKS_KIB[@]}")" "${COL_TIMES[@]}")
 $(row "(e) raw shard stream" "curl: \`GET /collections/$COLLECTION/shards/0/snapshot\` > /dev/null" "$RAW_SHARD_GOT" '' "${SHARD_RAW_TIMES[@]}")
 $(row "(b) soma backup, shard stream → S3" "\`kubectl-soma backup qdrant --collection $COLLECTION --stream-shards\`" "$SHARD_RAW" "$(max_kib "${SHARD_PEAKS_KIB[@]}")" "${SHARD_TIMES[@]}")
 $(row "(c) soma restore ← S3" "\`kubectl-soma restore <id of (a)> --collection $COLLECTION --as $COPY\`" "$COL_RAW" "$(max_kib "${RESTORE_PEAKS_KIB[@]}")" "${RESTORE_TIMES[@]}")
 
-- **Agent / raw transfer** (medians): collection mode (a)/(d) **$(ratio "$COL_MED" "$RAW_MED")×** ($COL_MED s vs $RAW_MED s); shard stream (b)/(e) **$(ratio "$SHARD_MED" "$SHARD_RAW_MED")×** ($SHARD_MED s vs $SHARD_RAW_MED s); restore (c) vs the raw snapshot download alone: $(ratio "$RESTORE_MED" "$(median "${RAW_GET_TIMES[@]}")")×
+- **Agent / raw transfer** (medians): collection mode (a)/(d) **$(ratio "$COL_MED" "$RAW_MED")×** ($COL_MED s vs $RAW_MED s), against the raw transfer into Garage (a)/(f) **$(ratio "$COL_MED" "$(median "${RAW_S3_TIMES[@]}")")×**; shard stream (b)/(e) **$(ratio "$SHARD_MED" "$SHARD_RAW_MED")×** ($SHARD_MED s vs $SHARD_RAW_MED s); restore (c) vs the raw snapshot download alone: $(ratio "$RESTORE_MED" "$(median "${RAW_GET_TIMES[@]}")")×
+- **CPU seconds per step** (agent / Garage / double, each run): (f) $(join_by ', ' "${RAW_S3_CPU[@]}"); (a) $(join_by ', ' "${COL_CPU[@]}"); (b) $(join_by ', ' "${SHARD_CPU[@]}")
 - **Raw snapshot transfer split** (medians): create on the node $(median "${RAW_CREATE_TIMES[@]}") s, GET $(median "${RAW_GET_TIMES[@]}") s ($(mib_per_s "$RAW_GOT" "$(median "${RAW_GET_TIMES[@]}")") MiB/s), DELETE $(median "${RAW_DELETE_TIMES[@]}") s
 - **Backup size** (manifests of \`${COL_IDS[-1]}\`, $COL_KIND, and \`${SHARD_IDS[-1]}\`, $SHARD_KIND): raw_bytes $COL_RAW / $SHARD_RAW, stored_bytes $COL_STORED / $SHARD_STORED ($(ratio "$COL_RAW" "$COL_STORED")× / $(ratio "$SHARD_RAW" "$SHARD_STORED")× smaller; the data is incompressible)
 - **Agent memory**: idle RSS $(kib_mib "$IDLE_RSS_KIB") MiB; peak RSS per run: collection backup $(peaks_mib "${COL_PEAKS_KIB[@]}")MiB, shard-stream backup $(peaks_mib "${SHARD_PEAKS_KIB[@]}")MiB, restore $(peaks_mib "${RESTORE_PEAKS_KIB[@]}")MiB; highest peak of the run $(kib_mib "$MAX_PEAK_KIB") MiB ($PEAK_NOTE)

@@ -2,6 +2,7 @@
 //! every buffer drawn from a bounded pool.
 
 use super::*;
+use adaptive::Adaptive;
 
 /// An artifact whose bytes are all in the store but not yet visible: `commit` publishes it,
 /// `abort` discards it. Dropping it without either aborts in the background.
@@ -134,6 +135,12 @@ impl PartSink {
     }
 }
 
+impl adaptive::Counted for PartSink {
+    fn written(&self) -> u64 {
+        self.stored
+    }
+}
+
 impl Write for PartSink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if self.map.is_none() {
@@ -181,7 +188,7 @@ where
     }
 
     let compressor =
-        tokio::task::spawn_blocking(move || -> io::Result<(String, u64, u32, usize)> {
+        tokio::task::spawn_blocking(move || -> io::Result<(String, u64, u32, usize, Choice)> {
             let sink = PartSink {
                 map: None,
                 len: 0,
@@ -195,18 +202,17 @@ where
                 stored: 0,
                 counters: sink_counters,
             };
-            let mut enc = zstd::stream::write::Encoder::new(sink, level)?;
-            if threads > 0 {
-                enc.multithread(threads)?;
-                // zstd's default job is several windows long and each worker buffers a few jobs;
-                // small jobs keep multithreaded compression within the memory budget.
-                enc.set_parameter(zstd::stream::raw::CParameter::JobSize(MT_JOB_SIZE))?;
-            }
-            enc.include_checksum(true)?;
+            let mut enc = Adaptive::new(sink, level, threads);
             while let Some(chunk) = raw_rx.blocking_recv() {
-                enc.write_all(&chunk)?;
+                enc.write_chunk(&chunk)?;
             }
-            let mut sink = enc.finish()?;
+            let (mut sink, choice) = enc.finish()?;
+            tracing::debug!(
+                compressed_raw = choice.compressed_raw,
+                stored_raw = choice.stored_raw,
+                switches = choice.switches,
+                "compression chosen per stretch"
+            );
             if sink.map.is_none() && sink.index == 0 {
                 // An object needs at least one part, even an empty one.
                 sink.start_part()?;
@@ -219,6 +225,7 @@ where
                 sink.stored,
                 sink.index,
                 sink.max_part,
+                choice,
             ))
         });
 
@@ -290,7 +297,7 @@ where
     let outcome = (|| {
         let receipts = send_res?;
         let (raw_sha256, raw_bytes) = read_res?;
-        let (stored_sha256, stored_bytes, parts, max_part_size) =
+        let (stored_sha256, stored_bytes, parts, max_part_size, choice) =
             compress_res.map_err(PipelineError::Compress)?;
         let summary = UploadSummary {
             digest: Digest256 {
@@ -301,6 +308,7 @@ where
             },
             parts,
             max_part_size,
+            choice,
         };
         Ok::<_, PipelineError>((summary, receipts))
     })();
