@@ -286,7 +286,15 @@ fn the_agents_children_inherit_none_of_its_secrets() {
     });
 
     let mut pg_dump_env = None;
+    let agent_exe = std::fs::read_link(format!("/proc/{}/exe", agent.pid())).ok();
     for p in &children {
+        // Forked by a runtime thread and not yet exec'd: until execve replaces it, its memory
+        // and environment are the agent's own (its name is still the thread's). What it runs
+        // next is looked at when it is the program it became.
+        let exe = std::fs::read_link(format!("/proc/{}/exe", p.pid)).ok();
+        if exe.is_some() && exe == agent_exe && p.comm != "soma-agent" {
+            continue;
+        }
         let Some(vars) = environ(p.pid) else {
             continue; // exited meanwhile (a short psql query)
         };
