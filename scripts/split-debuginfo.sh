@@ -16,7 +16,12 @@
 # Refuses (non-zero, BIN untouched) a file that is not ELF (macOS: dsymutil + strip -S instead)
 # and a binary with no debug info left to keep (already split, or built without it): a second
 # run would otherwise replace a good BIN.debug with an empty one.
+#
+# Environment: OBJCOPY, READELF (default objcopy, readelf): the binutils of BIN's architecture,
+# e.g. aarch64-linux-gnu-objcopy for an arm64 binary built on x86_64.
 set -euo pipefail
+OBJCOPY=${OBJCOPY:-objcopy}
+READELF=${READELF:-readelf}
 
 die() {
   echo "split-debuginfo: $*" >&2
@@ -24,18 +29,20 @@ die() {
 }
 
 [ $# -gt 0 ] || die "usage: $0 BIN... (ELF binaries built with the release profile)"
-for tool in objcopy readelf; do
+for tool in "$OBJCOPY" "$READELF"; do
   command -v "$tool" >/dev/null || die "$tool not found: install binutils (Debian: apt-get install binutils)"
 done
 
 # Section names of an ELF file, one a line; fails on anything that is not ELF.
 sections() {
-  readelf -S -W "$1" 2>/dev/null | sed -n 's/^ *\[ *[0-9]*\] \([^ ]*\) .*/\1/p'
+  "$READELF" -S -W "$1" 2>/dev/null | sed -n 's/^ *\[ *[0-9]*\] \([^ ]*\) .*/\1/p'
 }
 
 for bin in "$@"; do
+  # A name starting with '-' would be read as an option by the tools below.
+  case "$bin" in -*) bin="./$bin" ;; esac
   [ -f "$bin" ] || die "$bin: no such file"
-  readelf -h "$bin" >/dev/null 2>&1 ||
+  "$READELF" -h "$bin" >/dev/null 2>&1 ||
     die "$bin: not an ELF binary (for macOS binaries use dsymutil, then strip -S)"
   if ! sections "$bin" | grep -qx '\.debug_info\|\.debug_line'; then
     die "$bin: has no debug info to keep apart (already split, or built without it: build with \
@@ -46,11 +53,11 @@ for bin in "$@"; do
   tmp_debug="$bin.debug.tmp.$$"
   tmp_bin="$bin.stripped.tmp.$$"
   trap 'rm -f "$tmp_debug" "$tmp_bin"' EXIT
-  objcopy --only-keep-debug --compress-debug-sections=zlib "$bin" "$tmp_debug"
+  "$OBJCOPY" --only-keep-debug --compress-debug-sections=zlib "$bin" "$tmp_debug"
   chmod 0644 "$tmp_debug"
   mv -f "$tmp_debug" "$debug"
   # --add-gnu-debuglink records the debug file's name and CRC, so it reads the file just written.
-  objcopy --strip-debug --add-gnu-debuglink="$debug" "$bin" "$tmp_bin"
+  "$OBJCOPY" --strip-debug --add-gnu-debuglink="$debug" "$bin" "$tmp_bin"
 
   # .debug_gdb_scripts is loaded (a few bytes naming gdb's pretty printers), not debug info.
   left=$(sections "$tmp_bin" | grep '^\.z\?debug_' | grep -vx '\.debug_gdb_scripts' || true)
@@ -62,6 +69,6 @@ for bin in "$@"; do
   before=$(stat -c %s "$bin")
   mv -f "$tmp_bin" "$bin"
   trap - EXIT
-  build_id=$(readelf -n "$bin" | sed -n 's/^ *Build ID: *//p')
+  build_id=$("$READELF" -n "$bin" | sed -n 's/^ *Build ID: *//p')
   echo "$bin: $before -> $(stat -c %s "$bin") bytes; debug info in $debug ($(stat -c %s "$debug") bytes)${build_id:+, build id $build_id}"
 done
