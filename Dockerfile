@@ -11,9 +11,19 @@ ARG PG_MAJOR=15
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-# protox compiles the protos in Rust: no protoc needed.
+# protox compiles the protos in Rust: no protoc needed. The image gets the binaries without their
+# debug info (README "Install" gives the sizes); the debug info stays in the `debug` stage below.
 RUN cargo build --release --locked -p soma-agent -p kubectl-soma \
- && install -D -m 0755 -t /out target/release/soma-agent target/release/kubectl-soma
+ && install -D -m 0755 -t /out/bin target/release/soma-agent target/release/kubectl-soma \
+ && scripts/split-debuginfo.sh /out/bin/soma-agent /out/bin/kubectl-soma \
+ && install -D -m 0644 -t /out/debug /out/bin/soma-agent.debug /out/bin/kubectl-soma.debug \
+ && rm /out/bin/*.debug
+
+# The debug info of the image's binaries, kept apart to symbolise a crash (gdb, addr2line, or
+# RUST_BACKTRACE=1 with the file beside the binary or under /usr/lib/debug/.build-id/):
+#   docker build --target debug --output type=local,dest=dist/debug .
+FROM scratch AS debug
+COPY --from=build /out/debug/ /
 
 FROM debian:bookworm-slim
 ARG PG_MAJOR
@@ -37,7 +47,7 @@ RUN set -eux; \
     groupadd --system --gid 65532 soma; \
     useradd --system --uid 65532 --gid 65532 --home-dir /nonexistent --no-create-home \
       --shell /usr/sbin/nologin soma
-COPY --from=build /out/soma-agent /out/kubectl-soma /usr/local/bin/
+COPY --from=build /out/bin/soma-agent /out/bin/kubectl-soma /usr/local/bin/
 # Debian installs each major's tools under /usr/lib/postgresql/<major>/bin.
 ENV SOMA_PG_BIN_DIR=/usr/lib/postgresql/${PG_MAJOR}/bin
 # glibc otherwise keeps a malloc arena per thread that ever allocated and holds freed memory in
