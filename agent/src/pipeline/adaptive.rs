@@ -389,7 +389,8 @@ mod tests {
         let mut data = noise(40 * MIB, 3);
         data.extend(rows(40 * MIB, 5));
         data.extend(noise(40 * MIB, 11));
-        let (stored, choice) = store(&data, 3, 1);
+        // One thread, for the same reason as below: bounds that do not depend on timing.
+        let (stored, choice) = store(&data, 3, 0);
         assert!(choice.switches >= 2, "{choice:?}");
         // Rows are caught within a re-probe of starting, noise within two checks.
         assert!(
@@ -410,7 +411,9 @@ mod tests {
     fn a_compressed_stream_that_turns_incompressible_stops_compressing() {
         let mut data = rows(16 * MIB, 1);
         data.extend(noise(64 * MIB, 9));
-        let (stored, choice) = store(&data, 3, 1);
+        // One thread: with zstd's worker threads the output lags the input by however far the
+        // workers are behind (a loaded machine), and the switch comes later than these bounds.
+        let (stored, choice) = store(&data, 3, 0);
         assert_eq!(choice.switches, 1, "{choice:?}");
         assert!(
             choice.stored_raw >= (64 * MIB) as u64 - 3 * CHECK_EVERY,
