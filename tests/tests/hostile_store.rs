@@ -412,7 +412,7 @@ fn soak_wal_stream_concurrent_backups_and_polling_through_store_faults() {
     let original_memory = q.fingerprint("memory");
     let spool = tempfile::tempdir().expect("spool");
     let qdrant_url = q.url();
-    let agent = wal_agent_env(
+    let mut agent = wal_agent_env(
         &pg,
         &store,
         spool.path(),
@@ -521,6 +521,10 @@ fn soak_wal_stream_concurrent_backups_and_polling_through_store_faults() {
     // Parts in flight and the WAL pipeline are bounded buffers; a leak or a buffered object
     // would grow with the data (~20 MB stored per database) and the hours a real soak runs.
     assert!(peak < 400, "agent peak memory {peak} MiB");
+    // A WAL stream ships partial segments all the time: one may be in flight right now. Stopped
+    // the way Kubernetes stops it, the agent finishes or aborts what it has in flight.
+    let stopped = agent.terminate(Duration::from_secs(60));
+    assert!(stopped.is_some(), "the agent did not stop within 60 s of SIGTERM");
     let pending = store.pending_uploads();
     assert!(pending.is_empty(), "uploads left pending: {pending:?}");
 
