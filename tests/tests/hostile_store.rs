@@ -524,7 +524,10 @@ fn soak_wal_stream_concurrent_backups_and_polling_through_store_faults() {
     // A WAL stream ships partial segments all the time: one may be in flight right now. Stopped
     // the way Kubernetes stops it, the agent finishes or aborts what it has in flight.
     let stopped = agent.terminate(Duration::from_secs(60));
-    assert!(stopped.is_some(), "the agent did not stop within 60 s of SIGTERM");
+    assert!(
+        stopped.is_some(),
+        "the agent did not stop within 60 s of SIGTERM"
+    );
     let pending = store.pending_uploads();
     assert!(pending.is_empty(), "uploads left pending: {pending:?}");
 
