@@ -238,7 +238,12 @@ impl<R: AsyncBufRead + Unpin> Archive<R> {
         for i in 0..self.int_size {
             value |= i64::from(self.byte().await?) << (8 * i);
         }
-        Ok(if negative { -value } else { value })
+        // Eight bytes may make `i64::MIN`, which has no negation: wrap, it is malformed anyway.
+        Ok(if negative {
+            value.wrapping_neg()
+        } else {
+            value
+        })
     }
 
     /// `ReadStr`: a length (negative: no string) and that many bytes, kept when `keep`.
