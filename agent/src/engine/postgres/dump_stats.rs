@@ -28,7 +28,7 @@ pub enum ChecksumKind {
     #[serde(rename = "row-text-hashtextextended")]
     RowText,
     /// [`RowHasher`] over each table's `COPY` text, read from the dump.
-    #[serde(rename = "copy-text-fnv1a64-sum")]
+    #[serde(rename = "copy-text-word64-sum")]
     CopyText,
 }
 
@@ -43,8 +43,9 @@ const BLK_BLOBS: u8 = 3;
 /// Archive versions read: 1.12 (pg_dump 11) to 1.16 (pg_dump 17).
 const MIN_VERSION: (u8, u8) = (1, 12);
 const MAX_VERSION: (u8, u8) = (1, 16);
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+/// The row hash's start and its word multiplier (odd, so each step is a bijection).
+const ROW_SEED: u64 = 0xcbf2_9ce4_8422_2325;
+const WORD_PRIME: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// Why a dump could not be read for validation data.
 #[derive(Debug, thiserror::Error)]
@@ -91,19 +92,23 @@ pub struct DumpStats {
 
 /// Count and order-independent checksum of `COPY` text rows, fed in pieces of any size.
 ///
-/// Each row (a line without its newline) is hashed with 64-bit FNV-1a, finished with a
-/// multiply-xorshift so that nearby hashes spread over all 64 bits, and added (wrapping) to the
-/// sum. Fast enough to keep up with pg_dump on one core, and a stable, documented function: the
-/// value is stored in manifests and recomputed by later agent versions.
+/// Each row (a line without its newline) is read eight bytes at a time (little-endian words,
+/// the last padded with zeros), each word mixed in as `rotl31((h ^ w) * P)`, the row's length
+/// added, and the result finished with a multiply-xorshift; rows are added (wrapping) to the sum.
+/// Eight bytes per step keeps up with pg_dump on a shared core where a byte-at-a-time hash did
+/// not; the function is fixed and documented, since the value is stored in manifests and
+/// recomputed by later agent versions.
 ///
 /// pg_dump ends each table's data with the end-of-data line `\.` and blank lines; `COPY TO
-/// STDOUT` through psql has none. `\.` is never a row (COPY writes a backslash in data as `\\`),
-/// so rows end there and only blank lines may follow.
+/// STDOUT` through psql has none. `\.` is never a row (COPY writes a backslash in data as
+/// `\\`), so rows end there and only blank lines may follow.
 #[derive(Debug, Clone)]
 pub struct RowHasher {
     row: u64,
     len: u64,
     head: [u8; 2],
+    word: [u8; 8],
+    word_len: usize,
     rows: u64,
     sum: u64,
     ended: bool,
@@ -113,9 +118,11 @@ pub struct RowHasher {
 impl Default for RowHasher {
     fn default() -> Self {
         Self {
-            row: FNV_OFFSET,
+            row: ROW_SEED,
             len: 0,
             head: [0; 2],
+            word: [0; 8],
+            word_len: 0,
             rows: 0,
             sum: 0,
             ended: false,
@@ -124,32 +131,92 @@ impl Default for RowHasher {
     }
 }
 
+/// The first byte of `bytes` that is a newline, found eight bytes at a time.
+fn newline(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut chunks = bytes.chunks_exact(8);
+    let mut at = 0;
+    for chunk in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(w) ^ (ONES * u64::from(b'\n'));
+        if x.wrapping_sub(ONES) & !x & HIGHS != 0 {
+            return chunk.iter().position(|&b| b == b'\n').map(|i| at + i);
+        }
+        at += 8;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&b| b == b'\n')
+        .map(|i| at + i)
+}
+
 impl RowHasher {
     /// Feeds the next bytes of the text.
-    pub fn update(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            if b == b'\n' {
-                self.end_row();
-            } else {
-                if let Some(h) = self.head.get_mut(self.len as usize) {
-                    *h = b;
-                }
-                self.len += 1;
-                self.row = (self.row ^ u64::from(b)).wrapping_mul(FNV_PRIME);
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        while let Some(i) = newline(bytes) {
+            self.feed(&bytes[..i]);
+            self.end_row();
+            bytes = &bytes[i + 1..];
+        }
+        self.feed(bytes);
+    }
+
+    fn mix(&mut self, word: u64) {
+        self.row = (self.row ^ word).wrapping_mul(WORD_PRIME).rotate_left(31);
+    }
+
+    /// Part of a row.
+    fn feed(&mut self, mut bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        for (i, &b) in bytes.iter().take(2).enumerate() {
+            if let Some(h) = self.head.get_mut(self.len as usize + i) {
+                *h = b;
             }
         }
+        self.len += bytes.len() as u64;
+        if self.word_len > 0 {
+            let take = (8 - self.word_len).min(bytes.len());
+            self.word[self.word_len..self.word_len + take].copy_from_slice(&bytes[..take]);
+            self.word_len += take;
+            bytes = &bytes[take..];
+            if self.word_len < 8 {
+                return;
+            }
+            self.mix(u64::from_le_bytes(self.word));
+            self.word_len = 0;
+        }
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(chunk);
+            self.mix(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        self.word[..rest.len()].copy_from_slice(rest);
+        self.word_len = rest.len();
     }
 
     fn end_row(&mut self) {
+        if self.word_len > 0 {
+            let mut w = [0u8; 8];
+            w[..self.word_len].copy_from_slice(&self.word[..self.word_len]);
+            self.mix(u64::from_le_bytes(w));
+            self.word_len = 0;
+        }
         if self.ended {
             self.after_end |= self.len != 0;
         } else if self.len == 2 && &self.head == b"\\." {
             self.ended = true;
         } else {
-            self.sum = self.sum.wrapping_add(finish(self.row));
+            self.sum = self.sum.wrapping_add(finish(self.row ^ self.len));
             self.rows += 1;
         }
-        self.row = FNV_OFFSET;
+        self.row = ROW_SEED;
         self.len = 0;
     }
 
