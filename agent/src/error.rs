@@ -233,9 +233,10 @@ impl OpError {
                 | PgError::ToolTooOld { .. }
                 | PgError::NotEmpty { .. } => Code::FailedPrecondition,
                 PgError::Connect { .. } => Code::Unavailable,
-                PgError::ToolFailed { .. } | PgError::Io { .. } | PgError::Unexpected { .. } => {
-                    Code::Aborted
-                }
+                PgError::ToolFailed { .. }
+                | PgError::Io { .. }
+                | PgError::Unexpected { .. }
+                | PgError::Archive { .. } => Code::Aborted,
             },
             OpError::Qdrant(e) => match e {
                 QdrantError::InvalidUrl(_) | QdrantError::Tls { .. } => Code::InvalidArgument,

@@ -1,7 +1,7 @@
 //! Entry points for the fuzz targets in `fuzz/` and for the replay of their corpus in
 //! `agent/tests/properties.rs`: one function per kind of input the agent reads from outside —
 //! backup ids, WAL file names and archive keys, timeline history files, manifests, store listings
-//! and base-backup tars.
+//! base-backup tars and pg_dump archives (read for drill validation data).
 //!
 //! Each takes arbitrary bytes and must return without panicking whatever they hold; for what the
 //! parser accepts, it asserts the properties that must hold (what is parsed formats back to the
@@ -402,5 +402,19 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// pg_dump custom archives read for validation data: never a panic; the same bytes read whole
+/// or a byte at a time give the same answer; what parses recorded only tables whose rows ended.
+pub fn pg_dump_archive(data: &[u8]) {
+    use crate::engine::postgres::dump_stats;
+    let whole = futures::executor::block_on(dump_stats(data));
+    let bytewise =
+        futures::executor::block_on(dump_stats(tokio::io::BufReader::with_capacity(1, data)));
+    match (&whole, &bytewise) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b, "read whole and bytewise"),
+        (Err(_), Err(_)) => {}
+        _ => panic!("read whole: {whole:?}, bytewise: {bytewise:?}"),
     }
 }

@@ -781,3 +781,28 @@ fn forged_archives_read_back_as_forged() {
         .unwrap();
     assert_eq!(&*entry.path_bytes(), b"../x");
 }
+
+#[test]
+fn fuzz_corpus_pg_dump_archive() {
+    replay("pg_dump_archive", fuzzing::pg_dump_archive);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn arbitrary_bytes_never_panic_the_pg_dump_archive_parser(data in vec(any::<u8>(), 0..512)) {
+        fuzzing::pg_dump_archive(&data);
+    }
+
+    #[test]
+    fn a_damaged_real_archive_never_panics_the_parser(at in 0usize..4096, xor in 1u8..=255, cut in 0usize..4096) {
+        let seed = fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/pg_dump_archive/small.dump")).unwrap();
+        let mut data = seed.clone();
+        let at = at % data.len();
+        data[at] ^= xor;
+        data.truncate(cut.max(at + 1).min(data.len()));
+        fuzzing::pg_dump_archive(&data);
+        fuzzing::pg_dump_archive(&seed);
+    }
+}

@@ -499,3 +499,103 @@ fn physical_drill_replays_a_scratch_copy_and_leaves_nothing() {
     out.assert_stderr_contains("checksum mismatch", "drill of a damaged base backup");
     assert_untouched("a drill of a damaged base backup");
 }
+
+/// The recorded rows and checksum of `table` in a logical backup's manifest.
+fn recorded_table(store: &TestStore, id: &str, table: &str) -> Value {
+    let manifest: Value =
+        serde_json::from_slice(&store.read(&format!("backups/{id}/manifest.json"))).unwrap();
+    manifest["details"]["databases"][0]["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == table)
+        .cloned()
+        .unwrap_or_else(|| panic!("{table} not recorded: {manifest}"))
+}
+
+#[test]
+fn a_restored_table_that_differs_fails_the_drill() {
+    let store = TestStore::local();
+    let pg = PgCluster::start();
+    pg.createdb("appdb");
+    pg.psql(
+        "appdb",
+        "create table t (id int, v text); insert into t select i, 'row ' || i from generate_series(1, 100) i;
+         create table other (k int); insert into other values (1), (2);",
+    );
+    // A drill directory of its own: an agent starting elsewhere sweeps the shared one.
+    let drill_dir = PgCluster::server_owned_dir("soma-drill-");
+    let drill = drill_dir.path().display().to_string();
+    let agent = Agent::start(
+        &store.url(),
+        &pg.url("appdb"),
+        &["--drill-dir", &drill],
+        &store.env(),
+    );
+    let a = agent.addr();
+    let backup = |what: &str| {
+        let out = soma(
+            a,
+            &["-o", "json", "backup", "postgres", "--database", "appdb"],
+        );
+        out.assert_success(what);
+        out.json()["id"].as_str().unwrap().to_owned()
+    };
+    let id = backup("backup of the original rows");
+    let manifest_key = format!("backups/{id}/manifest.json");
+    let original = store.read(&manifest_key);
+    let recorded = recorded_table(&store, &id, "t");
+    assert_eq!(recorded["rows"], 100);
+
+    // Each variant of t recorded in place of the original: the restored t (the original rows)
+    // differs from what the manifest says, the way a restore that lost or altered rows would.
+    let variants = [
+        (
+            "a changed row",
+            "update t set v = 'changed' where id = 50",
+            "checksum of public.t",
+        ),
+        (
+            "a missing row",
+            "delete from t where id = 51",
+            "rows of public.t",
+        ),
+        (
+            "an extra row",
+            "insert into t values (51, 'row 51'), (101, 'extra')",
+            "rows of public.t",
+        ),
+    ];
+    for (what, change, failing) in variants {
+        pg.psql("appdb", change);
+        let variant = recorded_table(&store, &backup(what), "t");
+        assert_ne!(variant, recorded, "{what} changes what a backup records");
+        let mut edited: Value = serde_json::from_slice(&original).unwrap();
+        for t in edited["details"]["databases"][0]["tables"]
+            .as_array_mut()
+            .unwrap()
+        {
+            if t["table"] == "t" {
+                *t = variant.clone();
+            }
+        }
+        store.write(&manifest_key, serde_json::to_vec_pretty(&edited).unwrap());
+        let out = soma(a, &["-o", "json", "drill", &id]);
+        out.assert_code(1, &format!("drill with {what}"));
+        let report = out.json();
+        let failed: Vec<String> = checks(&report)
+            .iter()
+            .filter(|c| c["passed"] == false)
+            .map(|c| c["name"].as_str().unwrap().to_owned())
+            .collect();
+        assert!(failed.iter().any(|n| n == failing), "{what}: {report}");
+        assert!(
+            failed.iter().all(|n| n.ends_with("public.t")),
+            "{what}: only t differs: {report}"
+        );
+    }
+    store.write(&manifest_key, original);
+    let out = soma(a, &["-o", "json", "drill", &id]);
+    out.assert_success("drill of the untouched backup");
+    assert_eq!(out.json()["passed"], true);
+}

@@ -19,6 +19,7 @@ use tokio::{
 };
 use url::Url;
 
+mod dump_stats;
 pub mod globals;
 mod process;
 mod replication;
@@ -26,13 +27,14 @@ mod scratch;
 mod sql;
 mod validation;
 
+pub use dump_stats::{ChecksumKind, DumpStats, DumpStatsError, RowHasher, dump_stats};
 pub use process::ToolProcess;
 pub use replication::{
     BaseBackupPositions, HistoryLine, SystemIdentity, check_slot_name, parse_basebackup_positions,
     parse_history_lines,
 };
 pub use scratch::{ScratchError, ScratchServer};
-pub use validation::{SnapshotHolder, TableStats};
+pub use validation::{DumpTee, SnapshotHolder, TableStats};
 
 /// Quotes a value for a PostgreSQL configuration file.
 pub(crate) fn conf_quote(s: &str) -> String {
@@ -124,6 +126,14 @@ pub enum PgError {
     InvalidSlotName {
         /// The name given.
         slot: String,
+    },
+    /// pg_dump's archive could not be read for the drill's validation data.
+    #[error("database {database}: {source}")]
+    Archive {
+        /// The database dumped.
+        database: String,
+        /// What was wrong.
+        source: DumpStatsError,
     },
 }
 
@@ -401,6 +411,14 @@ impl Postgres {
     ) -> Result<ToolProcess, PgError> {
         let mut cmd = self.command("pg_dump");
         cmd.args(["--format=custom", "--compress=0", "--no-password"]);
+        // pg_dump pins DateStyle, IntervalStyle and extra_float_digits itself; these two settings
+        // also change COPY's text, which the drill hashes again under the same values.
+        let pinned = validation::DUMP_OPTIONS;
+        let options = match std::env::var("PGOPTIONS") {
+            Ok(own) if !own.trim().is_empty() => format!("{own} {pinned}"),
+            _ => pinned.to_string(),
+        };
+        cmd.env("PGOPTIONS", options);
         if let Some(holder) = snapshot {
             cmd.arg(format!("--snapshot={}", holder.snapshot()));
         }

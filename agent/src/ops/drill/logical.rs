@@ -16,7 +16,7 @@ use std::{
 use super::{Check, DrillError, Scratch, physical};
 use crate::{
     catalog::{Artifact, Kind, Manifest},
-    engine::postgres::{Postgres, ScratchServer, TableStats},
+    engine::postgres::{ChecksumKind, Postgres, ScratchServer, TableStats},
     error::OpError,
     jobs::Reporter,
     ops::{
@@ -39,6 +39,8 @@ struct Dumped {
     name: String,
     artifact: Artifact,
     tables: Option<Vec<TableStats>>,
+    checksum: ChecksumKind,
+    encoding: Option<String>,
 }
 
 /// Restores every database of `m` into scratch databases and compares; returns the seconds until
@@ -61,6 +63,8 @@ pub(super) async fn drill(
                     name: r.needs.name.clone(),
                     artifact: artifact(m, &r.artifact)?.clone(),
                     tables: r.tables.clone(),
+                    checksum: r.checksum,
+                    encoding: r.encoding.clone(),
                 })
             })
             .collect::<Result<_, OpError>>()?,
@@ -68,6 +72,8 @@ pub(super) async fn drill(
             name: m.target.name.clone(),
             artifact: artifact(m, PG_DUMP.name)?.clone(),
             tables: None,
+            checksum: ChecksumKind::default(),
+            encoding: None,
         }],
     };
 
@@ -127,7 +133,19 @@ pub(super) async fn drill(
             "validating",
             format!("counting rows and checksumming the tables of {db}"),
         );
-        let found = client.table_stats(&db, None).await?;
+        let found = match (&d.tables, d.checksum) {
+            (Some(recorded), ChecksumKind::CopyText) => {
+                let names: std::collections::BTreeSet<(&str, &str)> = recorded
+                    .iter()
+                    .map(|t| (t.schema.as_str(), t.table.as_str()))
+                    .collect();
+                let dumped = |schema: &str, table: &str| names.contains(&(schema, table));
+                client
+                    .copy_stats(&db, d.encoding.as_deref(), dumped)
+                    .await?
+            }
+            _ => client.table_stats(&db, None).await?,
+        };
         match d.tables {
             Some(expected) => checks.extend(compare_tables(&prefix, &expected, &found)),
             None => checks.push(Check::skipped(

@@ -5,7 +5,7 @@ use std::{collections::BTreeSet, io::Cursor, sync::Arc};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use tokio::process::ChildStdout;
+use tokio::{process::ChildStdout, task::JoinHandle};
 
 use super::{
     ALL_DATABASES, DatabaseRecord, GLOBALS_FORMAT, GLOBALS_NAME, GlobalsRecord, LogicalDetails,
@@ -14,7 +14,7 @@ use super::{
 use crate::{
     catalog::{Artifact, BackupId, Engine, Kind, Manifest, Target, Tool},
     engine::postgres::{
-        Postgres, TableStats, ToolProcess,
+        ChecksumKind, DumpStats, DumpStatsError, DumpTee, PgError, Postgres, ToolProcess,
         globals::{self, DatabaseNeeds, Globals},
     },
     error::OpError,
@@ -26,26 +26,59 @@ use crate::{
     pipeline::UploadSummary,
 };
 
-/// pg_dump as an artifact source: complete only if pg_dump exited cleanly. Its version was
-/// checked before anything was read, so a backup fails on a missing or too old pg_dump before
-/// it writes.
-struct PgDump(ToolProcess);
+/// pg_dump as an artifact source: complete only if pg_dump exited cleanly and its archive parsed
+/// whole. Its version was checked before anything was read, so a backup fails on a missing or
+/// too old pg_dump before it writes. The archive is read for validation data as it passes
+/// ([`DumpTee`]); a malformed one fails the backup, since pg_restore would not read it either.
+struct PgDump {
+    process: ToolProcess,
+    database: String,
+    stats: Option<JoinHandle<Result<DumpStats, DumpStatsError>>>,
+}
+
+impl PgDump {
+    fn new(process: ToolProcess, database: &str) -> Self {
+        Self {
+            process,
+            database: database.to_string(),
+            stats: None,
+        }
+    }
+}
 
 #[async_trait]
 impl Source for PgDump {
-    type Reader = ChildStdout;
-    type Verdict = ();
+    type Reader = DumpTee<ChildStdout>;
+    type Verdict = DumpStats;
 
-    fn reader(&mut self) -> ChildStdout {
-        self.0.stdout()
+    fn reader(&mut self) -> DumpTee<ChildStdout> {
+        let (tee, stats) = DumpTee::new(self.process.stdout());
+        self.stats = Some(stats);
+        tee
     }
 
-    async fn verdict(self, _: &UploadSummary) -> Result<(), OpError> {
-        Ok(self.0.wait().await?)
+    async fn verdict(self, _: &UploadSummary) -> Result<DumpStats, OpError> {
+        self.process.wait().await?;
+        let Some(task) = self.stats else {
+            return Err(OpError::Internal("pg_dump's output was never read".into()));
+        };
+        let stats = task
+            .await
+            .map_err(|e| OpError::Internal(format!("reading pg_dump's archive: {e}")))?;
+        stats.map_err(|source| {
+            PgError::Archive {
+                database: self.database,
+                source,
+            }
+            .into()
+        })
     }
 
     async fn stop(self) {
-        self.0.kill().await;
+        if let Some(task) = self.stats {
+            task.abort();
+        }
+        self.process.kill().await;
     }
 }
 
@@ -117,9 +150,8 @@ async fn write_globals(
     Ok(art)
 }
 
-/// Streams one database's pg_dump into artifact `what`, and reads the validation data a restore
-/// drill compares against (row counts and checksums) in the very snapshot pg_dump dumps, while it
-/// dumps. Validation data that cannot be read is a warning, not a failed backup: the dump is good.
+/// Streams one database's pg_dump into artifact `what`, with the validation data a restore
+/// drill compares against (row counts and checksums) read from the dump as it passes.
 async fn dump_database(
     ctx: &Context,
     pg: &Postgres,
@@ -127,23 +159,8 @@ async fn dump_database(
     database: &str,
     what: ArtifactName<'_>,
     reporter: &Reporter,
-) -> Result<(Artifact, Option<Vec<TableStats>>), OpError> {
-    let holder = match pg.export_snapshot(database).await {
-        Ok(h) => Some(h),
-        Err(e) => {
-            tracing::warn!(database, error = %e, "could not export a snapshot: dumping without validation data for restore drills");
-            None
-        }
-    };
-    let source = match pg.start_dump_at(database, holder.as_ref()) {
-        Ok(p) => PgDump(p),
-        Err(e) => {
-            if let Some(h) = holder {
-                h.release().await;
-            }
-            return Err(e.into());
-        }
-    };
+) -> Result<(Artifact, DumpStats), OpError> {
+    let source = PgDump::new(pg.start_dump(database)?, database);
     reporter.phase(
         "dumping",
         format!(
@@ -151,23 +168,18 @@ async fn dump_database(
             ctx.catalog.store().location()
         ),
     );
-    let stats = async {
-        let h = holder.as_ref()?;
-        match pg.table_stats(database, Some(h.snapshot())).await {
-            Ok(t) => Some(t),
-            Err(e) => {
-                tracing::warn!(database, error = %e, "could not count rows for restore drills; the backup has no validation data");
-                None
-            }
-        }
-    };
-    let (written, tables) = tokio::join!(write_artifact(ctx, id, what, source, reporter), stats);
-    // Both pg_dump and the counting session imported the snapshot by now.
-    if let Some(h) = holder {
-        h.release().await;
+    write_artifact(ctx, id, what, source, reporter).await
+}
+
+/// The manifest's record of one dumped database.
+fn database_record(artifact: String, needs: DatabaseNeeds, stats: DumpStats) -> DatabaseRecord {
+    DatabaseRecord {
+        artifact,
+        needs,
+        tables: Some(stats.tables),
+        checksum: ChecksumKind::CopyText,
+        encoding: stats.encoding,
     }
-    let (art, ()) = written?;
-    Ok((art, tables))
 }
 
 /// The sentence a backup summary adds when no password hash could be read.
@@ -210,14 +222,10 @@ pub(crate) async fn backup_postgres(
     let needed: BTreeSet<String> = needs.roles.iter().cloned().collect();
     let globals = capture_globals(pg, &database).await?.only(&needed);
     let globals_art = write_globals(&ctx, &id, &globals, &reporter).await?;
-    let (dump_art, tables) = dump_database(&ctx, pg, &id, &database, PG_DUMP, &reporter).await?;
+    let (dump_art, stats) = dump_database(&ctx, pg, &id, &database, PG_DUMP, &reporter).await?;
     let details = LogicalDetails {
         globals: globals_record(&globals),
-        databases: vec![DatabaseRecord {
-            artifact: PG_DUMP.name.into(),
-            needs,
-            tables,
-        }],
+        databases: vec![database_record(PG_DUMP.name.into(), needs, stats)],
     };
     let manifest = manifest(
         pg,
@@ -272,16 +280,12 @@ pub(crate) async fn backup_cluster(
             name: &name,
             format: PG_DUMP.format,
         };
-        let (art, tables) = dump_database(&ctx, pg, &id, &needs.name, what, &reporter).await?;
+        let (art, stats) = dump_database(&ctx, pg, &id, &needs.name, what, &reporter).await?;
         artifacts.push(Artifact {
             database: Some(needs.name.clone()),
             ..art
         });
-        records.push(DatabaseRecord {
-            artifact: name,
-            needs,
-            tables,
-        });
+        records.push(database_record(name, needs, stats));
     }
     let details = LogicalDetails {
         globals: globals_record(&globals),

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     catalog::{BackupId, Kind, Manifest},
-    engine::postgres::{TableStats, globals::DatabaseNeeds},
+    engine::postgres::{ChecksumKind, TableStats, globals::DatabaseNeeds},
 };
 
 pub(crate) mod backup;
@@ -121,11 +121,16 @@ pub struct DatabaseRecord {
     /// What restoring it needs.
     #[serde(flatten)]
     pub needs: DatabaseNeeds,
-    /// Validation data for restore drills: every table's rows and checksum, read in the snapshot
-    /// the dump was taken in. Absent in backups written before drills, and when the snapshot
-    /// could not be exported or counted (the backup itself is still good).
+    /// Validation data for restore drills: every table's rows and checksum. Absent in backups
+    /// written before drills, and in older ones whose snapshot could not be counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tables: Option<Vec<TableStats>>,
+    /// The function the checksums were made with; absent in backups that counted with a query.
+    #[serde(default)]
+    pub checksum: ChecksumKind,
+    /// The client encoding of the dump's `COPY` text, which a drill copies the tables out in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<String>,
 }
 
 impl LogicalDetails {
