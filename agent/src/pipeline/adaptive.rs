@@ -266,7 +266,7 @@ pub(super) fn write_raw_frame<W: Write>(sink: &mut W, data: &[u8]) -> io::Result
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -293,7 +293,7 @@ mod tests {
     }
 
     /// Bytes zstd cannot shrink (xorshift), like random float vectors.
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
+    pub(in crate::pipeline) fn noise(len: usize, seed: u64) -> Vec<u8> {
         let mut x = seed | 1;
         (0..len)
             .map(|_| {

@@ -317,15 +317,23 @@ mod tests {
 
     /// 24 MiB that zstd cannot shrink much, so the stream spans several 5 MiB parts.
     fn payload() -> Vec<u8> {
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        (0..24 * MIB)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        adaptive::tests::noise(24 * MIB, 0x9e37_79b9_7f4a_7c15)
+    }
+
+    /// The object at `key` read back the way restores, verify and drills read it.
+    async fn read_back(store: &LocalStore, key: &str, summary: &UploadSummary) -> Vec<u8> {
+        let mut out = Vec::new();
+        download(
+            store,
+            key,
+            &summary.digest.expected(),
+            &mut out,
+            MIB,
+            Arc::default(),
+        )
+        .await
+        .unwrap();
+        out
     }
 
     async fn store() -> (tempfile::TempDir, LocalStore) {
@@ -364,17 +372,7 @@ mod tests {
             summary.digest.raw_bytes
         );
 
-        let mut out = Vec::new();
-        download(
-            &store,
-            "a/obj.zst",
-            &summary.digest.expected(),
-            &mut out,
-            MIB,
-            Arc::default(),
-        )
-        .await
-        .unwrap();
+        let out = read_back(&store, "a/obj.zst", &summary).await;
         assert!(out == data, "restored bytes differ");
     }
 
@@ -409,17 +407,7 @@ mod tests {
             "{} stored bytes",
             summary.digest.stored_bytes
         );
-        let mut out = Vec::new();
-        download(
-            &store,
-            "a/mixed.zst",
-            &summary.digest.expected(),
-            &mut out,
-            MIB,
-            Arc::default(),
-        )
-        .await
-        .unwrap();
+        let out = read_back(&store, "a/mixed.zst", &summary).await;
         assert!(out == data, "restored bytes differ");
     }
 
