@@ -154,7 +154,6 @@ impl Default for Metrics {
 impl Metrics {
     /// Every metric registered, none with a sample until something happens.
     pub fn new() -> Self {
-        let mut registry = Registry::default();
         let m = Self {
             registry: Registry::default(),
             backup_last_success: Family::default(),
@@ -194,158 +193,183 @@ impl Metrics {
                 server: None,
             }),
         };
-        let r = &mut registry;
+        let mut registry = Registry::default();
+        m.register_backups(&mut registry);
+        m.register_wal(&mut registry);
+        m.register_qdrant(&mut registry);
+        m.register_store(&mut registry);
+        m.register_schedules(&mut registry);
+        Self { registry, ..m }
+    }
+
+    /// Backups, verifies, drills and prunes: what the catalog says and what failed here.
+    fn register_backups(&self, r: &mut Registry) {
         r.register(
             "soma_backup_last_success_timestamp_seconds",
             "Completion time of the newest complete backup in the store, per engine, target and kind",
-            m.backup_last_success.clone(),
+            self.backup_last_success.clone(),
         );
         r.register(
             "soma_backup_last_duration_seconds",
             "How long the newest complete backup took",
-            m.backup_last_duration.clone(),
+            self.backup_last_duration.clone(),
         );
         r.register(
             "soma_backup_last_bytes",
             "Size of the newest complete backup: stage=raw (uncompressed) or stored",
-            m.backup_last_bytes.clone(),
+            self.backup_last_bytes.clone(),
         );
         r.register(
             "soma_backups",
             "Complete backups in the store",
-            m.backup_count.clone(),
+            self.backup_count.clone(),
         );
         r.register(
             "soma_backup_failures",
             "Backups that failed or were interrupted since the agent started",
-            m.backup_failures.clone(),
+            self.backup_failures.clone(),
         );
         r.register(
             "soma_operation_failures",
             "Operations (backup, verify, drill, prune, restore) that failed since the agent started",
-            m.operation_failures.clone(),
+            self.operation_failures.clone(),
         );
         r.register(
             "soma_verify_last_success_timestamp_seconds",
             "When a verify of a backup of this group last succeeded",
-            m.verify_last_success.clone(),
+            self.verify_last_success.clone(),
         );
         r.register(
             "soma_drill_last_success_timestamp_seconds",
             "When a restore drill of a backup of this group last passed",
-            m.drill_last_success.clone(),
+            self.drill_last_success.clone(),
         );
         r.register(
             "soma_drill_last_rto_seconds",
             "Restore time measured by the last passing drill of this group",
-            m.drill_last_rto.clone(),
+            self.drill_last_rto.clone(),
         );
         r.register(
             "soma_prune_last_success_timestamp_seconds",
             "When retention last ran to the end",
-            m.prune_last_success.clone(),
+            self.prune_last_success.clone(),
         );
         r.register(
             "soma_prune_deleted_objects",
             "Objects deleted by retention since the agent started",
-            m.prune_deleted.clone(),
+            self.prune_deleted.clone(),
         );
+    }
+
+    /// The WAL stream and the recovery window it gives.
+    fn register_wal(&self, r: &mut Registry) {
         r.register(
             "soma_wal_streaming",
             "1 when this agent streams WAL (--wal-stream)",
-            m.wal_streaming.clone(),
+            self.wal_streaming.clone(),
         );
         r.register(
             "soma_wal_receiving",
             "1 while pg_receivewal is connected and streaming",
-            m.wal_receiving.clone(),
+            self.wal_receiving.clone(),
         );
         r.register(
             "soma_wal_archive_lag_bytes",
             "WAL the server has written that is not in the store yet",
-            m.wal_lag.clone(),
+            self.wal_lag.clone(),
         );
         r.register(
             "soma_wal_last_shipped_timestamp_seconds",
             "When WAL was last shipped to the store",
-            m.wal_last_shipped.clone(),
+            self.wal_last_shipped.clone(),
         );
         r.register(
             "soma_recovery_window_start_timestamp_seconds",
             "The earliest time a point-in-time restore can reach: the oldest base backup's consistent point",
-            m.recovery_window_start.clone(),
+            self.recovery_window_start.clone(),
         );
         r.register(
             "soma_recovery_unreplayed_wal_bytes",
             "WAL of the timeline the server's last recovery replayed that the archive holds after where replay ended (0: it reached the end, or the server never recovered from an archive)",
-            m.recovery_unreplayed.clone(),
+            self.recovery_unreplayed.clone(),
         );
         r.register(
             "soma_recovery_stopped_short",
             "1 when the server's last recovery had no target yet ended before the end of the archive: committed transactions are missing",
-            m.recovery_stopped_short.clone(),
+            self.recovery_stopped_short.clone(),
         );
+    }
+
+    /// The distributed Qdrant beside the agent.
+    fn register_qdrant(&self, r: &mut Registry) {
         r.register(
             "soma_qdrant_cluster_view_ok",
             "1 when the agent read its Qdrant's cluster layout whole at the last refresh (0: the other soma_qdrant_* values are the last complete ones)",
-            m.qdrant_view_ok.clone(),
+            self.qdrant_view_ok.clone(),
         );
         r.register(
             "soma_qdrant_cluster_peers",
             "Peers of the distributed Qdrant beside the agent (0: a single node)",
-            m.qdrant_peers.clone(),
+            self.qdrant_peers.clone(),
         );
         r.register(
             "soma_qdrant_cluster_peers_unreachable",
             "Peers of the distributed Qdrant whose REST API did not answer the agent",
-            m.qdrant_peers_unreachable.clone(),
+            self.qdrant_peers_unreachable.clone(),
         );
         r.register(
             "soma_qdrant_shards_unavailable",
             "Shards of the distributed Qdrant with no active replica: a backup of their collection fails",
-            m.qdrant_shards_unavailable.clone(),
+            self.qdrant_shards_unavailable.clone(),
         );
         r.register(
             "soma_qdrant_replicas_not_active",
             "Shard replicas of the distributed Qdrant that are not active (dead, partial, recovering)",
-            m.qdrant_replicas_not_active.clone(),
+            self.qdrant_replicas_not_active.clone(),
         );
+    }
+
+    /// The store and its requests.
+    fn register_store(&self, r: &mut Registry) {
         r.register(
             "soma_store_up",
             "1 when the store answered the last probe",
-            m.store_up.clone(),
+            self.store_up.clone(),
         );
         r.register(
             "soma_store_retries",
             "Store request attempts that failed and were retried since the agent started",
-            m.store_retries.clone(),
+            self.store_retries.clone(),
         );
         r.register(
             "soma_store_attempt_timeouts",
             "Store request attempts dropped since the agent started because the endpoint did not answer in time",
-            m.store_timeouts.clone(),
+            self.store_timeouts.clone(),
         );
         r.register(
             "soma_store_failed_requests",
             "Store requests that failed after every attempt since the agent started",
-            m.store_failed_requests.clone(),
+            self.store_failed_requests.clone(),
         );
         r.register(
             "soma_store_condition",
             "0: store requests succeed at once; 1: slow (retries in the last 5 minutes); 2: failing (the last request gave up)",
-            m.store_condition.clone(),
+            self.store_condition.clone(),
         );
+    }
+
+    /// The schedules.
+    fn register_schedules(&self, r: &mut Registry) {
         r.register(
             "soma_schedule_next_run_timestamp_seconds",
             "Next run of each schedule (before jitter)",
-            m.schedule_next_run.clone(),
+            self.schedule_next_run.clone(),
         );
         r.register(
             "soma_schedule_skipped_runs",
             "Scheduled runs skipped because a job of the same target was running",
-            m.schedule_skipped.clone(),
+            self.schedule_skipped.clone(),
         );
-        Self { registry, ..m }
     }
 
     /// Recomputes every backup gauge from the manifests in `catalog`.
