@@ -35,17 +35,21 @@ use tracing::Instrument;
 
 use crate::{
     catalog::Catalog,
-    config::{Config, RestorePgdataArgs, WalFetchArgs},
-    engine::postgres::Postgres,
+    config::{Config, RestorePgdataArgs, Security, WalFetchArgs},
+    engine::{postgres::Postgres, qdrant::Qdrant},
+    jobs::Jobs,
+    metrics::Metrics,
     ops::Context,
-    pipeline::Settings,
+    owner::OwnerId,
+    runner::Runner,
     server::AgentService,
+    wal::stream::{StreamConfig, StreamHandle},
 };
 
-/// How long interrupted operations may take to clean up on shutdown.
 /// Largest request the API decodes: requests name backups and targets, nothing bulky, so
 /// anything larger is refused before it is read into memory.
 const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// How long interrupted operations may take to clean up on shutdown.
 const JOBS_GRACE: Duration = Duration::from_secs(20);
 /// How long the start-up sweep of crashed uploads may take before the agent starts anyway.
 const SWEEP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -53,68 +57,14 @@ const SWEEP_TIMEOUT: Duration = Duration::from_secs(60);
 /// after a shutdown signal.
 const SERVER_GRACE: Duration = Duration::from_secs(10);
 
-fn settings(config: &Config) -> Settings {
-    Settings {
-        compression_level: config.compression_level,
-        compression_threads: config.compression_threads,
-        // Whole encryption chunks, so a sealed part is never shorter than the part it seals (S3
-        // refuses a short part that is not the last).
-        part_size: (config.part_size as usize).next_multiple_of(store::crypt::CHUNK),
-        parts_in_flight: config.parts_in_flight as usize,
-    }
-}
-
-/// Opens `location` through `keyring` (see [`store::Crypt`]), read-only or not.
-async fn open_store(
-    config: &Config,
-    keyring: Option<store::Keyring>,
-    location: &str,
-    read_only: bool,
-    health: &store::StoreHealth,
-) -> Result<std::sync::Arc<dyn store::Store>, String> {
-    let options = store::Options {
-        object_lock: config.object_lock_days.map(|days| store::s3::ObjectLock {
-            days,
-            compliance: config.object_lock_compliance,
-        }),
-        retry: config.retry_policy(),
-        health: health.clone(),
-    };
-    let inner = if read_only {
-        store::open_read_only(location, &options).await
-    } else {
-        store::open_with(location, &options).await
-    }
-    .map_err(|e| e.to_string())?;
-    let keyed = keyring.is_some();
-    let crypt = store::Crypt::new(inner, keyring, config.accept_unencrypted);
-    if keyed && !read_only {
-        // The repository id is made with the store, not with its first backup, so `status` names
-        // it from the start. A store that cannot be reached yet gets it with the first write.
-        if let Err(e) = crypt.repository(true).await {
-            tracing::warn!(error = %e, "the store's repository id is not settled yet; the first write settles it");
-        }
-    }
-    Ok(std::sync::Arc::new(crypt))
-}
-
-/// The store a one-shot command reads backups and WAL from: `--restore-from` when given, else
-/// `--store`; read-only either way, since neither one-shot ever writes.
-async fn read_source(config: &Config) -> Result<std::sync::Arc<dyn store::Store>, String> {
-    let (location, flags) = match &config.restore_from {
-        Some(from) => (from.as_str(), "--restore-from / SOMA_RESTORE_FROM"),
-        None => (config.store.as_str(), "--store / SOMA_STORE"),
-    };
-    let keyring = config.keyring().map_err(|e| e.to_string())?;
-    open_store(config, keyring, location, true, &Default::default())
-        .await
-        .map_err(|e| format!("{flags}: {e}"))
-}
-
 /// `soma-agent restore-pgdata`: lays a base backup into an empty data directory and configures
 /// point-in-time recovery. Prints the summary on stdout.
 pub async fn restore_pgdata(config: &Config, args: &RestorePgdataArgs) -> anyhow::Result<()> {
-    let store = read_source(config).await.map_err(anyhow::Error::msg)?;
+    let store = config
+        .store
+        .read_source()
+        .await
+        .map_err(anyhow::Error::msg)?;
     let catalog = Catalog::new(store);
     let target = ops::physical::RecoveryTarget::from_options(
         args.target_time.as_deref(),
@@ -176,7 +126,7 @@ pub async fn wal_fetch(config: &Config, args: &WalFetchArgs) -> WalFetchOutcome 
         // PostgreSQL also asks for files we never archive (e.g. backup history); not ours.
         return WalFetchOutcome::NotFound;
     };
-    let store = match read_source(config).await {
+    let store = match config.store.read_source().await {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
@@ -193,192 +143,195 @@ pub async fn wal_fetch(config: &Config, args: &WalFetchArgs) -> WalFetchOutcome 
 /// flushed when the signal came is shipped — before this returns.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // Installed first, so a signal during start-up already counts.
+    let shutdown = cancel_on_signal()?;
+    let security = config.server.security()?;
+    let schedules = config.schedule.parsed().map_err(anyhow::Error::msg)?;
+    let engines = Engines::from_config(&config)?;
+    let owner = config.store.owner()?;
+    let (catalog, source) = open_catalogs(&config, &engines, &owner).await?;
+    let settings = config.pipeline.settings();
+    let wal_stream = engines.start_wal_stream(&catalog, &settings, &shutdown);
+    let ctx = std::sync::Arc::new(Context {
+        source,
+        catalog,
+        postgres: engines.postgres,
+        qdrant: engines.qdrant,
+        qdrant_mode: config.qdrant.qdrant_mode,
+        settings,
+        wal_stream: wal_stream.as_ref().map(WalStream::info),
+        retention: config.operations.retention.clone(),
+        drill_dir: config.operations.drill_dir.clone(),
+        restore_root: config.operations.restore_root.clone(),
+        replay: Default::default(),
+    });
+    let (service, jobs) = start_services(&config, &ctx, schedules, owner, &shutdown).await?;
+    let served = serve_api(&config, security, service, &shutdown).await;
+    stop(&shutdown, &jobs, wal_stream, served).await
+}
+
+/// A token cancelled on SIGTERM or Ctrl-C.
+fn cancel_on_signal() -> anyhow::Result<CancellationToken> {
     let shutdown = CancellationToken::new();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-                // A handler that cannot be installed must not count as a signal.
-                Ok(()) = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
-            }
-            shutdown.cancel();
-        });
-    }
-    let token = config
-        .token_file
-        .as_deref()
-        .map(server::auth::load_token)
-        .transpose()?;
-    let tls_identity = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(server::tls::load_identity(cert, key)?),
-        _ => None,
-    };
-    server::tls::check_exposure(config.listen, token.is_some(), tls_identity.is_some())?;
-    let schedules = config.parsed_schedules().map_err(anyhow::Error::msg)?;
-    let mut postgres = config
-        .postgres_url
-        .as_deref()
-        .map(|url| Postgres::new(url, config.pg_bin_dir.clone()))
-        .transpose()
-        .context("--postgres-url / SOMA_POSTGRES_URL")?;
-    if let Some(url) = &config.replication_url {
-        let pg = postgres
-            .take()
-            .context("--replication-url needs --postgres-url (SOMA_POSTGRES_URL) as well")?;
-        postgres = Some(
-            pg.with_replication_url(url)
-                .context("--replication-url / SOMA_REPLICATION_URL")?,
-        );
-    }
-    // Read from the environment only, so it never shows in a process list.
-    postgres = postgres
-        .map(|pg| pg.with_replication_password(std::env::var("SOMA_REPLICATION_PASSWORD").ok()));
-    if config.wal_stream {
-        // Its error names the flag.
-        engine::postgres::check_slot_name(&config.wal_slot)?;
-    }
-    if config.wal_stream && config.store_read_only {
-        anyhow::bail!(
-            "--wal-stream (SOMA_WAL_STREAM) writes the WAL archive to --store, which --store-read-only (SOMA_STORE_READ_ONLY) forbids; drop one of the two"
-        );
-    }
-    if config.wal_stream && postgres.is_none() {
-        anyhow::bail!(
-            "--wal-stream (SOMA_WAL_STREAM) needs the PostgreSQL server: set --postgres-url"
-        );
-    }
-    // Read from the environment only, so it never shows in a process list.
-    let qdrant = config
-        .qdrant_url
-        .as_deref()
-        .map(|url| {
-            engine::qdrant::Qdrant::new(
-                url,
-                std::env::var("SOMA_QDRANT_API_KEY").ok(),
-                config.qdrant_ca_cert.as_deref(),
-            )
-            .map(|q| {
-                let q = q.with_timeouts(engine::qdrant::Timeouts {
-                    stall: config.qdrant_stall_timeout,
-                    snapshot: config.qdrant_snapshot_timeout,
-                });
-                match config.qdrant_peer_port {
-                    Some(port) => q.with_peer_port(port),
-                    None => q,
-                }
-            })
+    let cancel = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            // A handler that cannot be installed must not count as a signal.
+            Ok(()) = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
+        }
+        cancel.cancel();
+    });
+    Ok(shutdown)
+}
+
+/// The engines the flags name, built and checked before any store is opened.
+struct Engines {
+    postgres: Option<Postgres>,
+    qdrant: Option<Qdrant>,
+    /// The WAL stream's settings with --wal-stream (clap makes it require --postgres-url).
+    wal_stream: Option<StreamConfig>,
+}
+
+impl Engines {
+    fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let postgres = config.postgres.engine()?;
+        let wal_stream = config.wal.stream(config.store.store_read_only)?;
+        let qdrant = config.qdrant.engine()?;
+        Ok(Self {
+            postgres,
+            qdrant,
+            wal_stream,
         })
-        .transpose()
-        .context("--qdrant-url / SOMA_QDRANT_URL")?;
-    let owner = match &config.owner_id {
-        Some(owner) => owner.clone(),
-        None => owner::OwnerId::from_host_name()?,
-    };
-    // Read once: the same keys open --store and --restore-from.
-    let keyring = config.keyring()?;
+    }
+
+    /// The engines whose uploads a crash of this agent's owner can leave behind.
+    fn ids(&self) -> Vec<catalog::IdEngine> {
+        let mut engines = Vec::new();
+        if self.postgres.is_some() {
+            engines.push(catalog::IdEngine::Postgres);
+        }
+        if self.qdrant.is_some() {
+            engines.push(catalog::IdEngine::Qdrant);
+        }
+        engines
+    }
+
+    /// Starts streaming WAL into `catalog`'s store with --wal-stream.
+    fn start_wal_stream(
+        &self,
+        catalog: &Catalog,
+        settings: &pipeline::Settings,
+        shutdown: &CancellationToken,
+    ) -> Option<WalStream> {
+        let (Some(pg), Some(config)) = (&self.postgres, &self.wal_stream) else {
+            return None;
+        };
+        let handle = wal::stream::spawn(
+            config.clone(),
+            pg.clone(),
+            catalog.store().clone(),
+            settings.clone(),
+            shutdown.child_token(),
+        );
+        Some(WalStream {
+            config: config.clone(),
+            handle,
+        })
+    }
+}
+
+/// The running WAL stream and the settings it was started with.
+struct WalStream {
+    config: StreamConfig,
+    handle: StreamHandle,
+}
+
+impl WalStream {
+    fn info(&self) -> ops::WalStreamInfo {
+        ops::WalStreamInfo {
+            config: self.config.clone(),
+            status: self.handle.status.clone(),
+        }
+    }
+
+    /// Waits, bounded, for the stream to drain once the shutdown token is cancelled.
+    async fn stop(self) -> anyhow::Result<()> {
+        let bound = self.config.stop_bound();
+        match tokio::time::timeout(bound, self.handle.task).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => anyhow::bail!("the WAL stream task failed while stopping: {e}"),
+            Err(_) => anyhow::bail!(
+                "the WAL stream did not stop within {bound:?}; WAL it had not shipped stays in the spool ({}) and the replication slot, and the next start ships it",
+                self.config.spool.display()
+            ),
+        }
+    }
+}
+
+/// Opens --store and --restore-from and sweeps what a crash of this owner left in --store.
+/// Returns the catalog backups go to and the one restores read.
+async fn open_catalogs(
+    config: &Config,
+    engines: &Engines,
+    owner: &OwnerId,
+) -> anyhow::Result<(Catalog, Catalog)> {
     // One record for --store and --restore-from: status reports what the agent's requests met.
     let health = store::StoreHealth::default();
-    let store = open_store(
-        &config,
-        keyring.clone(),
-        &config.store,
-        config.store_read_only,
-        &health,
-    )
-    .await
-    .map_err(anyhow::Error::msg)
-    .context("--store / SOMA_STORE")?;
+    let stores = config.store.open_both(&health).await?;
+    let store = stores.store;
     let catalog = Catalog::new(store.clone()).with_owner(owner.clone());
     // Restores read the --restore-from store when given; nothing in this agent can write there.
-    let source = match &config.restore_from {
-        Some(from) => Catalog::new(
-            open_store(&config, keyring, from, true, &health)
-                .await
-                .map_err(anyhow::Error::msg)
-                .context("--restore-from / SOMA_RESTORE_FROM")?,
-        ),
-        None => catalog.clone(),
-    };
+    let source = stores
+        .restore_from
+        .map_or_else(|| catalog.clone(), Catalog::new);
     tracing::info!(
         store = %store.location(),
         store_read_only = store.is_read_only(),
         encryption = %store.encryption(),
         restore_from = %source.store().location(),
         owner = %owner,
-        postgres = ?postgres.as_ref().map(|p| p.server()),
-        qdrant = ?qdrant.as_ref().map(|q| q.url()),
+        postgres = ?engines.postgres.as_ref().map(|p| p.server()),
+        qdrant = ?engines.qdrant.as_ref().map(|q| q.url()),
         "starting"
     );
-
-    // Only a crash of this agent's owner leaves uploads of its engines and its owner id behind;
-    // nothing of ours runs yet. Other owners' uploads may be in flight right now: left alone.
-    let mut engines = Vec::new();
-    if postgres.is_some() {
-        engines.push(catalog::IdEngine::Postgres);
-    }
-    if qdrant.is_some() {
-        engines.push(catalog::IdEngine::Qdrant);
-    }
     if store.is_read_only() {
         tracing::info!("--store is read-only: no sweep of incomplete uploads");
     } else {
-        let sweep = catalog.sweep_incomplete(&engines, &owner);
-        match tokio::time::timeout(SWEEP_TIMEOUT, sweep).await {
-            Ok(Ok(aborted)) => {
-                for u in &aborted {
-                    tracing::warn!(key = %u.key, "aborted an incomplete upload left by an interrupted backup of this owner");
-                }
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "could not sweep incomplete uploads; continuing")
-            }
-            Err(_) => tracing::warn!("sweeping incomplete uploads timed out; continuing"),
-        }
+        sweep_incomplete(&catalog, &engines.ids(), owner).await;
     }
+    Ok((catalog, source))
+}
 
-    let settings = settings(&config);
-    let wal_stream = match (&postgres, config.wal_stream) {
-        (Some(pg), true) => {
-            let stream_config = wal::stream::StreamConfig {
-                spool: config.wal_spool.clone(),
-                slot: config.wal_slot.clone(),
-                partial_interval: config.wal_partial_interval,
-                max_unshipped: config.wal_spool_max_segments as usize,
-                drain_timeout: config.wal_drain_timeout,
-            };
-            let handle = wal::stream::spawn(
-                stream_config.clone(),
-                pg.clone(),
-                store.clone(),
-                settings.clone(),
-                shutdown.child_token(),
-            );
-            Some((stream_config, handle))
+/// Aborts the incomplete uploads of this owner's engines. Only a crash of this agent's owner
+/// leaves them behind, and nothing of ours runs yet; other owners' uploads may be in flight right
+/// now and are left alone. Bounded: a store that does not answer delays the start by
+/// [`SWEEP_TIMEOUT`] at most.
+async fn sweep_incomplete(catalog: &Catalog, engines: &[catalog::IdEngine], owner: &OwnerId) {
+    let sweep = catalog.sweep_incomplete(engines, owner);
+    match tokio::time::timeout(SWEEP_TIMEOUT, sweep).await {
+        Ok(Ok(aborted)) => {
+            for u in &aborted {
+                tracing::warn!(key = %u.key, "aborted an incomplete upload left by an interrupted backup of this owner");
+            }
         }
-        _ => None,
-    };
-    let wal_info = wal_stream
-        .as_ref()
-        .map(|(config, handle)| ops::WalStreamInfo {
-            config: config.clone(),
-            status: handle.status.clone(),
-        });
-    let ctx = std::sync::Arc::new(Context {
-        source,
-        catalog,
-        postgres,
-        qdrant,
-        qdrant_mode: config.qdrant_mode,
-        settings,
-        wal_stream: wal_info,
-        retention: config.retention.clone(),
-        drill_dir: config.drill_dir.clone(),
-        restore_root: config.restore_root.clone(),
-        replay: Default::default(),
-    });
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not sweep incomplete uploads; continuing")
+        }
+        Err(_) => tracing::warn!("sweeping incomplete uploads timed out; continuing"),
+    }
+}
+
+/// Starts what runs beside the API: the replay watch, the metrics endpoint, the schedules; and
+/// returns the API's service with the jobs it starts.
+async fn start_services(
+    config: &Config,
+    ctx: &std::sync::Arc<Context>,
+    schedules: Vec<schedule::Schedule>,
+    owner: OwnerId,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(AgentService, std::sync::Arc<Jobs>)> {
     if let Some(pg) = &ctx.postgres {
         ops::physical::spawn_watch(
             pg.clone(),
@@ -387,77 +340,89 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             shutdown.child_token(),
         );
     }
-    schedule::run::validate(&schedules, &ctx).map_err(anyhow::Error::msg)?;
+    schedule::run::validate(&schedules, ctx).map_err(anyhow::Error::msg)?;
     // Before any drill can start: what a killed agent's drills left is removed first.
     ops::drill::sweep_drill_dir(&ctx.drill_dir).await;
-    let metrics = std::sync::Arc::new(metrics::Metrics::new());
+    let metrics = std::sync::Arc::new(Metrics::new());
     let jobs = std::sync::Arc::new(
-        jobs::Jobs::new(shutdown.child_token()).with_limit(config.max_operations),
+        Jobs::new(shutdown.child_token()).with_limit(config.operations.max_operations),
     );
-    let runner = runner::Runner::new(ctx.clone(), jobs.clone(), metrics.clone());
+    let runner = Runner::new(ctx.clone(), jobs.clone(), metrics.clone());
     metrics::spawn_catalog_refresh(metrics.clone(), ctx.catalog.clone(), shutdown.child_token());
-    let mut stdout = tokio::io::stdout();
-    if let Some(addr) = config.metrics_listen {
+    if let Some(addr) = config.metrics.metrics_listen {
         let served = metrics::http::Served {
-            metrics: metrics.clone(),
+            metrics,
             ctx: ctx.clone(),
-            wal_stuck_after: config.wal_stuck_after,
+            wal_stuck_after: config.metrics.wal_stuck_after,
         };
-        let bound = metrics::http::serve(addr, served, shutdown.child_token())
-            .await
-            .with_context(|| format!("binding --metrics-listen {addr}"))?;
-        tracing::info!(addr = %bound, "serving metrics");
-        stdout
-            .write_all(format!("soma-agent metrics on {bound}\n").as_bytes())
-            .await?;
+        serve_metrics(addr, served, shutdown).await?;
     }
     let schedule_handles = schedule::spawn(
         schedules,
         runner.clone(),
-        schedule::run::Options {
-            timezone: config.schedule_timezone,
-            jitter: config.schedule_jitter,
-            owner: owner.clone(),
-        },
+        config.schedule.options(owner),
         shutdown.child_token(),
     );
     for h in &schedule_handles {
         tracing::info!(schedule = %h.schedule.spec(), timezone = %h.timezone.name(), "schedule enabled");
     }
-    let service = AgentService::new(runner, schedule_handles);
+    Ok((AgentService::new(runner, schedule_handles), jobs))
+}
 
+/// Serves --metrics-listen and says where on stdout.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    served: metrics::http::Served,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let bound = metrics::http::serve(addr, served, shutdown.child_token())
+        .await
+        .with_context(|| format!("binding --metrics-listen {addr}"))?;
+    tracing::info!(addr = %bound, "serving metrics");
+    let mut stdout = tokio::io::stdout();
+    stdout
+        .write_all(format!("soma-agent metrics on {bound}\n").as_bytes())
+        .await?;
+    stdout.flush().await?;
+    Ok(())
+}
+
+/// Serves the API on --listen until the shutdown token is cancelled, then gives requests in
+/// flight [`SERVER_GRACE`].
+async fn serve_api(
+    config: &Config,
+    security: Security,
+    service: AgentService,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<SomaAgentServer<AgentService>>()
         .await;
-    let check = server::auth::TokenCheck::new(token.as_deref());
-    let reflection = if config.reflection {
-        let service = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(soma_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .context("building gRPC reflection")?;
+    let check = server::auth::TokenCheck::new(security.token.as_deref());
+    let reflection = if config.server.reflection {
         Some(tonic::service::interceptor::InterceptedService::new(
-            service,
+            reflection_service()?,
             check.clone(),
         ))
     } else {
         None
     };
-
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let listen = config.server.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding --listen {}", config.listen))?;
+        .with_context(|| format!("binding --listen {listen}"))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
     // A machine-readable readiness line: tests and scripts wait for it.
+    let mut stdout = tokio::io::stdout();
     stdout
         .write_all(format!("soma-agent listening on {addr}\n").as_bytes())
         .await?;
     stdout.flush().await?;
 
     let mut builder = tonic::transport::Server::builder();
-    if let Some(identity) = tls_identity {
+    if let Some(identity) = security.tls {
         builder = builder
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
             .context("--tls-cert / --tls-key")?;
@@ -474,7 +439,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             TcpListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),
         );
-    let served = tokio::select! {
+    tokio::select! {
         served = server => served.context("gRPC server"),
         _ = async {
             shutdown.cancelled().await;
@@ -483,7 +448,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             tracing::warn!(grace = ?SERVER_GRACE, "requests still in flight after the shutdown grace period; closing them");
             Ok(())
         }
-    };
+    }
+}
+
+/// gRPC server reflection (--reflection) of the API and of health.
+fn reflection_service() -> anyhow::Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(soma_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building gRPC reflection")
+}
+
+/// Stops what runs once the server has: jobs clean up, then the WAL stream drains. The server's
+/// own error comes first, the WAL stream's otherwise.
+async fn stop(
+    shutdown: &CancellationToken,
+    jobs: &Jobs,
+    wal_stream: Option<WalStream>,
+    served: anyhow::Result<()>,
+) -> anyhow::Result<()> {
     // The server may also have stopped on an error: jobs and the WAL stream stop all the same.
     shutdown.cancel();
     // Interrupted jobs remove what they half-wrote; bounded, so a frozen store cannot hold the pod.
@@ -493,24 +481,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     {
         tracing::warn!(grace = ?JOBS_GRACE, "interrupted operations did not finish cleaning up; the next start-up sweeps their uploads");
     }
-    if let Some((stream_config, handle)) = wal_stream {
-        let bound = stream_config.stop_bound();
-        match tokio::time::timeout(bound, handle.task).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                served?;
-                anyhow::bail!("the WAL stream task failed while stopping: {e}");
-            }
-            Err(_) => {
-                served?;
-                anyhow::bail!(
-                    "the WAL stream did not stop within {bound:?}; WAL it had not shipped stays in the spool ({}) and the replication slot, and the next start ships it",
-                    stream_config.spool.display()
-                );
-            }
-        }
-    }
+    let stopped = match wal_stream {
+        Some(stream) => stream.stop().await,
+        None => Ok(()),
+    };
     served?;
+    stopped?;
     tracing::info!("stopped");
     Ok(())
 }
