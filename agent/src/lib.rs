@@ -198,6 +198,13 @@ impl Engines {
     fn from_config(config: &Config) -> anyhow::Result<Self> {
         let postgres = config.postgres.engine()?;
         let wal_stream = config.wal.stream(config.store.store_read_only)?;
+        if wal_stream.is_some() && postgres.is_none() {
+            // clap refuses this first; kept so that no change there can leave --wal-stream
+            // silently not streaming.
+            anyhow::bail!(
+                "--wal-stream (SOMA_WAL_STREAM) needs the PostgreSQL server: set --postgres-url"
+            );
+        }
         let qdrant = config.qdrant.engine()?;
         Ok(Self {
             postgres,
