@@ -22,6 +22,7 @@ pub mod runner;
 pub mod schedule;
 pub mod server;
 pub mod store;
+pub mod timeline_history;
 pub mod wal;
 
 use std::time::Duration;
