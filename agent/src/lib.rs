@@ -86,7 +86,7 @@ async fn open_store(
     } else {
         store::open_with(location, &options).await
     }
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| error::render(&e))?;
     let keyed = keyring.is_some();
     let crypt = store::Crypt::new(inner, keyring, config.accept_unencrypted);
     if keyed && !read_only {
