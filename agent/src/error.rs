@@ -4,6 +4,8 @@
 //! gRPC code a client can act on, e.g. `DataLoss` for a checksum mismatch, `NotFound` for an
 //! unknown backup, `FailedPrecondition` for a non-empty restore target.
 
+use std::error::Error;
+
 use tonic::{Code, Status};
 
 use crate::{
@@ -19,7 +21,156 @@ use crate::{
     },
     pipeline::PipelineError,
     store::StoreError,
+    wal::{WalError, stream::StreamError},
 };
+
+/// What a user can do about an error raised by a module that does not know how the agent is
+/// configured (the store, the WAL archive): the kind of fix, with no flag or variable named.
+/// [`Remedy::advice`] renders it into the flags and environment variables, here at the edge
+/// where the configuration is known, so a flag renamed in `config` is renamed in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remedy {
+    /// The store refused the credentials or the bucket policy denies the request.
+    StoreCredentials,
+    /// The configured bucket does not exist.
+    StoreLocation,
+    /// The S3 endpoint could not be reached.
+    StoreEndpoint,
+    /// Requests gave up after their retries or deadline.
+    StoreRetries,
+    /// Requests that could not reach the endpoint gave up after their retries or deadline.
+    StoreEndpointRetries,
+    /// A write to a store this agent was told to only read.
+    StoreReadOnly,
+    /// An object sealed with a key this agent was not given.
+    EncryptionKey,
+    /// A plaintext object where the store is encrypted.
+    AcceptUnencrypted,
+    /// A plaintext object written after the migration cut-off.
+    UnencryptedCutoff,
+    /// The WAL spool directory cannot be used.
+    WalSpool,
+    /// The replication user cannot create the replication slot.
+    ReplicationUser,
+}
+
+impl Remedy {
+    /// The advice, naming the flags and environment variables a user changes.
+    pub fn advice(self) -> &'static str {
+        match self {
+            Remedy::StoreCredentials => {
+                "check the store credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, IRSA role) and the bucket policy"
+            }
+            Remedy::StoreLocation => "create it or fix --store",
+            Remedy::StoreEndpoint => "check AWS_ENDPOINT_URL and the network",
+            Remedy::StoreRetries => {
+                "check the store, or allow more with --store-retries / --store-operation-timeout"
+            }
+            Remedy::StoreEndpointRetries => {
+                "check AWS_ENDPOINT_URL and the network, or allow more with --store-retries / --store-operation-timeout"
+            }
+            Remedy::StoreReadOnly => {
+                "back up and delete with the agent that owns this store, or restart this one without --store-read-only (SOMA_STORE_READ_ONLY)"
+            }
+            Remedy::EncryptionKey => {
+                "give it that key with --encryption-key-file (SOMA_ENCRYPTION_KEY_FILE)"
+            }
+            Remedy::AcceptUnencrypted => {
+                "to read backups taken before encryption was turned on, restart the agent with --accept-unencrypted <TIME> (SOMA_ACCEPT_UNENCRYPTED), the time encryption was turned on, for the migration"
+            }
+            Remedy::UnencryptedCutoff => {
+                "the cut-off is --accept-unencrypted (SOMA_ACCEPT_UNENCRYPTED)"
+            }
+            Remedy::WalSpool => {
+                "give --wal-spool (SOMA_WAL_SPOOL) a writable directory on a volume that outlives the container"
+            }
+            Remedy::ReplicationUser => {
+                "the replication user needs the REPLICATION attribute (see --replication-url) and the server max_replication_slots > 0"
+            }
+        }
+    }
+}
+
+/// The remedy of the first error in `err`'s chain that has one. Wrappers marked
+/// `#[error(transparent)]` hand on their inner error's causes but not the inner error itself, so
+/// those that carry a store or WAL error are looked into here.
+pub fn remedy(err: &(dyn Error + 'static)) -> Option<Remedy> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(found) = own_remedy(e) {
+            return Some(found);
+        }
+        next = e.source();
+    }
+    None
+}
+
+fn own_remedy(e: &(dyn Error + 'static)) -> Option<Remedy> {
+    if let Some(e) = e.downcast_ref::<StoreError>() {
+        return e.remedy();
+    }
+    if let Some(e) = e.downcast_ref::<StreamError>() {
+        return e.remedy();
+    }
+    if let Some(e) = e.downcast_ref::<WalError>() {
+        return inner_store_of_wal(e).and_then(StoreError::remedy);
+    }
+    if let Some(e) = e.downcast_ref::<PipelineError>() {
+        return inner_store_of_pipeline(e).and_then(StoreError::remedy);
+    }
+    if let Some(CatalogError::Store(s)) = e.downcast_ref::<CatalogError>() {
+        return s.remedy();
+    }
+    if let Some(e) = e.downcast_ref::<OpError>() {
+        return match e {
+            OpError::Store(s) | OpError::Catalog(CatalogError::Store(s)) => s.remedy(),
+            OpError::Pipeline(p) => inner_store_of_pipeline(p).and_then(StoreError::remedy),
+            _ => None,
+        };
+    }
+    None
+}
+
+fn inner_store_of_pipeline(e: &PipelineError) -> Option<&StoreError> {
+    match e {
+        PipelineError::Store(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn inner_store_of_wal(e: &WalError) -> Option<&StoreError> {
+    match e {
+        WalError::Store(s) => Some(s),
+        WalError::Pipeline(p) => inner_store_of_pipeline(p),
+        _ => None,
+    }
+}
+
+/// The advice for `err` (see [`Remedy`]), for an edge that renders errors itself.
+pub fn advice(err: &(dyn Error + 'static)) -> Option<&'static str> {
+    remedy(err).map(Remedy::advice)
+}
+
+/// `err` as a user reads it: its message, each cause its message does not already quote (an S3
+/// client's reason, an I/O error), then what to do about it. For gRPC statuses, start-up errors,
+/// `status` and logs.
+pub fn render(err: &(dyn Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    if let Some(advice) = advice(err) {
+        out.push_str("; ");
+        out.push_str(advice);
+    }
+    out
+}
 
 /// `text` cut to at most `max` bytes on a character boundary, marked with `…` when cut: for
 /// names and messages that come from outside (a forged tar entry, a store's answer) and end up
@@ -284,9 +435,10 @@ impl OpError {
         }
     }
 
-    /// The error as a gRPC status carrying the full human-readable message.
+    /// The error as a gRPC status carrying the full human-readable message: its causes and
+    /// what to do (see [`render`]).
     pub fn to_status(&self) -> Status {
-        Status::new(self.code(), self.to_string())
+        Status::new(self.code(), render(self))
     }
 }
 

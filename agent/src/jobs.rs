@@ -416,7 +416,7 @@ impl Reporter {
                 event: Some(Event::Result(r)),
             }),
             Err(e) => {
-                tracing::error!(error = %e, "operation failed");
+                tracing::error!(error = %crate::error::render(&e), "operation failed");
                 Err(e.to_status())
             }
         };

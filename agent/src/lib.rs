@@ -22,6 +22,7 @@ pub mod runner;
 pub mod schedule;
 pub mod server;
 pub mod store;
+pub mod timeline_history;
 pub mod wal;
 
 use std::time::Duration;
@@ -134,7 +135,7 @@ pub async fn wal_fetch(config: &Config, args: &WalFetchArgs) -> WalFetchOutcome 
     match archive.fetch(&file, &args.destination).await {
         Ok(wal::Fetched::Restored(_)) => WalFetchOutcome::Restored,
         Ok(wal::Fetched::NotFound) => WalFetchOutcome::NotFound,
-        Err(e) => fail(e.to_string()),
+        Err(e) => fail(error::render(&e)),
     }
 }
 

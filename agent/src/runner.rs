@@ -107,7 +107,7 @@ impl Runner {
             let result = running.await;
             let failure = match &result {
                 Ok(outcome) => this.succeeded(&record, outcome).await,
-                Err(e) => Some(e.to_string()),
+                Err(e) => Some(crate::error::render(e)),
             };
             let result = result.map(|outcome| {
                 let r = convert::operation_result(outcome, reporter.elapsed());
@@ -226,7 +226,7 @@ impl Runner {
             Ok(_) => {}
             // Another job holds what prune needs: nothing was done, nothing failed.
             Err(OpError::Busy(_)) => {}
-            Err(e) => self.failed(&job, &e.to_string(), trigger).await,
+            Err(e) => self.failed(&job, &crate::error::render(e), trigger).await,
         }
         result
     }

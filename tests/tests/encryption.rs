@@ -536,7 +536,8 @@ fn accept_unencrypted_reads_only_objects_garage_stored_before_the_cutoff() {
     let verify = soma(migrating.addr(), &["verify", &old]);
     verify
         .assert_code(1, "verify a manifest rewritten after the cut-off")
-        .assert_stderr_contains("not before the --accept-unencrypted cut-off", "verify");
+        .assert_stderr_contains("not before the cut-off", "verify")
+        .assert_stderr_contains("--accept-unencrypted", "verify");
     let restore = soma(
         migrating.addr(),
         &["restore", &old, "--database", "planted"],

@@ -213,7 +213,7 @@ impl StoreArgs {
         } else {
             store::open_with(location, &options).await
         }
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::error::render(&e))?;
         let keyed = keyring.is_some();
         let crypt = store::Crypt::new(inner, keyring, self.accept_unencrypted);
         if keyed && !read_only {

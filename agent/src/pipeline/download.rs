@@ -2,6 +2,7 @@
 //! every check passed.
 
 use super::*;
+use crate::store::ByteStream;
 
 /// The largest window a stored frame may make the decoder allocate: 2^27 bytes (128 MiB). zstd
 /// needs no more for any level the agent compresses at (1..=22, never in long-distance mode) and
@@ -53,100 +54,183 @@ pub async fn download<W>(
 where
     W: AsyncWrite + Unpin + Send,
 {
-    let mut stream = store.get(key).await?;
+    let stream = store.get(key).await?;
     let (stored_tx, stored_rx) = mpsc::channel::<Bytes>(RAW_QUEUE);
     let (raw_tx, raw_rx) = mpsc::channel::<Bytes>(RAW_QUEUE);
-    let raw_limit = expected.raw_bytes.or(expected.raw_at_most);
-    let whose = if expected.raw_bytes.is_some() {
-        "its manifest's"
-    } else {
-        "the most it may hold,"
-    };
+    let limit = RawLimit::of(expected);
+    let decoder = tokio::task::spawn_blocking(move || decode(stored_rx, raw_tx, limit, holdback));
+    let mut tail = Tail::new(holdback);
+    let (fetch_res, write_res) = tokio::join!(
+        fetch(stream, stored_tx, &counters),
+        tail.write_released(raw_rx, &mut sink, &counters)
+    );
+    let decode_res = decoder.await.expect("decoder thread panicked");
 
-    let decoder = tokio::task::spawn_blocking(move || -> io::Result<()> {
-        let reader = ChannelReader {
-            rx: stored_rx,
-            current: Bytes::new(),
-        };
-        let mut dec = bounded_decoder(reader)?;
-        let mut produced = 0u64;
-        // Chunks wait in the channel and in the held-back tail: the pool keeps as many for reuse.
-        let chunks = ChunkPool::new(RAW_QUEUE + holdback / READ_CHUNK + 3);
-        loop {
-            // Fill a whole chunk (zstd returns at most one block per call), so the sink gets
-            // few large writes.
-            let mut buf = chunks.take();
-            buf.resize(READ_CHUNK, 0);
-            let mut len = 0;
-            while len < READ_CHUNK {
-                match dec.read(&mut buf[len..])? {
-                    0 => break,
-                    n => len += n,
-                }
-            }
-            if len == 0 {
-                return Ok(());
-            }
-            // A frame that decodes to more than the manifest says (a decompression bomb) stops
-            // here, not after every byte of it was decoded and hashed.
-            produced += len as u64;
-            if let Some(limit) = raw_limit
-                && produced > limit
-            {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("it decompresses to more than {whose} {limit} bytes"),
-                ));
-            }
-            buf.truncate(len);
-            if raw_tx.blocking_send(chunks.lend(buf)).is_err() {
-                return Ok(());
+    let (stored_sha256, stored_bytes) = fetch_res?;
+    let stored = (expected.stored_bytes, expected.stored_sha256.as_deref());
+    check(key, "stored", stored, stored_bytes, stored_sha256)?;
+    if let Err(source) = decode_res {
+        return Err(PipelineError::Decode {
+            key: key.to_string(),
+            source,
+        });
+    }
+    let (raw_sha256, raw_bytes) = write_res?;
+    let raw = (expected.raw_bytes, Some(expected.raw_sha256.as_str()));
+    check(key, "raw", raw, raw_bytes, raw_sha256)?;
+    // Every check passed: release the tail.
+    for chunk in tail.held {
+        sink.write_all(&chunk).await.map_err(PipelineError::Sink)?;
+        counters
+            .raw
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    }
+    sink.flush().await.map_err(PipelineError::Sink)?;
+    sink.shutdown().await.map_err(PipelineError::Sink)?;
+    Ok(())
+}
+
+/// The most raw bytes an object may decode to, and whose number that is (for the error).
+#[derive(Clone, Copy)]
+struct RawLimit {
+    bytes: Option<u64>,
+    whose: &'static str,
+}
+
+impl RawLimit {
+    fn of(expected: &Expected) -> Self {
+        RawLimit {
+            bytes: expected.raw_bytes.or(expected.raw_at_most),
+            whose: if expected.raw_bytes.is_some() {
+                "its manifest's"
+            } else {
+                "the most it may hold,"
+            },
+        }
+    }
+}
+
+/// The decoder thread: stored bytes from `stored_rx` through zstd, raw chunks to `raw_tx`,
+/// stopping once the output passes `limit`.
+fn decode(
+    stored_rx: mpsc::Receiver<Bytes>,
+    raw_tx: mpsc::Sender<Bytes>,
+    limit: RawLimit,
+    holdback: usize,
+) -> io::Result<()> {
+    let reader = ChannelReader {
+        rx: stored_rx,
+        current: Bytes::new(),
+    };
+    let mut dec = bounded_decoder(reader)?;
+    let mut produced = 0u64;
+    // Chunks wait in the channel and in the held-back tail: the pool keeps as many for reuse.
+    let chunks = ChunkPool::new(RAW_QUEUE + holdback / READ_CHUNK + 3);
+    loop {
+        // Fill a whole chunk (zstd returns at most one block per call), so the sink gets
+        // few large writes.
+        let mut buf = chunks.take();
+        buf.resize(READ_CHUNK, 0);
+        let mut len = 0;
+        while len < READ_CHUNK {
+            match dec.read(&mut buf[len..])? {
+                0 => break,
+                n => len += n,
             }
         }
-    });
-
-    let fetch = async {
-        let mut hasher = Sha256::new();
-        let mut total = 0u64;
-        let mut tx = Some(stored_tx);
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
-            hasher.update(&chunk);
-            total += chunk.len() as u64;
-            counters
-                .stored
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            // Keep hashing after the decoder gave up, so a corrupted object is reported by its
-            // digest rather than by whatever zstd tripped over first.
-            if let Some(t) = &tx
-                && t.send(chunk).await.is_err()
-            {
-                tx = None;
-            }
+        if len == 0 {
+            return Ok(());
         }
-        drop(tx);
-        Ok::<_, PipelineError>((hex::encode(hasher.finalize()), total))
-    };
+        // A frame that decodes to more than the manifest says (a decompression bomb) stops
+        // here, not after every byte of it was decoded and hashed.
+        produced += len as u64;
+        if let Some(limit_bytes) = limit.bytes
+            && produced > limit_bytes
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "it decompresses to more than {} {limit_bytes} bytes",
+                    limit.whose
+                ),
+            ));
+        }
+        buf.truncate(len);
+        if raw_tx.blocking_send(chunks.lend(buf)).is_err() {
+            return Ok(());
+        }
+    }
+}
 
-    // The tail held back until every check passed: whole chunks, never copied; a chunk is released
-    // once the chunks after it hold at least `holdback` bytes.
-    let mut held = std::collections::VecDeque::<Bytes>::new();
-    let mut held_len = 0usize;
-    let write = async {
+/// Reads the stored object into the decoder's channel, hashing it: its sha256 (hex) and size.
+async fn fetch(
+    mut stream: ByteStream,
+    stored_tx: mpsc::Sender<Bytes>,
+    counters: &Counters,
+) -> Result<(String, u64), PipelineError> {
+    let mut hasher = Sha256::new();
+    let mut total = 0u64;
+    let mut tx = Some(stored_tx);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        hasher.update(&chunk);
+        total += chunk.len() as u64;
+        counters
+            .stored
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        // Keep hashing after the decoder gave up, so a corrupted object is reported by its
+        // digest rather than by whatever zstd tripped over first.
+        if let Some(t) = &tx
+            && t.send(chunk).await.is_err()
+        {
+            tx = None;
+        }
+    }
+    drop(tx);
+    Ok((hex::encode(hasher.finalize()), total))
+}
+
+/// The tail held back until every check passed: whole chunks, never copied; a chunk is released
+/// once the chunks after it hold at least `holdback` bytes.
+struct Tail {
+    held: std::collections::VecDeque<Bytes>,
+    held_len: usize,
+    holdback: usize,
+}
+
+impl Tail {
+    fn new(holdback: usize) -> Self {
+        Tail {
+            held: std::collections::VecDeque::new(),
+            held_len: 0,
+            holdback,
+        }
+    }
+
+    /// Hashes the raw chunks from the decoder and writes to `sink` all but the held-back tail:
+    /// the raw sha256 (hex) and size.
+    async fn write_released<W>(
+        &mut self,
         // Owned, so a failed sink drops it and the decoder stops instead of waiting forever.
-        let mut raw_rx = raw_rx;
+        mut raw_rx: mpsc::Receiver<Bytes>,
+        sink: &mut W,
+        counters: &Counters,
+    ) -> Result<(String, u64), PipelineError>
+    where
+        W: AsyncWrite + Unpin + Send,
+    {
         let mut hasher = Sha256::new();
         let mut total = 0u64;
         while let Some(chunk) = raw_rx.recv().await {
             hasher.update(&chunk);
             total += chunk.len() as u64;
-            held_len += chunk.len();
-            held.push_back(chunk);
-            while let Some(front) = held.front()
-                && held_len - front.len() >= holdback
+            self.held_len += chunk.len();
+            self.held.push_back(chunk);
+            while let Some(front) = self.held.front()
+                && self.held_len - front.len() >= self.holdback
             {
-                let release = held.pop_front().expect("front exists");
-                held_len -= release.len();
+                let release = self.held.pop_front().expect("front exists");
+                self.held_len -= release.len();
                 sink.write_all(&release)
                     .await
                     .map_err(PipelineError::Sink)?;
@@ -155,67 +239,40 @@ where
                     .fetch_add(release.len() as u64, Ordering::Relaxed);
             }
         }
-        Ok::<_, PipelineError>((hex::encode(hasher.finalize()), total))
-    };
+        Ok((hex::encode(hasher.finalize()), total))
+    }
+}
 
-    let (fetch_res, write_res) = tokio::join!(fetch, write);
-    let decode_res = decoder.await.expect("decoder thread panicked");
-
-    let (stored_sha256, stored_bytes) = fetch_res?;
-    if let Some(want) = expected.stored_bytes
-        && stored_bytes != want
+/// Compares what arrived (`bytes`, `sha256`) with what was expected (`want`: a size and a
+/// digest, each when known), naming `what` (stored or raw) of `key` on a mismatch.
+fn check(
+    key: &str,
+    what: &'static str,
+    want: (Option<u64>, Option<&str>),
+    bytes: u64,
+    sha256: String,
+) -> Result<(), PipelineError> {
+    let (want_bytes, want_sha256) = want;
+    if let Some(want) = want_bytes
+        && bytes != want
     {
         return Err(PipelineError::SizeMismatch {
             key: key.to_string(),
-            what: "stored",
+            what,
             expected: want,
-            actual: stored_bytes,
+            actual: bytes,
         });
     }
-    if let Some(want) = &expected.stored_sha256
-        && stored_sha256 != *want
+    if let Some(want) = want_sha256
+        && sha256 != want
     {
         return Err(PipelineError::ChecksumMismatch {
             key: key.to_string(),
-            what: "stored",
-            expected: want.clone(),
-            actual: stored_sha256,
+            what,
+            expected: want.to_string(),
+            actual: sha256,
         });
     }
-    if let Err(source) = decode_res {
-        return Err(PipelineError::Decode {
-            key: key.to_string(),
-            source,
-        });
-    }
-    let (raw_sha256, raw_bytes) = write_res?;
-    if let Some(want) = expected.raw_bytes
-        && raw_bytes != want
-    {
-        return Err(PipelineError::SizeMismatch {
-            key: key.to_string(),
-            what: "raw",
-            expected: want,
-            actual: raw_bytes,
-        });
-    }
-    if raw_sha256 != expected.raw_sha256 {
-        return Err(PipelineError::ChecksumMismatch {
-            key: key.to_string(),
-            what: "raw",
-            expected: expected.raw_sha256.clone(),
-            actual: raw_sha256,
-        });
-    }
-    // Every check passed: release the tail.
-    for chunk in held {
-        sink.write_all(&chunk).await.map_err(PipelineError::Sink)?;
-        counters
-            .raw
-            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-    }
-    sink.flush().await.map_err(PipelineError::Sink)?;
-    sink.shutdown().await.map_err(PipelineError::Sink)?;
     Ok(())
 }
 

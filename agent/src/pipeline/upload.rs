@@ -176,139 +176,38 @@ pub async fn upload<R>(
 where
     R: AsyncRead + Unpin + Send,
 {
-    let (raw_tx, mut raw_rx) = mpsc::channel::<Bytes>(RAW_QUEUE);
-    let (part_tx, mut part_rx) = mpsc::channel::<Bytes>(PART_QUEUE);
+    let (raw_tx, raw_rx) = mpsc::channel::<Bytes>(RAW_QUEUE);
+    let (part_tx, part_rx) = mpsc::channel::<Bytes>(PART_QUEUE);
     let base = settings.part_size.max(MIN_PART_SIZE);
     let (level, threads) = (settings.compression_level, settings.compression_threads);
-    let sink_counters = counters.clone();
-    let buffers = settings.parts_in_flight.max(1) + 1;
-    let (home, pool) = std::sync::mpsc::sync_channel(buffers);
-    for _ in 0..buffers {
-        home.send(None).expect("the pool has room for every buffer");
-    }
-
-    let compressor =
-        tokio::task::spawn_blocking(move || -> io::Result<(String, u64, u32, usize, Choice)> {
-            let sink = PartSink {
-                map: None,
-                len: 0,
-                pool,
-                home,
-                base,
-                index: 0,
-                max_part: 0,
-                tx: part_tx,
-                hasher: Sha256::new(),
-                stored: 0,
-                counters: sink_counters,
-            };
-            let mut enc = Adaptive::new(sink, level, threads);
-            while let Some(chunk) = raw_rx.blocking_recv() {
-                enc.write_chunk(&chunk)?;
-            }
-            let (mut sink, choice) = enc.finish()?;
-            tracing::debug!(
-                compressed_raw = choice.compressed_raw,
-                stored_raw = choice.stored_raw,
-                switches = choice.switches,
-                "compression chosen per stretch"
-            );
-            if sink.map.is_none() && sink.index == 0 {
-                // An object needs at least one part, even an empty one.
-                sink.start_part()?;
-            }
-            if sink.map.is_some() {
-                sink.emit()?;
-            }
-            Ok((
-                hex::encode(sink.hasher.finalize()),
-                sink.stored,
-                sink.index,
-                sink.max_part,
-                choice,
-            ))
-        });
-
-    let read = async {
-        let mut hasher = Sha256::new();
-        let mut total = 0u64;
-        let chunks = ChunkPool::new(RAW_QUEUE + 2);
-        let mut eof = false;
-        while !eof {
-            let mut buf = chunks.take();
-            while buf.len() < READ_CHUNK {
-                let n = source
-                    .read_buf(&mut buf)
-                    .await
-                    .map_err(PipelineError::Source)?;
-                if n == 0 {
-                    eof = true;
-                    break;
-                }
-            }
-            if buf.is_empty() {
-                break;
-            }
-            let n = buf.len();
-            hasher.update(&buf);
-            total += n as u64;
-            counters.raw.fetch_add(n as u64, Ordering::Relaxed);
-            if raw_tx.send(chunks.lend(buf)).await.is_err() {
-                // The compressor stopped; its own error explains why.
-                break;
-            }
-        }
-        drop(raw_tx);
-        Ok::<_, PipelineError>((hex::encode(hasher.finalize()), total))
-    };
-
+    let sink = PartSink::new(
+        settings.parts_in_flight.max(1) + 1,
+        base,
+        part_tx,
+        counters.clone(),
+    );
+    let compressor = tokio::task::spawn_blocking(move || compress(raw_rx, sink, level, threads));
     let in_flight_cap = settings.parts_in_flight.max(1);
-    let send = {
-        let upload = &mut upload;
-        // Owning the receiver means a failed uploader drops it on return, which stops the
-        // compressor, which stops the reader: no stage can wait forever on a dead neighbour.
-        // Returning early also drops the part uploads still running, which cancels them.
-        async move {
-            let mut running = FuturesUnordered::new();
-            let mut receipts = Vec::new();
-            let mut more = true;
-            while more || !running.is_empty() {
-                tokio::select! {
-                    // Finished parts first: their buffers go back to the pool sooner.
-                    biased;
-                    Some(done) = running.next(), if !running.is_empty() => {
-                        receipts.push(done?);
-                    }
-                    part = part_rx.recv(), if more && running.len() < in_flight_cap => {
-                        match part {
-                            Some(part) => running.push(upload.put_part(part)),
-                            None => more = false,
-                        }
-                    }
-                }
-            }
-            Ok::<_, PipelineError>(receipts)
-        }
-    };
-
-    let (read_res, send_res) = tokio::join!(read, send);
+    let (read_res, send_res) = tokio::join!(
+        read_source(&mut source, raw_tx, &counters),
+        send_parts(&mut upload, part_rx, in_flight_cap)
+    );
     let compress_res = compressor.await.expect("compressor thread panicked");
 
     let outcome = (|| {
         let receipts = send_res?;
         let (raw_sha256, raw_bytes) = read_res?;
-        let (stored_sha256, stored_bytes, parts, max_part_size, choice) =
-            compress_res.map_err(PipelineError::Compress)?;
+        let compressed = compress_res.map_err(PipelineError::Compress)?;
         let summary = UploadSummary {
             digest: Digest256 {
                 raw_bytes,
-                stored_bytes,
+                stored_bytes: compressed.stored_bytes,
                 raw_sha256,
-                stored_sha256,
+                stored_sha256: compressed.stored_sha256,
             },
-            parts,
-            max_part_size,
-            choice,
+            parts: compressed.parts,
+            max_part_size: compressed.max_part_size,
+            choice: compressed.choice,
         };
         Ok::<_, PipelineError>((summary, receipts))
     })();
@@ -325,4 +224,145 @@ where
             Err(e)
         }
     }
+}
+
+/// What the compressor thread made of the raw bytes.
+struct Compressed {
+    stored_sha256: String,
+    stored_bytes: u64,
+    parts: u32,
+    max_part_size: usize,
+    choice: Choice,
+}
+
+impl PartSink {
+    /// A sink cutting parts of `base` bytes (growing, see [`part_size_for`]) from a pool of
+    /// `buffers` part buffers, none mapped yet.
+    fn new(buffers: usize, base: usize, tx: mpsc::Sender<Bytes>, counters: Arc<Counters>) -> Self {
+        let (home, pool) = std::sync::mpsc::sync_channel(buffers);
+        for _ in 0..buffers {
+            home.send(None).expect("the pool has room for every buffer");
+        }
+        PartSink {
+            map: None,
+            len: 0,
+            pool,
+            home,
+            base,
+            index: 0,
+            max_part: 0,
+            tx,
+            hasher: Sha256::new(),
+            stored: 0,
+            counters,
+        }
+    }
+}
+
+/// The compressor thread: raw chunks from `raw_rx` through zstd (adaptively, see [`Adaptive`])
+/// into `sink`'s parts, the last one emitted at the end.
+fn compress(
+    mut raw_rx: mpsc::Receiver<Bytes>,
+    sink: PartSink,
+    level: i32,
+    threads: u32,
+) -> io::Result<Compressed> {
+    let mut enc = Adaptive::new(sink, level, threads);
+    while let Some(chunk) = raw_rx.blocking_recv() {
+        enc.write_chunk(&chunk)?;
+    }
+    let (mut sink, choice) = enc.finish()?;
+    tracing::debug!(
+        compressed_raw = choice.compressed_raw,
+        stored_raw = choice.stored_raw,
+        switches = choice.switches,
+        "compression chosen per stretch"
+    );
+    if sink.map.is_none() && sink.index == 0 {
+        // An object needs at least one part, even an empty one.
+        sink.start_part()?;
+    }
+    if sink.map.is_some() {
+        sink.emit()?;
+    }
+    Ok(Compressed {
+        stored_sha256: hex::encode(sink.hasher.finalize()),
+        stored_bytes: sink.stored,
+        parts: sink.index,
+        max_part_size: sink.max_part,
+        choice,
+    })
+}
+
+/// Reads `source` in whole chunks into the compressor's channel, hashing it: its sha256 (hex)
+/// and size.
+async fn read_source<R>(
+    source: &mut R,
+    raw_tx: mpsc::Sender<Bytes>,
+    counters: &Counters,
+) -> Result<(String, u64), PipelineError>
+where
+    R: AsyncRead + Unpin + Send,
+{
+    let mut hasher = Sha256::new();
+    let mut total = 0u64;
+    let chunks = ChunkPool::new(RAW_QUEUE + 2);
+    let mut eof = false;
+    while !eof {
+        let mut buf = chunks.take();
+        while buf.len() < READ_CHUNK {
+            let n = source
+                .read_buf(&mut buf)
+                .await
+                .map_err(PipelineError::Source)?;
+            if n == 0 {
+                eof = true;
+                break;
+            }
+        }
+        if buf.is_empty() {
+            break;
+        }
+        let n = buf.len();
+        hasher.update(&buf);
+        total += n as u64;
+        counters.raw.fetch_add(n as u64, Ordering::Relaxed);
+        if raw_tx.send(chunks.lend(buf)).await.is_err() {
+            // The compressor stopped; its own error explains why.
+            break;
+        }
+    }
+    drop(raw_tx);
+    Ok((hex::encode(hasher.finalize()), total))
+}
+
+/// Uploads the parts from `part_rx`, at most `in_flight_cap` at once, and returns their receipts.
+///
+/// Owning the receiver means a failed uploader drops it on return, which stops the compressor,
+/// which stops the reader: no stage can wait forever on a dead neighbour. Returning early also
+/// drops the part uploads still running, which cancels them.
+async fn send_parts(
+    upload: &mut Box<dyn Upload>,
+    mut part_rx: mpsc::Receiver<Bytes>,
+    in_flight_cap: usize,
+) -> Result<Vec<PartReceipt>, PipelineError> {
+    let mut running = FuturesUnordered::new();
+    let mut receipts = Vec::new();
+    let mut more = true;
+    while more || !running.is_empty() {
+        tokio::select! {
+            // Finished parts first: their buffers go back to the pool sooner.
+            biased;
+            Some(done) = running.next(), if !running.is_empty() => {
+                receipts.push(done?);
+            }
+            part = part_rx.recv(), if more && running.len() < in_flight_cap => {
+                match part {
+                    Some(part) => running.push(upload.put_part(part)),
+                    None => more = false,
+                }
+            }
+        }
+    }
+    Ok(receipts)
 }

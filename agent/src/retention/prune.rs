@@ -225,6 +225,8 @@ pub async fn prune(
                     key: id.to_string(),
                     message: "its manifest appeared since prune looked: left in place".into(),
                     retryable: false,
+                    remedy: None,
+                    source: None,
                 });
             }
             let mut n = 0;

@@ -100,6 +100,8 @@ fn injected(key: &str, retryable: bool) -> StoreError {
         key: key.to_string(),
         message: "injected failure".into(),
         retryable,
+        remedy: None,
+        source: None,
     }
 }
 

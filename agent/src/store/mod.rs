@@ -25,6 +25,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::Stream;
 
+use crate::error::Remedy;
+
 /// Largest number of parts one multipart upload may have (the S3 limit).
 pub const MAX_PARTS: u32 = 10_000;
 /// Smallest part size S3 accepts for every part but the last.
@@ -74,9 +76,7 @@ pub enum StoreError {
         key: String,
     },
     /// The store refused our credentials or permissions.
-    #[error(
-        "access denied by the store for {key}: {message}; check the store credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, IRSA role) and the bucket policy"
-    )]
+    #[error("access denied by the store for {key}: {message}")]
     AccessDenied {
         /// The key (or bucket) the request was about.
         key: String,
@@ -92,7 +92,7 @@ pub enum StoreError {
         message: String,
     },
     /// The bucket does not exist.
-    #[error("bucket {bucket} does not exist; create it or fix --store")]
+    #[error("bucket {bucket} does not exist")]
     NoSuchBucket {
         /// The bucket name.
         bucket: String,
@@ -102,10 +102,16 @@ pub enum StoreError {
     Request {
         /// The key the request was about.
         key: String,
-        /// What went wrong.
+        /// What went wrong, in the agent's words (the client's own reason is `source`).
         message: String,
         /// Whether trying again may succeed (network errors, throttling, 5xx).
         retryable: bool,
+        /// What the user can do, when the failure says (an unreachable endpoint, retries spent).
+        remedy: Option<Remedy>,
+        /// The S3 client's or the system's error, kept whole so its chain can be rendered and
+        /// inspected rather than flattened into `message`.
+        #[source]
+        source: Option<Cause>,
     },
     /// Local filesystem error (local store).
     #[error("local store I/O error at {path}: {source}")]
@@ -123,10 +129,9 @@ pub enum StoreError {
         /// Why it was refused.
         reason: &'static str,
     },
-    /// A write to a store this agent only reads (`--restore-from`, or `--store` with
-    /// `--store-read-only`); nothing was sent to the store.
+    /// A write to a store this agent only reads; nothing was sent to the store.
     #[error(
-        "this agent's store is read-only ({location}): it takes no backups and deletes nothing there; back up and delete with the agent that owns this store, or restart this one without --store-read-only (SOMA_STORE_READ_ONLY)"
+        "this agent's store is read-only ({location}): it takes no backups and deletes nothing there"
     )]
     ReadOnly {
         /// The store refused, as [`Store::location`] names it.
@@ -145,7 +150,7 @@ pub enum StoreError {
     },
     /// An encrypted object whose key this agent does not have.
     #[error(
-        "object {key} is encrypted with the key of fingerprint {needed}, which this agent does not have (its keys: {have}); give it that key with --encryption-key-file (SOMA_ENCRYPTION_KEY_FILE)"
+        "object {key} is encrypted with the key of fingerprint {needed}, which this agent does not have (its keys: {have})"
     )]
     WrongKey {
         /// The object.
@@ -158,7 +163,7 @@ pub enum StoreError {
     /// A plaintext object read by an agent that encrypts: anyone who can write to the bucket
     /// could have put it there.
     #[error(
-        "object {key} is not encrypted, but this agent encrypts its store, so the object could have been planted by anyone who can write to the bucket and is refused; to read backups taken before encryption was turned on, restart the agent with --accept-unencrypted <TIME> (SOMA_ACCEPT_UNENCRYPTED), the time encryption was turned on, for the migration"
+        "object {key} is not encrypted, but this agent encrypts its store, so the object could have been planted by anyone who can write to the bucket and is refused"
     )]
     NotEncrypted {
         /// The object.
@@ -190,10 +195,10 @@ pub enum StoreError {
         /// This store's repository id and when it was created ("<id> at <time>").
         repository: Box<str>,
     },
-    /// A plaintext object read under `--accept-unencrypted <TIME>` that the store says was
-    /// written at or after that time, or cannot say when.
+    /// A plaintext object read under the migration cut-off (`accept_unencrypted`) that the store
+    /// says was written at or after that time, or cannot say when.
     #[error(
-        "object {key} is not encrypted and was written {written}, not before the --accept-unencrypted cut-off {cutoff}: only objects written before it are read unencrypted, so it could have been planted by anyone who can write to the bucket and is refused"
+        "object {key} is not encrypted and was written {written}, not before the cut-off {cutoff} for unencrypted objects: only objects written before it are read unencrypted, so it could have been planted by anyone who can write to the bucket and is refused"
     )]
     UnencryptedAfterCutoff {
         /// The object.
@@ -211,7 +216,7 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
-    /// The `--store` location cannot be used.
+    /// The store's location cannot be used.
     #[error("invalid store location {location:?}: {reason}")]
     InvalidLocation {
         /// The location as given.
@@ -221,7 +226,55 @@ pub enum StoreError {
     },
 }
 
+/// Any error kept as a cause.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The cause of a failed request (the S3 client's error, a broken connection), kept whole. One
+/// pointer wide rather than a boxed trait object's two, so that keeping it does not grow every
+/// error that may carry a store error. It stands in for the error it holds: the same message,
+/// the same causes below it.
+#[derive(Debug)]
+pub struct Cause(Box<BoxError>);
+
+impl Cause {
+    /// Keeps `err` as a cause.
+    pub fn new(err: impl Into<BoxError>) -> Self {
+        Cause(Box::new(err.into()))
+    }
+
+    /// The error it holds, e.g. to downcast.
+    pub fn get(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &**self.0
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
 impl StoreError {
+    /// What the user can do about it, rendered into flags at the edge ([`crate::error`]).
+    pub fn remedy(&self) -> Option<Remedy> {
+        match self {
+            StoreError::AccessDenied { .. } => Some(Remedy::StoreCredentials),
+            StoreError::NoSuchBucket { .. } => Some(Remedy::StoreLocation),
+            StoreError::ReadOnly { .. } => Some(Remedy::StoreReadOnly),
+            StoreError::WrongKey { .. } => Some(Remedy::EncryptionKey),
+            StoreError::NotEncrypted { .. } => Some(Remedy::AcceptUnencrypted),
+            StoreError::UnencryptedAfterCutoff { .. } => Some(Remedy::UnencryptedCutoff),
+            StoreError::Request { remedy, .. } => *remedy,
+            _ => None,
+        }
+    }
+
     /// Whether the same request may succeed if tried again later.
     pub fn is_retryable(&self) -> bool {
         match self {
@@ -387,6 +440,8 @@ pub(crate) fn check_receipts(
                 parts.len()
             ),
             retryable: false,
+            remedy: None,
+            source: None,
         })
     }
 }
@@ -412,6 +467,8 @@ impl PartRule {
                 key: key.to_string(),
                 message: format!("more than {MAX_PARTS} parts; raise the part size"),
                 retryable: false,
+                remedy: None,
+                source: None,
             });
         }
         if self.short_part_seen {
@@ -419,6 +476,8 @@ impl PartRule {
                 key: key.to_string(),
                 message: format!("only the last part may be smaller than {MIN_PART_SIZE} bytes"),
                 retryable: false,
+                remedy: None,
+                source: None,
             });
         }
         self.short_part_seen = len < MIN_PART_SIZE;
@@ -458,7 +517,7 @@ pub async fn open_with(location: &str, options: &Options) -> Result<Arc<dyn Stor
         }
         if options.object_lock.is_some() {
             return Err(invalid(
-                "--object-lock-days needs an s3:// store on a bucket with Object Lock enabled",
+                "Object Lock (a retention in days) needs an s3:// store on a bucket with Object Lock enabled",
             ));
         }
         Ok(Arc::new(

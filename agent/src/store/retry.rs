@@ -21,6 +21,7 @@ use std::{
 use rand::Rng as _;
 
 use super::StoreError;
+use crate::error::Remedy;
 
 /// Retries and deadlines of store requests (`--store-retries`, `--store-attempt-timeout`,
 /// `--store-stall-timeout`, `--store-operation-timeout`).
@@ -219,6 +220,8 @@ impl RetryPolicy {
                         key: key.to_string(),
                         message: format!("{what}; the connection was dropped"),
                         retryable: true,
+                        remedy: None,
+                        source: None,
                     }
                 }
             };
@@ -227,27 +230,40 @@ impl RetryPolicy {
             if n >= attempts || out_of_time {
                 let err = exhausted(err, op, n, started.elapsed());
                 health.gave_up(op, &err);
-                tracing::error!(op, key, attempts = n, error = %err, "store request failed");
+                tracing::error!(op, key, attempts = n, error = %crate::error::render(&err), "store request failed");
                 return Err(err);
             }
             health.retried(op, &err);
-            tracing::warn!(op, key, attempt = n, retry_in = ?wait, error = %err, "store request failed; retrying");
+            tracing::warn!(op, key, attempt = n, retry_in = ?wait, error = %crate::error::render(&err), "store request failed; retrying");
             tokio::time::sleep(wait).await;
             n += 1;
         }
     }
 }
 
-/// The last error of a request that ran out of attempts or time, saying so and what to do.
+/// The last error of a request that ran out of attempts or time, saying so; its cause stays
+/// its cause, and its remedy becomes allowing more (after reaching the endpoint, if that failed).
 fn exhausted(err: StoreError, op: &str, attempts: u32, took: Duration) -> StoreError {
     match err {
-        StoreError::Request { key, message, .. } => StoreError::Request {
+        StoreError::Request {
+            key,
+            message,
+            remedy,
+            source,
+            ..
+        } => StoreError::Request {
             key,
             message: format!(
-                "{message} (gave up on {op} after {attempts} attempt(s) in {:.0}s: the store is failing or unreachable; check it, or allow more with --store-retries / --store-operation-timeout)",
+                "{message} (gave up on {op} after {attempts} attempt(s) in {:.0}s: the store is failing or unreachable)",
                 took.as_secs_f64()
             ),
             retryable: true,
+            remedy: Some(if remedy == Some(Remedy::StoreEndpoint) {
+                Remedy::StoreEndpointRetries
+            } else {
+                Remedy::StoreRetries
+            }),
+            source,
         },
         other => other,
     }
@@ -321,7 +337,8 @@ impl StoreHealth {
     }
 
     fn note(s: &mut State, op: &str, err: &StoreError) {
-        let message = crate::error::shorten(format!("{op}: {err}"), MAX_MESSAGE);
+        let message =
+            crate::error::shorten(format!("{op}: {}", crate::error::render(err)), MAX_MESSAGE);
         s.last_problem = Some((SystemTime::now(), message));
     }
 
@@ -413,6 +430,8 @@ mod tests {
             key: key.into(),
             message: "SlowDown".into(),
             retryable: true,
+            remedy: None,
+            source: None,
         }
     }
 
@@ -473,7 +492,12 @@ mod tests {
             text.contains("gave up on UploadPart after 4 attempt(s)"),
             "{text}"
         );
-        assert!(text.contains("--store-retries"), "{text}");
+        // The store names no flag; the edge that knows the configuration does.
+        assert!(!text.contains("--store-retries"), "{text}");
+        assert_eq!(err.remedy(), Some(Remedy::StoreRetries));
+        let rendered = crate::error::render(&err);
+        assert!(rendered.contains("gave up on UploadPart"), "{rendered}");
+        assert!(rendered.contains("--store-retries"), "{rendered}");
         assert_eq!(health.report().condition, Condition::Failing);
         // One success clears "failing"; the retries keep it "slow" for a while.
         quick()

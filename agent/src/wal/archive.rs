@@ -12,7 +12,7 @@ use super::{
     history::parse_history,
     index::WalIndex,
     judge::{self, MAX_JUDGED, MAX_WAL_FILE_BYTES, Verdict, Verdicts},
-    local::{digest_file, read_head},
+    local::{FileDigest, digest_file, read_head},
     naming::{Kind, WalFile, WalObject, valid_seg_size},
 };
 use crate::{
@@ -172,36 +172,8 @@ impl WalArchive {
             digest.end = digest.size;
         }
         let existing = self.objects_of(&file).await?;
-        // The same bytes stored as a partial do not make a complete segment: a partial shipped
-        // just before pg_receivewal renamed the finished file has its final content.
-        if let Some(same) = existing
-            .iter()
-            .find(|o| o.sha256 == digest.sha256 && (o.kind == kind || o.kind == Kind::Seg))
-        {
-            return Ok(Shipped::AlreadyThere(same.clone()));
-        }
-        // Another object under this name counts only if it is what its key says: a name planted
-        // ahead of the archive neither stands in for the real segment nor blocks it.
-        if kind == Kind::Partial {
-            for done in existing
-                .iter()
-                .filter(|o| o.kind == Kind::Seg)
-                .take(MAX_JUDGED)
-            {
-                if self.verdict(done, None).await? == Verdict::Genuine {
-                    return Ok(Shipped::AlreadyThere(done.clone()));
-                }
-            }
-        } else {
-            for other in existing.iter().filter(|o| o.kind == kind).take(MAX_JUDGED) {
-                if self.verdict(other, None).await? == Verdict::Genuine {
-                    return Err(WalError::Conflict {
-                        file: file.name(),
-                        existing: other.key.clone(),
-                        prefix: self.prefix(),
-                    });
-                }
-            }
+        if let Some(there) = self.stored_already(&file, kind, &digest, &existing).await? {
+            return Ok(Shipped::AlreadyThere(there));
         }
         // The key records milliseconds; the object returned is what a listing will decode.
         let now = Utc::now();
@@ -248,6 +220,50 @@ impl WalArchive {
             }
         }
         Ok(Shipped::Stored(object))
+    }
+
+    /// The object that already holds `file`'s content (`digest`) among `existing`, so shipping
+    /// it again would add nothing; a [`WalError::Conflict`] when a genuine complete copy holds
+    /// other content.
+    async fn stored_already(
+        &self,
+        file: &WalFile,
+        kind: Kind,
+        digest: &FileDigest,
+        existing: &[WalObject],
+    ) -> Result<Option<WalObject>, WalError> {
+        // The same bytes stored as a partial do not make a complete segment: a partial shipped
+        // just before pg_receivewal renamed the finished file has its final content.
+        if let Some(same) = existing
+            .iter()
+            .find(|o| o.sha256 == digest.sha256 && (o.kind == kind || o.kind == Kind::Seg))
+        {
+            return Ok(Some(same.clone()));
+        }
+        // Another object under this name counts only if it is what its key says: a name planted
+        // ahead of the archive neither stands in for the real segment nor blocks it.
+        if kind == Kind::Partial {
+            for done in existing
+                .iter()
+                .filter(|o| o.kind == Kind::Seg)
+                .take(MAX_JUDGED)
+            {
+                if self.verdict(done, None).await? == Verdict::Genuine {
+                    return Ok(Some(done.clone()));
+                }
+            }
+        } else {
+            for other in existing.iter().filter(|o| o.kind == kind).take(MAX_JUDGED) {
+                if self.verdict(other, None).await? == Verdict::Genuine {
+                    return Err(WalError::Conflict {
+                        file: file.name(),
+                        existing: other.key.clone(),
+                        prefix: self.prefix(),
+                    });
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Fetches WAL file `name` into `dest` for PostgreSQL's `restore_command`, judging each
@@ -310,6 +326,16 @@ impl WalArchive {
             // PostgreSQL probes for the history files of timelines that do not exist.
             return Ok(Fetched::NotFound);
         }
+        self.nothing_usable(file, &rejected).await
+    }
+
+    /// What fetching `file` answers when none of its objects is usable (`rejected` are the bad
+    /// ones): a refusal when genuine WAL follows it, else the end of the archive.
+    async fn nothing_usable(
+        &self,
+        file: &WalFile,
+        rejected: &[(WalObject, String)],
+    ) -> Result<Fetched, WalError> {
         // Nothing usable under this name: is there genuine WAL after it?
         let after: Vec<WalObject> = match file {
             WalFile::Segment { timeline, .. } => self

@@ -219,33 +219,7 @@ pub fn check(
             seg_size: server.seg_size,
         });
     }
-    let head = head.get(..LONG_HEADER_LEN).unwrap_or(head);
-    let header = LongPageHeader::parse(head).ok_or(Impossible::NoHeader("shorter than one"))?;
-    if head.iter().all(|&b| b == 0) {
-        return Err(Impossible::NoHeader("zeros"));
-    }
-    if !header.known_magic() {
-        return Err(Impossible::Magic(header.magic));
-    }
-    if header.info & XLP_LONG_HEADER == 0 {
-        return Err(Impossible::NotLongHeader(header.info));
-    }
-    if header.system_id != server.system_id {
-        return Err(Impossible::OtherCluster {
-            found: header.system_id,
-            server: server.system_id,
-        });
-    }
-    if u64::from(header.seg_size) != server.seg_size {
-        return Err(Impossible::HeaderSegSize {
-            found: header.seg_size,
-            server: server.seg_size,
-        });
-    }
-    // PostgreSQL's --with-wal-blocksize: a power of two from 1 to 64 kB.
-    if !header.block_size.is_power_of_two() || !(1 << 10..=1 << 16).contains(&header.block_size) {
-        return Err(Impossible::BlockSize(header.block_size));
-    }
+    let header = server_header(head, server)?;
     // A name whose segment starts past u64 fits no header; segno() bounds it already.
     let start = segno.checked_mul(server.seg_size).map(Lsn);
     if start != Some(header.page_addr) {
@@ -276,6 +250,40 @@ pub fn check(
             flush: server.flush,
         }),
     }
+}
+
+/// The long page header at the start of a segment, if it is one this server wrote: written (not
+/// zeros), PostgreSQL's, and of the server's cluster, segment size and a block size PostgreSQL
+/// can have. What it says about position and timeline is [`check`]'s to judge.
+fn server_header(head: &[u8], server: &ServerWal) -> Result<LongPageHeader, Impossible> {
+    let head = head.get(..LONG_HEADER_LEN).unwrap_or(head);
+    let header = LongPageHeader::parse(head).ok_or(Impossible::NoHeader("shorter than one"))?;
+    if head.iter().all(|&b| b == 0) {
+        return Err(Impossible::NoHeader("zeros"));
+    }
+    if !header.known_magic() {
+        return Err(Impossible::Magic(header.magic));
+    }
+    if header.info & XLP_LONG_HEADER == 0 {
+        return Err(Impossible::NotLongHeader(header.info));
+    }
+    if header.system_id != server.system_id {
+        return Err(Impossible::OtherCluster {
+            found: header.system_id,
+            server: server.system_id,
+        });
+    }
+    if u64::from(header.seg_size) != server.seg_size {
+        return Err(Impossible::HeaderSegSize {
+            found: header.seg_size,
+            server: server.seg_size,
+        });
+    }
+    // PostgreSQL's --with-wal-blocksize: a power of two from 1 to 64 kB.
+    if !header.block_size.is_power_of_two() || !(1 << 10..=1 << 16).contains(&header.block_size) {
+        return Err(Impossible::BlockSize(header.block_size));
+    }
+    Ok(header)
 }
 
 fn timeline_not_ahead(timeline: u32, server: &ServerWal) -> Result<(), Impossible> {

@@ -1,25 +1,11 @@
-//! Timeline history files: `parent timeline`, `switch LSN`, `reason` per line, `#` comments.
-//! One line parser serves the archive (which refuses a bad line) and the server's
-//! `TIMELINE_HISTORY` answer (which keeps the reason).
+//! Timeline history files in the archive: a bad line is refused, since recovery chooses its
+//! timeline through them. The line format is [`crate::timeline_history`]'s.
 
 use super::{WalError, naming::WalFile};
-use crate::lsn::Lsn;
-
-/// One line of a history file: the parent timeline, where the child began and the reason (the
-/// rest of the line, trimmed); `None` for a line that is not one.
-pub fn parse_line(line: &str) -> Option<(u32, Lsn, &str)> {
-    let line = line.trim();
-    let (tli, rest) = line.split_once(char::is_whitespace)?;
-    let rest = rest.trim_start();
-    let (lsn, reason) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
-    Some((tli.parse().ok()?, lsn.parse().ok()?, reason.trim()))
-}
-
-/// Whether a history line carries nothing (blank or a comment).
-pub fn is_blank(line: &str) -> bool {
-    let line = line.trim();
-    line.is_empty() || line.starts_with('#')
-}
+use crate::{
+    lsn::Lsn,
+    timeline_history::{is_blank, parse_line},
+};
 
 /// Parses a history file's text into (parent timeline, switch LSN), refusing a bad line.
 pub fn parse_history(file: &WalFile, text: &str) -> Result<Vec<(u32, Lsn)>, WalError> {

@@ -36,6 +36,7 @@ use tracing::Instrument;
 use super::{WalArchive, WalError, drain, header::ServerWal, spool};
 use crate::{
     engine::postgres::{PgError, Postgres, ToolProcess},
+    error::Remedy,
     lsn::Lsn,
     pipeline::Settings,
     store::Store,
@@ -48,13 +49,14 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The file where the agent records pg_receivewal's pid, to stop one a killed agent left behind.
 pub(super) const PID_FILE: &str = "soma-pg_receivewal.pid";
 
-/// Why a WAL streaming session ended; each says what happens next or what to do. The stream
-/// itself retries every one of them with back-off, so these reach the status and the log.
+/// Why a WAL streaming session ended; each says what happens next, or has a [`Remedy`]. The
+/// stream itself retries every one of them with back-off, so these reach the status and the log
+/// (rendered with their causes and remedy by [`crate::error::render`]).
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
     /// The spool directory (or a file in it) cannot be used.
     #[error(
-        "WAL spool {}: {source}; give --wal-spool (SOMA_WAL_SPOOL) a writable directory on a volume that outlives the container",
+        "WAL spool {}: {source}",
         path.display()
     )]
     Spool {
@@ -72,9 +74,7 @@ pub enum StreamError {
         source: PgError,
     },
     /// The replication slot could not be created.
-    #[error(
-        "creating replication slot {slot}: {source}; the replication user needs the REPLICATION attribute (see --replication-url) and the server max_replication_slots > 0"
-    )]
+    #[error("creating replication slot {slot}: {source}")]
     Slot {
         /// The slot.
         slot: String,
@@ -122,6 +122,18 @@ pub enum StreamError {
         /// The last shipping error.
         source: Box<StreamError>,
     },
+}
+
+impl StreamError {
+    /// What the user can do, rendered into flags at the edge; `None` for what streaming
+    /// recovers from by itself.
+    pub fn remedy(&self) -> Option<Remedy> {
+        match self {
+            StreamError::Spool { .. } => Some(Remedy::WalSpool),
+            StreamError::Slot { .. } => Some(Remedy::ReplicationUser),
+            _ => None,
+        }
+    }
 }
 
 /// Settings of the WAL stream.
@@ -229,8 +241,8 @@ async fn run(
             path: config.spool.clone(),
             source,
         };
-        tracing::error!(error = %e, "WAL streaming cannot start");
-        lock(&status).last_error = Some(e.to_string());
+        tracing::error!(error = %crate::error::render(&e), "WAL streaming cannot start");
+        lock(&status).last_error = Some(crate::error::render(&e));
         return;
     }
     spool::stop_leftover_receiver(&config.spool).await;
@@ -240,8 +252,8 @@ async fn run(
         match session(&config, &pg, &store, &settings, &status, &cancel).await {
             Ok(()) => break,
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "WAL streaming interrupted");
-                lock(&status).last_error = Some(e.to_string());
+                tracing::warn!(error = %crate::error::render(&e), retry_in = ?backoff, "WAL streaming interrupted");
+                lock(&status).last_error = Some(crate::error::render(&e));
             }
         }
         lock(&status).receiving = false;
@@ -307,8 +319,8 @@ async fn session(
             exit = receiver.exited() => break Ended::Exited(exit),
             _ = scan.tick() => {
                 if let Err(e) = shipper.ship_complete().await {
-                    tracing::warn!(error = %e, "shipping WAL failed; retrying");
-                    lock(status).last_error = Some(e.to_string());
+                    tracing::warn!(error = %crate::error::render(&e), "shipping WAL failed; retrying");
+                    lock(status).last_error = Some(crate::error::render(&e));
                     let waiting = shipper.unshipped().await;
                     if waiting >= config.max_unshipped {
                         break Ended::Paused(StreamError::SpoolFull { waiting, source: Box::new(e) });
@@ -317,8 +329,8 @@ async fn session(
             }
             _ = partial.tick() => {
                 if let Err(e) = shipper.ship_partial(false).await {
-                    tracing::warn!(error = %e, "shipping the partial WAL segment failed; retrying");
-                    lock(status).last_error = Some(e.to_string());
+                    tracing::warn!(error = %crate::error::render(&e), "shipping the partial WAL segment failed; retrying");
+                    lock(status).last_error = Some(crate::error::render(&e));
                 }
             }
         }
@@ -390,11 +402,13 @@ async fn prepare(
         Ok(pending) => {
             for upload in pending {
                 if let Err(e) = store.abort_upload(&upload).await {
-                    tracing::warn!(key = %upload.key, error = %e, "could not abort an interrupted WAL upload");
+                    tracing::warn!(key = %upload.key, error = %crate::error::render(&e), "could not abort an interrupted WAL upload");
                 }
             }
         }
-        Err(e) => tracing::warn!(error = %e, "could not list interrupted WAL uploads"),
+        Err(e) => {
+            tracing::warn!(error = %crate::error::render(&e), "could not list interrupted WAL uploads")
+        }
     }
     let mut shipper = spool::Shipper::new(
         archive,

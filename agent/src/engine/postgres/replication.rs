@@ -267,10 +267,10 @@ pub(super) const MAX_REASON: usize = 200;
 /// The most history lines read (one per earlier timeline).
 const MAX_HISTORY_LINES: usize = 10_000;
 
-/// Parses the content of a history file (the line format of [`crate::wal::history`]); lines
+/// Parses the content of a history file (the line format of [`crate::timeline_history`]); lines
 /// that do not parse are skipped (the last good line is what matters to a caller).
 pub fn parse_history_lines(text: &str) -> Vec<HistoryLine> {
-    use crate::wal::history::{is_blank, parse_line};
+    use crate::timeline_history::{is_blank, parse_line};
     text.lines()
         .take(MAX_HISTORY_LINES)
         .filter(|l| !is_blank(l))

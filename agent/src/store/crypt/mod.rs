@@ -570,7 +570,9 @@ mod tests {
         raw.put("x/a", Bytes::from(plain)).await.unwrap();
         let err = read(&crypt, "x/a").await.unwrap_err();
         assert!(matches!(err, StoreError::NotEncrypted { .. }), "{err}");
-        assert!(err.to_string().contains("--accept-unencrypted"), "{err}");
+        // The advice names the flag where the configuration is known, not in the store.
+        let shown = crate::error::render(&err);
+        assert!(shown.contains("--accept-unencrypted"), "{shown}");
     }
 
     #[tokio::test]
@@ -580,7 +582,7 @@ mod tests {
         let rotated = Crypt::new(raw.clone(), Keyring::new(vec![key(2), key(1)]), None);
         assert_eq!(read(&rotated, "k").await.unwrap(), b"hello");
         rotated.put("k2", Bytes::from_static(b"new")).await.unwrap();
-        let err = read(&old, "k2").await.unwrap_err().to_string();
+        let err = crate::error::render(&read(&old, "k2").await.unwrap_err());
         assert!(err.contains(&key(2).fingerprint()), "{err}");
         assert!(err.contains("--encryption-key-file"), "{err}");
         let plain = Crypt::new(raw.clone(), None, None);

@@ -4,7 +4,7 @@
 
 use aead::{AeadInPlace, KeyInit, generic_array::GenericArray, stream::DecryptorBE32};
 use aes_gcm::Aes256Gcm;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use zeroize::Zeroizing;
 
@@ -96,75 +96,94 @@ pub(super) fn open_stream(inner: ByteStream, key: String, crypt: Crypt, root: bo
         done: false,
     };
     Box::pin(futures::stream::try_unfold(state, |mut s| async move {
-        loop {
-            if s.done {
-                return Ok(None);
-            }
-            if s.plain {
-                if !s.buf.is_empty() {
-                    let out = s.buf.split().freeze();
-                    return Ok(Some((out, s)));
-                }
-                // A stream that ended must not be polled again (the S3 body stream panics).
-                if s.eof {
-                    return Ok(None);
-                }
-                return match s.inner.next().await {
-                    Some(chunk) => Ok(Some((chunk?, s))),
-                    None => Ok(None),
-                };
-            }
-            // Enough bytes to decide, or the end of the object.
-            let need = if s.started { SEALED_CHUNK + 1 } else { HEADER };
-            if s.buf.len() < need && !s.eof {
-                // At most one sealed chunk plus what one read of the inner stream brought.
-                match s.inner.next().await {
-                    Some(chunk) => s.buf.extend_from_slice(&chunk?),
-                    None => s.eof = true,
-                }
-                continue;
-            }
-            if !s.started {
-                let found = s.start()?;
-                s.crypt.admit(&s.key, found, s.root).await?;
-                s.started = true;
-                continue;
-            }
-            let Some(dec) = s.dec.as_mut() else {
-                return Err(tampered(&s.key, "it goes on after its final chunk"));
-            };
-            if s.buf.len() > SEALED_CHUNK {
-                let mut chunk = s.buf.split_to(SEALED_CHUNK);
-                if dec.decrypt_next_in_place(&s.aad, &mut chunk).is_err() {
-                    return Err(tampered(
-                        &s.key,
-                        "a chunk does not authenticate (altered, reordered or cut)",
-                    ));
-                }
-                return Ok(Some((chunk.freeze(), s)));
-            }
-            // The end: what is left is the final chunk.
-            if s.buf.len() < TAG {
-                return Err(tampered(
-                    &s.key,
-                    "it ends before its final chunk (truncated)",
-                ));
-            }
-            let mut chunk = s.buf.split();
-            let dec = s.dec.take().expect("checked above");
-            if dec.decrypt_last_in_place(&s.aad, &mut chunk).is_err() {
-                return Err(tampered(
-                    &s.key,
-                    "its last chunk does not authenticate (truncated, extended or altered)",
-                ));
-            }
-            s.done = true;
-            return Ok(Some((chunk.freeze(), s)));
-        }
+        Ok(s.next_piece().await?.map(|piece| (piece, s)))
     }))
 }
 
 impl Opening {
+    /// The next piece of plaintext, or `None` at the end of the object.
+    async fn next_piece(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            if self.done {
+                return Ok(None);
+            }
+            if self.plain {
+                return self.next_plain().await;
+            }
+            // Enough bytes to decide, or the end of the object.
+            let need = if self.started {
+                SEALED_CHUNK + 1
+            } else {
+                HEADER
+            };
+            if self.buf.len() < need && !self.eof {
+                // At most one sealed chunk plus what one read of the inner stream brought.
+                match self.inner.next().await {
+                    Some(chunk) => self.buf.extend_from_slice(&chunk?),
+                    None => self.eof = true,
+                }
+                continue;
+            }
+            if !self.started {
+                let found = self.start()?;
+                self.crypt.admit(&self.key, found, self.root).await?;
+                self.started = true;
+                continue;
+            }
+            return self.open_chunk().map(Some);
+        }
+    }
+
+    /// A plaintext object's next bytes: what the header check buffered, then the inner stream's.
+    async fn next_plain(&mut self) -> Result<Option<Bytes>> {
+        if !self.buf.is_empty() {
+            return Ok(Some(self.buf.split().freeze()));
+        }
+        // A stream that ended must not be polled again (the S3 body stream panics).
+        if self.eof {
+            return Ok(None);
+        }
+        match self.inner.next().await {
+            Some(chunk) => Ok(Some(chunk?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Opens the next sealed chunk in `buf`: a whole one followed by more bytes, or (at the end
+    /// of the object) the final one, which must authenticate as final.
+    fn open_chunk(&mut self) -> Result<Bytes> {
+        let Some(dec) = self.dec.as_mut() else {
+            return Err(tampered(&self.key, "it goes on after its final chunk"));
+        };
+        if self.buf.len() > SEALED_CHUNK {
+            let mut chunk = self.buf.split_to(SEALED_CHUNK);
+            if dec.decrypt_next_in_place(&self.aad, &mut chunk).is_err() {
+                return Err(tampered(
+                    &self.key,
+                    "a chunk does not authenticate (altered, reordered or cut)",
+                ));
+            }
+            return Ok(chunk.freeze());
+        }
+        // The end: what is left is the final chunk.
+        if self.buf.len() < TAG {
+            return Err(tampered(
+                &self.key,
+                "it ends before its final chunk (truncated)",
+            ));
+        }
+        let mut chunk = self.buf.split();
+        let dec = self.dec.take().expect("checked above");
+        if dec.decrypt_last_in_place(&self.aad, &mut chunk).is_err() {
+            return Err(tampered(
+                &self.key,
+                "its last chunk does not authenticate (truncated, extended or altered)",
+            ));
+        }
+        self.done = true;
+        Ok(chunk.freeze())
+    }
+
     /// Reads the first bytes: an encrypted object's header (opened), or plaintext.
     fn start(&mut self) -> Result<Found> {
         let magic = self.buf.get(..MAGIC.len());

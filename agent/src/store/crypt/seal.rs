@@ -272,6 +272,8 @@ impl Upload for SealedUpload {
                 key: self.key.clone(),
                 message: "a part after the last one".into(),
                 retryable: false,
+                remedy: None,
+                source: None,
             });
         }
         let last = data.len() < MIN_PART_SIZE;

@@ -3,7 +3,8 @@
 use aws_sdk_s3::primitives::ByteStream as AwsByteStream;
 use bytes::Bytes;
 
-use super::{Result, S3Store, StoreError, error::describe_chain};
+use super::{Result, S3Store, StoreError};
+use crate::store::Cause;
 
 /// An object being read. When its connection breaks or freezes, the rest is fetched with a
 /// ranged GET conditioned on the ETag, so a long restore survives a reset instead of starting
@@ -27,39 +28,46 @@ impl Download {
         loop {
             let body = self.body.as_mut()?;
             let idle = self.store.retry.stall_timeout;
-            let cause = match tokio::time::timeout(idle, body.next()).await {
-                Ok(Some(Ok(bytes))) => {
-                    self.offset += bytes.len() as u64;
-                    self.stalls = 0;
-                    return Some(Ok(bytes));
-                }
-                Ok(None) => match self.length {
-                    Some(len) if self.offset < len => {
-                        format!("the connection ended after {} of {len} bytes", self.offset)
+            let (cause, source): (String, Option<Cause>) =
+                match tokio::time::timeout(idle, body.next()).await {
+                    Ok(Some(Ok(bytes))) => {
+                        self.offset += bytes.len() as u64;
+                        self.stalls = 0;
+                        return Some(Ok(bytes));
                     }
-                    _ => {
-                        self.body = None;
-                        return None;
+                    Ok(None) => match self.length {
+                        Some(len) if self.offset < len => (
+                            format!("the connection ended after {} of {len} bytes", self.offset),
+                            None,
+                        ),
+                        _ => {
+                            self.body = None;
+                            return None;
+                        }
+                    },
+                    Ok(Some(Err(e))) => ("the connection broke".into(), Some(Cause::new(e))),
+                    Err(_) => {
+                        self.store.health.timed_out();
+                        (
+                            format!("no bytes arrived for {}s", idle.as_secs_f32()),
+                            None,
+                        )
                     }
-                },
-                Ok(Some(Err(e))) => describe_chain(&e),
-                Err(_) => {
-                    self.store.health.timed_out();
-                    format!("no bytes arrived for {}s", idle.as_secs_f32())
-                }
-            };
+                };
             self.body = None;
-            if let Err(e) = self.resume(cause).await {
+            if let Err(e) = self.resume(cause, source).await {
                 return Some(Err(e));
             }
         }
     }
 
-    async fn resume(&mut self, cause: String) -> Result<()> {
+    async fn resume(&mut self, cause: String, source: Option<Cause>) -> Result<()> {
         let err = StoreError::Request {
             key: self.key.clone(),
             message: format!("download interrupted at byte {}: {cause}", self.offset),
             retryable: true,
+            remedy: None,
+            source,
         };
         self.stalls += 1;
         let policy = self.store.retry;
@@ -74,7 +82,7 @@ impl Download {
         }
         self.store.health.resumed();
         let wait = policy.delay(self.stalls + 1);
-        tracing::warn!(key = %self.key, offset = self.offset, retry_in = ?wait, error = %err, "resuming an interrupted download");
+        tracing::warn!(key = %self.key, offset = self.offset, retry_in = ?wait, error = %crate::error::render(&err), "resuming an interrupted download");
         tokio::time::sleep(wait).await;
         let out = self
             .store

@@ -1,5 +1,5 @@
-//! S3 errors as the rest of the agent sees them: each names the key and says what to do, and
-//! says whether retrying may help.
+//! S3 errors as the rest of the agent sees them: each names the key, says whether retrying may
+//! help and, through its [`Remedy`], what to do.
 
 use aws_sdk_s3::{
     config::http::HttpResponse,
@@ -7,106 +7,124 @@ use aws_sdk_s3::{
 };
 
 use super::{ObjectMeta, Result, StoreError};
+use crate::error::Remedy;
+use crate::store::Cause;
 
-/// Converts any SDK error into a [`StoreError`] that names the key and says what to do.
+/// Converts any SDK error into a [`StoreError`] that names the key; what to do is its
+/// [`Remedy`], and the SDK's own error stays its `source` where the agent has no better words.
 pub(super) fn map_err<E>(key: &str, bucket: &str, err: SdkError<E, HttpResponse>) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    let key = key.to_string();
-    match &err {
-        SdkError::DispatchFailure(_) => StoreError::Request {
-            key,
-            message: format!(
-                "could not reach the S3 endpoint ({}); check AWS_ENDPOINT_URL and the network",
-                describe_chain(&err)
-            ),
-            retryable: true,
-        },
-        SdkError::TimeoutError(_) => StoreError::Request {
-            key,
-            message: "timed out talking to the S3 endpoint".into(),
-            retryable: true,
-        },
+    let (message, retryable, remedy) = match &err {
         SdkError::ServiceError(svc) => {
             let e = svc.err();
-            let code = e.code().unwrap_or("").to_string();
-            let message = e.message().unwrap_or("").to_string();
-            let detail = if message.is_empty() {
-                code.clone()
-            } else {
-                format!("{code}: {message}")
+            let answer = Answer {
+                code: e.code().unwrap_or(""),
+                message: e.message().unwrap_or(""),
+                status: svc.raw().status().as_u16(),
             };
-            match code.as_str() {
-                "NoSuchKey" | "NotFound" | "NoSuchUpload" => StoreError::NotFound { key },
-                "NoSuchBucket" => StoreError::NoSuchBucket {
-                    bucket: bucket.to_string(),
-                },
-                "AccessDenied"
-                | "InvalidAccessKeyId"
-                | "SignatureDoesNotMatch"
-                | "InvalidToken"
-                | "ExpiredToken"
-                | "Forbidden" => StoreError::AccessDenied {
-                    key,
-                    message: detail,
-                },
-                "InvalidDigest" | "BadDigest" | "XAmzContentSHA256Mismatch" | "InvalidPart" => {
-                    StoreError::ChecksumRejected {
-                        key,
-                        message: detail,
-                    }
-                }
-                "PreconditionFailed" => StoreError::Request {
-                    key,
-                    message: format!(
-                        "the object changed while it was being read ({detail}); read it again"
-                    ),
-                    retryable: false,
-                },
-                "SlowDown"
-                | "InternalError"
-                | "ServiceUnavailable"
-                | "RequestTimeout"
-                | "RequestTimeTooSkewed" => StoreError::Request {
-                    key,
-                    message: detail,
-                    retryable: true,
-                },
-                // Any other answer is judged by its status: a 5xx, 408 or 429 whose body named
-                // no code we know (or was cut off before it could) is the server or the path to
-                // it failing, which a retry may get past, as S3's own guidance says.
-                _ => {
-                    let status = svc.raw().status().as_u16();
-                    StoreError::Request {
-                        key,
-                        message: if detail.is_empty() {
-                            format!("{err} (HTTP {status})")
-                        } else {
-                            detail
-                        },
-                        retryable: status >= 500 || status == 408 || status == 429,
-                    }
-                }
-            }
+            return answer.into_error(key, bucket, || err.to_string());
         }
+        SdkError::DispatchFailure(_) => (
+            "could not reach the S3 endpoint",
+            true,
+            Some(Remedy::StoreEndpoint),
+        ),
+        SdkError::TimeoutError(_) => ("timed out talking to the S3 endpoint", true, None),
         // An answer that could not be read (a connection cut in the middle of it): like a
         // dispatch failure, the next attempt may get a whole one.
-        SdkError::ResponseError(_) => StoreError::Request {
-            key,
-            message: describe_chain(&err),
-            retryable: true,
-        },
-        SdkError::ConstructionFailure(_) => StoreError::Request {
-            key,
-            message: describe_chain(&err),
-            retryable: false,
-        },
-        _ => StoreError::Request {
-            key,
-            message: describe_chain(&err),
-            retryable: false,
-        },
+        SdkError::ResponseError(_) => ("the store's answer could not be read", true, None),
+        SdkError::ConstructionFailure(_) => ("the request could not be built", false, None),
+        _ => ("the request failed", false, None),
+    };
+    StoreError::Request {
+        key: key.to_string(),
+        message: message.into(),
+        retryable,
+        remedy,
+        source: Some(Cause::new(err)),
+    }
+}
+
+/// What an S3 server answered to a failed request: its error code and message (both possibly
+/// empty: a body cut off, or not S3's XML) and the HTTP status. The answer is the cause, kept
+/// as the server's words in the error.
+struct Answer<'a> {
+    code: &'a str,
+    message: &'a str,
+    status: u16,
+}
+
+impl Answer<'_> {
+    /// `code: message`, or what there is of them.
+    fn detail(&self) -> String {
+        if self.message.is_empty() {
+            self.code.to_string()
+        } else {
+            format!("{}: {}", self.code, self.message)
+        }
+    }
+
+    /// The error this answer means for `key`; `whole` describes the SDK's error for an answer
+    /// that says nothing of its own.
+    fn into_error(self, key: &str, bucket: &str, whole: impl FnOnce() -> String) -> StoreError {
+        let key = key.to_string();
+        let request = |message: String, retryable: bool| StoreError::Request {
+            key: key.clone(),
+            message,
+            retryable,
+            remedy: None,
+            source: None,
+        };
+        match self.code {
+            "NoSuchKey" | "NotFound" | "NoSuchUpload" => StoreError::NotFound { key },
+            "NoSuchBucket" => StoreError::NoSuchBucket {
+                bucket: bucket.to_string(),
+            },
+            "AccessDenied"
+            | "InvalidAccessKeyId"
+            | "SignatureDoesNotMatch"
+            | "InvalidToken"
+            | "ExpiredToken"
+            | "Forbidden" => StoreError::AccessDenied {
+                message: self.detail(),
+                key,
+            },
+            "InvalidDigest" | "BadDigest" | "XAmzContentSHA256Mismatch" | "InvalidPart" => {
+                StoreError::ChecksumRejected {
+                    message: self.detail(),
+                    key,
+                }
+            }
+            "PreconditionFailed" => request(
+                format!(
+                    "the object changed while it was being read ({}); read it again",
+                    self.detail()
+                ),
+                false,
+            ),
+            "SlowDown"
+            | "InternalError"
+            | "ServiceUnavailable"
+            | "RequestTimeout"
+            | "RequestTimeTooSkewed" => request(self.detail(), true),
+            // Any other answer is judged by its status: a 5xx, 408 or 429 whose body named no
+            // code we know (or was cut off before it could) is the server or the path to it
+            // failing, which a retry may get past, as S3's own guidance says.
+            _ => {
+                let status = self.status;
+                let detail = self.detail();
+                request(
+                    if detail.is_empty() {
+                        format!("{} (HTTP {status})", whole())
+                    } else {
+                        detail
+                    },
+                    status >= 500 || status == 408 || status == 429,
+                )
+            }
+        }
     }
 }
 
@@ -132,20 +150,6 @@ pub(super) fn map_head_err(
         }
     }
     Err(map_err(key, bucket, err))
-}
-
-pub(super) fn describe_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]
@@ -175,5 +179,40 @@ mod tests {
         for status in [400, 405, 409, 411] {
             assert!(!bare_answer(status).is_retryable(), "{status}");
         }
+    }
+
+    #[test]
+    fn an_unreachable_endpoint_keeps_the_clients_error_and_the_edge_says_what_to_do() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "port 9 refused");
+        let err = SdkError::<UploadPartError, HttpResponse>::dispatch_failure(
+            aws_sdk_s3::error::ConnectorError::io(Box::new(refused)),
+        );
+        let e = map_err("k", "b", err);
+        assert!(e.is_retryable(), "{e}");
+        assert_eq!(e.remedy(), Some(Remedy::StoreEndpoint));
+        // The store's own message names no configuration; the cause is reachable, not flattened.
+        let own = e.to_string();
+        assert!(
+            !own.contains("AWS_ENDPOINT_URL") && !own.contains("port 9"),
+            "{own}"
+        );
+        let mut cause = std::error::Error::source(&e);
+        let mut io = None;
+        while let Some(c) = cause {
+            io = io.or(c.downcast_ref::<std::io::Error>());
+            cause = c.source();
+        }
+        assert_eq!(
+            io.map(|e| e.kind()),
+            Some(std::io::ErrorKind::ConnectionRefused)
+        );
+        // Rendered for a user: what failed, the client's reason, then the advice.
+        let shown = crate::error::render(&e);
+        assert!(shown.starts_with(&own), "{shown}");
+        assert!(shown.contains("port 9 refused"), "{shown}");
+        assert!(
+            shown.ends_with("; check AWS_ENDPOINT_URL and the network"),
+            "{shown}"
+        );
     }
 }

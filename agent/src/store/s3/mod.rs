@@ -243,6 +243,8 @@ impl Store for S3Store {
                     key: key.to_string(),
                     message: "the store started a multipart upload without giving its id".into(),
                     retryable: false,
+                    remedy: None,
+                    source: None,
                 });
             }
         };
@@ -470,6 +472,8 @@ fn listing_loops(prefix: &str) -> StoreError {
         key: prefix.to_string(),
         message: "the store's listing does not end (it repeats its continuation, or has more than 100 000 pages); the endpoint is not behaving like S3".into(),
         retryable: false,
+        remedy: None,
+        source: None,
     }
 }
 
@@ -511,6 +515,8 @@ impl S3Store {
                         out.content_range().unwrap_or("the whole object")
                     ),
                     retryable: false,
+                    remedy: None,
+                    source: None,
                 });
             }
         }

@@ -89,6 +89,8 @@ impl Upload for S3Upload {
                     key: key.clone(),
                     message: format!("hashing part {number} failed: {e}"),
                     retryable: false,
+                    remedy: None,
+                    source: None,
                 })?;
             let (store, data, checksum, full_key, upload_id, key) =
                 (&store, &data, &checksum, &full_key, &upload_id, &key);
