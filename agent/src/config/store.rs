@@ -1,6 +1,7 @@
 //! Flags of the store: where backups live, how they are encrypted and locked, how requests are
 //! retried, and whose uploads this agent owns.
 
+use anyhow::Context as _;
 use std::{path::PathBuf, sync::Arc};
 
 use crate::{owner::OwnerId, store};
@@ -142,8 +143,9 @@ impl StoreArgs {
     }
 
     /// The keys of --encryption-key-file, read and checked.
-    pub fn keyring(&self) -> Result<Option<store::Keyring>, store::crypt::KeyError> {
+    pub fn keyring(&self) -> anyhow::Result<Option<store::Keyring>> {
         store::Keyring::from_files(&self.encryption_key_files)
+            .context("--encryption-key-file (SOMA_ENCRYPTION_KEY_FILE)")
     }
 
     /// --owner-id, or the host name when it is not given.
@@ -186,7 +188,7 @@ impl StoreArgs {
             Some(from) => (from.as_str(), "--restore-from / SOMA_RESTORE_FROM"),
             None => (self.store.as_str(), "--store / SOMA_STORE"),
         };
-        let keyring = self.keyring().map_err(|e| e.to_string())?;
+        let keyring = self.keyring().map_err(|e| format!("{e:#}"))?;
         self.open(keyring, location, true, &Default::default())
             .await
             .map_err(|e| format!("{flags}: {e}"))

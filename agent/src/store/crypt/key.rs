@@ -1,4 +1,4 @@
-//! The keys of `--encryption-key-file`: reading a key file, its fingerprint, and the keyring
+//! The store's encryption keys: reading a key file, its fingerprint, and the keyring
 //! (the first key encrypts, every one decrypts).
 
 use std::{fmt, path::Path};
@@ -14,7 +14,7 @@ use super::FINGERPRINT;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// The file cannot be read.
-    #[error("--encryption-key-file {}: {source}", path.display())]
+    #[error("key file {}: {source}", path.display())]
     Read {
         /// The file.
         path: std::path::PathBuf,
@@ -23,7 +23,7 @@ pub enum KeyError {
     },
     /// The file does not hold a 32-byte key.
     #[error(
-        "--encryption-key-file {}: {why}; a key file holds 32 random bytes, raw or as 64 hex digits or base64; make one with `openssl rand -base64 32 > key` or `head -c 32 /dev/urandom > key`",
+        "key file {}: {why}; a key file holds 32 random bytes, raw or as 64 hex digits or base64; make one with `openssl rand -base64 32 > key` or `head -c 32 /dev/urandom > key`",
         path.display()
     )]
     Format {
@@ -33,7 +33,7 @@ pub enum KeyError {
         why: String,
     },
     /// The same key was given twice.
-    #[error("--encryption-key-file {}: the same key (fingerprint {fingerprint}) is given twice", path.display())]
+    #[error("key file {}: the same key (fingerprint {fingerprint}) is given twice", path.display())]
     Duplicate {
         /// The second file.
         path: std::path::PathBuf,
@@ -149,7 +149,7 @@ pub struct Keyring {
 }
 
 impl Keyring {
-    /// The keys of `--encryption-key-file`, in order; `None` when none is given.
+    /// The keys the agent was given, in order; `None` when none is given.
     pub fn from_files(paths: &[std::path::PathBuf]) -> Result<Option<Self>, KeyError> {
         let mut keys: Vec<Key> = Vec::new();
         for path in paths {
