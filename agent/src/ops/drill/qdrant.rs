@@ -14,7 +14,7 @@ use crate::{
     jobs::Reporter,
     ops::{
         Context,
-        qdrant::{QdrantDetails, QdrantOpError, restore_qdrant},
+        qdrant::{QdrantDetails, restore_qdrant},
     },
 };
 
@@ -27,11 +27,7 @@ pub(super) async fn drill(
     reporter: &Reporter,
 ) -> Result<(f64, Vec<Check>), OpError> {
     let q = ctx.qdrant()?;
-    let details: QdrantDetails =
-        serde_json::from_value(m.details.clone()).map_err(|e| QdrantOpError::BadDetails {
-            id: m.id.clone(),
-            reason: e.to_string(),
-        })?;
+    let details = QdrantDetails::of(m)?;
     let existing = q.collections().await?;
     let started = Instant::now();
     let mut restored = Vec::with_capacity(details.collections.len());
@@ -46,7 +42,7 @@ pub(super) async fn drill(
             ctx.clone(),
             m.clone(),
             vec![name.clone()],
-            target.clone(),
+            Some(target.clone()),
             false,
             reporter.clone(),
         )

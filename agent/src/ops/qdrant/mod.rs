@@ -88,6 +88,17 @@ pub struct QdrantDetails {
     pub cluster: Option<ClusterRecord>,
 }
 
+impl QdrantDetails {
+    /// The details of a Qdrant manifest (read back from the store: untrusted), or why they are
+    /// not what an agent writes.
+    pub fn of(m: &crate::catalog::Manifest) -> Result<Self, QdrantOpError> {
+        serde_json::from_value(m.details.clone()).map_err(|e| QdrantOpError::BadDetails {
+            id: m.id.clone(),
+            reason: e.to_string(),
+        })
+    }
+}
+
 /// The distributed Qdrant a backup was taken from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterRecord {
@@ -381,11 +392,7 @@ pub fn check_shards_complete(m: &crate::catalog::Manifest) -> Result<String, Qdr
     if m.engine != crate::catalog::Engine::Qdrant {
         return Ok(String::new());
     }
-    let details: QdrantDetails =
-        serde_json::from_value(m.details.clone()).map_err(|e| QdrantOpError::BadDetails {
-            id: m.id.clone(),
-            reason: e.to_string(),
-        })?;
+    let details = QdrantDetails::of(m)?;
     let shards = check_shards(m, &details)?;
     Ok(if shards == 0 {
         String::new()
