@@ -5,6 +5,7 @@
 pub mod artifact;
 pub mod delete;
 pub mod drill;
+pub mod method;
 pub mod physical;
 pub mod plan;
 pub mod postgres;

@@ -10,11 +10,19 @@ mod restore;
 pub use backup::backup_qdrant;
 pub use restore::restore_qdrant;
 
+use crate::{catalog::Manifest, error::OpError, jobs::Reporter};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use soma_proto::v1;
+
+use super::{
+    Context,
+    drill::{self, DrillError, Scratch},
+    method::{DrillResult, Method, MethodFuture},
+};
 
 use crate::{
     catalog::{BackupId, Kind},
@@ -554,5 +562,38 @@ mod tests {
             assert_eq!(serde_json::from_str::<SnapshotMode>(text).unwrap(), mode);
             assert_eq!(serde_json::to_string(&mode).unwrap(), text);
         }
+    }
+}
+
+/// Qdrant snapshots as a [`Method`]: a verify also checks that a shard-by-shard backup holds
+/// every shard its layout records; storage snapshots cannot be drilled.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QdrantMethod;
+
+impl Method for QdrantMethod {
+    fn check_drillable(&self, ctx: &Context, m: &Manifest) -> Result<(), OpError> {
+        if m.kind == Kind::QdrantStorage {
+            return Err(DrillError::Unsupported {
+                id: m.id.clone(),
+                kind: "Qdrant storage snapshot",
+                why: "Qdrant recovers storage snapshots only at its start-up, not into a scratch collection; drill a collection backup instead",
+            }
+            .into());
+        }
+        ctx.qdrant().map(drop)
+    }
+
+    fn drill<'a>(
+        &'a self,
+        ctx: &'a Arc<Context>,
+        m: &'a Manifest,
+        scratch: &'a Scratch,
+        reporter: &'a Reporter,
+    ) -> MethodFuture<'a, DrillResult> {
+        Box::pin(drill::qdrant::drill(ctx, m, scratch, reporter))
+    }
+
+    fn verify_manifest(&self, m: &Manifest) -> Result<String, OpError> {
+        Ok(check_shards_complete(m)?)
     }
 }
