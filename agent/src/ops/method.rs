@@ -11,6 +11,7 @@ use std::{future::Future, pin::Pin, sync::Arc};
 
 use super::{
     Context,
+    details::Details,
     drill::{Check, Scratch},
 };
 use crate::{
@@ -49,6 +50,10 @@ pub trait Method: Send + Sync {
         scratch: &'a Scratch,
         reporter: &'a Reporter,
     ) -> MethodFuture<'a, DrillResult>;
+
+    /// The manifest's details, read as this method writes them; details that are not are an
+    /// error naming the backup.
+    fn details(&self, m: &Manifest) -> Result<Details, OpError>;
 
     /// Checks a verify makes on the manifest before reading its artifacts back; returns what
     /// the verify's summary adds (empty: nothing).

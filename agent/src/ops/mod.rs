@@ -4,6 +4,7 @@
 
 pub mod artifact;
 pub mod delete;
+pub mod details;
 pub mod drill;
 pub mod method;
 pub mod physical;

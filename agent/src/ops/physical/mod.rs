@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     Context,
     artifact::ArtifactName,
+    details::Details,
     drill::{self, Scratch},
     method::{DrillResult, Method, MethodFuture},
 };
@@ -338,6 +339,10 @@ impl Method for PhysicalMethod {
         reporter: &'a Reporter,
     ) -> MethodFuture<'a, DrillResult> {
         Box::pin(drill::physical::drill(ctx, m, scratch, reporter))
+    }
+
+    fn details(&self, m: &Manifest) -> Result<Details, OpError> {
+        Ok(Details::Physical(PhysicalDetails::of(m)?))
     }
 
     fn verify_beyond<'a>(

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Context,
+    details::Details,
     drill::{self, Scratch},
     method::{DrillResult, Method, MethodFuture},
 };
@@ -180,5 +181,9 @@ impl Method for LogicalMethod {
         reporter: &'a Reporter,
     ) -> MethodFuture<'a, DrillResult> {
         Box::pin(drill::logical::drill(ctx, m, scratch, reporter))
+    }
+
+    fn details(&self, m: &Manifest) -> Result<Details, OpError> {
+        Ok(Details::Logical(LogicalDetails::of(m)?))
     }
 }

@@ -20,6 +20,7 @@ use soma_proto::v1;
 
 use super::{
     Context,
+    details::Details,
     drill::{self, DrillError, Scratch},
     method::{DrillResult, Method, MethodFuture},
 };
@@ -591,6 +592,10 @@ impl Method for QdrantMethod {
         reporter: &'a Reporter,
     ) -> MethodFuture<'a, DrillResult> {
         Box::pin(drill::qdrant::drill(ctx, m, scratch, reporter))
+    }
+
+    fn details(&self, m: &Manifest) -> Result<Details, OpError> {
+        Ok(Details::Qdrant(QdrantDetails::of(m)?))
     }
 
     fn verify_manifest(&self, m: &Manifest) -> Result<String, OpError> {
