@@ -24,6 +24,7 @@ use crate::{
     ops::{
         Context, Outcome,
         artifact::{ArtifactName, Source, write_artifact},
+        details::Details,
     },
     pipeline::UploadSummary,
 };
@@ -38,10 +39,6 @@ pub async fn backup_qdrant(
 ) -> Result<Outcome, OpError> {
     let q = ctx.qdrant()?;
     let started_at = Utc::now();
-    let mode = SnapshotMode::from_proto(match mode {
-        v1::QdrantMode::Unspecified => ctx.qdrant_mode,
-        m => m,
-    });
     reporter.set_operation_id(id.as_str());
     reporter.phase(
         "preparing",
@@ -49,52 +46,8 @@ pub async fn backup_qdrant(
     );
     let version = q.version().await?;
     let nodes = Nodes::read(q).await?;
-    let mode = match mode {
-        SnapshotMode::FullStorage if nodes.distributed => {
-            return Err(QdrantOpError::FullStorageInCluster.into());
-        }
-        SnapshotMode::Collection if nodes.distributed => {
-            tracing::info!(
-                peers = nodes.peers.len(),
-                "Qdrant runs distributed: a collection snapshot would hold this node's shards only, so every shard is streamed from a node holding an active replica"
-            );
-            SnapshotMode::ShardStream
-        }
-        mode => mode,
-    };
-    if mode == SnapshotMode::ShardStream
-        && minor_of(&version).is_none_or(|v| v < SHARD_STREAM_SINCE)
-    {
-        return Err(QdrantError::Unsupported {
-            feature: if nodes.distributed {
-                "backing up a distributed Qdrant (it streams each shard from a node holding it)"
-            } else {
-                "streaming shard snapshots (no local staging)"
-            },
-            needs: format!("{}.{}", SHARD_STREAM_SINCE.0, SHARD_STREAM_SINCE.1),
-            server: version,
-        }
-        .into());
-    }
-    super::check_requested(&requested)?;
-    let existing = q.collections().await?;
-    let collections = if requested.is_empty() {
-        existing
-    } else {
-        for c in &requested {
-            if !existing.contains(c) {
-                return Err(QdrantError::NotFound {
-                    what: format!("collection {c}"),
-                    message: format!("the server has: {}", existing.join(", ")),
-                }
-                .into());
-            }
-        }
-        requested
-    };
-    if collections.is_empty() && mode != SnapshotMode::FullStorage {
-        return Err(QdrantOpError::NoCollections.into());
-    }
+    let mode = mode_for(mode, ctx.qdrant_mode, &nodes, &version)?;
+    let collections = choose_collections(q, requested, mode).await?;
     let aliases: Vec<Alias> = q
         .aliases()
         .await?
@@ -117,11 +70,10 @@ pub async fn backup_qdrant(
         Engine::Qdrant,
         mode.kind(),
         Target {
-            name: if collections.is_empty() {
-                "storage".into()
-            } else {
-                collections.join(",")
-            },
+            // A storage snapshot names no collection.
+            name: Some(collections.join(","))
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "storage".into()),
             server: q.url(),
             server_version: version.clone(),
         },
@@ -133,7 +85,7 @@ pub async fn backup_qdrant(
     )
     .with_artifacts(artifacts)
     .with_details(
-        serde_json::to_value(QdrantDetails {
+        Details::Qdrant(QdrantDetails {
             qdrant_version: version,
             mode,
             aliases,
@@ -143,7 +95,7 @@ pub async fn backup_qdrant(
                 peers: nodes.peers.keys().copied().collect(),
             }),
         })
-        .expect("details serialise"),
+        .to_value()?,
     );
     reporter.phase("committing", "writing the manifest");
     ctx.catalog.commit(&manifest).await?;
@@ -154,6 +106,75 @@ pub async fn backup_qdrant(
         ),
         manifest,
     ))
+}
+
+/// The mode a backup is taken in: as requested, else the agent's `default`. A distributed
+/// Qdrant is streamed shard by shard (a collection snapshot holds one node's shards only) and
+/// has no storage snapshot; streaming needs a server recent enough.
+fn mode_for(
+    requested: v1::QdrantMode,
+    default: v1::QdrantMode,
+    nodes: &Nodes,
+    version: &str,
+) -> Result<SnapshotMode, OpError> {
+    let mode = SnapshotMode::from_proto(match requested {
+        v1::QdrantMode::Unspecified => default,
+        m => m,
+    });
+    let mode = match mode {
+        SnapshotMode::FullStorage if nodes.distributed => {
+            return Err(QdrantOpError::FullStorageInCluster.into());
+        }
+        SnapshotMode::Collection if nodes.distributed => {
+            tracing::info!(
+                peers = nodes.peers.len(),
+                "Qdrant runs distributed: a collection snapshot would hold this node's shards only, so every shard is streamed from a node holding an active replica"
+            );
+            SnapshotMode::ShardStream
+        }
+        mode => mode,
+    };
+    if mode == SnapshotMode::ShardStream && minor_of(version).is_none_or(|v| v < SHARD_STREAM_SINCE)
+    {
+        return Err(QdrantError::Unsupported {
+            feature: if nodes.distributed {
+                "backing up a distributed Qdrant (it streams each shard from a node holding it)"
+            } else {
+                "streaming shard snapshots (no local staging)"
+            },
+            needs: format!("{}.{}", SHARD_STREAM_SINCE.0, SHARD_STREAM_SINCE.1),
+            server: version.to_string(),
+        }
+        .into());
+    }
+    Ok(mode)
+}
+
+/// The collections a backup takes: those requested, each of which the server must have, or all
+/// of them (none only for a storage snapshot).
+async fn choose_collections(
+    q: &Qdrant,
+    requested: Vec<String>,
+    mode: SnapshotMode,
+) -> Result<Vec<String>, OpError> {
+    super::check_requested(&requested)?;
+    let existing = q.collections().await?;
+    let collections = if requested.is_empty() {
+        existing
+    } else {
+        if let Some(c) = requested.iter().find(|c| !existing.contains(c)) {
+            return Err(QdrantError::NotFound {
+                what: format!("collection {c}"),
+                message: format!("the server has: {}", existing.join(", ")),
+            }
+            .into());
+        }
+        requested
+    };
+    if collections.is_empty() && mode != SnapshotMode::FullStorage {
+        return Err(QdrantOpError::NoCollections.into());
+    }
+    Ok(collections)
 }
 
 type Taken = (Vec<Artifact>, BTreeMap<String, CollectionRecord>);
