@@ -12,12 +12,12 @@ use tokio::io::AsyncRead;
 use super::{
     COLLECTION_FORMAT, ClusterRecord, CollectionRecord, QdrantDetails, QdrantOpError, SHARD_FORMAT,
     STORAGE_FORMAT, SampleRecord, SnapshotMode, collection_slug,
-    layout::{Nodes, read_layout},
+    layout::{self, Nodes, ShardLayout, read_layout},
 };
 use crate::{
     catalog::{Artifact, BackupId, Engine, Manifest, Target, Tool},
     engine::qdrant::{
-        Alias, Qdrant, QdrantError, SHARD_STREAM_SINCE, SnapshotDescription, minor_of,
+        Alias, PeerId, Qdrant, QdrantError, SHARD_STREAM_SINCE, SnapshotDescription, minor_of,
     },
     error::OpError,
     jobs::Reporter,
@@ -188,11 +188,16 @@ async fn take_snapshots(
     mode: SnapshotMode,
     reporter: &Reporter,
 ) -> Result<Taken, OpError> {
-    let mut artifacts = Vec::new();
+    let mut taking = Taking {
+        ctx,
+        q,
+        nodes,
+        id,
+        reporter,
+        checked: std::collections::BTreeSet::new(),
+        artifacts: Vec::new(),
+    };
     let mut records = BTreeMap::new();
-    // Nodes asked who they are: once per backup.
-    let mut checked = std::collections::BTreeSet::new();
-    let checked = &mut checked;
     for (index, c) in collections.iter().enumerate() {
         let (info, sharded) = if mode == SnapshotMode::ShardStream {
             let (layout, sources, info) = read_layout(q, nodes, c).await?;
@@ -214,47 +219,84 @@ async fn take_snapshots(
                     collection: c.clone(),
                     detail: "its layout was not read".into(),
                 })?;
-                let mut layout = layout;
-                for source in sources {
-                    let shard = source.shard;
-                    let node = nodes.checked_client(q, source.peer, checked).await?;
-                    let name = format!(
-                        "collections/{}/shard-{shard}.snapshot.zst",
-                        collection_slug(index, c)
-                    );
-                    reporter.phase(
-                        "streaming",
-                        format!("{c} shard {shard} from {} → zstd → store", node.url()),
-                    );
-                    let reader = node.stream_shard(c, shard).await?;
-                    let what = ArtifactName {
-                        name: &name,
-                        format: SHARD_FORMAT,
-                    };
-                    let art = store_artifact(ctx, id, what, reader, reporter, None).await?;
-                    // Qdrant streams a local replica whatever its state: one marked dead while
-                    // it was streamed may have missed writes, so it must still be active.
-                    still_active(&node, c, shard, source.peer).await?;
-                    artifacts.push(Artifact {
-                        collection: Some(c.clone()),
-                        shard: Some(shard),
-                        ..art
-                    });
-                }
-                layout.exact_count_end = Some(q.exact_count(c).await?);
+                let layout = taking.shards(index, c, layout, sources).await?;
                 record.layout = Some(layout);
             }
             SnapshotMode::FullStorage => {}
             SnapshotMode::Collection => {
                 let name = format!("collections/{}.snapshot.zst", collection_slug(index, c));
                 let (art, desc) = snapshot_collection(ctx, q, id, c, &name, reporter).await?;
-                artifacts.push(art);
+                taking.artifacts.push(art);
                 record.snapshot = Some(desc);
             }
         }
         records.insert(c.clone(), record);
     }
     if mode == SnapshotMode::FullStorage {
+        taking.full_storage().await?;
+    }
+    Ok((taking.artifacts, records))
+}
+
+/// One backup's snapshots as they are taken: the artifacts stored so far, and the nodes already
+/// asked who they are (once per backup).
+struct Taking<'a> {
+    ctx: &'a Context,
+    q: &'a Qdrant,
+    nodes: &'a Nodes,
+    id: &'a BackupId,
+    reporter: &'a Reporter,
+    checked: std::collections::BTreeSet<PeerId>,
+    artifacts: Vec<Artifact>,
+}
+
+impl Taking<'_> {
+    /// Streams every shard of collection `c` from the peer chosen for it; the layout comes back
+    /// with the collection's exact count once they are all stored.
+    async fn shards(
+        &mut self,
+        index: usize,
+        c: &str,
+        mut layout: ShardLayout,
+        sources: Vec<layout::Source>,
+    ) -> Result<ShardLayout, OpError> {
+        for source in sources {
+            let shard = source.shard;
+            let node = self
+                .nodes
+                .checked_client(self.q, source.peer, &mut self.checked)
+                .await?;
+            let name = format!(
+                "collections/{}/shard-{shard}.snapshot.zst",
+                collection_slug(index, c)
+            );
+            self.reporter.phase(
+                "streaming",
+                format!("{c} shard {shard} from {} → zstd → store", node.url()),
+            );
+            let reader = node.stream_shard(c, shard).await?;
+            let what = ArtifactName {
+                name: &name,
+                format: SHARD_FORMAT,
+            };
+            let art = store_artifact(self.ctx, self.id, what, reader, self.reporter, None).await?;
+            // Qdrant streams a local replica whatever its state: one marked dead while it was
+            // streamed may have missed writes, so it must still be active.
+            still_active(&node, c, shard, source.peer).await?;
+            self.artifacts.push(Artifact {
+                collection: Some(c.to_string()),
+                shard: Some(shard),
+                ..art
+            });
+        }
+        layout.exact_count_end = Some(self.q.exact_count(c).await?);
+        Ok(layout)
+    }
+
+    /// A storage snapshot of the node, streamed to the store and then deleted from the node
+    /// whether or not it was stored.
+    async fn full_storage(&mut self) -> Result<(), OpError> {
+        let (q, reporter) = (self.q, self.reporter);
         reporter.phase(
             "snapshotting",
             "creating a storage snapshot on the Qdrant node",
@@ -263,8 +305,8 @@ async fn take_snapshots(
         let outcome = async {
             let reader = q.download_full_snapshot(&desc.name).await?;
             store_artifact(
-                ctx,
-                id,
+                self.ctx,
+                self.id,
                 ArtifactName {
                     name: "storage.snapshot.zst",
                     format: STORAGE_FORMAT,
@@ -282,9 +324,9 @@ async fn take_snapshots(
         if let Err(e) = q.delete_full_snapshot(&desc.name).await {
             tracing::warn!(error = %e, snapshot = %desc.name, "could not delete the storage snapshot from the Qdrant node; delete it by hand to free its disk");
         }
-        artifacts.push(outcome?);
+        self.artifacts.push(outcome?);
+        Ok(())
     }
-    Ok((artifacts, records))
 }
 
 /// What Qdrant announced about a snapshot, which the streamed bytes must match.

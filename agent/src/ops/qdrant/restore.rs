@@ -1,7 +1,7 @@
 //! Qdrant restores: everything is checked (version, existing collections, aliases) before
 //! anything is uploaded; then each snapshot is streamed back and the aliases recreated.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use serde_json::Value;
 use tokio_util::{io::ReaderStream, sync::CancellationToken};
@@ -12,7 +12,9 @@ use super::{
 };
 use crate::{
     catalog::{Artifact, BackupKeys, Manifest},
-    engine::qdrant::{Alias, Priority, Qdrant, QdrantError, ShardKey, UploadTo, minor_of},
+    engine::qdrant::{
+        Alias, PeerId, Priority, Qdrant, QdrantError, Replica, ShardKey, UploadTo, minor_of,
+    },
     error::OpError,
     jobs::Reporter,
     ops::{
@@ -371,20 +373,7 @@ async fn place_shards(
     // Qdrant may still be activating the new replicas: uploads must not race its own transfers.
     wait_active(q, target, q.timeouts().snapshot).await?;
     let created = q.collection_cluster(target).await?.shards();
-    let plan = match &record.layout {
-        Some(layout) => match_shards(layout, &created).map_err(placement)?,
-        // Backups of a single node before layouts were recorded: shard ids are kept.
-        None => arts
-            .iter()
-            .map(|a| a.shard.unwrap_or(0))
-            .map(|id| match created.get(&id) {
-                Some((_, replicas)) if !replicas.is_empty() => {
-                    Ok((id, (id, replicas.iter().map(|r| r.peer_id).collect())))
-                }
-                _ => Err(placement(format!("shard {id} was not created"))),
-            })
-            .collect::<Result<_, _>>()?,
-    };
+    let plan = shard_plan(job, &created)?;
     let mut replicas = 0;
     let mut checked = std::collections::BTreeSet::new();
     for art in arts {
@@ -420,22 +409,60 @@ async fn place_shards(
     );
     wait_active(q, target, q.timeouts().snapshot).await?;
     if let Some(layout) = &record.layout {
-        let found = q.exact_count(target).await?;
-        let (low, high) = layout.count_range();
-        if !(low..=high).contains(&found) {
-            return Err(QdrantOpError::RestoredShort {
-                collection: target.to_string(),
-                expected: if low == high {
-                    low.to_string()
-                } else {
-                    format!("between {low} and {high}")
-                },
-                found,
-            }
-            .into());
-        }
+        check_restored_count(q, target, layout).await?;
     }
     Ok(format!(" ({} shards, {replicas} replicas)", plan.len()))
+}
+
+/// Where each shard of the backup goes: by recorded shard id, the created shard and the peers
+/// holding its replicas.
+fn shard_plan(
+    job: &Sharded<'_>,
+    created: &BTreeMap<u32, (Option<ShardKey>, Vec<Replica>)>,
+) -> Result<BTreeMap<u32, (u32, Vec<PeerId>)>, QdrantOpError> {
+    let placement = |detail: String| QdrantOpError::Placement {
+        collection: job.target.to_string(),
+        detail,
+    };
+    match &job.record.layout {
+        Some(layout) => match_shards(layout, created).map_err(placement),
+        // Backups of a single node before layouts were recorded: shard ids are kept.
+        None => job
+            .arts
+            .iter()
+            .map(|a| a.shard.unwrap_or(0))
+            .map(|id| match created.get(&id) {
+                Some((_, replicas)) if !replicas.is_empty() => {
+                    Ok((id, (id, replicas.iter().map(|r| r.peer_id).collect())))
+                }
+                _ => Err(placement(format!("shard {id} was not created"))),
+            })
+            .collect(),
+    }
+}
+
+/// The restored collection's exact count must be within what the backup counted while it was
+/// taken.
+async fn check_restored_count(
+    q: &Qdrant,
+    target: &str,
+    layout: &ShardLayout,
+) -> Result<(), OpError> {
+    let found = q.exact_count(target).await?;
+    let (low, high) = layout.count_range();
+    if !(low..=high).contains(&found) {
+        return Err(QdrantOpError::RestoredShort {
+            collection: target.to_string(),
+            expected: if low == high {
+                low.to_string()
+            } else {
+                format!("between {low} and {high}")
+            },
+            found,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Shard keys (custom sharding creates no shard until its key exists) and payload indexes.
