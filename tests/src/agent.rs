@@ -29,6 +29,10 @@ pub struct Agent {
     addr: String,
     stdout: Arc<Mutex<String>>,
     reaped: bool,
+    /// The agent's own `--drill-dir` when the test gave none: the agent sweeps every
+    /// `soma_drill_*` entry of its drill directory at start-up (it owns that directory in a
+    /// pod), so agents of tests running side by side must not share the default one.
+    _drill_dir: Option<TempDir>,
 }
 
 /// An agent that exited before it announced that it listens.
@@ -85,6 +89,12 @@ impl Agent {
         if !postgres_url.is_empty() {
             cmd.args(["--postgres-url", postgres_url]);
         }
+        let drill_dir = (!extra_args.contains(&"--drill-dir")
+            && !env.iter().any(|(k, _)| k == "SOMA_DRILL_DIR"))
+        .then(|| crate::pg::PgCluster::server_owned_dir("soma-drill-"));
+        if let Some(d) = &drill_dir {
+            cmd.arg("--drill-dir").arg(d.path());
+        }
         cmd.args(extra_args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_BACKTRACE", "1")
@@ -124,6 +134,7 @@ impl Agent {
             addr: String::new(),
             stdout,
             reaped: false,
+            _drill_dir: drill_dir,
         };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
