@@ -291,14 +291,6 @@ impl ScratchServer {
         run_as: Option<(u32, u32)>,
         restore_command: Option<&str>,
     ) -> Result<Self, ScratchError> {
-        let io = |action: &'static str| {
-            let dir = dir.to_path_buf();
-            move |source| ScratchError::Io {
-                action,
-                dir,
-                source,
-            }
-        };
         let socket = dir.join(format!(".s.PGSQL.{SOCKET_PORT}"));
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(ScratchError::Unusable(format!(
@@ -307,70 +299,25 @@ impl ScratchServer {
             )));
         }
         let major = data_major(pgdata).await?;
-        let binary = source.server_tool("postgres", major);
-        let (tool_major, tool_version) = source
-            .tool_version_at("postgres", &binary)
-            .await
-            .map_err(|e| match e {
-                PgError::ToolMissing { path, .. } => ScratchError::Unusable(format!(
-                    "drills run a scratch PostgreSQL {major} server, and its binary is not at {path}: install the PostgreSQL {major} server package in the agent image, or point --pg-bin-dir at its binaries"
-                )),
-                other => other.into(),
-            })?;
-        if tool_major != major {
-            return Err(ScratchError::Unusable(format!(
-                "the data directory is PostgreSQL {major}'s, but the server binary at {} is {tool_version}; point --pg-bin-dir at PostgreSQL {major}'s binaries",
-                binary.display()
-            )));
-        }
-
-        let hba = dir.join("pg_hba.conf");
-        // Trust on the socket alone: the socket sits in a mode-0700 directory, so only the
-        // server's own user (and root) can reach it.
-        create_owned(&hba, "local all all trust\n", run_as).map_err(io("writing pg_hba.conf"))?;
-        let ident = dir.join("pg_ident.conf");
-        create_owned(&ident, "", run_as).map_err(io("writing pg_ident.conf"))?;
-        let log = dir.join("server.log");
-        let log_file = create_owned(&log, "", run_as).map_err(io("creating the server log"))?;
-        let socket_dir = dir.display().to_string();
-        let (hba, ident) = (hba.display().to_string(), ident.display().to_string());
-        let port = SOCKET_PORT.to_string();
-        let pid_file = dir.join("external.pid").display().to_string();
-        let data_dir = pgdata.display().to_string();
-        let dynamic = [
-            // A restored setting could point data_directory at the real server's.
-            ("data_directory", data_dir.as_str()),
-            ("port", port.as_str()),
-            ("unix_socket_directories", socket_dir.as_str()),
-            ("hba_file", hba.as_str()),
-            ("ident_file", ident.as_str()),
-            // Inside the scratch directory: a restored setting could name the real server's.
-            ("external_pid_file", pid_file.as_str()),
-        ];
-        let conf = dir.join("scratch.conf");
-        let mut text = String::from(
-            "# A restore drill's scratch server: written by soma-agent, the only configuration read.\n",
-        );
-        for (name, value) in SETTINGS.iter().chain(dynamic.iter()) {
-            text.push_str(&format!("{name} = {}\n", conf_quote(value)));
-        }
-        if let Some(command) = restore_command {
-            text.push_str(&format!("restore_command = {}\n", conf_quote(command)));
-        }
-        create_owned(&conf, &text, run_as).map_err(io("writing the drill's configuration"))?;
+        let binary = server_binary(source, major).await?;
+        let files = ScratchFiles::write(pgdata, dir, run_as, restore_command)?;
         replace_restored_files(pgdata, restore_command.is_some(), run_as).await?;
-        let err_file = log_file.try_clone().map_err(io("opening the server log"))?;
+        let err_file = files
+            .log_file
+            .try_clone()
+            .map_err(scratch_io(dir, "opening the server log"))?;
 
         let mut cmd = Command::new(&binary);
         super::scrub_env(&mut cmd, super::Child::ScratchServer);
         cmd.arg("-D").arg(pgdata);
-        cmd.arg("-c").arg(format!("config_file={}", conf.display()));
-        for (name, value) in SETTINGS.iter().chain(dynamic.iter()) {
+        cmd.arg("-c")
+            .arg(format!("config_file={}", files.conf.display()));
+        for (name, value) in files.settings() {
             cmd.arg("-c").arg(format!("{name}={value}"));
         }
         cmd.current_dir(dir)
             .stdin(Stdio::null())
-            .stdout(Stdio::from(log_file))
+            .stdout(Stdio::from(files.log_file))
             .stderr(Stdio::from(err_file))
             // Out of the agent's process group: a Ctrl-C meant for the agent reaches the server
             // only through the drill's own clean-up, in order.
@@ -383,6 +330,7 @@ impl ScratchServer {
             tool: "postgres",
             source,
         })?;
+        let log = files.log;
         Ok(Self {
             child,
             pgdata: pgdata.to_path_buf(),
@@ -579,6 +527,105 @@ impl ScratchServer {
             );
         }
         let _ = self.child.kill().await;
+    }
+}
+
+/// The `postgres` binary for a data directory of PostgreSQL `major`: refused when it is missing
+/// or of another major version.
+async fn server_binary(source: &Postgres, major: u32) -> Result<PathBuf, ScratchError> {
+    let binary = source.server_tool("postgres", major);
+    let (tool_major, tool_version) = source
+        .tool_version_at("postgres", &binary)
+        .await
+        .map_err(|e| match e {
+            PgError::ToolMissing { path, .. } => ScratchError::Unusable(format!(
+                "drills run a scratch PostgreSQL {major} server, and its binary is not at {path}: install the PostgreSQL {major} server package in the agent image, or point --pg-bin-dir at its binaries"
+            )),
+            other => other.into(),
+        })?;
+    if tool_major != major {
+        return Err(ScratchError::Unusable(format!(
+            "the data directory is PostgreSQL {major}'s, but the server binary at {} is {tool_version}; point --pg-bin-dir at PostgreSQL {major}'s binaries",
+            binary.display()
+        )));
+    }
+    Ok(binary)
+}
+
+fn scratch_io(dir: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> ScratchError {
+    let dir = dir.to_path_buf();
+    move |source| ScratchError::Io {
+        action,
+        dir,
+        source,
+    }
+}
+
+/// The files a scratch server reads besides its data directory, all in the drill directory and
+/// owned by the server's user: authentication, its only configuration, and its log.
+struct ScratchFiles {
+    log: PathBuf,
+    log_file: std::fs::File,
+    conf: PathBuf,
+    /// Settings naming the scratch directory's own paths, after [`SETTINGS`].
+    dynamic: Vec<(&'static str, String)>,
+}
+
+impl ScratchFiles {
+    fn write(
+        pgdata: &Path,
+        dir: &Path,
+        run_as: Option<(u32, u32)>,
+        restore_command: Option<&str>,
+    ) -> Result<Self, ScratchError> {
+        let io = |action| scratch_io(dir, action);
+        let hba = dir.join("pg_hba.conf");
+        // Trust on the socket alone: the socket sits in a mode-0700 directory, so only the
+        // server's own user (and root) can reach it.
+        create_owned(&hba, "local all all trust\n", run_as).map_err(io("writing pg_hba.conf"))?;
+        let ident = dir.join("pg_ident.conf");
+        create_owned(&ident, "", run_as).map_err(io("writing pg_ident.conf"))?;
+        let log = dir.join("server.log");
+        let log_file = create_owned(&log, "", run_as).map_err(io("creating the server log"))?;
+        let dynamic = vec![
+            // A restored setting could point data_directory at the real server's.
+            ("data_directory", pgdata.display().to_string()),
+            ("port", SOCKET_PORT.to_string()),
+            ("unix_socket_directories", dir.display().to_string()),
+            ("hba_file", hba.display().to_string()),
+            ("ident_file", ident.display().to_string()),
+            // Inside the scratch directory: a restored setting could name the real server's.
+            (
+                "external_pid_file",
+                dir.join("external.pid").display().to_string(),
+            ),
+        ];
+        let files = ScratchFiles {
+            log,
+            log_file,
+            conf: dir.join("scratch.conf"),
+            dynamic,
+        };
+        let mut text = String::from(
+            "# A restore drill's scratch server: written by soma-agent, the only configuration read.\n",
+        );
+        for (name, value) in files.settings() {
+            text.push_str(&format!("{name} = {}\n", conf_quote(value)));
+        }
+        if let Some(command) = restore_command {
+            text.push_str(&format!("restore_command = {}\n", conf_quote(command)));
+        }
+        create_owned(&files.conf, &text, run_as)
+            .map_err(io("writing the drill's configuration"))?;
+        Ok(files)
+    }
+
+    /// Every setting the server gets, in the configuration file and again on its command line.
+    fn settings(&self) -> impl Iterator<Item = (&str, &str)> {
+        SETTINGS
+            .iter()
+            .copied()
+            .chain(self.dynamic.iter().map(|(n, v)| (*n, v.as_str())))
     }
 }
 
