@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use url::Url;
 
+use crate::digest::Sha256Digest;
+
 mod cluster;
 mod error;
 mod snapshots;
@@ -48,9 +50,10 @@ pub struct SnapshotDescription {
     pub creation_time: Option<String>,
     /// Size in bytes.
     pub size: u64,
-    /// sha256 hex of the file, when Qdrant computed it.
+    /// sha256 of the file, when Qdrant computed it. Parsed as it arrives: a checksum that is not
+    /// 64 hex digits makes the whole answer unusable (an error naming the endpoint).
     #[serde(default)]
-    pub checksum: Option<String>,
+    pub checksum: Option<Sha256Digest>,
 }
 
 /// One alias (`AliasDescription`).
