@@ -72,59 +72,16 @@ pub async fn candidates(words: &[String]) -> String {
         Some((current, before)) => (current.as_str(), before),
         None => ("", &[][..]),
     };
-    let mut node = &root;
-    let mut state = Typed::default();
-    let mut pending: Option<&Arg> = None;
-    let mut only_positionals = false;
+    let mut walk = Walk::new(&root);
     for word in typed {
-        if let Some(arg) = pending.take() {
-            state.values.push((arg.get_id().to_string(), word.clone()));
-            continue;
-        }
-        if !only_positionals && word == "--" {
-            only_positionals = true;
-            continue;
-        }
-        if !only_positionals && word.starts_with("--") {
-            let (name, inline) = match word[2..].split_once('=') {
-                Some((n, v)) => (n, Some(v)),
-                None => (&word[2..], None),
-            };
-            if let Some(arg) = find_long(node, name) {
-                match inline {
-                    Some(v) => state.values.push((arg.get_id().to_string(), v.to_string())),
-                    None if takes_value(arg) => pending = Some(arg),
-                    None => {}
-                }
-            }
-            continue;
-        }
-        if !only_positionals && word.len() > 1 && word.starts_with('-') {
-            let mut chars = word[1..].chars();
-            let short = chars.next().expect("longer than one byte");
-            if let Some(arg) = node.get_arguments().find(|a| a.get_short() == Some(short)) {
-                let rest: String = chars.collect();
-                if takes_value(arg) {
-                    if rest.is_empty() {
-                        pending = Some(arg);
-                    } else {
-                        let v = rest.strip_prefix('=').unwrap_or(&rest).to_string();
-                        state.values.push((arg.get_id().to_string(), v));
-                    }
-                }
-            }
-            continue;
-        }
-        if let Some(sub) = node
-            .find_subcommand(word)
-            .filter(|_| state.positionals == 0)
-        {
-            node = sub;
-            state.path.push(sub.get_name().to_string());
-            continue;
-        }
-        state.positionals += 1;
+        walk.word(word);
     }
+    let Walk {
+        node,
+        state,
+        pending,
+        only_positionals,
+    } = walk;
 
     let mut out: Vec<String> = Vec::new();
     let mut bits = directive::NO_FILE_COMP;
@@ -145,47 +102,148 @@ pub async fn candidates(words: &[String]) -> String {
             }
         }
     } else {
-        if state.positionals == 0 {
-            // clap's `help` subcommand: offered at the top, as Cobra does, not under each command.
-            let nested = !state.path.is_empty();
-            for sub in node
-                .get_subcommands()
-                .filter(|s| !(s.is_hide_set() || nested && s.get_name() == "help"))
-            {
-                push(&mut out, sub.get_name(), sub.get_about(), current);
-            }
-        }
-        let positional = node
-            .get_positionals()
-            .nth(state.positionals)
-            .filter(|_| !node.has_subcommands() || state.positionals > 0);
-        if let Some(arg) = positional {
-            for value in arg
-                .get_possible_values()
-                .iter()
-                .filter(|v| !v.is_hide_set())
-            {
-                push(&mut out, value.get_name(), value.get_help(), current);
-            }
-        }
-        let command = state.path.last().map(String::as_str).unwrap_or("");
-        if state.positionals == 0 && ID_COMMANDS.contains(&command) {
-            if command != "delete" {
-                push(
-                    &mut out,
-                    "latest",
-                    Some(&"the newest complete backup".into()),
-                    current,
-                );
-            }
-            for (id, about) in backup_ids(&state).await {
-                push(&mut out, &id, Some(&about.into()), current);
-            }
-        }
+        word_candidates(node, &state, current, &mut out).await;
     }
     let mut text: String = out.iter().map(|c| format!("{c}\n")).collect();
     text.push_str(&format!(":{bits}\n"));
     text
+}
+
+/// Where the words typed so far lead in the command tree, read one word at a time.
+struct Walk<'a> {
+    /// The innermost subcommand reached.
+    node: &'a clap::Command,
+    state: Typed,
+    /// A flag whose value is the next word.
+    pending: Option<&'a Arg>,
+    /// After `--`, every word is a positional.
+    only_positionals: bool,
+}
+
+impl<'a> Walk<'a> {
+    fn new(root: &'a clap::Command) -> Self {
+        Walk {
+            node: root,
+            state: Typed::default(),
+            pending: None,
+            only_positionals: false,
+        }
+    }
+
+    fn word(&mut self, word: &str) {
+        if let Some(arg) = self.pending.take() {
+            self.state
+                .values
+                .push((arg.get_id().to_string(), word.to_string()));
+            return;
+        }
+        if !self.only_positionals && word == "--" {
+            self.only_positionals = true;
+            return;
+        }
+        if !self.only_positionals && word.starts_with("--") {
+            return self.long(&word[2..]);
+        }
+        if !self.only_positionals && word.len() > 1 && word.starts_with('-') {
+            return self.short(&word[1..]);
+        }
+        if let Some(sub) = self
+            .node
+            .find_subcommand(word)
+            .filter(|_| self.state.positionals == 0)
+        {
+            self.node = sub;
+            self.state.path.push(sub.get_name().to_string());
+            return;
+        }
+        self.state.positionals += 1;
+    }
+
+    /// `--name` or `--name=value` (without the dashes).
+    fn long(&mut self, flag: &str) {
+        let (name, inline) = match flag.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (flag, None),
+        };
+        if let Some(arg) = find_long(self.node, name) {
+            match inline {
+                Some(v) => self
+                    .state
+                    .values
+                    .push((arg.get_id().to_string(), v.to_string())),
+                None if takes_value(arg) => self.pending = Some(arg),
+                None => {}
+            }
+        }
+    }
+
+    /// `-x`, `-xVALUE` or `-x=VALUE` (without the dash; not empty).
+    fn short(&mut self, flag: &str) {
+        let mut chars = flag.chars();
+        let short = chars.next().expect("longer than one byte");
+        if let Some(arg) = self
+            .node
+            .get_arguments()
+            .find(|a| a.get_short() == Some(short))
+        {
+            let rest: String = chars.collect();
+            if takes_value(arg) {
+                if rest.is_empty() {
+                    self.pending = Some(arg);
+                } else {
+                    let v = rest.strip_prefix('=').unwrap_or(&rest).to_string();
+                    self.state.values.push((arg.get_id().to_string(), v));
+                }
+            }
+        }
+    }
+}
+
+/// Candidates for a word that is not a flag: subcommands, the positional's possible values, and
+/// backup ids where the command takes one.
+async fn word_candidates(
+    node: &clap::Command,
+    state: &Typed,
+    current: &str,
+    out: &mut Vec<String>,
+) {
+    if state.positionals == 0 {
+        // clap's `help` subcommand: offered at the top, as Cobra does, not under each command.
+        let nested = !state.path.is_empty();
+        for sub in node
+            .get_subcommands()
+            .filter(|s| !(s.is_hide_set() || nested && s.get_name() == "help"))
+        {
+            push(out, sub.get_name(), sub.get_about(), current);
+        }
+    }
+    let positional = node
+        .get_positionals()
+        .nth(state.positionals)
+        .filter(|_| !node.has_subcommands() || state.positionals > 0);
+    if let Some(arg) = positional {
+        for value in arg
+            .get_possible_values()
+            .iter()
+            .filter(|v| !v.is_hide_set())
+        {
+            push(out, value.get_name(), value.get_help(), current);
+        }
+    }
+    let command = state.path.last().map(String::as_str).unwrap_or("");
+    if state.positionals == 0 && ID_COMMANDS.contains(&command) {
+        if command != "delete" {
+            push(
+                out,
+                "latest",
+                Some(&"the newest complete backup".into()),
+                current,
+            );
+        }
+        for (id, about) in backup_ids(state).await {
+            push(out, &id, Some(&about.into()), current);
+        }
+    }
 }
 
 fn find_long<'a>(node: &'a clap::Command, name: &str) -> Option<&'a Arg> {

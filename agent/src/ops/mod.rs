@@ -4,7 +4,9 @@
 
 pub mod artifact;
 pub mod delete;
+pub mod details;
 pub mod drill;
+pub mod method;
 pub mod physical;
 pub mod plan;
 pub mod postgres;

@@ -3,12 +3,8 @@
 
 use std::sync::Arc;
 
-use super::{Context, Outcome, artifact::verify_artifact, physical, set::members_of};
-use crate::{
-    catalog::{Kind, Manifest},
-    error::OpError,
-    jobs::Reporter,
-};
+use super::{Context, Outcome, artifact::verify_artifact, set::members_of};
+use crate::{catalog::Manifest, error::OpError, jobs::Reporter};
 
 /// Reads every artifact of `manifest` (or of its members) back from the store.
 pub(crate) async fn verify(
@@ -27,7 +23,10 @@ pub(crate) async fn verify(
     let mut artifacts = 0;
     let mut shard_report = String::new();
     for backup in &backups {
-        shard_report.push_str(&super::qdrant::check_shards_complete(backup)?);
+        let method = super::method::of(backup.engine, backup.kind);
+        if let Some(method) = method {
+            shard_report.push_str(&method.verify_manifest(backup)?);
+        }
         for art in &backup.artifacts {
             reporter.phase(
                 "verifying",
@@ -39,12 +38,10 @@ pub(crate) async fn verify(
     }
     // A base backup is only as good as the WAL that rolls it forward: re-read that too.
     let mut wal_report = String::new();
-    for backup in backups.iter().filter(|b| b.kind == Kind::Physical) {
-        reporter.phase(
-            "verifying",
-            format!("reading the WAL that rolls {} forward", backup.id),
-        );
-        wal_report.push_str(&physical::verify_wal(&ctx.source, backup, &reporter).await?);
+    for backup in &backups {
+        if let Some(method) = super::method::of(backup.engine, backup.kind) {
+            wal_report.push_str(&method.verify_beyond(&ctx, backup, &reporter).await?);
+        }
     }
     Ok(Outcome::new(
         format!(

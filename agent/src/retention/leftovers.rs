@@ -17,7 +17,7 @@ use crate::{
     catalog::{BACKUPS_DIR, BackupId, MANIFEST},
     jobs::Jobs,
     ops::Context,
-    store::PendingUpload,
+    store::{PendingUpload, TimedObject},
 };
 
 pub(super) fn time_of(t: SystemTime) -> DateTime<Utc> {
@@ -135,13 +135,50 @@ pub(super) async fn plan_orphans(
             return Vec::new();
         }
     };
-    struct Folder {
-        keys: Vec<String>,
-        bytes: u64,
-        newest: Option<DateTime<Utc>>,
-        unknown_age: bool,
-        manifest: bool,
+    let mut out = Vec::new();
+    for (name, f) in folders(listing, uploads) {
+        if f.manifest {
+            continue;
+        }
+        let Some((delete, reason)) = orphan_verdict(&name, &f, held, now) else {
+            continue;
+        };
+        out.push((
+            PruneItem::new(
+                What::Orphan,
+                format!("{BACKUPS_DIR}/{name}/"),
+                delete,
+                reason,
+                f.bytes,
+            ),
+            f.keys,
+        ));
     }
+    out
+}
+
+/// One folder under `backups/` as the listing shows it.
+struct Folder {
+    keys: Vec<String>,
+    bytes: u64,
+    /// When its newest object or incomplete upload was written.
+    newest: Option<DateTime<Utc>>,
+    /// Something in it has no time: the folder's age is not known.
+    unknown_age: bool,
+    manifest: bool,
+}
+
+impl Folder {
+    fn written(&mut self, at: Option<SystemTime>) {
+        match at.map(time_of) {
+            Some(t) => self.newest = Some(self.newest.map_or(t, |n| n.max(t))),
+            None => self.unknown_age = true,
+        }
+    }
+}
+
+/// The listing grouped by backup folder, each aged by its newest object or incomplete upload.
+fn folders(listing: Vec<TimedObject>, uploads: &[PendingUpload]) -> BTreeMap<String, Folder> {
     let mut folders: BTreeMap<String, Folder> = BTreeMap::new();
     for o in listing {
         let Some(folder) = folder_of(&o.meta.key) else {
@@ -156,62 +193,51 @@ pub(super) async fn plan_orphans(
         });
         f.manifest |= o.meta.key == format!("{BACKUPS_DIR}/{folder}/{MANIFEST}");
         f.bytes += o.meta.size;
-        match o.modified.map(time_of) {
-            Some(t) => f.newest = Some(f.newest.map_or(t, |n| n.max(t))),
-            None => f.unknown_age = true,
-        }
+        f.written(o.modified);
         f.keys.push(o.meta.key);
     }
     for u in uploads {
         if let Some(f) = folder_of(&u.key).and_then(|f| folders.get_mut(f)) {
-            match u.initiated.map(time_of) {
-                Some(t) => f.newest = Some(f.newest.map_or(t, |n| n.max(t))),
-                None => f.unknown_age = true,
-            }
+            f.written(u.initiated);
         }
     }
-    let mut out = Vec::new();
-    for (name, f) in folders {
-        if f.manifest {
-            continue;
-        }
-        let (delete, reason) = match f.newest {
-            _ if is_held(&name, held) => (
-                false,
-                "no manifest yet: a running job is writing this backup".to_string(),
+    folders
+}
+
+/// Whether a folder without a manifest goes, and why; `None` for one with neither a time nor
+/// anything of unknown age (nothing to judge it by).
+fn orphan_verdict(
+    name: &str,
+    f: &Folder,
+    held: &HashSet<String>,
+    now: DateTime<Utc>,
+) -> Option<(bool, String)> {
+    Some(match f.newest {
+        _ if is_held(name, held) => (
+            false,
+            "no manifest yet: a running job is writing this backup".to_string(),
+        ),
+        _ if f.unknown_age => (
+            false,
+            "no manifest, and the store does not say when its objects were written: left in place"
+                .into(),
+        ),
+        Some(t) if older_than(t, now, ORPHAN_AGE) => (
+            true,
+            format!(
+                "no manifest (an interrupted backup) and nothing written since {}, more than a day ago",
+                stamp(t)
             ),
-            _ if f.unknown_age => (
-                false,
-                "no manifest, and the store does not say when its objects were written: left in place".into(),
+        ),
+        Some(t) => (
+            false,
+            format!(
+                "no manifest yet, last written {}, less than a day ago: a backup may still be writing it",
+                stamp(t)
             ),
-            Some(t) if older_than(t, now, ORPHAN_AGE) => (
-                true,
-                format!(
-                    "no manifest (an interrupted backup) and nothing written since {}, more than a day ago",
-                    stamp(t)
-                ),
-            ),
-            Some(t) => (
-                false,
-                format!(
-                    "no manifest yet, last written {}, less than a day ago: a backup may still be writing it",
-                    stamp(t)
-                ),
-            ),
-            None => continue,
-        };
-        out.push((
-            PruneItem::new(
-                What::Orphan,
-                format!("{BACKUPS_DIR}/{name}/"),
-                delete,
-                reason,
-                f.bytes,
-            ),
-            f.keys,
-        ));
-    }
-    out
+        ),
+        None => return None,
+    })
 }
 
 /// Failure records older than the policy's max-age (90 days without one). Younger records are

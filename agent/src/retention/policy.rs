@@ -260,16 +260,7 @@ impl Policy {
     /// and why. Pure: the same manifests and `now` always give the same answer. The result is in
     /// `manifests`' order.
     pub fn select(&self, manifests: &[Manifest], now: DateTime<Utc>) -> Vec<Decision> {
-        let present: HashSet<&BackupId> = manifests.iter().map(|m| &m.id).collect();
-        // Members of a set that is in the store; a member whose set is gone is top-level again.
-        let mut set_of: HashMap<&BackupId, &BackupId> = HashMap::new();
-        for m in manifests.iter().filter(|m| m.kind == Kind::Set) {
-            for member in &m.members {
-                if present.contains(member) {
-                    set_of.insert(member, &m.id);
-                }
-            }
-        }
+        let set_of = sets_in_store(manifests);
         let mut groups: HashMap<(Engine, &str, Kind), Vec<&Manifest>> = HashMap::new();
         for m in manifests.iter().filter(|m| !set_of.contains_key(&m.id)) {
             groups
@@ -280,64 +271,8 @@ impl Policy {
         let mut reasons: HashMap<&BackupId, Vec<String>> = HashMap::new();
         for group in groups.values_mut() {
             group.sort_by(|a, b| (b.started_at, &b.id).cmp(&(a.started_at, &a.id)));
-            for m in group.iter() {
-                reasons.insert(&m.id, Vec::new());
-            }
-            let mut add = |m: &Manifest, why: String| {
-                reasons.get_mut(&m.id).expect("every member").push(why);
-            };
-            if let Some(n) = self.keep_last {
-                for (i, m) in group.iter().take(n as usize).enumerate() {
-                    add(m, format!("keep-last ({} of {n})", i + 1));
-                }
-            }
-            let periods: [(&str, Option<u32>, PeriodOf); 3] = [
-                ("keep-daily", self.keep_daily, |t| {
-                    t.format("%Y-%m-%d").to_string()
-                }),
-                ("keep-weekly", self.keep_weekly, |t| {
-                    let w = t.iso_week();
-                    format!("{}-W{:02}", w.year(), w.week())
-                }),
-                ("keep-monthly", self.keep_monthly, |t| {
-                    t.format("%Y-%m").to_string()
-                }),
-            ];
-            for (rule, n, period_of) in periods {
-                let Some(n) = n else { continue };
-                let mut last: Option<String> = None;
-                let mut taken = 0;
-                for m in group.iter() {
-                    if taken == n {
-                        break;
-                    }
-                    let period = period_of(m.started_at);
-                    // Newest first: the first backup seen in a period is its newest.
-                    if last.as_ref() != Some(&period) {
-                        add(m, format!("{rule} ({period})"));
-                        last = Some(period);
-                        taken += 1;
-                    }
-                }
-            }
-            if let Some(max_age) = self.max_age {
-                let max = chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
-                for m in group.iter().filter(|m| now - m.started_at < max) {
-                    add(
-                        m,
-                        format!(
-                            "max-age (younger than {})",
-                            humantime::format_duration(max_age)
-                        ),
-                    );
-                }
-            }
-            if let Some(newest) = group.first() {
-                add(
-                    newest,
-                    "newest of its group (engine, target, kind): always kept".into(),
-                );
-            }
+            let why = self.group_reasons(group, now);
+            reasons.extend(group.iter().map(|m| &m.id).zip(why));
         }
         manifests
             .iter()
@@ -371,6 +306,82 @@ impl Policy {
             })
             .collect()
     }
+
+    /// Every rule that keeps each backup of one group (sorted newest first), in the group's order;
+    /// an empty list means no rule keeps it.
+    fn group_reasons(&self, group: &[&Manifest], now: DateTime<Utc>) -> Vec<Vec<String>> {
+        let mut why: Vec<Vec<String>> = vec![Vec::new(); group.len()];
+        if let Some(n) = self.keep_last {
+            for (i, reasons) in why.iter_mut().take(n as usize).enumerate() {
+                reasons.push(format!("keep-last ({} of {n})", i + 1));
+            }
+        }
+        self.calendar_reasons(group, &mut why);
+        if let Some(max_age) = self.max_age {
+            let max = chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
+            for (m, reasons) in group.iter().zip(why.iter_mut()) {
+                if now - m.started_at < max {
+                    reasons.push(format!(
+                        "max-age (younger than {})",
+                        humantime::format_duration(max_age)
+                    ));
+                }
+            }
+        }
+        if let Some(newest) = why.first_mut() {
+            newest.push("newest of its group (engine, target, kind): always kept".into());
+        }
+        why
+    }
+
+    /// keep-daily, keep-weekly and keep-monthly: the newest backup of each of the last N periods
+    /// that have one.
+    fn calendar_reasons(&self, group: &[&Manifest], why: &mut [Vec<String>]) {
+        let periods: [(&str, Option<u32>, PeriodOf); 3] = [
+            ("keep-daily", self.keep_daily, |t| {
+                t.format("%Y-%m-%d").to_string()
+            }),
+            ("keep-weekly", self.keep_weekly, |t| {
+                let w = t.iso_week();
+                format!("{}-W{:02}", w.year(), w.week())
+            }),
+            ("keep-monthly", self.keep_monthly, |t| {
+                t.format("%Y-%m").to_string()
+            }),
+        ];
+        for (rule, n, period_of) in periods {
+            let Some(n) = n else { continue };
+            let mut last: Option<String> = None;
+            let mut taken = 0;
+            for (m, reasons) in group.iter().zip(why.iter_mut()) {
+                if taken == n {
+                    break;
+                }
+                let period = period_of(m.started_at);
+                // Newest first: the first backup seen in a period is its newest.
+                if last.as_ref() != Some(&period) {
+                    reasons.push(format!("{rule} ({period})"));
+                    last = Some(period);
+                    taken += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Members of a set that is in the store, by member; a member whose set is gone is top-level
+/// again.
+fn sets_in_store(manifests: &[Manifest]) -> HashMap<&BackupId, &BackupId> {
+    let present: HashSet<&BackupId> = manifests.iter().map(|m| &m.id).collect();
+    let mut set_of: HashMap<&BackupId, &BackupId> = HashMap::new();
+    for m in manifests.iter().filter(|m| m.kind == Kind::Set) {
+        for member in &m.members {
+            if present.contains(member) {
+                set_of.insert(member, &m.id);
+            }
+        }
+    }
+    set_of
 }
 
 /// The calendar period (day, ISO week, month) a time falls in, as a reason shows it.

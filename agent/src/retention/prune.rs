@@ -29,7 +29,7 @@ use crate::{
         delete::{WalAfterDelete, delete_manifest},
         physical::{PhysicalDetails, oldest_base, wal_before},
     },
-    store::StoreError,
+    store::{PendingUpload, Store, StoreError},
     wal::{WAL_DIR, WalFile},
 };
 
@@ -173,19 +173,7 @@ pub async fn prune(
     let manifests = ctx.catalog.list_strict().await?;
     let decisions = policy.select(&manifests, now);
     // Everything else is decided from the same look at the store, before any delete.
-    let held = held_stamps(jobs);
-    let uploads = match store.list_uploads("").await {
-        Ok(u) => u,
-        Err(e) => {
-            report.errors.push(format!(
-                "listing incomplete uploads: {e}; none were looked at"
-            ));
-            Vec::new()
-        }
-    };
-    let upload_items = plan_uploads(&uploads, &held, now);
-    let orphan_items = plan_orphans(ctx, &uploads, &held, now, &mut report.errors).await;
-    let failure_items = plan_failures(ctx, policy, now, &mut report.errors).await;
+    let leftovers = Leftovers::plan(ctx, jobs, policy, now, &mut report).await;
 
     backups(ctx, jobs, &manifests, &decisions, dry_run, &mut report).await;
 
@@ -206,45 +194,7 @@ pub async fn prune(
     };
     wal(ctx, &manifests, &remaining, dry_run, &mut report).await;
 
-    for (item, upload) in upload_items {
-        apply(&mut report, item, dry_run, || async {
-            store.abort_upload(&upload).await.map(|()| 0)
-        })
-        .await;
-    }
-    for (item, keys) in orphan_items {
-        apply(&mut report, item, dry_run, || async {
-            // A backup that completed since the listing is no orphan.
-            if let Some(id) = keys
-                .first()
-                .and_then(|k| folder_of(k))
-                .and_then(|f| BackupId::parse(f).ok())
-                && store.head(&id.key(MANIFEST)).await?.is_some()
-            {
-                return Err(StoreError::Request {
-                    key: id.to_string(),
-                    message: "its manifest appeared since prune looked: left in place".into(),
-                    retryable: false,
-                    remedy: None,
-                    source: None,
-                });
-            }
-            let mut n = 0;
-            for key in &keys {
-                store.delete(key).await?;
-                n += 1;
-            }
-            Ok(n)
-        })
-        .await;
-    }
-    for item in failure_items {
-        let key = item.name.clone();
-        apply(&mut report, item, dry_run, || async {
-            store.delete(&key).await.map(|()| 1)
-        })
-        .await;
-    }
+    leftovers.apply(&store, dry_run, &mut report).await;
     tracing::info!(
         dry_run,
         objects_deleted = report.objects_deleted,
@@ -252,6 +202,83 @@ pub async fn prune(
         "prune finished"
     );
     Ok(report)
+}
+
+/// What interrupted writers and old failures left, decided before any backup is deleted.
+struct Leftovers {
+    uploads: Vec<(PruneItem, PendingUpload)>,
+    orphans: Vec<(PruneItem, Vec<String>)>,
+    failures: Vec<PruneItem>,
+}
+
+impl Leftovers {
+    async fn plan(
+        ctx: &Context,
+        jobs: &Jobs,
+        policy: &Policy,
+        now: DateTime<Utc>,
+        report: &mut PruneReport,
+    ) -> Self {
+        let held = held_stamps(jobs);
+        let uploads = match ctx.catalog.store().list_uploads("").await {
+            Ok(u) => u,
+            Err(e) => {
+                report.errors.push(format!(
+                    "listing incomplete uploads: {e}; none were looked at"
+                ));
+                Vec::new()
+            }
+        };
+        Leftovers {
+            uploads: plan_uploads(&uploads, &held, now),
+            orphans: plan_orphans(ctx, &uploads, &held, now, &mut report.errors).await,
+            failures: plan_failures(ctx, policy, now, &mut report.errors).await,
+        }
+    }
+
+    async fn apply(self, store: &Arc<dyn Store>, dry_run: bool, report: &mut PruneReport) {
+        for (item, upload) in self.uploads {
+            apply(report, item, dry_run, || async {
+                store.abort_upload(&upload).await.map(|()| 0)
+            })
+            .await;
+        }
+        for (item, keys) in self.orphans {
+            apply(report, item, dry_run, || delete_orphan(store, keys)).await;
+        }
+        for item in self.failures {
+            let key = item.name.clone();
+            apply(report, item, dry_run, || async {
+                store.delete(&key).await.map(|()| 1)
+            })
+            .await;
+        }
+    }
+}
+
+/// Deletes an orphaned folder's objects, unless its backup completed since the listing.
+async fn delete_orphan(store: &Arc<dyn Store>, keys: Vec<String>) -> Result<u64, StoreError> {
+    // A backup that completed since the listing is no orphan.
+    if let Some(id) = keys
+        .first()
+        .and_then(|k| folder_of(k))
+        .and_then(|f| BackupId::parse(f).ok())
+        && store.head(&id.key(MANIFEST)).await?.is_some()
+    {
+        return Err(StoreError::Request {
+            key: id.to_string(),
+            message: "its manifest appeared since prune looked: left in place".into(),
+            retryable: false,
+            remedy: None,
+            source: None,
+        });
+    }
+    let mut n = 0;
+    for key in &keys {
+        store.delete(key).await?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// Runs `delete` for an item that goes (not in a dry run), counting objects; a failure keeps the
@@ -380,22 +407,55 @@ async fn wal(
             ));
             continue;
         };
+        let cluster = WalCluster {
+            sid: &sid,
+            folder,
+            total,
+            sizes: &sizes,
+        };
+        cluster.prune(ctx, &base, &details, dry_run, report).await;
+    }
+}
+
+/// One cluster's WAL archive in the store, with a kept base backup.
+struct WalCluster<'a> {
+    sid: &'a str,
+    /// `wal/SYSTEM_ID/`.
+    folder: String,
+    /// Stored bytes of the whole archive.
+    total: u64,
+    /// Each object's size, by key.
+    sizes: &'a HashMap<String, u64>,
+}
+
+impl WalCluster<'_> {
+    /// Deletes what comes before the oldest kept base backup's first segment; the rest stays.
+    async fn prune(
+        self,
+        ctx: &Context,
+        base: &Manifest,
+        details: &PhysicalDetails,
+        dry_run: bool,
+        report: &mut PruneReport,
+    ) {
         let Some(start) = details.start_lsn.segno(details.wal_segment_size) else {
-            continue;
+            return;
         };
         let first = WalFile::from_segno(details.timeline, start, details.wal_segment_size).name();
-        let objects = match wal_before(&ctx.catalog, &details, start).await {
+        let objects = match wal_before(&ctx.catalog, details, start).await {
             Ok(o) => o,
             Err(e) => {
                 report.errors.push(format!(
-                    "listing WAL of system id {sid}: {e}; none of it was deleted"
+                    "listing WAL of system id {}: {e}; none of it was deleted",
+                    self.sid
                 ));
-                continue;
+                return;
             }
         };
+        let store = ctx.catalog.store();
         let mut freed = 0;
         for o in objects {
-            let bytes = sizes.get(&o.key).copied().unwrap_or(0);
+            let bytes = self.sizes.get(&o.key).copied().unwrap_or(0);
             freed += bytes;
             let item = PruneItem::new(
                 What::Wal,
@@ -414,13 +474,13 @@ async fn wal(
         }
         report.items.push(PruneItem::new(
             What::Wal,
-            folder,
+            self.folder,
             false,
             format!(
                 "from segment {first} on: needed by the oldest kept base backup {} and every newer one",
                 base.id
             ),
-            total.saturating_sub(freed),
+            self.total.saturating_sub(freed),
         ));
     }
 }

@@ -24,100 +24,7 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(),
     let manifest = output::manifest(&info)?;
     match out {
         format if format.is_table() => {
-            let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
-            if asked_latest {
-                outln!("{}", resolved_line(&info, &s(&manifest["kind"])));
-            }
-            outln!("ID:          {}", info.id);
-            outln!(
-                "Engine:      {} ({})",
-                output::engine_name(&info),
-                s(&manifest["kind"])
-            );
-            outln!("Target:      {}", info.target);
-            outln!(
-                "Server:      {} (version {})",
-                s(&manifest["target"]["server"]),
-                s(&manifest["target"]["server_version"])
-            );
-            outln!(
-                "Tool:        {} {}",
-                s(&manifest["tool"]["name"]),
-                s(&manifest["tool"]["version"])
-            );
-            outln!("Started:     {}", info.started_at);
-            outln!("Completed:   {}", info.completed_at);
-            outln!(
-                "Size:        {} raw, {} stored",
-                output::bytes(info.raw_bytes),
-                output::bytes(info.stored_bytes)
-            );
-            outln!("Agent:       {}", s(&manifest["agent_version"]));
-            match manifest["encryption"].as_object() {
-                Some(e) => outln!(
-                    "Encryption:  {}, key {}",
-                    s(&e["algorithm"]),
-                    s(&e["key_fingerprint"])
-                ),
-                None => outln!("Encryption:  none"),
-            }
-            if let Some(w) = &info.recovery_window {
-                if w.error.is_empty() {
-                    outln!(
-                        "Recoverable: {} (LSN {}) … {} (LSN {}), timeline {}",
-                        output::short_time(&w.earliest_time),
-                        w.earliest_lsn,
-                        output::short_time(&w.latest_time),
-                        w.latest_lsn,
-                        w.timeline
-                    );
-                    if w.gaps.is_empty() {
-                        outln!("WAL gaps:    none");
-                    } else {
-                        outln!(
-                            "WAL gaps:    {} — WAL after a gap cannot be replayed",
-                            w.gaps.join(", ")
-                        );
-                    }
-                    if !w.rejected.is_empty() {
-                        outln!(
-                            "WAL skipped: {} — not what their names say, not used",
-                            w.rejected.join("; ")
-                        );
-                    }
-                } else {
-                    outln!("Recoverable: unknown ({})", w.error);
-                }
-            }
-            if s(&manifest["kind"]) == "physical" {
-                outln!(
-                    "Recovery settings: {}",
-                    recovery_settings_line(&manifest["details"]["recovery_settings"])
-                );
-            }
-            for line in qdrant_layout_lines(&manifest["details"]) {
-                outln!("{line}");
-            }
-            match &info.last_drill {
-                Some(d) if d.drilled_at.is_empty() => {
-                    outln!("Last drill:  unknown ({})", d.failure)
-                }
-                Some(d) => outln!("Last drill:  {}", drill_line(d)),
-                None => outln!("Last drill:  never (run `kubectl soma drill {}`)", info.id),
-            }
-            outln!("Artifacts:");
-            for a in manifest["artifacts"].as_array().into_iter().flatten() {
-                outln!(
-                    "  {}  {}  raw {} sha256 {}  stored {} sha256 {}  {} part(s)",
-                    s(&a["name"]),
-                    s(&a["format"]),
-                    output::bytes(a["raw_bytes"].as_u64().unwrap_or(0)),
-                    s(&a["raw_sha256"]),
-                    output::bytes(a["stored_bytes"].as_u64().unwrap_or(0)),
-                    s(&a["stored_sha256"]),
-                    a["parts"].as_u64().unwrap_or(0),
-                );
-            }
+            print_table(&info, &manifest, asked_latest);
             Ok(())
         }
         format => {
@@ -131,6 +38,121 @@ pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(),
             }
             output::print_structured(format, &manifest)
         }
+    }
+}
+
+/// The backup for a reader: identity, sizes, encryption, what can be recovered, the last drill
+/// and every artifact with its digests.
+fn print_table(info: &v1::BackupInfo, manifest: &serde_json::Value, asked_latest: bool) {
+    let s = text;
+    if asked_latest {
+        outln!("{}", resolved_line(info, &s(&manifest["kind"])));
+    }
+    outln!("ID:          {}", info.id);
+    outln!(
+        "Engine:      {} ({})",
+        output::engine_name(info),
+        s(&manifest["kind"])
+    );
+    outln!("Target:      {}", info.target);
+    outln!(
+        "Server:      {} (version {})",
+        s(&manifest["target"]["server"]),
+        s(&manifest["target"]["server_version"])
+    );
+    outln!(
+        "Tool:        {} {}",
+        s(&manifest["tool"]["name"]),
+        s(&manifest["tool"]["version"])
+    );
+    outln!("Started:     {}", info.started_at);
+    outln!("Completed:   {}", info.completed_at);
+    outln!(
+        "Size:        {} raw, {} stored",
+        output::bytes(info.raw_bytes),
+        output::bytes(info.stored_bytes)
+    );
+    outln!("Agent:       {}", s(&manifest["agent_version"]));
+    match manifest["encryption"].as_object() {
+        Some(e) => outln!(
+            "Encryption:  {}, key {}",
+            s(&e["algorithm"]),
+            s(&e["key_fingerprint"])
+        ),
+        None => outln!("Encryption:  none"),
+    }
+    if let Some(w) = &info.recovery_window {
+        print_recovery_window(w);
+    }
+    if s(&manifest["kind"]) == "physical" {
+        outln!(
+            "Recovery settings: {}",
+            recovery_settings_line(&manifest["details"]["recovery_settings"])
+        );
+    }
+    for line in qdrant_layout_lines(&manifest["details"]) {
+        outln!("{line}");
+    }
+    match &info.last_drill {
+        Some(d) if d.drilled_at.is_empty() => {
+            outln!("Last drill:  unknown ({})", d.failure)
+        }
+        Some(d) => outln!("Last drill:  {}", drill_line(d)),
+        None => outln!("Last drill:  never (run `kubectl soma drill {}`)", info.id),
+    }
+    print_artifacts(manifest);
+}
+
+/// A manifest string field, empty when absent.
+fn text(v: &serde_json::Value) -> String {
+    v.as_str().unwrap_or("").to_string()
+}
+
+/// The span of time a point-in-time restore can reach from this backup, and the WAL in it that
+/// cannot be used.
+fn print_recovery_window(w: &v1::RecoveryWindow) {
+    if w.error.is_empty() {
+        outln!(
+            "Recoverable: {} (LSN {}) … {} (LSN {}), timeline {}",
+            output::short_time(&w.earliest_time),
+            w.earliest_lsn,
+            output::short_time(&w.latest_time),
+            w.latest_lsn,
+            w.timeline
+        );
+        if w.gaps.is_empty() {
+            outln!("WAL gaps:    none");
+        } else {
+            outln!(
+                "WAL gaps:    {} — WAL after a gap cannot be replayed",
+                w.gaps.join(", ")
+            );
+        }
+        if !w.rejected.is_empty() {
+            outln!(
+                "WAL skipped: {} — not what their names say, not used",
+                w.rejected.join("; ")
+            );
+        }
+    } else {
+        outln!("Recoverable: unknown ({})", w.error);
+    }
+}
+
+fn print_artifacts(manifest: &serde_json::Value) {
+    let s = text;
+    outln!("Artifacts:");
+    for a in manifest["artifacts"].as_array().into_iter().flatten() {
+        outln!(
+            "  {}  {}  raw {} sha256 {}  stored {} sha256 {}  {} part(s)",
+            s(&a["name"]),
+            s(&a["format"]),
+            output::bytes(a["raw_bytes"].as_u64().unwrap_or(0)),
+            s(&a["raw_sha256"]),
+            output::bytes(a["stored_bytes"].as_u64().unwrap_or(0)),
+            s(&a["stored_sha256"]),
+            a["parts"].as_u64().unwrap_or(0),
+        );
     }
 }
 

@@ -66,59 +66,7 @@ fn backup_table(backups: &[v1::BackupInfo], wide: bool) -> (Vec<&'static str>, V
         .iter()
         .flat_map(|b| b.members.iter().map(String::as_str))
         .collect();
-    let row = |b: &v1::BackupInfo, indent: &str| {
-        let target = if b.members.is_empty() {
-            output::cell(&b.target, 60)
-        } else {
-            format!("{} members", b.members.len())
-        };
-        let engine = match (b.kind.as_str(), wide) {
-            ("physical", false) => format!("{} (physical)", output::engine_name(b)),
-            _ => output::engine_name(b).to_string(),
-        };
-        let recoverable = match &b.recovery_window {
-            Some(w) if !w.error.is_empty() => "unknown".to_string(),
-            Some(w) if !w.gaps.is_empty() => {
-                format!("until {} (gap after)", output::short_time(&w.latest_time))
-            }
-            Some(w) => format!("until {}", output::short_time(&w.latest_time)),
-            None => "-".to_string(),
-        };
-        let id = format!("{indent}{}", b.id);
-        if !wide {
-            return vec![
-                id,
-                engine,
-                target,
-                output::short_time(&b.completed_at),
-                output::bytes(b.raw_bytes),
-                output::bytes(b.stored_bytes),
-                recoverable,
-            ];
-        }
-        let drill = match &b.last_drill {
-            None => "-".to_string(),
-            Some(d) if d.passed => format!("passed ({:.1}s)", d.rto_seconds),
-            Some(_) => "FAILED".to_string(),
-        };
-        vec![
-            id,
-            engine,
-            output::cell(&b.kind, 20),
-            target,
-            output::short_time(&b.started_at),
-            output::short_time(&b.completed_at),
-            output::bytes(b.raw_bytes),
-            output::bytes(b.stored_bytes),
-            if b.members.is_empty() {
-                "-".into()
-            } else {
-                b.members.len().to_string()
-            },
-            recoverable,
-            drill,
-        ]
-    };
+    let row = |b: &v1::BackupInfo, indent: &str| backup_row(b, indent, wide);
     let mut rows = Vec::new();
     for b in backups.iter().filter(|b| !in_set.contains(b.id.as_str())) {
         rows.push(row(b, ""));
@@ -154,6 +102,61 @@ fn backup_table(backups: &[v1::BackupInfo], wide: bool) -> (Vec<&'static str>, V
         ]
     };
     (headers, rows)
+}
+
+/// One line of the `list` table; `indent` marks a member under its set.
+fn backup_row(b: &v1::BackupInfo, indent: &str, wide: bool) -> Vec<String> {
+    let target = if b.members.is_empty() {
+        output::cell(&b.target, 60)
+    } else {
+        format!("{} members", b.members.len())
+    };
+    let engine = match (b.kind.as_str(), wide) {
+        ("physical", false) => format!("{} (physical)", output::engine_name(b)),
+        _ => output::engine_name(b).to_string(),
+    };
+    let recoverable = match &b.recovery_window {
+        Some(w) if !w.error.is_empty() => "unknown".to_string(),
+        Some(w) if !w.gaps.is_empty() => {
+            format!("until {} (gap after)", output::short_time(&w.latest_time))
+        }
+        Some(w) => format!("until {}", output::short_time(&w.latest_time)),
+        None => "-".to_string(),
+    };
+    let id = format!("{indent}{}", b.id);
+    if !wide {
+        return vec![
+            id,
+            engine,
+            target,
+            output::short_time(&b.completed_at),
+            output::bytes(b.raw_bytes),
+            output::bytes(b.stored_bytes),
+            recoverable,
+        ];
+    }
+    let drill = match &b.last_drill {
+        None => "-".to_string(),
+        Some(d) if d.passed => format!("passed ({:.1}s)", d.rto_seconds),
+        Some(_) => "FAILED".to_string(),
+    };
+    vec![
+        id,
+        engine,
+        output::cell(&b.kind, 20),
+        target,
+        output::short_time(&b.started_at),
+        output::short_time(&b.completed_at),
+        output::bytes(b.raw_bytes),
+        output::bytes(b.stored_bytes),
+        if b.members.is_empty() {
+            "-".into()
+        } else {
+            b.members.len().to_string()
+        },
+        recoverable,
+        drill,
+    ]
 }
 
 /// `list --failed`: the failures every agent recorded (deduplicated when they share a store),

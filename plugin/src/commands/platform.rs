@@ -176,17 +176,7 @@ pub async fn backup_all(
             "backup_all is only for `backup all`".into(),
         ));
     };
-    let stores: Vec<&str> = served.iter().map(|s| s.store.as_str()).collect();
-    if stores.windows(2).any(|w| w[0] != w[1]) {
-        return Err(CliError::Other(format!(
-            "the agents write to different stores ({}): a platform set lives in one store; point every agent's --store at the same bucket and prefix, or back them up one by one with --pod NAME",
-            served
-                .iter()
-                .map(|s| format!("{}: {}", s.name(), s.store))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
+    one_store(&served)?;
     let started_at = Utc::now();
     let set_id = BackupId::new(started_at, IdEngine::Set, "platform");
     errln!(
@@ -198,6 +188,62 @@ pub async fn backup_all(
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let members = back_up_members(&served, &set_id, physical).await?;
+    let mut first = served[0].agent.clone();
+    let info = first
+        .client
+        .commit_set(v1::CommitSetRequest {
+            set_id: set_id.to_string(),
+            members: members.clone(),
+            started_at: started_at.to_rfc3339(),
+        })
+        .await
+        .map_err(|s| CliError::from_status(s, &first.addr, "request"))?
+        .into_inner();
+    let seconds = (Utc::now() - started_at).num_milliseconds() as f64 / 1000.0;
+    match out {
+        format if format.is_table() => {
+            outln!(
+                "platform backup set {} complete: {}",
+                info.id,
+                info.members.join(", ")
+            );
+            outln!("id: {}", info.id);
+            outln!(
+                "size: {} raw, {} stored ({:.1}x), {seconds:.1}s",
+                output::bytes(info.raw_bytes),
+                output::bytes(info.stored_bytes),
+                info.raw_bytes as f64 / info.stored_bytes.max(1) as f64,
+            );
+            Ok(())
+        }
+        format => output::print_structured(format, &output::manifest(&info)?),
+    }
+}
+
+/// A set lives in one store, so agents writing to different ones are refused before any backup.
+fn one_store(served: &[Served]) -> Result<(), CliError> {
+    let stores: Vec<&str> = served.iter().map(|s| s.store.as_str()).collect();
+    if stores.windows(2).any(|w| w[0] != w[1]) {
+        return Err(CliError::Other(format!(
+            "the agents write to different stores ({}): a platform set lives in one store; point every agent's --store at the same bucket and prefix, or back them up one by one with --pod NAME",
+            served
+                .iter()
+                .map(|s| format!("{}: {}", s.name(), s.store))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Backs up every agent's engines as members of `set_id` and returns the member ids; any agent
+/// failing means no set, and the members that did complete are named as standalone backups.
+async fn back_up_members(
+    served: &[Served],
+    set_id: &BackupId,
+    physical: bool,
+) -> Result<Vec<String>, CliError> {
     // Every agent at once: the members are taken as close together in time as the engines allow.
     let runs = served.iter().map(|s| {
         let mut agent = s.agent.clone();
@@ -240,36 +286,7 @@ pub async fn backup_all(
             }
         )));
     }
-    let mut first = served[0].agent.clone();
-    let info = first
-        .client
-        .commit_set(v1::CommitSetRequest {
-            set_id: set_id.to_string(),
-            members: members.clone(),
-            started_at: started_at.to_rfc3339(),
-        })
-        .await
-        .map_err(|s| CliError::from_status(s, &first.addr, "request"))?
-        .into_inner();
-    let seconds = (Utc::now() - started_at).num_milliseconds() as f64 / 1000.0;
-    match out {
-        format if format.is_table() => {
-            outln!(
-                "platform backup set {} complete: {}",
-                info.id,
-                info.members.join(", ")
-            );
-            outln!("id: {}", info.id);
-            outln!(
-                "size: {} raw, {} stored ({:.1}x), {seconds:.1}s",
-                output::bytes(info.raw_bytes),
-                output::bytes(info.stored_bytes),
-                info.raw_bytes as f64 / info.stored_bytes.max(1) as f64,
-            );
-            Ok(())
-        }
-        format => output::print_structured(format, &output::manifest(&info)?),
-    }
+    Ok(members)
 }
 
 /// What `restore` does with one member of a set.
@@ -295,131 +312,22 @@ pub async fn restore_set(
     args: RestoreArgs,
 ) -> Result<(), CliError> {
     let target_time = args.target_time.as_deref().map(parse_time).transpose()?;
-    let mut all_backups: Option<Vec<v1::BackupInfo>> = None;
-    let mut steps = Vec::new();
-    let mut chosen_notes = Vec::new();
-    for member_id in &set.members {
-        let member = describe_anywhere(&served, member_id).await?;
-        let engine = v1::Engine::try_from(member.engine).unwrap_or(v1::Engine::Unspecified);
-        if engine == v1::Engine::Postgres && member.kind == "physical" {
-            steps.push(Step::Pgdata { backup: member });
-            continue;
-        }
-        let Some(index) = served.iter().position(|s| s.serves(engine)) else {
-            return Err(CliError::Kubernetes(format!(
-                "set {} has a {} member ({}), but no ready agent serves {}; start one (or pass --agent HOST:PORT of one)",
-                set.id,
-                engine_name(engine),
-                member.id,
-                engine_name(engine)
-            )));
-        };
-        let member = match (engine, target_time) {
-            (v1::Engine::Qdrant, Some(at)) => {
-                if all_backups.is_none() {
-                    all_backups = Some(list(&served[index]).await?);
-                }
-                let chosen = newest_at_or_before(
-                    all_backups.as_deref().unwrap_or_default(),
-                    v1::Engine::Qdrant,
-                    at,
-                )
-                .ok_or_else(|| {
-                    CliError::Other(format!(
-                        "no Qdrant backup was taken at or before {at}; choose a later --target-time (see `kubectl soma list`)"
-                    ))
-                })?;
-                chosen_notes.push(format!(
-                    "Qdrant: {} (started {}), the newest at or before {}",
-                    chosen.id, chosen.started_at, at
-                ));
-                chosen
-            }
-            _ => member,
-        };
-        steps.push(Step::Restore {
-            served: index,
-            backup: member,
-        });
-    }
-    // PostgreSQL first: Qdrant payloads may name rows, never the other way round.
-    steps.sort_by_key(|s| match s {
-        Step::Pgdata { .. } => 0,
-        Step::Restore { backup, .. } => {
-            if backup.engine == v1::Engine::Postgres as i32 {
-                1
-            } else {
-                2
-            }
-        }
-    });
-    for note in &chosen_notes {
+    let plan = SetPlan::make(&served, &set, target_time).await?;
+    for note in &plan.chosen_notes {
         errln!("{note}");
     }
     let started = std::time::Instant::now();
-    let mut restored = Vec::new();
-    let mut pending = Vec::new();
-    for step in steps {
+    let mut done = SetProgress::default();
+    for step in plan.steps {
         match step {
             Step::Restore { served: i, backup } => {
-                let mut agent = served[i].agent.clone();
-                let engine = v1::Engine::try_from(backup.engine).unwrap_or_default();
-                let request = v1::RestoreRequest {
-                    backup_id: backup.id.clone(),
-                    clean: args.clean && engine == v1::Engine::Postgres,
-                    force: args.force && engine == v1::Engine::Qdrant,
-                    update_roles: args.update_roles && engine == v1::Engine::Postgres,
-                    ..Default::default()
-                };
-                let result = super::restore::follow(&mut agent, request)
-                    .await
-                    .map_err(|e| {
-                        CliError::Other(format!(
-                            "restoring set {}: member {} failed: {e}.{}",
-                            set.id,
-                            backup.id,
-                            done_note(&restored)
-                        ))
-                    })?;
-                if out.is_table() {
-                    outln!(
-                        "{} ({} in {:.1}s)",
-                        result.summary,
-                        output::bytes(result.raw_bytes),
-                        result.seconds
-                    );
-                }
-                restored.push(json!({
-                    "backup_id": backup.id,
-                    "engine": engine_name(engine),
-                    "summary": result.summary,
-                    "raw_bytes": result.raw_bytes,
-                    "seconds": result.seconds,
-                }));
+                done.restore(&served[i], &set, backup, out, &args).await?
             }
-            Step::Pgdata { backup } => {
-                let mut command = format!("soma-agent restore-pgdata --backup {}", backup.id);
-                if let Some(t) = &args.target_time {
-                    command.push_str(&format!(" --target-time '{t}'"));
-                }
-                let note = format!(
-                    "PostgreSQL member {} is a physical base backup: it is restored into an EMPTY data directory before PostgreSQL starts, not into a running server. In Kubernetes: `helm soma-restore` with the chart's restore init container; elsewhere: `{command} --pgdata DIR`, then start PostgreSQL on DIR (it replays WAL to the target).",
-                    backup.id
-                );
-                if out.is_table() {
-                    outln!("{note}");
-                }
-                pending.push(json!({
-                    "backup_id": backup.id,
-                    "engine": "postgres",
-                    "kind": "physical",
-                    "command": command,
-                    "note": note,
-                }));
-            }
+            Step::Pgdata { backup } => done.pgdata(&backup, out, &args),
         }
     }
     let seconds = started.elapsed().as_secs_f64();
+    let SetProgress { restored, pending } = done;
     match out {
         format if format.is_table() => {
             outln!(
@@ -443,10 +351,164 @@ pub async fn restore_set(
                 "backup_id": set.id,
                 "restored": restored,
                 "pending": pending,
-                "qdrant_chosen": chosen_notes,
+                "qdrant_chosen": plan.chosen_notes,
                 "seconds": seconds,
             }),
         ),
+    }
+}
+
+/// The steps of a set restore in the order they run, and which Qdrant backups `--target-time`
+/// chose in place of the set's own.
+struct SetPlan {
+    steps: Vec<Step>,
+    chosen_notes: Vec<String>,
+}
+
+impl SetPlan {
+    async fn make(
+        served: &[Served],
+        set: &v1::BackupInfo,
+        target_time: Option<DateTime<Utc>>,
+    ) -> Result<Self, CliError> {
+        let mut all_backups: Option<Vec<v1::BackupInfo>> = None;
+        let mut plan = SetPlan {
+            steps: Vec::new(),
+            chosen_notes: Vec::new(),
+        };
+        for member_id in &set.members {
+            let member = describe_anywhere(served, member_id).await?;
+            let engine = v1::Engine::try_from(member.engine).unwrap_or(v1::Engine::Unspecified);
+            if engine == v1::Engine::Postgres && member.kind == "physical" {
+                plan.steps.push(Step::Pgdata { backup: member });
+                continue;
+            }
+            let Some(index) = served.iter().position(|s| s.serves(engine)) else {
+                return Err(CliError::Kubernetes(format!(
+                    "set {} has a {} member ({}), but no ready agent serves {}; start one (or pass --agent HOST:PORT of one)",
+                    set.id,
+                    engine_name(engine),
+                    member.id,
+                    engine_name(engine)
+                )));
+            };
+            let member = match (engine, target_time) {
+                (v1::Engine::Qdrant, Some(at)) => {
+                    if all_backups.is_none() {
+                        all_backups = Some(list(&served[index]).await?);
+                    }
+                    let chosen = qdrant_at(all_backups.as_deref().unwrap_or_default(), at)?;
+                    plan.chosen_notes.push(format!(
+                        "Qdrant: {} (started {}), the newest at or before {}",
+                        chosen.id, chosen.started_at, at
+                    ));
+                    chosen
+                }
+                _ => member,
+            };
+            plan.steps.push(Step::Restore {
+                served: index,
+                backup: member,
+            });
+        }
+        // PostgreSQL first: Qdrant payloads may name rows, never the other way round.
+        plan.steps.sort_by_key(|s| match s {
+            Step::Pgdata { .. } => 0,
+            Step::Restore { backup, .. } => {
+                if backup.engine == v1::Engine::Postgres as i32 {
+                    1
+                } else {
+                    2
+                }
+            }
+        });
+        Ok(plan)
+    }
+}
+
+/// The Qdrant backup a point-in-time set restore uses: the newest at or before `at`.
+fn qdrant_at(backups: &[v1::BackupInfo], at: DateTime<Utc>) -> Result<v1::BackupInfo, CliError> {
+    newest_at_or_before(backups, v1::Engine::Qdrant, at).ok_or_else(|| {
+        CliError::Other(format!(
+            "no Qdrant backup was taken at or before {at}; choose a later --target-time (see `kubectl soma list`)"
+        ))
+    })
+}
+
+/// What a set restore has done so far: members restored, and base backups left for the user to
+/// lay down before PostgreSQL starts. A failing member's error names what was already restored.
+#[derive(Default)]
+struct SetProgress {
+    restored: Vec<serde_json::Value>,
+    pending: Vec<serde_json::Value>,
+}
+
+impl SetProgress {
+    async fn restore(
+        &mut self,
+        served: &Served,
+        set: &v1::BackupInfo,
+        backup: v1::BackupInfo,
+        out: OutputFormat,
+        args: &RestoreArgs,
+    ) -> Result<(), CliError> {
+        let mut agent = served.agent.clone();
+        let engine = v1::Engine::try_from(backup.engine).unwrap_or_default();
+        let request = v1::RestoreRequest {
+            backup_id: backup.id.clone(),
+            clean: args.clean && engine == v1::Engine::Postgres,
+            force: args.force && engine == v1::Engine::Qdrant,
+            update_roles: args.update_roles && engine == v1::Engine::Postgres,
+            ..Default::default()
+        };
+        let result = super::restore::follow(&mut agent, request)
+            .await
+            .map_err(|e| {
+                CliError::Other(format!(
+                    "restoring set {}: member {} failed: {e}.{}",
+                    set.id,
+                    backup.id,
+                    done_note(&self.restored)
+                ))
+            })?;
+        if out.is_table() {
+            outln!(
+                "{} ({} in {:.1}s)",
+                result.summary,
+                output::bytes(result.raw_bytes),
+                result.seconds
+            );
+        }
+        self.restored.push(json!({
+            "backup_id": backup.id,
+            "engine": engine_name(engine),
+            "summary": result.summary,
+            "raw_bytes": result.raw_bytes,
+            "seconds": result.seconds,
+        }));
+        Ok(())
+    }
+
+    /// A base backup cannot be restored into a running server: say how to lay it down instead.
+    fn pgdata(&mut self, backup: &v1::BackupInfo, out: OutputFormat, args: &RestoreArgs) {
+        let mut command = format!("soma-agent restore-pgdata --backup {}", backup.id);
+        if let Some(t) = &args.target_time {
+            command.push_str(&format!(" --target-time '{t}'"));
+        }
+        let note = format!(
+            "PostgreSQL member {} is a physical base backup: it is restored into an EMPTY data directory before PostgreSQL starts, not into a running server. In Kubernetes: `helm soma-restore` with the chart's restore init container; elsewhere: `{command} --pgdata DIR`, then start PostgreSQL on DIR (it replays WAL to the target).",
+            backup.id
+        );
+        if out.is_table() {
+            outln!("{note}");
+        }
+        self.pending.push(json!({
+            "backup_id": backup.id,
+            "engine": "postgres",
+            "kind": "physical",
+            "command": command,
+            "note": note,
+        }));
     }
 }
 

@@ -80,105 +80,135 @@ fn agent_row(
         "restore_from": Some(info.restore_from.as_str()).filter(|r| !r.is_empty()),
         // Empty from an agent older than encryption at rest: it encrypts nothing.
         "encryption": if info.encryption.is_empty() { "off" } else { info.encryption.as_str() },
-        "store_health": info.store_health.as_ref().map(|h| json!({
-            "condition": h.condition,
-            "retries": h.retries,
-            "timeouts": h.timeouts,
-            "failures": h.failures,
-            "resumed_downloads": h.resumed_downloads,
-            "last_problem": Some(h.last_problem.as_str()).filter(|p| !p.is_empty()),
-            "last_problem_at": Some(h.last_problem_at.as_str()).filter(|p| !p.is_empty()),
-        })),
+        "store_health": info.store_health.as_ref().map(store_health_json),
         "last_backup": last.map(|b| b.id.clone()),
         "last_backup_age_seconds": age,
         "running_jobs": info.running_jobs.len(),
-        "wal_archive": info.wal_archive.as_ref().map(|w| json!({
-            "receiving": w.receiving,
-            "system_id": w.system_id,
-            "timeline": w.timeline,
-            "slot": w.slot,
-            "archived_lsn": w.archived_lsn,
-            "server_lsn": w.server_lsn,
-            "lag_bytes": w.lag_bytes,
-            "last_shipped_at": w.last_shipped_at,
-            "last_file": w.last_file,
-            "segments_shipped": w.segments_shipped,
-            "partials_shipped": w.partials_shipped,
-            "partial_interval_seconds": w.partial_interval_seconds,
-            "last_error": w.last_error,
-            "set_aside_files": w.set_aside_files,
-            "set_aside": w.set_aside,
-        })),
-        "last_recovery": info.last_recovery.as_ref().map(|r| json!({
-            "timeline": r.timeline,
-            "parent_timeline": r.parent_timeline,
-            "switch_lsn": r.switch_lsn,
-            "reason": r.reason,
-            "archive_end_lsn": Some(r.archive_end_lsn.as_str()).filter(|l| !l.is_empty()),
-            "unreplayed_bytes": r.unreplayed_bytes,
-            "verdict": r.verdict,
-            "summary": r.summary,
-            "checked_at": r.checked_at,
-        })),
-        "qdrant_cluster": info.qdrant_cluster.as_ref().map(|c| json!({
-            "this_peer": c.this_peer,
-            "peers": c.peers.iter().map(|p| json!({
-                "peer_id": p.peer_id, "url": p.url, "reachable": p.reachable,
-            })).collect::<Vec<_>>(),
-            "collections": c.collections.iter().map(|k| json!({
-                "name": k.name,
-                "shards": k.shards,
-                "replicas": k.replicas,
-                "active_replicas": k.active_replicas,
-                "unavailable_shards": k.unavailable_shards,
-                "not_active": k.not_active,
-            })).collect::<Vec<_>>(),
-            "error": Some(c.error.as_str()).filter(|e| !e.is_empty()),
-        })),
-        "schedules": info.schedules.iter().map(|s| json!({
-            "action": s.action,
-            "cron": s.cron,
-            "timezone": s.timezone,
-            "next_run": s.next_run,
-            "last_run": s.last_run,
-            "last_result": s.last_result,
-            "last_error": s.last_error,
-            "last_backup_id": s.last_backup_id,
-            "skipped": s.skipped,
-            "failed": s.failed,
-        })).collect::<Vec<_>>(),
+        "wal_archive": info.wal_archive.as_ref().map(wal_archive_json),
+        "last_recovery": info.last_recovery.as_ref().map(last_recovery_json),
+        "qdrant_cluster": info.qdrant_cluster.as_ref().map(qdrant_cluster_json),
+        "schedules": info.schedules.iter().map(schedule_json).collect::<Vec<_>>(),
         "retention": Some(info.retention.as_str()).filter(|r| !r.is_empty()),
         "recent_failures": info.recent_failures.iter().map(list::failure_json).collect::<Vec<_>>(),
-        // A store that gives up on requests fails backups and the WAL archive: unhealthy.
-        "health": match info.store_health.as_ref() {
-            Some(h) if health == "ok" && h.condition == "failing" => {
-                format!("store failing: {}", h.last_problem)
-            }
-            // Committed transactions are missing from the restored server: not healthy.
-            _ if health == "ok"
-                && info
-                    .last_recovery
-                    .as_ref()
-                    .is_some_and(|r| r.verdict == "stopped-short") =>
-            {
-                "last recovery stopped short of the archive's end".into()
-            }
-            // A shard nobody can serve is data a backup cannot take.
-            _ if health == "ok"
-                && info.qdrant_cluster.as_ref().is_some_and(|c| {
-                    c.collections.iter().any(|k| !k.unavailable_shards.is_empty())
-                }) =>
-            {
-                "a Qdrant shard has no active replica".into()
-            }
-            _ if health == "ok"
-                && info.qdrant_cluster.as_ref().is_some_and(|c| !c.error.is_empty()) =>
-            {
-                "the Qdrant cluster's layout could not be read whole".into()
-            }
-            _ => health,
-        },
+        "health": overall_health(info, health),
     })
+}
+
+fn store_health_json(h: &v1::StoreHealth) -> Value {
+    json!({
+        "condition": h.condition,
+        "retries": h.retries,
+        "timeouts": h.timeouts,
+        "failures": h.failures,
+        "resumed_downloads": h.resumed_downloads,
+        "last_problem": Some(h.last_problem.as_str()).filter(|p| !p.is_empty()),
+        "last_problem_at": Some(h.last_problem_at.as_str()).filter(|p| !p.is_empty()),
+    })
+}
+
+fn wal_archive_json(w: &v1::WalArchiveStatus) -> Value {
+    json!({
+        "receiving": w.receiving,
+        "system_id": w.system_id,
+        "timeline": w.timeline,
+        "slot": w.slot,
+        "archived_lsn": w.archived_lsn,
+        "server_lsn": w.server_lsn,
+        "lag_bytes": w.lag_bytes,
+        "last_shipped_at": w.last_shipped_at,
+        "last_file": w.last_file,
+        "segments_shipped": w.segments_shipped,
+        "partials_shipped": w.partials_shipped,
+        "partial_interval_seconds": w.partial_interval_seconds,
+        "last_error": w.last_error,
+        "set_aside_files": w.set_aside_files,
+        "set_aside": w.set_aside,
+    })
+}
+
+fn last_recovery_json(r: &v1::RecoveryEnd) -> Value {
+    json!({
+        "timeline": r.timeline,
+        "parent_timeline": r.parent_timeline,
+        "switch_lsn": r.switch_lsn,
+        "reason": r.reason,
+        "archive_end_lsn": Some(r.archive_end_lsn.as_str()).filter(|l| !l.is_empty()),
+        "unreplayed_bytes": r.unreplayed_bytes,
+        "verdict": r.verdict,
+        "summary": r.summary,
+        "checked_at": r.checked_at,
+    })
+}
+
+fn qdrant_cluster_json(c: &v1::QdrantCluster) -> Value {
+    json!({
+        "this_peer": c.this_peer,
+        "peers": c.peers.iter().map(|p| json!({
+            "peer_id": p.peer_id, "url": p.url, "reachable": p.reachable,
+        })).collect::<Vec<_>>(),
+        "collections": c.collections.iter().map(|k| json!({
+            "name": k.name,
+            "shards": k.shards,
+            "replicas": k.replicas,
+            "active_replicas": k.active_replicas,
+            "unavailable_shards": k.unavailable_shards,
+            "not_active": k.not_active,
+        })).collect::<Vec<_>>(),
+        "error": Some(c.error.as_str()).filter(|e| !e.is_empty()),
+    })
+}
+
+fn schedule_json(s: &v1::ScheduleStatus) -> Value {
+    json!({
+        "action": s.action,
+        "cron": s.cron,
+        "timezone": s.timezone,
+        "next_run": s.next_run,
+        "last_run": s.last_run,
+        "last_result": s.last_result,
+        "last_error": s.last_error,
+        "last_backup_id": s.last_backup_id,
+        "skipped": s.skipped,
+        "failed": s.failed,
+    })
+}
+
+/// The agent's health: what it reported about its store, then what its own report shows.
+fn overall_health(info: &v1::AgentInfo, health: String) -> String {
+    match info.store_health.as_ref() {
+        // A store that gives up on requests fails backups and the WAL archive: unhealthy.
+        Some(h) if health == "ok" && h.condition == "failing" => {
+            format!("store failing: {}", h.last_problem)
+        }
+        // Committed transactions are missing from the restored server: not healthy.
+        _ if health == "ok"
+            && info
+                .last_recovery
+                .as_ref()
+                .is_some_and(|r| r.verdict == "stopped-short") =>
+        {
+            "last recovery stopped short of the archive's end".into()
+        }
+        // A shard nobody can serve is data a backup cannot take.
+        _ if health == "ok"
+            && info.qdrant_cluster.as_ref().is_some_and(|c| {
+                c.collections
+                    .iter()
+                    .any(|k| !k.unavailable_shards.is_empty())
+            }) =>
+        {
+            "a Qdrant shard has no active replica".into()
+        }
+        _ if health == "ok"
+            && info
+                .qdrant_cluster
+                .as_ref()
+                .is_some_and(|c| !c.error.is_empty()) =>
+        {
+            "the Qdrant cluster's layout could not be read whole".into()
+        }
+        _ => health,
+    }
 }
 
 /// The WAL archive's state in one cell: streaming or not, and how far behind the server it is.
@@ -297,6 +327,22 @@ fn render(rows: &[Value], out: OutputFormat) -> Result<String, CliError> {
         }
         format => return output::structured(format, &rows, "agent"),
     };
+    let mut text_out = agent_table(rows, wide);
+    if output::no_headers() {
+        return Ok(text_out);
+    }
+    for r in rows {
+        // An agent that did not answer has nothing more to say.
+        if r.get("agent_version").is_none() {
+            continue;
+        }
+        text_out.push_str(&agent_details(r, wide));
+    }
+    Ok(text_out)
+}
+
+/// The table of agents, one line each.
+fn agent_table(rows: &[Value], wide: bool) -> String {
     let table: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
@@ -355,50 +401,45 @@ fn render(rows: &[Value], out: OutputFormat) -> Result<String, CliError> {
         ]);
     }
     headers.push("HEALTH");
-    let mut text_out = output::render_table(&headers, &table);
-    if output::no_headers() {
-        return Ok(text_out);
+    output::render_table(&headers, &table)
+}
+
+/// One agent's sections below the table.
+fn agent_details(r: &Value, wide: bool) -> String {
+    let mut text_out = format!("\n{}:\n", agent_title(r));
+    text_out.push_str(&set_aside_section(&r["wal_archive"]));
+    if let Some(summary) = r["last_recovery"]["summary"].as_str() {
+        let mark = if r["last_recovery"]["verdict"] == "stopped-short" {
+            "LAST RECOVERY STOPPED SHORT"
+        } else {
+            "Last recovery"
+        };
+        text_out.push_str(&format!("  {mark}: {}\n", output::cell(summary, 600)));
     }
-    for r in rows {
-        // An agent that did not answer has nothing more to say.
-        if r.get("agent_version").is_none() {
-            continue;
-        }
-        text_out.push_str(&format!("\n{}:\n", agent_title(r)));
-        text_out.push_str(&set_aside_section(&r["wal_archive"]));
-        if let Some(summary) = r["last_recovery"]["summary"].as_str() {
-            let mark = if r["last_recovery"]["verdict"] == "stopped-short" {
-                "LAST RECOVERY STOPPED SHORT"
-            } else {
-                "Last recovery"
-            };
-            text_out.push_str(&format!("  {mark}: {}\n", output::cell(summary, 600)));
-        }
-        text_out.push_str(&qdrant_cluster_section(&r["qdrant_cluster"]));
-        text_out.push_str(&schedules_section(r, wide));
-        text_out.push_str(&format!(
-            "  Encryption: {}\n",
-            match r["encryption"].as_str() {
-                Some("off") | None => {
-                    "off (objects are stored as they are; see --encryption-key-file)".into()
-                }
-                Some(e) => output::cell(e, 200),
+    text_out.push_str(&qdrant_cluster_section(&r["qdrant_cluster"]));
+    text_out.push_str(&schedules_section(r, wide));
+    text_out.push_str(&format!(
+        "  Encryption: {}\n",
+        match r["encryption"].as_str() {
+            Some("off") | None => {
+                "off (objects are stored as they are; see --encryption-key-file)".into()
             }
-        ));
-        text_out.push_str(&format!(
-            "  Store requests: {}\n",
-            store_line(&r["store_health"])
-        ));
-        text_out.push_str(&format!(
-            "  Retention: {}\n",
-            match r["retention"].as_str() {
-                Some(p) => output::cell(p, 200),
-                None => "none (backups are kept until deleted; see --retention)".into(),
-            }
-        ));
-        text_out.push_str(&failures_section(r, wide));
-    }
-    Ok(text_out)
+            Some(e) => output::cell(e, 200),
+        }
+    ));
+    text_out.push_str(&format!(
+        "  Store requests: {}\n",
+        store_line(&r["store_health"])
+    ));
+    text_out.push_str(&format!(
+        "  Retention: {}\n",
+        match r["retention"].as_str() {
+            Some(p) => output::cell(p, 200),
+            None => "none (backups are kept until deleted; see --retention)".into(),
+        }
+    ));
+    text_out.push_str(&failures_section(r, wide));
+    text_out
 }
 
 #[cfg(test)]

@@ -34,7 +34,7 @@ pub use replication::{
     parse_history_lines,
 };
 pub use scratch::{ScratchError, ScratchServer};
-pub use validation::{DumpTee, SnapshotHolder, TableStats};
+pub use validation::{DumpTee, TableStats};
 
 /// Quotes a value for a PostgreSQL configuration file.
 pub(crate) fn conf_quote(s: &str) -> String {
@@ -399,16 +399,6 @@ impl Postgres {
     /// Starts `pg_dump --format=custom` of `database` without its own compression (the pipeline
     /// compresses), writing to stdout.
     pub fn start_dump(&self, database: &str) -> Result<ToolProcess, PgError> {
-        self.start_dump_at(database, None)
-    }
-
-    /// [`Self::start_dump`] in an exported snapshot (see [`SnapshotHolder`]), so what it dumps is
-    /// exactly what the validation data counted.
-    pub fn start_dump_at(
-        &self,
-        database: &str,
-        snapshot: Option<&SnapshotHolder>,
-    ) -> Result<ToolProcess, PgError> {
         let mut cmd = self.command("pg_dump");
         cmd.args(["--format=custom", "--compress=0", "--no-password"]);
         // pg_dump pins DateStyle, IntervalStyle and extra_float_digits itself; these two settings
@@ -419,9 +409,6 @@ impl Postgres {
             _ => pinned.to_string(),
         };
         cmd.env("PGOPTIONS", options);
-        if let Some(holder) = snapshot {
-            cmd.arg(format!("--snapshot={}", holder.snapshot()));
-        }
         cmd.arg("--dbname").arg(self.url_for(database));
         self.spawn("pg_dump", cmd)
     }

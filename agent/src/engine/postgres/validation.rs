@@ -1,17 +1,14 @@
 //! Validation data for restore drills: per-table row counts and an order-independent checksum of
-//! the rows, read in exactly the snapshot pg_dump dumps.
+//! the rows.
 //!
-//! A backup exports a snapshot from a psql session it holds open ([`SnapshotHolder`]), runs
-//! `pg_dump --snapshot` and [`Postgres::table_stats`] in that snapshot, and releases the session
-//! once both are done; a drill runs the same query on the restored scratch database and compares.
-//! One scan per table: `count(*)` and the sum of a 64-bit hash (`hashtextextended`, the stable
-//! hash hash partitioning relies on) of each row's text form, with every setting that changes a
-//! row's text form pinned, so the same rows give the same checksum on any server of a version.
+//! Backups read it from the dump as it streams past ([`DumpTee`], [`super::dump_stats`]), so it
+//! describes exactly the rows pg_dump dumped, and drills hash the restored tables' `COPY` text the
+//! same way ([`Postgres::copy_stats`]).
 //!
-//! That second scan doubled a backup's time, so backups now read their validation data from the
-//! dump as it streams past ([`DumpTee`], [`super::dump_stats`]) and drills hash the restored
-//! tables' `COPY` text the same way ([`Postgres::copy_stats`]); the query above remains for
-//! backups recorded with it and for physical drills.
+//! Backups recorded before that, and physical drills, use [`Postgres::table_stats`]: one scan per
+//! table, `count(*)` and the sum of a 64-bit hash (`hashtextextended`, the stable hash hash
+//! partitioning relies on) of each row's text form, with every setting that changes a row's text
+//! form pinned, so the same rows give the same checksum on any server of a version.
 
 use std::{
     pin::Pin,
@@ -21,8 +18,7 @@ use std::{
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, ReadBuf},
-    process::{Child, ChildStdin},
+    io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf},
     sync::mpsc,
     task::JoinHandle,
 };
@@ -68,8 +64,6 @@ const MAX_COPY_STDERR: u64 = 64 * 1024;
 
 /// Longest snapshot id accepted from the server (they look like `00000003-0000001B-1`).
 const MAX_SNAPSHOT_ID: usize = 64;
-/// Longest line read from the holding session.
-const MAX_LINE: u64 = 1024;
 
 /// Settings that change a row's text form, pinned for every checksum so backup and drill agree.
 /// `row_security = off` makes a table the user may not fully read an error, as it is for pg_dump,
@@ -114,30 +108,7 @@ impl TableStats {
     }
 }
 
-/// A psql session holding a transaction whose snapshot was exported; other sessions (pg_dump,
-/// the checksum query) import it while this lives. Dropping it kills psql, which ends the
-/// transaction (it only read).
-#[derive(Debug)]
-pub struct SnapshotHolder {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    snapshot: String,
-}
-
-impl SnapshotHolder {
-    /// The exported snapshot's id (checked: hex digits and dashes only).
-    pub fn snapshot(&self) -> &str {
-        &self.snapshot
-    }
-
-    /// Ends the session: closing its input ends psql, which rolls the read-only transaction back.
-    pub async fn release(mut self) {
-        drop(self.stdin.take());
-        let _ = self.child.wait().await;
-    }
-}
-
-/// A snapshot id as PostgreSQL prints it, or `None`: it is passed to pg_dump and into SQL.
+/// A snapshot id as PostgreSQL prints it, or `None`: it is spliced into SQL.
 fn check_snapshot_id(id: &str) -> Option<&str> {
     let ok = !id.is_empty()
         && id.len() <= MAX_SNAPSHOT_ID
@@ -247,56 +218,8 @@ fn plain_encoding(name: &str) -> bool {
 }
 
 impl Postgres {
-    /// Opens a session on `database`, starts a read-only repeatable-read transaction and exports
-    /// its snapshot.
-    pub async fn export_snapshot(&self, database: &str) -> Result<SnapshotHolder, PgError> {
-        let (mut child, mut stdin, stdout, stderr) = self.start_psql(database, &[])?;
-        let io = |source| PgError::Io {
-            tool: "psql",
-            source,
-        };
-        stdin
-            .write_all(
-                b"begin transaction isolation level repeatable read read only;\nselect pg_catalog.pg_export_snapshot();\n",
-            )
-            .await
-            .map_err(io)?;
-        stdin.flush().await.map_err(io)?;
-        let mut line = String::new();
-        BufReader::new(stdout.take(MAX_LINE))
-            .read_line(&mut line)
-            .await
-            .map_err(io)?;
-        let Some(snapshot) = check_snapshot_id(line.trim()).map(str::to_string) else {
-            // psql ended (no connection, no permission): its status and stderr say why.
-            drop(stdin);
-            let status = child.wait().await.map_err(io)?;
-            let mut err = Vec::new();
-            let _ = stderr.take(64 * 1024).read_to_end(&mut err).await;
-            let out = std::process::Output {
-                status,
-                stdout: Vec::new(),
-                stderr: err,
-            };
-            return Err(match psql_result(&out, || self.server()) {
-                Err(e) => e,
-                Ok(_) => PgError::Unexpected {
-                    what: "exporting a snapshot",
-                    detail: format!("psql answered {:?}", line.trim()),
-                },
-            });
-        };
-        // Its stderr is not read any more: a session that only waits writes nothing.
-        drop(stderr);
-        Ok(SnapshotHolder {
-            child,
-            stdin: Some(stdin),
-            snapshot,
-        })
-    }
-
     /// Row counts and checksums of every table of `database`, in `snapshot` when given (one
-    /// exported by [`Self::export_snapshot`]), else in a snapshot of their own.
+    /// exported with `pg_export_snapshot()`), else in a snapshot of their own.
     pub async fn table_stats(
         &self,
         database: &str,

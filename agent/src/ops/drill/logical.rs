@@ -14,6 +14,7 @@ use std::{
 };
 
 use super::{Check, DrillError, Scratch, physical};
+use crate::ops::method::DrillResult;
 use crate::{
     catalog::{Artifact, Kind, Manifest},
     engine::postgres::{ChecksumKind, Postgres, ScratchServer, TableStats},
@@ -43,52 +44,19 @@ struct Dumped {
     encoding: Option<String>,
 }
 
-/// Restores every database of `m` into scratch databases and compares; returns the seconds until
-/// the last one was restored (the RTO) and the checks.
-pub(super) async fn drill(
+/// Restores every database of `m` into scratch databases of a scratch server and compares; the
+/// RTO is the time until the last one was restored.
+pub(in crate::ops) async fn drill(
     ctx: &Arc<Context>,
     m: &Manifest,
     scratch: &Scratch,
     reporter: &Reporter,
-) -> Result<(f64, Vec<Check>), OpError> {
+) -> Result<DrillResult, OpError> {
     let pg = ctx.postgres()?;
     reporter.phase("preparing", "checking pg_restore");
     pg.check_tool("pg_restore", "postgres").await?;
-    let dumped: Vec<Dumped> = match LogicalDetails::of(m)? {
-        Some(details) => details
-            .databases
-            .iter()
-            .map(|r| {
-                Ok(Dumped {
-                    name: r.needs.name.clone(),
-                    artifact: artifact(m, &r.artifact)?.clone(),
-                    tables: r.tables.clone(),
-                    checksum: r.checksum,
-                    encoding: r.encoding.clone(),
-                })
-            })
-            .collect::<Result<_, OpError>>()?,
-        None => vec![Dumped {
-            name: m.target.name.clone(),
-            artifact: artifact(m, PG_DUMP.name)?.clone(),
-            tables: None,
-            checksum: ChecksumKind::default(),
-            encoding: None,
-        }],
-    };
-
-    let (version_num, _) = pg.server_version(&pg.default_database()).await?;
-    let major = version_num / 10000;
-    reporter.phase(
-        "preparing",
-        format!("initdb of a scratch PostgreSQL {major} server of the drill's own"),
-    );
-    let run_as = physical::run_as(&ctx.drill_dir).await?;
-    let root = ctx.drill_dir.join(scratch.name("logical"));
-    physical::make_root(&ctx.drill_dir, &root, run_as, scratch).await?;
-    let server = ScratchServer::init(pg, &root, run_as, major)
-        .await
-        .map_err(DrillError::from)?;
+    let dumped = dumped_of(m)?;
+    let server = start_server(ctx, pg, scratch, reporter).await?;
     let mut held = scratch.server.lock().await;
     let server = held.insert(server);
     let client = server
@@ -111,7 +79,7 @@ pub(super) async fn drill(
         restore_into(ctx, &client, m, &d.artifact, &db, reporter).await?;
         restored.push((d, db));
     }
-    let rto = started.elapsed().as_secs_f64();
+    let rto_seconds = started.elapsed().as_secs_f64();
     // The dump may have created event triggers: off before the drill runs anything there.
     ScratchServer::disarm(&client, HOME).await?;
 
@@ -123,38 +91,101 @@ pub(super) async fn drill(
         } else {
             String::new()
         };
-        checks.push(Check::fact(
-            format!("{prefix}restore"),
-            "pg_restore completes",
-            format!("restored into scratch database {db} of the drill's own server"),
-            true,
-        ));
-        reporter.phase(
-            "validating",
-            format!("counting rows and checksumming the tables of {db}"),
-        );
-        let found = match (&d.tables, d.checksum) {
-            (Some(recorded), ChecksumKind::CopyText) => {
-                let names: std::collections::BTreeSet<(&str, &str)> = recorded
-                    .iter()
-                    .map(|t| (t.schema.as_str(), t.table.as_str()))
-                    .collect();
-                let dumped = |schema: &str, table: &str| names.contains(&(schema, table));
-                client
-                    .copy_stats(&db, d.encoding.as_deref(), dumped)
-                    .await?
-            }
-            _ => client.table_stats(&db, None).await?,
-        };
-        match d.tables {
-            Some(expected) => checks.extend(compare_tables(&prefix, &expected, &found)),
-            None => checks.push(Check::skipped(
-                format!("{prefix}row counts and checksums"),
-                NO_VALIDATION_DATA,
-            )),
-        }
+        checks.extend(validate(&client, &d, &db, &prefix, reporter).await?);
     }
-    Ok((rto, checks))
+    Ok(DrillResult {
+        rto_seconds,
+        checks,
+    })
+}
+
+/// The databases a logical backup dumped, as its details record them (one, named after the
+/// target, for a backup written before details were recorded).
+fn dumped_of(m: &Manifest) -> Result<Vec<Dumped>, OpError> {
+    match LogicalDetails::of(m)? {
+        Some(details) => details
+            .databases
+            .iter()
+            .map(|r| {
+                Ok(Dumped {
+                    name: r.needs.name.clone(),
+                    artifact: artifact(m, &r.artifact)?.clone(),
+                    tables: r.tables.clone(),
+                    checksum: r.checksum,
+                    encoding: r.encoding.clone(),
+                })
+            })
+            .collect(),
+        None => Ok(vec![Dumped {
+            name: m.target.name.clone(),
+            artifact: artifact(m, PG_DUMP.name)?.clone(),
+            tables: None,
+            checksum: ChecksumKind::default(),
+            encoding: None,
+        }]),
+    }
+}
+
+/// An `initdb` of a scratch server of the live server's major version, in a directory of the
+/// drill's own under `--drill-dir`.
+async fn start_server(
+    ctx: &Context,
+    pg: &Postgres,
+    scratch: &Scratch,
+    reporter: &Reporter,
+) -> Result<ScratchServer, OpError> {
+    let (version_num, _) = pg.server_version(&pg.default_database()).await?;
+    let major = version_num / 10000;
+    reporter.phase(
+        "preparing",
+        format!("initdb of a scratch PostgreSQL {major} server of the drill's own"),
+    );
+    let run_as = physical::run_as(&ctx.drill_dir).await?;
+    let root = ctx.drill_dir.join(scratch.name("logical"));
+    physical::make_root(&ctx.drill_dir, &root, run_as, scratch).await?;
+    Ok(ScratchServer::init(pg, &root, run_as, major)
+        .await
+        .map_err(DrillError::from)?)
+}
+
+/// The checks of one restored database: that it restored, and its tables' rows and checksums
+/// against what the backup recorded.
+async fn validate(
+    client: &Postgres,
+    d: &Dumped,
+    db: &str,
+    prefix: &str,
+    reporter: &Reporter,
+) -> Result<Vec<Check>, OpError> {
+    let mut checks = vec![Check::fact(
+        format!("{prefix}restore"),
+        "pg_restore completes",
+        format!("restored into scratch database {db} of the drill's own server"),
+        true,
+    )];
+    reporter.phase(
+        "validating",
+        format!("counting rows and checksumming the tables of {db}"),
+    );
+    let found = match (&d.tables, d.checksum) {
+        (Some(recorded), ChecksumKind::CopyText) => {
+            let names: std::collections::BTreeSet<(&str, &str)> = recorded
+                .iter()
+                .map(|t| (t.schema.as_str(), t.table.as_str()))
+                .collect();
+            let dumped = |schema: &str, table: &str| names.contains(&(schema, table));
+            client.copy_stats(db, d.encoding.as_deref(), dumped).await?
+        }
+        _ => client.table_stats(db, None).await?,
+    };
+    match &d.tables {
+        Some(expected) => checks.extend(compare_tables(prefix, expected, &found)),
+        None => checks.push(Check::skipped(
+            format!("{prefix}row counts and checksums"),
+            NO_VALIDATION_DATA,
+        )),
+    }
+    Ok(checks)
 }
 
 /// One check per recorded table for its rows and one for its checksum, a check for the number of

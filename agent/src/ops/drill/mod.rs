@@ -10,9 +10,9 @@
 //! drill created. A drill that ran and found a mismatch ends in an [`Outcome`] whose report says
 //! `passed: false`; one that could not run (damaged artifact, unreadable store) is an error.
 
-mod logical;
-mod physical;
-mod qdrant;
+pub(super) mod logical;
+pub(super) mod physical;
+pub(super) mod qdrant;
 mod wal_feed;
 
 use std::sync::{Arc, Mutex};
@@ -24,12 +24,12 @@ use serde::{Deserialize, Serialize};
 use soma_proto::v1;
 
 use super::{
-    Context, Outcome,
+    Context, Outcome, method,
     plan::{OpFuture, resolve},
     set::members_of,
 };
 use crate::{
-    catalog::{BackupId, BackupKeys, Engine, Kind, Manifest},
+    catalog::{BackupId, BackupKeys, Engine, Manifest},
     engine::postgres::ScratchServer,
     error::OpError,
     jobs::{JobInfo, Operation, Reporter},
@@ -354,18 +354,12 @@ impl DrillPlan {
     }
 }
 
-/// Refuses, before the job starts, what this agent cannot drill.
+/// Refuses, before the job starts, what this agent cannot drill (a set: what it cannot drill
+/// of its members, checked with them).
 fn check_drillable(ctx: &Context, m: &Manifest) -> Result<(), OpError> {
-    match (m.engine, m.kind) {
-        (Engine::Set, _) => Ok(()),
-        (Engine::Postgres, _) => ctx.postgres().map(drop),
-        (Engine::Qdrant, Kind::QdrantStorage) => Err(DrillError::Unsupported {
-            id: m.id.clone(),
-            kind: "Qdrant storage snapshot",
-            why: "Qdrant recovers storage snapshots only at its start-up, not into a scratch collection; drill a collection backup instead",
-        }
-        .into()),
-        (Engine::Qdrant, _) => ctx.qdrant().map(drop),
+    match method::of(m.engine, m.kind) {
+        Some(method) => method.check_drillable(ctx, m),
+        None => Ok(()),
     }
 }
 
@@ -393,21 +387,15 @@ async fn drill(
         } else {
             format!("{}: ", b.id)
         };
-        let (seconds, found) = match b.engine {
-            Engine::Postgres if b.kind == Kind::Physical => {
-                physical::drill(ctx, b, scratch, reporter).await?
-            }
-            Engine::Postgres => logical::drill(ctx, b, scratch, reporter).await?,
-            Engine::Qdrant => qdrant::drill(ctx, b, scratch, reporter).await?,
-            Engine::Set => {
-                return Err(OpError::NestedSet {
-                    set: manifest.id.clone(),
-                    member: b.id.clone(),
-                });
-            }
+        let Some(method) = method::of(b.engine, b.kind) else {
+            return Err(OpError::NestedSet {
+                set: manifest.id.clone(),
+                member: b.id.clone(),
+            });
         };
-        rto += seconds;
-        checks.extend(found.into_iter().map(|c| Check {
+        let found = method.drill(ctx, b, scratch, reporter).await?;
+        rto += found.rto_seconds;
+        checks.extend(found.checks.into_iter().map(|c| Check {
             name: format!("{prefix}{}", c.name),
             ..c
         }));

@@ -20,13 +20,14 @@ use std::{
 use super::{Check, DrillError, Scratch, ScratchItem, wal_feed};
 use crate::{
     catalog::Manifest,
-    engine::postgres::{ScratchError, ScratchServer},
+    engine::postgres::{Postgres, ScratchError, ScratchServer},
     error::OpError,
     jobs::Reporter,
     lsn::Lsn,
     ops::{
         Context,
-        physical::{PgdataRestore, RecoveryTarget, restore_pgdata},
+        method::DrillResult,
+        physical::{PgdataRestore, PgdataRestored, RecoveryTarget, restore_pgdata},
     },
     wal::WalArchive,
 };
@@ -34,52 +35,23 @@ use crate::{
 /// How long a scratch server may replay before the drill gives up.
 const RECOVERY_LIMIT: Duration = Duration::from_secs(12 * 3600);
 
-/// Restores `m` into a scratch data directory, recovers and checks it; returns the seconds from
-/// the start of the download until the promoted copy accepted connections, and the checks.
-pub(super) async fn drill(
+/// Restores `m` into a scratch data directory, recovers and checks it; the RTO runs from the
+/// start of the download until the promoted copy accepted connections.
+pub(in crate::ops) async fn drill(
     ctx: &Arc<Context>,
     m: &Manifest,
     scratch: &Scratch,
     reporter: &Reporter,
-) -> Result<(f64, Vec<Check>), OpError> {
+) -> Result<DrillResult, OpError> {
     let pg = ctx.postgres()?;
-    reporter.phase("preparing", "creating the scratch data directory");
-    let run_as = run_as(&ctx.drill_dir).await?;
-    let root = ctx.drill_dir.join(scratch.name("cluster"));
-    make_root(&ctx.drill_dir, &root, run_as, scratch).await?;
-    let pgdata = root.join("pgdata");
-    let agent_binary = std::env::current_exe()
-        .map_err(|e| OpError::Internal(format!("locating the soma-agent binary: {e}")))?;
-    let req = PgdataRestore::new(
-        m.id.to_string(),
-        pgdata.clone(),
-        RecoveryTarget::Latest,
-        agent_binary,
-    );
-
-    reporter.phase(
-        "restoring",
-        format!(
-            "{} → zstd → tar into scratch data directory {}",
-            m.id,
-            pgdata.display()
-        ),
-    );
-    let started = Instant::now();
-    let restored = restore_pgdata(&ctx.source, &req, reporter.counters()).await?;
-    let laid_down = started.elapsed().as_secs_f64();
-    let seg_size = restored.details.wal_segment_size;
-    // Replay must at least read into the last archived segment: a damaged or missing one before
-    // it ends recovery early (wal-fetch refuses a damaged file, and the server stops).
-    let last_segment = Lsn(restored.window.latest_lsn.0.saturating_sub(1) / seg_size * seg_size)
-        .max(restored.details.start_lsn);
+    let laid = lay_down(ctx, m, scratch, reporter).await?;
     let mut checks = vec![Check::fact(
         "base backup",
         "restores with every checksum verified",
-        format!("laid down in {laid_down:.1} s"),
+        format!("laid down in {:.1} s", laid.seconds),
         true,
     )];
-
+    let (restored, root, run_as) = (&laid.restored, &laid.root, laid.run_as);
     reporter.phase(
         "recovering",
         format!(
@@ -95,8 +67,8 @@ pub(super) async fn drill(
     let _feed = wal_feed::WalFeed::start(archive, &socket, staging, run_as)
         .await
         .map_err(DrillError::from)?;
-    let restore_command = wal_feed::restore_command(&req.agent_binary, &socket);
-    let server = ScratchServer::start(pg, &pgdata, &root, run_as, Some(&restore_command))
+    let restore_command = wal_feed::restore_command(&laid.req.agent_binary, &socket);
+    let server = ScratchServer::start(pg, &laid.req.pgdata, root, run_as, Some(&restore_command))
         .await
         .map_err(DrillError::from)?;
     let mut held = scratch.server.lock().await;
@@ -113,76 +85,151 @@ pub(super) async fn drill(
                 e.to_string(),
                 false,
             ));
-            return Ok((started.elapsed().as_secs_f64(), checks));
+            let rto_seconds = laid.started.elapsed().as_secs_f64();
+            return Ok(DrillResult {
+                rto_seconds,
+                checks,
+            });
         }
         Err(e) => return Err(DrillError::from(e).into()),
     };
-    let rto = started.elapsed().as_secs_f64();
+    let rto_seconds = laid.started.elapsed().as_secs_f64();
+    checks.extend(validate(pg, server, &client, laid.last_segment(), reporter).await?);
+    Ok(DrillResult {
+        rto_seconds,
+        checks,
+    })
+}
 
+/// A base backup laid into the drill's scratch data directory.
+struct Laid {
+    /// The drill's directory under `--drill-dir` (the data directory, the server's socket).
+    root: PathBuf,
+    /// Who the scratch server runs as.
+    run_as: Option<(u32, u32)>,
+    /// The restore as laid (its data directory, the agent binary the server fetches WAL with).
+    req: PgdataRestore,
+    /// What the restore found: the backup's details and its WAL window.
+    restored: PgdataRestored,
+    /// When the download started: the start of the RTO.
+    started: Instant,
+    /// Seconds the laying took.
+    seconds: f64,
+}
+
+impl Laid {
+    /// Replay must at least read into the last archived segment: a damaged or missing one before
+    /// it ends recovery early (wal-fetch refuses a damaged file, and the server stops).
+    fn last_segment(&self) -> Lsn {
+        let seg_size = self.restored.details.wal_segment_size;
+        Lsn(self.restored.window.latest_lsn.0.saturating_sub(1) / seg_size * seg_size)
+            .max(self.restored.details.start_lsn)
+    }
+}
+
+/// Creates the scratch data directory and lays the base backup into it, every checksum verified.
+async fn lay_down(
+    ctx: &Context,
+    m: &Manifest,
+    scratch: &Scratch,
+    reporter: &Reporter,
+) -> Result<Laid, OpError> {
+    reporter.phase("preparing", "creating the scratch data directory");
+    let run_as = run_as(&ctx.drill_dir).await?;
+    let root = ctx.drill_dir.join(scratch.name("cluster"));
+    make_root(&ctx.drill_dir, &root, run_as, scratch).await?;
+    let pgdata = root.join("pgdata");
+    let agent_binary = std::env::current_exe()
+        .map_err(|e| OpError::Internal(format!("locating the soma-agent binary: {e}")))?;
+    let req = PgdataRestore::new(
+        m.id.to_string(),
+        pgdata.clone(),
+        RecoveryTarget::Latest,
+        agent_binary,
+    );
+    reporter.phase(
+        "restoring",
+        format!(
+            "{} → zstd → tar into scratch data directory {}",
+            m.id,
+            pgdata.display()
+        ),
+    );
+    let started = Instant::now();
+    let restored = restore_pgdata(&ctx.source, &req, reporter.counters()).await?;
+    Ok(Laid {
+        root,
+        run_as,
+        req,
+        restored,
+        started,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The checks on the promoted copy, every event trigger disabled first: replay reached
+/// `last_segment`, amcheck, and every table's rows and checksum (recorded, not compared).
+async fn validate(
+    pg: &Postgres,
+    server: &ScratchServer,
+    client: &Postgres,
+    last_segment: Lsn,
+    reporter: &Reporter,
+) -> Result<Vec<Check>, OpError> {
     let home = pg.default_database();
     reporter.phase("validating", "disabling every event trigger of the copy");
-    let connectable = ScratchServer::disarm(&client, &home).await?;
+    let connectable = ScratchServer::disarm(client, &home).await?;
     reporter.phase("validating", "checking replay, amcheck, counting rows");
     let replayed = client
         .query(&home, "select pg_last_wal_replay_lsn()")
         .await?;
     let replayed_lsn = replayed.trim().parse::<Lsn>().ok();
-    checks.push(Check::fact(
+    let mut checks = vec![Check::fact(
         "recovery",
         &format!("replays into the last archived segment (LSN ≥ {last_segment}) and promotes"),
         format!("replayed to LSN {}, promoted", replayed.trim()),
         replayed_lsn.is_some_and(|l| l >= last_segment),
-    ));
-
+    )];
     reporter.phase(
         "validating",
         "pg_amcheck: every heap and B-tree index of every database",
     );
-    let installed = ScratchServer::install_amcheck(&client, &connectable).await;
+    let installed = ScratchServer::install_amcheck(client, &connectable).await;
+    let failed = |e: String| Check::fact("amcheck", AMCHECK_CLEAN, e, false);
     checks.push(match installed {
         Err(e) => Check::skipped(
             "amcheck",
             format!("not checked: the amcheck extension could not be created in the copy: {e}"),
         ),
         Ok(()) => match server.amcheck(pg, &home).await {
-            Ok((clean, said)) => Check::fact(
-                "amcheck",
-                "no corruption in any table or B-tree index",
-                said,
-                clean,
-            ),
-            Err(e) => Check::fact(
-                "amcheck",
-                "no corruption in any table or B-tree index",
-                format!("could not check: {e}"),
-                false,
-            ),
+            Ok((clean, said)) => Check::fact("amcheck", AMCHECK_CLEAN, said, clean),
+            Err(e) => failed(format!("could not check: {e}")),
         },
     });
-
-    for db in ScratchServer::databases(&client, &home).await? {
+    for db in ScratchServer::databases(client, &home).await? {
         reporter.phase(
             "validating",
             format!("counting rows and checksumming the tables of {db}"),
         );
         for t in client.table_stats(&db, None).await? {
             let name = t.name();
-            checks.push(Check::fact(
-                format!("{db}: rows of {name}"),
-                "counted on the restored copy",
-                t.rows.to_string(),
-                true,
-            ));
-            checks.push(Check::fact(
-                format!("{db}: checksum of {name}"),
-                "counted on the restored copy",
-                t.checksum,
-                true,
-            ));
+            let counted = |what: &str, found: String| {
+                Check::fact(
+                    format!("{db}: {what} of {name}"),
+                    "counted on the restored copy",
+                    found,
+                    true,
+                )
+            };
+            checks.push(counted("rows", t.rows.to_string()));
+            checks.push(counted("checksum", t.checksum));
         }
     }
-    Ok((rto, checks))
+    Ok(checks)
 }
+
+/// What a clean amcheck is expected to say.
+const AMCHECK_CLEAN: &str = "no corruption in any table or B-tree index";
 
 /// Who the scratch server runs as: the agent's own user, unless that is root (PostgreSQL
 /// refuses to run as root) — then the owner of the drill directory, else the `postgres` user.

@@ -16,6 +16,7 @@ use crate::{
     ops::{
         Context, Outcome,
         artifact::{Source, write_artifact},
+        details::Details,
     },
     pipeline::UploadSummary,
 };
@@ -108,7 +109,7 @@ pub async fn backup_physical(
         started_at,
     )
     .with_artifacts(vec![artifact])
-    .with_details(serde_json::to_value(&details).expect("details serialise"));
+    .with_details(Details::Physical(details.clone()).to_value()?);
     reporter.phase("committing", "writing the manifest");
     ctx.catalog.commit(&manifest).await?;
     Ok(Outcome::new(

@@ -25,12 +25,20 @@ pub use restore::{
 pub use untar::UntarError;
 pub use wal::{BaseWindow, Windows, oldest_base, prune_wal, verify_wal, wal_before};
 
+use crate::{error::OpError, jobs::Reporter};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::artifact::ArtifactName;
+use super::{
+    Context,
+    artifact::ArtifactName,
+    details::Details,
+    drill::{self, Scratch},
+    method::{DrillResult, Method, MethodFuture},
+};
 use crate::{
     catalog::{BackupId, Engine, Kind, Manifest},
     lsn::{InvalidLsn, Lsn},
@@ -311,5 +319,44 @@ impl PhysicalError {
 pub async fn abandon_pgdata(req: &PgdataRestore) {
     if req.prepared.load(std::sync::atomic::Ordering::SeqCst) {
         pgdata::clear(&req.pgdata).await;
+    }
+}
+
+/// PostgreSQL base backups as a [`Method`]: a verify also reads the WAL that rolls one forward.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PhysicalMethod;
+
+impl Method for PhysicalMethod {
+    fn check_drillable(&self, ctx: &Context, _m: &Manifest) -> Result<(), OpError> {
+        ctx.postgres().map(drop)
+    }
+
+    fn drill<'a>(
+        &'a self,
+        ctx: &'a Arc<Context>,
+        m: &'a Manifest,
+        scratch: &'a Scratch,
+        reporter: &'a Reporter,
+    ) -> MethodFuture<'a, DrillResult> {
+        Box::pin(drill::physical::drill(ctx, m, scratch, reporter))
+    }
+
+    fn details(&self, m: &Manifest) -> Result<Details, OpError> {
+        Ok(Details::Physical(PhysicalDetails::of(m)?))
+    }
+
+    fn verify_beyond<'a>(
+        &'a self,
+        ctx: &'a Context,
+        m: &'a Manifest,
+        reporter: &'a Reporter,
+    ) -> MethodFuture<'a, String> {
+        Box::pin(async move {
+            reporter.phase(
+                "verifying",
+                format!("reading the WAL that rolls {} forward", m.id),
+            );
+            verify_wal(&ctx.source, m, reporter).await
+        })
     }
 }

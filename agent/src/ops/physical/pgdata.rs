@@ -167,9 +167,70 @@ pub(super) async fn write_recovery_config(
         action,
         source,
     };
+    let block = recovery_block(req, manifest, details, catalog);
+    // The files come from the archive: none may be a link that would carry the writes outside.
+    let refused = |reason| PhysicalError::UnsafeBaseBackup {
+        id: manifest.id.clone(),
+        dir: req.pgdata.clone(),
+        reason,
+    };
+    let inherited_from = format!("inherited from base backup {}", manifest.id);
+    let dir = req.pgdata.clone();
+    let written = tokio::task::spawn_blocking(move || -> Result<(), Refusal> {
+        write_auto_conf(&dir, &inherited_from, &block)?;
+        create_recovery_signal(&dir)?;
+        remove_standby_signal(&dir)
+    })
+    .await
+    .map_err(|e| io("writing the recovery settings", std::io::Error::other(e)))?;
+    match written {
+        Ok(()) => Ok(()),
+        Err(Refusal::Unsafe(reason)) => Err(refused(reason)),
+        Err(Refusal::Io(action, e)) => Err(io(action, e)),
+        Err(Refusal::Conf(why)) => Err(PhysicalError::AutoConf {
+            id: manifest.id.clone(),
+            why,
+        }),
+    }
+}
+
+/// The block of recovery settings this restore appends to postgresql.auto.conf.
+fn recovery_block(
+    req: &PgdataRestore,
+    manifest: &Manifest,
+    details: &PhysicalDetails,
+    catalog: &Catalog,
+) -> String {
     let agent = req.agent_binary.display().to_string();
     let nonce = recovery_conf::new_nonce();
-    let target = match &req.target {
+    let origin = format!(
+        "point-in-time recovery to {} from base backup {}, written at {}",
+        req.target.describe(),
+        manifest.id,
+        Utc::now().to_rfc3339()
+    );
+    recovery_conf::Block {
+        origin,
+        restore_command: restore_command(
+            &agent,
+            &catalog.store().location(),
+            &details.system_id,
+            &catalog.store().encryption(),
+        ),
+        recovery_end_command: format!(
+            "{} recovery-end --block {nonce}",
+            shell_quote(&agent).replace('%', "%%")
+        ),
+        nonce,
+        target: recovery_target(&req.target),
+        has_promote_trigger_file: major_version(&req.pgdata).is_some_and(|v| v <= 15),
+    }
+    .render()
+}
+
+/// The one `recovery_target_*` setting a target needs; none to replay to the archive's end.
+fn recovery_target(target: &RecoveryTarget) -> Option<recovery_conf::Target<'static>> {
+    match target {
         RecoveryTarget::Latest => None,
         RecoveryTarget::Time(t) => Some(recovery_conf::Target {
             setting: "recovery_target_time",
@@ -183,66 +244,20 @@ pub(super) async fn write_recovery_config(
             setting: "recovery_target_name",
             value: n.clone(),
         }),
-    };
-    let origin = format!(
-        "point-in-time recovery to {} from base backup {}, written at {}",
-        req.target.describe(),
-        manifest.id,
-        Utc::now().to_rfc3339()
-    );
-    let block = recovery_conf::Block {
-        origin: origin.clone(),
-        restore_command: restore_command(
-            &agent,
-            &catalog.store().location(),
-            &details.system_id,
-            &catalog.store().encryption(),
-        ),
-        recovery_end_command: format!(
-            "{} recovery-end --block {nonce}",
-            shell_quote(&agent).replace('%', "%%")
-        ),
-        nonce,
-        target,
-        has_promote_trigger_file: major_version(&req.pgdata).is_some_and(|v| v <= 15),
     }
-    .render();
-    // The files come from the archive: none may be a link that would carry the writes outside.
-    let refused = |reason| PhysicalError::UnsafeBaseBackup {
-        id: manifest.id.clone(),
-        dir: req.pgdata.clone(),
-        reason,
-    };
-    let inherited_from = format!("inherited from base backup {}", manifest.id);
-    let dir = req.pgdata.clone();
-    let written = tokio::task::spawn_blocking(move || -> Result<(), Refusal> {
-        write_auto_conf(&dir, &inherited_from, &block)?;
-        create_recovery_signal(&dir)?;
-        // A standby.signal from the source would turn the restore into a standby that never
-        // promotes. Removing a link removes the link, not what it points to.
-        match std::fs::symlink_metadata(dir.join(STANDBY_SIGNAL)) {
-            Ok(m) if m.is_dir() => {
-                return Err(Refusal::Unsafe(UntarError::NotAFile {
-                    file: STANDBY_SIGNAL,
-                    found: untar::found(&m),
-                }));
-            }
-            Ok(_) => std::fs::remove_file(dir.join(STANDBY_SIGNAL))
-                .map_err(|e| Refusal::Io("removing standby.signal", e))?,
-            Err(_) => {}
-        }
-        Ok(())
-    })
-    .await
-    .map_err(|e| io("writing the recovery settings", std::io::Error::other(e)))?;
-    match written {
-        Ok(()) => Ok(()),
-        Err(Refusal::Unsafe(reason)) => Err(refused(reason)),
-        Err(Refusal::Io(action, e)) => Err(io(action, e)),
-        Err(Refusal::Conf(why)) => Err(PhysicalError::AutoConf {
-            id: manifest.id.clone(),
-            why,
-        }),
+}
+
+/// A standby.signal from the source would turn the restore into a standby that never promotes.
+/// Removing a link removes the link, not what it points to.
+fn remove_standby_signal(dir: &Path) -> Result<(), Refusal> {
+    match std::fs::symlink_metadata(dir.join(STANDBY_SIGNAL)) {
+        Ok(m) if m.is_dir() => Err(Refusal::Unsafe(UntarError::NotAFile {
+            file: STANDBY_SIGNAL,
+            found: untar::found(&m),
+        })),
+        Ok(_) => std::fs::remove_file(dir.join(STANDBY_SIGNAL))
+            .map_err(|e| Refusal::Io("removing standby.signal", e)),
+        Err(_) => Ok(()),
     }
 }
 

@@ -278,34 +278,7 @@ fn lay_entries<R: Read>(input: R, dir: &Path, limit: u64, tablespaces: &[u32]) -
             return Err(UntarError::TooLarge { limit }.into());
         }
         let kind = entry.header().entry_type();
-        let refused_kind = |kind: &str| UntarError::Kind {
-            entry: name.clone(),
-            kind: kind.to_string(),
-        };
-        match kind {
-            EntryType::Regular
-            | EntryType::Continuous
-            | EntryType::Directory
-            | EntryType::Symlink => {}
-            EntryType::Link => return Err(refused_kind("a hard link").into()),
-            EntryType::Char => return Err(refused_kind("a character device").into()),
-            EntryType::Block => return Err(refused_kind("a block device").into()),
-            EntryType::Fifo => return Err(refused_kind("a FIFO").into()),
-            EntryType::GNULongName | EntryType::GNULongLink => {
-                return Err(refused_kind("a GNU long-name header").into());
-            }
-            EntryType::XHeader | EntryType::XGlobalHeader => {
-                return Err(refused_kind("a pax extended header").into());
-            }
-            EntryType::GNUSparse => return Err(refused_kind("a sparse file").into()),
-            other => {
-                return Err(refused_kind(&format!(
-                    "an entry of unknown type {:?}",
-                    char::from(other.as_byte())
-                ))
-                .into());
-            }
-        }
+        refuse_kind(kind, &name)?;
         let parts = components(&raw_name).map_err(|why| UntarError::UnsafePath {
             entry: name.clone(),
             why,
@@ -331,24 +304,7 @@ fn lay_entries<R: Read>(input: R, dir: &Path, limit: u64, tablespaces: &[u32]) -
                 fs::set_permissions(&path, fs::Permissions::from_mode((mode & 0o777) | 0o700))
                     .map_err(io_at("setting the mode of", &name))?;
             }
-            EntryType::Symlink => {
-                let target = entry.link_name_bytes().unwrap_or_default().into_owned();
-                if !link_allowed(&parts, tablespaces) {
-                    return Err(UntarError::Symlink {
-                        entry: name,
-                        target: shown(&target),
-                    }
-                    .into());
-                }
-                if target.is_empty() {
-                    return Err(UntarError::Malformed {
-                        reason: format!("symbolic link {name:?} has no target"),
-                    }
-                    .into());
-                }
-                std::os::unix::fs::symlink(OsStr::from_bytes(&target), &path)
-                    .map_err(|e| clash_or(e, &path, &name, "creating the symbolic link"))?;
-            }
+            EntryType::Symlink => lay_symlink(&entry, &parts, tablespaces, &path, &name)?,
             _ => {
                 let meta = FileMeta {
                     size: entry.size(),
@@ -360,6 +316,59 @@ fn lay_entries<R: Read>(input: R, dir: &Path, limit: u64, tablespaces: &[u32]) -
         }
     }
     Ok(())
+}
+
+/// Only regular files, directories and symbolic links are laid down; anything else in a base
+/// backup's tar is refused by what it is.
+fn refuse_kind(kind: EntryType, name: &str) -> Result<(), UntarError> {
+    let refused_kind = |kind: &str| UntarError::Kind {
+        entry: name.to_string(),
+        kind: kind.to_string(),
+    };
+    match kind {
+        EntryType::Regular | EntryType::Continuous | EntryType::Directory | EntryType::Symlink => {
+            Ok(())
+        }
+        EntryType::Link => Err(refused_kind("a hard link")),
+        EntryType::Char => Err(refused_kind("a character device")),
+        EntryType::Block => Err(refused_kind("a block device")),
+        EntryType::Fifo => Err(refused_kind("a FIFO")),
+        EntryType::GNULongName | EntryType::GNULongLink => {
+            Err(refused_kind("a GNU long-name header"))
+        }
+        EntryType::XHeader | EntryType::XGlobalHeader => Err(refused_kind("a pax extended header")),
+        EntryType::GNUSparse => Err(refused_kind("a sparse file")),
+        other => Err(refused_kind(&format!(
+            "an entry of unknown type {:?}",
+            char::from(other.as_byte())
+        ))),
+    }
+}
+
+/// A symbolic link, only where PostgreSQL puts them (a tablespace's link in `pg_tblspc`).
+fn lay_symlink<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    parts: &[&OsStr],
+    tablespaces: &[u32],
+    path: &Path,
+    name: &str,
+) -> Result<(), Stop> {
+    let target = entry.link_name_bytes().unwrap_or_default().into_owned();
+    if !link_allowed(parts, tablespaces) {
+        return Err(UntarError::Symlink {
+            entry: name.to_string(),
+            target: shown(&target),
+        }
+        .into());
+    }
+    if target.is_empty() {
+        return Err(UntarError::Malformed {
+            reason: format!("symbolic link {name:?} has no target"),
+        }
+        .into());
+    }
+    std::os::unix::fs::symlink(OsStr::from_bytes(&target), path)
+        .map_err(|e| clash_or(e, path, name, "creating the symbolic link"))
 }
 
 /// Walks (creating, mode 0700) the directories above an entry, refusing to pass through anything

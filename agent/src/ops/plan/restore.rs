@@ -32,8 +32,9 @@ pub enum RestorePlan {
         manifest: Manifest,
         /// Collections to restore (empty: all).
         collections: Vec<String>,
-        /// Restore the one selected collection under this name.
-        rename_to: String,
+        /// Restore the one selected collection under this name (the request's empty string:
+        /// under its own).
+        rename_to: Option<String>,
         /// Overwrite existing collections and aliases.
         force: bool,
     },
@@ -93,7 +94,7 @@ impl RestorePlan {
                 Ok(RestorePlan::Qdrant {
                     manifest,
                     collections: req.collections,
-                    rename_to: req.rename_to,
+                    rename_to: Some(req.rename_to).filter(|r| !r.is_empty()),
                     force: req.force,
                 })
             }
@@ -117,7 +118,7 @@ impl RestorePlan {
                             RestorePlan::Qdrant {
                                 manifest: m,
                                 collections: Vec::new(),
-                                rename_to: String::new(),
+                                rename_to: None,
                                 force: req.force,
                             }
                         }

@@ -22,6 +22,7 @@ use crate::{
     ops::{
         Context, Outcome,
         artifact::{ArtifactName, Source, write_artifact},
+        details::Details,
     },
     pipeline::UploadSummary,
 };
@@ -199,9 +200,8 @@ fn globals_record(globals: &Globals) -> GlobalsRecord {
     }
 }
 
-fn details_json(details: &LogicalDetails) -> Result<serde_json::Value, OpError> {
-    serde_json::to_value(details)
-        .map_err(|e| OpError::Internal(format!("serialising the manifest details: {e}")))
+fn details_json(details: LogicalDetails) -> Result<serde_json::Value, OpError> {
+    Details::Logical(Some(details)).to_value()
 }
 
 /// Takes a logical backup of one PostgreSQL database with the roles it needs: globals → pg_dump
@@ -236,7 +236,7 @@ pub(crate) async fn backup_postgres(
         started_at,
     )
     .with_artifacts(vec![globals_art, dump_art])
-    .with_details(details_json(&details)?);
+    .with_details(details_json(details)?);
     reporter.phase("committing", "writing the manifest");
     ctx.catalog.commit(&manifest).await?;
     Ok(Outcome::new(
@@ -300,7 +300,7 @@ pub(crate) async fn backup_cluster(
         started_at,
     )
     .with_artifacts(artifacts)
-    .with_details(details_json(&details)?);
+    .with_details(details_json(details)?);
     reporter.phase("committing", "writing the manifest");
     ctx.catalog.commit(&manifest).await?;
     Ok(Outcome::new(

@@ -8,7 +8,17 @@
 //! [`backup`] takes them, [`restore`] restores them; old single-database manifests without
 //! globals restore as they always did.
 
+use crate::{error::OpError, jobs::Reporter};
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
+
+use super::{
+    Context,
+    details::Details,
+    drill::{self, Scratch},
+    method::{DrillResult, Method, MethodFuture},
+};
 
 use crate::{
     catalog::{BackupId, Kind, Manifest},
@@ -151,5 +161,29 @@ impl LogicalDetails {
                 id: manifest.id.clone(),
                 reason: e.to_string(),
             })
+    }
+}
+
+/// PostgreSQL logical backups (one database or the whole cluster) as a [`Method`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LogicalMethod;
+
+impl Method for LogicalMethod {
+    fn check_drillable(&self, ctx: &Context, _m: &Manifest) -> Result<(), OpError> {
+        ctx.postgres().map(drop)
+    }
+
+    fn drill<'a>(
+        &'a self,
+        ctx: &'a Arc<Context>,
+        m: &'a Manifest,
+        scratch: &'a Scratch,
+        reporter: &'a Reporter,
+    ) -> MethodFuture<'a, DrillResult> {
+        Box::pin(drill::logical::drill(ctx, m, scratch, reporter))
+    }
+
+    fn details(&self, m: &Manifest) -> Result<Details, OpError> {
+        Ok(Details::Logical(LogicalDetails::of(m)?))
     }
 }

@@ -21,7 +21,9 @@ use crate::{
     catalog::{Artifact, Kind, Manifest},
     engine::postgres::{
         PgError, Postgres,
-        globals::{self, DatabaseNeeds, Globals, GlobalsPlan, PreflightError, TargetState},
+        globals::{
+            self, DatabaseNeeds, Globals, GlobalsPlan, PreflightError, RoleSetting, TargetState,
+        },
     },
     error::OpError,
     jobs::Reporter,
@@ -191,17 +193,51 @@ pub(crate) async fn restore_cluster(
             ..d.record.needs.clone()
         })
         .collect();
-    let selected: BTreeSet<String> = if plan.all_roles {
+    let selected = selected_roles(plan.all_roles, &globals, &needs);
+    let roles = globals::preflight(&globals, &needs, &selected, &target, plan.update_roles)?;
+    let per_database = create_roles(pg, &roles, &reporter).await?;
+
+    let mut restored = Vec::with_capacity(plan.databases.len());
+    for (((d, art), needs), existed) in plan.databases.iter().zip(&arts).zip(&needs).zip(exists) {
+        reporter.phase(
+            "restoring",
+            format!("{} → zstd → pg_restore into {}", manifest.id, d.target),
+        );
+        let create = (!existed).then_some(needs);
+        restore_database(
+            &ctx, pg, manifest, art, &d.target, plan.clean, create, &reporter,
+        )
+        .await?;
+        set_in_database(pg, &per_database, &d.target).await?;
+        let tables = pg.table_count(&d.target).await?;
+        restored.push(format!("{} ({tables} tables)", d.target));
+    }
+    Ok(Outcome::new(
+        summary(manifest, &roles, &globals, &restored),
+        plan.manifest,
+    ))
+}
+
+/// The roles a restore brings: every role of the backup (`--all-roles`), or those the
+/// databases restored name as owner or need.
+fn selected_roles(all_roles: bool, globals: &Globals, needs: &[DatabaseNeeds]) -> BTreeSet<String> {
+    if all_roles {
         globals.roles.iter().map(|r| r.name.clone()).collect()
     } else {
         needs
             .iter()
             .flat_map(|n| n.roles.iter().chain(std::iter::once(&n.owner)).cloned())
             .collect()
-    };
-    let roles = globals::preflight(&globals, &needs, &selected, &target, plan.update_roles)?;
+    }
+}
 
-    // Roles, memberships and role-wide settings, in one transaction.
+/// Creates the planned roles, memberships and role-wide settings in one transaction; returns
+/// the settings that apply in one database, set once it is restored.
+async fn create_roles(
+    pg: &Postgres,
+    roles: &GlobalsPlan,
+    reporter: &Reporter,
+) -> Result<Vec<RoleSetting>, OpError> {
     let (now, per_database): (Vec<_>, Vec<_>) = roles
         .settings
         .iter()
@@ -223,35 +259,26 @@ pub(crate) async fn restore_cluster(
         );
         pg.execute_script("postgres", &script).await?;
     }
+    Ok(per_database)
+}
 
-    let mut restored = Vec::with_capacity(plan.databases.len());
-    for (((d, art), needs), existed) in plan.databases.iter().zip(&arts).zip(&needs).zip(exists) {
-        reporter.phase(
-            "restoring",
-            format!("{} → zstd → pg_restore into {}", manifest.id, d.target),
-        );
-        let create = (!existed).then_some(needs);
-        restore_database(
-            &ctx, pg, manifest, art, &d.target, plan.clean, create, &reporter,
-        )
-        .await?;
-        let mut settings = Vec::new();
-        for s in per_database
-            .iter()
-            .filter(|s| s.database.as_deref() == Some(d.target.as_str()))
-        {
-            settings.extend(globals::role_setting_sql(s).map_err(PreflightError::from)?);
-        }
-        if !settings.is_empty() {
-            pg.execute_script("postgres", &settings.join("\n")).await?;
-        }
-        let tables = pg.table_count(&d.target).await?;
-        restored.push(format!("{} ({tables} tables)", d.target));
+/// Sets the role settings that apply in `database`, now that it exists.
+async fn set_in_database(
+    pg: &Postgres,
+    per_database: &[RoleSetting],
+    database: &str,
+) -> Result<(), OpError> {
+    let mut settings = Vec::new();
+    for s in per_database
+        .iter()
+        .filter(|s| s.database.as_deref() == Some(database))
+    {
+        settings.extend(globals::role_setting_sql(s).map_err(PreflightError::from)?);
     }
-    Ok(Outcome::new(
-        summary(manifest, &roles, &globals, &restored),
-        plan.manifest,
-    ))
+    if !settings.is_empty() {
+        pg.execute_script("postgres", &settings.join("\n")).await?;
+    }
+    Ok(())
 }
 
 /// "restored backup ID: created roles a, b; kept 3 existing roles; restored databases x (n tables)".

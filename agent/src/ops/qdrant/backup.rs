@@ -12,18 +12,19 @@ use tokio::io::AsyncRead;
 use super::{
     COLLECTION_FORMAT, ClusterRecord, CollectionRecord, QdrantDetails, QdrantOpError, SHARD_FORMAT,
     STORAGE_FORMAT, SampleRecord, SnapshotMode, collection_slug,
-    layout::{Nodes, read_layout},
+    layout::{self, Nodes, ShardLayout, read_layout},
 };
 use crate::{
     catalog::{Artifact, BackupId, Engine, Manifest, Target, Tool},
     engine::qdrant::{
-        Alias, Qdrant, QdrantError, SHARD_STREAM_SINCE, SnapshotDescription, minor_of,
+        Alias, PeerId, Qdrant, QdrantError, SHARD_STREAM_SINCE, SnapshotDescription, minor_of,
     },
     error::OpError,
     jobs::Reporter,
     ops::{
         Context, Outcome,
         artifact::{ArtifactName, Source, write_artifact},
+        details::Details,
     },
     pipeline::UploadSummary,
 };
@@ -38,10 +39,6 @@ pub async fn backup_qdrant(
 ) -> Result<Outcome, OpError> {
     let q = ctx.qdrant()?;
     let started_at = Utc::now();
-    let mode = SnapshotMode::from_proto(match mode {
-        v1::QdrantMode::Unspecified => ctx.qdrant_mode,
-        m => m,
-    });
     reporter.set_operation_id(id.as_str());
     reporter.phase(
         "preparing",
@@ -49,52 +46,8 @@ pub async fn backup_qdrant(
     );
     let version = q.version().await?;
     let nodes = Nodes::read(q).await?;
-    let mode = match mode {
-        SnapshotMode::FullStorage if nodes.distributed => {
-            return Err(QdrantOpError::FullStorageInCluster.into());
-        }
-        SnapshotMode::Collection if nodes.distributed => {
-            tracing::info!(
-                peers = nodes.peers.len(),
-                "Qdrant runs distributed: a collection snapshot would hold this node's shards only, so every shard is streamed from a node holding an active replica"
-            );
-            SnapshotMode::ShardStream
-        }
-        mode => mode,
-    };
-    if mode == SnapshotMode::ShardStream
-        && minor_of(&version).is_none_or(|v| v < SHARD_STREAM_SINCE)
-    {
-        return Err(QdrantError::Unsupported {
-            feature: if nodes.distributed {
-                "backing up a distributed Qdrant (it streams each shard from a node holding it)"
-            } else {
-                "streaming shard snapshots (no local staging)"
-            },
-            needs: format!("{}.{}", SHARD_STREAM_SINCE.0, SHARD_STREAM_SINCE.1),
-            server: version,
-        }
-        .into());
-    }
-    super::check_requested(&requested)?;
-    let existing = q.collections().await?;
-    let collections = if requested.is_empty() {
-        existing
-    } else {
-        for c in &requested {
-            if !existing.contains(c) {
-                return Err(QdrantError::NotFound {
-                    what: format!("collection {c}"),
-                    message: format!("the server has: {}", existing.join(", ")),
-                }
-                .into());
-            }
-        }
-        requested
-    };
-    if collections.is_empty() && mode != SnapshotMode::FullStorage {
-        return Err(QdrantOpError::NoCollections.into());
-    }
+    let mode = mode_for(mode, ctx.qdrant_mode, &nodes, &version)?;
+    let collections = choose_collections(q, requested, mode).await?;
     let aliases: Vec<Alias> = q
         .aliases()
         .await?
@@ -117,11 +70,10 @@ pub async fn backup_qdrant(
         Engine::Qdrant,
         mode.kind(),
         Target {
-            name: if collections.is_empty() {
-                "storage".into()
-            } else {
-                collections.join(",")
-            },
+            // A storage snapshot names no collection.
+            name: Some(collections.join(","))
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "storage".into()),
             server: q.url(),
             server_version: version.clone(),
         },
@@ -133,7 +85,7 @@ pub async fn backup_qdrant(
     )
     .with_artifacts(artifacts)
     .with_details(
-        serde_json::to_value(QdrantDetails {
+        Details::Qdrant(QdrantDetails {
             qdrant_version: version,
             mode,
             aliases,
@@ -143,7 +95,7 @@ pub async fn backup_qdrant(
                 peers: nodes.peers.keys().copied().collect(),
             }),
         })
-        .expect("details serialise"),
+        .to_value()?,
     );
     reporter.phase("committing", "writing the manifest");
     ctx.catalog.commit(&manifest).await?;
@@ -154,6 +106,75 @@ pub async fn backup_qdrant(
         ),
         manifest,
     ))
+}
+
+/// The mode a backup is taken in: as requested, else the agent's `default`. A distributed
+/// Qdrant is streamed shard by shard (a collection snapshot holds one node's shards only) and
+/// has no storage snapshot; streaming needs a server recent enough.
+fn mode_for(
+    requested: v1::QdrantMode,
+    default: v1::QdrantMode,
+    nodes: &Nodes,
+    version: &str,
+) -> Result<SnapshotMode, OpError> {
+    let mode = SnapshotMode::from_proto(match requested {
+        v1::QdrantMode::Unspecified => default,
+        m => m,
+    });
+    let mode = match mode {
+        SnapshotMode::FullStorage if nodes.distributed => {
+            return Err(QdrantOpError::FullStorageInCluster.into());
+        }
+        SnapshotMode::Collection if nodes.distributed => {
+            tracing::info!(
+                peers = nodes.peers.len(),
+                "Qdrant runs distributed: a collection snapshot would hold this node's shards only, so every shard is streamed from a node holding an active replica"
+            );
+            SnapshotMode::ShardStream
+        }
+        mode => mode,
+    };
+    if mode == SnapshotMode::ShardStream && minor_of(version).is_none_or(|v| v < SHARD_STREAM_SINCE)
+    {
+        return Err(QdrantError::Unsupported {
+            feature: if nodes.distributed {
+                "backing up a distributed Qdrant (it streams each shard from a node holding it)"
+            } else {
+                "streaming shard snapshots (no local staging)"
+            },
+            needs: format!("{}.{}", SHARD_STREAM_SINCE.0, SHARD_STREAM_SINCE.1),
+            server: version.to_string(),
+        }
+        .into());
+    }
+    Ok(mode)
+}
+
+/// The collections a backup takes: those requested, each of which the server must have, or all
+/// of them (none only for a storage snapshot).
+async fn choose_collections(
+    q: &Qdrant,
+    requested: Vec<String>,
+    mode: SnapshotMode,
+) -> Result<Vec<String>, OpError> {
+    super::check_requested(&requested)?;
+    let existing = q.collections().await?;
+    let collections = if requested.is_empty() {
+        existing
+    } else {
+        if let Some(c) = requested.iter().find(|c| !existing.contains(c)) {
+            return Err(QdrantError::NotFound {
+                what: format!("collection {c}"),
+                message: format!("the server has: {}", existing.join(", ")),
+            }
+            .into());
+        }
+        requested
+    };
+    if collections.is_empty() && mode != SnapshotMode::FullStorage {
+        return Err(QdrantOpError::NoCollections.into());
+    }
+    Ok(collections)
 }
 
 type Taken = (Vec<Artifact>, BTreeMap<String, CollectionRecord>);
@@ -167,11 +188,16 @@ async fn take_snapshots(
     mode: SnapshotMode,
     reporter: &Reporter,
 ) -> Result<Taken, OpError> {
-    let mut artifacts = Vec::new();
+    let mut taking = Taking {
+        ctx,
+        q,
+        nodes,
+        id,
+        reporter,
+        checked: std::collections::BTreeSet::new(),
+        artifacts: Vec::new(),
+    };
     let mut records = BTreeMap::new();
-    // Nodes asked who they are: once per backup.
-    let mut checked = std::collections::BTreeSet::new();
-    let checked = &mut checked;
     for (index, c) in collections.iter().enumerate() {
         let (info, sharded) = if mode == SnapshotMode::ShardStream {
             let (layout, sources, info) = read_layout(q, nodes, c).await?;
@@ -193,47 +219,84 @@ async fn take_snapshots(
                     collection: c.clone(),
                     detail: "its layout was not read".into(),
                 })?;
-                let mut layout = layout;
-                for source in sources {
-                    let shard = source.shard;
-                    let node = nodes.checked_client(q, source.peer, checked).await?;
-                    let name = format!(
-                        "collections/{}/shard-{shard}.snapshot.zst",
-                        collection_slug(index, c)
-                    );
-                    reporter.phase(
-                        "streaming",
-                        format!("{c} shard {shard} from {} → zstd → store", node.url()),
-                    );
-                    let reader = node.stream_shard(c, shard).await?;
-                    let what = ArtifactName {
-                        name: &name,
-                        format: SHARD_FORMAT,
-                    };
-                    let art = store_artifact(ctx, id, what, reader, reporter, None).await?;
-                    // Qdrant streams a local replica whatever its state: one marked dead while
-                    // it was streamed may have missed writes, so it must still be active.
-                    still_active(&node, c, shard, source.peer).await?;
-                    artifacts.push(Artifact {
-                        collection: Some(c.clone()),
-                        shard: Some(shard),
-                        ..art
-                    });
-                }
-                layout.exact_count_end = Some(q.exact_count(c).await?);
+                let layout = taking.shards(index, c, layout, sources).await?;
                 record.layout = Some(layout);
             }
             SnapshotMode::FullStorage => {}
             SnapshotMode::Collection => {
                 let name = format!("collections/{}.snapshot.zst", collection_slug(index, c));
                 let (art, desc) = snapshot_collection(ctx, q, id, c, &name, reporter).await?;
-                artifacts.push(art);
+                taking.artifacts.push(art);
                 record.snapshot = Some(desc);
             }
         }
         records.insert(c.clone(), record);
     }
     if mode == SnapshotMode::FullStorage {
+        taking.full_storage().await?;
+    }
+    Ok((taking.artifacts, records))
+}
+
+/// One backup's snapshots as they are taken: the artifacts stored so far, and the nodes already
+/// asked who they are (once per backup).
+struct Taking<'a> {
+    ctx: &'a Context,
+    q: &'a Qdrant,
+    nodes: &'a Nodes,
+    id: &'a BackupId,
+    reporter: &'a Reporter,
+    checked: std::collections::BTreeSet<PeerId>,
+    artifacts: Vec<Artifact>,
+}
+
+impl Taking<'_> {
+    /// Streams every shard of collection `c` from the peer chosen for it; the layout comes back
+    /// with the collection's exact count once they are all stored.
+    async fn shards(
+        &mut self,
+        index: usize,
+        c: &str,
+        mut layout: ShardLayout,
+        sources: Vec<layout::Source>,
+    ) -> Result<ShardLayout, OpError> {
+        for source in sources {
+            let shard = source.shard;
+            let node = self
+                .nodes
+                .checked_client(self.q, source.peer, &mut self.checked)
+                .await?;
+            let name = format!(
+                "collections/{}/shard-{shard}.snapshot.zst",
+                collection_slug(index, c)
+            );
+            self.reporter.phase(
+                "streaming",
+                format!("{c} shard {shard} from {} → zstd → store", node.url()),
+            );
+            let reader = node.stream_shard(c, shard).await?;
+            let what = ArtifactName {
+                name: &name,
+                format: SHARD_FORMAT,
+            };
+            let art = store_artifact(self.ctx, self.id, what, reader, self.reporter, None).await?;
+            // Qdrant streams a local replica whatever its state: one marked dead while it was
+            // streamed may have missed writes, so it must still be active.
+            still_active(&node, c, shard, source.peer).await?;
+            self.artifacts.push(Artifact {
+                collection: Some(c.to_string()),
+                shard: Some(shard),
+                ..art
+            });
+        }
+        layout.exact_count_end = Some(self.q.exact_count(c).await?);
+        Ok(layout)
+    }
+
+    /// A storage snapshot of the node, streamed to the store and then deleted from the node
+    /// whether or not it was stored.
+    async fn full_storage(&mut self) -> Result<(), OpError> {
+        let (q, reporter) = (self.q, self.reporter);
         reporter.phase(
             "snapshotting",
             "creating a storage snapshot on the Qdrant node",
@@ -242,8 +305,8 @@ async fn take_snapshots(
         let outcome = async {
             let reader = q.download_full_snapshot(&desc.name).await?;
             store_artifact(
-                ctx,
-                id,
+                self.ctx,
+                self.id,
                 ArtifactName {
                     name: "storage.snapshot.zst",
                     format: STORAGE_FORMAT,
@@ -261,9 +324,9 @@ async fn take_snapshots(
         if let Err(e) = q.delete_full_snapshot(&desc.name).await {
             tracing::warn!(error = %e, snapshot = %desc.name, "could not delete the storage snapshot from the Qdrant node; delete it by hand to free its disk");
         }
-        artifacts.push(outcome?);
+        self.artifacts.push(outcome?);
+        Ok(())
     }
-    Ok((artifacts, records))
 }
 
 /// What Qdrant announced about a snapshot, which the streamed bytes must match.

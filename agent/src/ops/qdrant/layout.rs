@@ -178,90 +178,8 @@ pub async fn read_layout(
     for _ in 0..COUNT_READS {
         let here = q.collection_cluster(c).await?;
         let shards = here.shards();
-        if shards.len() as u64 != here.shard_count {
-            return Err(QdrantOpError::ShardsMissing {
-                collection: c.to_string(),
-                detail: format!(
-                    "Qdrant counts {} shards but lists replicas of {}",
-                    here.shard_count,
-                    shards.len()
-                ),
-            }
-            .into());
-        }
-        // Every shard needs an active replica before anything else is asked (the collection's
-        // count and info need every shard: a missing one would be named only by Qdrant).
-        for (&id, (_, replicas)) in &shards {
-            if active_replicas(here.peer_id, replicas).is_empty() {
-                return Err(QdrantOpError::ShardUnavailable {
-                    collection: c.to_string(),
-                    shard: id,
-                    replicas: describe_replicas(replicas),
-                }
-                .into());
-            }
-        }
-        // Each node's own view: `points_count` is local to the node asked. A node that does not
-        // answer is asked once; its shards are taken from another active replica.
-        let mut views: BTreeMap<PeerId, Result<CollectionCluster, String>> = BTreeMap::new();
-        views.insert(here.peer_id, Ok(here.clone()));
-        let mut records = Vec::with_capacity(shards.len());
-        for (&id, (key, replicas)) in &shards {
-            let candidates = active_replicas(here.peer_id, replicas);
-            if candidates.is_empty() {
-                return Err(QdrantOpError::ShardUnavailable {
-                    collection: c.to_string(),
-                    shard: id,
-                    replicas: describe_replicas(replicas),
-                }
-                .into());
-            }
-            let mut tried = Vec::new();
-            let mut found = None;
-            for peer in candidates {
-                if let std::collections::btree_map::Entry::Vacant(slot) = views.entry(peer) {
-                    let view = match nodes.client(q, peer) {
-                        Ok(node) => node.collection_cluster(c).await.map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    slot.insert(view);
-                }
-                let local = match &views[&peer] {
-                    Ok(view) => view
-                        .local_shards
-                        .iter()
-                        .find(|l| l.shard_id == id && l.state.is_active())
-                        .map(|l| l.points_count)
-                        .ok_or_else(|| "it does not hold an active replica of the shard".into()),
-                    Err(e) => Err(e.clone()),
-                };
-                match local {
-                    Ok(points_count) => {
-                        found = Some((peer, points_count));
-                        break;
-                    }
-                    Err(reason) => tried.push(format!("peer {peer}: {reason}")),
-                }
-            }
-            let Some((peer, points_count)) = found else {
-                return Err(QdrantOpError::PeerUnreachable {
-                    collection: c.to_string(),
-                    shard: id,
-                    reason: tried.join("; "),
-                }
-                .into());
-            };
-            if !tried.is_empty() {
-                tracing::warn!(collection = c, shard = id, peer, skipped = %tried.join("; "), "shard taken from another active replica");
-            }
-            records.push(ShardRecord {
-                id,
-                key: key.clone(),
-                points_count,
-                taken_from: peer,
-                replicas: replicas.iter().map(|r| r.peer_id).collect(),
-            });
-        }
+        check_shards(c, &here, &shards)?;
+        let records = ShardViews::new(q, nodes, c, &here).records(&shards).await?;
         // Only now: the collection's count and info need every shard, and the shards were
         // checked first so a missing one is named as such. Two counts around the info: when
         // they differ, writes are landing.
@@ -269,23 +187,8 @@ pub async fn read_layout(
         let info = q.collection_info(c).await?;
         let exact_count = q.exact_count(c).await?;
         let settled = exact_before == exact_count;
-        let config = &info["config"];
         let sum: u64 = records.iter().map(|r| r.points_count).sum();
-        let params = &config["params"];
-        let layout = ShardLayout {
-            shard_number: param(params, "shard_number"),
-            replication_factor: param(params, "replication_factor"),
-            write_consistency_factor: param(params, "write_consistency_factor"),
-            sharding_method: if params["sharding_method"] == "custom" {
-                ShardingMethod::Custom
-            } else {
-                ShardingMethod::Auto
-            },
-            exact_count,
-            exact_count_end: None,
-            payload_schema: info.get("payload_schema").cloned().unwrap_or(Value::Null),
-            shards: records,
-        };
+        let layout = layout_of(&info, exact_count, records);
         attempt += 1;
         // Writes in flight on every read: the shards' estimates cannot settle, and the listing
         // of every shard id against the shard count already proved none is missing.
@@ -328,6 +231,150 @@ pub async fn read_layout(
             .join(", "),
     }
     .into())
+}
+
+/// Shards as the cluster lists them, by id: their key and replicas.
+type ListedShards = BTreeMap<u32, (Option<ShardKey>, Vec<Replica>)>;
+
+/// Every shard Qdrant counts is listed and has an active replica, before anything else is asked
+/// (the collection's count and info need every shard: a missing one would be named only by
+/// Qdrant).
+fn check_shards(c: &str, here: &CollectionCluster, shards: &ListedShards) -> Result<(), OpError> {
+    if shards.len() as u64 != here.shard_count {
+        return Err(QdrantOpError::ShardsMissing {
+            collection: c.to_string(),
+            detail: format!(
+                "Qdrant counts {} shards but lists replicas of {}",
+                here.shard_count,
+                shards.len()
+            ),
+        }
+        .into());
+    }
+    for (&id, (_, replicas)) in shards {
+        if active_replicas(here.peer_id, replicas).is_empty() {
+            return Err(QdrantOpError::ShardUnavailable {
+                collection: c.to_string(),
+                shard: id,
+                replicas: describe_replicas(replicas),
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Each node's own view of a collection: `points_count` is local to the node asked. A node that
+/// does not answer is asked once; its shards are taken from another active replica.
+struct ShardViews<'a> {
+    q: &'a Qdrant,
+    nodes: &'a Nodes,
+    c: &'a str,
+    this: PeerId,
+    views: BTreeMap<PeerId, Result<CollectionCluster, String>>,
+}
+
+impl<'a> ShardViews<'a> {
+    fn new(q: &'a Qdrant, nodes: &'a Nodes, c: &'a str, here: &CollectionCluster) -> Self {
+        let mut views = BTreeMap::new();
+        views.insert(here.peer_id, Ok(here.clone()));
+        ShardViews {
+            q,
+            nodes,
+            c,
+            this: here.peer_id,
+            views,
+        }
+    }
+
+    /// Every shard with the peer it is taken from and that peer's point count.
+    async fn records(&mut self, shards: &ListedShards) -> Result<Vec<ShardRecord>, OpError> {
+        let c = self.c;
+        let mut records = Vec::with_capacity(shards.len());
+        for (&id, (key, replicas)) in shards {
+            let candidates = active_replicas(self.this, replicas);
+            if candidates.is_empty() {
+                return Err(QdrantOpError::ShardUnavailable {
+                    collection: c.to_string(),
+                    shard: id,
+                    replicas: describe_replicas(replicas),
+                }
+                .into());
+            }
+            let mut tried = Vec::new();
+            let mut found = None;
+            for peer in candidates {
+                match self.local_count(peer, id).await {
+                    Ok(points_count) => {
+                        found = Some((peer, points_count));
+                        break;
+                    }
+                    Err(reason) => tried.push(format!("peer {peer}: {reason}")),
+                }
+            }
+            let Some((peer, points_count)) = found else {
+                return Err(QdrantOpError::PeerUnreachable {
+                    collection: c.to_string(),
+                    shard: id,
+                    reason: tried.join("; "),
+                }
+                .into());
+            };
+            if !tried.is_empty() {
+                tracing::warn!(collection = c, shard = id, peer, skipped = %tried.join("; "), "shard taken from another active replica");
+            }
+            records.push(ShardRecord {
+                id,
+                key: key.clone(),
+                points_count,
+                taken_from: peer,
+                replicas: replicas.iter().map(|r| r.peer_id).collect(),
+            });
+        }
+        Ok(records)
+    }
+
+    /// The points of shard `id` on `peer`, or why that peer cannot give it.
+    async fn local_count(&mut self, peer: PeerId, id: u32) -> Result<u64, String> {
+        if let std::collections::btree_map::Entry::Vacant(slot) = self.views.entry(peer) {
+            let view = match self.nodes.client(self.q, peer) {
+                Ok(node) => node
+                    .collection_cluster(self.c)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            slot.insert(view);
+        }
+        match &self.views[&peer] {
+            Ok(view) => view
+                .local_shards
+                .iter()
+                .find(|l| l.shard_id == id && l.state.is_active())
+                .map(|l| l.points_count)
+                .ok_or_else(|| "it does not hold an active replica of the shard".into()),
+            Err(e) => Err(e.clone()),
+        }
+    }
+}
+
+/// The layout recorded for a restore, from the collection's info and the shards as counted.
+fn layout_of(info: &Value, exact_count: u64, records: Vec<ShardRecord>) -> ShardLayout {
+    let params = &info["config"]["params"];
+    ShardLayout {
+        shard_number: param(params, "shard_number"),
+        replication_factor: param(params, "replication_factor"),
+        write_consistency_factor: param(params, "write_consistency_factor"),
+        sharding_method: if params["sharding_method"] == "custom" {
+            ShardingMethod::Custom
+        } else {
+            ShardingMethod::Auto
+        },
+        exact_count,
+        exact_count_end: None,
+        payload_schema: info.get("payload_schema").cloned().unwrap_or(Value::Null),
+        shards: records,
+    }
 }
 
 impl ShardLayout {

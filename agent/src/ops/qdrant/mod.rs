@@ -10,11 +10,20 @@ mod restore;
 pub use backup::backup_qdrant;
 pub use restore::restore_qdrant;
 
+use crate::{catalog::Manifest, error::OpError, jobs::Reporter};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use soma_proto::v1;
+
+use super::{
+    Context,
+    details::Details,
+    drill::{self, DrillError, Scratch},
+    method::{DrillResult, Method, MethodFuture},
+};
 
 use crate::{
     catalog::{BackupId, Kind},
@@ -86,6 +95,17 @@ pub struct QdrantDetails {
     /// The cluster backed up, when Qdrant ran distributed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterRecord>,
+}
+
+impl QdrantDetails {
+    /// The details of a Qdrant manifest (read back from the store: untrusted), or why they are
+    /// not what an agent writes.
+    pub fn of(m: &crate::catalog::Manifest) -> Result<Self, QdrantOpError> {
+        serde_json::from_value(m.details.clone()).map_err(|e| QdrantOpError::BadDetails {
+            id: m.id.clone(),
+            reason: e.to_string(),
+        })
+    }
 }
 
 /// The distributed Qdrant a backup was taken from.
@@ -381,11 +401,7 @@ pub fn check_shards_complete(m: &crate::catalog::Manifest) -> Result<String, Qdr
     if m.engine != crate::catalog::Engine::Qdrant {
         return Ok(String::new());
     }
-    let details: QdrantDetails =
-        serde_json::from_value(m.details.clone()).map_err(|e| QdrantOpError::BadDetails {
-            id: m.id.clone(),
-            reason: e.to_string(),
-        })?;
+    let details = QdrantDetails::of(m)?;
     let shards = check_shards(m, &details)?;
     Ok(if shards == 0 {
         String::new()
@@ -547,5 +563,42 @@ mod tests {
             assert_eq!(serde_json::from_str::<SnapshotMode>(text).unwrap(), mode);
             assert_eq!(serde_json::to_string(&mode).unwrap(), text);
         }
+    }
+}
+
+/// Qdrant snapshots as a [`Method`]: a verify also checks that a shard-by-shard backup holds
+/// every shard its layout records; storage snapshots cannot be drilled.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QdrantMethod;
+
+impl Method for QdrantMethod {
+    fn check_drillable(&self, ctx: &Context, m: &Manifest) -> Result<(), OpError> {
+        if m.kind == Kind::QdrantStorage {
+            return Err(DrillError::Unsupported {
+                id: m.id.clone(),
+                kind: "Qdrant storage snapshot",
+                why: "Qdrant recovers storage snapshots only at its start-up, not into a scratch collection; drill a collection backup instead",
+            }
+            .into());
+        }
+        ctx.qdrant().map(drop)
+    }
+
+    fn drill<'a>(
+        &'a self,
+        ctx: &'a Arc<Context>,
+        m: &'a Manifest,
+        scratch: &'a Scratch,
+        reporter: &'a Reporter,
+    ) -> MethodFuture<'a, DrillResult> {
+        Box::pin(drill::qdrant::drill(ctx, m, scratch, reporter))
+    }
+
+    fn details(&self, m: &Manifest) -> Result<Details, OpError> {
+        Ok(Details::Qdrant(QdrantDetails::of(m)?))
+    }
+
+    fn verify_manifest(&self, m: &Manifest) -> Result<String, OpError> {
+        Ok(check_shards_complete(m)?)
     }
 }

@@ -1,7 +1,7 @@
 //! Qdrant restores: everything is checked (version, existing collections, aliases) before
 //! anything is uploaded; then each snapshot is streamed back and the aliases recreated.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use serde_json::Value;
 use tokio_util::{io::ReaderStream, sync::CancellationToken};
@@ -12,7 +12,9 @@ use super::{
 };
 use crate::{
     catalog::{Artifact, BackupKeys, Manifest},
-    engine::qdrant::{Priority, Qdrant, QdrantError, ShardKey, UploadTo, minor_of},
+    engine::qdrant::{
+        Alias, PeerId, Priority, Qdrant, QdrantError, Replica, ShardKey, UploadTo, minor_of,
+    },
     error::OpError,
     jobs::Reporter,
     ops::{
@@ -22,181 +24,60 @@ use crate::{
 };
 
 /// Restores collections of a Qdrant backup; everything is checked before anything is uploaded.
+/// `rename_to` restores the one selected collection under another name (and leaves aliases alone).
 pub async fn restore_qdrant(
     ctx: Arc<Context>,
     manifest: Manifest,
     selected: Vec<String>,
-    rename_to: String,
+    rename_to: Option<String>,
     force: bool,
     reporter: Reporter,
 ) -> Result<Outcome, OpError> {
     let q = ctx.qdrant()?;
     reporter.set_operation_id(manifest.id.as_str());
-    let details: QdrantDetails = serde_json::from_value(manifest.details.clone()).map_err(|e| {
-        QdrantOpError::BadDetails {
-            id: manifest.id.clone(),
-            reason: e.to_string(),
-        }
-    })?;
+    let details = QdrantDetails::of(&manifest)?;
     if details.mode == SnapshotMode::FullStorage {
         return Err(QdrantOpError::StorageSnapshot(manifest.id.clone()).into());
     }
     super::check_recorded(&manifest.id, &details)?;
     super::check_shards(&manifest, &details)?;
-    super::check_requested(
-        selected
-            .iter()
-            .chain((!rename_to.is_empty()).then_some(&rename_to)),
-    )?;
-    let in_backup: Vec<String> = details.collections.keys().cloned().collect();
-    let chosen = if selected.is_empty() {
-        in_backup.clone()
-    } else {
-        for c in &selected {
-            if !in_backup.contains(c) {
-                return Err(QdrantOpError::NotInBackup {
-                    collection: c.clone(),
-                    id: manifest.id.clone(),
-                    holds: in_backup.join(", "),
-                }
-                .into());
-            }
-        }
-        selected
-    };
-    if !rename_to.is_empty() && chosen.len() != 1 {
+    super::check_requested(selected.iter().chain(rename_to.as_ref()))?;
+    let chosen = choose(&manifest, &details, selected)?;
+    if rename_to.is_some() && chosen.len() != 1 {
         return Err(QdrantOpError::RenameNeedsOne.into());
     }
-    let target_of = |c: &str| {
-        if rename_to.is_empty() {
-            c.to_string()
-        } else {
-            rename_to.clone()
-        }
+    let restore = Restore {
+        ctx: &ctx,
+        q,
+        manifest: &manifest,
+        details: &details,
+        chosen,
+        rename_to,
+        force,
+        reporter: &reporter,
     };
-
     reporter.phase(
         "preparing",
         format!("checking {} before restoring", q.url()),
     );
-    let server_version = q.version().await?;
-    if minor_of(&server_version) != minor_of(&details.qdrant_version) {
-        let backup_minor = minor_of(&details.qdrant_version)
-            .map(|(a, b)| format!("{a}.{b}"))
-            .unwrap_or_else(|| details.qdrant_version.clone());
-        return Err(QdrantError::VersionMismatch {
-            backup: details.qdrant_version.clone(),
-            backup_minor,
-            server: server_version,
-        }
-        .into());
-    }
-    let existing = q.collections().await?;
-    let nodes = Nodes::read(q).await?;
-    if !force
-        && let Some(c) = chosen
-            .iter()
-            .map(|c| target_of(c))
-            .find(|t| existing.contains(t))
-    {
-        return Err(QdrantError::Exists(c).into());
-    }
-    // Aliases follow a restore in place only; a copy under another name must not steal them.
-    let current_aliases = q.aliases().await?;
-    let mut alias_plan = Vec::new();
-    if rename_to.is_empty() {
-        for alias in details
-            .aliases
-            .iter()
-            .filter(|a| chosen.contains(&a.collection_name))
-        {
-            match current_aliases
-                .iter()
-                .find(|c| c.alias_name == alias.alias_name)
-            {
-                Some(cur) if cur.collection_name == alias.collection_name => {}
-                Some(cur) if !force => {
-                    return Err(QdrantOpError::AliasTaken {
-                        alias: alias.alias_name.clone(),
-                        current: cur.collection_name.clone(),
-                        wanted: alias.collection_name.clone(),
-                    }
-                    .into());
-                }
-                Some(_) => alias_plan.push((alias.clone(), true)),
-                None => alias_plan.push((alias.clone(), false)),
-            }
+    let server = restore.check_server().await?;
+    let mut restored = Vec::with_capacity(restore.chosen.len());
+    for c in &restore.chosen {
+        if let Some(line) = restore.collection(c, &server).await? {
+            restored.push(line);
         }
     }
-
-    let mut restored = Vec::new();
-    for c in &chosen {
-        let target = target_of(c);
-        let mut arts: Vec<&Artifact> = manifest
-            .artifacts
-            .iter()
-            .filter(|a| a.collection.as_deref() == Some(c.as_str()))
-            .collect();
-        arts.sort_by_key(|a| a.shard);
-        // A custom-sharded collection with no shard key yet has no shard to hold.
-        let no_shards = details.mode == SnapshotMode::ShardStream
-            && details
-                .collections
-                .get(c)
-                .and_then(|r| r.layout.as_ref())
-                .is_some_and(|l| l.shards.is_empty());
-        if arts.is_empty() && !no_shards {
-            return Err(QdrantOpError::MissingSnapshot {
-                id: manifest.id.clone(),
-                collection: c.clone(),
-            }
-            .into());
-        }
-        let note = if details.mode == SnapshotMode::ShardStream {
-            let Some(record) = details.collections.get(c) else {
-                continue;
-            };
-            let sharded = Sharded {
-                manifest: &manifest,
-                name: c,
-                target: &target,
-                record,
-                arts: &arts,
-            };
-            let exists = existing.contains(&target);
-            restore_sharded(&ctx, q, &nodes, sharded, exists, &reporter).await?
-        } else {
-            for art in arts {
-                reporter.set_expected_raw(art.raw_bytes);
-                reporter.phase(
-                    "restoring",
-                    format!("{} → zstd → Qdrant collection {target}", art.name),
-                );
-                let into = UploadTo {
-                    collection: &target,
-                    shard: None,
-                    priority: Priority::Snapshot,
-                };
-                upload_artifact(&ctx, q, &manifest, art, into, &reporter).await?;
-            }
-            String::new()
-        };
-        restored.push(if target == *c {
-            format!("{c}{note}")
-        } else {
-            format!("{c} as {target}{note}")
-        });
-    }
-    for (alias, replace) in &alias_plan {
+    for (alias, replace) in &server.aliases {
         q.set_alias(&alias.alias_name, &alias.collection_name, *replace)
             .await?;
     }
-    let alias_note = if alias_plan.is_empty() {
+    let alias_note = if server.aliases.is_empty() {
         String::new()
     } else {
         format!(
             "; aliases {}",
-            alias_plan
+            server
+                .aliases
                 .iter()
                 .map(|(a, _)| format!("{} → {}", a.alias_name, a.collection_name))
                 .collect::<Vec<_>>()
@@ -211,6 +92,185 @@ pub async fn restore_qdrant(
         ),
         manifest,
     ))
+}
+
+/// The collections a restore brings back: those selected, each of which the backup must hold,
+/// or all of them.
+fn choose(
+    manifest: &Manifest,
+    details: &QdrantDetails,
+    selected: Vec<String>,
+) -> Result<Vec<String>, OpError> {
+    let in_backup: Vec<String> = details.collections.keys().cloned().collect();
+    if selected.is_empty() {
+        return Ok(in_backup);
+    }
+    if let Some(c) = selected.iter().find(|c| !in_backup.contains(c)) {
+        return Err(QdrantOpError::NotInBackup {
+            collection: c.clone(),
+            id: manifest.id.clone(),
+            holds: in_backup.join(", "),
+        }
+        .into());
+    }
+    Ok(selected)
+}
+
+/// One Qdrant restore, checked against the request, while it runs.
+struct Restore<'a> {
+    ctx: &'a Context,
+    q: &'a Qdrant,
+    manifest: &'a Manifest,
+    details: &'a QdrantDetails,
+    chosen: Vec<String>,
+    rename_to: Option<String>,
+    force: bool,
+    reporter: &'a Reporter,
+}
+
+/// What the server holds, read before anything is uploaded.
+struct ServerState {
+    existing: Vec<String>,
+    nodes: Nodes,
+    /// The recorded aliases to set once the collections are back, and whether each replaces one.
+    aliases: Vec<(Alias, bool)>,
+}
+
+impl Restore<'_> {
+    /// The name collection `c` of the backup is restored under.
+    fn target_of(&self, c: &str) -> String {
+        self.rename_to.clone().unwrap_or_else(|| c.to_string())
+    }
+
+    /// Checks the server's version, the collections and aliases the restore would replace
+    /// (refused without `--force`), and plans the aliases.
+    async fn check_server(&self) -> Result<ServerState, OpError> {
+        let (q, details) = (self.q, self.details);
+        let server_version = q.version().await?;
+        if minor_of(&server_version) != minor_of(&details.qdrant_version) {
+            let backup_minor = minor_of(&details.qdrant_version)
+                .map(|(a, b)| format!("{a}.{b}"))
+                .unwrap_or_else(|| details.qdrant_version.clone());
+            return Err(QdrantError::VersionMismatch {
+                backup: details.qdrant_version.clone(),
+                backup_minor,
+                server: server_version,
+            }
+            .into());
+        }
+        let existing = q.collections().await?;
+        let nodes = Nodes::read(q).await?;
+        if !self.force
+            && let Some(c) = self
+                .chosen
+                .iter()
+                .map(|c| self.target_of(c))
+                .find(|t| existing.contains(t))
+        {
+            return Err(QdrantError::Exists(c).into());
+        }
+        Ok(ServerState {
+            aliases: self.plan_aliases().await?,
+            existing,
+            nodes,
+        })
+    }
+
+    /// The recorded aliases of the chosen collections to set, and whether each replaces one
+    /// the server has; an alias naming another collection is refused without `--force`.
+    /// Aliases follow a restore in place only; a copy under another name must not steal them.
+    async fn plan_aliases(&self) -> Result<Vec<(Alias, bool)>, OpError> {
+        let current_aliases = self.q.aliases().await?;
+        let mut alias_plan = Vec::new();
+        if self.rename_to.is_some() {
+            return Ok(alias_plan);
+        }
+        for alias in self
+            .details
+            .aliases
+            .iter()
+            .filter(|a| self.chosen.contains(&a.collection_name))
+        {
+            match current_aliases
+                .iter()
+                .find(|c| c.alias_name == alias.alias_name)
+            {
+                Some(cur) if cur.collection_name == alias.collection_name => {}
+                Some(cur) if !self.force => {
+                    return Err(QdrantOpError::AliasTaken {
+                        alias: alias.alias_name.clone(),
+                        current: cur.collection_name.clone(),
+                        wanted: alias.collection_name.clone(),
+                    }
+                    .into());
+                }
+                Some(_) => alias_plan.push((alias.clone(), true)),
+                None => alias_plan.push((alias.clone(), false)),
+            }
+        }
+        Ok(alias_plan)
+    }
+
+    /// Restores collection `c` of the backup; returns the summary's line for it (none for a
+    /// shard-stream collection its details do not record).
+    async fn collection(&self, c: &str, server: &ServerState) -> Result<Option<String>, OpError> {
+        let (q, details, manifest, reporter) = (self.q, self.details, self.manifest, self.reporter);
+        let target = self.target_of(c);
+        let mut arts: Vec<&Artifact> = manifest
+            .artifacts
+            .iter()
+            .filter(|a| a.collection.as_deref() == Some(c))
+            .collect();
+        arts.sort_by_key(|a| a.shard);
+        // A custom-sharded collection with no shard key yet has no shard to hold.
+        let no_shards = details.mode == SnapshotMode::ShardStream
+            && details
+                .collections
+                .get(c)
+                .and_then(|r| r.layout.as_ref())
+                .is_some_and(|l| l.shards.is_empty());
+        if arts.is_empty() && !no_shards {
+            return Err(QdrantOpError::MissingSnapshot {
+                id: manifest.id.clone(),
+                collection: c.to_string(),
+            }
+            .into());
+        }
+        let note = if details.mode == SnapshotMode::ShardStream {
+            let Some(record) = details.collections.get(c) else {
+                return Ok(None);
+            };
+            let sharded = Sharded {
+                manifest,
+                name: c,
+                target: &target,
+                record,
+                arts: &arts,
+            };
+            let exists = server.existing.contains(&target);
+            restore_sharded(self.ctx, q, &server.nodes, sharded, exists, reporter).await?
+        } else {
+            for art in arts {
+                reporter.set_expected_raw(art.raw_bytes);
+                reporter.phase(
+                    "restoring",
+                    format!("{} → zstd → Qdrant collection {target}", art.name),
+                );
+                let into = UploadTo {
+                    collection: &target,
+                    shard: None,
+                    priority: Priority::Snapshot,
+                };
+                upload_artifact(self.ctx, q, manifest, art, into, reporter).await?;
+            }
+            String::new()
+        };
+        Ok(Some(if target == c {
+            format!("{c}{note}")
+        } else {
+            format!("{c} as {target}{note}")
+        }))
+    }
 }
 
 /// One collection of a shard-stream backup and where it goes.
@@ -313,20 +373,7 @@ async fn place_shards(
     // Qdrant may still be activating the new replicas: uploads must not race its own transfers.
     wait_active(q, target, q.timeouts().snapshot).await?;
     let created = q.collection_cluster(target).await?.shards();
-    let plan = match &record.layout {
-        Some(layout) => match_shards(layout, &created).map_err(placement)?,
-        // Backups of a single node before layouts were recorded: shard ids are kept.
-        None => arts
-            .iter()
-            .map(|a| a.shard.unwrap_or(0))
-            .map(|id| match created.get(&id) {
-                Some((_, replicas)) if !replicas.is_empty() => {
-                    Ok((id, (id, replicas.iter().map(|r| r.peer_id).collect())))
-                }
-                _ => Err(placement(format!("shard {id} was not created"))),
-            })
-            .collect::<Result<_, _>>()?,
-    };
+    let plan = shard_plan(job, &created)?;
     let mut replicas = 0;
     let mut checked = std::collections::BTreeSet::new();
     for art in arts {
@@ -362,22 +409,60 @@ async fn place_shards(
     );
     wait_active(q, target, q.timeouts().snapshot).await?;
     if let Some(layout) = &record.layout {
-        let found = q.exact_count(target).await?;
-        let (low, high) = layout.count_range();
-        if !(low..=high).contains(&found) {
-            return Err(QdrantOpError::RestoredShort {
-                collection: target.to_string(),
-                expected: if low == high {
-                    low.to_string()
-                } else {
-                    format!("between {low} and {high}")
-                },
-                found,
-            }
-            .into());
-        }
+        check_restored_count(q, target, layout).await?;
     }
     Ok(format!(" ({} shards, {replicas} replicas)", plan.len()))
+}
+
+/// Where each shard of the backup goes: by recorded shard id, the created shard and the peers
+/// holding its replicas.
+fn shard_plan(
+    job: &Sharded<'_>,
+    created: &BTreeMap<u32, (Option<ShardKey>, Vec<Replica>)>,
+) -> Result<BTreeMap<u32, (u32, Vec<PeerId>)>, QdrantOpError> {
+    let placement = |detail: String| QdrantOpError::Placement {
+        collection: job.target.to_string(),
+        detail,
+    };
+    match &job.record.layout {
+        Some(layout) => match_shards(layout, created).map_err(placement),
+        // Backups of a single node before layouts were recorded: shard ids are kept.
+        None => job
+            .arts
+            .iter()
+            .map(|a| a.shard.unwrap_or(0))
+            .map(|id| match created.get(&id) {
+                Some((_, replicas)) if !replicas.is_empty() => {
+                    Ok((id, (id, replicas.iter().map(|r| r.peer_id).collect())))
+                }
+                _ => Err(placement(format!("shard {id} was not created"))),
+            })
+            .collect(),
+    }
+}
+
+/// The restored collection's exact count must be within what the backup counted while it was
+/// taken.
+async fn check_restored_count(
+    q: &Qdrant,
+    target: &str,
+    layout: &ShardLayout,
+) -> Result<(), OpError> {
+    let found = q.exact_count(target).await?;
+    let (low, high) = layout.count_range();
+    if !(low..=high).contains(&found) {
+        return Err(QdrantOpError::RestoredShort {
+            collection: target.to_string(),
+            expected: if low == high {
+                low.to_string()
+            } else {
+                format!("between {low} and {high}")
+            },
+            found,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Shard keys (custom sharding creates no shard until its key exists) and payload indexes.

@@ -169,44 +169,7 @@ pub fn preflight(
     update_roles: bool,
 ) -> Result<GlobalsPlan, PreflightError> {
     globals.check()?;
-    let in_backup: BTreeMap<&str, &Role> =
-        globals.roles.iter().map(|r| (r.name.as_str(), r)).collect();
-    let locations: BTreeMap<&str, &str> = globals
-        .tablespaces
-        .iter()
-        .map(|t| (t.name.as_str(), t.location.as_str()))
-        .collect();
-    for db in databases {
-        let roles = db.roles.iter().chain(std::iter::once(&db.owner));
-        for role in roles {
-            if !in_backup.contains_key(role.as_str()) && !target.roles.contains(role) {
-                return Err(PreflightError::MissingRole {
-                    database: db.name.clone(),
-                    role: role.clone(),
-                });
-            }
-        }
-        for ext in &db.extensions {
-            if !target.extensions.contains(&ext.name) {
-                return Err(PreflightError::ExtensionUnavailable {
-                    database: db.name.clone(),
-                    extension: ext.name.clone(),
-                    version: ext.version.clone(),
-                });
-            }
-        }
-        for ts in db.tablespaces.iter().chain(db.default_tablespace.iter()) {
-            if !target.tablespaces.contains(ts) {
-                return Err(PreflightError::TablespaceMissing {
-                    database: db.name.clone(),
-                    tablespace: ts.clone(),
-                    location: locations
-                        .get(ts.as_str())
-                        .map_or_else(|| "unknown".to_string(), |l| (*l).to_string()),
-                });
-            }
-        }
-    }
+    check_needs(globals, databases, target)?;
     let mut plan = GlobalsPlan::default();
     for role in globals.roles.iter().filter(|r| selected.contains(&r.name)) {
         if !target.roles.contains(&role.name) {
@@ -245,6 +208,54 @@ pub fn preflight(
         }
     }
     Ok(plan)
+}
+
+/// Every database's roles must be in the backup or on the target, its extensions available and
+/// its tablespaces present on the target: the first that is not is the error.
+fn check_needs(
+    globals: &Globals,
+    databases: &[DatabaseNeeds],
+    target: &TargetState,
+) -> Result<(), PreflightError> {
+    let in_backup: BTreeMap<&str, &Role> =
+        globals.roles.iter().map(|r| (r.name.as_str(), r)).collect();
+    let locations: BTreeMap<&str, &str> = globals
+        .tablespaces
+        .iter()
+        .map(|t| (t.name.as_str(), t.location.as_str()))
+        .collect();
+    for db in databases {
+        let roles = db.roles.iter().chain(std::iter::once(&db.owner));
+        for role in roles {
+            if !in_backup.contains_key(role.as_str()) && !target.roles.contains(role) {
+                return Err(PreflightError::MissingRole {
+                    database: db.name.clone(),
+                    role: role.clone(),
+                });
+            }
+        }
+        for ext in &db.extensions {
+            if !target.extensions.contains(&ext.name) {
+                return Err(PreflightError::ExtensionUnavailable {
+                    database: db.name.clone(),
+                    extension: ext.name.clone(),
+                    version: ext.version.clone(),
+                });
+            }
+        }
+        for ts in db.tablespaces.iter().chain(db.default_tablespace.iter()) {
+            if !target.tablespaces.contains(ts) {
+                return Err(PreflightError::TablespaceMissing {
+                    database: db.name.clone(),
+                    tablespace: ts.clone(),
+                    location: locations
+                        .get(ts.as_str())
+                        .map_or_else(|| "unknown".to_string(), |l| (*l).to_string()),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Role-in-database settings are applied only for databases the restore brings; the others may
