@@ -553,6 +553,27 @@ fn text_of(buf: Vec<u8>) -> String {
 mod tests {
     use super::*;
 
+    /// Qdrant's checksum is parsed where its answer is read: any case of the same digest is the
+    /// same value, and one that is not a digest makes the description unusable, saying why.
+    #[test]
+    fn a_snapshot_checksum_is_read_as_a_digest() {
+        let digest = Sha256Digest::of(b"snapshot");
+        let desc = |checksum: &str| {
+            serde_json::from_str::<SnapshotDescription>(&format!(
+                r#"{{"name": "c-1.snapshot", "size": 8, "checksum": {checksum}}}"#
+            ))
+        };
+        for text in [digest.to_string(), digest.to_string().to_ascii_uppercase()] {
+            let read = desc(&format!("\"{text}\"")).unwrap();
+            assert_eq!(read.checksum, Some(digest));
+        }
+        assert_eq!(desc("null").unwrap().checksum, None);
+        for bad in ["\"\"", "\"abc\"", &format!("\"{digest} \""), "42"] {
+            let err = desc(bad).expect_err(bad).to_string();
+            assert!(err.contains("sha256 digest"), "{bad}: {err}");
+        }
+    }
+
     #[test]
     fn versions_and_urls() {
         assert_eq!(minor_of("1.18.3"), Some((1, 18)));
