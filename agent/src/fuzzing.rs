@@ -123,7 +123,7 @@ pub fn wal_name(data: &[u8]) {
                 object.kind,
                 object.end,
                 object.captured,
-                object.sha256.clone()
+                object.sha256
             )
         );
         for size in seg_sizes() {
@@ -170,7 +170,7 @@ pub fn history(data: &[u8]) {
             Kind::History,
             data.len() as u64,
             DateTime::UNIX_EPOCH,
-            &"0".repeat(64),
+            &crate::digest::Sha256Digest::from([0; 32]),
         ),
         WAL_PREFIX,
     )

@@ -6,6 +6,7 @@
 
 pub mod catalog;
 pub mod config;
+pub mod digest;
 pub mod engine;
 pub mod error;
 pub mod failures;

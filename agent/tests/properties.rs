@@ -21,6 +21,7 @@ use soma_agent::{
         self, Artifact, BackupId, BackupKeys, Compression, EncryptionRecord, Engine, IdEngine,
         Kind, MANIFEST, Manifest, Target, Tool,
     },
+    digest::Sha256Digest,
     fuzzing,
     lsn::Lsn,
     ops::physical::untar::{self, Stop},
@@ -167,7 +168,7 @@ proptest! {
         end in any::<u64>(),
         // Up to the year 250000, inside chrono's range.
         ms in 0i64..7_700_000_000_000_000,
-        sha in "[0-9a-f]{64}",
+        sha in any::<[u8; 32]>().prop_map(Sha256Digest::from),
     ) {
         let kind = match (file, partial) {
             (WalFile::History { .. }, _) => wal::Kind::History,
@@ -179,7 +180,9 @@ proptest! {
         let key = WalObject::key(prefix, &file, kind, end, captured, &sha);
         let o = WalObject::parse(&key, prefix).expect("a written key decodes");
         prop_assert_eq!((o.file, o.kind, o.end, o.captured), (file, kind, end, captured));
-        prop_assert_eq!(&o.sha256, &sha);
+        prop_assert_eq!(o.sha256, sha);
+        let stored = format!(".{sha}.zst");
+        prop_assert!(key.ends_with(&stored));
         prop_assert_eq!(&o.key, &key);
         fuzzing::wal_name(key.as_bytes());
         fuzzing::wal_name(key.trim_start_matches(prefix).as_bytes());
@@ -195,7 +198,7 @@ proptest! {
     ) {
         let key = format!("{}{file}.{kind}.{end}.{ms}.{sha}.zst", fuzzing::WAL_PREFIX);
         if let Some(o) = WalObject::parse(&key, fuzzing::WAL_PREFIX) {
-            prop_assert_eq!(o.sha256.len(), 64);
+            prop_assert_eq!(o.sha256.to_string(), sha.to_ascii_lowercase());
         }
         fuzzing::wal_name(key.as_bytes());
     }
@@ -285,7 +288,12 @@ fn artifact() -> impl Strategy<Value = Artifact> {
             0..1u64 << 60,
             0..1u64 << 60,
         ),
-        ("[0-9a-f]{64}", "[0-9a-f]{64}", any::<i32>(), any::<u32>()),
+        (
+            any::<[u8; 32]>().prop_map(Sha256Digest::from),
+            any::<[u8; 32]>().prop_map(Sha256Digest::from),
+            any::<i32>(),
+            any::<u32>(),
+        ),
         (any::<u64>(), any::<u64>(), any::<u32>()),
         (
             proptest::option::of(any::<String>()),
@@ -442,7 +450,7 @@ fn segment_key(segno: u64, kind: wal::Kind, end: u64) -> String {
         end,
         Utc.timestamp_millis_opt(1_700_000_000_000 + segno as i64)
             .unwrap(),
-        &format!("{segno:064x}"),
+        &Sha256Digest::from_hex(&format!("{segno:064x}")).unwrap(),
     )
 }
 
@@ -517,7 +525,7 @@ proptest! {
                     wal::Kind::History,
                     40,
                     DateTime::UNIX_EPOCH,
-                    &"0".repeat(64),
+                    &Sha256Digest::from([0; 32]),
                 )),
                 (1u32..5, 1u32..5, any::<u32>()).prop_map(|(t, p, l)| format!("H {t} {p}\t0/{l:X}\tr")),
                 "[0-9]{8}T[0-9]{6}Z-[a-z0-9][a-z0-9-]{1,20}[a-z0-9]"

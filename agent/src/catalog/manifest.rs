@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{BackupId, IdEngine, MANIFEST_VERSION};
-use crate::pipeline::Expected;
+use crate::{digest::Sha256Digest, pipeline::Expected};
 
 /// How an artifact was compressed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -29,10 +29,10 @@ pub struct Artifact {
     pub raw_bytes: u64,
     /// Stored size.
     pub stored_bytes: u64,
-    /// Hex sha256 of the uncompressed bytes.
-    pub raw_sha256: String,
-    /// Hex sha256 of the stored object.
-    pub stored_sha256: String,
+    /// sha256 of the uncompressed bytes (hex in the JSON).
+    pub raw_sha256: Sha256Digest,
+    /// sha256 of the stored object (hex in the JSON).
+    pub stored_sha256: Sha256Digest,
     /// Compression settings.
     pub compression: Compression,
     /// Size of the first parts of the multipart upload.
@@ -57,9 +57,9 @@ impl Artifact {
     /// The sizes and digests a download of this artifact must match.
     pub fn expected(&self) -> Expected {
         Expected::all(
-            &self.raw_sha256,
+            self.raw_sha256,
             self.raw_bytes,
-            &self.stored_sha256,
+            self.stored_sha256,
             self.stored_bytes,
         )
     }
@@ -278,5 +278,73 @@ impl Manifest {
     pub fn with_details(mut self, details: serde_json::Value) -> Self {
         self.details = details;
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest as the agent wrote it before digests were typed (pretty JSON, as the catalog
+    /// stores it), with a Qdrant artifact's optional fields.
+    const WRITTEN: &str = r#"{
+  "manifest_version": 1,
+  "id": "20261129T140000Z-qd-docs-0a1b",
+  "engine": "qdrant",
+  "kind": "collection-snapshots",
+  "target": {
+    "name": "docs",
+    "server": "http://127.0.0.1:6333",
+    "server_version": "1.12.4"
+  },
+  "tool": {
+    "name": "qdrant",
+    "version": "1.12.4"
+  },
+  "agent_version": "0.1.0",
+  "started_at": "2026-11-29T14:00:00Z",
+  "completed_at": "2026-11-29T14:00:01Z",
+  "raw_bytes": 3,
+  "stored_bytes": 12,
+  "artifacts": [
+    {
+      "name": "docs.snapshot.zst",
+      "format": "qdrant/snapshot",
+      "raw_bytes": 3,
+      "stored_bytes": 12,
+      "raw_sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+      "stored_sha256": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+      "compression": {
+        "algorithm": "zstd",
+        "level": 3,
+        "threads": 0
+      },
+      "part_size": 8388608,
+      "max_part_size": 8388608,
+      "parts": 1,
+      "collection": "docs"
+    }
+  ]
+}"#;
+
+    #[test]
+    fn a_manifest_written_before_typed_digests_reads_and_writes_back_byte_for_byte() {
+        let m: Manifest = serde_json::from_str(WRITTEN).unwrap();
+        assert_eq!(
+            m.artifacts[0].raw_sha256,
+            crate::digest::Sha256Digest::of(b"abc")
+        );
+        assert_eq!(
+            m.artifacts[0].stored_sha256,
+            crate::digest::Sha256Digest::of(b"")
+        );
+        assert_eq!(serde_json::to_string_pretty(&m).unwrap(), WRITTEN);
+    }
+
+    #[test]
+    fn a_manifest_with_a_digest_that_is_not_one_is_refused() {
+        let short = WRITTEN.replace("ba7816bf", "ba7816b");
+        let err = serde_json::from_str::<Manifest>(&short).unwrap_err();
+        assert!(err.to_string().contains("is not a sha256 digest"), "{err}");
     }
 }

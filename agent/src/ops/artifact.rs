@@ -104,8 +104,8 @@ pub(crate) async fn write_artifact<S: Source>(
         format: what.format.into(),
         raw_bytes: summary.digest.raw_bytes,
         stored_bytes: summary.digest.stored_bytes,
-        raw_sha256: summary.digest.raw_sha256.clone(),
-        stored_sha256: summary.digest.stored_sha256.clone(),
+        raw_sha256: summary.digest.raw_sha256,
+        stored_sha256: summary.digest.stored_sha256,
         compression: Compression {
             algorithm: "zstd".into(),
             level: ctx.settings.compression_level,

@@ -67,7 +67,7 @@ where
     let decode_res = decoder.await.expect("decoder thread panicked");
 
     let (stored_sha256, stored_bytes) = fetch_res?;
-    let stored = (expected.stored_bytes, expected.stored_sha256.as_deref());
+    let stored = (expected.stored_bytes, expected.stored_sha256);
     check(key, "stored", stored, stored_bytes, stored_sha256)?;
     if let Err(source) = decode_res {
         return Err(PipelineError::Decode {
@@ -76,7 +76,7 @@ where
         });
     }
     let (raw_sha256, raw_bytes) = write_res?;
-    let raw = (expected.raw_bytes, Some(expected.raw_sha256.as_str()));
+    let raw = (expected.raw_bytes, Some(expected.raw_sha256));
     check(key, "raw", raw, raw_bytes, raw_sha256)?;
     // Every check passed: release the tail.
     for chunk in tail.held {
@@ -162,12 +162,12 @@ fn decode(
     }
 }
 
-/// Reads the stored object into the decoder's channel, hashing it: its sha256 (hex) and size.
+/// Reads the stored object into the decoder's channel, hashing it: its sha256 and size.
 async fn fetch(
     mut stream: ByteStream,
     stored_tx: mpsc::Sender<Bytes>,
     counters: &Counters,
-) -> Result<(String, u64), PipelineError> {
+) -> Result<(Sha256Digest, u64), PipelineError> {
     let mut hasher = Sha256::new();
     let mut total = 0u64;
     let mut tx = Some(stored_tx);
@@ -187,7 +187,7 @@ async fn fetch(
         }
     }
     drop(tx);
-    Ok((hex::encode(hasher.finalize()), total))
+    Ok((hasher.finalize().into(), total))
 }
 
 /// The tail held back until every check passed: whole chunks, never copied; a chunk is released
@@ -208,14 +208,14 @@ impl Tail {
     }
 
     /// Hashes the raw chunks from the decoder and writes to `sink` all but the held-back tail:
-    /// the raw sha256 (hex) and size.
+    /// the raw sha256 and size.
     async fn write_released<W>(
         &mut self,
         // Owned, so a failed sink drops it and the decoder stops instead of waiting forever.
         mut raw_rx: mpsc::Receiver<Bytes>,
         sink: &mut W,
         counters: &Counters,
-    ) -> Result<(String, u64), PipelineError>
+    ) -> Result<(Sha256Digest, u64), PipelineError>
     where
         W: AsyncWrite + Unpin + Send,
     {
@@ -239,7 +239,7 @@ impl Tail {
                     .fetch_add(release.len() as u64, Ordering::Relaxed);
             }
         }
-        Ok((hex::encode(hasher.finalize()), total))
+        Ok((hasher.finalize().into(), total))
     }
 }
 
@@ -248,9 +248,9 @@ impl Tail {
 fn check(
     key: &str,
     what: &'static str,
-    want: (Option<u64>, Option<&str>),
+    want: (Option<u64>, Option<Sha256Digest>),
     bytes: u64,
-    sha256: String,
+    sha256: Sha256Digest,
 ) -> Result<(), PipelineError> {
     let (want_bytes, want_sha256) = want;
     if let Some(want) = want_bytes
@@ -269,7 +269,7 @@ fn check(
         return Err(PipelineError::ChecksumMismatch {
             key: key.to_string(),
             what,
-            expected: want.to_string(),
+            expected: want,
             actual: sha256,
         });
     }
@@ -303,9 +303,9 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("a")).unwrap();
         std::fs::write(dir.path().join("a/obj.zst"), &stored).unwrap();
         let expected = Expected::all(
-            &hex::encode(Sha256::digest(raw)),
+            Sha256Digest::of(raw),
             raw_bytes,
-            &hex::encode(Sha256::digest(&stored)),
+            Sha256Digest::of(&stored),
             stored.len() as u64,
         );
         let mut out = Vec::new();

@@ -30,6 +30,7 @@ use tokio::{
     sync::mpsc,
 };
 
+use crate::digest::Sha256Digest;
 use crate::store::{
     MAX_PART_SIZE, MIN_PART_SIZE, ObjectMeta, PartReceipt, Store, StoreError, Upload,
 };
@@ -76,19 +77,19 @@ pub struct Digest256 {
     pub raw_bytes: u64,
     /// Stored (compressed) size.
     pub stored_bytes: u64,
-    /// Hex sha256 of the uncompressed stream.
-    pub raw_sha256: String,
-    /// Hex sha256 of the stored object.
-    pub stored_sha256: String,
+    /// sha256 of the uncompressed stream.
+    pub raw_sha256: Sha256Digest,
+    /// sha256 of the stored object.
+    pub stored_sha256: Sha256Digest,
 }
 
 impl Digest256 {
     /// Every size and digest of this measurement, as what a download must match.
     pub fn expected(&self) -> Expected {
         Expected::all(
-            &self.raw_sha256,
+            self.raw_sha256,
             self.raw_bytes,
-            &self.stored_sha256,
+            self.stored_sha256,
             self.stored_bytes,
         )
     }
@@ -97,14 +98,14 @@ impl Digest256 {
 /// What a download must match. The raw digest is always checked; the rest only when known.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Expected {
-    /// Hex sha256 of the uncompressed stream.
-    pub raw_sha256: String,
+    /// sha256 of the uncompressed stream.
+    pub raw_sha256: Sha256Digest,
     /// Uncompressed size, when known.
     pub raw_bytes: Option<u64>,
     /// Stored size, when known.
     pub stored_bytes: Option<u64>,
-    /// Hex sha256 of the stored object, when known.
-    pub stored_sha256: Option<String>,
+    /// sha256 of the stored object, when known.
+    pub stored_sha256: Option<Sha256Digest>,
     /// Most uncompressed bytes the object may decode to when its size is not known: the decoder
     /// stops past it instead of filling the disk (a WAL file is never larger than 1 GiB).
     pub raw_at_most: Option<u64>,
@@ -118,21 +119,26 @@ impl Expected {
     }
 
     /// Expectations for an object whose sizes and both digests are known (a manifest's artifact).
-    pub fn all(raw_sha256: &str, raw_bytes: u64, stored_sha256: &str, stored_bytes: u64) -> Self {
+    pub fn all(
+        raw_sha256: Sha256Digest,
+        raw_bytes: u64,
+        stored_sha256: Sha256Digest,
+        stored_bytes: u64,
+    ) -> Self {
         Self {
-            raw_sha256: raw_sha256.to_string(),
+            raw_sha256,
             raw_bytes: Some(raw_bytes),
             stored_bytes: Some(stored_bytes),
-            stored_sha256: Some(stored_sha256.to_string()),
+            stored_sha256: Some(stored_sha256),
             raw_at_most: None,
         }
     }
 
     /// Expectations for an object known only by the digest of its raw bytes (WAL files are named
     /// by it): the digest covers size and content, so nothing else needs checking.
-    pub fn raw_only(raw_sha256: &str) -> Self {
+    pub fn raw_only(raw_sha256: Sha256Digest) -> Self {
         Self {
-            raw_sha256: raw_sha256.to_string(),
+            raw_sha256,
             raw_bytes: None,
             stored_bytes: None,
             stored_sha256: None,
@@ -179,9 +185,9 @@ pub enum PipelineError {
         /// "stored" or "raw".
         what: &'static str,
         /// Digest in the manifest.
-        expected: String,
+        expected: Sha256Digest,
         /// Digest of what was read.
-        actual: String,
+        actual: Sha256Digest,
     },
     /// A size did not match the manifest (typically a truncated object).
     #[error(
@@ -358,10 +364,7 @@ mod tests {
             summary.parts
         );
         assert_eq!(summary.digest.raw_bytes, data.len() as u64);
-        assert_eq!(
-            summary.digest.raw_sha256,
-            hex::encode(Sha256::digest(&data))
-        );
+        assert_eq!(summary.digest.raw_sha256, Sha256Digest::of(&data));
         // Incompressible: stored in raw frames, a few bytes of framing per 256 KiB chunk.
         assert_eq!(summary.choice.compressed_raw, 0, "{:?}", summary.choice);
         assert!(

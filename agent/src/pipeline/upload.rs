@@ -228,7 +228,7 @@ where
 
 /// What the compressor thread made of the raw bytes.
 struct Compressed {
-    stored_sha256: String,
+    stored_sha256: Sha256Digest,
     stored_bytes: u64,
     parts: u32,
     max_part_size: usize,
@@ -286,7 +286,7 @@ fn compress(
         sink.emit()?;
     }
     Ok(Compressed {
-        stored_sha256: hex::encode(sink.hasher.finalize()),
+        stored_sha256: sink.hasher.finalize().into(),
         stored_bytes: sink.stored,
         parts: sink.index,
         max_part_size: sink.max_part,
@@ -294,13 +294,12 @@ fn compress(
     })
 }
 
-/// Reads `source` in whole chunks into the compressor's channel, hashing it: its sha256 (hex)
-/// and size.
+/// Reads `source` in whole chunks into the compressor's channel, hashing it: its sha256 and size.
 async fn read_source<R>(
     source: &mut R,
     raw_tx: mpsc::Sender<Bytes>,
     counters: &Counters,
-) -> Result<(String, u64), PipelineError>
+) -> Result<(Sha256Digest, u64), PipelineError>
 where
     R: AsyncRead + Unpin + Send,
 {
@@ -333,7 +332,7 @@ where
         }
     }
     drop(raw_tx);
-    Ok((hex::encode(hasher.finalize()), total))
+    Ok((hasher.finalize().into(), total))
 }
 
 /// Uploads the parts from `part_rx`, at most `in_flight_cap` at once, and returns their receipts.

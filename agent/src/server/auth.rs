@@ -6,9 +6,10 @@
 
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::{Request, Status, service::Interceptor};
+
+use crate::digest::Sha256Digest;
 
 /// Largest token file read.
 const MAX_TOKEN_FILE_BYTES: u64 = 4096;
@@ -81,7 +82,7 @@ pub fn load_token(path: &Path) -> Result<String, TokenError> {
 #[derive(Clone)]
 pub struct TokenCheck {
     /// The token's SHA-256; `None` when the agent runs without a token (loopback only).
-    digest: Option<[u8; 32]>,
+    digest: Option<Sha256Digest>,
 }
 
 impl std::fmt::Debug for TokenCheck {
@@ -96,7 +97,7 @@ impl TokenCheck {
     /// Requires `token` on every call, or nothing when there is none.
     pub fn new(token: Option<&str>) -> Self {
         Self {
-            digest: token.map(|t| Sha256::digest(t.as_bytes()).into()),
+            digest: token.map(|t| Sha256Digest::of(t.as_bytes())),
         }
     }
 }
@@ -116,8 +117,10 @@ impl Interceptor for TokenCheck {
                 "this agent requires a bearer token (it runs with --token-file): give kubectl soma --token-file PATH or SOMA_AGENT_TOKEN, or annotate the agent's pod with soma.dev/token-secret naming the Secret that holds it",
             ));
         };
-        let digest: [u8; 32] = Sha256::digest(given.as_bytes()).into();
-        if bool::from(digest.ct_eq(expected)) {
+        // In constant time, not with the digest's `==`: how long a comparison takes must not
+        // tell a caller how much of a guessed token's digest is right.
+        let digest = Sha256Digest::of(given.as_bytes());
+        if bool::from(digest.as_bytes().ct_eq(expected.as_bytes())) {
             Ok(request)
         } else {
             Err(Status::unauthenticated(

@@ -10,12 +10,14 @@
 pub mod crypt;
 #[cfg(test)]
 pub(crate) mod faulty;
+mod key;
 pub mod local;
 pub mod read_only;
 pub mod retry;
 pub mod s3;
 
 pub use crypt::{Crypt, Encryption, Keyring};
+pub use key::Key;
 pub use read_only::ReadOnly;
 pub use retry::{Condition, HealthReport, RetryPolicy, StoreHealth};
 
@@ -559,37 +561,7 @@ pub async fn open_read_only(location: &str, options: &Options) -> Result<Arc<dyn
     Ok(Arc::new(ReadOnly::new(inner)))
 }
 
-/// Checks that a key stays inside the store's prefix.
+/// Checks that a key stays inside the store's prefix ([`Key`]'s rules).
 pub(crate) fn check_key(key: &str) -> Result<()> {
-    let bad = |reason| {
-        Err(StoreError::InvalidKey {
-            key: key.to_string(),
-            reason,
-        })
-    };
-    if key.is_empty() {
-        return bad("empty key");
-    }
-    if key.starts_with('/') {
-        return bad("absolute key");
-    }
-    for part in key.split('/') {
-        if part.is_empty() || part == "." || part == ".." {
-            return bad("empty, '.' or '..' path component");
-        }
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_cannot_escape_the_prefix() {
-        assert!(check_key("backups/x/manifest.json").is_ok());
-        for bad in ["", "/etc/passwd", "backups/../x", "a//b", "./a", "a/"] {
-            assert!(check_key(bad).is_err(), "{bad:?} must be refused");
-        }
-    }
+    Key::check(key)
 }

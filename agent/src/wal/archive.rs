@@ -383,7 +383,7 @@ impl WalArchive {
         };
         let sink = tokio::fs::File::create(&tmp).await.map_err(io)?;
         // Named by its digest, but read from the store: a forged object must not fill pg_wal.
-        let expected = Expected::raw_only(&object.sha256).at_most(MAX_WAL_FILE_BYTES);
+        let expected = Expected::raw_only(object.sha256).at_most(MAX_WAL_FILE_BYTES);
         let fetched = pipeline::download(
             self.store.as_ref(),
             &object.key,
@@ -439,7 +439,7 @@ impl WalArchive {
             ),
         };
         let (tx, rx) = tokio::io::duplex(64 * 1024);
-        let expected = Expected::raw_only(&object.sha256);
+        let expected = Expected::raw_only(object.sha256);
         let key = object.key.clone();
         // The reader owns its end of the pipe: when it stops early, the download's writes fail
         // instead of blocking on a pipe nobody reads.
@@ -563,7 +563,7 @@ fn duplicates(objects: &[WalObject]) -> Vec<WalObject> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sha2::{Digest, Sha256};
+    use crate::digest::Sha256Digest;
 
     fn settings() -> Settings {
         Settings {
@@ -594,7 +594,7 @@ mod tests {
         bytes: &[u8],
         ms: i64,
     ) -> String {
-        let digest = hex::encode(Sha256::digest(bytes));
+        let digest = Sha256Digest::of(bytes);
         let at = DateTime::from_timestamp_millis(ms).unwrap();
         let end = if kind == Kind::Partial {
             0x100

@@ -255,20 +255,35 @@ mod tests {
     use chrono::TimeZone;
 
     use super::*;
+    use crate::digest::Sha256Digest;
 
     const SEG: u64 = 16 << 20;
 
     fn obj(tli: u32, segno: u64, kind: Kind, end: u64, ms: i64) -> WalObject {
         let file = WalFile::from_segno(tli, segno, SEG);
         let at = Utc.timestamp_millis_opt(ms).unwrap();
-        let key = WalObject::key("wal/1/", &file, kind, end, at, &"a".repeat(64));
+        let key = WalObject::key(
+            "wal/1/",
+            &file,
+            kind,
+            end,
+            at,
+            &Sha256Digest::from([0xaa; 32]),
+        );
         WalObject::parse(&key, "wal/1/").unwrap()
     }
 
     fn history(tli: u32) -> WalObject {
         let file = WalFile::History { timeline: tli };
         let at = Utc.timestamp_millis_opt(1).unwrap();
-        let key = WalObject::key("wal/1/", &file, Kind::History, 60, at, &"c".repeat(64));
+        let key = WalObject::key(
+            "wal/1/",
+            &file,
+            Kind::History,
+            60,
+            at,
+            &Sha256Digest::from([0xcc; 32]),
+        );
         WalObject::parse(&key, "wal/1/").unwrap()
     }
 

@@ -176,7 +176,7 @@ pub(super) async fn judge(
     seg_size: Option<u64>,
 ) -> Result<Verdict, PipelineError> {
     let mut head = Head::default();
-    let expected = Expected::raw_only(&object.sha256).at_most(MAX_WAL_FILE_BYTES);
+    let expected = Expected::raw_only(object.sha256).at_most(MAX_WAL_FILE_BYTES);
     let read = pipeline::download(
         store,
         &object.key,

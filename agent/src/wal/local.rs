@@ -7,14 +7,15 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
 use super::{WalError, header::LONG_HEADER_LEN};
+use crate::digest::Sha256Digest;
 
 /// PostgreSQL aligns every WAL record to this many bytes (MAXALIGN), padding with zeros.
 const WAL_ALIGN: u64 = 8;
 /// A local file's digest and the number of its bytes that hold WAL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileDigest {
-    /// Hex sha256 of the whole file.
-    pub sha256: String,
+    /// sha256 of the whole file.
+    pub sha256: Sha256Digest,
     /// File size.
     pub size: u64,
     /// Where the WAL in it ends: after its last non-zero byte, aligned as records are. The rest of
@@ -55,7 +56,7 @@ pub async fn digest_file(path: &Path) -> Result<FileDigest, WalError> {
         }
     }
     Ok(FileDigest {
-        sha256: hex::encode(hasher.finalize()),
+        sha256: hasher.finalize().into(),
         size,
         // A file whose length is not a multiple of the alignment (a history file) ends at its end.
         end: end.min(size),

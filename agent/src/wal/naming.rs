@@ -6,7 +6,7 @@
 use chrono::{DateTime, TimeZone, Utc};
 use serde::Serialize;
 
-use crate::lsn::Lsn;
+use crate::{digest::Sha256Digest, lsn::Lsn};
 
 /// How much WAL one "log" number of a segment name spans: PostgreSQL splits a segment number into
 /// the two halves of the name at every 4 GiB of WAL.
@@ -160,8 +160,8 @@ pub struct WalObject {
     pub end: u64,
     /// When the agent read the file.
     pub captured: DateTime<Utc>,
-    /// Hex sha256 of the file's bytes.
-    pub sha256: String,
+    /// sha256 of the file's bytes (hex in the key).
+    pub sha256: Sha256Digest,
 }
 
 impl WalObject {
@@ -172,7 +172,7 @@ impl WalObject {
         kind: Kind,
         end: u64,
         captured: DateTime<Utc>,
-        sha256: &str,
+        sha256: &Sha256Digest,
     ) -> String {
         format!(
             "{prefix}{}.{}.{end:08x}.{}.{sha256}.zst",
@@ -195,7 +195,8 @@ impl WalObject {
         let hex = |s: &str, max: usize| {
             !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_hexdigit())
         };
-        if sha256.len() != 64 || !hex(sha256, 64) || !hex(end, 16) {
+        let sha256 = Sha256Digest::from_hex(sha256).ok()?;
+        if !hex(end, 16) {
             return None;
         }
         if captured.is_empty()
@@ -219,7 +220,7 @@ impl WalObject {
             kind,
             end: u64::from_str_radix(end, 16).ok()?,
             captured: Utc.timestamp_millis_opt(captured).single()?,
-            sha256: sha256.to_string(),
+            sha256,
         })
     }
 
@@ -331,10 +332,11 @@ mod tests {
     fn keys_round_trip() {
         let file = WalFile::parse("000000010000000000000003").unwrap();
         let at = Utc.timestamp_millis_opt(1_700_000_000_000).unwrap();
-        let sha = "a".repeat(64);
+        let sha = Sha256Digest::of(b"segment");
         let k = WalObject::key("wal/1/", &file, Kind::Partial, 0x2000, at, &sha);
+        assert!(k.contains(&format!(".{sha}.zst")), "{k}");
         let o = WalObject::parse(&k, "wal/1/").unwrap();
-        assert_eq!(o.kind, Kind::Partial);
+        assert_eq!((o.kind, o.sha256), (Kind::Partial, sha));
         assert_eq!((o.file, o.end, o.captured), (file, 0x2000, at));
         assert_eq!(o.end_lsn(SEG), Some(Lsn(3 * SEG + 0x2000)));
         assert!(WalObject::parse("wal/1/x.seg.0.0.abc.zst", "wal/1/").is_none());

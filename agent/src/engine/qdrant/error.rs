@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::digest::Sha256Digest;
+
 /// Qdrant errors; each names the endpoint or collection.
 #[derive(Debug, thiserror::Error)]
 pub enum QdrantError {
@@ -87,7 +89,7 @@ pub enum QdrantError {
         /// Qdrant's checksum.
         expected: String,
         /// What we computed.
-        actual: String,
+        actual: Sha256Digest,
         /// Bytes received.
         bytes: u64,
     },

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use url::Url;
 
+use crate::digest::Sha256Digest;
+
 mod cluster;
 mod error;
 mod snapshots;
@@ -48,9 +50,10 @@ pub struct SnapshotDescription {
     pub creation_time: Option<String>,
     /// Size in bytes.
     pub size: u64,
-    /// sha256 hex of the file, when Qdrant computed it.
+    /// sha256 of the file, when Qdrant computed it. Parsed as it arrives: a checksum that is not
+    /// 64 hex digits makes the whole answer unusable (an error naming the endpoint).
     #[serde(default)]
-    pub checksum: Option<String>,
+    pub checksum: Option<Sha256Digest>,
 }
 
 /// One alias (`AliasDescription`).
@@ -549,6 +552,27 @@ fn text_of(buf: Vec<u8>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Qdrant's checksum is parsed where its answer is read: any case of the same digest is the
+    /// same value, and one that is not a digest makes the description unusable, saying why.
+    #[test]
+    fn a_snapshot_checksum_is_read_as_a_digest() {
+        let digest = Sha256Digest::of(b"snapshot");
+        let desc = |checksum: &str| {
+            serde_json::from_str::<SnapshotDescription>(&format!(
+                r#"{{"name": "c-1.snapshot", "size": 8, "checksum": {checksum}}}"#
+            ))
+        };
+        for text in [digest.to_string(), digest.to_string().to_ascii_uppercase()] {
+            let read = desc(&format!("\"{text}\"")).unwrap();
+            assert_eq!(read.checksum, Some(digest));
+        }
+        assert_eq!(desc("null").unwrap().checksum, None);
+        for bad in ["\"\"", "\"abc\"", &format!("\"{digest} \""), "42"] {
+            let err = desc(bad).expect_err(bad).to_string();
+            assert!(err.contains("sha256 digest"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn versions_and_urls() {

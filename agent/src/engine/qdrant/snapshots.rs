@@ -10,6 +10,7 @@ use tokio::io::AsyncRead;
 use tokio_util::io::StreamReader;
 
 use super::{Envelope, Qdrant, QdrantError, SnapshotDescription, check_name};
+use crate::digest::Sha256Digest;
 
 /// Which copy wins when an uploaded snapshot lands on a shard that has other active replicas
 /// (`SnapshotPriority`; see `recover_shard_snapshot_impl` in Qdrant's src/common/snapshots.rs).
@@ -219,7 +220,7 @@ impl Qdrant {
         file_name: &str,
         body: S,
         length: u64,
-        sha256: &str,
+        sha256: &Sha256Digest,
     ) -> Result<(), QdrantError>
     where
         S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
@@ -254,7 +255,7 @@ impl Qdrant {
                         .query(&[
                             ("wait", "true"),
                             ("priority", priority.as_str()),
-                            ("checksum", sha256),
+                            ("checksum", &sha256.to_string()),
                         ])
                         .header(header::ACCEPT, "application/json")
                         .multipart(form),

@@ -315,7 +315,7 @@ mod tests {
             kind,
             end,
             captured: chrono::Utc::now(),
-            sha256: String::new(),
+            sha256: crate::digest::Sha256Digest::of(b""),
         };
         let at = |switch: u64| HistoryLine {
             parent: 1,

@@ -105,7 +105,7 @@ pub async fn verify_wal(
         pipeline::download(
             catalog.store().as_ref(),
             &object.key,
-            &Expected::raw_only(&object.sha256),
+            &Expected::raw_only(object.sha256),
             tokio::io::sink(),
             0,
             reporter.counters(),

@@ -366,16 +366,16 @@ where
         let checksum_ok = snapshot
             .checksum
             .as_ref()
-            .is_none_or(|c| c.eq_ignore_ascii_case(&digest.raw_sha256));
+            .is_none_or(|c| *c == digest.raw_sha256);
         if digest.raw_bytes != snapshot.size || !checksum_ok {
             return Err(QdrantError::SnapshotChecksum {
                 collection: collection.to_string(),
                 snapshot: snapshot.name.clone(),
                 expected: snapshot
                     .checksum
-                    .clone()
+                    .map(|c| c.to_string())
                     .unwrap_or_else(|| format!("(none; {} bytes announced)", snapshot.size)),
-                actual: digest.raw_sha256.clone(),
+                actual: digest.raw_sha256,
                 bytes: digest.raw_bytes,
             }
             .into());
