@@ -9,6 +9,7 @@
 //! promotes. [`wal`] holds what base backups mean for their WAL: windows, verification, retention.
 
 mod backup;
+mod drill;
 mod pgdata;
 mod recovery_conf;
 mod replay;
@@ -36,7 +37,7 @@ use super::{
     Context,
     artifact::ArtifactName,
     details::Details,
-    drill::{self, Scratch},
+    drill::Scratch,
     method::{DrillResult, Method, MethodFuture},
 };
 use crate::{
@@ -338,7 +339,7 @@ impl Method for PhysicalMethod {
         scratch: &'a Scratch,
         reporter: &'a Reporter,
     ) -> MethodFuture<'a, DrillResult> {
-        Box::pin(drill::physical::drill(ctx, m, scratch, reporter))
+        Box::pin(drill::drill(ctx, m, scratch, reporter))
     }
 
     fn details(&self, m: &Manifest) -> Result<Details, OpError> {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     Context,
     details::Details,
-    drill::{self, Scratch},
+    drill::Scratch,
     method::{DrillResult, Method, MethodFuture},
 };
 
@@ -26,6 +26,7 @@ use crate::{
 };
 
 pub(crate) mod backup;
+mod drill;
 pub(crate) mod restore;
 
 pub(crate) use backup::{backup_cluster, backup_postgres};
@@ -180,7 +181,7 @@ impl Method for LogicalMethod {
         scratch: &'a Scratch,
         reporter: &'a Reporter,
     ) -> MethodFuture<'a, DrillResult> {
-        Box::pin(drill::logical::drill(ctx, m, scratch, reporter))
+        Box::pin(drill::drill(ctx, m, scratch, reporter))
     }
 
     fn details(&self, m: &Manifest) -> Result<Details, OpError> {

@@ -4,6 +4,7 @@
 
 mod backup;
 pub mod cluster_view;
+mod drill;
 pub mod layout;
 mod restore;
 
@@ -21,7 +22,7 @@ use soma_proto::v1;
 use super::{
     Context,
     details::Details,
-    drill::{self, DrillError, Scratch},
+    drill::{DrillError, Scratch},
     method::{DrillResult, Method, MethodFuture},
 };
 
@@ -591,7 +592,7 @@ impl Method for QdrantMethod {
         scratch: &'a Scratch,
         reporter: &'a Reporter,
     ) -> MethodFuture<'a, DrillResult> {
-        Box::pin(drill::qdrant::drill(ctx, m, scratch, reporter))
+        Box::pin(drill::drill(ctx, m, scratch, reporter))
     }
 
     fn details(&self, m: &Manifest) -> Result<Details, OpError> {
