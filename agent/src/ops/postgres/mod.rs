@@ -18,6 +18,7 @@ use super::{
     details::Details,
     drill::Scratch,
     method::{DrillResult, Method, MethodFuture},
+    plan::{EngineRestore, RestoreAsk},
 };
 
 use crate::{
@@ -27,9 +28,11 @@ use crate::{
 
 pub(crate) mod backup;
 mod drill;
+mod plan;
 pub(crate) mod restore;
 
 pub(crate) use backup::{backup_cluster, backup_postgres};
+pub(crate) use plan::PostgresPlans;
 pub use restore::{ClusterRestore, DatabaseRestore};
 pub(crate) use restore::{restore_cluster, restore_postgres};
 
@@ -182,6 +185,17 @@ impl Method for LogicalMethod {
         reporter: &'a Reporter,
     ) -> MethodFuture<'a, DrillResult> {
         Box::pin(drill::drill(ctx, m, scratch, reporter))
+    }
+
+    fn plan_restore(
+        &self,
+        ctx: &Context,
+        m: Manifest,
+        ask: &RestoreAsk,
+        _set: Option<&BackupId>,
+    ) -> Result<Box<dyn EngineRestore>, OpError> {
+        ctx.postgres()?;
+        plan::restore_plan(m, &ask.database, ask.clean, ask.update_roles)
     }
 
     fn details(&self, m: &Manifest) -> Result<Details, OpError> {

@@ -6,9 +6,11 @@ mod backup;
 pub mod cluster_view;
 mod drill;
 pub mod layout;
+mod plan;
 mod restore;
 
 pub use backup::backup_qdrant;
+pub(crate) use plan::QdrantPlans;
 pub use restore::restore_qdrant;
 
 use crate::{catalog::Manifest, error::OpError, jobs::Reporter};
@@ -24,6 +26,7 @@ use super::{
     details::Details,
     drill::{DrillError, Scratch},
     method::{DrillResult, Method, MethodFuture},
+    plan::{EngineRestore, RestoreAsk},
 };
 
 use crate::{
@@ -593,6 +596,17 @@ impl Method for QdrantMethod {
         reporter: &'a Reporter,
     ) -> MethodFuture<'a, DrillResult> {
         Box::pin(drill::drill(ctx, m, scratch, reporter))
+    }
+
+    fn plan_restore(
+        &self,
+        ctx: &Context,
+        m: Manifest,
+        ask: &RestoreAsk,
+        _set: Option<&BackupId>,
+    ) -> Result<Box<dyn EngineRestore>, OpError> {
+        ctx.qdrant()?;
+        Ok(Box::new(plan::QdrantRestore::new(m, ask)))
     }
 
     fn details(&self, m: &Manifest) -> Result<Details, OpError> {
