@@ -2,20 +2,26 @@
 //! kind — PostgreSQL logical dumps (one database or the whole cluster, [`super::postgres`]),
 //! PostgreSQL base backups ([`super::physical`]) and Qdrant snapshots ([`super::qdrant`]) —
 //! each implemented in its own module and chosen in one place, [`of`]. Sets are not a method:
-//! they compose their members through it.
+//! they compose their members through it. A backup request names an engine, not a kind: each
+//! engine plans its backups (choosing among its kinds) through [`EnginePlans`], registered in
+//! [`ENGINES`] next to [`of`], so a new engine or mode touches its own module and these two.
 //!
 //! Operations that are the same for every backup (reading artifacts back, the drill's report and
 //! scratch clean-up) stay with the operation; a method supplies only what differs.
 
 use std::{future::Future, pin::Pin, sync::Arc};
 
+use chrono::{DateTime, Utc};
+use soma_proto::v1;
+
 use super::{
     Context,
     details::Details,
     drill::{Check, Scratch},
+    plan::{EngineBackup, EngineRestore, RestoreAsk},
 };
 use crate::{
-    catalog::{Engine, Kind, Manifest},
+    catalog::{BackupId, Engine, Kind, Manifest},
     error::OpError,
     jobs::Reporter,
 };
@@ -51,6 +57,18 @@ pub trait Method: Send + Sync {
         reporter: &'a Reporter,
     ) -> MethodFuture<'a, DrillResult>;
 
+    /// Plans restoring `m` as `ask` says. `set` names the set when `m` is one of its members
+    /// (restored whole, under its own names). A backup this method does not restore that way is
+    /// an error saying what to do instead; an engine this agent does not run is refused here,
+    /// before the job starts.
+    fn plan_restore(
+        &self,
+        ctx: &Context,
+        m: Manifest,
+        ask: &RestoreAsk,
+        set: Option<&BackupId>,
+    ) -> Result<Box<dyn EngineRestore>, OpError>;
+
     /// The manifest's details, read as this method writes them; details that are not are an
     /// error naming the backup.
     fn details(&self, m: &Manifest) -> Result<Details, OpError>;
@@ -83,4 +101,42 @@ pub fn of(engine: Engine, kind: Kind) -> Option<&'static dyn Method> {
         Engine::Qdrant => Some(&super::qdrant::QdrantMethod),
         Engine::Set => None,
     }
+}
+
+/// How one engine plans its backups from a request (which of its kinds, of what).
+pub trait EnginePlans: Send + Sync {
+    /// The engine a request names to ask for this one.
+    fn proto(&self) -> v1::Engine;
+
+    /// The engine as manifests name it.
+    fn engine(&self) -> Engine;
+
+    /// The backup a request naming this engine asks for; an engine this agent does not run is
+    /// an error.
+    fn plan_backup(
+        &self,
+        ctx: &Context,
+        req: v1::BackupRequest,
+        now: DateTime<Utc>,
+    ) -> Result<Box<dyn EngineBackup>, OpError>;
+
+    /// This engine's member of a "backup all" set (everything it holds, so that restoring the
+    /// set brings it all back), or `None` when this agent does not run it. `physical` asks for
+    /// a base backup where the engine has one.
+    fn set_member(
+        &self,
+        ctx: &Context,
+        physical: bool,
+        now: DateTime<Utc>,
+    ) -> Option<Box<dyn EngineBackup>>;
+}
+
+/// Every engine a request can name, in the order a set's members are backed up: the one
+/// registration a new engine adds itself to (with [`of`] for its manifests).
+pub static ENGINES: &[&dyn EnginePlans] =
+    &[&super::postgres::PostgresPlans, &super::qdrant::QdrantPlans];
+
+/// The engine a request names; `None` for none (or a set, which is not an engine).
+pub fn for_request(engine: v1::Engine) -> Option<&'static dyn EnginePlans> {
+    ENGINES.iter().copied().find(|e| e.proto() == engine)
 }

@@ -9,7 +9,7 @@ use tonic::Code;
 
 use super::{
     Context, Outcome,
-    plan::{BackupPlan, RestorePlan},
+    plan::{EngineBackup, EngineRestore},
 };
 use crate::{
     catalog::{BackupId, Catalog, CatalogError, Engine, IdEngine, Kind, Manifest, Target, Tool},
@@ -216,7 +216,7 @@ pub(crate) async fn commit_set(
 pub(crate) async fn backup_set(
     ctx: Arc<Context>,
     set_id: BackupId,
-    members: Vec<BackupPlan>,
+    members: Vec<Box<dyn EngineBackup>>,
     commit: bool,
     reporter: Reporter,
 ) -> Result<Outcome, OpError> {
@@ -283,7 +283,7 @@ pub(crate) async fn members_of(
 pub(crate) async fn restore_set(
     ctx: Arc<Context>,
     set: Manifest,
-    members: Vec<RestorePlan>,
+    members: Vec<Box<dyn EngineRestore>>,
     reporter: Reporter,
 ) -> Result<Outcome, OpError> {
     let mut summaries = Vec::new();

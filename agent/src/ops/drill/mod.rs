@@ -10,10 +10,8 @@
 //! drill created. A drill that ran and found a mismatch ends in an [`Outcome`] whose report says
 //! `passed: false`; one that could not run (damaged artifact, unreadable store) is an error.
 
-pub(super) mod logical;
-pub(super) mod physical;
-pub(super) mod qdrant;
-mod wal_feed;
+mod drill_dir;
+pub(in crate::ops) mod wal_feed;
 
 use std::sync::{Arc, Mutex};
 
@@ -213,12 +211,12 @@ pub struct Scratch {
     created: Arc<Mutex<Vec<ScratchItem>>>,
     /// A base backup's scratch server while it runs; held here rather than by the drill so the
     /// clean-up after an interruption can still stop it in order.
-    server: Arc<tokio::sync::Mutex<Option<ScratchServer>>>,
+    pub(in crate::ops) server: Arc<tokio::sync::Mutex<Option<ScratchServer>>>,
 }
 
 /// One scratch target.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum ScratchItem {
+pub(in crate::ops) enum ScratchItem {
     /// A Qdrant collection.
     Collection(String),
     /// A directory under `--drill-dir` (a base backup's scratch data directory and its server's
@@ -237,7 +235,7 @@ impl Scratch {
 
     /// A scratch name for `what` (a database index or a collection name): `soma_drill_<tag>_<what>`,
     /// cut to PostgreSQL's 63-byte identifier limit on a character boundary.
-    fn name(&self, what: &str) -> String {
+    pub(in crate::ops) fn name(&self, what: &str) -> String {
         let mut name = format!("{SCRATCH_PREFIX}{}_{what}", self.tag);
         while name.len() > 63 {
             name.pop();
@@ -246,12 +244,12 @@ impl Scratch {
     }
 
     /// Records a target before it is created, so an interruption at any point removes it.
-    fn register(&self, item: ScratchItem) {
+    pub(in crate::ops) fn register(&self, item: ScratchItem) {
         self.created.lock().expect("scratch lock").push(item);
     }
 
     /// Forgets a target this drill turned out not to create.
-    fn forget(&self, item: &ScratchItem) {
+    pub(in crate::ops) fn forget(&self, item: &ScratchItem) {
         self.created
             .lock()
             .expect("scratch lock")
@@ -298,7 +296,8 @@ impl Scratch {
     }
 }
 
-pub use physical::sweep as sweep_drill_dir;
+pub use drill_dir::sweep as sweep_drill_dir;
+pub(in crate::ops) use drill_dir::{make_root, run_as};
 pub use wal_feed::fetch as drill_wal_fetch;
 
 /// A drill about to run.

@@ -50,7 +50,7 @@ fn io(action: &'static str, dir: &Path) -> impl FnOnce(std::io::Error) -> Scratc
 
 /// The agent's side: serves WAL files of one archive on one socket until dropped.
 #[derive(Debug)]
-pub(super) struct WalFeed {
+pub(in crate::ops) struct WalFeed {
     task: JoinHandle<()>,
 }
 
@@ -64,7 +64,7 @@ impl WalFeed {
     /// Listens on `socket` (given to `owner`; it lies in the drill's mode-0700 directory, so only
     /// the scratch server's user and root can connect) and fetches into `staging`, a directory of the agent's own that the
     /// scratch server cannot write (so it cannot plant a link the agent would write through).
-    pub(super) async fn start(
+    pub(in crate::ops) async fn start(
         archive: WalArchive,
         socket: &Path,
         staging: PathBuf,
@@ -140,7 +140,7 @@ async fn hand_over(
 
 /// The scratch server's restore_command: every word shell-quoted, `%` doubled so PostgreSQL
 /// substitutes only its own `%f` and `%p` (the socket path comes from `--drill-dir`).
-pub(super) fn restore_command(agent_binary: &Path, socket: &Path) -> String {
+pub(in crate::ops) fn restore_command(agent_binary: &Path, socket: &Path) -> String {
     let word = |s: &str| {
         let quoted = if !s.is_empty()
             && s.bytes()

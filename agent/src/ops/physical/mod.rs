@@ -9,7 +9,9 @@
 //! promotes. [`wal`] holds what base backups mean for their WAL: windows, verification, retention.
 
 mod backup;
+mod drill;
 mod pgdata;
+mod plan;
 mod recovery_conf;
 mod replay;
 mod restore;
@@ -17,6 +19,7 @@ pub mod untar;
 mod wal;
 
 pub use backup::backup_physical;
+pub(crate) use plan::PhysicalBackup;
 pub use recovery_conf::{RECOVERY_SETTINGS, RecoveryEndError, recovery_end};
 pub use replay::{ReplayEnd, ReplayState, ReplayWatch, Verdict, spawn_watch};
 pub use restore::{
@@ -36,8 +39,9 @@ use super::{
     Context,
     artifact::ArtifactName,
     details::Details,
-    drill::{self, Scratch},
+    drill::Scratch,
     method::{DrillResult, Method, MethodFuture},
+    plan::{EngineRestore, RequestError, RestoreAsk},
 };
 use crate::{
     catalog::{BackupId, Engine, Kind, Manifest},
@@ -338,7 +342,26 @@ impl Method for PhysicalMethod {
         scratch: &'a Scratch,
         reporter: &'a Reporter,
     ) -> MethodFuture<'a, DrillResult> {
-        Box::pin(drill::physical::drill(ctx, m, scratch, reporter))
+        Box::pin(drill::drill(ctx, m, scratch, reporter))
+    }
+
+    /// A base backup is laid into an empty data directory (a request with a data directory,
+    /// planned apart), never restored into a running server: refused, naming that way.
+    fn plan_restore(
+        &self,
+        _ctx: &Context,
+        m: Manifest,
+        _ask: &RestoreAsk,
+        set: Option<&BackupId>,
+    ) -> Result<Box<dyn EngineRestore>, OpError> {
+        Err(match set {
+            Some(set) => RequestError::SetWithPhysicalMember {
+                set: set.clone(),
+                member: m.id,
+            },
+            None => RequestError::PhysicalNeedsPgdata(m.id),
+        }
+        .into())
     }
 
     fn details(&self, m: &Manifest) -> Result<Details, OpError> {

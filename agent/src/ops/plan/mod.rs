@@ -7,7 +7,7 @@ use std::{future::Future, pin::Pin, sync::Arc};
 use chrono::{DateTime, Utc};
 use soma_proto::v1;
 
-use super::{Context, Outcome, physical, postgres, qdrant, set, verify};
+use super::{Context, Outcome, method, set, verify};
 use crate::{
     catalog::{BackupId, Engine, IdEngine, Kind, Manifest},
     error::OpError,
@@ -15,8 +15,10 @@ use crate::{
 };
 
 mod restore;
+#[cfg(test)]
+mod tests;
 
-pub use restore::RestorePlan;
+pub use restore::{EngineRestore, RestoreAsk, RestorePlan};
 
 /// A request that cannot be served as asked; each says what to ask instead.
 #[derive(Debug, thiserror::Error)]
@@ -70,41 +72,36 @@ pub enum RequestError {
     },
 }
 
+/// One engine's backup, planned: what it writes, what it holds while it runs, and how it runs.
+/// Each engine (and each mode of one) implements it in its own module; a [`BackupPlan`] holds one,
+/// or a set of them.
+pub trait EngineBackup: std::fmt::Debug + Send {
+    /// The new backup's id.
+    fn id(&self) -> &BackupId;
+    /// The engine written.
+    fn engine(&self) -> Engine;
+    /// The kind of backup written, as manifests name it.
+    fn kind(&self) -> Kind;
+    /// What it holds while it runs (one whole-cluster backup at a time, one per database...).
+    fn targets(&self) -> Vec<JobTarget>;
+    /// A short name of what is backed up, for logs.
+    fn target_name(&self) -> String;
+    /// Runs the backup.
+    fn run(self: Box<Self>, ctx: Arc<Context>, reporter: Reporter) -> OpFuture;
+}
+
 /// A backup about to run.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum BackupPlan {
-    /// pg_dump of one database, with the roles it needs.
-    Logical {
-        /// The new backup's id.
-        id: BackupId,
-        /// The database.
-        database: String,
-    },
-    /// pg_dump of every database of the cluster, with the cluster's globals.
-    LogicalCluster {
-        /// The new backup's id.
-        id: BackupId,
-    },
-    /// pg_basebackup of the cluster.
-    Physical {
-        /// The new backup's id.
-        id: BackupId,
-    },
-    /// Snapshots of Qdrant collections.
-    Qdrant {
-        /// The new backup's id.
-        id: BackupId,
-        /// Collections (empty: all).
-        collections: Vec<String>,
-        /// How snapshots are taken.
-        mode: v1::QdrantMode,
-    },
-    /// One backup of every configured engine under one set id.
+    /// One engine's backup.
+    One(Box<dyn EngineBackup>),
+    /// One backup of every configured engine under one set id. Members are engine backups, so a
+    /// set cannot nest.
     Set {
         /// The set's id.
         id: BackupId,
         /// Its members, run in order.
-        members: Vec<BackupPlan>,
+        members: Vec<Box<dyn EngineBackup>>,
         /// Write the set manifest when the members are done; false for a platform set the
         /// plugin commits once every agent's members are complete.
         commit: bool,
@@ -115,25 +112,18 @@ pub enum BackupPlan {
 pub type OpFuture = Pin<Box<dyn Future<Output = Result<Outcome, OpError>> + Send>>;
 
 impl BackupPlan {
-    /// Validates a backup request against what this agent serves.
+    /// Validates a backup request against what this agent serves: the engine it names plans its
+    /// own backup ([`method::for_request`]); "all" asks every registered engine this agent runs.
     pub fn from_request(
         ctx: &Context,
         req: v1::BackupRequest,
         now: DateTime<Utc>,
     ) -> Result<Self, OpError> {
         if req.all {
-            let mut members = Vec::new();
-            if ctx.postgres.is_some() {
-                // Restoring "all" must bring back every database and the roles they need.
-                members.push(if req.physical {
-                    Self::physical(now)
-                } else {
-                    Self::logical_cluster(now)
-                });
-            }
-            if ctx.qdrant.is_some() {
-                members.push(Self::qdrant(now, Vec::new(), ctx.qdrant_mode));
-            }
+            let members: Vec<_> = method::ENGINES
+                .iter()
+                .filter_map(|engine| engine.set_member(ctx, req.physical, now))
+                .collect();
             if members.is_empty() {
                 return Err(RequestError::NoEngine.into());
             }
@@ -152,69 +142,16 @@ impl BackupPlan {
                 }
             });
         }
-        match v1::Engine::try_from(req.engine).unwrap_or(v1::Engine::Unspecified) {
-            v1::Engine::Postgres => {
-                let pg = ctx.postgres()?;
-                Ok(if req.physical {
-                    Self::physical(now)
-                } else if req.all_databases {
-                    Self::logical_cluster(now)
-                } else if req.database.is_empty() {
-                    Self::logical(now, pg.default_database())
-                } else {
-                    Self::logical(now, req.database)
-                })
-            }
-            v1::Engine::Qdrant => {
-                ctx.qdrant()?;
-                let mode = match v1::QdrantMode::try_from(req.qdrant_mode).unwrap_or_default() {
-                    v1::QdrantMode::Unspecified => ctx.qdrant_mode,
-                    mode => mode,
-                };
-                Ok(Self::qdrant(now, req.collections, mode))
-            }
-            v1::Engine::Set | v1::Engine::Unspecified => Err(RequestError::MissingEngine.into()),
-        }
-    }
-
-    fn logical(now: DateTime<Utc>, database: String) -> Self {
-        let id = BackupId::new(now, IdEngine::Postgres, &database);
-        BackupPlan::Logical { id, database }
-    }
-
-    fn logical_cluster(now: DateTime<Utc>) -> Self {
-        BackupPlan::LogicalCluster {
-            id: BackupId::new(now, IdEngine::Postgres, postgres::ALL_DATABASES),
-        }
-    }
-
-    fn physical(now: DateTime<Utc>) -> Self {
-        BackupPlan::Physical {
-            id: BackupId::new(now, IdEngine::Postgres, "cluster"),
-        }
-    }
-
-    fn qdrant(now: DateTime<Utc>, collections: Vec<String>, mode: v1::QdrantMode) -> Self {
-        let slug = match collections.as_slice() {
-            [] => "all".to_string(),
-            [one] => one.clone(),
-            many => format!("{}-collections", many.len()),
-        };
-        BackupPlan::Qdrant {
-            id: BackupId::new(now, IdEngine::Qdrant, &slug),
-            collections,
-            mode,
-        }
+        let named = v1::Engine::try_from(req.engine).unwrap_or(v1::Engine::Unspecified);
+        let engine = method::for_request(named).ok_or(RequestError::MissingEngine)?;
+        Ok(BackupPlan::One(engine.plan_backup(ctx, req, now)?))
     }
 
     /// The id of the backup this plan writes.
     pub fn id(&self) -> &BackupId {
         match self {
-            BackupPlan::Logical { id, .. }
-            | BackupPlan::LogicalCluster { id }
-            | BackupPlan::Physical { id }
-            | BackupPlan::Qdrant { id, .. }
-            | BackupPlan::Set { id, .. } => id,
+            BackupPlan::One(backup) => backup.id(),
+            BackupPlan::Set { id, .. } => id,
         }
     }
 
@@ -223,6 +160,7 @@ impl BackupPlan {
     /// this agent never writes, is not among them.
     pub fn ids(&self) -> Vec<BackupId> {
         match self {
+            BackupPlan::One(backup) => vec![backup.id().clone()],
             BackupPlan::Set {
                 id,
                 members,
@@ -230,19 +168,15 @@ impl BackupPlan {
             } => commit
                 .then(|| id.clone())
                 .into_iter()
-                .chain(members.iter().flat_map(BackupPlan::ids))
+                .chain(members.iter().map(|m| m.id().clone()))
                 .collect(),
-            plan => vec![plan.id().clone()],
         }
     }
 
     /// The engine written.
     pub fn engine(&self) -> Engine {
         match self {
-            BackupPlan::Logical { .. }
-            | BackupPlan::LogicalCluster { .. }
-            | BackupPlan::Physical { .. } => Engine::Postgres,
-            BackupPlan::Qdrant { .. } => Engine::Qdrant,
+            BackupPlan::One(backup) => backup.engine(),
             BackupPlan::Set { .. } => Engine::Set,
         }
     }
@@ -250,10 +184,7 @@ impl BackupPlan {
     /// The kind of backup written, as manifests name it.
     pub fn kind(&self) -> Kind {
         match self {
-            BackupPlan::Logical { .. } => Kind::Logical,
-            BackupPlan::LogicalCluster { .. } => Kind::LogicalCluster,
-            BackupPlan::Physical { .. } => Kind::Physical,
-            BackupPlan::Qdrant { mode, .. } => qdrant::SnapshotMode::from_proto(*mode).kind(),
+            BackupPlan::One(backup) => backup.kind(),
             BackupPlan::Set { .. } => Kind::Set,
         }
     }
@@ -281,12 +212,7 @@ impl BackupPlan {
     /// What this plan holds while it runs.
     pub fn targets(&self) -> Vec<JobTarget> {
         match self {
-            BackupPlan::Logical { database, .. } => vec![JobTarget::Database(database.clone())],
-            // One whole-cluster backup at a time (logical or physical).
-            BackupPlan::LogicalCluster { .. } | BackupPlan::Physical { .. } => {
-                vec![JobTarget::Cluster]
-            }
-            BackupPlan::Qdrant { .. } => vec![JobTarget::Qdrant],
+            BackupPlan::One(backup) => backup.targets(),
             BackupPlan::Set { members, .. } => members.iter().flat_map(|m| m.targets()).collect(),
         }
     }
@@ -294,11 +220,7 @@ impl BackupPlan {
     /// A short name of what is backed up, for logs.
     pub fn target_name(&self) -> String {
         match self {
-            BackupPlan::Logical { database, .. } => database.clone(),
-            BackupPlan::LogicalCluster { .. } => postgres::ALL_DATABASES.into(),
-            BackupPlan::Physical { .. } => "cluster".into(),
-            BackupPlan::Qdrant { collections, .. } if collections.is_empty() => "all".into(),
-            BackupPlan::Qdrant { collections, .. } => collections.join(","),
+            BackupPlan::One(backup) => backup.target_name(),
             BackupPlan::Set { .. } => "all".into(),
         }
     }
@@ -306,18 +228,7 @@ impl BackupPlan {
     /// Runs the backup.
     pub fn run(self, ctx: Arc<Context>, reporter: Reporter) -> OpFuture {
         match self {
-            BackupPlan::Logical { id, database } => {
-                Box::pin(postgres::backup_postgres(ctx, id, database, reporter))
-            }
-            BackupPlan::LogicalCluster { id } => {
-                Box::pin(postgres::backup_cluster(ctx, id, reporter))
-            }
-            BackupPlan::Physical { id } => Box::pin(physical::backup_physical(ctx, id, reporter)),
-            BackupPlan::Qdrant {
-                id,
-                collections,
-                mode,
-            } => Box::pin(qdrant::backup_qdrant(ctx, id, collections, mode, reporter)),
+            BackupPlan::One(backup) => backup.run(ctx, reporter),
             BackupPlan::Set {
                 id,
                 members,
@@ -384,10 +295,8 @@ pub async fn resolve(ctx: &Context, id: &str, engine: i32) -> Result<Manifest, O
         return Err(RequestError::MissingId.into());
     }
     let engine = match v1::Engine::try_from(engine).unwrap_or(v1::Engine::Unspecified) {
-        v1::Engine::Unspecified => None,
-        v1::Engine::Postgres => Some(Engine::Postgres),
-        v1::Engine::Qdrant => Some(Engine::Qdrant),
         v1::Engine::Set => Some(Engine::Set),
+        named => method::for_request(named).map(|e| e.engine()),
     };
     Ok(ctx.source.resolve_of(id, engine).await?)
 }

@@ -6,47 +6,87 @@ use soma_proto::v1;
 
 use super::{OpFuture, RequestError, resolve};
 use crate::{
-    catalog::{BackupId, Engine, Kind, Manifest},
+    catalog::{BackupId, Engine, Manifest},
     error::OpError,
     jobs::{JobInfo, JobTarget, Operation, Reporter},
-    ops::{Context, physical, postgres, qdrant, set},
+    ops::{Context, method, physical, set},
+    runner::Interrupted,
 };
 
+/// One engine's restore, planned: which backup, into what, and what an interrupted run leaves to
+/// clean. Each engine implements it in its own module; a [`RestorePlan`] holds one, or a set's.
+pub trait EngineRestore: std::fmt::Debug + Send {
+    /// The backup restored, as named in logs ("latest" for a physical restore that picks one).
+    fn backup(&self) -> String;
+    /// The engine restored.
+    fn engine(&self) -> Engine;
+    /// What it holds while it runs.
+    fn targets(&self) -> Vec<JobTarget>;
+    /// The backups it reads, so none of them is deleted under it.
+    fn uses(&self) -> Vec<BackupId>;
+    /// What an interrupted run leaves to clean (logical restores roll back by themselves).
+    fn interrupted(&self) -> Interrupted {
+        Interrupted::Nothing
+    }
+    /// Runs the restore.
+    fn run(self: Box<Self>, ctx: Arc<Context>, reporter: Reporter) -> OpFuture;
+}
+
+/// What a restore request asks of the backup it names, apart from naming it: each engine reads
+/// the options that concern it.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreAsk {
+    /// Target database (empty: the backup's own database(s)).
+    pub database: String,
+    /// Drop and recreate existing objects.
+    pub clean: bool,
+    /// Update the passwords and attributes of roles that exist already.
+    pub update_roles: bool,
+    /// Collections to restore (empty: all).
+    pub collections: Vec<String>,
+    /// Restore the one selected collection under this name (the request's empty string: under
+    /// its own).
+    pub rename_to: Option<String>,
+    /// Overwrite existing collections and aliases.
+    pub force: bool,
+}
+
+impl RestoreAsk {
+    fn of(req: &v1::RestoreRequest) -> Self {
+        Self {
+            database: req.database.clone(),
+            clean: req.clean,
+            update_roles: req.update_roles,
+            collections: req.collections.clone(),
+            rename_to: Some(req.rename_to.clone()).filter(|r| !r.is_empty()),
+            force: req.force,
+        }
+    }
+
+    /// What a set's member is restored with: whole, under its own names, with the request's
+    /// safety switches.
+    fn for_member(&self) -> Self {
+        Self {
+            clean: self.clean,
+            update_roles: self.update_roles,
+            force: self.force,
+            ..Self::default()
+        }
+    }
+}
+
 /// A restore about to run.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum RestorePlan {
-    /// pg_restore of a dump into a database.
-    Logical {
-        /// The backup.
-        manifest: Manifest,
-        /// Target database.
-        database: String,
-        /// Drop and recreate existing objects.
-        clean: bool,
-    },
-    /// A logical backup with globals: roles first, then its databases.
-    Cluster(postgres::ClusterRestore),
-    /// Qdrant snapshots into collections.
-    Qdrant {
-        /// The backup.
-        manifest: Manifest,
-        /// Collections to restore (empty: all).
-        collections: Vec<String>,
-        /// Restore the one selected collection under this name (the request's empty string:
-        /// under its own).
-        rename_to: Option<String>,
-        /// Overwrite existing collections and aliases.
-        force: bool,
-    },
+    /// One engine's restore (a base backup laid into a data directory among them).
+    One(Box<dyn EngineRestore>),
     /// Every member of a set, in order.
     Set {
-        /// The set.
-        manifest: Manifest,
+        /// The set (boxed: a manifest is large beside a plan's pointer).
+        manifest: Box<Manifest>,
         /// One plan per member.
-        members: Vec<RestorePlan>,
+        members: Vec<Box<dyn EngineRestore>>,
     },
-    /// A base backup laid into an empty data directory.
-    Pgdata(physical::PgdataRestore),
 }
 
 impl RestorePlan {
@@ -68,93 +108,50 @@ impl RestorePlan {
 
     /// What an interrupted restore leaves to clean: a physical restore's half-laid data
     /// directory (logical restores roll back by themselves).
-    pub fn interrupted(&self) -> crate::runner::Interrupted {
+    pub fn interrupted(&self) -> Interrupted {
         match self {
-            RestorePlan::Pgdata(req) => crate::runner::Interrupted::ClearPgdata(req.clone()),
-            _ => crate::runner::Interrupted::Nothing,
+            RestorePlan::One(restore) => restore.interrupted(),
+            RestorePlan::Set { .. } => Interrupted::Nothing,
         }
     }
 
-    /// Validates a restore request and resolves the backup it names.
+    /// Validates a restore request and resolves the backup it names; the backup's method plans
+    /// its restore, a set's members each through theirs.
+    ///
+    /// A request with a data directory is planned apart: it names a directory to lay a base
+    /// backup into and may ask for "latest", which the restore chooses when it runs (the
+    /// recovery target decides which base backup), so there is no manifest to ask a method yet.
     pub async fn from_request(ctx: &Context, req: v1::RestoreRequest) -> Result<Self, OpError> {
         if !req.pgdata.is_empty() {
             return Self::pgdata(ctx, req);
         }
+        let ask = RestoreAsk::of(&req);
         let manifest = resolve(ctx, &req.backup_id, req.engine).await?;
-        match (manifest.engine, manifest.kind) {
-            (Engine::Postgres, Kind::Physical) => {
-                Err(RequestError::PhysicalNeedsPgdata(manifest.id).into())
-            }
-            (Engine::Postgres, _) => {
-                ctx.postgres()?;
-                Self::logical(manifest, &req.database, req.clean, req.update_roles)
-            }
-            (Engine::Qdrant, _) => {
-                ctx.qdrant()?;
-                Ok(RestorePlan::Qdrant {
-                    manifest,
-                    collections: req.collections,
-                    rename_to: Some(req.rename_to).filter(|r| !r.is_empty()),
-                    force: req.force,
-                })
-            }
-            (Engine::Set, _) => {
-                let mut members = Vec::new();
-                for m in set::members_of(&ctx.source, &manifest).await? {
-                    members.push(match (m.engine, m.kind) {
-                        (Engine::Postgres, Kind::Physical) => {
-                            return Err(RequestError::SetWithPhysicalMember {
-                                set: manifest.id.clone(),
-                                member: m.id,
-                            }
-                            .into());
-                        }
-                        (Engine::Postgres, _) => {
-                            ctx.postgres()?;
-                            Self::logical(m, "", req.clean, req.update_roles)?
-                        }
-                        (Engine::Qdrant, _) => {
-                            ctx.qdrant()?;
-                            RestorePlan::Qdrant {
-                                manifest: m,
-                                collections: Vec::new(),
-                                rename_to: None,
-                                force: req.force,
-                            }
-                        }
-                        (Engine::Set, _) => {
-                            return Err(OpError::NestedSet {
-                                set: manifest.id.clone(),
-                                member: m.id,
-                            });
-                        }
-                    });
-                }
-                Ok(RestorePlan::Set { manifest, members })
-            }
-        }
+        let Some(method) = method::of(manifest.engine, manifest.kind) else {
+            return Self::set(ctx, manifest, &ask.for_member()).await;
+        };
+        Ok(RestorePlan::One(
+            method.plan_restore(ctx, manifest, &ask, None)?,
+        ))
     }
 
-    /// A logical restore: with globals (roles first) when the backup records them, the old way
-    /// for a backup written before. `database` empty means the backup's own database(s).
-    fn logical(
-        manifest: Manifest,
-        database: &str,
-        clean: bool,
-        update_roles: bool,
-    ) -> Result<Self, OpError> {
-        match postgres::ClusterRestore::new(manifest.clone(), database, clean, update_roles)? {
-            Some(cluster) => Ok(RestorePlan::Cluster(cluster)),
-            None => Ok(RestorePlan::Logical {
-                database: if database.is_empty() {
-                    manifest.target.name.clone()
-                } else {
-                    database.to_string()
-                },
-                manifest,
-                clean,
-            }),
+    /// A set's restore: each member planned by its method, in the set's order; a member that is
+    /// a set itself is refused.
+    async fn set(ctx: &Context, manifest: Manifest, ask: &RestoreAsk) -> Result<Self, OpError> {
+        let mut members = Vec::new();
+        for m in set::members_of(&ctx.source, &manifest).await? {
+            let Some(method) = method::of(m.engine, m.kind) else {
+                return Err(OpError::NestedSet {
+                    set: manifest.id.clone(),
+                    member: m.id,
+                });
+            };
+            members.push(method.plan_restore(ctx, m, ask, Some(&manifest.id))?);
         }
+        Ok(RestorePlan::Set {
+            manifest: Box::new(manifest),
+            members,
+        })
     }
 
     fn pgdata(ctx: &Context, req: v1::RestoreRequest) -> Result<Self, OpError> {
@@ -176,32 +173,26 @@ impl RestorePlan {
         check_restore_root(ctx.restore_root.as_deref(), &pgdata, &req.pgdata)?;
         let agent_binary = std::env::current_exe()
             .map_err(|e| OpError::Internal(format!("locating the soma-agent binary: {e}")))?;
-        Ok(RestorePlan::Pgdata(physical::PgdataRestore::new(
+        Ok(RestorePlan::One(Box::new(physical::PgdataRestore::new(
             backup,
             pgdata,
             target,
             agent_binary,
-        )))
+        ))))
     }
 
     /// The backup restored, as named in logs ("latest" for a physical restore that picks one).
     pub fn backup(&self) -> String {
         match self {
-            RestorePlan::Logical { manifest, .. }
-            | RestorePlan::Qdrant { manifest, .. }
-            | RestorePlan::Set { manifest, .. } => manifest.id.to_string(),
-            RestorePlan::Cluster(c) => c.manifest.id.to_string(),
-            RestorePlan::Pgdata(req) => req.backup.clone(),
+            RestorePlan::One(restore) => restore.backup(),
+            RestorePlan::Set { manifest, .. } => manifest.id.to_string(),
         }
     }
 
     /// The engine restored.
     pub fn engine(&self) -> Engine {
         match self {
-            RestorePlan::Logical { .. } | RestorePlan::Cluster(_) | RestorePlan::Pgdata(_) => {
-                Engine::Postgres
-            }
-            RestorePlan::Qdrant { .. } => Engine::Qdrant,
+            RestorePlan::One(restore) => restore.engine(),
             RestorePlan::Set { .. } => Engine::Set,
         }
     }
@@ -209,14 +200,8 @@ impl RestorePlan {
     /// What this plan holds while it runs.
     pub fn targets(&self) -> Vec<JobTarget> {
         match self {
-            RestorePlan::Logical { database, .. } => vec![JobTarget::Database(database.clone())],
-            RestorePlan::Cluster(c) => c
-                .targets()
-                .map(|d| JobTarget::Database(d.to_string()))
-                .collect(),
-            RestorePlan::Qdrant { .. } => vec![JobTarget::Qdrant],
+            RestorePlan::One(restore) => restore.targets(),
             RestorePlan::Set { members, .. } => members.iter().flat_map(|m| m.targets()).collect(),
-            RestorePlan::Pgdata(req) => vec![JobTarget::Pgdata(req.pgdata.clone())],
         }
     }
 
@@ -224,45 +209,20 @@ impl RestorePlan {
     /// "latest" chooses its base backup when it runs; an explicit id is claimed.
     pub fn uses(&self) -> Vec<BackupId> {
         match self {
-            RestorePlan::Logical { manifest, .. } | RestorePlan::Qdrant { manifest, .. } => {
-                vec![manifest.id.clone()]
-            }
-            RestorePlan::Cluster(c) => vec![c.manifest.id.clone()],
+            RestorePlan::One(restore) => restore.uses(),
             RestorePlan::Set { manifest, members } => std::iter::once(manifest.id.clone())
                 .chain(members.iter().flat_map(|m| m.uses()))
                 .collect(),
-            RestorePlan::Pgdata(req) => BackupId::parse(&req.backup).into_iter().collect(),
         }
     }
 
     /// Runs the restore.
     pub fn run(self, ctx: Arc<Context>, reporter: Reporter) -> OpFuture {
         match self {
-            RestorePlan::Logical {
-                manifest,
-                database,
-                clean,
-            } => Box::pin(postgres::restore_postgres(
-                ctx, manifest, database, clean, reporter,
-            )),
-            RestorePlan::Cluster(c) => Box::pin(postgres::restore_cluster(ctx, c, reporter)),
-            RestorePlan::Qdrant {
-                manifest,
-                collections,
-                rename_to,
-                force,
-            } => Box::pin(qdrant::restore_qdrant(
-                ctx,
-                manifest,
-                collections,
-                rename_to,
-                force,
-                reporter,
-            )),
+            RestorePlan::One(restore) => restore.run(ctx, reporter),
             RestorePlan::Set { manifest, members } => {
-                Box::pin(set::restore_set(ctx, manifest, members, reporter))
+                Box::pin(set::restore_set(ctx, *manifest, members, reporter))
             }
-            RestorePlan::Pgdata(req) => Box::pin(physical::restore_pgdata_job(ctx, req, reporter)),
         }
     }
 }

@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 use super::{
     Context,
     details::Details,
-    drill::{self, Scratch},
+    drill::Scratch,
     method::{DrillResult, Method, MethodFuture},
+    plan::{EngineRestore, RestoreAsk},
 };
 
 use crate::{
@@ -26,9 +27,12 @@ use crate::{
 };
 
 pub(crate) mod backup;
+mod drill;
+mod plan;
 pub(crate) mod restore;
 
 pub(crate) use backup::{backup_cluster, backup_postgres};
+pub(crate) use plan::PostgresPlans;
 pub use restore::{ClusterRestore, DatabaseRestore};
 pub(crate) use restore::{restore_cluster, restore_postgres};
 
@@ -180,7 +184,18 @@ impl Method for LogicalMethod {
         scratch: &'a Scratch,
         reporter: &'a Reporter,
     ) -> MethodFuture<'a, DrillResult> {
-        Box::pin(drill::logical::drill(ctx, m, scratch, reporter))
+        Box::pin(drill::drill(ctx, m, scratch, reporter))
+    }
+
+    fn plan_restore(
+        &self,
+        ctx: &Context,
+        m: Manifest,
+        ask: &RestoreAsk,
+        _set: Option<&BackupId>,
+    ) -> Result<Box<dyn EngineRestore>, OpError> {
+        ctx.postgres()?;
+        plan::restore_plan(m, &ask.database, ask.clean, ask.update_roles)
     }
 
     fn details(&self, m: &Manifest) -> Result<Details, OpError> {

@@ -4,10 +4,13 @@
 
 mod backup;
 pub mod cluster_view;
+mod drill;
 pub mod layout;
+mod plan;
 mod restore;
 
 pub use backup::backup_qdrant;
+pub(crate) use plan::QdrantPlans;
 pub use restore::restore_qdrant;
 
 use crate::{catalog::Manifest, error::OpError, jobs::Reporter};
@@ -21,8 +24,9 @@ use soma_proto::v1;
 use super::{
     Context,
     details::Details,
-    drill::{self, DrillError, Scratch},
+    drill::{DrillError, Scratch},
     method::{DrillResult, Method, MethodFuture},
+    plan::{EngineRestore, RestoreAsk},
 };
 
 use crate::{
@@ -591,7 +595,18 @@ impl Method for QdrantMethod {
         scratch: &'a Scratch,
         reporter: &'a Reporter,
     ) -> MethodFuture<'a, DrillResult> {
-        Box::pin(drill::qdrant::drill(ctx, m, scratch, reporter))
+        Box::pin(drill::drill(ctx, m, scratch, reporter))
+    }
+
+    fn plan_restore(
+        &self,
+        ctx: &Context,
+        m: Manifest,
+        ask: &RestoreAsk,
+        _set: Option<&BackupId>,
+    ) -> Result<Box<dyn EngineRestore>, OpError> {
+        ctx.qdrant()?;
+        Ok(Box::new(plan::QdrantRestore::new(m, ask)))
     }
 
     fn details(&self, m: &Manifest) -> Result<Details, OpError> {

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Check, DrillError, Scratch, physical};
+use crate::ops::drill::{self as drills, Check, DrillError, Scratch};
 use crate::ops::method::DrillResult;
 use crate::{
     catalog::{Artifact, Kind, Manifest},
@@ -140,9 +140,9 @@ async fn start_server(
         "preparing",
         format!("initdb of a scratch PostgreSQL {major} server of the drill's own"),
     );
-    let run_as = physical::run_as(&ctx.drill_dir).await?;
+    let run_as = drills::run_as(&ctx.drill_dir).await?;
     let root = ctx.drill_dir.join(scratch.name("logical"));
-    physical::make_root(&ctx.drill_dir, &root, run_as, scratch).await?;
+    drills::make_root(&ctx.drill_dir, &root, run_as, scratch).await?;
     Ok(ScratchServer::init(pg, &root, run_as, major)
         .await
         .map_err(DrillError::from)?)

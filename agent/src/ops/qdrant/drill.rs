@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Instant};
 
 use serde_json::Value;
 
-use super::{Check, Scratch, ScratchItem};
+use crate::ops::drill::{Check, Scratch, ScratchItem};
 use crate::{
     catalog::Manifest,
     engine::qdrant::Qdrant,
