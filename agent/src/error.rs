@@ -94,7 +94,7 @@ impl Remedy {
 /// The remedy of the first error in `err`'s chain that has one. Wrappers marked
 /// `#[error(transparent)]` hand on their inner error's causes but not the inner error itself, so
 /// those that carry a store or WAL error are looked into here.
-pub fn remedy(err: &(dyn Error + 'static)) -> Option<Remedy> {
+pub(crate) fn remedy(err: &(dyn Error + 'static)) -> Option<Remedy> {
     let mut next = Some(err);
     while let Some(e) = next {
         if let Some(found) = own_remedy(e) {
@@ -147,14 +147,14 @@ fn inner_store_of_wal(e: &WalError) -> Option<&StoreError> {
 }
 
 /// The advice for `err` (see [`Remedy`]), for an edge that renders errors itself.
-pub fn advice(err: &(dyn Error + 'static)) -> Option<&'static str> {
+pub(crate) fn advice(err: &(dyn Error + 'static)) -> Option<&'static str> {
     remedy(err).map(Remedy::advice)
 }
 
 /// `err` as a user reads it: its message, each cause its message does not already quote (an S3
 /// client's reason, an I/O error), then what to do about it. For gRPC statuses, start-up errors,
 /// `status` and logs.
-pub fn render(err: &(dyn Error + 'static)) -> String {
+pub(crate) fn render(err: &(dyn Error + 'static)) -> String {
     let mut out = err.to_string();
     let mut cause = err.source();
     while let Some(c) = cause {
@@ -336,7 +336,7 @@ fn kept_note(kept: &[BackupId]) -> String {
 }
 
 /// The gRPC code of a store error.
-pub fn store_code(e: &StoreError) -> Code {
+pub(crate) fn store_code(e: &StoreError) -> Code {
     match e {
         StoreError::NotFound { .. } => Code::NotFound,
         StoreError::AccessDenied { .. } => Code::PermissionDenied,

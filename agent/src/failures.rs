@@ -16,9 +16,9 @@ use soma_proto::v1;
 use crate::store::{Store, StoreError};
 
 /// Where records live in the store.
-pub const PREFIX: &str = "failures/";
+pub(crate) const PREFIX: &str = "failures/";
 /// How many records `list` returns when the caller does not say.
-pub const DEFAULT_LIMIT: usize = 100;
+pub(crate) const DEFAULT_LIMIT: usize = 100;
 /// At most this many records are read per listing, whatever the caller asks.
 const MAX_LIMIT: usize = 1000;
 /// Records larger than this are not read (ours are well under 8 KiB).
@@ -28,7 +28,7 @@ const MAX_ERROR_CHARS: usize = 4000;
 
 /// Who started an operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Trigger {
+pub(crate) enum Trigger {
     /// A client (`kubectl soma`) over gRPC.
     Client,
     /// One of the agent's own schedules, named as given: `ACTION CRON`.
@@ -46,7 +46,7 @@ impl std::fmt::Display for Trigger {
 
 /// One failed or interrupted operation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FailureRecord {
+pub(crate) struct FailureRecord {
     /// The record's id: its key under [`PREFIX`] without `.json`; sorts by time.
     pub id: String,
     /// "backup", "verify", "drill", "prune", "restore".
@@ -75,7 +75,7 @@ pub struct FailureRecord {
 
 impl FailureRecord {
     /// A record of a failure now. The error is cut to a bounded length.
-    pub fn new(
+    pub(crate) fn new(
         operation: &str,
         backup_id: &str,
         about: &crate::jobs::About,
@@ -113,7 +113,7 @@ impl FailureRecord {
     }
 
     /// The record on the wire.
-    pub fn to_proto(&self) -> v1::FailureRecord {
+    pub(crate) fn to_proto(&self) -> v1::FailureRecord {
         v1::FailureRecord {
             id: self.id.clone(),
             operation: self.operation.clone(),
@@ -131,18 +131,18 @@ impl FailureRecord {
 
 /// Reads and writes failure records in one store.
 #[derive(Debug, Clone)]
-pub struct Failures {
+pub(crate) struct Failures {
     store: Arc<dyn Store>,
 }
 
 impl Failures {
     /// Records in `store`.
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    pub(crate) fn new(store: Arc<dyn Store>) -> Self {
         Self { store }
     }
 
     /// Writes a record. A read-only store keeps none (the log has the failure).
-    pub async fn record(&self, record: &FailureRecord) -> Result<(), StoreError> {
+    pub(crate) async fn record(&self, record: &FailureRecord) -> Result<(), StoreError> {
         if self.store.is_read_only() {
             return Ok(());
         }
@@ -154,7 +154,7 @@ impl Failures {
 
     /// The newest `limit` records (0: [`DEFAULT_LIMIT`]), newest first. Records that cannot be
     /// read or parsed are skipped with a warning: one bad object must not hide the others.
-    pub async fn list(&self, limit: usize) -> Result<Vec<FailureRecord>, StoreError> {
+    pub(crate) async fn list(&self, limit: usize) -> Result<Vec<FailureRecord>, StoreError> {
         let limit = match limit {
             0 => DEFAULT_LIMIT,
             n => n.min(MAX_LIMIT),

@@ -26,11 +26,11 @@ use crate::{catalog::BackupId, error::OpError, pipeline::Counters};
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// Events buffered for a slow client before progress ticks are dropped (results are never dropped
 /// while the client is connected).
-pub const EVENT_QUEUE: usize = 16;
+pub(crate) const EVENT_QUEUE: usize = 16;
 
 /// What a job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
+pub(crate) enum Operation {
     /// Writes a new backup.
     Backup,
     /// Restores a backup into a target.
@@ -47,7 +47,7 @@ pub enum Operation {
 
 impl Operation {
     /// The word used in messages and `GetInfo`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Operation::Backup => "backup",
             Operation::Restore => "restore",
@@ -61,7 +61,7 @@ impl Operation {
 
 /// What a job holds exclusively: two jobs on one target never run at once.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum JobTarget {
+pub(crate) enum JobTarget {
     /// One PostgreSQL database (logical backup or restore).
     Database(String),
     /// The whole PostgreSQL cluster (base backup).
@@ -88,7 +88,7 @@ impl std::fmt::Display for JobTarget {
 
 /// A running job, as `GetInfo` reports it.
 #[derive(Debug, Clone)]
-pub struct JobInfo {
+pub(crate) struct JobInfo {
     /// Operation id (the backup id for backups).
     pub id: String,
     /// What it does.
@@ -108,7 +108,7 @@ pub struct JobInfo {
 /// The engine, target and kind an operation is about, as failure records and metric labels name
 /// them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct About {
+pub(crate) struct About {
     /// "postgres", "qdrant" or "set".
     pub engine: String,
     /// The database, collection(s), "cluster" or "all".
@@ -119,7 +119,7 @@ pub struct About {
 
 impl JobInfo {
     /// A job starting now.
-    pub fn new(
+    pub(crate) fn new(
         id: impl Into<String>,
         operation: Operation,
         targets: Vec<JobTarget>,
@@ -136,7 +136,7 @@ impl JobInfo {
     }
 
     /// Records what the job is about.
-    pub fn about(mut self, engine: &str, target: &str, kind: &str) -> Self {
+    pub(crate) fn about(mut self, engine: &str, target: &str, kind: &str) -> Self {
         self.about = About {
             engine: engine.into(),
             target: target.into(),
@@ -191,7 +191,7 @@ pub enum Busy {
 
 /// The registry of running jobs, and the tasks running them.
 #[derive(Debug, Default)]
-pub struct Jobs {
+pub(crate) struct Jobs {
     running: Mutex<HashMap<u64, JobInfo>>,
     /// Most jobs at once (0: no limit), so whoever can call the agent cannot make it start
     /// unbounded work against the databases and the store.
@@ -203,7 +203,7 @@ pub struct Jobs {
 
 /// Holds a job's claims until dropped.
 #[derive(Debug)]
-pub struct JobGuard {
+pub(crate) struct JobGuard {
     jobs: Arc<Jobs>,
     key: u64,
 }
@@ -220,7 +220,7 @@ impl Drop for JobGuard {
 
 impl Jobs {
     /// A registry whose jobs stop when `shutdown` is cancelled.
-    pub fn new(shutdown: CancellationToken) -> Self {
+    pub(crate) fn new(shutdown: CancellationToken) -> Self {
         Self {
             shutdown,
             ..Default::default()
@@ -228,14 +228,14 @@ impl Jobs {
     }
 
     /// At most `limit` jobs at once (0: no limit).
-    pub fn with_limit(mut self, limit: usize) -> Self {
+    pub(crate) fn with_limit(mut self, limit: usize) -> Self {
         self.limit = limit;
         self
     }
 
     /// Claims everything `info` needs, or explains which job holds it (or that the agent runs
     /// as many jobs as it may).
-    pub fn begin(self: &Arc<Self>, info: JobInfo) -> Result<JobGuard, Busy> {
+    pub(crate) fn begin(self: &Arc<Self>, info: JobInfo) -> Result<JobGuard, Busy> {
         let mut running = self.running.lock().expect("jobs lock");
         if self.limit > 0 && running.len() >= self.limit {
             let mut jobs: Vec<&JobInfo> = running.values().collect();
@@ -272,7 +272,7 @@ impl Jobs {
     }
 
     /// Jobs running now.
-    pub fn running(&self) -> Vec<JobInfo> {
+    pub(crate) fn running(&self) -> Vec<JobInfo> {
         let mut jobs: Vec<_> = self
             .running
             .lock()
@@ -287,7 +287,7 @@ impl Jobs {
     /// Runs `op` as a task of this registry: detached from the client (a disconnect does not stop
     /// it) but not from the agent — on shutdown `op` is dropped (its tools are killed on drop) and
     /// `interrupted` runs instead, to abort what it left half-written and tell the client.
-    pub fn spawn<F, C>(&self, span: tracing::Span, op: F, interrupted: C)
+    pub(crate) fn spawn<F, C>(&self, span: tracing::Span, op: F, interrupted: C)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
         C: std::future::Future<Output = ()> + Send + 'static,
@@ -311,7 +311,7 @@ impl Jobs {
     }
 
     /// Waits for every job task to end (after shutdown was signalled, they end promptly).
-    pub async fn drain(&self) {
+    pub(crate) async fn drain(&self) {
         let mut tasks = std::mem::take(&mut *self.tasks.lock().expect("tasks lock"));
         while tasks.join_next().await.is_some() {}
     }
@@ -319,7 +319,7 @@ impl Jobs {
 
 /// Sends a job's progress to its client, if the client is still there.
 #[derive(Debug, Clone)]
-pub struct Reporter {
+pub(crate) struct Reporter {
     tx: mpsc::Sender<Result<OperationEvent, Status>>,
     state: Arc<ReporterState>,
 }
@@ -335,7 +335,7 @@ struct ReporterState {
 
 impl Reporter {
     /// A reporter sending to `tx`, ticking every [`PROGRESS_EVERY`] until the job ends.
-    pub fn start(tx: mpsc::Sender<Result<OperationEvent, Status>>) -> Self {
+    pub(crate) fn start(tx: mpsc::Sender<Result<OperationEvent, Status>>) -> Self {
         let reporter = Self {
             tx,
             state: Arc::new(ReporterState {
@@ -363,22 +363,22 @@ impl Reporter {
     }
 
     /// The byte counters the pipeline updates.
-    pub fn counters(&self) -> Arc<Counters> {
+    pub(crate) fn counters(&self) -> Arc<Counters> {
         self.state.counters.clone()
     }
 
     /// Records the operation id (e.g. the new backup id) shown with every event.
-    pub fn set_operation_id(&self, id: &str) {
+    pub(crate) fn set_operation_id(&self, id: &str) {
         *self.state.operation_id.lock().expect("lock") = id.to_string();
     }
 
     /// Records the expected raw size, when known, so clients can show a percentage.
-    pub fn set_expected_raw(&self, bytes: u64) {
+    pub(crate) fn set_expected_raw(&self, bytes: u64) {
         self.state.expected_raw.store(bytes, Ordering::Relaxed);
     }
 
     /// Enters a new phase and tells the client at once.
-    pub fn phase(&self, phase: &str, message: impl Into<String>) {
+    pub(crate) fn phase(&self, phase: &str, message: impl Into<String>) {
         let message = message.into();
         tracing::info!(phase, "{message}");
         *self.state.phase.lock().expect("lock") = (phase.to_string(), message);
@@ -405,12 +405,12 @@ impl Reporter {
     }
 
     /// Seconds since the job started.
-    pub fn elapsed(&self) -> f64 {
+    pub(crate) fn elapsed(&self) -> f64 {
         self.state.started.elapsed().as_secs_f64()
     }
 
     /// Ends the stream with the result or the error.
-    pub async fn finish(self, result: Result<v1::OperationResult, OpError>) {
+    pub(crate) async fn finish(self, result: Result<v1::OperationResult, OpError>) {
         let item = match result {
             Ok(r) => Ok(OperationEvent {
                 event: Some(Event::Result(r)),

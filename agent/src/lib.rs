@@ -4,27 +4,47 @@
 //! pull bytes from an [`engine`], push them through the [`pipeline`] (the only place bytes are
 //! compressed and hashed) into a [`store`], and record them in the [`catalog`].
 
+// The public surface is what the binary, the integration and property tests and the fuzz
+// targets use: the configuration the binary parses, the store seam the conformance suite runs
+// against every backend, and the store's formats (catalog, digests, LSNs) the property tests pin
+// down. Everything else is the crate's own (`unreachable_pub` keeps it so).
 pub mod catalog;
 pub mod config;
 pub mod digest;
-pub mod engine;
-pub mod error;
-pub mod failures;
+pub(crate) mod engine;
+pub(crate) mod error;
+pub(crate) mod failures;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod jobs;
+pub(crate) mod jobs;
 pub mod lsn;
-pub mod metrics;
-pub mod ops;
-pub mod owner;
-pub mod pipeline;
-pub mod retention;
-pub mod runner;
-pub mod schedule;
-pub mod server;
+pub(crate) mod metrics;
+pub(crate) mod ops;
+pub(crate) mod owner;
+pub(crate) mod pipeline;
+pub(crate) mod retention;
+pub(crate) mod runner;
+pub(crate) mod schedule;
+pub(crate) mod server;
 pub mod store;
-pub mod timeline_history;
-pub mod wal;
+pub(crate) mod timeline_history;
+pub(crate) mod wal;
+
+pub use ops::drill::wal_feed::fetch as drill_wal_fetch;
+
+/// Parts the integration and property tests reach below the public modules: the dump's
+/// validation data (computed by the tests on a real pg_dump stream), the base backup
+/// untarring, and the WAL archive's names and index. Not an API.
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::engine::postgres::Postgres;
+    pub use crate::engine::postgres::dump_stats::{DumpStats, dump_stats};
+    pub use crate::engine::postgres::validation::{DumpTee, TableStats};
+    pub use crate::ops::physical::untar;
+    pub use crate::wal::history::parse_history;
+    pub use crate::wal::index::WalIndex;
+    pub use crate::wal::naming::{Kind as WalKind, WalFile, WalObject};
+}
 
 use std::time::Duration;
 

@@ -42,12 +42,8 @@ async fn main() -> std::process::ExitCode {
             };
         }
         Some(Command::DrillWalFetch(args)) => {
-            return match soma_agent::ops::drill::drill_wal_fetch(
-                &args.socket,
-                &args.file,
-                &args.destination,
-            )
-            .await
+            return match soma_agent::drill_wal_fetch(&args.socket, &args.file, &args.destination)
+                .await
             {
                 WalFetchOutcome::Restored => std::process::ExitCode::SUCCESS,
                 WalFetchOutcome::NotFound => std::process::ExitCode::from(1),

@@ -6,7 +6,7 @@
 use std::fmt;
 
 /// Longest owner id accepted: a DNS name's limit, so a host name always fits.
-pub const MAX_OWNER_ID_BYTES: usize = 253;
+pub(crate) const MAX_OWNER_ID_BYTES: usize = 253;
 
 /// Why an owner id was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,7 +83,7 @@ impl fmt::Display for OwnerId {
 }
 
 /// `clap` value parser for `--owner-id`.
-pub fn parse_owner_id(raw: &str) -> Result<OwnerId, String> {
+pub(crate) fn parse_owner_id(raw: &str) -> Result<OwnerId, String> {
     OwnerId::parse(raw).map_err(|e| e.to_string())
 }
 

@@ -25,11 +25,11 @@ use crate::{
 const RECORD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The events of one running operation: progress, then exactly one result or error.
-pub type Events = mpsc::Receiver<Result<OperationEvent, Status>>;
+pub(crate) type Events = mpsc::Receiver<Result<OperationEvent, Status>>;
 
 /// What to do when the agent stops while a job runs.
 #[derive(Debug)]
-pub enum Interrupted {
+pub(crate) enum Interrupted {
     /// Abort the uploads of these unfinished backups and remove what they completed.
     Abandon(Vec<BackupId>),
     /// Empty the data directory a physical restore was filling (if it found it empty).
@@ -43,7 +43,7 @@ pub enum Interrupted {
 
 /// Starts operations and records their ends.
 #[derive(Debug, Clone)]
-pub struct Runner {
+pub(crate) struct Runner {
     ctx: Arc<Context>,
     jobs: Arc<Jobs>,
     metrics: Arc<Metrics>,
@@ -53,7 +53,7 @@ pub struct Runner {
 impl Runner {
     /// A runner over `ctx` whose jobs live in `jobs`; failures are recorded in the store this
     /// agent writes to.
-    pub fn new(ctx: Arc<Context>, jobs: Arc<Jobs>, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(ctx: Arc<Context>, jobs: Arc<Jobs>, metrics: Arc<Metrics>) -> Self {
         let failures = Failures::new(ctx.catalog.store().clone());
         Self {
             ctx,
@@ -64,29 +64,29 @@ impl Runner {
     }
 
     /// The agent's context.
-    pub fn ctx(&self) -> &Arc<Context> {
+    pub(crate) fn ctx(&self) -> &Arc<Context> {
         &self.ctx
     }
 
     /// The job registry.
-    pub fn jobs(&self) -> &Arc<Jobs> {
+    pub(crate) fn jobs(&self) -> &Arc<Jobs> {
         &self.jobs
     }
 
     /// The metrics.
-    pub fn metrics(&self) -> &Arc<Metrics> {
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
     /// The failure records.
-    pub fn failures(&self) -> &Failures {
+    pub(crate) fn failures(&self) -> &Failures {
         &self.failures
     }
 
     /// Claims what `info` holds, then runs `op` as a job; its progress and result arrive on the
     /// returned receiver (dropping it does not stop the job). Fails at once, running nothing,
     /// when another job holds a target.
-    pub fn start(
+    pub(crate) fn start(
         &self,
         info: JobInfo,
         span: tracing::Span,
@@ -181,7 +181,7 @@ impl Runner {
     }
 
     /// Counts a failure and records it in the store (best effort: the log has it either way).
-    pub async fn failed(&self, job: &JobInfo, error: &str, trigger: &Trigger) {
+    pub(crate) async fn failed(&self, job: &JobInfo, error: &str, trigger: &Trigger) {
         self.metrics.failed(job.operation.as_str(), &job.about);
         let record = FailureRecord::new(
             job.operation.as_str(),
@@ -203,7 +203,7 @@ impl Runner {
 
     /// Applies `policy` (see [`retention::prune`]) and records the run: the metrics after a real
     /// run, a failure record when it fails or cannot delete everything it should.
-    pub async fn prune(
+    pub(crate) async fn prune(
         &self,
         policy: &retention::Policy,
         dry_run: bool,
@@ -233,7 +233,7 @@ impl Runner {
 
     /// Waits for the end of a job started with [`start`](Self::start): its result, or its error
     /// as the client would have seen it.
-    pub async fn outcome(mut events: Events) -> Result<v1::OperationResult, Status> {
+    pub(crate) async fn outcome(mut events: Events) -> Result<v1::OperationResult, Status> {
         while let Some(event) = events.recv().await {
             match event {
                 Ok(OperationEvent {

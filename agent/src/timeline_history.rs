@@ -7,7 +7,7 @@ use crate::lsn::Lsn;
 
 /// One line of a history file: the parent timeline, where the child began and the reason (the
 /// rest of the line, trimmed); `None` for a line that is not one.
-pub fn parse_line(line: &str) -> Option<(u32, Lsn, &str)> {
+pub(crate) fn parse_line(line: &str) -> Option<(u32, Lsn, &str)> {
     let line = line.trim();
     let (tli, rest) = line.split_once(char::is_whitespace)?;
     let rest = rest.trim_start();
@@ -16,7 +16,7 @@ pub fn parse_line(line: &str) -> Option<(u32, Lsn, &str)> {
 }
 
 /// Whether a history line carries nothing (blank or a comment).
-pub fn is_blank(line: &str) -> bool {
+pub(crate) fn is_blank(line: &str) -> bool {
     let line = line.trim();
     line.is_empty() || line.starts_with('#')
 }

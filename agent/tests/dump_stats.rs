@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use soma_agent::engine::postgres::{DumpStats, DumpTee, Postgres, TableStats, dump_stats};
+use soma_agent::testing::{DumpStats, DumpTee, Postgres, TableStats, dump_stats};
 use soma_tests::{PgCluster, fixtures, pg::PG_BIN_DIR};
 use tokio::io::AsyncReadExt;
 

@@ -24,8 +24,10 @@ use soma_agent::{
     digest::Sha256Digest,
     fuzzing,
     lsn::Lsn,
-    ops::physical::untar::{self, Stop},
-    wal::{self, WalFile, WalIndex, WalObject, history::parse_history},
+    testing::{
+        WalFile, WalIndex, WalKind, WalObject, parse_history,
+        untar::{self, Stop},
+    },
 };
 use tar::EntryType;
 
@@ -171,9 +173,9 @@ proptest! {
         sha in any::<[u8; 32]>().prop_map(Sha256Digest::from),
     ) {
         let kind = match (file, partial) {
-            (WalFile::History { .. }, _) => wal::Kind::History,
-            (_, true) => wal::Kind::Partial,
-            (_, false) => wal::Kind::Seg,
+            (WalFile::History { .. }, _) => WalKind::History,
+            (_, true) => WalKind::Partial,
+            (_, false) => WalKind::Seg,
         };
         let captured = Utc.timestamp_millis_opt(ms).unwrap();
         let prefix = fuzzing::WAL_PREFIX;
@@ -442,7 +444,7 @@ proptest! {
 // ---------------------------------------------------------------------------------------------
 // Store listings
 
-fn segment_key(segno: u64, kind: wal::Kind, end: u64) -> String {
+fn segment_key(segno: u64, kind: WalKind, end: u64) -> String {
     WalObject::key(
         fuzzing::WAL_PREFIX,
         &WalFile::from_segno(1, segno, SEG),
@@ -470,11 +472,11 @@ proptest! {
         partial_end in proptest::option::of(0u64..SEG),
     ) {
         let mut keys: Vec<String> = (first..first + count)
-            .map(|s| segment_key(s, wal::Kind::Seg, SEG))
+            .map(|s| segment_key(s, WalKind::Seg, SEG))
             .collect();
         let mut end = (first + count) * SEG;
         if let Some(p) = partial_end {
-            keys.push(segment_key(first + count, wal::Kind::Partial, p));
+            keys.push(segment_key(first + count, WalKind::Partial, p));
             end += p;
         }
         let index = WalIndex::new(SEG, archive(&keys), Vec::new());
@@ -498,7 +500,7 @@ proptest! {
         let missing = first + 1 + missing.index(count as usize - 2) as u64;
         let keys: Vec<String> = (first..first + count)
             .filter(|&s| s != missing)
-            .map(|s| segment_key(s, wal::Kind::Seg, SEG))
+            .map(|s| segment_key(s, WalKind::Seg, SEG))
             .collect();
         let index = WalIndex::new(SEG, archive(&keys), Vec::new());
         let stop = Lsn(first * SEG);
@@ -516,13 +518,13 @@ proptest! {
         lines in vec(
             prop_oneof![
                 (0u64..64, 0usize..3, any::<u64>()).prop_map(|(s, k, end)| {
-                    let kind = [wal::Kind::Seg, wal::Kind::Partial, wal::Kind::Seg][k];
+                    let kind = [WalKind::Seg, WalKind::Partial, WalKind::Seg][k];
                     segment_key(s, kind, end % (SEG + 2))
                 }),
                 (1u32..5).prop_map(|t| WalObject::key(
                     fuzzing::WAL_PREFIX,
                     &WalFile::History { timeline: t },
-                    wal::Kind::History,
+                    WalKind::History,
                     40,
                     DateTime::UNIX_EPOCH,
                     &Sha256Digest::from([0; 32]),

@@ -1,4 +1,4 @@
 //! Where backup bytes come from and go to: one module per database engine.
 
-pub mod postgres;
-pub mod qdrant;
+pub(crate) mod postgres;
+pub(crate) mod qdrant;

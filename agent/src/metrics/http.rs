@@ -44,7 +44,7 @@ const MAX_REQUEST_HEAD: usize = 8 * 1024;
 
 /// What the listener serves from.
 #[derive(Debug, Clone)]
-pub struct Served {
+pub(crate) struct Served {
     /// The metrics.
     pub metrics: Arc<Metrics>,
     /// The agent's context (store, WAL stream, servers).
@@ -82,7 +82,7 @@ impl Open {
 
 /// Binds `addr` and serves until `shutdown`; returns the bound address once listening. Starts
 /// the background refresh of what scrapes and probes report ([`super::spawn_live_refresh`]).
-pub async fn serve(
+pub(crate) async fn serve(
     addr: SocketAddr,
     served: Served,
     shutdown: CancellationToken,

@@ -87,7 +87,7 @@ impl Metrics {
     /// Asks the store and the server (each bounded by [`PROBE_TIMEOUT`]) for what scrapes and
     /// the liveness probe report: whether the store answers, the server's WAL position (the
     /// archive lag), and whether the WAL stream made progress since the last time.
-    pub async fn refresh_live(&self, ctx: &Context) {
+    pub(crate) async fn refresh_live(&self, ctx: &Context) {
         let probe = tokio::time::timeout(PROBE_TIMEOUT, ctx.catalog.store().head("soma-probe"));
         self.store_up
             .set(matches!(probe.await, Ok(Ok(_))).then_some(1).unwrap_or(0));
@@ -156,7 +156,7 @@ impl Metrics {
     /// memory (the server's position of the last [`Metrics::refresh_live`]), never by asking
     /// anyone: the kubelet's probe must answer within its timeout even when the store or the
     /// server does not.
-    pub fn wal_stuck(&self, ctx: &Context, after: Duration) -> Option<String> {
+    pub(crate) fn wal_stuck(&self, ctx: &Context, after: Duration) -> Option<String> {
         let wal = ctx.wal_stream.as_ref()?;
         // The stream's own state is in memory: only the server's position comes from the refresh.
         let status = wal.status.lock().map(|s| s.clone()).unwrap_or_default();
@@ -188,7 +188,7 @@ impl Metrics {
 /// Keeps the store and WAL values of [`Metrics::refresh_live`] current: at once, then every
 /// [`LIVE_REFRESH`] until `shutdown`. A frozen store or server delays this task, never a scrape
 /// or a probe.
-pub fn spawn_live_refresh(
+pub(crate) fn spawn_live_refresh(
     metrics: Arc<Metrics>,
     ctx: Arc<Context>,
     shutdown: tokio_util::sync::CancellationToken,

@@ -9,11 +9,11 @@
 //! WAL progress) is refreshed in the background every [`LIVE_REFRESH`]; scrapes and probes only
 //! read memory.
 
-pub mod http;
+pub(crate) mod http;
 mod live;
 
 use live::WalProgress;
-pub use live::spawn_live_refresh;
+pub(crate) use live::spawn_live_refresh;
 
 use std::{
     collections::HashMap,
@@ -37,20 +37,20 @@ use crate::{
 
 /// How often backup gauges are recomputed from the catalog even when nothing happened here (other
 /// agents write to the same store; someone may delete backups by hand).
-pub const CATALOG_REFRESH: Duration = Duration::from_secs(300);
+pub(crate) const CATALOG_REFRESH: Duration = Duration::from_secs(300);
 /// Drill reports read per backup group at start-up for the drill gauges.
 const MAX_REPORTS_READ: usize = 10;
 /// How long the live refresh waits for the store probe and for the server's WAL position.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the store is probed and the server's WAL position read for the gauges and the
 /// liveness probe: a stall is noticed this much late at worst.
-pub const LIVE_REFRESH: Duration = Duration::from_secs(5);
+pub(crate) const LIVE_REFRESH: Duration = Duration::from_secs(5);
 
 type F64Gauge = Gauge<f64, AtomicU64>;
 
 /// Labels of a backup group: what alerts are written per.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BackupLabels {
+pub(crate) struct BackupLabels {
     /// postgres, qdrant or set.
     pub engine: String,
     /// Database, collection(s), cluster or all.
@@ -95,7 +95,7 @@ struct OperationLabels {
 
 /// Labels of one schedule.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ScheduleLabels {
+pub(crate) struct ScheduleLabels {
     /// The action, e.g. "backup".
     pub action: String,
     /// The cron expression as given.
@@ -104,7 +104,7 @@ pub struct ScheduleLabels {
 
 /// The agent's metrics.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     backup_last_success: Family<BackupLabels, F64Gauge>,
     backup_last_duration: Family<BackupLabels, F64Gauge>,
@@ -153,7 +153,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Every metric registered, none with a sample until something happens.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let m = Self {
             registry: Registry::default(),
             backup_last_success: Family::default(),
@@ -373,7 +373,7 @@ impl Metrics {
     }
 
     /// Recomputes every backup gauge from the manifests in `catalog`.
-    pub async fn refresh_catalog(&self, catalog: &Catalog) {
+    pub(crate) async fn refresh_catalog(&self, catalog: &Catalog) {
         let manifests = match catalog.list().await {
             Ok(m) => m,
             Err(e) => {
@@ -428,7 +428,7 @@ impl Metrics {
     }
 
     /// Counts a failed operation.
-    pub fn failed(&self, operation: &str, about: &About) {
+    pub(crate) fn failed(&self, operation: &str, about: &About) {
         if operation == "backup" {
             self.backup_failures
                 .get_or_create(&BackupLabels::about(about))
@@ -445,14 +445,14 @@ impl Metrics {
     }
 
     /// A verify of `m` succeeded now.
-    pub fn verified(&self, m: &Manifest) {
+    pub(crate) fn verified(&self, m: &Manifest) {
         self.verify_last_success
             .get_or_create(&BackupLabels::of(m))
             .set(ts(Utc::now()));
     }
 
     /// A drill of `m` passed, at `at`, restoring in `rto_seconds`.
-    pub fn drill_passed(&self, m: &Manifest, at: DateTime<Utc>, rto_seconds: f64) {
+    pub(crate) fn drill_passed(&self, m: &Manifest, at: DateTime<Utc>, rto_seconds: f64) {
         let labels = BackupLabels::of(m);
         self.drill_last_success.get_or_create(&labels).set(ts(at));
         self.drill_last_rto.get_or_create(&labels).set(rto_seconds);
@@ -462,7 +462,7 @@ impl Metrics {
     /// backups, so a restarted agent does not report "never drilled" (nor let a "drill too old"
     /// alert go quiet) until its next drill. Reads at most [`MAX_REPORTS_READ`] reports per
     /// group, newest backups first; never moves a gauge back past a drill that ran meanwhile.
-    pub async fn restore_drill_gauges(&self, catalog: &Catalog) {
+    pub(crate) async fn restore_drill_gauges(&self, catalog: &Catalog) {
         let manifests = match catalog.list().await {
             Ok(m) => m,
             Err(e) => {
@@ -498,25 +498,25 @@ impl Metrics {
     }
 
     /// Retention ran to the end, deleting `objects`.
-    pub fn pruned(&self, objects: u64) {
+    pub(crate) fn pruned(&self, objects: u64) {
         self.prune_last_success.set(ts(Utc::now()));
         self.prune_deleted.inc_by(objects);
     }
 
     /// The next run of a schedule.
-    pub fn schedule_next(&self, labels: &ScheduleLabels, at: DateTime<Utc>) {
+    pub(crate) fn schedule_next(&self, labels: &ScheduleLabels, at: DateTime<Utc>) {
         self.schedule_next_run.get_or_create(labels).set(ts(at));
     }
 
     /// A scheduled run was skipped.
-    pub fn schedule_skipped(&self, labels: &ScheduleLabels) {
+    pub(crate) fn schedule_skipped(&self, labels: &ScheduleLabels) {
         self.schedule_skipped.get_or_create(labels).inc();
     }
 
     /// Encodes every metric as OpenMetrics text. Reads nothing but memory: the values that need
     /// the store or the server are kept current by [`spawn_live_refresh`], so a scrape answers at
     /// once whatever state the store or the server is in.
-    pub fn scrape(&self, ctx: &Context) -> String {
+    pub(crate) fn scrape(&self, ctx: &Context) -> String {
         self.read_memory(ctx);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
@@ -527,7 +527,7 @@ impl Metrics {
 
 /// Keeps the backup gauges current: at once (with the drill gauges from the stored reports), then
 /// every [`CATALOG_REFRESH`] until `shutdown`.
-pub fn spawn_catalog_refresh(
+pub(crate) fn spawn_catalog_refresh(
     metrics: Arc<Metrics>,
     catalog: Catalog,
     shutdown: tokio_util::sync::CancellationToken,

@@ -52,7 +52,7 @@ pub(crate) trait Source: Send {
 
 /// What an artifact is called inside its backup and what its raw bytes are.
 #[derive(Debug, Clone, Copy)]
-pub struct ArtifactName<'a> {
+pub(crate) struct ArtifactName<'a> {
     /// Name inside the backup folder, e.g. `dump.pgdump.zst`.
     pub name: &'a str,
     /// Format of the raw bytes, e.g. `pg_dump/custom`.

@@ -13,7 +13,7 @@ use crate::{
 
 /// What a delete removed.
 #[derive(Debug, Clone)]
-pub struct Deleted {
+pub(crate) struct Deleted {
     /// The backup deleted.
     pub id: BackupId,
     /// Objects removed from the store (manifests, artifacts, pruned WAL).
@@ -22,7 +22,7 @@ pub struct Deleted {
 
 /// What a delete does with the WAL of the base backups it removes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WalAfterDelete {
+pub(crate) enum WalAfterDelete {
     /// Delete the WAL no remaining base backup needs (`delete`).
     Prune,
     /// Leave the archive alone: the caller decides about WAL once, for every backup it deleted
@@ -31,7 +31,11 @@ pub enum WalAfterDelete {
 }
 
 /// Deletes backup `raw` (never "latest": deleting must name what it deletes).
-pub async fn delete_backup(ctx: &Context, jobs: &Arc<Jobs>, raw: &str) -> Result<Deleted, OpError> {
+pub(crate) async fn delete_backup(
+    ctx: &Context,
+    jobs: &Arc<Jobs>,
+    raw: &str,
+) -> Result<Deleted, OpError> {
     if raw == "latest" {
         return Err(RequestError::LatestNotAllowed.into());
     }
@@ -47,7 +51,7 @@ pub async fn delete_backup(ctx: &Context, jobs: &Arc<Jobs>, raw: &str) -> Result
 /// on all of them: a backup a running restore, verify or drill reads is refused with
 /// [`crate::jobs::Busy`] before anything is removed. The one path by which `delete` and `prune`
 /// remove backups.
-pub async fn delete_manifest(
+pub(crate) async fn delete_manifest(
     ctx: &Context,
     jobs: &Arc<Jobs>,
     manifest: &Manifest,

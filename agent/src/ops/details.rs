@@ -11,7 +11,7 @@ use crate::{catalog::Manifest, error::OpError};
 
 /// What a backup records beyond its artifacts, as its method reads it.
 #[derive(Debug, Clone)]
-pub enum Details {
+pub(crate) enum Details {
     /// A logical backup (one database or the whole cluster); `None`: a single-database backup
     /// written before details were recorded.
     Logical(Option<LogicalDetails>),
@@ -25,7 +25,7 @@ pub enum Details {
 
 impl Details {
     /// The details of `m`, read as its engine and kind say.
-    pub fn of(m: &Manifest) -> Result<Self, OpError> {
+    pub(crate) fn of(m: &Manifest) -> Result<Self, OpError> {
         match method::of(m.engine, m.kind) {
             Some(method) => method.details(m),
             None => Ok(Details::Set),
@@ -34,7 +34,7 @@ impl Details {
 
     /// The JSON a manifest stores: exactly what agents have always written (nothing for a set
     /// or a logical backup without details).
-    pub fn to_value(&self) -> Result<Value, OpError> {
+    pub(crate) fn to_value(&self) -> Result<Value, OpError> {
         let value = match self {
             Details::Logical(None) | Details::Set => Ok(Value::Null),
             Details::Logical(Some(d)) => serde_json::to_value(d),

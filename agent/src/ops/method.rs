@@ -27,11 +27,11 @@ use crate::{
 };
 
 /// A boxed future borrowing what the call was given (object safety rules out `async fn`).
-pub type MethodFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, OpError>> + Send + 'a>>;
+pub(crate) type MethodFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, OpError>> + Send + 'a>>;
 
 /// What one backup's restore drill found.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct DrillResult {
+pub(crate) struct DrillResult {
     /// Seconds from the start of the scratch restore until the restored data was usable.
     pub rto_seconds: f64,
     /// Every check, in the order made.
@@ -41,7 +41,7 @@ pub struct DrillResult {
 /// How backups of one engine and kind are checked and drilled. Implementations must treat the
 /// manifest as untrusted (it is read back from the store): anything that does not hold is an
 /// error naming the backup, never a panic.
-pub trait Method: Send + Sync {
+pub(crate) trait Method: Send + Sync {
     /// Refuses, before a drill's job starts, a backup this agent cannot drill (the engine is not
     /// configured, or drills do not cover the kind).
     fn check_drillable(&self, ctx: &Context, m: &Manifest) -> Result<(), OpError>;
@@ -94,7 +94,7 @@ pub trait Method: Send + Sync {
 /// The method of backups of `engine` and `kind`: the one registration a new engine or mode adds
 /// itself to. `None` for a set. A kind an engine does not write falls to that engine's general
 /// method (its own checks of the details then refuse the backup), as before this seam.
-pub fn of(engine: Engine, kind: Kind) -> Option<&'static dyn Method> {
+pub(crate) fn of(engine: Engine, kind: Kind) -> Option<&'static dyn Method> {
     match engine {
         Engine::Postgres if kind == Kind::Physical => Some(&super::physical::PhysicalMethod),
         Engine::Postgres => Some(&super::postgres::LogicalMethod),
@@ -104,7 +104,7 @@ pub fn of(engine: Engine, kind: Kind) -> Option<&'static dyn Method> {
 }
 
 /// How one engine plans its backups from a request (which of its kinds, of what).
-pub trait EnginePlans: Send + Sync {
+pub(crate) trait EnginePlans: Send + Sync {
     /// The engine a request names to ask for this one.
     fn proto(&self) -> v1::Engine;
 
@@ -133,10 +133,10 @@ pub trait EnginePlans: Send + Sync {
 
 /// Every engine a request can name, in the order a set's members are backed up: the one
 /// registration a new engine adds itself to (with [`of`] for its manifests).
-pub static ENGINES: &[&dyn EnginePlans] =
+pub(crate) static ENGINES: &[&dyn EnginePlans] =
     &[&super::postgres::PostgresPlans, &super::qdrant::QdrantPlans];
 
 /// The engine a request names; `None` for none (or a set, which is not an engine).
-pub fn for_request(engine: v1::Engine) -> Option<&'static dyn EnginePlans> {
+pub(crate) fn for_request(engine: v1::Engine) -> Option<&'static dyn EnginePlans> {
     ENGINES.iter().copied().find(|e| e.proto() == engine)
 }

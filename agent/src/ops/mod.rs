@@ -2,17 +2,17 @@
 //! store and catalog. The server turns a request into a [`plan`]; each plan runs inside a job
 //! (see [`crate::jobs`]) and reports through a [`Reporter`].
 
-pub mod artifact;
-pub mod delete;
-pub mod details;
-pub mod drill;
-pub mod method;
-pub mod physical;
-pub mod plan;
-pub mod postgres;
-pub mod qdrant;
-pub mod set;
-pub mod verify;
+pub(crate) mod artifact;
+pub(crate) mod delete;
+pub(crate) mod details;
+pub(crate) mod drill;
+pub(crate) mod method;
+pub(crate) mod physical;
+pub(crate) mod plan;
+pub(crate) mod postgres;
+pub(crate) mod qdrant;
+pub(crate) mod set;
+pub(crate) mod verify;
 
 use soma_proto::v1;
 
@@ -25,7 +25,7 @@ use crate::{
 
 /// Everything an operation needs from the agent.
 #[derive(Debug, Clone)]
-pub struct Context {
+pub(crate) struct Context {
     /// Where this agent writes: new backups, deletes and the WAL archive.
     pub catalog: Catalog,
     /// Where restores, verifies, list and describe read from: the same store as `catalog`, or a
@@ -54,7 +54,7 @@ pub struct Context {
 
 /// The WAL stream as the rest of the agent sees it.
 #[derive(Debug, Clone)]
-pub struct WalStreamInfo {
+pub(crate) struct WalStreamInfo {
     /// Its settings.
     pub config: crate::wal::stream::StreamConfig,
     /// Its live status.
@@ -63,14 +63,14 @@ pub struct WalStreamInfo {
 
 impl Context {
     /// The PostgreSQL engine, or an error saying how to configure it.
-    pub fn postgres(&self) -> Result<&Postgres, OpError> {
+    pub(crate) fn postgres(&self) -> Result<&Postgres, OpError> {
         self.postgres.as_ref().ok_or(OpError::NotConfigured {
             engine: Engine::Postgres,
         })
     }
 
     /// The Qdrant engine, or an error saying how to configure it.
-    pub fn qdrant(&self) -> Result<&Qdrant, OpError> {
+    pub(crate) fn qdrant(&self) -> Result<&Qdrant, OpError> {
         self.qdrant.as_ref().ok_or(OpError::NotConfigured {
             engine: Engine::Qdrant,
         })
@@ -79,7 +79,7 @@ impl Context {
 
 /// What a finished operation reports: a sentence for humans and the backup it was about.
 #[derive(Debug, Clone)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// One line saying what was done.
     pub summary: String,
     /// The backup written, restored or verified.
@@ -90,7 +90,7 @@ pub struct Outcome {
 
 impl Outcome {
     /// An outcome about `manifest`.
-    pub fn new(summary: String, manifest: Manifest) -> Self {
+    pub(crate) fn new(summary: String, manifest: Manifest) -> Self {
         Self {
             summary,
             manifest,

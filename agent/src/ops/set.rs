@@ -90,7 +90,7 @@ impl SetError {
 }
 
 /// Parses the id of a platform set given by a client.
-pub fn parse_set_id(id: &str) -> Result<BackupId, SetError> {
+pub(crate) fn parse_set_id(id: &str) -> Result<BackupId, SetError> {
     match BackupId::parse(id) {
         Ok(parsed) if parsed.engine() == Some(IdEngine::Set) => Ok(parsed),
         _ => Err(SetError::NotASetId(id.chars().take(80).collect())),

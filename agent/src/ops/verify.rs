@@ -23,6 +23,8 @@ pub(crate) async fn verify(
     let mut artifacts = 0;
     let mut shard_report = String::new();
     for backup in &backups {
+        // What a restore reads first: details that do not parse make the backup unrestorable.
+        super::details::Details::of(backup)?;
         let method = super::method::of(backup.engine, backup.kind);
         if let Some(method) = method {
             shard_report.push_str(&method.verify_manifest(backup)?);

@@ -54,7 +54,7 @@ pub(super) trait Counted: Write {
 
 /// How the bytes of one stream were stored, for the log and the tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Choice {
+pub(crate) struct Choice {
     /// Raw bytes that went through zstd.
     pub compressed_raw: u64,
     /// Raw bytes stored in raw frames.

@@ -43,7 +43,7 @@ impl Read for ChannelReader {
 /// Streams the object at `key` back through zstd into `sink`, checking sizes and digests against
 /// `expected`. The last `holdback` raw bytes reach the sink only after every check passed; on a
 /// mismatch the sink is left without them (and not shut down), and an error names the mismatch.
-pub async fn download<W>(
+pub(crate) async fn download<W>(
     store: &dyn Store,
     key: &str,
     expected: &Expected,

@@ -63,7 +63,7 @@ pub struct Settings {
 
 /// Live byte counters of one operation, read by the progress reporter.
 #[derive(Debug, Default)]
-pub struct Counters {
+pub(crate) struct Counters {
     /// Uncompressed bytes read from the engine (backup) or written to it (restore).
     pub raw: AtomicU64,
     /// Compressed bytes produced for (backup) or read from (restore) the store.
@@ -72,7 +72,7 @@ pub struct Counters {
 
 /// What the pipeline measured over one artifact.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Digest256 {
+pub(crate) struct Digest256 {
     /// Uncompressed size.
     pub raw_bytes: u64,
     /// Stored (compressed) size.
@@ -85,7 +85,8 @@ pub struct Digest256 {
 
 impl Digest256 {
     /// Every size and digest of this measurement, as what a download must match.
-    pub fn expected(&self) -> Expected {
+    #[cfg(test)]
+    pub(crate) fn expected(&self) -> Expected {
         Expected::all(
             self.raw_sha256,
             self.raw_bytes,
@@ -149,7 +150,7 @@ impl Expected {
 
 /// What was uploaded, beyond the digests.
 #[derive(Debug, Clone)]
-pub struct UploadSummary {
+pub(crate) struct UploadSummary {
     /// Sizes and digests.
     pub digest: Digest256,
     /// Number of parts.
@@ -231,7 +232,7 @@ impl PipelineError {
 /// [`PARTS_PER_STEP`] parts (capped at S3's 5 GiB), so memory stays at `base` per part for every
 /// ordinary database while a 5 TiB stream still fits in S3's 10 000 parts: with the 8 MiB default,
 /// 10 000 parts hold about 8 TiB.
-pub fn part_size_for(base: usize, index: u32) -> usize {
+pub(crate) fn part_size_for(base: usize, index: u32) -> usize {
     let step = (index / PARTS_PER_STEP).min(16);
     base.max(MIN_PART_SIZE)
         .saturating_mul(1usize << step)
@@ -295,10 +296,10 @@ mod adaptive;
 mod download;
 mod upload;
 
-pub use adaptive::Choice;
+pub(crate) use adaptive::Choice;
 
-pub use download::download;
-pub use upload::{Staged, upload};
+pub(crate) use download::download;
+pub(crate) use upload::{Staged, upload};
 
 #[cfg(test)]
 mod tests {

@@ -6,7 +6,7 @@ use adaptive::Adaptive;
 
 /// An artifact whose bytes are all in the store but not yet visible: `commit` publishes it,
 /// `abort` discards it. Dropping it without either aborts in the background.
-pub struct Staged {
+pub(crate) struct Staged {
     upload: Option<Box<dyn Upload>>,
     receipts: Vec<PartReceipt>,
     /// What was uploaded.
@@ -23,7 +23,7 @@ impl std::fmt::Debug for Staged {
 
 impl Staged {
     /// Makes the object visible.
-    pub async fn commit(mut self) -> Result<ObjectMeta, StoreError> {
+    pub(crate) async fn commit(mut self) -> Result<ObjectMeta, StoreError> {
         let receipts = std::mem::take(&mut self.receipts);
         self.upload
             .take()
@@ -33,7 +33,7 @@ impl Staged {
     }
 
     /// Discards the object's parts.
-    pub async fn abort(mut self) -> Result<(), StoreError> {
+    pub(crate) async fn abort(mut self) -> Result<(), StoreError> {
         self.upload.take().expect("upload present").abort().await
     }
 }
@@ -167,7 +167,7 @@ impl Write for PartSink {
 
 /// Streams `source` through zstd into `upload`, returning a [`Staged`] artifact once every byte is
 /// in the store. On any error the upload is aborted before returning.
-pub async fn upload<R>(
+pub(crate) async fn upload<R>(
     mut source: R,
     mut upload: Box<dyn Upload>,
     settings: &Settings,
@@ -209,6 +209,12 @@ where
             max_part_size: compressed.max_part_size,
             choice: compressed.choice,
         };
+        tracing::debug!(
+            compressed_raw = summary.choice.compressed_raw,
+            stored_raw = summary.choice.stored_raw,
+            switches = summary.choice.switches,
+            "stream compressed where it paid, stored raw where it did not"
+        );
         Ok::<_, PipelineError>((summary, receipts))
     })();
     match outcome {

@@ -3,8 +3,8 @@
 //! left behind.
 
 mod leftovers;
-pub mod policy;
-pub mod prune;
+pub(crate) mod policy;
+pub(crate) mod prune;
 
-pub use policy::{Decision, Policy, PolicyError, parse_policy};
-pub use prune::{PruneItem, PruneReport, What, prune};
+pub(crate) use policy::{Policy, parse_policy};
+pub(crate) use prune::{PruneReport, prune};

@@ -26,7 +26,7 @@ use soma_proto::v1;
 use crate::catalog::{BackupId, Engine, Kind, Manifest};
 
 /// The accepted form, quoted by every parse error.
-pub const FORM: &str = "keep-last=N,keep-daily=N,keep-weekly=N,keep-monthly=N,max-age=DUR (N ≥ 1, DUR like 30d or 12h)";
+pub(crate) const FORM: &str = "keep-last=N,keep-daily=N,keep-weekly=N,keep-monthly=N,max-age=DUR (N ≥ 1, DUR like 30d or 12h)";
 
 /// A retention policy: at least one rule (see the module documentation for what each keeps).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -177,7 +177,7 @@ impl FromStr for Policy {
 }
 
 /// `--retention`'s value parser: a bad value fails at start-up with clap naming the flag.
-pub fn parse_policy(s: &str) -> Result<Policy, String> {
+pub(crate) fn parse_policy(s: &str) -> Result<Policy, String> {
     s.parse().map_err(|e: PolicyError| e.to_string())
 }
 

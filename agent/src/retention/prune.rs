@@ -35,13 +35,13 @@ use crate::{
 
 /// How old an incomplete upload or a folder without a manifest must be before prune removes it:
 /// a backup in progress has no manifest yet, and a day is far beyond any upload's pauses.
-pub const ORPHAN_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+pub(crate) const ORPHAN_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 /// Folder of failure records, relative to the store prefix (small JSON objects).
-pub const FAILURES_DIR: &str = "failures";
+pub(crate) const FAILURES_DIR: &str = "failures";
 
 /// What a [`PruneItem`] is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum What {
+pub(crate) enum What {
     /// A backup (a set, or a member going and staying with its set).
     Backup,
     /// A WAL archive object, or (kept) a whole cluster's archive.
@@ -56,7 +56,7 @@ pub enum What {
 
 impl What {
     /// The word in `PruneItem.what`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             What::Backup => "backup",
             What::Wal => "wal",
@@ -69,7 +69,7 @@ impl What {
 
 /// One thing prune looked at, and what it did (or would do) with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PruneItem {
+pub(crate) struct PruneItem {
     /// What it is.
     pub what: What,
     /// Backup id, or store key (a folder ends in `/`).
@@ -105,7 +105,7 @@ impl PruneItem {
 
 /// What a prune did (or, in a dry run, would do).
 #[derive(Debug, Clone, Default)]
-pub struct PruneReport {
+pub(crate) struct PruneReport {
     /// Nothing was deleted.
     pub dry_run: bool,
     /// The rules applied.
@@ -120,7 +120,7 @@ pub struct PruneReport {
 
 impl PruneReport {
     /// The report on the wire.
-    pub fn to_proto(&self) -> v1::PruneResponse {
+    pub(crate) fn to_proto(&self) -> v1::PruneResponse {
         v1::PruneResponse {
             dry_run: self.dry_run,
             policy: self.policy.clone(),
@@ -150,7 +150,7 @@ impl PruneReport {
 /// Applies `policy` to this agent's store at `now` (see the module documentation). With `dry_run`
 /// nothing is deleted and the report lists what would go, each with why. A read-only store is
 /// refused unless `dry_run`, which only reads.
-pub async fn prune(
+pub(crate) async fn prune(
     ctx: &Context,
     jobs: &Arc<Jobs>,
     policy: &Policy,

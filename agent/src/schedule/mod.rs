@@ -7,7 +7,7 @@
 //! previous run still going) is skipped and counted, never queued. The last run of each schedule
 //! is kept in the store, so a run missed while the agent was down runs once when it starts.
 
-pub mod run;
+pub(crate) mod run;
 
 use std::{
     str::FromStr,
@@ -22,7 +22,7 @@ use croner::{
 };
 use soma_proto::v1;
 
-pub use run::spawn;
+pub(crate) use run::spawn;
 
 /// What a schedule does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,7 +153,7 @@ impl Schedule {
 }
 
 /// Parses `--schedule-timezone`: an IANA name such as `Europe/Berlin`, or `UTC`.
-pub fn parse_timezone(s: &str) -> Result<Tz, String> {
+pub(crate) fn parse_timezone(s: &str) -> Result<Tz, String> {
     s.parse::<Tz>().map_err(|_| {
         format!("unknown time zone {s:?}: use an IANA name such as UTC or Europe/Berlin")
     })
@@ -161,7 +161,7 @@ pub fn parse_timezone(s: &str) -> Result<Tz, String> {
 
 /// How a run ended, as `status` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunResult {
+pub(crate) enum RunResult {
     /// It ran to the end.
     Succeeded,
     /// It failed (a failure record says why).
@@ -182,7 +182,7 @@ impl RunResult {
 
 /// A schedule's live state.
 #[derive(Debug, Clone, Default)]
-pub struct ScheduleState {
+pub(crate) struct ScheduleState {
     /// The next cron time.
     pub next_run: Option<DateTime<Utc>>,
     /// When the last run started.
@@ -201,7 +201,7 @@ pub struct ScheduleState {
 
 /// A running schedule, as `GetInfo` reports it.
 #[derive(Debug, Clone)]
-pub struct ScheduleHandle {
+pub(crate) struct ScheduleHandle {
     /// The schedule.
     pub schedule: Arc<Schedule>,
     /// The time zone its expression is read in.
@@ -212,7 +212,7 @@ pub struct ScheduleHandle {
 
 impl ScheduleHandle {
     /// The state on the wire.
-    pub fn status(&self) -> v1::ScheduleStatus {
+    pub(crate) fn status(&self) -> v1::ScheduleStatus {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let time = |t: Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339()).unwrap_or_default();
         v1::ScheduleStatus {

@@ -50,7 +50,7 @@ pub struct Options {
 }
 
 /// Refuses schedules this agent cannot run, naming the flag that is missing.
-pub fn validate(schedules: &[Schedule], ctx: &Context) -> Result<(), String> {
+pub(crate) fn validate(schedules: &[Schedule], ctx: &Context) -> Result<(), String> {
     for s in schedules {
         let spec = s.spec();
         let missing = match s.action {
@@ -78,7 +78,7 @@ pub fn validate(schedules: &[Schedule], ctx: &Context) -> Result<(), String> {
 
 /// Starts one task per schedule; they stop when `shutdown` is cancelled (a run in progress is
 /// interrupted like any job).
-pub fn spawn(
+pub(crate) fn spawn(
     schedules: Vec<Schedule>,
     runner: Runner,
     options: Options,

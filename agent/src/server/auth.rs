@@ -14,11 +14,11 @@ use crate::digest::Sha256Digest;
 /// Largest token file read.
 const MAX_TOKEN_FILE_BYTES: u64 = 4096;
 /// Shortest token accepted: anything shorter is guessable.
-pub const MIN_TOKEN_LEN: usize = 16;
+pub(crate) const MIN_TOKEN_LEN: usize = 16;
 
 /// Why the token file cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum TokenError {
+pub(crate) enum TokenError {
     /// Unreadable.
     #[error("--token-file {}: {source}", path.display())]
     Read {
@@ -40,7 +40,7 @@ pub enum TokenError {
 /// Reads the token: the file's text without surrounding whitespace (a trailing newline is
 /// usual), at least [`MIN_TOKEN_LEN`] visible ASCII characters. The token itself never appears
 /// in an error.
-pub fn load_token(path: &Path) -> Result<String, TokenError> {
+pub(crate) fn load_token(path: &Path) -> Result<String, TokenError> {
     use std::io::Read;
     let read = |source| TokenError::Read {
         path: path.to_path_buf(),
@@ -80,7 +80,7 @@ pub fn load_token(path: &Path) -> Result<String, TokenError> {
 
 /// The check every authenticated service runs on each call.
 #[derive(Clone)]
-pub struct TokenCheck {
+pub(crate) struct TokenCheck {
     /// The token's SHA-256; `None` when the agent runs without a token (loopback only).
     digest: Option<Sha256Digest>,
 }
@@ -95,7 +95,7 @@ impl std::fmt::Debug for TokenCheck {
 
 impl TokenCheck {
     /// Requires `token` on every call, or nothing when there is none.
-    pub fn new(token: Option<&str>) -> Self {
+    pub(crate) fn new(token: Option<&str>) -> Self {
         Self {
             digest: token.map(|t| Sha256Digest::of(t.as_bytes())),
         }

@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// A manifest as `list`, `describe` and operation results show it.
-pub fn backup_info(m: &Manifest) -> v1::BackupInfo {
+pub(crate) fn backup_info(m: &Manifest) -> v1::BackupInfo {
     v1::BackupInfo {
         id: m.id.to_string(),
         engine: m.engine.to_proto() as i32,
@@ -29,7 +29,7 @@ pub fn backup_info(m: &Manifest) -> v1::BackupInfo {
 }
 
 /// A finished operation's result (with a drill's report).
-pub fn operation_result(outcome: Outcome, seconds: f64) -> v1::OperationResult {
+pub(crate) fn operation_result(outcome: Outcome, seconds: f64) -> v1::OperationResult {
     v1::OperationResult {
         drill: outcome
             .drill
@@ -45,7 +45,7 @@ pub fn operation_result(outcome: Outcome, seconds: f64) -> v1::OperationResult {
 
 /// The last drill of a backup as `describe` shows it: the stored report, or one that says why
 /// the stored report could not be read (it is never trusted to parse).
-pub fn last_drill(
+pub(crate) fn last_drill(
     report: Result<Option<ops::drill::DrillReport>, crate::error::OpError>,
 ) -> Option<v1::DrillReport> {
     match report {
@@ -59,7 +59,9 @@ pub fn last_drill(
 }
 
 /// A base backup's recoverable window (or why it cannot be computed).
-pub fn recovery_window(w: Result<BaseWindow, ops::physical::PhysicalError>) -> v1::RecoveryWindow {
+pub(crate) fn recovery_window(
+    w: Result<BaseWindow, ops::physical::PhysicalError>,
+) -> v1::RecoveryWindow {
     let BaseWindow { details, window } = match w {
         Ok(w) => w,
         Err(e) => {
@@ -95,7 +97,7 @@ pub fn recovery_window(w: Result<BaseWindow, ops::physical::PhysicalError>) -> v
 }
 
 /// What the store's requests met, for `status`.
-pub fn store_health(r: &crate::store::HealthReport) -> v1::StoreHealth {
+pub(crate) fn store_health(r: &crate::store::HealthReport) -> v1::StoreHealth {
     let (at, problem) = match &r.last_problem {
         Some((at, problem)) => (
             chrono::DateTime::<chrono::Utc>::from(*at).to_rfc3339(),
@@ -115,7 +117,7 @@ pub fn store_health(r: &crate::store::HealthReport) -> v1::StoreHealth {
 }
 
 /// Where the server's last recovery ended, for `status`.
-pub fn recovery_end(r: &ops::physical::ReplayEnd) -> v1::RecoveryEnd {
+pub(crate) fn recovery_end(r: &ops::physical::ReplayEnd) -> v1::RecoveryEnd {
     v1::RecoveryEnd {
         timeline: r.timeline,
         parent_timeline: r.parent,
@@ -130,7 +132,7 @@ pub fn recovery_end(r: &ops::physical::ReplayEnd) -> v1::RecoveryEnd {
 }
 
 /// The WAL stream's state for `status`, with the archive lag measured against `server_lsn`.
-pub fn wal_archive_status(
+pub(crate) fn wal_archive_status(
     wal: &ops::WalStreamInfo,
     server_lsn: Option<Lsn>,
 ) -> v1::WalArchiveStatus {
@@ -163,7 +165,7 @@ pub fn wal_archive_status(
 }
 
 /// A running job as `status` shows it.
-pub fn job_info(j: JobInfo) -> v1::JobInfo {
+pub(crate) fn job_info(j: JobInfo) -> v1::JobInfo {
     v1::JobInfo {
         id: j.id,
         operation: j.operation.as_str().into(),
@@ -178,7 +180,9 @@ pub fn job_info(j: JobInfo) -> v1::JobInfo {
 }
 
 /// A distributed Qdrant's view for `status`.
-pub fn qdrant_cluster(v: crate::ops::qdrant::cluster_view::ClusterView) -> v1::QdrantCluster {
+pub(crate) fn qdrant_cluster(
+    v: crate::ops::qdrant::cluster_view::ClusterView,
+) -> v1::QdrantCluster {
     v1::QdrantCluster {
         this_peer: v.this,
         peers: v

@@ -1,9 +1,9 @@
 //! gRPC ↔ domain: turns each request into a plan, claims what the plan holds, runs it as a job,
 //! and maps results and errors to the wire. No domain work happens here.
 
-pub mod auth;
-pub mod convert;
-pub mod tls;
+pub(crate) mod auth;
+pub(crate) mod convert;
+pub(crate) mod tls;
 
 use std::{pin::Pin, sync::Arc};
 
@@ -30,7 +30,7 @@ use crate::{
 
 /// The agent's gRPC service.
 #[derive(Debug, Clone)]
-pub struct AgentService {
+pub(crate) struct AgentService {
     ctx: Arc<Context>,
     jobs: Arc<Jobs>,
     runner: Runner,
@@ -49,18 +49,13 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<v1::OperationEvent, Status>>
 
 impl AgentService {
     /// A service running its operations through `runner`; `schedules` are reported by GetInfo.
-    pub fn new(runner: Runner, schedules: Vec<ScheduleHandle>) -> Self {
+    pub(crate) fn new(runner: Runner, schedules: Vec<ScheduleHandle>) -> Self {
         Self {
             ctx: runner.ctx().clone(),
             jobs: runner.jobs().clone(),
             runner,
             schedules,
         }
-    }
-
-    /// The running jobs, so the agent can wait for them on shutdown.
-    pub fn jobs(&self) -> Arc<Jobs> {
-        self.jobs.clone()
     }
 
     /// Claims `info`, then runs `op` as a job whose progress and result stream to the client.

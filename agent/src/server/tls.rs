@@ -9,7 +9,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 /// Why the agent refuses to listen where it was told to.
 #[derive(Debug, thiserror::Error)]
-pub enum ExposureError {
+pub(crate) enum ExposureError {
     /// Beyond loopback without a token: anyone who reaches the address could call the API.
     #[error(
         "refusing to listen on {listen} without --token-file (SOMA_AGENT_TOKEN_FILE): anyone who reaches that address could delete every backup or restore over the live database. Give the agent a token file and a TLS certificate (--tls-cert/--tls-key), or keep --listen on 127.0.0.1 (kubectl soma reaches it through a port-forward)"
@@ -31,7 +31,7 @@ pub enum ExposureError {
 
 /// Whether the API may listen on `listen`: a loopback address as it is (only the pod's own
 /// containers and port-forwards reach it); any other address only with a token and TLS.
-pub fn check_exposure(
+pub(crate) fn check_exposure(
     listen: SocketAddr,
     has_token: bool,
     has_tls: bool,
@@ -51,7 +51,7 @@ pub fn check_exposure(
 
 /// Reads the certificate chain and its key, checks that they belong together, and returns them
 /// as tonic's identity.
-pub fn load_identity(cert: &Path, key: &Path) -> anyhow::Result<tonic::transport::Identity> {
+pub(crate) fn load_identity(cert: &Path, key: &Path) -> anyhow::Result<tonic::transport::Identity> {
     let cert_pem = std::fs::read(cert).with_context(|| format!("--tls-cert {}", cert.display()))?;
     let key_pem = std::fs::read(key).with_context(|| format!("--tls-key {}", key.display()))?;
     let chain = CertificateDer::pem_slice_iter(&cert_pem)

@@ -26,7 +26,7 @@ const MAX_HISTORY_BYTES: usize = 1 << 20;
 
 /// What [`WalArchive::ship`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Shipped {
+pub(crate) enum Shipped {
     /// A new object was stored.
     Stored(WalObject),
     /// The same content (or, for a partial, a complete segment) was already there.
@@ -35,7 +35,7 @@ pub enum Shipped {
 
 /// What [`WalArchive::fetch`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fetched {
+pub(crate) enum Fetched {
     /// The file was written to the destination, checked against its digest.
     Restored(WalObject),
     /// The archive has no such file (and, for a segment, nothing later on its timeline).
@@ -55,7 +55,7 @@ enum Found {
 
 /// The WAL archive of one PostgreSQL cluster.
 #[derive(Debug, Clone)]
-pub struct WalArchive {
+pub(crate) struct WalArchive {
     store: Arc<dyn Store>,
     system_id: String,
     /// Objects already read back and judged (see [`super::judge`]).
@@ -64,7 +64,7 @@ pub struct WalArchive {
 
 impl WalArchive {
     /// The archive of the cluster with `system_id` (PostgreSQL's system identifier).
-    pub fn new(store: Arc<dyn Store>, system_id: &str) -> Self {
+    pub(crate) fn new(store: Arc<dyn Store>, system_id: &str) -> Self {
         Self {
             store,
             system_id: system_id.to_string(),
@@ -74,7 +74,7 @@ impl WalArchive {
 
     /// Reads `object` back and judges it by its content, once per archive value: a bad one is
     /// logged at warn, naming its key and why. `seg_size` is the cluster's when known.
-    pub async fn verdict(
+    pub(crate) async fn verdict(
         &self,
         object: &WalObject,
         seg_size: Option<u64>,
@@ -129,12 +129,12 @@ impl WalArchive {
     }
 
     /// The archive's folder, relative to the store prefix.
-    pub fn prefix(&self) -> String {
+    pub(crate) fn prefix(&self) -> String {
         format!("{WAL_DIR}/{}/", self.system_id)
     }
 
     /// Every object of the archive, sorted by WAL file name.
-    pub async fn list(&self) -> Result<Vec<WalObject>, WalError> {
+    pub(crate) async fn list(&self) -> Result<Vec<WalObject>, WalError> {
         self.list_prefix(&self.prefix()).await
     }
 
@@ -150,7 +150,7 @@ impl WalArchive {
     }
 
     /// Objects stored for one WAL file.
-    pub async fn objects_of(&self, file: &WalFile) -> Result<Vec<WalObject>, WalError> {
+    pub(crate) async fn objects_of(&self, file: &WalFile) -> Result<Vec<WalObject>, WalError> {
         self.list_prefix(&format!("{}{}.", self.prefix(), file.name()))
             .await
     }
@@ -158,7 +158,7 @@ impl WalArchive {
     /// Ships a local WAL file (`kind` says whether it is complete): compressed, named by its
     /// digest, skipped when the same content is stored already. Superseded partials of the same
     /// segment are deleted once the new object is stored.
-    pub async fn ship(
+    pub(crate) async fn ship(
         &self,
         path: &Path,
         file: WalFile,
@@ -276,7 +276,7 @@ impl WalArchive {
     /// stored) or [`WalError::Corrupted`] (only bad objects), never "not found", because
     /// PostgreSQL would take that for the end of the archive and stop early. With nothing genuine
     /// after it, it is the end of the archive: names alone, planted ahead, do not make one.
-    pub async fn fetch(&self, file: &WalFile, dest: &Path) -> Result<Fetched, WalError> {
+    pub(crate) async fn fetch(&self, file: &WalFile, dest: &Path) -> Result<Fetched, WalError> {
         let objects = self.objects_of(file).await?;
         let mut complete: Vec<WalObject> = objects
             .iter()
@@ -492,7 +492,7 @@ impl WalArchive {
     /// bad one is left out and named in [`WalIndex::rejected`]. Objects in the middle of an
     /// unbroken run are not read here (`verify` and `wal-fetch` read them): leaving one out could
     /// only open a gap, and a gap of a genuine segment is what fetching it reports anyway.
-    pub async fn index(&self, seg_size: u64) -> Result<WalIndex, WalError> {
+    pub(crate) async fn index(&self, seg_size: u64) -> Result<WalIndex, WalError> {
         if !valid_seg_size(seg_size) {
             return Err(WalError::BadSegmentSize {
                 size: seg_size,

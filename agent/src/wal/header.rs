@@ -14,14 +14,14 @@ use super::naming::{Kind, WalFile};
 use crate::lsn::Lsn;
 
 /// Size of `XLogLongPageHeaderData`, the header of a segment's first page.
-pub const LONG_HEADER_LEN: usize = 40;
+pub(crate) const LONG_HEADER_LEN: usize = 40;
 /// `xlp_info` flag of a long header.
 const XLP_LONG_HEADER: u16 = 0x0002;
 
 /// The long page header at the start of a WAL segment (`XLogLongPageHeaderData`), as PostgreSQL
 /// writes it: in its machine's byte order, which is the agent's (a sidecar on the same node).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LongPageHeader {
+pub(crate) struct LongPageHeader {
     /// `xlp_magic`: the WAL format version.
     pub magic: u16,
     /// `xlp_info` flags.
@@ -48,7 +48,7 @@ fn field<const N: usize>(bytes: &[u8], at: usize) -> Option<[u8; N]> {
 impl LongPageHeader {
     /// Reads the header from a segment's first bytes; `None` when there are fewer than
     /// [`LONG_HEADER_LEN`]. Any bytes parse: whether they make sense is [`check`]'s question.
-    pub fn parse(bytes: &[u8]) -> Option<Self> {
+    pub(crate) fn parse(bytes: &[u8]) -> Option<Self> {
         Some(Self {
             magic: u16::from_ne_bytes(field(bytes, 0)?),
             info: u16::from_ne_bytes(field(bytes, 2)?),
@@ -73,7 +73,7 @@ impl LongPageHeader {
 
 /// What the agent knows of the server it streams from, to judge the spool against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServerWal {
+pub(crate) struct ServerWal {
     /// Its system identifier.
     pub system_id: u64,
     /// Its current timeline.
@@ -86,7 +86,7 @@ pub struct ServerWal {
 
 /// Why a spool file cannot be the server's WAL; each says what was found.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Impossible {
+pub(crate) enum Impossible {
     /// The file could not be read.
     #[error("unreadable: {0}")]
     Unreadable(String),
@@ -186,7 +186,7 @@ pub enum Impossible {
 /// A partial segment is judged by its first page alone: pg_receivewal fills a new one with zeros
 /// before writing WAL into it from the start, so zeros after the header say nothing, but a header
 /// of zeros means nothing was written yet.
-pub fn check(
+pub(crate) fn check(
     file: WalFile,
     kind: Kind,
     size: u64,

@@ -38,7 +38,7 @@ const MAX_REMEMBERED: usize = 4096;
 
 /// What reading an object back showed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// It is what its key says.
     Genuine,
     /// It is not; why, for the report.

@@ -13,7 +13,7 @@ use crate::digest::Sha256Digest;
 const WAL_ALIGN: u64 = 8;
 /// A local file's digest and the number of its bytes that hold WAL.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileDigest {
+pub(crate) struct FileDigest {
     /// sha256 of the whole file.
     pub sha256: Sha256Digest,
     /// File size.
@@ -25,7 +25,7 @@ pub struct FileDigest {
 }
 
 /// Hashes a local file and finds where its WAL ends, in one read.
-pub async fn digest_file(path: &Path) -> Result<FileDigest, WalError> {
+pub(crate) async fn digest_file(path: &Path) -> Result<FileDigest, WalError> {
     let io = |source| WalError::Io {
         path: path.display().to_string(),
         source,

@@ -24,27 +24,25 @@
 //! the archive ends, that a gap lies before later WAL — is decided by reading the object back and
 //! judging its content ([`judge`]); what fails is logged, named and skipped.
 
-pub mod archive;
+pub(crate) mod archive;
 mod drain;
-pub mod header;
-pub mod history;
-pub mod index;
+pub(crate) mod header;
+pub(crate) mod history;
+pub(crate) mod index;
 mod judge;
 mod local;
-pub mod naming;
+pub(crate) mod naming;
 mod spool;
-pub mod stream;
+pub(crate) mod stream;
 
-pub use archive::{Fetched, Shipped, WalArchive};
-pub use index::{RecoveryWindow, WalIndex};
-pub use judge::Verdict;
-pub use local::{FileDigest, digest_file};
-pub use naming::{Kind, WalFile, WalObject, valid_seg_size, valid_system_id};
+pub(crate) use archive::{Fetched, Shipped, WalArchive};
+pub(crate) use index::{RecoveryWindow, WalIndex};
+pub(crate) use naming::{Kind, WalFile, WalObject, valid_seg_size, valid_system_id};
 
 use crate::{pipeline::PipelineError, store::StoreError};
 
 /// Folder of all WAL archives, relative to the store prefix.
-pub const WAL_DIR: &str = "wal";
+pub(crate) const WAL_DIR: &str = "wal";
 
 /// WAL archive errors; each names the WAL file it is about.
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,7 @@ const LOG_SPAN: u64 = 0x1_0000_0000;
 
 /// Whether `seg_size` is a WAL segment size PostgreSQL can have: a power of two from 1 MiB to
 /// 1 GiB (`initdb --wal-segsize`). Anything else came from a damaged manifest or server reply.
-pub fn valid_seg_size(seg_size: u64) -> bool {
+pub(crate) fn valid_seg_size(seg_size: u64) -> bool {
     seg_size.is_power_of_two() && ((1 << 20)..=(1 << 30)).contains(&seg_size)
 }
 
@@ -239,7 +239,7 @@ impl WalObject {
 /// Whether `id` is a PostgreSQL system identifier (a 64-bit number in decimal). It names the
 /// archive's folder and reaches `restore_command`, and it comes from manifests and requests, so
 /// nothing else may pass: no separator, no `..`, no shell word.
-pub fn valid_system_id(id: &str) -> bool {
+pub(crate) fn valid_system_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 20
         && id.bytes().all(|b| b.is_ascii_digit())

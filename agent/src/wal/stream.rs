@@ -53,7 +53,7 @@ pub(super) const PID_FILE: &str = "soma-pg_receivewal.pid";
 /// stream itself retries every one of them with back-off, so these reach the status and the log
 /// (rendered with their causes and remedy by [`crate::error::render`]).
 #[derive(Debug, thiserror::Error)]
-pub enum StreamError {
+pub(crate) enum StreamError {
     /// The spool directory (or a file in it) cannot be used.
     #[error(
         "WAL spool {}: {source}",
@@ -127,7 +127,7 @@ pub enum StreamError {
 impl StreamError {
     /// What the user can do, rendered into flags at the edge; `None` for what streaming
     /// recovers from by itself.
-    pub fn remedy(&self) -> Option<Remedy> {
+    pub(crate) fn remedy(&self) -> Option<Remedy> {
         match self {
             StreamError::Spool { .. } => Some(Remedy::WalSpool),
             StreamError::Slot { .. } => Some(Remedy::ReplicationUser),
@@ -162,7 +162,7 @@ impl StreamConfig {
 
 /// What the stream is doing, for `status` and the archive lag.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct StreamStatus {
+pub(crate) struct StreamStatus {
     /// pg_receivewal is connected and running.
     pub receiving: bool,
     /// The cluster's system identifier (the archive's folder).
@@ -192,7 +192,7 @@ pub struct StreamStatus {
 }
 
 /// Shared view of the stream's status.
-pub type SharedStatus = Arc<Mutex<StreamStatus>>;
+pub(crate) type SharedStatus = Arc<Mutex<StreamStatus>>;
 
 /// The status, even if a thread panicked while holding it (it holds plain counters).
 pub(super) fn lock(status: &SharedStatus) -> MutexGuard<'_, StreamStatus> {
@@ -204,7 +204,7 @@ pub(super) fn lock(status: &SharedStatus) -> MutexGuard<'_, StreamStatus> {
 /// A running stream: its live status, and its task, which ends after the drain once the token
 /// given to [`spawn`] is cancelled.
 #[derive(Debug)]
-pub struct StreamHandle {
+pub(crate) struct StreamHandle {
     /// Live status.
     pub status: SharedStatus,
     /// The task; await it (bounded by [`StreamConfig::stop_bound`]) after cancelling.
@@ -212,7 +212,7 @@ pub struct StreamHandle {
 }
 
 /// Starts the stream in the background; it runs until `cancel` fires, then drains and ends.
-pub fn spawn(
+pub(crate) fn spawn(
     config: StreamConfig,
     postgres: Postgres,
     store: Arc<dyn Store>,

@@ -21,7 +21,7 @@ use super::TableStats;
 
 /// How the checksums a backup records were computed, so a drill recomputes the same function.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum ChecksumKind {
+pub(crate) enum ChecksumKind {
     /// A query in the dump's snapshot: `sum(hashtextextended(t::text, 0))` over each table
     /// (backups written before the dump was read for validation data).
     #[default]
@@ -103,7 +103,7 @@ pub struct DumpStats {
 /// STDOUT` through psql has none. `\.` is never a row (COPY writes a backslash in data as
 /// `\\`), so rows end there and only blank lines may follow.
 #[derive(Debug, Clone)]
-pub struct RowHasher {
+pub(crate) struct RowHasher {
     row: u64,
     len: u64,
     head: [u8; 2],
@@ -155,7 +155,7 @@ fn newline(bytes: &[u8]) -> Option<usize> {
 
 impl RowHasher {
     /// Feeds the next bytes of the text.
-    pub fn update(&mut self, mut bytes: &[u8]) {
+    pub(crate) fn update(&mut self, mut bytes: &[u8]) {
         while let Some(i) = newline(bytes) {
             self.feed(&bytes[..i]);
             self.end_row();
@@ -222,17 +222,17 @@ impl RowHasher {
 
     /// Whether the text read is whole `COPY` text: every row ended by a newline, and nothing
     /// but blank lines after an end-of-data line.
-    pub fn is_complete(&self) -> bool {
+    pub(crate) fn is_complete(&self) -> bool {
         self.len == 0 && !self.after_end
     }
 
     /// Rows counted.
-    pub fn rows(&self) -> u64 {
+    pub(crate) fn rows(&self) -> u64 {
         self.rows
     }
 
     /// The checksum as recorded: the sum in decimal.
-    pub fn checksum(&self) -> String {
+    pub(crate) fn checksum(&self) -> String {
         self.sum.to_string()
     }
 }

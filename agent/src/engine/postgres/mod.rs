@@ -19,22 +19,23 @@ use tokio::{
 };
 use url::Url;
 
-mod dump_stats;
-pub mod globals;
+pub(crate) mod dump_stats;
+pub(crate) mod globals;
 mod process;
 mod replication;
 mod scratch;
 mod sql;
-mod validation;
+pub(crate) mod validation;
 
-pub use dump_stats::{ChecksumKind, DumpStats, DumpStatsError, RowHasher, dump_stats};
-pub use process::ToolProcess;
-pub use replication::{
-    BaseBackupPositions, HistoryLine, SystemIdentity, check_slot_name, parse_basebackup_positions,
-    parse_history_lines,
+pub(crate) use dump_stats::{ChecksumKind, DumpStats, DumpStatsError, RowHasher, dump_stats};
+pub(crate) use process::ToolProcess;
+#[cfg(test)]
+pub(crate) use replication::parse_history_lines;
+pub(crate) use replication::{
+    BaseBackupPositions, HistoryLine, check_slot_name, parse_basebackup_positions,
 };
-pub use scratch::{ScratchError, ScratchServer};
-pub use validation::{DumpTee, TableStats};
+pub(crate) use scratch::{ScratchError, ScratchServer};
+pub(crate) use validation::{DumpTee, TableStats};
 
 /// Quotes a value for a PostgreSQL configuration file.
 pub(crate) fn conf_quote(s: &str) -> String {

@@ -20,7 +20,7 @@ pub struct SystemIdentity {
 
 /// WAL positions pg_basebackup reports on stderr with `--verbose`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BaseBackupPositions {
+pub(crate) struct BaseBackupPositions {
     /// Where replay of the backup starts.
     pub start_lsn: Lsn,
     /// Timeline the backup was taken on.
@@ -30,7 +30,7 @@ pub struct BaseBackupPositions {
 }
 
 /// Parses `write-ahead log start point: 0/2000028 on timeline 1` and `... end point: 0/2000100`.
-pub fn parse_basebackup_positions(stderr: &str) -> Option<BaseBackupPositions> {
+pub(crate) fn parse_basebackup_positions(stderr: &str) -> Option<BaseBackupPositions> {
     let mut start = None;
     let mut stop = None;
     for line in stderr.lines() {
@@ -269,7 +269,7 @@ const MAX_HISTORY_LINES: usize = 10_000;
 
 /// Parses the content of a history file (the line format of [`crate::timeline_history`]); lines
 /// that do not parse are skipped (the last good line is what matters to a caller).
-pub fn parse_history_lines(text: &str) -> Vec<HistoryLine> {
+pub(crate) fn parse_history_lines(text: &str) -> Vec<HistoryLine> {
     use crate::timeline_history::{is_blank, parse_line};
     text.lines()
         .take(MAX_HISTORY_LINES)
@@ -350,7 +350,7 @@ impl Postgres {
 
 /// Checks a replication slot name as PostgreSQL does (it is also spliced into a replication
 /// command, so nothing else may pass).
-pub fn check_slot_name(slot: &str) -> Result<(), PgError> {
+pub(crate) fn check_slot_name(slot: &str) -> Result<(), PgError> {
     let ok = !slot.is_empty()
         && slot.len() <= 63
         && slot

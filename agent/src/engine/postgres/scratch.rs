@@ -160,7 +160,7 @@ pub enum ScratchError {
 
 /// A running scratch server; [`ScratchServer::stop`] ends it (dropping it kills it).
 #[derive(Debug)]
-pub struct ScratchServer {
+pub(crate) struct ScratchServer {
     child: Child,
     pgdata: PathBuf,
     log: PathBuf,
@@ -224,7 +224,7 @@ impl Postgres {
 impl ScratchServer {
     /// Makes a fresh data directory `dir/pgdata` with `initdb` of PostgreSQL `major` (as
     /// `run_as` when the agent is root) and starts a server on it, for a logical drill.
-    pub async fn init(
+    pub(crate) async fn init(
         source: &Postgres,
         dir: &Path,
         run_as: Option<(u32, u32)>,
@@ -284,7 +284,7 @@ impl ScratchServer {
     /// in `dir`, as `run_as` when the agent is root (PostgreSQL refuses to run as root). With
     /// `restore_command`, it recovers (a physical restore laid `pgdata` down) to the end of the
     /// archive and promotes.
-    pub async fn start(
+    pub(crate) async fn start(
         source: &Postgres,
         pgdata: &Path,
         dir: &Path,
@@ -341,15 +341,10 @@ impl ScratchServer {
         })
     }
 
-    /// The major version it runs.
-    pub fn major(&self) -> u32 {
-        self.major
-    }
-
     /// Waits until recovery has ended and the server accepts connections (it writes "ready"
     /// into postmaster.pid, as `pg_ctl -w` reads it), then returns a client logged in as its
     /// bootstrap superuser (the role with OID 10, whatever its name).
-    pub async fn ready(
+    pub(crate) async fn ready(
         &mut self,
         source: &Postgres,
         home: &str,
@@ -398,7 +393,7 @@ impl ScratchServer {
     }
 
     /// The databases of the scratch server that accept connections, templates left out.
-    pub async fn databases(client: &Postgres, home: &str) -> Result<Vec<String>, PgError> {
+    pub(crate) async fn databases(client: &Postgres, home: &str) -> Result<Vec<String>, PgError> {
         client
             .query_json(
                 home,
@@ -415,7 +410,7 @@ impl ScratchServer {
     /// targeting event triggers themselves", PostgreSQL 15 docs, 40.1 Overview of Event Trigger
     /// Behavior), and the session carries [`SESSION_OPTIONS`], so nothing of the backup's runs
     /// while they are disabled; even `ENABLE ALWAYS` ones end up `D`.
-    pub async fn disarm(client: &Postgres, home: &str) -> Result<Vec<String>, PgError> {
+    pub(crate) async fn disarm(client: &Postgres, home: &str) -> Result<Vec<String>, PgError> {
         let all: Vec<String> = client
             .query_json(
                 home,
@@ -434,7 +429,10 @@ impl ScratchServer {
     /// [`Self::disarm`] returned, whose event triggers are off): an amcheck the backup carries is
     /// dropped first, since its functions may have been replaced by anything, and the new one
     /// lives in a schema of the drill's, created by the installation's own script.
-    pub async fn install_amcheck(client: &Postgres, databases: &[String]) -> Result<(), PgError> {
+    pub(crate) async fn install_amcheck(
+        client: &Postgres,
+        databases: &[String],
+    ) -> Result<(), PgError> {
         let script = format!(
             "drop extension if exists amcheck cascade; \
              drop schema if exists {AMCHECK_SCHEMA} cascade; \
@@ -451,7 +449,11 @@ impl ScratchServer {
     /// with each index's tuples matched against its heap and its parent pages. The extension
     /// must be in place ([`Self::install_amcheck`]): pg_amcheck installs nothing. Returns whether
     /// it found nothing wrong and what it printed (at most [`MAX_AMCHECK_OUTPUT`] bytes).
-    pub async fn amcheck(&self, source: &Postgres, home: &str) -> Result<(bool, String), PgError> {
+    pub(crate) async fn amcheck(
+        &self,
+        source: &Postgres,
+        home: &str,
+    ) -> Result<(bool, String), PgError> {
         use tokio::io::AsyncReadExt;
         let user = &self.superuser;
         let path = source.server_tool("pg_amcheck", self.major);
@@ -505,13 +507,13 @@ impl ScratchServer {
     }
 
     /// The last lines of the server's log.
-    pub async fn log_tail(&self) -> String {
+    pub(crate) async fn log_tail(&self) -> String {
         log_tail(&self.log).await
     }
 
     /// Fast shutdown (SIGINT: sessions end, no checkpoint wait), killed when it takes longer
     /// than [`STOP_GRACE`]; always reaped.
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         use nix::sys::signal::{Signal, kill};
         if let Some(pid) = self.child.id() {
             let _ = kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGINT);

@@ -17,7 +17,7 @@ use url::Url;
 use super::{Qdrant, QdrantError};
 
 /// A Qdrant peer id (a random u64 chosen by each node).
-pub type PeerId = u64;
+pub(crate) type PeerId = u64;
 
 /// Most peers a cluster answer may list; far above any real cluster.
 const MAX_PEERS: usize = 1024;

@@ -144,7 +144,7 @@ pub enum NameError {
 }
 
 /// Checks a collection or snapshot name before it becomes a URL path segment.
-pub fn check_name(name: &str) -> Result<(), NameError> {
+pub(crate) fn check_name(name: &str) -> Result<(), NameError> {
     match name {
         "" => Err(NameError::Empty),
         "." | ".." => Err(NameError::Dots),

@@ -20,12 +20,11 @@ mod cluster;
 mod error;
 mod snapshots;
 
-pub use cluster::{
-    ClusterStatus, CollectionCluster, LocalShard, PeerId, RemoteShard, Replica, ReplicaState,
-    ShardKey,
-};
-pub use error::{NameError, QdrantError, check_name};
-pub use snapshots::{Priority, UploadTo};
+#[cfg(test)]
+pub(crate) use cluster::ReplicaState;
+pub(crate) use cluster::{ClusterStatus, CollectionCluster, PeerId, Replica, ShardKey};
+pub(crate) use error::{NameError, QdrantError, check_name};
+pub(crate) use snapshots::{Priority, UploadTo};
 
 /// How long a plain API call may take (snapshot creation, recovery and transfers have their own
 /// limits, [`Timeouts`]).
@@ -38,7 +37,7 @@ const MAX_ERROR_BYTES: usize = 64 << 10;
 /// First Qdrant version that streams shard snapshots without writing a file: the route is served
 /// since 1.12.0 (`stream_shard_snapshot` in src/actix/api/snapshot_api.rs) and documented in the
 /// OpenAPI document since 1.17.
-pub const SHARD_STREAM_SINCE: (u32, u32) = (1, 12);
+pub(crate) const SHARD_STREAM_SINCE: (u32, u32) = (1, 12);
 
 /// What Qdrant says about a snapshot (`SnapshotDescription`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -123,7 +122,7 @@ impl std::fmt::Debug for Qdrant {
 }
 
 /// Major and minor of a version string such as "1.18.3".
-pub fn minor_of(version: &str) -> Option<(u32, u32)> {
+pub(crate) fn minor_of(version: &str) -> Option<(u32, u32)> {
     let mut parts = version.trim_start_matches('v').split('.');
     let major = parts.next()?.parse().ok()?;
     let minor = parts

@@ -78,7 +78,7 @@ pub(in crate::ops) async fn make_root(
 /// in it — only a process whose command line names that very directory, so a recycled process id
 /// is never signalled. The drill directory belongs to this agent alone (one per pod), so nothing
 /// of another agent's drill is there.
-pub async fn sweep(drill_dir: &Path) {
+pub(crate) async fn sweep(drill_dir: &Path) {
     let Ok(mut entries) = tokio::fs::read_dir(drill_dir).await else {
         return;
     };

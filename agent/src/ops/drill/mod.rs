@@ -11,7 +11,7 @@
 //! `passed: false`; one that could not run (damaged artifact, unreadable store) is an error.
 
 mod drill_dir;
-pub(in crate::ops) mod wal_feed;
+pub(crate) mod wal_feed;
 
 use std::sync::{Arc, Mutex};
 
@@ -35,11 +35,11 @@ use crate::{
 };
 
 /// Name of the report beside the backup's manifest.
-pub const REPORT_NAME: &str = "drill.json";
+pub(crate) const REPORT_NAME: &str = "drill.json";
 /// Largest report `describe` reads back (a report lists a few checks per table).
-pub const MAX_REPORT_BYTES: usize = 4 * 1024 * 1024;
+pub(crate) const MAX_REPORT_BYTES: usize = 4 * 1024 * 1024;
 /// Prefix of every scratch database and collection.
-pub const SCRATCH_PREFIX: &str = "soma_drill_";
+pub(crate) const SCRATCH_PREFIX: &str = "soma_drill_";
 
 /// Why a drill could not run.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +81,7 @@ impl DrillError {
 
 /// One thing a drill checked.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Check {
+pub(crate) struct Check {
     /// What was checked, e.g. `appdb: rows of public.orders`.
     pub name: String,
     /// What the backup recorded.
@@ -97,7 +97,7 @@ pub struct Check {
 
 impl Check {
     /// A comparison of `expected` with `found`.
-    pub fn compare(name: impl Into<String>, expected: String, found: String) -> Self {
+    pub(crate) fn compare(name: impl Into<String>, expected: String, found: String) -> Self {
         Self {
             passed: expected == found,
             name: name.into(),
@@ -108,7 +108,7 @@ impl Check {
     }
 
     /// A check that was not made, and why.
-    pub fn skipped(name: impl Into<String>, why: impl Into<String>) -> Self {
+    pub(crate) fn skipped(name: impl Into<String>, why: impl Into<String>) -> Self {
         Self {
             name: name.into(),
             expected: String::new(),
@@ -119,7 +119,12 @@ impl Check {
     }
 
     /// Something that held (or did not), stated in words.
-    pub fn fact(name: impl Into<String>, expected: &str, found: String, passed: bool) -> Self {
+    pub(crate) fn fact(
+        name: impl Into<String>,
+        expected: &str,
+        found: String,
+        passed: bool,
+    ) -> Self {
         Self {
             name: name.into(),
             expected: expected.into(),
@@ -132,7 +137,7 @@ impl Check {
 
 /// What a drill found: stored as `backups/<id>/drill.json`, returned with the operation's result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DrillReport {
+pub(crate) struct DrillReport {
     /// The backup drilled.
     pub backup_id: String,
     /// Its engine.
@@ -191,7 +196,7 @@ impl DrillReport {
     }
 
     /// The report in its wire form (`report_json` is the stored document).
-    pub fn to_proto(&self) -> v1::DrillReport {
+    pub(crate) fn to_proto(&self) -> v1::DrillReport {
         v1::DrillReport {
             passed: self.passed,
             rto_seconds: self.rto_seconds,
@@ -205,7 +210,7 @@ impl DrillReport {
 /// What one drill created on the servers, shared between the running drill and the cleanup the
 /// server runs when the agent stops mid-drill.
 #[derive(Debug, Clone)]
-pub struct Scratch {
+pub(crate) struct Scratch {
     /// The drill's random tag: every scratch name starts with `soma_drill_<tag>`.
     tag: String,
     created: Arc<Mutex<Vec<ScratchItem>>>,
@@ -270,7 +275,7 @@ impl Scratch {
 
     /// Removes every scratch target this drill created; failures are logged (they name what to
     /// drop by hand) and do not hide the drill's own result.
-    pub async fn clean_up(&self, ctx: &Context) {
+    pub(crate) async fn clean_up(&self, ctx: &Context) {
         // The server first: its files go next.
         if let Some(server) = self.server.lock().await.take() {
             server.stop().await;
@@ -296,13 +301,12 @@ impl Scratch {
     }
 }
 
-pub use drill_dir::sweep as sweep_drill_dir;
+pub(crate) use drill_dir::sweep as sweep_drill_dir;
 pub(in crate::ops) use drill_dir::{make_root, run_as};
-pub use wal_feed::fetch as drill_wal_fetch;
 
 /// A drill about to run.
 #[derive(Debug, Clone)]
-pub struct DrillPlan {
+pub(crate) struct DrillPlan {
     /// The backup.
     pub manifest: Manifest,
     /// Its members, for a set.
@@ -313,7 +317,10 @@ pub struct DrillPlan {
 
 impl DrillPlan {
     /// Resolves the backup a drill request names and checks that this agent can drill it.
-    pub async fn from_request(ctx: &Context, req: v1::DrillRequest) -> Result<Self, OpError> {
+    pub(crate) async fn from_request(
+        ctx: &Context,
+        req: v1::DrillRequest,
+    ) -> Result<Self, OpError> {
         let manifest = resolve(ctx, &req.backup_id, req.engine).await?;
         let members = if manifest.engine == Engine::Set {
             members_of(&ctx.source, &manifest).await?
@@ -332,17 +339,17 @@ impl DrillPlan {
 
     /// The job this drill runs as: it holds the backup, so delete and prune cannot remove it
     /// mid-drill.
-    pub fn job(&self) -> JobInfo {
+    pub(crate) fn job(&self) -> JobInfo {
         super::plan::reading_job(&self.manifest, Operation::Drill)
     }
 
     /// The span its logs carry.
-    pub fn span(&self) -> tracing::Span {
+    pub(crate) fn span(&self) -> tracing::Span {
         tracing::info_span!("drill", backup_id = %self.manifest.id, engine = %self.manifest.engine)
     }
 
     /// Runs the drill; its scratch targets are removed whatever happens.
-    pub fn run(self, ctx: Arc<Context>, reporter: Reporter) -> OpFuture {
+    pub(crate) fn run(self, ctx: Arc<Context>, reporter: Reporter) -> OpFuture {
         Box::pin(async move {
             let scratch = self.scratch.clone();
             let result = drill(&ctx, self.manifest, self.members, &scratch, &reporter).await;
@@ -438,7 +445,10 @@ async fn store_report(ctx: &Context, id: &BackupId, report: &DrillReport) {
 /// The last drill report stored beside backup `id`, if any. What the store holds is untrusted:
 /// reading stops at [`MAX_REPORT_BYTES`] and a document that does not parse is an error naming
 /// why.
-pub async fn read_report(store: &dyn Store, id: &BackupId) -> Result<Option<DrillReport>, OpError> {
+pub(crate) async fn read_report(
+    store: &dyn Store,
+    id: &BackupId,
+) -> Result<Option<DrillReport>, OpError> {
     let mut stream = match store.get(&id.key(REPORT_NAME)).await {
         Ok(s) => s,
         Err(StoreError::NotFound { .. }) => return Ok(None),

@@ -49,7 +49,7 @@ impl Source for BaseBackup {
 
 /// Takes a physical base backup of the whole cluster: pg_basebackup tar → pipeline → store →
 /// manifest.
-pub async fn backup_physical(
+pub(crate) async fn backup_physical(
     ctx: Arc<Context>,
     id: BackupId,
     reporter: Reporter,

@@ -18,15 +18,15 @@ mod restore;
 pub mod untar;
 mod wal;
 
-pub use backup::backup_physical;
+pub(crate) use backup::backup_physical;
 pub(crate) use plan::PhysicalBackup;
-pub use recovery_conf::{RECOVERY_SETTINGS, RecoveryEndError, recovery_end};
-pub use replay::{ReplayEnd, ReplayState, ReplayWatch, Verdict, spawn_watch};
-pub use restore::{
+pub(crate) use recovery_conf::{RECOVERY_SETTINGS, recovery_end};
+pub(crate) use replay::{ReplayEnd, ReplayWatch, Verdict, spawn_watch};
+pub(crate) use restore::{
     PgdataRestore, PgdataRestored, RecoveryTarget, restore_pgdata, restore_pgdata_job,
 };
-pub use untar::UntarError;
-pub use wal::{BaseWindow, Windows, oldest_base, prune_wal, verify_wal, wal_before};
+pub(crate) use untar::UntarError;
+pub(crate) use wal::{BaseWindow, Windows, oldest_base, prune_wal, verify_wal, wal_before};
 
 use crate::{error::OpError, jobs::Reporter};
 use std::path::PathBuf;
@@ -50,14 +50,14 @@ use crate::{
 };
 
 /// The base backup artifact.
-pub const BASE: ArtifactName<'static> = ArtifactName {
+pub(crate) const BASE: ArtifactName<'static> = ArtifactName {
     name: "base.tar.zst",
     format: "pg_basebackup/tar",
 };
 
 /// What a base backup's manifest records beyond the common fields.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PhysicalDetails {
+pub(crate) struct PhysicalDetails {
     /// The cluster's system identifier; its WAL archive is `wal/<system_id>/`.
     pub system_id: String,
     /// Timeline the backup was taken on.
@@ -88,7 +88,7 @@ pub struct PhysicalDetails {
 impl PhysicalDetails {
     /// The details of a physical manifest, or why it is not one. A segment size of zero (a
     /// damaged or forged manifest) is refused here, so nothing downstream divides by it.
-    pub fn of(m: &Manifest) -> Result<Self, PhysicalError> {
+    pub(crate) fn of(m: &Manifest) -> Result<Self, PhysicalError> {
         if m.engine != Engine::Postgres || m.kind != Kind::Physical {
             return Err(PhysicalError::NotPhysical {
                 id: m.id.clone(),
@@ -320,7 +320,7 @@ impl PhysicalError {
 
 /// Empties the data directory an interrupted physical restore was filling, so no half-laid
 /// cluster is left looking like one — only when this restore found it empty (or created it).
-pub async fn abandon_pgdata(req: &PgdataRestore) {
+pub(crate) async fn abandon_pgdata(req: &PgdataRestore) {
     if req.prepared.load(std::sync::atomic::Ordering::SeqCst) {
         pgdata::clear(&req.pgdata).await;
     }

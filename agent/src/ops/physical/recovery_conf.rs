@@ -21,7 +21,7 @@ use std::path::Path;
 /// Every setting that steers or ends recovery. One inherited from a backup would make this
 /// restore stop early (targets, `promote_trigger_file`), wait (`recovery_min_apply_delay`),
 /// follow another server (`primary_*`), or run a command the backup chose.
-pub const RECOVERY_SETTINGS: &[&str] = &[
+pub(crate) const RECOVERY_SETTINGS: &[&str] = &[
     "restore_command",
     "archive_cleanup_command",
     "recovery_end_command",
@@ -222,7 +222,7 @@ pub(crate) fn new_nonce() -> String {
 
 /// Why `recovery-end` did not remove the block.
 #[derive(Debug, thiserror::Error)]
-pub enum RecoveryEndError {
+pub(crate) enum RecoveryEndError {
     /// The nonce is not one this agent writes.
     #[error("--block {0:?} is not a block name soma-agent restore-pgdata writes (32 hex digits)")]
     BadNonce(String),
@@ -260,7 +260,7 @@ pub enum RecoveryEndError {
 /// replacing the file atomically (as ALTER SYSTEM does). PostgreSQL runs it as
 /// `recovery_end_command` in the data directory once recovery ended, before it accepts
 /// connections, so nothing else writes the file meanwhile.
-pub fn recovery_end(dir: &Path, nonce: &str) -> Result<(), RecoveryEndError> {
+pub(crate) fn recovery_end(dir: &Path, nonce: &str) -> Result<(), RecoveryEndError> {
     if nonce.len() != 32 || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(RecoveryEndError::BadNonce(nonce.chars().take(64).collect()));
     }

@@ -33,7 +33,7 @@ const NO_TARGET: &str = "no recovery target specified";
 
 /// How the last recovery ended, compared with the archive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// The archive holds no WAL of the parent timeline after where replay ended.
     ReachedEnd,
     /// Recovery met its target; the archive holds more WAL after it, as the target asked.
@@ -48,7 +48,7 @@ pub enum Verdict {
 
 impl Verdict {
     /// As `status` and the metrics' label show it.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Verdict::ReachedEnd => "reached-end",
             Verdict::AtTarget => "at-target",
@@ -60,7 +60,7 @@ impl Verdict {
 
 /// Where the last recovery ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplayEnd {
+pub(crate) struct ReplayEnd {
     /// The timeline the promoted server runs on.
     pub timeline: u32,
     /// The timeline recovery replayed last.
@@ -85,7 +85,7 @@ pub struct ReplayEnd {
 
 impl ReplayEnd {
     /// One sentence for logs and `status`.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let mut said = self.verdict_sentence();
         if !self.leftover_settings.is_empty() {
             said.push_str(&format!(
@@ -128,7 +128,7 @@ impl ReplayEnd {
 
 /// What the agent found out about the server's last recovery.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReplayState {
+pub(crate) enum ReplayState {
     /// The server is still recovering.
     Recovering,
     /// Timeline 1: the cluster was never recovered from an archive.
@@ -229,11 +229,11 @@ const ONCE_KNOWN: Duration = Duration::from_secs(600);
 
 /// The last answer of the watch, shared with `status` and the metrics.
 #[derive(Debug, Clone, Default)]
-pub struct ReplayWatch(Arc<Mutex<Option<ReplayEnd>>>);
+pub(crate) struct ReplayWatch(Arc<Mutex<Option<ReplayEnd>>>);
 
 impl ReplayWatch {
     /// Where the server's last recovery ended, once known.
-    pub fn get(&self) -> Option<ReplayEnd> {
+    pub(crate) fn get(&self) -> Option<ReplayEnd> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -245,7 +245,7 @@ impl ReplayWatch {
 /// Watches the server's last recovery until `shutdown`: at once, then every [`UNTIL_KNOWN`]
 /// until it is known, then every [`ONCE_KNOWN`]. Logs each new answer once: a warning when
 /// recovery stopped short.
-pub fn spawn_watch(
+pub(crate) fn spawn_watch(
     pg: Postgres,
     source: Arc<dyn Store>,
     watch: ReplayWatch,

@@ -24,7 +24,7 @@ use crate::{
 
 /// Where recovery stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RecoveryTarget {
+pub(crate) enum RecoveryTarget {
     /// The end of the archive.
     Latest,
     /// Every transaction committed at or before this time.
@@ -41,7 +41,7 @@ const MAX_RESTORE_POINT_NAME: usize = 63;
 
 impl RecoveryTarget {
     /// Builds the target from the three mutually exclusive options (none given: latest).
-    pub fn from_options(
+    pub(crate) fn from_options(
         time: Option<&str>,
         lsn: Option<&str>,
         name: Option<&str>,
@@ -106,7 +106,7 @@ use soma_proto::time::parse_target_time as parse_time;
 
 /// A physical restore request.
 #[derive(Debug, Clone)]
-pub struct PgdataRestore {
+pub(crate) struct PgdataRestore {
     /// Backup id, or "latest" (the newest base backup that can reach the target).
     pub backup: String,
     /// Data directory to create; must be missing or empty.
@@ -122,7 +122,7 @@ pub struct PgdataRestore {
 
 impl PgdataRestore {
     /// A restore of `backup` ("latest" or an id) into `pgdata`.
-    pub fn new(
+    pub(crate) fn new(
         backup: String,
         pgdata: PathBuf,
         target: RecoveryTarget,
@@ -140,7 +140,7 @@ impl PgdataRestore {
 
 /// What a physical restore laid down.
 #[derive(Debug, Clone)]
-pub struct PgdataRestored {
+pub(crate) struct PgdataRestored {
     /// The base backup used.
     pub manifest: Manifest,
     /// Its details.
@@ -259,7 +259,7 @@ fn check_window(
 ///
 /// Nothing is left half-done: the directory is checked empty first, and if the download, a
 /// checksum or the unpacking fails, everything written into it is removed again.
-pub async fn restore_pgdata(
+pub(crate) async fn restore_pgdata(
     catalog: &Catalog,
     req: &PgdataRestore,
     counters: Arc<Counters>,
@@ -310,7 +310,7 @@ pub async fn restore_pgdata(
 }
 
 /// Runs a physical restore as an agent job (the plugin's `restore --pgdata`).
-pub async fn restore_pgdata_job(
+pub(crate) async fn restore_pgdata_job(
     ctx: Arc<Context>,
     req: PgdataRestore,
     reporter: Reporter,

@@ -16,7 +16,10 @@ use crate::{
 /// The oldest base backup of the cluster `system_id` among `manifests`: the WAL it needs, from its
 /// start segment on, is the WAL every one of them needs. `None` when none of them is of that
 /// cluster. A base backup whose details cannot be read protects nothing it could name.
-pub fn oldest_base(manifests: &[Manifest], system_id: &str) -> Option<(Manifest, PhysicalDetails)> {
+pub(crate) fn oldest_base(
+    manifests: &[Manifest],
+    system_id: &str,
+) -> Option<(Manifest, PhysicalDetails)> {
     let mut oldest: Option<(u64, Manifest, PhysicalDetails)> = None;
     for m in manifests.iter().filter(|m| m.kind == Kind::Physical) {
         let Ok(d) = PhysicalDetails::of(m) else {
@@ -38,7 +41,7 @@ pub fn oldest_base(manifests: &[Manifest], system_id: &str) -> Option<(Manifest,
 /// The archive objects of `details`' cluster that come before segment `oldest_start` on any
 /// timeline: WAL no base backup starting at or after that segment replays. History files have no
 /// segment and are never among them.
-pub async fn wal_before(
+pub(crate) async fn wal_before(
     catalog: &Catalog,
     details: &PhysicalDetails,
     oldest_start: u64,
@@ -62,7 +65,7 @@ pub async fn wal_before(
 /// PostgreSQL asks for them when choosing a timeline). With no base backup left the archive is
 /// kept whole: it costs storage, but deleting a cluster's entire WAL is never a side effect.
 /// Returns the number of objects deleted.
-pub async fn prune_wal(catalog: &Catalog, deleted: &Manifest) -> Result<u64, OpError> {
+pub(crate) async fn prune_wal(catalog: &Catalog, deleted: &Manifest) -> Result<u64, OpError> {
     let details = PhysicalDetails::of(deleted)?;
     // Strict: an unreadable base backup may still need the WAL this would delete.
     let remaining = catalog.list_strict().await?;
@@ -88,7 +91,7 @@ pub async fn prune_wal(catalog: &Catalog, deleted: &Manifest) -> Result<u64, OpE
 /// Re-reads every WAL file a restore of `m` would replay (from its start to the end of its
 /// window) and checks each against the digest in its name. A corrupted or vanished file fails
 /// with data loss naming it; gaps end the window and are reported in the returned summary.
-pub async fn verify_wal(
+pub(crate) async fn verify_wal(
     catalog: &Catalog,
     m: &Manifest,
     reporter: &Reporter,
@@ -145,7 +148,7 @@ pub async fn verify_wal(
 
 /// A base backup's window as `list` and `describe` show it.
 #[derive(Debug, Clone)]
-pub struct BaseWindow {
+pub(crate) struct BaseWindow {
     /// The backup's details.
     pub details: PhysicalDetails,
     /// How far the archive reaches, or why the archive could not be read.
@@ -154,14 +157,14 @@ pub struct BaseWindow {
 
 /// Recoverable windows of base backups, reading each cluster's archive once per request.
 #[derive(Debug)]
-pub struct Windows<'a> {
+pub(crate) struct Windows<'a> {
     catalog: &'a Catalog,
     indexes: HashMap<(String, u64), Result<WalIndex, String>>,
 }
 
 impl<'a> Windows<'a> {
     /// An empty cache over `catalog`'s store.
-    pub fn new(catalog: &'a Catalog) -> Self {
+    pub(crate) fn new(catalog: &'a Catalog) -> Self {
         Self {
             catalog,
             indexes: HashMap::new(),
@@ -170,7 +173,7 @@ impl<'a> Windows<'a> {
 
     /// The window of a physical base backup (`None` for other backups; an error for a base backup
     /// whose details cannot be read).
-    pub async fn of(&mut self, m: &Manifest) -> Option<Result<BaseWindow, PhysicalError>> {
+    pub(crate) async fn of(&mut self, m: &Manifest) -> Option<Result<BaseWindow, PhysicalError>> {
         if m.kind != Kind::Physical {
             return None;
         }

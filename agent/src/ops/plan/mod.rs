@@ -18,7 +18,7 @@ mod restore;
 #[cfg(test)]
 mod tests;
 
-pub use restore::{EngineRestore, RestoreAsk, RestorePlan};
+pub(crate) use restore::{EngineRestore, RestoreAsk, RestorePlan};
 
 /// A request that cannot be served as asked; each says what to ask instead.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +75,7 @@ pub enum RequestError {
 /// One engine's backup, planned: what it writes, what it holds while it runs, and how it runs.
 /// Each engine (and each mode of one) implements it in its own module; a [`BackupPlan`] holds one,
 /// or a set of them.
-pub trait EngineBackup: std::fmt::Debug + Send {
+pub(crate) trait EngineBackup: std::fmt::Debug + Send {
     /// The new backup's id.
     fn id(&self) -> &BackupId;
     /// The engine written.
@@ -92,7 +92,7 @@ pub trait EngineBackup: std::fmt::Debug + Send {
 
 /// A backup about to run.
 #[derive(Debug)]
-pub enum BackupPlan {
+pub(crate) enum BackupPlan {
     /// One engine's backup.
     One(Box<dyn EngineBackup>),
     /// One backup of every configured engine under one set id. Members are engine backups, so a
@@ -109,12 +109,12 @@ pub enum BackupPlan {
 }
 
 /// A boxed operation future (plans nest, so their futures must be boxed).
-pub type OpFuture = Pin<Box<dyn Future<Output = Result<Outcome, OpError>> + Send>>;
+pub(crate) type OpFuture = Pin<Box<dyn Future<Output = Result<Outcome, OpError>> + Send>>;
 
 impl BackupPlan {
     /// Validates a backup request against what this agent serves: the engine it names plans its
     /// own backup ([`method::for_request`]); "all" asks every registered engine this agent runs.
-    pub fn from_request(
+    pub(crate) fn from_request(
         ctx: &Context,
         req: v1::BackupRequest,
         now: DateTime<Utc>,
@@ -148,7 +148,7 @@ impl BackupPlan {
     }
 
     /// The id of the backup this plan writes.
-    pub fn id(&self) -> &BackupId {
+    pub(crate) fn id(&self) -> &BackupId {
         match self {
             BackupPlan::One(backup) => backup.id(),
             BackupPlan::Set { id, .. } => id,
@@ -158,7 +158,7 @@ impl BackupPlan {
     /// Every backup id this plan writes: a set's (unless the plugin commits it) and its
     /// members'. An interrupted backup removes what these ids hold, so a platform set's id, which
     /// this agent never writes, is not among them.
-    pub fn ids(&self) -> Vec<BackupId> {
+    pub(crate) fn ids(&self) -> Vec<BackupId> {
         match self {
             BackupPlan::One(backup) => vec![backup.id().clone()],
             BackupPlan::Set {
@@ -174,7 +174,7 @@ impl BackupPlan {
     }
 
     /// The engine written.
-    pub fn engine(&self) -> Engine {
+    pub(crate) fn engine(&self) -> Engine {
         match self {
             BackupPlan::One(backup) => backup.engine(),
             BackupPlan::Set { .. } => Engine::Set,
@@ -182,7 +182,7 @@ impl BackupPlan {
     }
 
     /// The kind of backup written, as manifests name it.
-    pub fn kind(&self) -> Kind {
+    pub(crate) fn kind(&self) -> Kind {
         match self {
             BackupPlan::One(backup) => backup.kind(),
             BackupPlan::Set { .. } => Kind::Set,
@@ -190,7 +190,7 @@ impl BackupPlan {
     }
 
     /// The job this backup runs as: what it holds and what it is about.
-    pub fn job(&self) -> JobInfo {
+    pub(crate) fn job(&self) -> JobInfo {
         JobInfo::new(
             self.id().as_str(),
             Operation::Backup,
@@ -205,12 +205,12 @@ impl BackupPlan {
     }
 
     /// The span its logs carry.
-    pub fn span(&self) -> tracing::Span {
+    pub(crate) fn span(&self) -> tracing::Span {
         tracing::info_span!("backup", backup_id = %self.id(), engine = %self.engine(), target = %self.target_name())
     }
 
     /// What this plan holds while it runs.
-    pub fn targets(&self) -> Vec<JobTarget> {
+    pub(crate) fn targets(&self) -> Vec<JobTarget> {
         match self {
             BackupPlan::One(backup) => backup.targets(),
             BackupPlan::Set { members, .. } => members.iter().flat_map(|m| m.targets()).collect(),
@@ -218,7 +218,7 @@ impl BackupPlan {
     }
 
     /// A short name of what is backed up, for logs.
-    pub fn target_name(&self) -> String {
+    pub(crate) fn target_name(&self) -> String {
         match self {
             BackupPlan::One(backup) => backup.target_name(),
             BackupPlan::Set { .. } => "all".into(),
@@ -226,7 +226,7 @@ impl BackupPlan {
     }
 
     /// Runs the backup.
-    pub fn run(self, ctx: Arc<Context>, reporter: Reporter) -> OpFuture {
+    pub(crate) fn run(self, ctx: Arc<Context>, reporter: Reporter) -> OpFuture {
         match self {
             BackupPlan::One(backup) => backup.run(ctx, reporter),
             BackupPlan::Set {
@@ -240,31 +240,34 @@ impl BackupPlan {
 
 /// A verify about to run.
 #[derive(Debug, Clone)]
-pub struct VerifyPlan {
+pub(crate) struct VerifyPlan {
     /// The backup.
     pub manifest: Manifest,
 }
 
 impl VerifyPlan {
     /// Resolves the backup a verify request names.
-    pub async fn from_request(ctx: &Context, req: v1::VerifyRequest) -> Result<Self, OpError> {
+    pub(crate) async fn from_request(
+        ctx: &Context,
+        req: v1::VerifyRequest,
+    ) -> Result<Self, OpError> {
         Ok(Self {
             manifest: resolve(ctx, &req.backup_id, req.engine).await?,
         })
     }
 
     /// The job this verify runs as.
-    pub fn job(&self) -> JobInfo {
+    pub(crate) fn job(&self) -> JobInfo {
         reading_job(&self.manifest, Operation::Verify)
     }
 
     /// The span its logs carry.
-    pub fn span(&self) -> tracing::Span {
+    pub(crate) fn span(&self) -> tracing::Span {
         tracing::info_span!("verify", backup_id = %self.manifest.id, engine = %self.manifest.engine)
     }
 
     /// Runs the verify.
-    pub fn run(self, ctx: Arc<Context>, reporter: Reporter) -> OpFuture {
+    pub(crate) fn run(self, ctx: Arc<Context>, reporter: Reporter) -> OpFuture {
         Box::pin(verify::verify(ctx, self.manifest, reporter))
     }
 }
@@ -272,7 +275,7 @@ impl VerifyPlan {
 /// The job of an operation that reads one backup (verify, drill): it holds the backup itself —
 /// one such job per backup at a time, and delete or prune cannot remove it meanwhile — and reads
 /// it and its members.
-pub fn reading_job(manifest: &Manifest, operation: Operation) -> JobInfo {
+pub(crate) fn reading_job(manifest: &Manifest, operation: Operation) -> JobInfo {
     JobInfo::new(
         manifest.id.as_str(),
         operation,
@@ -290,7 +293,7 @@ pub fn reading_job(manifest: &Manifest, operation: Operation) -> JobInfo {
 
 /// Resolves "latest" or an id named in a request; `engine` (the request's proto engine, 0 when
 /// unset) narrows "latest" to backups of that engine.
-pub async fn resolve(ctx: &Context, id: &str, engine: i32) -> Result<Manifest, OpError> {
+pub(crate) async fn resolve(ctx: &Context, id: &str, engine: i32) -> Result<Manifest, OpError> {
     if id.is_empty() {
         return Err(RequestError::MissingId.into());
     }

@@ -15,7 +15,7 @@ use crate::{
 
 /// One engine's restore, planned: which backup, into what, and what an interrupted run leaves to
 /// clean. Each engine implements it in its own module; a [`RestorePlan`] holds one, or a set's.
-pub trait EngineRestore: std::fmt::Debug + Send {
+pub(crate) trait EngineRestore: std::fmt::Debug + Send {
     /// The backup restored, as named in logs ("latest" for a physical restore that picks one).
     fn backup(&self) -> String;
     /// The engine restored.
@@ -35,7 +35,7 @@ pub trait EngineRestore: std::fmt::Debug + Send {
 /// What a restore request asks of the backup it names, apart from naming it: each engine reads
 /// the options that concern it.
 #[derive(Debug, Clone, Default)]
-pub struct RestoreAsk {
+pub(crate) struct RestoreAsk {
     /// Target database (empty: the backup's own database(s)).
     pub database: String,
     /// Drop and recreate existing objects.
@@ -77,7 +77,7 @@ impl RestoreAsk {
 
 /// A restore about to run.
 #[derive(Debug)]
-pub enum RestorePlan {
+pub(crate) enum RestorePlan {
     /// One engine's restore (a base backup laid into a data directory among them).
     One(Box<dyn EngineRestore>),
     /// Every member of a set, in order.
@@ -91,7 +91,7 @@ pub enum RestorePlan {
 
 impl RestorePlan {
     /// The job this restore runs as: what it writes and what it reads.
-    pub fn job(&self) -> JobInfo {
+    pub(crate) fn job(&self) -> JobInfo {
         JobInfo::new(
             self.backup(),
             Operation::Restore,
@@ -102,13 +102,13 @@ impl RestorePlan {
     }
 
     /// The span its logs carry.
-    pub fn span(&self) -> tracing::Span {
+    pub(crate) fn span(&self) -> tracing::Span {
         tracing::info_span!("restore", backup_id = %self.backup(), engine = %self.engine())
     }
 
     /// What an interrupted restore leaves to clean: a physical restore's half-laid data
     /// directory (logical restores roll back by themselves).
-    pub fn interrupted(&self) -> Interrupted {
+    pub(crate) fn interrupted(&self) -> Interrupted {
         match self {
             RestorePlan::One(restore) => restore.interrupted(),
             RestorePlan::Set { .. } => Interrupted::Nothing,
@@ -121,7 +121,10 @@ impl RestorePlan {
     /// A request with a data directory is planned apart: it names a directory to lay a base
     /// backup into and may ask for "latest", which the restore chooses when it runs (the
     /// recovery target decides which base backup), so there is no manifest to ask a method yet.
-    pub async fn from_request(ctx: &Context, req: v1::RestoreRequest) -> Result<Self, OpError> {
+    pub(crate) async fn from_request(
+        ctx: &Context,
+        req: v1::RestoreRequest,
+    ) -> Result<Self, OpError> {
         if !req.pgdata.is_empty() {
             return Self::pgdata(ctx, req);
         }
@@ -182,7 +185,7 @@ impl RestorePlan {
     }
 
     /// The backup restored, as named in logs ("latest" for a physical restore that picks one).
-    pub fn backup(&self) -> String {
+    pub(crate) fn backup(&self) -> String {
         match self {
             RestorePlan::One(restore) => restore.backup(),
             RestorePlan::Set { manifest, .. } => manifest.id.to_string(),
@@ -190,7 +193,7 @@ impl RestorePlan {
     }
 
     /// The engine restored.
-    pub fn engine(&self) -> Engine {
+    pub(crate) fn engine(&self) -> Engine {
         match self {
             RestorePlan::One(restore) => restore.engine(),
             RestorePlan::Set { .. } => Engine::Set,
@@ -198,7 +201,7 @@ impl RestorePlan {
     }
 
     /// What this plan holds while it runs.
-    pub fn targets(&self) -> Vec<JobTarget> {
+    pub(crate) fn targets(&self) -> Vec<JobTarget> {
         match self {
             RestorePlan::One(restore) => restore.targets(),
             RestorePlan::Set { members, .. } => members.iter().flat_map(|m| m.targets()).collect(),
@@ -207,7 +210,7 @@ impl RestorePlan {
 
     /// The backups this plan reads, so none of them is deleted under it. A physical restore of
     /// "latest" chooses its base backup when it runs; an explicit id is claimed.
-    pub fn uses(&self) -> Vec<BackupId> {
+    pub(crate) fn uses(&self) -> Vec<BackupId> {
         match self {
             RestorePlan::One(restore) => restore.uses(),
             RestorePlan::Set { manifest, members } => std::iter::once(manifest.id.clone())
@@ -217,7 +220,7 @@ impl RestorePlan {
     }
 
     /// Runs the restore.
-    pub fn run(self, ctx: Arc<Context>, reporter: Reporter) -> OpFuture {
+    pub(crate) fn run(self, ctx: Arc<Context>, reporter: Reporter) -> OpFuture {
         match self {
             RestorePlan::One(restore) => restore.run(ctx, reporter),
             RestorePlan::Set { manifest, members } => {

@@ -33,24 +33,24 @@ pub(crate) mod restore;
 
 pub(crate) use backup::{backup_cluster, backup_postgres};
 pub(crate) use plan::PostgresPlans;
-pub use restore::{ClusterRestore, DatabaseRestore};
+pub(crate) use restore::ClusterRestore;
 pub(crate) use restore::{restore_cluster, restore_postgres};
 
 /// The pg_dump artifact inside a single-database logical backup.
-pub const PG_DUMP: crate::ops::artifact::ArtifactName<'static> =
+pub(crate) const PG_DUMP: crate::ops::artifact::ArtifactName<'static> =
     crate::ops::artifact::ArtifactName {
         name: "dump.pgdump.zst",
         format: "pg_dump/custom",
     };
 
 /// Name of the globals artifact.
-pub const GLOBALS_NAME: &str = "globals.json.zst";
+pub(crate) const GLOBALS_NAME: &str = "globals.json.zst";
 /// Format of the globals artifact's raw bytes.
-pub const GLOBALS_FORMAT: &str = "soma/pg-globals+json";
+pub(crate) const GLOBALS_FORMAT: &str = "soma/pg-globals+json";
 /// Target name of a whole-cluster logical backup.
-pub const ALL_DATABASES: &str = "all-databases";
+pub(crate) const ALL_DATABASES: &str = "all-databases";
 /// Largest globals document a restore reads into memory.
-pub const MAX_GLOBALS_BYTES: u64 = 64 * 1024 * 1024;
+pub(crate) const MAX_GLOBALS_BYTES: u64 = 64 * 1024 * 1024;
 
 /// A logical backup that cannot be restored as asked.
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +109,7 @@ impl LogicalError {
 
 /// The manifest details of a logical backup written since issue 11.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogicalDetails {
+pub(crate) struct LogicalDetails {
     /// The globals artifact.
     pub globals: GlobalsRecord,
     /// One entry per database dump, in artifact order.
@@ -118,7 +118,7 @@ pub struct LogicalDetails {
 
 /// What the manifest says about the globals artifact.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GlobalsRecord {
+pub(crate) struct GlobalsRecord {
     /// Artifact name.
     pub artifact: String,
     /// Whether password hashes were captured.
@@ -129,7 +129,7 @@ pub struct GlobalsRecord {
 
 /// One database of a logical backup and what restoring it needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DatabaseRecord {
+pub(crate) struct DatabaseRecord {
     /// Its dump artifact.
     pub artifact: String,
     /// What restoring it needs.
@@ -149,7 +149,7 @@ pub struct DatabaseRecord {
 
 impl LogicalDetails {
     /// The details of a logical backup, or `None` for one written before globals were recorded.
-    pub fn of(manifest: &Manifest) -> Result<Option<Self>, LogicalError> {
+    pub(crate) fn of(manifest: &Manifest) -> Result<Option<Self>, LogicalError> {
         if manifest.details.is_null() {
             if manifest.kind == Kind::LogicalCluster {
                 return Err(LogicalError::BadDetails {

@@ -56,7 +56,7 @@ pub(crate) async fn restore_postgres(
 
 /// One database of a [`ClusterRestore`]: its record in the backup and where it goes.
 #[derive(Debug, Clone)]
-pub struct DatabaseRestore {
+pub(crate) struct DatabaseRestore {
     /// What the backup says about it.
     pub record: DatabaseRecord,
     /// The database restored into.
@@ -66,7 +66,7 @@ pub struct DatabaseRestore {
 /// A restore of a logical backup that carries globals: a whole-cluster backup (all its databases
 /// or one) or a single-database backup written since globals are recorded.
 #[derive(Debug, Clone)]
-pub struct ClusterRestore {
+pub(crate) struct ClusterRestore {
     /// The backup.
     pub manifest: Manifest,
     /// Its details.
@@ -85,7 +85,7 @@ pub struct ClusterRestore {
 impl ClusterRestore {
     /// The restore of `manifest` into `database` (empty: the backup's own databases), or `None`
     /// for a backup written before globals were recorded (restored the old way).
-    pub fn new(
+    pub(crate) fn new(
         manifest: Manifest,
         database: &str,
         clean: bool,
@@ -147,7 +147,7 @@ impl ClusterRestore {
     }
 
     /// The databases written.
-    pub fn targets(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn targets(&self) -> impl Iterator<Item = &str> {
         self.databases.iter().map(|d| d.target.as_str())
     }
 }

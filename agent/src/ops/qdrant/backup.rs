@@ -30,7 +30,7 @@ use crate::{
 };
 
 /// Takes a backup of Qdrant collections (all when `requested` is empty).
-pub async fn backup_qdrant(
+pub(crate) async fn backup_qdrant(
     ctx: Arc<Context>,
     id: BackupId,
     requested: Vec<String>,

@@ -17,7 +17,7 @@ const MAX_COLLECTIONS: usize = 200;
 
 /// A distributed Qdrant as this agent's node sees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ClusterView {
+pub(crate) struct ClusterView {
     /// This node's peer id.
     pub this: PeerId,
     /// Every peer: id, REST URL the agent uses, whether it answered.
@@ -30,7 +30,7 @@ pub struct ClusterView {
 
 /// One collection's shards and replicas.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CollectionView {
+pub(crate) struct CollectionView {
     /// Its name.
     pub name: String,
     /// Shards.
@@ -48,7 +48,7 @@ pub struct CollectionView {
 impl ClusterView {
     /// Reads the cluster; `None` for a single node (or when `GET /cluster` itself fails on a
     /// server that never ran distributed — then the view carries the error).
-    pub async fn read(q: &Qdrant) -> Option<ClusterView> {
+    pub(crate) async fn read(q: &Qdrant) -> Option<ClusterView> {
         tokio::time::timeout(TOTAL_TIMEOUT, Self::read_unbounded(q))
             .await
             .unwrap_or_else(|_| Some(ClusterView::failed(timeout_note("the cluster's layout"))))
@@ -137,12 +137,12 @@ impl ClusterView {
     }
 
     /// Shards with no active replica, over all collections.
-    pub fn unavailable_shards(&self) -> usize {
+    pub(crate) fn unavailable_shards(&self) -> usize {
         self.collections.iter().map(|c| c.unavailable.len()).sum()
     }
 
     /// Peers that did not answer.
-    pub fn unreachable_peers(&self) -> usize {
+    pub(crate) fn unreachable_peers(&self) -> usize {
         self.peers.iter().filter(|(_, _, ok)| !ok).count()
     }
 }

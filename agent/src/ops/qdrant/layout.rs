@@ -31,7 +31,7 @@ const COUNT_RETRY: Duration = Duration::from_secs(1);
 
 /// The nodes of the Qdrant this agent talks to.
 #[derive(Debug, Clone)]
-pub struct Nodes {
+pub(crate) struct Nodes {
     /// Distributed mode is on.
     pub distributed: bool,
     /// This node's peer id, when distributed.
@@ -42,7 +42,7 @@ pub struct Nodes {
 
 impl Nodes {
     /// Asks the node the agent is configured with.
-    pub async fn read(q: &Qdrant) -> Result<Nodes, QdrantError> {
+    pub(crate) async fn read(q: &Qdrant) -> Result<Nodes, QdrantError> {
         Ok(match q.cluster_status().await? {
             ClusterStatus::Disabled => Nodes {
                 distributed: false,
@@ -59,7 +59,7 @@ impl Nodes {
 
     /// A client for `peer`: the configured one for this node (and for a single node), the
     /// peer's host on the peers' REST port otherwise.
-    pub fn client(&self, q: &Qdrant, peer: PeerId) -> Result<Qdrant, OpError> {
+    pub(crate) fn client(&self, q: &Qdrant, peer: PeerId) -> Result<Qdrant, OpError> {
         if !self.distributed || self.this == Some(peer) {
             return Ok(q.clone());
         }
@@ -75,7 +75,7 @@ impl Nodes {
     /// [`Nodes::client`] for a node this backup or restore streams to or from, once checked to
     /// be the peer it is taken for (`GET /cluster` on it names that peer id): a load-balanced
     /// `--qdrant-url` or a reused peer address must not swap one node's replica for another's.
-    pub async fn checked_client(
+    pub(crate) async fn checked_client(
         &self,
         q: &Qdrant,
         peer: PeerId,
@@ -109,7 +109,7 @@ impl Nodes {
 /// How points are spread over shards (`ShardingMethod`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ShardingMethod {
+pub(crate) enum ShardingMethod {
     /// By a hash of the point id.
     Auto,
     /// By a shard key the writer names.
@@ -118,7 +118,7 @@ pub enum ShardingMethod {
 
 /// A collection's layout at backup time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ShardLayout {
+pub(crate) struct ShardLayout {
     /// `shard_number` (per shard key with custom sharding).
     pub shard_number: u32,
     /// Replicas per shard.
@@ -142,7 +142,7 @@ pub struct ShardLayout {
 
 /// One shard at backup time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShardRecord {
+pub(crate) struct ShardRecord {
     /// Shard id.
     pub id: u32,
     /// Its custom key.
@@ -158,7 +158,7 @@ pub struct ShardRecord {
 
 /// A shard to stream: which node to ask.
 #[derive(Debug, Clone)]
-pub struct Source {
+pub(crate) struct Source {
     /// Shard id.
     pub shard: u32,
     /// The node holding the active replica chosen.
@@ -168,7 +168,7 @@ pub struct Source {
 /// Reads the layout of collection `c` (and then its `CollectionInfo`, returned too) and chooses
 /// one active replica of every shard; fails by name when a shard has none, when a node holding one cannot say how many points it has, or
 /// when the shards' counts do not add up to the collection's exact count.
-pub async fn read_layout(
+pub(crate) async fn read_layout(
     q: &Qdrant,
     nodes: &Nodes,
     c: &str,
@@ -380,7 +380,7 @@ fn layout_of(info: &Value, exact_count: u64, records: Vec<ShardRecord>) -> Shard
 impl ShardLayout {
     /// The exact counts a restore of this backup may hold: the collection's at the start and at
     /// the end of the backup (writes during it land in some shards' snapshots and not others).
-    pub fn count_range(&self) -> (u64, u64) {
+    pub(crate) fn count_range(&self) -> (u64, u64) {
         let end = self.exact_count_end.unwrap_or(self.exact_count);
         (self.exact_count.min(end), self.exact_count.max(end))
     }
@@ -407,7 +407,7 @@ fn active_replicas(this: PeerId, replicas: &[Replica]) -> Vec<PeerId> {
 }
 
 /// `peer 12 Dead, peer 40 Partial` for messages.
-pub fn describe_replicas(replicas: &[Replica]) -> String {
+pub(crate) fn describe_replicas(replicas: &[Replica]) -> String {
     if replicas.is_empty() {
         return "no replica at all".into();
     }
@@ -421,7 +421,7 @@ pub fn describe_replicas(replicas: &[Replica]) -> String {
 /// The shards of a freshly created collection, matched to the recorded ones: the same id with
 /// auto sharding (the hash ring depends only on the shard number), the same key and rank among
 /// that key's shards with custom sharding (new ids are Qdrant's to choose).
-pub fn match_shards(
+pub(crate) fn match_shards(
     recorded: &ShardLayout,
     created: &BTreeMap<u32, (Option<ShardKey>, Vec<Replica>)>,
 ) -> Result<BTreeMap<u32, (u32, Vec<PeerId>)>, String> {
@@ -488,7 +488,7 @@ fn peers_of(replicas: &[Replica]) -> Vec<PeerId> {
 
 /// Waits until every replica of collection `c` is active and no transfer runs; fails naming
 /// the replicas that are not, once `limit` has passed.
-pub async fn wait_active(q: &Qdrant, c: &str, limit: Duration) -> Result<(), OpError> {
+pub(crate) async fn wait_active(q: &Qdrant, c: &str, limit: Duration) -> Result<(), OpError> {
     let started = Instant::now();
     loop {
         let info = q.collection_cluster(c).await?;

@@ -3,15 +3,15 @@
 //! not carry ([`restore`]).
 
 mod backup;
-pub mod cluster_view;
+pub(crate) mod cluster_view;
 mod drill;
-pub mod layout;
+pub(crate) mod layout;
 mod plan;
 mod restore;
 
-pub use backup::backup_qdrant;
+pub(crate) use backup::backup_qdrant;
 pub(crate) use plan::QdrantPlans;
-pub use restore::restore_qdrant;
+pub(crate) use restore::restore_qdrant;
 
 use crate::{catalog::Manifest, error::OpError, jobs::Reporter};
 use std::collections::BTreeMap;
@@ -35,16 +35,16 @@ use crate::{
 };
 
 /// Format of a collection snapshot artifact's uncompressed bytes.
-pub const COLLECTION_FORMAT: &str = "qdrant/collection-snapshot";
+pub(crate) const COLLECTION_FORMAT: &str = "qdrant/collection-snapshot";
 /// Format of a shard snapshot artifact.
-pub const SHARD_FORMAT: &str = "qdrant/shard-snapshot";
+pub(crate) const SHARD_FORMAT: &str = "qdrant/shard-snapshot";
 /// Format of a storage snapshot artifact.
-pub const STORAGE_FORMAT: &str = "qdrant/storage-snapshot";
+pub(crate) const STORAGE_FORMAT: &str = "qdrant/storage-snapshot";
 
 /// How the snapshots of a backup were taken; recorded in its details as manifests always wrote it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum SnapshotMode {
+pub(crate) enum SnapshotMode {
     /// A snapshot of each collection, created on the node and streamed.
     Collection,
     /// Each shard streamed without a file on the node.
@@ -55,7 +55,7 @@ pub enum SnapshotMode {
 
 impl SnapshotMode {
     /// The mode a request asks for (`Unspecified` must be resolved to the agent's default first).
-    pub fn from_proto(mode: v1::QdrantMode) -> Self {
+    pub(crate) fn from_proto(mode: v1::QdrantMode) -> Self {
         match mode {
             v1::QdrantMode::ShardStream => SnapshotMode::ShardStream,
             v1::QdrantMode::FullStorage => SnapshotMode::FullStorage,
@@ -64,7 +64,7 @@ impl SnapshotMode {
     }
 
     /// The manifest kind of a backup taken this way.
-    pub fn kind(self) -> Kind {
+    pub(crate) fn kind(self) -> Kind {
         match self {
             SnapshotMode::Collection => Kind::QdrantCollections,
             SnapshotMode::ShardStream => Kind::QdrantShards,
@@ -74,7 +74,7 @@ impl SnapshotMode {
 }
 
 /// Parses `--qdrant-mode` values.
-pub fn parse_mode(s: &str) -> Result<v1::QdrantMode, String> {
+pub(crate) fn parse_mode(s: &str) -> Result<v1::QdrantMode, String> {
     match s {
         "collection" => Ok(v1::QdrantMode::Collection),
         "shard-stream" => Ok(v1::QdrantMode::ShardStream),
@@ -87,7 +87,7 @@ pub fn parse_mode(s: &str) -> Result<v1::QdrantMode, String> {
 
 /// What a Qdrant backup records beyond its artifacts (the manifest's `details`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct QdrantDetails {
+pub(crate) struct QdrantDetails {
     /// `GET /` version of the server backed up.
     pub qdrant_version: String,
     /// How the snapshots were taken.
@@ -104,7 +104,7 @@ pub struct QdrantDetails {
 impl QdrantDetails {
     /// The details of a Qdrant manifest (read back from the store: untrusted), or why they are
     /// not what an agent writes.
-    pub fn of(m: &crate::catalog::Manifest) -> Result<Self, QdrantOpError> {
+    pub(crate) fn of(m: &crate::catalog::Manifest) -> Result<Self, QdrantOpError> {
         serde_json::from_value(m.details.clone()).map_err(|e| QdrantOpError::BadDetails {
             id: m.id.clone(),
             reason: e.to_string(),
@@ -114,7 +114,7 @@ impl QdrantDetails {
 
 /// The distributed Qdrant a backup was taken from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClusterRecord {
+pub(crate) struct ClusterRecord {
     /// The node the agent that took it runs beside.
     pub node: crate::engine::qdrant::PeerId,
     /// Every peer of the cluster.
@@ -123,7 +123,7 @@ pub struct ClusterRecord {
 
 /// One collection as it was when backed up.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CollectionRecord {
+pub(crate) struct CollectionRecord {
     /// Approximate points count (`CollectionInfo.points_count`).
     pub points_count: Option<u64>,
     /// `CollectionInfo.config`.
@@ -142,7 +142,7 @@ pub struct CollectionRecord {
 
 /// One point of a collection and what an exact search with its vector found at backup time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SampleRecord {
+pub(crate) struct SampleRecord {
     /// The point's id (an integer or a UUID string, as Qdrant gave it).
     pub id: Value,
     /// Its dense vector.
@@ -158,7 +158,7 @@ pub struct SampleRecord {
 impl SampleRecord {
     /// The dense vector of a point's `vector` field: the unnamed one, or the first named dense
     /// vector; `None` for sparse or multi-vectors only.
-    pub fn dense_vector(vector: &Value) -> Option<(Option<String>, Value)> {
+    pub(crate) fn dense_vector(vector: &Value) -> Option<(Option<String>, Value)> {
         let dense = |v: &Value| v.as_array().is_some_and(|a| a.iter().all(Value::is_number));
         match vector {
             v if dense(v) => Some((None, v.clone())),
@@ -401,7 +401,7 @@ impl QdrantOpError {
 const MAX_LAYOUT_ITEMS: usize = 4096;
 
 /// What `verify` adds to the digests for a Qdrant backup; empty for other backups.
-pub fn check_shards_complete(m: &crate::catalog::Manifest) -> Result<String, QdrantOpError> {
+pub(crate) fn check_shards_complete(m: &crate::catalog::Manifest) -> Result<String, QdrantOpError> {
     if m.engine != crate::catalog::Engine::Qdrant {
         return Ok(String::new());
     }

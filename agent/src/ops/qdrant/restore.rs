@@ -25,7 +25,7 @@ use crate::{
 
 /// Restores collections of a Qdrant backup; everything is checked before anything is uploaded.
 /// `rename_to` restores the one selected collection under another name (and leaves aliases alone).
-pub async fn restore_qdrant(
+pub(crate) async fn restore_qdrant(
     ctx: Arc<Context>,
     manifest: Manifest,
     selected: Vec<String>,

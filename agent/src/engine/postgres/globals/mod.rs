@@ -13,24 +13,22 @@ use super::{quote_ident, quote_literal};
 mod preflight;
 mod sql;
 
-pub use preflight::{GlobalsPlan, PreflightError, TargetState, preflight};
-pub use sql::{
-    alter_role_sql, create_database_sql, create_role_sql, database_setting_sql, grant_sql,
-    plan_script, role_setting_sql,
-};
+pub(crate) use preflight::{GlobalsPlan, PreflightError, TargetState, preflight};
+pub(crate) use sql::{create_database_sql, database_setting_sql, plan_script, role_setting_sql};
 
 /// Format version of the globals document.
-pub const GLOBALS_FORMAT: u32 = 1;
+pub(crate) const GLOBALS_FORMAT: u32 = 1;
 
 /// A role's password hash (SCRAM or md5, as pg_authid holds it). Never printed: `Debug` redacts it,
 /// and it only ever reaches PostgreSQL through a script on psql's stdin.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct PasswordHash(String);
+pub(crate) struct PasswordHash(String);
 
 impl PasswordHash {
-    /// Wraps a hash read from pg_authid.
-    pub fn new(hash: String) -> Self {
+    /// Wraps a hash (the agent reads them from pg_authid through serde; tests make their own).
+    #[cfg(test)]
+    pub(crate) fn new(hash: String) -> Self {
         Self(hash)
     }
 }
@@ -43,7 +41,7 @@ impl std::fmt::Debug for PasswordHash {
 
 /// A role with every attribute `CREATE ROLE` takes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Role {
+pub(crate) struct Role {
     /// Role name.
     pub name: String,
     /// SUPERUSER.
@@ -73,7 +71,7 @@ pub struct Role {
 
 /// `GRANT role TO member`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Membership {
+pub(crate) struct Membership {
     /// The role granted.
     pub role: String,
     /// The role it is granted to.
@@ -84,7 +82,7 @@ pub struct Membership {
 
 /// `ALTER ROLE role [IN DATABASE database] SET ...` (pg_db_role_setting).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RoleSetting {
+pub(crate) struct RoleSetting {
     /// The role.
     pub role: String,
     /// Only in this database, when set.
@@ -98,7 +96,7 @@ pub struct RoleSetting {
 /// A tablespace: restores cannot create it (its directory must exist on the target's host), only
 /// tell the operator to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Tablespace {
+pub(crate) struct Tablespace {
     /// Name.
     pub name: String,
     /// Owner.
@@ -112,7 +110,7 @@ pub struct Tablespace {
 
 /// The globals of a cluster, or the part of them one database needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Globals {
+pub(crate) struct Globals {
     /// [`GLOBALS_FORMAT`].
     pub format: u32,
     /// Whether password hashes were captured (false when the backup user could not read
@@ -132,7 +130,7 @@ pub struct Globals {
 
 /// An extension a database uses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Extension {
+pub(crate) struct Extension {
     /// Extension name.
     pub name: String,
     /// Installed version.
@@ -141,7 +139,7 @@ pub struct Extension {
 
 /// What restoring one database needs from the target cluster, recorded in the manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DatabaseNeeds {
+pub(crate) struct DatabaseNeeds {
     /// Database name on the source.
     pub name: String,
     /// Its owner.
@@ -165,7 +163,7 @@ pub struct DatabaseNeeds {
 
 /// SQL that reads the globals of the cluster as one JSON document. With `passwords` it reads
 /// pg_authid (superusers only); without, pg_roles, which hides the hashes.
-pub fn globals_query(passwords: bool) -> String {
+pub(crate) fn globals_query(passwords: bool) -> String {
     let (table, password) = if passwords {
         ("pg_catalog.pg_authid", "rolpassword")
     } else {
@@ -206,7 +204,7 @@ pub fn globals_query(passwords: bool) -> String {
 }
 
 /// SQL, run inside a database, that reads what restoring it needs as one JSON document.
-pub const NEEDS_QUERY: &str = "with db as (\
+pub(crate) const NEEDS_QUERY: &str = "with db as (\
        select oid, datdba, dattablespace from pg_catalog.pg_database \
        where datname = current_database()) \
      select json_build_object(\
@@ -242,11 +240,11 @@ pub const NEEDS_QUERY: &str = "with db as (\
          where s.setrole = 0 and s.setdatabase = (select oid from db)), '[]'::json))";
 
 /// SQL listing the databases a whole-cluster backup covers, as a JSON array of names.
-pub const DATABASES_QUERY: &str = "select coalesce(json_agg(datname order by datname), '[]'::json) \
+pub(crate) const DATABASES_QUERY: &str = "select coalesce(json_agg(datname order by datname), '[]'::json) \
      from pg_catalog.pg_database where datallowconn and not datistemplate";
 
 /// SQL reading what a restore must know about the target cluster, as one JSON document.
-pub const TARGET_QUERY: &str = "select json_build_object(\
+pub(crate) const TARGET_QUERY: &str = "select json_build_object(\
        'roles', coalesce((select json_agg(rolname order by rolname) \
          from pg_catalog.pg_roles), '[]'::json), \
        'memberships', coalesce((select json_agg(json_build_array(r.rolname, m.rolname)) \

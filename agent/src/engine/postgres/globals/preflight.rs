@@ -9,7 +9,7 @@ use super::{DatabaseNeeds, Globals, Membership, Role, RoleSetting};
 
 /// What a restore found on the target cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-pub struct TargetState {
+pub(crate) struct TargetState {
     /// Every role.
     pub roles: BTreeSet<String>,
     /// Every membership, as (role, member).
@@ -79,7 +79,7 @@ impl From<crate::engine::postgres::NulByte> for PreflightError {
 
 /// What a restore will do to the target's globals, decided before anything is written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GlobalsPlan {
+pub(crate) struct GlobalsPlan {
     /// Roles to create.
     pub create: Vec<Role>,
     /// Existing roles brought to the backup's attributes (`update_roles`).
@@ -94,7 +94,7 @@ pub struct GlobalsPlan {
 
 impl Globals {
     /// Refuses strings no PostgreSQL catalog can hold, so nothing malformed reaches a script.
-    pub fn check(&self) -> Result<(), PreflightError> {
+    pub(crate) fn check(&self) -> Result<(), PreflightError> {
         let bad = |what: &str, s: &str| {
             if s.contains('\0') {
                 Err(PreflightError::Invalid {
@@ -126,7 +126,7 @@ impl Globals {
     /// The part of these globals that `needed` roles make up: those roles, their memberships
     /// among themselves, their settings. Tablespaces are kept whole (a handful, and preflight
     /// needs their locations).
-    pub fn only(&self, needed: &BTreeSet<String>) -> Globals {
+    pub(crate) fn only(&self, needed: &BTreeSet<String>) -> Globals {
         Globals {
             format: self.format,
             passwords: self.passwords,
@@ -161,7 +161,7 @@ impl Globals {
 /// exist there (they cannot be created remotely). Roles already on the target are kept as they
 /// are unless `update_roles`. A membership is granted when it is missing and one of its two roles
 /// is created now (or `update_roles`), so an existing role's memberships change only on request.
-pub fn preflight(
+pub(crate) fn preflight(
     globals: &Globals,
     databases: &[DatabaseNeeds],
     selected: &BTreeSet<String>,

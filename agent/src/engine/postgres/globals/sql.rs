@@ -36,7 +36,7 @@ pub(super) fn role_options(role: &Role, create: bool) -> Result<String, NulByte>
 
 /// `CREATE ROLE` with every attribute and the password hash (a secret: the statement only ever
 /// goes to psql's stdin).
-pub fn create_role_sql(role: &Role) -> Result<String, NulByte> {
+pub(crate) fn create_role_sql(role: &Role) -> Result<String, NulByte> {
     Ok(format!(
         "CREATE ROLE {}{};",
         quote_ident(&role.name)?,
@@ -45,7 +45,7 @@ pub fn create_role_sql(role: &Role) -> Result<String, NulByte> {
 }
 
 /// `ALTER ROLE` to the backup's attributes and password (`update_roles`).
-pub fn alter_role_sql(role: &Role) -> Result<String, NulByte> {
+pub(crate) fn alter_role_sql(role: &Role) -> Result<String, NulByte> {
     Ok(format!(
         "ALTER ROLE {}{};",
         quote_ident(&role.name)?,
@@ -54,7 +54,7 @@ pub fn alter_role_sql(role: &Role) -> Result<String, NulByte> {
 }
 
 /// `GRANT role TO member`.
-pub fn grant_sql(m: &Membership) -> Result<String, NulByte> {
+pub(crate) fn grant_sql(m: &Membership) -> Result<String, NulByte> {
     Ok(format!(
         "GRANT {} TO {}{};",
         quote_ident(&m.role)?,
@@ -121,7 +121,7 @@ pub(super) fn split_guc_list(value: &str) -> Vec<String> {
 }
 
 /// `ALTER ROLE ... [IN DATABASE ...] SET ...` statements for one settings row.
-pub fn role_setting_sql(s: &RoleSetting) -> Result<Vec<String>, NulByte> {
+pub(crate) fn role_setting_sql(s: &RoleSetting) -> Result<Vec<String>, NulByte> {
     let scope = match &s.database {
         Some(db) => format!(
             "ALTER ROLE {} IN DATABASE {}",
@@ -134,7 +134,10 @@ pub fn role_setting_sql(s: &RoleSetting) -> Result<Vec<String>, NulByte> {
 }
 
 /// `ALTER DATABASE ... SET ...` statements for a database's own settings.
-pub fn database_setting_sql(database: &str, settings: &[String]) -> Result<Vec<String>, NulByte> {
+pub(crate) fn database_setting_sql(
+    database: &str,
+    settings: &[String],
+) -> Result<Vec<String>, NulByte> {
     settings_sql(
         settings,
         &format!("ALTER DATABASE {}", quote_ident(database)?),
@@ -153,7 +156,7 @@ fn settings_sql(settings: &[String], scope: &str) -> Result<Vec<String>, NulByte
 }
 
 /// The script applying `plan`: roles first, then memberships, then settings.
-pub fn plan_script(plan: &GlobalsPlan) -> Result<String, NulByte> {
+pub(crate) fn plan_script(plan: &GlobalsPlan) -> Result<String, NulByte> {
     let mut sql = String::new();
     let mut line = |stmt: String| {
         sql.push_str(&stmt);
@@ -175,7 +178,7 @@ pub fn plan_script(plan: &GlobalsPlan) -> Result<String, NulByte> {
 }
 
 /// `CREATE DATABASE` owned by `owner`, in `tablespace` when given.
-pub fn create_database_sql(
+pub(crate) fn create_database_sql(
     database: &str,
     owner: &str,
     tablespace: Option<&str>,
