@@ -25,18 +25,18 @@ use crate::{
 
 mod token;
 
-pub use token::Bearer;
+pub(crate) use token::Bearer;
 use token::{given_token, is_loopback_host, pod_token};
 
 /// How long to wait for the TCP/HTTP2 connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The client every command uses: gRPC with the bearer token on each call.
-pub type AgentClient = SomaAgentClient<InterceptedService<Channel, Bearer>>;
+pub(crate) type AgentClient = SomaAgentClient<InterceptedService<Channel, Bearer>>;
 
 /// A connected client plus where it leads, for messages.
 #[derive(Debug, Clone)]
-pub struct Agent {
+pub(crate) struct Agent {
     /// gRPC client.
     pub client: AgentClient,
     /// `HOST:PORT`, or `pod NAMESPACE/NAME` for a port-forward.
@@ -61,7 +61,7 @@ const MAX_LIST_PAGES: usize = 10_000;
 
 impl Agent {
     /// Every backup the agent lists, newest first, read page by page, with the unreadable ones.
-    pub async fn all_backups(&mut self) -> Result<v1::ListBackupsResponse, CliError> {
+    pub(crate) async fn all_backups(&mut self) -> Result<v1::ListBackupsResponse, CliError> {
         let mut all = v1::ListBackupsResponse::default();
         let mut token = String::new();
         for _ in 0..MAX_LIST_PAGES {
@@ -83,7 +83,7 @@ impl Agent {
     }
 
     /// The newest backup whose manifest can be read, if any, from the first pages only.
-    pub async fn newest_backup(&mut self) -> Result<Option<v1::BackupInfo>, CliError> {
+    pub(crate) async fn newest_backup(&mut self) -> Result<Option<v1::BackupInfo>, CliError> {
         let mut token = String::new();
         for _ in 0..NEWEST_MAX_PAGES {
             let page = self.list_page(NEWEST_PAGE_SIZE, &token).await?;
@@ -146,7 +146,7 @@ fn endpoint(uri: String, args: &KubeArgs, default_name: &str) -> Result<Endpoint
 }
 
 /// Connects to the agent at `addr` (HOST:PORT), with the token `args` give.
-pub async fn direct(addr: &str, args: &KubeArgs) -> Result<Agent, CliError> {
+pub(crate) async fn direct(addr: &str, args: &KubeArgs) -> Result<Agent, CliError> {
     let bearer = given_token(args)?;
     if addr.contains("://") || !addr.contains(':') {
         return Err(CliError::Usage(format!(
@@ -184,7 +184,7 @@ pub async fn direct(addr: &str, args: &KubeArgs) -> Result<Agent, CliError> {
 
 /// A Kubernetes client and the namespace to work in, configured as kubectl would be: an explicit
 /// `--kubeconfig`, else `KUBECONFIG` or `~/.kube/config`, else the in-cluster service account.
-pub async fn kube(args: &KubeArgs) -> Result<(Client, String), CliError> {
+pub(crate) async fn kube(args: &KubeArgs) -> Result<(Client, String), CliError> {
     let options = KubeConfigOptions {
         context: args.context.clone(),
         ..Default::default()
@@ -227,7 +227,7 @@ pub async fn kube(args: &KubeArgs) -> Result<(Client, String), CliError> {
 
 /// Connects to an agent pod through a port-forward opened by the API server. Every gRPC
 /// connection opens its own forward; the forward's error channel is reported if it speaks.
-pub async fn port_forward(
+pub(crate) async fn port_forward(
     client: &Client,
     pod: &AgentPod,
     args: &KubeArgs,
@@ -278,7 +278,7 @@ pub async fn port_forward(
 }
 
 /// The agent for one command: `--agent`, or the pod discovery picks for `engine`.
-pub async fn connect(
+pub(crate) async fn connect(
     agent: Option<&str>,
     args: &KubeArgs,
     engine: Option<&str>,
@@ -344,7 +344,7 @@ async fn one_agent_of_a_qdrant_cluster(
 /// The error for a call `agent` answered with `status`: an Unimplemented answer means an agent
 /// older than this plugin, said as such with its version (asked for here) instead of a raw gRPC
 /// message.
-pub async fn call_error(agent: &Agent, status: tonic::Status, what: &str) -> CliError {
+pub(crate) async fn call_error(agent: &Agent, status: tonic::Status, what: &str) -> CliError {
     if status.code() != tonic::Code::Unimplemented {
         return CliError::from_status(status, &agent.addr, "request");
     }
@@ -364,7 +364,7 @@ pub async fn call_error(agent: &Agent, status: tonic::Status, what: &str) -> Cli
 }
 
 /// Every ready agent of the namespace, connected (discovery explains when there is none).
-pub async fn ready_agents(args: &KubeArgs) -> Result<Vec<Agent>, CliError> {
+pub(crate) async fn ready_agents(args: &KubeArgs) -> Result<Vec<Agent>, CliError> {
     let (client, namespace) = kube(args).await?;
     let found = discovery::agents(&client, &namespace).await?;
     let ready: Vec<&AgentPod> = found.iter().filter(|p| p.ready).collect();
@@ -381,7 +381,7 @@ pub async fn ready_agents(args: &KubeArgs) -> Result<Vec<Agent>, CliError> {
 
 /// What `id` names (for "latest": the newest any agent knows — agents of an older layout may each
 /// write to their own store), and the index of the agent that answered.
-pub async fn describe_newest(
+pub(crate) async fn describe_newest(
     agents: &[Agent],
     id: &str,
     engine: i32,
@@ -423,7 +423,7 @@ pub async fn describe_newest(
 
 /// The agent that can act on backup `id` (or "latest"): the one serving its engine — for a set,
 /// the engine of its members.
-pub async fn agent_for_backup(
+pub(crate) async fn agent_for_backup(
     agents: Vec<Agent>,
     id: &str,
     engine: i32,

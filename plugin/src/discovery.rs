@@ -12,25 +12,25 @@ use kube::{Api, Client, api::ListParams};
 use crate::error::CliError;
 
 /// Label that marks agent pods.
-pub const AGENT_LABEL: &str = "soma.dev/agent";
+pub(crate) const AGENT_LABEL: &str = "soma.dev/agent";
 /// Label naming the engine the agent serves.
-pub const ENGINE_LABEL: &str = "soma.dev/engine";
+pub(crate) const ENGINE_LABEL: &str = "soma.dev/engine";
 /// Annotation with the agent's port inside the pod.
-pub const PORT_ANNOTATION: &str = "soma.dev/agent-port";
+pub(crate) const PORT_ANNOTATION: &str = "soma.dev/agent-port";
 /// Names the Secret (key `token`) holding the agent's bearer token.
-pub const TOKEN_SECRET_ANNOTATION: &str = "soma.dev/token-secret";
+pub(crate) const TOKEN_SECRET_ANNOTATION: &str = "soma.dev/token-secret";
 /// Labels a Secret must carry, with these values, before kubectl soma reads a token from it: the
 /// chart puts them on the token Secret it creates; a Secret you bring needs them too.
-pub const TOKEN_SECRET_LABELS: [(&str, &str); 2] = [
+pub(crate) const TOKEN_SECRET_LABELS: [(&str, &str); 2] = [
     ("app.kubernetes.io/part-of", "soma-backup"),
     ("app.kubernetes.io/component", "agent-token"),
 ];
 /// Default agent port.
-pub const DEFAULT_PORT: u16 = 50051;
+pub(crate) const DEFAULT_PORT: u16 = 50051;
 
 /// One pod carrying an agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentPod {
+pub(crate) struct AgentPod {
     /// Namespace.
     pub namespace: String,
     /// Pod name.
@@ -100,7 +100,7 @@ impl AgentPod {
 }
 
 /// Turns an API error into what the user needs to do.
-pub fn api_error(e: kube::Error, namespace: &str, action: &str) -> CliError {
+pub(crate) fn api_error(e: kube::Error, namespace: &str, action: &str) -> CliError {
     match &e {
         kube::Error::Api(status) if status.code == 403 => CliError::Kubernetes(format!(
             "the Kubernetes API refused to {action} in namespace {namespace}: {}. kubectl soma needs {} there (see the chart's Role)",
@@ -126,7 +126,7 @@ pub fn api_error(e: kube::Error, namespace: &str, action: &str) -> CliError {
 }
 
 /// Every agent pod in `namespace`, ready or not, sorted by name.
-pub async fn agents(client: &Client, namespace: &str) -> Result<Vec<AgentPod>, CliError> {
+pub(crate) async fn agents(client: &Client, namespace: &str) -> Result<Vec<AgentPod>, CliError> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let list = pods
         .list(&ListParams::default().labels(&format!("{AGENT_LABEL}=true")))
@@ -145,7 +145,7 @@ fn describe(pods: &[&AgentPod]) -> String {
 }
 
 /// Picks the one agent pod to talk to.
-pub fn choose(
+pub(crate) fn choose(
     found: &[AgentPod],
     namespace: &str,
     engine: Option<&str>,

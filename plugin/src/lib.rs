@@ -24,13 +24,13 @@ macro_rules! errln {
 }
 
 pub mod cli;
-pub mod commands;
+pub(crate) mod commands;
 pub mod complete;
-pub mod connect;
-pub mod discovery;
+pub(crate) mod connect;
+pub(crate) mod discovery;
 pub mod error;
 pub mod output;
-pub mod progress;
+pub(crate) mod progress;
 
 use cli::{Cli, Command};
 use error::CliError;

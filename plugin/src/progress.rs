@@ -19,7 +19,7 @@ use crate::{
 const PLAIN_EVERY: Duration = Duration::from_secs(2);
 
 /// Consumes `stream` to its result, showing progress on stderr.
-pub async fn follow(
+pub(crate) async fn follow(
     mut stream: Streaming<v1::OperationEvent>,
     operation: &'static str,
     addr: &str,

@@ -10,7 +10,7 @@ use crate::{
 };
 
 /// Starts a backup, follows it, prints the manifest (json/yaml) or a summary (table).
-pub async fn run(agent: Agent, out: OutputFormat, args: BackupArgs) -> Result<(), CliError> {
+pub(crate) async fn run(agent: Agent, out: OutputFormat, args: BackupArgs) -> Result<(), CliError> {
     let info = take(agent, &args).await?;
     match out {
         format if format.is_table() => {

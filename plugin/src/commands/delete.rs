@@ -12,7 +12,11 @@ use crate::{
 };
 
 /// Deletes a backup after confirmation (typing the id on a terminal, or `--yes`).
-pub async fn run(mut agent: Agent, out: OutputFormat, args: DeleteArgs) -> Result<(), CliError> {
+pub(crate) async fn run(
+    mut agent: Agent,
+    out: OutputFormat,
+    args: DeleteArgs,
+) -> Result<(), CliError> {
     if !args.yes {
         if !std::io::stdin().is_terminal() {
             return Err(CliError::Usage(format!(

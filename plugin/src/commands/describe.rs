@@ -10,7 +10,7 @@ use crate::{
 };
 
 /// Shows one backup; json/yaml print its manifest.
-pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(), CliError> {
+pub(crate) async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(), CliError> {
     let asked_latest = args.id == "latest";
     let info = agent
         .client

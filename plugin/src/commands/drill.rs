@@ -11,7 +11,11 @@ use crate::{
 
 /// Asks the agent to restore the backup into a scratch target and check it; prints the report
 /// (`-o json`: the report document) and exits 1, naming why, when the drill did not pass.
-pub async fn run(mut agent: Agent, out: OutputFormat, args: DrillArgs) -> Result<(), CliError> {
+pub(crate) async fn run(
+    mut agent: Agent,
+    out: OutputFormat,
+    args: DrillArgs,
+) -> Result<(), CliError> {
     let stream = agent
         .client
         .drill(v1::DrillRequest {

@@ -12,7 +12,7 @@ use crate::{
 
 /// Lists the complete backups of every given agent (deduplicated when they share a store),
 /// newest first; json/yaml print an array of manifests, `-o name` one `backup/<id>` per line.
-pub async fn run_many(agents: Vec<Agent>, out: OutputFormat) -> Result<(), CliError> {
+pub(crate) async fn run_many(agents: Vec<Agent>, out: OutputFormat) -> Result<(), CliError> {
     let mut backups: Vec<v1::BackupInfo> = Vec::new();
     let mut unreadable: Vec<v1::UnreadableBackup> = Vec::new();
     for mut agent in agents {
@@ -161,7 +161,7 @@ fn backup_row(b: &v1::BackupInfo, indent: &str, wide: bool) -> Vec<String> {
 
 /// `list --failed`: the failures every agent recorded (deduplicated when they share a store),
 /// newest first.
-pub async fn run_failed(agents: Vec<Agent>, out: OutputFormat) -> Result<(), CliError> {
+pub(crate) async fn run_failed(agents: Vec<Agent>, out: OutputFormat) -> Result<(), CliError> {
     let mut failures: Vec<v1::FailureRecord> = Vec::new();
     for agent in agents {
         let mut client = agent.client.clone();
@@ -191,7 +191,7 @@ pub async fn run_failed(agents: Vec<Agent>, out: OutputFormat) -> Result<(), Cli
 }
 
 /// A failure record as JSON, with the contract's field names.
-pub fn failure_json(f: &v1::FailureRecord) -> Value {
+pub(crate) fn failure_json(f: &v1::FailureRecord) -> Value {
     json!({
         "id": f.id,
         "operation": f.operation,
@@ -208,7 +208,7 @@ pub fn failure_json(f: &v1::FailureRecord) -> Value {
 
 /// The failures table's rows (WHEN, OPERATION, BACKUP, TARGET, TRIGGER, ERROR; `wide` adds the
 /// engine, kind, start and the record's id and shows the whole error).
-pub fn failure_rows(
+pub(crate) fn failure_rows(
     failures: &[v1::FailureRecord],
     wide: bool,
 ) -> (Vec<&'static str>, Vec<Vec<String>>) {

@@ -1,22 +1,22 @@
 //! One module per subcommand.
 
-pub mod backup;
-pub mod delete;
-pub mod describe;
-pub mod drill;
-pub mod list;
-pub mod platform;
-pub mod prune;
-pub mod restore;
-pub mod status;
-pub mod verify;
+pub(crate) mod backup;
+pub(crate) mod delete;
+pub(crate) mod describe;
+pub(crate) mod drill;
+pub(crate) mod list;
+pub(crate) mod platform;
+pub(crate) mod prune;
+pub(crate) mod restore;
+pub(crate) mod status;
+pub(crate) mod verify;
 
 use soma_proto::{BackupId, IdEngine};
 
 use crate::{cli::Command, error::CliError};
 
 /// Checks what can be checked without the agent, so bad input fails fast with exit code 2.
-pub fn validate(command: &Command) -> Result<(), CliError> {
+pub(crate) fn validate(command: &Command) -> Result<(), CliError> {
     match command {
         Command::Restore(a) => {
             check_id(&a.id, true)?;
@@ -47,7 +47,7 @@ pub fn validate(command: &Command) -> Result<(), CliError> {
 
 /// The engine whose agent a command needs, when the command says (a backup of an engine, or an
 /// id whose engine code names it); `None` lets any agent answer.
-pub fn engine_of(command: &Command) -> Option<&'static str> {
+pub(crate) fn engine_of(command: &Command) -> Option<&'static str> {
     use crate::cli::BackupEngine;
     let from_id = |id: &str| match BackupId::parse(id).ok()?.engine()? {
         IdEngine::Postgres => Some("postgres"),
@@ -72,7 +72,7 @@ pub fn engine_of(command: &Command) -> Option<&'static str> {
 }
 
 /// The backup id a command names, if any.
-pub fn backup_id(command: &Command) -> Option<&str> {
+pub(crate) fn backup_id(command: &Command) -> Option<&str> {
     match command {
         Command::Restore(a) => Some(&a.id),
         Command::Describe(a) | Command::Verify(a) => Some(&a.id),
@@ -84,7 +84,7 @@ pub fn backup_id(command: &Command) -> Option<&str> {
 
 /// Refuses ids that cannot be backup ids before asking the agent (which checks again), so a typo
 /// such as `../x` is a usage error with exit code 2.
-pub fn check_id(id: &str, allow_latest: bool) -> Result<(), CliError> {
+pub(crate) fn check_id(id: &str, allow_latest: bool) -> Result<(), CliError> {
     if id == "latest" {
         return if allow_latest {
             Ok(())

@@ -17,7 +17,7 @@ use crate::{
 
 /// One agent and what it serves, as it says itself.
 #[derive(Debug, Clone)]
-pub struct Served {
+pub(crate) struct Served {
     /// The connection.
     pub agent: Agent,
     /// Engines it is configured for.
@@ -44,7 +44,7 @@ impl Served {
 /// Asks every agent what it serves and keeps one per engine: among several PostgreSQL agents the
 /// primary's (the replicas' sidecars see the same cluster). Anything still ambiguous is refused,
 /// never guessed.
-pub async fn survey(agents: Vec<Agent>) -> Result<Vec<Served>, CliError> {
+pub(crate) async fn survey(agents: Vec<Agent>) -> Result<Vec<Served>, CliError> {
     let mut served = Vec::new();
     for agent in agents {
         let mut client = agent.client.clone();
@@ -166,7 +166,7 @@ fn engine_name(engine: v1::Engine) -> &'static str {
 }
 
 /// `backup all` across agents: one set id, every agent's members, then the set manifest.
-pub async fn backup_all(
+pub(crate) async fn backup_all(
     served: Vec<Served>,
     out: OutputFormat,
     args: BackupArgs,
@@ -305,7 +305,7 @@ enum Step {
 /// them: PostgreSQL first (a whole-cluster member brings its roles before its databases), then
 /// Qdrant. With `--target-time`, the PostgreSQL member is a point-in-time restore and each Qdrant
 /// member is replaced by the newest Qdrant backup taken at or before that time.
-pub async fn restore_set(
+pub(crate) async fn restore_set(
     served: Vec<Served>,
     set: v1::BackupInfo,
     out: OutputFormat,
@@ -528,7 +528,10 @@ fn done_note(restored: &[serde_json::Value]) -> String {
 }
 
 /// Describes a backup through the first agent that knows it (they share the store).
-pub async fn describe_anywhere(served: &[Served], id: &str) -> Result<v1::BackupInfo, CliError> {
+pub(crate) async fn describe_anywhere(
+    served: &[Served],
+    id: &str,
+) -> Result<v1::BackupInfo, CliError> {
     let mut last = None;
     for s in served {
         let mut agent = s.agent.clone();
@@ -551,7 +554,7 @@ pub async fn describe_anywhere(served: &[Served], id: &str) -> Result<v1::Backup
 }
 
 /// The newest backup set that started at or before `at`, among what the agents list.
-pub async fn newest_set_at_or_before(
+pub(crate) async fn newest_set_at_or_before(
     agents: &[Agent],
     at: DateTime<Utc>,
 ) -> Result<v1::BackupInfo, CliError> {
@@ -593,7 +596,7 @@ fn newest_at_or_before(
 }
 
 /// A `--target-time` as RFC 3339 or as PostgreSQL prints timestamps.
-pub fn parse_time(text: &str) -> Result<DateTime<Utc>, CliError> {
+pub(crate) fn parse_time(text: &str) -> Result<DateTime<Utc>, CliError> {
     soma_proto::time::parse_target_time(text)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|e| {

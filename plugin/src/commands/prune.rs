@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// `--max-age`'s value parser: a humantime duration of at least one second.
-pub fn parse_age(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_age(s: &str) -> Result<u64, String> {
     match humantime::parse_duration(s) {
         Ok(d) if d.as_secs() >= 1 => Ok(d.as_secs()),
         Ok(_) => Err("max-age must be at least 1s".into()),
@@ -24,7 +24,7 @@ pub fn parse_age(s: &str) -> Result<u64, String> {
 
 /// Applies the retention policy: with `--dry-run` only shows what would go; otherwise asks on a
 /// terminal after showing it, and refuses without a terminal unless `--yes`.
-pub async fn run(agent: Agent, out: OutputFormat, args: PruneArgs) -> Result<(), CliError> {
+pub(crate) async fn run(agent: Agent, out: OutputFormat, args: PruneArgs) -> Result<(), CliError> {
     if !args.dry_run && !args.yes && !std::io::stdin().is_terminal() {
         return Err(CliError::Usage(
             "refusing to prune without confirmation: pass --yes (or --dry-run to see what would be deleted)".into(),
@@ -88,7 +88,7 @@ pub async fn run(agent: Agent, out: OutputFormat, args: PruneArgs) -> Result<(),
 }
 
 /// The response as JSON, field for field.
-pub fn response_json(resp: &v1::PruneResponse) -> serde_json::Value {
+pub(crate) fn response_json(resp: &v1::PruneResponse) -> serde_json::Value {
     json!({
         "dry_run": resp.dry_run,
         "policy": resp.policy,

@@ -13,7 +13,7 @@ use crate::{
 
 /// Restores what `args.id` names through the agents given: a set member by member (see
 /// [`platform::restore_set`]), anything else through the agent serving its engine.
-pub async fn run_any(
+pub(crate) async fn run_any(
     agents: Vec<Agent>,
     out: OutputFormat,
     mut args: RestoreArgs,
@@ -56,7 +56,7 @@ pub async fn run_any(
 }
 
 /// Starts one restore on `agent` and follows it to its result.
-pub async fn follow(
+pub(crate) async fn follow(
     agent: &mut Agent,
     request: v1::RestoreRequest,
 ) -> Result<v1::OperationResult, CliError> {
@@ -70,7 +70,11 @@ pub async fn follow(
 }
 
 /// Starts a restore and follows it to the end.
-pub async fn run(mut agent: Agent, out: OutputFormat, args: RestoreArgs) -> Result<(), CliError> {
+pub(crate) async fn run(
+    mut agent: Agent,
+    out: OutputFormat,
+    args: RestoreArgs,
+) -> Result<(), CliError> {
     let request = v1::RestoreRequest {
         backup_id: args.id,
         database: args.database.unwrap_or_default(),

@@ -247,7 +247,11 @@ fn age(seconds: Option<i64>) -> String {
 }
 
 /// Shows every agent (all agent pods of the namespace, or the one at `--agent`).
-pub async fn run(agent: Option<&str>, kube: &KubeArgs, out: OutputFormat) -> Result<(), CliError> {
+pub(crate) async fn run(
+    agent: Option<&str>,
+    kube: &KubeArgs,
+    out: OutputFormat,
+) -> Result<(), CliError> {
     let rows = match agent {
         Some(addr) => vec![probe(connect::direct(addr, kube).await, "", addr, "").await],
         None => {

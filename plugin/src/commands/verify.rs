@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// Asks the agent to re-read the backup and check it; exit 1 on any mismatch.
-pub async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(), CliError> {
+pub(crate) async fn run(mut agent: Agent, out: OutputFormat, args: IdArg) -> Result<(), CliError> {
     let stream = agent
         .client
         .verify(v1::VerifyRequest {

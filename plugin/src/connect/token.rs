@@ -21,7 +21,7 @@ const TOKEN_ENV: &str = "SOMA_AGENT_TOKEN";
 
 /// Adds `authorization: Bearer <token>` to every call (marked sensitive, so it is never logged).
 #[derive(Clone, Default)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
+pub(crate) struct Bearer(Option<MetadataValue<Ascii>>);
 
 impl std::fmt::Debug for Bearer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
