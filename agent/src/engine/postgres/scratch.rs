@@ -6,7 +6,7 @@
 //! What a data directory from the store carries is untrusted: its configuration, its roles'
 //! settings, its event triggers and functions were chosen by whoever was superuser of the source
 //! database, or can write the bucket. So nothing of it is read or run:
-//! - the server reads a configuration the drill writes ([`SETTINGS`], in a file of the drill's
+//! - the server reads a configuration the drill writes ([`config::SETTINGS`], in a file of the drill's
 //!   directory named by `config_file`, repeated on the command line); the restored
 //!   `postgresql.conf` (and every `include` in it) is never opened, and the restored
 //!   `postgresql.auto.conf`, which PostgreSQL always reads from the data directory, is replaced
@@ -31,10 +31,13 @@ use std::{
 
 use tokio::process::{Child, Command};
 
-use super::{PgError, Postgres, conf_quote};
+use super::{PgError, Postgres};
 
+mod checks;
+mod config;
 mod files;
-use files::{create_owned, data_major, log_tail, replace_restored_files};
+use config::ScratchFiles;
+use files::{data_major, log_tail, replace_restored_files};
 
 /// Port number in the socket's file name; there is no TCP listener, so it cannot collide.
 const SOCKET_PORT: u16 = 5432;
@@ -46,58 +49,8 @@ const STOP_GRACE: Duration = Duration::from_secs(60);
 const LOG_TAIL_LINES: usize = 15;
 /// Bytes of the server log read for its tail.
 const LOG_TAIL_BYTES: u64 = 16 * 1024;
-/// Bytes of pg_amcheck's output kept for the report.
-const MAX_AMCHECK_OUTPUT: u64 = 8 * 1024;
 /// Longest Unix socket path the kernel accepts (`sun_path` holds 108 bytes with its NUL).
 const MAX_SOCKET_PATH: usize = 107;
-
-/// The drill's configuration: written as the server's only configuration file and repeated on its
-/// command line (which outranks any file), so no restored setting can turn one back on.
-const SETTINGS: &[(&str, &str)] = &[
-    ("listen_addresses", ""),
-    ("unix_socket_permissions", "0700"),
-    ("archive_mode", "off"),
-    ("archive_command", ""),
-    ("archive_library", ""),
-    ("archive_cleanup_command", ""),
-    ("recovery_end_command", ""),
-    ("ssl", "off"),
-    ("ssl_passphrase_command", ""),
-    ("hot_standby", "off"),
-    ("primary_conninfo", ""),
-    ("primary_slot_name", ""),
-    ("synchronous_standby_names", ""),
-    ("max_wal_senders", "0"),
-    ("shared_preload_libraries", ""),
-    ("session_preload_libraries", ""),
-    ("local_preload_libraries", ""),
-    ("dynamic_library_path", "$libdir"),
-    // The provider is loaded only when a query is compiled; with jit off none is, and the name is
-    // the installation's own (a restored one could climb out of $libdir with `../`).
-    ("jit", "off"),
-    ("jit_provider", "llvmjit"),
-    ("logging_collector", "off"),
-    ("log_destination", "stderr"),
-    ("cluster_name", "soma_drill"),
-    ("max_connections", "10"),
-    ("superuser_reserved_connections", "2"),
-    ("shared_buffers", "32MB"),
-    ("huge_pages", "off"),
-    ("maintenance_work_mem", "32MB"),
-    ("work_mem", "4MB"),
-    ("autovacuum", "off"),
-    ("restart_after_crash", "off"),
-    // Recovery runs to the end of the archive, at once, whatever the restored files ask for.
-    ("recovery_target", ""),
-    ("recovery_target_time", ""),
-    ("recovery_target_xid", ""),
-    ("recovery_target_lsn", ""),
-    ("recovery_target_name", ""),
-    ("recovery_target_timeline", "latest"),
-    ("recovery_min_apply_delay", "0"),
-    ("default_transaction_read_only", "off"),
-    ("statement_timeout", "0"),
-];
 
 /// Options every session of the drill sends in its start-up packet (libpq's `options`). The server
 /// applies them with source `PGC_S_CLIENT`, which ranks above `PGC_S_DATABASE_USER`,
@@ -112,14 +65,6 @@ const SETTINGS: &[(&str, &str)] = &[
 const SESSION_OPTIONS: &str = "-c session_preload_libraries= -c local_preload_libraries= \
      -c jit=off -c search_path=pg_catalog -c default_transaction_read_only=off \
      -c statement_timeout=0 -c lock_timeout=0 -c idle_in_transaction_session_timeout=0";
-
-/// Disables every event trigger of a database. `\gexec` runs each generated statement; every
-/// name is quoted by `format('%I')`, and each function is named with its schema.
-const DISARM: &str = "select pg_catalog.format('alter event trigger %I disable', evtname) \
-     from pg_catalog.pg_event_trigger where evtenabled operator(pg_catalog.<>) 'D' \\gexec\n";
-
-/// Schema the drill creates the amcheck extension in, in the scratch copy.
-const AMCHECK_SCHEMA: &str = "soma_drill_amcheck";
 
 /// Why a scratch server could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -392,120 +337,6 @@ impl ScratchServer {
         Ok(source.scratch_client(&self.socket_dir, superuser))
     }
 
-    /// The databases of the scratch server that accept connections, templates left out.
-    pub(crate) async fn databases(client: &Postgres, home: &str) -> Result<Vec<String>, PgError> {
-        client
-            .query_json(
-                home,
-                "listing the restored databases",
-                "select coalesce(json_agg(datname::text order by datname), '[]'::json) \
-                 from pg_database where datallowconn and not datistemplate",
-            )
-            .await
-    }
-
-    /// Disables every event trigger of every database that accepts connections (templates too),
-    /// before the drill runs anything else there, and returns those databases. Event triggers
-    /// do not fire for commands on event triggers ("Event triggers are … not fired for … commands
-    /// targeting event triggers themselves", PostgreSQL 15 docs, 40.1 Overview of Event Trigger
-    /// Behavior), and the session carries [`SESSION_OPTIONS`], so nothing of the backup's runs
-    /// while they are disabled; even `ENABLE ALWAYS` ones end up `D`.
-    pub(crate) async fn disarm(client: &Postgres, home: &str) -> Result<Vec<String>, PgError> {
-        let all: Vec<String> = client
-            .query_json(
-                home,
-                "listing the scratch server's databases",
-                "select coalesce(pg_catalog.json_agg(datname::text order by datname), '[]'::json) \
-                 from pg_catalog.pg_database where datallowconn",
-            )
-            .await?;
-        for db in &all {
-            client.execute_script(db, DISARM).await?;
-        }
-        Ok(all)
-    }
-
-    /// Creates the amcheck extension afresh in every database of `databases` (those
-    /// [`Self::disarm`] returned, whose event triggers are off): an amcheck the backup carries is
-    /// dropped first, since its functions may have been replaced by anything, and the new one
-    /// lives in a schema of the drill's, created by the installation's own script.
-    pub(crate) async fn install_amcheck(
-        client: &Postgres,
-        databases: &[String],
-    ) -> Result<(), PgError> {
-        let script = format!(
-            "drop extension if exists amcheck cascade; \
-             drop schema if exists {AMCHECK_SCHEMA} cascade; \
-             create schema {AMCHECK_SCHEMA}; \
-             create extension amcheck schema {AMCHECK_SCHEMA};"
-        );
-        for db in databases {
-            client.execute_script(db, &script).await?;
-        }
-        Ok(())
-    }
-
-    /// `pg_amcheck --all` over the scratch server: every table's heap and every B-tree index,
-    /// with each index's tuples matched against its heap and its parent pages. The extension
-    /// must be in place ([`Self::install_amcheck`]): pg_amcheck installs nothing. Returns whether
-    /// it found nothing wrong and what it printed (at most [`MAX_AMCHECK_OUTPUT`] bytes).
-    pub(crate) async fn amcheck(
-        &self,
-        source: &Postgres,
-        home: &str,
-    ) -> Result<(bool, String), PgError> {
-        use tokio::io::AsyncReadExt;
-        let user = &self.superuser;
-        let path = source.server_tool("pg_amcheck", self.major);
-        let mut cmd = super::command_at(&path);
-        // pg_amcheck opens a session per database: each carries the drill's options.
-        cmd.env("PGOPTIONS", SESSION_OPTIONS)
-            .args([
-                "--all",
-                "--heapallindexed",
-                "--parent-check",
-                "--no-password",
-                "--port",
-                &SOCKET_PORT.to_string(),
-            ])
-            .arg(format!("--host={}", self.socket_dir.display()))
-            .arg(format!("--username={user}"))
-            .arg(format!("--maintenance-db={home}"));
-        let mut child = cmd
-            .spawn()
-            .map_err(|source| super::spawn_error_at("pg_amcheck", &path, source))?;
-        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-            return Err(PgError::Unexpected {
-                what: "starting pg_amcheck",
-                detail: "its pipes are missing".into(),
-            });
-        };
-        // Corruption can fill pages of output: keep the first part, drain the rest.
-        let read = |pipe: Box<dyn tokio::io::AsyncRead + Unpin + Send>| async move {
-            let mut kept = Vec::new();
-            let mut pipe = pipe.take(MAX_AMCHECK_OUTPUT);
-            let _ = pipe.read_to_end(&mut kept).await;
-            let _ = tokio::io::copy(&mut pipe.into_inner(), &mut tokio::io::sink()).await;
-            String::from_utf8_lossy(&kept).trim().to_string()
-        };
-        let (out, err) = tokio::join!(read(Box::new(stdout)), read(Box::new(stderr)));
-        let status = child.wait().await.map_err(|source| PgError::Io {
-            tool: "pg_amcheck",
-            source,
-        })?;
-        // pg_amcheck exits 0 when it found nothing, 2 when it found corruption, 1 when it could
-        // not check.
-        match status.code() {
-            Some(0) => Ok((true, "no corruption found".into())),
-            Some(2) => Ok((false, out)),
-            _ => Err(PgError::ToolFailed {
-                tool: "pg_amcheck",
-                status: status.to_string(),
-                stderr: if err.is_empty() { out } else { err },
-            }),
-        }
-    }
-
     /// The last lines of the server's log.
     pub(crate) async fn log_tail(&self) -> String {
         log_tail(&self.log).await
@@ -560,74 +391,6 @@ fn scratch_io(dir: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -
         action,
         dir,
         source,
-    }
-}
-
-/// The files a scratch server reads besides its data directory, all in the drill directory and
-/// owned by the server's user: authentication, its only configuration, and its log.
-struct ScratchFiles {
-    log: PathBuf,
-    log_file: std::fs::File,
-    conf: PathBuf,
-    /// Settings naming the scratch directory's own paths, after [`SETTINGS`].
-    dynamic: Vec<(&'static str, String)>,
-}
-
-impl ScratchFiles {
-    fn write(
-        pgdata: &Path,
-        dir: &Path,
-        run_as: Option<(u32, u32)>,
-        restore_command: Option<&str>,
-    ) -> Result<Self, ScratchError> {
-        let io = |action| scratch_io(dir, action);
-        let hba = dir.join("pg_hba.conf");
-        // Trust on the socket alone: the socket sits in a mode-0700 directory, so only the
-        // server's own user (and root) can reach it.
-        create_owned(&hba, "local all all trust\n", run_as).map_err(io("writing pg_hba.conf"))?;
-        let ident = dir.join("pg_ident.conf");
-        create_owned(&ident, "", run_as).map_err(io("writing pg_ident.conf"))?;
-        let log = dir.join("server.log");
-        let log_file = create_owned(&log, "", run_as).map_err(io("creating the server log"))?;
-        let dynamic = vec![
-            // A restored setting could point data_directory at the real server's.
-            ("data_directory", pgdata.display().to_string()),
-            ("port", SOCKET_PORT.to_string()),
-            ("unix_socket_directories", dir.display().to_string()),
-            ("hba_file", hba.display().to_string()),
-            ("ident_file", ident.display().to_string()),
-            // Inside the scratch directory: a restored setting could name the real server's.
-            (
-                "external_pid_file",
-                dir.join("external.pid").display().to_string(),
-            ),
-        ];
-        let files = ScratchFiles {
-            log,
-            log_file,
-            conf: dir.join("scratch.conf"),
-            dynamic,
-        };
-        let mut text = String::from(
-            "# A restore drill's scratch server: written by soma-agent, the only configuration read.\n",
-        );
-        for (name, value) in files.settings() {
-            text.push_str(&format!("{name} = {}\n", conf_quote(value)));
-        }
-        if let Some(command) = restore_command {
-            text.push_str(&format!("restore_command = {}\n", conf_quote(command)));
-        }
-        create_owned(&files.conf, &text, run_as)
-            .map_err(io("writing the drill's configuration"))?;
-        Ok(files)
-    }
-
-    /// Every setting the server gets, in the configuration file and again on its command line.
-    fn settings(&self) -> impl Iterator<Item = (&str, &str)> {
-        SETTINGS
-            .iter()
-            .copied()
-            .chain(self.dynamic.iter().map(|(n, v)| (*n, v.as_str())))
     }
 }
 
