@@ -98,3 +98,36 @@ impl Outcome {
         }
     }
 }
+
+/// A context over a fresh local store in a temporary directory, with the engines given and the
+/// smallest pipeline settings: what the unit tests of operations and retention run against.
+#[cfg(test)]
+pub(crate) async fn test_context(
+    postgres: Option<Postgres>,
+    qdrant: Option<Qdrant>,
+) -> (tempfile::TempDir, Context) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::store::open(&format!("file://{}", dir.path().display()))
+        .await
+        .unwrap();
+    let catalog = Catalog::new(store);
+    let ctx = Context {
+        source: catalog.clone(),
+        catalog,
+        postgres,
+        qdrant,
+        qdrant_mode: v1::QdrantMode::Collection,
+        settings: Settings {
+            compression_level: 3,
+            compression_threads: 0,
+            part_size: crate::store::MIN_PART_SIZE,
+            parts_in_flight: 1,
+        },
+        wal_stream: None,
+        retention: None,
+        drill_dir: dir.path().join("drill"),
+        restore_root: None,
+        replay: Default::default(),
+    };
+    (dir, ctx)
+}

@@ -507,30 +507,7 @@ mod tests {
 
     /// A context over a fresh local store with no engine: what prune needs.
     async fn local_context() -> (tempfile::TempDir, Context) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::open(&format!("file://{}", dir.path().display()))
-            .await
-            .unwrap();
-        let catalog = crate::catalog::Catalog::new(store);
-        let ctx = Context {
-            source: catalog.clone(),
-            catalog,
-            postgres: None,
-            qdrant: None,
-            qdrant_mode: v1::QdrantMode::Collection,
-            settings: crate::pipeline::Settings {
-                compression_level: 3,
-                compression_threads: 0,
-                part_size: crate::store::MIN_PART_SIZE,
-                parts_in_flight: 1,
-            },
-            wal_stream: None,
-            retention: None,
-            drill_dir: dir.path().join("drill"),
-            restore_root: None,
-            replay: Default::default(),
-        };
-        (dir, ctx)
+        crate::ops::test_context(None, None).await
     }
 
     async fn commit(ctx: &Context, days_ago: i64) -> BackupId {

@@ -9,34 +9,15 @@ use super::*;
 use crate::catalog::{Target, Tool};
 
 async fn context(postgres: bool, qdrant: bool) -> (tempfile::TempDir, Context) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = crate::store::open(&format!("file://{}", dir.path().display()))
-        .await
-        .unwrap();
-    let catalog = crate::catalog::Catalog::new(store);
-    let ctx = Context {
-        source: catalog.clone(),
-        catalog,
-        postgres: postgres.then(|| {
+    crate::ops::test_context(
+        postgres.then(|| {
             crate::engine::postgres::Postgres::new("postgresql://soma@127.0.0.1:1/appdb", None)
                 .unwrap()
         }),
-        qdrant: qdrant
+        qdrant
             .then(|| crate::engine::qdrant::Qdrant::new("http://127.0.0.1:1", None, None).unwrap()),
-        qdrant_mode: v1::QdrantMode::Collection,
-        settings: crate::pipeline::Settings {
-            compression_level: 3,
-            compression_threads: 0,
-            part_size: crate::store::MIN_PART_SIZE,
-            parts_in_flight: 1,
-        },
-        wal_stream: None,
-        retention: None,
-        drill_dir: dir.path().join("drill"),
-        restore_root: None,
-        replay: Default::default(),
-    };
-    (dir, ctx)
+    )
+    .await
 }
 
 /// Commits a completed manifest of `engine` and `kind` (members for a set) and returns it.
